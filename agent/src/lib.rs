@@ -1,0 +1,8 @@
+//! The tollgate agent as a library: the embedded XDP object and the userspace API that loads,
+//! attaches and reads it. The `tollgate` binary (daemon and CLI) and the integration tests in
+//! `tests/` are its users.
+
+pub mod counters;
+pub mod loader;
+pub mod object;
+pub mod paths;

@@ -1,0 +1,343 @@
+//! The packet parser, written once for the kernel and the host.
+//!
+//! The XDP program implements [`PacketView`] with bounds checks against `data_end`, which is
+//! what the verifier needs to see; host tests implement it over byte slices. Every offset the
+//! parser computes is bounded by construction (two VLAN tags, `ihl <= 15`, a fixed number of
+//! IPv6 extension headers of at most 2 KiB each), so the verifier can follow it.
+
+use crate::Reason;
+
+/// Read access to a frame, starting at the Ethernet header.
+pub trait PacketView {
+    /// Length of the frame in bytes.
+    fn len(&self) -> usize;
+
+    /// Whether the frame is empty (never true for a frame XDP hands over).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `N` bytes at `off`, or `None` when they are not all inside the frame.
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+}
+
+impl PacketView for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let end = off.checked_add(N)?;
+        self.get(off..end)?.try_into().ok()
+    }
+}
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_ESP: u8 = 50;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_NONE: u8 = 59;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+pub const IPPROTO_MH: u8 = 135;
+pub const IPPROTO_HIP: u8 = 139;
+pub const IPPROTO_SHIM6: u8 = 140;
+
+/// VLAN tags the parser walks (802.1Q and 802.1ad, QinQ included); a third is refused.
+pub const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers the parser walks before it gives up on finding the transport header.
+pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+
+const IPV4_MIN_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const TCP_MIN_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const ICMP_MIN_HLEN: usize = 4;
+
+/// IP family of a parsed packet.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4 = 4,
+    V6 = 6,
+}
+
+/// Where a packet stands in IP fragmentation.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not a fragment (an IPv6 atomic fragment, offset 0 without M, counts as this).
+    None = 0,
+    /// Offset zero with more to come: carries the transport header.
+    First = 1,
+    /// Offset above zero: carries no transport header, so no ports.
+    Later = 2,
+}
+
+/// What the parser learnt of an IP packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpPacket {
+    pub family: Family,
+    /// Source address; an IPv4 address fills the first four bytes, the rest are zero.
+    pub src: [u8; 16],
+    /// Destination address, laid out like `src`.
+    pub dst: [u8; 16],
+    /// Transport protocol (after the extension headers for IPv6).
+    pub proto: u8,
+    /// TCP/UDP ports; zero for other protocols and for non-first fragments.
+    pub sport: u16,
+    pub dport: u16,
+    /// ICMP/ICMPv6 type and code; zero otherwise.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub fragment: Fragment,
+    pub vlan_tags: u8,
+    /// Offset of the transport header from the start of the frame.
+    pub l4_offset: u16,
+}
+
+impl IpPacket {
+    /// Whether ports are known (TCP or UDP, not a later fragment).
+    pub fn has_ports(&self) -> bool {
+        self.fragment != Fragment::Later && (self.proto == IPPROTO_TCP || self.proto == IPPROTO_UDP)
+    }
+}
+
+/// A frame the parser understood.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A well-formed Ethernet frame that is not IP; carries the EtherType.
+    NotIp(u16),
+    Ip(IpPacket),
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Parses a frame. `Err` carries the reason a malformed frame gets.
+#[inline(always)]
+pub fn parse<P: PacketView + ?Sized>(p: &P) -> Result<Frame, Reason> {
+    let Some(et) = p.load::<2>(12) else {
+        return Err(Reason::Truncated);
+    };
+    let mut ethertype = be16(et);
+    let mut off = ETH_HLEN;
+    let mut vlan_tags = 0u8;
+    // A fixed trip count: the verifier sees a bounded loop (or LLVM unrolls it).
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        // TCI (2 bytes) then the inner EtherType.
+        let Some(tag) = p.load::<4>(off) else {
+            return Err(Reason::Truncated);
+        };
+        ethertype = be16([tag[2], tag[3]]);
+        off += 4;
+        vlan_tags += 1;
+    }
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        return Err(Reason::TooManyVlanTags);
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(p, off, vlan_tags).map(Frame::Ip),
+        ETH_P_IPV6 => parse_ipv6(p, off, vlan_tags).map(Frame::Ip),
+        other => Ok(Frame::NotIp(other)),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4<P: PacketView + ?Sized>(p: &P, off: usize, vlan_tags: u8) -> Result<IpPacket, Reason> {
+    let Some(h) = p.load::<IPV4_MIN_HLEN>(off) else {
+        return Err(Reason::Truncated);
+    };
+    if h[0] >> 4 != 4 {
+        return Err(Reason::BadVersion);
+    }
+    let ihl = (h[0] & 0x0f) as usize * 4;
+    if ihl < IPV4_MIN_HLEN {
+        return Err(Reason::BadHeaderLength);
+    }
+    let total = be16([h[2], h[3]]) as usize;
+    if total < ihl {
+        return Err(Reason::BadHeaderLength);
+    }
+    // The IP datagram ends here; anything after it is link padding.
+    let end = off + total;
+    if end > p.len() {
+        return Err(Reason::Truncated);
+    }
+    let frag = be16([h[6], h[7]]);
+    let more_fragments = frag & 0x2000 != 0;
+    let frag_offset = frag & 0x1fff;
+    let mut pkt = IpPacket {
+        family: Family::V4,
+        src: [0; 16],
+        dst: [0; 16],
+        proto: h[9],
+        sport: 0,
+        dport: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        fragment: Fragment::None,
+        vlan_tags,
+        l4_offset: (off + ihl) as u16,
+    };
+    pkt.src[..4].copy_from_slice(&h[12..16]);
+    pkt.dst[..4].copy_from_slice(&h[16..20]);
+    if frag_offset != 0 {
+        pkt.fragment = Fragment::Later;
+        return Ok(pkt);
+    }
+    if more_fragments {
+        pkt.fragment = Fragment::First;
+    }
+    parse_l4(p, &mut pkt, off + ihl, end, IPPROTO_ICMP)?;
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn parse_ipv6<P: PacketView + ?Sized>(p: &P, off: usize, vlan_tags: u8) -> Result<IpPacket, Reason> {
+    let Some(h) = p.load::<IPV6_HLEN>(off) else {
+        return Err(Reason::Truncated);
+    };
+    if h[0] >> 4 != 6 {
+        return Err(Reason::BadVersion);
+    }
+    let payload = be16([h[4], h[5]]) as usize;
+    // Payload length 0 announces a jumbogram (RFC 2675): the frame's length rules then.
+    let end = if payload == 0 {
+        p.len()
+    } else {
+        off + IPV6_HLEN + payload
+    };
+    if end > p.len() {
+        return Err(Reason::Truncated);
+    }
+    let mut pkt = IpPacket {
+        family: Family::V6,
+        src: [0; 16],
+        dst: [0; 16],
+        proto: h[6],
+        sport: 0,
+        dport: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        fragment: Fragment::None,
+        vlan_tags,
+        l4_offset: 0,
+    };
+    pkt.src.copy_from_slice(&h[8..24]);
+    pkt.dst.copy_from_slice(&h[24..40]);
+
+    let mut cur = off + IPV6_HLEN;
+    let mut next = h[6];
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH | IPPROTO_HIP
+            | IPPROTO_SHIM6 => {
+                let Some(eh) = p.load::<2>(cur) else {
+                    return Err(Reason::Truncated);
+                };
+                next = eh[0];
+                // Length in 8-octet units, not counting the first 8 (RFC 8200 4.3).
+                cur += (eh[1] as usize + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let Some(eh) = p.load::<2>(cur) else {
+                    return Err(Reason::Truncated);
+                };
+                next = eh[0];
+                // AH counts 4-octet units, minus 2 (RFC 4302 2.2).
+                cur += (eh[1] as usize + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let Some(fh) = p.load::<8>(cur) else {
+                    return Err(Reason::Truncated);
+                };
+                next = fh[0];
+                cur += 8;
+                let fo = be16([fh[2], fh[3]]);
+                if fo >> 3 != 0 {
+                    pkt.proto = next;
+                    pkt.fragment = Fragment::Later;
+                    pkt.l4_offset = cur as u16;
+                    return Ok(pkt);
+                }
+                if fo & 1 != 0 {
+                    pkt.fragment = Fragment::First;
+                }
+            }
+            _ => break,
+        }
+        if cur > end {
+            return Err(Reason::Truncated);
+        }
+    }
+    if is_ipv6_ext_header(next) {
+        return Err(Reason::TooManyExtHeaders);
+    }
+    pkt.proto = next;
+    parse_l4(p, &mut pkt, cur, end, IPPROTO_ICMPV6)?;
+    Ok(pkt)
+}
+
+/// Whether `proto` is an extension header the IPv6 walk steps over.
+pub const fn is_ipv6_ext_header(proto: u8) -> bool {
+    matches!(
+        proto,
+        IPPROTO_HOPOPTS
+            | IPPROTO_ROUTING
+            | IPPROTO_FRAGMENT
+            | IPPROTO_AH
+            | IPPROTO_DSTOPTS
+            | IPPROTO_MH
+            | IPPROTO_HIP
+            | IPPROTO_SHIM6
+    )
+}
+
+/// Reads ports or ICMP type/code at `l4`; the header must end within the IP datagram.
+#[inline(always)]
+fn parse_l4<P: PacketView + ?Sized>(
+    p: &P,
+    pkt: &mut IpPacket,
+    l4: usize,
+    end: usize,
+    icmp_proto: u8,
+) -> Result<(), Reason> {
+    pkt.l4_offset = l4 as u16;
+    let need = match pkt.proto {
+        IPPROTO_TCP => TCP_MIN_HLEN,
+        IPPROTO_UDP => UDP_HLEN,
+        x if x == icmp_proto => ICMP_MIN_HLEN,
+        // ESP, GRE, SCTP, no-next-header ...: nothing more to read.
+        _ => return Ok(()),
+    };
+    if l4 + need > end {
+        return Err(Reason::Truncated);
+    }
+    let Some(h) = p.load::<4>(l4) else {
+        return Err(Reason::Truncated);
+    };
+    if pkt.proto == icmp_proto {
+        pkt.icmp_type = h[0];
+        pkt.icmp_code = h[1];
+    } else {
+        pkt.sport = be16([h[0], h[1]]);
+        pkt.dport = be16([h[2], h[3]]);
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Why the XDP program gave a packet its verdict. One enum for the kernel's counters, the
+//! agent's metrics and `docs/verdicts.md`; the numbers index the counter maps, so they are
+//! append-only.
+
+/// The action the program returns, in the kernel's numbering (`enum xdp_action`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Aborted = 0,
+    Drop = 1,
+    Pass = 2,
+}
+
+impl Verdict {
+    pub const fn from_u32(v: u32) -> Option<Verdict> {
+        match v {
+            0 => Some(Verdict::Aborted),
+            1 => Some(Verdict::Drop),
+            2 => Some(Verdict::Pass),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! reasons {
+    ($( $(#[doc = $doc:literal])* $name:ident = $num:literal, $label:literal, $verdict:ident; )*) => {
+        /// Verdict reasons. Each has a fixed verdict and a stable snake_case label (used as a
+        /// metric label and in the CLI).
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $( $(#[doc = $doc])* $name = $num, )*
+        }
+
+        impl Reason {
+            /// Every reason, in counter order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
+
+            /// The stable label of this reason.
+            pub const fn label(self) -> &'static str {
+                match self { $(Reason::$name => $label,)* }
+            }
+
+            /// The verdict this reason always carries.
+            #[inline(always)]
+            pub const fn verdict(self) -> Verdict {
+                match self { $(Reason::$name => Verdict::$verdict,)* }
+            }
+
+            /// The reason with counter index `i`.
+            pub const fn from_index(i: u32) -> Option<Reason> {
+                match i { $($num => Some(Reason::$name),)* _ => None }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): never tollgate's business.
+    NotIp = 0, "not_ip", Pass;
+    /// IP traffic to no protected endpoint: passed untouched.
+    Unprotected = 1, "unprotected", Pass;
+    /// A non-first fragment: it carries no ports, so it can never match a port rule.
+    NonFirstFragment = 2, "non_first_fragment", Pass;
+    /// The frame ends inside a header it announces (Ethernet, VLAN, IP, extension, TCP, UDP,
+    /// ICMP), or the IP length claims more bytes than the frame holds. A first fragment too
+    /// short to hold its transport header lands here too (RFC 1858's tiny fragments).
+    Truncated = 3, "truncated", Pass;
+    /// IPv4 ihl below 5, or an IP total length shorter than the header.
+    BadHeaderLength = 4, "bad_header_length", Pass;
+    /// The IP version nibble disagrees with the EtherType.
+    BadVersion = 5, "bad_version", Pass;
+    /// More VLAN tags than the parser walks (two).
+    TooManyVlanTags = 6, "too_many_vlan_tags", Pass;
+    /// More IPv6 extension headers than the parser walks.
+    TooManyExtHeaders = 7, "too_many_ext_headers", Pass;
+}
+
+/// Number of reasons: the size of the per-reason counter map.
+pub const REASON_COUNT: u32 = Reason::ALL.len() as u32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_dense_and_round_trip() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32, "{r:?} is out of order");
+            assert_eq!(Reason::from_index(i as u32), Some(*r));
+        }
+        assert_eq!(Reason::from_index(REASON_COUNT), None);
+    }
+
+    #[test]
+    fn labels_are_unique_snake_case() {
+        for (i, a) in Reason::ALL.iter().enumerate() {
+            assert!(
+                a.label()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+            );
+            for b in &Reason::ALL[i + 1..] {
+                assert_ne!(a.label(), b.label());
+            }
+        }
+    }
+
+    #[test]
+    fn verdict_numbers_match_the_kernel() {
+        // include/uapi/linux/bpf.h: XDP_ABORTED = 0, XDP_DROP, XDP_PASS.
+        assert_eq!(Verdict::from_u32(0), Some(Verdict::Aborted));
+        assert_eq!(Verdict::from_u32(1), Some(Verdict::Drop));
+        assert_eq!(Verdict::from_u32(2), Some(Verdict::Pass));
+        assert_eq!(Verdict::from_u32(3), None);
+    }
+}

@@ -1,0 +1,14 @@
+//! tollgate's XDP program. The decisions live in `tollgate-common` (tested on the host); this
+//! file binds them to the kernel: packet access, maps, counters.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod program;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // Built for the host only by `cargo check --workspace`-style commands; the real program is
+    // the bpfel-unknown-none build of `program`.
+    eprintln!("tollgate-ebpf is an eBPF object, built by the agent's build.rs");
+}
