@@ -21,19 +21,67 @@ fn cases() -> Vec<Case> {
     let v4 = || PacketBuilder::v4(A4, B4);
     let v6 = || PacketBuilder::v6(A6, B6);
     let mut c = vec![
-        pass("ipv4 tcp", v4().tcp(40000, 8000).payload(64).build(), Unprotected),
-        pass("ipv4 udp", v4().udp(40000, 8001).payload(64).build(), Unprotected),
-        pass("ipv4 icmp echo", v4().icmp(8, 0).payload(56).build(), Unprotected),
-        pass("ipv4 gre (no ports)", v4().l4(L4::Raw(47)).payload(20).build(), Unprotected),
-        pass("ipv6 tcp", v6().tcp(40000, 8000).payload(64).build(), Unprotected),
+        pass(
+            "ipv4 tcp",
+            v4().tcp(40000, 8000).payload(64).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv4 udp",
+            v4().udp(40000, 8001).payload(64).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv4 icmp echo",
+            v4().icmp(8, 0).payload(56).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv4 gre (no ports)",
+            v4().l4(L4::Raw(47)).payload(20).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv6 tcp",
+            v6().tcp(40000, 8000).payload(64).build(),
+            Unprotected,
+        ),
         pass("ipv6 udp", v6().udp(40000, 8001).build(), Unprotected),
-        pass("ipv6 icmpv6 echo", v6().icmp(128, 0).payload(56).build(), Unprotected),
-        pass("ipv4 tcp, one vlan", v4().vlan(10).tcp(1, 8000).build(), Unprotected),
-        pass("ipv4 udp, two vlans", v4().vlan(10).vlan(20).udp(1, 53).build(), Unprotected),
-        pass("ipv6 tcp, one vlan", v6().vlan(10).tcp(1, 8000).build(), Unprotected),
-        pass("ipv6 udp, two vlans", v6().vlan(10).vlan(20).udp(1, 53).build(), Unprotected),
-        pass("ipv4 icmp, two vlans", v4().vlan(1).vlan(2).icmp(0, 0).build(), Unprotected),
-        pass("three vlans", v4().vlan(1).vlan(2).vlan(3).udp(1, 2).build(), TooManyVlanTags),
+        pass(
+            "ipv6 icmpv6 echo",
+            v6().icmp(128, 0).payload(56).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv4 tcp, one vlan",
+            v4().vlan(10).tcp(1, 8000).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv4 udp, two vlans",
+            v4().vlan(10).vlan(20).udp(1, 53).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv6 tcp, one vlan",
+            v6().vlan(10).tcp(1, 8000).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv6 udp, two vlans",
+            v6().vlan(10).vlan(20).udp(1, 53).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv4 icmp, two vlans",
+            v4().vlan(1).vlan(2).icmp(0, 0).build(),
+            Unprotected,
+        ),
+        pass(
+            "three vlans",
+            v4().vlan(1).vlan(2).vlan(3).udp(1, 2).build(),
+            TooManyVlanTags,
+        ),
         pass(
             "ipv4 tcp with options",
             v4().ipv4_options(&[0x94, 0x04, 0, 0]).tcp(1, 8000).build(),
@@ -44,7 +92,11 @@ fn cases() -> Vec<Case> {
             v4().ipv4_options(&[1; 40]).udp(1, 8000).build(),
             Unprotected,
         ),
-        pass("ipv6 tcp, hop-by-hop", v6().ipv6_ext(IPPROTO_HOPOPTS).tcp(1, 8000).build(), Unprotected),
+        pass(
+            "ipv6 tcp, hop-by-hop",
+            v6().ipv6_ext(IPPROTO_HOPOPTS).tcp(1, 8000).build(),
+            Unprotected,
+        ),
         pass(
             "ipv6 udp, three ext headers",
             v6().ipv6_ext(IPPROTO_HOPOPTS)
@@ -54,12 +106,36 @@ fn cases() -> Vec<Case> {
                 .build(),
             Unprotected,
         ),
-        pass("ipv4 first fragment", v4().fragment(0, true).udp(1, 8000).payload(100).build(), Unprotected),
-        pass("ipv4 non-first fragment", v4().fragment(10, true).udp(1, 8000).build(), NonFirstFragment),
-        pass("ipv4 last fragment", v4().fragment(20, false).tcp(1, 8000).build(), NonFirstFragment),
-        pass("ipv6 first fragment", v6().fragment(0, true).tcp(1, 8000).build(), Unprotected),
-        pass("ipv6 non-first fragment", v6().fragment(100, false).udp(1, 8000).build(), NonFirstFragment),
-        pass("ipv6 atomic fragment", v6().fragment(0, false).udp(1, 8000).build(), Unprotected),
+        pass(
+            "ipv4 first fragment",
+            v4().fragment(0, true).udp(1, 8000).payload(100).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv4 non-first fragment",
+            v4().fragment(10, true).udp(1, 8000).build(),
+            NonFirstFragment,
+        ),
+        pass(
+            "ipv4 last fragment",
+            v4().fragment(20, false).tcp(1, 8000).build(),
+            NonFirstFragment,
+        ),
+        pass(
+            "ipv6 first fragment",
+            v6().fragment(0, true).tcp(1, 8000).build(),
+            Unprotected,
+        ),
+        pass(
+            "ipv6 non-first fragment",
+            v6().fragment(100, false).udp(1, 8000).build(),
+            NonFirstFragment,
+        ),
+        pass(
+            "ipv6 atomic fragment",
+            v6().fragment(0, false).udp(1, 8000).build(),
+            Unprotected,
+        ),
     ];
 
     let mut arp = vec![0u8; 42];
@@ -70,7 +146,11 @@ fn cases() -> Vec<Case> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         max_ext = max_ext.ipv6_ext(IPPROTO_DSTOPTS);
     }
-    c.push(pass("ipv6 at the ext-header limit", max_ext.clone().build(), Unprotected));
+    c.push(pass(
+        "ipv6 at the ext-header limit",
+        max_ext.clone().build(),
+        Unprotected,
+    ));
     c.push(pass(
         "ipv6 one ext header too many",
         max_ext.ipv6_ext(IPPROTO_DSTOPTS).build(),
@@ -101,7 +181,11 @@ fn cases() -> Vec<Case> {
     // `runts_are_refused_by_the_kernel` checks that.
     let full = v6().tcp(40000, 8000).build();
     for cut in 14..full.len() {
-        c.push(pass(&format!("ipv6 tcp cut at {cut}"), full[..cut].to_vec(), Truncated));
+        c.push(pass(
+            &format!("ipv6 tcp cut at {cut}"),
+            full[..cut].to_vec(),
+            Truncated,
+        ));
     }
     c
 }

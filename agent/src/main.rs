@@ -94,7 +94,12 @@ fn run(iface: &str, mode: loader::AttachMode, pin_dir: &std::path::Path) -> anyh
         }
         let totals = counters::reason_totals(&loader::reason_counters(attached.ebpf())?)?;
         for (reason, c) in totals.iter().filter(|(_, c)| c.packets > 0) {
-            info!(reason = reason.label(), packets = c.packets, bytes = c.bytes, "final count");
+            info!(
+                reason = reason.label(),
+                packets = c.packets,
+                bytes = c.bytes,
+                "final count"
+            );
         }
         attached.stop()?;
         info!(iface, "detached");
@@ -108,7 +113,10 @@ fn print_counters(pin_dir: &std::path::Path, output: Output) -> anyhow::Result<(
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Output::Text => {
-            println!("{:<24} {:<7} {:>14} {:>18}", "REASON", "VERDICT", "PACKETS", "BYTES");
+            println!(
+                "{:<24} {:<7} {:>14} {:>18}",
+                "REASON", "VERDICT", "PACKETS", "BYTES"
+            );
             for r in rows {
                 println!(
                     "{:<24} {:<7} {:>14} {:>18}",

@@ -21,10 +21,12 @@ impl Counter {
 
     /// Sums per-CPU slots (or any other set of counters).
     pub fn sum<'a>(slots: impl IntoIterator<Item = &'a Counter>) -> Counter {
-        slots.into_iter().fold(Counter::default(), |acc, c| Counter {
-            packets: acc.packets.wrapping_add(c.packets),
-            bytes: acc.bytes.wrapping_add(c.bytes),
-        })
+        slots
+            .into_iter()
+            .fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets.wrapping_add(c.packets),
+                bytes: acc.bytes.wrapping_add(c.bytes),
+            })
     }
 }
 

@@ -4,17 +4,26 @@
 use std::vec::Vec;
 
 use crate::parse::{
-    ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP,
+    ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 
 /// The transport part of a frame.
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16 },
-    Udp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
     /// ICMP for IPv4, ICMPv6 for IPv6.
-    Icmp { ty: u8, code: u8 },
+    Icmp {
+        ty: u8,
+        code: u8,
+    },
     /// Any other protocol number with no header of its own.
     Raw(u8),
 }
@@ -71,7 +80,7 @@ impl PacketBuilder {
     /// IPv4 options, padded with End-of-Options to a multiple of four bytes.
     pub fn ipv4_options(mut self, opts: &[u8]) -> Self {
         self.ipv4_options = opts.to_vec();
-        while self.ipv4_options.len() % 4 != 0 {
+        while !self.ipv4_options.len().is_multiple_of(4) {
             self.ipv4_options.push(0);
         }
         self

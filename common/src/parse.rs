@@ -159,7 +159,11 @@ pub fn parse<P: PacketView + ?Sized>(p: &P) -> Result<Frame, Reason> {
 }
 
 #[inline(always)]
-fn parse_ipv4<P: PacketView + ?Sized>(p: &P, off: usize, vlan_tags: u8) -> Result<IpPacket, Reason> {
+fn parse_ipv4<P: PacketView + ?Sized>(
+    p: &P,
+    off: usize,
+    vlan_tags: u8,
+) -> Result<IpPacket, Reason> {
     let Some(h) = p.load::<IPV4_MIN_HLEN>(off) else {
         return Err(Reason::Truncated);
     };
@@ -209,7 +213,11 @@ fn parse_ipv4<P: PacketView + ?Sized>(p: &P, off: usize, vlan_tags: u8) -> Resul
 }
 
 #[inline(always)]
-fn parse_ipv6<P: PacketView + ?Sized>(p: &P, off: usize, vlan_tags: u8) -> Result<IpPacket, Reason> {
+fn parse_ipv6<P: PacketView + ?Sized>(
+    p: &P,
+    off: usize,
+    vlan_tags: u8,
+) -> Result<IpPacket, Reason> {
     let Some(h) = p.load::<IPV6_HLEN>(off) else {
         return Err(Reason::Truncated);
     };

@@ -24,7 +24,10 @@ fn v4_addr(a: [u8; 4]) -> [u8; 16] {
 
 #[test]
 fn ipv4_tcp_fields() {
-    let p = ip(&PacketBuilder::v4(A4, B4).tcp(1234, 8000).payload(10).build());
+    let p = ip(&PacketBuilder::v4(A4, B4)
+        .tcp(1234, 8000)
+        .payload(10)
+        .build());
     assert_eq!(p.family, Family::V4);
     assert_eq!(p.src, v4_addr(A4));
     assert_eq!(p.dst, v4_addr(B4));
@@ -68,7 +71,11 @@ fn vlan_tags_shift_the_ip_header() {
 
 #[test]
 fn qinq_outer_tag_8021ad() {
-    let mut f = PacketBuilder::v6(A6, B6).vlan(10).vlan(20).tcp(1, 443).build();
+    let mut f = PacketBuilder::v6(A6, B6)
+        .vlan(10)
+        .vlan(20)
+        .tcp(1, 443)
+        .build();
     f[12..14].copy_from_slice(&ETH_P_8021AD.to_be_bytes());
     assert_eq!(ip(&f).dport, 443);
 }
@@ -138,11 +145,18 @@ fn version_must_match_ethertype() {
 
 #[test]
 fn ipv4_fragments() {
-    let first = ip(&PacketBuilder::v4(A4, B4).fragment(0, true).udp(7, 8).payload(32).build());
+    let first = ip(&PacketBuilder::v4(A4, B4)
+        .fragment(0, true)
+        .udp(7, 8)
+        .payload(32)
+        .build());
     assert_eq!(first.fragment, Fragment::First);
     assert_eq!(first.dport, 8);
     // A later fragment: the bytes after the IP header are payload, not ports.
-    let later = ip(&PacketBuilder::v4(A4, B4).fragment(5, false).udp(7, 8).build());
+    let later = ip(&PacketBuilder::v4(A4, B4)
+        .fragment(5, false)
+        .udp(7, 8)
+        .build());
     assert_eq!(later.fragment, Fragment::Later);
     assert_eq!((later.sport, later.dport), (0, 0));
     assert!(!later.has_ports());
@@ -151,7 +165,10 @@ fn ipv4_fragments() {
 #[test]
 fn ipv4_tiny_first_fragment_is_truncated() {
     // A first fragment whose TCP header is cut by the IP length (RFC 1858).
-    let mut f = PacketBuilder::v4(A4, B4).fragment(0, true).tcp(1, 2).build();
+    let mut f = PacketBuilder::v4(A4, B4)
+        .fragment(0, true)
+        .tcp(1, 2)
+        .build();
     let total = 20 + 8;
     f[16..18].copy_from_slice(&(total as u16).to_be_bytes());
     assert_eq!(parse(&f[..]), Err(Reason::Truncated));
@@ -182,12 +199,24 @@ fn ipv6_ext_header_limit() {
 
 #[test]
 fn ipv6_fragments() {
-    let first = ip(&PacketBuilder::v6(A6, B6).fragment(0, true).tcp(3, 4).build());
+    let first = ip(&PacketBuilder::v6(A6, B6)
+        .fragment(0, true)
+        .tcp(3, 4)
+        .build());
     assert_eq!((first.fragment, first.dport), (Fragment::First, 4));
-    let atomic = ip(&PacketBuilder::v6(A6, B6).fragment(0, false).tcp(3, 4).build());
+    let atomic = ip(&PacketBuilder::v6(A6, B6)
+        .fragment(0, false)
+        .tcp(3, 4)
+        .build());
     assert_eq!(atomic.fragment, Fragment::None);
-    let later = ip(&PacketBuilder::v6(A6, B6).fragment(100, true).tcp(3, 4).build());
-    assert_eq!((later.fragment, later.proto), (Fragment::Later, IPPROTO_TCP));
+    let later = ip(&PacketBuilder::v6(A6, B6)
+        .fragment(100, true)
+        .tcp(3, 4)
+        .build());
+    assert_eq!(
+        (later.fragment, later.proto),
+        (Fragment::Later, IPPROTO_TCP)
+    );
     assert_eq!((later.sport, later.dport), (0, 0));
 }
 
@@ -215,7 +244,10 @@ fn ipv6_payload_length_beyond_frame_is_truncated() {
 
 #[test]
 fn ipv6_ext_header_running_past_the_payload_is_truncated() {
-    let mut f = PacketBuilder::v6(A6, B6).ipv6_ext(IPPROTO_HOPOPTS).udp(1, 2).build();
+    let mut f = PacketBuilder::v6(A6, B6)
+        .ipv6_ext(IPPROTO_HOPOPTS)
+        .udp(1, 2)
+        .build();
     f[54 + 1] = 200; // 1608 bytes of options in a 60-byte frame
     assert_eq!(parse(&f[..]), Err(Reason::Truncated));
 }

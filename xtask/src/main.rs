@@ -1,1 +1,46 @@
-fn main() {}
+//! tollgate's project commands. `cargo xtask setup` installs what the build needs;
+//! `cargo xtask test` runs the whole suite; both are what CI runs (`.ci/run`).
+
+mod cmd;
+mod preflight;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "tollgate's project commands", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the pinned nightly (with rust-src and clippy), bpf-linker built against that
+    /// nightly's LLVM, and the Debian packages the tests need. Idempotent: a second run
+    /// changes nothing and says so.
+    Setup,
+    /// Run the whole suite: fmt check, clippy -D warnings (the eBPF crate included), host unit
+    /// tests, BPF_PROG_TEST_RUN fixtures and network-namespace tests. Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run().map(|_| ()),
+        Command::Test { cargo_test_args } => test::run(&cargo_test_args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! `cargo xtask setup`: everything the build and the tests need on a fresh Debian machine.
+//! Each step checks first and only acts when something is missing, so a second run changes
+//! nothing and says so.
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{self, BPF_LINKER_VERSION, EBPF_RUSTC_VERSION, EBPF_TOOLCHAIN};
+
+/// Debian packages the tests use: `ip` and network namespaces (iproute2), `nsenter`
+/// (util-linux), `ping` for reachability checks (iputils-ping).
+pub const DEBIAN_PACKAGES: &[&str] = &["iproute2", "util-linux", "iputils-ping"];
+
+/// Components of the eBPF toolchain: the core sources for `-Z build-std=core`, and clippy for
+/// linting the eBPF crate.
+const COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
+/// What a step found.
+#[derive(PartialEq, Eq)]
+enum Step {
+    Present,
+    Installed,
+}
+
+/// Runs every step; returns whether anything was installed.
+pub fn run() -> anyhow::Result<bool> {
+    let steps = [
+        (
+            "Debian packages",
+            debian_packages as fn() -> anyhow::Result<Step>,
+        ),
+        ("eBPF toolchain", ebpf_toolchain),
+        ("bpf-linker", bpf_linker),
+    ];
+    let mut changed = false;
+    for (name, step) in steps {
+        eprintln!("[setup] {name}: checking");
+        let outcome = step().with_context(|| format!("setup step `{name}`"))?;
+        match outcome {
+            Step::Present => eprintln!("[setup] {name}: already present"),
+            Step::Installed => {
+                eprintln!("[setup] {name}: installed");
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        eprintln!("[setup] done");
+    } else {
+        eprintln!("[setup] nothing to do: everything was already installed");
+    }
+    Ok(changed)
+}
+
+/// Whether every step would find its part present (used by `xtask test` to decide whether to
+/// run setup first).
+pub fn is_complete() -> bool {
+    missing_debian_packages().is_empty()
+        && toolchain_ok()
+        && missing_components().is_empty()
+        && bpf_linker_ok()
+}
+
+fn missing_debian_packages() -> Vec<&'static str> {
+    DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let status =
+                cmd::output(cmd::command("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", p]));
+            !status.is_some_and(|s| s.starts_with("ii"))
+        })
+        .collect()
+}
+
+fn debian_packages() -> anyhow::Result<Step> {
+    let missing = missing_debian_packages();
+    if missing.is_empty() {
+        return Ok(Step::Present);
+    }
+    if !cmd::is_root() {
+        bail!(
+            "Debian packages missing: {}. Installing them needs root: run `sudo cargo xtask \
+             setup`, or `sudo apt-get install {}` yourself",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    cmd::run(cmd::command("apt-get").args(["update", "-q"]))?;
+    cmd::run(
+        cmd::command("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(Step::Installed)
+}
+
+fn toolchain_ok() -> bool {
+    let arg = format!("+{EBPF_TOOLCHAIN}");
+    cmd::output(cmd::command("rustc").args([arg.as_str(), "--version"]))
+        .is_some_and(|v| v.trim() == EBPF_RUSTC_VERSION)
+}
+
+fn missing_components() -> Vec<&'static str> {
+    let installed = cmd::output(cmd::command("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))
+    .unwrap_or_default();
+    COMPONENTS
+        .iter()
+        .copied()
+        .filter(|c| {
+            !installed
+                .lines()
+                .any(|l| l.starts_with(&format!("{c}-")) || l == *c)
+        })
+        .collect()
+}
+
+fn ebpf_toolchain() -> anyhow::Result<Step> {
+    let mut step = Step::Present;
+    if !toolchain_ok() {
+        let mut install = cmd::command("rustup");
+        install.args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+        ]);
+        for c in COMPONENTS {
+            install.args(["-c", c]);
+        }
+        if let Err(e) = cmd::run(&mut install) {
+            // The machine image may ship the very same build as `nightly`; reuse it under the
+            // dated name instead of downloading (shared/TOOLCHAIN.md).
+            eprintln!(
+                "[setup] installing {EBPF_TOOLCHAIN} failed ({e:#}); trying the local `nightly`"
+            );
+            link_local_nightly().context("no dated nightly and no matching local `nightly`")?;
+        }
+        if !toolchain_ok() {
+            bail!(
+                "{EBPF_TOOLCHAIN} installed, but `rustc +{EBPF_TOOLCHAIN} --version` does not print `{EBPF_RUSTC_VERSION}`"
+            );
+        }
+        step = Step::Installed;
+    }
+    let missing = missing_components();
+    if !missing.is_empty() {
+        cmd::run(
+            cmd::command("rustup")
+                .args(["component", "add", "--toolchain", EBPF_TOOLCHAIN])
+                .args(&missing),
+        )?;
+        step = Step::Installed;
+    }
+    Ok(step)
+}
+
+/// Adds the components to a local `nightly` that is the pinned build, and links it under the
+/// dated name.
+fn link_local_nightly() -> anyhow::Result<()> {
+    let version = cmd::output(cmd::command("rustc").args(["+nightly", "--version"]))
+        .context("no local `nightly` toolchain")?;
+    if version.trim() != EBPF_RUSTC_VERSION {
+        bail!(
+            "local `nightly` is `{}`, not `{EBPF_RUSTC_VERSION}`",
+            version.trim()
+        );
+    }
+    cmd::run(
+        cmd::command("rustup")
+            .args(["component", "add", "--toolchain", "nightly"])
+            .args(COMPONENTS),
+    )?;
+    let sysroot = cmd::output(cmd::command("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("asking `nightly` for its sysroot")?;
+    cmd::run(cmd::command("rustup").args(["toolchain", "link", EBPF_TOOLCHAIN, sysroot.trim()]))
+}
+
+/// Where the nightly's libLLVM is linked for bpf-linker: the binary finds it through its
+/// rpath, so this directory must stay.
+fn llvm_prefix() -> std::path::PathBuf {
+    cmd::home().join(".local/share/tollgate/llvm22")
+}
+
+fn bpf_linker_ok() -> bool {
+    let bin = cmd::cargo_home().join("bin/bpf-linker");
+    cmd::output(cmd::command(&bin).arg("--version"))
+        .is_some_and(|v| v.trim() == format!("bpf-linker {BPF_LINKER_VERSION}"))
+}
+
+fn bpf_linker() -> anyhow::Result<Step> {
+    if bpf_linker_ok() {
+        return Ok(Step::Present);
+    }
+    // bpf-linker 0.13 defaults to LLVM 23; Debian has no LLVM 22, but the nightly ships its
+    // own libLLVM 22, which is the one that must read the nightly's bitcode anyway.
+    let sysroot = cmd::output(cmd::command("rustc").args([
+        format!("+{EBPF_TOOLCHAIN}"),
+        "--print".into(),
+        "sysroot".into(),
+    ]))
+    .context("asking the eBPF toolchain for its sysroot")?;
+    let libdir = std::path::Path::new(sysroot.trim()).join("lib");
+    let lib = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.22.1-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.22.1-rust-* in {}", libdir.display()))?;
+    let prefix = llvm_prefix();
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    let name = lib.file_name().context("library has no file name")?;
+    for link in [prefix_lib.join(name), prefix_lib.join("libLLVM.so")] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)
+            .with_context(|| format!("linking {} -> {}", link.display(), lib.display()))?;
+    }
+    cmd::run(
+        cmd::command("cargo")
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    if !bpf_linker_ok() {
+        bail!(
+            "bpf-linker installed but `bpf-linker --version` does not print {BPF_LINKER_VERSION}"
+        );
+    }
+    Ok(Step::Installed)
+}
