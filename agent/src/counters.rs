@@ -4,7 +4,7 @@ use std::{borrow::Borrow, path::Path};
 
 use aya::maps::{Map, MapData, PerCpuArray};
 use serde::Serialize;
-use tollgate_common::{Counter, Reason};
+use tollgate_common::{Counter, Reason, policy::MAX_ENDPOINTS, reason_counter_index};
 
 /// Total packets and bytes for one reason, summed over CPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -27,17 +27,35 @@ pub enum CounterError {
     Read(#[from] aya::maps::MapError),
 }
 
-/// Sums every reason's per-CPU slots.
+/// Per-(reason, endpoint) totals, summed over CPUs; only slots that moved.
+pub fn reason_endpoint_totals<T: Borrow<MapData>>(
+    map: &PerCpuArray<T, Counter>,
+) -> Result<Vec<(Reason, u32, Counter)>, aya::maps::MapError> {
+    let mut out = Vec::new();
+    for r in Reason::ALL {
+        for ep in 0..MAX_ENDPOINTS {
+            let slots = map.get(&reason_counter_index(*r, ep), 0)?;
+            let c = Counter::sum(slots.iter());
+            if c.packets != 0 {
+                out.push((*r, ep, c));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Per-reason totals over every endpoint, one entry per reason (zeros included).
 pub fn reason_totals<T: Borrow<MapData>>(
     map: &PerCpuArray<T, Counter>,
 ) -> Result<Vec<(Reason, Counter)>, aya::maps::MapError> {
-    Reason::ALL
+    let per_ep = reason_endpoint_totals(map)?;
+    Ok(Reason::ALL
         .iter()
         .map(|r| {
-            let slots = map.get(&(*r as u32), 0)?;
-            Ok((*r, Counter::sum(slots.iter())))
+            let c = Counter::sum(per_ep.iter().filter(|(x, _, _)| x == r).map(|(_, _, c)| c));
+            (*r, c)
         })
-        .collect()
+        .collect())
 }
 
 /// Reads the totals from the counter map pinned at `path`.

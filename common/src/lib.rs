@@ -7,12 +7,17 @@
 extern crate std;
 
 pub mod counters;
+pub mod decide;
+pub mod limiter;
 pub mod parse;
+pub mod policy;
 pub mod reason;
 
 #[cfg(any(test, feature = "user"))]
 pub mod packet;
 
+#[cfg(test)]
+mod decide_tests;
 #[cfg(test)]
 mod parse_tests;
 
@@ -24,7 +29,44 @@ pub use reason::{REASON_COUNT, Reason, Verdict};
 pub mod map_names {
     /// Per-CPU packet and byte counters indexed by [`crate::Reason`].
     pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
+    /// Port table: `policy::port_slot` -> endpoint id.
+    pub const PORTS: &str = "PORTS";
+    /// Endpoint id -> `policy::Endpoint`.
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// IPv4 /32 -> `policy::Binding`.
+    pub const BIND_V4: &str = "BIND_V4";
+    /// IPv6 /128 -> `policy::Binding`.
+    pub const BIND_V6: &str = "BIND_V6";
+    /// IPv4 CIDR (LPM trie) -> `policy::Binding`.
+    pub const BIND_CIDR_V4: &str = "BIND_CIDR_V4";
+    /// IPv6 CIDR (LPM trie) -> `policy::Binding`.
+    pub const BIND_CIDR_V6: &str = "BIND_CIDR_V6";
+    /// Identity id -> `policy::Identity`.
+    pub const IDENTITIES: &str = "IDENTITIES";
+    /// Identity id -> `policy::Bucket` (limiter state).
+    pub const BUCKETS: &str = "BUCKETS";
+    /// IPv4 /24 -> anonymous TAT (LRU).
+    pub const ANON_V4: &str = "ANON_V4";
+    /// `policy::AnonKey6` -> anonymous TAT (LRU).
+    pub const ANON_V6: &str = "ANON_V6";
+    /// Single slot: `policy::Settings`.
+    pub const SETTINGS: &str = "SETTINGS";
+    /// Identity id -> per-CPU `policy::IdentityCounters`.
+    pub const IDENTITY_COUNTERS: &str = "IDENTITY_COUNTERS";
+    /// Ring buffer of sampled `policy::DropEvent`s.
+    pub const DROP_EVENTS: &str = "DROP_EVENTS";
+    /// Per-CPU time of the last drop event (sampling state).
+    pub const DROP_EVENT_CLOCK: &str = "DROP_EVENT_CLOCK";
 }
+
+/// Index of the (reason, endpoint) counter.
+#[inline(always)]
+pub const fn reason_counter_index(reason: Reason, endpoint: u32) -> u32 {
+    reason as u32 * policy::MAX_ENDPOINTS + endpoint
+}
+
+/// Slots of the (reason, endpoint) counter map.
+pub const REASON_COUNTER_SLOTS: u32 = REASON_COUNT * policy::MAX_ENDPOINTS;
 
 /// Names of the programs in the object.
 pub mod program_names {

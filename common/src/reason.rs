@@ -74,6 +74,29 @@ reasons! {
     TooManyVlanTags = 6, "too_many_vlan_tags", Pass;
     /// More IPv6 extension headers than the parser walks.
     TooManyExtHeaders = 7, "too_many_ext_headers", Pass;
+    /// A bound identity, allowed to reach the endpoint and within its budgets.
+    Bound = 8, "bound", Pass;
+    /// An unbound source reaching an endpoint open to anonymous callers (the bind listener),
+    /// within its prefix's allowance.
+    Anonymous = 9, "anonymous", Pass;
+    /// An unbound source reaching a protected endpoint (the default anonymous policy).
+    Unbound = 10, "unbound", Drop;
+    /// The source's only binding has expired (the kernel checks expiry itself).
+    Expired = 11, "expired", Drop;
+    /// The source's identity is quarantined.
+    Quarantined = 12, "quarantined", Drop;
+    /// The identity's class or roles do not allow this endpoint.
+    Isolation = 13, "isolation", Drop;
+    /// Over the identity's packet rate.
+    PacketRate = 14, "packet_rate", Drop;
+    /// Over the identity's byte (cost) rate.
+    ByteRate = 15, "byte_rate", Drop;
+    /// An unbound source over its prefix's anonymous allowance.
+    AnonymousRate = 16, "anonymous_rate", Drop;
+    /// The limiter's compare-and-swap lost every try to other CPUs.
+    LimiterContended = 17, "limiter_contended", Drop;
+    /// The binding names an identity slot that holds no identity.
+    UnknownIdentity = 18, "unknown_identity", Drop;
 }
 
 /// Number of reasons: the size of the per-reason counter map.

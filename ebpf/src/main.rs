@@ -2,6 +2,13 @@
 //! file binds them to the kernel: packet access, maps, counters.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The limiter's compare-and-swap: core::sync::atomic offers no compare_exchange on
+// bpfel-unknown-none, the intrinsic lowers to BPF_CMPXCHG (shared/TOOLCHAIN.md).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "core_intrinsics for atomic_cxchg")
+)]
 
 #[cfg(target_arch = "bpf")]
 mod program;

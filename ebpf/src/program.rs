@@ -1,17 +1,59 @@
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_ktime_get_boot_ns,
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
 use tollgate_common::{
-    Counter, REASON_COUNT, Reason,
-    parse::{Frame, PacketView, parse},
+    Counter, REASON_COUNTER_SLOTS, Reason,
+    decide::{AnonPrefix, Decision, Tables, decide},
+    parse::{Family, Frame, PacketView, parse},
+    policy::{
+        AnonKey6, Binding, Bucket, DropEvent, Endpoint, Identity, IdentityCounters,
+        MAX_ANON_PREFIXES, MAX_CIDR_BINDINGS, MAX_ENDPOINTS, MAX_EXACT_BINDINGS, MAX_IDENTITIES,
+        PORT_SLOTS, Settings,
+    },
+    reason_counter_index,
 };
 
-/// Per-CPU packets and bytes per verdict reason. Name: `map_names::REASON_COUNTERS`.
+// Map names are the statics' names; `tollgate_common::map_names` spells them for userspace.
+
 #[map]
-static REASON_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+static PORTS: Array<u32> = Array::with_max_entries(PORT_SLOTS, 0);
+#[map]
+static ENDPOINTS: Array<Endpoint> = Array::with_max_entries(MAX_ENDPOINTS, 0);
+#[map]
+static BIND_V4: HashMap<[u8; 4], Binding> = HashMap::with_max_entries(MAX_EXACT_BINDINGS, 0);
+#[map]
+static BIND_V6: HashMap<[u8; 16], Binding> = HashMap::with_max_entries(MAX_EXACT_BINDINGS, 0);
+#[map]
+static BIND_CIDR_V4: LpmTrie<[u8; 4], Binding> = LpmTrie::with_max_entries(MAX_CIDR_BINDINGS, 0);
+#[map]
+static BIND_CIDR_V6: LpmTrie<[u8; 16], Binding> = LpmTrie::with_max_entries(MAX_CIDR_BINDINGS, 0);
+#[map]
+static IDENTITIES: Array<Identity> = Array::with_max_entries(MAX_IDENTITIES, 0);
+#[map]
+static BUCKETS: Array<Bucket> = Array::with_max_entries(MAX_IDENTITIES, 0);
+/// LRU: the packet path inserts here, so a flood of sources ages out other anonymous prefixes,
+/// never a binding (bindings live in maps only userspace writes).
+#[map]
+static ANON_V4: LruHashMap<[u8; 4], u64> = LruHashMap::with_max_entries(MAX_ANON_PREFIXES, 0);
+#[map]
+static ANON_V6: LruHashMap<AnonKey6, u64> = LruHashMap::with_max_entries(MAX_ANON_PREFIXES, 0);
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+/// Per-CPU packets and bytes per (reason, endpoint).
+#[map]
+static REASON_COUNTERS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(REASON_COUNTER_SLOTS, 0);
+#[map]
+static IDENTITY_COUNTERS: PerCpuArray<IdentityCounters> =
+    PerCpuArray::with_max_entries(MAX_IDENTITIES, 0);
+#[map]
+static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+#[map]
+static DROP_EVENT_CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The frame between `data` and `data_end`. Every load is bounds-checked against `data_end`
 /// right before the access, in the shape the verifier tracks (packet pointer + constant size
@@ -39,31 +81,188 @@ impl PacketView for XdpFrame {
     }
 }
 
+/// The maps, as the decision sees them.
+struct Maps;
+
+#[inline(always)]
+fn v4(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
+impl Tables for Maps {
+    #[inline(always)]
+    fn port_endpoint(&self, slot: u32) -> u32 {
+        PORTS.get(slot).copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn endpoint(&self, id: u32) -> Option<*const Endpoint> {
+        ENDPOINTS.get_ptr(id)
+    }
+
+    #[inline(always)]
+    fn exact_binding(&self, family: Family, src: &[u8; 16]) -> Option<*const Binding> {
+        match family {
+            Family::V4 => BIND_V4.get_ptr(v4(src)),
+            Family::V6 => BIND_V6.get_ptr(src),
+        }
+    }
+
+    #[inline(always)]
+    fn cidr_binding(&self, family: Family, src: &[u8; 16]) -> Option<*const Binding> {
+        match family {
+            Family::V4 => BIND_CIDR_V4
+                .get(Key::new(32, v4(src)))
+                .map(|b| b as *const _),
+            Family::V6 => BIND_CIDR_V6.get(Key::new(128, *src)).map(|b| b as *const _),
+        }
+    }
+
+    #[inline(always)]
+    fn identity(&self, id: u32) -> Option<*const Identity> {
+        IDENTITIES.get_ptr(id)
+    }
+
+    #[inline(always)]
+    fn bucket(&self, id: u32) -> Option<*mut Bucket> {
+        BUCKETS.get_ptr_mut(id)
+    }
+
+    #[inline(always)]
+    fn anon_tat(&self, prefix: &AnonPrefix) -> Option<*mut u64> {
+        match prefix {
+            AnonPrefix::V4(key) => {
+                if let Some(p) = ANON_V4.get_ptr_mut(key) {
+                    return Some(p);
+                }
+                // BPF_NOEXIST: another CPU may have inserted it meanwhile; then use theirs.
+                let _ = ANON_V4.insert(key, 0, 1);
+                ANON_V4.get_ptr_mut(key)
+            }
+            AnonPrefix::V6(key) => {
+                if let Some(p) = ANON_V6.get_ptr_mut(key) {
+                    return Some(p);
+                }
+                let _ = ANON_V6.insert(key, 0, 1);
+                ANON_V6.get_ptr_mut(key)
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn settings(&self) -> Settings {
+        SETTINGS.get(0).copied().unwrap_or_default()
+    }
+
+    #[inline(always)]
+    fn now_ns(&self) -> u64 {
+        // SAFETY: a helper with no arguments; BOOTTIME keeps counting through suspend, so a
+        // binding's expiry written by the agent means the same wall-clock span.
+        unsafe { bpf_ktime_get_boot_ns() }
+    }
+
+    #[inline(always)]
+    unsafe fn load(&self, p: *const u64) -> u64 {
+        // SAFETY: the caller passes a pointer into a live map value. A volatile read: an
+        // atomic load does not lower on this target (shared/TOOLCHAIN.md), and an aligned
+        // 8-byte load is single-copy atomic on every BPF JIT.
+        unsafe { core::ptr::read_volatile(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn cas(&self, p: *mut u64, old: u64, new: u64) -> bool {
+        use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg};
+        // SAFETY: the caller passes an 8-byte aligned pointer into a live map value.
+        unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(p, old, new).1 }
+    }
+}
+
 #[xdp]
 pub fn tollgate(ctx: XdpContext) -> u32 {
     let frame = XdpFrame {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    let reason = match parse(&frame) {
-        Ok(Frame::NotIp(_)) => Reason::NotIp,
-        Ok(Frame::Ip(p)) if p.fragment == tollgate_common::parse::Fragment::Later => {
-            Reason::NonFirstFragment
+    let len = frame.len() as u64;
+    let decision = match parse(&frame) {
+        Ok(Frame::Ip(p)) => {
+            let d = decide(&Maps, &p, len);
+            if d.reason.verdict() == tollgate_common::Verdict::Drop {
+                drop_event(&d, &p, len);
+            }
+            d
         }
-        Ok(Frame::Ip(_)) => Reason::Unprotected,
-        Err(r) => r,
+        Ok(Frame::NotIp(_)) => Decision {
+            reason: Reason::NotIp,
+            endpoint: 0,
+            identity: 0,
+        },
+        Err(reason) => Decision {
+            reason,
+            endpoint: 0,
+            identity: 0,
+        },
     };
-    count(reason, frame.len() as u64);
-    reason.verdict() as u32
+    count(&decision, len);
+    decision.reason.verdict() as u32
 }
 
 #[inline(always)]
-fn count(reason: Reason, bytes: u64) {
-    if let Some(c) = REASON_COUNTERS.get_ptr_mut(reason as u32) {
+fn count(d: &Decision, bytes: u64) {
+    if let Some(c) = REASON_COUNTERS.get_ptr_mut(reason_counter_index(d.reason, d.endpoint)) {
         // SAFETY: a per-CPU slot is only touched by this CPU, and XDP runs with preemption
         // disabled, so the plain read-modify-write cannot race.
         unsafe { (*c).add(bytes) };
     }
+    // Unprotected and non-IP traffic is nobody's: only the reason counter moves.
+    if d.endpoint == 0 && d.identity == 0 {
+        return;
+    }
+    if let Some(c) = IDENTITY_COUNTERS.get_ptr_mut(d.identity) {
+        // SAFETY: as above.
+        unsafe {
+            if d.reason.verdict() == tollgate_common::Verdict::Pass {
+                (*c).passed.add(bytes);
+            } else {
+                (*c).dropped.add(bytes);
+            }
+        }
+    }
+}
+
+/// Sends at most one drop event per CPU per `drop_event_interval_ns`, so a flood costs the
+/// ring buffer (and the agent's logs) a bounded rate.
+#[inline(always)]
+fn drop_event(d: &Decision, p: &tollgate_common::parse::IpPacket, bytes: u64) {
+    let interval = Maps.settings().drop_event_interval_ns;
+    if interval == 0 {
+        return;
+    }
+    let Some(last) = DROP_EVENT_CLOCK.get_ptr_mut(0) else {
+        return;
+    };
+    let now = Maps.now_ns();
+    // SAFETY: per-CPU slot, see `count`.
+    unsafe {
+        if now.wrapping_sub(*last) < interval {
+            return;
+        }
+        *last = now;
+    }
+    let event = DropEvent {
+        reason: d.reason as u32,
+        identity: d.identity,
+        endpoint: d.endpoint as u16,
+        family: p.family as u8,
+        proto: p.proto,
+        dport: p.dport,
+        _pad: 0,
+        src: p.src,
+        bytes: bytes as u32,
+        _pad2: 0,
+        time_ns: now,
+    };
+    let _ = DROP_EVENTS.output::<DropEvent>(&event, 0);
 }
 
 /// Passes everything: the baseline the benchmark compares the real program against.
@@ -75,8 +274,8 @@ pub fn tollgate_noop(_ctx: XdpContext) -> u32 {
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // Unreachable in a verified program: the verifier refuses code paths that could panic
-    // only if they are not statically removed, and there is no unwinding in BPF.
+    // Unreachable in a verified program: there is no unwinding in BPF, and a reachable panic
+    // would have to call this, which the verifier refuses as an infinite loop.
     loop {}
 }
 

@@ -1,0 +1,331 @@
+//! The verdict for an IP packet: which endpoint it targets, who sent it, whether that identity
+//! may reach the endpoint and whether it is within budget. Written against [`Tables`], which
+//! the XDP program implements with its maps and host tests with plain memory, so the whole
+//! decision is tested on the host and the kernel fixtures test the binding to real maps.
+
+use crate::{
+    Reason,
+    limiter::{self, Gcra},
+    parse::{Family, Fragment, IpPacket},
+    policy::{
+        ANONYMOUS_IDENTITY, AnonKey6, Binding, Bucket, EP_ANON_ALLOWED, Endpoint, ID_ACTIVE,
+        ID_QUARANTINED, ID_THROTTLED, Identity, Q8_ONE, Settings, port_slot,
+    },
+};
+
+/// Compare-and-swap attempts per budget before the packet is refused as contended. The
+/// verifier needs a bound; four is far more than two CPUs contending ever need.
+pub const CAS_TRIES: usize = 4;
+
+/// An anonymous prefix: IPv4 /24 (first three bytes, big-endian in a u32 with the last byte
+/// zero) or an IPv6 /64, /56 or /48.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnonPrefix {
+    V4([u8; 4]),
+    V6(AnonKey6),
+}
+
+/// What the decision reads and writes. Pointers, not references: the kernel's map values are
+/// shared with other CPUs and with userspace.
+pub trait Tables {
+    /// Endpoint id in the port table slot (see `policy::port_slot`); 0 if none.
+    fn port_endpoint(&self, slot: u32) -> u32;
+    fn endpoint(&self, id: u32) -> Option<*const Endpoint>;
+    /// The /32 or /128 binding of `src`.
+    fn exact_binding(&self, family: Family, src: &[u8; 16]) -> Option<*const Binding>;
+    /// The longest-prefix CIDR binding covering `src`.
+    fn cidr_binding(&self, family: Family, src: &[u8; 16]) -> Option<*const Binding>;
+    fn identity(&self, id: u32) -> Option<*const Identity>;
+    fn bucket(&self, id: u32) -> Option<*mut Bucket>;
+    /// The TAT of an anonymous prefix, inserting a fresh one (TAT 0) when absent; `None`
+    /// if it can be neither found nor inserted.
+    fn anon_tat(&self, prefix: &AnonPrefix) -> Option<*mut u64>;
+    fn settings(&self) -> Settings;
+    /// CLOCK_BOOTTIME in ns (binding expiry and the limiter share it).
+    fn now_ns(&self) -> u64;
+    /// Reads a u64 another CPU may be writing.
+    ///
+    /// # Safety
+    /// `p` points into a live map value.
+    unsafe fn load(&self, p: *const u64) -> u64;
+    /// Atomically replaces `*p` with `new` if it still holds `old`.
+    ///
+    /// # Safety
+    /// `p` points into a live map value, 8-byte aligned.
+    unsafe fn cas(&self, p: *mut u64, old: u64, new: u64) -> bool;
+}
+
+/// The outcome: reason (hence verdict), the endpoint id for counters (0: none) and the
+/// identity charged (`ANONYMOUS_IDENTITY` for unbound sources).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub reason: Reason,
+    pub endpoint: u32,
+    pub identity: u32,
+}
+
+impl Decision {
+    const fn new(reason: Reason, endpoint: u32, identity: u32) -> Self {
+        Decision {
+            reason,
+            endpoint,
+            identity,
+        }
+    }
+}
+
+/// A binding lookup: exact first (it beats any CIDR), then the longest CIDR. An expired
+/// binding is skipped; whether one was seen decides `expired` vs `unbound`.
+enum Bound {
+    Live(u32),
+    Expired,
+    None,
+}
+
+#[inline(always)]
+fn find_binding<T: Tables>(t: &T, family: Family, src: &[u8; 16], now: u64) -> Bound {
+    let mut expired = false;
+    if let Some(b) = t.exact_binding(family, src) {
+        // SAFETY: the pointer came from a map lookup and is valid for this program run.
+        let b = unsafe { *b };
+        if b.live_at(now) {
+            return Bound::Live(b.identity);
+        }
+        expired = true;
+    }
+    if let Some(b) = t.cidr_binding(family, src) {
+        // SAFETY: as above.
+        let b = unsafe { *b };
+        if b.live_at(now) {
+            return Bound::Live(b.identity);
+        }
+        expired = true;
+    }
+    if expired { Bound::Expired } else { Bound::None }
+}
+
+/// One GCRA budget, updated with a bounded compare-and-swap loop.
+#[inline(always)]
+fn charge_one<T: Tables>(t: &T, p: *mut u64, now: u64, inc: u64, tau: u64) -> Charge {
+    for _ in 0..CAS_TRIES {
+        // SAFETY: `p` points into a bucket from the map, valid for this run, 8-byte aligned.
+        let old = unsafe { t.load(p) };
+        match limiter::gcra(old, now, inc, tau) {
+            Gcra::Exceed => return Charge::Exceed,
+            // SAFETY: as above.
+            Gcra::Conform(new) => {
+                if unsafe { t.cas(p, old, new) } {
+                    return Charge::Ok;
+                }
+            }
+        }
+    }
+    Charge::Contended
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Charge {
+    Ok,
+    Exceed,
+    Contended,
+}
+
+/// Charges a packet to an identity's budgets; returns the refusing reason if any.
+#[inline(always)]
+fn charge_identity<T: Tables>(
+    t: &T,
+    id: u32,
+    ident: &Identity,
+    weight_q8: u16,
+    frame_len: u64,
+    now: u64,
+) -> Option<Reason> {
+    let settings = t.settings();
+    let throttle = if ident.flags & ID_THROTTLED != 0 {
+        Some(ident.throttle_q8)
+    } else {
+        None
+    };
+    let mult = limiter::multiplier_q8(settings.pressure_q8, throttle);
+    let Some(pkt_inc) = limiter::packet_increment_ns(ident.limits.pps, mult) else {
+        return Some(Reason::PacketRate);
+    };
+    let units = limiter::byte_units(frame_len, weight_q8, mult);
+    let Some(byte_inc) = limiter::byte_increment_ns(ident.limits.bps, units) else {
+        return Some(Reason::ByteRate);
+    };
+    let Some(bucket) = t.bucket(id) else {
+        return Some(Reason::UnknownIdentity);
+    };
+    // SAFETY: `bucket` is a valid map value pointer; the fields are 8-byte aligned (repr(C)).
+    let (pkt_tat, byte_tat) = unsafe { (&raw mut (*bucket).pkt_tat, &raw mut (*bucket).byte_tat) };
+    // Check both before charging either, so a packet refused by its bytes does not spend a
+    // packet token (apart from races, which the CAS loop then resolves).
+    // SAFETY: valid pointers, as above.
+    let (p_now, b_now) = unsafe { (t.load(pkt_tat), t.load(byte_tat)) };
+    if limiter::gcra(p_now, now, pkt_inc, ident.limits.pkt_tau_ns) == Gcra::Exceed {
+        return Some(Reason::PacketRate);
+    }
+    if limiter::gcra(b_now, now, byte_inc, ident.limits.byte_tau_ns) == Gcra::Exceed {
+        return Some(Reason::ByteRate);
+    }
+    if pkt_inc != 0 {
+        match charge_one(t, pkt_tat, now, pkt_inc, ident.limits.pkt_tau_ns) {
+            Charge::Ok => {}
+            Charge::Exceed => return Some(Reason::PacketRate),
+            Charge::Contended => return Some(Reason::LimiterContended),
+        }
+    }
+    if byte_inc != 0 {
+        match charge_one(t, byte_tat, now, byte_inc, ident.limits.byte_tau_ns) {
+            Charge::Ok => {}
+            Charge::Exceed => return Some(Reason::ByteRate),
+            Charge::Contended => return Some(Reason::LimiterContended),
+        }
+    }
+    None
+}
+
+/// The anonymous prefixes of a source: IPv4 /24; IPv6 /64, /56, /48 (all three must conform,
+/// so a /48 cannot multiply its allowance by spreading over its /64s).
+#[inline(always)]
+pub fn anon_prefix(family: Family, src: &[u8; 16], level: usize) -> Option<AnonPrefix> {
+    match family {
+        Family::V4 => {
+            if level == 0 {
+                Some(AnonPrefix::V4([src[0], src[1], src[2], 0]))
+            } else {
+                None
+            }
+        }
+        Family::V6 => {
+            let (len, keep) = match level {
+                0 => (64u32, 8usize),
+                1 => (56, 7),
+                2 => (48, 6),
+                _ => return None,
+            };
+            let mut key = AnonKey6 {
+                prefix_len: len,
+                _pad: 0,
+                prefix: [0; 8],
+            };
+            let mut i = 0;
+            while i < keep {
+                key.prefix[i] = src[i];
+                i += 1;
+            }
+            Some(AnonPrefix::V6(key))
+        }
+    }
+}
+
+#[inline(always)]
+fn charge_anonymous<T: Tables>(t: &T, family: Family, src: &[u8; 16], now: u64) -> bool {
+    let s = t.settings();
+    let Some(inc) =
+        limiter::packet_increment_ns(s.anon_pps, limiter::multiplier_q8(s.pressure_q8, None))
+    else {
+        return false;
+    };
+    let mut level = 0;
+    while level < 3 {
+        let Some(prefix) = anon_prefix(family, src, level) else {
+            break;
+        };
+        let Some(tat) = t.anon_tat(&prefix) else {
+            return false;
+        };
+        if charge_one(t, tat, now, inc, s.anon_tau_ns) != Charge::Ok {
+            return false;
+        }
+        level += 1;
+    }
+    true
+}
+
+/// Decides the fate of a parsed IP packet of `frame_len` bytes.
+#[inline(always)]
+pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
+    if pkt.fragment == Fragment::Later {
+        return decide_later_fragment(t, pkt, frame_len);
+    }
+    let Some(slot) = port_slot(pkt.proto, pkt.dport) else {
+        return Decision::new(Reason::Unprotected, 0, ANONYMOUS_IDENTITY);
+    };
+    let ep_id = t.port_endpoint(slot);
+    if ep_id == 0 {
+        return Decision::new(Reason::Unprotected, 0, ANONYMOUS_IDENTITY);
+    }
+    let Some(ep) = t.endpoint(ep_id) else {
+        return Decision::new(Reason::Unprotected, 0, ANONYMOUS_IDENTITY);
+    };
+    // SAFETY: a valid map value pointer for this run.
+    let ep = unsafe { &*ep };
+    if !ep.covers(pkt.family == Family::V6, &pkt.dst) {
+        return Decision::new(Reason::Unprotected, 0, ANONYMOUS_IDENTITY);
+    }
+    let now = t.now_ns();
+    let id = match find_binding(t, pkt.family, &pkt.src, now) {
+        Bound::Live(id) => id,
+        unbound => {
+            // Roles mean nothing for a caller with no identity: the flag alone opens an endpoint.
+            let anon_ok = ep.flags & EP_ANON_ALLOWED != 0;
+            let reason = if anon_ok {
+                if charge_anonymous(t, pkt.family, &pkt.src, now) {
+                    Reason::Anonymous
+                } else {
+                    Reason::AnonymousRate
+                }
+            } else if matches!(unbound, Bound::Expired) {
+                Reason::Expired
+            } else {
+                Reason::Unbound
+            };
+            return Decision::new(reason, ep_id, ANONYMOUS_IDENTITY);
+        }
+    };
+    let Some(ident) = t.identity(id) else {
+        return Decision::new(Reason::UnknownIdentity, ep_id, ANONYMOUS_IDENTITY);
+    };
+    // SAFETY: a valid map value pointer for this run.
+    let ident = unsafe { &*ident };
+    if ident.flags & ID_ACTIVE == 0 {
+        return Decision::new(Reason::UnknownIdentity, ep_id, id);
+    }
+    if ident.flags & ID_QUARANTINED != 0 {
+        return Decision::new(Reason::Quarantined, ep_id, id);
+    }
+    if !ep.admits(ident.class, ident.roles) {
+        return Decision::new(Reason::Isolation, ep_id, id);
+    }
+    match charge_identity(t, id, ident, ep.weight_q8, frame_len, now) {
+        Some(reason) => Decision::new(reason, ep_id, id),
+        None => Decision::new(Reason::Bound, ep_id, id),
+    }
+}
+
+/// A non-first fragment has no ports, so it matches no endpoint; it is still charged to a
+/// bound source (weight 1.0) so that fragments are no way around a budget or a quarantine.
+#[inline(always)]
+fn decide_later_fragment<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
+    let now = t.now_ns();
+    let Bound::Live(id) = find_binding(t, pkt.family, &pkt.src, now) else {
+        return Decision::new(Reason::NonFirstFragment, 0, ANONYMOUS_IDENTITY);
+    };
+    let Some(ident) = t.identity(id) else {
+        return Decision::new(Reason::NonFirstFragment, 0, ANONYMOUS_IDENTITY);
+    };
+    // SAFETY: a valid map value pointer for this run.
+    let ident = unsafe { &*ident };
+    if ident.flags & ID_ACTIVE == 0 {
+        return Decision::new(Reason::NonFirstFragment, 0, ANONYMOUS_IDENTITY);
+    }
+    if ident.flags & ID_QUARANTINED != 0 {
+        return Decision::new(Reason::Quarantined, 0, id);
+    }
+    match charge_identity(t, id, ident, Q8_ONE, frame_len, now) {
+        Some(reason) => Decision::new(reason, 0, id),
+        None => Decision::new(Reason::NonFirstFragment, 0, id),
+    }
+}

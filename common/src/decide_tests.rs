@@ -1,0 +1,423 @@
+//! Host tests of the decision, over tables in plain memory.
+
+use core::cell::{Cell, RefCell, UnsafeCell};
+use std::{boxed::Box, collections::HashMap, vec::Vec};
+
+use crate::{
+    Reason,
+    decide::{AnonPrefix, Decision, Tables, decide},
+    limiter,
+    packet::PacketBuilder,
+    parse::{Family, Frame, IpPacket, parse},
+    policy::*,
+};
+
+const C4: [u8; 4] = [198, 18, 1, 10];
+const S4: [u8; 4] = [198, 19, 0, 1];
+const EP: u32 = 1;
+const ID: u32 = 7;
+
+#[derive(Default)]
+struct Fake {
+    ports: HashMap<u32, u32>,
+    endpoints: HashMap<u32, Box<Endpoint>>,
+    exact: HashMap<(u8, [u8; 16]), Box<Binding>>,
+    cidr: Vec<(Family, [u8; 16], u8, Box<Binding>)>,
+    identities: HashMap<u32, Box<Identity>>,
+    buckets: HashMap<u32, Box<UnsafeCell<Bucket>>>,
+    anon: RefCell<HashMap<(u32, [u8; 8]), Box<UnsafeCell<u64>>>>,
+    settings: Settings,
+    now: Cell<u64>,
+    fail_cas: bool,
+}
+
+fn addr4(a: [u8; 4]) -> [u8; 16] {
+    let mut x = [0; 16];
+    x[..4].copy_from_slice(&a);
+    x
+}
+
+impl Tables for Fake {
+    fn port_endpoint(&self, slot: u32) -> u32 {
+        self.ports.get(&slot).copied().unwrap_or(0)
+    }
+    fn endpoint(&self, id: u32) -> Option<*const Endpoint> {
+        self.endpoints.get(&id).map(|b| &**b as *const _)
+    }
+    fn exact_binding(&self, family: Family, src: &[u8; 16]) -> Option<*const Binding> {
+        self.exact
+            .get(&(family as u8, *src))
+            .map(|b| &**b as *const _)
+    }
+    fn cidr_binding(&self, family: Family, src: &[u8; 16]) -> Option<*const Binding> {
+        self.cidr
+            .iter()
+            .filter(|(f, p, len, _)| *f == family && prefix_contains(p, *len, src))
+            .max_by_key(|(_, _, len, _)| *len)
+            .map(|(_, _, _, b)| &**b as *const _)
+    }
+    fn identity(&self, id: u32) -> Option<*const Identity> {
+        self.identities.get(&id).map(|b| &**b as *const _)
+    }
+    fn bucket(&self, id: u32) -> Option<*mut Bucket> {
+        self.buckets.get(&id).map(|b| b.get())
+    }
+    fn anon_tat(&self, prefix: &AnonPrefix) -> Option<*mut u64> {
+        let key = match prefix {
+            AnonPrefix::V4(p) => (24, [p[0], p[1], p[2], 0, 0, 0, 0, 0]),
+            AnonPrefix::V6(k) => (k.prefix_len, k.prefix),
+        };
+        let mut anon = self.anon.borrow_mut();
+        Some(
+            anon.entry(key)
+                .or_insert_with(|| Box::new(UnsafeCell::new(0)))
+                .get(),
+        )
+    }
+    fn settings(&self) -> Settings {
+        self.settings
+    }
+    fn now_ns(&self) -> u64 {
+        self.now.get()
+    }
+    unsafe fn load(&self, p: *const u64) -> u64 {
+        unsafe { *p }
+    }
+    unsafe fn cas(&self, p: *mut u64, old: u64, new: u64) -> bool {
+        if self.fail_cas {
+            return false;
+        }
+        unsafe {
+            if *p == old {
+                *p = new;
+                true
+            } else {
+                false
+            }
+        }
+    }
+}
+
+fn customer(pps: u64, burst: u64, bps: u64, bburst: u64) -> Identity {
+    Identity {
+        flags: ID_ACTIVE,
+        class: Class::Customer as u8,
+        throttle_q8: Q8_ONE,
+        plan: 0,
+        _pad: 0,
+        roles: 1,
+        limits: Limits {
+            pps,
+            pkt_tau_ns: limiter::packet_tau_ns(pps, burst),
+            bps,
+            byte_tau_ns: limiter::byte_tau_ns(bps, bburst),
+        },
+    }
+}
+
+fn endpoint() -> Endpoint {
+    Endpoint {
+        flags: EP_ACTIVE,
+        allowed_classes: Class::Internal.bit() | Class::Customer.bit(),
+        weight_q8: Q8_ONE,
+        roles: 1,
+        ..Default::default()
+    }
+}
+
+/// Endpoint 1 on TCP 8000; identity 7 (customer, 10 pps burst 5, unlimited bytes) bound to C4.
+fn lab() -> Fake {
+    let mut f = Fake {
+        now: Cell::new(1_000 * limiter::NS_PER_S),
+        ..Default::default()
+    };
+    f.ports.insert(port_slot(6, 8000).unwrap(), EP);
+    f.endpoints.insert(EP, Box::new(endpoint()));
+    f.identities
+        .insert(ID, Box::new(customer(10, 5, UNLIMITED, 0)));
+    f.buckets.insert(ID, Box::default());
+    f.exact.insert(
+        (4, addr4(C4)),
+        Box::new(Binding {
+            identity: ID,
+            ..Default::default()
+        }),
+    );
+    f
+}
+
+fn pkt(frame: &[u8]) -> IpPacket {
+    match parse(frame) {
+        Ok(Frame::Ip(p)) => p,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn run(t: &Fake, frame: &[u8]) -> Decision {
+    decide(t, &pkt(frame), frame.len() as u64)
+}
+
+fn tcp(src: [u8; 4], dport: u16) -> Vec<u8> {
+    PacketBuilder::v4(src, S4)
+        .tcp(40000, dport)
+        .payload(46)
+        .build()
+}
+
+#[test]
+fn unprotected_ports_and_protocols_pass() {
+    let t = lab();
+    assert_eq!(run(&t, &tcp(C4, 22)).reason, Reason::Unprotected);
+    let udp = PacketBuilder::v4(C4, S4).udp(1, 8000).build();
+    assert_eq!(run(&t, &udp).reason, Reason::Unprotected);
+    let icmp = PacketBuilder::v4([1, 2, 3, 4], S4).icmp(8, 0).build();
+    assert_eq!(run(&t, &icmp).reason, Reason::Unprotected);
+}
+
+#[test]
+fn bound_source_passes_and_is_charged() {
+    let t = lab();
+    let d = run(&t, &tcp(C4, 8000));
+    assert_eq!(
+        d,
+        Decision {
+            reason: Reason::Bound,
+            endpoint: EP,
+            identity: ID
+        }
+    );
+    assert_ne!(unsafe { (*t.buckets[&ID].get()).pkt_tat }, 0);
+}
+
+#[test]
+fn unbound_and_expired_are_dropped() {
+    let mut t = lab();
+    assert_eq!(
+        run(&t, &tcp([198, 18, 1, 11], 8000)).reason,
+        Reason::Unbound
+    );
+    t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = t.now.get();
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Expired);
+    t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = t.now.get() + 1;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
+}
+
+#[test]
+fn exact_binding_beats_cidr_and_expired_exact_falls_back() {
+    let mut t = lab();
+    let other = 9;
+    let mut q = customer(10, 5, UNLIMITED, 0);
+    q.flags |= ID_QUARANTINED;
+    t.identities.insert(other, Box::new(q));
+    t.buckets.insert(other, Box::default());
+    t.cidr.push((
+        Family::V4,
+        addr4([198, 18, 1, 0]),
+        24,
+        Box::new(Binding {
+            identity: other,
+            ..Default::default()
+        }),
+    ));
+    // The /32 names identity 7; the /24 a quarantined one: the /32 wins.
+    assert_eq!(run(&t, &tcp(C4, 8000)).identity, ID);
+    // A neighbour only covered by the /24 gets the /24's identity.
+    let d = run(&t, &tcp([198, 18, 1, 99], 8000));
+    assert_eq!((d.reason, d.identity), (Reason::Quarantined, other));
+    // The /32 expired: the /24 applies.
+    t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = 1;
+    assert_eq!(run(&t, &tcp(C4, 8000)).identity, other);
+}
+
+#[test]
+fn isolation_by_class_and_role() {
+    let mut t = lab();
+    t.identities.get_mut(&ID).unwrap().class = Class::Partner as u8;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Isolation);
+    t.identities.get_mut(&ID).unwrap().class = Class::Customer as u8;
+    t.identities.get_mut(&ID).unwrap().roles = 2;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Isolation);
+    t.endpoints.get_mut(&EP).unwrap().roles = 0;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
+}
+
+#[test]
+fn inactive_identity_slot_is_refused() {
+    let mut t = lab();
+    t.identities.get_mut(&ID).unwrap().flags = 0;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::UnknownIdentity);
+    t.identities.remove(&ID);
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::UnknownIdentity);
+}
+
+#[test]
+fn packet_rate_burst_then_drop_then_refill() {
+    let t = lab();
+    let f = tcp(C4, 8000);
+    let reasons: Vec<_> = (0..7).map(|_| run(&t, &f).reason).collect();
+    assert_eq!(&reasons[..5], &[Reason::Bound; 5]);
+    assert_eq!(&reasons[5..], &[Reason::PacketRate; 2]);
+    t.now.set(t.now.get() + limiter::NS_PER_S / 10);
+    assert_eq!(run(&t, &f).reason, Reason::Bound);
+    assert_eq!(run(&t, &f).reason, Reason::PacketRate);
+}
+
+#[test]
+fn byte_rate_weight_and_pressure() {
+    // 1000 units/s with a 1000-unit burst; frames of 100 bytes.
+    let frame = PacketBuilder::v4(C4, S4).tcp(1, 8000).payload(46).build();
+    assert_eq!(frame.len(), 100);
+    let count = |weight: u16, pressure: u16| {
+        let mut t = lab();
+        t.identities
+            .insert(ID, Box::new(customer(UNLIMITED, 0, 1000, 1000)));
+        t.endpoints.get_mut(&EP).unwrap().weight_q8 = weight;
+        t.settings.pressure_q8 = pressure;
+        (0..50)
+            .take_while(|_| run(&t, &frame).reason == Reason::Bound)
+            .count()
+    };
+    assert_eq!(count(256, 256), 10);
+    assert_eq!(count(512, 256), 5, "weight 2.0 halves the burst");
+    assert_eq!(
+        count(256, 1024),
+        2,
+        "pressure 4.0 quarters it (2.5 rounds down)"
+    );
+    assert_eq!(count(128, 256), 20, "weight 0.5 doubles it");
+    let mut t = lab();
+    t.identities
+        .insert(ID, Box::new(customer(UNLIMITED, 0, 1000, 1000)));
+    let over = (0..20).map(|_| run(&t, &frame).reason).last();
+    assert_eq!(over, Some(Reason::ByteRate));
+}
+
+#[test]
+fn throttle_multiplies_cost_only_while_flagged() {
+    let mut t = lab();
+    let mut id = customer(UNLIMITED, 0, 1000, 1000);
+    id.throttle_q8 = 4 * Q8_ONE;
+    t.identities.insert(ID, Box::new(id));
+    let frame = PacketBuilder::v4(C4, S4).tcp(1, 8000).payload(46).build();
+    let admitted = |t: &Fake| {
+        (0..50)
+            .take_while(|_| run(t, &frame).reason == Reason::Bound)
+            .count()
+    };
+    assert_eq!(admitted(&t), 10);
+    let mut t = lab();
+    id.flags |= ID_THROTTLED;
+    t.identities.insert(ID, Box::new(id));
+    assert_eq!(admitted(&t), 2);
+}
+
+#[test]
+fn zero_rate_admits_nothing() {
+    let mut t = lab();
+    t.identities
+        .insert(ID, Box::new(customer(0, 10, UNLIMITED, 0)));
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::PacketRate);
+    t.identities
+        .insert(ID, Box::new(customer(UNLIMITED, 0, 0, 10)));
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::ByteRate);
+}
+
+#[test]
+fn contention_is_a_defined_drop() {
+    let mut t = lab();
+    t.fail_cas = true;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::LimiterContended);
+}
+
+#[test]
+fn destination_prefix_limits_an_endpoint() {
+    let mut t = lab();
+    {
+        let ep = t.endpoints.get_mut(&EP).unwrap();
+        ep.flags |= EP_V4_PREFIX;
+        ep.v4_prefix = [198, 19, 0, 0];
+        ep.v4_prefix_len = 16;
+    }
+    assert_eq!(run(&t, &tcp([198, 18, 9, 9], 8000)).reason, Reason::Unbound);
+    let elsewhere = PacketBuilder::v4([198, 18, 9, 9], [198, 18, 0, 1])
+        .tcp(1, 8000)
+        .build();
+    assert_eq!(run(&t, &elsewhere).reason, Reason::Unprotected);
+}
+
+#[test]
+fn anonymous_allowance_per_v4_prefix() {
+    let mut t = lab();
+    t.endpoints.get_mut(&EP).unwrap().flags |= EP_ANON_ALLOWED;
+    t.endpoints.get_mut(&EP).unwrap().allowed_classes |= Class::Anonymous.bit();
+    t.settings.anon_pps = 1;
+    t.settings.anon_tau_ns = limiter::packet_tau_ns(1, 3);
+    let a = tcp([203, 0, 113, 1], 8000);
+    let b = tcp([203, 0, 113, 200], 8000); // same /24
+    let c = tcp([203, 0, 114, 1], 8000); // another /24
+    let got: Vec<_> = [&a, &b, &a, &b, &c]
+        .iter()
+        .map(|f| run(&t, f).reason)
+        .collect();
+    use Reason::*;
+    assert_eq!(
+        got,
+        [Anonymous, Anonymous, Anonymous, AnonymousRate, Anonymous]
+    );
+}
+
+#[test]
+fn anonymous_v6_48_caps_its_64s() {
+    let mut t = lab();
+    t.ports.insert(port_slot(17, 443).unwrap(), EP);
+    {
+        let ep = t.endpoints.get_mut(&EP).unwrap();
+        ep.flags |= EP_ANON_ALLOWED;
+        ep.allowed_classes |= Class::Anonymous.bit();
+    }
+    t.settings.anon_pps = 1;
+    t.settings.anon_tau_ns = limiter::packet_tau_ns(1, 4);
+    let dst = [
+        0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+    ];
+    let mut admitted = 0;
+    // Eight different /64s (and /56s) of one /48: the /48 allows four.
+    for i in 0..8u8 {
+        let src = [0x20, 0x01, 0x0d, 0xb8, 0, 1, i, i, 0, 0, 0, 0, 0, 0, 0, 1];
+        let f = PacketBuilder::v6(src, dst).udp(1, 443).build();
+        if run(&t, &f).reason == Reason::Anonymous {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 4);
+}
+
+#[test]
+fn non_first_fragments_are_charged_to_bound_sources() {
+    let mut t = lab();
+    let frag = PacketBuilder::v4(C4, S4)
+        .fragment(10, false)
+        .udp(1, 8000)
+        .payload(100)
+        .build();
+    let d = run(&t, &frag);
+    assert_eq!(
+        (d.reason, d.endpoint, d.identity),
+        (Reason::NonFirstFragment, 0, ID)
+    );
+    assert_ne!(unsafe { (*t.buckets[&ID].get()).pkt_tat }, 0);
+    let stranger = PacketBuilder::v4([203, 0, 113, 9], S4)
+        .fragment(10, false)
+        .build();
+    assert_eq!(run(&t, &stranger).identity, ANONYMOUS_IDENTITY);
+    t.identities.get_mut(&ID).unwrap().flags |= ID_QUARANTINED;
+    assert_eq!(run(&t, &frag).reason, Reason::Quarantined);
+}
+
+#[test]
+fn non_first_fragments_cannot_exceed_the_budget() {
+    let t = lab();
+    let frag = PacketBuilder::v4(C4, S4).fragment(10, false).build();
+    let got: Vec<_> = (0..6).map(|_| run(&t, &frag).reason).collect();
+    assert_eq!(got[5], Reason::PacketRate);
+}

@@ -1,0 +1,303 @@
+//! Layouts of the policy maps the agent writes and the XDP program reads. All `repr(C)`,
+//! `Copy`, without implicit padding (sizes asserted), so the bytes mean the same on both sides.
+
+/// Highest endpoint id + 1. Endpoint 0 means "no endpoint" (unprotected traffic).
+pub const MAX_ENDPOINTS: u32 = 64;
+/// Identity slots. Identity 0 is reserved for "anonymous" (unbound sources).
+pub const MAX_IDENTITIES: u32 = 16384;
+/// Exact (/32, /128) bindings per family.
+pub const MAX_EXACT_BINDINGS: u32 = 131072;
+/// CIDR bindings per family.
+pub const MAX_CIDR_BINDINGS: u32 = 16384;
+/// Anonymous prefixes tracked per map (LRU: the packet path may insert, the oldest goes).
+pub const MAX_ANON_PREFIXES: u32 = 65536;
+/// Slots of the port table: one per (TCP|UDP, port).
+pub const PORT_SLOTS: u32 = 2 * 65536;
+/// The identity id of unbound sources in per-identity counters.
+pub const ANONYMOUS_IDENTITY: u32 = 0;
+
+/// Fixed point: 256 means 1.0 (cost weights, the pressure multiplier, throttle factors).
+pub const Q8_ONE: u16 = 256;
+
+/// Index into the port table for a transport protocol and destination port, or `None` for
+/// protocols that have no ports (those are never protected by port).
+#[inline(always)]
+pub const fn port_slot(proto: u8, port: u16) -> Option<u32> {
+    match proto {
+        crate::parse::IPPROTO_TCP => Some(port as u32),
+        crate::parse::IPPROTO_UDP => Some(65536 + port as u32),
+        _ => None,
+    }
+}
+
+/// Identity classes, as bits of an endpoint's `allowed_classes`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Class {
+    Internal = 0,
+    Partner = 1,
+    Customer = 2,
+    Anonymous = 3,
+}
+
+impl Class {
+    pub const ALL: [Class; 4] = [
+        Class::Internal,
+        Class::Partner,
+        Class::Customer,
+        Class::Anonymous,
+    ];
+
+    pub const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    pub const fn from_u8(v: u8) -> Option<Class> {
+        match v {
+            0 => Some(Class::Internal),
+            1 => Some(Class::Partner),
+            2 => Some(Class::Customer),
+            3 => Some(Class::Anonymous),
+            _ => None,
+        }
+    }
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Class::Internal => "internal",
+            Class::Partner => "partner",
+            Class::Customer => "customer",
+            Class::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// `Endpoint::flags`: the slot describes a protected endpoint.
+pub const EP_ACTIVE: u8 = 1 << 0;
+/// `Endpoint::flags`: unbound sources may reach it within the anonymous per-prefix limits
+/// (the bind listener).
+pub const EP_ANON_ALLOWED: u8 = 1 << 1;
+/// `Endpoint::flags`: only IPv4 destinations inside `v4_prefix/v4_prefix_len` are protected.
+pub const EP_V4_PREFIX: u8 = 1 << 2;
+/// `Endpoint::flags`: only IPv6 destinations inside `v6_prefix/v6_prefix_len` are protected.
+pub const EP_V6_PREFIX: u8 = 1 << 3;
+
+/// A protected endpoint, indexed by endpoint id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub flags: u8,
+    /// Bit set of [`Class::bit`] allowed to reach it.
+    pub allowed_classes: u8,
+    pub v4_prefix_len: u8,
+    pub v6_prefix_len: u8,
+    /// Cost weight in Q8 (256 = 1.0): bytes to this endpoint count this many times.
+    pub weight_q8: u16,
+    pub _pad: u16,
+    /// Roles that may reach it; an identity needs one of them. 0: any role.
+    pub roles: u64,
+    pub v4_prefix: [u8; 4],
+    pub v6_prefix: [u8; 16],
+    pub _pad2: [u8; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 40);
+
+/// Whether `addr` falls inside `prefix/len` (a `len` beyond the address means all of it).
+///
+/// Written with a per-byte mask and no index computed from `len`, so the verifier sees only
+/// constant offsets into the map value.
+#[inline(always)]
+pub fn prefix_contains<const N: usize>(prefix: &[u8; N], len: u8, addr: &[u8; 16]) -> bool {
+    let len = len as usize;
+    let mut i = 0;
+    while i < N && i < 16 {
+        let before = i * 8;
+        let mask: u8 = if len >= before + 8 {
+            0xff
+        } else if len <= before {
+            0
+        } else {
+            0xffu8 << (8 - (len - before))
+        };
+        if (prefix[i] ^ addr[i]) & mask != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+impl Endpoint {
+    /// Whether a packet to `dst` (layout of `IpPacket::dst`) is covered by this endpoint.
+    #[inline(always)]
+    pub fn covers(&self, v6: bool, dst: &[u8; 16]) -> bool {
+        if self.flags & EP_ACTIVE == 0 {
+            return false;
+        }
+        if v6 {
+            self.flags & EP_V6_PREFIX == 0
+                || prefix_contains(&self.v6_prefix, self.v6_prefix_len, dst)
+        } else {
+            self.flags & EP_V4_PREFIX == 0
+                || prefix_contains(&self.v4_prefix, self.v4_prefix_len, dst)
+        }
+    }
+
+    /// Whether an identity of `class` with `roles` may reach this endpoint.
+    #[inline(always)]
+    pub fn admits(&self, class: u8, roles: u64) -> bool {
+        let class_ok = class < 8 && self.allowed_classes & (1 << class) != 0;
+        class_ok && (self.roles == 0 || self.roles & roles != 0)
+    }
+}
+
+/// `Identity::flags`: the slot holds an identity.
+pub const ID_ACTIVE: u8 = 1 << 0;
+/// `Identity::flags`: quarantined: every packet to a protected endpoint is dropped.
+pub const ID_QUARANTINED: u8 = 1 << 1;
+/// `Identity::flags`: throttled: costs are multiplied by `throttle_q8`.
+pub const ID_THROTTLED: u8 = 1 << 2;
+
+/// Rate value meaning "no limit".
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// A token-backed or static identity, indexed by identity id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub flags: u8,
+    /// [`Class`] as u8.
+    pub class: u8,
+    /// Cost multiplier while throttled, Q8.
+    pub throttle_q8: u16,
+    /// Plan index (for metrics and quotas; the kernel does not read it).
+    pub plan: u16,
+    pub _pad: u16,
+    /// Roles this identity holds (bit set matched against `Endpoint::roles`).
+    pub roles: u64,
+    pub limits: Limits,
+}
+
+/// A plan's rates as the limiter uses them. `UNLIMITED` disables a budget; 0 admits nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Packets per second.
+    pub pps: u64,
+    /// Burst tolerance of the packet budget, ns (burst packets × 1e9 / pps).
+    pub pkt_tau_ns: u64,
+    /// Cost units (bytes × weight × pressure) per second.
+    pub bps: u64,
+    /// Burst tolerance of the byte budget, ns.
+    pub byte_tau_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Identity>() == 48);
+
+/// A binding of an address or prefix to an identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding {
+    pub identity: u32,
+    pub _pad: u32,
+    /// CLOCK_BOOTTIME ns after which the kernel ignores it; 0 never expires.
+    pub expires_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Binding>() == 16);
+
+impl Binding {
+    #[inline(always)]
+    pub fn live_at(&self, now_ns: u64) -> bool {
+        self.expires_ns == 0 || now_ns < self.expires_ns
+    }
+}
+
+/// Limiter state of one identity: the theoretical arrival times of its two GCRA budgets.
+/// Shared by all CPUs and updated with compare-and-swap.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub pkt_tat: u64,
+    pub byte_tat: u64,
+}
+
+/// Key of the IPv6 anonymous-prefix map: prefix length (64, 56, 48) and the masked prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AnonKey6 {
+    pub prefix_len: u32,
+    pub _pad: u32,
+    pub prefix: [u8; 8],
+}
+
+/// Global settings the agent writes in the single-slot `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Pressure multiplier on every cost, Q8 (256 = 1.0); the controller raises it as GPUs
+    /// saturate. 0 is read as 1.0 so that an unset map does not admit everything.
+    pub pressure_q8: u16,
+    pub _pad: [u8; 6],
+    /// Limits of each anonymous prefix (IPv4 /24, IPv6 /64, /56, /48), packets only.
+    pub anon_pps: u64,
+    pub anon_tau_ns: u64,
+    /// Minimum ns between two drop events from one CPU (sampling); 0: no events.
+    pub drop_event_interval_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Settings>() == 32);
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            pressure_q8: Q8_ONE,
+            _pad: [0; 6],
+            anon_pps: 0,
+            anon_tau_ns: 0,
+            drop_event_interval_ns: 0,
+        }
+    }
+}
+
+/// Per-identity counters (per CPU in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityCounters {
+    pub passed: crate::Counter,
+    pub dropped: crate::Counter,
+}
+
+/// A sampled drop, sent to the agent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    pub reason: u32,
+    pub identity: u32,
+    pub endpoint: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub dport: u16,
+    pub _pad: u16,
+    pub src: [u8; 16],
+    pub bytes: u32,
+    pub _pad2: u32,
+    pub time_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): repr(C), Copy, no padding that is not an explicit field (sizes asserted
+    // above), every bit pattern valid.
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::Identity {}
+    unsafe impl aya::Pod for super::Binding {}
+    unsafe impl aya::Pod for super::Bucket {}
+    unsafe impl aya::Pod for super::AnonKey6 {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::IdentityCounters {}
+    unsafe impl aya::Pod for super::DropEvent {}
+}
