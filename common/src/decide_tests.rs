@@ -17,6 +17,9 @@ const S4: [u8; 4] = [198, 19, 0, 1];
 const EP: u32 = 1;
 const ID: u32 = 7;
 
+/// Anonymous TATs by (prefix length, prefix), boxed so pointers survive rehashing.
+type AnonTable = HashMap<(u32, [u8; 8]), Box<UnsafeCell<u64>>>;
+
 #[derive(Default)]
 struct Fake {
     ports: HashMap<u32, u32>,
@@ -25,7 +28,7 @@ struct Fake {
     cidr: Vec<(Family, [u8; 16], u8, Box<Binding>)>,
     identities: HashMap<u32, Box<Identity>>,
     buckets: HashMap<u32, Box<UnsafeCell<Bucket>>>,
-    anon: RefCell<HashMap<(u32, [u8; 8]), Box<UnsafeCell<u64>>>>,
+    anon: RefCell<AnonTable>,
     settings: Settings,
     now: Cell<u64>,
     fail_cas: bool,

@@ -21,7 +21,7 @@ pub enum Gcra {
 
 #[inline(always)]
 const fn div_ceil(a: u64, b: u64) -> u64 {
-    a / b + if a % b != 0 { 1 } else { 0 }
+    a.div_ceil(b)
 }
 
 /// Combined cost multiplier (Q8) of the pressure and a throttle, saturating at [`MAX_Q8`].
