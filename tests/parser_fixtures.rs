@@ -5,7 +5,7 @@ use tollgate_common::{
     packet::{L4, PacketBuilder},
     parse::{IPPROTO_DSTOPTS, IPPROTO_HOPOPTS, IPPROTO_ROUTING, MAX_IPV6_EXT_HEADERS},
 };
-use tollgate_tests::fixture::{Case, run_table};
+use tollgate_tests::fixture::{Case, Harness};
 
 const A4: [u8; 4] = [198, 18, 0, 1];
 const B4: [u8; 4] = [198, 18, 0, 2];
@@ -192,11 +192,10 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn parser_verdicts_and_counters() {
-    tollgate_tests::require_root();
-    let mut ebpf = tollgate::loader::load().expect("loading the program");
+    let mut h = Harness::new();
     let cases = cases();
     assert!(cases.len() >= 30);
-    run_table(&mut ebpf, &cases);
+    h.run_table(&cases);
 }
 
 #[test]

@@ -6,3 +6,4 @@ pub mod counters;
 pub mod loader;
 pub mod object;
 pub mod paths;
+pub mod tables;

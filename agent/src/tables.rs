@@ -1,0 +1,384 @@
+//! The userspace API to the kernel's policy maps: endpoints, identities, bindings, settings,
+//! counters. The daemon programs enforcement through this, and so do the tests.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::RangeInclusive,
+};
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
+    },
+};
+use tollgate_common::{
+    Counter, map_names as names,
+    policy::{
+        Binding, Bucket, Class, EP_ACTIVE, EP_ANON_ALLOWED, EP_V4_PREFIX, EP_V6_PREFIX, Endpoint,
+        Identity, IdentityCounters, MAX_ENDPOINTS, MAX_IDENTITIES, Settings, port_slot,
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("the object has no map named {0}")]
+    NoMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("endpoint id {0} is out of range (1..{MAX_ENDPOINTS})")]
+    EndpointId(u32),
+    #[error("identity id {0} is out of range (1..{MAX_IDENTITIES})")]
+    IdentityId(u32),
+    #[error("prefix length {len} is too long for {addr}")]
+    PrefixLength { addr: IpAddr, len: u8 },
+    #[error("the {0} binding map is full: binding refused (existing bindings are never evicted)")]
+    BindingsFull(&'static str),
+    #[error("no binding for {0}")]
+    NoBinding(String),
+}
+
+type Result<T> = std::result::Result<T, TableError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> TableError {
+    move |source| TableError::Map { name, source }
+}
+
+/// Transport protocol of an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => tollgate_common::parse::IPPROTO_TCP,
+            Proto::Udp => tollgate_common::parse::IPPROTO_UDP,
+        }
+    }
+}
+
+/// A protected endpoint as userspace describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointSpec {
+    pub proto: Proto,
+    pub ports: RangeInclusive<u16>,
+    /// Only destinations inside these prefixes are protected (at most one per family).
+    pub v4_prefix: Option<(Ipv4Addr, u8)>,
+    pub v6_prefix: Option<(Ipv6Addr, u8)>,
+    /// Cost weight (1.0 = bytes count once).
+    pub weight: f64,
+    pub allowed_classes: Vec<Class>,
+    /// Role bits that may reach it; 0: any.
+    pub roles: u64,
+    /// Unbound sources may reach it within the anonymous per-prefix allowance.
+    pub anonymous: bool,
+}
+
+/// Converts a factor to Q8 (256 = 1.0), clamped to what the kernel's u16 holds.
+pub fn to_q8(x: f64) -> u16 {
+    (x * 256.0).round().clamp(1.0, u16::MAX as f64) as u16
+}
+
+impl EndpointSpec {
+    /// The kernel's record of this endpoint.
+    pub fn to_kernel(&self) -> Result<Endpoint> {
+        let mut ep = Endpoint {
+            flags: EP_ACTIVE,
+            weight_q8: to_q8(self.weight),
+            roles: self.roles,
+            ..Default::default()
+        };
+        for c in &self.allowed_classes {
+            ep.allowed_classes |= c.bit();
+        }
+        if self.anonymous {
+            ep.flags |= EP_ANON_ALLOWED;
+        }
+        if let Some((a, len)) = self.v4_prefix {
+            if len > 32 {
+                return Err(TableError::PrefixLength {
+                    addr: a.into(),
+                    len,
+                });
+            }
+            ep.flags |= EP_V4_PREFIX;
+            ep.v4_prefix = a.octets();
+            ep.v4_prefix_len = len;
+        }
+        if let Some((a, len)) = self.v6_prefix {
+            if len > 128 {
+                return Err(TableError::PrefixLength {
+                    addr: a.into(),
+                    len,
+                });
+            }
+            ep.flags |= EP_V6_PREFIX;
+            ep.v6_prefix = a.octets();
+            ep.v6_prefix_len = len;
+        }
+        Ok(ep)
+    }
+}
+
+/// CLOCK_BOOTTIME now, in ns: the clock the kernel checks binding expiry against.
+pub fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The policy maps, owned.
+pub struct Tables {
+    ports: Array<MapData, u32>,
+    endpoints: Array<MapData, Endpoint>,
+    bind_v4: HashMap<MapData, [u8; 4], Binding>,
+    bind_v6: HashMap<MapData, [u8; 16], Binding>,
+    cidr_v4: LpmTrie<MapData, [u8; 4], Binding>,
+    cidr_v6: LpmTrie<MapData, [u8; 16], Binding>,
+    identities: Array<MapData, Identity>,
+    buckets: Array<MapData, Bucket>,
+    settings: Array<MapData, Settings>,
+    identity_counters: PerCpuArray<MapData, IdentityCounters>,
+    reason_counters: PerCpuArray<MapData, Counter>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+    ebpf.take_map(name).ok_or(TableError::NoMap(name))
+}
+
+macro_rules! typed {
+    ($map:expr, $name:expr) => {
+        $map.try_into().map_err(map_err($name))?
+    };
+}
+
+impl Tables {
+    /// Takes the policy maps out of a loaded object (pin them first if they must outlive it).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        Self::from_maps(|name| take(ebpf, name))
+    }
+
+    /// Builds from any source of maps by name (a loaded object, pins).
+    pub fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        Ok(Tables {
+            ports: typed!(get(names::PORTS)?, names::PORTS),
+            endpoints: typed!(get(names::ENDPOINTS)?, names::ENDPOINTS),
+            bind_v4: typed!(get(names::BIND_V4)?, names::BIND_V4),
+            bind_v6: typed!(get(names::BIND_V6)?, names::BIND_V6),
+            cidr_v4: typed!(get(names::BIND_CIDR_V4)?, names::BIND_CIDR_V4),
+            cidr_v6: typed!(get(names::BIND_CIDR_V6)?, names::BIND_CIDR_V6),
+            identities: typed!(get(names::IDENTITIES)?, names::IDENTITIES),
+            buckets: typed!(get(names::BUCKETS)?, names::BUCKETS),
+            settings: typed!(get(names::SETTINGS)?, names::SETTINGS),
+            identity_counters: typed!(get(names::IDENTITY_COUNTERS)?, names::IDENTITY_COUNTERS),
+            reason_counters: typed!(get(names::REASON_COUNTERS)?, names::REASON_COUNTERS),
+        })
+    }
+
+    /// Installs endpoint `id` and points its ports at it.
+    pub fn set_endpoint(&mut self, id: u32, spec: &EndpointSpec) -> Result<()> {
+        if id == 0 || id >= MAX_ENDPOINTS {
+            return Err(TableError::EndpointId(id));
+        }
+        let ep = spec.to_kernel()?;
+        // The record first, then the ports: a packet never finds a port pointing at nothing.
+        self.endpoints
+            .set(id, ep, 0)
+            .map_err(map_err(names::ENDPOINTS))?;
+        for port in spec.ports.clone() {
+            let slot = port_slot(spec.proto.number(), port).unwrap_or_default();
+            self.ports.set(slot, id, 0).map_err(map_err(names::PORTS))?;
+        }
+        Ok(())
+    }
+
+    /// Removes endpoint `id`: its ports first, then the record.
+    pub fn remove_endpoint(&mut self, id: u32, spec: &EndpointSpec) -> Result<()> {
+        for port in spec.ports.clone() {
+            let slot = port_slot(spec.proto.number(), port).unwrap_or_default();
+            if self.ports.get(&slot, 0).map_err(map_err(names::PORTS))? == id {
+                self.ports.set(slot, 0, 0).map_err(map_err(names::PORTS))?;
+            }
+        }
+        self.endpoints
+            .set(id, Endpoint::default(), 0)
+            .map_err(map_err(names::ENDPOINTS))
+    }
+
+    /// Writes identity `id`. Its limiter state is left as it is, so re-writing an identity
+    /// (a plan change, a reload) never hands out a fresh burst.
+    pub fn set_identity(&mut self, id: u32, identity: &Identity) -> Result<()> {
+        if id == 0 || id >= MAX_IDENTITIES {
+            return Err(TableError::IdentityId(id));
+        }
+        self.identities
+            .set(id, identity, 0)
+            .map_err(map_err(names::IDENTITIES))
+    }
+
+    pub fn identity(&self, id: u32) -> Result<Identity> {
+        if id >= MAX_IDENTITIES {
+            return Err(TableError::IdentityId(id));
+        }
+        self.identities
+            .get(&id, 0)
+            .map_err(map_err(names::IDENTITIES))
+    }
+
+    /// Clears identity `id` and its limiter state (the slot may be reused).
+    pub fn clear_identity(&mut self, id: u32) -> Result<()> {
+        if id == 0 || id >= MAX_IDENTITIES {
+            return Err(TableError::IdentityId(id));
+        }
+        self.identities
+            .set(id, Identity::default(), 0)
+            .map_err(map_err(names::IDENTITIES))?;
+        self.buckets
+            .set(id, Bucket::default(), 0)
+            .map_err(map_err(names::BUCKETS))
+    }
+
+    /// Binds `addr/len` to `identity` until `expires_ns` (CLOCK_BOOTTIME; 0: never). A full
+    /// prefix (/32, /128) goes to the exact map, anything shorter to the LPM trie. A full map
+    /// refuses the binding; nothing is evicted.
+    pub fn bind(&mut self, addr: IpAddr, len: u8, identity: u32, expires_ns: u64) -> Result<()> {
+        if identity == 0 || identity >= MAX_IDENTITIES {
+            return Err(TableError::IdentityId(identity));
+        }
+        let b = Binding {
+            identity,
+            _pad: 0,
+            expires_ns,
+        };
+        let full = |e: MapError, which: &'static str, name: &'static str| match &e {
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                TableError::BindingsFull(which)
+            }
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+                TableError::BindingsFull(which)
+            }
+            _ => TableError::Map { name, source: e },
+        };
+        match addr {
+            IpAddr::V4(a) if len == 32 => self
+                .bind_v4
+                .insert(a.octets(), b, 0)
+                .map_err(|e| full(e, "IPv4 exact", names::BIND_V4)),
+            IpAddr::V6(a) if len == 128 => self
+                .bind_v6
+                .insert(a.octets(), b, 0)
+                .map_err(|e| full(e, "IPv6 exact", names::BIND_V6)),
+            IpAddr::V4(a) if len < 32 => self
+                .cidr_v4
+                .insert(&Key::new(len.into(), mask_v4(a, len)), b, 0)
+                .map_err(|e| full(e, "IPv4 CIDR", names::BIND_CIDR_V4)),
+            IpAddr::V6(a) if len < 128 => self
+                .cidr_v6
+                .insert(&Key::new(len.into(), mask_v6(a, len)), b, 0)
+                .map_err(|e| full(e, "IPv6 CIDR", names::BIND_CIDR_V6)),
+            _ => Err(TableError::PrefixLength { addr, len }),
+        }
+    }
+
+    /// Removes the binding of exactly `addr/len`.
+    pub fn unbind(&mut self, addr: IpAddr, len: u8) -> Result<()> {
+        let r = match addr {
+            IpAddr::V4(a) if len == 32 => self.bind_v4.remove(&a.octets()),
+            IpAddr::V6(a) if len == 128 => self.bind_v6.remove(&a.octets()),
+            IpAddr::V4(a) if len < 32 => {
+                self.cidr_v4.remove(&Key::new(len.into(), mask_v4(a, len)))
+            }
+            IpAddr::V6(a) if len < 128 => {
+                self.cidr_v6.remove(&Key::new(len.into(), mask_v6(a, len)))
+            }
+            _ => return Err(TableError::PrefixLength { addr, len }),
+        };
+        r.map_err(|e| match e {
+            MapError::KeyNotFound => TableError::NoBinding(format!("{addr}/{len}")),
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                TableError::NoBinding(format!("{addr}/{len}"))
+            }
+            other => TableError::Map {
+                name: names::BIND_V4,
+                source: other,
+            },
+        })
+    }
+
+    pub fn settings(&self) -> Result<Settings> {
+        self.settings.get(&0, 0).map_err(map_err(names::SETTINGS))
+    }
+
+    pub fn set_settings(&mut self, s: &Settings) -> Result<()> {
+        self.settings.set(0, s, 0).map_err(map_err(names::SETTINGS))
+    }
+
+    /// Packets and bytes passed and dropped for identity `id` (0: anonymous), over all CPUs.
+    pub fn identity_counters(&self, id: u32) -> Result<IdentityCounters> {
+        let slots: PerCpuValues<IdentityCounters> = self
+            .identity_counters
+            .get(&id, 0)
+            .map_err(map_err(names::IDENTITY_COUNTERS))?;
+        Ok(IdentityCounters {
+            passed: Counter::sum(slots.iter().map(|s| &s.passed)),
+            dropped: Counter::sum(slots.iter().map(|s| &s.dropped)),
+        })
+    }
+
+    /// The (reason, endpoint) counter map.
+    pub fn reason_counters(&self) -> &PerCpuArray<MapData, Counter> {
+        &self.reason_counters
+    }
+
+    pub fn bucket(&self, id: u32) -> Result<Bucket> {
+        self.buckets.get(&id, 0).map_err(map_err(names::BUCKETS))
+    }
+}
+
+fn mask_v4(a: Ipv4Addr, len: u8) -> [u8; 4] {
+    let bits = u32::from(a) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    bits.to_be_bytes()
+}
+
+fn mask_v6(a: Ipv6Addr, len: u8) -> [u8; 16] {
+    let bits = u128::from(a) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+    bits.to_be_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks() {
+        assert_eq!(mask_v4(Ipv4Addr::new(198, 18, 7, 9), 24), [198, 18, 7, 0]);
+        assert_eq!(mask_v4(Ipv4Addr::new(198, 18, 7, 9), 0), [0; 4]);
+        assert_eq!(mask_v4(Ipv4Addr::new(198, 18, 7, 9), 32), [198, 18, 7, 9]);
+        let a: Ipv6Addr = "2001:db8:1:2::9".parse().unwrap();
+        assert_eq!(
+            Ipv6Addr::from(mask_v6(a, 48)),
+            "2001:db8:1::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(mask_v6(a, 0), [0; 16]);
+    }
+
+    #[test]
+    fn q8_conversion_clamps() {
+        assert_eq!(to_q8(1.0), 256);
+        assert_eq!(to_q8(2.5), 640);
+        assert_eq!(to_q8(0.0), 1);
+        assert_eq!(to_q8(1e9), u16::MAX);
+    }
+}
