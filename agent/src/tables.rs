@@ -13,10 +13,11 @@ use aya::{
     },
 };
 use tollgate_common::{
-    Counter, map_names as names,
+    Counter, limiter, map_names as names,
     policy::{
         Binding, Bucket, Class, EP_ACTIVE, EP_ANON_ALLOWED, EP_V4_PREFIX, EP_V6_PREFIX, Endpoint,
-        Identity, IdentityCounters, MAX_ENDPOINTS, MAX_IDENTITIES, Settings, port_slot,
+        ID_ACTIVE, Identity, IdentityCounters, Limits, MAX_ENDPOINTS, MAX_IDENTITIES, Q8_ONE,
+        Settings, UNLIMITED, port_slot,
     },
 };
 
@@ -125,6 +126,50 @@ impl EndpointSpec {
             ep.v6_prefix_len = len;
         }
         Ok(ep)
+    }
+}
+
+/// A plan's limits as an operator states them; `None` means unlimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanLimits {
+    pub packets_per_s: Option<u64>,
+    pub packet_burst: u64,
+    pub bytes_per_s: Option<u64>,
+    pub byte_burst: u64,
+}
+
+impl PlanLimits {
+    pub const UNLIMITED: PlanLimits = PlanLimits {
+        packets_per_s: None,
+        packet_burst: 0,
+        bytes_per_s: None,
+        byte_burst: 0,
+    };
+
+    /// The limiter's form: rates and burst tolerances in ns, computed with the same
+    /// arithmetic the kernel uses, so that exactly `packet_burst` packets conform from idle.
+    pub fn to_kernel(&self) -> Limits {
+        let pps = self.packets_per_s.unwrap_or(UNLIMITED);
+        let bps = self.bytes_per_s.unwrap_or(UNLIMITED);
+        Limits {
+            pps,
+            pkt_tau_ns: limiter::packet_tau_ns(pps, self.packet_burst),
+            bps,
+            byte_tau_ns: limiter::byte_tau_ns(bps, self.byte_burst),
+        }
+    }
+}
+
+/// The kernel record of an active identity.
+pub fn identity_record(class: Class, roles: u64, plan: u16, limits: &PlanLimits) -> Identity {
+    Identity {
+        flags: ID_ACTIVE,
+        class: class as u8,
+        throttle_q8: Q8_ONE,
+        plan,
+        _pad: 0,
+        roles,
+        limits: limits.to_kernel(),
     }
 }
 
