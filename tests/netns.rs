@@ -332,6 +332,13 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Lab {
+        Lab::with_queues(1)
+    }
+
+    /// A lab whose veth ends have `queues` rx/tx queues, so that traffic from senders on
+    /// different CPUs is received (and runs XDP) on different CPUs.
+    pub fn with_queues(queues: u32) -> Lab {
+        let queues = queues.to_string();
         let client = NetNs::new("cli");
         let server = NetNs::new("srv");
         let id = next_id();
@@ -372,6 +379,10 @@ impl Lab {
             lab.client.name(),
             "address",
             &lab.client_mac,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "type",
             "veth",
             "peer",
@@ -381,6 +392,10 @@ impl Lab {
             lab.server.name(),
             "address",
             &lab.server_mac,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
         ]));
         let sides = [
             (

@@ -382,6 +382,15 @@ impl Tables {
         })
     }
 
+    /// Identity `id`'s counters, one entry per CPU (to see which CPUs carried its traffic).
+    pub fn identity_counters_per_cpu(&self, id: u32) -> Result<Vec<IdentityCounters>> {
+        let slots: PerCpuValues<IdentityCounters> = self
+            .identity_counters
+            .get(&id, 0)
+            .map_err(map_err(names::IDENTITY_COUNTERS))?;
+        Ok(slots.iter().copied().collect())
+    }
+
     /// The (reason, endpoint) counter map.
     pub fn reason_counters(&self) -> &PerCpuArray<MapData, Counter> {
         &self.reason_counters
