@@ -797,3 +797,29 @@ fn a_full_binding_map_refuses_and_keeps_what_it_has() {
         Some(CIDR),
     )]);
 }
+
+/// The verifier's work per program, recorded so that a change that bloats the program shows
+/// up here (cilium's habit). The ceiling leaves room to grow; the current figure is in
+/// BENCHMARKS.md.
+#[test]
+fn verifier_instruction_budget() {
+    tollgate_tests::require_root();
+    let mut ebpf = tollgate::loader::load().expect("loading the program");
+    for (name, ceiling) in [
+        (tollgate_common::program_names::XDP, 150_000),
+        (tollgate_common::program_names::NOOP, 10),
+    ] {
+        let info = tollgate::loader::xdp_program(&mut ebpf, name)
+            .expect("program")
+            .info()
+            .expect("program info");
+        let processed = info
+            .verified_instruction_count()
+            .expect("the kernel reports verified instructions (5.16+)");
+        eprintln!("{name}: verifier processed {processed} instructions");
+        assert!(
+            processed > 0 && processed <= ceiling,
+            "{name}: {processed} > {ceiling}"
+        );
+    }
+}

@@ -87,6 +87,17 @@ pub fn load() -> Result<Ebpf, LoadError> {
     Ok(ebpf)
 }
 
+/// Loads the benchmark's component programs too (`program_names::BENCH_COMPONENTS`).
+pub fn load_with_bench_components() -> Result<Ebpf, LoadError> {
+    let mut ebpf = load()?;
+    for name in program_names::BENCH_COMPONENTS {
+        xdp_program(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
+    Ok(ebpf)
+}
+
 /// The XDP program `name` of a loaded object.
 pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
     ebpf.program_mut(name)

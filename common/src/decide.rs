@@ -262,17 +262,18 @@ pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
     };
     // SAFETY: a valid map value pointer for this run.
     let ep = unsafe { &*ep };
-    if !ep.covers(pkt.family == Family::V6, &pkt.dst) {
+    if !ep.covers(pkt.family == Family::V6, &pkt.dst.bytes()) {
         return Decision::new(Reason::Unprotected, 0, ANONYMOUS_IDENTITY);
     }
     let now = t.now_ns();
-    let id = match find_binding(t, pkt.family, &pkt.src, now) {
+    let src = pkt.src.bytes();
+    let id = match find_binding(t, pkt.family, &src, now) {
         Bound::Live(id) => id,
         unbound => {
             // Roles mean nothing for a caller with no identity: the flag alone opens an endpoint.
             let anon_ok = ep.flags & EP_ANON_ALLOWED != 0;
             let reason = if anon_ok {
-                if charge_anonymous(t, pkt.family, &pkt.src, now) {
+                if charge_anonymous(t, pkt.family, &src, now) {
                     Reason::Anonymous
                 } else {
                     Reason::AnonymousRate
@@ -310,7 +311,7 @@ pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
 #[inline(always)]
 fn decide_later_fragment<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
     let now = t.now_ns();
-    let Bound::Live(id) = find_binding(t, pkt.family, &pkt.src, now) else {
+    let Bound::Live(id) = find_binding(t, pkt.family, &pkt.src.bytes(), now) else {
         return Decision::new(Reason::NonFirstFragment, 0, ANONYMOUS_IDENTITY);
     };
     let Some(ident) = t.identity(id) else {

@@ -74,4 +74,6 @@ pub mod program_names {
     pub const XDP: &str = "tollgate";
     /// An XDP program that passes everything: the benchmark's baseline.
     pub const NOOP: &str = "tollgate_noop";
+    /// Benchmark components (parser; parser + clock; parser + binding lookup).
+    pub const BENCH_COMPONENTS: [&str; 3] = ["bench_parse", "bench_clock", "bench_lookup"];
 }

@@ -84,14 +84,49 @@ pub enum Fragment {
     Later = 2,
 }
 
+/// An IPv4 or IPv6 address as 16 bytes in network order (IPv4 in the first four, the rest
+/// zero), held in two words.
+///
+/// Words, not `[u8; 16]`: zeroing or copying a byte array compiles, on the BPF target, to a
+/// call to a byte-at-a-time `memset` (a BPF-to-BPF call and a loop) for every IPv4 packet;
+/// measured, that tripled the cost of the unprotected path. Two u64 stores do the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Addr([u64; 2]);
+
+impl Addr {
+    #[inline(always)]
+    pub fn v4(b: [u8; 4]) -> Addr {
+        Addr([u32::from_ne_bytes(b) as u64, 0])
+    }
+
+    #[inline(always)]
+    pub fn v6(b: [u8; 16]) -> Addr {
+        // SAFETY: same size, and every bit pattern is a valid [u64; 2]. A reinterpretation,
+        // not a byte-by-byte assembly (which costs ~40 BPF instructions).
+        Addr(unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(b) })
+    }
+
+    /// The 16 bytes, network order.
+    #[inline(always)]
+    pub fn bytes(&self) -> [u8; 16] {
+        // SAFETY: same size, and every bit pattern is a valid [u8; 16].
+        unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(self.0) }
+    }
+
+    /// The first four bytes (an IPv4 address).
+    #[inline(always)]
+    pub fn v4_bytes(&self) -> [u8; 4] {
+        (self.0[0] as u32).to_ne_bytes()
+    }
+}
+
 /// What the parser learnt of an IP packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpPacket {
+    pub src: Addr,
+    pub dst: Addr,
     pub family: Family,
-    /// Source address; an IPv4 address fills the first four bytes, the rest are zero.
-    pub src: [u8; 16],
-    /// Destination address, laid out like `src`.
-    pub dst: [u8; 16],
     /// Transport protocol (after the extension headers for IPv6).
     pub proto: u8,
     /// TCP/UDP ports; zero for other protocols and for non-first fragments.
@@ -188,8 +223,8 @@ fn parse_ipv4<P: PacketView + ?Sized>(
     let frag_offset = frag & 0x1fff;
     let mut pkt = IpPacket {
         family: Family::V4,
-        src: [0; 16],
-        dst: [0; 16],
+        src: Addr::v4([h[12], h[13], h[14], h[15]]),
+        dst: Addr::v4([h[16], h[17], h[18], h[19]]),
         proto: h[9],
         sport: 0,
         dport: 0,
@@ -199,8 +234,6 @@ fn parse_ipv4<P: PacketView + ?Sized>(
         vlan_tags,
         l4_offset: (off + ihl) as u16,
     };
-    pkt.src[..4].copy_from_slice(&h[12..16]);
-    pkt.dst[..4].copy_from_slice(&h[16..20]);
     if frag_offset != 0 {
         pkt.fragment = Fragment::Later;
         return Ok(pkt);
@@ -236,8 +269,14 @@ fn parse_ipv6<P: PacketView + ?Sized>(
     }
     let mut pkt = IpPacket {
         family: Family::V6,
-        src: [0; 16],
-        dst: [0; 16],
+        src: Addr::v6([
+            h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19],
+            h[20], h[21], h[22], h[23],
+        ]),
+        dst: Addr::v6([
+            h[24], h[25], h[26], h[27], h[28], h[29], h[30], h[31], h[32], h[33], h[34], h[35],
+            h[36], h[37], h[38], h[39],
+        ]),
         proto: h[6],
         sport: 0,
         dport: 0,
@@ -247,8 +286,6 @@ fn parse_ipv6<P: PacketView + ?Sized>(
         vlan_tags,
         l4_offset: 0,
     };
-    pkt.src.copy_from_slice(&h[8..24]);
-    pkt.dst.copy_from_slice(&h[24..40]);
 
     let mut cur = off + IPV6_HLEN;
     let mut next = h[6];

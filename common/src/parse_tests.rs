@@ -29,8 +29,9 @@ fn ipv4_tcp_fields() {
         .payload(10)
         .build());
     assert_eq!(p.family, Family::V4);
-    assert_eq!(p.src, v4_addr(A4));
-    assert_eq!(p.dst, v4_addr(B4));
+    assert_eq!(p.src.bytes(), v4_addr(A4));
+    assert_eq!(p.src.v4_bytes(), A4);
+    assert_eq!(p.dst.bytes(), v4_addr(B4));
     assert_eq!((p.proto, p.sport, p.dport), (IPPROTO_TCP, 1234, 8000));
     assert_eq!(p.fragment, Fragment::None);
     assert_eq!(p.l4_offset, 34);
@@ -41,7 +42,7 @@ fn ipv4_tcp_fields() {
 fn ipv6_udp_fields() {
     let p = ip(&PacketBuilder::v6(A6, B6).udp(5353, 53).build());
     assert_eq!(p.family, Family::V6);
-    assert_eq!((p.src, p.dst), (A6, B6));
+    assert_eq!((p.src.bytes(), p.dst.bytes()), (A6, B6));
     assert_eq!((p.proto, p.sport, p.dport), (IPPROTO_UDP, 5353, 53));
     assert_eq!(p.l4_offset, 54);
 }

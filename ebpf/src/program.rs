@@ -257,12 +257,68 @@ fn drop_event(d: &Decision, p: &tollgate_common::parse::IpPacket, bytes: u64) {
         proto: p.proto,
         dport: p.dport,
         _pad: 0,
-        src: p.src,
+        src: p.src.bytes(),
         bytes: bytes as u32,
         _pad2: 0,
         time_ns: now,
     };
     let _ = DROP_EVENTS.output::<DropEvent>(&event, 0);
+}
+
+// Component programs for `cargo xtask bench`: each adds one piece of the enforcing path to
+// the parser, so BENCHMARKS.md can say where the time goes. The agent never loads them.
+
+/// Benchmark component: the parser alone (and the reason counter every path has).
+#[xdp]
+pub fn bench_parse(ctx: XdpContext) -> u32 {
+    bench_component(&ctx, |_| true)
+}
+
+/// Benchmark component: the parser and one read of the clock the limiter uses.
+#[xdp]
+pub fn bench_clock(ctx: XdpContext) -> u32 {
+    bench_component(&ctx, |_| Maps.now_ns() != 0)
+}
+
+/// Benchmark component: the parser and the exact binding lookup.
+#[xdp]
+pub fn bench_lookup(ctx: XdpContext) -> u32 {
+    bench_component(&ctx, |p| {
+        Maps.exact_binding(p.family, &p.src.bytes()).is_some()
+    })
+}
+
+/// Parses, runs `step` on an IP packet and counts the outcome like the real program does.
+#[inline(always)]
+fn bench_component(
+    ctx: &XdpContext,
+    step: impl FnOnce(&tollgate_common::parse::IpPacket) -> bool,
+) -> u32 {
+    let frame = XdpFrame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let len = frame.len() as u64;
+    let reason = match parse(&frame) {
+        Ok(Frame::Ip(p)) => {
+            if step(&p) {
+                Reason::Unprotected
+            } else {
+                Reason::NotIp
+            }
+        }
+        Ok(Frame::NotIp(_)) => Reason::NotIp,
+        Err(r) => r,
+    };
+    count(
+        &Decision {
+            reason,
+            endpoint: 0,
+            identity: 0,
+        },
+        len,
+    );
+    reason.verdict() as u32
 }
 
 /// Passes everything: the baseline the benchmark compares the real program against.

@@ -1,6 +1,7 @@
 //! tollgate's project commands. `cargo xtask setup` installs what the build needs;
 //! `cargo xtask test` runs the whole suite; both are what CI runs (`.ci/run`).
 
+mod bench;
 mod cmd;
 mod preflight;
 mod setup;
@@ -28,6 +29,10 @@ enum Command {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Measure the XDP program's paths through BPF_PROG_TEST_RUN (ns per packet next to a
+    /// no-op program in the same run, verifier instruction counts) and write the tables to
+    /// target/bench/xdp.md. Needs root. See BENCHMARKS.md for the method.
+    Bench,
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +40,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Setup => setup::run().map(|_| ()),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Command::Bench => bench::run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

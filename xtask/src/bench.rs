@@ -1,0 +1,38 @@
+//! `cargo xtask bench`: runs the benchmark binaries in release mode and keeps their tables.
+
+use anyhow::Context as _;
+
+use crate::{cmd, preflight, setup};
+
+pub fn run() -> anyhow::Result<()> {
+    preflight::check()?;
+    if !setup::is_complete() {
+        eprintln!("[bench] the toolchain or packages are incomplete: running setup first");
+        setup::run()?;
+    }
+    let root = cmd::workspace_root();
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    eprintln!("[bench] XDP paths through BPF_PROG_TEST_RUN");
+    let out = cmd::command("cargo")
+        .args([
+            "bench",
+            "--package",
+            "tollgate-tests",
+            "--bench",
+            "bench_xdp",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo bench")?;
+    if !out.status.success() {
+        anyhow::bail!("the XDP benchmark failed ({})", out.status);
+    }
+    let table = String::from_utf8_lossy(&out.stdout);
+    let path = out_dir.join("xdp.md");
+    std::fs::write(&path, table.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("{table}");
+    eprintln!("[bench] written to {}", path.display());
+    Ok(())
+}
