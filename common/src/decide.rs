@@ -74,6 +74,41 @@ impl Decision {
     }
 }
 
+/// The clock, read at most once per packet and only when needed: reading it costs more than
+/// the parser on some machines (see BENCHMARKS.md), and an unbound source or a binding that
+/// never expires needs no time at all until the limiter does.
+pub struct LazyNow(Option<u64>);
+
+impl LazyNow {
+    #[inline(always)]
+    pub fn new() -> Self {
+        LazyNow(None)
+    }
+
+    #[inline(always)]
+    pub fn get<T: Tables>(&mut self, t: &T) -> u64 {
+        match self.0 {
+            Some(n) => n,
+            None => {
+                let n = t.now_ns();
+                self.0 = Some(n);
+                n
+            }
+        }
+    }
+}
+
+impl Default for LazyNow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[inline(always)]
+fn live<T: Tables>(t: &T, b: &Binding, now: &mut LazyNow) -> bool {
+    b.expires_ns == 0 || b.live_at(now.get(t))
+}
+
 /// A binding lookup: exact first (it beats any CIDR), then the longest CIDR. An expired
 /// binding is skipped; whether one was seen decides `expired` vs `unbound`.
 enum Bound {
@@ -83,12 +118,12 @@ enum Bound {
 }
 
 #[inline(always)]
-fn find_binding<T: Tables>(t: &T, family: Family, src: &[u8; 16], now: u64) -> Bound {
+fn find_binding<T: Tables>(t: &T, family: Family, src: &[u8; 16], now: &mut LazyNow) -> Bound {
     let mut expired = false;
     if let Some(b) = t.exact_binding(family, src) {
         // SAFETY: the pointer came from a map lookup and is valid for this program run.
         let b = unsafe { *b };
-        if b.live_at(now) {
+        if live(t, &b, now) {
             return Bound::Live(b.identity);
         }
         expired = true;
@@ -96,7 +131,7 @@ fn find_binding<T: Tables>(t: &T, family: Family, src: &[u8; 16], now: u64) -> B
     if let Some(b) = t.cidr_binding(family, src) {
         // SAFETY: as above.
         let b = unsafe { *b };
-        if b.live_at(now) {
+        if live(t, &b, now) {
             return Bound::Live(b.identity);
         }
         expired = true;
@@ -265,15 +300,15 @@ pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
     if !ep.covers(pkt.family == Family::V6, &pkt.dst.bytes()) {
         return Decision::new(Reason::Unprotected, 0, ANONYMOUS_IDENTITY);
     }
-    let now = t.now_ns();
+    let mut now = LazyNow::new();
     let src = pkt.src.bytes();
-    let id = match find_binding(t, pkt.family, &src, now) {
+    let id = match find_binding(t, pkt.family, &src, &mut now) {
         Bound::Live(id) => id,
         unbound => {
             // Roles mean nothing for a caller with no identity: the flag alone opens an endpoint.
             let anon_ok = ep.flags & EP_ANON_ALLOWED != 0;
             let reason = if anon_ok {
-                if charge_anonymous(t, pkt.family, &src, now) {
+                if charge_anonymous(t, pkt.family, &src, now.get(t)) {
                     Reason::Anonymous
                 } else {
                     Reason::AnonymousRate
@@ -300,7 +335,7 @@ pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
     if !ep.admits(ident.class, ident.roles) {
         return Decision::new(Reason::Isolation, ep_id, id);
     }
-    match charge_identity(t, id, ident, ep.weight_q8, frame_len, now) {
+    match charge_identity(t, id, ident, ep.weight_q8, frame_len, now.get(t)) {
         Some(reason) => Decision::new(reason, ep_id, id),
         None => Decision::new(Reason::Bound, ep_id, id),
     }
@@ -310,8 +345,8 @@ pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
 /// bound source (weight 1.0) so that fragments are no way around a budget or a quarantine.
 #[inline(always)]
 fn decide_later_fragment<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
-    let now = t.now_ns();
-    let Bound::Live(id) = find_binding(t, pkt.family, &pkt.src.bytes(), now) else {
+    let mut now = LazyNow::new();
+    let Bound::Live(id) = find_binding(t, pkt.family, &pkt.src.bytes(), &mut now) else {
         return Decision::new(Reason::NonFirstFragment, 0, ANONYMOUS_IDENTITY);
     };
     let Some(ident) = t.identity(id) else {
@@ -325,7 +360,7 @@ fn decide_later_fragment<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> De
     if ident.flags & ID_QUARANTINED != 0 {
         return Decision::new(Reason::Quarantined, 0, id);
     }
-    match charge_identity(t, id, ident, Q8_ONE, frame_len, now) {
+    match charge_identity(t, id, ident, Q8_ONE, frame_len, now.get(t)) {
         Some(reason) => Decision::new(reason, 0, id),
         None => Decision::new(Reason::NonFirstFragment, 0, id),
     }

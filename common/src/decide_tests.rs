@@ -31,6 +31,7 @@ struct Fake {
     anon: RefCell<AnonTable>,
     settings: Settings,
     now: Cell<u64>,
+    clock_reads: Cell<u32>,
     fail_cas: bool,
 }
 
@@ -81,6 +82,7 @@ impl Tables for Fake {
         self.settings
     }
     fn now_ns(&self) -> u64 {
+        self.clock_reads.set(self.clock_reads.get() + 1);
         self.now.get()
     }
     unsafe fn load(&self, p: *const u64) -> u64 {
@@ -423,4 +425,26 @@ fn non_first_fragments_cannot_exceed_the_budget() {
     let frag = PacketBuilder::v4(C4, S4).fragment(10, false).build();
     let got: Vec<_> = (0..6).map(|_| run(&t, &frag).reason).collect();
     assert_eq!(got[5], Reason::PacketRate);
+}
+
+#[test]
+fn the_clock_is_read_at_most_once_and_only_when_needed() {
+    let t = lab();
+    // Unbound: no binding to expire, no budget to charge.
+    run(&t, &tcp([198, 18, 1, 11], 8000));
+    assert_eq!(t.clock_reads.get(), 0);
+    // Unprotected: nothing to decide.
+    run(&t, &tcp(C4, 22));
+    assert_eq!(t.clock_reads.get(), 0);
+    // Bound without expiry: once, for the limiter.
+    run(&t, &tcp(C4, 8000));
+    assert_eq!(t.clock_reads.get(), 1);
+}
+
+#[test]
+fn an_expiring_binding_reads_the_clock_once_for_expiry_and_limiter() {
+    let mut t = lab();
+    t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = t.now.get() + 10;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
+    assert_eq!(t.clock_reads.get(), 1);
 }
