@@ -823,3 +823,64 @@ fn verifier_instruction_budget() {
         );
     }
 }
+
+/// Drops are sampled into the ring buffer: at most one event per CPU per interval, none when
+/// the interval is 0, and each event says who was dropped where and why.
+#[test]
+fn drop_events_are_sampled() {
+    let mut h = Harness::new();
+    setup(&mut h);
+    let mut rb = aya::maps::RingBuf::try_from(
+        h.ebpf
+            .take_map(tollgate_common::map_names::DROP_EVENTS)
+            .expect("drop event map"),
+    )
+    .expect("ring buffer");
+    let drain = |rb: &mut aya::maps::RingBuf<aya::maps::MapData>| {
+        let mut events = Vec::new();
+        while let Some(item) = rb.next() {
+            assert_eq!(
+                item.len(),
+                std::mem::size_of::<tollgate_common::policy::DropEvent>()
+            );
+            // SAFETY: the size matches and DropEvent is plain old data.
+            events.push(unsafe {
+                std::ptr::read_unaligned(item.as_ptr() as *const tollgate_common::policy::DropEvent)
+            });
+        }
+        events
+    };
+    let stranger = tcp4(v4(9, 9), 8000, 100);
+    // Interval 0 (the default): no events at all.
+    for _ in 0..5 {
+        h.run(&stranger);
+    }
+    assert!(drain(&mut rb).is_empty(), "events sent with sampling off");
+    // One per CPU per hour: five drops give one event per CPU that ran them.
+    let mut s = h.tables.settings().expect("settings");
+    s.drop_event_interval_ns = 3600 * limiter::NS_PER_S;
+    h.tables.set_settings(&s).expect("settings");
+    for _ in 0..5 {
+        h.run(&stranger);
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let events = drain(&mut rb);
+    assert!(
+        !events.is_empty() && events.len() <= cpus,
+        "{} events",
+        events.len()
+    );
+    let e = events[0];
+    assert_eq!(e.reason, Reason::Unbound as u32);
+    assert_eq!(
+        (e.endpoint, e.identity, e.dport, e.proto),
+        (INFER as u16, 0, 8000, 6)
+    );
+    assert_eq!(&e.src[..4], &v4(9, 9));
+    assert_eq!(e.bytes, 100);
+    // Passes never produce events.
+    for _ in 0..5 {
+        h.run(&tcp4(v4(1, CUSTOMER as u8), 8000, 100));
+    }
+    assert!(drain(&mut rb).is_empty());
+}

@@ -244,7 +244,9 @@ fn drop_event(d: &Decision, p: &tollgate_common::parse::IpPacket, bytes: u64) {
     let now = Maps.now_ns();
     // SAFETY: per-CPU slot, see `count`.
     unsafe {
-        if now.wrapping_sub(*last) < interval {
+        // 0: this CPU never sent one (a machine up for less than `interval` must still get
+        // its first event).
+        if *last != 0 && now.wrapping_sub(*last) < interval {
             return;
         }
         *last = now;
