@@ -554,11 +554,84 @@ pub struct AgentExit {
     pub pins_removed: bool,
 }
 
-/// The real `tollgate run`, attached to an interface inside a namespace. On drop it gets
-/// SIGTERM (SIGKILL if it does not exit in time) and whatever it left pinned is removed.
+/// Where one agent keeps its pins, state and control socket: unique per test, removed on
+/// drop (unlinking the pins detaches the program, so nothing outlives the test). Separate from
+/// [`Agent`] so that a test can kill an agent and start another on the same state.
+pub struct AgentDirs {
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl AgentDirs {
+    pub fn new() -> AgentDirs {
+        let tag = format!("{}-{}", std::process::id(), next_id());
+        let state_dir = std::env::temp_dir().join(format!("tollgate-test-{tag}"));
+        std::fs::create_dir_all(&state_dir).expect("state dir");
+        AgentDirs {
+            pin_dir: Path::new(BPFFS).join(format!("tollgate-test-{tag}")),
+            socket: state_dir.join("control.sock"),
+            state_dir,
+        }
+    }
+
+    /// The pinned (reason, endpoint) counter map.
+    pub fn counters_pin(&self) -> PathBuf {
+        tollgate::pins::maps_dir(&self.pin_dir).join(tollgate_common::map_names::REASON_COUNTERS)
+    }
+
+    /// Runs a CLI verb against this agent's socket (from the test's own namespace: the
+    /// socket is a file, the pins are in the root bpffs).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(tollgate_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running the tollgate CLI")
+    }
+
+    /// Like [`AgentDirs::cli`], panicking with the output unless it exits 0; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "tollgate {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Default for AgentDirs {
+    fn default() -> Self {
+        AgentDirs::new()
+    }
+}
+
+impl Drop for AgentDirs {
+    fn drop(&mut self) {
+        if self.pin_dir.exists() {
+            // Unlinking the pins detaches the program and releases the maps.
+            if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
+                eprintln!("warning: removing {}: {e}", self.pin_dir.display());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// The real `tollgate run` inside a namespace. On drop it gets SIGTERM (SIGKILL if it does
+/// not exit in time); its [`AgentDirs`] (owned here or by the test) removes what it pinned.
 pub struct Agent {
     child: Option<Child>,
+    dirs: Option<AgentDirs>,
     pin_dir: PathBuf,
+    counters_pin: PathBuf,
+    socket: PathBuf,
     stderr: Arc<Mutex<String>>,
     stderr_reader: Option<JoinHandle<()>>,
 }
@@ -567,25 +640,39 @@ impl Agent {
     const START_LIMIT: Duration = Duration::from_secs(20);
     const STOP_LIMIT: Duration = Duration::from_secs(10);
 
-    /// Starts `tollgate run --iface IFACE --mode MODE` in `ns` with a pin directory of its own,
-    /// and returns once the program is attached and its counters are pinned.
+    /// Starts `tollgate run --iface IFACE --mode MODE --detach-on-exit` in `ns` on the
+    /// embedded default config with directories of its own, and returns once the program is
+    /// attached and its counters are pinned.
     pub fn start(ns: &NetNs, iface: &str, mode: &str) -> Agent {
-        let pin_dir = Path::new(BPFFS).join(format!(
-            "tollgate-test-{}-{}",
-            std::process::id(),
-            next_id()
-        ));
+        let dirs = AgentDirs::new();
+        let mut agent = Agent::launch(
+            ns,
+            &dirs,
+            &["--iface", iface, "--mode", mode, "--detach-on-exit"],
+        );
+        agent.dirs = Some(dirs);
+        agent
+    }
+
+    /// Starts `tollgate run ARGS` in `ns` using `dirs` (the test keeps them, so a second
+    /// agent can adopt what the first left).
+    pub fn launch(ns: &NetNs, dirs: &AgentDirs, args: &[&str]) -> Agent {
         let mut cmd = ns.command(tollgate_bin());
-        cmd.args(["run", "--iface", iface, "--mode", mode, "--pin-dir"])
-            .arg(&pin_dir)
+        cmd.arg("run")
+            .arg("--pin-dir")
+            .arg(&dirs.pin_dir)
+            .arg("--state-dir")
+            .arg(&dirs.state_dir)
+            .arg("--control-socket")
+            .arg(&dirs.socket)
+            .args(args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         // If the test process is killed outright (a harness timeout), no Drop runs; the agent
-        // then gets SIGTERM from the kernel and still detaches and removes its pins. The signal
-        // is tied to the thread that spawns the agent, so the guard must not outlive that
-        // thread (tests keep it on their own).
+        // then gets SIGTERM from the kernel. The signal is tied to the thread that spawns the
+        // agent, so the guard must not outlive that thread (tests keep it on their own).
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
@@ -613,7 +700,10 @@ impl Agent {
         // Built before waiting, so that a failed start still cleans up through Drop.
         let mut agent = Agent {
             child: Some(child),
-            pin_dir,
+            dirs: None,
+            pin_dir: dirs.pin_dir.clone(),
+            counters_pin: dirs.counters_pin(),
+            socket: dirs.socket.clone(),
             stderr,
             stderr_reader: Some(stderr_reader),
         };
@@ -623,17 +713,20 @@ impl Agent {
             if let Some(status) = child.try_wait().expect("polling the agent") {
                 agent.join_stderr();
                 panic!(
-                    "tollgate run on {iface} in {} exited before attaching ({status}):\n{}",
+                    "tollgate run {args:?} in {} exited before attaching ({status}):\n{}",
                     ns.name(),
                     agent.stderr()
                 );
             }
-            if agent.stderr().contains(AGENT_READY_LOG) && agent.counters_pin().exists() {
+            if agent.stderr().contains(AGENT_READY_LOG)
+                && agent.counters_pin.exists()
+                && agent.socket.exists()
+            {
                 return agent;
             }
             assert!(
                 Instant::now() < deadline,
-                "tollgate run on {iface} in {} did not attach within {:?}:\n{}",
+                "tollgate run {args:?} in {} did not attach within {:?}:\n{}",
                 ns.name(),
                 Self::START_LIMIT,
                 agent.stderr()
@@ -648,7 +741,7 @@ impl Agent {
 
     /// The pinned per-reason counter map.
     pub fn counters_pin(&self) -> PathBuf {
-        self.pin_dir.join(tollgate::paths::PIN_REASON_COUNTERS)
+        self.counters_pin.clone()
     }
 
     /// What the agent has logged so far.
@@ -678,6 +771,15 @@ impl Agent {
             stderr: self.stderr(),
             pins_removed: !self.pin_dir.exists(),
         }
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up (what `kill -9` or an OOM kill does).
+    pub fn kill9(mut self) -> String {
+        let mut child = self.child.take().expect("a running agent");
+        let _ = child.kill();
+        let _ = child.wait();
+        self.join_stderr();
+        self.stderr()
     }
 
     /// SIGTERM, a bounded wait, then SIGKILL; returns how the agent ended.
@@ -721,12 +823,6 @@ impl Drop for Agent {
         if self.child.is_some() {
             self.terminate();
         }
-        if self.pin_dir.exists() {
-            // Unlinking the pins releases the maps; nothing else refers to them once the agent
-            // is gone.
-            if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
-                eprintln!("warning: removing {}: {e}", self.pin_dir.display());
-            }
-        }
+        // `dirs` (if this agent owns them) drops next and removes the pins.
     }
 }

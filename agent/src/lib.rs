@@ -2,8 +2,16 @@
 //! attaches and reads it. The `tollgate` binary (daemon and CLI) and the integration tests in
 //! `tests/` are its users.
 
+pub mod audit;
+pub mod config;
+pub mod control;
 pub mod counters;
+pub mod daemon;
+pub mod explain;
 pub mod loader;
 pub mod object;
 pub mod paths;
+pub mod pins;
+pub mod policy;
+pub mod state;
 pub mod tables;

@@ -1,8 +1,6 @@
 //! Loading the embedded object, attaching the XDP program and pinning what must outlive the
 //! process.
 
-use std::path::{Path, PathBuf};
-
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray},
@@ -10,7 +8,7 @@ use aya::{
 };
 use tollgate_common::{Counter, map_names, program_names};
 
-use crate::{object, paths};
+use crate::object;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -26,24 +24,11 @@ pub enum LoadError {
         #[source]
         source: ProgramError,
     },
-    #[error("attaching XDP to {iface} in {mode} mode: {source}")]
-    Attach {
-        iface: String,
-        mode: &'static str,
-        #[source]
-        source: ProgramError,
-    },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
-    },
-    #[error("pinning {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -59,7 +44,7 @@ pub enum AttachMode {
 }
 
 impl AttachMode {
-    fn xdp_mode(self) -> XdpMode {
+    pub fn xdp_mode(self) -> XdpMode {
         match self {
             AttachMode::Auto => XdpMode::Default,
             AttachMode::Native => XdpMode::Driver,
@@ -111,80 +96,4 @@ pub fn reason_counters(ebpf: &Ebpf) -> Result<PerCpuArray<&MapData, Counter>, Lo
     let name = map_names::REASON_COUNTERS;
     let map = ebpf.map(name).ok_or(LoadError::NoMap(name))?;
     PerCpuArray::try_from(map).map_err(|source| LoadError::Map { name, source })
-}
-
-/// A program attached to an interface, its counter map pinned; detaches and unpins on drop.
-pub struct Attached {
-    ebpf: Ebpf,
-    link: Option<aya::programs::xdp::XdpLinkId>,
-    pin_dir: PathBuf,
-    pub iface: String,
-    pub mode: AttachMode,
-}
-
-impl Attached {
-    /// Loads the object, pins the counters under `pin_dir` and attaches to `iface`.
-    pub fn start(iface: &str, mode: AttachMode, pin_dir: &Path) -> Result<Self, LoadError> {
-        let mut ebpf = load()?;
-        std::fs::create_dir_all(pin_dir).map_err(|e| LoadError::Pin {
-            path: pin_dir.to_owned(),
-            source: Box::new(e),
-        })?;
-        let counters_pin = pin_dir.join(paths::PIN_REASON_COUNTERS);
-        // A pin left by a crashed run would make pinning fail; this run's map replaces it.
-        let _ = std::fs::remove_file(&counters_pin);
-        let name = map_names::REASON_COUNTERS;
-        ebpf.map(name)
-            .ok_or(LoadError::NoMap(name))?
-            .pin(&counters_pin)
-            .map_err(|e| LoadError::Pin {
-                path: counters_pin.clone(),
-                source: Box::new(e),
-            })?;
-        let link = xdp_program(&mut ebpf, program_names::XDP)?
-            .attach(iface, mode.xdp_mode())
-            .map_err(|source| LoadError::Attach {
-                iface: iface.to_owned(),
-                mode: mode.label(),
-                source,
-            })?;
-        Ok(Attached {
-            ebpf,
-            link: Some(link),
-            pin_dir: pin_dir.to_owned(),
-            iface: iface.to_owned(),
-            mode,
-        })
-    }
-
-    pub fn ebpf(&self) -> &Ebpf {
-        &self.ebpf
-    }
-
-    /// Detaches the program and removes the pins; also what `Drop` does.
-    pub fn stop(mut self) -> Result<(), LoadError> {
-        self.detach()
-    }
-
-    fn detach(&mut self) -> Result<(), LoadError> {
-        let _ = std::fs::remove_file(self.pin_dir.join(paths::PIN_REASON_COUNTERS));
-        let _ = std::fs::remove_dir(&self.pin_dir);
-        if let Some(link) = self.link.take() {
-            xdp_program(&mut self.ebpf, program_names::XDP)?
-                .detach(link)
-                .map_err(|source| LoadError::Program {
-                    name: program_names::XDP,
-                    source,
-                })?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        if let Err(e) = self.detach() {
-            tracing::warn!("detaching: {e}");
-        }
-    }
 }

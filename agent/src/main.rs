@@ -1,44 +1,37 @@
 //! `tollgate`: `tollgate run` is the daemon; the other subcommands are the CLI.
 
+mod cli;
+
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
-use tollgate::{counters, loader, paths};
-use tracing::info;
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+use tollgate::{
+    config::Config, control::protocol::Request, counters, daemon, explain::Probe,
+    loader::AttachMode, paths, pins,
+};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the agent refused the request (bad input, unknown name)
+  2  command-line usage error
+  3  no agent answers on the control socket
+  4  not allowed on the control socket (root and the tollgate group only)
+  5  the configuration is invalid (nothing was changed)
+  6  the kernel refused an operation (load, attach, map update)";
 
 /// Identity-bound, GPU-aware XDP enforcement for inference nodes.
+///
+/// `tollgate run` is the agent (normally started by systemd); every other command talks to
+/// it over the control socket, except `config check`, `counters`, `completions` and `man`.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about, after_help = EXIT_CODES)]
 struct Cli {
+    /// The agent's control socket.
+    #[arg(long, global = true, env = "TOLLGATE_SOCKET", value_name = "PATH", default_value = paths::CONTROL_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the agent: load the XDP program, attach it to an interface, and keep it attached
-    /// until SIGINT or SIGTERM (then detach and remove the pins).
-    Run {
-        /// Interface to enforce on (the one the model servers' traffic arrives on).
-        #[arg(long, value_name = "IFACE")]
-        iface: String,
-        /// XDP attach mode.
-        #[arg(long, value_enum, default_value_t = loader::AttachMode::Auto)]
-        mode: loader::AttachMode,
-        /// Directory on a bpffs where maps are pinned.
-        #[arg(long, value_name = "DIR", default_value = paths::PIN_DIR)]
-        pin_dir: PathBuf,
-    },
-    /// Print the kernel's verdict counters (packets and bytes per reason) from the pinned map;
-    /// works while `tollgate run` is attached, without talking to it.
-    Counters {
-        /// Directory on a bpffs where `tollgate run` pinned its maps.
-        #[arg(long, value_name = "DIR", default_value = paths::PIN_DIR)]
-        pin_dir: PathBuf,
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
-    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -47,7 +40,151 @@ enum Output {
     Json,
 }
 
-fn main() -> ExitCode {
+#[derive(clap::Args)]
+struct OutputArg {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: validate the config, adopt or create the pinned state, apply the
+    /// policy, attach, and serve the control socket until SIGINT/SIGTERM (SIGHUP reloads).
+    /// Stopping leaves the program attached with the last policy; `tollgate uninstall`
+    /// removes it.
+    Run {
+        /// Configuration file [default: /etc/tollgate/tollgate.toml if it exists, else the
+        /// embedded default].
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Interface to enforce on, replacing the config's list (repeat for several).
+        #[arg(long = "iface", value_name = "IFACE")]
+        interfaces: Vec<String>,
+        /// XDP attach mode, replacing the config's.
+        #[arg(long, value_enum)]
+        mode: Option<AttachMode>,
+        /// Pin directory on a bpffs, replacing the config's.
+        #[arg(long, value_name = "DIR")]
+        pin_dir: Option<PathBuf>,
+        /// State directory (state.json, audit.log), replacing the config's.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Control socket, replacing the config's.
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+        /// On SIGINT/SIGTERM, detach and remove every pin (for ad-hoc runs and labs).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// The agent's state: interfaces, config, pins, counts, packets passed and dropped.
+    Status(OutputArg),
+    /// Protected endpoints with their packet counts.
+    Endpoints(OutputArg),
+    /// Identities: list them, or show one.
+    Identities {
+        #[command(subcommand)]
+        action: Option<IdentitiesAction>,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Bind an address or CIDR to a configured identity (run-time binding, persisted).
+    Bind {
+        /// Address (a /32 or /128) or CIDR, host bits zero.
+        target: String,
+        /// The identity's name.
+        #[arg(long)]
+        identity: String,
+        /// Expire after this long (90s, 15m, 2h, 7d); the kernel enforces the expiry itself.
+        #[arg(long = "for", value_name = "DURATION", value_parser = cli::args::duration_secs)]
+        for_secs: Option<u64>,
+    },
+    /// Remove a run-time binding (configured ones are changed in the config).
+    Unbind {
+        /// Address or CIDR exactly as bound.
+        target: String,
+    },
+    /// Drop everything an identity sends to protected endpoints, at once.
+    Quarantine {
+        /// Identity name, or an address whose binding names it.
+        target: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Release by itself after this long (90s, 15m, 2h, 7d).
+        #[arg(long = "for", value_name = "DURATION", value_parser = cli::args::duration_secs)]
+        for_secs: Option<u64>,
+    },
+    /// Lift a quarantine.
+    Release {
+        /// Identity name, or an address whose binding names it.
+        target: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// The verdict a packet from SRC to DST:PORT/PROTO would get now, and why.
+    Explain {
+        /// Source address.
+        src: std::net::IpAddr,
+        /// Destination as ADDR:PORT/PROTO, e.g. 198.19.0.1:8000/tcp or [2001:db8::1]:443/udp.
+        #[arg(value_parser = cli::args::destination)]
+        dst: (std::net::IpAddr, u16, tollgate::tables::Proto),
+        /// Frame size in bytes to weigh against the byte budget.
+        #[arg(long, default_value_t = 100)]
+        bytes: u16,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Re-read the configuration; a file that fails validation changes nothing.
+    Reload,
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Detach from every interface and remove every pin (enforcement stops). Asks the agent
+    /// if one is running, else does it directly.
+    Uninstall {
+        /// Pin directory, when no agent is running.
+        #[arg(long, value_name = "DIR", default_value = paths::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// The kernel's verdict counters read straight from the pins (works without the agent).
+    Counters {
+        /// Pin directory.
+        #[arg(long, value_name = "DIR", default_value = paths::PIN_DIR)]
+        pin_dir: PathBuf,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Subcommand)]
+enum IdentitiesAction {
+    /// All identities (the default).
+    List,
+    /// One identity in full.
+    Show { name: String },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate a configuration file as `run` and `reload` would; prints the first error
+    /// with file, line and field.
+    Check {
+        /// The file [default: /etc/tollgate/tollgate.toml].
+        file: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration.
+    Default,
+}
+
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
@@ -55,75 +192,236 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run {
-            iface,
-            mode,
-            pin_dir,
-        } => run(&iface, mode, &pin_dir),
-        Command::Counters { pin_dir, output } => print_counters(&pin_dir, output),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tollgate: {e:#}");
-            ExitCode::FAILURE
-        }
+}
+
+fn print_with(
+    output: &OutputArg,
+    text: impl FnOnce(&serde_json::Value),
+) -> impl FnOnce(&serde_json::Value) {
+    let json = matches!(output.output, Output::Json);
+    move |v| {
+        if json { cli::print::json(v) } else { text(v) }
     }
 }
 
-fn run(iface: &str, mode: loader::AttachMode, pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async {
-        let attached = loader::Attached::start(iface, mode, pin_dir)?;
-        info!(
-            iface,
-            mode = mode.label(),
-            pin_dir = %pin_dir.display(),
-            "attached; enforcing until SIGINT/SIGTERM"
-        );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-            _ = term.recv() => {}
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli.socket;
+    match cli.command {
+        Command::Run {
+            config,
+            interfaces,
+            mode,
+            pin_dir,
+            state_dir,
+            control_socket,
+            detach_on_exit,
+        } => {
+            init_logging();
+            let opts = daemon::Options {
+                config,
+                interfaces,
+                mode,
+                pin_dir,
+                state_dir,
+                control_socket,
+                detach_on_exit,
+            };
+            match daemon::run(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::from(match e {
+                        daemon::DaemonError::Config(_) => cli::exit::CONFIG,
+                        _ => cli::exit::KERNEL,
+                    })
+                }
+            }
         }
-        let totals = counters::reason_totals(&loader::reason_counters(attached.ebpf())?)?;
-        for (reason, c) in totals.iter().filter(|(_, c)| c.packets > 0) {
-            info!(
-                reason = reason.label(),
-                packets = c.packets,
-                bytes = c.bytes,
-                "final count"
-            );
+        Command::Status(o) => cli::call(
+            &socket,
+            &Request::Status {},
+            print_with(&o, cli::print::status),
+        ),
+        Command::Endpoints(o) => cli::call(
+            &socket,
+            &Request::Endpoints {},
+            print_with(&o, |v| {
+                cli::print::table(
+                    v,
+                    &[
+                        "id",
+                        "name",
+                        "protocol",
+                        "ports",
+                        "weight",
+                        "classes",
+                        "roles",
+                        "anonymous",
+                        "packets_passed",
+                        "packets_dropped",
+                    ],
+                )
+            }),
+        ),
+        Command::Identities { action, output } => match action {
+            None | Some(IdentitiesAction::List) => cli::call(
+                &socket,
+                &Request::Identities {},
+                print_with(&output, |v| {
+                    cli::print::table(
+                        v,
+                        &[
+                            "id",
+                            "name",
+                            "class",
+                            "plan",
+                            "bindings",
+                            "quarantined",
+                            "passed_packets",
+                            "dropped_packets",
+                        ],
+                    )
+                }),
+            ),
+            Some(IdentitiesAction::Show { name }) => cli::call(
+                &socket,
+                &Request::Identity { name },
+                print_with(&output, cli::print::status),
+            ),
+        },
+        Command::Bind {
+            target,
+            identity,
+            for_secs,
+        } => cli::call(
+            &socket,
+            &Request::Bind {
+                target,
+                identity,
+                for_secs,
+            },
+            cli::print::done,
+        ),
+        Command::Unbind { target } => {
+            cli::call(&socket, &Request::Unbind { target }, cli::print::done)
         }
-        attached.stop()?;
-        info!(iface, "detached");
-        Ok(())
-    })
-}
-
-fn print_counters(pin_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
-    let totals = counters::reason_totals_from_pin(&pin_dir.join(paths::PIN_REASON_COUNTERS))?;
-    let rows = counters::to_rows(&totals);
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Output::Text => {
-            println!(
-                "{:<24} {:<7} {:>14} {:>18}",
-                "REASON", "VERDICT", "PACKETS", "BYTES"
+        Command::Quarantine {
+            target,
+            reason,
+            for_secs,
+        } => cli::call(
+            &socket,
+            &Request::Quarantine {
+                target,
+                for_secs,
+                reason,
+            },
+            cli::print::done,
+        ),
+        Command::Release { target, reason } => cli::call(
+            &socket,
+            &Request::Release { target, reason },
+            cli::print::done,
+        ),
+        Command::Explain {
+            src,
+            dst,
+            bytes,
+            output,
+        } => cli::call(
+            &socket,
+            &Request::Explain(Probe {
+                src,
+                dst: dst.0,
+                port: dst.1,
+                proto: dst.2,
+                bytes: Some(bytes),
+            }),
+            print_with(&output, cli::print::explain),
+        ),
+        Command::Reload => cli::call(&socket, &Request::Reload {}, |_| println!("ok: reloaded")),
+        Command::Config { action } => match action {
+            ConfigAction::Check { file } => {
+                let path = file.unwrap_or_else(|| PathBuf::from(Config::DEFAULT_PATH));
+                match Config::load(&path) {
+                    Ok(c) => {
+                        println!(
+                            "{}: ok ({} endpoints, {} plans, {} identities)",
+                            path.display(),
+                            c.endpoints.len(),
+                            c.plans.len(),
+                            c.identities.len()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ExitCode::from(cli::exit::CONFIG)
+                    }
+                }
+            }
+            ConfigAction::Default => {
+                print!("{}", Config::embedded_default_text());
+                ExitCode::SUCCESS
+            }
+        },
+        Command::Uninstall { pin_dir } => {
+            if socket.exists() {
+                return cli::call(&socket, &Request::Uninstall {}, |v| {
+                    println!(
+                        "uninstalled: {} pins removed",
+                        v["removed"].as_array().map_or(0, Vec::len)
+                    )
+                });
+            }
+            match pins::uninstall(&pin_dir) {
+                Ok(removed) => {
+                    println!(
+                        "uninstalled: {} pins removed (no agent was running)",
+                        removed.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::from(cli::exit::KERNEL)
+                }
+            }
+        }
+        Command::Counters { pin_dir, output } => {
+            let path = pins::maps_dir(&pin_dir).join(tollgate_common::map_names::REASON_COUNTERS);
+            match counters::reason_totals_from_pin(&path) {
+                Ok(totals) => {
+                    let rows = serde_json::json!(counters::to_rows(&totals));
+                    print_with(&output, |v| {
+                        cli::print::table(v, &["reason", "verdict", "packets", "bytes"])
+                    })(&rows);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::from(cli::exit::NO_AGENT)
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "tollgate",
+                &mut std::io::stdout(),
             );
-            for r in rows {
-                println!(
-                    "{:<24} {:<7} {:>14} {:>18}",
-                    r.reason, r.verdict, r.packets, r.bytes
-                );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
     }
-    Ok(())
 }

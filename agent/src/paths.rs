@@ -4,5 +4,7 @@
 pub const PIN_DIR: &str = "/sys/fs/bpf/tollgate";
 /// The bpffs mount point the pin directory lives under.
 pub const BPFFS: &str = "/sys/fs/bpf";
-/// File name of the pinned per-reason counter map inside the pin directory.
-pub const PIN_REASON_COUNTERS: &str = "reason_counters";
+/// The agent's control socket.
+pub const CONTROL_SOCKET: &str = "/run/tollgate/control.sock";
+/// Where state.json and audit.log live.
+pub const STATE_DIR: &str = "/var/lib/tollgate";

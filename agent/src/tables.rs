@@ -186,14 +186,14 @@ pub fn boot_ns() -> u64 {
 
 /// The policy maps, owned.
 pub struct Tables {
-    ports: Array<MapData, u32>,
-    endpoints: Array<MapData, Endpoint>,
+    pub(crate) ports: Array<MapData, u32>,
+    pub(crate) endpoints: Array<MapData, Endpoint>,
     bind_v4: HashMap<MapData, [u8; 4], Binding>,
     bind_v6: HashMap<MapData, [u8; 16], Binding>,
     cidr_v4: LpmTrie<MapData, [u8; 4], Binding>,
     cidr_v6: LpmTrie<MapData, [u8; 16], Binding>,
-    identities: Array<MapData, Identity>,
-    buckets: Array<MapData, Bucket>,
+    pub(crate) identities: Array<MapData, Identity>,
+    pub(crate) buckets: Array<MapData, Bucket>,
     settings: Array<MapData, Settings>,
     identity_counters: PerCpuArray<MapData, IdentityCounters>,
     reason_counters: PerCpuArray<MapData, Counter>,
@@ -396,9 +396,151 @@ impl Tables {
         &self.reason_counters
     }
 
+    /// Every binding in the kernel: (address, prefix length, binding).
+    pub fn bindings(&self) -> Result<Vec<(IpAddr, u8, Binding)>> {
+        let mut out = Vec::new();
+        for k in self.bind_v4.keys() {
+            let k = k.map_err(map_err(names::BIND_V4))?;
+            if let Ok(b) = self.bind_v4.get(&k, 0) {
+                out.push((IpAddr::from(k), 32, b));
+            }
+        }
+        for k in self.bind_v6.keys() {
+            let k = k.map_err(map_err(names::BIND_V6))?;
+            if let Ok(b) = self.bind_v6.get(&k, 0) {
+                out.push((IpAddr::from(k), 128, b));
+            }
+        }
+        for k in self.cidr_v4.keys() {
+            let k = k.map_err(map_err(names::BIND_CIDR_V4))?;
+            if let Ok(b) = self.cidr_v4.get(&k, 0) {
+                out.push((IpAddr::from(k.data()), k.prefix_len() as u8, b));
+            }
+        }
+        for k in self.cidr_v6.keys() {
+            let k = k.map_err(map_err(names::BIND_CIDR_V6))?;
+            if let Ok(b) = self.cidr_v6.get(&k, 0) {
+                out.push((IpAddr::from(k.data()), k.prefix_len() as u8, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The binding that covers `addr` (exact first, then longest prefix), as the kernel
+    /// would find it, expired or not.
+    pub fn lookup_binding(&self, addr: IpAddr) -> Result<Option<(u8, Binding)>> {
+        let found = |r: std::result::Result<Binding, MapError>| match r {
+            Ok(b) => Ok(Some(b)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        match addr {
+            IpAddr::V4(a) => {
+                if let Some(b) =
+                    found(self.bind_v4.get(&a.octets(), 0)).map_err(map_err(names::BIND_V4))?
+                {
+                    return Ok(Some((32, b)));
+                }
+                let key = Key::new(32, a.octets());
+                if let Some(b) =
+                    found(self.cidr_v4.get(&key, 0)).map_err(map_err(names::BIND_CIDR_V4))?
+                {
+                    let len = self.matching_prefix_v4(a)?;
+                    return Ok(Some((len, b)));
+                }
+            }
+            IpAddr::V6(a) => {
+                if let Some(b) =
+                    found(self.bind_v6.get(&a.octets(), 0)).map_err(map_err(names::BIND_V6))?
+                {
+                    return Ok(Some((128, b)));
+                }
+                let key = Key::new(128, a.octets());
+                if let Some(b) =
+                    found(self.cidr_v6.get(&key, 0)).map_err(map_err(names::BIND_CIDR_V6))?
+                {
+                    let len = self.matching_prefix_v6(a)?;
+                    return Ok(Some((len, b)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn matching_prefix_v4(&self, a: Ipv4Addr) -> Result<u8> {
+        let mut best = 0;
+        for k in self.cidr_v4.keys() {
+            let k = k.map_err(map_err(names::BIND_CIDR_V4))?;
+            let len = k.prefix_len() as u8;
+            if len >= best && mask_v4(a, len) == k.data() {
+                best = len;
+            }
+        }
+        Ok(best)
+    }
+
+    fn matching_prefix_v6(&self, a: Ipv6Addr) -> Result<u8> {
+        let mut best = 0;
+        for k in self.cidr_v6.keys() {
+            let k = k.map_err(map_err(names::BIND_CIDR_V6))?;
+            let len = k.prefix_len() as u8;
+            if len >= best && mask_v6(a, len) == k.data() {
+                best = len;
+            }
+        }
+        Ok(best)
+    }
+
+    /// The whole port table (slot -> endpoint id).
+    pub fn port_table(&self) -> Result<Vec<u32>> {
+        (0..tollgate_common::policy::PORT_SLOTS)
+            .map(|slot| self.ports.get(&slot, 0).map_err(map_err(names::PORTS)))
+            .collect()
+    }
+
+    /// Points one port slot at an endpoint (0: unprotected).
+    pub fn set_port_slot(&mut self, slot: u32, id: u32) -> Result<()> {
+        self.ports.set(slot, id, 0).map_err(map_err(names::PORTS))
+    }
+
+    /// Writes an endpoint record without touching ports.
+    pub fn set_endpoint_record(&mut self, id: u32, ep: &Endpoint) -> Result<()> {
+        if id >= MAX_ENDPOINTS {
+            return Err(TableError::EndpointId(id));
+        }
+        self.endpoints
+            .set(id, ep, 0)
+            .map_err(map_err(names::ENDPOINTS))
+    }
+
+    pub fn endpoint_record(&self, id: u32) -> Result<Endpoint> {
+        if id >= MAX_ENDPOINTS {
+            return Err(TableError::EndpointId(id));
+        }
+        self.endpoints
+            .get(&id, 0)
+            .map_err(map_err(names::ENDPOINTS))
+    }
+
     pub fn bucket(&self, id: u32) -> Result<Bucket> {
         self.buckets.get(&id, 0).map_err(map_err(names::BUCKETS))
     }
+}
+
+/// `addr` with everything after the first `len` bits cleared.
+pub fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => IpAddr::from(mask_v4(a, len.min(32))),
+        IpAddr::V6(a) => IpAddr::from(mask_v6(a, len.min(128))),
+    }
+}
+
+/// Whether `net/len` covers `addr` (same family).
+pub fn prefix_covers(net: IpAddr, len: u8, addr: IpAddr) -> bool {
+    net.is_ipv4() == addr.is_ipv4() && mask(net, len) == mask(addr, len)
 }
 
 fn mask_v4(a: Ipv4Addr, len: u8) -> [u8; 4] {

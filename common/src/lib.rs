@@ -57,7 +57,34 @@ pub mod map_names {
     pub const DROP_EVENTS: &str = "DROP_EVENTS";
     /// Per-CPU time of the last drop event (sampling state).
     pub const DROP_EVENT_CLOCK: &str = "DROP_EVENT_CLOCK";
+    /// Single slot: the [`crate::LAYOUT_VERSION`] of the build that created the pins.
+    pub const LAYOUT: &str = "LAYOUT";
+
+    /// Every map, in the order they are pinned.
+    pub const ALL: [&str; 16] = [
+        LAYOUT,
+        SETTINGS,
+        PORTS,
+        ENDPOINTS,
+        IDENTITIES,
+        BUCKETS,
+        BIND_V4,
+        BIND_V6,
+        BIND_CIDR_V4,
+        BIND_CIDR_V6,
+        ANON_V4,
+        ANON_V6,
+        REASON_COUNTERS,
+        IDENTITY_COUNTERS,
+        DROP_EVENTS,
+        DROP_EVENT_CLOCK,
+    ];
 }
+
+/// Version of the meaning of the pinned maps. Bump it whenever a map's key or value changes
+/// meaning (even at the same size): a restarted agent refuses pins of another version instead
+/// of misreading them. Sizes and map types are checked on top of this.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Index of the (reason, endpoint) counter.
 #[inline(always)]

@@ -54,6 +54,9 @@ static IDENTITY_COUNTERS: PerCpuArray<IdentityCounters> =
 static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 static DROP_EVENT_CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Written by the agent only; the program never reads it (see `tollgate_common::LAYOUT_VERSION`).
+#[map]
+static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The frame between `data` and `data_end`. Every load is bounds-checked against `data_end`
 /// right before the access, in the shape the verifier tracks (packet pointer + constant size

@@ -1,0 +1,366 @@
+//! The agent's configuration: one TOML file (`/etc/tollgate/tollgate.toml`), read and fully
+//! validated before anything is touched. A refusal names the file, the line and the field, so
+//! that an operator can fix it without guessing; `tollgate config check FILE` runs the same
+//! code. docs/config.md describes every key and every refusal.
+//!
+//! Parsing goes in two steps: serde reads the file into [`raw`] structures that keep the spans
+//! of their values (unknown keys and wrong types stop there), then [`check`] turns them into a
+//! [`Config`], refusing impossible values and contradictions between sections.
+
+mod check;
+mod raw;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    ops::{Range, RangeInclusive},
+    path::{Path, PathBuf},
+};
+
+use tollgate_common::policy::Class;
+use toml::de::{DeTable, DeValue};
+
+use crate::{
+    loader::AttachMode,
+    tables::{EndpointSpec, PlanLimits},
+};
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The file it came from, or `"<embedded default>"`.
+    pub source: String,
+    pub node: Node,
+    pub anonymous: Anonymous,
+    pub drop_events: DropEvents,
+    pub controller: Controller,
+    pub listen: Listen,
+    /// In file order; an identity's plan is its index here ([`Config::plan_index`]).
+    pub plans: Vec<Plan>,
+    /// In file order; endpoint id = index + 1 ([`Config::endpoint_id`]).
+    pub endpoints: Vec<Endpoint>,
+    pub identities: Vec<StaticIdentity>,
+    /// Every role name, endpoints' first and then identities', in order of first appearance;
+    /// role `roles[i]` is bit `1 << i`.
+    pub roles: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: AttachMode,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub control_group: String,
+}
+
+/// The allowance of unbound sources, per IPv4 /24 and per IPv6 /64, /56 and /48, on endpoints
+/// with `anonymous = true`. Everywhere else unbound sources are dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Anonymous {
+    /// 0: no anonymous traffic at all.
+    pub packets_per_second: u64,
+    pub burst: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropEvents {
+    /// Minimum ms between two sampled drop events on one CPU; 0: no events.
+    pub interval_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Controller {
+    pub interval_ms: u64,
+    /// The cost multiplier written to the kernel until the GPU controller sets it.
+    pub pressure: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen {
+    /// The token bind listener.
+    pub bind: SocketAddr,
+    /// Prometheus `/metrics`.
+    pub metrics: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    /// 0..=100; higher tiers are held back later as GPUs saturate.
+    pub priority: u8,
+    pub limits: PlanLimits,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub name: String,
+    /// `spec.ports` is the first of `port_ranges`; the kernel record is the same for all.
+    pub spec: EndpointSpec,
+    /// Every port range, in file order, never overlapping each other or another endpoint's
+    /// ranges of the same protocol. Install the endpoint once per range.
+    pub port_ranges: Vec<RangeInclusive<u16>>,
+    pub role_names: Vec<String>,
+}
+
+/// An identity bound by configuration (an internal service, a partner's range), not by token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StaticIdentity {
+    pub name: String,
+    pub class: Class,
+    /// The name of one of [`Config::plans`].
+    pub plan: String,
+    /// OR of the role bits of `role_names`.
+    pub roles: u64,
+    pub role_names: Vec<String>,
+    /// Prefixes with their host bits zero; a bare address is /32 or /128.
+    pub bind: Vec<(IpAddr, u8)>,
+}
+
+/// A refusal: the file, the line (when there is one) and the field it is about.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based. `None` only when the file could not be read at all.
+    pub line: Option<usize>,
+    /// A path such as `endpoints[1].ports` (indices count from 0); empty when the error is
+    /// about the file as a whole (unreadable).
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+const EMBEDDED: &str = include_str!("../../config/tollgate.toml");
+const EMBEDDED_SOURCE: &str = "<embedded default>";
+
+impl Config {
+    pub const DEFAULT_PATH: &'static str = "/etc/tollgate/tollgate.toml";
+
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: source.clone(),
+            line: None,
+            field: String::new(),
+            message: format!("cannot read the configuration: {e}"),
+        })?;
+        Self::parse(&text, &source)
+    }
+
+    /// Validates `text`; `source` names it in errors (a path, `"<embedded default>"`).
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| toml_error(&e, text, source))?;
+        check::Checker::new(text, source).config(raw)
+    }
+
+    /// The configuration shipped in the binary, for a first run without a file.
+    pub fn embedded_default() -> Config {
+        // A unit test parses it, so this cannot fail in a built binary.
+        Self::parse(EMBEDDED, EMBEDDED_SOURCE).expect("the embedded default config is valid")
+    }
+
+    /// The text of the embedded default (for `tollgate config default`, or to write a first
+    /// file from).
+    pub fn embedded_default_text() -> &'static str {
+        EMBEDDED
+    }
+
+    /// Index of plan `name` in [`Config::plans`]: the plan number kept in identity records.
+    pub fn plan_index(&self, name: &str) -> Option<u16> {
+        let i = self.plans.iter().position(|p| p.name == name)?;
+        u16::try_from(i).ok()
+    }
+
+    pub fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.name == name)
+    }
+
+    /// The bit of role `name` (`1 << i`).
+    pub fn role_bit(&self, name: &str) -> Option<u64> {
+        let i = self.roles.iter().position(|r| r == name)?;
+        1u64.checked_shl(u32::try_from(i).ok()?)
+    }
+
+    /// The kernel id of endpoint `name`: 1-based, in file order (0 means "no endpoint").
+    pub fn endpoint_id(&self, name: &str) -> Option<u32> {
+        let i = self.endpoints.iter().position(|e| e.name == name)?;
+        u32::try_from(i + 1).ok()
+    }
+}
+
+/// 1-based line of byte offset `pos`.
+fn line_of(text: &str, pos: usize) -> usize {
+    let end = pos.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// Turns a TOML syntax or serde error into a refusal with a line and a field path. toml's
+/// own error carries the span but not the path with array indices, so the path comes from a
+/// spanned parse of the same text (a recovering one: a syntax error still leaves a tree).
+fn toml_error(e: &toml::de::Error, text: &str, source: &str) -> ConfigError {
+    let span = e.span().unwrap_or(0..0);
+    let mut message = e.message().trim().replace('\n', "; ");
+    // The root table's span is empty; any other table's is its header or its braces.
+    let root = span.is_empty() && message.starts_with("missing field");
+    let mut field = if root {
+        String::new()
+    } else {
+        locate(text, span.start).unwrap_or_default()
+    };
+    if let Some(key) = message
+        .strip_prefix("missing field `")
+        .and_then(|r| r.strip_suffix('`'))
+    {
+        field = join_key(&field, key);
+        message = "this key is required".to_owned();
+    } else if let Some(rest) = message.strip_prefix("unknown field") {
+        message = format!("unknown key{rest}");
+    } else if field.is_empty() && message == "duplicate key" {
+        // The second key is not in the tree; it sits in the table of the key before it.
+        let key = text.get(span.clone()).unwrap_or_default();
+        let key = key.rsplit('.').next().unwrap_or_default().trim();
+        if let Some(parent) = parent_of_key_before(text, span.start) {
+            field = join_key(&parent, key.trim_matches(['"', '\'']));
+        }
+    }
+    if let Some(at) = message.find("expected struct ") {
+        message.replace_range(at.., "expected a table");
+    }
+    // serde names Rust types; the operator wrote TOML.
+    for (rust, toml) in [
+        ("expected f64", "expected a number"),
+        ("expected i64", "expected an integer"),
+        ("expected a sequence", "expected an array"),
+        ("expected a boolean", "expected true or false"),
+        ("invalid type: map", "invalid type: table"),
+        ("invalid type: sequence", "invalid type: array"),
+    ] {
+        message = message.replace(rust, toml);
+    }
+    if field.is_empty() {
+        field = "(document)".to_owned();
+    }
+    ConfigError {
+        file: source.to_owned(),
+        line: Some(line_of(text, span.start)),
+        field,
+        message,
+    }
+}
+
+fn join_key(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// The path (`endpoints[1].ports`) of the innermost key or value at byte `pos`. Elements of an
+/// array of scalars are reported as the array, as semantic errors are, with the line saying
+/// which element.
+fn locate(text: &str, pos: usize) -> Option<String> {
+    let (tree, _) = DeTable::parse_recoverable(text);
+    // A syntax error often sits just past the value it broke (an unclosed array at the end of
+    // its text), so a second pass counts a span's end as inside it.
+    [false, true].into_iter().find_map(|inclusive| {
+        let mut path = String::new();
+        find_in_table(tree.get_ref(), pos, inclusive, &mut path).then_some(path)
+    })
+}
+
+fn inside(span: Range<usize>, pos: usize, inclusive: bool) -> bool {
+    span.start <= pos && (pos < span.end || (inclusive && pos == span.end))
+}
+
+fn find_in_table(t: &DeTable<'_>, pos: usize, inclusive: bool, path: &mut String) -> bool {
+    for (k, v) in t.iter() {
+        let len = path.len();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(k.get_ref());
+        // A table's own span is only its header, so its children are searched whatever it
+        // covers.
+        if find_in_value(v, pos, inclusive, path) || inside(k.span(), pos, inclusive) {
+            return true;
+        }
+        path.truncate(len);
+    }
+    false
+}
+
+fn find_in_value(
+    v: &toml::Spanned<DeValue<'_>>,
+    pos: usize,
+    inclusive: bool,
+    path: &mut String,
+) -> bool {
+    match v.get_ref() {
+        DeValue::Table(t) if find_in_table(t, pos, inclusive, path) => return true,
+        DeValue::Array(a) => {
+            for (i, e) in a.iter().enumerate() {
+                if matches!(e.get_ref(), DeValue::Table(_) | DeValue::Array(_)) {
+                    let len = path.len();
+                    path.push_str(&format!("[{i}]"));
+                    if find_in_value(e, pos, inclusive, path) {
+                        return true;
+                    }
+                    path.truncate(len);
+                } else if inside(e.span(), pos, inclusive) {
+                    return true;
+                }
+            }
+        }
+        _ => {}
+    }
+    inside(v.span(), pos, inclusive)
+}
+
+/// The path of the table holding the last key that starts before `pos`.
+fn parent_of_key_before(text: &str, pos: usize) -> Option<String> {
+    fn walk(t: &DeTable<'_>, pos: usize, path: &str, best: &mut Option<(usize, String)>) {
+        for (k, v) in t.iter() {
+            let start = k.span().start;
+            if start < pos && best.as_ref().is_none_or(|(b, _)| start > *b) {
+                *best = Some((start, path.to_owned()));
+            }
+            let child = join_key(path, k.get_ref());
+            match v.get_ref() {
+                DeValue::Table(t) => walk(t, pos, &child, best),
+                DeValue::Array(a) => {
+                    for (i, e) in a.iter().enumerate() {
+                        if let DeValue::Table(t) = e.get_ref() {
+                            walk(t, pos, &format!("{child}[{i}]"), best);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let (tree, _) = DeTable::parse_recoverable(text);
+    let mut best = None;
+    walk(tree.get_ref(), pos, "", &mut best);
+    best.map(|(_, path)| path)
+}

@@ -1,0 +1,896 @@
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use super::*;
+use crate::tables::Proto;
+
+/// The smallest valid file; malformed cases append to it, so their lines start at 6.
+const BASE: &str = "[node]
+interfaces = [\"eth0\"]
+
+[[plans]]
+name = \"free\"
+";
+
+fn refuse(text: &str) -> ConfigError {
+    match Config::parse(text, "t.toml") {
+        Ok(c) => panic!("accepted:\n{text}\n{c:#?}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts the refusal's line, field and a fragment of its message (and the Display form).
+#[track_caller]
+fn assert_refused(text: &str, line: usize, field: &str, fragment: &str) {
+    let e = refuse(text);
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (Some(line), field),
+        "wrong place for {e}\n--- in:\n{text}"
+    );
+    assert!(e.message.contains(fragment), "{e:?} lacks {fragment:?}");
+    assert_eq!(e.file, "t.toml");
+    assert_eq!(
+        e.to_string(),
+        format!("t.toml:{line}: {field}: {}", e.message)
+    );
+}
+
+fn with(extra: &str) -> String {
+    format!("{BASE}{extra}")
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let c = Config::embedded_default();
+    assert_eq!(c.source, "<embedded default>");
+    assert_eq!(c.node.interfaces, ["eth0"]);
+    assert_eq!(c.node.xdp_mode, AttachMode::Auto);
+    assert_eq!(c.listen.bind, "0.0.0.0:8443".parse().unwrap());
+    assert_eq!(c.endpoint_id("model"), Some(1));
+    let bind = &c.endpoints[1];
+    assert_eq!((bind.name.as_str(), bind.spec.anonymous), ("bind", true));
+    assert_eq!(bind.port_ranges, [8443..=8443]);
+    assert_eq!(
+        c.plan("internal").map(|p| p.limits),
+        Some(PlanLimits::UNLIMITED)
+    );
+    for plan in ["internal", "partner", "customer", "free", "batch"] {
+        assert!(c.plan_index(plan).is_some(), "{plan}");
+    }
+    assert!(c.identities.is_empty());
+}
+
+#[test]
+fn defaults_fill_absent_keys() {
+    let c = Config::parse(BASE, "t.toml").unwrap();
+    assert_eq!(
+        c.node,
+        Node {
+            interfaces: vec!["eth0".into()],
+            xdp_mode: AttachMode::Auto,
+            pin_dir: "/sys/fs/bpf/tollgate".into(),
+            state_dir: "/var/lib/tollgate".into(),
+            control_socket: "/run/tollgate/control.sock".into(),
+            control_group: "tollgate".into(),
+        }
+    );
+    assert_eq!(
+        c.anonymous,
+        Anonymous {
+            packets_per_second: 20,
+            burst: 40
+        }
+    );
+    assert_eq!(c.drop_events.interval_ms, 100);
+    assert_eq!(
+        c.controller,
+        Controller {
+            interval_ms: 250,
+            pressure: 1.0
+        }
+    );
+    assert_eq!(c.listen.metrics, "127.0.0.1:9464".parse().unwrap());
+    assert_eq!(c.plans[0].priority, 50);
+    assert_eq!(c.plans[0].limits, PlanLimits::UNLIMITED);
+    assert!(c.endpoints.is_empty() && c.identities.is_empty() && c.roles.is_empty());
+}
+
+const FULL: &str = r#"
+[node]
+interfaces = ["eth0", "ens1f0np0"]
+xdp_mode = "native"
+pin_dir = "/sys/fs/bpf/tg"
+state_dir = "/srv/tollgate"
+control_socket = "/run/tg.sock"
+control_group = "ops"
+
+[anonymous]
+packets_per_second = 0
+burst = 0
+
+[drop_events]
+interval_ms = 0
+
+[controller]
+interval_ms = 100
+pressure = 1.5
+
+[listen]
+bind = "[::]:9443"
+metrics = "127.0.0.1:9100"
+
+[[plans]]
+name = "internal"
+priority = 100
+
+[[plans]]
+name = "free"
+priority = 10
+packets_per_second = 100
+packet_burst = 200
+bytes_per_second = 1_000_000
+byte_burst = 2_000_000
+
+[[endpoints]]
+name = "vllm"
+protocol = "tcp"
+ports = [8000, "8001-8010"]
+destinations = ["198.19.0.0/16", "2001:db8:ff::/48"]
+weight = 2.5
+classes = ["internal", "customer"]
+roles = ["inference", "embedding"]
+
+[[endpoints]]
+name = "triton-grpc"
+protocol = "udp"
+ports = ["8000-8001"]
+classes = ["partner"]
+roles = ["embedding", "vision"]
+anonymous = true
+
+[[identities]]
+name = "batch-cluster.eu"
+class = "internal"
+plan = "internal"
+roles = ["inference", "admin"]
+bind = ["198.18.0.0/24", "2001:db8:1::/48", "198.18.7.7", "0.0.0.0/0"]
+
+[[identities]]
+name = "acme"
+class = "partner"
+plan = "free"
+bind = ["2001:db8:2::1"]
+"#;
+
+#[test]
+fn full_example() {
+    let c = Config::parse(FULL, "/etc/tollgate/tollgate.toml").unwrap();
+    assert_eq!(c.source, "/etc/tollgate/tollgate.toml");
+    assert_eq!(c.node.interfaces, ["eth0", "ens1f0np0"]);
+    assert_eq!(c.node.xdp_mode, AttachMode::Native);
+    assert_eq!(c.node.pin_dir, PathBuf::from("/sys/fs/bpf/tg"));
+    assert_eq!(c.node.control_group, "ops");
+    assert_eq!(
+        c.anonymous,
+        Anonymous {
+            packets_per_second: 0,
+            burst: 0
+        }
+    );
+    assert_eq!(c.drop_events.interval_ms, 0);
+    assert_eq!(c.controller.pressure, 1.5);
+    assert_eq!(c.listen.bind, "[::]:9443".parse().unwrap());
+
+    assert_eq!(c.plan_index("internal"), Some(0));
+    assert_eq!(c.plan_index("free"), Some(1));
+    assert_eq!(c.plan_index("gold"), None);
+    assert_eq!(c.plans[0].limits, PlanLimits::UNLIMITED);
+    assert_eq!(c.plans[1].priority, 10);
+    assert_eq!(
+        c.plans[1].limits,
+        PlanLimits {
+            packets_per_s: Some(100),
+            packet_burst: 200,
+            bytes_per_s: Some(1_000_000),
+            byte_burst: 2_000_000,
+        }
+    );
+
+    // Endpoints' roles first, in order of appearance, then identities' new ones.
+    assert_eq!(c.roles, ["inference", "embedding", "vision", "admin"]);
+    assert_eq!(c.role_bit("inference"), Some(1));
+    assert_eq!(c.role_bit("admin"), Some(8));
+    assert_eq!(c.role_bit("nobody"), None);
+
+    assert_eq!(c.endpoint_id("vllm"), Some(1));
+    assert_eq!(c.endpoint_id("triton-grpc"), Some(2));
+    assert_eq!(c.endpoint_id("nope"), None);
+    let vllm = &c.endpoints[0];
+    assert_eq!(vllm.port_ranges, [8000..=8000, 8001..=8010]);
+    assert_eq!(vllm.role_names, ["inference", "embedding"]);
+    assert_eq!(
+        vllm.spec,
+        EndpointSpec {
+            proto: Proto::Tcp,
+            ports: 8000..=8000,
+            v4_prefix: Some((Ipv4Addr::new(198, 19, 0, 0), 16)),
+            v6_prefix: Some(("2001:db8:ff::".parse::<Ipv6Addr>().unwrap(), 48)),
+            weight: 2.5,
+            allowed_classes: vec![Class::Internal, Class::Customer],
+            roles: 0b11,
+            anonymous: false,
+        }
+    );
+    let triton = &c.endpoints[1];
+    assert_eq!(triton.spec.proto, Proto::Udp);
+    assert_eq!(triton.spec.ports, 8000..=8001);
+    assert_eq!(triton.spec.roles, 0b110);
+    assert_eq!(triton.spec.weight, 1.0);
+    assert_eq!((triton.spec.v4_prefix, triton.spec.v6_prefix), (None, None));
+    assert!(triton.spec.anonymous);
+
+    let batch = &c.identities[0];
+    assert_eq!(batch.name, "batch-cluster.eu");
+    assert_eq!(batch.class, Class::Internal);
+    assert_eq!(batch.plan, "internal");
+    assert_eq!(batch.roles, 0b1001);
+    assert_eq!(batch.role_names, ["inference", "admin"]);
+    assert_eq!(
+        batch.bind,
+        [
+            ("198.18.0.0".parse().unwrap(), 24),
+            ("2001:db8:1::".parse().unwrap(), 48),
+            ("198.18.7.7".parse().unwrap(), 32),
+            ("0.0.0.0".parse().unwrap(), 0),
+        ]
+    );
+    let acme = &c.identities[1];
+    assert_eq!((acme.class, acme.roles), (Class::Partner, 0));
+    assert_eq!(acme.bind, [("2001:db8:2::1".parse().unwrap(), 128)]);
+}
+
+#[test]
+fn unknown_top_level_key() {
+    assert_refused(
+        &format!("colour = \"blue\"\n{BASE}"),
+        1,
+        "colour",
+        "unknown key `colour`",
+    );
+}
+
+#[test]
+fn unknown_key_in_an_endpoint() {
+    let text = with(
+        "
+[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = [8000]
+classes = [\"internal\"]
+
+[[endpoints]]
+name = \"b\"
+protocol = \"tcp\"
+port = [9000]
+",
+    );
+    assert_refused(&text, 16, "endpoints[1].port", "unknown key `port`");
+}
+
+#[test]
+fn unknown_key_in_a_section() {
+    assert_refused(
+        &with("[controller]\nintervall_ms = 100\n"),
+        7,
+        "controller.intervall_ms",
+        "unknown key `intervall_ms`",
+    );
+}
+
+#[test]
+fn ports_as_a_bare_string() {
+    let text = with(
+        "[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = \"8000\"
+classes = [\"internal\"]
+",
+    );
+    assert_refused(
+        &text,
+        9,
+        "endpoints[0].ports",
+        "invalid type: string \"8000\", expected an array",
+    );
+}
+
+#[test]
+fn weight_not_a_number() {
+    let text = with(
+        "[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = [8000]
+classes = [\"internal\"]
+weight = \"heavy\"
+",
+    );
+    assert_refused(
+        &text,
+        11,
+        "endpoints[0].weight",
+        "invalid type: string \"heavy\", expected a number",
+    );
+}
+
+#[test]
+fn toml_syntax_error() {
+    // An unquoted string.
+    assert_refused(
+        "[node]\ninterfaces = [\"eth0\"]\nxdp_mode = auto\n",
+        3,
+        "node.xdp_mode",
+        "string values must be quoted",
+    );
+    // An unclosed array, found at the end of the line it starts on.
+    assert_refused(
+        "[node]\ninterfaces = [\"eth0\"\n",
+        2,
+        "node.interfaces",
+        "unclosed array",
+    );
+}
+
+#[test]
+fn duplicate_key() {
+    assert_refused(
+        "[node]\ninterfaces = [\"eth0\"]\ninterfaces = [\"eth1\"]\n",
+        3,
+        "node.interfaces",
+        "duplicate key",
+    );
+    assert_refused(
+        &with("[[plans]]\nname = \"b\"\nname = \"c\"\n"),
+        8,
+        "plans[1].name",
+        "duplicate key",
+    );
+}
+
+#[test]
+fn missing_required_key() {
+    let text = with(
+        "
+[[endpoints]]
+name = \"a\"
+ports = [8000]
+classes = [\"internal\"]
+",
+    );
+    assert_refused(&text, 7, "endpoints[0].protocol", "this key is required");
+    assert_refused(
+        "[[plans]]\nname = \"free\"\n",
+        1,
+        "node",
+        "this key is required",
+    );
+}
+
+#[test]
+fn no_plans() {
+    assert_refused(
+        "[node]\ninterfaces = [\"eth0\"]\n",
+        1,
+        "plans",
+        "at least one [[plans]]",
+    );
+}
+
+#[test]
+fn packet_burst_zero() {
+    let text = with("packets_per_second = 100\npacket_burst = 0\n");
+    assert_refused(
+        &text,
+        7,
+        "plans[0].packet_burst",
+        "a burst of 0 is below one packet",
+    );
+}
+
+#[test]
+fn byte_burst_below_one_frame() {
+    let text = with("bytes_per_second = 10_000\nbyte_burst = 1000\n");
+    assert_refused(
+        &text,
+        7,
+        "plans[0].byte_burst",
+        "a burst of 1000 is below one full Ethernet frame (1518 bytes)",
+    );
+}
+
+#[test]
+fn rate_without_burst() {
+    assert_refused(
+        &with("packets_per_second = 100\n"),
+        6,
+        "plans[0].packet_burst",
+        "packet_burst is required when the rate is set",
+    );
+}
+
+#[test]
+fn burst_without_rate() {
+    assert_refused(
+        &with("byte_burst = 100000\n"),
+        6,
+        "plans[0].byte_burst",
+        "byte_burst without its rate",
+    );
+}
+
+#[test]
+fn zero_rate() {
+    assert_refused(
+        &with("packets_per_second = 0\npacket_burst = 10\n"),
+        6,
+        "plans[0].packets_per_second",
+        "0 is refused",
+    );
+}
+
+#[test]
+fn duplicate_plan_and_bad_plan_name() {
+    assert_refused(
+        &with("[[plans]]\nname = \"free\"\n"),
+        7,
+        "plans[1].name",
+        "plan \"free\" is defined twice (also plans[0])",
+    );
+    assert_refused(
+        &with("[[plans]]\nname = \"Gold Tier\"\n"),
+        7,
+        "plans[1].name",
+        "\"Gold Tier\" is not a valid name",
+    );
+}
+
+#[test]
+fn priority_out_of_range() {
+    assert_refused(
+        &with("priority = 101\n"),
+        6,
+        "plans[0].priority",
+        "must be between 0 and 100",
+    );
+}
+
+const TWO_TCP: &str = "
+[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = [\"8000-8010\"]
+classes = [\"internal\"]
+
+[[endpoints]]
+name = \"b\"
+protocol = \"tcp\"
+ports = [9000, 8005]
+classes = [\"internal\"]
+";
+
+#[test]
+fn overlapping_endpoints() {
+    let e = refuse(&with(TWO_TCP));
+    assert_eq!((e.line, e.field.as_str()), (Some(16), "endpoints[1].ports"));
+    assert!(
+        e.message.contains(
+            "tcp 8005 of endpoint \"b\" overlaps endpoint \"a\" (endpoints[0], tcp 8000-8010)"
+        ),
+        "{e}"
+    );
+    // The same ports on the other protocol are another endpoint's business.
+    let udp = with(&TWO_TCP.replacen("\"tcp\"", "\"udp\"", 1));
+    Config::parse(&udp, "t.toml").unwrap();
+}
+
+#[test]
+fn overlapping_ranges_within_one_endpoint() {
+    let text = with(
+        "[[endpoints]]
+name = \"a\"
+protocol = \"udp\"
+ports = [\"8000-8010\",
+  8010]
+classes = [\"internal\"]
+",
+    );
+    assert_refused(
+        &text,
+        10,
+        "endpoints[0].ports",
+        "8010 overlaps 8000-8010 listed before it",
+    );
+}
+
+#[test]
+fn unknown_plan_in_an_identity() {
+    let text = with(
+        "
+[[identities]]
+name = \"acme\"
+class = \"partner\"
+plan = \"gold\"
+bind = [\"198.18.0.0/24\"]
+",
+    );
+    assert_refused(
+        &text,
+        10,
+        "identities[0].plan",
+        "unknown plan \"gold\" (plans: free)",
+    );
+}
+
+#[test]
+fn unknown_class() {
+    let text = with(
+        "[[identities]]
+name = \"acme\"
+class = \"vip\"
+plan = \"free\"
+bind = [\"198.18.0.0/24\"]
+",
+    );
+    assert_refused(
+        &text,
+        8,
+        "identities[0].class",
+        "unknown class \"vip\": expected internal, partner or customer",
+    );
+    let text = with(
+        "[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = [80]
+classes = [\"internal\", \"anonymous\"]
+",
+    );
+    assert_refused(
+        &text,
+        10,
+        "endpoints[0].classes",
+        "\"anonymous\" is not a class to name here",
+    );
+}
+
+#[test]
+fn duplicate_endpoint_name() {
+    let text = with(&TWO_TCP.replace("name = \"b\"", "name = \"a\""));
+    assert_refused(
+        &text,
+        14,
+        "endpoints[1].name",
+        "endpoint \"a\" is defined twice (also endpoints[0])",
+    );
+}
+
+#[test]
+fn reversed_port_range() {
+    let text = with(
+        "[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = [7000, \"9000-8000\"]
+classes = [\"internal\"]
+",
+    );
+    assert_refused(
+        &text,
+        9,
+        "endpoints[0].ports",
+        "port range 9000-8000 is reversed",
+    );
+}
+
+#[test]
+fn port_zero_and_out_of_range() {
+    let endpoint = |ports: &str| {
+        with(&format!(
+            "[[endpoints]]\nname = \"a\"\nprotocol = \"tcp\"\nports = {ports}\nclasses = [\"internal\"]\n"
+        ))
+    };
+    assert_refused(
+        &endpoint("[0]"),
+        9,
+        "endpoints[0].ports",
+        "port 0 is not a port",
+    );
+    assert_refused(
+        &endpoint("[\"1-70000\"]"),
+        9,
+        "endpoints[0].ports",
+        "port 70000 is out of range",
+    );
+    assert_refused(
+        &endpoint("[\"http\"]"),
+        9,
+        "endpoints[0].ports",
+        "\"http\" is neither a port nor a range",
+    );
+    assert_refused(
+        &endpoint("[]"),
+        9,
+        "endpoints[0].ports",
+        "at least one port is required",
+    );
+}
+
+#[test]
+fn destination_with_host_bits() {
+    let text = with(
+        "[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = [8000]
+destinations = [\"198.19.0.1/16\"]
+classes = [\"internal\"]
+",
+    );
+    assert_refused(
+        &text,
+        10,
+        "endpoints[0].destinations",
+        "198.19.0.1/16 has host bits set (did you mean 198.19.0.0/16?)",
+    );
+}
+
+#[test]
+fn two_ipv4_destinations() {
+    let text = with(
+        "[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = [8000]
+destinations = [\"198.19.0.0/16\", \"2001:db8::/32\", \"198.20.0.0/16\"]
+classes = [\"internal\"]
+",
+    );
+    assert_refused(
+        &text,
+        10,
+        "endpoints[0].destinations",
+        "a second IPv4 destination (198.20.0.0/16)",
+    );
+}
+
+#[test]
+fn weight_zero() {
+    let text = with(
+        "[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = [8000]
+classes = [\"internal\"]
+weight = 0
+",
+    );
+    assert_refused(
+        &text,
+        11,
+        "endpoints[0].weight",
+        "0 is out of range: it must be between 1/256",
+    );
+}
+
+#[test]
+fn empty_interfaces() {
+    assert_refused(
+        "[node]\ninterfaces = []\n[[plans]]\nname = \"free\"\n",
+        2,
+        "node.interfaces",
+        "at least one interface is required",
+    );
+}
+
+#[test]
+fn bad_interface_names() {
+    for (name, why) in [
+        ("eth0/1", "contains '/'"),
+        ("averyveryverylongname", "longer than 15 bytes"),
+        ("..", "are not interface names"),
+        ("eth 0", "whitespace"),
+    ] {
+        let text =
+            format!("[node]\ninterfaces = [\"eth0\",\n \"{name}\"]\n[[plans]]\nname = \"x\"\n");
+        assert_refused(&text, 3, "node.interfaces", why);
+    }
+}
+
+#[test]
+fn relative_pin_dir() {
+    assert_refused(
+        "[node]\ninterfaces = [\"eth0\"]\npin_dir = \"bpf/tollgate\"\n[[plans]]\nname = \"x\"\n",
+        3,
+        "node.pin_dir",
+        "\"bpf/tollgate\" is not an absolute path",
+    );
+}
+
+#[test]
+fn unknown_xdp_mode() {
+    assert_refused(
+        "[node]\ninterfaces = [\"eth0\"]\nxdp_mode = \"offload\"\n[[plans]]\nname = \"x\"\n",
+        3,
+        "node.xdp_mode",
+        "unknown XDP mode \"offload\"",
+    );
+}
+
+#[test]
+fn same_prefix_bound_to_two_identities() {
+    let text = with(
+        "[[identities]]
+name = \"a\"
+class = \"internal\"
+plan = \"free\"
+bind = [\"198.18.0.0/24\", \"2001:db8::1\"]
+
+[[identities]]
+name = \"b\"
+class = \"partner\"
+plan = \"free\"
+bind = [\"198.18.1.0/24\",
+  \"198.18.0.0/24\"]
+",
+    );
+    assert_refused(
+        &text,
+        17,
+        "identities[1].bind",
+        "198.18.0.0/24 is already bound to identity \"a\" (identities[0])",
+    );
+}
+
+#[test]
+fn identity_bind_with_host_bits() {
+    let text = with(
+        "[[identities]]
+name = \"a\"
+class = \"internal\"
+plan = \"free\"
+bind = [\"2001:db8::1/64\"]
+",
+    );
+    assert_refused(
+        &text,
+        10,
+        "identities[0].bind",
+        "2001:db8::1/64 has host bits set (did you mean 2001:db8::/64?)",
+    );
+}
+
+#[test]
+fn more_than_64_roles() {
+    // 40 distinct roles on an endpoint, 25 more on an identity: the 65th is refused.
+    let ep_roles: Vec<String> = (0..40).map(|i| format!("\"r{i}\"")).collect();
+    let id_roles: Vec<String> = (0..26).map(|i| format!("\"r{}\"", 39 + i)).collect();
+    let text = with(&format!(
+        "[[endpoints]]
+name = \"a\"
+protocol = \"tcp\"
+ports = [8000]
+classes = [\"internal\"]
+roles = [{}]
+
+[[identities]]
+name = \"b\"
+class = \"internal\"
+plan = \"free\"
+bind = [\"198.18.0.0/24\"]
+roles = [{},
+  {}]
+",
+        ep_roles.join(", "),
+        id_roles[..25].join(", "),
+        id_roles[25],
+    ));
+    assert_refused(
+        &text,
+        19,
+        "identities[0].roles",
+        "role \"r64\" is the 65th distinct role: at most 64",
+    );
+    // Exactly 64 is fine, and the last one is bit 63.
+    let text64 = text.replace(",\n  \"r64\"]", "]");
+    let c = Config::parse(&text64, "t.toml").unwrap();
+    assert_eq!(c.roles.len(), 64);
+    assert_eq!(c.role_bit("r63"), Some(1 << 63));
+    assert_eq!(c.identities[0].roles, u64::MAX << 39);
+}
+
+#[test]
+fn controller_interval_zero() {
+    assert_refused(
+        &with("[controller]\ninterval_ms = 0\n"),
+        7,
+        "controller.interval_ms",
+        "0 is out of range: it must be between 10 and 60000",
+    );
+}
+
+#[test]
+fn anonymous_burst_zero() {
+    assert_refused(
+        &with("[anonymous]\npackets_per_second = 5\nburst = 0\n"),
+        8,
+        "anonymous.burst",
+        "a burst below one packet admits nothing",
+    );
+}
+
+#[test]
+fn negative_integer() {
+    assert_refused(
+        &with("[drop_events]\ninterval_ms = -1\n"),
+        7,
+        "drop_events.interval_ms",
+        "-1 is out of range",
+    );
+}
+
+#[test]
+fn listen_addresses() {
+    assert_refused(
+        &with("[listen]\nbind = \"0.0.0.0\"\n"),
+        7,
+        "listen.bind",
+        "is not an address and port",
+    );
+    assert_refused(
+        &with("[listen]\nbind = \"0.0.0.0:9464\"\n"),
+        7,
+        "listen.bind",
+        "listen.bind (0.0.0.0:9464) and listen.metrics (127.0.0.1:9464) cannot both listen",
+    );
+}
+
+#[test]
+fn too_many_endpoints() {
+    let mut text = BASE.to_owned();
+    for i in 0..64 {
+        text.push_str(&format!(
+            "[[endpoints]]\nname = \"e{i}\"\nprotocol = \"tcp\"\nports = [{}]\nclasses = [\"internal\"]\n",
+            1000 + i
+        ));
+    }
+    // The 64th endpoint's header is on line 6 + 63 * 5.
+    assert_refused(&text, 321, "endpoints[63]", "at most 63 endpoints");
+}
+
+#[test]
+fn unreadable_file() {
+    let e = Config::load(Path::new("/nonexistent/tollgate.toml")).unwrap_err();
+    assert_eq!(e.line, None);
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/tollgate.toml: cannot read the configuration:"),
+        "{e}"
+    );
+}
+
+#[test]
+fn load_reads_a_file() {
+    let path = std::env::temp_dir().join(format!("tollgate-config-{}.toml", std::process::id()));
+    std::fs::write(&path, with("priority = 500\n")).unwrap();
+    let e = Config::load(&path).unwrap_err();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:6: plans[0].priority: 500 is out of range: it must be between 0 and 100",
+            path.display()
+        )
+    );
+}

@@ -1,0 +1,847 @@
+//! `tollgate run`: loads the configuration, adopts or creates the pinned state, applies the
+//! policy, attaches, and serves the control socket until SIGINT/SIGTERM. SIGHUP reloads.
+//!
+//! Stopping the daemon leaves the program attached with the last policy (the kernel checks
+//! binding expiry itself); `tollgate uninstall` is what removes it. `--detach-on-exit` gives
+//! the old behaviour for ad-hoc runs.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixListener,
+};
+use tracing::{info, warn};
+
+use crate::{
+    audit::{Actor, Audit},
+    config::Config,
+    control::{
+        peer::{self, Peer},
+        protocol::{ErrorKind, MAX_REQUEST_BYTES, Request, Response},
+    },
+    explain,
+    loader::AttachMode,
+    pins::{self, Pinned},
+    policy,
+    state::{DynBinding, Quarantine, State, now_unix_ms},
+    tables::{boot_ns, mask},
+};
+
+/// Command-line overrides of the configuration (for labs, tests and one-off runs).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub interfaces: Vec<String>,
+    pub mode: Option<AttachMode>,
+    pub pin_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub detach_on_exit: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Pins(#[from] pins::PinError),
+    #[error("{0}")]
+    State(#[from] crate::state::StateError),
+    #[error("{0}")]
+    Policy(#[from] policy::PolicyError),
+    #[error("{what}: {message}")]
+    Io { what: String, message: String },
+}
+
+fn io_err(what: impl Into<String>, e: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Io {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+/// Loads the configuration the options name: an explicit file must exist; without one the
+/// default path is used if present, else the embedded default (a first run).
+pub fn load_config(opts: &Options) -> Result<Config, crate::config::ConfigError> {
+    let mut config = match &opts.config {
+        Some(path) => Config::load(path)?,
+        None if Path::new(Config::DEFAULT_PATH).exists() => {
+            Config::load(Path::new(Config::DEFAULT_PATH))?
+        }
+        None => Config::embedded_default(),
+    };
+    if !opts.interfaces.is_empty() {
+        config.node.interfaces = opts.interfaces.clone();
+    }
+    if let Some(m) = opts.mode {
+        config.node.xdp_mode = m;
+    }
+    if let Some(p) = &opts.pin_dir {
+        config.node.pin_dir = p.clone();
+    }
+    if let Some(p) = &opts.state_dir {
+        config.node.state_dir = p.clone();
+    }
+    if let Some(p) = &opts.control_socket {
+        config.node.control_socket = p.clone();
+    }
+    Ok(config)
+}
+
+pub struct Daemon {
+    opts: Options,
+    config: Config,
+    pinned: Pinned,
+    state: State,
+    audit: Audit,
+    attached: Vec<String>,
+    started_unix_ms: u64,
+    stop: bool,
+}
+
+impl Daemon {
+    pub fn start(opts: Options) -> Result<Daemon, DaemonError> {
+        let config = load_config(&opts)?;
+        let mut pinned = Pinned::open(&config.node.pin_dir)?;
+        let mut state = State::load(&config.node.state_dir)?;
+        let audit = Audit::open(&config.node.state_dir).map_err(|e| {
+            io_err(
+                format!("audit log in {}", config.node.state_dir.display()),
+                e,
+            )
+        })?;
+        let applied = policy::apply(&config, &mut state, &mut pinned.tables, now_unix_ms())?;
+        state.save(&config.node.state_dir)?;
+        let mut attached = Vec::new();
+        for iface in &config.node.interfaces {
+            let adopted = pinned.attach(iface, config.node.xdp_mode)?;
+            info!(
+                iface,
+                adopted,
+                mode = config.node.xdp_mode.label(),
+                "attached"
+            );
+            attached.push(iface.clone());
+        }
+        for old in pins::pinned_interfaces(&config.node.pin_dir) {
+            if !attached.contains(&old) {
+                pins::detach(&config.node.pin_dir, &old)?;
+                info!(iface = old, "detached: no longer configured");
+            }
+        }
+        audit
+            .record(
+                &Actor::AGENT,
+                "start",
+                "",
+                json!({
+                    "config": config.source,
+                    "adopted_pins": pinned.adopted,
+                    "interfaces": attached,
+                    "applied": applied,
+                }),
+            )
+            .map_err(|e| io_err("audit log", e))?;
+        Ok(Daemon {
+            opts,
+            config,
+            pinned,
+            state,
+            audit,
+            attached,
+            started_unix_ms: now_unix_ms(),
+            stop: false,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn save(&self) -> Result<(), Response> {
+        self.state
+            .save(&self.config.node.state_dir)
+            .map_err(|e| Response::err(ErrorKind::Kernel, e.to_string()))
+    }
+
+    fn audit(
+        &self,
+        who: &Actor,
+        action: &str,
+        reason: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), Response> {
+        self.audit
+            .record(who, action, reason, detail)
+            .map_err(|e| Response::err(ErrorKind::Kernel, format!("audit log: {e}")))
+    }
+
+    /// Reloads the configuration: a file that fails validation changes nothing.
+    pub fn reload(&mut self, who: &Actor) -> Response {
+        let config = match load_config(&self.opts) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("reload refused: {e}");
+                let _ = self.audit(who, "reload_refused", &e.to_string(), json!({}));
+                return Response::err(ErrorKind::Config, e.to_string());
+            }
+        };
+        if config.node.pin_dir != self.config.node.pin_dir
+            || config.node.state_dir != self.config.node.state_dir
+            || config.node.control_socket != self.config.node.control_socket
+        {
+            return Response::err(
+                ErrorKind::Config,
+                "node.pin_dir, node.state_dir and node.control_socket take effect only on restart",
+            );
+        }
+        let applied = match policy::apply(
+            &config,
+            &mut self.state,
+            &mut self.pinned.tables,
+            now_unix_ms(),
+        ) {
+            Ok(a) => a,
+            Err(e) => return Response::err(ErrorKind::Kernel, e.to_string()),
+        };
+        for iface in &config.node.interfaces {
+            if !self.attached.contains(iface) {
+                if let Err(e) = self.pinned.attach(iface, config.node.xdp_mode) {
+                    return Response::err(ErrorKind::Kernel, e.to_string());
+                }
+                self.attached.push(iface.clone());
+            }
+        }
+        let removed: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|i| !config.node.interfaces.contains(i))
+            .cloned()
+            .collect();
+        for iface in &removed {
+            if let Err(e) = pins::detach(&config.node.pin_dir, iface) {
+                return Response::err(ErrorKind::Kernel, e.to_string());
+            }
+        }
+        self.attached.retain(|i| !removed.contains(i));
+        self.config = config;
+        if let Err(r) = self.save() {
+            return r;
+        }
+        let detail = json!({"config": self.config.source, "applied": applied, "detached": removed});
+        if let Err(r) = self.audit(who, "reload", "", detail.clone()) {
+            return r;
+        }
+        info!("reloaded {}", self.config.source);
+        Response::ok(detail)
+    }
+
+    /// Expires quarantines and run-time bindings whose time is up.
+    pub fn tick(&mut self) {
+        let now = now_unix_ms();
+        let expired: Vec<String> = self
+            .state
+            .quarantines
+            .iter()
+            .filter(|(_, q)| q.until_unix_ms.is_some_and(|u| u <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let stale: Vec<DynBinding> = self
+            .state
+            .bindings
+            .iter()
+            .filter(|b| b.expired(now))
+            .cloned()
+            .collect();
+        if expired.is_empty() && stale.is_empty() {
+            return;
+        }
+        for name in &expired {
+            self.state.quarantines.remove(name);
+            if let Err(e) = self.set_quarantine_flag(name, false) {
+                warn!(
+                    "releasing {name}: {}",
+                    e.error.map(|e| e.message).unwrap_or_default()
+                );
+            }
+            let _ = self.audit(
+                &Actor::AGENT,
+                "release",
+                "quarantine expired",
+                json!({"identity": name}),
+            );
+        }
+        for b in &stale {
+            // The kernel already ignores it; this frees the slot.
+            let _ = self.pinned.tables.unbind(b.addr, b.prefix_len);
+            let _ = self.audit(
+                &Actor::AGENT,
+                "unbind",
+                "binding expired",
+                json!({"target": format!("{}/{}", b.addr, b.prefix_len), "identity": b.identity}),
+            );
+        }
+        self.state.bindings.retain(|b| !b.expired(now));
+        if let Err(r) = self.save() {
+            warn!("saving state: {:?}", r.error);
+        }
+    }
+
+    fn identity_id(&self, name: &str) -> Option<u32> {
+        self.state.identity_ids.get(name).copied()
+    }
+
+    fn identity_name(&self, id: u32) -> Option<String> {
+        self.state
+            .identity_ids
+            .iter()
+            .find(|(_, i)| **i == id)
+            .map(|(n, _)| n.clone())
+    }
+
+    /// An identity name, or the identity an address is bound to.
+    fn resolve_identity(&self, target: &str) -> Result<String, Response> {
+        if self.identity_id(target).is_some() {
+            return Ok(target.to_owned());
+        }
+        if let Ok(addr) = target.parse::<IpAddr>() {
+            let found = self
+                .pinned
+                .tables
+                .lookup_binding(addr)
+                .map_err(|e| Response::err(ErrorKind::Kernel, e.to_string()))?;
+            return match found.and_then(|(_, b)| self.identity_name(b.identity)) {
+                Some(n) => Ok(n),
+                None => Err(Response::err(
+                    ErrorKind::NotFound,
+                    format!("{addr} is not bound to any identity"),
+                )),
+            };
+        }
+        Err(Response::err(
+            ErrorKind::NotFound,
+            format!("no identity named {target:?} (and it is not an address)"),
+        ))
+    }
+
+    fn set_quarantine_flag(&mut self, name: &str, on: bool) -> Result<(), Response> {
+        let id = self.identity_id(name).ok_or_else(|| {
+            Response::err(ErrorKind::NotFound, format!("no identity named {name:?}"))
+        })?;
+        let kernel = |e: crate::tables::TableError| Response::err(ErrorKind::Kernel, e.to_string());
+        let mut rec = self.pinned.tables.identity(id).map_err(kernel)?;
+        if on {
+            rec.flags |= tollgate_common::policy::ID_QUARANTINED;
+        } else {
+            rec.flags &= !tollgate_common::policy::ID_QUARANTINED;
+        }
+        self.pinned.tables.set_identity(id, &rec).map_err(kernel)
+    }
+
+    /// Serves one request from `peer`.
+    pub fn handle(&mut self, req: Request, peer: &Peer) -> Response {
+        let who = peer.actor();
+        match self.handle_inner(req, &who) {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    fn handle_inner(&mut self, req: Request, who: &Actor) -> Result<Response, Response> {
+        match req {
+            Request::Status {} => Ok(Response::ok(self.status()?)),
+            Request::Endpoints {} => Ok(Response::ok(self.endpoints()?)),
+            Request::Identities {} => Ok(Response::ok(self.identities(None)?)),
+            Request::Identity { name } => {
+                if self.identity_id(&name).is_none() {
+                    return Err(Response::err(
+                        ErrorKind::NotFound,
+                        format!("no identity named {name:?}"),
+                    ));
+                }
+                Ok(Response::ok(self.identities(Some(&name))?))
+            }
+            Request::Bind {
+                target,
+                identity,
+                for_secs,
+            } => self.bind(who, &target, &identity, for_secs),
+            Request::Unbind { target } => self.unbind(who, &target),
+            Request::Quarantine {
+                target,
+                for_secs,
+                reason,
+            } => {
+                if reason.trim().is_empty() {
+                    return Err(Response::err(
+                        ErrorKind::BadRequest,
+                        "a quarantine needs a --reason",
+                    ));
+                }
+                let name = self.resolve_identity(&target)?;
+                let now = now_unix_ms();
+                let until = for_secs.map(|s| now + s.saturating_mul(1000));
+                self.state.quarantines.insert(
+                    name.clone(),
+                    Quarantine {
+                        until_unix_ms: until,
+                        since_unix_ms: now,
+                        reason: reason.clone(),
+                        by: who.describe(),
+                    },
+                );
+                self.save()?;
+                self.set_quarantine_flag(&name, true)?;
+                let detail = json!({"identity": name, "until_unix_ms": until});
+                self.audit(who, "quarantine", &reason, detail.clone())?;
+                Ok(Response::ok(detail))
+            }
+            Request::Release { target, reason } => {
+                let name = self.resolve_identity(&target)?;
+                if self.state.quarantines.remove(&name).is_none() {
+                    return Err(Response::err(
+                        ErrorKind::NotFound,
+                        format!("{name} is not quarantined"),
+                    ));
+                }
+                self.save()?;
+                self.set_quarantine_flag(&name, false)?;
+                let detail = json!({"identity": name});
+                self.audit(who, "release", &reason, detail.clone())?;
+                Ok(Response::ok(detail))
+            }
+            Request::Explain(probe) => {
+                let names = Names { daemon: self };
+                explain::explain(&self.pinned.tables, &names, &probe)
+                    .map(|e| Response::ok(json!(e)))
+                    .map_err(|e| Response::err(ErrorKind::BadRequest, e.to_string()))
+            }
+            Request::Reload {} => Ok(self.reload(who)),
+            Request::Uninstall {} => {
+                self.audit(
+                    who,
+                    "uninstall",
+                    "",
+                    json!({"pin_dir": self.config.node.pin_dir}),
+                )?;
+                let removed = pins::uninstall(&self.config.node.pin_dir)
+                    .map_err(|e| Response::err(ErrorKind::Kernel, e.to_string()))?;
+                self.stop = true;
+                Ok(Response::ok(json!({"removed": removed})))
+            }
+        }
+    }
+
+    fn bind(
+        &mut self,
+        who: &Actor,
+        target: &str,
+        identity: &str,
+        for_secs: Option<u64>,
+    ) -> Result<Response, Response> {
+        let (addr, len) =
+            parse_target(target).map_err(|m| Response::err(ErrorKind::BadRequest, m))?;
+        let Some(id) = self.identity_id(identity) else {
+            return Err(Response::err(
+                ErrorKind::NotFound,
+                format!("no identity named {identity:?}"),
+            ));
+        };
+        if let Some(owner) = self.static_owner(addr, len) {
+            return Err(Response::err(
+                ErrorKind::BadRequest,
+                format!("{addr}/{len} is bound to {owner} by the configuration; change it there"),
+            ));
+        }
+        if for_secs == Some(0) {
+            return Err(Response::err(
+                ErrorKind::BadRequest,
+                "--for must be at least 1 second",
+            ));
+        }
+        let now = now_unix_ms();
+        let expires = for_secs.map(|s| now + s.saturating_mul(1000));
+        let exp_ns = policy::expiry_boot_ns(expires, now).unwrap_or(1);
+        self.pinned
+            .tables
+            .bind(addr, len, id, exp_ns)
+            .map_err(|e| Response::err(ErrorKind::Kernel, e.to_string()))?;
+        self.state
+            .bindings
+            .retain(|b| !(b.addr == addr && b.prefix_len == len));
+        self.state.bindings.push(DynBinding {
+            addr,
+            prefix_len: len,
+            identity: identity.to_owned(),
+            expires_unix_ms: expires,
+            created_unix_ms: now,
+            by: who.describe(),
+        });
+        self.save()?;
+        let detail = json!({"target": format!("{addr}/{len}"), "identity": identity, "expires_unix_ms": expires});
+        self.audit(who, "bind", "", detail.clone())?;
+        Ok(Response::ok(detail))
+    }
+
+    fn unbind(&mut self, who: &Actor, target: &str) -> Result<Response, Response> {
+        let (addr, len) =
+            parse_target(target).map_err(|m| Response::err(ErrorKind::BadRequest, m))?;
+        if let Some(owner) = self.static_owner(addr, len) {
+            return Err(Response::err(
+                ErrorKind::BadRequest,
+                format!("{addr}/{len} is bound to {owner} by the configuration; change it there"),
+            ));
+        }
+        let before = self.state.bindings.len();
+        self.state
+            .bindings
+            .retain(|b| !(b.addr == addr && b.prefix_len == len));
+        if self.state.bindings.len() == before {
+            return Err(Response::err(
+                ErrorKind::NotFound,
+                format!("no run-time binding for {addr}/{len}"),
+            ));
+        }
+        match self.pinned.tables.unbind(addr, len) {
+            Ok(()) | Err(crate::tables::TableError::NoBinding(_)) => {}
+            Err(e) => return Err(Response::err(ErrorKind::Kernel, e.to_string())),
+        }
+        self.save()?;
+        let detail = json!({"target": format!("{addr}/{len}")});
+        self.audit(who, "unbind", "", detail.clone())?;
+        Ok(Response::ok(detail))
+    }
+
+    fn static_owner(&self, addr: IpAddr, len: u8) -> Option<String> {
+        self.config
+            .identities
+            .iter()
+            .find(|i| i.bind.contains(&(addr, len)))
+            .map(|i| i.name.clone())
+    }
+
+    fn status(&self) -> Result<serde_json::Value, Response> {
+        let kernel = |e: crate::tables::TableError| Response::err(ErrorKind::Kernel, e.to_string());
+        let totals = crate::counters::reason_totals(self.pinned.tables.reason_counters())
+            .map_err(|e| Response::err(ErrorKind::Kernel, e.to_string()))?;
+        let (mut passed, mut dropped) = (0u64, 0u64);
+        for (r, c) in &totals {
+            if r.verdict() == tollgate_common::Verdict::Pass {
+                passed += c.packets;
+            } else {
+                dropped += c.packets;
+            }
+        }
+        let bindings = self.pinned.tables.bindings().map_err(kernel)?.len();
+        Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": self.config.source,
+            "interfaces": self.attached,
+            "xdp_mode": self.config.node.xdp_mode.label(),
+            "pin_dir": self.config.node.pin_dir,
+            "adopted_pins": self.pinned.adopted,
+            "layout_version": tollgate_common::LAYOUT_VERSION,
+            "uptime_s": (now_unix_ms() - self.started_unix_ms) / 1000,
+            "endpoints": self.config.endpoints.len(),
+            "identities": self.state.identity_ids.len(),
+            "bindings": bindings,
+            "quarantined": self.state.quarantines.keys().collect::<Vec<_>>(),
+            "packets_passed": passed,
+            "packets_dropped": dropped,
+        }))
+    }
+
+    fn endpoints(&self) -> Result<serde_json::Value, Response> {
+        let per = crate::counters::reason_endpoint_totals(self.pinned.tables.reason_counters())
+            .map_err(|e| Response::err(ErrorKind::Kernel, e.to_string()))?;
+        let rows: Vec<serde_json::Value> = self
+            .config
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| {
+                let id = i as u32 + 1;
+                let (mut passed, mut dropped) = (0u64, 0u64);
+                for (r, e, c) in &per {
+                    if *e == id {
+                        if r.verdict() == tollgate_common::Verdict::Pass {
+                            passed += c.packets;
+                        } else {
+                            dropped += c.packets;
+                        }
+                    }
+                }
+                json!({
+                    "id": id,
+                    "name": ep.name,
+                    "protocol": ep.spec.proto,
+                    "ports": ep.port_ranges.iter().map(|r| if r.start() == r.end() { r.start().to_string() } else { format!("{}-{}", r.start(), r.end()) }).collect::<Vec<_>>(),
+                    "weight": ep.spec.weight,
+                    "classes": ep.spec.allowed_classes.iter().map(|c| c.label()).collect::<Vec<_>>(),
+                    "roles": ep.role_names,
+                    "anonymous": ep.spec.anonymous,
+                    "packets_passed": passed,
+                    "packets_dropped": dropped,
+                })
+            })
+            .collect();
+        Ok(json!(rows))
+    }
+
+    fn identities(&self, only: Option<&str>) -> Result<serde_json::Value, Response> {
+        let kernel = |e: crate::tables::TableError| Response::err(ErrorKind::Kernel, e.to_string());
+        let bindings = self.pinned.tables.bindings().map_err(kernel)?;
+        let now_boot = boot_ns();
+        let mut rows = Vec::new();
+        for ident in &self.config.identities {
+            if only.is_some_and(|o| o != ident.name) {
+                continue;
+            }
+            let Some(id) = self.identity_id(&ident.name) else {
+                continue;
+            };
+            let c = self.pinned.tables.identity_counters(id).map_err(kernel)?;
+            let binds: Vec<String> = bindings
+                .iter()
+                .filter(|(_, _, b)| b.identity == id)
+                .map(|(a, l, b)| {
+                    let net = mask(*a, *l);
+                    if b.expires_ns == 0 {
+                        format!("{net}/{l}")
+                    } else if b.expires_ns > now_boot {
+                        format!(
+                            "{net}/{l} (expires in {}s)",
+                            (b.expires_ns - now_boot) / 1_000_000_000
+                        )
+                    } else {
+                        format!("{net}/{l} (expired)")
+                    }
+                })
+                .collect();
+            let q = self.state.quarantines.get(&ident.name);
+            rows.push(json!({
+                "id": id,
+                "name": ident.name,
+                "class": ident.class.label(),
+                "plan": ident.plan,
+                "roles": ident.role_names,
+                "bindings": binds,
+                "quarantined": q.map(|q| json!({"reason": q.reason, "until_unix_ms": q.until_unix_ms, "by": q.by})),
+                "passed_packets": c.passed.packets,
+                "passed_bytes": c.passed.bytes,
+                "dropped_packets": c.dropped.packets,
+                "dropped_bytes": c.dropped.bytes,
+            }));
+        }
+        Ok(match only {
+            Some(_) => rows.into_iter().next().unwrap_or_default(),
+            None => json!(rows),
+        })
+    }
+}
+
+struct Names<'a> {
+    daemon: &'a Daemon,
+}
+
+impl explain::Names for Names<'_> {
+    fn endpoint(&self, id: u32) -> Option<String> {
+        self.daemon
+            .config
+            .endpoints
+            .get(id.checked_sub(1)? as usize)
+            .map(|e| e.name.clone())
+    }
+    fn identity(&self, id: u32) -> Option<String> {
+        self.daemon.identity_name(id)
+    }
+}
+
+/// "198.18.0.5" (a /32 or /128) or "198.18.0.0/24"; host bits must be zero.
+pub fn parse_target(s: &str) -> Result<(IpAddr, u8), String> {
+    let (a, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+    };
+    if mask(addr, len) != addr {
+        return Err(format!(
+            "{s:?} has host bits set (did you mean {}/{len}?)",
+            mask(addr, len)
+        ));
+    }
+    Ok((addr, len))
+}
+
+/// Runs the daemon until SIGINT/SIGTERM or `tollgate uninstall`.
+pub fn run(opts: Options) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| io_err("starting the runtime", e))?;
+    rt.block_on(serve(opts))
+}
+
+async fn serve(opts: Options) -> Result<(), DaemonError> {
+    let detach_on_exit = opts.detach_on_exit;
+    let mut daemon = Daemon::start(opts)?;
+    let socket = daemon.config.node.control_socket.clone();
+    let listener = bind_socket(&socket, &daemon.config.node.control_group)?;
+    info!(
+        socket = %socket.display(),
+        interfaces = ?daemon.attached,
+        "attached; enforcing until SIGINT/SIGTERM"
+    );
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| io_err("SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| io_err("SIGINT handler", e))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| io_err("SIGHUP handler", e))?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while !daemon.stop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                let r = daemon.reload(&Actor::SIGNAL);
+                if !r.ok {
+                    warn!("SIGHUP reload refused: {}", r.error.map(|e| e.message).unwrap_or_default());
+                }
+            }
+            _ = tick.tick() => daemon.tick(),
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => serve_connection(&mut daemon, stream).await,
+                Err(e) => warn!("control socket: {e}"),
+            },
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    if detach_on_exit && !daemon.stop {
+        let removed = pins::uninstall(&daemon.config.node.pin_dir)?;
+        info!(
+            pins = removed.len(),
+            "detached and removed pins (--detach-on-exit)"
+        );
+    } else if daemon.stop {
+        info!("uninstalled: detached and removed pins");
+    } else {
+        info!("stopping; the program stays attached with the last policy");
+    }
+    Ok(())
+}
+
+fn bind_socket(path: &Path, group: &str) -> Result<UnixListener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir.display().to_string(), e))?;
+    }
+    // A socket left by a killed agent: nobody answers on it, so it can go.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io_err(
+            path.display().to_string(),
+            "another agent is already serving this control socket",
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| io_err(path.display().to_string(), e))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| io_err(path.display().to_string(), e))?;
+    if let Some(gid) = peer::group_gid(group) {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| io_err(path.display().to_string(), e))?;
+    } else {
+        warn!("group {group} does not exist: the control socket is root-only");
+    }
+    Ok(listener)
+}
+
+async fn serve_connection(daemon: &mut Daemon, stream: tokio::net::UnixStream) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            warn!("control socket: no peer credentials: {e}");
+            return;
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let answer = match peer::authorize(&peer, &daemon.config.node.control_group) {
+        Err(why) => {
+            warn!("{why}");
+            Response::err(ErrorKind::Refused, why)
+        }
+        Ok(()) => {
+            let mut line = String::new();
+            let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
+            match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await {
+                Err(_) => Response::err(ErrorKind::BadRequest, "no request within 5 s"),
+                Ok(Err(e)) => {
+                    Response::err(ErrorKind::BadRequest, format!("reading the request: {e}"))
+                }
+                Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => Response::err(
+                    ErrorKind::BadRequest,
+                    format!("request over {MAX_REQUEST_BYTES} bytes"),
+                ),
+                Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim_end()) {
+                    Ok(req) => daemon.handle(req, &peer),
+                    Err(e) => {
+                        Response::err(ErrorKind::BadRequest, format!("malformed request: {e}"))
+                    }
+                },
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    out.push(b'\n');
+    let _ = tokio::time::timeout(Duration::from_secs(5), write.write_all(&out)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            parse_target("198.18.0.5"),
+            Ok(("198.18.0.5".parse().unwrap(), 32))
+        );
+        assert_eq!(
+            parse_target("198.18.0.0/24"),
+            Ok(("198.18.0.0".parse().unwrap(), 24))
+        );
+        assert_eq!(
+            parse_target("2001:db8::/32"),
+            Ok(("2001:db8::".parse().unwrap(), 32))
+        );
+        assert!(
+            parse_target("198.18.0.5/24")
+                .unwrap_err()
+                .contains("host bits")
+        );
+        assert!(
+            parse_target("198.18.0.0/33")
+                .unwrap_err()
+                .contains("0..=32")
+        );
+        assert!(parse_target("batch").unwrap_err().contains("not an IP"));
+    }
+}

@@ -1,0 +1,334 @@
+//! `tollgate explain`: the verdict a packet would get, and why. The packet is built and parsed
+//! exactly as the kernel parses it, and decided by the same `decide` the XDP program runs,
+//! over a snapshot of the kernel's tables; the limiter is consulted but not charged, so
+//! explaining changes nothing.
+
+use std::{cell::UnsafeCell, net::IpAddr};
+
+use serde::Serialize;
+use tollgate_common::{
+    Reason, Verdict,
+    decide::{AnonPrefix, Tables as DecideTables, decide},
+    packet::{L4, PacketBuilder},
+    parse::{Family, Frame, parse},
+    policy::{Binding, Bucket, Class, Endpoint, Identity, Settings, port_slot},
+};
+
+use crate::tables::{Proto, TableError, Tables, boot_ns};
+
+/// The kernel state a decision about one packet can touch, copied out.
+struct Snapshot {
+    slot: Option<u32>,
+    port_endpoint: u32,
+    endpoint: Endpoint,
+    exact: Option<Binding>,
+    cidr: Option<Binding>,
+    identities: Vec<(u32, Identity, UnsafeCell<Bucket>)>,
+    anon: UnsafeCell<u64>,
+    settings: Settings,
+    now: u64,
+}
+
+impl DecideTables for Snapshot {
+    fn port_endpoint(&self, slot: u32) -> u32 {
+        if Some(slot) == self.slot {
+            self.port_endpoint
+        } else {
+            0
+        }
+    }
+    fn endpoint(&self, id: u32) -> Option<*const Endpoint> {
+        (id == self.port_endpoint).then_some(&self.endpoint as *const _)
+    }
+    fn exact_binding(&self, _: Family, _: &[u8; 16]) -> Option<*const Binding> {
+        self.exact.as_ref().map(|b| b as *const _)
+    }
+    fn cidr_binding(&self, _: Family, _: &[u8; 16]) -> Option<*const Binding> {
+        self.cidr.as_ref().map(|b| b as *const _)
+    }
+    fn identity(&self, id: u32) -> Option<*const Identity> {
+        self.identities
+            .iter()
+            .find(|(i, _, _)| *i == id)
+            .map(|(_, ident, _)| ident as *const _)
+    }
+    fn bucket(&self, id: u32) -> Option<*mut Bucket> {
+        self.identities
+            .iter()
+            .find(|(i, _, _)| *i == id)
+            .map(|(_, _, b)| b.get())
+    }
+    fn anon_tat(&self, _: &AnonPrefix) -> Option<*mut u64> {
+        Some(self.anon.get())
+    }
+    fn settings(&self) -> Settings {
+        self.settings
+    }
+    fn now_ns(&self) -> u64 {
+        self.now
+    }
+    unsafe fn load(&self, p: *const u64) -> u64 {
+        // SAFETY: `p` points into this snapshot, which only this thread touches.
+        unsafe { *p }
+    }
+    unsafe fn cas(&self, p: *mut u64, old: u64, new: u64) -> bool {
+        // SAFETY: as above; the copy is charged, never the kernel's budget.
+        unsafe {
+            if *p == old {
+                *p = new;
+                true
+            } else {
+                false
+            }
+        }
+    }
+}
+
+/// The answer, for humans (`why`) and scripts (the rest).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Explanation {
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub endpoint_id: u32,
+    pub endpoint: Option<String>,
+    pub identity_id: Option<u32>,
+    pub identity: Option<String>,
+    pub class: Option<&'static str>,
+    pub binding: Option<String>,
+    pub why: String,
+}
+
+/// A packet to explain.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    /// Frame size to weigh against the byte budget (default 100).
+    #[serde(default)]
+    pub bytes: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("source {0} and destination {1} are of different IP families")]
+    MixedFamilies(IpAddr, IpAddr),
+    #[error("{0}")]
+    Tables(#[from] TableError),
+}
+
+fn frame(p: &Probe) -> Result<Vec<u8>, ExplainError> {
+    let b = match (p.src, p.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::v4(s.octets(), d.octets()),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::v6(s.octets(), d.octets()),
+        (s, d) => return Err(ExplainError::MixedFamilies(s, d)),
+    };
+    let b = match p.proto {
+        Proto::Tcp => b.l4(L4::Tcp {
+            sport: 40000,
+            dport: p.port,
+        }),
+        Proto::Udp => b.l4(L4::Udp {
+            sport: 40000,
+            dport: p.port,
+        }),
+    };
+    let mut f = b.build();
+    let want = p.bytes.unwrap_or(100) as usize;
+    if want > f.len() {
+        f = b.payload(want - f.len()).build();
+    }
+    Ok(f)
+}
+
+/// Names for ids, from the configuration and the state.
+pub trait Names {
+    fn endpoint(&self, id: u32) -> Option<String>;
+    fn identity(&self, id: u32) -> Option<String>;
+}
+
+pub fn explain(
+    tables: &Tables,
+    names: &dyn Names,
+    probe: &Probe,
+) -> Result<Explanation, ExplainError> {
+    let bytes = frame(probe)?;
+    let Ok(Frame::Ip(pkt)) = parse(&bytes[..]) else {
+        unreachable!("the builder makes well-formed IP frames");
+    };
+    let slot = port_slot(pkt.proto, pkt.dport);
+    let port_endpoint = match slot {
+        Some(s) => tables.ports.get(&s, 0).map_err(|source| TableError::Map {
+            name: tollgate_common::map_names::PORTS,
+            source,
+        })?,
+        None => 0,
+    };
+    let endpoint = tables.endpoint_record(port_endpoint)?;
+    let (exact, cidr) = match tables.lookup_binding(probe.src)? {
+        Some((len, b)) if len == 32 || len == 128 => {
+            // An exact binding: the kernel also looks at CIDR ones when it has expired.
+            let cidr = tables
+                .bindings()?
+                .into_iter()
+                .filter(|(a, l, _)| *l < 32 || (*l < 128 && a.is_ipv6()))
+                .filter(|(a, l, _)| crate::tables::prefix_covers(*a, *l, probe.src))
+                .max_by_key(|(_, l, _)| *l)
+                .map(|(_, _, b)| b);
+            (Some(b), cidr)
+        }
+        Some((_, b)) => (None, Some(b)),
+        None => (None, None),
+    };
+    let mut identities = Vec::new();
+    for b in exact.iter().chain(cidr.iter()) {
+        let ident = tables.identity(b.identity)?;
+        let bucket = tables.bucket(b.identity)?;
+        identities.push((b.identity, ident, UnsafeCell::new(bucket)));
+    }
+    let snap = Snapshot {
+        slot,
+        port_endpoint,
+        endpoint,
+        exact,
+        cidr,
+        identities,
+        anon: UnsafeCell::new(0),
+        settings: tables.settings()?,
+        now: boot_ns(),
+    };
+    let d = decide(&snap, &pkt, bytes.len() as u64);
+    let ident = snap
+        .identities
+        .iter()
+        .find(|(i, _, _)| *i == d.identity && d.identity != 0)
+        .map(|(_, ident, _)| *ident);
+    let class = ident
+        .and_then(|i| Class::from_u8(i.class))
+        .map(Class::label);
+    let endpoint_name = (d.endpoint != 0)
+        .then(|| names.endpoint(d.endpoint))
+        .flatten();
+    let identity_name = (d.identity != 0)
+        .then(|| names.identity(d.identity))
+        .flatten();
+    let binding = snap
+        .exact
+        .filter(|b| b.identity == d.identity)
+        .map(|b| {
+            describe_binding(
+                probe.src,
+                if probe.src.is_ipv4() { 32 } else { 128 },
+                &b,
+                snap.now,
+            )
+        })
+        .or_else(|| {
+            snap.cidr
+                .filter(|b| b.identity == d.identity)
+                .and_then(|b| {
+                    tables
+                        .lookup_binding(probe.src)
+                        .ok()
+                        .flatten()
+                        .map(|(len, _)| describe_binding(probe.src, len, &b, snap.now))
+                })
+        });
+    let why = why(
+        &d.reason,
+        probe,
+        endpoint_name.as_deref(),
+        identity_name.as_deref(),
+        class,
+        binding.as_deref(),
+    );
+    Ok(Explanation {
+        verdict: match d.reason.verdict() {
+            Verdict::Pass => "pass",
+            Verdict::Drop => "drop",
+            Verdict::Aborted => "aborted",
+        },
+        reason: d.reason.label(),
+        endpoint_id: d.endpoint,
+        endpoint: endpoint_name,
+        identity_id: (d.identity != 0).then_some(d.identity),
+        identity: identity_name,
+        class,
+        binding,
+        why,
+    })
+}
+
+fn describe_binding(src: IpAddr, len: u8, b: &Binding, now: u64) -> String {
+    let net = crate::tables::mask(src, len);
+    if b.expires_ns == 0 {
+        format!("{net}/{len}, no expiry")
+    } else if b.expires_ns > now {
+        format!(
+            "{net}/{len}, expires in {}s",
+            (b.expires_ns - now) / 1_000_000_000
+        )
+    } else {
+        format!(
+            "{net}/{len}, expired {}s ago",
+            (now - b.expires_ns) / 1_000_000_000
+        )
+    }
+}
+
+fn why(
+    reason: &Reason,
+    p: &Probe,
+    endpoint: Option<&str>,
+    identity: Option<&str>,
+    class: Option<&str>,
+    binding: Option<&str>,
+) -> String {
+    let proto = match p.proto {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    };
+    let ep = endpoint.map_or_else(String::new, |e| {
+        format!("endpoint {e} ({proto}/{})", p.port)
+    });
+    let who = match (identity, class, binding) {
+        (Some(i), Some(c), Some(b)) => format!("{} is bound to {i} ({c}) by {b}", p.src),
+        (Some(i), _, _) => format!("{} is bound to {i}", p.src),
+        _ => format!("{} has no live binding", p.src),
+    };
+    match reason {
+        Reason::Unprotected => format!(
+            "{proto}/{} on {} is not a protected endpoint: tollgate passes it untouched",
+            p.port, p.dst
+        ),
+        Reason::Bound => format!("{who}; {ep} admits it, and it is within its budgets"),
+        Reason::Anonymous => format!(
+            "{} is unbound, but {ep} is open to anonymous callers within their prefix's allowance",
+            p.src
+        ),
+        Reason::Unbound => format!(
+            "{} has no binding, and {ep} admits only bound identities",
+            p.src
+        ),
+        Reason::Expired => format!(
+            "{}'s binding has expired; {ep} admits only bound identities",
+            p.src
+        ),
+        Reason::Quarantined => {
+            format!("{who}, which is quarantined: everything to protected endpoints is dropped")
+        }
+        Reason::Isolation => format!("{who}; {ep} does not admit its class or roles"),
+        Reason::PacketRate => format!("{who}; it is over its packet rate right now"),
+        Reason::ByteRate => format!("{who}; it is over its byte (cost) rate right now"),
+        Reason::AnonymousRate => format!(
+            "{} is unbound and over its prefix's anonymous allowance",
+            p.src
+        ),
+        Reason::UnknownIdentity => {
+            format!("{} is bound to identity slot that holds no identity", p.src)
+        }
+        other => format!("parser verdict {}", other.label()),
+    }
+}

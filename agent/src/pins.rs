@@ -1,0 +1,289 @@
+//! Pinned state: every map and each interface's XDP link live under the pin directory, so
+//! enforcement outlives the agent. A starting agent adopts what it finds there (same maps,
+//! same budgets, the program swapped atomically on the existing link) or refuses pins made by
+//! an incompatible build, naming what differs; it never silently resets them.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use tollgate_common::{LAYOUT_VERSION, map_names, program_names};
+
+use crate::{loader::AttachMode, object, tables::Tables};
+
+/// Maps live here, one file per map name.
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("maps")
+}
+
+/// Each interface's XDP link.
+pub fn link_path(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("xdp-{iface}"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error(
+        "the pins in {dir} were made by an incompatible build: {detail}. Enforcement from the \
+         old pins is still running. To replace it run `tollgate uninstall` (detaches the \
+         program and drops its kernel state; bindings and quarantines come back from the state \
+         directory, budgets start full), or run the build that made the pins"
+    )]
+    Incompatible { dir: String, detail: String },
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("parsing the embedded object: {0}")]
+    Object(String),
+    #[error("loading the program with the pinned maps in {dir}: {message}")]
+    Load { dir: String, message: String },
+    #[error("attaching to {iface}: {message}")]
+    Attach { iface: String, message: String },
+    #[error("{0}")]
+    Tables(#[from] crate::tables::TableError),
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> PinError {
+    PinError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Shape of a map: (type, key size, value size, max entries, flags).
+type Shape = (u32, u32, u32, u32, u32);
+
+fn object_shapes() -> Result<BTreeMap<String, Shape>, PinError> {
+    let obj =
+        aya_obj::Object::parse(object::bytes()).map_err(|e| PinError::Object(e.to_string()))?;
+    Ok(obj
+        .maps
+        .iter()
+        .filter(|(name, _)| map_names::ALL.contains(&name.as_str()))
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                (
+                    m.map_type(),
+                    m.key_size(),
+                    m.value_size(),
+                    m.max_entries(),
+                    m.map_flags(),
+                ),
+            )
+        })
+        .collect())
+}
+
+/// Checks every pinned map against this build's definition, and the layout version.
+/// `Ok(false)`: nothing is pinned yet.
+pub fn check_compatible(pin_dir: &Path) -> Result<bool, PinError> {
+    let dir = maps_dir(pin_dir);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let incompatible = |detail: String| PinError::Incompatible {
+        dir: pin_dir.display().to_string(),
+        detail,
+    };
+    let shapes = object_shapes()?;
+    let mut found = 0;
+    for (name, want) in &shapes {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        found += 1;
+        let data = MapData::from_pin(&path).map_err(|e| io(&path, e))?;
+        let info = data.info().map_err(|e| io(&path, e))?;
+        let map_type = info.map_type().map_err(|e| io(&path, e))?;
+        let got: Shape = (
+            map_type as u32,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        // The kernel may add flags of its own to a map; type and sizes must match exactly.
+        if (got.0, got.1, got.2, got.3) != (want.0, want.1, want.2, want.3) {
+            return Err(incompatible(format!(
+                "map {name} is (type {}, key {} B, value {} B, {} entries), this build needs \
+                 (type {}, key {} B, value {} B, {} entries)",
+                got.0, got.1, got.2, got.3, want.0, want.1, want.2, want.3
+            )));
+        }
+    }
+    if found == 0 {
+        return Ok(false);
+    }
+    let layout_path = dir.join(map_names::LAYOUT);
+    let version = MapData::from_pin(&layout_path)
+        .ok()
+        .and_then(|d| Array::<MapData, u32>::try_from(aya::maps::Map::Array(d)).ok())
+        .and_then(|a| a.get(&0, 0).ok());
+    match version {
+        Some(v) if v == LAYOUT_VERSION => Ok(true),
+        Some(v) => Err(incompatible(format!(
+            "pin layout version {v}, this build uses version {LAYOUT_VERSION}"
+        ))),
+        None => Err(incompatible(format!(
+            "no readable layout marker ({})",
+            layout_path.display()
+        ))),
+    }
+}
+
+/// The object loaded over the pinned maps (creating and pinning any that are missing), with
+/// the enforcing program loaded and the layout marker written.
+pub struct Pinned {
+    pub ebpf: Ebpf,
+    pub tables: Tables,
+    /// Whether maps were adopted (true) or created (false).
+    pub adopted: bool,
+    pin_dir: PathBuf,
+}
+
+impl Pinned {
+    pub fn open(pin_dir: &Path) -> Result<Pinned, PinError> {
+        let adopted = check_compatible(pin_dir)?;
+        let dir = maps_dir(pin_dir);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        std::fs::create_dir_all(pin_dir.join("links")).map_err(|e| io(pin_dir, e))?;
+        let paths: Vec<(&str, PathBuf)> =
+            map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let load_err = |message: String| PinError::Load {
+            dir: pin_dir.display().to_string(),
+            message,
+        };
+        let mut ebpf = loader
+            .load(object::bytes())
+            .map_err(|e| load_err(format!("{e:#}")))?;
+        crate::loader::xdp_program(&mut ebpf, program_names::XDP)
+            .map_err(|e| load_err(e.to_string()))?
+            .load()
+            .map_err(|e| load_err(format!("verifier: {e}")))?;
+        {
+            let map = ebpf
+                .map_mut(map_names::LAYOUT)
+                .ok_or_else(|| load_err("no LAYOUT map in the object".into()))?;
+            let mut layout: Array<&mut MapData, u32> =
+                Array::try_from(map).map_err(|e| load_err(e.to_string()))?;
+            layout
+                .set(0, LAYOUT_VERSION, 0)
+                .map_err(|e| load_err(e.to_string()))?;
+        }
+        let tables = Tables::from_ebpf(&mut ebpf)?;
+        Ok(Pinned {
+            ebpf,
+            tables,
+            adopted,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    /// Attaches to `iface`: an existing pinned link gets this program swapped in atomically
+    /// (bpf_link_update: no moment without a program); otherwise a new link is made and
+    /// pinned. Returns whether an existing link was adopted.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<bool, PinError> {
+        let path = link_path(&self.pin_dir, iface);
+        let attach_err = |message: String| PinError::Attach {
+            iface: iface.to_owned(),
+            message,
+        };
+        let prog = crate::loader::xdp_program(&mut self.ebpf, program_names::XDP)
+            .map_err(|e| attach_err(e.to_string()))?;
+        if path.exists() {
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| attach_err(e.to_string()))?;
+            let fd: FdLink = pinned.into();
+            let link = XdpLink::try_from(fd).map_err(|e| attach_err(e.to_string()))?;
+            let id = prog.attach_to_link(link).map_err(|e| {
+                attach_err(format!("replacing the program on the pinned link: {e}"))
+            })?;
+            // The link stays pinned; dropping our handle must not detach it.
+            let _ = prog.take_link(id).map(std::mem::forget);
+            return Ok(true);
+        }
+        let id = prog
+            .attach(iface, mode.xdp_mode())
+            .map_err(|e| attach_err(format!("{} mode: {e}", mode.label())))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+        let fd = FdLink::try_from(link).map_err(|e| {
+            attach_err(format!(
+                "the kernel attached without a bpf_link ({e}); tollgate needs bpf_link XDP (5.9+) \
+                 to keep enforcing across restarts"
+            ))
+        })?;
+        fd.pin(&path)
+            .map_err(|e| attach_err(format!("pinning {}: {e}", path.display())))?;
+        Ok(false)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+/// Interfaces with a pinned link.
+pub fn pinned_interfaces(pin_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("xdp-"))
+                .map(str::to_owned)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Detaches from one interface by removing its link pin (the link dies with its last
+/// reference).
+pub fn detach(pin_dir: &Path, iface: &str) -> Result<bool, PinError> {
+    let path = link_path(pin_dir, iface);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io(&path, e)),
+    }
+}
+
+/// Removes every link and map pin and the directories: enforcement stops, kernel state goes.
+/// Returns what was removed.
+pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, PinError> {
+    let mut removed = Vec::new();
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(|err| io(&p, err))?;
+            removed.push(p);
+        }
+        std::fs::remove_dir(&dir).map_err(|e| io(&dir, e))?;
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(pin_dir, e)),
+    }
+    Ok(removed)
+}

@@ -1,0 +1,213 @@
+//! What the agent must not lose across restarts, kept in the state directory: which identity
+//! name owns which kernel slot, bindings made at run time, quarantines. Written atomically
+//! (temporary file, fsync, rename, fsync of the directory) so a crash leaves the old or the
+//! new file, never half of one.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Format version of `state.json`.
+pub const STATE_VERSION: u32 = 1;
+pub const STATE_FILE: &str = "state.json";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A binding made at run time (CLI, tokens), as opposed to the config's static ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DynBinding {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+    pub identity: String,
+    /// Wall-clock expiry; `None` never expires.
+    pub expires_unix_ms: Option<u64>,
+    pub created_unix_ms: u64,
+    pub by: String,
+}
+
+impl DynBinding {
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_unix_ms.is_some_and(|e| e <= now_ms)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// `None`: until released.
+    pub until_unix_ms: Option<u64>,
+    pub since_unix_ms: u64,
+    pub reason: String,
+    pub by: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    /// Identity name -> kernel slot.
+    pub identity_ids: BTreeMap<String, u32>,
+    pub bindings: Vec<DynBinding>,
+    /// Identity name -> quarantine.
+    pub quarantines: BTreeMap<String, Quarantine>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error(
+        "{path}: {message} (the file is left as it is; move it away to start with empty state)"
+    )]
+    Corrupt { path: String, message: String },
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> StateError {
+    StateError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl State {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(STATE_FILE)
+    }
+
+    /// Reads the state; a missing file is an empty state, an unreadable one an error (never
+    /// silently replaced: it holds bindings and quarantines someone made).
+    pub fn load(dir: &Path) -> Result<State, StateError> {
+        let path = Self::path(dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(State {
+                    version: STATE_VERSION,
+                    ..State::default()
+                });
+            }
+            Err(e) => return Err(io(&path, e)),
+        };
+        let state: State = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if state.version != STATE_VERSION {
+            return Err(StateError::Corrupt {
+                path: path.display().to_string(),
+                message: format!(
+                    "state format version {}, this build reads version {STATE_VERSION}",
+                    state.version
+                ),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Writes the state atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let path = Self::path(dir);
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(self).map_err(|e| io(&path, e))?;
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+            f.write_all(&text).map_err(|e| io(&tmp, e))?;
+            f.sync_all().map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+        // The rename is durable only once the directory entry is.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(dir, e))?;
+        Ok(())
+    }
+
+    /// The slot of `name`, allocating the lowest free one (1-based) if it has none.
+    pub fn identity_id(&mut self, name: &str, max: u32) -> Option<u32> {
+        if let Some(id) = self.identity_ids.get(name) {
+            return Some(*id);
+        }
+        let used: std::collections::BTreeSet<u32> = self.identity_ids.values().copied().collect();
+        let id = (1..max).find(|i| !used.contains(i))?;
+        self.identity_ids.insert(name.to_owned(), id);
+        Some(id)
+    }
+
+    /// Whether `name` is quarantined at `now_ms`.
+    pub fn quarantined(&self, name: &str, now_ms: u64) -> bool {
+        self.quarantines
+            .get(name)
+            .is_some_and(|q| q.until_unix_ms.is_none_or(|u| u > now_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tollgate-state-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn round_trip_and_missing_file() {
+        let dir = tmpdir("rt");
+        assert_eq!(State::load(&dir).unwrap().identity_ids.len(), 0);
+        let mut s = State::load(&dir).unwrap();
+        assert_eq!(s.identity_id("a", 10), Some(1));
+        assert_eq!(s.identity_id("b", 10), Some(2));
+        assert_eq!(s.identity_id("a", 10), Some(1));
+        s.quarantines.insert(
+            "b".into(),
+            Quarantine {
+                until_unix_ms: Some(10),
+                since_unix_ms: 1,
+                reason: "test".into(),
+                by: "uid 0".into(),
+            },
+        );
+        s.save(&dir).unwrap();
+        let back = State::load(&dir).unwrap();
+        assert_eq!(back, s);
+        assert!(back.quarantined("b", 9));
+        assert!(!back.quarantined("b", 10));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn slots_are_reused_lowest_first_and_bounded() {
+        let mut s = State::default();
+        for n in ["a", "b", "c"] {
+            s.identity_id(n, 4);
+        }
+        assert_eq!(s.identity_id("d", 4), None, "slots 1..3 are all taken");
+        s.identity_ids.remove("b");
+        assert_eq!(s.identity_id("d", 4), Some(2));
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_not_a_reset() {
+        let dir = tmpdir("bad");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(State::path(&dir), b"{ not json").unwrap();
+        let e = State::load(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("state.json") && e.contains("left as it is"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(State::path(&dir)).unwrap(), b"{ not json");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
