@@ -826,3 +826,45 @@ impl Drop for Agent {
         // `dirs` (if this agent owns them) drops next and removes the pins.
     }
 }
+
+/// Sends raw Ethernet frames out of `ifname` in `ns` through an AF_PACKET socket: exact
+/// frames (any source address, TCP or UDP, any port) into the veth, one `send` per frame.
+pub fn send_frames(ns: &NetNs, ifname: &str, frames: &[Vec<u8>]) {
+    let ifname = ifname.to_owned();
+    ns.run(|| {
+        let c = std::ffi::CString::new(ifname.as_str()).expect("ifname");
+        // SAFETY: plain syscalls on a socket this closure owns; every pointer passed is to a
+        // live, correctly sized local.
+        unsafe {
+            let ifindex = libc::if_nametoindex(c.as_ptr());
+            assert!(ifindex != 0, "no interface {ifname}");
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            for f in frames {
+                let n = libc::sendto(
+                    fd,
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(
+                    n,
+                    f.len() as isize,
+                    "sendto: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::close(fd);
+        }
+    });
+}

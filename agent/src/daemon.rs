@@ -6,8 +6,10 @@
 //! the old behaviour for ad-hoc runs.
 
 use std::{
+    cell::RefCell,
     net::IpAddr,
     path::{Path, PathBuf},
+    rc::Rc,
     time::Duration,
 };
 
@@ -695,17 +697,27 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(|e| io_err("starting the runtime", e))?;
-    rt.block_on(serve(opts))
+    // One thread: connections are read concurrently (a slow client cannot hold up another),
+    // but each request is handled to the end before the next, so state needs no locks.
+    let local = tokio::task::LocalSet::new();
+    rt.block_on(local.run_until(serve(opts)))
 }
 
 async fn serve(opts: Options) -> Result<(), DaemonError> {
     let detach_on_exit = opts.detach_on_exit;
-    let mut daemon = Daemon::start(opts)?;
-    let socket = daemon.config.node.control_socket.clone();
-    let listener = bind_socket(&socket, &daemon.config.node.control_group)?;
+    let daemon = Rc::new(RefCell::new(Daemon::start(opts)?));
+    let (socket, group, attached) = {
+        let d = daemon.borrow();
+        (
+            d.config.node.control_socket.clone(),
+            d.config.node.control_group.clone(),
+            d.attached.clone(),
+        )
+    };
+    let listener = bind_socket(&socket, &group)?;
     info!(
         socket = %socket.display(),
-        interfaces = ?daemon.attached,
+        interfaces = ?attached,
         "attached; enforcing until SIGINT/SIGTERM"
     );
     use tokio::signal::unix::{SignalKind, signal};
@@ -713,31 +725,43 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| io_err("SIGINT handler", e))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| io_err("SIGHUP handler", e))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    while !daemon.stop {
+    let stopped = Rc::new(tokio::sync::Notify::new());
+    while !daemon.borrow().stop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = stopped.notified() => {}
             _ = hup.recv() => {
-                let r = daemon.reload(&Actor::SIGNAL);
+                let r = daemon.borrow_mut().reload(&Actor::SIGNAL);
                 if !r.ok {
                     warn!("SIGHUP reload refused: {}", r.error.map(|e| e.message).unwrap_or_default());
                 }
             }
-            _ = tick.tick() => daemon.tick(),
+            _ = tick.tick() => daemon.borrow_mut().tick(),
             conn = listener.accept() => match conn {
-                Ok((stream, _)) => serve_connection(&mut daemon, stream).await,
+                Ok((stream, _)) => {
+                    let d = Rc::clone(&daemon);
+                    let s = Rc::clone(&stopped);
+                    tokio::task::spawn_local(async move {
+                        serve_connection(&d, stream).await;
+                        if d.borrow().stop {
+                            s.notify_one();
+                        }
+                    });
+                }
                 Err(e) => warn!("control socket: {e}"),
             },
         }
     }
     let _ = std::fs::remove_file(&socket);
-    if detach_on_exit && !daemon.stop {
-        let removed = pins::uninstall(&daemon.config.node.pin_dir)?;
+    let d = daemon.borrow();
+    if detach_on_exit && !d.stop {
+        let removed = pins::uninstall(&d.config.node.pin_dir)?;
         info!(
             pins = removed.len(),
             "detached and removed pins (--detach-on-exit)"
         );
-    } else if daemon.stop {
+    } else if d.stop {
         info!("uninstalled: detached and removed pins");
     } else {
         info!("stopping; the program stays attached with the last policy");
@@ -770,7 +794,7 @@ fn bind_socket(path: &Path, group: &str) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-async fn serve_connection(daemon: &mut Daemon, stream: tokio::net::UnixStream) {
+async fn serve_connection(daemon: &RefCell<Daemon>, stream: tokio::net::UnixStream) {
     let peer = match stream.peer_cred() {
         Ok(c) => Peer {
             uid: c.uid(),
@@ -783,31 +807,29 @@ async fn serve_connection(daemon: &mut Daemon, stream: tokio::net::UnixStream) {
         }
     };
     let (read, mut write) = stream.into_split();
-    let answer = match peer::authorize(&peer, &daemon.config.node.control_group) {
+    // The request is read (bounded in size and time) before the peer is judged, so that a
+    // refused client reads its refusal instead of a reset connection.
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+    let group = daemon.borrow().config.node.control_group.clone();
+    let answer = match peer::authorize(&peer, &group) {
         Err(why) => {
             warn!("{why}");
             Response::err(ErrorKind::Refused, why)
         }
-        Ok(()) => {
-            let mut line = String::new();
-            let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
-            match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await {
-                Err(_) => Response::err(ErrorKind::BadRequest, "no request within 5 s"),
-                Ok(Err(e)) => {
-                    Response::err(ErrorKind::BadRequest, format!("reading the request: {e}"))
-                }
-                Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => Response::err(
-                    ErrorKind::BadRequest,
-                    format!("request over {MAX_REQUEST_BYTES} bytes"),
-                ),
-                Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim_end()) {
-                    Ok(req) => daemon.handle(req, &peer),
-                    Err(e) => {
-                        Response::err(ErrorKind::BadRequest, format!("malformed request: {e}"))
-                    }
-                },
-            }
-        }
+        Ok(()) => match read {
+            Err(_) => Response::err(ErrorKind::BadRequest, "no request within 5 s"),
+            Ok(Err(e)) => Response::err(ErrorKind::BadRequest, format!("reading the request: {e}")),
+            Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => Response::err(
+                ErrorKind::BadRequest,
+                format!("request over {MAX_REQUEST_BYTES} bytes"),
+            ),
+            Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim_end()) {
+                Ok(req) => daemon.borrow_mut().handle(req, &peer),
+                Err(e) => Response::err(ErrorKind::BadRequest, format!("malformed request: {e}")),
+            },
+        },
     };
     let mut out = serde_json::to_vec(&answer).unwrap_or_default();
     out.push(b'\n');

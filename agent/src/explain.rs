@@ -8,7 +8,7 @@ use std::{cell::UnsafeCell, net::IpAddr};
 use serde::Serialize;
 use tollgate_common::{
     Reason, Verdict,
-    decide::{AnonPrefix, Tables as DecideTables, decide},
+    decide::{AnonPrefix, Tables as DecideTables, anon_prefix, decide},
     packet::{L4, PacketBuilder},
     parse::{Family, Frame, parse},
     policy::{Binding, Bucket, Class, Endpoint, Identity, Settings, port_slot},
@@ -24,7 +24,8 @@ struct Snapshot {
     exact: Option<Binding>,
     cidr: Option<Binding>,
     identities: Vec<(u32, Identity, UnsafeCell<Bucket>)>,
-    anon: UnsafeCell<u64>,
+    /// The source's anonymous prefixes and their TATs as the kernel has them.
+    anon: Vec<(AnonPrefix, UnsafeCell<u64>)>,
     settings: Settings,
     now: u64,
 }
@@ -58,8 +59,11 @@ impl DecideTables for Snapshot {
             .find(|(i, _, _)| *i == id)
             .map(|(_, _, b)| b.get())
     }
-    fn anon_tat(&self, _: &AnonPrefix) -> Option<*mut u64> {
-        Some(self.anon.get())
+    fn anon_tat(&self, prefix: &AnonPrefix) -> Option<*mut u64> {
+        self.anon
+            .iter()
+            .find(|(p, _)| p == prefix)
+            .map(|(_, t)| t.get())
     }
     fn settings(&self) -> Settings {
         self.settings
@@ -188,6 +192,14 @@ pub fn explain(
         let bucket = tables.bucket(b.identity)?;
         identities.push((b.identity, ident, UnsafeCell::new(bucket)));
     }
+    let src_bytes = pkt.src.bytes();
+    let mut anon = Vec::new();
+    for level in 0..3 {
+        if let Some(prefix) = anon_prefix(pkt.family, &src_bytes, level) {
+            let tat = tables.anon_tat(&prefix)?.unwrap_or(0);
+            anon.push((prefix, UnsafeCell::new(tat)));
+        }
+    }
     let snap = Snapshot {
         slot,
         port_endpoint,
@@ -195,7 +207,7 @@ pub fn explain(
         exact,
         cidr,
         identities,
-        anon: UnsafeCell::new(0),
+        anon,
         settings: tables.settings()?,
         now: boot_ns(),
     };

@@ -30,6 +30,9 @@ struct Cli {
     /// The agent's control socket.
     #[arg(long, global = true, env = "TOLLGATE_SOCKET", value_name = "PATH", default_value = paths::CONTROL_SOCKET)]
     socket: PathBuf,
+    /// Output format of the read verbs (status, endpoints, identities, explain, counters).
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,10 +43,8 @@ enum Output {
     Json,
 }
 
-#[derive(clap::Args)]
+/// The output format, passed to the printers.
 struct OutputArg {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
 
@@ -78,15 +79,13 @@ enum Command {
         detach_on_exit: bool,
     },
     /// The agent's state: interfaces, config, pins, counts, packets passed and dropped.
-    Status(OutputArg),
+    Status,
     /// Protected endpoints with their packet counts.
-    Endpoints(OutputArg),
+    Endpoints,
     /// Identities: list them, or show one.
     Identities {
         #[command(subcommand)]
         action: Option<IdentitiesAction>,
-        #[command(flatten)]
-        output: OutputArg,
     },
     /// Bind an address or CIDR to a configured identity (run-time binding, persisted).
     Bind {
@@ -133,8 +132,6 @@ enum Command {
         /// Frame size in bytes to weigh against the byte budget.
         #[arg(long, default_value_t = 100)]
         bytes: u16,
-        #[command(flatten)]
-        output: OutputArg,
     },
     /// Re-read the configuration; a file that fails validation changes nothing.
     Reload,
@@ -155,8 +152,6 @@ enum Command {
         /// Pin directory.
         #[arg(long, value_name = "DIR", default_value = paths::PIN_DIR)]
         pin_dir: PathBuf,
-        #[command(flatten)]
-        output: OutputArg,
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
@@ -207,6 +202,8 @@ fn print_with(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let socket = cli.socket;
+    let o = OutputArg { output: cli.output };
+    let output = OutputArg { output: cli.output };
     match cli.command {
         Command::Run {
             config,
@@ -238,12 +235,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status(o) => cli::call(
+        Command::Status => cli::call(
             &socket,
             &Request::Status {},
             print_with(&o, cli::print::status),
         ),
-        Command::Endpoints(o) => cli::call(
+        Command::Endpoints => cli::call(
             &socket,
             &Request::Endpoints {},
             print_with(&o, |v| {
@@ -264,7 +261,7 @@ fn main() -> ExitCode {
                 )
             }),
         ),
-        Command::Identities { action, output } => match action {
+        Command::Identities { action } => match action {
             None | Some(IdentitiesAction::List) => cli::call(
                 &socket,
                 &Request::Identities {},
@@ -324,12 +321,7 @@ fn main() -> ExitCode {
             &Request::Release { target, reason },
             cli::print::done,
         ),
-        Command::Explain {
-            src,
-            dst,
-            bytes,
-            output,
-        } => cli::call(
+        Command::Explain { src, dst, bytes } => cli::call(
             &socket,
             &Request::Explain(Probe {
                 src,
@@ -389,7 +381,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Counters { pin_dir, output } => {
+        Command::Counters { pin_dir } => {
             let path = pins::maps_dir(&pin_dir).join(tollgate_common::map_names::REASON_COUNTERS);
             match counters::reason_totals_from_pin(&path) {
                 Ok(totals) => {

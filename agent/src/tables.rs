@@ -13,11 +13,13 @@ use aya::{
     },
 };
 use tollgate_common::{
-    Counter, limiter, map_names as names,
+    Counter,
+    decide::AnonPrefix,
+    limiter, map_names as names,
     policy::{
-        Binding, Bucket, Class, EP_ACTIVE, EP_ANON_ALLOWED, EP_V4_PREFIX, EP_V6_PREFIX, Endpoint,
-        ID_ACTIVE, Identity, IdentityCounters, Limits, MAX_ENDPOINTS, MAX_IDENTITIES, Q8_ONE,
-        Settings, UNLIMITED, port_slot,
+        AnonKey6, Binding, Bucket, Class, EP_ACTIVE, EP_ANON_ALLOWED, EP_V4_PREFIX, EP_V6_PREFIX,
+        Endpoint, ID_ACTIVE, Identity, IdentityCounters, Limits, MAX_ENDPOINTS, MAX_IDENTITIES,
+        Q8_ONE, Settings, UNLIMITED, port_slot,
     },
 };
 
@@ -197,6 +199,8 @@ pub struct Tables {
     settings: Array<MapData, Settings>,
     identity_counters: PerCpuArray<MapData, IdentityCounters>,
     reason_counters: PerCpuArray<MapData, Counter>,
+    anon_v4: HashMap<MapData, [u8; 4], u64>,
+    anon_v6: HashMap<MapData, AnonKey6, u64>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -229,6 +233,8 @@ impl Tables {
             settings: typed!(get(names::SETTINGS)?, names::SETTINGS),
             identity_counters: typed!(get(names::IDENTITY_COUNTERS)?, names::IDENTITY_COUNTERS),
             reason_counters: typed!(get(names::REASON_COUNTERS)?, names::REASON_COUNTERS),
+            anon_v4: typed!(get(names::ANON_V4)?, names::ANON_V4),
+            anon_v6: typed!(get(names::ANON_V6)?, names::ANON_V6),
         })
     }
 
@@ -492,6 +498,25 @@ impl Tables {
             }
         }
         Ok(best)
+    }
+
+    /// The anonymous allowance's TAT for a prefix, if the kernel tracks it.
+    pub fn anon_tat(&self, prefix: &AnonPrefix) -> Result<Option<u64>> {
+        let r = match prefix {
+            AnonPrefix::V4(k) => self.anon_v4.get(k, 0),
+            AnonPrefix::V6(k) => self.anon_v6.get(k, 0),
+        };
+        match r {
+            Ok(t) => Ok(Some(t)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(e) => Err(TableError::Map {
+                name: names::ANON_V4,
+                source: e,
+            }),
+        }
     }
 
     /// The whole port table (slot -> endpoint id).

@@ -28,9 +28,10 @@ use crate::{
 
 type Result<T> = std::result::Result<T, ConfigError>;
 
-/// The smallest byte burst: one full-size Ethernet frame (1500 bytes of payload, header and
-/// FCS). Below it a maximum-size packet could never conform, however idle the budget.
-pub(super) const MIN_BYTE_BURST: i64 = 1518;
+/// The smallest byte burst: one full-size Ethernet frame (1500 bytes of payload, 14 of header,
+/// 4 of FCS or of a VLAN tag, as XDP sees it). Below it a maximum-size packet could never
+/// conform, however idle the budget.
+const MIN_BYTE_BURST: i64 = 1518;
 /// Cost factors are Q8 in the kernel (u16): 1/256 is the smallest step above zero, and 255
 /// keeps clear of the u16 ceiling.
 const MIN_FACTOR: f64 = 1.0 / 256.0;
@@ -56,6 +57,29 @@ const DEFAULT_BIND: &str = "0.0.0.0:8443";
 const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 const DEFAULT_PRIORITY: i64 = 50;
 const DEFAULT_WEIGHT: f64 = 1.0;
+
+/// The keys and the floor of one of a plan's two budgets.
+struct Budget {
+    rate: &'static str,
+    burst: &'static str,
+    min_burst: i64,
+    /// Completes "a burst of N is below ...".
+    below: &'static str,
+}
+
+const PACKETS: Budget = Budget {
+    rate: "packets_per_second",
+    burst: "packet_burst",
+    min_burst: 1,
+    below: "one packet: nothing could ever pass",
+};
+
+const BYTES: Budget = Budget {
+    rate: "bytes_per_second",
+    burst: "byte_burst",
+    min_burst: MIN_BYTE_BURST,
+    below: "one full Ethernet frame (1518 bytes): a maximum-size packet could never pass",
+};
 
 pub(super) struct Checker<'a> {
     text: &'a str,
@@ -200,10 +224,7 @@ impl<'a> Checker<'a> {
     }
 
     fn anonymous(&self, raw: Option<RawAnonymous>) -> Result<Anonymous> {
-        let raw = raw.unwrap_or(RawAnonymous {
-            packets_per_second: None,
-            burst: None,
-        });
+        let raw = raw.unwrap_or_default();
         let pps = self.int(
             &raw.packets_per_second,
             "anonymous.packets_per_second",
@@ -232,7 +253,7 @@ impl<'a> Checker<'a> {
     }
 
     fn drop_events(&self, raw: Option<RawDropEvents>) -> Result<DropEvents> {
-        let raw = raw.unwrap_or(RawDropEvents { interval_ms: None });
+        let raw = raw.unwrap_or_default();
         let ms = self.int(
             &raw.interval_ms,
             "drop_events.interval_ms",
@@ -245,10 +266,7 @@ impl<'a> Checker<'a> {
     }
 
     fn controller(&self, raw: Option<RawController>) -> Result<Controller> {
-        let raw = raw.unwrap_or(RawController {
-            interval_ms: None,
-            pressure: None,
-        });
+        let raw = raw.unwrap_or_default();
         let interval_ms = self.int(
             &raw.interval_ms,
             "controller.interval_ms",
@@ -263,10 +281,7 @@ impl<'a> Checker<'a> {
     }
 
     fn listen(&self, raw: Option<RawListen>) -> Result<Listen> {
-        let raw = raw.unwrap_or(RawListen {
-            bind: None,
-            metrics: None,
-        });
+        let raw = raw.unwrap_or_default();
         let bind = self.socket_addr(&raw.bind, "listen.bind", DEFAULT_BIND)?;
         let metrics = self.socket_addr(&raw.metrics, "listen.metrics", DEFAULT_METRICS)?;
         let clash = bind.port() == metrics.port()
@@ -317,9 +332,11 @@ impl<'a> Checker<'a> {
     }
 
     fn plans(&self, raw: Option<List<RawPlan>>) -> Result<Vec<Plan>> {
+        // An absent key has no line of its own: the document's first line stands for it.
+        let span = raw.as_ref().map(|l| l.span()).unwrap_or(0..0);
         let Some(list) = raw.filter(|l| !l.get_ref().is_empty()) else {
             return Err(self.err(
-                0..0,
+                span,
                 "plans",
                 "at least one [[plans]] table is required (identities name their plan)",
             ));
@@ -340,24 +357,10 @@ impl<'a> Checker<'a> {
                 ));
             }
             let priority = self.int(&p.priority, &at("priority"), DEFAULT_PRIORITY, 0..=100)?;
-            let (packets_per_s, packet_burst) = self.rate(
-                &p.packets_per_second,
-                &p.packet_burst,
-                &at("packets_per_second"),
-                &at("packet_burst"),
-                1,
-                "packet_burst",
-                "one packet",
-            )?;
-            let (bytes_per_s, byte_burst) = self.rate(
-                &p.bytes_per_second,
-                &p.byte_burst,
-                &at("bytes_per_second"),
-                &at("byte_burst"),
-                MIN_BYTE_BURST,
-                "byte_burst",
-                "one full Ethernet frame (1518 bytes): a maximum-size packet could never pass",
-            )?;
+            let (packets_per_s, packet_burst) =
+                self.rate(i, &p.packets_per_second, &p.packet_burst, &PACKETS)?;
+            let (bytes_per_s, byte_burst) =
+                self.rate(i, &p.bytes_per_second, &p.byte_burst, &BYTES)?;
             plans.push(Plan {
                 name,
                 priority: priority as u8,
@@ -374,50 +377,51 @@ impl<'a> Checker<'a> {
 
     /// A rate and its burst: both or neither. A rate of 0 would silently refuse all traffic of
     /// the plan, which is what a quarantine is for, so it is refused here.
-    #[allow(clippy::too_many_arguments)]
     fn rate(
         &self,
+        plan: usize,
         rate: &Option<S<i64>>,
         burst: &Option<S<i64>>,
-        rate_field: &str,
-        burst_field: &str,
-        min_burst: i64,
-        burst_key: &str,
-        one: &str,
+        b: &Budget,
     ) -> Result<(Option<u64>, u64)> {
+        let (rate_field, burst_field) = (
+            format!("plans[{plan}].{}", b.rate),
+            format!("plans[{plan}].{}", b.burst),
+        );
+        if let Some(r) = rate.as_ref().filter(|r| *r.get_ref() < 1) {
+            return Err(self.err(
+                r.span(),
+                rate_field,
+                format!(
+                    "{} is refused: leave {} out for unlimited, or quarantine the identity to \
+                     stop it",
+                    r.get_ref(),
+                    b.rate
+                ),
+            ));
+        }
         match (rate, burst) {
             (None, None) => Ok((None, 0)),
-            (None, Some(b)) => Err(self.err(
-                b.span(),
+            (None, Some(x)) => Err(self.err(
+                x.span(),
                 burst_field,
                 format!(
-                    "{burst_key} without its rate: set the rate too, or remove the burst for \
-                     an unlimited plan"
+                    "{} without {}: set the rate too, or remove the burst for an unlimited plan",
+                    b.burst, b.rate
                 ),
             )),
             (Some(r), None) => Err(self.err(
                 r.span(),
                 burst_field,
-                format!("{burst_key} is required when the rate is set"),
+                format!("{} is required when {} is set", b.burst, b.rate),
             )),
-            (Some(r), Some(b)) => {
-                if *r.get_ref() < 1 {
+            (Some(r), Some(x)) => {
+                let burst = *x.get_ref();
+                if burst < b.min_burst {
                     return Err(self.err(
-                        r.span(),
-                        rate_field,
-                        format!(
-                            "{} is refused: leave the rate out for unlimited, or quarantine the \
-                             identity to stop it",
-                            r.get_ref()
-                        ),
-                    ));
-                }
-                let burst = *b.get_ref();
-                if burst < min_burst {
-                    return Err(self.err(
-                        b.span(),
+                        x.span(),
                         burst_field,
-                        format!("a burst of {burst} is below {one} (at least {min_burst})"),
+                        format!("a burst of {burst} is below {}", b.below),
                     ));
                 }
                 Ok((Some(*r.get_ref() as u64), burst as u64))

@@ -35,27 +35,27 @@ pub(super) struct RawNode {
     pub control_group: Option<S<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAnonymous {
     pub packets_per_second: Option<S<i64>>,
     pub burst: Option<S<i64>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDropEvents {
     pub interval_ms: Option<S<i64>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawController {
     pub interval_ms: Option<S<i64>>,
     pub pressure: Option<S<f64>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawListen {
     pub bind: Option<S<String>>,

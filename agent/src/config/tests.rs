@@ -386,6 +386,19 @@ fn no_plans() {
         "plans",
         "at least one [[plans]]",
     );
+    assert_refused(
+        "[node]\ninterfaces = [\"eth0\"]\n\nplans = []\n",
+        4,
+        "node.plans",
+        "unknown key `plans`",
+    );
+    // In a table's body a key belongs to that table; at the top it is the list itself.
+    assert_refused(
+        "\nplans = []\n[node]\ninterfaces = [\"eth0\"]\n",
+        2,
+        "plans",
+        "at least one [[plans]]",
+    );
 }
 
 #[test]
@@ -416,7 +429,7 @@ fn rate_without_burst() {
         &with("packets_per_second = 100\n"),
         6,
         "plans[0].packet_burst",
-        "packet_burst is required when the rate is set",
+        "packet_burst is required when packets_per_second is set",
     );
 }
 
@@ -426,17 +439,17 @@ fn burst_without_rate() {
         &with("byte_burst = 100000\n"),
         6,
         "plans[0].byte_burst",
-        "byte_burst without its rate",
+        "byte_burst without bytes_per_second",
     );
 }
 
 #[test]
 fn zero_rate() {
     assert_refused(
-        &with("packets_per_second = 0\npacket_burst = 10\n"),
+        &with("packets_per_second = 0\n"),
         6,
         "plans[0].packets_per_second",
-        "0 is refused",
+        "0 is refused: leave packets_per_second out for unlimited",
     );
 }
 
@@ -598,7 +611,8 @@ classes = [\"internal\"]
 fn port_zero_and_out_of_range() {
     let endpoint = |ports: &str| {
         with(&format!(
-            "[[endpoints]]\nname = \"a\"\nprotocol = \"tcp\"\nports = {ports}\nclasses = [\"internal\"]\n"
+            "[[endpoints]]\nname = \"a\"\nprotocol = \"tcp\"\nports = {ports}\n\
+             classes = [\"internal\"]\n"
         ))
     };
     assert_refused(
@@ -861,7 +875,8 @@ fn too_many_endpoints() {
     let mut text = BASE.to_owned();
     for i in 0..64 {
         text.push_str(&format!(
-            "[[endpoints]]\nname = \"e{i}\"\nprotocol = \"tcp\"\nports = [{}]\nclasses = [\"internal\"]\n",
+            "[[endpoints]]\nname = \"e{i}\"\nprotocol = \"tcp\"\nports = [{}]\n\
+             classes = [\"internal\"]\n",
             1000 + i
         ));
     }

@@ -1,0 +1,643 @@
+//! The agent end to end: the real binary in a namespace lab, driven by its CLI, checked with
+//! real frames sent through the veth and the kernel's own counters.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tollgate_common::packet::PacketBuilder;
+use tollgate_tests::netns::{Agent, AgentDirs, Lab, send_frames};
+
+/// A host in the client's /24 (and /64).
+fn host4(lab: &Lab, n: u8) -> IpAddr {
+    let o = lab.client_v4.octets();
+    IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], n))
+}
+
+fn host6(lab: &Lab, n: u16) -> IpAddr {
+    let s = lab.client_v6.segments();
+    IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, n))
+}
+
+fn config(lab: &Lab) -> String {
+    let (h, h6) = (|n| host4(lab, n), |n| host6(lab, n));
+    let o = lab.client_v4.octets();
+    format!(
+        r#"
+[node]
+interfaces = ["{iface}"]
+
+[anonymous]
+packets_per_second = 1
+burst = 3
+
+[[plans]]
+name = "internal"
+
+[[plans]]
+name = "customer"
+packets_per_second = 1000
+packet_burst = 1000
+
+[[plans]]
+name = "metered"
+packets_per_second = 200
+packet_burst = 20
+
+[[plans]]
+name = "slow"
+packets_per_second = 1
+packet_burst = 2
+
+[[endpoints]]
+name = "vllm"
+protocol = "tcp"
+ports = [8000]
+classes = ["internal", "partner", "customer"]
+roles = ["inference"]
+
+[[endpoints]]
+name = "admin"
+protocol = "tcp"
+ports = [9000]
+classes = ["internal"]
+
+[[endpoints]]
+name = "grpc"
+protocol = "udp"
+ports = ["8001-8002"]
+classes = ["internal", "customer"]
+roles = ["inference"]
+weight = 2.0
+
+[[endpoints]]
+name = "bind"
+protocol = "tcp"
+ports = [8443]
+classes = ["customer"]
+anonymous = true
+
+[[identities]]
+name = "ops"
+class = "internal"
+plan = "internal"
+roles = ["inference", "admin"]
+bind = ["{ops4}", "{ops6}"]
+
+[[identities]]
+name = "acme"
+class = "customer"
+plan = "customer"
+roles = ["inference"]
+bind = ["{acme4}", "{acme6}"]
+
+[[identities]]
+name = "partnerco"
+class = "partner"
+plan = "customer"
+bind = ["{o0}.{o1}.{o2}.64/26"]
+
+[[identities]]
+name = "slowpoke"
+class = "customer"
+plan = "slow"
+roles = ["inference"]
+bind = ["{slow4}"]
+
+[[identities]]
+name = "suspect"
+class = "customer"
+plan = "customer"
+roles = ["inference"]
+bind = ["{suspect4}"]
+
+[[identities]]
+name = "metered"
+class = "customer"
+plan = "metered"
+roles = ["inference"]
+bind = ["{metered4}"]
+"#,
+        iface = lab.server_if,
+        ops4 = h(10),
+        ops6 = h6(10),
+        acme4 = h(11),
+        acme6 = h6(11),
+        slow4 = h(12),
+        suspect4 = h(13),
+        metered4 = h(14),
+        o0 = o[0],
+        o1 = o[1],
+        o2 = o[2],
+    )
+}
+
+/// The lab, the agent's directories and its config file.
+struct World {
+    lab: Lab,
+    dirs: AgentDirs,
+    config: PathBuf,
+}
+
+impl World {
+    fn new() -> World {
+        tollgate_tests::require_root();
+        let lab = Lab::new();
+        let dirs = AgentDirs::new();
+        let config = dirs.state_dir.join("tollgate.toml");
+        std::fs::write(&config, config_text(&lab)).expect("config");
+        World { lab, dirs, config }
+    }
+
+    fn start(&self) -> Agent {
+        let config = self.config.to_str().expect("utf-8 path");
+        Agent::launch(
+            &self.lab.server,
+            &self.dirs,
+            &["--config", config, "--mode", "native"],
+        )
+    }
+
+    fn dst(&self, src: IpAddr) -> IpAddr {
+        if src.is_ipv4() {
+            IpAddr::V4(self.lab.server_v4)
+        } else {
+            IpAddr::V6(self.lab.server_v6)
+        }
+    }
+
+    /// Packets per reason, from the pins.
+    fn reasons(&self) -> BTreeMap<&'static str, u64> {
+        tollgate::counters::reason_totals_from_pin(&self.dirs.counters_pin())
+            .expect("counters")
+            .into_iter()
+            .map(|(r, c)| (r.label(), c.packets))
+            .collect()
+    }
+
+    /// Sends one real frame and returns the reason the kernel counted it under.
+    fn real_verdict(&self, src: IpAddr, port: u16, proto: &str) -> &'static str {
+        let before = self.reasons();
+        send_frames(
+            &self.lab.client,
+            &self.lab.client_if,
+            &[frame(src, self.dst(src), port, proto)],
+        );
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let after = self.reasons();
+            let moved: Vec<(&'static str, u64)> = after
+                .iter()
+                .filter(|&(r, n)| *n != before[r])
+                .map(|(r, n)| (*r, n - before[r]))
+                .collect();
+            if !moved.is_empty() {
+                assert_eq!(
+                    moved.len(),
+                    1,
+                    "one frame moved several counters: {moved:?}"
+                );
+                assert_eq!(moved[0].1, 1, "one frame counted {moved:?}");
+                return moved[0].0;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the frame from {src} never reached XDP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `tollgate explain` as JSON: (verdict, reason).
+    fn explain(&self, src: IpAddr, port: u16, proto: &str) -> (String, String) {
+        let dst = match self.dst(src) {
+            IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
+            IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
+        };
+        let out = self
+            .dirs
+            .cli_ok(&["explain", &src.to_string(), &dst, "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("explain json");
+        (
+            v["verdict"].as_str().unwrap_or_default().to_owned(),
+            v["reason"].as_str().unwrap_or_default().to_owned(),
+        )
+    }
+
+    fn identity(&self, name: &str) -> serde_json::Value {
+        let out = self
+            .dirs
+            .cli_ok(&["identities", "show", name, "--output", "json"]);
+        serde_json::from_str(&out).expect("identity json")
+    }
+}
+
+fn config_text(lab: &Lab) -> String {
+    config(lab)
+}
+
+fn frame(src: IpAddr, dst: IpAddr, port: u16, proto: &str) -> Vec<u8> {
+    let b = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::v4(s.octets(), d.octets()),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::v6(s.octets(), d.octets()),
+        _ => panic!("mixed families"),
+    };
+    match proto {
+        "tcp" => b.tcp(40000, port),
+        _ => b.udp(40000, port),
+    }
+    .payload(60)
+    .build()
+}
+
+#[test]
+fn explain_agrees_with_real_packets() {
+    let w = World::new();
+    let _agent = w.start();
+    w.dirs
+        .cli_ok(&["quarantine", "suspect", "--reason", "e2e: scraping"]);
+    let lab = &w.lab;
+    let (h, h6) = (|n| host4(lab, n), |n| host6(lab, n));
+    let cases: Vec<(IpAddr, u16, &str, &str)> = vec![
+        (h(10), 8000, "tcp", "bound"),
+        (h6(10), 8000, "tcp", "bound"),
+        (h(10), 9000, "tcp", "bound"),
+        (h(10), 8001, "udp", "bound"),
+        (h(11), 8000, "tcp", "bound"),
+        (h6(11), 8000, "tcp", "bound"),
+        (h(11), 9000, "tcp", "isolation"),
+        (h6(11), 9000, "tcp", "isolation"),
+        (h(11), 8002, "udp", "bound"),
+        (h(11), 22, "tcp", "unprotected"),
+        (h(11), 8001, "tcp", "unprotected"),
+        (h(65), 8000, "tcp", "isolation"),
+        (h(100), 8000, "tcp", "isolation"),
+        (h(13), 8000, "tcp", "quarantined"),
+        (h(13), 22, "tcp", "unprotected"),
+        (h(199), 8000, "tcp", "unbound"),
+        (h6(99), 8000, "tcp", "unbound"),
+        (h(199), 8001, "udp", "unbound"),
+        (h(199), 8443, "tcp", "anonymous"),
+        (h6(99), 8443, "tcp", "anonymous"),
+        (h(11), 8443, "tcp", "bound"),
+        (h(12), 8000, "tcp", "bound"),
+        (h(12), 8000, "tcp", "bound"),
+        (h(12), 8000, "tcp", "packet_rate"),
+        (h(198), 8443, "tcp", "anonymous"),
+        (h(197), 8443, "tcp", "anonymous"),
+        (h(196), 8443, "tcp", "anonymous_rate"),
+    ];
+    assert!(cases.len() >= 20);
+    let mut failures = Vec::new();
+    for (src, port, proto, want) in &cases {
+        let (_, said) = w.explain(*src, *port, proto);
+        let got = w.real_verdict(*src, *port, proto);
+        if said != got || got != *want {
+            failures.push(format!(
+                "{src} -> {port}/{proto}: explain said {said}, the kernel counted {got}, expected {want}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Each malformed config: (what, the TOML, a fragment of the error).
+fn malformed(lab: &Lab) -> Vec<(&'static str, String, &'static str)> {
+    let good = config(lab);
+    let swap = |from: &str, to: &str| {
+        assert!(good.contains(from), "{from:?} not in the config");
+        good.replacen(from, to, 1)
+    };
+    vec![
+        (
+            "unknown top-level key",
+            format!("colour = \"blue\"\n{good}"),
+            "colour",
+        ),
+        (
+            "unknown endpoint key",
+            swap("anonymous = true", "anonymous = true\nrate = 5"),
+            "rate",
+        ),
+        (
+            "wrong type",
+            swap("weight = 2.0", "weight = \"heavy\""),
+            "weight",
+        ),
+        (
+            "syntax error",
+            swap("[[plans]]\nname = \"slow\"", "[[plans]\nname = \"slow\""),
+            "",
+        ),
+        (
+            "burst below one packet",
+            swap("packet_burst = 20", "packet_burst = 0"),
+            "packet_burst",
+        ),
+        (
+            "rate without burst",
+            swap(
+                "packets_per_second = 1\npacket_burst = 2",
+                "packets_per_second = 1",
+            ),
+            "packet_burst",
+        ),
+        (
+            "overlapping endpoints",
+            swap("ports = [9000]", "ports = [8000]"),
+            "overlap",
+        ),
+        (
+            "unknown plan",
+            swap("plan = \"slow\"", "plan = \"platinum\""),
+            "platinum",
+        ),
+        (
+            "unknown class",
+            swap("class = \"partner\"", "class = \"vip\""),
+            "vip",
+        ),
+        (
+            "reversed port range",
+            swap("\"8001-8002\"", "\"8002-8001\""),
+            "8002-8001",
+        ),
+        ("port zero", swap("ports = [9000]", "ports = [0]"), "port"),
+        ("host bits in a binding", swap("/26", "/24"), "host bits"),
+        (
+            "duplicate endpoint name",
+            swap("name = \"admin\"", "name = \"vllm\""),
+            "vllm",
+        ),
+        (
+            "zero weight",
+            swap("weight = 2.0", "weight = 0.0"),
+            "weight",
+        ),
+        (
+            "empty interfaces",
+            swap(
+                &format!("interfaces = [\"{}\"]", lab.server_if),
+                "interfaces = []",
+            ),
+            "interfaces",
+        ),
+    ]
+}
+
+#[test]
+fn malformed_configs_are_refused_and_change_nothing() {
+    let w = World::new();
+    let _agent = w.start();
+    let lab = &w.lab;
+    let probe = [
+        (host4(lab, 11), 8000, "tcp"),
+        (host4(lab, 11), 9000, "tcp"),
+        (host4(lab, 199), 8000, "tcp"),
+    ];
+    let before: Vec<_> = probe
+        .iter()
+        .map(|(s, p, pr)| w.explain(*s, *p, pr))
+        .collect();
+    let good = std::fs::read_to_string(&w.config).expect("config");
+    let cases = malformed(lab);
+    assert!(cases.len() >= 12);
+    let mut failures = Vec::new();
+    for (what, text, fragment) in &cases {
+        let bad = w.dirs.state_dir.join("bad.toml");
+        std::fs::write(&bad, text).expect("write");
+        let check = w
+            .dirs
+            .cli(&["config", "check", bad.to_str().expect("path")]);
+        let msg = String::from_utf8_lossy(&check.stderr).into_owned();
+        let located = msg.starts_with(&format!("{}:", bad.display()))
+            && msg[bad.display().to_string().len() + 1..]
+                .split(':')
+                .next()
+                .is_some_and(|l| l.parse::<usize>().is_ok());
+        if check.status.code() != Some(5) || !msg.contains(fragment) || !located {
+            failures.push(format!(
+                "{what}: config check exited {:?}: {msg}",
+                check.status.code()
+            ));
+        }
+        // The running agent, asked to reload the same file, refuses it with the same words.
+        std::fs::write(&w.config, text).expect("write");
+        let reload = w.dirs.cli(&["reload"]);
+        let rmsg = String::from_utf8_lossy(&reload.stderr).into_owned();
+        if reload.status.code() != Some(5) || !rmsg.contains(fragment) {
+            failures.push(format!(
+                "{what}: reload exited {:?}: {rmsg}",
+                reload.status.code()
+            ));
+        }
+        std::fs::write(&w.config, &good).expect("restore");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Nothing changed: explain says what it said, and real packets agree.
+    let after: Vec<_> = probe
+        .iter()
+        .map(|(s, p, pr)| w.explain(*s, *p, pr))
+        .collect();
+    assert_eq!(before, after);
+    for ((s, p, pr), (_, reason)) in probe.iter().zip(&after) {
+        assert_eq!(w.real_verdict(*s, *p, pr), reason.as_str());
+    }
+    // And a good reload still works.
+    w.dirs.cli_ok(&["reload"]);
+}
+
+#[test]
+fn kill_dash_nine_keeps_enforcing_and_a_restart_adopts() {
+    let w = World::new();
+    let agent = w.start();
+    w.dirs.cli_ok(&["quarantine", "suspect", "--reason", "e2e"]);
+    let lab = &w.lab;
+    let suspect = host4(lab, 13);
+    let metered = host4(lab, 14);
+    let dst = w.dst(suspect);
+    // 1000 frames/s from each source for 3 s; the agent is killed after 1 s and restarted
+    // after 2 s.
+    // Ten of each per send: each call enters the namespace afresh, so batches keep the
+    // offered rate above the metered plan's 200/s.
+    let frames: Vec<Vec<u8>> = (0..10)
+        .flat_map(|_| {
+            [
+                frame(suspect, dst, 8000, "tcp"),
+                frame(metered, dst, 8000, "tcp"),
+            ]
+        })
+        .collect();
+    let start = Instant::now();
+    let mut agent = Some(agent);
+    let mut killed_at = None;
+    let mut restarted = None;
+    let mut before_kill = None;
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        let elapsed = start.elapsed();
+        if elapsed >= Duration::from_secs(1) && killed_at.is_none() {
+            before_kill = Some((w.identity("suspect"), w.identity("metered")));
+            agent.take().expect("agent").kill9();
+            killed_at = Some(elapsed);
+        }
+        if elapsed >= Duration::from_secs(2) && restarted.is_none() {
+            restarted = Some(w.start());
+        }
+        send_frames(&lab.client, &lab.client_if, &frames);
+        sent += 10;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let (s0, m0) = before_kill.expect("counted before the kill");
+    let s1 = w.identity("suspect");
+    let m1 = w.identity("metered");
+    eprintln!("sent {sent} frames per source in {secs:.2}s; suspect {s1}; metered {m1}");
+    assert_eq!(
+        s1["passed_packets"], 0,
+        "a quarantined source got packets through"
+    );
+    assert!(
+        s1["dropped_packets"].as_u64() >= Some(sent * 9 / 10),
+        "{s1}"
+    );
+    let passed = m1["passed_packets"].as_u64().expect("passed");
+    let limit = 200.0 * secs + 20.0;
+    assert!(
+        sent as f64 > limit * 1.5,
+        "offered {sent}, not enough to test a {limit:.0} limit"
+    );
+    assert!(
+        (passed as f64) <= limit * 1.05,
+        "metered passed {passed}, limit {limit:.0}"
+    );
+    // Below the limit by what the sender's pauses (the kill, the restart) left unused: a
+    // budget never saves more than its burst. Half shows it was never cut off.
+    assert!(
+        (passed as f64) >= limit * 0.5,
+        "metered passed only {passed} of {limit:.0}"
+    );
+    // The counters went on from where they were: never back to zero.
+    for (before, after) in [(&s0, &s1), (&m0, &m1)] {
+        for k in ["passed_packets", "dropped_packets"] {
+            assert!(
+                after[k].as_u64() >= before[k].as_u64(),
+                "{k} went back: {before} -> {after}"
+            );
+        }
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&w.dirs.cli_ok(&["status", "--output", "json"])).expect("json");
+    assert_eq!(status["adopted_pins"], true);
+    assert_eq!(status["quarantined"], serde_json::json!(["suspect"]));
+}
+
+fn run_as_nobody(dirs: &AgentDirs, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(tollgate_tests::netns::tollgate_bin())
+        .arg("--socket")
+        .arg(&dirs.socket)
+        .args(args)
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+fn only_root_and_the_group_may_use_the_control_socket() {
+    let w = World::new();
+    let _agent = w.start();
+    // The state dir must be traversable for the test to reach the socket's own permissions.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&w.dirs.state_dir, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let mode = std::fs::metadata(&w.dirs.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
+    // The file mode stops an unprivileged user at connect().
+    let out = run_as_nobody(&w.dirs, &["status"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{out:?}"
+    );
+    // Even when the mode would let them in, the agent checks SO_PEERCRED and refuses.
+    std::fs::set_permissions(&w.dirs.socket, std::fs::Permissions::from_mode(0o666))
+        .expect("chmod");
+    let out = run_as_nobody(&w.dirs, &["quarantine", "acme", "--reason", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        err.contains("uid 65534") && err.contains("refused"),
+        "{err}"
+    );
+    // Nothing happened, and root is served.
+    let acme = w.identity("acme");
+    assert!(acme["quarantined"].is_null(), "{acme}");
+    w.dirs.cli_ok(&["status"]);
+}
+
+#[test]
+fn audit_log_records_who_what_why() {
+    let w = World::new();
+    let _agent = w.start();
+    w.dirs
+        .cli_ok(&["quarantine", "acme", "--reason", "e2e audit", "--for", "1h"]);
+    w.dirs.cli_ok(&["release", "acme", "--reason", "cleared"]);
+    let h = host4(&w.lab, 200).to_string();
+    w.dirs
+        .cli_ok(&["bind", &h, "--identity", "acme", "--for", "5m"]);
+    w.dirs.cli_ok(&["unbind", &h]);
+    let log = std::fs::read_to_string(w.dirs.state_dir.join("audit.log")).expect("audit log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let actions: Vec<&str> = lines.iter().filter_map(|l| l["action"].as_str()).collect();
+    assert_eq!(
+        actions,
+        ["start", "quarantine", "release", "bind", "unbind"],
+        "{log}"
+    );
+    let q = &lines[1];
+    assert_eq!(q["who"]["uid"], 0);
+    assert!(q["who"]["pid"].as_i64().is_some());
+    assert_eq!(q["reason"], "e2e audit");
+    assert_eq!(q["detail"]["identity"], "acme");
+    // Bad requests change nothing and are not recorded as changes.
+    let out = w.dirs.cli(&["bind", "198.18.0.0/8", "--identity", "acme"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("host bits"));
+    let out = w.dirs.cli(&["quarantine", "nobody-here", "--reason", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let log2 = std::fs::read_to_string(w.dirs.state_dir.join("audit.log")).expect("audit log");
+    assert_eq!(log2.lines().count(), lines.len());
+}
+
+#[test]
+fn uninstall_removes_every_pin_and_detaches() {
+    let w = World::new();
+    let agent = w.start();
+    let out = w.dirs.cli_ok(&["uninstall"]);
+    assert!(out.contains("uninstalled"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.dirs.pin_dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !w.dirs.pin_dir.exists(),
+        "pins left in {}",
+        w.dirs.pin_dir.display()
+    );
+    let exit = agent.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert!(
+        w.lab.server.xdp_attach(&w.lab.server_if).is_none(),
+        "still attached"
+    );
+}
