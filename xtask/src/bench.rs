@@ -13,26 +13,30 @@ pub fn run() -> anyhow::Result<()> {
     let root = cmd::workspace_root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    eprintln!("[bench] XDP paths through BPF_PROG_TEST_RUN");
-    let out = cmd::command("cargo")
-        .args([
-            "bench",
-            "--package",
-            "tollgate-tests",
-            "--bench",
-            "bench_xdp",
-        ])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running cargo bench")?;
-    if !out.status.success() {
-        anyhow::bail!("the XDP benchmark failed ({})", out.status);
+    // The quarantine benchmark drives the real binary, built here in the same profile.
+    cmd::run(cmd::command("cargo").args(["build", "--release", "--package", "tollgate"]))?;
+    for (bench, what) in [
+        ("bench_xdp", "XDP paths through BPF_PROG_TEST_RUN"),
+        (
+            "bench_quarantine",
+            "quarantine to first dropped packet, real agent and traffic",
+        ),
+    ] {
+        eprintln!("[bench] {what}");
+        let out = cmd::command("cargo")
+            .args(["bench", "--package", "tollgate-tests", "--bench", bench])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running cargo bench")?;
+        if !out.status.success() {
+            anyhow::bail!("{bench} failed ({})", out.status);
+        }
+        let table = String::from_utf8_lossy(&out.stdout);
+        let path = out_dir.join(format!("{bench}.md"));
+        std::fs::write(&path, table.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("{table}");
+        eprintln!("[bench] written to {}", path.display());
     }
-    let table = String::from_utf8_lossy(&out.stdout);
-    let path = out_dir.join("xdp.md");
-    std::fs::write(&path, table.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!("{table}");
-    eprintln!("[bench] written to {}", path.display());
     Ok(())
 }
