@@ -641,3 +641,85 @@ fn uninstall_removes_every_pin_and_detaches() {
         "still attached"
     );
 }
+
+#[test]
+fn pins_from_an_incompatible_build_are_refused_and_left_enforcing() {
+    let w = World::new();
+    let agent = w.start();
+    w.dirs.cli_ok(&["quarantine", "suspect", "--reason", "e2e"]);
+    agent.kill9();
+    // Pretend another build made these pins: bump the layout marker.
+    let layout = tollgate::pins::maps_dir(&w.dirs.pin_dir).join(tollgate_common::map_names::LAYOUT);
+    let data = aya::maps::MapData::from_pin(&layout).expect("layout pin");
+    let mut arr: aya::maps::Array<aya::maps::MapData, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("array");
+    arr.set(0, 999, 0).expect("set layout");
+    // A new agent refuses, says why, and touches nothing.
+    let config = w.config.to_str().expect("path").to_owned();
+    let out = w
+        .lab
+        .server
+        .command(tollgate_tests::netns::tollgate_bin())
+        .arg("run")
+        .arg("--pin-dir")
+        .arg(&w.dirs.pin_dir)
+        .arg("--state-dir")
+        .arg(&w.dirs.state_dir)
+        .arg("--control-socket")
+        .arg(&w.dirs.socket)
+        .args(["--config", &config])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(
+        err.contains("incompatible build")
+            && err.contains("version 999")
+            && err.contains("tollgate uninstall"),
+        "{err}"
+    );
+    assert_eq!(
+        arr.get(&0, 0).expect("layout"),
+        999,
+        "the refused agent rewrote the marker"
+    );
+    // The old program still enforces the old policy.
+    assert!(
+        w.lab.server.xdp_attach(&w.lab.server_if).is_some(),
+        "detached"
+    );
+    assert_eq!(
+        w.real_verdict(host4(&w.lab, 13), 8000, "tcp"),
+        "quarantined"
+    );
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definitions() {
+    let bin = tollgate_tests::netns::tollgate_bin();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let bash = run(&["completions", "bash"]);
+    for verb in ["quarantine", "explain", "uninstall", "--output"] {
+        assert!(bash.contains(verb), "bash completion lacks {verb}");
+    }
+    assert!(run(&["completions", "zsh"]).contains("#compdef tollgate"));
+    let man = run(&["man"]);
+    assert!(
+        man.contains(".TH tollgate") && man.contains("quarantine"),
+        "{}",
+        &man[..200.min(man.len())]
+    );
+    // Usage errors are exit 2, with clap's message.
+    let out = std::process::Command::new(&bin)
+        .args(["quarantine"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}
