@@ -868,3 +868,61 @@ pub fn send_frames(ns: &NetNs, ifname: &str, frames: &[Vec<u8>]) {
         }
     });
 }
+
+/// A second client host: its own namespace and veth pair into the lab's server namespace,
+/// with its own /24 (198.19.x.0/24 counterpart of the lab's) and routes both ways. The agent
+/// must be told to enforce on `server_if` too.
+pub struct SecondClient {
+    pub ns: NetNs,
+    pub client_if: String,
+    pub server_if: String,
+    pub client_v4: Ipv4Addr,
+    pub server_v4: Ipv4Addr,
+}
+
+impl Lab {
+    pub fn add_client(&self) -> SecondClient {
+        let ns = NetNs::new("cl2");
+        let id = next_id();
+        let pid = std::process::id();
+        let client_if = format!("tg{pid:x}{id:x}d");
+        let server_if = format!("tg{pid:x}{id:x}t");
+        assert!(
+            client_if.len() <= MAX_IFNAME,
+            "interface name {client_if} is too long"
+        );
+        let o = self.client_v4.octets();
+        // The lab's /24 moved to 198.19.0.0/16's twin so the two clients never share a /24
+        // (the anonymous allowance is per /24).
+        let third = o[2] ^ 0x80;
+        let client_v4 = Ipv4Addr::new(o[0], o[1], third, 1);
+        let server_v4 = Ipv4Addr::new(o[0], o[1], third, 2);
+        checked(Command::new("ip").args([
+            "link",
+            "add",
+            &client_if,
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &server_if,
+            "netns",
+            self.server.name(),
+        ]));
+        ns.ip(&["addr", "add", &format!("{client_v4}/24"), "dev", &client_if]);
+        ns.ip(&["link", "set", &client_if, "up"]);
+        ns.ip(&["route", "add", "default", "via", &server_v4.to_string()]);
+        self.server
+            .ip(&["addr", "add", &format!("{server_v4}/24"), "dev", &server_if]);
+        self.server.ip(&["link", "set", &server_if, "up"]);
+        SecondClient {
+            ns,
+            client_if,
+            server_if,
+            client_v4,
+            server_v4,
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! The parser's verdicts through BPF_PROG_TEST_RUN: the real program in the real kernel.
 
 use tollgate_common::{
-    Reason, Verdict,
+    Reason,
     packet::{L4, PacketBuilder},
     parse::{IPPROTO_DSTOPTS, IPPROTO_HOPOPTS, IPPROTO_ROUTING, MAX_IPV6_EXT_HEADERS},
 };
@@ -12,8 +12,9 @@ const B4: [u8; 4] = [198, 18, 0, 2];
 const A6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const B6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
-fn pass(desc: &str, packet: Vec<u8>, reason: Reason) -> Case {
-    Case::new(desc, packet, Verdict::Pass, reason)
+/// The verdict follows from the reason: malformed frames are dropped, the rest pass.
+fn case(desc: &str, packet: Vec<u8>, reason: Reason) -> Case {
+    Case::new(desc, packet, reason.verdict(), reason)
 }
 
 fn cases() -> Vec<Case> {
@@ -21,83 +22,83 @@ fn cases() -> Vec<Case> {
     let v4 = || PacketBuilder::v4(A4, B4);
     let v6 = || PacketBuilder::v6(A6, B6);
     let mut c = vec![
-        pass(
+        case(
             "ipv4 tcp",
             v4().tcp(40000, 8000).payload(64).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv4 udp",
             v4().udp(40000, 8001).payload(64).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv4 icmp echo",
             v4().icmp(8, 0).payload(56).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv4 gre (no ports)",
             v4().l4(L4::Raw(47)).payload(20).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv6 tcp",
             v6().tcp(40000, 8000).payload(64).build(),
             Unprotected,
         ),
-        pass("ipv6 udp", v6().udp(40000, 8001).build(), Unprotected),
-        pass(
+        case("ipv6 udp", v6().udp(40000, 8001).build(), Unprotected),
+        case(
             "ipv6 icmpv6 echo",
             v6().icmp(128, 0).payload(56).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv4 tcp, one vlan",
             v4().vlan(10).tcp(1, 8000).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv4 udp, two vlans",
             v4().vlan(10).vlan(20).udp(1, 53).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv6 tcp, one vlan",
             v6().vlan(10).tcp(1, 8000).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv6 udp, two vlans",
             v6().vlan(10).vlan(20).udp(1, 53).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv4 icmp, two vlans",
             v4().vlan(1).vlan(2).icmp(0, 0).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "three vlans",
             v4().vlan(1).vlan(2).vlan(3).udp(1, 2).build(),
             TooManyVlanTags,
         ),
-        pass(
+        case(
             "ipv4 tcp with options",
             v4().ipv4_options(&[0x94, 0x04, 0, 0]).tcp(1, 8000).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv4 udp with 40 bytes of options",
             v4().ipv4_options(&[1; 40]).udp(1, 8000).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv6 tcp, hop-by-hop",
             v6().ipv6_ext(IPPROTO_HOPOPTS).tcp(1, 8000).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv6 udp, three ext headers",
             v6().ipv6_ext(IPPROTO_HOPOPTS)
                 .ipv6_ext(IPPROTO_ROUTING)
@@ -106,32 +107,32 @@ fn cases() -> Vec<Case> {
                 .build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv4 first fragment",
             v4().fragment(0, true).udp(1, 8000).payload(100).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv4 non-first fragment",
             v4().fragment(10, true).udp(1, 8000).build(),
             NonFirstFragment,
         ),
-        pass(
+        case(
             "ipv4 last fragment",
             v4().fragment(20, false).tcp(1, 8000).build(),
             NonFirstFragment,
         ),
-        pass(
+        case(
             "ipv6 first fragment",
             v6().fragment(0, true).tcp(1, 8000).build(),
             Unprotected,
         ),
-        pass(
+        case(
             "ipv6 non-first fragment",
             v6().fragment(100, false).udp(1, 8000).build(),
             NonFirstFragment,
         ),
-        pass(
+        case(
             "ipv6 atomic fragment",
             v6().fragment(0, false).udp(1, 8000).build(),
             Unprotected,
@@ -140,18 +141,18 @@ fn cases() -> Vec<Case> {
 
     let mut arp = vec![0u8; 42];
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    c.push(pass("arp", arp, NotIp));
+    c.push(case("arp", arp, NotIp));
 
     let mut max_ext = v6().udp(1, 2);
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         max_ext = max_ext.ipv6_ext(IPPROTO_DSTOPTS);
     }
-    c.push(pass(
+    c.push(case(
         "ipv6 at the ext-header limit",
         max_ext.clone().build(),
         Unprotected,
     ));
-    c.push(pass(
+    c.push(case(
         "ipv6 one ext header too many",
         max_ext.ipv6_ext(IPPROTO_DSTOPTS).build(),
         TooManyExtHeaders,
@@ -159,29 +160,29 @@ fn cases() -> Vec<Case> {
 
     let mut bad = v4().tcp(1, 8000).build();
     bad[14] = 0x44; // ihl 4
-    c.push(pass("ipv4 ihl 4", bad, BadHeaderLength));
+    c.push(case("ipv4 ihl 4", bad, BadHeaderLength));
     let mut bad = v4().tcp(1, 8000).build();
     bad[14] = 0x4f; // ihl 15 on a 40-byte datagram
-    c.push(pass("ipv4 ihl beyond total length", bad, BadHeaderLength));
+    c.push(case("ipv4 ihl beyond total length", bad, BadHeaderLength));
     let mut bad = v4().udp(1, 8000).build();
     bad[16..18].copy_from_slice(&1400u16.to_be_bytes());
-    c.push(pass("ipv4 total length beyond frame", bad, Truncated));
+    c.push(case("ipv4 total length beyond frame", bad, Truncated));
     let mut bad = v4().udp(1, 8000).build();
     bad[14] = 0x65;
-    c.push(pass("version 6 under ethertype ipv4", bad, BadVersion));
+    c.push(case("version 6 under ethertype ipv4", bad, BadVersion));
     let mut bad = v6().udp(1, 8000).build();
     bad[14] = 0x45;
-    c.push(pass("version 4 under ethertype ipv6", bad, BadVersion));
+    c.push(case("version 4 under ethertype ipv6", bad, BadVersion));
     let mut padded = v4().udp(1, 8000).build();
     padded.resize(60, 0);
-    c.push(pass("ipv4 with link padding", padded, Unprotected));
+    c.push(case("ipv4 with link padding", padded, Unprotected));
 
     // TCP over IPv6, cut at every byte. Below 14 bytes the kernel refuses the test run itself
     // (bpf_prog_test_run_xdp requires a full Ethernet header), as no driver hands XDP a runt;
     // `runts_are_refused_by_the_kernel` checks that.
     let full = v6().tcp(40000, 8000).build();
     for cut in 14..full.len() {
-        c.push(pass(
+        c.push(case(
             &format!("ipv6 tcp cut at {cut}"),
             full[..cut].to_vec(),
             Truncated,

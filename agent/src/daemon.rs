@@ -33,6 +33,7 @@ use crate::{
     policy,
     state::{DynBinding, Quarantine, State, now_unix_ms},
     tables::{boot_ns, mask},
+    token_bind::TokenService,
 };
 
 /// Command-line overrides of the configuration (for labs, tests and one-off runs).
@@ -57,6 +58,10 @@ pub enum DaemonError {
     State(#[from] crate::state::StateError),
     #[error("{0}")]
     Policy(#[from] policy::PolicyError),
+    #[error("{0}")]
+    Keys(#[from] crate::token_bind::KeysError),
+    #[error("{0}")]
+    Listener(#[from] crate::bind_listener::ListenerError),
     #[error("{what}: {message}")]
     Io { what: String, message: String },
 }
@@ -98,10 +103,11 @@ pub fn load_config(opts: &Options) -> Result<Config, crate::config::ConfigError>
 
 pub struct Daemon {
     opts: Options,
-    config: Config,
-    pinned: Pinned,
-    state: State,
-    audit: Audit,
+    pub(crate) config: Config,
+    pub(crate) pinned: Pinned,
+    pub(crate) state: State,
+    pub(crate) audit: Audit,
+    pub(crate) tokens: Option<TokenService>,
     attached: Vec<String>,
     started_unix_ms: u64,
     stop: bool,
@@ -110,6 +116,11 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(opts: Options) -> Result<Daemon, DaemonError> {
         let config = load_config(&opts)?;
+        // Keys before anything is touched: a broken JWKS is a configuration error.
+        let tokens = match &config.tokens {
+            Some(t) => Some(TokenService::new(t)?),
+            None => None,
+        };
         let mut pinned = Pinned::open(&config.node.pin_dir)?;
         let mut state = State::load(&config.node.state_dir)?;
         let audit = Audit::open(&config.node.state_dir).map_err(|e| {
@@ -133,7 +144,7 @@ impl Daemon {
         }
         for old in pins::pinned_interfaces(&config.node.pin_dir) {
             if !attached.contains(&old) {
-                pins::detach(&config.node.pin_dir, &old)?;
+                pinned.detach(&old)?;
                 info!(iface = old, "detached: no longer configured");
             }
         }
@@ -156,6 +167,7 @@ impl Daemon {
             pinned,
             state,
             audit,
+            tokens,
             attached,
             started_unix_ms: now_unix_ms(),
             stop: false,
@@ -197,12 +209,37 @@ impl Daemon {
         if config.node.pin_dir != self.config.node.pin_dir
             || config.node.state_dir != self.config.node.state_dir
             || config.node.control_socket != self.config.node.control_socket
+            || config.listen.bind != self.config.listen.bind
+            || config.tokens.as_ref().map(|t| (&t.tls_cert, &t.tls_key))
+                != self
+                    .config
+                    .tokens
+                    .as_ref()
+                    .map(|t| (&t.tls_cert, &t.tls_key))
         {
             return Response::err(
                 ErrorKind::Config,
-                "node.pin_dir, node.state_dir and node.control_socket take effect only on restart",
+                "node.pin_dir, node.state_dir, node.control_socket, listen.bind and the TLS \
+                 files take effect only on restart",
             );
         }
+        // The keys are re-read too; a JWKS that does not parse refuses the whole reload.
+        let tokens = match &config.tokens {
+            Some(t) => match TokenService::new(t) {
+                Ok(mut svc) => {
+                    if let Some(old) = &self.tokens {
+                        svc.results = old.results.clone();
+                        svc.thefts = old.thefts;
+                    }
+                    Some(svc)
+                }
+                Err(e) => {
+                    let _ = self.audit(who, "reload_refused", &e.to_string(), json!({}));
+                    return Response::err(ErrorKind::Config, e.to_string());
+                }
+            },
+            None => None,
+        };
         let applied = match policy::apply(
             &config,
             &mut self.state,
@@ -227,12 +264,13 @@ impl Daemon {
             .cloned()
             .collect();
         for iface in &removed {
-            if let Err(e) = pins::detach(&config.node.pin_dir, iface) {
+            if let Err(e) = self.pinned.detach(iface) {
                 return Response::err(ErrorKind::Kernel, e.to_string());
             }
         }
         self.attached.retain(|i| !removed.contains(i));
         self.config = config;
+        self.tokens = tokens;
         if let Err(r) = self.save() {
             return r;
         }
@@ -246,6 +284,7 @@ impl Daemon {
 
     /// Expires quarantines and run-time bindings whose time is up.
     pub fn tick(&mut self) {
+        self.token_tick();
         let now = now_unix_ms();
         let expired: Vec<String> = self
             .state
@@ -424,6 +463,17 @@ impl Daemon {
                     .map_err(|e| Response::err(ErrorKind::BadRequest, e.to_string()))
             }
             Request::Reload {} => Ok(self.reload(who)),
+            Request::BindToken { token, addr } => self
+                .bind_token(&token, addr, who)
+                .map(Response::ok)
+                .map_err(|f| f.to_response()),
+            Request::Revoke {
+                token_id,
+                identity,
+                reason,
+            } => self
+                .revoke(token_id.as_deref(), identity.as_deref(), &reason, who)
+                .map(Response::ok),
             Request::Uninstall {} => {
                 self.audit(
                     who,
@@ -483,6 +533,7 @@ impl Daemon {
             expires_unix_ms: expires,
             created_unix_ms: now,
             by: who.describe(),
+            token_id: None,
         });
         self.save()?;
         let detail = json!({"target": format!("{addr}/{len}"), "identity": identity, "expires_unix_ms": expires});
@@ -555,6 +606,11 @@ impl Daemon {
             "quarantined": self.state.quarantines.keys().collect::<Vec<_>>(),
             "packets_passed": passed,
             "packets_dropped": dropped,
+            "tokens": self.tokens.as_ref().map(|t| json!({
+                "keys": t.keys.kids(),
+                "verifications": t.results,
+                "probable_thefts": t.thefts,
+            })),
         }))
     }
 
@@ -715,6 +771,16 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
         )
     };
     let listener = bind_socket(&socket, &group)?;
+    let token_listener = daemon.borrow().config.tokens.clone();
+    if let Some(t) = token_listener {
+        let tls = crate::bind_listener::acceptor(&t.tls_cert, &t.tls_key)?;
+        let addr = daemon.borrow().config.listen.bind;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| io_err(format!("bind listener on {addr}"), e))?;
+        info!(%addr, "bind listener: https://{addr}/v1/bind");
+        tokio::task::spawn_local(crate::bind_listener::serve(Rc::clone(&daemon), tcp, tls));
+    }
     info!(
         socket = %socket.display(),
         interfaces = ?attached,

@@ -3,6 +3,7 @@
 //! `tests/` are its users.
 
 pub mod audit;
+pub mod bind_listener;
 pub mod config;
 pub mod control;
 pub mod counters;
@@ -15,3 +16,4 @@ pub mod pins;
 pub mod policy;
 pub mod state;
 pub mod tables;
+pub mod token_bind;

@@ -87,16 +87,36 @@ enum Command {
         #[command(subcommand)]
         action: Option<IdentitiesAction>,
     },
-    /// Bind an address or CIDR to a configured identity (run-time binding, persisted).
+    /// Bind an address or CIDR to a configured identity (run-time binding, persisted), or,
+    /// with --token, bind a client's address with the client's token (for a trusted gateway
+    /// that terminates the client's connection itself).
+    #[command(group(clap::ArgGroup::new("who").required(true).args(["identity", "token"])))]
     Bind {
         /// Address (a /32 or /128) or CIDR, host bits zero.
-        target: String,
+        #[arg(required_unless_present = "addr", conflicts_with = "addr")]
+        target: Option<String>,
+        /// The client's address (same as TARGET; reads better with --token).
+        #[arg(long, value_name = "ADDR")]
+        addr: Option<String>,
         /// The identity's name.
         #[arg(long)]
-        identity: String,
+        identity: Option<String>,
+        /// The client's token: the binding gets the token's identity and expiry.
+        #[arg(long, conflicts_with = "for_secs")]
+        token: Option<String>,
         /// Expire after this long (90s, 15m, 2h, 7d); the kernel enforces the expiry itself.
         #[arg(long = "for", value_name = "DURATION", value_parser = cli::args::duration_secs)]
         for_secs: Option<u64>,
+    },
+    /// Tokens: issue (without an identity provider), verify, revoke.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Signing keys for `token issue`.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
     },
     /// Remove a run-time binding (configured ones are changed in the config).
     Unbind {
@@ -157,6 +177,87 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Man,
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Sign a token with a key from `tollgate keys generate`; prints it.
+    Issue {
+        /// The signing key file (`<kid>.key.json`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The identity (the `sub` claim).
+        #[arg(long)]
+        identity: String,
+        /// Class claim: internal, partner or customer.
+        #[arg(long)]
+        class: Option<String>,
+        /// Plan claim: a plan of the nodes' configuration.
+        #[arg(long)]
+        plan: Option<String>,
+        /// Role claims, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Audience: the node pool's `tokens.audience`.
+        #[arg(long)]
+        audience: String,
+        /// Lifetime (90s, 15m, 2h); at most the nodes' `tokens.max_ttl_s`.
+        #[arg(long, value_parser = cli::args::duration_secs, default_value = "15m")]
+        ttl: u64,
+        /// Token id (`jti`); random if absent.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Check a token as a node would; prints its claims or the reason it is refused.
+    Verify {
+        token: String,
+        /// Take keys and policy from this config's [tokens] section.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Or: the JWKS file ...
+        #[arg(long, value_name = "FILE", requires = "audience")]
+        jwks: Option<PathBuf>,
+        /// ... and the audience.
+        #[arg(long)]
+        audience: Option<String>,
+    },
+    /// Revoke a token id, or every token of an identity issued until now: their bindings
+    /// are removed at once and the revocation persists.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["token_id", "identity"])))]
+    Revoke {
+        /// The token's `jti`.
+        #[arg(long)]
+        token_id: Option<String>,
+        /// The identity (the `sub` claim).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyAlg {
+    /// Ed25519 (JWS "EdDSA").
+    Eddsa,
+    /// ECDSA P-256 with SHA-256 (JWS "ES256").
+    Es256,
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a signing key (<DIR>/<KID>.key.json, secret) and add its public half to
+    /// <DIR>/jwks.json (what the nodes' `tokens.jwks` points at).
+    Generate {
+        #[arg(long, value_enum, default_value_t = KeyAlg::Eddsa)]
+        alg: KeyAlg,
+        /// Key id, unique among the keys in use (e.g. 2026-11).
+        #[arg(long)]
+        kid: String,
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -289,16 +390,85 @@ fn main() -> ExitCode {
         },
         Command::Bind {
             target,
+            addr,
             identity,
+            token,
             for_secs,
-        } => cli::call(
-            &socket,
-            &Request::Bind {
-                target,
+        } => {
+            let target = target.or(addr).unwrap_or_default();
+            let req = match (identity, token) {
+                (Some(identity), _) => Request::Bind {
+                    target,
+                    identity,
+                    for_secs,
+                },
+                (None, Some(token)) => match target.parse() {
+                    Ok(addr) => Request::BindToken { token, addr },
+                    Err(_) => {
+                        eprintln!(
+                            "tollgate: {target:?} is not an address (a token binds one address)"
+                        );
+                        return ExitCode::from(cli::exit::REFUSED);
+                    }
+                },
+                (None, None) => unreachable!("clap requires --identity or --token"),
+            };
+            cli::call(&socket, &req, cli::print::done)
+        }
+        Command::Token { action } => match action {
+            TokenAction::Issue {
+                key,
                 identity,
-                for_secs,
+                class,
+                plan,
+                roles,
+                audience,
+                ttl,
+                id,
+            } => cli::token::issue(&cli::token::IssueArgs {
+                key: &key,
+                identity: &identity,
+                class: class.as_deref(),
+                plan: plan.as_deref(),
+                roles: &roles,
+                audience: &audience,
+                ttl_secs: ttl,
+                jti: id.as_deref(),
+            }),
+            TokenAction::Verify {
+                token,
+                config,
+                jwks,
+                audience,
+            } => cli::token::verify_cmd(
+                &token,
+                jwks.as_deref(),
+                audience.as_deref(),
+                config.as_deref(),
+            ),
+            TokenAction::Revoke {
+                token_id,
+                identity,
+                reason,
+            } => cli::call(
+                &socket,
+                &Request::Revoke {
+                    token_id,
+                    identity,
+                    reason,
+                },
+                cli::print::done,
+            ),
+        },
+        Command::Keys {
+            action: KeysAction::Generate { alg, kid, out_dir },
+        } => cli::token::generate(
+            match alg {
+                KeyAlg::Eddsa => tollgate_common::token::Alg::EdDSA,
+                KeyAlg::Es256 => tollgate_common::token::Alg::ES256,
             },
-            cli::print::done,
+            &kid,
+            &out_dir,
         ),
         Command::Unbind { target } => {
             cli::call(&socket, &Request::Unbind { target }, cli::print::done)
@@ -335,6 +505,14 @@ fn main() -> ExitCode {
         Command::Reload => cli::call(&socket, &Request::Reload {}, |_| println!("ok: reloaded")),
         Command::Config { action } => match action {
             ConfigAction::Check { file } => {
+                if file.is_none() && !std::path::Path::new(Config::DEFAULT_PATH).exists() {
+                    println!(
+                        "{} does not exist: `tollgate run` would use the embedded default \
+                         (`tollgate config default` prints it)",
+                        Config::DEFAULT_PATH
+                    );
+                    return ExitCode::SUCCESS;
+                }
                 let path = file.unwrap_or_else(|| PathBuf::from(Config::DEFAULT_PATH));
                 match Config::load(&path) {
                     Ok(c) => {

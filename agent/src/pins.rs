@@ -149,6 +149,16 @@ pub struct Pinned {
     /// Whether maps were adopted (true) or created (false).
     pub adopted: bool,
     pin_dir: PathBuf,
+    /// Our handle on each interface's link. Dropping it only closes a file descriptor (the
+    /// pin keeps the link); holding it until a detach means removing the pin really ends the
+    /// link instead of leaving it alive through a forgotten descriptor.
+    links: BTreeMap<String, Held>,
+}
+
+/// A link handle: one we pinned, or one we adopted from a pin.
+enum Held {
+    Pinned(#[expect(dead_code, reason = "held for its file descriptor")] PinnedLink),
+    Adopted(#[expect(dead_code, reason = "held for its file descriptor")] XdpLink),
 }
 
 impl Pinned {
@@ -190,6 +200,7 @@ impl Pinned {
             tables,
             adopted,
             pin_dir: pin_dir.to_owned(),
+            links: BTreeMap::new(),
         })
     }
 
@@ -211,8 +222,9 @@ impl Pinned {
             let id = prog.attach_to_link(link).map_err(|e| {
                 attach_err(format!("replacing the program on the pinned link: {e}"))
             })?;
-            // The link stays pinned; dropping our handle must not detach it.
-            let _ = prog.take_link(id).map(std::mem::forget);
+            // Taken out of the program, so that unloading the program never detaches it.
+            let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            self.links.insert(iface.to_owned(), Held::Adopted(link));
             return Ok(true);
         }
         let id = prog
@@ -225,9 +237,19 @@ impl Pinned {
                  to keep enforcing across restarts"
             ))
         })?;
-        fd.pin(&path)
+        let pinned = fd
+            .pin(&path)
             .map_err(|e| attach_err(format!("pinning {}: {e}", path.display())))?;
+        self.links.insert(iface.to_owned(), Held::Pinned(pinned));
         Ok(false)
+    }
+
+    /// Detaches from `iface`: removes the pin and lets go of our handle, so the kernel ends
+    /// the link. Returns whether it was attached.
+    pub fn detach(&mut self, iface: &str) -> Result<bool, PinError> {
+        let was = detach(&self.pin_dir, iface)?;
+        let held = self.links.remove(iface).is_some();
+        Ok(was || held)
     }
 
     pub fn pin_dir(&self) -> &Path {

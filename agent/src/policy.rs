@@ -48,6 +48,33 @@ pub fn expiry_boot_ns(expires_unix_ms: Option<u64>, now_ms: u64) -> Option<u64> 
     }
 }
 
+/// The kernel record of a token identity: class and plan from the token (the plan's limits
+/// from the configuration), roles the configuration knows (others grant nothing).
+pub fn token_identity_record(
+    config: &Config,
+    t: &crate::state::TokenIdentity,
+    quarantined: bool,
+) -> tollgate_common::policy::Identity {
+    let class = crate::config::class_from_label(&t.class)
+        .unwrap_or(tollgate_common::policy::Class::Customer);
+    let plan_index = config.plan_index(&t.plan).unwrap_or(0);
+    let limits = config
+        .plans
+        .get(plan_index as usize)
+        .map(|p| p.limits)
+        .unwrap_or(crate::tables::PlanLimits::UNLIMITED);
+    let roles = t
+        .roles
+        .iter()
+        .filter_map(|r| config.role_bit(r))
+        .fold(0, |a, b| a | b);
+    let mut rec = identity_record(class, roles, plan_index, &limits);
+    if quarantined {
+        rec.flags |= tollgate_common::policy::ID_QUARANTINED;
+    }
+    rec
+}
+
 /// Applies `config` and `state` to the kernel. `state` loses entries that no longer apply
 /// (identities gone from the config, expired run-time bindings); the caller saves it.
 pub fn apply(
@@ -104,10 +131,23 @@ pub fn apply(
         .iter()
         .map(|i| (i.name.as_str(), i))
         .collect();
+    // Token identities the configuration does not name live on until their tokens expire
+    // (the daemon frees them); a token identity whose plan left the configuration goes.
+    state.token_identities.retain(|name, t| {
+        let keep = !configured.contains_key(name.as_str())
+            && t.expires_unix_ms > now_ms
+            && config.plan_index(&t.plan).is_some();
+        if !keep {
+            applied.identities_removed.push(name.clone());
+        }
+        keep
+    });
     let gone: Vec<String> = state
         .identity_ids
         .keys()
-        .filter(|n| !configured.contains_key(n.as_str()))
+        .filter(|n| {
+            !configured.contains_key(n.as_str()) && !state.token_identities.contains_key(*n)
+        })
         .cloned()
         .collect();
     let mut ids: BTreeMap<String, u32> = BTreeMap::new();
@@ -127,6 +167,16 @@ pub fn apply(
         }
         tables.set_identity(id, &rec)?;
         ids.insert(ident.name.clone(), id);
+    }
+    let token_names: Vec<String> = state.token_identities.keys().cloned().collect();
+    for name in token_names {
+        let t = state.token_identities[&name].clone();
+        let id = state
+            .identity_id(&name, MAX_IDENTITIES)
+            .ok_or_else(|| PolicyError::NoIdentitySlot(name.clone()))?;
+        let rec = token_identity_record(config, &t, state.quarantined(&name, now_ms));
+        tables.set_identity(id, &rec)?;
+        ids.insert(name, id);
     }
     applied.identities = ids.len();
 

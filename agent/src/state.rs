@@ -34,6 +34,9 @@ pub struct DynBinding {
     pub expires_unix_ms: Option<u64>,
     pub created_unix_ms: u64,
     pub by: String,
+    /// The token (`jti`) that made it, for revocation and replay detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
 }
 
 impl DynBinding {
@@ -59,6 +62,26 @@ pub struct State {
     pub bindings: Vec<DynBinding>,
     /// Identity name -> quarantine.
     pub quarantines: BTreeMap<String, Quarantine>,
+    /// Identities that exist because a token named them (not in the configuration).
+    #[serde(default)]
+    pub token_identities: BTreeMap<String, TokenIdentity>,
+    /// Revoked token ids -> when the token expires anyway (then the entry can go).
+    #[serde(default)]
+    pub revoked_tokens: BTreeMap<String, u64>,
+    /// Identity name -> revocation time: tokens of that identity issued at or before it are
+    /// refused.
+    #[serde(default)]
+    pub revoked_identities: BTreeMap<String, u64>,
+}
+
+/// What a token said about an identity the configuration does not know.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenIdentity {
+    pub class: String,
+    pub plan: String,
+    pub roles: Vec<String>,
+    /// The latest expiry of a token seen for it (ms); the slot is freed after it.
+    pub expires_unix_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 //! on the host: the packet parser, the verdict reasons, the layouts of map values.
 #![no_std]
 
-#[cfg(any(test, feature = "user"))]
+#[cfg(any(test, feature = "user", feature = "token"))]
 extern crate std;
 
 pub mod counters;
@@ -12,6 +12,8 @@ pub mod limiter;
 pub mod parse;
 pub mod policy;
 pub mod reason;
+#[cfg(feature = "token")]
+pub mod token;
 
 #[cfg(any(test, feature = "user"))]
 pub mod packet;

@@ -62,18 +62,22 @@ reasons! {
     Unprotected = 1, "unprotected", Pass;
     /// A non-first fragment: it carries no ports, so it can never match a port rule.
     NonFirstFragment = 2, "non_first_fragment", Pass;
+    // Frames the parser cannot classify are dropped: they might be for a protected endpoint
+    // (a tiny first fragment whose ports arrive later, a port hidden behind a seventh IPv6
+    // extension header), so passing them would be a way around enforcement. The kernel's own
+    // stack drops truncated and bad-header packets anyway.
     /// The frame ends inside a header it announces (Ethernet, VLAN, IP, extension, TCP, UDP,
     /// ICMP), or the IP length claims more bytes than the frame holds. A first fragment too
     /// short to hold its transport header lands here too (RFC 1858's tiny fragments).
-    Truncated = 3, "truncated", Pass;
+    Truncated = 3, "truncated", Drop;
     /// IPv4 ihl below 5, or an IP total length shorter than the header.
-    BadHeaderLength = 4, "bad_header_length", Pass;
+    BadHeaderLength = 4, "bad_header_length", Drop;
     /// The IP version nibble disagrees with the EtherType.
-    BadVersion = 5, "bad_version", Pass;
+    BadVersion = 5, "bad_version", Drop;
     /// More VLAN tags than the parser walks (two).
-    TooManyVlanTags = 6, "too_many_vlan_tags", Pass;
+    TooManyVlanTags = 6, "too_many_vlan_tags", Drop;
     /// More IPv6 extension headers than the parser walks.
-    TooManyExtHeaders = 7, "too_many_ext_headers", Pass;
+    TooManyExtHeaders = 7, "too_many_ext_headers", Drop;
     /// A bound identity, allowed to reach the endpoint and within its budgets.
     Bound = 8, "bound", Pass;
     /// An unbound source reaching an endpoint open to anonymous callers (the bind listener),
@@ -126,6 +130,24 @@ mod tests {
             for b in &Reason::ALL[i + 1..] {
                 assert_ne!(a.label(), b.label());
             }
+        }
+    }
+
+    #[test]
+    fn frames_that_cannot_be_classified_are_dropped() {
+        // Passing them would let a tiny first fragment or a port behind a seventh extension
+        // header reach a protected endpoint unjudged.
+        for r in [
+            Reason::Truncated,
+            Reason::BadHeaderLength,
+            Reason::BadVersion,
+            Reason::TooManyVlanTags,
+            Reason::TooManyExtHeaders,
+        ] {
+            assert_eq!(r.verdict(), Verdict::Drop, "{r:?}");
+        }
+        for r in [Reason::NotIp, Reason::Unprotected, Reason::NonFirstFragment] {
+            assert_eq!(r.verdict(), Verdict::Pass, "{r:?}");
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod print;
+pub mod token;
 
 use std::{path::Path, process::ExitCode, time::Duration};
 

@@ -15,10 +15,10 @@ use tollgate_common::policy::{
 
 use super::{
     Anonymous, Config, ConfigError, Controller, DropEvents, Endpoint, Listen, Node, Plan,
-    StaticIdentity,
+    StaticIdentity, Tokens,
     raw::{
         List, PortItem, RawAnonymous, RawConfig, RawController, RawDropEvents, RawEndpoint,
-        RawIdentity, RawListen, RawNode, RawPlan, S,
+        RawIdentity, RawListen, RawNode, RawPlan, RawTokens, S,
     },
 };
 use crate::{
@@ -120,6 +120,10 @@ impl<'a> Checker<'a> {
         let plans = self.plans(raw.plans)?;
         let endpoints = self.endpoints(raw.endpoints)?;
         let identities = self.identities(raw.identities, &plans)?;
+        let tokens = match raw.tokens {
+            Some(t) => Some(self.tokens(t, &plans)?),
+            None => None,
+        };
         Ok(Config {
             source: self.source.to_owned(),
             node,
@@ -131,6 +135,71 @@ impl<'a> Checker<'a> {
             endpoints,
             identities,
             roles: self.roles,
+            tokens,
+        })
+    }
+
+    fn tokens(&self, raw: S<RawTokens>, plans: &[Plan]) -> Result<Tokens> {
+        let raw = raw.into_inner();
+        let jwks = self.abs_path(&Some(raw.jwks), "tokens.jwks", "")?;
+        let tls_cert = self.abs_path(&Some(raw.tls_cert), "tokens.tls_cert", "")?;
+        let tls_key = self.abs_path(&Some(raw.tls_key), "tokens.tls_key", "")?;
+        let audience = raw.audience.get_ref().trim().to_owned();
+        if audience.is_empty() {
+            return Err(self.err(
+                raw.audience.span(),
+                "tokens.audience",
+                "the audience must not be empty",
+            ));
+        }
+        let max_ttl_s = self.int(&raw.max_ttl_s, "tokens.max_ttl_s", 3600, 1..=7 * 86400)? as u64;
+        let clock_skew_s = self.int(&raw.clock_skew_s, "tokens.clock_skew_s", 30, 0..=600)? as u64;
+        let max_token_bytes = self.int(
+            &raw.max_token_bytes,
+            "tokens.max_token_bytes",
+            8192,
+            256..=65536,
+        )? as usize;
+        let claim = |v: &Option<S<String>>, field: &str, default: &str| -> Result<String> {
+            match v {
+                None => Ok(default.to_owned()),
+                Some(v) if v.get_ref().is_empty() || v.get_ref().len() > 64 => {
+                    Err(self.err(v.span(), field, "a claim name must be 1 to 64 characters"))
+                }
+                Some(v) => Ok(v.get_ref().clone()),
+            }
+        };
+        let default_class = match &raw.default_class {
+            None => None,
+            Some(v) => Some(self.class(v, "tokens.default_class")?),
+        };
+        let default_plan = match &raw.default_plan {
+            None => None,
+            Some(v) => {
+                if !plans.iter().any(|p| &p.name == v.get_ref()) {
+                    return Err(self.err(
+                        v.span(),
+                        "tokens.default_plan",
+                        format!("unknown plan {:?}", v.get_ref()),
+                    ));
+                }
+                Some(v.get_ref().clone())
+            }
+        };
+        Ok(Tokens {
+            jwks,
+            audience,
+            tls_cert,
+            tls_key,
+            max_ttl_s,
+            clock_skew_s,
+            max_token_bytes,
+            identity_claim: claim(&raw.identity_claim, "tokens.identity_claim", "sub")?,
+            class_claim: claim(&raw.class_claim, "tokens.class_claim", "tollgate_class")?,
+            plan_claim: claim(&raw.plan_claim, "tokens.plan_claim", "tollgate_plan")?,
+            roles_claim: claim(&raw.roles_claim, "tokens.roles_claim", "tollgate_roles")?,
+            default_class,
+            default_plan,
         })
     }
 

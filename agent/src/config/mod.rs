@@ -45,6 +45,38 @@ pub struct Config {
     /// Every role name, endpoints' first and then identities', in order of first appearance;
     /// role `roles[i]` is bit `1 << i`.
     pub roles: Vec<String>,
+    /// Token binding (the HTTPS bind listener and `tollgate bind --token`); `None`: off.
+    pub tokens: Option<Tokens>,
+}
+
+/// The class named by a label (`internal`, `partner`, `customer`); `anonymous` is not a
+/// class an identity can have.
+pub fn class_from_label(label: &str) -> Option<Class> {
+    [Class::Internal, Class::Partner, Class::Customer]
+        .into_iter()
+        .find(|c| c.label() == label)
+}
+
+/// How tokens are verified and what their claims mean.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    /// JWKS file with the public keys (algorithm pinned per key).
+    pub jwks: PathBuf,
+    /// The audience this node pool accepts (`aud` must contain it).
+    pub audience: String,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub max_ttl_s: u64,
+    pub clock_skew_s: u64,
+    pub max_token_bytes: usize,
+    pub identity_claim: String,
+    pub class_claim: String,
+    pub plan_claim: String,
+    pub roles_claim: String,
+    /// Class of a token without a class claim; `None`: such tokens are refused.
+    pub default_class: Option<Class>,
+    /// Plan of a token without a plan claim (a configured plan); `None`: refused.
+    pub default_plan: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -22,6 +22,25 @@ pub(super) struct RawConfig {
     pub plans: Option<List<RawPlan>>,
     pub endpoints: Option<List<RawEndpoint>>,
     pub identities: Option<List<RawIdentity>>,
+    pub tokens: Option<S<RawTokens>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTokens {
+    pub jwks: S<String>,
+    pub audience: S<String>,
+    pub tls_cert: S<String>,
+    pub tls_key: S<String>,
+    pub max_ttl_s: Option<S<i64>>,
+    pub clock_skew_s: Option<S<i64>>,
+    pub max_token_bytes: Option<S<i64>>,
+    pub identity_claim: Option<S<String>>,
+    pub class_claim: Option<S<String>>,
+    pub plan_claim: Option<S<String>>,
+    pub roles_claim: Option<S<String>>,
+    pub default_class: Option<S<String>>,
+    pub default_plan: Option<S<String>>,
 }
 
 #[derive(Deserialize)]

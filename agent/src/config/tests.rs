@@ -909,3 +909,68 @@ fn load_reads_a_file() {
         )
     );
 }
+
+const TOKENS: &str = "
+[tokens]
+jwks = \"/etc/tollgate/jwks.json\"
+audience = \"pool-a\"
+tls_cert = \"/etc/tollgate/cert.pem\"
+tls_key = \"/etc/tollgate/key.pem\"
+";
+
+#[test]
+fn tokens_section_defaults_and_values() {
+    let c = Config::parse(&with(TOKENS), "t.toml").unwrap();
+    let t = c.tokens.expect("tokens");
+    assert_eq!(t.audience, "pool-a");
+    assert_eq!(
+        (t.max_ttl_s, t.clock_skew_s, t.max_token_bytes),
+        (3600, 30, 8192)
+    );
+    assert_eq!(t.identity_claim, "sub");
+    assert_eq!((t.default_class, t.default_plan), (None, None));
+    assert!(Config::parse(BASE, "t.toml").unwrap().tokens.is_none());
+    let c = Config::parse(
+        &with(&format!("{TOKENS}default_plan = \"free\"\ndefault_class = \"partner\"\nidentity_claim = \"client_id\"\n")),
+        "t.toml",
+    )
+    .unwrap();
+    let t = c.tokens.unwrap();
+    assert_eq!(t.default_plan.as_deref(), Some("free"));
+    assert_eq!(t.default_class, Some(Class::Partner));
+    assert_eq!(t.identity_claim, "client_id");
+}
+
+#[test]
+fn tokens_section_refusals() {
+    assert_refused(
+        &with(&format!("{TOKENS}default_plan = \"gold\"\n")),
+        12,
+        "tokens.default_plan",
+        "unknown plan",
+    );
+    assert_refused(
+        &with(&TOKENS.replace("/etc/tollgate/jwks.json", "jwks.json")),
+        8,
+        "tokens.jwks",
+        "absolute",
+    );
+    assert_refused(
+        &with(&format!("{TOKENS}max_ttl_s = 0\n")),
+        12,
+        "tokens.max_ttl_s",
+        "out of range",
+    );
+    assert_refused(
+        &with(&format!("{TOKENS}default_class = \"anonymous\"\n")),
+        12,
+        "tokens.default_class",
+        "anonymous",
+    );
+    assert_refused(
+        &with("\n[tokens]\naudience = \"x\"\n"),
+        7,
+        "tokens.jwks",
+        "required",
+    );
+}

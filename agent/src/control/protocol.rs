@@ -41,6 +41,19 @@ pub enum Request {
         reason: String,
     },
     Explain(Probe),
+    /// A trusted gateway binds a client's address with the client's token.
+    BindToken {
+        token: String,
+        addr: std::net::IpAddr,
+    },
+    /// Revokes a token id, or every token of an identity issued until now.
+    Revoke {
+        #[serde(default)]
+        token_id: Option<String>,
+        #[serde(default)]
+        identity: Option<String>,
+        reason: String,
+    },
     Reload {},
     Uninstall {},
 }
@@ -56,6 +69,8 @@ impl Request {
                 | Request::Release { .. }
                 | Request::Reload {}
                 | Request::Uninstall {}
+                | Request::BindToken { .. }
+                | Request::Revoke { .. }
         )
     }
 }

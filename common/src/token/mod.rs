@@ -1,0 +1,278 @@
+//! Short-lived API tokens: standard JWTs (RFC 7519) in the compact JWS serialization
+//! (RFC 7515), signed with EdDSA (Ed25519, RFC 8037) or ES256 (ECDSA P-256 with SHA-256,
+//! RFC 7518 §3.4) and verified with `ring`. Host-side only (the `token` feature); the XDP
+//! program never sees a token, only the binding the agent derives from one.
+//!
+//! Nodes hold only public keys, as a JWKS ([`KeySet::from_jwks`]); whoever issues tokens holds
+//! a [`SigningKey`]. [`verify`] either returns the token's [`Claims`] or exactly one
+//! [`Refusal`], whose [`Refusal::label`] is stable (metrics, audit log).
+//!
+//! # What `verify` checks, in this order
+//!
+//! The first failing check decides the refusal, so the same token always gets the same one.
+//!
+//! 1. Size: longer than [`Policy::max_token_bytes`] → `oversized` (before anything else).
+//! 2. Shape: non-ASCII, not exactly three `.`-separated parts, or an empty header or payload
+//!    → `malformed`. (An empty *signature* is not `malformed`: it is the shape of an
+//!    `alg: none` token, reported as `alg_none`, or else as `truncated_signature`.)
+//! 3. Encoding: header, payload, then signature, each must be unpadded base64url (RFC 7515
+//!    §2, canonical: no `=`, no stray bits) → `bad_base64`.
+//! 4. JSON: header, then payload, each must be one JSON object with no duplicate member at
+//!    any depth (RFC 7515 §5.2 lets a verifier reject those; tollgate does) → `bad_json`.
+//!    This is syntax only: nothing in the payload is looked at before step 9.
+//! 5. Header algorithm: no `alg` string → `missing_alg`; `none` in any case → `alg_none`;
+//!    `HS256`/`HS384`/`HS512` in any case → `alg_hmac` (refused by name so that a public key
+//!    can never be used as an HMAC secret); anything else but `EdDSA` and `ES256` (exact
+//!    case) → `alg_unsupported`; a `crit` header (no extension is understood) →
+//!    `crit_unsupported`. Key-carrying headers (`jwk`, `jku`, `x5u`, `x5c`) are ignored:
+//!    keys come only from the configured JWKS.
+//! 6. Key: no `kid` string (or an empty one) → `missing_kid`; a kid the JWKS does not hold →
+//!    `unknown_kid`; a header `alg` other than the one the JWK pins → `alg_mismatch` (the
+//!    key's algorithm is authoritative); `now` outside the key's window widened by the skew,
+//!    `[nbf - skew, exp + skew]`, → `key_outside_window`.
+//! 7. Signature length: not 64 bytes (Ed25519, and ES256 as the fixed `r || s` of RFC 7518
+//!    §3.4, not DER) → `truncated_signature`.
+//! 8. Signature over the ASCII bytes `header_b64 "." payload_b64` → `bad_signature`.
+//! 9. Claims, now trusted, one at a time: `jti` → `missing_jti`, the identity claim
+//!    ([`ClaimNames::identity`], `sub` by default) → `missing_identity` (absent or empty
+//!    string); `iat` → `missing_iat`; `exp` → `missing_exp`; then a claim of the wrong JSON
+//!    type — times not non-negative integers, `aud` neither a string nor an array of
+//!    strings, class/plan not strings, roles not an array of strings — or `exp` before
+//!    `iat` → `bad_claim`. JSON `null` is a wrong type, not an absent claim.
+//! 10. Time, with the skew: `now > exp + skew` → `expired`; `now + skew < nbf` or
+//!     `now + skew < iat` → `not_yet_valid`; `exp - iat > max_ttl_s` → `lifetime_too_long`.
+//! 11. Audience: `aud` (a string or an array of strings) must contain
+//!     [`Policy::audience`]; an absent `aud` does not → `wrong_audience`.
+//!
+//! `revoked` is never returned by [`verify`]: it is there so that the agent's revocation list
+//! reports through the same enum and labels.
+//!
+//! # JWKS
+//!
+//! A JSON object whose `keys` array holds public JWKs (RFC 7517), each with a unique `kid`
+//! and an `alg` that pins it to one algorithm (an `alg`-less key is refused, never guessed):
+//!
+//! ```json
+//! {"keys": [
+//!   {"kty": "OKP", "crv": "Ed25519", "x": "<32 bytes, base64url>", "kid": "k1", "alg": "EdDSA"},
+//!   {"kty": "EC", "crv": "P-256", "x": "<32 bytes>", "y": "<32 bytes>", "kid": "k2",
+//!    "alg": "ES256", "nbf": 1767225600, "exp": 1769904000}
+//! ]}
+//! ```
+//!
+//! `nbf` and `exp` on a key are **tollgate extensions** (not in RFC 7517): unix seconds
+//! bounding the key's validity for rotation with overlap. Both are optional; a token signed
+//! by the key is refused (`key_outside_window`) outside `[nbf - skew, exp + skew]`. `use`, if
+//! present, must be `sig`; `key_ops`, if present, must include `verify`. Private members
+//! (`d`, `p`, `q`, `dp`, `dq`, `qi`, `oth`, `k`) are refused: a public JWKS must not carry
+//! a secret. Other members are ignored.
+//!
+//! # Key files
+//!
+//! [`SigningKey::to_file_json`] writes a small JSON object, **a secret** (keep it mode 0600):
+//!
+//! ```json
+//! {"kid": "k1", "alg": "EdDSA", "pkcs8": "<PKCS#8 v1 or v2 DER, standard base64 with padding>"}
+//! ```
+//!
+//! The `pkcs8` member is what `openssl pkey -inform DER` reads once base64-decoded.
+
+mod json;
+mod keys;
+mod refusal;
+mod sign;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+
+use core::fmt;
+use std::{string::String, vec::Vec};
+
+pub use keys::{JwksError, KeyProblem, KeySet, PublicKey};
+pub use refusal::{REFUSALS, Refusal};
+pub use sign::{IssueError, KeyError, NewToken, SigningKey, issue, jwks};
+pub use verify::verify;
+
+/// A signature algorithm tollgate accepts. Every key pins exactly one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Alg {
+    /// Ed25519 (RFC 8037): 32-byte public keys, 64-byte signatures.
+    EdDSA,
+    /// ECDSA on P-256 with SHA-256 (RFC 7518 §3.4): signatures are the fixed 64-byte `r || s`.
+    ES256,
+}
+
+impl Alg {
+    /// Both algorithms.
+    pub const ALL: [Alg; 2] = [Alg::EdDSA, Alg::ES256];
+
+    /// The JOSE name, as in a JWT header or a JWK `alg`: `EdDSA` or `ES256`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Alg::EdDSA => "EdDSA",
+            Alg::ES256 => "ES256",
+        }
+    }
+
+    /// The algorithm with this exact JOSE name (case-sensitive, as RFC 7515 §4.1.1 requires).
+    pub fn from_jose(name: &str) -> Option<Alg> {
+        Alg::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+
+    /// Length of a signature in bytes.
+    pub(crate) fn signature_len(self) -> usize {
+        match self {
+            Alg::EdDSA | Alg::ES256 => 64,
+        }
+    }
+
+    fn verification(self) -> &'static dyn ring::signature::VerificationAlgorithm {
+        match self {
+            Alg::EdDSA => &ring::signature::ED25519,
+            Alg::ES256 => &ring::signature::ECDSA_P256_SHA256_FIXED,
+        }
+    }
+}
+
+impl fmt::Display for Alg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An algorithm name that is neither `EdDSA` nor `ES256`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown algorithm {0:?}: expected EdDSA or ES256")]
+pub struct UnknownAlg(pub String);
+
+impl core::str::FromStr for Alg {
+    type Err = UnknownAlg;
+
+    /// For operator input (CLI, config): the JOSE names in any case (`eddsa`, `es256`).
+    /// Token headers and JWKs are matched exactly, with [`Alg::from_jose`].
+    fn from_str(s: &str) -> Result<Alg, UnknownAlg> {
+        Alg::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownAlg(s.into()))
+    }
+}
+
+/// Which payload members carry tollgate's claims. `jti`, `iat`, `exp`, `nbf` and `aud` are
+/// always the registered claims of RFC 7519.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimNames {
+    /// The identity the token stands for (required). Default `sub`.
+    pub identity: String,
+    /// Traffic class (optional string). Default `tollgate_class`.
+    pub class: String,
+    /// Plan (optional string). Default `tollgate_plan`.
+    pub plan: String,
+    /// Roles (optional array of strings). Default `tollgate_roles`.
+    pub roles: String,
+}
+
+impl Default for ClaimNames {
+    fn default() -> ClaimNames {
+        ClaimNames {
+            identity: "sub".into(),
+            class: "tollgate_class".into(),
+            plan: "tollgate_plan".into(),
+            roles: "tollgate_roles".into(),
+        }
+    }
+}
+
+/// The registered claims `verify` reads itself: no [`ClaimNames`] member may reuse one.
+pub const REGISTERED_CLAIMS: &[&str] = &["jti", "iat", "exp", "nbf", "aud"];
+
+/// A [`ClaimNames`] that cannot work: an empty name, two roles under one name, or a
+/// registered claim's name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimNamesError {
+    #[error("the {0} claim name is empty")]
+    Empty(&'static str),
+    #[error("the {first} and {second} claims are both named {name:?}: each needs its own name")]
+    Clash {
+        name: String,
+        first: &'static str,
+        second: &'static str,
+    },
+    #[error("the {role} claim cannot be named {name:?}: that is a registered JWT claim")]
+    Registered { role: &'static str, name: String },
+}
+
+impl ClaimNames {
+    /// Checks that the names are usable (non-empty, distinct, not a registered claim). The
+    /// agent calls this when it loads its configuration; [`issue`] calls it too.
+    pub fn check(&self) -> Result<(), ClaimNamesError> {
+        let named = [
+            ("identity", &self.identity),
+            ("class", &self.class),
+            ("plan", &self.plan),
+            ("roles", &self.roles),
+        ];
+        for (i, (role, name)) in named.iter().enumerate() {
+            if name.is_empty() {
+                return Err(ClaimNamesError::Empty(role));
+            }
+            if REGISTERED_CLAIMS.contains(&name.as_str()) {
+                return Err(ClaimNamesError::Registered {
+                    role,
+                    name: (*name).clone(),
+                });
+            }
+            if let Some((first, _)) = named[..i].iter().find(|(_, n)| n == name) {
+                return Err(ClaimNamesError::Clash {
+                    name: (*name).clone(),
+                    first,
+                    second: role,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a node accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// This node's audience: a token's `aud` must contain it.
+    pub audience: String,
+    /// Longest accepted lifetime, `exp - iat`, in seconds.
+    pub max_ttl_s: u64,
+    /// Clock skew tolerated on every time comparison, in seconds.
+    pub skew_s: u64,
+    /// Longest accepted token, in bytes; checked before anything else.
+    pub max_token_bytes: usize,
+    /// Where the tollgate claims are.
+    pub claim_names: ClaimNames,
+}
+
+/// A verified token's claims.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claims {
+    /// `jti`: the token's id (non-empty); what revocation and replay detection key on.
+    pub jti: String,
+    /// The identity claim (non-empty).
+    pub identity: String,
+    pub class: Option<String>,
+    pub plan: Option<String>,
+    /// Empty when the roles claim is absent.
+    pub roles: Vec<String>,
+    /// `aud`, always as a list (a string `aud` is a one-element list).
+    pub audience: Vec<String>,
+    pub iat: u64,
+    pub nbf: Option<u64>,
+    pub exp: u64,
+    /// The key that signed the token.
+    pub kid: String,
+    /// Its algorithm (the key's, which the header matched).
+    pub alg: Alg,
+}
+
+/// Unpadded base64url, canonical (RFC 7515 §2).
+pub(crate) fn b64url() -> &'static base64::engine::GeneralPurpose {
+    &base64::engine::general_purpose::URL_SAFE_NO_PAD
+}
