@@ -3,6 +3,7 @@
 
 pub mod fixture;
 pub mod netns;
+pub mod tokenlab;
 
 /// Whether this process may load BPF programs; tests need root (CAP_BPF + CAP_NET_ADMIN).
 /// `cargo xtask test` checks this before running anything, with a clear message.

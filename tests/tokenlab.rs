@@ -1,0 +1,220 @@
+//! A token lab: the agent with a `[tokens]` section, keys from `tollgate keys generate`, a
+//! self-signed certificate for the bind listener, a model server stand-in on the model port,
+//! and helpers to bind with curl and probe the model port from a client namespace.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use base64::Engine as _;
+
+use crate::netns::{Agent, AgentDirs, Lab, NetNs, SecondClient, tollgate_bin};
+
+pub const AUDIENCE: &str = "pool-a";
+pub const MODEL_PORT: u16 = 8000;
+pub const BIND_PORT: u16 = 8443;
+
+pub struct World {
+    pub lab: Lab,
+    pub dirs: AgentDirs,
+    pub config: PathBuf,
+    pub keys: PathBuf,
+    pub ca: PathBuf,
+    extra_ifaces: Vec<String>,
+    _model: std::thread::JoinHandle<()>,
+}
+
+/// A model server stand-in: answers "ok\n" to every TCP connection on MODEL_PORT.
+pub fn model_server(lab: &Lab) -> std::thread::JoinHandle<()> {
+    let addr = SocketAddr::new(IpAddr::V4(lab.server_v4), MODEL_PORT);
+    let listener = lab
+        .server
+        .run(|| TcpListener::bind(addr).expect("model port"));
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(b"ok\n");
+        }
+    })
+}
+
+pub fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+impl World {
+    pub fn new(extra: Option<&SecondClient>) -> World {
+        crate::require_root();
+        let lab = Lab::new();
+        World::with_lab(lab, extra.map(|c| c.server_if.clone()))
+    }
+
+    pub fn with_lab(lab: Lab, extra_iface: Option<String>) -> World {
+        let dirs = AgentDirs::new();
+        let keys = dirs.state_dir.join("keys");
+        let out = std::process::Command::new(tollgate_bin())
+            .args([
+                "keys",
+                "generate",
+                "--alg",
+                "eddsa",
+                "--kid",
+                "k1",
+                "--out-dir",
+            ])
+            .arg(&keys)
+            .output()
+            .expect("keys generate");
+        assert!(out.status.success(), "{out:?}");
+        let cert =
+            rcgen::generate_simple_self_signed(vec![lab.server_v4.to_string()]).expect("cert");
+        let ca = dirs.state_dir.join("cert.pem");
+        let key = dirs.state_dir.join("key.pem");
+        std::fs::write(&ca, cert.cert.pem()).expect("cert");
+        std::fs::write(&key, cert.signing_key.serialize_pem()).expect("key");
+        let mut ifaces = vec![lab.server_if.clone()];
+        ifaces.extend(extra_iface.clone());
+        let config = dirs.state_dir.join("tollgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[node]
+interfaces = [{ifaces}]
+
+[anonymous]
+packets_per_second = 200
+burst = 600
+
+[listen]
+bind = "{server}:{BIND_PORT}"
+
+[tokens]
+jwks = "{jwks}"
+audience = "{AUDIENCE}"
+tls_cert = "{ca}"
+tls_key = "{key}"
+max_ttl_s = 600
+clock_skew_s = 2
+max_token_bytes = 4096
+default_class = "customer"
+default_plan = "customer"
+
+[[plans]]
+name = "customer"
+packets_per_second = 1000
+packet_burst = 1000
+
+[[endpoints]]
+name = "model"
+protocol = "tcp"
+ports = [{MODEL_PORT}]
+classes = ["customer"]
+
+[[endpoints]]
+name = "bind"
+protocol = "tcp"
+ports = [{BIND_PORT}]
+classes = ["customer"]
+anonymous = true
+"#,
+                ifaces = ifaces
+                    .iter()
+                    .map(|i| format!("\"{i}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                server = lab.server_v4,
+                jwks = keys.join("jwks.json").display(),
+                ca = ca.display(),
+                key = key.display(),
+            ),
+        )
+        .expect("config");
+        let model = model_server(&lab);
+        World {
+            lab,
+            dirs,
+            config,
+            keys,
+            ca,
+            extra_ifaces: extra_iface.into_iter().collect(),
+            _model: model,
+        }
+    }
+
+    pub fn start(&self) -> Agent {
+        let config = self.config.to_str().expect("path");
+        let _ = &self.extra_ifaces;
+        Agent::launch(
+            &self.lab.server,
+            &self.dirs,
+            &["--config", config, "--mode", "native"],
+        )
+    }
+
+    pub fn issue(&self, identity: &str, ttl: &str, id: &str) -> String {
+        let out = std::process::Command::new(tollgate_bin())
+            .args(["token", "issue", "--key"])
+            .arg(self.keys.join("k1.key.json"))
+            .args([
+                "--identity",
+                identity,
+                "--audience",
+                AUDIENCE,
+                "--ttl",
+                ttl,
+                "--id",
+                id,
+            ])
+            .output()
+            .expect("token issue");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// POST (or DELETE) /v1/bind with curl from `ns`: (HTTP status, JSON body).
+    pub fn http(&self, ns: &NetNs, method: &str, token: &str) -> (u16, serde_json::Value) {
+        let url = format!("https://{}:{BIND_PORT}/v1/bind", self.lab.server_v4);
+        let out = ns
+            .command("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&self.ca)
+            .args(["-X", method, "-H"])
+            .arg(format!("Authorization: Bearer {token}"))
+            .args(["-w", "\n%{http_code}", &url])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        let code = code.trim().parse().unwrap_or(0);
+        let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+        (code, json)
+    }
+
+    /// Whether the model server answers a TCP connection from `ns` within `wait`.
+    pub fn model_answers(&self, ns: &NetNs, wait: Duration) -> bool {
+        let addr = SocketAddr::new(IpAddr::V4(self.lab.server_v4), MODEL_PORT);
+        ns.run(|| match TcpStream::connect_timeout(&addr, wait) {
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(wait));
+                let mut buf = [0u8; 3];
+                s.read_exact(&mut buf).is_ok() && &buf == b"ok\n"
+            }
+            Err(_) => false,
+        })
+    }
+
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dirs.state_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line"))
+            .collect()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.dirs.cli_ok(&["status", "--output", "json"])).expect("status")
+    }
+}
