@@ -15,16 +15,39 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     // The quarantine benchmark drives the real binary, built here in the same profile.
     cmd::run(cmd::command("cargo").args(["build", "--release", "--package", "tollgate"]))?;
-    for (bench, what) in [
-        ("bench_xdp", "XDP paths through BPF_PROG_TEST_RUN"),
+    for (package, features, bench, what) in [
         (
+            "tollgate-tests",
+            None,
+            "bench_xdp",
+            "XDP paths through BPF_PROG_TEST_RUN",
+        ),
+        (
+            "tollgate-tests",
+            None,
             "bench_quarantine",
             "quarantine to first dropped packet, real agent and traffic",
         ),
+        (
+            "tollgate-tests",
+            None,
+            "bench_bind",
+            "HTTPS bind request to first admitted packet, real agent and traffic",
+        ),
+        (
+            "tollgate-common",
+            Some("token"),
+            "token_verify",
+            "token verifications per second on one core, EdDSA and ES256",
+        ),
     ] {
         eprintln!("[bench] {what}");
-        let out = cmd::command("cargo")
-            .args(["bench", "--package", "tollgate-tests", "--bench", bench])
+        let mut c = cmd::command("cargo");
+        c.args(["bench", "--package", package, "--bench", bench]);
+        if let Some(f) = features {
+            c.args(["--features", f]);
+        }
+        let out = c
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running cargo bench")?;

@@ -7,8 +7,13 @@ use anyhow::{Context as _, bail};
 use crate::cmd::{self, BPF_LINKER_VERSION, EBPF_RUSTC_VERSION, EBPF_TOOLCHAIN};
 
 /// Debian packages the tests use: `ip` and network namespaces (iproute2), `nsenter`
-/// (util-linux), `ping` for reachability checks (iputils-ping).
-pub const DEBIAN_PACKAGES: &[&str] = &["iproute2", "util-linux", "iputils-ping"];
+/// (util-linux), `ping` for reachability checks (iputils-ping), a C++ compiler for the
+/// libFuzzer runtime that the token fuzz target links (g++).
+pub const DEBIAN_PACKAGES: &[&str] = &["iproute2", "util-linux", "iputils-ping", "g++"];
+
+/// cargo-fuzz, for the token verifier's fuzz smoke run (`common/fuzz`). Installed with the
+/// machine's stable toolchain; the fuzz build itself uses the eBPF nightly.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Components of the eBPF toolchain: the core sources for `-Z build-std=core`, and clippy for
 /// linting the eBPF crate.
@@ -30,6 +35,7 @@ pub fn run() -> anyhow::Result<bool> {
         ),
         ("eBPF toolchain", ebpf_toolchain),
         ("bpf-linker", bpf_linker),
+        ("cargo-fuzz", cargo_fuzz),
     ];
     let mut changed = false;
     for (name, step) in steps {
@@ -58,6 +64,7 @@ pub fn is_complete() -> bool {
         && toolchain_ok()
         && missing_components().is_empty()
         && bpf_linker_ok()
+        && cargo_fuzz_ok()
 }
 
 fn missing_debian_packages() -> Vec<&'static str> {
@@ -244,6 +251,30 @@ fn bpf_linker() -> anyhow::Result<Step> {
     if !bpf_linker_ok() {
         bail!(
             "bpf-linker installed but `bpf-linker --version` does not print {BPF_LINKER_VERSION}"
+        );
+    }
+    Ok(Step::Installed)
+}
+
+fn cargo_fuzz_ok() -> bool {
+    let bin = cmd::cargo_home().join("bin/cargo-fuzz");
+    cmd::output(cmd::command(&bin).arg("--version"))
+        .is_some_and(|v| v.trim() == format!("cargo-fuzz {CARGO_FUZZ_VERSION}"))
+}
+
+fn cargo_fuzz() -> anyhow::Result<Step> {
+    if cargo_fuzz_ok() {
+        return Ok(Step::Present);
+    }
+    cmd::run(cmd::command("cargo").args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        "--locked",
+        "--force",
+    ]))?;
+    if !cargo_fuzz_ok() {
+        bail!(
+            "cargo-fuzz installed but `cargo-fuzz --version` does not print {CARGO_FUZZ_VERSION}"
         );
     }
     Ok(Step::Installed)

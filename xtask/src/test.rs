@@ -1,5 +1,9 @@
 //! `cargo xtask test`: the whole suite, in the order that fails fastest.
 
+use std::path::Path;
+
+use anyhow::Context as _;
+
 use crate::{
     cmd::{self, EBPF_TOOLCHAIN},
     preflight, setup,
@@ -58,6 +62,36 @@ pub fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
             .args(cargo_test_args)
             .env("TOLLGATE_BIN", root.join("target/debug/tollgate")),
     )?;
+
+    fuzz_smoke(&root)?;
     eprintln!("[test] all passed");
     Ok(())
+}
+
+/// How long the fuzz smoke run fuzzes, after its build.
+const FUZZ_SECONDS: u32 = 20;
+
+/// A short libFuzzer run of the token verifier (`common/fuzz`): any panic, or any accepted
+/// token that breaks the verifier's own rules, fails the suite and leaves the input under
+/// `common/fuzz/artifacts/token_verify/`. No sanitizer and 16 codegen units keep the cold
+/// build near 35 s on two cores (the code under test is safe Rust; `ring`'s C is not
+/// instrumented either way); `cargo +nightly-2026-05-20 fuzz run token_verify --fuzz-dir
+/// common/fuzz` is the long run with AddressSanitizer.
+fn fuzz_smoke(root: &Path) -> anyhow::Result<()> {
+    eprintln!("[test] fuzz smoke run: token_verify, {FUZZ_SECONDS} s");
+    let fuzz_dir = root.join("common/fuzz");
+    // New inputs go to the (ignored) corpus; the committed seeds are read only.
+    let corpus = fuzz_dir.join("corpus/token_verify");
+    std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+    cmd::run(
+        cmd::command("cargo")
+            .arg(format!("+{EBPF_TOOLCHAIN}"))
+            .args(["fuzz", "run", "token_verify", "--fuzz-dir"])
+            .arg(&fuzz_dir)
+            .args(["--sanitizer", "none", "--codegen-units", "16"])
+            .arg(&corpus)
+            .arg(fuzz_dir.join("seeds/token_verify"))
+            .arg("--")
+            .arg(format!("-max_total_time={FUZZ_SECONDS}")),
+    )
 }

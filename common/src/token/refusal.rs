@@ -56,8 +56,8 @@ pub enum Refusal {
     Revoked,
 }
 
-/// Every refusal, in check order (`Revoked`, which the agent applies after [`crate::token::verify`],
-/// last): for pre-registering metric label values.
+/// Every refusal, in check order, `Revoked` (which the agent applies after
+/// [`verify`](super::verify)) last: for pre-registering metric label values.
 pub const REFUSALS: &[Refusal] = &[
     Refusal::Oversized,
     Refusal::Malformed,

@@ -939,8 +939,10 @@ fn key_problem(doc: &str) -> (usize, Option<String>, KeyProblem) {
 #[test]
 fn jwks_errors() {
     assert!(matches!(jwks_err("{"), JwksError::Json(_)));
+    let dup = jwks_err(r#"{"keys":[],"keys":[]}"#);
     assert!(
-        matches!(jwks_err(r#"{"keys":[],"keys":[]}"#), JwksError::Json(m) if m.contains("duplicate"))
+        matches!(&dup, JwksError::Json(m) if m.contains("duplicate")),
+        "{dup}"
     );
     assert_eq!(jwks_err("[]"), JwksError::NoKeys);
     assert_eq!(jwks_err("{}"), JwksError::NoKeys);
