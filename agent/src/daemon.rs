@@ -108,6 +108,7 @@ pub struct Daemon {
     pub(crate) state: State,
     pub(crate) audit: Audit,
     pub(crate) tokens: Option<TokenService>,
+    pub(crate) control: crate::controller::control_loop::ControlLoop,
     attached: Vec<String>,
     started_unix_ms: u64,
     stop: bool,
@@ -121,6 +122,8 @@ impl Daemon {
             Some(t) => Some(TokenService::new(t)?),
             None => None,
         };
+        let control = crate::controller::control_loop::ControlLoop::new(&config)
+            .map_err(|e| io_err("quota state", e))?;
         let mut pinned = Pinned::open(&config.node.pin_dir)?;
         let mut state = State::load(&config.node.state_dir)?;
         let audit = Audit::open(&config.node.state_dir).map_err(|e| {
@@ -168,6 +171,7 @@ impl Daemon {
             state,
             audit,
             tokens,
+            control,
             attached,
             started_unix_ms: now_unix_ms(),
             stop: false,
@@ -271,6 +275,7 @@ impl Daemon {
         self.attached.retain(|i| !removed.contains(i));
         self.config = config;
         self.tokens = tokens;
+        self.control.reconfigure(&self.config);
         if let Err(r) = self.save() {
             return r;
         }
@@ -280,6 +285,16 @@ impl Daemon {
         }
         info!("reloaded {}", self.config.source);
         Response::ok(detail)
+    }
+
+    /// One controller interval: GPUs, hold-back, quotas, anomalies.
+    pub fn control_tick(&mut self) {
+        self.control.tick(
+            &self.config,
+            &mut self.state,
+            &mut self.pinned.tables,
+            &self.audit,
+        );
     }
 
     /// Expires quarantines and run-time bindings whose time is up.
@@ -463,6 +478,14 @@ impl Daemon {
                     .map_err(|e| Response::err(ErrorKind::BadRequest, e.to_string()))
             }
             Request::Reload {} => Ok(self.reload(who)),
+            Request::QuotaShow { identity } => {
+                Ok(Response::ok(self.quota_show(identity.as_deref())?))
+            }
+            Request::QuotaReset { identity } => {
+                let detail = self.quota_reset(identity.as_deref())?;
+                self.audit(who, "quota_reset", "operator", detail.clone())?;
+                Ok(Response::ok(detail))
+            }
             Request::BindToken { token, addr } => self
                 .bind_token(&token, addr, who)
                 .map(Response::ok)
@@ -570,6 +593,69 @@ impl Daemon {
         Ok(Response::ok(detail))
     }
 
+    fn quota_show(&self, only: Option<&str>) -> Result<serde_json::Value, Response> {
+        use crate::controller::quota::Window;
+        if let Some(n) = only
+            && self.identity_id(n).is_none()
+        {
+            return Err(Response::err(
+                ErrorKind::NotFound,
+                format!("no identity named {n:?}"),
+            ));
+        }
+        let mut rows = Vec::new();
+        for (name, spent) in &self.control.quotas.spent {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let plan = crate::controller::control_loop::plan_of(&self.config, &self.state, name);
+            let limits = plan
+                .and_then(|p| self.config.plan(p))
+                .map(|p| p.quota)
+                .unwrap_or_default();
+            let w = |win: Window, lb: Option<u64>, lc: Option<u64>| {
+                let (b, c) = spent.get(win);
+                json!({"bytes": b, "bytes_limit": lb, "cost": c, "cost_limit": lc, "ends_unix": spent.window_ends(win)})
+            };
+            rows.push(json!({
+                "identity": name,
+                "plan": plan,
+                "minute": w(Window::Minute, limits.minute_bytes, limits.minute_cost),
+                "day": w(Window::Day, limits.day_bytes, limits.day_cost),
+                "month": w(Window::Month, limits.month_bytes, limits.month_cost),
+            }));
+        }
+        Ok(json!(rows))
+    }
+
+    fn quota_reset(&mut self, only: Option<&str>) -> Result<serde_json::Value, Response> {
+        if let Some(n) = only
+            && self.identity_id(n).is_none()
+        {
+            return Err(Response::err(
+                ErrorKind::NotFound,
+                format!("no identity named {n:?}"),
+            ));
+        }
+        self.control.quotas.reset(only);
+        self.control
+            .quotas
+            .save(&self.config.node.state_dir)
+            .map_err(|e| Response::err(ErrorKind::Kernel, e.to_string()))?;
+        let ids: Vec<u32> = match only {
+            Some(n) => self.identity_id(n).into_iter().collect(),
+            None => self.state.identity_ids.values().copied().collect(),
+        };
+        for id in ids {
+            self.pinned
+                .tables
+                .update_identity_flags(id, 0, tollgate_common::policy::ID_QUOTA_EXHAUSTED, None)
+                .map_err(|e| Response::err(ErrorKind::Kernel, e.to_string()))?;
+        }
+        self.control.forget_exhausted(only);
+        Ok(json!({"identity": only, "reset": true}))
+    }
+
     fn static_owner(&self, addr: IpAddr, len: u8) -> Option<String> {
         self.config
             .identities
@@ -606,6 +692,13 @@ impl Daemon {
             "quarantined": self.state.quarantines.keys().collect::<Vec<_>>(),
             "packets_passed": passed,
             "packets_dropped": dropped,
+            "gpu": json!({
+                "source": format!("{:?}", self.config.controller.gpu_source).to_lowercase(),
+                "error": self.control.gpu_error,
+                "readings": self.control.readings,
+                "saturated_endpoints": self.control.saturated(&self.config),
+            }),
+            "anomaly_mode": format!("{:?}", self.config.anomaly.mode).to_lowercase(),
             "tokens": self.tokens.as_ref().map(|t| json!({
                 "keys": t.keys.kids(),
                 "verifications": t.results,
@@ -791,6 +884,9 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| io_err("SIGINT handler", e))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| io_err("SIGHUP handler", e))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let interval_ms = daemon.borrow().config.controller.interval_ms;
+    let mut control = tokio::time::interval(Duration::from_millis(interval_ms));
+    control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stopped = Rc::new(tokio::sync::Notify::new());
     while !daemon.borrow().stop {
         tokio::select! {
@@ -804,6 +900,7 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
                 }
             }
             _ = tick.tick() => daemon.borrow_mut().tick(),
+            _ = control.tick() => daemon.borrow_mut().control_tick(),
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
                     let d = Rc::clone(&daemon);

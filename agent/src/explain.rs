@@ -27,6 +27,8 @@ struct Snapshot {
     /// The source's anonymous prefixes and their TATs as the kernel has them.
     anon: Vec<(AnonPrefix, UnsafeCell<u64>)>,
     settings: Settings,
+    /// (endpoint, plan, Q8) for the identities this packet can involve.
+    hold_back: Vec<(u32, u16, u16)>,
     now: u64,
 }
 
@@ -67,6 +69,12 @@ impl DecideTables for Snapshot {
     }
     fn settings(&self) -> Settings {
         self.settings
+    }
+    fn hold_back(&self, endpoint: u32, plan: u16) -> u16 {
+        self.hold_back
+            .iter()
+            .find(|(e, p, _)| *e == endpoint && *p == plan)
+            .map_or(0, |(_, _, h)| *h)
     }
     fn now_ns(&self) -> u64 {
         self.now
@@ -200,6 +208,12 @@ pub fn explain(
             anon.push((prefix, UnsafeCell::new(tat)));
         }
     }
+    let mut hold_back = Vec::new();
+    for (_, ident, _) in &identities {
+        for ep in [0, port_endpoint] {
+            hold_back.push((ep, ident.plan, tables.hold_back(ep, ident.plan)?));
+        }
+    }
     let snap = Snapshot {
         slot,
         port_endpoint,
@@ -209,6 +223,7 @@ pub fn explain(
         identities,
         anon,
         settings: tables.settings()?,
+        hold_back,
         now: boot_ns(),
     };
     let d = decide(&snap, &pkt, bytes.len() as u64);

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod bind_listener;
 pub mod config;
 pub mod control;
+pub mod controller;
 pub mod counters;
 pub mod daemon;
 pub mod explain;

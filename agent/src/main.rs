@@ -113,6 +113,16 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Quota spent per identity and plan window (minute, day, month).
+    Quota {
+        #[command(subcommand)]
+        action: QuotaAction,
+    },
+    /// GPU readings: simulate them (for labs and demos without a GPU).
+    Gpu {
+        #[command(subcommand)]
+        action: GpuAction,
+    },
     /// Signing keys for `token issue`.
     Keys {
         #[command(subcommand)]
@@ -234,6 +244,40 @@ enum TokenAction {
         /// Why (recorded in the audit log).
         #[arg(long)]
         reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuotaAction {
+    /// What each identity has spent in its current windows, against its plan's quotas.
+    Show {
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// Forget what was spent (one identity, or all) and lift quota drops at once.
+    Reset { identity: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum GpuAction {
+    /// Write the file the simulated GPU source reads (`controller.gpu_source = "simulated"`):
+    /// one or more GPUs at the given utilisation. The agent picks it up on its next interval.
+    Simulate {
+        /// Utilisation, 0 to 1 (0.95 = 95% busy).
+        #[arg(long)]
+        util: f64,
+        /// How many GPUs (indices 0..N).
+        #[arg(long, default_value_t = 1)]
+        gpus: u32,
+        /// Memory in use, fraction of 80 GiB.
+        #[arg(long, default_value_t = 0.5)]
+        memory: f64,
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/run/tollgate/gpu-simulated.json"
+        )]
+        file: PathBuf,
     },
 }
 
@@ -460,6 +504,54 @@ fn main() -> ExitCode {
                 cli::print::done,
             ),
         },
+        Command::Quota { action } => match action {
+            QuotaAction::Show { identity } => cli::call(
+                &socket,
+                &Request::QuotaShow { identity },
+                print_with(&output, cli::print::json),
+            ),
+            QuotaAction::Reset { identity } => {
+                cli::call(&socket, &Request::QuotaReset { identity }, cli::print::done)
+            }
+        },
+        Command::Gpu {
+            action:
+                GpuAction::Simulate {
+                    util,
+                    gpus,
+                    memory,
+                    file,
+                },
+        } => {
+            let total = 80u64 << 30;
+            let readings: Vec<tollgate::controller::gpu::GpuReading> = (0..gpus)
+                .map(|index| tollgate::controller::gpu::GpuReading {
+                    index,
+                    name: "simulated".into(),
+                    utilization: util,
+                    memory_used_bytes: (total as f64 * memory.clamp(0.0, 1.0)) as u64,
+                    memory_total_bytes: total,
+                    power_watts: Some(100.0 + 600.0 * util.clamp(0.0, 1.0)),
+                })
+                .collect();
+            if let Some(dir) = file.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            match tollgate::controller::gpu::write_simulated(&file, &readings) {
+                Ok(()) => {
+                    println!(
+                        "ok: {} simulated GPU(s) at {util} in {}",
+                        gpus,
+                        file.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tollgate: {}: {e}", file.display());
+                    ExitCode::from(cli::exit::REFUSED)
+                }
+            }
+        }
         Command::Keys {
             action: KeysAction::Generate { alg, kid, out_dir },
         } => cli::token::generate(

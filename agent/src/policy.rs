@@ -165,7 +165,7 @@ pub fn apply(
         if state.quarantined(&ident.name, now_ms) {
             rec.flags |= tollgate_common::policy::ID_QUARANTINED;
         }
-        tables.set_identity(id, &rec)?;
+        tables.set_identity_keeping_controller_flags(id, &rec)?;
         ids.insert(ident.name.clone(), id);
     }
     let token_names: Vec<String> = state.token_identities.keys().cloned().collect();
@@ -175,7 +175,7 @@ pub fn apply(
             .identity_id(&name, MAX_IDENTITIES)
             .ok_or_else(|| PolicyError::NoIdentitySlot(name.clone()))?;
         let rec = token_identity_record(config, &t, state.quarantined(&name, now_ms));
-        tables.set_identity(id, &rec)?;
+        tables.set_identity_keeping_controller_flags(id, &rec)?;
         ids.insert(name, id);
     }
     applied.identities = ids.len();

@@ -18,8 +18,8 @@ use tollgate_common::{
     limiter, map_names as names,
     policy::{
         AnonKey6, Binding, Bucket, Class, EP_ACTIVE, EP_ANON_ALLOWED, EP_V4_PREFIX, EP_V6_PREFIX,
-        Endpoint, ID_ACTIVE, Identity, IdentityCounters, Limits, MAX_ENDPOINTS, MAX_IDENTITIES,
-        Q8_ONE, Settings, UNLIMITED, port_slot,
+        Endpoint, ID_ACTIVE, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity, IdentityCounters, Limits,
+        MAX_ENDPOINTS, MAX_IDENTITIES, Q8_ONE, Settings, UNLIMITED, hold_back_index, port_slot,
     },
 };
 
@@ -201,6 +201,7 @@ pub struct Tables {
     reason_counters: PerCpuArray<MapData, Counter>,
     anon_v4: HashMap<MapData, [u8; 4], u64>,
     anon_v6: HashMap<MapData, AnonKey6, u64>,
+    hold_back: Array<MapData, u16>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -235,6 +236,7 @@ impl Tables {
             reason_counters: typed!(get(names::REASON_COUNTERS)?, names::REASON_COUNTERS),
             anon_v4: typed!(get(names::ANON_V4)?, names::ANON_V4),
             anon_v6: typed!(get(names::ANON_V6)?, names::ANON_V6),
+            hold_back: typed!(get(names::HOLD_BACK)?, names::HOLD_BACK),
         })
     }
 
@@ -277,6 +279,24 @@ impl Tables {
         self.identities
             .set(id, identity, 0)
             .map_err(map_err(names::IDENTITIES))
+    }
+
+    /// Writes identity `id` but keeps the flags the controller owns (throttle, quota) and
+    /// the throttle factor, so that a reload or a new token does not undo them.
+    pub fn set_identity_keeping_controller_flags(
+        &mut self,
+        id: u32,
+        identity: &Identity,
+    ) -> Result<()> {
+        let mut rec = *identity;
+        if let Ok(old) = self.identity(id) {
+            let kept = old.flags & (ID_THROTTLED | ID_QUOTA_EXHAUSTED);
+            rec.flags |= kept;
+            if old.flags & ID_THROTTLED != 0 {
+                rec.throttle_q8 = old.throttle_q8;
+            }
+        }
+        self.set_identity(id, &rec)
     }
 
     pub fn identity(&self, id: u32) -> Result<Identity> {
@@ -385,6 +405,9 @@ impl Tables {
         Ok(IdentityCounters {
             passed: Counter::sum(slots.iter().map(|s| &s.passed)),
             dropped: Counter::sum(slots.iter().map(|s| &s.dropped)),
+            cost: slots.iter().fold(0u64, |a, s| a.wrapping_add(s.cost)),
+            syn: slots.iter().fold(0u64, |a, s| a.wrapping_add(s.syn)),
+            small: slots.iter().fold(0u64, |a, s| a.wrapping_add(s.small)),
         })
     }
 
@@ -517,6 +540,39 @@ impl Tables {
                 source: e,
             }),
         }
+    }
+
+    /// The controller's Q8 hold-back multiplier for (endpoint, plan); 0 means 1.0.
+    pub fn hold_back(&self, endpoint: u32, plan: u16) -> Result<u16> {
+        self.hold_back
+            .get(&hold_back_index(endpoint, plan), 0)
+            .map_err(map_err(names::HOLD_BACK))
+    }
+
+    pub fn set_hold_back(&mut self, endpoint: u32, plan: u16, q8: u16) -> Result<()> {
+        if endpoint >= MAX_ENDPOINTS {
+            return Err(TableError::EndpointId(endpoint));
+        }
+        self.hold_back
+            .set(hold_back_index(endpoint, plan), q8, 0)
+            .map_err(map_err(names::HOLD_BACK))
+    }
+
+    /// Sets or clears identity flags (quarantine, throttle, quota) without touching the rest
+    /// of the record; `throttle_q8` is written when given.
+    pub fn update_identity_flags(
+        &mut self,
+        id: u32,
+        set: u8,
+        clear: u8,
+        throttle_q8: Option<u16>,
+    ) -> Result<()> {
+        let mut rec = self.identity(id)?;
+        rec.flags = (rec.flags | set) & !clear;
+        if let Some(t) = throttle_q8 {
+            rec.throttle_q8 = t;
+        }
+        self.set_identity(id, &rec)
     }
 
     /// The whole port table (slot -> endpoint id).

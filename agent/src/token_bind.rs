@@ -302,7 +302,7 @@ impl Daemon {
             );
             self.pinned
                 .tables
-                .set_identity(id, &rec)
+                .set_identity_keeping_controller_flags(id, &rec)
                 .map_err(|e| BindFailure::Kernel(e.to_string()))?;
             self.state
                 .token_identities

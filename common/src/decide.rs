@@ -9,7 +9,7 @@ use crate::{
     parse::{Family, Fragment, IpPacket},
     policy::{
         ANONYMOUS_IDENTITY, AnonKey6, Binding, Bucket, EP_ANON_ALLOWED, Endpoint, ID_ACTIVE,
-        ID_QUARANTINED, ID_THROTTLED, Identity, Q8_ONE, Settings, port_slot,
+        ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity, Q8_ONE, Settings, port_slot,
     },
 };
 
@@ -41,6 +41,8 @@ pub trait Tables {
     /// if it can be neither found nor inserted.
     fn anon_tat(&self, prefix: &AnonPrefix) -> Option<*mut u64>;
     fn settings(&self) -> Settings;
+    /// The controller's Q8 hold-back multiplier for (endpoint, plan); 0 reads as 1.0.
+    fn hold_back(&self, endpoint: u32, plan: u16) -> u16;
     /// CLOCK_BOOTTIME in ns (binding expiry and the limiter share it).
     fn now_ns(&self) -> u64;
     /// Reads a u64 another CPU may be writing.
@@ -62,14 +64,17 @@ pub struct Decision {
     pub reason: Reason,
     pub endpoint: u32,
     pub identity: u32,
+    /// Cost units charged to the identity's byte budget (0 when nothing was charged).
+    pub cost: u64,
 }
 
 impl Decision {
-    const fn new(reason: Reason, endpoint: u32, identity: u32) -> Self {
+    pub const fn new(reason: Reason, endpoint: u32, identity: u32) -> Self {
         Decision {
             reason,
             endpoint,
             identity,
+            cost: 0,
         }
     }
 }
@@ -171,26 +176,30 @@ fn charge_identity<T: Tables>(
     t: &T,
     id: u32,
     ident: &Identity,
+    endpoint: u32,
     weight_q8: u16,
     frame_len: u64,
     now: u64,
-) -> Option<Reason> {
+) -> Result<u64, Reason> {
     let settings = t.settings();
     let throttle = if ident.flags & ID_THROTTLED != 0 {
         Some(ident.throttle_q8)
     } else {
         None
     };
-    let mult = limiter::multiplier_q8(settings.pressure_q8, throttle);
+    let mult = limiter::scale_q8(
+        limiter::multiplier_q8(settings.pressure_q8, throttle),
+        t.hold_back(endpoint, ident.plan),
+    );
     let Some(pkt_inc) = limiter::packet_increment_ns(ident.limits.pps, mult) else {
-        return Some(Reason::PacketRate);
+        return Err(Reason::PacketRate);
     };
     let units = limiter::byte_units(frame_len, weight_q8, mult);
     let Some(byte_inc) = limiter::byte_increment_ns(ident.limits.bps, units) else {
-        return Some(Reason::ByteRate);
+        return Err(Reason::ByteRate);
     };
     let Some(bucket) = t.bucket(id) else {
-        return Some(Reason::UnknownIdentity);
+        return Err(Reason::UnknownIdentity);
     };
     // SAFETY: `bucket` is a valid map value pointer; the fields are 8-byte aligned (repr(C)).
     let (pkt_tat, byte_tat) = unsafe { (&raw mut (*bucket).pkt_tat, &raw mut (*bucket).byte_tat) };
@@ -199,26 +208,26 @@ fn charge_identity<T: Tables>(
     // SAFETY: valid pointers, as above.
     let (p_now, b_now) = unsafe { (t.load(pkt_tat), t.load(byte_tat)) };
     if limiter::gcra(p_now, now, pkt_inc, ident.limits.pkt_tau_ns) == Gcra::Exceed {
-        return Some(Reason::PacketRate);
+        return Err(Reason::PacketRate);
     }
     if limiter::gcra(b_now, now, byte_inc, ident.limits.byte_tau_ns) == Gcra::Exceed {
-        return Some(Reason::ByteRate);
+        return Err(Reason::ByteRate);
     }
     if pkt_inc != 0 {
         match charge_one(t, pkt_tat, now, pkt_inc, ident.limits.pkt_tau_ns) {
             Charge::Ok => {}
-            Charge::Exceed => return Some(Reason::PacketRate),
-            Charge::Contended => return Some(Reason::LimiterContended),
+            Charge::Exceed => return Err(Reason::PacketRate),
+            Charge::Contended => return Err(Reason::LimiterContended),
         }
     }
     if byte_inc != 0 {
         match charge_one(t, byte_tat, now, byte_inc, ident.limits.byte_tau_ns) {
             Charge::Ok => {}
-            Charge::Exceed => return Some(Reason::ByteRate),
-            Charge::Contended => return Some(Reason::LimiterContended),
+            Charge::Exceed => return Err(Reason::ByteRate),
+            Charge::Contended => return Err(Reason::LimiterContended),
         }
     }
-    None
+    Ok(units)
 }
 
 /// The anonymous prefixes of a source: IPv4 /24; IPv6 /64, /56, /48 (all three must conform,
@@ -335,9 +344,15 @@ pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
     if !ep.admits(ident.class, ident.roles) {
         return Decision::new(Reason::Isolation, ep_id, id);
     }
-    match charge_identity(t, id, ident, ep.weight_q8, frame_len, now.get(t)) {
-        Some(reason) => Decision::new(reason, ep_id, id),
-        None => Decision::new(Reason::Bound, ep_id, id),
+    if ident.flags & ID_QUOTA_EXHAUSTED != 0 {
+        return Decision::new(Reason::QuotaExhausted, ep_id, id);
+    }
+    match charge_identity(t, id, ident, ep_id, ep.weight_q8, frame_len, now.get(t)) {
+        Err(reason) => Decision::new(reason, ep_id, id),
+        Ok(cost) => Decision {
+            cost,
+            ..Decision::new(Reason::Bound, ep_id, id)
+        },
     }
 }
 
@@ -360,8 +375,14 @@ fn decide_later_fragment<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> De
     if ident.flags & ID_QUARANTINED != 0 {
         return Decision::new(Reason::Quarantined, 0, id);
     }
-    match charge_identity(t, id, ident, Q8_ONE, frame_len, now.get(t)) {
-        Some(reason) => Decision::new(reason, 0, id),
-        None => Decision::new(Reason::NonFirstFragment, 0, id),
+    if ident.flags & ID_QUOTA_EXHAUSTED != 0 {
+        return Decision::new(Reason::QuotaExhausted, 0, id);
+    }
+    match charge_identity(t, id, ident, 0, Q8_ONE, frame_len, now.get(t)) {
+        Err(reason) => Decision::new(reason, 0, id),
+        Ok(cost) => Decision {
+            cost,
+            ..Decision::new(Reason::NonFirstFragment, 0, id)
+        },
     }
 }

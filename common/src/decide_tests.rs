@@ -33,6 +33,7 @@ struct Fake {
     now: Cell<u64>,
     clock_reads: Cell<u32>,
     fail_cas: bool,
+    hold_back: HashMap<(u32, u16), u16>,
 }
 
 fn addr4(a: [u8; 4]) -> [u8; 16] {
@@ -80,6 +81,9 @@ impl Tables for Fake {
     }
     fn settings(&self) -> Settings {
         self.settings
+    }
+    fn hold_back(&self, endpoint: u32, plan: u16) -> u16 {
+        self.hold_back.get(&(endpoint, plan)).copied().unwrap_or(0)
     }
     fn now_ns(&self) -> u64 {
         self.clock_reads.set(self.clock_reads.get() + 1);
@@ -188,7 +192,9 @@ fn bound_source_passes_and_is_charged() {
         Decision {
             reason: Reason::Bound,
             endpoint: EP,
-            identity: ID
+            identity: ID,
+            // 100-byte frame at weight 1.0, no pressure.
+            cost: 100,
         }
     );
     assert_ne!(unsafe { (*t.buckets[&ID].get()).pkt_tat }, 0);
@@ -447,4 +453,51 @@ fn an_expiring_binding_reads_the_clock_once_for_expiry_and_limiter() {
     t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = t.now.get() + 10;
     assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
     assert_eq!(t.clock_reads.get(), 1);
+}
+
+#[test]
+fn hold_back_multiplies_one_plan_on_one_endpoint() {
+    let frame = PacketBuilder::v4(C4, S4).tcp(1, 8000).payload(46).build();
+    let admitted = |hold: Option<((u32, u16), u16)>| {
+        let mut t = lab();
+        t.identities
+            .insert(ID, Box::new(customer(UNLIMITED, 0, 1000, 1000)));
+        if let Some((k, v)) = hold {
+            t.hold_back.insert(k, v);
+        }
+        (0..50)
+            .take_while(|_| run(&t, &frame).reason == Reason::Bound)
+            .count()
+    };
+    assert_eq!(admitted(None), 10);
+    // Plan 0 on endpoint 1 held back 5x: 100-byte frames cost 500, two fit in 1000.
+    assert_eq!(admitted(Some(((EP, 0), 5 * Q8_ONE))), 2);
+    // Another plan's or another endpoint's hold-back changes nothing.
+    assert_eq!(admitted(Some(((EP, 1), 5 * Q8_ONE))), 10);
+    assert_eq!(admitted(Some(((2, 0), 5 * Q8_ONE))), 10);
+}
+
+#[test]
+fn an_exhausted_quota_drops_after_isolation_and_before_the_limiter() {
+    let mut t = lab();
+    t.identities.get_mut(&ID).unwrap().flags |= ID_QUOTA_EXHAUSTED;
+    let d = run(&t, &tcp(C4, 8000));
+    assert_eq!((d.reason, d.identity), (Reason::QuotaExhausted, ID));
+    assert_eq!(
+        unsafe { (*t.buckets[&ID].get()).pkt_tat },
+        0,
+        "charged while over quota"
+    );
+    let frag = PacketBuilder::v4(C4, S4).fragment(10, false).build();
+    assert_eq!(run(&t, &frag).reason, Reason::QuotaExhausted);
+}
+
+#[test]
+fn a_passed_packet_reports_its_cost() {
+    let mut t = lab();
+    t.identities
+        .insert(ID, Box::new(customer(UNLIMITED, 0, 1_000_000, 1_000_000)));
+    t.endpoints.get_mut(&EP).unwrap().weight_q8 = 2 * Q8_ONE;
+    let frame = PacketBuilder::v4(C4, S4).tcp(1, 8000).payload(46).build();
+    assert_eq!(run(&t, &frame).cost, 200);
 }

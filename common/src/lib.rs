@@ -61,11 +61,14 @@ pub mod map_names {
     pub const DROP_EVENT_CLOCK: &str = "DROP_EVENT_CLOCK";
     /// Single slot: the [`crate::LAYOUT_VERSION`] of the build that created the pins.
     pub const LAYOUT: &str = "LAYOUT";
+    /// (endpoint, plan) -> Q8 hold-back multiplier set by the controller.
+    pub const HOLD_BACK: &str = "HOLD_BACK";
 
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         LAYOUT,
         SETTINGS,
+        HOLD_BACK,
         PORTS,
         ENDPOINTS,
         IDENTITIES,
@@ -86,7 +89,7 @@ pub mod map_names {
 /// Version of the meaning of the pinned maps. Bump it whenever a map's key or value changes
 /// meaning (even at the same size): a restarted agent refuses pins of another version instead
 /// of misreading them. Sizes and map types are checked on top of this.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Index of the (reason, endpoint) counter.
 #[inline(always)]

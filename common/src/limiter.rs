@@ -46,6 +46,21 @@ pub fn multiplier_q8(pressure_q8: u16, throttle_q8: Option<u16>) -> u64 {
     }
 }
 
+/// `mult_q8` scaled by another Q8 factor (0 reads as 1.0), clamped to 1..=[`MAX_Q8`].
+#[inline(always)]
+pub fn scale_q8(mult_q8: u64, factor_q8: u16) -> u64 {
+    let f = if factor_q8 == 0 { Q8_ONE } else { factor_q8 } as u64;
+    let m = if mult_q8 > MAX_Q8 { MAX_Q8 } else { mult_q8 };
+    let r = (m * f) >> 8;
+    if r == 0 {
+        1
+    } else if r > MAX_Q8 {
+        MAX_Q8
+    } else {
+        r
+    }
+}
+
 /// Budget time (ns) one packet costs at `pps`, with a Q8 cost multiplier. `None`: rate 0, so
 /// nothing conforms. Unlimited costs nothing.
 #[inline(always)]
@@ -250,6 +265,15 @@ mod tests {
         assert_eq!(multiplier_q8(512, Some(1024)), 2048);
         assert_eq!(multiplier_q8(256, Some(0)), 256);
         assert_eq!(multiplier_q8(1, Some(1)), 1);
+    }
+
+    #[test]
+    fn scaling_by_a_factor() {
+        assert_eq!(scale_q8(256, 0), 256);
+        assert_eq!(scale_q8(256, 512), 512);
+        assert_eq!(scale_q8(512, 128), 256);
+        assert_eq!(scale_q8(MAX_Q8, u16::MAX), MAX_Q8);
+        assert_eq!(scale_q8(1, 1), 1);
     }
 
     #[test]

@@ -135,13 +135,23 @@ pub struct IpPacket {
     /// ICMP/ICMPv6 type and code; zero otherwise.
     pub icmp_type: u8,
     pub icmp_code: u8,
+    /// TCP flags (byte 13 of the header); zero for other protocols.
+    pub tcp_flags: u8,
     pub fragment: Fragment,
     pub vlan_tags: u8,
     /// Offset of the transport header from the start of the frame.
     pub l4_offset: u16,
 }
 
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
 impl IpPacket {
+    /// A TCP SYN without ACK: a new flow.
+    pub fn is_new_flow(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
     /// Whether ports are known (TCP or UDP, not a later fragment).
     pub fn has_ports(&self) -> bool {
         self.fragment != Fragment::Later && (self.proto == IPPROTO_TCP || self.proto == IPPROTO_UDP)
@@ -230,6 +240,7 @@ fn parse_ipv4<P: PacketView + ?Sized>(
         dport: 0,
         icmp_type: 0,
         icmp_code: 0,
+        tcp_flags: 0,
         fragment: Fragment::None,
         vlan_tags,
         l4_offset: (off + ihl) as u16,
@@ -282,6 +293,7 @@ fn parse_ipv6<P: PacketView + ?Sized>(
         dport: 0,
         icmp_type: 0,
         icmp_code: 0,
+        tcp_flags: 0,
         fragment: Fragment::None,
         vlan_tags,
         l4_offset: 0,
@@ -383,6 +395,13 @@ fn parse_l4<P: PacketView + ?Sized>(
     } else {
         pkt.sport = be16([h[0], h[1]]);
         pkt.dport = be16([h[2], h[3]]);
+    }
+    if pkt.proto == IPPROTO_TCP {
+        // Inside the 20 bytes checked above.
+        let Some(f) = p.load::<1>(l4 + 13) else {
+            return Err(Reason::Truncated);
+        };
+        pkt.tcp_flags = f[0];
     }
     Ok(())
 }

@@ -278,3 +278,14 @@ fn every_truncation_of_udp_over_ipv4_in_two_tags_is_refused() {
         assert_eq!(parse(&f[..cut]), Err(Reason::Truncated), "cut at {cut}");
     }
 }
+
+#[test]
+fn tcp_flags_and_new_flows() {
+    let syn = ip(&PacketBuilder::v4(A4, B4).tcp(1, 2).build());
+    assert_eq!(syn.tcp_flags, TCP_SYN);
+    assert!(syn.is_new_flow());
+    let mut f = PacketBuilder::v4(A4, B4).tcp(1, 2).build();
+    f[14 + 20 + 13] = TCP_SYN | TCP_ACK;
+    assert!(!ip(&f).is_new_flow());
+    assert!(!ip(&PacketBuilder::v4(A4, B4).udp(1, 2).build()).is_new_flow());
+}

@@ -3,6 +3,17 @@
 
 /// Highest endpoint id + 1. Endpoint 0 means "no endpoint" (unprotected traffic).
 pub const MAX_ENDPOINTS: u32 = 64;
+/// Plans the kernel tells apart (an identity's `plan` indexes the hold-back table).
+pub const MAX_PLANS: u32 = 16;
+/// Slots of the hold-back table: one Q8 multiplier per (endpoint, plan).
+pub const HOLD_BACK_SLOTS: u32 = MAX_ENDPOINTS * MAX_PLANS;
+
+/// Index of the (endpoint, plan) hold-back multiplier.
+#[inline(always)]
+pub const fn hold_back_index(endpoint: u32, plan: u16) -> u32 {
+    endpoint * MAX_PLANS + (plan as u32 & (MAX_PLANS - 1))
+}
+
 /// Identity slots. Identity 0 is reserved for "anonymous" (unbound sources).
 pub const MAX_IDENTITIES: u32 = 16384;
 /// Exact (/32, /128) bindings per family.
@@ -158,6 +169,9 @@ pub const ID_ACTIVE: u8 = 1 << 0;
 pub const ID_QUARANTINED: u8 = 1 << 1;
 /// `Identity::flags`: throttled: costs are multiplied by `throttle_q8`.
 pub const ID_THROTTLED: u8 = 1 << 2;
+/// `Identity::flags`: a quota window is spent: everything to protected endpoints is dropped
+/// until the controller clears it when the window rolls.
+pub const ID_QUOTA_EXHAUSTED: u8 = 1 << 3;
 
 /// Rate value meaning "no limit".
 pub const UNLIMITED: u64 = u64::MAX;
@@ -261,13 +275,25 @@ impl Default for Settings {
     }
 }
 
-/// Per-identity counters (per CPU in the kernel).
+/// Per-identity counters (per CPU in the kernel): what the controller's quotas and anomaly
+/// detection read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdentityCounters {
     pub passed: crate::Counter,
     pub dropped: crate::Counter,
+    /// Cost units of passed packets (bytes x weight x multipliers), for cost quotas.
+    pub cost: u64,
+    /// TCP SYNs without ACK (new flows), passed or dropped.
+    pub syn: u64,
+    /// Frames under [`SMALL_FRAME`] bytes, passed or dropped.
+    pub small: u64,
 }
+
+const _: () = assert!(core::mem::size_of::<IdentityCounters>() == 56);
+
+/// Frames below this size count as small (floods of tiny packets are an anomaly signal).
+pub const SMALL_FRAME: u64 = 128;
 
 /// A sampled drop, sent to the agent through the ring buffer.
 #[repr(C)]

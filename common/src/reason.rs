@@ -101,6 +101,8 @@ reasons! {
     LimiterContended = 17, "limiter_contended", Drop;
     /// The binding names an identity slot that holds no identity.
     UnknownIdentity = 18, "unknown_identity", Drop;
+    /// A quota window of the identity's plan is spent.
+    QuotaExhausted = 19, "quota_exhausted", Drop;
 }
 
 /// Number of reasons: the size of the per-reason counter map.

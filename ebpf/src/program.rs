@@ -10,9 +10,9 @@ use tollgate_common::{
     decide::{AnonPrefix, Decision, Tables, decide},
     parse::{Family, Frame, PacketView, parse},
     policy::{
-        AnonKey6, Binding, Bucket, DropEvent, Endpoint, Identity, IdentityCounters,
-        MAX_ANON_PREFIXES, MAX_CIDR_BINDINGS, MAX_ENDPOINTS, MAX_EXACT_BINDINGS, MAX_IDENTITIES,
-        PORT_SLOTS, Settings,
+        AnonKey6, Binding, Bucket, DropEvent, Endpoint, HOLD_BACK_SLOTS, Identity,
+        IdentityCounters, MAX_ANON_PREFIXES, MAX_CIDR_BINDINGS, MAX_ENDPOINTS, MAX_EXACT_BINDINGS,
+        MAX_IDENTITIES, PORT_SLOTS, SMALL_FRAME, Settings, hold_back_index,
     },
     reason_counter_index,
 };
@@ -57,6 +57,9 @@ static DROP_EVENT_CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Written by the agent only; the program never reads it (see `tollgate_common::LAYOUT_VERSION`).
 #[map]
 static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
+/// (endpoint, plan) -> Q8 hold-back multiplier, written by the controller.
+#[map]
+static HOLD_BACK: Array<u16> = Array::with_max_entries(HOLD_BACK_SLOTS, 0);
 
 /// The frame between `data` and `data_end`. Every load is bounds-checked against `data_end`
 /// right before the access, in the shape the verifier tracks (packet pointer + constant size
@@ -158,6 +161,14 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
+    fn hold_back(&self, endpoint: u32, plan: u16) -> u16 {
+        HOLD_BACK
+            .get(hold_back_index(endpoint, plan))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    #[inline(always)]
     fn now_ns(&self) -> u64 {
         // SAFETY: a helper with no arguments; BOOTTIME keeps counting through suspend, so a
         // binding's expiry written by the agent means the same wall-clock span.
@@ -187,31 +198,25 @@ pub fn tollgate(ctx: XdpContext) -> u32 {
         end: ctx.data_end(),
     };
     let len = frame.len() as u64;
+    let mut new_flow = false;
     let decision = match parse(&frame) {
         Ok(Frame::Ip(p)) => {
             let d = decide(&Maps, &p, len);
             if d.reason.verdict() == tollgate_common::Verdict::Drop {
                 drop_event(&d, &p, len);
             }
+            new_flow = p.is_new_flow();
             d
         }
-        Ok(Frame::NotIp(_)) => Decision {
-            reason: Reason::NotIp,
-            endpoint: 0,
-            identity: 0,
-        },
-        Err(reason) => Decision {
-            reason,
-            endpoint: 0,
-            identity: 0,
-        },
+        Ok(Frame::NotIp(_)) => Decision::new(Reason::NotIp, 0, 0),
+        Err(reason) => Decision::new(reason, 0, 0),
     };
-    count(&decision, len);
+    count(&decision, len, new_flow);
     decision.reason.verdict() as u32
 }
 
 #[inline(always)]
-fn count(d: &Decision, bytes: u64) {
+fn count(d: &Decision, bytes: u64, new_flow: bool) {
     if let Some(c) = REASON_COUNTERS.get_ptr_mut(reason_counter_index(d.reason, d.endpoint)) {
         // SAFETY: a per-CPU slot is only touched by this CPU, and XDP runs with preemption
         // disabled, so the plain read-modify-write cannot race.
@@ -226,8 +231,15 @@ fn count(d: &Decision, bytes: u64) {
         unsafe {
             if d.reason.verdict() == tollgate_common::Verdict::Pass {
                 (*c).passed.add(bytes);
+                (*c).cost = (*c).cost.wrapping_add(d.cost);
             } else {
                 (*c).dropped.add(bytes);
+            }
+            if new_flow {
+                (*c).syn = (*c).syn.wrapping_add(1);
+            }
+            if bytes < SMALL_FRAME {
+                (*c).small = (*c).small.wrapping_add(1);
             }
         }
     }
@@ -315,14 +327,7 @@ fn bench_component(
         Ok(Frame::NotIp(_)) => Reason::NotIp,
         Err(r) => r,
     };
-    count(
-        &Decision {
-            reason,
-            endpoint: 0,
-            identity: 0,
-        },
-        len,
-    );
+    count(&Decision::new(reason, 0, 0), len, false);
     reason.verdict() as u32
 }
 

@@ -14,11 +14,11 @@ use tollgate_common::policy::{
 };
 
 use super::{
-    Anonymous, Config, ConfigError, Controller, DropEvents, Endpoint, Listen, Node, Plan,
-    StaticIdentity, Tokens,
+    Anomaly, AnomalyMode, Anonymous, Config, ConfigError, Controller, DropEvents, Endpoint,
+    GpuSourceKind, Listen, Node, Plan, StaticIdentity, Tokens,
     raw::{
-        List, PortItem, RawAnonymous, RawConfig, RawController, RawDropEvents, RawEndpoint,
-        RawIdentity, RawListen, RawNode, RawPlan, RawTokens, S,
+        List, PortItem, RawAnomaly, RawAnonymous, RawConfig, RawController, RawDropEvents,
+        RawEndpoint, RawIdentity, RawListen, RawNode, RawPlan, RawTokens, S,
     },
 };
 use crate::{
@@ -120,6 +120,7 @@ impl<'a> Checker<'a> {
         let plans = self.plans(raw.plans)?;
         let endpoints = self.endpoints(raw.endpoints)?;
         let identities = self.identities(raw.identities, &plans)?;
+        let anomaly = self.anomaly(raw.anomaly)?;
         let tokens = match raw.tokens {
             Some(t) => Some(self.tokens(t, &plans)?),
             None => None,
@@ -136,6 +137,7 @@ impl<'a> Checker<'a> {
             identities,
             roles: self.roles,
             tokens,
+            anomaly,
         })
     }
 
@@ -343,9 +345,147 @@ impl<'a> Checker<'a> {
             CONTROLLER_INTERVAL_MS,
         )?;
         let pressure = self.factor(&raw.pressure, "controller.pressure", DEFAULT_PRESSURE)?;
+        let gpu_source = match raw.gpu_source.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "nvml")) => GpuSourceKind::Nvml,
+            Some((_, "simulated")) => GpuSourceKind::Simulated,
+            Some((_, "none")) => GpuSourceKind::None,
+            Some((v, other)) => {
+                return Err(self.err(
+                    v.span(),
+                    "controller.gpu_source",
+                    format!("{other:?} is not a GPU source: nvml, simulated or none"),
+                ));
+            }
+        };
+        let simulated_file = self.abs_path(
+            &raw.simulated_file,
+            "controller.simulated_file",
+            "/run/tollgate/gpu-simulated.json",
+        )?;
+        let share = |v: &Option<S<f64>>, field: &str, default: f64, lo: f64| -> Result<f64> {
+            match v {
+                None => Ok(default),
+                Some(v) if (lo..=1.0).contains(v.get_ref()) => Ok(*v.get_ref()),
+                Some(v) => Err(self.err(
+                    v.span(),
+                    field,
+                    format!(
+                        "{} is out of range: it must be between {lo} and 1",
+                        v.get_ref()
+                    ),
+                )),
+            }
+        };
+        let saturate_at = share(&raw.saturate_at, "controller.saturate_at", 0.9, 0.01)?;
+        let recover_at = share(&raw.recover_at, "controller.recover_at", 0.75, 0.0)?;
+        if recover_at >= saturate_at {
+            let span = raw.recover_at.as_ref().map(|v| v.span()).unwrap_or(0..0);
+            return Err(self.err(
+                span,
+                "controller.recover_at",
+                format!(
+                    "recover_at ({recover_at}) must be below saturate_at ({saturate_at}), or \
+                     the pressure would flap"
+                ),
+            ));
+        }
+        let recover_after =
+            self.int(&raw.recover_after, "controller.recover_after", 4, 1..=1000)?;
+        let hold_back_floor = share(
+            &raw.hold_back_floor,
+            "controller.hold_back_floor",
+            0.1,
+            0.01,
+        )?;
         Ok(Controller {
             interval_ms: interval_ms as u64,
             pressure,
+            gpu_source,
+            simulated_file,
+            saturate_at,
+            recover_at,
+            recover_after: recover_after as u32,
+            hold_back_floor,
+        })
+    }
+
+    fn anomaly(&self, raw: Option<RawAnomaly>) -> Result<Anomaly> {
+        let raw = raw.unwrap_or_default();
+        let mode = match raw.mode.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "shadow")) => AnomalyMode::Shadow,
+            Some((_, "enforce")) => AnomalyMode::Enforce,
+            Some((_, "off")) => AnomalyMode::Off,
+            Some((v, other)) => {
+                return Err(self.err(
+                    v.span(),
+                    "anomaly.mode",
+                    format!("{other:?} is not a mode: off, shadow or enforce"),
+                ));
+            }
+        };
+        let alpha = match &raw.alpha {
+            None => 0.05,
+            Some(v) if *v.get_ref() > 0.0 && *v.get_ref() <= 1.0 => *v.get_ref(),
+            Some(v) => {
+                return Err(self.err(
+                    v.span(),
+                    "anomaly.alpha",
+                    format!("{} is out of range: 0 < alpha <= 1", v.get_ref()),
+                ));
+            }
+        };
+        let secs = |v: &Option<S<i64>>, f: &str, d: i64| self.int(v, f, d, 1..=86400 * 30);
+        let mut thresholds = [(12.0, 24.0), (8.0, 16.0), (6.0, 12.0)];
+        for (i, (name, t)) in [
+            ("internal", &raw.internal),
+            ("partner", &raw.partner),
+            ("customer", &raw.customer),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let Some(t) = t else { continue };
+            let score = |v: &Option<S<f64>>, key: &str, d: f64| -> Result<f64> {
+                match v {
+                    None => Ok(d),
+                    Some(v) if *v.get_ref() > 0.0 && v.get_ref().is_finite() => Ok(*v.get_ref()),
+                    Some(v) => Err(self.err(
+                        v.span(),
+                        format!("anomaly.{name}.{key}"),
+                        "a score must be a positive number",
+                    )),
+                }
+            };
+            let th = score(&t.throttle_score, "throttle_score", thresholds[i].0)?;
+            let q = score(&t.quarantine_score, "quarantine_score", thresholds[i].1)?;
+            if q < th {
+                let span = t
+                    .quarantine_score
+                    .as_ref()
+                    .map(|v| v.span())
+                    .unwrap_or(0..0);
+                return Err(self.err(
+                    span,
+                    format!("anomaly.{name}.quarantine_score"),
+                    "the quarantine score must not be below the throttle score",
+                ));
+            }
+            thresholds[i] = (th, q);
+        }
+        Ok(Anomaly {
+            mode,
+            alpha,
+            warmup_samples: self.int(
+                &raw.warmup_samples,
+                "anomaly.warmup_samples",
+                60,
+                1..=100_000,
+            )? as u32,
+            throttle_factor: self.factor(&raw.throttle_factor, "anomaly.throttle_factor", 4.0)?,
+            throttle_for_s: secs(&raw.throttle_for_s, "anomaly.throttle_for_s", 60)? as u64,
+            quarantine_for_s: secs(&raw.quarantine_for_s, "anomaly.quarantine_for_s", 300)? as u64,
+            cooldown_s: secs(&raw.cooldown_s, "anomaly.cooldown_s", 120)? as u64,
+            thresholds,
         })
     }
 
@@ -413,8 +553,15 @@ impl<'a> Checker<'a> {
         let mut plans: Vec<Plan> = Vec::new();
         for (i, p) in list.into_inner().into_iter().enumerate() {
             let at = |key: &str| format!("plans[{i}].{key}");
-            if i > usize::from(u16::MAX) {
-                return Err(self.err(p.span(), format!("plans[{i}]"), "too many plans"));
+            if i >= tollgate_common::policy::MAX_PLANS as usize {
+                return Err(self.err(
+                    p.span(),
+                    format!("plans[{i}]"),
+                    format!(
+                        "too many plans: the kernel tells {} apart",
+                        tollgate_common::policy::MAX_PLANS
+                    ),
+                ));
             }
             let p = p.into_inner();
             let name = self.name(&p.name, &at("name"), 32, false)?;
@@ -430,6 +577,20 @@ impl<'a> Checker<'a> {
                 self.rate(i, &p.packets_per_second, &p.packet_burst, &PACKETS)?;
             let (bytes_per_s, byte_burst) =
                 self.rate(i, &p.bytes_per_second, &p.byte_burst, &BYTES)?;
+            let q = |v: &Option<S<i64>>, key: &str| -> Result<Option<u64>> {
+                match v {
+                    None => Ok(None),
+                    Some(_) => Ok(Some(self.int(v, &at(key), 1, 1..=i64::MAX)? as u64)),
+                }
+            };
+            let quota = crate::controller::quota::QuotaLimits {
+                minute_bytes: q(&p.quota_minute_bytes, "quota_minute_bytes")?,
+                day_bytes: q(&p.quota_day_bytes, "quota_day_bytes")?,
+                month_bytes: q(&p.quota_month_bytes, "quota_month_bytes")?,
+                minute_cost: q(&p.quota_minute_cost, "quota_minute_cost")?,
+                day_cost: q(&p.quota_day_cost, "quota_day_cost")?,
+                month_cost: q(&p.quota_month_cost, "quota_month_cost")?,
+            };
             plans.push(Plan {
                 name,
                 priority: priority as u8,
@@ -439,6 +600,7 @@ impl<'a> Checker<'a> {
                     bytes_per_s,
                     byte_burst,
                 },
+                quota,
             });
         }
         Ok(plans)
@@ -619,6 +781,25 @@ impl<'a> Checker<'a> {
             }
 
             let (roles, role_names) = self.roles(&e.roles, &at("roles"))?;
+            let mut gpus = Vec::new();
+            for g in e.gpus.iter().flat_map(|l| l.get_ref().iter()) {
+                let idx = *g.get_ref();
+                if !(0..=255).contains(&idx) {
+                    return Err(self.err(
+                        g.span(),
+                        at("gpus"),
+                        format!("{idx} is not a GPU index (0 to 255)"),
+                    ));
+                }
+                if gpus.contains(&(idx as u32)) {
+                    return Err(self.err(
+                        g.span(),
+                        at("gpus"),
+                        format!("GPU {idx} is listed twice"),
+                    ));
+                }
+                gpus.push(idx as u32);
+            }
             let first = port_ranges[0].clone();
             endpoints.push(Endpoint {
                 name,
@@ -634,6 +815,7 @@ impl<'a> Checker<'a> {
                 },
                 port_ranges: port_ranges.clone(),
                 role_names,
+                gpus,
             });
             taken.extend(port_ranges.into_iter().map(|r| (proto, r, i)));
         }

@@ -47,6 +47,7 @@ pub struct Config {
     pub roles: Vec<String>,
     /// Token binding (the HTTPS bind listener and `tollgate bind --token`); `None`: off.
     pub tokens: Option<Tokens>,
+    pub anomaly: Anomaly,
 }
 
 /// The class named by a label (`internal`, `partner`, `customer`); `anonymous` is not a
@@ -104,11 +105,50 @@ pub struct DropEvents {
     pub interval_ms: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Controller {
     pub interval_ms: u64,
-    /// The cost multiplier written to the kernel until the GPU controller sets it.
+    /// A static cost multiplier on every packet (1.0: none); the GPU hold-back comes on top.
     pub pressure: f64,
+    pub gpu_source: GpuSourceKind,
+    /// The file the simulated source reads (`tollgate gpu simulate` writes it).
+    pub simulated_file: PathBuf,
+    /// A GPU at or above this utilisation (0..1) saturates its endpoints ...
+    pub saturate_at: f64,
+    /// ... until it has been at or below this for `recover_after` readings in a row.
+    pub recover_at: f64,
+    pub recover_after: u32,
+    /// Share of its budget a priority-0 plan keeps while saturated; priority 100 keeps all.
+    pub hold_back_floor: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuSourceKind {
+    Nvml,
+    Simulated,
+    None,
+}
+
+/// Anomaly detection and its response ladder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Anomaly {
+    pub mode: AnomalyMode,
+    pub alpha: f64,
+    pub warmup_samples: u32,
+    pub throttle_factor: f64,
+    pub throttle_for_s: u64,
+    pub quarantine_for_s: u64,
+    pub cooldown_s: u64,
+    /// (throttle score, quarantine score) for internal, partner, customer.
+    pub thresholds: [(f64, f64); 3],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnomalyMode {
+    Off,
+    /// Decide and report (audit log), act on nothing.
+    Shadow,
+    Enforce,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +165,7 @@ pub struct Plan {
     /// 0..=100; higher tiers are held back later as GPUs saturate.
     pub priority: u8,
     pub limits: PlanLimits,
+    pub quota: crate::controller::quota::QuotaLimits,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -136,6 +177,8 @@ pub struct Endpoint {
     /// ranges of the same protocol. Install the endpoint once per range.
     pub port_ranges: Vec<RangeInclusive<u16>>,
     pub role_names: Vec<String>,
+    /// GPUs (NVML indices) serving this endpoint: their saturation holds it back.
+    pub gpus: Vec<u32>,
 }
 
 /// An identity bound by configuration (an internal service, a partner's range), not by token.

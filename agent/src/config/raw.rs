@@ -23,6 +23,7 @@ pub(super) struct RawConfig {
     pub endpoints: Option<List<RawEndpoint>>,
     pub identities: Option<List<RawIdentity>>,
     pub tokens: Option<S<RawTokens>>,
+    pub anomaly: Option<RawAnomaly>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +73,34 @@ pub(super) struct RawDropEvents {
 pub(super) struct RawController {
     pub interval_ms: Option<S<i64>>,
     pub pressure: Option<S<f64>>,
+    pub gpu_source: Option<S<String>>,
+    pub simulated_file: Option<S<String>>,
+    pub saturate_at: Option<S<f64>>,
+    pub recover_at: Option<S<f64>>,
+    pub recover_after: Option<S<i64>>,
+    pub hold_back_floor: Option<S<f64>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAnomaly {
+    pub mode: Option<S<String>>,
+    pub alpha: Option<S<f64>>,
+    pub warmup_samples: Option<S<i64>>,
+    pub throttle_factor: Option<S<f64>>,
+    pub throttle_for_s: Option<S<i64>>,
+    pub quarantine_for_s: Option<S<i64>>,
+    pub cooldown_s: Option<S<i64>>,
+    pub internal: Option<RawThresholds>,
+    pub partner: Option<RawThresholds>,
+    pub customer: Option<RawThresholds>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawThresholds {
+    pub throttle_score: Option<S<f64>>,
+    pub quarantine_score: Option<S<f64>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -90,6 +119,12 @@ pub(super) struct RawPlan {
     pub packet_burst: Option<S<i64>>,
     pub bytes_per_second: Option<S<i64>>,
     pub byte_burst: Option<S<i64>>,
+    pub quota_minute_bytes: Option<S<i64>>,
+    pub quota_day_bytes: Option<S<i64>>,
+    pub quota_month_bytes: Option<S<i64>>,
+    pub quota_minute_cost: Option<S<i64>>,
+    pub quota_day_cost: Option<S<i64>>,
+    pub quota_month_cost: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +138,7 @@ pub(super) struct RawEndpoint {
     pub classes: List<String>,
     pub roles: Option<List<String>>,
     pub anonymous: Option<S<bool>>,
+    pub gpus: Option<List<i64>>,
 }
 
 #[derive(Deserialize)]

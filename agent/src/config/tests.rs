@@ -86,9 +86,17 @@ fn defaults_fill_absent_keys() {
         c.controller,
         Controller {
             interval_ms: 250,
-            pressure: 1.0
+            pressure: 1.0,
+            gpu_source: GpuSourceKind::Nvml,
+            simulated_file: PathBuf::from("/run/tollgate/gpu-simulated.json"),
+            saturate_at: 0.9,
+            recover_at: 0.75,
+            recover_after: 4,
+            hold_back_floor: 0.1,
         }
     );
+    assert_eq!(c.anomaly.mode, AnomalyMode::Shadow);
+    assert_eq!(c.anomaly.thresholds[2], (6.0, 12.0));
     assert_eq!(c.listen.metrics, "127.0.0.1:9464".parse().unwrap());
     assert_eq!(c.plans[0].priority, 50);
     assert_eq!(c.plans[0].limits, PlanLimits::UNLIMITED);
@@ -973,4 +981,67 @@ fn tokens_section_refusals() {
         "tokens.jwks",
         "required",
     );
+}
+
+#[test]
+fn controller_and_anomaly_sections() {
+    let c = Config::parse(
+        &with("\n[controller]\ngpu_source = \"simulated\"\nsaturate_at = 0.8\nrecover_at = 0.5\n\n[anomaly]\nmode = \"enforce\"\n\n[anomaly.customer]\nthrottle_score = 4.0\nquarantine_score = 9.0\n"),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(c.controller.gpu_source, GpuSourceKind::Simulated);
+    assert_eq!(
+        (c.controller.saturate_at, c.controller.recover_at),
+        (0.8, 0.5)
+    );
+    assert_eq!(c.anomaly.mode, AnomalyMode::Enforce);
+    assert_eq!(c.anomaly.thresholds[2], (4.0, 9.0));
+    assert_refused(
+        &with("\n[controller]\nsaturate_at = 0.8\nrecover_at = 0.85\n"),
+        9,
+        "controller.recover_at",
+        "flap",
+    );
+    assert_refused(
+        &with("\n[controller]\ngpu_source = \"cuda\"\n"),
+        8,
+        "controller.gpu_source",
+        "nvml",
+    );
+    assert_refused(
+        &with("\n[anomaly]\nmode = \"loud\"\n"),
+        8,
+        "anomaly.mode",
+        "shadow",
+    );
+    assert_refused(
+        &with("\n[anomaly.partner]\nthrottle_score = 9.0\nquarantine_score = 3.0\n"),
+        9,
+        "anomaly.partner.quarantine_score",
+        "below",
+    );
+}
+
+#[test]
+fn quotas_and_gpus() {
+    let c = Config::parse(
+        &format!("{BASE}quota_minute_bytes = 1000\nquota_month_cost = 5\n\n[[endpoints]]\nname = \"m\"\nprotocol = \"tcp\"\nports = [8000]\nclasses = [\"customer\"]\ngpus = [0, 3]\n"),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(c.plans[0].quota.minute_bytes, Some(1000));
+    assert_eq!(c.plans[0].quota.month_cost, Some(5));
+    assert_eq!(c.endpoints[0].gpus, [0, 3]);
+    assert_refused(
+        &format!("{BASE}quota_day_bytes = 0\n"),
+        6,
+        "plans[0].quota_day_bytes",
+        "minimum",
+    );
+    let many: String = (0..17)
+        .map(|i| format!("\n[[plans]]\nname = \"p{i}\"\n"))
+        .collect();
+    let e = refuse(&format!("[node]\ninterfaces = [\"eth0\"]\n{many}"));
+    assert!(e.message.contains("too many plans"), "{e}");
 }

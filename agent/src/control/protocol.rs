@@ -56,6 +56,14 @@ pub enum Request {
     },
     Reload {},
     Uninstall {},
+    QuotaShow {
+        #[serde(default)]
+        identity: Option<String>,
+    },
+    QuotaReset {
+        #[serde(default)]
+        identity: Option<String>,
+    },
 }
 
 impl Request {
@@ -71,6 +79,7 @@ impl Request {
                 | Request::Uninstall {}
                 | Request::BindToken { .. }
                 | Request::Revoke { .. }
+                | Request::QuotaReset { .. }
         )
     }
 }

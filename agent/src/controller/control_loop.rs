@@ -1,0 +1,445 @@
+//! The control loop: every `controller.interval_ms` it reads the GPUs and the kernel's
+//! per-identity counters, and decides hold-back per (endpoint, plan), quota flags and, once
+//! a second, anomaly responses. Every decision goes to the audit log with its inputs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::json;
+use tollgate_common::policy::{
+    ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_THROTTLED, IdentityCounters, MAX_PLANS,
+};
+use tracing::{info, warn};
+
+use super::{
+    anomaly::{AnomalyConfig, Sample, Step, Tracker},
+    gpu::{GpuReading, GpuSource, NvmlSource, SimulatedSource},
+    pressure::{PressureConfig, Saturation, hold_back_q8, share},
+    quota::{QuotaBook, QuotaLimits},
+};
+use crate::{
+    audit::{Actor, Audit},
+    config::{AnomalyMode, Config, GpuSourceKind},
+    state::{Quarantine, State, now_unix_ms},
+    tables::{Tables, to_q8},
+};
+
+/// What the loop keeps between ticks.
+pub struct ControlLoop {
+    source: Option<Box<dyn GpuSource>>,
+    /// Why there is no GPU source (said once in the log, shown in `status`).
+    pub gpu_error: Option<String>,
+    pub readings: Vec<GpuReading>,
+    saturation: BTreeMap<u32, Saturation>,
+    hold_back: BTreeMap<(u32, u16), u16>,
+    pub quotas: QuotaBook,
+    quota_dirty: bool,
+    exhausted: BTreeSet<String>,
+    last: BTreeMap<String, IdentityCounters>,
+    /// Counter deltas summed since the last anomaly sample, and when that window began.
+    window: BTreeMap<String, IdentityCounters>,
+    window_start_ms: u64,
+    pub trackers: BTreeMap<String, Tracker>,
+    /// Identities the controller itself throttled or quarantined (never an operator's).
+    acting: BTreeMap<String, Step>,
+}
+
+fn open_source(config: &Config) -> Result<Box<dyn GpuSource>, String> {
+    match config.controller.gpu_source {
+        GpuSourceKind::Nvml => NvmlSource::open()
+            .map(|s| Box::new(s) as Box<dyn GpuSource>)
+            .map_err(|e| e.to_string()),
+        GpuSourceKind::Simulated => Ok(Box::new(SimulatedSource::new(
+            &config.controller.simulated_file,
+        ))),
+        GpuSourceKind::None => {
+            Err("gpu_source = \"none\": running on traffic signals alone".into())
+        }
+    }
+}
+
+fn sub(a: &IdentityCounters, b: &IdentityCounters) -> IdentityCounters {
+    IdentityCounters {
+        passed: tollgate_common::Counter {
+            packets: a.passed.packets.wrapping_sub(b.passed.packets),
+            bytes: a.passed.bytes.wrapping_sub(b.passed.bytes),
+        },
+        dropped: tollgate_common::Counter {
+            packets: a.dropped.packets.wrapping_sub(b.dropped.packets),
+            bytes: a.dropped.bytes.wrapping_sub(b.dropped.bytes),
+        },
+        cost: a.cost.wrapping_sub(b.cost),
+        syn: a.syn.wrapping_sub(b.syn),
+        small: a.small.wrapping_sub(b.small),
+    }
+}
+
+fn add(a: &mut IdentityCounters, d: &IdentityCounters) {
+    a.passed.packets += d.passed.packets;
+    a.passed.bytes += d.passed.bytes;
+    a.dropped.packets += d.dropped.packets;
+    a.dropped.bytes += d.dropped.bytes;
+    a.cost += d.cost;
+    a.syn += d.syn;
+    a.small += d.small;
+}
+
+/// The plan of an identity, from the configuration or its tokens.
+pub fn plan_of<'a>(config: &'a Config, state: &'a State, name: &str) -> Option<&'a str> {
+    placement(config, state, name).map(|(p, _)| p)
+}
+
+/// (plan name, class label) of an identity, from the configuration or its tokens.
+fn placement<'a>(config: &'a Config, state: &'a State, name: &str) -> Option<(&'a str, &'a str)> {
+    if let Some(i) = config.identities.iter().find(|i| i.name == name) {
+        return Some((i.plan.as_str(), i.class.label()));
+    }
+    state
+        .token_identities
+        .get(name)
+        .map(|t| (t.plan.as_str(), t.class.as_str()))
+}
+
+impl ControlLoop {
+    /// A quota file that cannot be read is an error: starting from zero would hand out every
+    /// quota again (and the next save would destroy the record).
+    pub fn new(config: &Config) -> Result<ControlLoop, super::quota::QuotaError> {
+        let (source, gpu_error) = match open_source(config) {
+            Ok(s) => (Some(s), None),
+            Err(e) => {
+                // Said once: a node without a GPU runs on traffic signals alone.
+                warn!("no GPU readings: {e}; enforcing on traffic signals alone");
+                (None, Some(e))
+            }
+        };
+        let quotas = QuotaBook::load(&config.node.state_dir)?;
+        Ok(ControlLoop {
+            source,
+            gpu_error,
+            readings: Vec::new(),
+            saturation: BTreeMap::new(),
+            hold_back: BTreeMap::new(),
+            quotas,
+            quota_dirty: false,
+            exhausted: BTreeSet::new(),
+            last: BTreeMap::new(),
+            window: BTreeMap::new(),
+            window_start_ms: now_unix_ms(),
+            trackers: BTreeMap::new(),
+            acting: BTreeMap::new(),
+        })
+    }
+
+    /// A reload may change the source; readings and state carry over.
+    pub fn reconfigure(&mut self, config: &Config) {
+        match open_source(config) {
+            Ok(s) => {
+                self.source = Some(s);
+                self.gpu_error = None;
+            }
+            Err(e) => {
+                self.source = None;
+                self.gpu_error = Some(e);
+            }
+        }
+        // Re-derive every hold-back entry from the new plans and endpoints.
+        self.hold_back.clear();
+    }
+
+    /// One tick.
+    pub fn tick(&mut self, config: &Config, state: &mut State, tables: &mut Tables, audit: &Audit) {
+        self.gpu(config, tables, audit);
+        self.counters(config, state, tables, audit);
+    }
+
+    fn gpu(&mut self, config: &Config, tables: &mut Tables, audit: &Audit) {
+        self.readings = match self.source.as_mut().map(|s| s.read()) {
+            Some(Ok(r)) => {
+                if self.gpu_error.take().is_some() {
+                    info!("GPU readings are back");
+                }
+                r
+            }
+            Some(Err(e)) => {
+                let e = e.to_string();
+                if self.gpu_error.as_deref() != Some(e.as_str()) {
+                    warn!("GPU readings failed: {e}");
+                    self.gpu_error = Some(e);
+                }
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        let cfg = PressureConfig {
+            saturate_at: config.controller.saturate_at,
+            recover_at: config.controller.recover_at,
+            recover_after: config.controller.recover_after,
+            floor: config.controller.hold_back_floor,
+        };
+        for (i, ep) in config.endpoints.iter().enumerate() {
+            let id = i as u32 + 1;
+            let util = self
+                .readings
+                .iter()
+                .filter(|r| ep.gpus.contains(&r.index))
+                .map(|r| r.utilization)
+                .fold(None, |m: Option<f64>, u| Some(m.map_or(u, |m| m.max(u))));
+            let sat = self.saturation.entry(id).or_default();
+            if sat.update(util, &cfg) {
+                let _ = audit.record(
+                    &Actor::AGENT,
+                    if sat.saturated() { "gpu_saturated" } else { "gpu_recovered" },
+                    "controller",
+                    json!({"endpoint": ep.name, "utilization": util, "gpus": ep.gpus, "readings": self.readings}),
+                );
+            }
+            let saturated = sat.saturated();
+            for (p, plan) in config.plans.iter().enumerate().take(MAX_PLANS as usize) {
+                let q8 = hold_back_q8(share(plan.priority, saturated, cfg.floor));
+                if self.hold_back.get(&(id, p as u16)) != Some(&q8) {
+                    match tables.set_hold_back(id, p as u16, q8) {
+                        Ok(()) => {
+                            self.hold_back.insert((id, p as u16), q8);
+                        }
+                        Err(e) => warn!("hold-back for {} / {}: {e}", ep.name, plan.name),
+                    }
+                }
+            }
+        }
+    }
+
+    fn counters(&mut self, config: &Config, state: &mut State, tables: &mut Tables, audit: &Audit) {
+        let now_ms = now_unix_ms();
+        let now_s = now_ms / 1000;
+        let names: Vec<(String, u32)> = state
+            .identity_ids
+            .iter()
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        for (name, id) in &names {
+            let Ok(now) = tables.identity_counters(*id) else {
+                continue;
+            };
+            let delta = match self.last.insert(name.clone(), now) {
+                Some(prev) => sub(&now, &prev),
+                // First sight (start or a new identity): no delta, a baseline for the next.
+                None => IdentityCounters::default(),
+            };
+            add(self.window.entry(name.clone()).or_default(), &delta);
+            let Some((plan_name, _)) = placement(config, state, name) else {
+                continue;
+            };
+            let limits: QuotaLimits = config.plan(plan_name).map(|p| p.quota).unwrap_or_default();
+            if limits == QuotaLimits::default() {
+                if self.exhausted.remove(name) {
+                    let _ = tables.update_identity_flags(*id, 0, ID_QUOTA_EXHAUSTED, None);
+                }
+                continue;
+            }
+            let spent = self.quotas.spent.entry(name.clone()).or_default();
+            if delta.passed.bytes > 0 || delta.cost > 0 {
+                self.quota_dirty = true;
+            }
+            spent.add(now_s, delta.passed.bytes, delta.cost);
+            let over = spent.exhausted(&limits);
+            let flagged = self.exhausted.contains(name)
+                || tables
+                    .identity(*id)
+                    .is_ok_and(|r| r.flags & ID_QUOTA_EXHAUSTED != 0);
+            match (over, flagged) {
+                (Some((window, kind)), false) => {
+                    if tables
+                        .update_identity_flags(*id, ID_QUOTA_EXHAUSTED, 0, None)
+                        .is_ok()
+                    {
+                        self.exhausted.insert(name.clone());
+                        let (b, c) = spent.get(window);
+                        let _ = audit.record(
+                            &Actor::AGENT,
+                            "quota_exhausted",
+                            "controller",
+                            json!({"identity": name, "plan": plan_name, "window": window, "kind": kind,
+                                   "spent_bytes": b, "spent_cost": c, "until_unix": spent.window_ends(window)}),
+                        );
+                    }
+                }
+                (None, true) => {
+                    if tables
+                        .update_identity_flags(*id, 0, ID_QUOTA_EXHAUSTED, None)
+                        .is_ok()
+                    {
+                        self.exhausted.remove(name);
+                        let _ = audit.record(
+                            &Actor::AGENT,
+                            "quota_reset",
+                            "window rolled",
+                            json!({"identity": name, "plan": plan_name}),
+                        );
+                    }
+                }
+                (Some(_), true) => {
+                    self.exhausted.insert(name.clone());
+                }
+                (None, false) => {}
+            }
+        }
+        if self.quota_dirty {
+            // At most one interval of spend is lost to a crash.
+            match self.quotas.save(&config.node.state_dir) {
+                Ok(()) => self.quota_dirty = false,
+                Err(e) => warn!("saving quotas: {e}"),
+            }
+        }
+        // Anomaly samples once a second: shorter windows are mostly noise.
+        let elapsed_ms = now_ms.saturating_sub(self.window_start_ms);
+        if elapsed_ms >= 1000 {
+            let window = std::mem::take(&mut self.window);
+            self.window_start_ms = now_ms;
+            if config.anomaly.mode != AnomalyMode::Off {
+                self.anomaly(
+                    config,
+                    state,
+                    tables,
+                    audit,
+                    &window,
+                    elapsed_ms as f64 / 1000.0,
+                    now_s,
+                );
+            }
+        }
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; the pieces are the daemon's"
+    )]
+    fn anomaly(
+        &mut self,
+        config: &Config,
+        state: &mut State,
+        tables: &mut Tables,
+        audit: &Audit,
+        window: &BTreeMap<String, IdentityCounters>,
+        secs: f64,
+        now_s: u64,
+    ) {
+        let a = &config.anomaly;
+        for (name, d) in window {
+            let Some(id) = state.identity_ids.get(name).copied() else {
+                continue;
+            };
+            let Some((_, class)) = placement(config, state, name) else {
+                continue;
+            };
+            let class_index = match class {
+                "internal" => 0,
+                "partner" => 1,
+                _ => 2,
+            };
+            let (throttle_score, quarantine_score) = a.thresholds[class_index];
+            let cfg = AnomalyConfig {
+                alpha: a.alpha,
+                warmup_samples: a.warmup_samples,
+                throttle_score,
+                quarantine_score,
+                throttle_for_s: a.throttle_for_s,
+                quarantine_for_s: a.quarantine_for_s,
+                cooldown_s: a.cooldown_s,
+                shadow: a.mode == AnomalyMode::Shadow,
+            };
+            let packets = d.passed.packets + d.dropped.packets;
+            let sample = Sample {
+                packets_per_s: packets as f64 / secs,
+                bytes_per_s: (d.passed.bytes + d.dropped.bytes) as f64 / secs,
+                new_flows_per_s: d.syn as f64 / secs,
+                small_packet_ratio: if packets == 0 {
+                    0.0
+                } else {
+                    d.small as f64 / packets as f64
+                },
+                drop_ratio: if packets == 0 {
+                    0.0
+                } else {
+                    d.dropped.packets as f64 / packets as f64
+                },
+            };
+            let tracker = self.trackers.entry(name.clone()).or_default();
+            // A silent second is not a sample: learning "idle" would make the identity's
+            // next ordinary request look like a flood. Its ladder still expires.
+            let decided = if packets == 0 {
+                tracker.expire(now_s, &cfg)
+            } else {
+                tracker.observe(sample, now_s, &cfg)
+            };
+            let Some(decision) = decided else { continue };
+            let _ = audit.record(
+                &Actor::AGENT,
+                "anomaly",
+                &decision.reason,
+                json!({"identity": name, "decision": decision}),
+            );
+            if decision.shadow {
+                continue;
+            }
+            let throttle = to_q8(a.throttle_factor);
+            let applied = match decision.step {
+                Step::Throttle => tables.update_identity_flags(id, ID_THROTTLED, 0, Some(throttle)),
+                Step::Quarantine => {
+                    state.quarantines.entry(name.clone()).or_insert(Quarantine {
+                        until_unix_ms: decision.until_unix_s.map(|u| u * 1000),
+                        since_unix_ms: now_s * 1000,
+                        reason: format!("anomaly: {}", decision.reason),
+                        by: "controller".into(),
+                    });
+                    tables.update_identity_flags(id, ID_QUARANTINED, ID_THROTTLED, None)
+                }
+                Step::Release | Step::Observe => {
+                    // Lift only what the controller itself set: an operator's quarantine stays.
+                    let ours = state
+                        .quarantines
+                        .get(name)
+                        .is_some_and(|q| q.by == "controller");
+                    if ours {
+                        state.quarantines.remove(name);
+                    }
+                    let clear = if ours {
+                        ID_THROTTLED | ID_QUARANTINED
+                    } else {
+                        ID_THROTTLED
+                    };
+                    tables.update_identity_flags(id, 0, clear, None)
+                }
+            };
+            if let Err(e) = applied {
+                warn!("anomaly response for {name}: {e}");
+            }
+            self.acting.insert(name.clone(), decision.step);
+            if let Err(e) = state.save(&config.node.state_dir) {
+                warn!("saving state: {e}");
+            }
+        }
+    }
+
+    /// After `quota reset`: the flags are cleared, so nothing is exhausted any more.
+    pub fn forget_exhausted(&mut self, only: Option<&str>) {
+        match only {
+            Some(n) => {
+                self.exhausted.remove(n);
+            }
+            None => self.exhausted.clear(),
+        }
+    }
+
+    /// Saturated endpoints by name, for `status`.
+    pub fn saturated(&self, config: &Config) -> Vec<String> {
+        self.saturation
+            .iter()
+            .filter(|(_, s)| s.saturated())
+            .filter_map(|(id, _)| {
+                config
+                    .endpoints
+                    .get(*id as usize - 1)
+                    .map(|e| e.name.clone())
+            })
+            .collect()
+    }
+}

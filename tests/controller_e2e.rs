@@ -1,0 +1,430 @@
+//! The controller end to end, with the simulated GPU source: hold-back under GPU saturation,
+//! quotas per plan across a restart, the anomaly ladder (and its shadow mode), and steady
+//! traffic that must trigger nothing.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tollgate_common::packet::PacketBuilder;
+use tollgate_tests::netns::{Agent, AgentDirs, FrameBlaster, Lab, identity_counters};
+
+const PORT: u16 = 7000;
+
+struct World {
+    lab: Lab,
+    dirs: AgentDirs,
+    config: PathBuf,
+    gpu_file: PathBuf,
+}
+
+fn host(lab: &Lab, n: u8) -> [u8; 4] {
+    let o = lab.client_v4.octets();
+    [o[0], o[1], o[2], n]
+}
+
+impl World {
+    /// `extra` is appended to a config with plans `internal` (priority 100) and `free`
+    /// (priority 10), both 1000 packets/s, an endpoint on UDP 7000 served by GPU 0, and
+    /// identities `ops` (internal, .10) and `freeloader` (free, .11).
+    fn new(plans_extra: &str, extra: &str) -> World {
+        tollgate_tests::require_root();
+        let lab = Lab::new();
+        let dirs = AgentDirs::new();
+        let gpu_file = dirs.state_dir.join("gpu.json");
+        let config = dirs.state_dir.join("tollgate.toml");
+        let h = |n| IpAddr::from(host(&lab, n));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[node]
+interfaces = ["{iface}"]
+
+[controller]
+interval_ms = 250
+gpu_source = "simulated"
+simulated_file = "{gpu}"
+saturate_at = 0.9
+recover_at = 0.75
+recover_after = 4
+hold_back_floor = 0.1
+
+{extra}
+
+[[plans]]
+name = "internal"
+priority = 100
+packets_per_second = 1000
+packet_burst = 50
+
+[[plans]]
+name = "free"
+priority = 10
+packets_per_second = 1000
+packet_burst = 50
+{plans_extra}
+
+[[endpoints]]
+name = "model"
+protocol = "udp"
+ports = [{PORT}]
+classes = ["internal", "customer"]
+gpus = [0]
+
+[[identities]]
+name = "ops"
+class = "internal"
+plan = "internal"
+bind = ["{ops}"]
+
+[[identities]]
+name = "freeloader"
+class = "customer"
+plan = "free"
+bind = ["{free}"]
+
+[[identities]]
+name = "metered"
+class = "customer"
+plan = "{metered_plan}"
+bind = ["{metered}"]
+"#,
+                iface = lab.server_if,
+                gpu = gpu_file.display(),
+                ops = h(10),
+                free = h(11),
+                metered = h(12),
+                metered_plan = if plans_extra.contains("\"metered\"") {
+                    "metered"
+                } else {
+                    "free"
+                },
+            ),
+        )
+        .expect("config");
+        World {
+            lab,
+            dirs,
+            config,
+            gpu_file,
+        }
+    }
+
+    fn start(&self) -> Agent {
+        let config = self.config.to_str().expect("path");
+        Agent::launch(
+            &self.lab.server,
+            &self.dirs,
+            &["--config", config, "--mode", "native"],
+        )
+    }
+
+    fn gpu(&self, util: f64) {
+        let out = std::process::Command::new(tollgate_tests::netns::tollgate_bin())
+            .args(["gpu", "simulate", "--util", &util.to_string(), "--file"])
+            .arg(&self.gpu_file)
+            .output()
+            .expect("gpu simulate");
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn id(&self, name: &str) -> u32 {
+        let v: serde_json::Value = serde_json::from_str(&self.dirs.cli_ok(&[
+            "identities",
+            "show",
+            name,
+            "--output",
+            "json",
+        ]))
+        .expect("json");
+        v["id"].as_u64().expect("id") as u32
+    }
+
+    fn blaster(&self, n: u8, size: usize, per_second: u32) -> FrameBlaster {
+        let frame = PacketBuilder::v4(host(&self.lab, n), self.lab.server_v4.octets())
+            .udp(40000, PORT)
+            .payload(size.saturating_sub(42))
+            .build();
+        FrameBlaster::start(&self.lab.client, &self.lab.client_if, frame, per_second)
+    }
+
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dirs.state_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Packets the identity got through per second, over `window`.
+    fn passed_rate(&self, id: u32, window: Duration) -> f64 {
+        let a = identity_counters(&self.dirs, id).passed.packets;
+        let t = Instant::now();
+        std::thread::sleep(window);
+        let b = identity_counters(&self.dirs, id).passed.packets;
+        (b - a) as f64 / t.elapsed().as_secs_f64()
+    }
+}
+
+/// The traffic tests measure rates on a 2-core machine: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[test]
+fn gpu_saturation_holds_back_the_free_tier_and_spares_internal_traffic() {
+    let _turn = serial();
+    let w = World::new("", "");
+    w.gpu(0.2);
+    let _agent = w.start();
+    let (ops, free) = (w.id("ops"), w.id("freeloader"));
+    // Both offer twice their plan's 1000/s.
+    let _a = w.blaster(10, 100, 2000);
+    let _b = w.blaster(11, 100, 2000);
+    std::thread::sleep(Duration::from_millis(800));
+    let calm = (
+        w.passed_rate(ops, Duration::from_secs(1)),
+        w.passed_rate(free, Duration::from_secs(1)),
+    );
+    eprintln!("calm: ops {:.0}/s, free {:.0}/s", calm.0, calm.1);
+    // Saturate. One control interval (250 ms) + 100 ms later, the free tier must be at its
+    // hold-back level: 0.1 + 0.9 x 10% = 19% of 1000/s.
+    w.gpu(0.97);
+    std::thread::sleep(Duration::from_millis(350));
+    let hot = (
+        w.passed_rate(ops, Duration::from_millis(1500)),
+        w.passed_rate(free, Duration::from_millis(1500)),
+    );
+    eprintln!("saturated: ops {:.0}/s, free {:.0}/s", hot.0, hot.1);
+    // Recover: four calm readings in a row, then back to the full rate.
+    w.gpu(0.2);
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = (
+        w.passed_rate(ops, Duration::from_secs(1)),
+        w.passed_rate(free, Duration::from_secs(1)),
+    );
+    eprintln!("recovered: ops {:.0}/s, free {:.0}/s", after.0, after.1);
+    let near = |x: f64, want: f64, tol: f64| (x - want).abs() <= want * tol;
+    assert!(
+        near(calm.0, 1000.0, 0.05) && near(calm.1, 1000.0, 0.05),
+        "calm {calm:?}"
+    );
+    assert!(
+        near(hot.0, 1000.0, 0.05),
+        "internal traffic lost its rate: {hot:?}"
+    );
+    assert!(
+        near(hot.1, 190.0, 0.15),
+        "free tier not at its hold-back level: {hot:?}"
+    );
+    assert!(
+        near(after.0, 1000.0, 0.05) && near(after.1, 1000.0, 0.05),
+        "after {after:?}"
+    );
+    // One saturation, one recovery: no flapping.
+    let actions: Vec<String> = w
+        .audit()
+        .iter()
+        .filter_map(|l| l["action"].as_str().map(str::to_owned))
+        .filter(|a| a.starts_with("gpu_"))
+        .collect();
+    assert_eq!(actions, ["gpu_saturated", "gpu_recovered"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&w.dirs.cli_ok(&["status", "--output", "json"])).expect("json");
+    assert_eq!(status["gpu"]["source"], "simulated");
+    assert_eq!(status["gpu"]["readings"][0]["utilization"], 0.2);
+}
+
+#[test]
+fn a_spent_minute_quota_drops_until_the_window_rolls_and_survives_a_restart() {
+    let _turn = serial();
+    let w = World::new(
+        "\n[[plans]]\nname = \"metered\"\nquota_minute_bytes = 30000\n",
+        "",
+    );
+    w.gpu(0.1);
+    let agent = w.start();
+    let id = w.id("metered");
+    // 100-byte frames at 200/s: 20 kB/s, so the 30 kB minute quota is gone in 1.5 s.
+    let blast = w.blaster(12, 100, 200);
+    std::thread::sleep(Duration::from_secs(3));
+    let c = identity_counters(&w.dirs, id);
+    // The controller sees the spend once per interval (250 ms), so up to an interval of
+    // traffic (plus scheduling) passes beyond the quota: at 20 kB/s, ~5 kB; allow 10 kB.
+    assert!(
+        c.passed.bytes >= 30_000 && c.passed.bytes <= 40_000,
+        "passed {c:?}"
+    );
+    assert!(
+        c.dropped.packets > 50,
+        "nothing dropped after the quota: {c:?}"
+    );
+    let exhausted = w
+        .audit()
+        .into_iter()
+        .find(|l| l["action"] == "quota_exhausted")
+        .expect("audit");
+    assert_eq!(exhausted["detail"]["window"], "Minute");
+    // kill -9 and restart inside the window: what was spent is still spent.
+    agent.kill9();
+    let _agent = w.start();
+    let shown: serde_json::Value = serde_json::from_str(&w.dirs.cli_ok(&[
+        "quota",
+        "show",
+        "--identity",
+        "metered",
+        "--output",
+        "json",
+    ]))
+    .expect("json");
+    assert!(
+        shown[0]["minute"]["bytes"].as_u64() >= Some(30_000),
+        "{shown}"
+    );
+    let before = identity_counters(&w.dirs, id).passed.packets;
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        identity_counters(&w.dirs, id).passed.packets,
+        before,
+        "passed after the restart"
+    );
+    // When the minute rolls, traffic passes again (bounded wait: at most a minute).
+    let ends = exhausted["detail"]["until_unix"].as_u64().expect("until");
+    let deadline = Instant::now() + Duration::from_secs(70);
+    loop {
+        if identity_counters(&w.dirs, id).passed.packets > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the window ({ends}) rolled but nothing passes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(blast);
+    assert!(w.audit().iter().any(|l| l["action"] == "quota_reset"));
+}
+
+const ANOMALY: &str = r#"
+[anomaly]
+mode = "MODE"
+alpha = 0.3
+warmup_samples = 5
+throttle_factor = 4.0
+throttle_for_s = 3
+quarantine_for_s = 4
+cooldown_s = 2
+"#;
+
+/// Baseline 50/s for 8 s, a ramp to 20x (1000/s) for 9 s, then the baseline again.
+fn ramp(w: &World) -> FrameBlaster {
+    let b = w.blaster(11, 200, 50);
+    std::thread::sleep(Duration::from_secs(8));
+    b.set_rate(1000);
+    std::thread::sleep(Duration::from_secs(9));
+    b.set_rate(50);
+    b
+}
+
+fn steps(w: &World) -> Vec<(String, bool)> {
+    w.audit()
+        .iter()
+        .filter(|l| l["action"] == "anomaly")
+        .map(|l| {
+            (
+                l["detail"]["decision"]["step"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                l["detail"]["decision"]["shadow"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_ramp_to_twenty_times_baseline_is_throttled_quarantined_and_released() {
+    let _turn = serial();
+    let w = World::new("", &ANOMALY.replace("MODE", "enforce"));
+    w.gpu(0.1);
+    let _agent = w.start();
+    let free = w.id("freeloader");
+    let b = ramp(&w);
+    // Quarantined by now; traffic is back to baseline; wait for the quarantine to expire.
+    let q = identity_counters(&w.dirs, free);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !steps(&w).iter().any(|(s, _)| s == "release") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(b);
+    let got = steps(&w);
+    let order: Vec<&str> = got.iter().map(|(s, _)| s.as_str()).collect();
+    let pos = |s: &str| order.iter().position(|x| *x == s);
+    assert!(
+        matches!((pos("throttle"), pos("quarantine"), pos("release")), (Some(t), Some(q), Some(r)) if t < q && q < r),
+        "ladder out of order: {got:?}"
+    );
+    assert!(got.iter().all(|(_, shadow)| !shadow));
+    // The kernel really dropped while quarantined.
+    assert!(q.dropped.packets > 100, "{q:?}");
+    // ... and the internal identity that sent nothing was never touched.
+    assert!(
+        !w.audit()
+            .iter()
+            .any(|l| l["action"] == "anomaly" && l["detail"]["identity"] == "ops")
+    );
+}
+
+#[test]
+fn shadow_mode_reports_the_same_ramp_and_touches_nothing() {
+    let _turn = serial();
+    let w = World::new("", &ANOMALY.replace("MODE", "shadow"));
+    w.gpu(0.1);
+    let _agent = w.start();
+    let free = w.id("freeloader");
+    let before = identity_counters(&w.dirs, free);
+    let b = ramp(&w);
+    let sent = b.stop();
+    let after = identity_counters(&w.dirs, free);
+    let got = steps(&w);
+    assert!(
+        got.iter().any(|(s, shadow)| s == "throttle" && *shadow),
+        "{got:?}"
+    );
+    assert!(got.iter().all(|(_, shadow)| *shadow), "{got:?}");
+    // Only the plan's own rate limit dropped anything: never a quarantine.
+    let quarantined = tollgate::counters::reason_totals_from_pin(&w.dirs.counters_pin())
+        .expect("counters")
+        .into_iter()
+        .find(|(r, _)| *r == tollgate_common::Reason::Quarantined)
+        .map(|(_, c)| c.packets);
+    assert_eq!(quarantined, Some(0));
+    eprintln!(
+        "shadow: sent {sent}, passed {}",
+        after.passed.packets - before.passed.packets
+    );
+}
+
+#[test]
+fn steady_traffic_at_the_plan_rate_for_a_minute_triggers_nothing() {
+    let _turn = serial();
+    let w = World::new("", &ANOMALY.replace("MODE", "enforce"));
+    w.gpu(0.1);
+    let _agent = w.start();
+    let free = w.id("freeloader");
+    let b = w.blaster(11, 200, 1000);
+    std::thread::sleep(Duration::from_secs(60));
+    let sent = b.stop();
+    let c = identity_counters(&w.dirs, free);
+    let got = steps(&w);
+    assert!(got.is_empty(), "steady traffic triggered {got:?}");
+    assert!(
+        c.passed.packets as f64 >= sent as f64 * 0.95,
+        "sent {sent}, {c:?}"
+    );
+}
