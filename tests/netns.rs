@@ -130,6 +130,8 @@ impl NetNs {
                 .status();
             checked(Command::new("ip").args(["netns", "add", &name]));
         }
+        // Loopback is down in a new namespace; servers in it (metrics, Prometheus) need it.
+        checked(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
         NetNs { name }
     }
 
@@ -637,7 +639,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    const START_LIMIT: Duration = Duration::from_secs(20);
+    const START_LIMIT: Duration = Duration::from_secs(60);
     const STOP_LIMIT: Duration = Duration::from_secs(10);
 
     /// Starts `tollgate run --iface IFACE --mode MODE --detach-on-exit` in `ns` on the

@@ -36,6 +36,10 @@ use crate::{
     token_bind::TokenService,
 };
 
+/// Drop events logged per second at most (the rest are counted, not logged): a flood must
+/// not flood the journal.
+const DROP_LOG_PER_SECOND: u32 = 20;
+
 /// Command-line overrides of the configuration (for labs, tests and one-off runs).
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -109,6 +113,8 @@ pub struct Daemon {
     pub(crate) audit: Audit,
     pub(crate) tokens: Option<TokenService>,
     pub(crate) control: crate::controller::control_loop::ControlLoop,
+    pub(crate) drop_stats: crate::metrics::DropEventStats,
+    drop_budget: (u64, u32),
     attached: Vec<String>,
     started_unix_ms: u64,
     stop: bool,
@@ -172,6 +178,8 @@ impl Daemon {
             audit,
             tokens,
             control,
+            drop_stats: crate::metrics::DropEventStats::default(),
+            drop_budget: (0, 0),
             attached,
             started_unix_ms: now_unix_ms(),
             stop: false,
@@ -295,6 +303,9 @@ impl Daemon {
             &mut self.pinned.tables,
             &self.audit,
         );
+        let mut budget = self.drop_budget;
+        crate::metrics::drain_drop_events(self, &mut budget, DROP_LOG_PER_SECOND);
+        self.drop_budget = budget;
     }
 
     /// Expires quarantines and run-time bindings whose time is up.
@@ -746,42 +757,52 @@ impl Daemon {
 
     fn identities(&self, only: Option<&str>) -> Result<serde_json::Value, Response> {
         let kernel = |e: crate::tables::TableError| Response::err(ErrorKind::Kernel, e.to_string());
-        let bindings = self.pinned.tables.bindings().map_err(kernel)?;
         let now_boot = boot_ns();
+        // Bindings grouped by identity once: listing thousands of identities stays linear.
+        let mut by_id: std::collections::HashMap<u32, Vec<String>> =
+            std::collections::HashMap::new();
+        for (a, l, b) in self.pinned.tables.bindings().map_err(kernel)? {
+            let net = mask(a, l);
+            let text = if b.expires_ns == 0 {
+                format!("{net}/{l}")
+            } else if b.expires_ns > now_boot {
+                format!(
+                    "{net}/{l} (expires in {}s)",
+                    (b.expires_ns - now_boot) / 1_000_000_000
+                )
+            } else {
+                format!("{net}/{l} (expired)")
+            };
+            by_id.entry(b.identity).or_default().push(text);
+        }
         let mut rows = Vec::new();
-        for ident in &self.config.identities {
-            if only.is_some_and(|o| o != ident.name) {
+        for (name, id) in &self.state.identity_ids {
+            if only.is_some_and(|o| o != name) {
                 continue;
             }
-            let Some(id) = self.identity_id(&ident.name) else {
-                continue;
+            // Configured identities, and those that exist because a token named them.
+            let (class, plan, roles, source) = match self.config.identity(name) {
+                Some(i) => (
+                    i.class.label().to_owned(),
+                    i.plan.clone(),
+                    i.role_names.clone(),
+                    "config",
+                ),
+                None => match self.state.token_identities.get(name) {
+                    Some(t) => (t.class.clone(), t.plan.clone(), t.roles.clone(), "token"),
+                    None => continue,
+                },
             };
-            let c = self.pinned.tables.identity_counters(id).map_err(kernel)?;
-            let binds: Vec<String> = bindings
-                .iter()
-                .filter(|(_, _, b)| b.identity == id)
-                .map(|(a, l, b)| {
-                    let net = mask(*a, *l);
-                    if b.expires_ns == 0 {
-                        format!("{net}/{l}")
-                    } else if b.expires_ns > now_boot {
-                        format!(
-                            "{net}/{l} (expires in {}s)",
-                            (b.expires_ns - now_boot) / 1_000_000_000
-                        )
-                    } else {
-                        format!("{net}/{l} (expired)")
-                    }
-                })
-                .collect();
-            let q = self.state.quarantines.get(&ident.name);
+            let c = self.pinned.tables.identity_counters(*id).map_err(kernel)?;
+            let q = self.state.quarantines.get(name);
             rows.push(json!({
                 "id": id,
-                "name": ident.name,
-                "class": ident.class.label(),
-                "plan": ident.plan,
-                "roles": ident.role_names,
-                "bindings": binds,
+                "name": name,
+                "class": class,
+                "plan": plan,
+                "roles": roles,
+                "source": source,
+                "bindings": by_id.remove(id).unwrap_or_default(),
                 "quarantined": q.map(|q| json!({"reason": q.reason, "until_unix_ms": q.until_unix_ms, "by": q.by})),
                 "passed_packets": c.passed.packets,
                 "passed_bytes": c.passed.bytes,
@@ -789,6 +810,7 @@ impl Daemon {
                 "dropped_bytes": c.dropped.bytes,
             }));
         }
+        rows.sort_by_key(|r| r["id"].as_u64());
         Ok(match only {
             Some(_) => rows.into_iter().next().unwrap_or_default(),
             None => json!(rows),
@@ -864,6 +886,15 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
         )
     };
     let listener = bind_socket(&socket, &group)?;
+    let metrics_addr = daemon.borrow().config.listen.metrics;
+    match crate::metrics::bind(metrics_addr).await {
+        Ok(tcp) => {
+            info!(%metrics_addr, "metrics: http://{metrics_addr}/metrics");
+            tokio::task::spawn_local(crate::metrics::serve(Rc::clone(&daemon), tcp));
+        }
+        // Enforcement does not depend on being watched: say so and go on.
+        Err(e) => warn!("metrics listener on {metrics_addr}: {e}; serving no metrics"),
+    }
     let token_listener = daemon.borrow().config.tokens.clone();
     if let Some(t) = token_listener {
         let tls = crate::bind_listener::acceptor(&t.tls_cert, &t.tls_key)?;

@@ -11,6 +11,7 @@ pub mod counters;
 pub mod daemon;
 pub mod explain;
 pub mod loader;
+pub mod metrics;
 pub mod object;
 pub mod paths;
 pub mod pins;

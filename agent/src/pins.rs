@@ -146,6 +146,8 @@ pub fn check_compatible(pin_dir: &Path) -> Result<bool, PinError> {
 pub struct Pinned {
     pub ebpf: Ebpf,
     pub tables: Tables,
+    /// Sampled drop events from the kernel (read by the daemon, logged rate-limited).
+    pub drop_events: Option<aya::maps::RingBuf<MapData>>,
     /// Whether maps were adopted (true) or created (false).
     pub adopted: bool,
     pin_dir: PathBuf,
@@ -195,9 +197,13 @@ impl Pinned {
                 .map_err(|e| load_err(e.to_string()))?;
         }
         let tables = Tables::from_ebpf(&mut ebpf)?;
+        let drop_events = ebpf
+            .take_map(map_names::DROP_EVENTS)
+            .and_then(|m| aya::maps::RingBuf::try_from(m).ok());
         Ok(Pinned {
             ebpf,
             tables,
+            drop_events,
             adopted,
             pin_dir: pin_dir.to_owned(),
             links: BTreeMap::new(),

@@ -54,7 +54,7 @@ pub struct Quarantine {
     pub by: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
     pub version: u32,
     /// Identity name -> kernel slot.
@@ -72,7 +72,27 @@ pub struct State {
     /// refused.
     #[serde(default)]
     pub revoked_identities: BTreeMap<String, u64>,
+    /// Cache of the slots in `identity_ids` (not persisted).
+    #[serde(skip)]
+    used_ids: std::collections::BTreeSet<u32>,
+    #[serde(skip)]
+    free_hint: u32,
 }
+
+impl PartialEq for State {
+    /// What is persisted; the slot cache is not part of the state.
+    fn eq(&self, o: &State) -> bool {
+        self.version == o.version
+            && self.identity_ids == o.identity_ids
+            && self.bindings == o.bindings
+            && self.quarantines == o.quarantines
+            && self.token_identities == o.token_identities
+            && self.revoked_tokens == o.revoked_tokens
+            && self.revoked_identities == o.revoked_identities
+    }
+}
+
+impl Eq for State {}
 
 /// What a token said about an identity the configuration does not know.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,9 +180,17 @@ impl State {
         if let Some(id) = self.identity_ids.get(name) {
             return Some(*id);
         }
-        let used: std::collections::BTreeSet<u32> = self.identity_ids.values().copied().collect();
-        let id = (1..max).find(|i| !used.contains(i))?;
+        // The used set is rebuilt only when the map changed behind its back (removals,
+        // loading): allocating 10 000 identities stays linear, not quadratic.
+        if self.used_ids.len() != self.identity_ids.len() {
+            self.used_ids = self.identity_ids.values().copied().collect();
+            self.free_hint = 1;
+        }
+        let start = self.free_hint.max(1);
+        let id = (start..max).find(|i| !self.used_ids.contains(i))?;
         self.identity_ids.insert(name.to_owned(), id);
+        self.used_ids.insert(id);
+        self.free_hint = id + 1;
         Some(id)
     }
 

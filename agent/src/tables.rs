@@ -455,6 +455,21 @@ impl Tables {
         Ok(out)
     }
 
+    /// Entries per binding map (exact v4, exact v6, CIDR v4, CIDR v6), keys only.
+    pub fn binding_counts(&self) -> [usize; 4] {
+        [
+            self.bind_v4.keys().count(),
+            self.bind_v6.keys().count(),
+            self.cidr_v4.keys().count(),
+            self.cidr_v6.keys().count(),
+        ]
+    }
+
+    /// Anonymous prefixes tracked (IPv4 /24s; IPv6 /64s, /56s and /48s).
+    pub fn anon_counts(&self) -> [usize; 2] {
+        [self.anon_v4.keys().count(), self.anon_v6.keys().count()]
+    }
+
     /// The binding that covers `addr` (exact first, then longest prefix), as the kernel
     /// would find it, expired or not.
     pub fn lookup_binding(&self, addr: IpAddr) -> Result<Option<(u8, Binding)>> {

@@ -161,7 +161,7 @@ impl BindFailure {
 /// (class, plan, roles) of a token's identity: the configuration's if it names the identity,
 /// else the claims' (with the configured defaults).
 fn placement(config: &Config, cfg: &Tokens, c: &Claims) -> Result<Option<TokenIdentity>, String> {
-    if config.identities.iter().any(|i| i.name == c.identity) {
+    if config.identity(&c.identity).is_some() {
         return Ok(None);
     }
     let class = match (&c.class, cfg.default_class) {

@@ -35,6 +35,12 @@ pub fn run() -> anyhow::Result<()> {
             "HTTPS bind request to first admitted packet, real agent and traffic",
         ),
         (
+            "tollgate-tests",
+            None,
+            "bench_scrape",
+            "one /metrics scrape with 10 000 identities",
+        ),
+        (
             "tollgate-common",
             Some("token"),
             "token_verify",

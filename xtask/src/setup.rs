@@ -8,8 +8,18 @@ use crate::cmd::{self, BPF_LINKER_VERSION, EBPF_RUSTC_VERSION, EBPF_TOOLCHAIN};
 
 /// Debian packages the tests use: `ip` and network namespaces (iproute2), `nsenter`
 /// (util-linux), `ping` for reachability checks (iputils-ping), a C++ compiler for the
-/// libFuzzer runtime that the token fuzz target links (g++).
-pub const DEBIAN_PACKAGES: &[&str] = &["iproute2", "util-linux", "iputils-ping", "g++"];
+/// libFuzzer runtime that the token fuzz target links (g++), curl, and Prometheus with
+/// promtool.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "util-linux",
+    "iputils-ping",
+    "g++",
+    // curl binds with tokens over HTTPS from a client namespace (tests/tokens_e2e.rs).
+    "curl",
+    // A real Prometheus server and promtool for the metrics tests.
+    "prometheus",
+];
 
 /// cargo-fuzz, for the token verifier's fuzz smoke run (`common/fuzz`). Installed with the
 /// machine's stable toolchain; the fuzz build itself uses the eBPF nightly.
@@ -93,12 +103,25 @@ fn debian_packages() -> anyhow::Result<Step> {
         );
     }
     cmd::run(cmd::command("apt-get").args(["update", "-q"]))?;
-    cmd::run(
+    // Packages like prometheus start a service from their postinst; the tests run their own
+    // instances, so a policy-rc.d keeps the packaged ones from starting (only if the machine
+    // has none of its own, and removed again afterwards).
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let own_policy =
+        !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok() && {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755)).is_ok()
+        };
+    let installed = cmd::run(
         cmd::command("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    );
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed?;
     Ok(Step::Installed)
 }
 

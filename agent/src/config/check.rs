@@ -15,7 +15,7 @@ use tollgate_common::policy::{
 
 use super::{
     Anomaly, AnomalyMode, Anonymous, Config, ConfigError, Controller, DropEvents, Endpoint,
-    GpuSourceKind, Listen, Node, Plan, StaticIdentity, Tokens,
+    GpuSourceKind, Listen, Metrics, Node, Plan, StaticIdentity, Tokens,
     raw::{
         List, PortItem, RawAnomaly, RawAnonymous, RawConfig, RawController, RawDropEvents,
         RawEndpoint, RawIdentity, RawListen, RawNode, RawPlan, RawTokens, S,
@@ -120,7 +120,20 @@ impl<'a> Checker<'a> {
         let plans = self.plans(raw.plans)?;
         let endpoints = self.endpoints(raw.endpoints)?;
         let identities = self.identities(raw.identities, &plans)?;
+        let identity_index = identities
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.name.clone(), i))
+            .collect();
         let anomaly = self.anomaly(raw.anomaly)?;
+        let metrics = Metrics {
+            top_k: self.int(
+                &raw.metrics.unwrap_or_default().top_k,
+                "metrics.top_k",
+                10,
+                0..=1000,
+            )? as usize,
+        };
         let tokens = match raw.tokens {
             Some(t) => Some(self.tokens(t, &plans)?),
             None => None,
@@ -138,6 +151,8 @@ impl<'a> Checker<'a> {
             roles: self.roles,
             tokens,
             anomaly,
+            metrics,
+            identity_index,
         })
     }
 

@@ -48,6 +48,17 @@ pub struct Config {
     /// Token binding (the HTTPS bind listener and `tollgate bind --token`); `None`: off.
     pub tokens: Option<Tokens>,
     pub anomaly: Anomaly,
+    pub metrics: Metrics,
+    /// Identity name -> index in `identities`: lookups by name stay cheap with thousands
+    /// of identities (the controller and /metrics look every one up on every pass).
+    pub identity_index: std::collections::HashMap<String, usize>,
+}
+
+/// What `/metrics` exposes beyond the fixed families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metrics {
+    /// Identities in the top-K families (the only ones labelled by identity).
+    pub top_k: usize,
 }
 
 /// The class named by a label (`internal`, `partner`, `customer`); `anonymous` is not a
@@ -257,6 +268,13 @@ impl Config {
     }
 
     /// Index of plan `name` in [`Config::plans`]: the plan number kept in identity records.
+    /// The configured identity named `name`.
+    pub fn identity(&self, name: &str) -> Option<&StaticIdentity> {
+        self.identity_index
+            .get(name)
+            .and_then(|i| self.identities.get(*i))
+    }
+
     pub fn plan_index(&self, name: &str) -> Option<u16> {
         let i = self.plans.iter().position(|p| p.name == name)?;
         u16::try_from(i).ok()

@@ -24,6 +24,13 @@ pub(super) struct RawConfig {
     pub identities: Option<List<RawIdentity>>,
     pub tokens: Option<S<RawTokens>>,
     pub anomaly: Option<RawAnomaly>,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    pub top_k: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]

@@ -41,6 +41,13 @@ pub struct ControlLoop {
     pub trackers: BTreeMap<String, Tracker>,
     /// Identities the controller itself throttled or quarantined (never an operator's).
     acting: BTreeMap<String, Step>,
+    /// Anomaly decisions by (step, mode), for metrics.
+    pub actions: BTreeMap<(String, &'static str), u64>,
+    /// Loops run, and how long the last one took (seconds).
+    pub loops: u64,
+    pub last_loop_s: f64,
+    /// Which endpoints and plans are held back, and by how much (Q8 multiplier).
+    pub hold_back_q8: BTreeMap<(u32, u16), u16>,
 }
 
 fn open_source(config: &Config) -> Result<Box<dyn GpuSource>, String> {
@@ -90,7 +97,7 @@ pub fn plan_of<'a>(config: &'a Config, state: &'a State, name: &str) -> Option<&
 
 /// (plan name, class label) of an identity, from the configuration or its tokens.
 fn placement<'a>(config: &'a Config, state: &'a State, name: &str) -> Option<(&'a str, &'a str)> {
-    if let Some(i) = config.identities.iter().find(|i| i.name == name) {
+    if let Some(i) = config.identity(name) {
         return Some((i.plan.as_str(), i.class.label()));
     }
     state
@@ -126,6 +133,10 @@ impl ControlLoop {
             window_start_ms: now_unix_ms(),
             trackers: BTreeMap::new(),
             acting: BTreeMap::new(),
+            actions: BTreeMap::new(),
+            loops: 0,
+            last_loop_s: 0.0,
+            hold_back_q8: BTreeMap::new(),
         })
     }
 
@@ -147,8 +158,12 @@ impl ControlLoop {
 
     /// One tick.
     pub fn tick(&mut self, config: &Config, state: &mut State, tables: &mut Tables, audit: &Audit) {
+        let t = std::time::Instant::now();
         self.gpu(config, tables, audit);
         self.counters(config, state, tables, audit);
+        self.hold_back_q8.clone_from(&self.hold_back);
+        self.loops += 1;
+        self.last_loop_s = t.elapsed().as_secs_f64();
     }
 
     fn gpu(&mut self, config: &Config, tables: &mut Tables, audit: &Audit) {
@@ -371,6 +386,13 @@ impl ControlLoop {
                 tracker.observe(sample, now_s, &cfg)
             };
             let Some(decision) = decided else { continue };
+            *self
+                .actions
+                .entry((
+                    decision.step.to_string(),
+                    if decision.shadow { "shadow" } else { "enforce" },
+                ))
+                .or_default() += 1;
             let _ = audit.record(
                 &Actor::AGENT,
                 "anomaly",
@@ -427,6 +449,16 @@ impl ControlLoop {
             }
             None => self.exhausted.clear(),
         }
+    }
+
+    /// Identities whose quota flag the controller has set.
+    pub fn exhausted(&self) -> &BTreeSet<String> {
+        &self.exhausted
+    }
+
+    /// Whether endpoint `id` is saturated now.
+    pub fn is_saturated(&self, id: u32) -> bool {
+        self.saturation.get(&id).is_some_and(|s| s.saturated())
     }
 
     /// Saturated endpoints by name, for `status`.

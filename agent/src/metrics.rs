@@ -1,0 +1,617 @@
+//! `/metrics`: the kernel's counters and the agent's state in the Prometheus (OpenMetrics)
+//! text format, built fresh on every scrape with prometheus-client. Label sets are bounded:
+//! reasons, endpoints, classes, plans, GPUs, windows; identities appear only in the top-K
+//! families, and never an address or a token.
+
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    net::SocketAddr,
+    rc::Rc,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+use tollgate_common::{
+    Verdict,
+    policy::{MAX_ANON_PREFIXES, MAX_CIDR_BINDINGS, MAX_EXACT_BINDINGS, MAX_IDENTITIES, Q8_ONE},
+};
+use tracing::warn;
+
+use crate::daemon::Daemon;
+
+type Labels = Vec<(String, String)>;
+
+fn l(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn verdict(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Pass => "pass",
+        _ => "drop",
+    }
+}
+
+/// Counter families keyed by labels, filled with totals (fresh registry per scrape).
+struct Counters(Family<Labels, Counter<u64, AtomicU64>>);
+
+impl Counters {
+    fn new() -> Self {
+        Counters(Family::default())
+    }
+    fn add(&self, labels: Labels, v: u64) {
+        self.0.get_or_create(&labels).inc_by(v);
+    }
+}
+
+struct Gauges(Family<Labels, Gauge<f64, AtomicU64>>);
+
+impl Gauges {
+    fn new() -> Self {
+        Gauges(Family::default())
+    }
+    fn set(&self, labels: Labels, v: f64) {
+        self.0.get_or_create(&labels).set(v);
+    }
+}
+
+fn gauge(v: f64) -> Gauge<f64, AtomicU64> {
+    let g = Gauge::<f64, AtomicU64>::default();
+    g.set(v);
+    g
+}
+
+fn counter(v: u64) -> Counter<u64, AtomicU64> {
+    let c = Counter::<u64, AtomicU64>::default();
+    c.inc_by(v);
+    c
+}
+
+/// Drop events read from the kernel and logged, for the two drop-event counters.
+#[derive(Default)]
+pub struct DropEventStats {
+    pub read: AtomicU64,
+    pub suppressed: AtomicU64,
+}
+
+/// The whole exposition.
+pub fn render(d: &Daemon) -> Result<String, String> {
+    let config = &d.config;
+    let tables = &d.pinned.tables;
+    let mut reg = Registry::default();
+
+    // Kernel verdict counters by (verdict, reason, endpoint).
+    let per = crate::counters::reason_endpoint_totals(tables.reason_counters())
+        .map_err(|e| e.to_string())?;
+    let packets = Counters::new();
+    let bytes = Counters::new();
+    let ep_name = |id: u32| {
+        id.checked_sub(1)
+            .and_then(|i| config.endpoints.get(i as usize))
+            .map_or_else(|| "none".to_owned(), |e| e.name.clone())
+    };
+    for (r, ep, c) in &per {
+        let labels = l(&[
+            ("verdict", verdict(r.verdict())),
+            ("reason", r.label()),
+            ("endpoint", &ep_name(*ep)),
+        ]);
+        packets.add(labels.clone(), c.packets);
+        bytes.add(labels, c.bytes);
+    }
+    reg.register(
+        "tollgate_packets",
+        "Packets by verdict, reason and endpoint (endpoint none: not protected)",
+        packets.0,
+    );
+    reg.register(
+        "tollgate_bytes",
+        "Bytes (whole frames) by verdict, reason and endpoint",
+        bytes.0,
+    );
+
+    // Per identity: class and plan totals, and the top K.
+    let mut rows: Vec<(
+        String,
+        &'static str,
+        String,
+        tollgate_common::policy::IdentityCounters,
+    )> = Vec::new();
+    if let Ok(c) = tables.identity_counters(0) {
+        rows.push(("anonymous".into(), "anonymous", String::new(), c));
+    }
+    for (name, id) in &d.state.identity_ids {
+        let Ok(c) = tables.identity_counters(*id) else {
+            continue;
+        };
+        let (plan, class) = match config.identity(name) {
+            Some(i) => (i.plan.clone(), i.class.label()),
+            None => match d.state.token_identities.get(name) {
+                Some(t) => (
+                    t.plan.clone(),
+                    crate::config::class_from_label(&t.class).map_or("customer", |c| c.label()),
+                ),
+                None => continue,
+            },
+        };
+        rows.push((name.clone(), class, plan, c));
+    }
+    let class_p = Counters::new();
+    let class_b = Counters::new();
+    let plan_p = Counters::new();
+    let plan_b = Counters::new();
+    let plan_cost = Counters::new();
+    for (_, class, plan, c) in &rows {
+        class_p.add(
+            l(&[("class", class), ("verdict", "pass")]),
+            c.passed.packets,
+        );
+        class_p.add(
+            l(&[("class", class), ("verdict", "drop")]),
+            c.dropped.packets,
+        );
+        class_b.add(l(&[("class", class), ("verdict", "pass")]), c.passed.bytes);
+        class_b.add(l(&[("class", class), ("verdict", "drop")]), c.dropped.bytes);
+        if !plan.is_empty() {
+            plan_p.add(l(&[("plan", plan), ("verdict", "pass")]), c.passed.packets);
+            plan_p.add(l(&[("plan", plan), ("verdict", "drop")]), c.dropped.packets);
+            plan_b.add(l(&[("plan", plan), ("verdict", "pass")]), c.passed.bytes);
+            plan_b.add(l(&[("plan", plan), ("verdict", "drop")]), c.dropped.bytes);
+            plan_cost.add(l(&[("plan", plan)]), c.cost);
+        }
+    }
+    reg.register(
+        "tollgate_class_packets",
+        "Packets to protected endpoints by identity class and verdict",
+        class_p.0,
+    );
+    reg.register(
+        "tollgate_class_bytes",
+        "Bytes to protected endpoints by identity class and verdict",
+        class_b.0,
+    );
+    reg.register(
+        "tollgate_plan_packets",
+        "Packets by plan and verdict",
+        plan_p.0,
+    );
+    reg.register("tollgate_plan_bytes", "Bytes by plan and verdict", plan_b.0);
+    reg.register(
+        "tollgate_plan_cost_units",
+        "Cost units charged (bytes x weight x multipliers) by plan",
+        plan_cost.0,
+    );
+    let mut named: Vec<_> = rows
+        .iter()
+        .filter(|(n, _, p, _)| !p.is_empty() && n != "anonymous")
+        .collect();
+    named.sort_by_key(|(_, _, _, c)| std::cmp::Reverse(c.passed.packets + c.dropped.packets));
+    let top_p = Counters::new();
+    let top_b = Counters::new();
+    for (name, _, _, c) in named.iter().take(config.metrics.top_k) {
+        top_p.add(
+            l(&[("identity", name), ("verdict", "pass")]),
+            c.passed.packets,
+        );
+        top_p.add(
+            l(&[("identity", name), ("verdict", "drop")]),
+            c.dropped.packets,
+        );
+        top_b.add(
+            l(&[("identity", name), ("verdict", "pass")]),
+            c.passed.bytes,
+        );
+        top_b.add(
+            l(&[("identity", name), ("verdict", "drop")]),
+            c.dropped.bytes,
+        );
+    }
+    reg.register(
+        "tollgate_top_identity_packets",
+        "Packets of the top-K identities by traffic (K = metrics.top_k)",
+        top_p.0,
+    );
+    reg.register(
+        "tollgate_top_identity_bytes",
+        "Bytes of the top-K identities by traffic",
+        top_b.0,
+    );
+
+    // Occupancy.
+    let counts = tables.binding_counts();
+    let bindings = Gauges::new();
+    let capacity = Gauges::new();
+    for (i, map) in ["exact_v4", "exact_v6", "cidr_v4", "cidr_v6"]
+        .iter()
+        .enumerate()
+    {
+        bindings.set(l(&[("map", map)]), counts[i] as f64);
+        let cap = if i < 2 {
+            MAX_EXACT_BINDINGS
+        } else {
+            MAX_CIDR_BINDINGS
+        };
+        capacity.set(l(&[("map", map)]), f64::from(cap));
+    }
+    reg.register(
+        "tollgate_bindings",
+        "Bindings in the kernel by map",
+        bindings.0,
+    );
+    reg.register(
+        "tollgate_bindings_capacity",
+        "Capacity of each binding map (a full map refuses, never evicts)",
+        capacity.0,
+    );
+    reg.register(
+        "tollgate_identities",
+        "Identity slots in use",
+        gauge(d.state.identity_ids.len() as f64),
+    );
+    reg.register(
+        "tollgate_identities_capacity",
+        "Identity slots",
+        gauge(f64::from(MAX_IDENTITIES - 1)),
+    );
+    let anon = tables.anon_counts();
+    let anon_g = Gauges::new();
+    let anon_cap = Gauges::new();
+    for (i, fam) in ["ipv4", "ipv6"].iter().enumerate() {
+        anon_g.set(l(&[("family", fam)]), anon[i] as f64);
+        anon_cap.set(l(&[("family", fam)]), f64::from(MAX_ANON_PREFIXES));
+    }
+    reg.register(
+        "tollgate_anonymous_prefixes",
+        "Anonymous prefixes tracked (LRU: a flood ages out others, never bindings)",
+        anon_g.0,
+    );
+    reg.register(
+        "tollgate_anonymous_prefixes_capacity",
+        "Capacity of the anonymous prefix tables",
+        anon_cap.0,
+    );
+    reg.register(
+        "tollgate_quarantined_identities",
+        "Identities quarantined (operator or anomaly ladder)",
+        gauge(d.state.quarantines.len() as f64),
+    );
+
+    // Tokens.
+    let verifications = Counters::new();
+    let mut thefts = 0;
+    if let Some(t) = &d.tokens {
+        for (label, n) in &t.results {
+            verifications.add(l(&[("result", label)]), *n);
+        }
+        thefts = t.thefts;
+    }
+    reg.register(
+        "tollgate_token_verifications",
+        "Token verifications by result (ok or the refusal label)",
+        verifications.0,
+    );
+    reg.register(
+        "tollgate_token_thefts",
+        "Tokens presented from a second address while bound (probable theft)",
+        counter(thefts),
+    );
+
+    // Controller.
+    let c = &d.control;
+    reg.register(
+        "tollgate_controller_loops",
+        "Controller loops run",
+        counter(c.loops),
+    );
+    reg.register(
+        "tollgate_controller_loop_duration_seconds",
+        "Duration of the last controller loop",
+        gauge(c.last_loop_s),
+    );
+    reg.register(
+        "tollgate_gpu_up",
+        "1 while GPU readings arrive, 0 when there is no GPU source or it fails",
+        gauge(if c.gpu_error.is_none() && !c.readings.is_empty() {
+            1.0
+        } else {
+            0.0
+        }),
+    );
+    let util = Gauges::new();
+    let mem_used = Gauges::new();
+    let mem_total = Gauges::new();
+    let power = Gauges::new();
+    for r in &c.readings {
+        let gpu = r.index.to_string();
+        util.set(l(&[("gpu", &gpu)]), r.utilization);
+        mem_used.set(l(&[("gpu", &gpu)]), r.memory_used_bytes as f64);
+        mem_total.set(l(&[("gpu", &gpu)]), r.memory_total_bytes as f64);
+        if let Some(w) = r.power_watts {
+            power.set(l(&[("gpu", &gpu)]), w);
+        }
+    }
+    reg.register(
+        "tollgate_gpu_utilization_ratio",
+        "GPU utilisation, 0 to 1",
+        util.0,
+    );
+    reg.register(
+        "tollgate_gpu_memory_used_bytes",
+        "GPU memory in use",
+        mem_used.0,
+    );
+    reg.register("tollgate_gpu_memory_total_bytes", "GPU memory", mem_total.0);
+    reg.register("tollgate_gpu_power_watts", "GPU power draw", power.0);
+    let saturated = Gauges::new();
+    let share = Gauges::new();
+    for (i, ep) in config.endpoints.iter().enumerate() {
+        let id = i as u32 + 1;
+        saturated.set(
+            l(&[("endpoint", &ep.name)]),
+            if c.is_saturated(id) { 1.0 } else { 0.0 },
+        );
+        for (p, plan) in config.plans.iter().enumerate() {
+            let q8 = c
+                .hold_back_q8
+                .get(&(id, p as u16))
+                .copied()
+                .unwrap_or(Q8_ONE);
+            share.set(
+                l(&[("endpoint", &ep.name), ("plan", &plan.name)]),
+                f64::from(Q8_ONE) / f64::from(q8.max(1)),
+            );
+        }
+    }
+    reg.register(
+        "tollgate_endpoint_saturated",
+        "1 while an endpoint's GPUs are saturated",
+        saturated.0,
+    );
+    reg.register(
+        "tollgate_hold_back_share",
+        "Share of its budget a plan keeps on an endpoint (1: not held back)",
+        share.0,
+    );
+    reg.register(
+        "tollgate_pressure_multiplier",
+        "The static cost multiplier (controller.pressure)",
+        gauge(config.controller.pressure),
+    );
+    let spent_b = Gauges::new();
+    let spent_c = Gauges::new();
+    let exhausted = Gauges::new();
+    let mut per_plan: BTreeMap<(String, &'static str), (u64, u64)> = BTreeMap::new();
+    for (name, spent) in &c.quotas.spent {
+        let Some(plan) = crate::controller::control_loop::plan_of(config, &d.state, name) else {
+            continue;
+        };
+        for w in crate::controller::quota::Window::ALL {
+            let (b, cost) = spent.get(w);
+            let e = per_plan.entry((plan.to_owned(), w.as_str())).or_default();
+            e.0 += b;
+            e.1 += cost;
+        }
+    }
+    for ((plan, window), (b, cost)) in &per_plan {
+        spent_b.set(l(&[("plan", plan), ("window", window)]), *b as f64);
+        spent_c.set(l(&[("plan", plan), ("window", window)]), *cost as f64);
+    }
+    let mut ex: BTreeMap<String, f64> =
+        config.plans.iter().map(|p| (p.name.clone(), 0.0)).collect();
+    for name in c.exhausted() {
+        if let Some(plan) = crate::controller::control_loop::plan_of(config, &d.state, name) {
+            *ex.entry(plan.to_owned()).or_default() += 1.0;
+        }
+    }
+    for (plan, n) in ex {
+        exhausted.set(l(&[("plan", &plan)]), n);
+    }
+    reg.register(
+        "tollgate_quota_spent_bytes",
+        "Bytes spent in the current window, summed over a plan's identities",
+        spent_b.0,
+    );
+    reg.register(
+        "tollgate_quota_spent_cost_units",
+        "Cost units spent in the current window, summed over a plan's identities",
+        spent_c.0,
+    );
+    reg.register(
+        "tollgate_quota_exhausted_identities",
+        "Identities whose quota is spent, by plan",
+        exhausted.0,
+    );
+    let actions = Counters::new();
+    for ((step, mode), n) in &c.actions {
+        actions.add(l(&[("step", step), ("mode", mode)]), *n);
+    }
+    reg.register(
+        "tollgate_anomaly_actions",
+        "Anomaly ladder decisions by step and mode",
+        actions.0,
+    );
+    reg.register(
+        "tollgate_drop_events",
+        "Sampled drop events read from the kernel",
+        counter(d.drop_stats.read.load(Ordering::Relaxed)),
+    );
+    reg.register(
+        "tollgate_drop_events_suppressed",
+        "Drop events not logged because of the log rate limit",
+        counter(d.drop_stats.suppressed.load(Ordering::Relaxed)),
+    );
+    let info = Gauges::new();
+    info.set(l(&[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    reg.register(
+        "tollgate_build_info",
+        "The agent's version (always 1)",
+        info.0,
+    );
+
+    let mut out = String::new();
+    encode(&mut out, &reg).map_err(|e| e.to_string())?;
+    Ok(to_text_format(&out))
+}
+
+/// OpenMetrics text as the Prometheus text format (0.0.4), which every Prometheus and
+/// promtool read: a counter's HELP and TYPE name its `_total` series, and the OpenMetrics-only
+/// `# UNIT` and `# EOF` lines go.
+pub fn to_text_format(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match rewritten {
+            Some(r) => out.push_str(&r),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Serves `GET /metrics` until the daemon stops.
+pub async fn serve(daemon: Rc<RefCell<Daemon>>, tcp: TcpListener) {
+    loop {
+        let (stream, _) = match tcp.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("metrics listener: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let d = Rc::clone(&daemon);
+        tokio::task::spawn_local(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle(&d, stream)).await;
+        });
+    }
+}
+
+async fn handle(daemon: &RefCell<Daemon>, mut stream: TcpStream) {
+    let mut buf = Vec::with_capacity(512);
+    let (status, ctype, body) = loop {
+        let mut chunk = [0u8; 1024];
+        let n = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 8192 {
+            break (431, "text/plain", "request head too large\n".to_owned());
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Partial) => continue,
+            Err(_) => break (400, "text/plain", "malformed request\n".to_owned()),
+            Ok(httparse::Status::Complete(_)) => {
+                if req.method != Some("GET") {
+                    break (405, "text/plain", "GET only\n".to_owned());
+                }
+                if req.path != Some("/metrics") {
+                    break (404, "text/plain", "see /metrics\n".to_owned());
+                }
+                match render(&daemon.borrow()) {
+                    Ok(text) => break (200, "text/plain; version=0.0.4; charset=utf-8", text),
+                    Err(e) => break (500, "text/plain", format!("{e}\n")),
+                }
+            }
+        }
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        if status == 200 { "OK" } else { "Error" },
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Reads the kernel's sampled drop events and logs them (target `drop`), at most
+/// `per_second` lines a second; the rest are counted as suppressed.
+pub fn drain_drop_events(d: &mut Daemon, budget: &mut (u64, u32), per_second: u32) {
+    let Some(rb) = d.pinned.drop_events.as_mut() else {
+        return;
+    };
+    let now_s = crate::state::now_unix_ms() / 1000;
+    if budget.0 != now_s {
+        *budget = (now_s, 0);
+    }
+    // Bounded per call so a flood cannot keep the loop here.
+    for _ in 0..4096 {
+        let Some(item) = rb.next() else { break };
+        if item.len() != std::mem::size_of::<tollgate_common::policy::DropEvent>() {
+            continue;
+        }
+        // SAFETY: the size matches and DropEvent is plain old data written by the program.
+        let e: tollgate_common::policy::DropEvent =
+            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        drop(item);
+        d.drop_stats.read.fetch_add(1, Ordering::Relaxed);
+        if budget.1 >= per_second {
+            d.drop_stats.suppressed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        budget.1 += 1;
+        let reason = tollgate_common::Reason::from_index(e.reason).map_or("unknown", |r| r.label());
+        let src = if e.family == 6 {
+            std::net::IpAddr::from(e.src).to_string()
+        } else {
+            std::net::IpAddr::from([e.src[0], e.src[1], e.src[2], e.src[3]]).to_string()
+        };
+        let endpoint = e
+            .endpoint
+            .checked_sub(1)
+            .and_then(|i| d.config.endpoints.get(i as usize))
+            .map_or("none", |ep| ep.name.as_str());
+        tracing::info!(target: "drop", reason, src, endpoint, proto = e.proto, dport = e.dport, bytes = e.bytes, identity = e.identity, "dropped");
+    }
+}
+
+/// Binds the metrics listener (`listen.metrics`).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_total_names_and_openmetrics_lines_go() {
+        let om = "# HELP a_packets Packets.\n# TYPE a_packets counter\na_packets_total{x=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\n# UNIT g bytes\ng 1.0\n# EOF\n";
+        let text = to_text_format(om);
+        assert_eq!(
+            text,
+            "# HELP a_packets_total Packets.\n# TYPE a_packets_total counter\na_packets_total{x=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1.0\n"
+        );
+    }
+}
