@@ -435,6 +435,12 @@ pub fn render(d: &Daemon) -> Result<String, String> {
         exhausted.0,
     );
     let actions = Counters::new();
+    // Every (step, mode) from the start, at 0: increase() then sees the first action too.
+    for step in ["throttle", "quarantine", "release", "observe"] {
+        for mode in ["shadow", "enforce"] {
+            actions.add(l(&[("step", step), ("mode", mode)]), 0);
+        }
+    }
     for ((step, mode), n) in &c.actions {
         actions.add(l(&[("step", step), ("mode", mode)]), *n);
     }
