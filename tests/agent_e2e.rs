@@ -723,3 +723,43 @@ fn completions_and_man_page_come_from_the_cli_definitions() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn top_once_reports_rates_from_the_running_agent() {
+    let w = World::new();
+    let _agent = w.start();
+    let lab = &w.lab;
+    let acme = host4(lab, 11);
+    let frames: Vec<Vec<u8>> = (0..50)
+        .map(|_| frame(acme, w.dst(acme), 8000, "tcp"))
+        .collect();
+    // Traffic during the snapshot's interval, from another thread.
+    let sender = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            for _ in 0..10 {
+                send_frames(&lab.client, &lab.client_if, &frames);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let out = w
+            .dirs
+            .cli_ok(&["top", "--once", "--interval", "0.5", "--output", "json"]);
+        let _ = h.join();
+        out
+    });
+    let v: serde_json::Value = serde_json::from_str(&sender).expect("top json");
+    assert!(v["interval_s"].as_f64().is_some_and(|s| s > 0.4), "{v}");
+    let ids = v["identities"].as_array().expect("identities");
+    let acme_row = ids
+        .iter()
+        .find(|r| r["name"] == "acme")
+        .expect("acme in top");
+    assert!(
+        acme_row["pass_per_s"].as_f64().is_some_and(|r| r > 0.0),
+        "{acme_row}"
+    );
+    assert_eq!(ids[0]["name"], "acme", "sorted by rate: {v}");
+    // Without a terminal and without --once it refuses clearly.
+    let out = w.dirs.cli(&["top"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

@@ -113,6 +113,19 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// A live view of identities, endpoints, drops and GPU pressure (q quits, s sorts);
+    /// `--once` prints one snapshot (with `--output json` for scripts).
+    Top {
+        /// Seconds between polls (rates are measured over the real time between them).
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one snapshot (two polls `interval` apart) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Identities shown at most (0: all).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// Quota spent per identity and plan window (minute, day, month).
     Quota {
         #[command(subcommand)]
@@ -504,6 +517,25 @@ fn main() -> ExitCode {
                 cli::print::done,
             ),
         },
+        Command::Top {
+            interval,
+            once,
+            limit,
+        } => {
+            if !(interval.is_finite() && interval > 0.0) {
+                eprintln!("tollgate: --interval must be a positive number of seconds");
+                return ExitCode::from(2);
+            }
+            cli::top::run(
+                &socket,
+                &cli::top::TopArgs {
+                    interval: std::time::Duration::from_secs_f64(interval),
+                    once,
+                    json: matches!(output.output, Output::Json),
+                    limit,
+                },
+            )
+        }
         Command::Quota { action } => match action {
             QuotaAction::Show { identity } => cli::call(
                 &socket,

@@ -4,6 +4,7 @@
 pub mod args;
 pub mod print;
 pub mod token;
+pub mod top;
 
 use std::{path::Path, process::ExitCode, time::Duration};
 
