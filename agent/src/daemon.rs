@@ -66,6 +66,8 @@ pub enum DaemonError {
     Keys(#[from] crate::token_bind::KeysError),
     #[error("{0}")]
     Listener(#[from] crate::bind_listener::ListenerError),
+    #[error("{0}")]
+    Capabilities(String),
     #[error("{what}: {message}")]
     Io { what: String, message: String },
 }
@@ -123,6 +125,9 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(opts: Options) -> Result<Daemon, DaemonError> {
         let config = load_config(&opts)?;
+        if let Some(why) = crate::caps::refusal(crate::caps::effective()) {
+            return Err(DaemonError::Capabilities(why));
+        }
         // Keys before anything is touched: a broken JWKS is a configuration error.
         let tokens = match &config.tokens {
             Some(t) => Some(TokenService::new(t)?),

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod bind_listener;
+pub mod caps;
 pub mod config;
 pub mod control;
 pub mod controller;

@@ -19,6 +19,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     // A real Prometheus server and promtool for the metrics tests.
     "prometheus",
+    // systemd-analyze verifies the service unit (tests/systemd_unit.rs).
+    "systemd",
 ];
 
 /// cargo-fuzz, for the token verifier's fuzz smoke run (`common/fuzz`). Installed with the
