@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod deb;
 mod preflight;
 mod setup;
 mod test;
@@ -33,6 +34,13 @@ enum Command {
     /// no-op program in the same run, verifier instruction counts) and write the tables to
     /// target/bench/xdp.md. Needs root. See BENCHMARKS.md for the method.
     Bench,
+    /// Build the Debian package (target/debian/tollgate_*.deb) with cargo-deb.
+    Deb {
+        /// Then install it here, run `tollgate --version` and `config check` from it, purge it
+        /// and fail if anything is left behind (needs root; part of `cargo xtask test`).
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +49,10 @@ fn main() -> std::process::ExitCode {
         Command::Setup => setup::run().map(|_| ()),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::Bench => bench::run(),
+        Command::Deb { check } => deb::build().and_then(|p| {
+            println!("{}", p.display());
+            if check { deb::check(&p) } else { Ok(()) }
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -27,6 +27,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
 /// machine's stable toolchain; the fuzz build itself uses the eBPF nightly.
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
+/// cargo-deb, for the Debian package (`cargo xtask deb`), built with the stable toolchain.
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
+
 /// Components of the eBPF toolchain: the core sources for `-Z build-std=core`, and clippy for
 /// linting the eBPF crate.
 const COMPONENTS: &[&str] = &["rust-src", "clippy"];
@@ -48,6 +51,7 @@ pub fn run() -> anyhow::Result<bool> {
         ("eBPF toolchain", ebpf_toolchain),
         ("bpf-linker", bpf_linker),
         ("cargo-fuzz", cargo_fuzz),
+        ("cargo-deb", cargo_deb),
     ];
     let mut changed = false;
     for (name, step) in steps {
@@ -77,6 +81,7 @@ pub fn is_complete() -> bool {
         && missing_components().is_empty()
         && bpf_linker_ok()
         && cargo_fuzz_ok()
+        && cargo_deb_ok()
 }
 
 fn missing_debian_packages() -> Vec<&'static str> {
@@ -301,6 +306,28 @@ fn cargo_fuzz() -> anyhow::Result<Step> {
         bail!(
             "cargo-fuzz installed but `cargo-fuzz --version` does not print {CARGO_FUZZ_VERSION}"
         );
+    }
+    Ok(Step::Installed)
+}
+
+fn cargo_deb_ok() -> bool {
+    let bin = cmd::cargo_home().join("bin/cargo-deb");
+    cmd::output(cmd::command(&bin).arg("--version"))
+        .is_some_and(|v| v.trim().ends_with(CARGO_DEB_VERSION))
+}
+
+fn cargo_deb() -> anyhow::Result<Step> {
+    if cargo_deb_ok() {
+        return Ok(Step::Present);
+    }
+    cmd::run(cmd::command("cargo").args([
+        "install",
+        &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+        "--locked",
+        "--force",
+    ]))?;
+    if !cargo_deb_ok() {
+        bail!("cargo-deb installed but `cargo-deb --version` does not end in {CARGO_DEB_VERSION}");
     }
     Ok(Step::Installed)
 }

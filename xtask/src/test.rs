@@ -64,6 +64,9 @@ pub fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
     )?;
 
     fuzz_smoke(&root)?;
+    eprintln!("[test] the Debian package: install, --version, config check, purge");
+    let deb = crate::deb::build()?;
+    crate::deb::check(&deb)?;
     eprintln!("[test] all passed");
     Ok(())
 }
