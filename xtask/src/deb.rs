@@ -11,6 +11,29 @@ use crate::cmd;
 /// Builds the release binary, the generated assets (completions, man page) and the package;
 /// returns the .deb's path.
 pub fn build() -> anyhow::Result<PathBuf> {
+    build_assets()?;
+    cmd::run(cmd::command("cargo").args([
+        "deb",
+        "--package",
+        "tollgate",
+        "--no-build",
+        "--no-strip",
+    ]))?;
+    let root = cmd::workspace_root();
+    let dir = root.join("target/debian");
+    let deb = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .context("cargo deb produced no .deb")?;
+    eprintln!("[deb] {}", deb.display());
+    Ok(deb)
+}
+
+/// The release binary and what is generated from it: completions and the man page.
+pub fn build_assets() -> anyhow::Result<()> {
     let root = cmd::workspace_root();
     cmd::run(cmd::command("cargo").args(["build", "--release", "--package", "tollgate"]))?;
     let bin = root.join("target/release/tollgate");
@@ -30,27 +53,11 @@ pub fn build() -> anyhow::Result<PathBuf> {
         }
         std::fs::write(assets.join(file), out.stdout).context("writing an asset")?;
     }
-    cmd::run(cmd::command("cargo").args([
-        "deb",
-        "--package",
-        "tollgate",
-        "--no-build",
-        "--no-strip",
-    ]))?;
-    let dir = root.join("target/debian");
-    let deb = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .context("cargo deb produced no .deb")?;
-    eprintln!("[deb] {}", deb.display());
-    Ok(deb)
+    Ok(())
 }
 
 /// Everything under the paths a package may touch, to compare before and after.
-fn snapshot() -> BTreeSet<String> {
+pub fn snapshot() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for dir in [
         "/usr/bin",

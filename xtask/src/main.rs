@@ -4,6 +4,7 @@
 mod bench;
 mod cmd;
 mod deb;
+mod install;
 mod preflight;
 mod setup;
 mod test;
@@ -34,6 +35,11 @@ enum Command {
     /// no-op program in the same run, verifier instruction counts) and write the tables to
     /// target/bench/xdp.md. Needs root. See BENCHMARKS.md for the method.
     Bench,
+    /// Install the binary, the unit (to /etc/systemd/system), the sysusers file, the default
+    /// config (if none), completions and the man page on this machine. Needs root.
+    Install,
+    /// Remove what `install` put here, detach the program and remove every pin.
+    Uninstall,
     /// Build the Debian package (target/debian/tollgate_*.deb) with cargo-deb.
     Deb {
         /// Then install it here, run `tollgate --version` and `config check` from it, purge it
@@ -49,6 +55,8 @@ fn main() -> std::process::ExitCode {
         Command::Setup => setup::run().map(|_| ()),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::Bench => bench::run(),
+        Command::Install => install::install(),
+        Command::Uninstall => install::uninstall(),
         Command::Deb { check } => deb::build().and_then(|p| {
             println!("{}", p.display());
             if check { deb::check(&p) } else { Ok(()) }

@@ -67,6 +67,8 @@ pub fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
     eprintln!("[test] the Debian package: install, --version, config check, purge");
     let deb = crate::deb::build()?;
     crate::deb::check(&deb)?;
+    eprintln!("[test] cargo xtask install / uninstall: nothing left behind");
+    crate::install::check()?;
     eprintln!("[test] all passed");
     Ok(())
 }
