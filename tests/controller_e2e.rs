@@ -158,15 +158,6 @@ bind = ["{metered}"]
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
-
-    /// Packets the identity got through per second, over `window`.
-    fn passed_rate(&self, id: u32, window: Duration) -> f64 {
-        let a = identity_counters(&self.dirs, id).passed.packets;
-        let t = Instant::now();
-        std::thread::sleep(window);
-        let b = identity_counters(&self.dirs, id).passed.packets;
-        (b - a) as f64 / t.elapsed().as_secs_f64()
-    }
 }
 
 /// The traffic tests measure rates on a 2-core machine: one at a time.
@@ -187,45 +178,70 @@ fn gpu_saturation_holds_back_the_free_tier_and_spares_internal_traffic() {
     let _a = w.blaster(10, 100, 2000);
     let _b = w.blaster(11, 100, 2000);
     std::thread::sleep(Duration::from_millis(800));
-    let calm = (
-        w.passed_rate(ops, Duration::from_secs(1)),
-        w.passed_rate(free, Duration::from_secs(1)),
+    let both = |w: &World, d: Duration| {
+        // Measured over the same window for both identities.
+        let a0 = identity_counters(&w.dirs, ops);
+        let b0 = identity_counters(&w.dirs, free);
+        let t = Instant::now();
+        std::thread::sleep(d);
+        let a1 = identity_counters(&w.dirs, ops);
+        let b1 = identity_counters(&w.dirs, free);
+        let s = t.elapsed().as_secs_f64();
+        let r = |x: u64, y: u64| (y - x) as f64 / s;
+        (
+            (
+                r(a0.passed.packets, a1.passed.packets),
+                r(
+                    a0.passed.packets + a0.dropped.packets,
+                    a1.passed.packets + a1.dropped.packets,
+                ),
+            ),
+            (
+                r(b0.passed.packets, b1.passed.packets),
+                r(
+                    b0.passed.packets + b0.dropped.packets,
+                    b1.passed.packets + b1.dropped.packets,
+                ),
+            ),
+        )
+    };
+    let calm = both(&w, Duration::from_secs(1));
+    eprintln!(
+        "calm: ops {:.0}/s of {:.0}/s offered, free {:.0}/s of {:.0}/s",
+        calm.0.0, calm.0.1, calm.1.0, calm.1.1
     );
-    eprintln!("calm: ops {:.0}/s, free {:.0}/s", calm.0, calm.1);
     // Saturate. One control interval (250 ms) + 100 ms later, the free tier must be at its
     // hold-back level: 0.1 + 0.9 x 10% = 19% of 1000/s.
     w.gpu(0.97);
     std::thread::sleep(Duration::from_millis(350));
-    let hot = (
-        w.passed_rate(ops, Duration::from_millis(1500)),
-        w.passed_rate(free, Duration::from_millis(1500)),
+    let hot = both(&w, Duration::from_millis(1500));
+    eprintln!(
+        "saturated: ops {:.0}/s of {:.0}/s offered, free {:.0}/s of {:.0}/s",
+        hot.0.0, hot.0.1, hot.1.0, hot.1.1
     );
-    eprintln!("saturated: ops {:.0}/s, free {:.0}/s", hot.0, hot.1);
     // Recover: four calm readings in a row, then back to the full rate.
     w.gpu(0.2);
     std::thread::sleep(Duration::from_millis(1500));
-    let after = (
-        w.passed_rate(ops, Duration::from_secs(1)),
-        w.passed_rate(free, Duration::from_secs(1)),
+    let after = both(&w, Duration::from_secs(1));
+    eprintln!(
+        "recovered: ops {:.0}/s of {:.0}/s offered, free {:.0}/s of {:.0}/s",
+        after.0.0, after.0.1, after.1.0, after.1.1
     );
-    eprintln!("recovered: ops {:.0}/s, free {:.0}/s", after.0, after.1);
+    // What a tier should get: its plan's 1000/s, or all it offered if the (shared, 2-core)
+    // machine could not send that much.
     let near = |x: f64, want: f64, tol: f64| (x - want).abs() <= want * tol;
+    let full = |(passed, offered): (f64, f64)| near(passed, offered.min(1000.0), 0.05);
+    assert!(full(calm.0) && full(calm.1), "calm {calm:?}");
+    assert!(full(hot.0), "internal traffic lost its rate: {hot:?}");
     assert!(
-        near(calm.0, 1000.0, 0.05) && near(calm.1, 1000.0, 0.05),
-        "calm {calm:?}"
+        hot.1.1 > 400.0,
+        "the free tier offered too little to measure a hold-back: {hot:?}"
     );
     assert!(
-        near(hot.0, 1000.0, 0.05),
-        "internal traffic lost its rate: {hot:?}"
-    );
-    assert!(
-        near(hot.1, 190.0, 0.15),
+        near(hot.1.0, 190.0, 0.15),
         "free tier not at its hold-back level: {hot:?}"
     );
-    assert!(
-        near(after.0, 1000.0, 0.05) && near(after.1, 1000.0, 0.05),
-        "after {after:?}"
-    );
+    assert!(full(after.0) && full(after.1), "after {after:?}");
     // One saturation, one recovery: no flapping.
     let actions: Vec<String> = w
         .audit()
