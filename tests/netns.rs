@@ -1033,3 +1033,71 @@ pub fn identity_counters(dirs: &AgentDirs, id: u32) -> tollgate_common::policy::
     }
     total
 }
+
+impl Lab {
+    /// Like [`Lab::add_client`], for labs that need several extra clients: client `n` (1 to 3)
+    /// gets the /24 whose third octet is the lab's XOR `n × 0x20`, so the extra clients never
+    /// share a /24 with each other, with the lab's client, or with [`Lab::add_client`]'s
+    /// (XOR 0x80).
+    pub fn add_nth_client(&self, n: u8) -> SecondClient {
+        assert!((1..=3).contains(&n), "extra client {n}: 1 to 3");
+        let ns = NetNs::new("cl2");
+        let id = next_id();
+        let pid = std::process::id();
+        let client_if = format!("tg{pid:x}{id:x}d");
+        let server_if = format!("tg{pid:x}{id:x}t");
+        assert!(
+            client_if.len() <= MAX_IFNAME,
+            "interface name {client_if} is too long"
+        );
+        let o = self.client_v4.octets();
+        let third = o[2] ^ (n << 5);
+        let client_v4 = Ipv4Addr::new(o[0], o[1], third, 1);
+        let server_v4 = Ipv4Addr::new(o[0], o[1], third, 2);
+        checked(Command::new("ip").args([
+            "link",
+            "add",
+            &client_if,
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &server_if,
+            "netns",
+            self.server.name(),
+        ]));
+        ns.ip(&["addr", "add", &format!("{client_v4}/24"), "dev", &client_if]);
+        ns.ip(&["link", "set", &client_if, "up"]);
+        ns.ip(&["route", "add", "default", "via", &server_v4.to_string()]);
+        self.server
+            .ip(&["addr", "add", &format!("{server_v4}/24"), "dev", &server_if]);
+        self.server.ip(&["link", "set", &server_if, "up"]);
+        SecondClient {
+            ns,
+            client_if,
+            server_if,
+            client_v4,
+            server_v4,
+        }
+    }
+}
+
+/// One (reason, endpoint) slot of the kernel's verdict counters, summed over CPUs, read from
+/// an agent's pins (no agent needed). Endpoint 0 is "no endpoint"; configured endpoints count
+/// from 1 in file order.
+pub fn reason_counter(
+    dirs: &AgentDirs,
+    reason: tollgate_common::Reason,
+    endpoint: u32,
+) -> tollgate_common::Counter {
+    use aya::maps::{Map, MapData, PerCpuArray};
+    let data = MapData::from_pin(dirs.counters_pin()).expect("reason counters pin");
+    let map: PerCpuArray<MapData, tollgate_common::Counter> =
+        PerCpuArray::try_from(Map::from_map_data(data).expect("map")).expect("per-cpu array");
+    let slots = map
+        .get(&tollgate_common::reason_counter_index(reason, endpoint), 0)
+        .expect("counters");
+    tollgate_common::Counter::sum(slots.iter())
+}

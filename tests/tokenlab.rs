@@ -218,3 +218,80 @@ anonymous = true
         serde_json::from_str(&self.dirs.cli_ok(&["status", "--output", "json"])).expect("status")
     }
 }
+
+/// Token material for a lab that writes its own configuration (where [`World`]'s fixed one
+/// does not fit): a signing key and its JWKS from `tollgate keys generate` (kid `k1`, audience
+/// [`AUDIENCE`]), and a self-signed certificate for a bind listener at `server`, all in the
+/// state directory of `dirs`.
+pub struct TokenKit {
+    pub keys: PathBuf,
+    pub jwks: PathBuf,
+    pub ca: PathBuf,
+    pub tls_key: PathBuf,
+    server: std::net::Ipv4Addr,
+}
+
+impl TokenKit {
+    pub fn new(dirs: &AgentDirs, server: std::net::Ipv4Addr) -> TokenKit {
+        let keys = dirs.state_dir.join("keys");
+        let out = std::process::Command::new(tollgate_bin())
+            .args([
+                "keys",
+                "generate",
+                "--alg",
+                "eddsa",
+                "--kid",
+                "k1",
+                "--out-dir",
+            ])
+            .arg(&keys)
+            .output()
+            .expect("keys generate");
+        assert!(out.status.success(), "{out:?}");
+        let cert = rcgen::generate_simple_self_signed(vec![server.to_string()]).expect("cert");
+        let ca = dirs.state_dir.join("cert.pem");
+        let tls_key = dirs.state_dir.join("key.pem");
+        std::fs::write(&ca, cert.cert.pem()).expect("cert");
+        std::fs::write(&tls_key, cert.signing_key.serialize_pem()).expect("key");
+        TokenKit {
+            jwks: keys.join("jwks.json"),
+            keys,
+            ca,
+            tls_key,
+            server,
+        }
+    }
+
+    /// `tollgate token issue` for `identity` with class and plan claims.
+    pub fn issue(&self, identity: &str, class: &str, plan: &str, ttl: &str) -> String {
+        let out = std::process::Command::new(tollgate_bin())
+            .args(["token", "issue", "--key"])
+            .arg(self.keys.join("k1.key.json"))
+            .args(["--identity", identity, "--class", class, "--plan", plan])
+            .args(["--audience", AUDIENCE, "--ttl", ttl])
+            .output()
+            .expect("token issue");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// POST /v1/bind with curl from `ns`, as a client does: (HTTP status, JSON body).
+    pub fn bind(&self, ns: &NetNs, token: &str) -> (u16, serde_json::Value) {
+        let url = format!("https://{}:{BIND_PORT}/v1/bind", self.server);
+        let out = ns
+            .command("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&self.ca)
+            .args(["-X", "POST", "-H"])
+            .arg(format!("Authorization: Bearer {token}"))
+            .args(["-w", "\n%{http_code}", &url])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        let code = code.trim().parse().unwrap_or(0);
+        let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+        (code, json)
+    }
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod cmd;
 mod deb;
+mod demo;
 mod install;
 mod preflight;
 mod setup;
@@ -40,6 +41,12 @@ enum Command {
     Install,
     /// Remove what `install` put here, detach the program and remove every pin.
     Uninstall,
+    /// Build the agent and run the demo: a GPU node (a streaming model-server stand-in and
+    /// tollgate on the simulated GPU source), an internal service, a partner, a customer and
+    /// an attacker in network namespaces. The clients bind with real tokens; midway the GPU
+    /// saturates and the attacker floods. Narrates live, ends with a table per identity.
+    /// About 40 s after the build; cleans up, also on Ctrl-C. Needs root.
+    Demo,
     /// Build the Debian package (target/debian/tollgate_*.deb) with cargo-deb.
     Deb {
         /// Then install it here, run `tollgate --version` and `config check` from it, purge it
@@ -55,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Setup => setup::run().map(|_| ()),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::Bench => bench::run(),
+        Command::Demo => demo::run(),
         Command::Install => install::install(),
         Command::Uninstall => install::uninstall(),
         Command::Deb { check } => deb::build().and_then(|p| {
