@@ -884,48 +884,8 @@ pub struct SecondClient {
 
 impl Lab {
     pub fn add_client(&self) -> SecondClient {
-        let ns = NetNs::new("cl2");
-        let id = next_id();
-        let pid = std::process::id();
-        let client_if = format!("tg{pid:x}{id:x}d");
-        let server_if = format!("tg{pid:x}{id:x}t");
-        assert!(
-            client_if.len() <= MAX_IFNAME,
-            "interface name {client_if} is too long"
-        );
-        let o = self.client_v4.octets();
-        // The lab's /24 moved to 198.19.0.0/16's twin so the two clients never share a /24
-        // (the anonymous allowance is per /24).
-        let third = o[2] ^ 0x80;
-        let client_v4 = Ipv4Addr::new(o[0], o[1], third, 1);
-        let server_v4 = Ipv4Addr::new(o[0], o[1], third, 2);
-        checked(Command::new("ip").args([
-            "link",
-            "add",
-            &client_if,
-            "netns",
-            ns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &server_if,
-            "netns",
-            self.server.name(),
-        ]));
-        ns.ip(&["addr", "add", &format!("{client_v4}/24"), "dev", &client_if]);
-        ns.ip(&["link", "set", &client_if, "up"]);
-        ns.ip(&["route", "add", "default", "via", &server_v4.to_string()]);
-        self.server
-            .ip(&["addr", "add", &format!("{server_v4}/24"), "dev", &server_if]);
-        self.server.ip(&["link", "set", &server_if, "up"]);
-        SecondClient {
-            ns,
-            client_if,
-            server_if,
-            client_v4,
-            server_v4,
-        }
+        // The lab's /24 moved to its twin with the top bit of the third octet flipped.
+        self.add_nth_client(4)
     }
 }
 
@@ -1035,12 +995,11 @@ pub fn identity_counters(dirs: &AgentDirs, id: u32) -> tollgate_common::policy::
 }
 
 impl Lab {
-    /// Like [`Lab::add_client`], for labs that need several extra clients: client `n` (1 to 3)
-    /// gets the /24 whose third octet is the lab's XOR `n × 0x20`, so the extra clients never
-    /// share a /24 with each other, with the lab's client, or with [`Lab::add_client`]'s
-    /// (XOR 0x80).
+    /// An extra client: client `n` (1 to 7) gets the /24 whose third octet is the lab's XOR
+    /// `n × 0x20`, so extra clients never share a /24 with each other or with the lab's
+    /// client (the anonymous allowance is per /24). `add_client` is client 4.
     pub fn add_nth_client(&self, n: u8) -> SecondClient {
-        assert!((1..=3).contains(&n), "extra client {n}: 1 to 3");
+        assert!((1..=7).contains(&n), "extra client {n}: 1 to 7");
         let ns = NetNs::new("cl2");
         let id = next_id();
         let pid = std::process::id();
