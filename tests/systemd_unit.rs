@@ -228,7 +228,7 @@ fn the_units_capabilities_are_enough_and_each_is_needed() {
             "without {name}: {err}"
         );
         assert!(
-            !lab.server.xdp_attach(&lab.server_if).is_some_and(|_| true),
+            lab.server.xdp_attach(&lab.server_if).is_none(),
             "attached without {name}"
         );
     }

@@ -681,7 +681,6 @@ impl Daemon {
     }
 
     fn status(&self) -> Result<serde_json::Value, Response> {
-        let kernel = |e: crate::tables::TableError| Response::err(ErrorKind::Kernel, e.to_string());
         let totals = crate::counters::reason_totals(self.pinned.tables.reason_counters())
             .map_err(|e| Response::err(ErrorKind::Kernel, e.to_string()))?;
         let (mut passed, mut dropped) = (0u64, 0u64);
@@ -692,7 +691,7 @@ impl Daemon {
                 dropped += c.packets;
             }
         }
-        let bindings = self.pinned.tables.bindings().map_err(kernel)?.len();
+        let bindings: usize = self.pinned.tables.binding_counts().iter().sum();
         Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "config": self.config.source,
@@ -849,7 +848,7 @@ pub fn parse_target(s: &str) -> Result<(IpAddr, u8), String> {
     let addr: IpAddr = a
         .parse()
         .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let max = crate::tables::host_len(addr);
     let len = match len {
         None => max,
         Some(l) => l

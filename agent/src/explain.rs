@@ -14,7 +14,7 @@ use tollgate_common::{
     policy::{Binding, Bucket, Class, Endpoint, Identity, Settings, port_slot},
 };
 
-use crate::tables::{Proto, TableError, Tables, boot_ns};
+use crate::tables::{Proto, TableError, Tables, boot_ns, host_len};
 
 /// The kernel state a decision about one packet can touch, copied out.
 struct Snapshot {
@@ -179,21 +179,11 @@ pub fn explain(
         None => 0,
     };
     let endpoint = tables.endpoint_record(port_endpoint)?;
-    let (exact, cidr) = match tables.lookup_binding(probe.src)? {
-        Some((len, b)) if len == 32 || len == 128 => {
-            // An exact binding: the kernel also looks at CIDR ones when it has expired.
-            let cidr = tables
-                .bindings()?
-                .into_iter()
-                .filter(|(a, l, _)| *l < 32 || (*l < 128 && a.is_ipv6()))
-                .filter(|(a, l, _)| crate::tables::prefix_covers(*a, *l, probe.src))
-                .max_by_key(|(_, l, _)| *l)
-                .map(|(_, _, b)| b);
-            (Some(b), cidr)
-        }
-        Some((_, b)) => (None, Some(b)),
-        None => (None, None),
-    };
+    // The same two lookups the kernel makes: exact first, then the longest prefix (which
+    // applies when the exact binding has expired).
+    let exact = tables.exact_binding(probe.src)?;
+    let cidr_hit = tables.cidr_binding(probe.src)?;
+    let cidr = cidr_hit.map(|(_, b)| b);
     let mut identities = Vec::new();
     for b in exact.iter().chain(cidr.iter()) {
         let ident = tables.identity(b.identity)?;
@@ -244,24 +234,11 @@ pub fn explain(
     let binding = snap
         .exact
         .filter(|b| b.identity == d.identity)
-        .map(|b| {
-            describe_binding(
-                probe.src,
-                if probe.src.is_ipv4() { 32 } else { 128 },
-                &b,
-                snap.now,
-            )
-        })
+        .map(|b| describe_binding(probe.src, host_len(probe.src), &b, snap.now))
         .or_else(|| {
-            snap.cidr
-                .filter(|b| b.identity == d.identity)
-                .and_then(|b| {
-                    tables
-                        .lookup_binding(probe.src)
-                        .ok()
-                        .flatten()
-                        .map(|(len, _)| describe_binding(probe.src, len, &b, snap.now))
-                })
+            cidr_hit
+                .filter(|(_, b)| b.identity == d.identity)
+                .map(|(len, b)| describe_binding(probe.src, len, &b, snap.now))
         });
     let why = why(
         &d.reason,

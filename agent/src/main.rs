@@ -360,7 +360,6 @@ fn print_with(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let socket = cli.socket;
-    let o = OutputArg { output: cli.output };
     let output = OutputArg { output: cli.output };
     match cli.command {
         Command::Run {
@@ -396,12 +395,12 @@ fn main() -> ExitCode {
         Command::Status => cli::call(
             &socket,
             &Request::Status {},
-            print_with(&o, cli::print::status),
+            print_with(&output, cli::print::status),
         ),
         Command::Endpoints => cli::call(
             &socket,
             &Request::Endpoints {},
-            print_with(&o, |v| {
+            print_with(&output, |v| {
                 cli::print::table(
                     v,
                     &[

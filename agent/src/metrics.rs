@@ -364,11 +364,7 @@ pub fn render(d: &Daemon) -> Result<String, String> {
             if c.is_saturated(id) { 1.0 } else { 0.0 },
         );
         for (p, plan) in config.plans.iter().enumerate() {
-            let q8 = c
-                .hold_back_q8
-                .get(&(id, p as u16))
-                .copied()
-                .unwrap_or(Q8_ONE);
+            let q8 = c.hold_back(id, p as u16).unwrap_or(Q8_ONE);
             share.set(
                 l(&[("endpoint", &ep.name), ("plan", &plan.name)]),
                 f64::from(Q8_ONE) / f64::from(q8.max(1)),

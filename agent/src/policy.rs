@@ -202,12 +202,10 @@ pub fn apply(
         }
     }
     let existing = tables.bindings()?;
-    for (addr, len, b) in &existing {
+    for (addr, len, _) in &existing {
         if !desired.contains_key(&(*addr, *len)) {
             tables.unbind(*addr, *len)?;
             applied.bindings_removed += 1;
-        } else {
-            let _ = b;
         }
     }
     let existing: BTreeMap<(IpAddr, u8), (u32, u64)> = existing

@@ -13,6 +13,32 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+/// Writes `dir/name` so that a crash leaves the old or the new file, never half of one:
+/// a temporary file, fsync, rename, fsync of the directory. The error names the path.
+pub fn write_atomically(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), (PathBuf, std::io::Error)> {
+    std::fs::create_dir_all(dir).map_err(|e| (dir.to_owned(), e))?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let at = |p: &Path| {
+        let p = p.to_owned();
+        move |e| (p, e)
+    };
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(at(&tmp))?;
+        f.write_all(bytes).map_err(at(&tmp))?;
+        f.sync_all().map_err(at(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(at(&path))?;
+    // The rename is durable only once the directory entry is.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(at(dir))
+}
+
 /// Format version of `state.json`.
 pub const STATE_VERSION: u32 = 1;
 pub const STATE_FILE: &str = "state.json";
@@ -158,21 +184,8 @@ impl State {
 
     /// Writes the state atomically.
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let path = Self::path(dir);
-        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(self).map_err(|e| io(&path, e))?;
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-            f.write_all(&text).map_err(|e| io(&tmp, e))?;
-            f.sync_all().map_err(|e| io(&tmp, e))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
-        // The rename is durable only once the directory entry is.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io(dir, e))?;
-        Ok(())
+        let text = serde_json::to_vec_pretty(self).map_err(|e| io(&Self::path(dir), e))?;
+        write_atomically(dir, STATE_FILE, &text).map_err(|(p, e)| io(&p, e))
     }
 
     /// The slot of `name`, allocating the lowest free one (1-based) if it has none.

@@ -473,45 +473,43 @@ impl Tables {
     /// The binding that covers `addr` (exact first, then longest prefix), as the kernel
     /// would find it, expired or not.
     pub fn lookup_binding(&self, addr: IpAddr) -> Result<Option<(u8, Binding)>> {
-        let found = |r: std::result::Result<Binding, MapError>| match r {
-            Ok(b) => Ok(Some(b)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        };
+        if let Some(b) = self.exact_binding(addr)? {
+            return Ok(Some((host_len(addr), b)));
+        }
+        self.cidr_binding(addr)
+    }
+
+    /// The /32 or /128 binding of `addr`, as the kernel's exact map has it.
+    pub fn exact_binding(&self, addr: IpAddr) -> Result<Option<Binding>> {
         match addr {
             IpAddr::V4(a) => {
-                if let Some(b) =
-                    found(self.bind_v4.get(&a.octets(), 0)).map_err(map_err(names::BIND_V4))?
-                {
-                    return Ok(Some((32, b)));
-                }
+                found(self.bind_v4.get(&a.octets(), 0)).map_err(map_err(names::BIND_V4))
+            }
+            IpAddr::V6(a) => {
+                found(self.bind_v6.get(&a.octets(), 0)).map_err(map_err(names::BIND_V6))
+            }
+        }
+    }
+
+    /// The longest CIDR binding covering `addr` (one LPM lookup, as the kernel does) and its
+    /// prefix length (found by walking the trie's keys, only on a hit: for display).
+    pub fn cidr_binding(&self, addr: IpAddr) -> Result<Option<(u8, Binding)>> {
+        match addr {
+            IpAddr::V4(a) => {
                 let key = Key::new(32, a.octets());
-                if let Some(b) =
-                    found(self.cidr_v4.get(&key, 0)).map_err(map_err(names::BIND_CIDR_V4))?
-                {
-                    let len = self.matching_prefix_v4(a)?;
-                    return Ok(Some((len, b)));
+                match found(self.cidr_v4.get(&key, 0)).map_err(map_err(names::BIND_CIDR_V4))? {
+                    Some(b) => Ok(Some((self.matching_prefix_v4(a)?, b))),
+                    None => Ok(None),
                 }
             }
             IpAddr::V6(a) => {
-                if let Some(b) =
-                    found(self.bind_v6.get(&a.octets(), 0)).map_err(map_err(names::BIND_V6))?
-                {
-                    return Ok(Some((128, b)));
-                }
                 let key = Key::new(128, a.octets());
-                if let Some(b) =
-                    found(self.cidr_v6.get(&key, 0)).map_err(map_err(names::BIND_CIDR_V6))?
-                {
-                    let len = self.matching_prefix_v6(a)?;
-                    return Ok(Some((len, b)));
+                match found(self.cidr_v6.get(&key, 0)).map_err(map_err(names::BIND_CIDR_V6))? {
+                    Some(b) => Ok(Some((self.matching_prefix_v6(a)?, b))),
+                    None => Ok(None),
                 }
             }
         }
-        Ok(None)
     }
 
     fn matching_prefix_v4(&self, a: Ipv4Addr) -> Result<u8> {
@@ -624,6 +622,25 @@ impl Tables {
     pub fn bucket(&self, id: u32) -> Result<Bucket> {
         self.buckets.get(&id, 0).map_err(map_err(names::BUCKETS))
     }
+}
+
+/// A map lookup's result, with "no such key" as `None`.
+fn found(
+    r: std::result::Result<Binding, MapError>,
+) -> std::result::Result<Option<Binding>, MapError> {
+    match r {
+        Ok(b) => Ok(Some(b)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The prefix length of a single address: 32 or 128.
+pub fn host_len(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
 }
 
 /// `addr` with everything after the first `len` bits cleared.

@@ -207,10 +207,8 @@ impl Daemon {
         addr: IpAddr,
         who: &Actor,
     ) -> Result<serde_json::Value, BindFailure> {
-        let addr = match addr {
-            IpAddr::V6(v6) => v6.to_canonical(),
-            v4 => v4,
-        };
+        // An IPv4 client seen on a dual-stack socket arrives as ::ffff:a.b.c.d.
+        let addr = addr.to_canonical();
         let r = self.bind_token_inner(token, addr, who);
         if let Err(f) = &r {
             if let Some(svc) = self.tokens.as_mut() {
@@ -268,7 +266,7 @@ impl Daemon {
         {
             return Err(BindFailure::Replay { bound_to: b.addr });
         }
-        let len = if addr.is_ipv4() { 32 } else { 128 };
+        let len = crate::tables::host_len(addr);
         if let Some(owner) = self
             .config
             .identities
@@ -350,10 +348,8 @@ impl Daemon {
         addr: IpAddr,
         who: &Actor,
     ) -> Result<serde_json::Value, BindFailure> {
-        let addr = match addr {
-            IpAddr::V6(v6) => v6.to_canonical(),
-            v4 => v4,
-        };
+        // An IPv4 client seen on a dual-stack socket arrives as ::ffff:a.b.c.d.
+        let addr = addr.to_canonical();
         let svc = self.tokens.as_mut().ok_or(BindFailure::Disabled)?;
         let claims = verify(token, &svc.keys, &svc.policy, now_unix_ms() / 1000)
             .map_err(BindFailure::Refused)?;
@@ -366,7 +362,7 @@ impl Daemon {
                 "{addr} is not bound by this token"
             )));
         }
-        let len = if addr.is_ipv4() { 32 } else { 128 };
+        let len = crate::tables::host_len(addr);
         let _ = self.pinned.tables.unbind(addr, len);
         self.state
             .save(&self.config.node.state_dir)

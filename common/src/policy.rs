@@ -309,6 +309,7 @@ pub struct DropEvent {
     pub src: [u8; 16],
     pub bytes: u32,
     pub _pad2: u32,
+    /// CLOCK_MONOTONIC_COARSE (jiffies resolution) when the event was sampled.
     pub time_ns: u64,
 }
 

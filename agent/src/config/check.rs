@@ -44,9 +44,9 @@ const MAX_DROP_EVENT_INTERVAL_MS: i64 = 3_600_000;
 const CONTROLLER_INTERVAL_MS: RangeInclusive<i64> = 10..=60_000;
 
 const DEFAULT_XDP_MODE: AttachMode = AttachMode::Auto;
-const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tollgate";
-const DEFAULT_STATE_DIR: &str = "/var/lib/tollgate";
-const DEFAULT_CONTROL_SOCKET: &str = "/run/tollgate/control.sock";
+const DEFAULT_PIN_DIR: &str = crate::paths::PIN_DIR;
+const DEFAULT_STATE_DIR: &str = crate::paths::STATE_DIR;
+const DEFAULT_CONTROL_SOCKET: &str = crate::paths::CONTROL_SOCKET;
 const DEFAULT_CONTROL_GROUP: &str = "tollgate";
 const DEFAULT_ANON_PPS: i64 = 20;
 const DEFAULT_ANON_BURST: i64 = 40;

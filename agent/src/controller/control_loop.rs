@@ -39,15 +39,14 @@ pub struct ControlLoop {
     window: BTreeMap<String, IdentityCounters>,
     window_start_ms: u64,
     pub trackers: BTreeMap<String, Tracker>,
-    /// Identities the controller itself throttled or quarantined (never an operator's).
-    acting: BTreeMap<String, Step>,
     /// Anomaly decisions by (step, mode), for metrics.
     pub actions: BTreeMap<(String, &'static str), u64>,
     /// Loops run, and how long the last one took (seconds).
     pub loops: u64,
     pub last_loop_s: f64,
-    /// Which endpoints and plans are held back, and by how much (Q8 multiplier).
-    pub hold_back_q8: BTreeMap<(u32, u16), u16>,
+    /// Whether `exhausted` has been read from the kernel's flags yet (once, at the first
+    /// tick: the flags outlive the agent, the set does not).
+    exhausted_seeded: bool,
 }
 
 fn open_source(config: &Config) -> Result<Box<dyn GpuSource>, String> {
@@ -132,11 +131,10 @@ impl ControlLoop {
             window: BTreeMap::new(),
             window_start_ms: now_unix_ms(),
             trackers: BTreeMap::new(),
-            acting: BTreeMap::new(),
             actions: BTreeMap::new(),
             loops: 0,
             last_loop_s: 0.0,
-            hold_back_q8: BTreeMap::new(),
+            exhausted_seeded: false,
         })
     }
 
@@ -161,7 +159,6 @@ impl ControlLoop {
         let t = std::time::Instant::now();
         self.gpu(config, tables, audit);
         self.counters(config, state, tables, audit);
-        self.hold_back_q8.clone_from(&self.hold_back);
         self.loops += 1;
         self.last_loop_s = t.elapsed().as_secs_f64();
     }
@@ -230,6 +227,18 @@ impl ControlLoop {
             .iter()
             .map(|(n, i)| (n.clone(), *i))
             .collect();
+        if !self.exhausted_seeded {
+            self.exhausted = names
+                .iter()
+                .filter(|(_, id)| {
+                    tables
+                        .identity(*id)
+                        .is_ok_and(|r| r.flags & ID_QUOTA_EXHAUSTED != 0)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            self.exhausted_seeded = true;
+        }
         for (name, id) in &names {
             let Ok(now) = tables.identity_counters(*id) else {
                 continue;
@@ -256,10 +265,8 @@ impl ControlLoop {
             }
             spent.add(now_s, delta.passed.bytes, delta.cost);
             let over = spent.exhausted(&limits);
-            let flagged = self.exhausted.contains(name)
-                || tables
-                    .identity(*id)
-                    .is_ok_and(|r| r.flags & ID_QUOTA_EXHAUSTED != 0);
+            // The set mirrors the kernel's flags (seeded once above), so no map read here.
+            let flagged = self.exhausted.contains(name);
             match (over, flagged) {
                 (Some((window, kind)), false) => {
                     if tables
@@ -434,7 +441,6 @@ impl ControlLoop {
             if let Err(e) = applied {
                 warn!("anomaly response for {name}: {e}");
             }
-            self.acting.insert(name.clone(), decision.step);
             if let Err(e) = state.save(&config.node.state_dir) {
                 warn!("saving state: {e}");
             }
@@ -449,6 +455,11 @@ impl ControlLoop {
             }
             None => self.exhausted.clear(),
         }
+    }
+
+    /// The Q8 hold-back multiplier written for (endpoint, plan), if any.
+    pub fn hold_back(&self, endpoint: u32, plan: u16) -> Option<u16> {
+        self.hold_back.get(&(endpoint, plan)).copied()
     }
 
     /// Identities whose quota flag the controller has set.

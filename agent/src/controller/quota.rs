@@ -10,7 +10,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -308,25 +307,12 @@ impl QuotaBook {
 
     /// Writes the book atomically.
     pub fn save(&self, dir: &Path) -> Result<(), QuotaError> {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let path = Self::path(dir);
-        let tmp = dir.join(format!("{QUOTA_FILE}.tmp"));
         let text = serde_json::to_vec_pretty(&QuotaFileRef {
             version: QUOTA_VERSION,
             spent: &self.spent,
         })
-        .map_err(|e| io(&path, e))?;
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-            f.write_all(&text).map_err(|e| io(&tmp, e))?;
-            f.sync_all().map_err(|e| io(&tmp, e))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
-        // The rename is durable only once the directory entry is.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io(dir, e))?;
-        Ok(())
+        .map_err(|e| io(&Self::path(dir), e))?;
+        crate::state::write_atomically(dir, QUOTA_FILE, &text).map_err(|(p, e)| io(&p, e))
     }
 
     /// Forgets what `identity` spent, or what everyone spent with `None`.
