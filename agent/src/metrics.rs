@@ -1,15 +1,11 @@
 //! `/metrics`: the kernel's counters and the agent's state in the Prometheus (OpenMetrics)
 //! text format, built fresh on every scrape with prometheus-client. Label sets are bounded:
 //! reasons, endpoints, classes, plans, GPUs, windows; identities appear only in the top-K
-//! families, and never an address or a token.
+//! families, and never an address or a token. The HTTP side is `servers::metrics`.
 
 use std::{
-    cell::RefCell,
     collections::BTreeMap,
-    net::SocketAddr,
-    rc::Rc,
     sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
 };
 
 use prometheus_client::{
@@ -17,17 +13,12 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
 use tollgate_common::{
     Verdict,
     policy::{MAX_ANON_PREFIXES, MAX_CIDR_BINDINGS, MAX_EXACT_BINDINGS, MAX_IDENTITIES, Q8_ONE},
 };
-use tracing::warn;
 
-use crate::daemon::Daemon;
+use crate::node::Node;
 
 type Labels = Vec<(String, String)>;
 
@@ -80,21 +71,14 @@ fn counter(v: u64) -> Counter<u64, AtomicU64> {
     c
 }
 
-/// Drop events read from the kernel and logged, for the two drop-event counters.
-#[derive(Default)]
-pub struct DropEventStats {
-    pub read: AtomicU64,
-    pub suppressed: AtomicU64,
-}
-
 /// The whole exposition.
-pub fn render(d: &Daemon) -> Result<String, String> {
+pub fn render(d: &Node) -> Result<String, String> {
     let config = &d.config;
     let tables = &d.pinned.tables;
     let mut reg = Registry::default();
 
     // Kernel verdict counters by (verdict, reason, endpoint).
-    let per = crate::counters::reason_endpoint_totals(tables.reason_counters())
+    let per = crate::counter_read::reason_endpoint_totals(tables.reason_counters())
         .map_err(|e| e.to_string())?;
     let packets = Counters::new();
     let bytes = Counters::new();
@@ -133,21 +117,11 @@ pub fn render(d: &Daemon) -> Result<String, String> {
     if let Ok(c) = tables.identity_counters(0) {
         rows.push(("anonymous".into(), "anonymous", String::new(), c));
     }
-    for (name, id) in &d.state.identity_ids {
-        let Ok(c) = tables.identity_counters(*id) else {
+    for r in d.identities().all() {
+        let Some(Ok(c)) = r.slot.map(|id| tables.identity_counters(id)) else {
             continue;
         };
-        let (plan, class) = match config.identity(name) {
-            Some(i) => (i.plan.clone(), i.class.label()),
-            None => match d.state.token_identities.get(name) {
-                Some(t) => (
-                    t.plan.clone(),
-                    crate::config::class_from_label(&t.class).map_or("customer", |c| c.label()),
-                ),
-                None => continue,
-            },
-        };
-        rows.push((name.clone(), class, plan, c));
+        rows.push((r.name.to_owned(), r.class.label(), r.plan.to_owned(), c));
     }
     let class_p = Counters::new();
     let class_b = Counters::new();
@@ -198,7 +172,7 @@ pub fn render(d: &Daemon) -> Result<String, String> {
         .iter()
         .filter(|(n, _, p, _)| !p.is_empty() && n != "anonymous")
         .collect();
-    named.sort_by_key(|(_, _, _, c)| std::cmp::Reverse(c.passed.packets + c.dropped.packets));
+    named.sort_by_key(|(_, _, _, c)| std::cmp::Reverse(c.packets()));
     let top_p = Counters::new();
     let top_b = Counters::new();
     for (name, _, _, c) in named.iter().take(config.metrics.top_k) {
@@ -390,8 +364,9 @@ pub fn render(d: &Daemon) -> Result<String, String> {
     let spent_c = Gauges::new();
     let exhausted = Gauges::new();
     let mut per_plan: BTreeMap<(String, &'static str), (u64, u64)> = BTreeMap::new();
+    let ids = d.identities();
     for (name, spent) in &c.quotas.spent {
-        let Some(plan) = crate::controller::control_loop::plan_of(config, &d.state, name) else {
+        let Some(plan) = ids.get(name).map(|r| r.plan) else {
             continue;
         };
         for w in crate::controller::quota::Window::ALL {
@@ -408,7 +383,7 @@ pub fn render(d: &Daemon) -> Result<String, String> {
     let mut ex: BTreeMap<String, f64> =
         config.plans.iter().map(|p| (p.name.clone(), 0.0)).collect();
     for name in c.exhausted() {
-        if let Some(plan) = crate::controller::control_loop::plan_of(config, &d.state, name) {
+        if let Some(plan) = ids.get(name).map(|r| r.plan) {
             *ex.entry(plan.to_owned()).or_default() += 1.0;
         }
     }
@@ -496,111 +471,6 @@ pub fn to_text_format(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-/// Serves `GET /metrics` until the daemon stops.
-pub async fn serve(daemon: Rc<RefCell<Daemon>>, tcp: TcpListener) {
-    loop {
-        let (stream, _) = match tcp.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!("metrics listener: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let d = Rc::clone(&daemon);
-        tokio::task::spawn_local(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), handle(&d, stream)).await;
-        });
-    }
-}
-
-async fn handle(daemon: &RefCell<Daemon>, mut stream: TcpStream) {
-    let mut buf = Vec::with_capacity(512);
-    let (status, ctype, body) = loop {
-        let mut chunk = [0u8; 1024];
-        let n = match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > 8192 {
-            break (431, "text/plain", "request head too large\n".to_owned());
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Partial) => continue,
-            Err(_) => break (400, "text/plain", "malformed request\n".to_owned()),
-            Ok(httparse::Status::Complete(_)) => {
-                if req.method != Some("GET") {
-                    break (405, "text/plain", "GET only\n".to_owned());
-                }
-                if req.path != Some("/metrics") {
-                    break (404, "text/plain", "see /metrics\n".to_owned());
-                }
-                match render(&daemon.borrow()) {
-                    Ok(text) => break (200, "text/plain; version=0.0.4; charset=utf-8", text),
-                    Err(e) => break (500, "text/plain", format!("{e}\n")),
-                }
-            }
-        }
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        if status == 200 { "OK" } else { "Error" },
-        body.len()
-    );
-    let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(body.as_bytes()).await;
-    let _ = stream.shutdown().await;
-}
-
-/// Reads the kernel's sampled drop events and logs them (target `drop`), at most
-/// `per_second` lines a second; the rest are counted as suppressed.
-pub fn drain_drop_events(d: &mut Daemon, budget: &mut (u64, u32), per_second: u32) {
-    let Some(rb) = d.pinned.drop_events.as_mut() else {
-        return;
-    };
-    let now_s = crate::state::now_unix_ms() / 1000;
-    if budget.0 != now_s {
-        *budget = (now_s, 0);
-    }
-    // Bounded per call so a flood cannot keep the loop here.
-    for _ in 0..4096 {
-        let Some(item) = rb.next() else { break };
-        if item.len() != std::mem::size_of::<tollgate_common::policy::DropEvent>() {
-            continue;
-        }
-        // SAFETY: the size matches and DropEvent is plain old data written by the program.
-        let e: tollgate_common::policy::DropEvent =
-            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-        drop(item);
-        d.drop_stats.read.fetch_add(1, Ordering::Relaxed);
-        if budget.1 >= per_second {
-            d.drop_stats.suppressed.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        budget.1 += 1;
-        let reason = tollgate_common::Reason::from_index(e.reason).map_or("unknown", |r| r.label());
-        let src = if e.family == 6 {
-            std::net::IpAddr::from(e.src).to_string()
-        } else {
-            std::net::IpAddr::from([e.src[0], e.src[1], e.src[2], e.src[3]]).to_string()
-        };
-        let endpoint = e
-            .endpoint
-            .checked_sub(1)
-            .and_then(|i| d.config.endpoints.get(i as usize))
-            .map_or("none", |ep| ep.name.as_str());
-        tracing::info!(target: "drop", reason, src, endpoint, proto = e.proto, dport = e.dport, bytes = e.bytes, identity = e.identity, "dropped");
-    }
-}
-
-/// Binds the metrics listener (`listen.metrics`).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

@@ -77,7 +77,40 @@ pub struct Quarantine {
     pub until_unix_ms: Option<u64>,
     pub since_unix_ms: u64,
     pub reason: String,
-    pub by: String,
+    /// Who put it there. `state.json` files that hold the old description strings
+    /// ("controller", "uid 0 (pid 42) via control") still load.
+    pub by: QuarantineOwner,
+}
+
+pub use crate::control::reply::QuarantineOwner;
+
+impl From<&crate::audit::Actor> for QuarantineOwner {
+    /// An operator by peer credentials; an actor without them (never one that quarantines
+    /// today) by its description.
+    fn from(a: &crate::audit::Actor) -> QuarantineOwner {
+        match a.uid {
+            Some(uid) => QuarantineOwner::Operator {
+                uid,
+                gid: a.gid,
+                pid: a.pid,
+            },
+            None => QuarantineOwner::Other(a.describe()),
+        }
+    }
+}
+
+impl From<&str> for QuarantineOwner {
+    /// The description form ("controller", "uid 0 (pid 42) via control").
+    fn from(s: &str) -> QuarantineOwner {
+        QuarantineOwner::from_description(s)
+    }
+}
+
+impl PartialEq<&str> for QuarantineOwner {
+    /// Compares with the description form (`q.by == "controller"`).
+    fn eq(&self, other: &&str) -> bool {
+        *self == QuarantineOwner::from_description(other)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -6,6 +6,8 @@ use std::{
     ops::RangeInclusive,
 };
 
+pub use crate::net::{host_len, mask, prefix_covers};
+use crate::net::{mask_v4, mask_v6};
 use aya::{
     Ebpf,
     maps::{
@@ -186,8 +188,13 @@ pub fn boot_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The policy maps, owned.
-pub struct Tables {
+/// The struct's old name (tests and the controller still say it; the trait of the same name
+/// is `tollgate_common::decide::Tables`). To go once the call sites say `KernelTables`.
+pub type Tables = KernelTables;
+
+/// The policy maps, owned. (Not `Tables`: that is the trait `decide` reads the kernel's state
+/// through, `tollgate_common::decide::Tables`.)
+pub struct KernelTables {
     pub(crate) ports: Array<MapData, u32>,
     pub(crate) endpoints: Array<MapData, Endpoint>,
     bind_v4: HashMap<MapData, [u8; 4], Binding>,
@@ -214,7 +221,7 @@ macro_rules! typed {
     };
 }
 
-impl Tables {
+impl KernelTables {
     /// Takes the policy maps out of a loaded object (pin them first if they must outlive it).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
         Self::from_maps(|name| take(ebpf, name))
@@ -222,7 +229,7 @@ impl Tables {
 
     /// Builds from any source of maps by name (a loaded object, pins).
     pub fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
-        Ok(Tables {
+        Ok(KernelTables {
             ports: typed!(get(names::PORTS)?, names::PORTS),
             endpoints: typed!(get(names::ENDPOINTS)?, names::ENDPOINTS),
             bind_v4: typed!(get(names::BIND_V4)?, names::BIND_V4),
@@ -402,13 +409,7 @@ impl Tables {
             .identity_counters
             .get(&id, 0)
             .map_err(map_err(names::IDENTITY_COUNTERS))?;
-        Ok(IdentityCounters {
-            passed: Counter::sum(slots.iter().map(|s| &s.passed)),
-            dropped: Counter::sum(slots.iter().map(|s| &s.dropped)),
-            cost: slots.iter().fold(0u64, |a, s| a.wrapping_add(s.cost)),
-            syn: slots.iter().fold(0u64, |a, s| a.wrapping_add(s.syn)),
-            small: slots.iter().fold(0u64, |a, s| a.wrapping_add(s.small)),
-        })
+        Ok(IdentityCounters::sum(slots.iter()))
     }
 
     /// Identity `id`'s counters, one entry per CPU (to see which CPUs carried its traffic).
@@ -638,50 +639,9 @@ fn found(
     }
 }
 
-/// The prefix length of a single address: 32 or 128.
-pub fn host_len(addr: IpAddr) -> u8 {
-    if addr.is_ipv4() { 32 } else { 128 }
-}
-
-/// `addr` with everything after the first `len` bits cleared.
-pub fn mask(addr: IpAddr, len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => IpAddr::from(mask_v4(a, len.min(32))),
-        IpAddr::V6(a) => IpAddr::from(mask_v6(a, len.min(128))),
-    }
-}
-
-/// Whether `net/len` covers `addr` (same family).
-pub fn prefix_covers(net: IpAddr, len: u8, addr: IpAddr) -> bool {
-    net.is_ipv4() == addr.is_ipv4() && mask(net, len) == mask(addr, len)
-}
-
-fn mask_v4(a: Ipv4Addr, len: u8) -> [u8; 4] {
-    let bits = u32::from(a) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-    bits.to_be_bytes()
-}
-
-fn mask_v6(a: Ipv6Addr, len: u8) -> [u8; 16] {
-    let bits = u128::from(a) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-    bits.to_be_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn masks() {
-        assert_eq!(mask_v4(Ipv4Addr::new(198, 18, 7, 9), 24), [198, 18, 7, 0]);
-        assert_eq!(mask_v4(Ipv4Addr::new(198, 18, 7, 9), 0), [0; 4]);
-        assert_eq!(mask_v4(Ipv4Addr::new(198, 18, 7, 9), 32), [198, 18, 7, 9]);
-        let a: Ipv6Addr = "2001:db8:1:2::9".parse().unwrap();
-        assert_eq!(
-            Ipv6Addr::from(mask_v6(a, 48)),
-            "2001:db8:1::".parse::<Ipv6Addr>().unwrap()
-        );
-        assert_eq!(mask_v6(a, 0), [0; 16]);
-    }
 
     #[test]
     fn q8_conversion_clamps() {

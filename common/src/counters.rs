@@ -28,6 +28,21 @@ impl Counter {
                 bytes: acc.bytes.wrapping_add(c.bytes),
             })
     }
+
+    /// What was counted since `earlier` (a reading of the same counter); wraps like the
+    /// kernel's counters do.
+    pub fn delta(&self, earlier: &Counter) -> Counter {
+        Counter {
+            packets: self.packets.wrapping_sub(earlier.packets),
+            bytes: self.bytes.wrapping_sub(earlier.bytes),
+        }
+    }
+
+    /// Adds `other` in (a delta into a window's total).
+    pub fn accumulate(&mut self, other: &Counter) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+    }
 }
 
 // SAFETY: `Counter` is `repr(C)`, `Copy`, made of two `u64`s with no padding (size asserted
@@ -55,6 +70,29 @@ mod tests {
                 bytes: 1674
             }
         );
+    }
+
+    #[test]
+    fn delta_and_accumulate() {
+        let before = Counter {
+            packets: u64::MAX,
+            bytes: 10,
+        };
+        let after = Counter {
+            packets: 1,
+            bytes: 30,
+        };
+        let d = after.delta(&before);
+        assert_eq!(
+            d,
+            Counter {
+                packets: 2,
+                bytes: 20
+            }
+        );
+        let mut total = before;
+        total.accumulate(&d);
+        assert_eq!(total, after);
     }
 
     #[test]

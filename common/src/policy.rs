@@ -292,6 +292,43 @@ pub struct IdentityCounters {
 
 const _: () = assert!(core::mem::size_of::<IdentityCounters>() == 56);
 
+impl IdentityCounters {
+    /// Sums per-CPU slots (or any other set of readings); wraps like the kernel's counters.
+    pub fn sum<'a>(slots: impl IntoIterator<Item = &'a IdentityCounters>) -> IdentityCounters {
+        slots
+            .into_iter()
+            .fold(IdentityCounters::default(), |mut acc, c| {
+                acc.accumulate(c);
+                acc
+            })
+    }
+
+    /// What was counted since `earlier` (a reading of the same identity).
+    pub fn delta(&self, earlier: &IdentityCounters) -> IdentityCounters {
+        IdentityCounters {
+            passed: self.passed.delta(&earlier.passed),
+            dropped: self.dropped.delta(&earlier.dropped),
+            cost: self.cost.wrapping_sub(earlier.cost),
+            syn: self.syn.wrapping_sub(earlier.syn),
+            small: self.small.wrapping_sub(earlier.small),
+        }
+    }
+
+    /// Adds `other` in (a delta into a window's total).
+    pub fn accumulate(&mut self, other: &IdentityCounters) {
+        self.passed.accumulate(&other.passed);
+        self.dropped.accumulate(&other.dropped);
+        self.cost = self.cost.wrapping_add(other.cost);
+        self.syn = self.syn.wrapping_add(other.syn);
+        self.small = self.small.wrapping_add(other.small);
+    }
+
+    /// Packets passed and dropped.
+    pub fn packets(&self) -> u64 {
+        self.passed.packets.wrapping_add(self.dropped.packets)
+    }
+}
+
 /// Frames below this size count as small (floods of tiny packets are an anomaly signal).
 pub const SMALL_FRAME: u64 = 128;
 

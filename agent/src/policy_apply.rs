@@ -10,25 +10,14 @@ use tollgate_common::{
     policy::{Endpoint, MAX_ENDPOINTS, MAX_IDENTITIES, Q8_ONE, port_slot},
 };
 
+/// What an apply changed, for the log and the audit line.
+pub use crate::control::reply::Applied;
 use crate::{
     config::Config,
+    identity::Resolver,
     state::State,
-    tables::{TableError, Tables, boot_ns, identity_record, to_q8},
+    tables::{KernelTables, TableError, boot_ns, to_q8},
 };
-
-/// What an apply changed, for the log and the audit line.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Applied {
-    pub endpoints: usize,
-    pub port_slots_changed: usize,
-    pub identities: usize,
-    pub identities_removed: Vec<String>,
-    pub bindings: usize,
-    pub bindings_added: usize,
-    pub bindings_removed: usize,
-    /// Run-time bindings dropped because their identity left the configuration or expired.
-    pub dropped_dynamic_bindings: Vec<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -48,39 +37,12 @@ pub fn expiry_boot_ns(expires_unix_ms: Option<u64>, now_ms: u64) -> Option<u64> 
     }
 }
 
-/// The kernel record of a token identity: class and plan from the token (the plan's limits
-/// from the configuration), roles the configuration knows (others grant nothing).
-pub fn token_identity_record(
-    config: &Config,
-    t: &crate::state::TokenIdentity,
-    quarantined: bool,
-) -> tollgate_common::policy::Identity {
-    let class = crate::config::class_from_label(&t.class)
-        .unwrap_or(tollgate_common::policy::Class::Customer);
-    let plan_index = config.plan_index(&t.plan).unwrap_or(0);
-    let limits = config
-        .plans
-        .get(plan_index as usize)
-        .map(|p| p.limits)
-        .unwrap_or(crate::tables::PlanLimits::UNLIMITED);
-    let roles = t
-        .roles
-        .iter()
-        .filter_map(|r| config.role_bit(r))
-        .fold(0, |a, b| a | b);
-    let mut rec = identity_record(class, roles, plan_index, &limits);
-    if quarantined {
-        rec.flags |= tollgate_common::policy::ID_QUARANTINED;
-    }
-    rec
-}
-
 /// Applies `config` and `state` to the kernel. `state` loses entries that no longer apply
 /// (identities gone from the config, expired run-time bindings); the caller saves it.
 pub fn apply(
     config: &Config,
     state: &mut State,
-    tables: &mut Tables,
+    tables: &mut KernelTables,
     now_ms: u64,
 ) -> Result<Applied, PolicyError> {
     let mut applied = Applied::default();
@@ -155,16 +117,11 @@ pub fn apply(
         let id = state
             .identity_id(&ident.name, MAX_IDENTITIES)
             .ok_or_else(|| PolicyError::NoIdentitySlot(ident.name.clone()))?;
-        let plan_index = config.plan_index(&ident.plan).unwrap_or(0);
-        let limits = config
-            .plans
-            .get(plan_index as usize)
-            .map(|p| p.limits)
-            .unwrap_or(crate::tables::PlanLimits::UNLIMITED);
-        let mut rec = identity_record(ident.class, ident.roles, plan_index, &limits);
-        if state.quarantined(&ident.name, now_ms) {
-            rec.flags |= tollgate_common::policy::ID_QUARANTINED;
-        }
+        let resolver = Resolver::new(config, state);
+        let Some(r) = resolver.get(&ident.name) else {
+            continue; // configured, so always found
+        };
+        let rec = resolver.record(&r, state.quarantined(&ident.name, now_ms));
         tables.set_identity_keeping_controller_flags(id, &rec)?;
         ids.insert(ident.name.clone(), id);
     }
@@ -174,7 +131,10 @@ pub fn apply(
         let id = state
             .identity_id(&name, MAX_IDENTITIES)
             .ok_or_else(|| PolicyError::NoIdentitySlot(name.clone()))?;
-        let rec = token_identity_record(config, &t, state.quarantined(&name, now_ms));
+        let rec = Resolver::new(config, state).record(
+            &crate::identity::token(&name, Some(id), &t),
+            state.quarantined(&name, now_ms),
+        );
         tables.set_identity_keeping_controller_flags(id, &rec)?;
         ids.insert(name, id);
     }

@@ -5,11 +5,7 @@
 
 use std::{cell::RefCell, net::SocketAddr, path::Path, rc::Rc, sync::Arc, time::Duration};
 
-use serde_json::json;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{
     TlsAcceptor,
     rustls::{
@@ -19,11 +15,21 @@ use tokio_rustls::{
 };
 use tracing::{info, warn};
 
-use crate::{audit::Actor, daemon::Daemon};
+use super::http::{self, Head, HeadError, Limits, ReadError};
+use crate::{
+    audit::Actor,
+    control::reply::HttpError,
+    node::Node,
+    ops::{self, tokens},
+};
 
-/// Largest request head accepted.
-const MAX_HEAD: usize = 16 * 1024;
+/// One connection, TLS handshake included.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// The request head: a bearer token and little else.
+const LIMITS: Limits = Limits {
+    max_bytes: 16 * 1024,
+    timeout: TIMEOUT,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {message}")]
@@ -64,7 +70,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ListenerError> {
 }
 
 /// Accepts connections until the daemon stops.
-pub async fn serve(daemon: Rc<RefCell<Daemon>>, tcp: TcpListener, tls: TlsAcceptor) {
+pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, tls: TlsAcceptor) {
     loop {
         let (stream, peer) = match tcp.accept().await {
             Ok(c) => c,
@@ -74,17 +80,24 @@ pub async fn serve(daemon: Rc<RefCell<Daemon>>, tcp: TcpListener, tls: TlsAccept
                 continue;
             }
         };
-        let d = Rc::clone(&daemon);
+        let n = Rc::clone(&node);
         let tls = tls.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = tokio::time::timeout(TIMEOUT, handle(&d, stream, peer, tls)).await {
+            if let Err(e) = tokio::time::timeout(TIMEOUT, handle(&n, stream, peer, tls)).await {
                 info!(%peer, "bind listener: connection timed out ({e})");
             }
         });
     }
 }
 
-async fn handle(daemon: &RefCell<Daemon>, stream: TcpStream, peer: SocketAddr, tls: TlsAcceptor) {
+fn refusal(error: impl Into<String>) -> HttpError {
+    HttpError {
+        error: error.into(),
+        reason: None,
+    }
+}
+
+async fn handle(node: &RefCell<Node>, stream: TcpStream, peer: SocketAddr, tls: TlsAcceptor) {
     let mut stream = match tls.accept(stream).await {
         Ok(s) => s,
         Err(e) => {
@@ -92,26 +105,19 @@ async fn handle(daemon: &RefCell<Daemon>, stream: TcpStream, peer: SocketAddr, t
             return;
         }
     };
-    let mut buf = Vec::with_capacity(1024);
-    let (status, body) = loop {
-        let mut chunk = [0u8; 2048];
-        let n = match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_HEAD {
-            break (413, json!({"error": "request head too large"}));
+    let (status, body) = match http::read_head(&mut stream, LIMITS).await {
+        Err(HeadError::Read(ReadError::TooLarge(_))) => (
+            413,
+            serde_json::to_string(&refusal("request head too large")),
+        ),
+        Err(HeadError::Read(ReadError::TimedOut(t))) => {
+            info!(%peer, "bind listener: connection timed out ({}s)", t.as_secs());
+            return;
         }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Partial) => continue,
-            Err(e) => break (400, json!({"error": format!("malformed request: {e}")})),
-            Ok(httparse::Status::Complete(_)) => break respond(daemon, &req, peer),
-        }
+        Err(HeadError::Read(_)) => return,
+        Err(e @ HeadError::Malformed(_)) => (400, serde_json::to_string(&refusal(e.to_string()))),
+        Ok(head) => respond(node, &head, peer),
     };
-    let text = body.to_string();
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -123,43 +129,36 @@ async fn handle(daemon: &RefCell<Daemon>, stream: TcpStream, peer: SocketAddr, t
         422 => "Unprocessable Content",
         _ => "Service Unavailable",
     };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         cache-control: no-store\r\nconnection: close\r\n\r\n{text}",
-        text.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    let body = body.unwrap_or_default();
+    let _ = http::respond(
+        &mut stream,
+        status,
+        reason,
+        "application/json",
+        &[("cache-control", "no-store")],
+        body.as_bytes(),
+    )
+    .await;
 }
 
 fn respond(
-    daemon: &RefCell<Daemon>,
-    req: &httparse::Request,
+    node: &RefCell<Node>,
+    head: &Head,
     peer: SocketAddr,
-) -> (u16, serde_json::Value) {
-    if req.path != Some("/v1/bind") {
-        return (
-            404,
-            json!({"error": "not found: the bind listener serves /v1/bind"}),
-        );
+) -> (u16, serde_json::Result<String>) {
+    let refused = |status, e: HttpError| (status, serde_json::to_string(&e));
+    if head.path != "/v1/bind" {
+        return refused(404, refusal("not found: the bind listener serves /v1/bind"));
     }
-    let method = req.method.unwrap_or_default();
+    let method = head.method.as_str();
     if method != "POST" && method != "DELETE" {
-        return (405, json!({"error": "use POST (bind) or DELETE (unbind)"}));
+        return refused(405, refusal("use POST (bind) or DELETE (unbind)"));
     }
-    let auth = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-        .and_then(|h| std::str::from_utf8(h.value).ok());
-    let Some(token) = auth.and_then(|a| {
+    let Some(token) = head.header("authorization").and_then(|a| {
         a.strip_prefix("Bearer ")
             .or_else(|| a.strip_prefix("bearer "))
     }) else {
-        return (
-            401,
-            json!({"error": "missing Authorization: Bearer <token>"}),
-        );
+        return refused(401, refusal("missing Authorization: Bearer <token>"));
     };
     let who = Actor {
         via: "bind_listener",
@@ -167,17 +166,22 @@ fn respond(
         gid: None,
         pid: None,
     };
-    let mut d = daemon.borrow_mut();
+    let mut n = node.borrow_mut();
     let result = if method == "POST" {
-        d.bind_token(token.trim(), peer.ip(), &who)
+        let r = tokens::bind_token(&mut n, token.trim(), peer.ip(), &who);
+        ops::audited(&n, &who, r).map(|b| serde_json::to_string(&b))
     } else {
-        d.unbind_token(token.trim(), peer.ip(), &who)
+        let r = tokens::unbind_token(&mut n, token.trim(), peer.ip());
+        ops::audited(&n, &who, r).map(|b| serde_json::to_string(&b))
     };
     match result {
-        Ok(detail) => (200, detail),
-        Err(f) => (
+        Ok(body) => (200, body),
+        Err(f) => refused(
             f.http_status(),
-            json!({"error": f.message(), "reason": f.label()}),
+            HttpError {
+                error: f.message(),
+                reason: Some(f.label().to_owned()),
+            },
         ),
     }
 }

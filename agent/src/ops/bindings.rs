@@ -1,0 +1,115 @@
+//! Run-time bindings an operator makes and ends (`tollgate bind --identity`, `unbind`), and
+//! their expiry. Token bindings are `ops::tokens`'.
+
+use serde_json::json;
+
+use super::{Change, Done, Failed, OpError};
+use crate::{
+    audit::Actor,
+    control::reply::{Bound, Unbound},
+    net::{parse_target, prefix_text},
+    node::Node,
+    policy_apply::expiry_boot_ns,
+    state::{DynBinding, now_unix_ms},
+    tables::TableError,
+};
+
+fn static_binding(addr: std::net::IpAddr, len: u8, owner: &str) -> OpError {
+    OpError::BadRequest(format!(
+        "{addr}/{len} is bound to {owner} by the configuration; change it there"
+    ))
+}
+
+/// Binds `target` (an address or CIDR) to `identity`, for `for_secs` or until unbound.
+pub fn bind(
+    node: &mut Node,
+    who: &Actor,
+    target: &str,
+    identity: &str,
+    for_secs: Option<u64>,
+) -> Result<Done<Bound>, Failed> {
+    let (addr, len) = parse_target(target).map_err(OpError::BadRequest)?;
+    let ids = node.identities();
+    let id = ids
+        .slot(identity)
+        .ok_or_else(|| OpError::no_identity(identity))?;
+    if let Some(owner) = ids.static_owner(addr, len) {
+        return Err(static_binding(addr, len, owner).into());
+    }
+    if for_secs == Some(0) {
+        return Err(OpError::BadRequest("--for must be at least 1 second".into()).into());
+    }
+    let now = now_unix_ms();
+    let expires = for_secs.map(|s| now + s.saturating_mul(1000));
+    let exp_ns = expiry_boot_ns(expires, now).unwrap_or(1);
+    node.pinned.tables.bind(addr, len, id, exp_ns)?;
+    node.state
+        .bindings
+        .retain(|b| !(b.addr == addr && b.prefix_len == len));
+    node.state.bindings.push(DynBinding {
+        addr,
+        prefix_len: len,
+        identity: identity.to_owned(),
+        expires_unix_ms: expires,
+        created_unix_ms: now,
+        by: who.describe(),
+        token_id: None,
+    });
+    node.save_state()?;
+    let reply = Bound {
+        target: prefix_text(addr, len),
+        identity: identity.to_owned(),
+        expires_unix_ms: expires,
+    };
+    let change = Change::new("bind", "", &reply);
+    Ok(Done::changed(reply, change))
+}
+
+/// Ends the run-time binding of exactly `target`.
+pub fn unbind(node: &mut Node, target: &str) -> Result<Done<Unbound>, Failed> {
+    let (addr, len) = parse_target(target).map_err(OpError::BadRequest)?;
+    if let Some(owner) = node.identities().static_owner(addr, len) {
+        return Err(static_binding(addr, len, owner).into());
+    }
+    let before = node.state.bindings.len();
+    node.state
+        .bindings
+        .retain(|b| !(b.addr == addr && b.prefix_len == len));
+    if node.state.bindings.len() == before {
+        return Err(OpError::NotFound(format!("no run-time binding for {addr}/{len}")).into());
+    }
+    match node.pinned.tables.unbind(addr, len) {
+        Ok(()) | Err(TableError::NoBinding(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    node.save_state()?;
+    let reply = Unbound {
+        target: prefix_text(addr, len),
+    };
+    let change = Change::new("unbind", "", &reply);
+    Ok(Done::changed(reply, change))
+}
+
+/// Frees the slots of run-time bindings whose time is up (the kernel already ignores them);
+/// the audit records of what went, for the agent to write. The state is saved by the caller.
+pub fn expire(node: &mut Node, now: u64) -> Vec<Change> {
+    let stale: Vec<DynBinding> = node
+        .state
+        .bindings
+        .iter()
+        .filter(|b| b.expired(now))
+        .cloned()
+        .collect();
+    let mut changes = Vec::new();
+    for b in &stale {
+        // The kernel already ignores it; this frees the slot.
+        let _ = node.pinned.tables.unbind(b.addr, b.prefix_len);
+        changes.push(Change::new(
+            "unbind",
+            "binding expired",
+            json!({"target": prefix_text(b.addr, b.prefix_len), "identity": b.identity}),
+        ));
+    }
+    node.state.bindings.retain(|b| !b.expired(now));
+    changes
+}

@@ -1,0 +1,125 @@
+//! Quarantine: an operator's (or the controller's) "this identity passes nothing", and its
+//! release, by hand or when its time is up.
+
+use std::net::IpAddr;
+
+use serde_json::json;
+use tollgate_common::policy::ID_QUARANTINED;
+use tracing::warn;
+
+use super::{Change, Done, Failed, OpError};
+use crate::{
+    audit::Actor,
+    control::reply::{Quarantined, Released},
+    node::Node,
+    state::{Quarantine, QuarantineOwner, now_unix_ms},
+};
+
+/// An identity name, or the identity an address is bound to.
+pub fn resolve_target(node: &Node, target: &str) -> Result<String, OpError> {
+    let ids = node.identities();
+    if ids.slot(target).is_some() {
+        return Ok(target.to_owned());
+    }
+    if let Ok(addr) = target.parse::<IpAddr>() {
+        let found = node.pinned.tables.lookup_binding(addr)?;
+        return match found.and_then(|(_, b)| ids.name_of(b.identity)) {
+            Some(n) => Ok(n.to_owned()),
+            None => Err(OpError::NotFound(format!(
+                "{addr} is not bound to any identity"
+            ))),
+        };
+    }
+    Err(OpError::NotFound(format!(
+        "no identity named {target:?} (and it is not an address)"
+    )))
+}
+
+/// Sets or clears the kernel's quarantine flag of `name`.
+pub fn set_flag(node: &mut Node, name: &str, on: bool) -> Result<(), OpError> {
+    let id = node
+        .identities()
+        .slot(name)
+        .ok_or_else(|| OpError::no_identity(name))?;
+    let tables = &mut node.pinned.tables;
+    let mut rec = tables.identity(id)?;
+    if on {
+        rec.flags |= ID_QUARANTINED;
+    } else {
+        rec.flags &= !ID_QUARANTINED;
+    }
+    tables.set_identity(id, &rec)?;
+    Ok(())
+}
+
+/// Quarantines `target` (an identity, or the identity an address is bound to) for
+/// `for_secs` or until released.
+pub fn quarantine(
+    node: &mut Node,
+    who: &Actor,
+    target: &str,
+    for_secs: Option<u64>,
+    reason: &str,
+) -> Result<Done<Quarantined>, Failed> {
+    if reason.trim().is_empty() {
+        return Err(OpError::BadRequest("a quarantine needs a --reason".into()).into());
+    }
+    let name = resolve_target(node, target)?;
+    let now = now_unix_ms();
+    let until = for_secs.map(|s| now + s.saturating_mul(1000));
+    node.state.quarantines.insert(
+        name.clone(),
+        Quarantine {
+            until_unix_ms: until,
+            since_unix_ms: now,
+            reason: reason.to_owned(),
+            by: QuarantineOwner::from(who),
+        },
+    );
+    node.save_state()?;
+    set_flag(node, &name, true)?;
+    let reply = Quarantined {
+        identity: name,
+        until_unix_ms: until,
+    };
+    let change = Change::new("quarantine", reason, &reply);
+    Ok(Done::changed(reply, change))
+}
+
+/// Releases `target` from quarantine.
+pub fn release(node: &mut Node, target: &str, reason: &str) -> Result<Done<Released>, Failed> {
+    let name = resolve_target(node, target)?;
+    if node.state.quarantines.remove(&name).is_none() {
+        return Err(OpError::NotFound(format!("{name} is not quarantined")).into());
+    }
+    node.save_state()?;
+    set_flag(node, &name, false)?;
+    let reply = Released { identity: name };
+    let change = Change::new("release", reason, &reply);
+    Ok(Done::changed(reply, change))
+}
+
+/// Releases the quarantines whose time is up; the audit records of what went, for the agent
+/// to write. The state is saved by the caller.
+pub fn expire(node: &mut Node, now: u64) -> Vec<Change> {
+    let expired: Vec<String> = node
+        .state
+        .quarantines
+        .iter()
+        .filter(|(_, q)| q.until_unix_ms.is_some_and(|u| u <= now))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut changes = Vec::new();
+    for name in expired {
+        node.state.quarantines.remove(&name);
+        if let Err(e) = set_flag(node, &name, false) {
+            warn!("releasing {name}: {e}");
+        }
+        changes.push(Change::new(
+            "release",
+            "quarantine expired",
+            json!({ "identity": name }),
+        ));
+    }
+    changes
+}

@@ -1,0 +1,221 @@
+//! The read verbs: status, endpoints, identities, explain. Nothing here changes the node.
+
+use std::collections::HashMap;
+
+use tollgate_common::Verdict;
+
+use super::OpError;
+use crate::{
+    config::GpuSourceKind,
+    control::reply::{
+        EndpointRow, Endpoints, Explained, GpuStatus, Identities, Identity, IdentityRow,
+        QuarantineInfo, Status, TokenStatus, class_from_label,
+    },
+    counter_read::{reason_endpoint_totals, reason_totals},
+    explain::{self, Probe},
+    identity::Resolved,
+    net::mask,
+    node::Node,
+    state::now_unix_ms,
+    tables::boot_ns,
+};
+
+fn label_of<T: std::fmt::Debug>(v: T) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
+fn gpu_source(k: GpuSourceKind) -> String {
+    label_of(k)
+}
+
+pub fn status(node: &Node) -> Result<Status, OpError> {
+    let totals = reason_totals(node.pinned.tables.reason_counters())
+        .map_err(|e| OpError::Kernel(e.to_string()))?;
+    let (mut passed, mut dropped) = (0u64, 0u64);
+    for (r, c) in &totals {
+        if r.verdict() == Verdict::Pass {
+            passed += c.packets;
+        } else {
+            dropped += c.packets;
+        }
+    }
+    let config = &node.config;
+    Ok(Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        config: config.source.clone(),
+        interfaces: node.attached.clone(),
+        xdp_mode: config.node.xdp_mode.label().to_owned(),
+        pin_dir: config.node.pin_dir.clone(),
+        adopted_pins: node.pinned.adopted,
+        layout_version: tollgate_common::LAYOUT_VERSION,
+        uptime_s: (now_unix_ms() - node.started_unix_ms) / 1000,
+        endpoints: config.endpoints.len(),
+        identities: node.state.identity_ids.len(),
+        bindings: node.pinned.tables.binding_counts().iter().sum(),
+        quarantined: node.state.quarantines.keys().cloned().collect(),
+        passed_packets: passed,
+        dropped_packets: dropped,
+        gpu: GpuStatus {
+            source: gpu_source(config.controller.gpu_source),
+            error: node.control.gpu_error.clone(),
+            readings: node.control.readings.clone(),
+            saturated_endpoints: node.control.saturated(config),
+        },
+        anomaly_mode: label_of(config.anomaly.mode),
+        tokens: node.tokens.as_ref().map(|t| TokenStatus {
+            keys: t.keys.kids().into_iter().map(str::to_owned).collect(),
+            verifications: t
+                .results
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            probable_thefts: t.thefts,
+        }),
+    })
+}
+
+/// "8000" or "8000-8010".
+fn port_range(r: &std::ops::RangeInclusive<u16>) -> String {
+    if r.start() == r.end() {
+        r.start().to_string()
+    } else {
+        format!("{}-{}", r.start(), r.end())
+    }
+}
+
+pub fn endpoints(node: &Node) -> Result<Endpoints, OpError> {
+    let per = reason_endpoint_totals(node.pinned.tables.reason_counters())
+        .map_err(|e| OpError::Kernel(e.to_string()))?;
+    Ok(node
+        .config
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, ep)| {
+            let id = i as u32 + 1;
+            let (mut passed, mut dropped) = (0u64, 0u64);
+            for (r, e, c) in &per {
+                if *e == id {
+                    if r.verdict() == Verdict::Pass {
+                        passed += c.packets;
+                    } else {
+                        dropped += c.packets;
+                    }
+                }
+            }
+            EndpointRow {
+                id,
+                name: ep.name.clone(),
+                protocol: ep.spec.proto,
+                ports: ep.port_ranges.iter().map(port_range).collect(),
+                weight: ep.spec.weight,
+                classes: ep.spec.allowed_classes.clone(),
+                roles: ep.role_names.clone(),
+                anonymous: ep.spec.anonymous,
+                passed_packets: passed,
+                dropped_packets: dropped,
+            }
+        })
+        .collect())
+}
+
+/// The kernel's bindings as text, grouped by identity slot (one pass: listing thousands of
+/// identities stays linear).
+fn bindings_by_slot(node: &Node) -> Result<HashMap<u32, Vec<String>>, OpError> {
+    let now_boot = boot_ns();
+    let mut by_id: HashMap<u32, Vec<String>> = HashMap::new();
+    for (a, l, b) in node.pinned.tables.bindings()? {
+        let net = mask(a, l);
+        let text = if b.expires_ns == 0 {
+            format!("{net}/{l}")
+        } else if b.expires_ns > now_boot {
+            format!(
+                "{net}/{l} (expires in {}s)",
+                (b.expires_ns - now_boot) / 1_000_000_000
+            )
+        } else {
+            format!("{net}/{l} (expired)")
+        };
+        by_id.entry(b.identity).or_default().push(text);
+    }
+    Ok(by_id)
+}
+
+fn row(
+    node: &Node,
+    r: &Resolved<'_>,
+    id: u32,
+    bindings: Vec<String>,
+) -> Result<IdentityRow, OpError> {
+    let c = node.pinned.tables.identity_counters(id)?;
+    Ok(IdentityRow {
+        id,
+        name: r.name.to_owned(),
+        class: r.class,
+        plan: r.plan.to_owned(),
+        roles: r.roles.to_vec(),
+        source: r.source,
+        bindings,
+        quarantined: node.state.quarantines.get(r.name).map(|q| QuarantineInfo {
+            reason: q.reason.clone(),
+            until_unix_ms: q.until_unix_ms,
+            by: q.by.clone(),
+        }),
+        passed_packets: c.passed.packets,
+        passed_bytes: c.passed.bytes,
+        dropped_packets: c.dropped.packets,
+        dropped_bytes: c.dropped.bytes,
+    })
+}
+
+/// Every identity with a slot, by slot.
+pub fn identities(node: &Node) -> Result<Identities, OpError> {
+    let mut by_id = bindings_by_slot(node)?;
+    let mut rows = Vec::new();
+    for r in node.identities().all() {
+        let Some(id) = r.slot else { continue };
+        rows.push(row(node, &r, id, by_id.remove(&id).unwrap_or_default())?);
+    }
+    rows.sort_by_key(|r| r.id);
+    Ok(rows)
+}
+
+pub fn identity(node: &Node, name: &str) -> Result<Identity, OpError> {
+    let ids = node.identities();
+    let (Some(r), Some(id)) = (ids.get(name), ids.slot(name)) else {
+        return Err(OpError::no_identity(name));
+    };
+    let bindings = bindings_by_slot(node)?.remove(&id).unwrap_or_default();
+    row(node, &r, id, bindings)
+}
+
+struct Names<'a>(&'a Node);
+
+impl explain::Names for Names<'_> {
+    fn endpoint(&self, id: u32) -> Option<String> {
+        self.0
+            .config
+            .endpoints
+            .get(id.checked_sub(1)? as usize)
+            .map(|e| e.name.clone())
+    }
+    fn identity(&self, id: u32) -> Option<String> {
+        self.0.identities().name_of(id).map(str::to_owned)
+    }
+}
+
+pub fn explain(node: &Node, probe: &Probe) -> Result<Explained, OpError> {
+    let e = explain::explain(&node.pinned.tables, &Names(node), probe)
+        .map_err(|e| OpError::BadRequest(e.to_string()))?;
+    Ok(Explained {
+        verdict: e.verdict.to_owned(),
+        reason: e.reason.to_owned(),
+        endpoint_id: e.endpoint_id,
+        endpoint: e.endpoint,
+        identity_id: e.identity_id,
+        identity: e.identity,
+        class: e.class.and_then(class_from_label),
+        binding: e.binding,
+        why: e.why,
+    })
+}

@@ -1,0 +1,306 @@
+//! Binding by token: verify, apply the revocation list, refuse replays from a second
+//! address, give the identity a slot, bind the caller's observed address until the token
+//! expires. The HTTPS listener and `tollgate bind --token` both end here; so do revocations
+//! and the tokens' housekeeping.
+
+use std::net::IpAddr;
+
+use serde_json::json;
+use tollgate_common::{
+    policy::MAX_IDENTITIES,
+    token::{Refusal, verify},
+};
+use tracing::warn;
+
+use super::{AuditFailed, Change, Done, Failed, OpError};
+use crate::{
+    audit::Actor,
+    control::reply::{Revoked, TokenBound, TokenUnbound},
+    identity,
+    net::{host_len, prefix_text},
+    node::Node,
+    policy_apply::expiry_boot_ns,
+    state::{DynBinding, TokenIdentity, now_unix_ms},
+    tables::TableError,
+    token_bind::{BindFailure, placement},
+};
+
+impl From<BindFailure> for OpError {
+    fn from(f: BindFailure) -> OpError {
+        let message = f.message();
+        match f {
+            BindFailure::Kernel(_) => OpError::Kernel(message),
+            BindFailure::Disabled => OpError::NotFound(message),
+            _ => OpError::BadRequest(message),
+        }
+    }
+}
+
+impl From<AuditFailed> for BindFailure {
+    fn from(e: AuditFailed) -> BindFailure {
+        BindFailure::Kernel(format!("audit log: {}", e.0))
+    }
+}
+
+/// Verifies `token` and binds `addr` (the observed peer, or the gateway's client) to its
+/// identity until it expires. Every outcome is counted; refusals and binds are audited.
+pub fn bind_token(
+    node: &mut Node,
+    token: &str,
+    addr: IpAddr,
+    who: &Actor,
+) -> Result<Done<TokenBound>, Failed<BindFailure>> {
+    // An IPv4 client seen on a dual-stack socket arrives as ::ffff:a.b.c.d.
+    let addr = addr.to_canonical();
+    bind_verified(node, token, addr, who).map_err(|f| {
+        if let Some(svc) = node.tokens.as_mut() {
+            match &f {
+                BindFailure::Refused(refusal) => svc.count(refusal.label()),
+                BindFailure::Replay { .. } => svc.thefts += 1,
+                _ => {}
+            }
+        }
+        let action = if matches!(f, BindFailure::Replay { .. }) {
+            "token_theft"
+        } else {
+            "token_refused"
+        };
+        let change = Change::new(
+            action,
+            f.label(),
+            json!({"address": addr, "message": f.message()}),
+        );
+        Failed::audited(f, change)
+    })
+}
+
+fn bind_verified(
+    node: &mut Node,
+    token: &str,
+    addr: IpAddr,
+    who: &Actor,
+) -> Result<Done<TokenBound>, BindFailure> {
+    let cfg = node.config.tokens.clone().ok_or(BindFailure::Disabled)?;
+    let svc = node.tokens.as_mut().ok_or(BindFailure::Disabled)?;
+    let now_ms = now_unix_ms();
+    let claims =
+        verify(token, &svc.keys, &svc.policy, now_ms / 1000).map_err(BindFailure::Refused)?;
+    let state = &node.state;
+    if state.revoked_tokens.contains_key(&claims.jti)
+        || state
+            .revoked_identities
+            .get(&claims.identity)
+            .is_some_and(|at| claims.iat.saturating_mul(1000) <= *at)
+    {
+        return Err(BindFailure::Refused(Refusal::Revoked));
+    }
+    svc.count("ok");
+    // Replay: the same token, bound and alive, from another address.
+    if let Some(b) = state
+        .bindings
+        .iter()
+        .find(|b| b.token_id.as_deref() == Some(claims.jti.as_str()) && !b.expired(now_ms))
+        && b.addr != addr
+    {
+        return Err(BindFailure::Replay { bound_to: b.addr });
+    }
+    let len = host_len(addr);
+    if let Some(owner) = node.identities().static_owner(addr, len) {
+        return Err(BindFailure::Unplaceable(format!(
+            "{addr} is bound to {owner} by the configuration"
+        )));
+    }
+    let placed = placement(&node.config, &cfg, &claims).map_err(BindFailure::Unplaceable)?;
+    let id = node
+        .state
+        .identity_id(&claims.identity, MAX_IDENTITIES)
+        .ok_or_else(|| {
+            BindFailure::Kernel(format!("no free identity slot for {}", claims.identity))
+        })?;
+    if let Some(t) = placed {
+        let merged = match node.state.token_identities.get(&claims.identity) {
+            Some(old) if old.expires_unix_ms > t.expires_unix_ms => TokenIdentity {
+                expires_unix_ms: old.expires_unix_ms,
+                ..t
+            },
+            _ => t,
+        };
+        let ids = node.identities();
+        let rec = ids.record(
+            &identity::token(&claims.identity, Some(id), &merged),
+            node.state.quarantined(&claims.identity, now_ms),
+        );
+        node.pinned
+            .tables
+            .set_identity_keeping_controller_flags(id, &rec)
+            .map_err(|e| BindFailure::Kernel(e.to_string()))?;
+        node.state
+            .token_identities
+            .insert(claims.identity.clone(), merged);
+    }
+    let expires_ms = claims.exp.saturating_mul(1000);
+    let exp_ns = expiry_boot_ns(Some(expires_ms), now_ms).unwrap_or(1);
+    node.pinned
+        .tables
+        .bind(addr, len, id, exp_ns)
+        .map_err(|e| BindFailure::Kernel(e.to_string()))?;
+    node.state
+        .bindings
+        .retain(|b| !(b.addr == addr && b.prefix_len == len));
+    node.state.bindings.push(DynBinding {
+        addr,
+        prefix_len: len,
+        identity: claims.identity.clone(),
+        expires_unix_ms: Some(expires_ms),
+        created_unix_ms: now_ms,
+        by: who.describe(),
+        token_id: Some(claims.jti.clone()),
+    });
+    node.save_state()
+        .map_err(|e| BindFailure::Kernel(e.to_string()))?;
+    let reply = TokenBound {
+        address: addr,
+        identity: claims.identity,
+        token_id: claims.jti,
+        key_id: claims.kid,
+        expires_unix: claims.exp,
+    };
+    let change = Change::new("bind", "token", &reply);
+    Ok(Done::changed(reply, change))
+}
+
+/// Ends the binding `token` made for `addr` (DELETE /v1/bind): the token must verify and
+/// must be the one that made it.
+pub fn unbind_token(
+    node: &mut Node,
+    token: &str,
+    addr: IpAddr,
+) -> Result<Done<TokenUnbound>, Failed<BindFailure>> {
+    let plain = |f: BindFailure| Failed {
+        error: f,
+        change: None,
+    };
+    // An IPv4 client seen on a dual-stack socket arrives as ::ffff:a.b.c.d.
+    let addr = addr.to_canonical();
+    let svc = node
+        .tokens
+        .as_mut()
+        .ok_or(BindFailure::Disabled)
+        .map_err(plain)?;
+    let claims = verify(token, &svc.keys, &svc.policy, now_unix_ms() / 1000)
+        .map_err(|r| plain(BindFailure::Refused(r)))?;
+    let before = node.state.bindings.len();
+    node.state
+        .bindings
+        .retain(|b| !(b.addr == addr && b.token_id.as_deref() == Some(claims.jti.as_str())));
+    if node.state.bindings.len() == before {
+        return Err(plain(BindFailure::Unplaceable(format!(
+            "{addr} is not bound by this token"
+        ))));
+    }
+    let _ = node.pinned.tables.unbind(addr, host_len(addr));
+    node.save_state()
+        .map_err(|e| plain(BindFailure::Kernel(e.to_string())))?;
+    let reply = TokenUnbound {
+        address: addr,
+        identity: claims.identity,
+        token_id: claims.jti,
+    };
+    let change = Change::new("unbind", "token", &reply);
+    Ok(Done::changed(reply, change))
+}
+
+/// Revokes a token id or every token of an identity issued until now: their bindings go
+/// at once, and the revocation is persisted.
+pub fn revoke(
+    node: &mut Node,
+    token_id: Option<&str>,
+    identity: Option<&str>,
+    reason: &str,
+) -> Result<Done<Revoked>, Failed> {
+    let now_ms = now_unix_ms();
+    if token_id.is_none() && identity.is_none() {
+        return Err(OpError::BadRequest("revoke needs --token-id or --identity".into()).into());
+    }
+    let hit = |b: &DynBinding| {
+        token_id.is_some_and(|t| b.token_id.as_deref() == Some(t))
+            || identity.is_some_and(|i| b.identity == i && b.token_id.is_some())
+    };
+    let removed: Vec<DynBinding> = node
+        .state
+        .bindings
+        .iter()
+        .filter(|b| hit(b))
+        .cloned()
+        .collect();
+    for b in &removed {
+        match node.pinned.tables.unbind(b.addr, b.prefix_len) {
+            Ok(()) | Err(TableError::NoBinding(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    node.state.bindings.retain(|b| !hit(b));
+    if let Some(t) = token_id {
+        // Kept until the token would have expired anyway (max TTL from now bounds it).
+        let ttl = node
+            .config
+            .tokens
+            .as_ref()
+            .map_or(86400, |c| c.max_ttl_s + c.clock_skew_s);
+        let until = removed
+            .iter()
+            .filter_map(|b| b.expires_unix_ms)
+            .max()
+            .unwrap_or(now_ms + ttl * 1000);
+        node.state.revoked_tokens.insert(t.to_owned(), until);
+    }
+    if let Some(i) = identity {
+        node.state.revoked_identities.insert(i.to_owned(), now_ms);
+    }
+    node.save_state()?;
+    let reply = Revoked {
+        token_id: token_id.map(str::to_owned),
+        identity: identity.map(str::to_owned),
+        bindings_removed: removed
+            .iter()
+            .map(|b| prefix_text(b.addr, b.prefix_len))
+            .collect(),
+    };
+    let change = Change::new("revoke", reason, &reply);
+    Ok(Done::changed(reply, change))
+}
+
+/// Housekeeping for tokens: drop revocations of tokens that have expired anyway, free
+/// token identities whose tokens have all expired, pick up a rotated JWKS. The audit records
+/// of what changed, for the agent to write.
+pub fn housekeeping(node: &mut Node, now_ms: u64) -> Vec<Change> {
+    let state = &mut node.state;
+    state.revoked_tokens.retain(|_, until| *until > now_ms);
+    let expired: Vec<String> = state
+        .token_identities
+        .iter()
+        .filter(|(n, t)| {
+            t.expires_unix_ms <= now_ms && !state.bindings.iter().any(|b| &b.identity == *n)
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in expired {
+        state.token_identities.remove(&name);
+        if let Some(id) = state.identity_ids.remove(&name) {
+            let _ = node.pinned.tables.clear_identity(id);
+        }
+    }
+    let mut changes = Vec::new();
+    if let (Some(cfg), Some(svc)) = (node.config.tokens.as_ref(), node.tokens.as_mut()) {
+        match svc.refresh(cfg) {
+            Some(Ok(n)) => changes.push(Change::new(
+                "keys_reloaded",
+                "jwks changed",
+                json!({ "keys": n }),
+            )),
+            Some(Err(e)) => warn!("keeping the previous keys: {e}"),
+            None => {}
+        }
+    }
+    changes
+}

@@ -1,0 +1,8 @@
+//! The node's servers, thin adapters over `ops`: the control socket, `/metrics`, and the
+//! HTTPS bind listener. The two HTTP servers read their requests with the one bounded
+//! reader in `http`.
+
+pub mod bind;
+pub mod control;
+pub mod http;
+pub mod metrics;
