@@ -284,6 +284,33 @@ mod tests {
     }
 
     #[test]
+    fn quarantine_owners_written_as_strings_still_load() {
+        let dir = tmpdir("owners");
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = r#"{"version":VERSION,"identity_ids":{"a":1,"b":2},"bindings":[],
+            "quarantines":{
+              "a":{"until_unix_ms":null,"since_unix_ms":1,"reason":"x","by":"uid 0 (pid 42) via control"},
+              "b":{"until_unix_ms":5,"since_unix_ms":1,"reason":"anomaly","by":"controller"}}}"#
+            .replace("VERSION", &STATE_VERSION.to_string());
+        std::fs::write(State::path(&dir), old).unwrap();
+        let s = State::load(&dir).unwrap();
+        assert_eq!(
+            s.quarantines["a"].by,
+            QuarantineOwner::Operator {
+                uid: 0,
+                gid: None,
+                pid: Some(42)
+            }
+        );
+        assert_eq!(s.quarantines["b"].by, QuarantineOwner::Controller);
+        assert!(s.quarantines["b"].by == "controller");
+        // Saved in the typed form, and read back the same.
+        s.save(&dir).unwrap();
+        assert_eq!(State::load(&dir).unwrap(), s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn slots_are_reused_lowest_first_and_bounded() {
         let mut s = State::default();
         for n in ["a", "b", "c"] {

@@ -1,0 +1,165 @@
+//! What userspace says about endpoints, plans and identities, and the kernel records it
+//! becomes; the clock bindings expire by.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    ops::RangeInclusive,
+};
+
+use tollgate_common::{
+    limiter,
+    policy::{
+        Class, EP_ACTIVE, EP_ANON_ALLOWED, EP_V4_PREFIX, EP_V6_PREFIX, Endpoint, ID_ACTIVE,
+        Identity, Limits, Q8_ONE, UNLIMITED,
+    },
+};
+
+use super::{Result, TableError};
+
+/// Transport protocol of an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => tollgate_common::parse::IPPROTO_TCP,
+            Proto::Udp => tollgate_common::parse::IPPROTO_UDP,
+        }
+    }
+}
+
+/// A protected endpoint as userspace describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointSpec {
+    pub proto: Proto,
+    pub ports: RangeInclusive<u16>,
+    /// Only destinations inside these prefixes are protected (at most one per family).
+    pub v4_prefix: Option<(Ipv4Addr, u8)>,
+    pub v6_prefix: Option<(Ipv6Addr, u8)>,
+    /// Cost weight (1.0 = bytes count once).
+    pub weight: f64,
+    pub allowed_classes: Vec<Class>,
+    /// Role bits that may reach it; 0: any.
+    pub roles: u64,
+    /// Unbound sources may reach it within the anonymous per-prefix allowance.
+    pub anonymous: bool,
+}
+
+/// Converts a factor to Q8 (256 = 1.0), clamped to what the kernel's u16 holds.
+pub fn to_q8(x: f64) -> u16 {
+    (x * 256.0).round().clamp(1.0, u16::MAX as f64) as u16
+}
+
+impl EndpointSpec {
+    /// The kernel's record of this endpoint.
+    pub fn to_kernel(&self) -> Result<Endpoint> {
+        let mut ep = Endpoint {
+            flags: EP_ACTIVE,
+            weight_q8: to_q8(self.weight),
+            roles: self.roles,
+            ..Default::default()
+        };
+        for c in &self.allowed_classes {
+            ep.allowed_classes |= c.bit();
+        }
+        if self.anonymous {
+            ep.flags |= EP_ANON_ALLOWED;
+        }
+        if let Some((a, len)) = self.v4_prefix {
+            if len > 32 {
+                return Err(TableError::PrefixLength {
+                    addr: a.into(),
+                    len,
+                });
+            }
+            ep.flags |= EP_V4_PREFIX;
+            ep.v4_prefix = a.octets();
+            ep.v4_prefix_len = len;
+        }
+        if let Some((a, len)) = self.v6_prefix {
+            if len > 128 {
+                return Err(TableError::PrefixLength {
+                    addr: a.into(),
+                    len,
+                });
+            }
+            ep.flags |= EP_V6_PREFIX;
+            ep.v6_prefix = a.octets();
+            ep.v6_prefix_len = len;
+        }
+        Ok(ep)
+    }
+}
+
+/// A plan's limits as an operator states them; `None` means unlimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanLimits {
+    pub packets_per_s: Option<u64>,
+    pub packet_burst: u64,
+    pub bytes_per_s: Option<u64>,
+    pub byte_burst: u64,
+}
+
+impl PlanLimits {
+    pub const UNLIMITED: PlanLimits = PlanLimits {
+        packets_per_s: None,
+        packet_burst: 0,
+        bytes_per_s: None,
+        byte_burst: 0,
+    };
+
+    /// The limiter's form: rates and burst tolerances in ns, computed with the same
+    /// arithmetic the kernel uses, so that exactly `packet_burst` packets conform from idle.
+    pub fn to_kernel(&self) -> Limits {
+        let pps = self.packets_per_s.unwrap_or(UNLIMITED);
+        let bps = self.bytes_per_s.unwrap_or(UNLIMITED);
+        Limits {
+            pps,
+            pkt_tau_ns: limiter::packet_tau_ns(pps, self.packet_burst),
+            bps,
+            byte_tau_ns: limiter::byte_tau_ns(bps, self.byte_burst),
+        }
+    }
+}
+
+/// The kernel record of an active identity.
+pub fn identity_record(class: Class, roles: u64, plan: u16, limits: &PlanLimits) -> Identity {
+    Identity {
+        flags: ID_ACTIVE,
+        class: class as u8,
+        throttle_q8: Q8_ONE,
+        plan,
+        _pad: 0,
+        roles,
+        limits: limits.to_kernel(),
+    }
+}
+
+/// CLOCK_BOOTTIME now, in ns: the clock the kernel checks binding expiry against.
+pub fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_conversion_clamps() {
+        assert_eq!(to_q8(1.0), 256);
+        assert_eq!(to_q8(2.5), 640);
+        assert_eq!(to_q8(0.0), 1);
+        assert_eq!(to_q8(1e9), u16::MAX);
+    }
+}
