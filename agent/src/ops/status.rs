@@ -1,6 +1,6 @@
 //! The read verbs: status, endpoints, identities, explain. Nothing here changes the node.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tollgate_common::Verdict;
 
@@ -32,11 +32,15 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
     let totals = reason_totals(node.pinned.tables.reason_counters())
         .map_err(|e| OpError::Kernel(e.to_string()))?;
     let (mut passed, mut dropped) = (0u64, 0u64);
+    let mut drops = BTreeMap::new();
     for (r, c) in &totals {
         if r.verdict() == Verdict::Pass {
             passed += c.packets;
         } else {
             dropped += c.packets;
+            if c.packets != 0 {
+                drops.insert(r.label().to_owned(), c.packets);
+            }
         }
     }
     let config = &node.config;
@@ -55,6 +59,7 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
         quarantined: node.state.quarantines.keys().cloned().collect(),
         passed_packets: passed,
         dropped_packets: dropped,
+        drops,
         gpu: GpuStatus {
             source: gpu_source(config.controller.gpu_source),
             error: node.control.gpu_error.clone(),
