@@ -8,7 +8,6 @@ use tollgate_common::token::{ClaimNames, Claims, KeySet, Policy, REFUSALS, Refus
 
 use crate::{
     config::{Config, Tokens},
-    control::protocol::{ErrorKind, Response},
     state::TokenIdentity,
 };
 
@@ -92,7 +91,8 @@ pub fn policy_of(cfg: &Tokens) -> Policy {
     }
 }
 
-/// Why a token bind failed; maps to an HTTP status and a control-socket error kind.
+/// Why a token bind failed; maps to an HTTP status (here) and a control-socket error kind
+/// (`ops::OpError`'s `From`).
 #[derive(Debug)]
 pub enum BindFailure {
     /// The token itself (signature, time, audience, revocation ...).
@@ -139,16 +139,15 @@ impl BindFailure {
             BindFailure::Kernel(_) => "kernel",
         }
     }
+}
 
-    pub fn to_response(&self) -> Response {
-        let kind = match self {
-            BindFailure::Kernel(_) => ErrorKind::Kernel,
-            BindFailure::Disabled => ErrorKind::NotFound,
-            _ => ErrorKind::BadRequest,
-        };
-        Response::err(kind, self.message())
+impl std::fmt::Display for BindFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
     }
 }
+
+impl std::error::Error for BindFailure {}
 
 /// Where a token's identity is placed: `None` when the configuration names the identity (its
 /// class, plan and roles are the configuration's), else the claims' class, plan and roles
