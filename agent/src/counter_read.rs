@@ -86,3 +86,36 @@ pub fn to_rows(totals: &[(Reason, Counter)]) -> Vec<ReasonTotal> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use tollgate_common::{Counter, policy::IdentityCounters};
+
+    #[test]
+    fn identity_counters_sum_delta_and_accumulate() {
+        let slot = |p: u64, cost: u64| IdentityCounters {
+            passed: Counter {
+                packets: p,
+                bytes: p * 100,
+            },
+            dropped: Counter {
+                packets: 1,
+                bytes: 60,
+            },
+            cost,
+            syn: 1,
+            small: 0,
+        };
+        let total = IdentityCounters::sum(&[slot(2, 10), slot(3, u64::MAX)]);
+        assert_eq!(total.passed.packets, 5);
+        assert_eq!(total.dropped.bytes, 120);
+        assert_eq!(total.cost, 9, "wraps like the kernel's counters");
+        assert_eq!(total.packets(), 7);
+        let earlier = slot(2, 10);
+        let d = total.delta(&earlier);
+        assert_eq!((d.passed.packets, d.dropped.packets, d.syn), (3, 1, 1));
+        let mut back = earlier;
+        back.accumulate(&d);
+        assert_eq!(back, total);
+    }
+}

@@ -15,6 +15,7 @@ pub use crate::control::reply::Applied;
 use crate::{
     config::Config,
     identity::Resolver,
+    net::prefix_text,
     state::State,
     tables::{KernelTables, TableError, boot_ns, to_q8},
 };
@@ -144,9 +145,11 @@ pub fn apply(
     state.bindings.retain(|b| {
         let keep = ids.contains_key(&b.identity) && !b.expired(now_ms);
         if !keep {
-            applied
-                .dropped_dynamic_bindings
-                .push(format!("{}/{} ({})", b.addr, b.prefix_len, b.identity));
+            applied.dropped_dynamic_bindings.push(format!(
+                "{} ({})",
+                prefix_text(b.addr, b.prefix_len),
+                b.identity
+            ));
         }
         keep
     });
