@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tollgate_tests::netns::{Agent, AgentDirs, Lab};
+use tollgate_tests::{
+    agent::{Agent, AgentDirs},
+    lab::Lab,
+};
 
 const TRIES: usize = 100;
 const PORT: u16 = 7000;

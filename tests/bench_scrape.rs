@@ -8,7 +8,11 @@ use std::{
 };
 
 use tollgate_common::packet::PacketBuilder;
-use tollgate_tests::netns::{Agent, AgentDirs, Lab, send_frames};
+use tollgate_tests::{
+    agent::{Agent, AgentDirs},
+    frames::send_frames,
+    lab::Lab,
+};
 
 const IDENTITIES: u32 = 10_000;
 const SCRAPES: usize = 21;

@@ -9,7 +9,11 @@ use std::{
 };
 
 use tollgate_common::packet::PacketBuilder;
-use tollgate_tests::netns::{Agent, AgentDirs, Lab, send_frames};
+use tollgate_tests::{
+    agent::{Agent, AgentDirs},
+    frames::send_frames,
+    lab::Lab,
+};
 
 /// A host in the client's /24 (and /64).
 fn host4(lab: &Lab, n: u8) -> IpAddr {
@@ -538,7 +542,7 @@ fn kill_dash_nine_keeps_enforcing_and_a_restart_adopts() {
 fn run_as_nobody(dirs: &AgentDirs, args: &[&str]) -> std::process::Output {
     std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(tollgate_tests::netns::tollgate_bin())
+        .arg(tollgate_tests::agent::tollgate_bin())
         .arg("--socket")
         .arg(&dirs.socket)
         .args(args)
@@ -659,7 +663,7 @@ fn pins_from_an_incompatible_build_are_refused_and_left_enforcing() {
     let out = w
         .lab
         .server
-        .command(tollgate_tests::netns::tollgate_bin())
+        .command(tollgate_tests::agent::tollgate_bin())
         .arg("run")
         .arg("--pin-dir")
         .arg(&w.dirs.pin_dir)
@@ -696,7 +700,7 @@ fn pins_from_an_incompatible_build_are_refused_and_left_enforcing() {
 
 #[test]
 fn completions_and_man_page_come_from_the_cli_definitions() {
-    let bin = tollgate_tests::netns::tollgate_bin();
+    let bin = tollgate_tests::agent::tollgate_bin();
     let run = |args: &[&str]| {
         let out = std::process::Command::new(&bin)
             .args(args)

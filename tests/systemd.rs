@@ -10,7 +10,11 @@ use std::{
 };
 
 use tollgate_common::packet::PacketBuilder;
-use tollgate_tests::netns::{AgentDirs, Lab, send_frames, tollgate_bin};
+use tollgate_tests::{
+    agent::{AgentDirs, tollgate_bin},
+    frames::send_frames,
+    lab::Lab,
+};
 
 const NOBODY: u32 = 65534;
 

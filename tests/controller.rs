@@ -9,7 +9,11 @@ use std::{
 };
 
 use tollgate_common::packet::PacketBuilder;
-use tollgate_tests::netns::{Agent, AgentDirs, FrameBlaster, Lab, identity_counters};
+use tollgate_tests::{
+    agent::{Agent, AgentDirs, identity_counters},
+    frames::FrameBlaster,
+    lab::Lab,
+};
 
 const PORT: u16 = 7000;
 
@@ -123,7 +127,7 @@ bind = ["{metered}"]
     }
 
     fn gpu(&self, util: f64) {
-        let out = std::process::Command::new(tollgate_tests::netns::tollgate_bin())
+        let out = std::process::Command::new(tollgate_tests::agent::tollgate_bin())
             .args(["gpu", "simulate", "--util", &util.to_string(), "--file"])
             .arg(&self.gpu_file)
             .output()

@@ -28,10 +28,9 @@ use std::{
 
 use tollgate_common::{Reason, packet::PacketBuilder};
 use tollgate_tests::{
-    netns::{
-        Agent, AgentDirs, Counters, FrameBlaster, Lab, NetNs, SecondClient, identity_counters,
-        reason_counter, tollgate_bin,
-    },
+    agent::{Agent, AgentDirs, Counters, identity_counters, reason_counter, tollgate_bin},
+    frames::FrameBlaster,
+    lab::{Lab, NetNs, SecondClient},
     tokenlab::{BIND_PORT, MODEL_PORT, TokenKit},
 };
 

@@ -12,7 +12,9 @@ use std::{
 
 use tollgate_common::packet::PacketBuilder;
 use tollgate_tests::{
-    netns::{Agent, AgentDirs, Lab, NetNs, send_frames},
+    agent::{Agent, AgentDirs},
+    frames::send_frames,
+    lab::{Lab, NetNs},
     tokenlab,
 };
 
