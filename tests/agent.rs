@@ -11,6 +11,7 @@ use std::{
 use tollgate_common::packet::PacketBuilder;
 use tollgate_tests::{
     agent::{Agent, AgentDirs},
+    config::{Config, Endpoint, Identity, Plan, Port},
     frames::send_frames,
     lab::Lab,
 };
@@ -26,117 +27,51 @@ fn host6(lab: &Lab, n: u16) -> IpAddr {
     IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, n))
 }
 
-fn config(lab: &Lab) -> String {
+/// Plans internal (unlimited), customer, metered and slow; endpoints vllm (TCP 8000), admin
+/// (TCP 9000, internal only), grpc (UDP 8001-8002, weight 2) and bind (TCP 8443, anonymous);
+/// identities ops (.10), acme (.11), partnerco (.64/26), slowpoke (.12), suspect (.13) and
+/// metered (.14), the first two also on IPv6.
+fn config(lab: &Lab) -> Config {
     let (h, h6) = (|n| host4(lab, n), |n| host6(lab, n));
     let o = lab.client_v4.octets();
-    format!(
-        r#"
-[node]
-interfaces = ["{iface}"]
-
-[anonymous]
-packets_per_second = 1
-burst = 3
-
-[[plans]]
-name = "internal"
-
-[[plans]]
-name = "customer"
-packets_per_second = 1000
-packet_burst = 1000
-
-[[plans]]
-name = "metered"
-packets_per_second = 200
-packet_burst = 20
-
-[[plans]]
-name = "slow"
-packets_per_second = 1
-packet_burst = 2
-
-[[endpoints]]
-name = "vllm"
-protocol = "tcp"
-ports = [8000]
-classes = ["internal", "partner", "customer"]
-roles = ["inference"]
-
-[[endpoints]]
-name = "admin"
-protocol = "tcp"
-ports = [9000]
-classes = ["internal"]
-
-[[endpoints]]
-name = "grpc"
-protocol = "udp"
-ports = ["8001-8002"]
-classes = ["internal", "customer"]
-roles = ["inference"]
-weight = 2.0
-
-[[endpoints]]
-name = "bind"
-protocol = "tcp"
-ports = [8443]
-classes = ["customer"]
-anonymous = true
-
-[[identities]]
-name = "ops"
-class = "internal"
-plan = "internal"
-roles = ["inference", "admin"]
-bind = ["{ops4}", "{ops6}"]
-
-[[identities]]
-name = "acme"
-class = "customer"
-plan = "customer"
-roles = ["inference"]
-bind = ["{acme4}", "{acme6}"]
-
-[[identities]]
-name = "partnerco"
-class = "partner"
-plan = "customer"
-bind = ["{o0}.{o1}.{o2}.64/26"]
-
-[[identities]]
-name = "slowpoke"
-class = "customer"
-plan = "slow"
-roles = ["inference"]
-bind = ["{slow4}"]
-
-[[identities]]
-name = "suspect"
-class = "customer"
-plan = "customer"
-roles = ["inference"]
-bind = ["{suspect4}"]
-
-[[identities]]
-name = "metered"
-class = "customer"
-plan = "metered"
-roles = ["inference"]
-bind = ["{metered4}"]
-"#,
-        iface = lab.server_if,
-        ops4 = h(10),
-        ops6 = h6(10),
-        acme4 = h(11),
-        acme6 = h6(11),
-        slow4 = h(12),
-        suspect4 = h(13),
-        metered4 = h(14),
-        o0 = o[0],
-        o1 = o[1],
-        o2 = o[2],
-    )
+    let partner_range = Ipv4Addr::new(o[0], o[1], o[2], 64);
+    Config::new(&[&lab.server_if])
+        .anonymous(1, 3)
+        .plan(Plan::new("internal"))
+        .plan(Plan::new("customer").packets(1000, 1000))
+        .plan(Plan::new("metered").packets(200, 20))
+        .plan(Plan::new("slow").packets(1, 2))
+        .endpoint(
+            Endpoint::tcp("vllm", 8000, &["internal", "partner", "customer"]).roles(&["inference"]),
+        )
+        .endpoint(Endpoint::tcp("admin", 9000, &["internal"]))
+        .endpoint(
+            Endpoint::new(
+                "grpc",
+                "udp",
+                vec![Port::range(8001, 8002)],
+                &["internal", "customer"],
+            )
+            .roles(&["inference"])
+            .weight(2.0),
+        )
+        .endpoint(Endpoint::tcp("bind", 8443, &["customer"]).anonymous())
+        .identity(
+            Identity::new("ops", "internal", "internal", &[h(10), h6(10)])
+                .roles(&["inference", "admin"]),
+        )
+        .identity(
+            Identity::new("acme", "customer", "customer", &[h(11), h6(11)]).roles(&["inference"]),
+        )
+        .identity(Identity::new(
+            "partnerco",
+            "partner",
+            "customer",
+            &[format!("{partner_range}/26")],
+        ))
+        .identity(Identity::new("slowpoke", "customer", "slow", &[h(12)]).roles(&["inference"]))
+        .identity(Identity::new("suspect", "customer", "customer", &[h(13)]).roles(&["inference"]))
+        .identity(Identity::new("metered", "customer", "metered", &[h(14)]).roles(&["inference"]))
 }
 
 /// The lab, the agent's directories and its config file.
@@ -151,8 +86,7 @@ impl World {
         tollgate_tests::require_root();
         let lab = Lab::new();
         let dirs = AgentDirs::new();
-        let config = dirs.state_dir.join("tollgate.toml");
-        std::fs::write(&config, config_text(&lab)).expect("config");
+        let config = config(&lab).write(&dirs.state_dir.join("tollgate.toml"));
         World { lab, dirs, config }
     }
 
@@ -239,10 +173,6 @@ impl World {
     }
 }
 
-fn config_text(lab: &Lab) -> String {
-    config(lab)
-}
-
 fn frame(src: IpAddr, dst: IpAddr, port: u16, proto: &str) -> Vec<u8> {
     let b = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::v4(s.octets(), d.octets()),
@@ -308,9 +238,11 @@ fn explain_agrees_with_real_packets() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Each malformed config: (what, the TOML, a fragment of the error).
+/// Each malformed config: (what, the TOML, a fragment of the error). Each is the builder's
+/// good config with one edit to its text: a typed builder cannot write a file that is wrong
+/// in these ways.
 fn malformed(lab: &Lab) -> Vec<(&'static str, String, &'static str)> {
-    let good = config(lab);
+    let good = config(lab).render();
     let swap = |from: &str, to: &str| {
         assert!(good.contains(from), "{from:?} not in the config");
         good.replacen(from, to, 1)
@@ -318,7 +250,7 @@ fn malformed(lab: &Lab) -> Vec<(&'static str, String, &'static str)> {
     vec![
         (
             "unknown top-level key",
-            format!("colour = \"blue\"\n{good}"),
+            ["colour = \"blue\"", &good].join("\n"),
             "colour",
         ),
         (
@@ -384,7 +316,7 @@ fn malformed(lab: &Lab) -> Vec<(&'static str, String, &'static str)> {
         (
             "empty interfaces",
             swap(
-                &format!("interfaces = [\"{}\"]", lab.server_if),
+                &["interfaces = [\"", &lab.server_if, "\"]"].concat(),
                 "interfaces = []",
             ),
             "interfaces",
