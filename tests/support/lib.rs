@@ -6,13 +6,15 @@
 //! - [`frames`]: raw frames into a lab, in a batch or at a steady rate;
 //! - [`config`]: a typed builder that renders the agent's TOML configuration;
 //! - [`fixture`]: fixture tables run through BPF_PROG_TEST_RUN;
-//! - [`tokenlab`]: keys, certificates, tokens and HTTPS binds for token tests.
+//! - [`tokenlab`]: keys, certificates, tokens and HTTPS binds for token tests;
+//! - [`node`]: the agent tests' world: a lab and a policy of six identities.
 
 pub mod agent;
 pub mod config;
 pub mod fixture;
 pub mod frames;
 pub mod lab;
+pub mod node;
 pub mod tokenlab;
 
 /// Whether this process may load BPF programs; tests need root (CAP_BPF + CAP_NET_ADMIN).
