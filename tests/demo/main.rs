@@ -41,7 +41,11 @@ use crate::{
         ATTACKER_REQUESTS_PER_SECOND, FLOOD_BIND_PPS, FLOOD_MODEL_PPS, REQUESTS_PER_SECOND, Tally,
         client_loop, mac, syn_frame,
     },
-    world::*,
+    world::{
+        ANON_BURST, ANON_PPS, ATTACKER, CUSTOMER, GPU_CALM, GPU_HOT, IDENTITY, INTERNAL,
+        INTERVAL_MS, METRICS, PARTNER, PLANS, RECOVER_AFTER, RECOVER_AT, SATURATE_AT, StopLoops,
+        WHO, World, share,
+    },
 };
 
 // The timeline.

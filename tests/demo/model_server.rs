@@ -18,8 +18,8 @@ use tollgate_tests::{lab::NetNs, tokenlab::MODEL_PORT};
 use crate::{HARD_LIMIT, running};
 
 pub const CHUNKS: usize = 20;
-pub const CHUNK_GAP: Duration = Duration::from_millis(3);
-pub const MAX_CONNECTIONS: usize = 64;
+const CHUNK_GAP: Duration = Duration::from_millis(3);
+const MAX_CONNECTIONS: usize = 64;
 
 /// The model server stand-in: `POST /v1/completions` streams `CHUNKS` server-sent events
 /// (`text/event-stream`), then `data: [DONE]`. One thread per connection, at most
@@ -91,7 +91,7 @@ impl Drop for ModelServer {
 }
 
 /// Serves one connection; true if a whole stream went out.
-pub fn serve(mut s: TcpStream) -> bool {
+fn serve(mut s: TcpStream) -> bool {
     let _ = s.set_nonblocking(false);
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));

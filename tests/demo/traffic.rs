@@ -26,7 +26,7 @@ pub const ATTACKER_REQUESTS_PER_SECOND: u32 = 2;
 pub const FLOOD_MODEL_PPS: u32 = 20_000;
 pub const FLOOD_BIND_PPS: u32 = 500;
 /// Requests one client has in flight at most.
-pub const MAX_IN_FLIGHT: usize = 8;
+const MAX_IN_FLIGHT: usize = 8;
 
 /// Requests completed and failed per phase, for one client.
 #[derive(Default)]
@@ -36,7 +36,7 @@ pub struct Tally {
 }
 
 /// One completions request, read to the end of the stream: whether it completed.
-pub fn completion(target: SocketAddr, connect_timeout: Duration) -> bool {
+fn completion(target: SocketAddr, connect_timeout: Duration) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&target, connect_timeout) else {
         return false;
     };
