@@ -16,7 +16,7 @@ use std::{
 
 use tollgate_common::packet::PacketBuilder;
 use tollgate_tests::{
-    netns::NetNs,
+    lab::NetNs,
     tokenlab::{BIND_PORT, MODEL_PORT, World},
 };
 

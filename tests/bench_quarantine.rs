@@ -14,7 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tollgate_tests::netns::{Agent, AgentDirs, Lab};
+use tollgate_tests::{
+    agent::{Agent, AgentDirs},
+    config::{Config, Endpoint, Identity, Plan},
+    lab::Lab,
+};
 
 const TRIES: usize = 100;
 const PORT: u16 = 7000;
@@ -24,34 +28,16 @@ fn main() {
     tollgate_tests::require_root();
     let lab = Lab::new();
     let dirs = AgentDirs::new();
-    let config = dirs.state_dir.join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[node]
-interfaces = ["{iface}"]
-
-[[plans]]
-name = "internal"
-
-[[endpoints]]
-name = "probe"
-protocol = "udp"
-ports = [{PORT}]
-classes = ["internal"]
-
-[[identities]]
-name = "client"
-class = "internal"
-plan = "internal"
-bind = ["{client}"]
-"#,
-            iface = lab.server_if,
-            client = lab.client_v4
-        ),
-    )
-    .expect("config");
+    let config = Config::new(&[&lab.server_if])
+        .plan(Plan::new("internal"))
+        .endpoint(Endpoint::udp("probe", PORT, &["internal"]))
+        .identity(Identity::new(
+            "client",
+            "internal",
+            "internal",
+            &[lab.client_v4],
+        ))
+        .write(&dirs.state_dir.join("tollgate.toml"));
     let _agent = Agent::launch(
         &lab.server,
         &dirs,

@@ -8,7 +8,12 @@ use std::{
 };
 
 use tollgate_common::packet::PacketBuilder;
-use tollgate_tests::netns::{Agent, AgentDirs, Lab, send_frames};
+use tollgate_tests::{
+    agent::{Agent, AgentDirs},
+    config::{Config, Controller, Endpoint, Identity, Plan},
+    frames::send_frames,
+    lab::Lab,
+};
 
 const IDENTITIES: u32 = 10_000;
 const SCRAPES: usize = 21;
@@ -18,20 +23,24 @@ fn main() {
     let lab = Lab::new();
     let dirs = AgentDirs::new();
     let addr = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 128, 0)) + i);
-    let mut text = format!(
-        "[node]\ninterfaces = [\"{}\"]\n[listen]\nmetrics = \"127.0.0.1:9464\"\n[controller]\ngpu_source = \"none\"\n[metrics]\ntop_k = 10\n\
-         [[plans]]\nname = \"customer\"\npackets_per_second = 100\npacket_burst = 10\n\
-         [[endpoints]]\nname = \"model\"\nprotocol = \"udp\"\nports = [7000]\nclasses = [\"customer\"]\n",
-        lab.server_if
-    );
-    for i in 0..IDENTITIES {
-        text.push_str(&format!(
-            "[[identities]]\nname = \"id{i}\"\nclass = \"customer\"\nplan = \"customer\"\nbind = [\"{}\"]\n",
-            addr(i)
-        ));
-    }
-    let config = dirs.state_dir.join("tollgate.toml");
-    std::fs::write(&config, text).expect("config");
+    let config = (0..IDENTITIES)
+        .fold(
+            Config::new(&[&lab.server_if])
+                .listen_metrics("127.0.0.1:9464")
+                .controller(Controller::no_gpu())
+                .top_k(10)
+                .plan(Plan::new("customer").packets(100, 10))
+                .endpoint(Endpoint::udp("model", 7000, &["customer"])),
+            |c, i| {
+                c.identity(Identity::new(
+                    &format!("id{i}"),
+                    "customer",
+                    "customer",
+                    &[addr(i)],
+                ))
+            },
+        )
+        .write(&dirs.state_dir.join("tollgate.toml"));
     let _agent = Agent::launch(
         &lab.server,
         &dirs,

@@ -1,11 +1,14 @@
-//! Host tests of the decision, over tables in plain memory.
+//! Host tests of the decision, over tables in plain memory: the shared case table
+//! (`decide_cases.rs`, which the kernel fixtures run too), then what only the host can check
+//! (the clock, CAS contention, limiter state, arithmetic swept over many configurations).
 
 use core::cell::{Cell, RefCell, UnsafeCell};
-use std::{boxed::Box, collections::HashMap, vec::Vec};
+use std::{boxed::Box, collections::HashMap, format, string::String, vec::Vec};
 
 use crate::{
     Reason,
     decide::{AnonPrefix, Decision, Tables, decide},
+    decide_cases::{self, Step, World},
     limiter,
     packet::PacketBuilder,
     parse::{Family, Frame, IpPacket, parse},
@@ -173,14 +176,93 @@ fn tcp(src: [u8; 4], dport: u16) -> Vec<u8> {
         .build()
 }
 
+/// Builds the host tables of a case world, as the agent installs the kernel's: ports then
+/// endpoint records, identity records (a vacant slot reads as zeroes, as the kernel's array
+/// does) with a bucket each, bindings against the fake clock, settings, hold-backs.
+fn install(w: &World) -> Fake {
+    let mut f = Fake {
+        now: Cell::new(1_000 * limiter::NS_PER_S),
+        settings: w.settings(),
+        ..Default::default()
+    };
+    for ep in &w.endpoints {
+        for port in ep.ports.clone() {
+            f.ports.insert(port_slot(ep.proto, port).unwrap(), ep.id);
+        }
+        f.endpoints.insert(ep.id, Box::new(ep.record()));
+    }
+    for id in &w.identities {
+        let rec = id.record().unwrap_or_default();
+        f.identities.insert(id.id, Box::new(rec));
+        f.buckets.insert(id.id, Box::default());
+    }
+    for b in &w.bindings {
+        let binding = Box::new(Binding {
+            identity: b.identity,
+            _pad: 0,
+            expires_ns: b.expiry.ns(f.now.get()),
+        });
+        let (family, addr, full) = match b.addr {
+            core::net::IpAddr::V4(a) => (Family::V4, addr4(a.octets()), 32),
+            core::net::IpAddr::V6(a) => (Family::V6, a.octets(), 128),
+        };
+        if b.len == full {
+            f.exact.insert((family as u8, addr), binding);
+        } else {
+            f.cidr.push((family, addr, b.len, binding));
+        }
+    }
+    for &(endpoint, plan, q8) in &w.hold_backs {
+        f.hold_back.insert((endpoint, plan), q8);
+    }
+    f
+}
+
+/// The shared table through `decide`: each row's reason, endpoint and charged identity (a
+/// row that charges nobody is decided for the anonymous identity). Parser verdicts come from
+/// `parse`, as in the program. Every mismatch is collected, so one run shows all of them.
 #[test]
-fn unprotected_ports_and_protocols_pass() {
-    let t = lab();
-    assert_eq!(run(&t, &tcp(C4, 22)).reason, Reason::Unprotected);
-    let udp = PacketBuilder::v4(C4, S4).udp(1, 8000).build();
-    assert_eq!(run(&t, &udp).reason, Reason::Unprotected);
-    let icmp = PacketBuilder::v4([1, 2, 3, 4], S4).icmp(8, 0).build();
-    assert_eq!(run(&t, &icmp).reason, Reason::Unprotected);
+fn the_shared_decision_table() {
+    for table in decide_cases::tables() {
+        let mut t = install(&table.world);
+        let mut failures: Vec<String> = Vec::new();
+        for step in &table.steps {
+            let case = match step {
+                Step::Pressure(q8) => {
+                    t.settings.pressure_q8 = *q8;
+                    continue;
+                }
+                Step::Expect(case) => case,
+            };
+            let got = match parse(&case.packet[..]) {
+                Err(reason) => (reason, 0, ANONYMOUS_IDENTITY),
+                Ok(Frame::NotIp(_)) => (crate::Reason::NotIp, 0, ANONYMOUS_IDENTITY),
+                Ok(Frame::Ip(p)) => {
+                    let d = decide(&t, &p, case.packet.len() as u64);
+                    (d.reason, d.endpoint, d.identity)
+                }
+            };
+            let want = (
+                case.reason,
+                case.endpoint,
+                case.identity.unwrap_or(ANONYMOUS_IDENTITY),
+            );
+            if got != want {
+                failures.push(format!(
+                    "{}: {}: (reason, endpoint, identity) {got:?}, expected {want:?}",
+                    table.name, case.desc
+                ));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} cases failed:\n{}",
+            failures.len(),
+            table.cases().count(),
+            failures.join("\n")
+        );
+        assert!(table.cases().count() >= 60, "{}: too few cases", table.name);
+    }
 }
 
 #[test]
@@ -210,45 +292,6 @@ fn unbound_and_expired_are_dropped() {
     t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = t.now.get();
     assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Expired);
     t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = t.now.get() + 1;
-    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
-}
-
-#[test]
-fn exact_binding_beats_cidr_and_expired_exact_falls_back() {
-    let mut t = lab();
-    let other = 9;
-    let mut q = customer(10, 5, UNLIMITED, 0);
-    q.flags |= ID_QUARANTINED;
-    t.identities.insert(other, Box::new(q));
-    t.buckets.insert(other, Box::default());
-    t.cidr.push((
-        Family::V4,
-        addr4([198, 18, 1, 0]),
-        24,
-        Box::new(Binding {
-            identity: other,
-            ..Default::default()
-        }),
-    ));
-    // The /32 names identity 7; the /24 a quarantined one: the /32 wins.
-    assert_eq!(run(&t, &tcp(C4, 8000)).identity, ID);
-    // A neighbour only covered by the /24 gets the /24's identity.
-    let d = run(&t, &tcp([198, 18, 1, 99], 8000));
-    assert_eq!((d.reason, d.identity), (Reason::Quarantined, other));
-    // The /32 expired: the /24 applies.
-    t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = 1;
-    assert_eq!(run(&t, &tcp(C4, 8000)).identity, other);
-}
-
-#[test]
-fn isolation_by_class_and_role() {
-    let mut t = lab();
-    t.identities.get_mut(&ID).unwrap().class = Class::Partner as u8;
-    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Isolation);
-    t.identities.get_mut(&ID).unwrap().class = Class::Customer as u8;
-    t.identities.get_mut(&ID).unwrap().roles = 2;
-    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Isolation);
-    t.endpoints.get_mut(&EP).unwrap().roles = 0;
     assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
 }
 
@@ -323,58 +366,10 @@ fn throttle_multiplies_cost_only_while_flagged() {
 }
 
 #[test]
-fn zero_rate_admits_nothing() {
-    let mut t = lab();
-    t.identities
-        .insert(ID, Box::new(customer(0, 10, UNLIMITED, 0)));
-    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::PacketRate);
-    t.identities
-        .insert(ID, Box::new(customer(UNLIMITED, 0, 0, 10)));
-    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::ByteRate);
-}
-
-#[test]
 fn contention_is_a_defined_drop() {
     let mut t = lab();
     t.fail_cas = true;
     assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::LimiterContended);
-}
-
-#[test]
-fn destination_prefix_limits_an_endpoint() {
-    let mut t = lab();
-    {
-        let ep = t.endpoints.get_mut(&EP).unwrap();
-        ep.flags |= EP_V4_PREFIX;
-        ep.v4_prefix = [198, 19, 0, 0];
-        ep.v4_prefix_len = 16;
-    }
-    assert_eq!(run(&t, &tcp([198, 18, 9, 9], 8000)).reason, Reason::Unbound);
-    let elsewhere = PacketBuilder::v4([198, 18, 9, 9], [198, 18, 0, 1])
-        .tcp(1, 8000)
-        .build();
-    assert_eq!(run(&t, &elsewhere).reason, Reason::Unprotected);
-}
-
-#[test]
-fn anonymous_allowance_per_v4_prefix() {
-    let mut t = lab();
-    t.endpoints.get_mut(&EP).unwrap().flags |= EP_ANON_ALLOWED;
-    t.endpoints.get_mut(&EP).unwrap().allowed_classes |= Class::Anonymous.bit();
-    t.settings.anon_pps = 1;
-    t.settings.anon_tau_ns = limiter::packet_tau_ns(1, 3);
-    let a = tcp([203, 0, 113, 1], 8000);
-    let b = tcp([203, 0, 113, 200], 8000); // same /24
-    let c = tcp([203, 0, 114, 1], 8000); // another /24
-    let got: Vec<_> = [&a, &b, &a, &b, &c]
-        .iter()
-        .map(|f| run(&t, f).reason)
-        .collect();
-    use Reason::*;
-    assert_eq!(
-        got,
-        [Anonymous, Anonymous, Anonymous, AnonymousRate, Anonymous]
-    );
 }
 
 #[test]

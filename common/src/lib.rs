@@ -8,6 +8,8 @@ extern crate std;
 
 pub mod counters;
 pub mod decide;
+#[cfg(any(test, feature = "user"))]
+pub mod decide_cases;
 pub mod limiter;
 pub mod parse;
 pub mod policy;

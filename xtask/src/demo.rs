@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: builds the agent and runs the demo lab (tests/demo.rs): a GPU node,
+//! `cargo xtask demo`: builds the agent and runs the demo lab (tests/demo/): a GPU node,
 //! an internal service, a partner, a customer and an attacker in network namespaces, with
 //! tollgate enforcing. About 40 s of traffic after the build; cleans up after itself, also on
 //! Ctrl-C.

@@ -9,7 +9,12 @@ use std::{
 };
 
 use tollgate_common::packet::PacketBuilder;
-use tollgate_tests::netns::{Agent, AgentDirs, FrameBlaster, Lab, identity_counters};
+use tollgate_tests::{
+    agent::{Agent, AgentDirs, identity_counters},
+    config::{Anomaly, Config, Controller, Endpoint, Identity, Plan},
+    frames::FrameBlaster,
+    lab::Lab,
+};
 
 const PORT: u16 = 7000;
 
@@ -26,85 +31,39 @@ fn host(lab: &Lab, n: u8) -> [u8; 4] {
 }
 
 impl World {
-    /// `extra` is appended to a config with plans `internal` (priority 100) and `free`
-    /// (priority 10), both 1000 packets/s, an endpoint on UDP 7000 served by GPU 0, and
-    /// identities `ops` (internal, .10) and `freeloader` (free, .11).
-    fn new(plans_extra: &str, extra: &str) -> World {
+    /// A config with plans `internal` (priority 100) and `free` (priority 10), both 1000
+    /// packets/s, `extra_plan` after them, an endpoint on UDP 7000 served by GPU 0, identities
+    /// `ops` (internal, .10), `freeloader` (free, .11) and `metered` (.12, on the extra plan if
+    /// it is named `metered`, else on `free`), and `anomaly` if given.
+    fn new(extra_plan: Option<Plan>, anomaly: Option<Anomaly>) -> World {
         tollgate_tests::require_root();
         let lab = Lab::new();
         let dirs = AgentDirs::new();
         let gpu_file = dirs.state_dir.join("gpu.json");
-        let config = dirs.state_dir.join("tollgate.toml");
         let h = |n| IpAddr::from(host(&lab, n));
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[node]
-interfaces = ["{iface}"]
-
-[controller]
-interval_ms = 250
-gpu_source = "simulated"
-simulated_file = "{gpu}"
-saturate_at = 0.9
-recover_at = 0.75
-recover_after = 4
-hold_back_floor = 0.1
-
-{extra}
-
-[[plans]]
-name = "internal"
-priority = 100
-packets_per_second = 1000
-packet_burst = 50
-
-[[plans]]
-name = "free"
-priority = 10
-packets_per_second = 1000
-packet_burst = 50
-{plans_extra}
-
-[[endpoints]]
-name = "model"
-protocol = "udp"
-ports = [{PORT}]
-classes = ["internal", "customer"]
-gpus = [0]
-
-[[identities]]
-name = "ops"
-class = "internal"
-plan = "internal"
-bind = ["{ops}"]
-
-[[identities]]
-name = "freeloader"
-class = "customer"
-plan = "free"
-bind = ["{free}"]
-
-[[identities]]
-name = "metered"
-class = "customer"
-plan = "{metered_plan}"
-bind = ["{metered}"]
-"#,
-                iface = lab.server_if,
-                gpu = gpu_file.display(),
-                ops = h(10),
-                free = h(11),
-                metered = h(12),
-                metered_plan = if plans_extra.contains("\"metered\"") {
-                    "metered"
-                } else {
-                    "free"
-                },
-            ),
-        )
-        .expect("config");
+        let metered_plan = match &extra_plan {
+            Some(p) if p.name == "metered" => "metered",
+            _ => "free",
+        };
+        let mut config = Config::new(&[&lab.server_if]).controller(Controller {
+            interval_ms: Some(250),
+            saturate_at: Some(0.9),
+            recover_at: Some(0.75),
+            recover_after: Some(4),
+            hold_back_floor: Some(0.1),
+            ..Controller::simulated(&gpu_file)
+        });
+        config.anomaly = anomaly;
+        config = config
+            .plan(Plan::new("internal").priority(100).packets(1000, 50))
+            .plan(Plan::new("free").priority(10).packets(1000, 50));
+        config.plans.extend(extra_plan);
+        let config = config
+            .endpoint(Endpoint::udp("model", PORT, &["internal", "customer"]).gpus(&[0]))
+            .identity(Identity::new("ops", "internal", "internal", &[h(10)]))
+            .identity(Identity::new("freeloader", "customer", "free", &[h(11)]))
+            .identity(Identity::new("metered", "customer", metered_plan, &[h(12)]))
+            .write(&dirs.state_dir.join("tollgate.toml"));
         World {
             lab,
             dirs,
@@ -123,7 +82,7 @@ bind = ["{metered}"]
     }
 
     fn gpu(&self, util: f64) {
-        let out = std::process::Command::new(tollgate_tests::netns::tollgate_bin())
+        let out = std::process::Command::new(tollgate_tests::agent::tollgate_bin())
             .args(["gpu", "simulate", "--util", &util.to_string(), "--file"])
             .arg(&self.gpu_file)
             .output()
@@ -170,7 +129,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn gpu_saturation_holds_back_the_free_tier_and_spares_internal_traffic() {
     let _turn = serial();
-    let w = World::new("", "");
+    let w = World::new(None, None);
     w.gpu(0.2);
     let _agent = w.start();
     let (ops, free) = (w.id("ops"), w.id("freeloader"));
@@ -260,8 +219,11 @@ fn gpu_saturation_holds_back_the_free_tier_and_spares_internal_traffic() {
 fn a_spent_minute_quota_drops_until_the_window_rolls_and_survives_a_restart() {
     let _turn = serial();
     let w = World::new(
-        "\n[[plans]]\nname = \"metered\"\nquota_minute_bytes = 30000\n",
-        "",
+        Some(Plan {
+            quota_minute_bytes: Some(30000),
+            ..Plan::new("metered")
+        }),
+        None,
     );
     w.gpu(0.1);
     let agent = w.start();
@@ -335,16 +297,19 @@ fn a_spent_minute_quota_drops_until_the_window_rolls_and_survives_a_restart() {
     assert!(w.audit().iter().any(|l| l["action"] == "quota_reset"));
 }
 
-const ANOMALY: &str = r#"
-[anomaly]
-mode = "MODE"
-alpha = 0.3
-warmup_samples = 5
-throttle_factor = 4.0
-throttle_for_s = 3
-quarantine_for_s = 4
-cooldown_s = 2
-"#;
+/// The anomaly ladder in `mode` (`"enforce"`, `"shadow"`), quick enough for a test.
+fn anomaly(mode: &str) -> Anomaly {
+    Anomaly {
+        mode: Some(mode.into()),
+        alpha: Some(0.3),
+        warmup_samples: Some(5),
+        throttle_factor: Some(4.0),
+        throttle_for_s: Some(3),
+        quarantine_for_s: Some(4),
+        cooldown_s: Some(2),
+        ..Anomaly::default()
+    }
+}
 
 /// Baseline 50/s for 8 s, a ramp to 20x (1000/s) for 9 s, then the baseline again.
 fn ramp(w: &World) -> FrameBlaster {
@@ -375,7 +340,7 @@ fn steps(w: &World) -> Vec<(String, bool)> {
 #[test]
 fn a_ramp_to_twenty_times_baseline_is_throttled_quarantined_and_released() {
     let _turn = serial();
-    let w = World::new("", &ANOMALY.replace("MODE", "enforce"));
+    let w = World::new(None, Some(anomaly("enforce")));
     w.gpu(0.1);
     let _agent = w.start();
     let free = w.id("freeloader");
@@ -408,7 +373,7 @@ fn a_ramp_to_twenty_times_baseline_is_throttled_quarantined_and_released() {
 #[test]
 fn shadow_mode_reports_the_same_ramp_and_touches_nothing() {
     let _turn = serial();
-    let w = World::new("", &ANOMALY.replace("MODE", "shadow"));
+    let w = World::new(None, Some(anomaly("shadow")));
     w.gpu(0.1);
     let _agent = w.start();
     let free = w.id("freeloader");
@@ -438,7 +403,7 @@ fn shadow_mode_reports_the_same_ramp_and_touches_nothing() {
 #[test]
 fn steady_traffic_at_the_plan_rate_for_a_minute_triggers_nothing() {
     let _turn = serial();
-    let w = World::new("", &ANOMALY.replace("MODE", "enforce"));
+    let w = World::new(None, Some(anomaly("enforce")));
     w.gpu(0.1);
     let _agent = w.start();
     let free = w.id("freeloader");

@@ -12,7 +12,10 @@ use std::{
 
 use tollgate_common::packet::PacketBuilder;
 use tollgate_tests::{
-    netns::{Agent, AgentDirs, Lab, NetNs, send_frames},
+    agent::{Agent, AgentDirs},
+    config::{Config, Controller, Endpoint, Identity, Plan},
+    frames::send_frames,
+    lab::{Lab, NetNs},
     tokenlab,
 };
 
@@ -64,39 +67,15 @@ fn scrape(lab: &Lab) -> String {
     http_get(&lab.server, METRICS.parse().expect("addr"), "/metrics")
 }
 
-fn write_config(dirs: &AgentDirs, lab: &Lab, extra: &str) -> PathBuf {
-    let config = dirs.state_dir.join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[node]
-interfaces = ["{iface}"]
-
-[listen]
-metrics = "{METRICS}"
-
-[controller]
-gpu_source = "none"
-
-[[plans]]
-name = "customer"
-packets_per_second = 100
-packet_burst = 10
-
-[[endpoints]]
-name = "model"
-protocol = "udp"
-ports = [7000]
-classes = ["customer"]
-
-{extra}
-"#,
-            iface = lab.server_if
-        ),
-    )
-    .expect("config");
-    config
+/// Metrics on [`METRICS`], no GPU source, plan `customer` (100 packets/s, burst 10) and an
+/// endpoint on UDP 7000; `more` adds what a test needs.
+fn write_config(dirs: &AgentDirs, lab: &Lab, more: impl FnOnce(Config) -> Config) -> PathBuf {
+    let config = Config::new(&[&lab.server_if])
+        .listen_metrics(METRICS)
+        .controller(Controller::no_gpu())
+        .plan(Plan::new("customer").packets(100, 10))
+        .endpoint(Endpoint::udp("model", 7000, &["customer"]));
+    more(config).write(&dirs.state_dir.join("tollgate.toml"))
 }
 
 fn start(lab: &Lab, dirs: &AgentDirs, config: &Path) -> Agent {
@@ -208,13 +187,9 @@ fn prometheus_stores_the_drop_counters_the_kernel_has() {
     let lab = Lab::new();
     let dirs = AgentDirs::new();
     let bound = IpAddr::from(host(&lab, 10));
-    let config = write_config(
-        &dirs,
-        &lab,
-        &format!(
-            "[[identities]]\nname = \"acme\"\nclass = \"customer\"\nplan = \"customer\"\nbind = [\"{bound}\"]\n"
-        ),
-    );
+    let config = write_config(&dirs, &lab, |c| {
+        c.identity(Identity::new("acme", "customer", "customer", &[bound]))
+    });
     let _agent = start(&lab, &dirs, &config);
     let prom = Prometheus::start(&lab.server, &dirs.state_dir);
     // Drops of three kinds and some passes: unbound, over the rate, truncated.
@@ -287,7 +262,7 @@ fn promtool_accepts_a_scrape_and_the_alert_rules() {
     tollgate_tests::require_root();
     let lab = Lab::new();
     let dirs = AgentDirs::new();
-    let config = write_config(&dirs, &lab, "");
+    let config = write_config(&dirs, &lab, |c| c);
     let _agent = start(&lab, &dirs, &config);
     send_frames(
         &lab.client,
@@ -337,14 +312,16 @@ fn ten_thousand_identities_keep_per_identity_series_bounded() {
     // 10 000 identities bound in 198.18.0.0/15 outside the lab's /24s: traffic from each,
     // sent as raw frames.
     let addr = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 128, 0)) + i);
-    let mut ids = String::from("[metrics]\ntop_k = 10\n");
-    for i in 0..10_000u32 {
-        ids.push_str(&format!(
-            "[[identities]]\nname = \"id{i}\"\nclass = \"customer\"\nplan = \"customer\"\nbind = [\"{}\"]\n",
-            addr(i)
-        ));
-    }
-    let config = write_config(&dirs, &lab, &ids);
+    let config = write_config(&dirs, &lab, |c| {
+        (0..10_000u32).fold(c.top_k(10), |c, i| {
+            c.identity(Identity::new(
+                &format!("id{i}"),
+                "customer",
+                "customer",
+                &[addr(i)],
+            ))
+        })
+    });
     let _agent = start(&lab, &dirs, &config);
     let frames: Vec<Vec<u8>> = (0..10_000u32)
         .map(|i| frame(addr(i).octets(), lab.server_v4, 7000))

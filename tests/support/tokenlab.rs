@@ -11,7 +11,11 @@ use std::{
 
 use base64::Engine as _;
 
-use crate::netns::{Agent, AgentDirs, Lab, NetNs, SecondClient, tollgate_bin};
+use crate::{
+    agent::{Agent, AgentDirs, tollgate_bin},
+    config::{Config, Endpoint, Plan, Tokens},
+    lab::{Lab, NetNs, SecondClient},
+};
 
 pub const AUDIENCE: &str = "pool-a";
 pub const MODEL_PORT: u16 = 8000;
@@ -76,62 +80,25 @@ impl World {
         std::fs::write(&key, cert.signing_key.serialize_pem()).expect("key");
         let mut ifaces = vec![lab.server_if.clone()];
         ifaces.extend(extra_iface.clone());
-        let config = dirs.state_dir.join("tollgate.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[node]
-interfaces = [{ifaces}]
-
-[anonymous]
-packets_per_second = 200
-burst = 600
-
-[listen]
-bind = "{server}:{BIND_PORT}"
-
-[tokens]
-jwks = "{jwks}"
-audience = "{AUDIENCE}"
-tls_cert = "{ca}"
-tls_key = "{key}"
-max_ttl_s = 600
-clock_skew_s = 2
-max_token_bytes = 4096
-default_class = "customer"
-default_plan = "customer"
-
-[[plans]]
-name = "customer"
-packets_per_second = 1000
-packet_burst = 1000
-
-[[endpoints]]
-name = "model"
-protocol = "tcp"
-ports = [{MODEL_PORT}]
-classes = ["customer"]
-
-[[endpoints]]
-name = "bind"
-protocol = "tcp"
-ports = [{BIND_PORT}]
-classes = ["customer"]
-anonymous = true
-"#,
-                ifaces = ifaces
-                    .iter()
-                    .map(|i| format!("\"{i}\""))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                server = lab.server_v4,
-                jwks = keys.join("jwks.json").display(),
-                ca = ca.display(),
-                key = key.display(),
-            ),
-        )
-        .expect("config");
+        let config = Config::new(&ifaces)
+            .anonymous(200, 600)
+            .listen_bind(SocketAddr::new(IpAddr::V4(lab.server_v4), BIND_PORT))
+            .tokens(Tokens {
+                jwks: keys.join("jwks.json"),
+                audience: AUDIENCE.into(),
+                tls_cert: ca.clone(),
+                tls_key: key,
+                max_ttl_s: Some(600),
+                clock_skew_s: Some(2),
+                max_token_bytes: Some(4096),
+                default_class: Some("customer".into()),
+                default_plan: Some("customer".into()),
+                ..Tokens::default()
+            })
+            .plan(Plan::new("customer").packets(1000, 1000))
+            .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
+            .endpoint(Endpoint::tcp("bind", BIND_PORT, &["customer"]).anonymous())
+            .write(&dirs.state_dir.join("tollgate.toml"));
         let model = model_server(&lab);
         World {
             lab,

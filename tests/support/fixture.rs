@@ -7,8 +7,19 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions},
 };
-use tollgate::{counters, loader, tables::Tables};
-use tollgate_common::{Counter, Reason, Verdict, policy::IdentityCounters, program_names};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use tollgate::{
+    counters, loader,
+    tables::{EndpointSpec, PlanLimits, Proto, Tables, boot_ns, identity_record},
+};
+use tollgate_common::{
+    Counter, Reason, Verdict,
+    decide_cases::{self, Slot, Step, World},
+    parse::IPPROTO_UDP,
+    policy::IdentityCounters,
+    program_names,
+};
 
 /// One row of a fixture table.
 pub struct Case {
@@ -51,6 +62,19 @@ impl Case {
             endpoint,
             identity,
         }
+    }
+}
+
+impl From<&decide_cases::Case> for Case {
+    /// A row of the shared decision table (`tollgate_common::decide_cases`).
+    fn from(c: &decide_cases::Case) -> Case {
+        Case::expect(
+            c.desc.clone(),
+            c.packet.clone(),
+            c.reason,
+            c.endpoint,
+            c.identity,
+        )
     }
 }
 
@@ -122,6 +146,89 @@ impl Harness {
             cases.len(),
             failures.join("\n")
         );
+    }
+
+    /// Writes a shared-table world into the kernel's maps through the agent's own API
+    /// (`EndpointSpec`, `identity_record`, `bind`), and watches every identity in it.
+    pub fn install(&mut self, world: &World) {
+        for ep in &world.endpoints {
+            let spec = EndpointSpec {
+                proto: if ep.proto == IPPROTO_UDP {
+                    Proto::Udp
+                } else {
+                    Proto::Tcp
+                },
+                ports: ep.ports.clone(),
+                v4_prefix: ep.v4_prefix.map(|(a, len)| (Ipv4Addr::from(a), len)),
+                v6_prefix: ep.v6_prefix.map(|(a, len)| (Ipv6Addr::from(a), len)),
+                weight: f64::from(ep.weight_q8) / 256.0,
+                allowed_classes: ep.classes.clone(),
+                roles: ep.roles,
+                anonymous: ep.anonymous,
+            };
+            self.tables.set_endpoint(ep.id, &spec).expect("endpoint");
+        }
+        for id in &world.identities {
+            let limits = PlanLimits {
+                packets_per_s: id.limits.packets_per_s,
+                packet_burst: id.limits.packet_burst,
+                bytes_per_s: id.limits.bytes_per_s,
+                byte_burst: id.limits.byte_burst,
+            };
+            let mut rec = identity_record(id.class, id.roles, id.plan, &limits);
+            rec.throttle_q8 = id.throttle_q8;
+            match id.slot {
+                Slot::Active(flags) => rec.flags |= flags,
+                Slot::Inactive => rec.flags = 0,
+                Slot::Vacant => continue,
+            }
+            self.tables.set_identity(id.id, &rec).expect("identity");
+        }
+        let now = boot_ns();
+        for b in &world.bindings {
+            self.tables
+                .bind(b.addr, b.len, b.identity, b.expiry.ns(now))
+                .expect("binding");
+        }
+        for &(endpoint, plan, q8) in &world.hold_backs {
+            self.tables
+                .set_hold_back(endpoint, plan, q8)
+                .expect("hold-back");
+        }
+        self.tables
+            .set_settings(&world.settings())
+            .expect("settings");
+        self.watched = world.watched();
+    }
+
+    /// Runs a shared table's steps in order (pressure changes included), collecting every
+    /// mismatch; returns how many cases ran.
+    pub fn run_steps(&mut self, steps: &[Step]) -> usize {
+        let mut failures = Vec::new();
+        let (mut cases, mut failed_cases) = (0, 0);
+        for step in steps {
+            match step {
+                Step::Pressure(q8) => {
+                    let mut s = self.tables.settings().expect("settings");
+                    s.pressure_q8 = *q8;
+                    self.tables.set_settings(&s).expect("settings");
+                }
+                Step::Expect(case) => {
+                    let n = failures.len();
+                    self.check(&Case::from(case), &mut failures);
+                    cases += 1;
+                    if failures.len() > n {
+                        failed_cases += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{failed_cases} of {cases} fixture cases failed:\n{}",
+            failures.join("\n")
+        );
+        cases
     }
 
     fn check(&mut self, case: &Case, failures: &mut Vec<String>) {

@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tollgate_tests::netns::{Agent, Counters, Lab, LinkStats, XdpAttach};
+use tollgate_tests::{
+    agent::{Agent, Counters},
+    lab::{Lab, LinkStats, XdpAttach},
+};
 
 const UDP_DATAGRAMS: usize = 200;
 const MAX_UDP_PAYLOAD: usize = 1400;

@@ -13,7 +13,7 @@ use tollgate::{
     tables::{EndpointSpec, PlanLimits, Proto, Tables, identity_record},
 };
 use tollgate_common::{policy::Class, program_names};
-use tollgate_tests::netns::Lab;
+use tollgate_tests::lab::Lab;
 
 const ENDPOINT: u32 = 1;
 const ID: u32 = 1;

@@ -9,7 +9,8 @@ use std::{
 
 use base64::Engine as _;
 use tollgate_tests::{
-    netns::{Lab, tollgate_bin},
+    agent::tollgate_bin,
+    lab::Lab,
     tokenlab::{AUDIENCE, World, b64},
 };
 

@@ -10,7 +10,12 @@ use std::{
 };
 
 use tollgate_common::packet::PacketBuilder;
-use tollgate_tests::netns::{AgentDirs, Lab, send_frames, tollgate_bin};
+use tollgate_tests::{
+    agent::{AgentDirs, tollgate_bin},
+    config::{Config, Controller, Endpoint, Plan},
+    frames::send_frames,
+    lab::Lab,
+};
 
 const NOBODY: u32 = 65534;
 
@@ -112,37 +117,15 @@ fn config(lab: &Lab, dirs: &AgentDirs) -> PathBuf {
         std::fs::create_dir_all(d).expect("dir");
         std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).expect("chown");
     }
-    let path = dirs.state_dir.join("tollgate.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[node]
-interfaces = ["{iface}"]
-xdp_mode = "native"
-pin_dir = "{pins}"
-state_dir = "{state}"
-control_socket = "{socket}"
-
-[controller]
-gpu_source = "none"
-
-[[plans]]
-name = "customer"
-
-[[endpoints]]
-name = "model"
-protocol = "udp"
-ports = [7000]
-classes = ["customer"]
-"#,
-            iface = lab.server_if,
-            pins = dirs.pin_dir.display(),
-            state = dirs.state_dir.display(),
-            socket = dirs.socket.display(),
-        ),
-    )
-    .expect("config");
+    let mut config = Config::new(&[&lab.server_if])
+        .controller(Controller::no_gpu())
+        .plan(Plan::new("customer"))
+        .endpoint(Endpoint::udp("model", 7000, &["customer"]));
+    config.node.xdp_mode = Some("native".into());
+    config.node.pin_dir = Some(dirs.pin_dir.clone());
+    config.node.state_dir = Some(dirs.state_dir.clone());
+    config.node.control_socket = Some(dirs.socket.clone());
+    let path = config.write(&dirs.state_dir.join("tollgate.toml"));
     std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).expect("chown");
     path
 }

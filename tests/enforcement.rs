@@ -1,0 +1,152 @@
+//! Enforcement verdicts through BPF_PROG_TEST_RUN: the shared decision table
+//! (`tollgate_common::decide_cases`: endpoints, bindings (exact, CIDR, expired), isolation,
+//! quarantine, packet and byte budgets, cost weights, throttling, quotas, hold-back, pressure,
+//! anonymous prefixes and fragments), each case checking its verdict, its (reason, endpoint)
+//! counter and the charged identity's counters; then what only the kernel has: a full binding
+//! map, the verifier's instruction count, sampled drop events.
+
+use tollgate_common::{
+    Reason::{self, *},
+    decide_cases::{self, ep::INFER, id::*, tcp4, v4},
+    limiter,
+};
+use tollgate_tests::fixture::{Case, Harness};
+
+/// A harness with the shared enforcement world installed.
+fn setup() -> Harness {
+    let mut h = Harness::new();
+    h.install(&decide_cases::enforcement().world);
+    h
+}
+
+/// Every table of `tollgate_common::decide_cases` (which the host tests of `decide` run
+/// too), each on a freshly loaded program.
+#[test]
+fn enforcement_verdicts_and_counters() {
+    for table in decide_cases::tables() {
+        let mut h = Harness::new();
+        h.install(&table.world);
+        let total = h.run_steps(&table.steps);
+        assert!(total >= 60, "{}: only {total} cases", table.name);
+    }
+}
+
+#[test]
+fn a_full_binding_map_refuses_and_keeps_what_it_has() {
+    // Fill the IPv4 CIDR trie (the smallest binding map) and check that one more is refused
+    // with a clear error while the first binding still works.
+    let mut h = setup();
+    let cap = tollgate_common::policy::MAX_CIDR_BINDINGS;
+    let mut added = 1; // the /24 from setup
+    let mut refused = None;
+    for i in 0..cap + 1 {
+        let a = std::net::Ipv4Addr::from(0x0a00_0000u32 + (i << 8));
+        match h.tables.bind(a.into(), 24, CUSTOMER, 0) {
+            Ok(()) => added += 1,
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let msg = refused.expect("the map never filled");
+    assert_eq!(added, cap, "refused before the map was full: {msg}");
+    assert!(
+        msg.contains("full") && msg.contains("never evicted"),
+        "{msg}"
+    );
+    h.watched = vec![CIDR];
+    h.run_table(&[Case::expect(
+        "cidr still bound",
+        tcp4(v4(2, 77), 8000, 80),
+        Bound,
+        INFER,
+        Some(CIDR),
+    )]);
+}
+
+/// The verifier's work per program, recorded so that a change that bloats the program shows
+/// up here (cilium's habit). The ceiling leaves room to grow; the current figure is in
+/// BENCHMARKS.md.
+#[test]
+fn verifier_instruction_budget() {
+    tollgate_tests::require_root();
+    let mut ebpf = tollgate::loader::load().expect("loading the program");
+    for (name, ceiling) in [
+        (tollgate_common::program_names::XDP, 150_000),
+        (tollgate_common::program_names::NOOP, 10),
+    ] {
+        let info = tollgate::loader::xdp_program(&mut ebpf, name)
+            .expect("program")
+            .info()
+            .expect("program info");
+        let processed = info
+            .verified_instruction_count()
+            .expect("the kernel reports verified instructions (5.16+)");
+        eprintln!("{name}: verifier processed {processed} instructions");
+        assert!(
+            processed > 0 && processed <= ceiling,
+            "{name}: {processed} > {ceiling}"
+        );
+    }
+}
+
+/// Drops are sampled into the ring buffer: at most one event per CPU per interval, none when
+/// the interval is 0, and each event says who was dropped where and why.
+#[test]
+fn drop_events_are_sampled() {
+    let mut h = setup();
+    let mut rb = aya::maps::RingBuf::try_from(
+        h.ebpf
+            .take_map(tollgate_common::map_names::DROP_EVENTS)
+            .expect("drop event map"),
+    )
+    .expect("ring buffer");
+    let drain = |rb: &mut aya::maps::RingBuf<aya::maps::MapData>| {
+        let mut events = Vec::new();
+        while let Some(item) = rb.next() {
+            assert_eq!(
+                item.len(),
+                std::mem::size_of::<tollgate_common::policy::DropEvent>()
+            );
+            // SAFETY: the size matches and DropEvent is plain old data.
+            events.push(unsafe {
+                std::ptr::read_unaligned(item.as_ptr() as *const tollgate_common::policy::DropEvent)
+            });
+        }
+        events
+    };
+    let stranger = tcp4(v4(9, 9), 8000, 100);
+    // Interval 0 (the default): no events at all.
+    for _ in 0..5 {
+        h.run(&stranger);
+    }
+    assert!(drain(&mut rb).is_empty(), "events sent with sampling off");
+    // One per CPU per hour: five drops give one event per CPU that ran them.
+    let mut s = h.tables.settings().expect("settings");
+    s.drop_event_interval_ns = 3600 * limiter::NS_PER_S;
+    h.tables.set_settings(&s).expect("settings");
+    for _ in 0..5 {
+        h.run(&stranger);
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let events = drain(&mut rb);
+    assert!(
+        !events.is_empty() && events.len() <= cpus,
+        "{} events",
+        events.len()
+    );
+    let e = events[0];
+    assert_eq!(e.reason, Reason::Unbound as u32);
+    assert_eq!(
+        (e.endpoint, e.identity, e.dport, e.proto),
+        (INFER as u16, 0, 8000, 6)
+    );
+    assert_eq!(&e.src[..4], &v4(9, 9));
+    assert_eq!(e.bytes, 100);
+    // Passes never produce events.
+    for _ in 0..5 {
+        h.run(&tcp4(v4(1, CUSTOMER as u8), 8000, 100));
+    }
+    assert!(drain(&mut rb).is_empty());
+}

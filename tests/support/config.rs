@@ -1,0 +1,447 @@
+//! A typed builder for the agent's configuration file: Rust structs that serde renders as
+//! TOML with the `toml` crate, so that no test writes its configuration with `format!`.
+//!
+//! Each struct mirrors one section of docs/config.md. Every optional key is an `Option` that
+//! is left out of the file when `None`, so a builder config says exactly what a test sets and
+//! the agent's own defaults apply to the rest. `tests/config.rs` renders one with every
+//! section and has the agent accept it.
+
+use std::{
+    fmt::Display,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Config {
+    pub node: Node,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<Anonymous>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_events: Option<DropEvents>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<Controller>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Listen>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Tokens>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<Anomaly>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plans: Vec<Plan>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<Identity>,
+}
+
+/// `[node]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Node {
+    pub interfaces: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xdp_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_group: Option<String>,
+}
+
+/// `[anonymous]`: the allowance of unbound sources on `anonymous = true` endpoints.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Anonymous {
+    pub packets_per_second: u64,
+    pub burst: u64,
+}
+
+/// `[drop_events]`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct DropEvents {
+    pub interval_ms: u64,
+}
+
+/// `[controller]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Controller {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pressure: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulated_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saturate_at: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recover_at: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recover_after: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_back_floor: Option<f64>,
+}
+
+impl Controller {
+    /// `gpu_source = "none"`: no GPU readings, nothing held back.
+    pub fn no_gpu() -> Controller {
+        Controller {
+            gpu_source: Some("none".into()),
+            ..Controller::default()
+        }
+    }
+
+    /// The simulated GPU source reading `file` (`tollgate gpu simulate` writes it).
+    pub fn simulated(file: &Path) -> Controller {
+        Controller {
+            gpu_source: Some("simulated".into()),
+            simulated_file: Some(file.to_owned()),
+            ..Controller::default()
+        }
+    }
+}
+
+/// `[listen]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Listen {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+/// `[tokens]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Tokens {
+    pub jwks: PathBuf,
+    pub audience: String,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_ttl_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_skew_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_token_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_claim: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_claim: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_claim: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles_claim: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_class: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_plan: Option<String>,
+}
+
+/// `[anomaly]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Anomaly {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_samples: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_factor: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_for_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine_for_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cooldown_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub internal: Option<Thresholds>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partner: Option<Thresholds>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer: Option<Thresholds>,
+}
+
+/// `[anomaly.<class>]`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Thresholds {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine_score: Option<f64>,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Metrics {
+    pub top_k: u64,
+}
+
+/// One `[[plans]]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Plan {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packets_per_second: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet_burst: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_second: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byte_burst: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_minute_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_day_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_month_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_minute_cost: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_day_cost: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_month_cost: Option<u64>,
+}
+
+impl Plan {
+    /// A plan with no limits of its own (unlimited).
+    pub fn new(name: &str) -> Plan {
+        Plan {
+            name: name.into(),
+            ..Plan::default()
+        }
+    }
+
+    /// `packets_per_second` and `packet_burst`.
+    pub fn packets(mut self, per_second: u64, burst: u64) -> Plan {
+        self.packets_per_second = Some(per_second);
+        self.packet_burst = Some(burst);
+        self
+    }
+
+    /// `bytes_per_second` and `byte_burst`.
+    pub fn bytes(mut self, per_second: u64, burst: u64) -> Plan {
+        self.bytes_per_second = Some(per_second);
+        self.byte_burst = Some(burst);
+        self
+    }
+
+    pub fn priority(mut self, priority: u8) -> Plan {
+        self.priority = Some(priority);
+        self
+    }
+}
+
+/// One element of an endpoint's `ports`: a number or a `"first-last"` range.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Port {
+    One(u16),
+    Range(String),
+}
+
+impl Port {
+    pub fn range(first: u16, last: u16) -> Port {
+        Port::Range(format!("{first}-{last}"))
+    }
+}
+
+impl From<u16> for Port {
+    fn from(p: u16) -> Port {
+        Port::One(p)
+    }
+}
+
+/// One `[[endpoints]]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Endpoint {
+    pub name: String,
+    pub protocol: String,
+    pub ports: Vec<Port>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destinations: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
+    pub classes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<Vec<u32>>,
+}
+
+impl Endpoint {
+    /// An endpoint on `protocol` (`"tcp"`, `"udp"`) `ports`, open to `classes`.
+    pub fn new(name: &str, protocol: &str, ports: Vec<Port>, classes: &[&str]) -> Endpoint {
+        Endpoint {
+            name: name.into(),
+            protocol: protocol.into(),
+            ports,
+            classes: strings(classes),
+            ..Endpoint::default()
+        }
+    }
+
+    pub fn tcp(name: &str, port: u16, classes: &[&str]) -> Endpoint {
+        Endpoint::new(name, "tcp", vec![port.into()], classes)
+    }
+
+    pub fn udp(name: &str, port: u16, classes: &[&str]) -> Endpoint {
+        Endpoint::new(name, "udp", vec![port.into()], classes)
+    }
+
+    pub fn roles(mut self, roles: &[&str]) -> Endpoint {
+        self.roles = Some(strings(roles));
+        self
+    }
+
+    pub fn weight(mut self, weight: f64) -> Endpoint {
+        self.weight = Some(weight);
+        self
+    }
+
+    /// `anonymous = true`: unbound sources get the anonymous allowance here.
+    pub fn anonymous(mut self) -> Endpoint {
+        self.anonymous = Some(true);
+        self
+    }
+
+    pub fn gpus(mut self, gpus: &[u32]) -> Endpoint {
+        self.gpus = Some(gpus.to_vec());
+        self
+    }
+
+    pub fn destinations(mut self, prefixes: &[&str]) -> Endpoint {
+        self.destinations = Some(strings(prefixes));
+        self
+    }
+}
+
+/// One `[[identities]]`: an identity bound by configuration.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Identity {
+    pub name: String,
+    pub class: String,
+    pub plan: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    pub bind: Vec<String>,
+}
+
+impl Identity {
+    /// `name` of `class` on `plan`, bound to `bind` (addresses or prefixes).
+    pub fn new<A: Display>(name: &str, class: &str, plan: &str, bind: &[A]) -> Identity {
+        Identity {
+            name: name.into(),
+            class: class.into(),
+            plan: plan.into(),
+            roles: None,
+            bind: bind.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    pub fn roles(mut self, roles: &[&str]) -> Identity {
+        self.roles = Some(strings(roles));
+        self
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+impl Config {
+    /// A configuration enforcing on `interfaces`, with nothing else set.
+    pub fn new<S: AsRef<str>>(interfaces: &[S]) -> Config {
+        Config {
+            node: Node {
+                interfaces: interfaces.iter().map(|i| i.as_ref().to_owned()).collect(),
+                ..Node::default()
+            },
+            ..Config::default()
+        }
+    }
+
+    pub fn anonymous(mut self, packets_per_second: u64, burst: u64) -> Config {
+        self.anonymous = Some(Anonymous {
+            packets_per_second,
+            burst,
+        });
+        self
+    }
+
+    pub fn controller(mut self, controller: Controller) -> Config {
+        self.controller = Some(controller);
+        self
+    }
+
+    pub fn anomaly(mut self, anomaly: Anomaly) -> Config {
+        self.anomaly = Some(anomaly);
+        self
+    }
+
+    pub fn tokens(mut self, tokens: Tokens) -> Config {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    /// `[listen] bind`: the HTTPS bind listener.
+    pub fn listen_bind(mut self, addr: impl Display) -> Config {
+        self.listen.get_or_insert_with(Listen::default).bind = Some(addr.to_string());
+        self
+    }
+
+    /// `[listen] metrics`: Prometheus `/metrics`.
+    pub fn listen_metrics(mut self, addr: impl Display) -> Config {
+        self.listen.get_or_insert_with(Listen::default).metrics = Some(addr.to_string());
+        self
+    }
+
+    /// `[metrics] top_k`.
+    pub fn top_k(mut self, k: u64) -> Config {
+        self.metrics = Some(Metrics { top_k: k });
+        self
+    }
+
+    pub fn drop_events(mut self, interval_ms: u64) -> Config {
+        self.drop_events = Some(DropEvents { interval_ms });
+        self
+    }
+
+    pub fn plan(mut self, plan: Plan) -> Config {
+        self.plans.push(plan);
+        self
+    }
+
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Config {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    pub fn identity(mut self, identity: Identity) -> Config {
+        self.identities.push(identity);
+        self
+    }
+
+    /// The file's text.
+    pub fn render(&self) -> String {
+        toml::to_string(self).expect("a builder config renders as TOML")
+    }
+
+    /// Writes the file to `path` and returns `path`.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.render())
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path.to_owned()
+    }
+}

@@ -1,0 +1,30 @@
+//! The kit tollgate's integration tests are built from (tests/README.md says which test file
+//! uses what):
+//!
+//! - [`lab`]: network namespaces and veth labs that clean up after themselves;
+//! - [`agent`]: the real agent as a process, its directories, CLI and pinned counters;
+//! - [`frames`]: raw frames into a lab, in a batch or at a steady rate;
+//! - [`config`]: a typed builder that renders the agent's TOML configuration;
+//! - [`fixture`]: fixture tables run through BPF_PROG_TEST_RUN;
+//! - [`tokenlab`]: keys, certificates, tokens and HTTPS binds for token tests;
+//! - [`node`]: the agent tests' world: a lab and a policy of six identities.
+
+pub mod agent;
+pub mod config;
+pub mod fixture;
+pub mod frames;
+pub mod lab;
+pub mod node;
+pub mod tokenlab;
+
+/// Whether this process may load BPF programs; tests need root (CAP_BPF + CAP_NET_ADMIN).
+/// `cargo xtask test` checks this before running anything, with a clear message.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests load XDP programs and build network namespaces: run them as root \
+         (`sudo cargo xtask test`)"
+    );
+}
