@@ -1,13 +1,38 @@
-//! The CLI verbs: all but `run`, `config check`, `counters`, `completions` and `man` talk to
-//! the agent over the control socket.
+//! The CLI verbs, one module per verb: each owns its clap arguments and its `run` function.
+//! All but `run`, `config`, `counters`, `gpu`, `keys`, `token issue|verify`, `completions`
+//! and `man` talk to the agent over the control socket.
 
 pub mod args;
 pub mod print;
+
+pub mod bind;
+pub mod completions;
+pub mod config;
+pub mod counters;
+pub mod endpoints;
+pub mod explain;
+pub mod gpu;
+pub mod identities;
+pub mod keys;
+pub mod man;
+pub mod quarantine;
+pub mod quota;
+pub mod release;
+pub mod reload;
+pub mod run;
+pub mod status;
 pub mod token;
 pub mod top;
+pub mod unbind;
+pub mod uninstall;
 
-use std::{path::Path, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
+use clap::ValueEnum;
 use tollgate::control::{
     client::{self, ClientError},
     protocol::{ErrorKind, Request, Response},
@@ -18,7 +43,9 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// The agent refused the request (bad input, unknown name).
     pub const REFUSED: u8 = 1;
-    // 2: command-line usage error, returned by clap itself.
+    /// Command-line usage error: clap's own code, also used for a command line that cannot
+    /// work (`tollgate top` without a terminal), so scripts see one code for "called wrongly".
+    pub const USAGE: u8 = 2;
     /// No agent answers on the control socket.
     pub const NO_AGENT: u8 = 3;
     /// Not allowed on the control socket.
@@ -27,6 +54,54 @@ pub mod exit {
     pub const CONFIG: u8 = 5;
     /// The kernel refused an operation (load, attach, map update).
     pub const KERNEL: u8 = 6;
+}
+
+/// The `--help` epilogue: the exit codes above, in words.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the agent refused the request (bad input, unknown name)
+  2  command-line usage error
+  3  no agent answers on the control socket
+  4  not allowed on the control socket (root and the tollgate group only)
+  5  the configuration is invalid (nothing was changed)
+  6  the kernel refused an operation (load, attach, map update)";
+
+/// Output format of the read verbs (the global `--output`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// What every verb gets from the global options.
+pub struct Ctx {
+    /// The agent's control socket.
+    pub socket: PathBuf,
+    pub output: Output,
+}
+
+impl Ctx {
+    pub fn json(&self) -> bool {
+        self.output == Output::Json
+    }
+
+    /// `text` for `--output text`, the agent's JSON pretty-printed for `--output json`.
+    pub fn print_with(
+        &self,
+        text: impl FnOnce(&serde_json::Value),
+    ) -> impl FnOnce(&serde_json::Value) {
+        let json = self.json();
+        move |v| {
+            if json { print::json(v) } else { text(v) }
+        }
+    }
+}
+
+/// Prints `tollgate: MSG` on stderr and returns `code`.
+pub fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tollgate: {msg}");
+    ExitCode::from(code)
 }
 
 pub fn exit_code_for(kind: ErrorKind) -> u8 {
@@ -52,16 +127,15 @@ pub fn call(socket: &Path, req: &Request, show: impl FnOnce(&serde_json::Value))
                 .map_or((ErrorKind::BadRequest, "refused".to_owned()), |e| {
                     (e.kind, e.message)
                 });
-            eprintln!("tollgate: {message}");
-            ExitCode::from(exit_code_for(kind))
+            fail(exit_code_for(kind), message)
         }
-        Err(e) => {
-            eprintln!("tollgate: {e}");
-            ExitCode::from(match e {
+        Err(e) => fail(
+            match e {
                 ClientError::NotRunning(_) => exit::NO_AGENT,
                 ClientError::PermissionDenied(_) => exit::PERMISSION,
                 ClientError::Io { .. } => exit::NO_AGENT,
-            })
-        }
+            },
+            e,
+        ),
     }
 }

@@ -1,0 +1,52 @@
+//! `tollgate bind TARGET --identity NAME` and `tollgate bind --token TOKEN --addr ADDR`.
+
+use std::process::ExitCode;
+
+use tollgate::control::protocol::Request;
+
+use super::{Ctx, args, exit, print};
+
+/// Bind an address or CIDR to a configured identity (run-time binding, persisted), or,
+/// with --token, bind a client's address with the client's token (for a trusted gateway
+/// that terminates the client's connection itself).
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["identity", "token"])))]
+pub struct BindArgs {
+    /// Address (a /32 or /128) or CIDR, host bits zero.
+    #[arg(required_unless_present = "addr", conflicts_with = "addr")]
+    target: Option<String>,
+    /// The client's address (same as TARGET; reads better with --token).
+    #[arg(long, value_name = "ADDR")]
+    addr: Option<String>,
+    /// The identity's name.
+    #[arg(long)]
+    identity: Option<String>,
+    /// The client's token: the binding gets the token's identity and expiry.
+    #[arg(long, conflicts_with = "for_secs")]
+    token: Option<String>,
+    /// Expire after this long (90s, 15m, 2h, 7d); the kernel enforces the expiry itself.
+    #[arg(long = "for", value_name = "DURATION", value_parser = args::duration_secs)]
+    for_secs: Option<u64>,
+}
+
+pub fn run(a: BindArgs, ctx: &Ctx) -> ExitCode {
+    let target = a.target.or(a.addr).unwrap_or_default();
+    let req = match (a.identity, a.token) {
+        (Some(identity), _) => Request::Bind {
+            target,
+            identity,
+            for_secs: a.for_secs,
+        },
+        (None, Some(token)) => match target.parse() {
+            Ok(addr) => Request::BindToken { token, addr },
+            Err(_) => {
+                return super::fail(
+                    exit::REFUSED,
+                    format!("{target:?} is not an address (a token binds one address)"),
+                );
+            }
+        },
+        (None, None) => unreachable!("clap requires --identity or --token"),
+    };
+    super::call(&ctx.socket, &req, print::done)
+}

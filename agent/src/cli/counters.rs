@@ -1,0 +1,28 @@
+//! `tollgate counters`: the kernel's verdict counters, read straight from the pins.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use tollgate::{counters, paths, pins};
+use tollgate_common::map_names;
+
+use super::{Ctx, exit, print};
+
+/// The kernel's verdict counters read straight from the pins (works without the agent).
+#[derive(clap::Args)]
+pub struct CountersArgs {
+    /// Pin directory.
+    #[arg(long, value_name = "DIR", default_value = paths::PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+pub fn run(a: CountersArgs, ctx: &Ctx) -> ExitCode {
+    let path = pins::maps_dir(&a.pin_dir).join(map_names::REASON_COUNTERS);
+    match counters::reason_totals_from_pin(&path) {
+        Ok(totals) => {
+            let rows = serde_json::json!(counters::to_rows(&totals));
+            ctx.print_with(|v| print::table(v, &["reason", "verdict", "packets", "bytes"]))(&rows);
+            ExitCode::SUCCESS
+        }
+        Err(e) => super::fail(exit::NO_AGENT, e),
+    }
+}

@@ -1,0 +1,39 @@
+//! `tollgate quota show|reset`.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use tollgate::control::protocol::Request;
+
+use super::{Ctx, print};
+
+/// Quota spent per identity and plan window (minute, day, month).
+#[derive(clap::Args)]
+pub struct QuotaArgs {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Subcommand)]
+enum Action {
+    /// What each identity has spent in its current windows, against its plan's quotas.
+    Show {
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// Forget what was spent (one identity, or all) and lift quota drops at once.
+    Reset { identity: Option<String> },
+}
+
+pub fn run(a: QuotaArgs, ctx: &Ctx) -> ExitCode {
+    match a.action {
+        Action::Show { identity } => super::call(
+            &ctx.socket,
+            &Request::QuotaShow { identity },
+            ctx.print_with(print::json),
+        ),
+        Action::Reset { identity } => {
+            super::call(&ctx.socket, &Request::QuotaReset { identity }, print::done)
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! `tollgate release TARGET [--reason WHY]`.
+
+use std::process::ExitCode;
+
+use tollgate::control::protocol::Request;
+
+use super::{Ctx, print};
+
+/// Lift a quarantine.
+#[derive(clap::Args)]
+pub struct ReleaseArgs {
+    /// Identity name, or an address whose binding names it.
+    target: String,
+    /// Why (recorded in the audit log).
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+pub fn run(a: ReleaseArgs, ctx: &Ctx) -> ExitCode {
+    super::call(
+        &ctx.socket,
+        &Request::Release {
+            target: a.target,
+            reason: a.reason,
+        },
+        print::done,
+    )
+}

@@ -1,0 +1,318 @@
+//! `top`'s model: the agent's answers at one poll, and what two polls give: rates per
+//! second, rows sorted, the totals and refusals. No I/O and no drawing, so it is unit-tested.
+
+use std::time::Instant;
+
+use serde_json::Value;
+
+/// The agent's answers at one moment.
+#[derive(Clone, Debug)]
+pub(super) struct Snapshot {
+    /// When the poll started: the three answers are read one after another, and taking the
+    /// same point of every poll keeps that offset out of the differences.
+    pub(super) at: Instant,
+    pub(super) unix_ms: u64,
+    pub(super) status: Value,
+    pub(super) endpoints: Value,
+    pub(super) identities: Value,
+}
+
+/// Column the identities are sorted by; `s` cycles through them in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SortKey {
+    /// Packets per second, passed and dropped together: "who is busy now".
+    Rate,
+    Pass,
+    Drop,
+    Passed,
+    Dropped,
+    Name,
+}
+
+impl SortKey {
+    pub(super) fn next(self) -> SortKey {
+        match self {
+            SortKey::Rate => SortKey::Pass,
+            SortKey::Pass => SortKey::Drop,
+            SortKey::Drop => SortKey::Passed,
+            SortKey::Passed => SortKey::Dropped,
+            SortKey::Dropped => SortKey::Name,
+            SortKey::Name => SortKey::Rate,
+        }
+    }
+
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            SortKey::Rate => "rate",
+            SortKey::Pass => "pass/s",
+            SortKey::Drop => "drop/s",
+            SortKey::Passed => "passed",
+            SortKey::Dropped => "dropped",
+            SortKey::Name => "name",
+        }
+    }
+}
+
+/// An identity or an endpoint with its totals and rates.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct RateRow {
+    pub(super) name: String,
+    /// `None` without an earlier reading of the same name, or when the counter went
+    /// backwards (counters re-created): "unknown", which is not "idle".
+    pub(super) pass_per_s: Option<f64>,
+    pub(super) drop_per_s: Option<f64>,
+    pub(super) passed: u64,
+    pub(super) dropped: u64,
+    /// The agent's object as it came, for the columns only some views show.
+    pub(super) raw: Value,
+}
+
+impl RateRow {
+    pub(super) fn rate(&self) -> f64 {
+        self.pass_per_s.unwrap_or(0.0) + self.drop_per_s.unwrap_or(0.0)
+    }
+}
+
+/// Per-second rate of a counter read twice, `secs` apart.
+pub(super) fn per_second(prev: Option<u64>, cur: u64, secs: Option<f64>) -> Option<f64> {
+    let (prev, secs) = (prev?, secs?);
+    if cur < prev || secs <= 0.0 {
+        return None;
+    }
+    Some((cur - prev) as f64 / secs)
+}
+
+pub(super) fn count(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
+}
+
+/// Rows of `cur` (an array of objects) with rates against `prev`. Rows are matched by name,
+/// not id: endpoint ids are positions in the configuration and move when a reload inserts
+/// one, and a row that matched the wrong counters would show a made-up rate.
+pub(super) fn rate_rows(
+    prev: Option<&Value>,
+    cur: &Value,
+    secs: Option<f64>,
+    passed_key: &str,
+    dropped_key: &str,
+) -> Vec<RateRow> {
+    let earlier = |name: &str| {
+        prev.and_then(Value::as_array)
+            .and_then(|a| a.iter().find(|r| r["name"].as_str() == Some(name)))
+    };
+    cur.as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            let name = r["name"].as_str().unwrap_or_default().to_owned();
+            let before = earlier(&name);
+            let passed = count(r, passed_key);
+            let dropped = count(r, dropped_key);
+            RateRow {
+                pass_per_s: per_second(before.map(|b| count(b, passed_key)), passed, secs),
+                drop_per_s: per_second(before.map(|b| count(b, dropped_key)), dropped, secs),
+                passed,
+                dropped,
+                name,
+                raw: r.clone(),
+            }
+        })
+        .collect()
+}
+
+/// Busiest first for the numeric keys, A to Z for names; ties by name so that rows do not
+/// swap places between refreshes when their numbers are equal (all zero, say).
+pub(super) fn sort_rows(rows: &mut [RateRow], key: SortKey) {
+    rows.sort_by(|a, b| {
+        let by = match key {
+            SortKey::Rate => b.rate().total_cmp(&a.rate()),
+            SortKey::Pass => b
+                .pass_per_s
+                .unwrap_or(0.0)
+                .total_cmp(&a.pass_per_s.unwrap_or(0.0)),
+            SortKey::Drop => b
+                .drop_per_s
+                .unwrap_or(0.0)
+                .total_cmp(&a.drop_per_s.unwrap_or(0.0)),
+            SortKey::Passed => b.passed.cmp(&a.passed),
+            SortKey::Dropped => b.dropped.cmp(&a.dropped),
+            SortKey::Name => std::cmp::Ordering::Equal,
+        };
+        by.then_with(|| a.name.cmp(&b.name))
+    });
+}
+
+/// Token verifications that did not succeed, by the agent's label.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Refusal {
+    pub(super) label: String,
+    pub(super) total: u64,
+    pub(super) per_s: Option<f64>,
+}
+
+/// Everything one screen (or one `--once` snapshot) shows, computed from two polls.
+#[derive(Debug)]
+pub(super) struct View {
+    /// Seconds between the two polls; `None` before the second poll.
+    pub(super) secs: Option<f64>,
+    pub(super) identities: Vec<RateRow>,
+    pub(super) endpoints: Vec<RateRow>,
+    pub(super) passed_per_s: Option<f64>,
+    pub(super) dropped_per_s: Option<f64>,
+    /// `None` when the agent has no token verification configured.
+    pub(super) refusals: Option<Vec<Refusal>>,
+}
+
+pub(super) fn view(prev: Option<&Snapshot>, cur: &Snapshot, sort: SortKey) -> View {
+    let secs = prev
+        .map(|p| cur.at.saturating_duration_since(p.at).as_secs_f64())
+        .filter(|s| *s > 0.0);
+    let mut identities = rate_rows(
+        prev.map(|p| &p.identities),
+        &cur.identities,
+        secs,
+        "passed_packets",
+        "dropped_packets",
+    );
+    sort_rows(&mut identities, sort);
+    let mut endpoints = rate_rows(
+        prev.map(|p| &p.endpoints),
+        &cur.endpoints,
+        secs,
+        "packets_passed",
+        "packets_dropped",
+    );
+    // Endpoints are few (they come from the configuration): always busiest first.
+    sort_rows(&mut endpoints, SortKey::Rate);
+    let status_rate = |key: &str| {
+        per_second(
+            prev.map(|p| count(&p.status, key)),
+            count(&cur.status, key),
+            secs,
+        )
+    };
+    let refusals = cur.status["tokens"]["verifications"].as_object().map(|m| {
+        m.iter()
+            // "ok" is the one success label; everything else is a refusal reason.
+            .filter(|(label, _)| label.as_str() != "ok")
+            .map(|(label, total)| {
+                let before = prev.map(|p| {
+                    p.status["tokens"]["verifications"][label]
+                        .as_u64()
+                        .unwrap_or(0)
+                });
+                let total = total.as_u64().unwrap_or(0);
+                Refusal {
+                    label: label.clone(),
+                    total,
+                    per_s: per_second(before, total, secs),
+                }
+            })
+            .collect()
+    });
+    View {
+        secs,
+        identities,
+        endpoints,
+        passed_per_s: status_rate("packets_passed"),
+        dropped_per_s: status_rate("packets_dropped"),
+        refusals,
+    }
+}
+
+/// The rows the view shows: the first `limit`, or all with 0.
+pub(super) fn limited(rows: &[RateRow], limit: usize) -> &[RateRow] {
+    if limit == 0 {
+        rows
+    } else {
+        &rows[..rows.len().min(limit)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::cli::top::fixtures::*;
+
+    #[test]
+    fn rates_are_differences_over_measured_time() {
+        assert_eq!(per_second(Some(100), 300, Some(2.0)), Some(100.0));
+        assert_eq!(per_second(None, 300, Some(2.0)), None);
+        assert_eq!(per_second(Some(100), 300, None), None);
+        // A counter that went backwards was re-created: unknown, not negative.
+        assert_eq!(per_second(Some(300), 100, Some(2.0)), None);
+        assert_eq!(per_second(Some(1), 2, Some(0.0)), None);
+
+        let (a, b) = two_polls();
+        let v = view(Some(&a), &b, SortKey::Rate);
+        assert_eq!(v.secs, Some(2.0));
+        let busy = v.identities.iter().find(|r| r.name == "busy").unwrap();
+        assert_eq!(busy.pass_per_s, Some(1000.0));
+        assert_eq!(busy.drop_per_s, Some(5.0));
+        assert_eq!((busy.passed, busy.dropped), (3000, 10));
+        let new = v.identities.iter().find(|r| r.name == "new").unwrap();
+        assert_eq!(new.pass_per_s, None);
+        let reset = v.identities.iter().find(|r| r.name == "reset").unwrap();
+        assert_eq!(reset.pass_per_s, None);
+        assert_eq!(v.endpoints[0].pass_per_s, Some(1000.0));
+        assert_eq!(v.endpoints[0].drop_per_s, Some(5.0));
+        assert_eq!(v.passed_per_s, Some(1000.0));
+        assert_eq!(v.dropped_per_s, Some(5.0));
+        assert_eq!(
+            v.refusals,
+            Some(vec![Refusal {
+                label: "expired".into(),
+                total: 5,
+                per_s: Some(2.0)
+            }])
+        );
+
+        // Before the second poll there are totals but no rates.
+        let first = view(None, &a, SortKey::Rate);
+        assert_eq!(first.secs, None);
+        assert!(first.identities.iter().all(|r| r.pass_per_s.is_none()));
+        assert_eq!(first.passed_per_s, None);
+    }
+
+    #[test]
+    fn rows_match_by_name_not_position() {
+        let prev = json!([identity("a", 10, 0), identity("b", 100, 0)]);
+        let cur = json!([identity("b", 110, 0), identity("a", 30, 0)]);
+        let rows = rate_rows(
+            Some(&prev),
+            &cur,
+            Some(1.0),
+            "passed_packets",
+            "dropped_packets",
+        );
+        assert_eq!(rows[0].name, "b");
+        assert_eq!(rows[0].pass_per_s, Some(10.0));
+        assert_eq!(rows[1].pass_per_s, Some(20.0));
+    }
+
+    #[test]
+    fn sorting() {
+        let (a, b) = two_polls();
+        let names = |k: SortKey| -> Vec<String> {
+            view(Some(&a), &b, k)
+                .identities
+                .into_iter()
+                .map(|r| r.name)
+                .collect()
+        };
+        // Busiest first; equal rates (0 and unknown) by name, so the order is stable.
+        assert_eq!(names(SortKey::Rate), ["busy", "idle", "new", "reset"]);
+        assert_eq!(names(SortKey::Drop), ["busy", "idle", "new", "reset"]);
+        assert_eq!(names(SortKey::Passed), ["busy", "new", "idle", "reset"]);
+        assert_eq!(names(SortKey::Name), ["busy", "idle", "new", "reset"]);
+
+        let mut k = SortKey::Rate;
+        for _ in 0..6 {
+            k = k.next();
+        }
+        assert_eq!(k, SortKey::Rate, "`s` cycles back to the start");
+    }
+}

@@ -1,0 +1,22 @@
+//! `tollgate unbind TARGET`.
+
+use std::process::ExitCode;
+
+use tollgate::control::protocol::Request;
+
+use super::{Ctx, print};
+
+/// Remove a run-time binding (configured ones are changed in the config).
+#[derive(clap::Args)]
+pub struct UnbindArgs {
+    /// Address or CIDR exactly as bound.
+    target: String,
+}
+
+pub fn run(a: UnbindArgs, ctx: &Ctx) -> ExitCode {
+    super::call(
+        &ctx.socket,
+        &Request::Unbind { target: a.target },
+        print::done,
+    )
+}

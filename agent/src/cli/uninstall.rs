@@ -1,0 +1,37 @@
+//! `tollgate uninstall`: through the agent when one runs, else straight on the pins.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use tollgate::{control::protocol::Request, paths, pins};
+
+use super::{Ctx, exit};
+
+/// Detach from every interface and remove every pin (enforcement stops). Asks the agent
+/// if one is running, else does it directly.
+#[derive(clap::Args)]
+pub struct UninstallArgs {
+    /// Pin directory, when no agent is running.
+    #[arg(long, value_name = "DIR", default_value = paths::PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+pub fn run(a: UninstallArgs, ctx: &Ctx) -> ExitCode {
+    if ctx.socket.exists() {
+        return super::call(&ctx.socket, &Request::Uninstall {}, |v| {
+            println!(
+                "uninstalled: {} pins removed",
+                v["removed"].as_array().map_or(0, Vec::len)
+            )
+        });
+    }
+    match pins::uninstall(&a.pin_dir) {
+        Ok(removed) => {
+            println!(
+                "uninstalled: {} pins removed (no agent was running)",
+                removed.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => super::fail(exit::KERNEL, e),
+    }
+}
