@@ -5,3 +5,4 @@
 pub mod client;
 pub mod peer;
 pub mod protocol;
+pub mod reply;

@@ -1,0 +1,735 @@
+//! What the agent answers on the control socket: one type per verb's `result`, serialised by
+//! the agent and deserialised by the CLI and `tollgate top` (nobody reads a reply by string
+//! key). One spelling per field across all replies: packet counts are `passed_packets` /
+//! `dropped_packets` wherever they appear.
+//!
+//! The HTTPS bind listener answers with the same types (`TokenBound`, `TokenUnbound`) or
+//! with [`HttpError`].
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+use tollgate_common::policy::Class;
+
+use crate::{controller::gpu::GpuReading, tables::Proto};
+
+/// `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The agent's version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    /// Where the configuration came from (a path, or "embedded default").
+    pub config: String,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: String,
+    pub pin_dir: PathBuf,
+    /// Whether the agent adopted maps pinned by an earlier run.
+    pub adopted_pins: bool,
+    pub layout_version: u32,
+    pub uptime_s: u64,
+    /// Configured endpoints.
+    pub endpoints: usize,
+    /// Identities with a kernel slot (configured and token-made).
+    pub identities: usize,
+    /// Bindings in the kernel's tables (static and run-time).
+    pub bindings: usize,
+    /// Names of the quarantined identities.
+    pub quarantined: Vec<String>,
+    /// Totals over every reason since the maps were created.
+    pub passed_packets: u64,
+    pub dropped_packets: u64,
+    pub gpu: GpuStatus,
+    pub anomaly_mode: String,
+    /// `None` when token binding is not configured.
+    pub tokens: Option<TokenStatus>,
+}
+
+/// `status.gpu`: the controller's view of the GPUs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuStatus {
+    /// `nvml`, `simulated` or `none`.
+    pub source: String,
+    /// Why the last reading failed, if it did.
+    pub error: Option<String>,
+    pub readings: Vec<GpuReading>,
+    /// Names of the endpoints the controller holds back.
+    pub saturated_endpoints: Vec<String>,
+}
+
+/// `status.tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenStatus {
+    /// Key ids of the JWKS in use.
+    pub keys: Vec<String>,
+    /// Verifications by result: `ok` or a refusal label.
+    pub verifications: BTreeMap<String, u64>,
+    /// Tokens presented from a second address while bound.
+    pub probable_thefts: u64,
+}
+
+/// One row of `endpoints`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointRow {
+    pub id: u32,
+    pub name: String,
+    pub protocol: Proto,
+    /// "8000" or "8000-8010", one per range.
+    pub ports: Vec<String>,
+    pub weight: f64,
+    #[serde(with = "class_labels")]
+    pub classes: Vec<Class>,
+    pub roles: Vec<String>,
+    pub anonymous: bool,
+    pub passed_packets: u64,
+    pub dropped_packets: u64,
+}
+
+/// `endpoints`.
+pub type Endpoints = Vec<EndpointRow>;
+
+/// Where an identity comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// `[[identity]]` in the configuration.
+    Config,
+    /// A verified token named it (the configuration does not).
+    Token,
+}
+
+/// One row of `identities`; `identity` answers with one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IdentityRow {
+    pub id: u32,
+    pub name: String,
+    #[serde(with = "class_label")]
+    pub class: Class,
+    pub plan: String,
+    pub roles: Vec<String>,
+    pub source: IdentitySource,
+    /// "198.18.0.0/24", "198.18.0.5/32 (expires in 30s)" or "... (expired)".
+    pub bindings: Vec<String>,
+    pub quarantined: Option<QuarantineInfo>,
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+}
+
+/// `identities`.
+pub type Identities = Vec<IdentityRow>;
+
+/// `identity`.
+pub type Identity = IdentityRow;
+
+/// Why and until when an identity is quarantined, and by whom.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineInfo {
+    pub reason: String,
+    /// `None`: until released.
+    pub until_unix_ms: Option<u64>,
+    pub by: QuarantineOwner,
+}
+
+/// Who put an identity in quarantine.
+///
+/// Serialised as `"controller"` or `{"operator": {"uid": 0, "gid": 0, "pid": 42}}`; the
+/// description strings state files used to hold (`"controller"`, `"uid 0 (pid 42) via
+/// control"`) are read as well.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuarantineOwner {
+    /// An operator on the control socket, by peer credentials.
+    Operator {
+        uid: u32,
+        gid: Option<u32>,
+        pid: Option<i32>,
+    },
+    /// The controller's anomaly ladder.
+    Controller,
+    /// A description this agent does not recognise (from an older state file), kept as it was.
+    Other(String),
+}
+
+impl QuarantineOwner {
+    /// The description older agents wrote (`Actor::describe` of the operator).
+    fn from_description(s: &str) -> QuarantineOwner {
+        if s == "controller" {
+            return QuarantineOwner::Controller;
+        }
+        let parse = || -> Option<QuarantineOwner> {
+            let rest = s.strip_prefix("uid ")?.strip_suffix(" via control")?;
+            let (uid, pid) = match rest.split_once(" (pid ") {
+                Some((u, p)) => (u, Some(p.strip_suffix(')')?.parse().ok()?)),
+                None => (rest, None),
+            };
+            Some(QuarantineOwner::Operator {
+                uid: uid.parse().ok()?,
+                gid: None,
+                pid,
+            })
+        };
+        parse().unwrap_or_else(|| QuarantineOwner::Other(s.to_owned()))
+    }
+}
+
+impl fmt::Display for QuarantineOwner {
+    /// The words older agents stored: "controller", "uid 0 (pid 42) via control".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuarantineOwner::Operator {
+                uid, pid: Some(p), ..
+            } => write!(f, "uid {uid} (pid {p}) via control"),
+            QuarantineOwner::Operator { uid, pid: None, .. } => write!(f, "uid {uid} via control"),
+            QuarantineOwner::Controller => f.write_str("controller"),
+            QuarantineOwner::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for QuarantineOwner {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Tagged {
+            Operator {
+                uid: u32,
+                #[serde(default)]
+                gid: Option<u32>,
+                #[serde(default)]
+                pid: Option<i32>,
+            },
+            Controller,
+            Other(String),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Tagged(Tagged),
+            Text(String),
+        }
+        Ok(match Wire::deserialize(d)? {
+            Wire::Tagged(Tagged::Operator { uid, gid, pid }) => {
+                QuarantineOwner::Operator { uid, gid, pid }
+            }
+            Wire::Tagged(Tagged::Controller) => QuarantineOwner::Controller,
+            Wire::Tagged(Tagged::Other(s)) => QuarantineOwner::Other(s),
+            Wire::Text(s) => QuarantineOwner::from_description(&s),
+        })
+    }
+}
+
+/// `bind` (an operator's binding).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bound {
+    /// "198.18.0.5/32".
+    pub target: String,
+    pub identity: String,
+    /// `None`: until unbound.
+    pub expires_unix_ms: Option<u64>,
+}
+
+/// `unbind`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unbound {
+    pub target: String,
+}
+
+/// `quarantine`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub identity: String,
+    /// `None`: until released.
+    pub until_unix_ms: Option<u64>,
+}
+
+/// `release`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    pub identity: String,
+}
+
+/// `explain`: what the kernel would decide for a packet, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explained {
+    /// `pass`, `drop` or `aborted`.
+    pub verdict: String,
+    /// The reason's label (`docs/verdicts.md`).
+    pub reason: String,
+    pub endpoint_id: u32,
+    pub endpoint: Option<String>,
+    pub identity_id: Option<u32>,
+    pub identity: Option<String>,
+    #[serde(with = "opt_class_label")]
+    pub class: Option<Class>,
+    pub binding: Option<String>,
+    /// The sentence for humans.
+    pub why: String,
+}
+
+/// `reload`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloaded {
+    pub config: String,
+    pub applied: Applied,
+    /// Interfaces no longer configured, detached by this reload.
+    pub detached: Vec<String>,
+}
+
+/// What applying the policy changed (`reload`, and the audit line of `start`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub endpoints: usize,
+    pub port_slots_changed: usize,
+    pub identities: usize,
+    pub identities_removed: Vec<String>,
+    pub bindings: usize,
+    pub bindings_added: usize,
+    pub bindings_removed: usize,
+    /// Run-time bindings dropped because their identity left the configuration or expired.
+    pub dropped_dynamic_bindings: Vec<String>,
+}
+
+/// One window of a quota row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaWindow {
+    pub bytes: u64,
+    /// `None`: the plan sets no byte limit for this window.
+    pub bytes_limit: Option<u64>,
+    pub cost: u64,
+    pub cost_limit: Option<u64>,
+    /// When the window ends (unix seconds).
+    pub ends_unix: u64,
+}
+
+/// One row of `quota_show`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaRow {
+    pub identity: String,
+    /// `None` when the identity has no plan any more.
+    pub plan: Option<String>,
+    pub minute: QuotaWindow,
+    pub day: QuotaWindow,
+    pub month: QuotaWindow,
+}
+
+/// `quota_show`.
+pub type Quotas = Vec<QuotaRow>;
+
+/// `quota_reset`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaReset {
+    /// `None`: every identity.
+    pub identity: Option<String>,
+    pub reset: bool,
+}
+
+/// `bind_token`, and the HTTPS listener's answer to POST /v1/bind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBound {
+    pub address: IpAddr,
+    pub identity: String,
+    pub token_id: String,
+    pub key_id: String,
+    /// The token's `exp` (unix seconds): the binding ends then.
+    pub expires_unix: u64,
+}
+
+/// The HTTPS listener's answer to DELETE /v1/bind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUnbound {
+    pub address: IpAddr,
+    pub identity: String,
+    pub token_id: String,
+}
+
+/// `revoke`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    pub token_id: Option<String>,
+    pub identity: Option<String>,
+    /// The bindings the revocation ended ("198.18.0.5/32").
+    pub bindings_removed: Vec<String>,
+}
+
+/// `uninstall`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uninstalled {
+    /// The pins removed.
+    pub removed: Vec<PathBuf>,
+}
+
+/// The HTTPS listener's answer when it refuses (any status but 200).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpError {
+    pub error: String,
+    /// The refusal's label (`bad_signature`, `replay`, ...) when a token was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The class by its label ("internal", "partner", "customer", "anonymous").
+pub fn class_from_label(label: &str) -> Option<Class> {
+    Class::ALL.into_iter().find(|c| c.label() == label)
+}
+
+mod class_label {
+    use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
+    use tollgate_common::policy::Class;
+
+    pub fn serialize<S: Serializer>(c: &Class, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(c.label())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Class, D::Error> {
+        let label = String::deserialize(d)?;
+        super::class_from_label(&label)
+            .ok_or_else(|| D::Error::custom(format!("unknown class {label:?}")))
+    }
+}
+
+mod opt_class_label {
+    use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
+    use tollgate_common::policy::Class;
+
+    pub fn serialize<S: Serializer>(c: &Option<Class>, s: S) -> Result<S::Ok, S::Error> {
+        match c {
+            Some(c) => s.serialize_str(c.label()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Class>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(label) => super::class_from_label(&label)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(format!("unknown class {label:?}"))),
+        }
+    }
+}
+
+mod class_labels {
+    use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _, ser::SerializeSeq};
+    use tollgate_common::policy::Class;
+
+    pub fn serialize<S: Serializer>(cs: &[Class], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(cs.len()))?;
+        for c in cs {
+            seq.serialize_element(c.label())?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Class>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|l| {
+                super::class_from_label(l)
+                    .ok_or_else(|| D::Error::custom(format!("unknown class {l:?}")))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::protocol::Response;
+
+    /// Serialises `v` as the agent does (inside a `Response`, one line), reads it back as the
+    /// CLI does (`Response`, then the verb's type from `result`) and checks nothing changed.
+    fn round_trip<T>(v: T) -> serde_json::Value
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+    {
+        let line = serde_json::to_string(&Response::ok(serde_json::to_value(&v).unwrap())).unwrap();
+        let resp: Response = serde_json::from_str(&line).unwrap();
+        let result = resp.result.expect("result");
+        let back: T = serde_json::from_value(result.clone()).unwrap();
+        assert_eq!(back, v);
+        result
+    }
+
+    fn row(name: &str, by: QuarantineOwner) -> IdentityRow {
+        IdentityRow {
+            id: 3,
+            name: name.into(),
+            class: Class::Customer,
+            plan: "pro".into(),
+            roles: vec!["chat".into()],
+            source: IdentitySource::Token,
+            bindings: vec!["198.18.0.5/32 (expires in 30s)".into()],
+            quarantined: Some(QuarantineInfo {
+                reason: "scraping".into(),
+                until_unix_ms: Some(1_700_000_000_000),
+                by,
+            }),
+            passed_packets: 10,
+            passed_bytes: 1000,
+            dropped_packets: 2,
+            dropped_bytes: 200,
+        }
+    }
+
+    #[test]
+    fn status() {
+        let v = round_trip(Status {
+            version: "0.1.0".into(),
+            config: "/etc/tollgate/tollgate.toml".into(),
+            interfaces: vec!["eth0".into()],
+            xdp_mode: "auto".into(),
+            pin_dir: "/sys/fs/bpf/tollgate".into(),
+            adopted_pins: true,
+            layout_version: 2,
+            uptime_s: 61,
+            endpoints: 2,
+            identities: 3,
+            bindings: 4,
+            quarantined: vec!["suspect".into()],
+            passed_packets: 100,
+            dropped_packets: 7,
+            gpu: GpuStatus {
+                source: "simulated".into(),
+                error: None,
+                readings: vec![GpuReading {
+                    index: 0,
+                    name: "simulated".into(),
+                    utilization: 0.2,
+                    memory_used_bytes: 1 << 30,
+                    memory_total_bytes: 80 << 30,
+                    power_watts: Some(220.0),
+                }],
+                saturated_endpoints: vec!["inference".into()],
+            },
+            anomaly_mode: "shadow".into(),
+            tokens: Some(TokenStatus {
+                keys: vec!["k1".into()],
+                verifications: [("ok".to_owned(), 3), ("expired".to_owned(), 1)].into(),
+                probable_thefts: 1,
+            }),
+        });
+        // The field names scripts and tests read.
+        assert_eq!(v["adopted_pins"], true);
+        assert_eq!(v["gpu"]["readings"][0]["utilization"], 0.2);
+        assert_eq!(v["tokens"]["verifications"]["ok"], 3);
+        assert_eq!(v["passed_packets"], 100);
+        let mut off = serde_json::from_value::<Status>(v).unwrap();
+        off.tokens = None;
+        round_trip(off);
+    }
+
+    #[test]
+    fn endpoints() {
+        let v = round_trip(vec![EndpointRow {
+            id: 1,
+            name: "inference".into(),
+            protocol: Proto::Tcp,
+            ports: vec!["8000".into(), "9000-9010".into()],
+            weight: 1.5,
+            classes: vec![Class::Internal, Class::Customer],
+            roles: vec![],
+            anonymous: false,
+            passed_packets: 5,
+            dropped_packets: 1,
+        }]);
+        assert_eq!(v[0]["protocol"], "tcp");
+        assert_eq!(v[0]["classes"], serde_json::json!(["internal", "customer"]));
+    }
+
+    #[test]
+    fn identities_and_identity() {
+        let v = round_trip(vec![
+            row(
+                "acme",
+                QuarantineOwner::Operator {
+                    uid: 0,
+                    gid: Some(0),
+                    pid: Some(42),
+                },
+            ),
+            row("batch", QuarantineOwner::Controller),
+        ]);
+        assert_eq!(v[0]["class"], "customer");
+        assert_eq!(v[0]["source"], "token");
+        assert_eq!(v[1]["quarantined"]["by"], "controller");
+        let mut one = row("x", QuarantineOwner::Other("someone".into()));
+        one.quarantined = None;
+        one.source = IdentitySource::Config;
+        let v = round_trip(one);
+        assert!(v["quarantined"].is_null());
+    }
+
+    #[test]
+    fn quarantine_owner_reads_the_old_strings() {
+        let read = |s: &str| serde_json::from_str::<QuarantineOwner>(s).unwrap();
+        assert_eq!(read(r#""controller""#), QuarantineOwner::Controller);
+        assert_eq!(
+            read(r#""uid 0 (pid 42) via control""#),
+            QuarantineOwner::Operator {
+                uid: 0,
+                gid: None,
+                pid: Some(42)
+            }
+        );
+        assert_eq!(
+            read(r#""uid 1000 via control""#),
+            QuarantineOwner::Operator {
+                uid: 1000,
+                gid: None,
+                pid: None
+            }
+        );
+        assert_eq!(
+            read(r#""someone else""#),
+            QuarantineOwner::Other("someone else".into())
+        );
+        for owner in [
+            QuarantineOwner::Controller,
+            QuarantineOwner::Operator {
+                uid: 7,
+                gid: Some(8),
+                pid: None,
+            },
+            QuarantineOwner::Other("x".into()),
+        ] {
+            round_trip(owner);
+        }
+        assert_eq!(
+            QuarantineOwner::Operator {
+                uid: 0,
+                gid: Some(0),
+                pid: Some(42)
+            }
+            .to_string(),
+            "uid 0 (pid 42) via control"
+        );
+    }
+
+    #[test]
+    fn bind_and_unbind() {
+        round_trip(Bound {
+            target: "198.18.0.5/32".into(),
+            identity: "acme".into(),
+            expires_unix_ms: Some(1_700_000_000_000),
+        });
+        round_trip(Bound {
+            target: "198.18.0.0/24".into(),
+            identity: "acme".into(),
+            expires_unix_ms: None,
+        });
+        round_trip(Unbound {
+            target: "198.18.0.5/32".into(),
+        });
+    }
+
+    #[test]
+    fn quarantine_and_release() {
+        round_trip(Quarantined {
+            identity: "suspect".into(),
+            until_unix_ms: None,
+        });
+        round_trip(Released {
+            identity: "suspect".into(),
+        });
+    }
+
+    #[test]
+    fn explain() {
+        round_trip(Explained {
+            verdict: "drop".into(),
+            reason: "class_not_allowed".into(),
+            endpoint_id: 1,
+            endpoint: Some("inference".into()),
+            identity_id: Some(2),
+            identity: Some("acme".into()),
+            class: Some(Class::Partner),
+            binding: Some("198.18.0.5/32".into()),
+            why: "because".into(),
+        });
+        let v = round_trip(Explained {
+            verdict: "pass".into(),
+            reason: "unprotected".into(),
+            endpoint_id: 0,
+            endpoint: None,
+            identity_id: None,
+            identity: None,
+            class: None,
+            binding: None,
+            why: "not protected".into(),
+        });
+        assert!(v["class"].is_null());
+    }
+
+    #[test]
+    fn reload() {
+        round_trip(Reloaded {
+            config: "/etc/tollgate/tollgate.toml".into(),
+            applied: Applied {
+                endpoints: 2,
+                identities_removed: vec!["old".into()],
+                ..Applied::default()
+            },
+            detached: vec!["eth1".into()],
+        });
+    }
+
+    #[test]
+    fn quotas() {
+        let w = QuotaWindow {
+            bytes: 30_000,
+            bytes_limit: Some(100_000),
+            cost: 300,
+            cost_limit: None,
+            ends_unix: 1_700_000_060,
+        };
+        let v = round_trip(vec![QuotaRow {
+            identity: "acme".into(),
+            plan: Some("pro".into()),
+            minute: w,
+            day: w,
+            month: w,
+        }]);
+        assert_eq!(v[0]["minute"]["bytes"], 30_000);
+        round_trip(QuotaReset {
+            identity: Some("acme".into()),
+            reset: true,
+        });
+        round_trip(QuotaReset {
+            identity: None,
+            reset: true,
+        });
+    }
+
+    #[test]
+    fn tokens() {
+        round_trip(TokenBound {
+            address: "198.18.0.5".parse().unwrap(),
+            identity: "acme".into(),
+            token_id: "t1".into(),
+            key_id: "k1".into(),
+            expires_unix: 1_700_000_000,
+        });
+        round_trip(TokenUnbound {
+            address: "2001:db8::5".parse().unwrap(),
+            identity: "acme".into(),
+            token_id: "t1".into(),
+        });
+        round_trip(Revoked {
+            token_id: Some("t1".into()),
+            identity: None,
+            bindings_removed: vec!["198.18.0.5/32".into()],
+        });
+        round_trip(HttpError {
+            error: "token refused".into(),
+            reason: Some("expired".into()),
+        });
+    }
+
+    #[test]
+    fn uninstall() {
+        round_trip(Uninstalled {
+            removed: vec!["/sys/fs/bpf/tollgate/maps/bindings".into()],
+        });
+    }
+}
