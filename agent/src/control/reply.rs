@@ -153,7 +153,7 @@ pub enum QuarantineOwner {
 
 impl QuarantineOwner {
     /// The description older agents wrote (`Actor::describe` of the operator).
-    fn from_description(s: &str) -> QuarantineOwner {
+    pub fn from_description(s: &str) -> QuarantineOwner {
         if s == "controller" {
             return QuarantineOwner::Controller;
         }
