@@ -2,7 +2,10 @@
 
 use std::process::ExitCode;
 
-use tollgate::control::protocol::Request;
+use tollgate::control::{
+    protocol::Request,
+    reply::{Bound, TokenBound},
+};
 
 use super::{Ctx, args, exit, print};
 
@@ -31,22 +34,41 @@ pub struct BindArgs {
 
 pub fn run(a: BindArgs, ctx: &Ctx) -> ExitCode {
     let target = a.target.or(a.addr).unwrap_or_default();
-    let req = match (a.identity, a.token) {
-        (Some(identity), _) => Request::Bind {
-            target,
-            identity,
-            for_secs: a.for_secs,
-        },
+    match (a.identity, a.token) {
+        (Some(identity), _) => super::call(
+            &ctx.socket,
+            &Request::Bind {
+                target,
+                identity,
+                for_secs: a.for_secs,
+            },
+            |b: Bound| {
+                print::done(&[
+                    ("expires_unix_ms", b.expires_unix_ms.map(|t| t.to_string())),
+                    ("identity", Some(b.identity)),
+                    ("target", Some(b.target)),
+                ])
+            },
+        ),
         (None, Some(token)) => match target.parse() {
-            Ok(addr) => Request::BindToken { token, addr },
-            Err(_) => {
-                return super::fail(
-                    exit::REFUSED,
-                    format!("{target:?} is not an address (a token binds one address)"),
-                );
-            }
+            Ok(addr) => super::call(
+                &ctx.socket,
+                &Request::BindToken { token, addr },
+                |b: TokenBound| {
+                    print::done(&[
+                        ("address", Some(b.address.to_string())),
+                        ("expires_unix", Some(b.expires_unix.to_string())),
+                        ("identity", Some(b.identity)),
+                        ("key_id", Some(b.key_id)),
+                        ("token_id", Some(b.token_id)),
+                    ])
+                },
+            ),
+            Err(_) => super::fail(
+                exit::REFUSED,
+                format!("{target:?} is not an address (a token binds one address)"),
+            ),
         },
         (None, None) => unreachable!("clap requires --identity or --token"),
-    };
-    super::call(&ctx.socket, &req, print::done)
+    }
 }

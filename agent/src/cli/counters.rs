@@ -19,8 +19,24 @@ pub fn run(a: CountersArgs, ctx: &Ctx) -> ExitCode {
     let path = pins::maps_dir(&a.pin_dir).join(map_names::REASON_COUNTERS);
     match counters::reason_totals_from_pin(&path) {
         Ok(totals) => {
-            let rows = serde_json::json!(counters::to_rows(&totals));
-            ctx.print_with(|v| print::table(v, &["reason", "verdict", "packets", "bytes"]))(&rows);
+            let rows = counters::to_rows(&totals);
+            ctx.print_with(|rows: &Vec<counters::ReasonTotal>| {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.reason.into(),
+                            r.verdict.into(),
+                            r.packets.to_string(),
+                            r.bytes.to_string(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    print::table(&["reason", "verdict", "packets", "bytes"], &cells)
+                );
+            })(rows);
             ExitCode::SUCCESS
         }
         Err(e) => super::fail(exit::NO_AGENT, e),

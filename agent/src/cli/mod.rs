@@ -33,6 +33,7 @@ use std::{
 };
 
 use clap::ValueEnum;
+use serde::{Serialize, de::DeserializeOwned};
 use tollgate::control::{
     client::{self, ClientError},
     protocol::{ErrorKind, Request, Response},
@@ -86,14 +87,11 @@ impl Ctx {
         self.output == Output::Json
     }
 
-    /// `text` for `--output text`, the agent's JSON pretty-printed for `--output json`.
-    pub fn print_with(
-        &self,
-        text: impl FnOnce(&serde_json::Value),
-    ) -> impl FnOnce(&serde_json::Value) {
+    /// `text` for `--output text`; for `--output json`, the reply re-serialised.
+    pub fn print_with<R: Serialize>(&self, text: impl FnOnce(&R)) -> impl FnOnce(R) {
         let json = self.json();
-        move |v| {
-            if json { print::json(v) } else { text(v) }
+        move |r| {
+            if json { print::json(&r) } else { text(&r) }
         }
     }
 }
@@ -113,29 +111,63 @@ pub fn exit_code_for(kind: ErrorKind) -> u8 {
     }
 }
 
-/// Sends `req`, prints the answer with `show`, and maps failures to exit codes.
-pub fn call(socket: &Path, req: &Request, show: impl FnOnce(&serde_json::Value)) -> ExitCode {
-    match client::call(socket, req, Duration::from_secs(30)) {
-        Ok(Response {
-            ok: true, result, ..
-        }) => {
-            show(&result.unwrap_or_default());
+/// Sends `req`, reads the answer as the verb's reply type `R`, prints it with `show`, and
+/// maps failures to exit codes.
+pub fn call<R: DeserializeOwned>(socket: &Path, req: &Request, show: impl FnOnce(R)) -> ExitCode {
+    match request(socket, req, Duration::from_secs(30)) {
+        Ok(r) => {
+            show(r);
             ExitCode::from(exit::OK)
         }
-        Ok(Response { error, .. }) => {
-            let (kind, message) = error
-                .map_or((ErrorKind::BadRequest, "refused".to_owned()), |e| {
-                    (e.kind, e.message)
-                });
-            fail(exit_code_for(kind), message)
-        }
-        Err(e) => fail(
-            match e {
-                ClientError::NotRunning(_) => exit::NO_AGENT,
-                ClientError::PermissionDenied(_) => exit::PERMISSION,
-                ClientError::Io { .. } => exit::NO_AGENT,
+        Err(f) => f.report(),
+    }
+}
+
+/// A request that failed, with the exit code it gives.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    /// Prints `tollgate: MESSAGE` and returns the code.
+    pub fn report(self) -> ExitCode {
+        fail(self.code, self.message)
+    }
+}
+
+/// One request, its answer read as `R`, failures mapped to the documented exit codes.
+pub fn request<R: DeserializeOwned>(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<R, Failure> {
+    match client::call(socket, req, timeout) {
+        Ok(Response {
+            ok: true, result, ..
+        }) => serde_json::from_value(result.unwrap_or_default()).map_err(|e| Failure {
+            code: exit::REFUSED,
+            message: format!(
+                "the agent's answer could not be read ({e}): is it the same version as this CLI?"
+            ),
+        }),
+        Ok(Response { error, .. }) => Err(match error {
+            Some(e) => Failure {
+                code: exit_code_for(e.kind),
+                message: e.message,
             },
-            e,
-        ),
+            None => Failure {
+                code: exit::REFUSED,
+                message: "refused".into(),
+            },
+        }),
+        Err(e) => Err(Failure {
+            code: match e {
+                ClientError::PermissionDenied(_) => exit::PERMISSION,
+                ClientError::NotRunning(_) | ClientError::Io { .. } => exit::NO_AGENT,
+            },
+            message: e.to_string(),
+        }),
     }
 }

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use tollgate::control::protocol::Request;
+use tollgate::control::{protocol::Request, reply::Quarantined};
 
 use super::{Ctx, args, print};
 
@@ -27,6 +27,11 @@ pub fn run(a: QuarantineArgs, ctx: &Ctx) -> ExitCode {
             for_secs: a.for_secs,
             reason: a.reason,
         },
-        print::done,
+        |q: Quarantined| {
+            print::done(&[
+                ("identity", Some(q.identity)),
+                ("until_unix_ms", q.until_unix_ms.map(|t| t.to_string())),
+            ])
+        },
     )
 }

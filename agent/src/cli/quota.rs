@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use tollgate::control::protocol::Request;
+use tollgate::control::{
+    protocol::Request,
+    reply::{QuotaReset, Quotas},
+};
 
 use super::{Ctx, print};
 
@@ -30,10 +33,18 @@ pub fn run(a: QuotaArgs, ctx: &Ctx) -> ExitCode {
         Action::Show { identity } => super::call(
             &ctx.socket,
             &Request::QuotaShow { identity },
-            ctx.print_with(print::json),
+            // JSON in both formats: the windows nest three deep.
+            |q: Quotas| print::json(&q),
         ),
-        Action::Reset { identity } => {
-            super::call(&ctx.socket, &Request::QuotaReset { identity }, print::done)
-        }
+        Action::Reset { identity } => super::call(
+            &ctx.socket,
+            &Request::QuotaReset { identity },
+            |r: QuotaReset| {
+                print::done(&[
+                    ("identity", r.identity),
+                    ("reset", Some(r.reset.to_string())),
+                ])
+            },
+        ),
     }
 }

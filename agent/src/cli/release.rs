@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use tollgate::control::protocol::Request;
+use tollgate::control::{protocol::Request, reply::Released};
 
 use super::{Ctx, print};
 
@@ -23,6 +23,6 @@ pub fn run(a: ReleaseArgs, ctx: &Ctx) -> ExitCode {
             target: a.target,
             reason: a.reason,
         },
-        print::done,
+        |r: Released| print::done(&[("identity", Some(r.identity))]),
     )
 }

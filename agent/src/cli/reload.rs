@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use tollgate::control::protocol::Request;
+use tollgate::control::{protocol::Request, reply::Reloaded};
 
 use super::Ctx;
 
@@ -11,7 +11,7 @@ use super::Ctx;
 pub struct ReloadArgs {}
 
 pub fn run(_: ReloadArgs, ctx: &Ctx) -> ExitCode {
-    super::call(&ctx.socket, &Request::Reload {}, |_| {
+    super::call(&ctx.socket, &Request::Reload {}, |_: Reloaded| {
         println!("ok: reloaded")
     })
 }

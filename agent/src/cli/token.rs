@@ -7,7 +7,12 @@ use std::{
 };
 
 use clap::Subcommand;
-use tollgate::{config::Config, control::protocol::Request, state::now_unix_ms, token_bind};
+use tollgate::{
+    config::Config,
+    control::{protocol::Request, reply::Revoked},
+    state::now_unix_ms,
+    token_bind,
+};
 use tollgate_common::token::{ClaimNames, NewToken, Policy, SigningKey, verify};
 
 use super::{Ctx, args, exit, fail, print};
@@ -120,7 +125,13 @@ pub fn run(a: TokenArgs, ctx: &Ctx) -> ExitCode {
                 identity,
                 reason,
             },
-            print::done,
+            |r: Revoked| {
+                print::done(&[
+                    ("bindings_removed", Some(print::list(&r.bindings_removed))),
+                    ("identity", r.identity),
+                    ("token_id", r.token_id),
+                ])
+            },
         ),
     }
 }

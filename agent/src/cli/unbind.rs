@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use tollgate::control::protocol::Request;
+use tollgate::control::{protocol::Request, reply::Unbound};
 
 use super::{Ctx, print};
 
@@ -17,6 +17,6 @@ pub fn run(a: UnbindArgs, ctx: &Ctx) -> ExitCode {
     super::call(
         &ctx.socket,
         &Request::Unbind { target: a.target },
-        print::done,
+        |u: Unbound| print::done(&[("target", Some(u.target))]),
     )
 }

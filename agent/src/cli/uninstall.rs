@@ -2,7 +2,10 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use tollgate::{control::protocol::Request, paths, pins};
+use tollgate::{
+    control::{protocol::Request, reply::Uninstalled},
+    paths, pins,
+};
 
 use super::{Ctx, exit};
 
@@ -17,11 +20,8 @@ pub struct UninstallArgs {
 
 pub fn run(a: UninstallArgs, ctx: &Ctx) -> ExitCode {
     if ctx.socket.exists() {
-        return super::call(&ctx.socket, &Request::Uninstall {}, |v| {
-            println!(
-                "uninstalled: {} pins removed",
-                v["removed"].as_array().map_or(0, Vec::len)
-            )
+        return super::call(&ctx.socket, &Request::Uninstall {}, |u: Uninstalled| {
+            println!("uninstalled: {} pins removed", u.removed.len())
         });
     }
     match pins::uninstall(&a.pin_dir) {

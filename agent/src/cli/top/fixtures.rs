@@ -1,56 +1,104 @@
-//! Agent answers for the unit tests of `top`'s parts: two polls 2 s apart.
+//! Agent answers for the unit tests of `top`'s parts: two polls 2 s apart. Each answer goes
+//! through the wire (serialised as the agent sends it, read as `top` reads it).
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde::{Serialize, de::DeserializeOwned};
+use tollgate::{
+    control::reply::{EndpointRow, GpuStatus, IdentityRow, IdentitySource, Status, TokenStatus},
+    controller::gpu::GpuReading,
+    tables::Proto,
+};
+use tollgate_common::policy::Class;
 
 use super::model::Snapshot;
 
-pub(super) fn identity(name: &str, passed: u64, dropped: u64) -> Value {
-    json!({
-        "id": 1, "name": name, "class": "partner", "plan": "partner", "roles": [],
-        "bindings": ["198.19.7.0/24"], "quarantined": null,
-        "passed_packets": passed, "passed_bytes": passed * 100,
-        "dropped_packets": dropped, "dropped_bytes": dropped * 100,
+fn wire<T: Serialize + DeserializeOwned>(v: T) -> T {
+    serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap()
+}
+
+pub(super) fn identity(name: &str, passed: u64, dropped: u64) -> IdentityRow {
+    wire(IdentityRow {
+        id: 1,
+        name: name.into(),
+        class: Class::Partner,
+        plan: "partner".into(),
+        roles: vec![],
+        source: IdentitySource::Config,
+        bindings: vec!["198.19.7.0/24".into()],
+        quarantined: None,
+        passed_packets: passed,
+        passed_bytes: passed * 100,
+        dropped_packets: dropped,
+        dropped_bytes: dropped * 100,
     })
 }
 
-pub(super) fn endpoint(name: &str, passed: u64, dropped: u64) -> Value {
-    json!({
-        "id": 1, "name": name, "protocol": "tcp", "ports": ["8000", "8001-8003"],
-        "weight": 1, "classes": ["internal"], "roles": [], "anonymous": false,
-        "packets_passed": passed, "packets_dropped": dropped,
+pub(super) fn endpoint(name: &str, passed: u64, dropped: u64) -> EndpointRow {
+    wire(EndpointRow {
+        id: 1,
+        name: name.into(),
+        protocol: Proto::Tcp,
+        ports: vec!["8000".into(), "8001-8003".into()],
+        weight: 1.0,
+        classes: vec![Class::Internal],
+        roles: vec![],
+        anonymous: false,
+        passed_packets: passed,
+        dropped_packets: dropped,
     })
 }
 
-pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Value {
-    json!({
-        "version": "0.1.0", "interfaces": ["eth0"], "uptime_s": 90_061, "bindings": 3,
-        "quarantined": [], "packets_passed": passed, "packets_dropped": dropped,
-        "anomaly_mode": "observe",
-        "gpu": {
-            "source": "simulated", "error": null, "saturated_endpoints": ["model"],
-            "readings": [{"index": 0, "name": "H100", "utilization": 0.875,
-                "memory_used_bytes": 40u64 << 30, "memory_total_bytes": 80u64 << 30,
-                "power_watts": 550.0}],
+pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
+    wire(Status {
+        version: "0.1.0".into(),
+        config: "/etc/tollgate/tollgate.toml".into(),
+        interfaces: vec!["eth0".into()],
+        xdp_mode: "auto".into(),
+        pin_dir: "/sys/fs/bpf/tollgate".into(),
+        adopted_pins: false,
+        layout_version: 1,
+        uptime_s: 90_061,
+        endpoints: 1,
+        identities: 4,
+        bindings: 3,
+        quarantined: vec![],
+        passed_packets: passed,
+        dropped_packets: dropped,
+        gpu: GpuStatus {
+            source: "simulated".into(),
+            error: None,
+            readings: vec![GpuReading {
+                index: 0,
+                name: "H100".into(),
+                utilization: 0.875,
+                memory_used_bytes: 40 << 30,
+                memory_total_bytes: 80 << 30,
+                power_watts: Some(550.0),
+            }],
+            saturated_endpoints: vec!["model".into()],
         },
-        "tokens": {"keys": ["k1"], "verifications": {"ok": 10, "expired": expired},
-            "probable_thefts": 0},
+        anomaly_mode: "observe".into(),
+        tokens: Some(TokenStatus {
+            keys: vec!["k1".into()],
+            verifications: [("ok".to_owned(), 10), ("expired".to_owned(), expired)].into(),
+            probable_thefts: 0,
+        }),
     })
 }
 
 pub(super) fn snap(
     at: Instant,
-    status: Value,
-    identities: Vec<Value>,
-    endpoints: Vec<Value>,
+    status: Status,
+    identities: Vec<IdentityRow>,
+    endpoints: Vec<EndpointRow>,
 ) -> Snapshot {
     Snapshot {
         at,
         unix_ms: 1_700_000_000_000,
         status,
-        endpoints: json!(endpoints),
-        identities: json!(identities),
+        endpoints,
+        identities,
     }
 }
 

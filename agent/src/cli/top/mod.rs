@@ -24,14 +24,10 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde_json::Value;
-use tollgate::control::{
-    client::{self, ClientError},
-    protocol::{Request, Response},
-};
+use tollgate::control::protocol::Request;
 
 use self::model::Snapshot;
-use super::{Ctx, exit};
+use super::{Ctx, Failure, exit, request};
 
 /// A live view of identities, endpoints, drops and GPU pressure (q quits, s sorts);
 /// `--once` prints one snapshot (with `--output json` for scripts).
@@ -109,45 +105,6 @@ pub fn run(a: TopArgs, ctx: &Ctx) -> ExitCode {
     }
 }
 
-/// A request that failed, with the exit code the other verbs would give it.
-#[derive(Debug)]
-struct Failure {
-    code: u8,
-    message: String,
-}
-
-impl Failure {
-    fn report(self) -> ExitCode {
-        super::fail(self.code, self.message)
-    }
-}
-
-/// One request, mapped to exit codes as `cli::call` maps them.
-fn request(socket: &Path, req: &Request) -> Result<Value, Failure> {
-    match client::call(socket, req, CALL_TIMEOUT) {
-        Ok(Response {
-            ok: true, result, ..
-        }) => Ok(result.unwrap_or_default()),
-        Ok(Response { error, .. }) => Err(match error {
-            Some(e) => Failure {
-                code: super::exit_code_for(e.kind),
-                message: e.message,
-            },
-            None => Failure {
-                code: exit::REFUSED,
-                message: "refused".into(),
-            },
-        }),
-        Err(e) => Err(Failure {
-            code: match e {
-                ClientError::PermissionDenied(_) => exit::PERMISSION,
-                ClientError::NotRunning(_) | ClientError::Io { .. } => exit::NO_AGENT,
-            },
-            message: e.to_string(),
-        }),
-    }
-}
-
 /// The three read requests, one after another.
 fn poll(socket: &Path) -> Result<Snapshot, Failure> {
     let at = Instant::now();
@@ -157,9 +114,9 @@ fn poll(socket: &Path) -> Result<Snapshot, Failure> {
     Ok(Snapshot {
         at,
         unix_ms,
-        status: request(socket, &Request::Status {})?,
-        endpoints: request(socket, &Request::Endpoints {})?,
-        identities: request(socket, &Request::Identities {})?,
+        status: request(socket, &Request::Status {}, CALL_TIMEOUT)?,
+        endpoints: request(socket, &Request::Endpoints {}, CALL_TIMEOUT)?,
+        identities: request(socket, &Request::Identities {}, CALL_TIMEOUT)?,
     })
 }
 

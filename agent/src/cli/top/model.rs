@@ -1,9 +1,9 @@
 //! `top`'s model: the agent's answers at one poll, and what two polls give: rates per
 //! second, rows sorted, the totals and refusals. No I/O and no drawing, so it is unit-tested.
 
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
-use serde_json::Value;
+use tollgate::control::reply::{EndpointRow, IdentityRow, Status};
 
 /// The agent's answers at one moment.
 #[derive(Clone, Debug)]
@@ -12,9 +12,9 @@ pub(super) struct Snapshot {
     /// same point of every poll keeps that offset out of the differences.
     pub(super) at: Instant,
     pub(super) unix_ms: u64,
-    pub(super) status: Value,
-    pub(super) endpoints: Value,
-    pub(super) identities: Value,
+    pub(super) status: Status,
+    pub(super) endpoints: Vec<EndpointRow>,
+    pub(super) identities: Vec<IdentityRow>,
 }
 
 /// Column the identities are sorted by; `s` cycles through them in this order.
@@ -53,9 +53,40 @@ impl SortKey {
     }
 }
 
+/// A reply row with a name and packet totals: what rates are computed for.
+pub(super) trait Counted {
+    fn name(&self) -> &str;
+    fn passed(&self) -> u64;
+    fn dropped(&self) -> u64;
+}
+
+impl Counted for IdentityRow {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn passed(&self) -> u64 {
+        self.passed_packets
+    }
+    fn dropped(&self) -> u64 {
+        self.dropped_packets
+    }
+}
+
+impl Counted for EndpointRow {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn passed(&self) -> u64 {
+        self.passed_packets
+    }
+    fn dropped(&self) -> u64 {
+        self.dropped_packets
+    }
+}
+
 /// An identity or an endpoint with its totals and rates.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) struct RateRow {
+pub(super) struct RateRow<T> {
     pub(super) name: String,
     /// `None` without an earlier reading of the same name, or when the counter went
     /// backwards (counters re-created): "unknown", which is not "idle".
@@ -63,11 +94,11 @@ pub(super) struct RateRow {
     pub(super) drop_per_s: Option<f64>,
     pub(super) passed: u64,
     pub(super) dropped: u64,
-    /// The agent's object as it came, for the columns only some views show.
-    pub(super) raw: Value,
+    /// The agent's row as it came, for the columns only some views show.
+    pub(super) row: T,
 }
 
-impl RateRow {
+impl<T> RateRow<T> {
     pub(super) fn rate(&self) -> f64 {
         self.pass_per_s.unwrap_or(0.0) + self.drop_per_s.unwrap_or(0.0)
     }
@@ -82,40 +113,26 @@ pub(super) fn per_second(prev: Option<u64>, cur: u64, secs: Option<f64>) -> Opti
     Some((cur - prev) as f64 / secs)
 }
 
-pub(super) fn count(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or(0)
-}
-
-/// Rows of `cur` (an array of objects) with rates against `prev`. Rows are matched by name,
-/// not id: endpoint ids are positions in the configuration and move when a reload inserts
-/// one, and a row that matched the wrong counters would show a made-up rate.
-pub(super) fn rate_rows(
-    prev: Option<&Value>,
-    cur: &Value,
+/// Rows of `cur` with rates against `prev`. Rows are matched by name, not id: endpoint ids
+/// are positions in the configuration and move when a reload inserts one, and a row that
+/// matched the wrong counters would show a made-up rate.
+pub(super) fn rate_rows<T: Counted + Clone>(
+    prev: Option<&[T]>,
+    cur: &[T],
     secs: Option<f64>,
-    passed_key: &str,
-    dropped_key: &str,
-) -> Vec<RateRow> {
-    let earlier = |name: &str| {
-        prev.and_then(Value::as_array)
-            .and_then(|a| a.iter().find(|r| r["name"].as_str() == Some(name)))
-    };
-    cur.as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
+) -> Vec<RateRow<T>> {
+    let earlier = |name: &str| prev.and_then(|p| p.iter().find(|r| r.name() == name));
+    cur.iter()
         .map(|r| {
-            let name = r["name"].as_str().unwrap_or_default().to_owned();
-            let before = earlier(&name);
-            let passed = count(r, passed_key);
-            let dropped = count(r, dropped_key);
+            let before = earlier(r.name());
+            let (passed, dropped) = (r.passed(), r.dropped());
             RateRow {
-                pass_per_s: per_second(before.map(|b| count(b, passed_key)), passed, secs),
-                drop_per_s: per_second(before.map(|b| count(b, dropped_key)), dropped, secs),
+                pass_per_s: per_second(before.map(Counted::passed), passed, secs),
+                drop_per_s: per_second(before.map(Counted::dropped), dropped, secs),
                 passed,
                 dropped,
-                name,
-                raw: r.clone(),
+                name: r.name().to_owned(),
+                row: r.clone(),
             }
         })
         .collect()
@@ -123,7 +140,7 @@ pub(super) fn rate_rows(
 
 /// Busiest first for the numeric keys, A to Z for names; ties by name so that rows do not
 /// swap places between refreshes when their numbers are equal (all zero, say).
-pub(super) fn sort_rows(rows: &mut [RateRow], key: SortKey) {
+pub(super) fn sort_rows<T>(rows: &mut [RateRow<T>], key: SortKey) {
     rows.sort_by(|a, b| {
         let by = match key {
             SortKey::Rate => b.rate().total_cmp(&a.rate()),
@@ -143,12 +160,33 @@ pub(super) fn sort_rows(rows: &mut [RateRow], key: SortKey) {
     });
 }
 
-/// Token verifications that did not succeed, by the agent's label.
+/// A counter the agent reports by label (a token refusal, a drop reason), with its rate.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) struct Refusal {
+pub(super) struct LabelRate {
     pub(super) label: String,
     pub(super) total: u64,
     pub(super) per_s: Option<f64>,
+}
+
+/// Token verifications that did not succeed, by the agent's label.
+pub(super) type Refusal = LabelRate;
+
+/// Each label of `cur` with its rate against `prev`; a label `prev` lacks counts from 0 (it
+/// appears the first time it is counted), and without `prev` there is no rate.
+fn label_rates<'a>(
+    prev: Option<Option<&BTreeMap<String, u64>>>,
+    cur: impl Iterator<Item = (&'a String, &'a u64)>,
+    secs: Option<f64>,
+) -> Vec<LabelRate> {
+    cur.map(|(label, total)| {
+        let before = prev.map(|p| p.and_then(|m| m.get(label)).copied().unwrap_or(0));
+        LabelRate {
+            label: label.clone(),
+            total: *total,
+            per_s: per_second(before, *total, secs),
+        }
+    })
+    .collect()
 }
 
 /// Everything one screen (or one `--once` snapshot) shows, computed from two polls.
@@ -156,8 +194,8 @@ pub(super) struct Refusal {
 pub(super) struct View {
     /// Seconds between the two polls; `None` before the second poll.
     pub(super) secs: Option<f64>,
-    pub(super) identities: Vec<RateRow>,
-    pub(super) endpoints: Vec<RateRow>,
+    pub(super) identities: Vec<RateRow<IdentityRow>>,
+    pub(super) endpoints: Vec<RateRow<EndpointRow>>,
     pub(super) passed_per_s: Option<f64>,
     pub(super) dropped_per_s: Option<f64>,
     /// `None` when the agent has no token verification configured.
@@ -168,61 +206,36 @@ pub(super) fn view(prev: Option<&Snapshot>, cur: &Snapshot, sort: SortKey) -> Vi
     let secs = prev
         .map(|p| cur.at.saturating_duration_since(p.at).as_secs_f64())
         .filter(|s| *s > 0.0);
-    let mut identities = rate_rows(
-        prev.map(|p| &p.identities),
-        &cur.identities,
-        secs,
-        "passed_packets",
-        "dropped_packets",
-    );
+    let mut identities = rate_rows(prev.map(|p| &p.identities[..]), &cur.identities, secs);
     sort_rows(&mut identities, sort);
-    let mut endpoints = rate_rows(
-        prev.map(|p| &p.endpoints),
-        &cur.endpoints,
-        secs,
-        "packets_passed",
-        "packets_dropped",
-    );
+    let mut endpoints = rate_rows(prev.map(|p| &p.endpoints[..]), &cur.endpoints, secs);
     // Endpoints are few (they come from the configuration): always busiest first.
     sort_rows(&mut endpoints, SortKey::Rate);
-    let status_rate = |key: &str| {
-        per_second(
-            prev.map(|p| count(&p.status, key)),
-            count(&cur.status, key),
+    let status_rate = |count: fn(&Status) -> u64| {
+        per_second(prev.map(|p| count(&p.status)), count(&cur.status), secs)
+    };
+    let refusals = cur.status.tokens.as_ref().map(|t| {
+        label_rates(
+            prev.map(|p| p.status.tokens.as_ref().map(|t| &t.verifications)),
+            t.verifications
+                .iter()
+                // "ok" is the one success label; everything else is a refusal reason.
+                .filter(|(label, _)| label.as_str() != "ok"),
             secs,
         )
-    };
-    let refusals = cur.status["tokens"]["verifications"].as_object().map(|m| {
-        m.iter()
-            // "ok" is the one success label; everything else is a refusal reason.
-            .filter(|(label, _)| label.as_str() != "ok")
-            .map(|(label, total)| {
-                let before = prev.map(|p| {
-                    p.status["tokens"]["verifications"][label]
-                        .as_u64()
-                        .unwrap_or(0)
-                });
-                let total = total.as_u64().unwrap_or(0);
-                Refusal {
-                    label: label.clone(),
-                    total,
-                    per_s: per_second(before, total, secs),
-                }
-            })
-            .collect()
     });
     View {
         secs,
         identities,
         endpoints,
-        passed_per_s: status_rate("packets_passed"),
-        dropped_per_s: status_rate("packets_dropped"),
+        passed_per_s: status_rate(|s| s.passed_packets),
+        dropped_per_s: status_rate(|s| s.dropped_packets),
         refusals,
     }
 }
 
 /// The rows the view shows: the first `limit`, or all with 0.
-pub(super) fn limited(rows: &[RateRow], limit: usize) -> &[RateRow] {
+pub(super) fn limited<T>(rows: &[T], limit: usize) -> &[T] {
     if limit == 0 {
         rows
     } else {
@@ -232,8 +245,6 @@ pub(super) fn limited(rows: &[RateRow], limit: usize) -> &[RateRow] {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
     use crate::cli::top::fixtures::*;
 
@@ -279,15 +290,9 @@ mod tests {
 
     #[test]
     fn rows_match_by_name_not_position() {
-        let prev = json!([identity("a", 10, 0), identity("b", 100, 0)]);
-        let cur = json!([identity("b", 110, 0), identity("a", 30, 0)]);
-        let rows = rate_rows(
-            Some(&prev),
-            &cur,
-            Some(1.0),
-            "passed_packets",
-            "dropped_packets",
-        );
+        let prev = [identity("a", 10, 0), identity("b", 100, 0)];
+        let cur = [identity("b", 110, 0), identity("a", 30, 0)];
+        let rows = rate_rows(Some(&prev[..]), &cur, Some(1.0));
         assert_eq!(rows[0].name, "b");
         assert_eq!(rows[0].pass_per_s, Some(10.0));
         assert_eq!(rows[1].pass_per_s, Some(20.0));

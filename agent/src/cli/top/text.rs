@@ -1,35 +1,62 @@
 //! `top`'s text: the `--once` snapshot as plain text or JSON, and the formatting of numbers,
 //! names and header lines that the terminal view shares.
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use tollgate::control::reply::{EndpointRow, IdentityRow, Status};
 
-use super::model::{RateRow, Snapshot, SortKey, View, count, limited, view};
+use super::model::{RateRow, Snapshot, SortKey, View, limited, view};
+use crate::cli::print::{self, gpu_label, proto, table};
 
 /// Rates in JSON keep three decimals: more is noise from the timer, and 1234.5678901234
 /// helps no script.
-pub(super) fn json_rate(r: Option<f64>) -> Value {
-    r.map_or(Value::Null, |r| json!((r * 1000.0).round() / 1000.0))
+pub(super) fn json_rate(r: Option<f64>) -> Option<f64> {
+    r.map(|r| (r * 1000.0).round() / 1000.0)
 }
 
-pub(super) fn with_rates(row: &RateRow) -> Value {
-    let mut v = row.raw.clone();
-    if let Value::Object(m) = &mut v {
-        m.insert("pass_per_s".into(), json_rate(row.pass_per_s));
-        m.insert("drop_per_s".into(), json_rate(row.drop_per_s));
+/// A reply row with its rates: the row's own fields, then `pass_per_s` and `drop_per_s`.
+#[derive(Serialize)]
+struct WithRates<'a, T> {
+    #[serde(flatten)]
+    row: &'a T,
+    pass_per_s: Option<f64>,
+    drop_per_s: Option<f64>,
+}
+
+impl<'a, T> WithRates<'a, T> {
+    fn of(r: &'a RateRow<T>) -> WithRates<'a, T> {
+        WithRates {
+            row: &r.row,
+            pass_per_s: json_rate(r.pass_per_s),
+            drop_per_s: json_rate(r.drop_per_s),
+        }
     }
-    v
 }
 
 /// The `--once --output json` object.
+#[derive(Serialize)]
+struct SnapshotJson<'a> {
+    time_unix_ms: u64,
+    interval_s: Option<f64>,
+    status: &'a Status,
+    identities: Vec<WithRates<'a, IdentityRow>>,
+    endpoints: Vec<WithRates<'a, EndpointRow>>,
+}
+
+/// The `--once --output json` object, as JSON (keys sorted, as `print::json` prints them).
 pub(super) fn snapshot_json(prev: &Snapshot, cur: &Snapshot, limit: usize) -> Value {
     let v = view(Some(prev), cur, SortKey::Rate);
-    json!({
-        "time_unix_ms": cur.unix_ms,
-        "interval_s": json_rate(v.secs),
-        "status": cur.status,
-        "identities": limited(&v.identities, limit).iter().map(with_rates).collect::<Vec<_>>(),
-        "endpoints": v.endpoints.iter().map(with_rates).collect::<Vec<_>>(),
-    })
+    let snapshot = SnapshotJson {
+        time_unix_ms: cur.unix_ms,
+        interval_s: json_rate(v.secs),
+        status: &cur.status,
+        identities: limited(&v.identities, limit)
+            .iter()
+            .map(WithRates::of)
+            .collect(),
+        endpoints: v.endpoints.iter().map(WithRates::of).collect(),
+    };
+    serde_json::to_value(&snapshot).unwrap_or_default()
 }
 
 /// Agent strings are shown as they are, less control characters: a name with an escape
@@ -40,14 +67,9 @@ pub(super) fn clean(s: &str) -> String {
         .collect()
 }
 
-pub(super) fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => clean(s),
-        Value::Null => "-".into(),
-        Value::Array(a) if a.is_empty() => "-".into(),
-        Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
-    }
+/// A list of agent strings as one cell, cleaned: comma-separated, `-` when empty.
+pub(super) fn clean_list(items: &[String]) -> String {
+    clean(&print::list(items))
 }
 
 /// "4567.8" below 100 000/s, then "123.5k", "7.8M": at most 7 characters, so it fits its
@@ -90,63 +112,54 @@ pub(super) fn fmt_uptime(secs: u64) -> String {
 }
 
 /// "tcp/8000,8001-8003".
-pub(super) fn proto_ports(endpoint: &Value) -> String {
+pub(super) fn proto_ports(endpoint: &EndpointRow) -> String {
     format!(
         "{}/{}",
-        text(&endpoint["protocol"]),
-        text(&endpoint["ports"])
+        proto(endpoint.protocol),
+        clean_list(&endpoint.ports)
     )
 }
 
-/// One GPU reading as a line of text (utilisation is a fraction 0..=1 in the agent's JSON).
-pub(super) fn gpu_label(r: &Value) -> String {
-    const GIB: f64 = (1u64 << 30) as f64;
-    let util = r["utilization"].as_f64().unwrap_or(0.0) * 100.0;
-    let used = r["memory_used_bytes"].as_f64().unwrap_or(0.0) / GIB;
-    let total = r["memory_total_bytes"].as_f64().unwrap_or(0.0) / GIB;
-    let mut s = format!(
-        "GPU{} {} {util:>3.0}%  mem {used:.1}/{total:.1} GiB",
-        text(&r["index"]),
-        text(&r["name"]),
-    );
-    if let Some(w) = r["power_watts"].as_f64() {
-        s.push_str(&format!("  {w:.0} W"));
-    }
-    s
-}
-
 /// The lines both views put above the tables.
-pub(super) fn header_lines(status: &Value) -> Vec<String> {
-    let gpu = &status["gpu"];
-    let mut gpu_line = format!("gpu source {}", text(&gpu["source"]));
-    if !gpu["error"].is_null() {
-        gpu_line.push_str(&format!("  error: {}", text(&gpu["error"])));
+pub(super) fn header_lines(status: &Status) -> Vec<String> {
+    let gpu = &status.gpu;
+    let mut gpu_line = format!("gpu source {}", clean(&gpu.source));
+    if let Some(e) = &gpu.error {
+        gpu_line.push_str(&format!("  error: {}", clean(e)));
     }
     vec![
         format!(
             "interfaces {}  uptime {}  anomaly_mode {}  bindings {}  quarantined {}",
-            text(&status["interfaces"]),
-            fmt_uptime(count(status, "uptime_s")),
-            text(&status["anomaly_mode"]),
-            text(&status["bindings"]),
-            text(&status["quarantined"]),
+            clean_list(&status.interfaces),
+            fmt_uptime(status.uptime_s),
+            clean(&status.anomaly_mode),
+            status.bindings,
+            clean_list(&status.quarantined),
         ),
         gpu_line,
-        format!("saturated endpoints {}", text(&gpu["saturated_endpoints"])),
+        format!(
+            "saturated endpoints {}",
+            clean_list(&gpu.saturated_endpoints)
+        ),
     ]
 }
 
-pub(super) fn drop_lines(v: &View, status: &Value) -> Vec<String> {
+/// One GPU reading as a line, cleaned (the GPU's name comes from the driver).
+pub(super) fn gpu_line(r: &tollgate::controller::gpu::GpuReading) -> String {
+    clean(&gpu_label(r))
+}
+
+pub(super) fn drop_lines(v: &View, status: &Status) -> Vec<String> {
     let mut lines = vec![
         format!(
             "passed/s {}  (total {})",
             fmt_rate(v.passed_per_s),
-            count(status, "packets_passed")
+            status.passed_packets
         ),
         format!(
             "dropped/s {}  (total {})",
             fmt_rate(v.dropped_per_s),
-            count(status, "packets_dropped")
+            status.dropped_packets
         ),
     ];
     match &v.refusals {
@@ -164,64 +177,33 @@ pub(super) fn drop_lines(v: &View, status: &Value) -> Vec<String> {
             }
         }
     }
-    if let Some(t) = status["tokens"]["probable_thefts"].as_u64() {
-        lines.push(format!("probable token thefts {t}"));
+    if let Some(t) = &status.tokens {
+        lines.push(format!("probable token thefts {}", t.probable_thefts));
     }
     lines
 }
 
-/// Left-aligned text columns, two spaces apart, headers upper-cased: the layout of the
-/// other verbs' tables (cli::print::table).
-pub(super) fn text_table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let widths: Vec<usize> = (0..headers.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([headers[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    let mut out = line(&headers.iter().map(|h| h.to_uppercase()).collect::<Vec<_>>());
-    out.push('\n');
-    for r in rows {
-        out.push_str(&line(r));
-        out.push('\n');
-    }
-    out
-}
-
-pub(super) fn identity_cells(r: &RateRow) -> Vec<String> {
+pub(super) fn identity_cells(r: &RateRow<IdentityRow>) -> Vec<String> {
     vec![
         clean(&r.name),
-        text(&r.raw["class"]),
-        text(&r.raw["plan"]),
+        r.row.class.label().into(),
+        clean(&r.row.plan),
         fmt_rate(r.pass_per_s),
         fmt_rate(r.drop_per_s),
         r.passed.to_string(),
         r.dropped.to_string(),
-        if r.raw["quarantined"].is_null() {
-            "-".into()
-        } else {
+        if r.row.quarantined.is_some() {
             "yes".into()
+        } else {
+            "-".into()
         },
     ]
 }
 
-pub(super) fn endpoint_cells(r: &RateRow) -> Vec<String> {
+pub(super) fn endpoint_cells(r: &RateRow<EndpointRow>) -> Vec<String> {
     vec![
         clean(&r.name),
-        proto_ports(&r.raw),
+        proto_ports(&r.row),
         fmt_rate(r.pass_per_s),
         fmt_rate(r.drop_per_s),
         r.passed.to_string(),
@@ -242,16 +224,12 @@ pub(super) fn snapshot_text(prev: &Snapshot, cur: &Snapshot, limit: usize) -> St
         out.push_str(&l);
         out.push('\n');
     }
-    for r in cur.status["gpu"]["readings"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        out.push_str(&format!("  {}\n", gpu_label(r)));
+    for r in &cur.status.gpu.readings {
+        out.push_str(&format!("  {}\n", gpu_line(r)));
     }
     out.push('\n');
     let shown = limited(&v.identities, limit);
-    out.push_str(&text_table(
+    out.push_str(&table(
         &[
             "identity",
             "class",
@@ -271,7 +249,7 @@ pub(super) fn snapshot_text(prev: &Snapshot, cur: &Snapshot, limit: usize) -> St
         ));
     }
     out.push('\n');
-    out.push_str(&text_table(
+    out.push_str(&table(
         &[
             "endpoint",
             "proto/ports",
@@ -292,6 +270,8 @@ pub(super) fn snapshot_text(prev: &Snapshot, cur: &Snapshot, limit: usize) -> St
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::cli::top::fixtures::*;
 
@@ -312,7 +292,7 @@ mod tests {
         );
         assert_eq!(j["time_unix_ms"], 1_700_000_000_000u64);
         assert_eq!(j["interval_s"], 2.0);
-        assert_eq!(j["status"], b.status);
+        assert_eq!(j["status"], serde_json::to_value(&b.status).unwrap());
         let ids = j["identities"].as_array().unwrap();
         assert_eq!(ids.len(), 2, "limit applies");
         assert_eq!(ids[0]["name"], "busy");
@@ -334,7 +314,7 @@ mod tests {
     #[test]
     fn text_snapshot_is_plain() {
         let (a, mut b) = two_polls();
-        b.identities[0]["name"] = json!("evil\u{1b}[2J");
+        b.identities[0].name = "evil\u{1b}[2J".into();
         let t = snapshot_text(&a, &b, 3);
         assert!(!t.contains('\u{1b}'), "no control codes: {t}");
         assert!(t.contains("tollgate top: rates over 2.00 s"));

@@ -24,14 +24,17 @@ use ratatui::{
     text::{Line, Span},
     widgets::{Block, Cell, LineGauge, Paragraph, Row, Table},
 };
-use serde_json::Value;
+use tollgate::{
+    control::reply::{EndpointRow, IdentityRow, Status},
+    controller::gpu::GpuReading,
+};
 
 use super::{
-    Failure,
     model::{RateRow, Snapshot, SortKey, limited, view},
     poll,
-    text::{clean, drop_lines, fmt_count, fmt_rate, gpu_label, header_lines, proto_ports, text},
+    text::{clean, drop_lines, fmt_count, fmt_rate, gpu_line, header_lines, proto_ports},
 };
+use crate::cli::Failure;
 
 /// Whether the terminal is in raw mode on the alternate screen, so that the guard, the panic
 /// hook and a signal all restore it, and only the first of them does.
@@ -213,10 +216,7 @@ fn bold() -> Style {
 fn draw(f: &mut Frame, screen: &Screen) {
     let v = view(screen.prev.as_ref(), &screen.cur, screen.sort);
     let status = &screen.cur.status;
-    let gpus = status["gpu"]["readings"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let gpus = &status.gpu.readings;
     let header = header_lines(status);
     let shown = limited(&v.identities, screen.limit);
     let drops = drop_lines(&v, status);
@@ -259,26 +259,23 @@ fn draw(f: &mut Frame, screen: &Screen) {
     f.render_widget(Paragraph::new(Line::from(hint)), hints);
 }
 
-fn draw_header(f: &mut Frame, area: Rect, status: &Value, lines: &[String], gpus: &[Value]) {
-    let block = Block::bordered().title(format!(" tollgate {} ", text(&status["version"])));
+fn draw_header(f: &mut Frame, area: Rect, status: &Status, lines: &[String], gpus: &[GpuReading]) {
+    let block = Block::bordered().title(format!(" tollgate {} ", clean(&status.version)));
     let inner = block.inner(area);
     f.render_widget(block, area);
     let mut constraints = vec![Constraint::Length(lines.len() as u16)];
     constraints.extend(gpus.iter().map(|_| Constraint::Length(1)));
     let rows = Layout::vertical(constraints).split(inner);
     let mut text_lines: Vec<Line> = lines.iter().map(|l| Line::from(l.as_str())).collect();
-    if !status["gpu"]["error"].is_null() {
+    if status.gpu.error.is_some() {
         text_lines[1] = Line::styled(lines[1].as_str(), Style::default().fg(Color::Red));
     }
-    if status["gpu"]["saturated_endpoints"]
-        .as_array()
-        .is_some_and(|a| !a.is_empty())
-    {
+    if !status.gpu.saturated_endpoints.is_empty() {
         text_lines[2] = Line::styled(lines[2].as_str(), Style::default().fg(Color::Yellow));
     }
     f.render_widget(Paragraph::new(text_lines), rows[0]);
     for (r, area) in gpus.iter().zip(rows.iter().skip(1)) {
-        let util = r["utilization"].as_f64().unwrap_or(0.0).clamp(0.0, 1.0);
+        let util = r.utilization.clamp(0.0, 1.0);
         // Colour only, at fixed marks: whether an endpoint is saturated is the agent's call
         // (its `saturate_at`), shown on the line above, not guessed here.
         let colour = if util >= 0.9 {
@@ -291,7 +288,7 @@ fn draw_header(f: &mut Frame, area: Rect, status: &Value, lines: &[String], gpus
         f.render_widget(
             LineGauge::default()
                 .ratio(util)
-                .label(gpu_label(r))
+                .label(gpu_line(r))
                 .filled_style(Style::default().fg(colour))
                 .unfilled_style(Style::default().fg(Color::DarkGray)),
             *area,
@@ -308,7 +305,13 @@ fn num_header(label: &'static str) -> Cell<'static> {
     Cell::from(Line::from(label).right_aligned())
 }
 
-fn draw_identities(f: &mut Frame, area: Rect, screen: &Screen, shown: &[RateRow], all: usize) {
+fn draw_identities(
+    f: &mut Frame,
+    area: Rect,
+    screen: &Screen,
+    shown: &[RateRow<IdentityRow>],
+    all: usize,
+) {
     // The sorted column's header is shown reversed, so the sort is visible where one looks
     // (a marker character would not fit the narrow columns). Sorting by rate lights both
     // rate columns: it is their sum.
@@ -336,11 +339,11 @@ fn draw_identities(f: &mut Frame, area: Rect, screen: &Screen, shown: &[RateRow]
     ])
     .style(bold());
     let rows = shown.iter().map(|r| {
-        let quarantined = !r.raw["quarantined"].is_null();
+        let quarantined = r.row.quarantined.is_some();
         let row = Row::new(vec![
             Cell::from(clean(&r.name)),
-            Cell::from(text(&r.raw["class"])),
-            Cell::from(text(&r.raw["plan"])),
+            Cell::from(r.row.class.label()),
+            Cell::from(clean(&r.row.plan)),
             num(fmt_rate(r.pass_per_s)),
             num(fmt_rate(r.drop_per_s)),
             num(fmt_count(r.passed)),
@@ -382,7 +385,7 @@ fn draw_identities(f: &mut Frame, area: Rect, screen: &Screen, shown: &[RateRow]
     );
 }
 
-fn draw_endpoints(f: &mut Frame, area: Rect, rows: &[RateRow]) {
+fn draw_endpoints(f: &mut Frame, area: Rect, rows: &[RateRow<EndpointRow>]) {
     let header = Row::new([
         Cell::from("NAME"),
         Cell::from("PROTO/PORTS"),
@@ -396,14 +399,14 @@ fn draw_endpoints(f: &mut Frame, area: Rect, rows: &[RateRow]) {
     // the name take what is left.
     let ports_w = rows
         .iter()
-        .map(|r| proto_ports(&r.raw).chars().count())
+        .map(|r| proto_ports(&r.row).chars().count())
         .chain(["PROTO/PORTS".len()])
         .max()
         .unwrap_or(0) as u16;
     let rows = rows.iter().map(|r| {
         Row::new(vec![
             Cell::from(clean(&r.name)),
-            Cell::from(proto_ports(&r.raw)),
+            Cell::from(proto_ports(&r.row)),
             num(fmt_rate(r.pass_per_s)),
             num(fmt_rate(r.drop_per_s)),
             num(fmt_count(r.passed)),
