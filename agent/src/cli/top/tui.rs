@@ -32,7 +32,10 @@ use tollgate::{
 use super::{
     model::{RateRow, Snapshot, SortKey, limited, view},
     poll,
-    text::{clean, drop_lines, fmt_count, fmt_rate, gpu_line, header_lines, proto_ports},
+    text::{
+        clean, fmt_count, fmt_rate, gpu_line, header_lines, proto_ports, reason_rows,
+        refusal_lines, total_lines,
+    },
 };
 use crate::cli::Failure;
 
@@ -219,14 +222,14 @@ fn draw(f: &mut Frame, screen: &Screen) {
     let gpus = &status.gpu.readings;
     let header = header_lines(status);
     let shown = limited(&v.identities, screen.limit);
-    let drops = drop_lines(&v, status);
-    // Two lines of border around each panel.
+    let drops = Drops::of(&v, status);
+    // Two lines of border around each panel; the endpoints table has a header line.
     let header_h = (header.len() + gpus.len() + 2) as u16;
-    let bottom_h = (v.endpoints.len().max(drops.len().saturating_sub(1)) + 3) as u16;
+    let bottom_h = (v.endpoints.len() + 3).max(drops.height() + 2) as u16;
     let [top, middle, bottom, hints] = Layout::vertical([
         Constraint::Length(header_h),
         Constraint::Min(4),
-        Constraint::Length(bottom_h.min(14)),
+        Constraint::Length(bottom_h.min(18)),
         Constraint::Length(1),
     ])
     .areas(f.area());
@@ -237,11 +240,7 @@ fn draw(f: &mut Frame, screen: &Screen) {
     let [endpoints, drops_area] =
         Layout::horizontal([Constraint::Percentage(60), Constraint::Percentage(40)]).areas(bottom);
     draw_endpoints(f, endpoints, &v.endpoints);
-    f.render_widget(
-        Paragraph::new(drops.into_iter().map(Line::from).collect::<Vec<_>>())
-            .block(Block::bordered().title(" drops ")),
-        drops_area,
-    );
+    drops.draw(f, drops_area);
 
     let mut hint = vec![
         Span::styled(" q", bold()),
@@ -257,6 +256,85 @@ fn draw(f: &mut Frame, screen: &Screen) {
         ));
     }
     f.render_widget(Paragraph::new(Line::from(hint)), hints);
+}
+
+/// The drops panel's parts: totals, drops by reason (a table, or the line said instead),
+/// token refusals.
+struct Drops {
+    totals: Vec<String>,
+    reasons: Result<Vec<Vec<String>>, &'static str>,
+    refusals: Vec<String>,
+}
+
+impl Drops {
+    fn of(v: &super::model::View, status: &Status) -> Drops {
+        Drops {
+            totals: total_lines(v, status),
+            reasons: reason_rows(v),
+            refusals: refusal_lines(v, status),
+        }
+    }
+
+    /// Lines inside the border.
+    fn reasons_height(&self) -> usize {
+        self.reasons.as_ref().map_or(1, |r| r.len() + 1)
+    }
+
+    fn height(&self) -> usize {
+        self.totals.len() + self.reasons_height() + self.refusals.len()
+    }
+
+    fn draw(self, f: &mut Frame, area: Rect) {
+        let block = Block::bordered().title(" drops ");
+        let inner = block.inner(area);
+        f.render_widget(block, area);
+        let [totals, reasons, refusals] = Layout::vertical([
+            Constraint::Length(self.totals.len() as u16),
+            Constraint::Length(self.reasons_height() as u16),
+            Constraint::Min(0),
+        ])
+        .areas(inner);
+        let lines =
+            |l: Vec<String>| Paragraph::new(l.into_iter().map(Line::from).collect::<Vec<_>>());
+        f.render_widget(lines(self.totals), totals);
+        match self.reasons {
+            Err(line) => f.render_widget(Paragraph::new(line), reasons),
+            Ok(rows) => {
+                // The reason labels are the point of the table: their column is as wide as
+                // the longest, and the numbers keep their fixed width.
+                let name_w = rows
+                    .iter()
+                    .map(|r| r[0].chars().count())
+                    .chain(["NAME".len()])
+                    .max()
+                    .unwrap_or(0) as u16;
+                let header = Row::new([
+                    Cell::from("NAME"),
+                    num_header("DROP/S"),
+                    num_header("DROPPED"),
+                ])
+                .style(bold());
+                let rows = rows.into_iter().map(|r| {
+                    let mut r = r.into_iter();
+                    let mut next = || r.next().unwrap_or_default();
+                    Row::new([Cell::from(next()), num(next()), num(next())])
+                });
+                f.render_widget(
+                    Table::new(
+                        rows,
+                        [
+                            Constraint::Length(name_w),
+                            Constraint::Length(7),
+                            Constraint::Length(7),
+                        ],
+                    )
+                    .header(header),
+                    reasons,
+                );
+            }
+        }
+        f.render_widget(lines(self.refusals), refusals);
+    }
 }
 
 fn draw_header(f: &mut Frame, area: Rect, status: &Status, lines: &[String], gpus: &[GpuReading]) {
