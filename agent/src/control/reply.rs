@@ -38,6 +38,10 @@ pub struct Status {
     /// Totals over every reason since the maps were created.
     pub passed_packets: u64,
     pub dropped_packets: u64,
+    /// Dropped packets by drop reason (the reason's label), since the maps were created;
+    /// reasons that dropped nothing may be left out.
+    #[serde(default)]
+    pub drops: BTreeMap<String, u64>,
     pub gpu: GpuStatus,
     pub anomaly_mode: String,
     /// `None` when token binding is not configured.
@@ -489,6 +493,11 @@ mod tests {
             quarantined: vec!["suspect".into()],
             passed_packets: 100,
             dropped_packets: 7,
+            drops: [
+                ("class_not_allowed".to_owned(), 5),
+                ("quarantined".to_owned(), 2),
+            ]
+            .into(),
             gpu: GpuStatus {
                 source: "simulated".into(),
                 error: None,
@@ -514,6 +523,7 @@ mod tests {
         assert_eq!(v["gpu"]["readings"][0]["utilization"], 0.2);
         assert_eq!(v["tokens"]["verifications"]["ok"], 3);
         assert_eq!(v["passed_packets"], 100);
+        assert_eq!(v["drops"]["quarantined"], 2);
         let mut off = serde_json::from_value::<Status>(v).unwrap();
         off.tokens = None;
         round_trip(off);
