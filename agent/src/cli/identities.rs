@@ -96,7 +96,7 @@ fn list_text(rows: &[IdentityRow]) -> String {
 }
 
 /// `identities show`: every field in key order, the quarantine nested under its key.
-fn record(i: &IdentityRow) -> Record {
+fn record(i: &IdentityRow) -> Record<'_> {
     let r = Record::default()
         .line("bindings", list(&i.bindings))
         .line("class", i.class.label())

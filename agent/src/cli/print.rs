@@ -60,9 +60,9 @@ pub fn gpu_label(r: &GpuReading) -> String {
 }
 
 /// A value of a [`Record`]: one line, or a nested record whose values may take several lines.
-pub enum Field {
+pub enum Field<'a> {
     Line(String),
-    Nested(Vec<(&'static str, Vec<String>)>),
+    Nested(Vec<(&'a str, Vec<String>)>),
 }
 
 /// Key/value lines, keys in a 16-wide column (`status`, `identities show`). A nested value
@@ -77,15 +77,15 @@ pub enum Field {
 ///   saturated_endpoints  -
 /// ```
 #[derive(Default)]
-pub struct Record(Vec<(&'static str, Field)>);
+pub struct Record<'a>(Vec<(&'a str, Field<'a>)>);
 
-impl Record {
-    pub fn line(mut self, key: &'static str, value: impl Display) -> Record {
+impl<'a> Record<'a> {
+    pub fn line(mut self, key: &'a str, value: impl Display) -> Record<'a> {
         self.0.push((key, Field::Line(value.to_string())));
         self
     }
 
-    pub fn nested(mut self, key: &'static str, fields: Vec<(&'static str, Vec<String>)>) -> Record {
+    pub fn nested(mut self, key: &'a str, fields: Vec<(&'a str, Vec<String>)>) -> Record<'a> {
         self.0.push((key, Field::Nested(fields)));
         self
     }

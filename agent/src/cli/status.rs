@@ -26,12 +26,23 @@ pub fn run(_: StatusArgs, ctx: &Ctx) -> ExitCode {
 
 /// The text form: one line per field in key order, as `status` always printed it; the GPU
 /// and token sections nested under their key.
-fn record(s: &Status) -> Record {
+fn record(s: &Status) -> Record<'_> {
     let r = Record::default()
         .line("adopted_pins", s.adopted_pins)
         .line("anomaly_mode", &s.anomaly_mode)
         .line("bindings", s.bindings)
-        .line("config", &s.config)
+        .line("config", &s.config);
+    let drops: Vec<(&str, Vec<String>)> = s
+        .drops
+        .iter()
+        .map(|(reason, n)| (reason.as_str(), vec![n.to_string()]))
+        .collect();
+    let r = if drops.is_empty() {
+        r.line("drops", "-")
+    } else {
+        r.nested("drops", drops)
+    };
+    let r = r
         .line("endpoints", s.endpoints)
         .nested("gpu", gpu(&s.gpu))
         .line("identities", s.identities)
@@ -94,6 +105,11 @@ mod tests {
             quarantined: vec![],
             passed_packets: 11225299,
             dropped_packets: 18244,
+            drops: [
+                ("unbound".to_owned(), 18000),
+                ("quarantined".to_owned(), 244),
+            ]
+            .into(),
             gpu: GpuStatus {
                 source: "simulated".into(),
                 error: None,
@@ -127,6 +143,9 @@ mod tests {
 anomaly_mode     observe
 bindings         3
 config           /etc/tollgate/tollgate.toml
+drops
+  quarantined  244
+  unbound      18000
 endpoints        2
 gpu
   source               simulated
@@ -154,8 +173,10 @@ xdp_mode         auto
             probable_thefts: 0,
         });
         s.gpu.readings.clear();
+        s.drops.clear();
         let text = text_of(&s);
         assert!(text.contains("  readings             -\n"), "{text}");
+        assert!(text.contains("\ndrops            -\n"), "{text}");
         assert!(
             text.contains(
                 "tokens\n  keys             k1,k2\n  verifications    expired=1 ok=10\n  \

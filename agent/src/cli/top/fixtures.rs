@@ -49,6 +49,8 @@ pub(super) fn endpoint(name: &str, passed: u64, dropped: u64) -> EndpointRow {
     })
 }
 
+/// `dropped` packets dropped in all, split over three reasons: a tenth `unbound`, the rest
+/// `quota_exhausted`, and one `parse_error` that never moves.
 pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
     wire(Status {
         version: "0.1.0".into(),
@@ -65,6 +67,13 @@ pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
         quarantined: vec![],
         passed_packets: passed,
         dropped_packets: dropped,
+        drops: [
+            ("unbound".to_owned(), dropped / 10),
+            ("quota_exhausted".to_owned(), dropped - dropped / 10 - 1),
+            ("parse_error".to_owned(), 1),
+            ("class_not_allowed".to_owned(), 0),
+        ]
+        .into(),
         gpu: GpuStatus {
             source: "simulated".into(),
             error: None,

@@ -201,14 +201,7 @@ pub(super) struct View {
     /// `None` when the agent has no token verification configured.
     pub(super) refusals: Option<Vec<Refusal>>,
     /// Drops by reason, busiest first; reasons that never dropped anything left out.
-    /// `None` from an agent that does not report them.
-    pub(super) drops: Option<Vec<LabelRate>>,
-}
-
-/// The status reply's dropped packets by reason label.
-fn drops_by_reason(s: &Status) -> Option<&BTreeMap<String, u64>> {
-    let _ = s;
-    None
+    pub(super) drops: Vec<LabelRate>,
 }
 
 /// Busiest first (unknown rates as 0), then the most dropped, then by name: a stable order.
@@ -244,15 +237,12 @@ pub(super) fn view(prev: Option<&Snapshot>, cur: &Snapshot, sort: SortKey) -> Vi
             secs,
         )
     });
-    let drops = drops_by_reason(&cur.status).map(|m| {
-        let mut rows = label_rates(
-            prev.map(|p| drops_by_reason(&p.status)),
-            m.iter().filter(|(_, n)| **n > 0),
-            secs,
-        );
-        sort_labels(&mut rows);
-        rows
-    });
+    let mut drops = label_rates(
+        prev.map(|p| Some(&p.status.drops)),
+        cur.status.drops.iter().filter(|(_, n)| **n > 0),
+        secs,
+    );
+    sort_labels(&mut drops);
     View {
         secs,
         identities,
@@ -316,6 +306,37 @@ mod tests {
         assert_eq!(first.secs, None);
         assert!(first.identities.iter().all(|r| r.pass_per_s.is_none()));
         assert_eq!(first.passed_per_s, None);
+    }
+
+    /// Drops per second by reason, busiest first; a reason that never dropped is left out,
+    /// one that stood still shows 0/s.
+    #[test]
+    fn drops_by_reason_have_rates() {
+        let (a, b) = two_polls();
+        let v = view(Some(&a), &b, SortKey::Rate);
+        let rate = |label: &str, total, per_s| LabelRate {
+            label: label.into(),
+            total,
+            per_s,
+        };
+        assert_eq!(
+            v.drops,
+            [
+                rate("quota_exhausted", 98, Some(4.5)),
+                rate("unbound", 11, Some(0.5)),
+                rate("parse_error", 1, Some(0.0)),
+            ]
+        );
+        // One poll: totals, no rates; ordered by total.
+        let first = view(None, &b, SortKey::Rate);
+        assert_eq!(
+            first.drops,
+            [
+                rate("quota_exhausted", 98, None),
+                rate("unbound", 11, None),
+                rate("parse_error", 1, None),
+            ]
+        );
     }
 
     #[test]

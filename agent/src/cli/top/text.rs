@@ -173,16 +173,15 @@ pub(super) fn total_lines(v: &View, status: &Status) -> Vec<String> {
 }
 
 /// Drops by reason as table rows (reason, drop/s, dropped), or the one line said instead
-/// when there are none or the agent does not report them.
+/// when nothing was dropped.
 pub(super) fn reason_rows(v: &View) -> Result<Vec<Vec<String>>, &'static str> {
-    match &v.drops {
-        None => Err("drops by reason: not reported by this agent"),
-        Some(d) if d.is_empty() => Err("drops by reason: none"),
-        Some(d) => Ok(d
-            .iter()
-            .map(|r| vec![clean(&r.label), fmt_rate(r.per_s), fmt_count(r.total)])
-            .collect()),
+    if v.drops.is_empty() {
+        return Err("drops by reason: none");
     }
+    Ok(v.drops
+        .iter()
+        .map(|r| vec![clean(&r.label), fmt_rate(r.per_s), fmt_count(r.total)])
+        .collect())
 }
 
 /// Token verifications refused, by label, and probable thefts.
@@ -366,6 +365,12 @@ mod tests {
         );
         assert!(t.contains("model     tcp/8000,8001-8003  1000.0  5.0"));
         assert!(t.contains("dropped/s 5.0  (total 110)"));
+        assert!(t.contains("DROP REASON      DROP/S  DROPPED\nquota_exhausted  4.5     98\n"));
+        assert!(t.contains("\nunbound          0.5     11\n"), "{t}");
+        assert!(
+            !t.contains("class_not_allowed"),
+            "nothing dropped, not listed"
+        );
         assert!(t.contains("  expired  5  2.0"));
     }
 

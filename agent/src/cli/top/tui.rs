@@ -552,6 +552,10 @@ mod tests {
             "drops",
             "expired  5  2.0",
             "sort (rate)",
+            // Drops by reason: NAME as wide as the longest label, then the two numbers.
+            "NAME             DROP/S DROPPED",
+            "quota_exhausted     4.5      98",
+            "unbound             0.5      11",
         ] {
             assert!(out.contains(want), "{want:?} missing from\n{out}");
         }
