@@ -171,3 +171,85 @@ pub fn request<R: DeserializeOwned>(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        os::unix::net::UnixListener,
+    };
+
+    use tollgate::control::{
+        protocol::ErrorBody,
+        reply::{Bound, Status},
+    };
+
+    use super::*;
+
+    /// An agent that answers one request with `answer` on a fresh socket.
+    fn fake_agent(name: &str, answer: Response) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("control.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            let mut out = serde_json::to_vec(&answer).unwrap();
+            out.push(b'\n');
+            (&stream).write_all(&out).unwrap();
+        });
+        socket
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn replies_are_read_as_their_type_and_failures_keep_their_exit_codes() {
+        let bound = Bound {
+            target: "198.18.0.5/32".into(),
+            identity: "acme".into(),
+            expires_unix_ms: None,
+        };
+        let socket = fake_agent("ok", Response::ok(serde_json::to_value(&bound).unwrap()));
+        let req = Request::Status {};
+        assert_eq!(request::<Bound>(&socket, &req, T).unwrap(), bound);
+
+        // An answer that is not the verb's reply (an agent of another version) is refused
+        // with a message that says so, not shown half-read.
+        let socket = fake_agent("odd", Response::ok(serde_json::json!({"packets": 1})));
+        let f = request::<Status>(&socket, &req, T).unwrap_err();
+        assert_eq!(f.code, exit::REFUSED);
+        assert!(f.message.contains("could not be read"), "{}", f.message);
+
+        let socket = fake_agent(
+            "config",
+            Response {
+                ok: false,
+                result: None,
+                error: Some(ErrorBody {
+                    kind: ErrorKind::Config,
+                    message: "line 3: unknown key".into(),
+                }),
+            },
+        );
+        let f = request::<Status>(&socket, &req, T).unwrap_err();
+        assert_eq!(
+            (f.code, f.message.as_str()),
+            (exit::CONFIG, "line 3: unknown key")
+        );
+
+        let gone = std::env::temp_dir().join("tollgate-cli-no-such-dir/control.sock");
+        assert_eq!(
+            request::<Status>(&gone, &req, T).unwrap_err().code,
+            exit::NO_AGENT
+        );
+        for name in ["ok", "odd", "config"] {
+            let dir =
+                std::env::temp_dir().join(format!("tollgate-cli-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
