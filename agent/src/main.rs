@@ -1,6 +1,6 @@
 //! `tollgate`: `tollgate run` is the daemon; the other subcommands are the CLI. This file is
-//! the dispatch: it parses the command line and calls the verb's `run` (one module per verb
-//! under `cli/`), which maps its failures to the documented exit codes.
+//! the dispatch: it parses the command line, calls the verb's `run` (one module per verb
+//! under `cli/`), and turns the verb's failure into its message and documented exit code.
 
 mod cli;
 
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
         socket: cli.socket,
         output: cli.output,
     };
-    match cli.command {
+    let outcome = match cli.command {
         Command::Run(a) => run::run(a),
         Command::Status(a) => status::run(a, &ctx),
         Command::Endpoints(a) => endpoints::run(a, &ctx),
@@ -83,5 +83,9 @@ fn main() -> ExitCode {
         Command::Counters(a) => counters::run(a, &ctx),
         Command::Completions(a) => completions::run(a, Cli::command()),
         Command::Man(a) => man::run(a, Cli::command()),
+    };
+    match outcome {
+        Ok(()) => ExitCode::from(cli::exit::OK),
+        Err(failure) => failure.report(),
     }
 }

@@ -1,13 +1,11 @@
 //! `tollgate bind TARGET --identity NAME` and `tollgate bind --token TOKEN --addr ADDR`.
 
-use std::process::ExitCode;
-
 use tollgate::control::{
     protocol::Request,
     reply::{Bound, TokenBound},
 };
 
-use super::{Ctx, args, exit, print};
+use super::{Ctx, Outcome, args, exit, print};
 
 /// Bind an address or CIDR to a configured identity (run-time binding, persisted), or,
 /// with --token, bind a client's address with the client's token (for a trusted gateway
@@ -32,7 +30,7 @@ pub struct BindArgs {
     for_secs: Option<u64>,
 }
 
-pub fn run(a: BindArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: BindArgs, ctx: &Ctx) -> Outcome {
     let target = a.target.or(a.addr).unwrap_or_default();
     match (a.identity, a.token) {
         (Some(identity), _) => super::call(

@@ -1,6 +1,6 @@
 //! `tollgate completions SHELL`.
 
-use std::process::ExitCode;
+use super::Outcome;
 
 /// Print a shell completion script.
 #[derive(clap::Args)]
@@ -9,7 +9,7 @@ pub struct CompletionsArgs {
 }
 
 /// `cli` is the whole command line's definition (`Cli::command()` in main.rs).
-pub fn run(a: CompletionsArgs, mut cli: clap::Command) -> ExitCode {
+pub fn run(a: CompletionsArgs, mut cli: clap::Command) -> Outcome {
     clap_complete::generate(a.shell, &mut cli, "tollgate", &mut std::io::stdout());
-    ExitCode::SUCCESS
+    Ok(())
 }

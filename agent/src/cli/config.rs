@@ -1,14 +1,11 @@
 //! `tollgate config check|default`: works without the agent.
 
-use std::{
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use tollgate::config::Config;
 
-use super::exit;
+use super::{Failure, Outcome, exit};
 
 /// Configuration tools.
 #[derive(clap::Args)]
@@ -29,24 +26,24 @@ enum Action {
     Default,
 }
 
-pub fn run(a: ConfigArgs) -> ExitCode {
+pub fn run(a: ConfigArgs) -> Outcome {
     match a.action {
         Action::Check { file } => check(file),
         Action::Default => {
             print!("{}", Config::embedded_default_text());
-            ExitCode::SUCCESS
+            Ok(())
         }
     }
 }
 
-fn check(file: Option<PathBuf>) -> ExitCode {
+fn check(file: Option<PathBuf>) -> Outcome {
     if file.is_none() && !Path::new(Config::DEFAULT_PATH).exists() {
         println!(
             "{} does not exist: `tollgate run` would use the embedded default \
              (`tollgate config default` prints it)",
             Config::DEFAULT_PATH
         );
-        return ExitCode::SUCCESS;
+        return Ok(());
     }
     let path = file.unwrap_or_else(|| PathBuf::from(Config::DEFAULT_PATH));
     match Config::load(&path) {
@@ -58,11 +55,9 @@ fn check(file: Option<PathBuf>) -> ExitCode {
                 c.plans.len(),
                 c.identities.len()
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::from(exit::CONFIG)
-        }
+        // The error names file, line and field itself: printed as it is.
+        Err(e) => Err(Failure::bare(exit::CONFIG, e)),
     }
 }

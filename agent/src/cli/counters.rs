@@ -1,11 +1,11 @@
 //! `tollgate counters`: the kernel's verdict counters, read straight from the pins.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::path::PathBuf;
 
 use tollgate::{counters, paths, pins};
 use tollgate_common::map_names;
 
-use super::{Ctx, exit, print};
+use super::{Ctx, Outcome, exit, print};
 
 /// The kernel's verdict counters read straight from the pins (works without the agent).
 #[derive(clap::Args)]
@@ -15,7 +15,7 @@ pub struct CountersArgs {
     pin_dir: PathBuf,
 }
 
-pub fn run(a: CountersArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: CountersArgs, ctx: &Ctx) -> Outcome {
     let path = pins::maps_dir(&a.pin_dir).join(map_names::REASON_COUNTERS);
     match counters::reason_totals_from_pin(&path) {
         Ok(totals) => {
@@ -37,7 +37,7 @@ pub fn run(a: CountersArgs, ctx: &Ctx) -> ExitCode {
                     print::table(&["reason", "verdict", "packets", "bytes"], &cells)
                 );
             })(rows);
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(e) => super::fail(exit::NO_AGENT, e),
     }

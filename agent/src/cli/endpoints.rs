@@ -1,14 +1,12 @@
 //! `tollgate endpoints`.
 
-use std::process::ExitCode;
-
 use tollgate::control::{
     protocol::Request,
     reply::{EndpointRow, Endpoints},
 };
 
 use super::{
-    Ctx,
+    Ctx, Outcome,
     print::{float, list, proto, table},
 };
 
@@ -16,7 +14,7 @@ use super::{
 #[derive(clap::Args)]
 pub struct EndpointsArgs {}
 
-pub fn run(_: EndpointsArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(_: EndpointsArgs, ctx: &Ctx) -> Outcome {
     super::call(
         &ctx.socket,
         &Request::Endpoints {},

@@ -1,6 +1,6 @@
 //! `tollgate explain SRC DST:PORT/PROTO`.
 
-use std::{net::IpAddr, process::ExitCode};
+use std::net::IpAddr;
 
 use tollgate::{
     control::{protocol::Request, reply::Explained},
@@ -8,7 +8,7 @@ use tollgate::{
     tables::Proto,
 };
 
-use super::{Ctx, args};
+use super::{Ctx, Outcome, args};
 
 /// The verdict a packet from SRC to DST:PORT/PROTO would get now, and why.
 #[derive(clap::Args)]
@@ -23,7 +23,7 @@ pub struct ExplainArgs {
     bytes: u16,
 }
 
-pub fn run(a: ExplainArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: ExplainArgs, ctx: &Ctx) -> Outcome {
     super::call(
         &ctx.socket,
         &Request::Explain(Probe {

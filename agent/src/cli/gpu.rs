@@ -1,11 +1,11 @@
 //! `tollgate gpu simulate`: writes the file the simulated GPU source reads.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::path::PathBuf;
 
 use clap::Subcommand;
 use tollgate::controller::gpu::{GpuReading, write_simulated};
 
-use super::exit;
+use super::{Outcome, exit};
 
 /// GPU readings: simulate them (for labs and demos without a GPU).
 #[derive(clap::Args)]
@@ -40,7 +40,7 @@ enum Action {
 /// Memory of each simulated GPU: 80 GiB.
 const TOTAL_BYTES: u64 = 80 << 30;
 
-pub fn run(a: GpuArgs) -> ExitCode {
+pub fn run(a: GpuArgs) -> Outcome {
     let Action::Simulate {
         util,
         gpus,
@@ -67,7 +67,7 @@ pub fn run(a: GpuArgs) -> ExitCode {
                 gpus,
                 file.display()
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(e) => super::fail(exit::REFUSED, format!("{}: {e}", file.display())),
     }

@@ -1,7 +1,5 @@
 //! `tollgate identities [list | show NAME]`.
 
-use std::process::ExitCode;
-
 use clap::Subcommand;
 use tollgate::control::{
     protocol::Request,
@@ -9,7 +7,7 @@ use tollgate::control::{
 };
 
 use super::{
-    Ctx,
+    Ctx, Outcome,
     print::{Record, list, opt, table},
 };
 
@@ -28,7 +26,7 @@ enum Action {
     Show { name: String },
 }
 
-pub fn run(a: IdentitiesArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: IdentitiesArgs, ctx: &Ctx) -> Outcome {
     match a.action {
         None | Some(Action::List) => super::call(
             &ctx.socket,

@@ -1,11 +1,11 @@
 //! `tollgate keys generate`: signing keys for `tollgate token issue`.
 
-use std::{path::Path, path::PathBuf, process::ExitCode};
+use std::{path::Path, path::PathBuf};
 
 use clap::{Subcommand, ValueEnum};
 use tollgate_common::token::{Alg, SigningKey, jwks};
 
-use super::{exit, fail};
+use super::{Outcome, exit, fail};
 
 /// Signing keys for `token issue`.
 #[derive(clap::Args)]
@@ -37,7 +37,7 @@ enum KeyAlg {
     Es256,
 }
 
-pub fn run(a: KeysArgs) -> ExitCode {
+pub fn run(a: KeysArgs) -> Outcome {
     let Action::Generate { alg, kid, out_dir } = a.action;
     let alg = match alg {
         KeyAlg::Eddsa => Alg::EdDSA,
@@ -48,7 +48,7 @@ pub fn run(a: KeysArgs) -> ExitCode {
 
 /// Writes `<dir>/<kid>.key.json` (the secret, mode 0600) and adds the public key to
 /// `<dir>/jwks.json`, creating it if needed.
-pub fn generate(alg: Alg, kid: &str, dir: &Path) -> ExitCode {
+pub fn generate(alg: Alg, kid: &str, dir: &Path) -> Outcome {
     let key = match SigningKey::generate(alg, kid) {
         Ok(k) => k,
         Err(e) => return fail(exit::REFUSED, e),
@@ -91,5 +91,5 @@ pub fn generate(alg: Alg, kid: &str, dir: &Path) -> ExitCode {
         jwks_path.display(),
         keys.len()
     );
-    ExitCode::SUCCESS
+    Ok(())
 }

@@ -55,7 +55,12 @@ pub mod exit {
     pub const CONFIG: u8 = 5;
     /// The kernel refused an operation (load, attach, map update).
     pub const KERNEL: u8 = 6;
+    /// Anything else that went wrong (writing the man page, the terminal under `top`).
+    pub const FAILURE: u8 = 1;
 }
+
+/// What a verb's `run` returns; `main` turns it into the exit status.
+pub type Outcome = Result<(), Failure>;
 
 /// The `--help` epilogue: the exit codes above, in words.
 pub const EXIT_CODES: &str = "\
@@ -96,10 +101,9 @@ impl Ctx {
     }
 }
 
-/// Prints `tollgate: MSG` on stderr and returns `code`.
-pub fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("tollgate: {msg}");
-    ExitCode::from(code)
+/// A failed [`Outcome`]: exits `code` after `tollgate: MSG` on stderr.
+pub fn fail(code: u8, msg: impl std::fmt::Display) -> Outcome {
+    Err(Failure::new(code, msg))
 }
 
 pub fn exit_code_for(kind: ErrorKind) -> u8 {
@@ -113,27 +117,46 @@ pub fn exit_code_for(kind: ErrorKind) -> u8 {
 
 /// Sends `req`, reads the answer as the verb's reply type `R`, prints it with `show`, and
 /// maps failures to exit codes.
-pub fn call<R: DeserializeOwned>(socket: &Path, req: &Request, show: impl FnOnce(R)) -> ExitCode {
-    match request(socket, req, Duration::from_secs(30)) {
-        Ok(r) => {
-            show(r);
-            ExitCode::from(exit::OK)
-        }
-        Err(f) => f.report(),
-    }
+pub fn call<R: DeserializeOwned>(socket: &Path, req: &Request, show: impl FnOnce(R)) -> Outcome {
+    show(request(socket, req, Duration::from_secs(30))?);
+    Ok(())
 }
 
-/// A request that failed, with the exit code it gives.
+/// Why a verb failed, and the exit code that says so.
 #[derive(Debug)]
 pub struct Failure {
     pub code: u8,
     pub message: String,
+    /// Printed after `tollgate: ` (the usual), or as it is (a message that names its own
+    /// source, such as a configuration error with file and line).
+    prefixed: bool,
 }
 
 impl Failure {
-    /// Prints `tollgate: MESSAGE` and returns the code.
+    pub fn new(code: u8, message: impl std::fmt::Display) -> Failure {
+        Failure {
+            code,
+            message: message.to_string(),
+            prefixed: true,
+        }
+    }
+
+    /// A failure whose message is printed without the `tollgate: ` prefix.
+    pub fn bare(code: u8, message: impl std::fmt::Display) -> Failure {
+        Failure {
+            prefixed: false,
+            ..Failure::new(code, message)
+        }
+    }
+
+    /// Prints the message on stderr and returns the exit code.
     pub fn report(self) -> ExitCode {
-        fail(self.code, self.message)
+        if self.prefixed {
+            eprintln!("tollgate: {}", self.message);
+        } else {
+            eprintln!("{}", self.message);
+        }
+        ExitCode::from(self.code)
     }
 }
 
@@ -146,29 +169,26 @@ pub fn request<R: DeserializeOwned>(
     match client::call(socket, req, timeout) {
         Ok(Response {
             ok: true, result, ..
-        }) => serde_json::from_value(result.unwrap_or_default()).map_err(|e| Failure {
-            code: exit::REFUSED,
-            message: format!(
-                "the agent's answer could not be read ({e}): is it the same version as this CLI?"
-            ),
+        }) => serde_json::from_value(result.unwrap_or_default()).map_err(|e| {
+            Failure::new(
+                exit::REFUSED,
+                format!(
+                    "the agent's answer could not be read ({e}): is it the same version as this \
+                     CLI?"
+                ),
+            )
         }),
         Ok(Response { error, .. }) => Err(match error {
-            Some(e) => Failure {
-                code: exit_code_for(e.kind),
-                message: e.message,
-            },
-            None => Failure {
-                code: exit::REFUSED,
-                message: "refused".into(),
-            },
+            Some(e) => Failure::new(exit_code_for(e.kind), e.message),
+            None => Failure::new(exit::REFUSED, "refused"),
         }),
-        Err(e) => Err(Failure {
-            code: match e {
+        Err(e) => Err(Failure::new(
+            match e {
                 ClientError::PermissionDenied(_) => exit::PERMISSION,
                 ClientError::NotRunning(_) | ClientError::Io { .. } => exit::NO_AGENT,
             },
-            message: e.to_string(),
-        }),
+            e,
+        )),
     }
 }
 

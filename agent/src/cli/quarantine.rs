@@ -1,10 +1,8 @@
 //! `tollgate quarantine TARGET --reason WHY [--for DURATION]`.
 
-use std::process::ExitCode;
-
 use tollgate::control::{protocol::Request, reply::Quarantined};
 
-use super::{Ctx, args, print};
+use super::{Ctx, Outcome, args, print};
 
 /// Drop everything an identity sends to protected endpoints, at once.
 #[derive(clap::Args)]
@@ -19,7 +17,7 @@ pub struct QuarantineArgs {
     for_secs: Option<u64>,
 }
 
-pub fn run(a: QuarantineArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: QuarantineArgs, ctx: &Ctx) -> Outcome {
     super::call(
         &ctx.socket,
         &Request::Quarantine {

@@ -1,14 +1,12 @@
 //! `tollgate quota show|reset`.
 
-use std::process::ExitCode;
-
 use clap::Subcommand;
 use tollgate::control::{
     protocol::Request,
     reply::{QuotaReset, Quotas},
 };
 
-use super::{Ctx, print};
+use super::{Ctx, Outcome, print};
 
 /// Quota spent per identity and plan window (minute, day, month).
 #[derive(clap::Args)]
@@ -28,7 +26,7 @@ enum Action {
     Reset { identity: Option<String> },
 }
 
-pub fn run(a: QuotaArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: QuotaArgs, ctx: &Ctx) -> Outcome {
     match a.action {
         Action::Show { identity } => super::call(
             &ctx.socket,

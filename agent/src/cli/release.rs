@@ -1,10 +1,8 @@
 //! `tollgate release TARGET [--reason WHY]`.
 
-use std::process::ExitCode;
-
 use tollgate::control::{protocol::Request, reply::Released};
 
-use super::{Ctx, print};
+use super::{Ctx, Outcome, print};
 
 /// Lift a quarantine.
 #[derive(clap::Args)]
@@ -16,7 +14,7 @@ pub struct ReleaseArgs {
     reason: String,
 }
 
-pub fn run(a: ReleaseArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: ReleaseArgs, ctx: &Ctx) -> Outcome {
     super::call(
         &ctx.socket,
         &Request::Release {

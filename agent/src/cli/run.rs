@@ -1,10 +1,10 @@
 //! `tollgate run`: the agent itself.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::path::PathBuf;
 
 use tollgate::{daemon, loader::AttachMode};
 
-use super::exit;
+use super::{Outcome, exit};
 
 /// Run the agent: validate the config, adopt or create the pinned state, apply the
 /// policy, attach, and serve the control socket until SIGINT/SIGTERM (SIGHUP reloads).
@@ -48,7 +48,7 @@ fn init_logging() {
 
 /// Runs the agent until it is stopped: 0 after a clean stop, 5 for a configuration error, 6
 /// for any other start failure.
-pub fn run(a: RunArgs) -> ExitCode {
+pub fn run(a: RunArgs) -> Outcome {
     init_logging();
     let opts = daemon::Options {
         config: a.config,
@@ -60,7 +60,7 @@ pub fn run(a: RunArgs) -> ExitCode {
         detach_on_exit: a.detach_on_exit,
     };
     match daemon::run(opts) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Ok(()),
         Err(e) => super::fail(
             match e {
                 daemon::DaemonError::Config(_) => exit::CONFIG,

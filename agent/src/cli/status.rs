@@ -1,14 +1,12 @@
 //! `tollgate status`.
 
-use std::process::ExitCode;
-
 use tollgate::control::{
     protocol::Request,
     reply::{GpuStatus, Status, TokenStatus},
 };
 
 use super::{
-    Ctx,
+    Ctx, Outcome,
     print::{Record, gpu_label, list, opt},
 };
 
@@ -16,7 +14,7 @@ use super::{
 #[derive(clap::Args)]
 pub struct StatusArgs {}
 
-pub fn run(_: StatusArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(_: StatusArgs, ctx: &Ctx) -> Outcome {
     super::call(
         &ctx.socket,
         &Request::Status {},

@@ -1,10 +1,7 @@
 //! `tollgate token issue|verify|revoke`: issue and verify are for operators without an
 //! identity provider, and for checking what one issues; revoke asks the agent.
 
-use std::{
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use tollgate::{
@@ -15,7 +12,7 @@ use tollgate::{
 };
 use tollgate_common::token::{ClaimNames, NewToken, Policy, SigningKey, verify};
 
-use super::{Ctx, args, exit, fail, print};
+use super::{Ctx, Outcome, args, exit, fail, print};
 
 /// Tokens: issue (without an identity provider), verify, revoke.
 #[derive(clap::Args)]
@@ -82,7 +79,7 @@ enum Action {
     },
 }
 
-pub fn run(a: TokenArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: TokenArgs, ctx: &Ctx) -> Outcome {
     match a.action {
         Action::Issue {
             key,
@@ -159,7 +156,7 @@ fn random_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn issue(a: &IssueArgs) -> ExitCode {
+fn issue(a: &IssueArgs) -> Outcome {
     let text = match std::fs::read_to_string(a.key) {
         Ok(t) => t,
         Err(e) => return fail(exit::REFUSED, format!("{}: {e}", a.key.display())),
@@ -184,7 +181,7 @@ fn issue(a: &IssueArgs) -> ExitCode {
     match tollgate_common::token::issue(&key, &t, &ClaimNames::default()) {
         Ok(token) => {
             println!("{token}");
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(e) => fail(exit::REFUSED, e),
     }
@@ -195,7 +192,7 @@ fn verify_cmd(
     jwks_path: Option<&Path>,
     audience: Option<&str>,
     config: Option<&Path>,
-) -> ExitCode {
+) -> Outcome {
     // The node's own settings when a config is named (or present), else the flags.
     let cfg = match config {
         Some(p) => match Config::load(p) {
@@ -246,7 +243,7 @@ fn verify_cmd(
                 }))
                 .unwrap_or_default()
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(r) => fail(exit::REFUSED, format!("invalid token: {r} ({})", r.label())),
     }

@@ -1,10 +1,8 @@
 //! `tollgate unbind TARGET`.
 
-use std::process::ExitCode;
-
 use tollgate::control::{protocol::Request, reply::Unbound};
 
-use super::{Ctx, print};
+use super::{Ctx, Outcome, print};
 
 /// Remove a run-time binding (configured ones are changed in the config).
 #[derive(clap::Args)]
@@ -13,7 +11,7 @@ pub struct UnbindArgs {
     target: String,
 }
 
-pub fn run(a: UnbindArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: UnbindArgs, ctx: &Ctx) -> Outcome {
     super::call(
         &ctx.socket,
         &Request::Unbind { target: a.target },

@@ -1,13 +1,13 @@
 //! `tollgate uninstall`: through the agent when one runs, else straight on the pins.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::path::PathBuf;
 
 use tollgate::{
     control::{protocol::Request, reply::Uninstalled},
     paths, pins,
 };
 
-use super::{Ctx, exit};
+use super::{Ctx, Outcome, exit};
 
 /// Detach from every interface and remove every pin (enforcement stops). Asks the agent
 /// if one is running, else does it directly.
@@ -18,7 +18,7 @@ pub struct UninstallArgs {
     pin_dir: PathBuf,
 }
 
-pub fn run(a: UninstallArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: UninstallArgs, ctx: &Ctx) -> Outcome {
     if ctx.socket.exists() {
         return super::call(&ctx.socket, &Request::Uninstall {}, |u: Uninstalled| {
             println!("uninstalled: {} pins removed", u.removed.len())
@@ -30,7 +30,7 @@ pub fn run(a: UninstallArgs, ctx: &Ctx) -> ExitCode {
                 "uninstalled: {} pins removed (no agent was running)",
                 removed.len()
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(e) => super::fail(exit::KERNEL, e),
     }

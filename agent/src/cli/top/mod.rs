@@ -20,14 +20,13 @@ mod fixtures;
 use std::{
     io::{IsTerminal as _, Write as _},
     path::Path,
-    process::ExitCode,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tollgate::control::protocol::Request;
 
 use self::model::Snapshot;
-use super::{Ctx, Failure, exit, request};
+use super::{Ctx, Failure, Outcome, exit, request};
 
 /// A live view of identities, endpoints, drops and GPU pressure (q quits, s sorts);
 /// `--once` prints one snapshot (with `--output json` for scripts).
@@ -63,7 +62,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `tollgate top`. Exit codes are the other verbs': 3 when no agent answers, 4 when the
 /// socket is refused, 2 for a usage error (no terminal without `--once`, a zero interval).
-pub fn run(a: TopArgs, ctx: &Ctx) -> ExitCode {
+pub fn run(a: TopArgs, ctx: &Ctx) -> Outcome {
     if !(a.interval.is_finite() && a.interval > 0.0) {
         return super::fail(
             exit::USAGE,
@@ -89,20 +88,12 @@ pub fn run(a: TopArgs, ctx: &Ctx) -> ExitCode {
     }
     // The first poll happens before the terminal is taken over, so that "no agent" and
     // "permission denied" are printed and exit 3/4 exactly as for `tollgate status`.
-    let first = match poll(socket) {
-        Ok(s) => s,
-        Err(f) => return f.report(),
-    };
+    let first = poll(socket)?;
     if args.once {
         return once(socket, &args, first);
     }
-    match tui::interactive(socket, args.interval, args.limit, first) {
-        Ok(()) => ExitCode::from(exit::OK),
-        Err(e) => {
-            eprintln!("tollgate: top: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    tui::interactive(socket, args.interval, args.limit, first)
+        .map_err(|e| Failure::new(exit::FAILURE, format!("top: {e}")))
 }
 
 /// The three read requests, one after another.
@@ -121,17 +112,14 @@ fn poll(socket: &Path) -> Result<Snapshot, Failure> {
 }
 
 /// `--once`: a second poll `interval` after the first, one snapshot printed.
-fn once(socket: &Path, args: &Settings, first: Snapshot) -> ExitCode {
+fn once(socket: &Path, args: &Settings, first: Snapshot) -> Outcome {
     std::thread::sleep(args.interval);
-    let second = match poll(socket) {
-        Ok(s) => s,
-        Err(f) => return f.report(),
-    };
+    let second = poll(socket)?;
     if args.json {
         super::print::json(&text::snapshot_json(&first, &second, args.limit));
     } else {
         print!("{}", text::snapshot_text(&first, &second, args.limit));
         let _ = std::io::stdout().flush();
     }
-    ExitCode::from(exit::OK)
+    Ok(())
 }

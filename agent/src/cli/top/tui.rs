@@ -560,10 +560,10 @@ mod tests {
             assert!(out.contains(want), "{want:?} missing from\n{out}");
         }
         screen.sort = screen.sort.next();
-        screen.update(Err(Failure {
-            code: exit::NO_AGENT,
-            message: "no agent is listening on /x".into(),
-        }));
+        screen.update(Err(Failure::new(
+            exit::NO_AGENT,
+            "no agent is listening on /x",
+        )));
         let out = render(&screen);
         assert!(out.contains("identities: 4, by pass/s"), "{out}");
         assert!(out.contains("last poll failed: no agent is listening on /x"));
