@@ -40,27 +40,13 @@ pub fn run(a: BindArgs, ctx: &Ctx) -> Outcome {
                 identity,
                 for_secs: a.for_secs,
             },
-            |b: Bound| {
-                print::done(&[
-                    ("expires_unix_ms", b.expires_unix_ms.map(|t| t.to_string())),
-                    ("identity", Some(b.identity)),
-                    ("target", Some(b.target)),
-                ])
-            },
+            |b: Bound| println!("{}", bound_line(b)),
         ),
         (None, Some(token)) => match target.parse() {
             Ok(addr) => super::call(
                 &ctx.socket,
                 &Request::BindToken { token, addr },
-                |b: TokenBound| {
-                    print::done(&[
-                        ("address", Some(b.address.to_string())),
-                        ("expires_unix", Some(b.expires_unix.to_string())),
-                        ("identity", Some(b.identity)),
-                        ("key_id", Some(b.key_id)),
-                        ("token_id", Some(b.token_id)),
-                    ])
-                },
+                |b: TokenBound| println!("{}", token_bound_line(b)),
             ),
             Err(_) => super::fail(
                 exit::REFUSED,
@@ -68,5 +54,67 @@ pub fn run(a: BindArgs, ctx: &Ctx) -> Outcome {
             ),
         },
         (None, None) => unreachable!("clap requires --identity or --token"),
+    }
+}
+
+fn bound_line(b: Bound) -> String {
+    print::done_line(&[
+        ("expires_unix_ms", b.expires_unix_ms.map(|t| t.to_string())),
+        ("identity", Some(b.identity)),
+        ("target", Some(b.target)),
+    ])
+}
+
+fn token_bound_line(b: TokenBound) -> String {
+    print::done_line(&[
+        ("address", Some(b.address.to_string())),
+        ("expires_unix", Some(b.expires_unix.to_string())),
+        ("identity", Some(b.identity)),
+        ("key_id", Some(b.key_id)),
+        ("token_id", Some(b.token_id)),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire<T: serde::Serialize + serde::de::DeserializeOwned>(v: T) -> T {
+        serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap()
+    }
+
+    /// The lines docs/cli.md shows.
+    #[test]
+    fn ok_lines() {
+        let b = Bound {
+            target: "198.51.100.7/32".into(),
+            identity: "partner-acme".into(),
+            expires_unix_ms: Some(1764257207000),
+        };
+        assert_eq!(
+            bound_line(wire(b)),
+            "ok: expires_unix_ms=1764257207000 identity=partner-acme target=198.51.100.7/32"
+        );
+        let b = Bound {
+            target: "198.51.100.0/28".into(),
+            identity: "partner-acme".into(),
+            expires_unix_ms: None,
+        };
+        assert_eq!(
+            bound_line(wire(b)),
+            "ok: identity=partner-acme target=198.51.100.0/28"
+        );
+        let t = TokenBound {
+            address: "198.18.0.7".parse().unwrap(),
+            identity: "alice".into(),
+            token_id: "6f1c".into(),
+            key_id: "2026-11".into(),
+            expires_unix: 1795780000,
+        };
+        assert_eq!(
+            token_bound_line(wire(t)),
+            "ok: address=198.18.0.7 expires_unix=1795780000 identity=alice key_id=2026-11 \
+             token_id=6f1c"
+        );
     }
 }

@@ -154,11 +154,16 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 /// `ok: key=value ...` for the verbs that change something: the reply's fields in key
 /// order, absent ones left out.
 pub fn done(parts: &[(&str, Option<String>)]) {
+    println!("{}", done_line(parts));
+}
+
+/// The line [`done`] prints.
+pub fn done_line(parts: &[(&str, Option<String>)]) -> String {
     let parts: Vec<String> = parts
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
         .collect();
-    println!("ok: {}", parts.join(" "));
+    format!("ok: {}", parts.join(" "))
 }
 
 #[cfg(test)]

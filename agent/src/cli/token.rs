@@ -122,15 +122,17 @@ pub fn run(a: TokenArgs, ctx: &Ctx) -> Outcome {
                 identity,
                 reason,
             },
-            |r: Revoked| {
-                print::done(&[
-                    ("bindings_removed", Some(print::list(&r.bindings_removed))),
-                    ("identity", r.identity),
-                    ("token_id", r.token_id),
-                ])
-            },
+            |r: Revoked| println!("{}", revoked_line(r)),
         ),
     }
+}
+
+fn revoked_line(r: Revoked) -> String {
+    print::done_line(&[
+        ("bindings_removed", Some(print::list(&r.bindings_removed))),
+        ("identity", r.identity),
+        ("token_id", r.token_id),
+    ])
 }
 
 struct IssueArgs<'a> {
@@ -246,5 +248,30 @@ fn verify_cmd(
             Ok(())
         }
         Err(r) => fail(exit::REFUSED, format!("invalid token: {r} ({})", r.label())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoke_line_is_the_documented_one() {
+        let r = Revoked {
+            token_id: Some("6f1c".into()),
+            identity: None,
+            bindings_removed: vec!["198.18.0.7/32".into()],
+        };
+        let r: Revoked = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(
+            revoked_line(r),
+            "ok: bindings_removed=198.18.0.7/32 token_id=6f1c"
+        );
+        let none = Revoked {
+            token_id: None,
+            identity: Some("alice".into()),
+            bindings_removed: vec![],
+        };
+        assert_eq!(revoked_line(none), "ok: bindings_removed=- identity=alice");
     }
 }
