@@ -1,27 +1,149 @@
-//! `tollgate token ...` and `tollgate keys generate`: for operators without an identity
-//! provider, and for checking what one issues.
+//! `tollgate token issue|verify|revoke`: issue and verify are for operators without an
+//! identity provider, and for checking what one issues; revoke asks the agent.
 
-use std::{path::Path, process::ExitCode};
+use std::path::{Path, PathBuf};
 
-use tollgate::{config::Config, state::now_unix_ms, token_bind};
-use tollgate_common::token::{Alg, ClaimNames, NewToken, Policy, SigningKey, jwks, verify};
+use clap::Subcommand;
+use tollgate::{
+    config::Config,
+    control::{protocol::Request, reply::Revoked},
+    state::now_unix_ms,
+    token_bind,
+};
+use tollgate_common::token::{ClaimNames, NewToken, Policy, SigningKey, verify};
 
-use super::exit;
+use super::{Ctx, Outcome, args, exit, fail, print};
 
-fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("tollgate: {msg}");
-    ExitCode::from(code)
+/// Tokens: issue (without an identity provider), verify, revoke.
+#[derive(clap::Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    action: Action,
 }
 
-pub struct IssueArgs<'a> {
-    pub key: &'a Path,
-    pub identity: &'a str,
-    pub class: Option<&'a str>,
-    pub plan: Option<&'a str>,
-    pub roles: &'a [String],
-    pub audience: &'a str,
-    pub ttl_secs: u64,
-    pub jti: Option<&'a str>,
+#[derive(Subcommand)]
+enum Action {
+    /// Sign a token with a key from `tollgate keys generate`; prints it.
+    Issue {
+        /// The signing key file (`<kid>.key.json`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The identity (the `sub` claim).
+        #[arg(long)]
+        identity: String,
+        /// Class claim: internal, partner or customer.
+        #[arg(long)]
+        class: Option<String>,
+        /// Plan claim: a plan of the nodes' configuration.
+        #[arg(long)]
+        plan: Option<String>,
+        /// Role claims, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Audience: the node pool's `tokens.audience`.
+        #[arg(long)]
+        audience: String,
+        /// Lifetime (90s, 15m, 2h); at most the nodes' `tokens.max_ttl_s`.
+        #[arg(long, value_parser = args::duration_secs, default_value = "15m")]
+        ttl: u64,
+        /// Token id (`jti`); random if absent.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Check a token as a node would; prints its claims or the reason it is refused.
+    Verify {
+        token: String,
+        /// Take keys and policy from this config's [tokens] section.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Or: the JWKS file ...
+        #[arg(long, value_name = "FILE", requires = "audience")]
+        jwks: Option<PathBuf>,
+        /// ... and the audience.
+        #[arg(long)]
+        audience: Option<String>,
+    },
+    /// Revoke a token id, or every token of an identity issued until now: their bindings
+    /// are removed at once and the revocation persists.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["token_id", "identity"])))]
+    Revoke {
+        /// The token's `jti`.
+        #[arg(long)]
+        token_id: Option<String>,
+        /// The identity (the `sub` claim).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+pub fn run(a: TokenArgs, ctx: &Ctx) -> Outcome {
+    match a.action {
+        Action::Issue {
+            key,
+            identity,
+            class,
+            plan,
+            roles,
+            audience,
+            ttl,
+            id,
+        } => issue(&IssueArgs {
+            key: &key,
+            identity: &identity,
+            class: class.as_deref(),
+            plan: plan.as_deref(),
+            roles: &roles,
+            audience: &audience,
+            ttl_secs: ttl,
+            jti: id.as_deref(),
+        }),
+        Action::Verify {
+            token,
+            config,
+            jwks,
+            audience,
+        } => verify_cmd(
+            &token,
+            jwks.as_deref(),
+            audience.as_deref(),
+            config.as_deref(),
+        ),
+        Action::Revoke {
+            token_id,
+            identity,
+            reason,
+        } => super::call(
+            &ctx.socket,
+            &Request::Revoke {
+                token_id,
+                identity,
+                reason,
+            },
+            |r: Revoked| println!("{}", revoked_line(r)),
+        ),
+    }
+}
+
+fn revoked_line(r: Revoked) -> String {
+    print::done_line(&[
+        ("bindings_removed", Some(print::list(&r.bindings_removed))),
+        ("identity", r.identity),
+        ("token_id", r.token_id),
+    ])
+}
+
+struct IssueArgs<'a> {
+    key: &'a Path,
+    identity: &'a str,
+    class: Option<&'a str>,
+    plan: Option<&'a str>,
+    roles: &'a [String],
+    audience: &'a str,
+    ttl_secs: u64,
+    jti: Option<&'a str>,
 }
 
 /// A random token id: 16 bytes from the kernel, hex.
@@ -36,7 +158,7 @@ fn random_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub fn issue(a: &IssueArgs) -> ExitCode {
+fn issue(a: &IssueArgs) -> Outcome {
     let text = match std::fs::read_to_string(a.key) {
         Ok(t) => t,
         Err(e) => return fail(exit::REFUSED, format!("{}: {e}", a.key.display())),
@@ -61,18 +183,18 @@ pub fn issue(a: &IssueArgs) -> ExitCode {
     match tollgate_common::token::issue(&key, &t, &ClaimNames::default()) {
         Ok(token) => {
             println!("{token}");
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(e) => fail(exit::REFUSED, e),
     }
 }
 
-pub fn verify_cmd(
+fn verify_cmd(
     token: &str,
     jwks_path: Option<&Path>,
     audience: Option<&str>,
     config: Option<&Path>,
-) -> ExitCode {
+) -> Outcome {
     // The node's own settings when a config is named (or present), else the flags.
     let cfg = match config {
         Some(p) => match Config::load(p) {
@@ -123,56 +245,33 @@ pub fn verify_cmd(
                 }))
                 .unwrap_or_default()
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(r) => fail(exit::REFUSED, format!("invalid token: {r} ({})", r.label())),
     }
 }
 
-/// Writes `<dir>/<kid>.key.json` (the secret, mode 0600) and adds the public key to
-/// `<dir>/jwks.json`, creating it if needed.
-pub fn generate(alg: Alg, kid: &str, dir: &Path) -> ExitCode {
-    let key = match SigningKey::generate(alg, kid) {
-        Ok(k) => k,
-        Err(e) => return fail(exit::REFUSED, e),
-    };
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        return fail(exit::REFUSED, format!("{}: {e}", dir.display()));
-    }
-    let secret = dir.join(format!("{kid}.key.json"));
-    if secret.exists() {
-        return fail(
-            exit::REFUSED,
-            format!("{} exists: choose another --kid", secret.display()),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoke_line_is_the_documented_one() {
+        let r = Revoked {
+            token_id: Some("6f1c".into()),
+            identity: None,
+            bindings_removed: vec!["198.18.0.7/32".into()],
+        };
+        let r: Revoked = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(
+            revoked_line(r),
+            "ok: bindings_removed=198.18.0.7/32 token_id=6f1c"
         );
+        let none = Revoked {
+            token_id: None,
+            identity: Some("alice".into()),
+            bindings_removed: vec![],
+        };
+        assert_eq!(revoked_line(none), "ok: bindings_removed=- identity=alice");
     }
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&secret)
-        .and_then(|mut f| f.write_all(key.to_file_json().as_bytes()));
-    if let Err(e) = written {
-        return fail(exit::REFUSED, format!("{}: {e}", secret.display()));
-    }
-    let jwks_path = dir.join("jwks.json");
-    let mut keys: Vec<serde_json::Value> = match std::fs::read_to_string(&jwks_path) {
-        Ok(t) => match serde_json::from_str::<serde_json::Value>(&t) {
-            Ok(v) => v["keys"].as_array().cloned().unwrap_or_default(),
-            Err(e) => return fail(exit::REFUSED, format!("{}: {e}", jwks_path.display())),
-        },
-        Err(_) => Vec::new(),
-    };
-    keys.push(key.public_jwk());
-    if let Err(e) = std::fs::write(&jwks_path, jwks(&keys)) {
-        return fail(exit::REFUSED, format!("{}: {e}", jwks_path.display()));
-    }
-    println!("secret key: {} (keep it secret)", secret.display());
-    println!(
-        "public keys: {} ({} keys; give this file to the nodes)",
-        jwks_path.display(),
-        keys.len()
-    );
-    ExitCode::SUCCESS
 }

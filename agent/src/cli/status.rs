@@ -1,0 +1,186 @@
+//! `tollgate status`.
+
+use tollgate::control::{
+    protocol::Request,
+    reply::{GpuStatus, Status, TokenStatus},
+};
+
+use super::{
+    Ctx, Outcome,
+    print::{Record, gpu_label, list, opt},
+};
+
+/// The agent's state: interfaces, config, pins, counts, packets passed and dropped.
+#[derive(clap::Args)]
+pub struct StatusArgs {}
+
+pub fn run(_: StatusArgs, ctx: &Ctx) -> Outcome {
+    super::call(
+        &ctx.socket,
+        &Request::Status {},
+        ctx.print_with(|s: &Status| record(s).print()),
+    )
+}
+
+/// The text form: one line per field in key order, as `status` always printed it; the GPU
+/// and token sections nested under their key.
+fn record(s: &Status) -> Record<'_> {
+    let r = Record::default()
+        .line("adopted_pins", s.adopted_pins)
+        .line("anomaly_mode", &s.anomaly_mode)
+        .line("bindings", s.bindings)
+        .line("config", &s.config);
+    let drops: Vec<(&str, Vec<String>)> = s
+        .drops
+        .iter()
+        .map(|(reason, n)| (reason.as_str(), vec![n.to_string()]))
+        .collect();
+    let r = if drops.is_empty() {
+        r.line("drops", "-")
+    } else {
+        r.nested("drops", drops)
+    };
+    let r = r
+        .line("endpoints", s.endpoints)
+        .nested("gpu", gpu(&s.gpu))
+        .line("identities", s.identities)
+        .line("interfaces", list(&s.interfaces))
+        .line("layout_version", s.layout_version)
+        .line("packets_dropped", s.dropped_packets)
+        .line("packets_passed", s.passed_packets)
+        .line("pin_dir", s.pin_dir.display())
+        .line("quarantined", list(&s.quarantined));
+    let r = match &s.tokens {
+        Some(t) => r.nested("tokens", tokens(t)),
+        None => r.line("tokens", "-"),
+    };
+    r.line("uptime_s", s.uptime_s)
+        .line("version", &s.version)
+        .line("xdp_mode", &s.xdp_mode)
+}
+
+fn gpu(g: &GpuStatus) -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        ("source", vec![g.source.clone()]),
+        ("error", vec![opt(g.error.as_deref())]),
+        ("readings", g.readings.iter().map(gpu_label).collect()),
+        ("saturated_endpoints", vec![list(&g.saturated_endpoints)]),
+    ]
+}
+
+fn tokens(t: &TokenStatus) -> Vec<(&'static str, Vec<String>)> {
+    let verifications: Vec<String> = t
+        .verifications
+        .iter()
+        .map(|(label, n)| format!("{label}={n}"))
+        .collect();
+    vec![
+        ("keys", vec![list(&t.keys)]),
+        ("verifications", vec![verifications.join(" ")]),
+        ("probable_thefts", vec![t.probable_thefts.to_string()]),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate::controller::gpu::GpuReading;
+
+    use super::*;
+
+    fn status() -> Status {
+        Status {
+            version: "0.1.0".into(),
+            config: "/etc/tollgate/tollgate.toml".into(),
+            interfaces: vec!["eth0".into()],
+            xdp_mode: "auto".into(),
+            pin_dir: "/sys/fs/bpf/tollgate".into(),
+            adopted_pins: true,
+            layout_version: 1,
+            uptime_s: 86,
+            endpoints: 2,
+            identities: 2,
+            bindings: 3,
+            quarantined: vec![],
+            passed_packets: 11225299,
+            dropped_packets: 18244,
+            drops: [
+                ("unbound".to_owned(), 18000),
+                ("quarantined".to_owned(), 244),
+            ]
+            .into(),
+            gpu: GpuStatus {
+                source: "simulated".into(),
+                error: None,
+                readings: vec![GpuReading {
+                    index: 0,
+                    name: "H100".into(),
+                    utilization: 0.875,
+                    memory_used_bytes: 40 << 30,
+                    memory_total_bytes: 80 << 30,
+                    power_watts: Some(550.0),
+                }],
+                saturated_endpoints: vec!["model".into()],
+            },
+            anomaly_mode: "observe".into(),
+            tokens: None,
+        }
+    }
+
+    /// The reply as the agent sends it, read as this verb reads it, printed as text.
+    fn text_of(s: &Status) -> String {
+        let wire = serde_json::to_string(s).unwrap();
+        record(&serde_json::from_str(&wire).unwrap()).render()
+    }
+
+    #[test]
+    fn text_is_the_documented_lines_with_nested_sections_readable() {
+        let text = text_of(&status());
+        assert_eq!(
+            text,
+            "adopted_pins     true
+anomaly_mode     observe
+bindings         3
+config           /etc/tollgate/tollgate.toml
+drops
+  quarantined  244
+  unbound      18000
+endpoints        2
+gpu
+  source               simulated
+  error                -
+  readings             GPU0 H100  88%  mem 40.0/80.0 GiB  550 W
+  saturated_endpoints  model
+identities       2
+interfaces       eth0
+layout_version   1
+packets_dropped  18244
+packets_passed   11225299
+pin_dir          /sys/fs/bpf/tollgate
+quarantined      -
+tokens           -
+uptime_s         86
+version          0.1.0
+xdp_mode         auto
+"
+        );
+        assert!(!text.contains('{'), "no raw JSON: {text}");
+        let mut s = status();
+        s.tokens = Some(TokenStatus {
+            keys: vec!["k1".into(), "k2".into()],
+            verifications: [("ok".to_owned(), 10), ("expired".to_owned(), 1)].into(),
+            probable_thefts: 0,
+        });
+        s.gpu.readings.clear();
+        s.drops.clear();
+        let text = text_of(&s);
+        assert!(text.contains("  readings             -\n"), "{text}");
+        assert!(text.contains("\ndrops            -\n"), "{text}");
+        assert!(
+            text.contains(
+                "tokens\n  keys             k1,k2\n  verifications    expired=1 ok=10\n  \
+                 probable_thefts  0\n"
+            ),
+            "{text}"
+        );
+    }
+}

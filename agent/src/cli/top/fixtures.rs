@@ -1,0 +1,140 @@
+//! Agent answers for the unit tests of `top`'s parts: two polls 2 s apart. Each answer goes
+//! through the wire (serialised as the agent sends it, read as `top` reads it).
+
+use std::time::{Duration, Instant};
+
+use serde::{Serialize, de::DeserializeOwned};
+use tollgate::{
+    control::reply::{EndpointRow, GpuStatus, IdentityRow, IdentitySource, Status, TokenStatus},
+    controller::gpu::GpuReading,
+    tables::Proto,
+};
+use tollgate_common::policy::Class;
+
+use super::model::Snapshot;
+
+fn wire<T: Serialize + DeserializeOwned>(v: T) -> T {
+    serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap()
+}
+
+pub(super) fn identity(name: &str, passed: u64, dropped: u64) -> IdentityRow {
+    wire(IdentityRow {
+        id: 1,
+        name: name.into(),
+        class: Class::Partner,
+        plan: "partner".into(),
+        roles: vec![],
+        source: IdentitySource::Config,
+        bindings: vec!["198.19.7.0/24".into()],
+        quarantined: None,
+        passed_packets: passed,
+        passed_bytes: passed * 100,
+        dropped_packets: dropped,
+        dropped_bytes: dropped * 100,
+    })
+}
+
+pub(super) fn endpoint(name: &str, passed: u64, dropped: u64) -> EndpointRow {
+    wire(EndpointRow {
+        id: 1,
+        name: name.into(),
+        protocol: Proto::Tcp,
+        ports: vec!["8000".into(), "8001-8003".into()],
+        weight: 1.0,
+        classes: vec![Class::Internal],
+        roles: vec![],
+        anonymous: false,
+        passed_packets: passed,
+        dropped_packets: dropped,
+    })
+}
+
+/// `dropped` packets dropped in all, split over three reasons: a tenth `unbound`, the rest
+/// `quota_exhausted`, and one `parse_error` that never moves.
+pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
+    wire(Status {
+        version: "0.1.0".into(),
+        config: "/etc/tollgate/tollgate.toml".into(),
+        interfaces: vec!["eth0".into()],
+        xdp_mode: "auto".into(),
+        pin_dir: "/sys/fs/bpf/tollgate".into(),
+        adopted_pins: false,
+        layout_version: 1,
+        uptime_s: 90_061,
+        endpoints: 1,
+        identities: 4,
+        bindings: 3,
+        quarantined: vec![],
+        passed_packets: passed,
+        dropped_packets: dropped,
+        drops: [
+            ("unbound".to_owned(), dropped / 10),
+            ("quota_exhausted".to_owned(), dropped - dropped / 10 - 1),
+            ("parse_error".to_owned(), 1),
+            ("class_not_allowed".to_owned(), 0),
+        ]
+        .into(),
+        gpu: GpuStatus {
+            source: "simulated".into(),
+            error: None,
+            readings: vec![GpuReading {
+                index: 0,
+                name: "H100".into(),
+                utilization: 0.875,
+                memory_used_bytes: 40 << 30,
+                memory_total_bytes: 80 << 30,
+                power_watts: Some(550.0),
+            }],
+            saturated_endpoints: vec!["model".into()],
+        },
+        anomaly_mode: "observe".into(),
+        tokens: Some(TokenStatus {
+            keys: vec!["k1".into()],
+            verifications: [("ok".to_owned(), 10), ("expired".to_owned(), expired)].into(),
+            probable_thefts: 0,
+        }),
+    })
+}
+
+pub(super) fn snap(
+    at: Instant,
+    status: Status,
+    identities: Vec<IdentityRow>,
+    endpoints: Vec<EndpointRow>,
+) -> Snapshot {
+    Snapshot {
+        at,
+        unix_ms: 1_700_000_000_000,
+        status,
+        endpoints,
+        identities,
+    }
+}
+
+/// Two polls 2 s apart: "busy" passed 2000 and dropped 10 in between, "idle" nothing,
+/// "new" appeared between them, "reset" had its counters re-created.
+pub(super) fn two_polls() -> (Snapshot, Snapshot) {
+    let t0 = Instant::now();
+    let a = snap(
+        t0,
+        status(1000, 100, 1),
+        vec![
+            identity("idle", 5, 0),
+            identity("busy", 1000, 0),
+            identity("reset", 900, 0),
+        ],
+        vec![endpoint("model", 1000, 100)],
+    );
+    let b = snap(
+        t0 + Duration::from_secs(2),
+        status(3000, 110, 5),
+        vec![
+            identity("idle", 5, 0),
+            identity("busy", 3000, 10),
+            identity("reset", 4, 0),
+            identity("new", 50, 0),
+        ],
+        vec![endpoint("model", 3000, 110)],
+    );
+    (a, b)
+}
