@@ -36,6 +36,7 @@
 //! keep the identity from ever being released.
 
 use serde::{Deserialize, Serialize};
+use tollgate_common::policy::Class;
 
 /// One identity's traffic over one control interval. Rates count what arrived, before the
 /// verdict, so a throttled or quarantined identity's samples still show what it sends.
@@ -103,11 +104,78 @@ impl Sample {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AnomalyConfig {
+/// The `[anomaly]` section of the configuration: the only definition of these knobs and,
+/// in [`Anomaly::default`], of their defaults (docs/config.md's default column is checked
+/// against it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Anomaly {
+    pub mode: AnomalyMode,
     /// EWMA weight of a new sample, e.g. 0.05.
     pub alpha: f64,
     /// No action before this many samples are in the baseline.
+    pub warmup_samples: u32,
+    /// Cost multiplier while throttled.
+    pub throttle_factor: f64,
+    pub throttle_for_s: u64,
+    pub quarantine_for_s: u64,
+    /// After a release, before a new action.
+    pub cooldown_s: u64,
+    /// (throttle score, quarantine score) for internal, partner, customer.
+    pub thresholds: [(f64, f64); 3],
+}
+
+impl Default for Anomaly {
+    fn default() -> Self {
+        Anomaly {
+            mode: AnomalyMode::Shadow,
+            alpha: 0.05,
+            // What the running agent has always used (the ladder's old `Default`, 120, was
+            // only ever seen by a unit test).
+            warmup_samples: 60,
+            throttle_factor: 4.0,
+            throttle_for_s: 60,
+            quarantine_for_s: 300,
+            cooldown_s: 120,
+            thresholds: [(12.0, 24.0), (8.0, 16.0), (6.0, 12.0)],
+        }
+    }
+}
+
+impl Anomaly {
+    /// The ladder of an identity of `class`: this section with the class's thresholds.
+    pub fn ladder(&self, class: Class) -> Ladder {
+        let i = match class {
+            Class::Internal => 0,
+            Class::Partner => 1,
+            _ => 2,
+        };
+        let (throttle_score, quarantine_score) = self.thresholds[i];
+        Ladder {
+            alpha: self.alpha,
+            warmup_samples: self.warmup_samples,
+            throttle_score,
+            quarantine_score,
+            throttle_for_s: self.throttle_for_s,
+            quarantine_for_s: self.quarantine_for_s,
+            cooldown_s: self.cooldown_s,
+            shadow: self.mode == AnomalyMode::Shadow,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnomalyMode {
+    Off,
+    /// Decide and report (audit log), act on nothing.
+    Shadow,
+    Enforce,
+}
+
+/// What a [`Tracker`] reads: the [`Anomaly`] section as one class sees it. Not a second set
+/// of knobs: it has no defaults and is made only by [`Anomaly::ladder`] (and by tests).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ladder {
+    pub alpha: f64,
     pub warmup_samples: u32,
     pub throttle_score: f64,
     pub quarantine_score: f64,
@@ -119,22 +187,7 @@ pub struct AnomalyConfig {
     pub shadow: bool,
 }
 
-impl Default for AnomalyConfig {
-    fn default() -> Self {
-        AnomalyConfig {
-            alpha: 0.05,
-            warmup_samples: 120,
-            throttle_score: 6.0,
-            quarantine_score: 12.0,
-            throttle_for_s: 60,
-            quarantine_for_s: 300,
-            cooldown_s: 120,
-            shadow: false,
-        }
-    }
-}
-
-impl AnomalyConfig {
+impl Ladder {
     /// Why this configuration cannot work, if it cannot.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.alpha > 0.0 && self.alpha <= 1.0) {
@@ -229,7 +282,7 @@ impl Tracker {
     /// Takes one interval's sample. Returns a decision only when the step changes (or a
     /// quarantine is renewed). Call it every interval for every tracked identity, or
     /// [`Tracker::expire`] for one that sent nothing, so steps expire on time.
-    pub fn observe(&mut self, s: Sample, now_unix_s: u64, cfg: &AnomalyConfig) -> Option<Decision> {
+    pub fn observe(&mut self, s: Sample, now_unix_s: u64, cfg: &Ladder) -> Option<Decision> {
         let s = s.sanitized();
         let x = s.to_array();
         let enforcing = matches!(self.step, Step::Throttle | Step::Quarantine);
@@ -254,7 +307,7 @@ impl Tracker {
 
     /// Lets steps expire for an identity that sent nothing this interval, without teaching
     /// the baseline an idle interval (which would make its return look like a flood).
-    pub fn expire(&mut self, now_unix_s: u64, cfg: &AnomalyConfig) -> Option<Decision> {
+    pub fn expire(&mut self, now_unix_s: u64, cfg: &Ladder) -> Option<Decision> {
         self.score = 0.0;
         let baseline = self.baseline();
         self.advance(
@@ -381,7 +434,7 @@ impl Tracker {
         inputs: Sample,
         baseline: Sample,
         now: u64,
-        cfg: &AnomalyConfig,
+        cfg: &Ladder,
     ) -> Option<Decision> {
         let anomalous = score >= cfg.throttle_score;
         let expired = self.until_unix_s.is_none_or(|u| now >= u);
@@ -533,8 +586,8 @@ mod tests {
         }
     }
 
-    fn cfg() -> AnomalyConfig {
-        AnomalyConfig {
+    fn cfg() -> Ladder {
+        Ladder {
             alpha: 0.05,
             warmup_samples: 30,
             throttle_score: 6.0,
@@ -548,12 +601,7 @@ mod tests {
 
     /// Feeds `series`, one sample a second from `T0 + first`, and collects the decisions
     /// with their times.
-    fn feed(
-        t: &mut Tracker,
-        series: &[Sample],
-        first: u64,
-        cfg: &AnomalyConfig,
-    ) -> Vec<(u64, Decision)> {
+    fn feed(t: &mut Tracker, series: &[Sample], first: u64, cfg: &Ladder) -> Vec<(u64, Decision)> {
         let mut out = Vec::new();
         for (k, s) in series.iter().enumerate() {
             let now = T0 + first + k as u64;
@@ -584,7 +632,7 @@ mod tests {
 
     /// Runs the ramp, making the drops our own enforcement would cause: everything while
     /// quarantined, half while throttled.
-    fn run_ramp(cfg: &AnomalyConfig) -> (Tracker, Vec<(u64, Decision)>, Vec<Step>) {
+    fn run_ramp(cfg: &Ladder) -> (Tracker, Vec<(u64, Decision)>, Vec<Step>) {
         let mut t = Tracker::default();
         let mut out = Vec::new();
         let mut enforced = Vec::new();
@@ -674,7 +722,7 @@ mod tests {
     #[test]
     fn shadow_reports_the_same_decisions_and_enforces_nothing() {
         let (_, real, _) = run_ramp(&cfg());
-        let shadow_cfg = AnomalyConfig {
+        let shadow_cfg = Ladder {
             shadow: true,
             ..cfg()
         };
@@ -697,7 +745,7 @@ mod tests {
     fn a_ladder_keeps_the_mode_it_began_in() {
         let mut t = Tracker::default();
         feed(&mut t, &(0..60).map(normal).collect::<Vec<_>>(), 0, &cfg());
-        let shadow_cfg = AnomalyConfig {
+        let shadow_cfg = Ladder {
             shadow: true,
             ..cfg()
         };
@@ -987,26 +1035,28 @@ mod tests {
 
     #[test]
     fn config_validation() {
-        assert_eq!(AnomalyConfig::default().validate(), Ok(()));
+        for class in [Class::Internal, Class::Partner, Class::Customer] {
+            assert_eq!(Anomaly::default().ladder(class).validate(), Ok(()));
+        }
         assert_eq!(cfg().validate(), Ok(()));
         for bad in [
-            AnomalyConfig {
+            Ladder {
                 alpha: 0.0,
                 ..cfg()
             },
-            AnomalyConfig {
+            Ladder {
                 alpha: f64::NAN,
                 ..cfg()
             },
-            AnomalyConfig {
+            Ladder {
                 throttle_score: -1.0,
                 ..cfg()
             },
-            AnomalyConfig {
+            Ladder {
                 quarantine_score: 3.0,
                 ..cfg()
             },
-            AnomalyConfig {
+            Ladder {
                 quarantine_for_s: 0,
                 ..cfg()
             },
