@@ -8,6 +8,8 @@
 //! [`Config`], refusing impossible values and contradictions between sections.
 
 mod check;
+#[cfg(test)]
+mod docs_tests;
 mod raw;
 #[cfg(test)]
 mod tests;
