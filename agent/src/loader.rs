@@ -2,7 +2,7 @@
 //! process.
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
     programs::{ProgramError, Xdp, XdpMode},
 };
@@ -24,6 +24,8 @@ pub enum LoadError {
         #[source]
         source: ProgramError,
     },
+    #[error("reading the program's logs: {0}")]
+    KernelLog(String),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -61,9 +63,131 @@ impl AttachMode {
     }
 }
 
-/// Parses the embedded object and loads (verifies) both XDP programs.
+/// How much the XDP program logs (`[node] kernel_log`): rare events only, never a line per
+/// packet. The level is a constant of the loaded program, so `Off` leaves no logging code in
+/// what the verifier accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KernelLog {
+    #[default]
+    Off,
+    /// Nothing logs at error today; kept so the levels read as the usual ladder.
+    Error,
+    /// Decisions that point at a problem: limiter contention, a binding to an empty slot.
+    Warn,
+    /// Also frames the parser cannot classify (sampled like drop events).
+    Info,
+    Debug,
+}
+
+impl KernelLog {
+    pub const ALL: [KernelLog; 5] = [
+        KernelLog::Off,
+        KernelLog::Error,
+        KernelLog::Warn,
+        KernelLog::Info,
+        KernelLog::Debug,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            KernelLog::Off => "off",
+            KernelLog::Error => "error",
+            KernelLog::Warn => "warn",
+            KernelLog::Info => "info",
+            KernelLog::Debug => "debug",
+        }
+    }
+
+    pub fn from_label(label: &str) -> Option<KernelLog> {
+        KernelLog::ALL.into_iter().find(|l| l.label() == label)
+    }
+
+    /// The program's `TOLLGATE_LOG_LEVEL` (aya-log's numbering, 0 off).
+    fn as_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+/// The program's log level global (`ebpf/src/program.rs`).
+const LOG_LEVEL_GLOBAL: &str = "TOLLGATE_LOG_LEVEL";
+
+/// Sets the program's log level on a loader, before `load`. Every loader of the enforcing
+/// program calls this (a loader that does not gets the object's default: off).
+pub fn configure_kernel_log(loader: &mut EbpfLoader<'_>, level: KernelLog) {
+    let value: &'static u8 = match level {
+        KernelLog::Off => &0,
+        KernelLog::Error => &1,
+        KernelLog::Warn => &2,
+        KernelLog::Info => &3,
+        KernelLog::Debug => &4,
+    };
+    debug_assert_eq!(*value, level.as_u8());
+    loader.override_global(LOG_LEVEL_GLOBAL, value, true);
+}
+
+/// Starts reading the program's log ring buffer into tracing (target `kernel`), on the current
+/// tokio runtime, for as long as the process runs. Does nothing when `level` is `Off` (the map
+/// stays in `ebpf`, unread and empty). Call it once, after loading with
+/// [`configure_kernel_log`] at the same level.
+pub fn spawn_kernel_log(ebpf: &mut Ebpf, level: KernelLog) -> Result<(), LoadError> {
+    if level == KernelLog::Off {
+        return Ok(());
+    }
+    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, TracingLog)
+        .map_err(|e| LoadError::KernelLog(e.to_string()))?;
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| LoadError::KernelLog(format!("no tokio runtime to read them on: {e}")))?;
+    let _entered = runtime.enter();
+    // SAFETY: the descriptor is the logger's ring buffer map's, which the logger owns and the
+    // AsyncFd owns the logger: it stays open, and the same, for the AsyncFd's whole life.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| LoadError::KernelLog(e.to_string()))?;
+    runtime.spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Hands aya-log's records to tracing, so the program's lines land where the agent's do.
+struct TracingLog;
+
+impl log::Log for TracingLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let msg = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "kernel", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "kernel", "{msg}"),
+            log::Level::Info => tracing::info!(target: "kernel", "{msg}"),
+            log::Level::Debug | log::Level::Trace => tracing::debug!(target: "kernel", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Parses the embedded object and loads (verifies) both XDP programs, kernel logging off.
 pub fn load() -> Result<Ebpf, LoadError> {
-    let mut ebpf = Ebpf::load(object::bytes())?;
+    load_with_kernel_log(KernelLog::Off)
+}
+
+/// [`load`] with the program's log level set to `level` (nothing reads the logs: see
+/// [`spawn_kernel_log`]).
+pub fn load_with_kernel_log(level: KernelLog) -> Result<Ebpf, LoadError> {
+    let mut loader = EbpfLoader::new();
+    configure_kernel_log(&mut loader, level);
+    let mut ebpf = loader.load(object::bytes())?;
     for name in [program_names::XDP, program_names::NOOP] {
         xdp_program(&mut ebpf, name)?
             .load()
@@ -96,4 +220,40 @@ pub fn reason_counters(ebpf: &Ebpf) -> Result<PerCpuArray<&MapData, Counter>, Lo
     let name = map_names::REASON_COUNTERS;
     let map = ebpf.map(name).ok_or(LoadError::NoMap(name))?;
     PerCpuArray::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_log_levels_are_aya_logs_numbering() {
+        // aya-log-common: Error = 1 ... Debug = 4; 0 is ours: off.
+        let n: Vec<u8> = KernelLog::ALL.iter().map(|l| l.as_u8()).collect();
+        assert_eq!(n, [0, 1, 2, 3, 4]);
+        for l in KernelLog::ALL {
+            assert_eq!(KernelLog::from_label(l.label()), Some(l));
+        }
+        assert_eq!(KernelLog::from_label("loud"), None);
+    }
+
+    /// Loads the program at every log level (root and a BPF-capable kernel:
+    /// `cargo test -p tollgate --lib -- --ignored kernel_log`): each verifies, and with logging
+    /// off the verifier sees no more than with it on (the log statements are pruned).
+    #[test]
+    #[ignore = "needs root"]
+    fn every_kernel_log_level_verifies_and_off_costs_nothing() {
+        let mut counts = Vec::new();
+        for level in KernelLog::ALL {
+            let mut ebpf = load_with_kernel_log(level).expect("loading");
+            let info = xdp_program(&mut ebpf, program_names::XDP)
+                .expect("program")
+                .info()
+                .expect("info");
+            let n = info.verified_instruction_count().expect("5.16+");
+            eprintln!("kernel_log = {}: verifier processed {n}", level.label());
+            counts.push(n);
+        }
+        assert!(counts.iter().all(|n| *n >= counts[0]), "{counts:?}");
+    }
 }

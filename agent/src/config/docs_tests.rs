@@ -124,6 +124,11 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
         ("node", "control_socket", path(&node.control_socket)),
         ("node", "control_group", Some(node.control_group.clone())),
         (
+            "node",
+            "kernel_log",
+            Some(node.kernel_log.label().to_owned()),
+        ),
+        (
             "anonymous",
             "packets_per_second",
             Some(anonymous.packets_per_second.to_string()),

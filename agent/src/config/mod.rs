@@ -31,7 +31,7 @@ pub use crate::controller::{
     anomaly::{Anomaly, AnomalyMode},
 };
 use crate::{
-    loader::AttachMode,
+    loader::{AttachMode, KernelLog},
     tables::{EndpointSpec, PlanLimits},
 };
 
@@ -107,6 +107,8 @@ pub struct Node {
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub control_group: String,
+    /// How much the XDP program logs (rare events only); off by default.
+    pub kernel_log: KernelLog,
 }
 
 /// The allowance of unbound sources, per IPv4 /24 and per IPv6 /64, /56 and /48, on endpoints
@@ -181,6 +183,7 @@ impl Node {
             state_dir: PathBuf::from(crate::paths::STATE_DIR),
             control_socket: PathBuf::from(crate::paths::CONTROL_SOCKET),
             control_group: "tollgate".to_owned(),
+            kernel_log: KernelLog::Off,
         }
     }
 }

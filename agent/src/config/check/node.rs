@@ -5,7 +5,7 @@ use crate::config::{
     Anonymous, DropEvents, Listen, Node, Plan, Tokens,
     raw::{RawAnonymous, RawDropEvents, RawListen, RawNode, RawTokens, S},
 };
-use crate::loader::AttachMode;
+use crate::loader::{AttachMode, KernelLog};
 
 /// Linux IFNAMSIZ (16) less the terminating NUL.
 const MAX_IFNAME: usize = 15;
@@ -72,8 +72,22 @@ impl Checker<'_> {
                 name.clone()
             }
         };
+        let kernel_log = match &raw.kernel_log {
+            None => defaults.kernel_log,
+            Some(v) => KernelLog::from_label(v.get_ref()).ok_or_else(|| {
+                self.err(
+                    v.span(),
+                    "node.kernel_log",
+                    format!(
+                        "unknown kernel log level {:?}: expected off, error, warn, info or debug",
+                        v.get_ref()
+                    ),
+                )
+            })?,
+        };
         Ok(Node {
             interfaces,
+            kernel_log,
             xdp_mode,
             pin_dir: self.abs_path(&raw.pin_dir, "node.pin_dir", &defaults.pin_dir)?,
             state_dir: self.abs_path(&raw.state_dir, "node.state_dir", &defaults.state_dir)?,

@@ -116,7 +116,7 @@ impl Checker<'_> {
 
     /// A rate and its burst: both or neither. A rate of 0 would silently refuse all traffic of
     /// the plan, which is what a quarantine is for, so it is refused here.
-    pub(super) fn rate(
+    fn rate(
         &self,
         plan: usize,
         rate: &Option<S<i64>>,
