@@ -256,4 +256,69 @@ mod tests {
         }
         assert!(counts.iter().all(|n| *n >= counts[0]), "{counts:?}");
     }
+
+    /// Collects aya-log's records.
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<(log::Level, String)>>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((r.level(), r.args().to_string()));
+        }
+        fn flush(&self) {}
+    }
+
+    /// Runs a frame the parser cannot classify (an IPv4 EtherType and no IP header) through
+    /// the program at `level`, with drop-event sampling on, and returns what it logged.
+    fn log_of_a_truncated_frame(level: KernelLog) -> Vec<(log::Level, String)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let mut ebpf = load_with_kernel_log(level).expect("loading");
+        let mut tables = crate::tables::Tables::from_ebpf(&mut ebpf).expect("tables");
+        let settings = tollgate_common::policy::Settings {
+            drop_event_interval_ns: 1,
+            ..Default::default()
+        };
+        tables.set_settings(&settings).expect("settings");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut logger =
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, Capture(lines.clone())).expect("log");
+        let mut frame = vec![0u8; 14];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        let mut out = vec![0u8; 256];
+        let ret = xdp_program(&mut ebpf, program_names::XDP)
+            .expect("program")
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN")
+            .return_value;
+        assert_eq!(ret, 1, "XDP_DROP");
+        logger.flush();
+        let got = lines.lock().expect("lock").clone();
+        got
+    }
+
+    /// The program's lines reach a `log` logger at `info` and nothing comes at `warn` or off
+    /// (root: `cargo test -p tollgate --lib -- --ignored kernel_log`).
+    #[test]
+    #[ignore = "needs root"]
+    fn kernel_log_lines_reach_userspace_at_their_level_only() {
+        let info = log_of_a_truncated_frame(KernelLog::Info);
+        assert_eq!(info.len(), 1, "{info:?}");
+        assert_eq!(info[0].0, log::Level::Info);
+        assert!(
+            info[0].1.contains("cannot classify") && info[0].1.contains("truncated"),
+            "{info:?}"
+        );
+        assert_eq!(log_of_a_truncated_frame(KernelLog::Warn), []);
+        assert_eq!(log_of_a_truncated_frame(KernelLog::Off), []);
+    }
 }
