@@ -302,8 +302,7 @@ mod tests {
             .return_value;
         assert_eq!(ret, 1, "XDP_DROP");
         logger.flush();
-        let got = lines.lock().expect("lock").clone();
-        got
+        lines.lock().expect("lock").clone()
     }
 
     /// The program's lines reach a `log` logger at `info` and nothing comes at `warn` or off
