@@ -221,8 +221,9 @@ pub fn tollgate(ctx: XdpContext) -> u32 {
         Ok(Frame::Ip(p)) => {
             let d = decide(&Maps, &p, len);
             if d.reason.verdict() == tollgate_common::Verdict::Drop {
-                drop_event(&d, &p, len);
-                if log_enabled(LOG_WARN) {
+                // The odd decisions' log lines ride on the drop event's sample, so they are
+                // as bounded as the events (and off with them).
+                if drop_event(&d, &p, len) && log_enabled(LOG_WARN) {
                     log_odd_decision(&ctx, &d);
                 }
             }
@@ -277,11 +278,12 @@ fn count(d: &Decision, bytes: u64, new_flow: bool) {
 }
 
 /// Sends at most one drop event per CPU per `drop_event_interval_ns`, so a flood costs the
-/// ring buffer (and the agent's logs) a bounded rate.
+/// ring buffer (and the agent's logs) a bounded rate. Returns whether this packet was the
+/// sample.
 #[inline(always)]
-fn drop_event(d: &Decision, p: &tollgate_common::parse::IpPacket, bytes: u64) {
+fn drop_event(d: &Decision, p: &tollgate_common::parse::IpPacket, bytes: u64) -> bool {
     let Some(now) = sample_due() else {
-        return;
+        return false;
     };
     let event = DropEvent {
         reason: d.reason as u32,
@@ -297,6 +299,7 @@ fn drop_event(d: &Decision, p: &tollgate_common::parse::IpPacket, bytes: u64) {
         time_ns: now,
     };
     let _ = DROP_EVENTS.output::<DropEvent>(&event, 0);
+    true
 }
 
 /// Whether this CPU may send a sample now (at most one per `drop_event_interval_ns`; never
