@@ -26,7 +26,7 @@ mod decide_tests;
 mod parse_tests;
 
 pub use counters::Counter;
-pub use reason::{REASON_COUNT, Reason, Verdict};
+pub use reason::{REASON_COUNT, REASON_SLOTS, Reason, Verdict};
 
 /// Names of the maps the XDP program defines. The agent looks maps up by these names and pins
 /// them under the same file names, so they are defined once, here.
@@ -90,17 +90,22 @@ pub mod map_names {
 
 /// Version of the meaning of the pinned maps. Bump it whenever a map's key or value changes
 /// meaning (even at the same size): a restarted agent refuses pins of another version instead
-/// of misreading them. Sizes and map types are checked on top of this.
-pub const LAYOUT_VERSION: u32 = 2;
+/// of misreading them. Sizes and map types are checked on top of this. Adding a verdict
+/// reason is not a layout change (the counter map reserves [`REASON_SLOTS`]).
+///
+/// 3: `REASON_COUNTERS` sized for `REASON_SLOTS` reasons instead of exactly `REASON_COUNT`.
+pub const LAYOUT_VERSION: u32 = 3;
 
-/// Index of the (reason, endpoint) counter.
+/// Index of the (reason, endpoint) counter: reason-major, each reason owning
+/// `MAX_ENDPOINTS` slots, so existing indices never move when a reason is appended.
 #[inline(always)]
 pub const fn reason_counter_index(reason: Reason, endpoint: u32) -> u32 {
     reason as u32 * policy::MAX_ENDPOINTS + endpoint
 }
 
-/// Slots of the (reason, endpoint) counter map.
-pub const REASON_COUNTER_SLOTS: u32 = REASON_COUNT * policy::MAX_ENDPOINTS;
+/// Slots of the (reason, endpoint) counter map: every reserved reason slot, not only the
+/// reasons defined today, so the pinned map keeps its shape when one is added.
+pub const REASON_COUNTER_SLOTS: u32 = REASON_SLOTS * policy::MAX_ENDPOINTS;
 
 /// Names of the programs in the object.
 pub mod program_names {

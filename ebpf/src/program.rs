@@ -1,4 +1,5 @@
 use aya_ebpf::{
+    Global,
     bindings::xdp_action,
     helpers::bpf_ktime_get_boot_ns,
     macros::{map, xdp},
@@ -18,6 +19,23 @@ use tollgate_common::{
 };
 
 // Map names are the statics' names; `tollgate_common::map_names` spells them for userspace.
+
+/// The most verbose kernel log level on: 0 off (the object's own default, whatever loads
+/// it), 1 error, 2 warn, 3 info, 4 debug (aya-log's numbering). The agent sets it at load
+/// time from `[node] kernel_log`. It lives in `.rodata`, which the loader freezes, so the
+/// verifier knows its value and prunes every log statement above it: with logging off the
+/// program carries no logging code at all.
+#[unsafe(no_mangle)]
+static TOLLGATE_LOG_LEVEL: Global<u8> = Global::new(0);
+
+/// Whether log statements at `level` run (see [`TOLLGATE_LOG_LEVEL`]).
+#[inline(always)]
+fn log_enabled(level: u8) -> bool {
+    TOLLGATE_LOG_LEVEL.load() >= level
+}
+
+const LOG_WARN: u8 = 2;
+const LOG_INFO: u8 = 3;
 
 #[map]
 static PORTS: Array<u32> = Array::with_max_entries(PORT_SLOTS, 0);
@@ -203,13 +221,27 @@ pub fn tollgate(ctx: XdpContext) -> u32 {
         Ok(Frame::Ip(p)) => {
             let d = decide(&Maps, &p, len);
             if d.reason.verdict() == tollgate_common::Verdict::Drop {
-                drop_event(&d, &p, len);
+                // The odd decisions' log lines ride on the drop event's sample, so they are
+                // as bounded as the events (and off with them).
+                if drop_event(&d, &p, len) && log_enabled(LOG_WARN) {
+                    log_odd_decision(&ctx, &d);
+                }
             }
             new_flow = p.is_new_flow();
             d
         }
         Ok(Frame::NotIp(_)) => Decision::new(Reason::NotIp, 0, 0),
-        Err(reason) => Decision::new(reason, 0, 0),
+        Err(reason) => {
+            if log_enabled(LOG_INFO) && sample_due().is_some() {
+                aya_log_ebpf::info!(
+                    &ctx,
+                    "dropped a {}-byte frame the parser cannot classify: {}",
+                    len,
+                    reason.label()
+                );
+            }
+            Decision::new(reason, 0, 0)
+        }
     };
     count(&decision, len, new_flow);
     decision.reason.verdict() as u32
@@ -246,30 +278,13 @@ fn count(d: &Decision, bytes: u64, new_flow: bool) {
 }
 
 /// Sends at most one drop event per CPU per `drop_event_interval_ns`, so a flood costs the
-/// ring buffer (and the agent's logs) a bounded rate.
+/// ring buffer (and the agent's logs) a bounded rate. Returns whether this packet was the
+/// sample.
 #[inline(always)]
-fn drop_event(d: &Decision, p: &tollgate_common::parse::IpPacket, bytes: u64) {
-    let interval = Maps.settings().drop_event_interval_ns;
-    if interval == 0 {
-        return;
-    }
-    let Some(last) = DROP_EVENT_CLOCK.get_ptr_mut(0) else {
-        return;
+fn drop_event(d: &Decision, p: &tollgate_common::parse::IpPacket, bytes: u64) -> bool {
+    let Some(now) = sample_due() else {
+        return false;
     };
-    // Sampling needs no precision (intervals are tens of ms), and every dropped packet of a
-    // flood comes through here: the coarse clock (jiffies) costs a fraction of the precise one
-    // the limiter needs.
-    // SAFETY: a helper with no arguments.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
-    // SAFETY: per-CPU slot, see `count`.
-    unsafe {
-        // 0: this CPU never sent one (a machine up for less than `interval` must still get
-        // its first event).
-        if *last != 0 && now.wrapping_sub(*last) < interval {
-            return;
-        }
-        *last = now;
-    }
     let event = DropEvent {
         reason: d.reason as u32,
         identity: d.identity,
@@ -284,6 +299,53 @@ fn drop_event(d: &Decision, p: &tollgate_common::parse::IpPacket, bytes: u64) {
         time_ns: now,
     };
     let _ = DROP_EVENTS.output::<DropEvent>(&event, 0);
+    true
+}
+
+/// Whether this CPU may send a sample now (at most one per `drop_event_interval_ns`; never
+/// when it is 0), and the time, which it records as this CPU's last sample. Drop events and
+/// the parser's log lines share it, so a flood costs the ring buffers a bounded rate.
+#[inline(always)]
+fn sample_due() -> Option<u64> {
+    let interval = Maps.settings().drop_event_interval_ns;
+    if interval == 0 {
+        return None;
+    }
+    let last = DROP_EVENT_CLOCK.get_ptr_mut(0)?;
+    // Sampling needs no precision (intervals are tens of ms), and every dropped packet of a
+    // flood comes through here: the coarse clock (jiffies) costs a fraction of the precise one
+    // the limiter needs.
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    // SAFETY: per-CPU slot, see `count`.
+    unsafe {
+        // 0: this CPU never sent one (a machine up for less than `interval` must still get
+        // its first event).
+        if *last != 0 && now.wrapping_sub(*last) < interval {
+            return None;
+        }
+        *last = now;
+    }
+    Some(now)
+}
+
+/// Decisions that point at a problem rather than at traffic: they should not happen, so each
+/// one is worth a line (at `warn`).
+#[inline(always)]
+fn log_odd_decision(ctx: &XdpContext, d: &Decision) {
+    match d.reason {
+        Reason::LimiterContended => aya_log_ebpf::warn!(
+            ctx,
+            "limiter contended: identity {} lost every compare-and-swap try to other CPUs",
+            d.identity
+        ),
+        Reason::UnknownIdentity => aya_log_ebpf::warn!(
+            ctx,
+            "a binding names identity slot {}, which holds no identity",
+            d.identity
+        ),
+        _ => {}
+    }
 }
 
 // Component programs for `cargo xtask bench`: each adds one piece of the enforcing path to

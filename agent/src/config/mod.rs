@@ -8,6 +8,8 @@
 //! [`Config`], refusing impossible values and contradictions between sections.
 
 mod check;
+#[cfg(test)]
+mod docs_tests;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -22,8 +24,14 @@ use std::{
 use tollgate_common::policy::Class;
 use toml::de::{DeTable, DeValue};
 
+// The controller's sections are the controller's types: each knob is defined (and given its
+// default) once, where it is used.
+pub use crate::controller::{
+    Controller, GpuSourceKind,
+    anomaly::{Anomaly, AnomalyMode},
+};
 use crate::{
-    loader::AttachMode,
+    loader::{AttachMode, KernelLog},
     tables::{EndpointSpec, PlanLimits},
 };
 
@@ -99,6 +107,8 @@ pub struct Node {
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub control_group: String,
+    /// How much the XDP program logs (rare events only); off by default.
+    pub kernel_log: KernelLog,
 }
 
 /// The allowance of unbound sources, per IPv4 /24 and per IPv6 /64, /56 and /48, on endpoints
@@ -114,52 +124,6 @@ pub struct Anonymous {
 pub struct DropEvents {
     /// Minimum ms between two sampled drop events on one CPU; 0: no events.
     pub interval_ms: u64,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Controller {
-    pub interval_ms: u64,
-    /// A static cost multiplier on every packet (1.0: none); the GPU hold-back comes on top.
-    pub pressure: f64,
-    pub gpu_source: GpuSourceKind,
-    /// The file the simulated source reads (`tollgate gpu simulate` writes it).
-    pub simulated_file: PathBuf,
-    /// A GPU at or above this utilisation (0..1) saturates its endpoints ...
-    pub saturate_at: f64,
-    /// ... until it has been at or below this for `recover_after` readings in a row.
-    pub recover_at: f64,
-    pub recover_after: u32,
-    /// Share of its budget a priority-0 plan keeps while saturated; priority 100 keeps all.
-    pub hold_back_floor: f64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GpuSourceKind {
-    Nvml,
-    Simulated,
-    None,
-}
-
-/// Anomaly detection and its response ladder.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Anomaly {
-    pub mode: AnomalyMode,
-    pub alpha: f64,
-    pub warmup_samples: u32,
-    pub throttle_factor: f64,
-    pub throttle_for_s: u64,
-    pub quarantine_for_s: u64,
-    pub cooldown_s: u64,
-    /// (throttle score, quarantine score) for internal, partner, customer.
-    pub thresholds: [(f64, f64); 3],
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AnomalyMode {
-    Off,
-    /// Decide and report (audit log), act on nothing.
-    Shadow,
-    Enforce,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,6 +168,73 @@ pub struct StaticIdentity {
     pub role_names: Vec<String>,
     /// Prefixes with their host bits zero; a bare address is /32 or /128.
     pub bind: Vec<(IpAddr, u8)>,
+}
+
+// Defaults, one place per section (the controller's sections keep theirs in `controller`).
+// docs/config.md's default column is checked against these (config/tests.rs).
+
+impl Node {
+    /// `[node]` with every key but the required `interfaces` at its default.
+    pub fn with_defaults(interfaces: Vec<String>) -> Node {
+        Node {
+            interfaces,
+            xdp_mode: AttachMode::Auto,
+            pin_dir: PathBuf::from(crate::paths::PIN_DIR),
+            state_dir: PathBuf::from(crate::paths::STATE_DIR),
+            control_socket: PathBuf::from(crate::paths::CONTROL_SOCKET),
+            control_group: "tollgate".to_owned(),
+            kernel_log: KernelLog::Off,
+        }
+    }
+}
+
+impl Default for Anonymous {
+    fn default() -> Self {
+        Anonymous {
+            packets_per_second: 20,
+            burst: 40,
+        }
+    }
+}
+
+impl Default for DropEvents {
+    fn default() -> Self {
+        DropEvents { interval_ms: 100 }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            bind: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics { top_k: 10 }
+    }
+}
+
+impl Tokens {
+    pub const DEFAULT_MAX_TTL_S: u64 = 3600;
+    pub const DEFAULT_CLOCK_SKEW_S: u64 = 30;
+    pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8192;
+    pub const DEFAULT_IDENTITY_CLAIM: &'static str = "sub";
+    pub const DEFAULT_CLASS_CLAIM: &'static str = "tollgate_class";
+    pub const DEFAULT_PLAN_CLAIM: &'static str = "tollgate_plan";
+    pub const DEFAULT_ROLES_CLAIM: &'static str = "tollgate_roles";
+}
+
+impl Plan {
+    pub const DEFAULT_PRIORITY: u8 = 50;
+}
+
+impl Endpoint {
+    pub const DEFAULT_WEIGHT: f64 = 1.0;
+    pub const DEFAULT_ANONYMOUS: bool = false;
 }
 
 /// A refusal: the file, the line (when there is one) and the field it is about.

@@ -60,6 +60,7 @@ pub(super) struct RawNode {
     pub state_dir: Option<S<String>>,
     pub control_socket: Option<S<String>>,
     pub control_group: Option<S<String>>,
+    pub kernel_log: Option<S<String>>,
 }
 
 #[derive(Default, Deserialize)]

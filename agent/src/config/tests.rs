@@ -72,6 +72,7 @@ fn defaults_fill_absent_keys() {
             state_dir: "/var/lib/tollgate".into(),
             control_socket: "/run/tollgate/control.sock".into(),
             control_group: "tollgate".into(),
+            kernel_log: crate::loader::KernelLog::Off,
         }
     );
     assert_eq!(
@@ -1044,4 +1045,20 @@ fn quotas_and_gpus() {
         .collect();
     let e = refuse(&format!("[node]\ninterfaces = [\"eth0\"]\n{many}"));
     assert!(e.message.contains("too many plans"), "{e}");
+}
+
+#[test]
+fn kernel_log_takes_a_level_and_refuses_others() {
+    let c = Config::parse(
+        &BASE.replace("[node]\n", "[node]\nkernel_log = \"warn\"\n"),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(c.node.kernel_log, crate::loader::KernelLog::Warn);
+    assert_refused(
+        &BASE.replace("[node]\n", "[node]\nkernel_log = \"loud\"\n"),
+        2,
+        "node.kernel_log",
+        "expected off, error, warn, info or debug",
+    );
 }

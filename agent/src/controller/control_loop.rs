@@ -11,9 +11,9 @@ use tollgate_common::policy::{
 use tracing::{info, warn};
 
 use super::{
-    anomaly::{AnomalyConfig, Sample, Step, Tracker},
+    anomaly::{Sample, Step, Tracker},
     gpu::{GpuReading, GpuSource, NvmlSource, SimulatedSource},
-    pressure::{PressureConfig, Saturation, hold_back_q8, share},
+    pressure::{Saturation, hold_back_q8, share},
     quota::{QuotaBook, QuotaLimits},
 };
 use crate::{
@@ -181,12 +181,7 @@ impl ControlLoop {
             }
             None => Vec::new(),
         };
-        let cfg = PressureConfig {
-            saturate_at: config.controller.saturate_at,
-            recover_at: config.controller.recover_at,
-            recover_after: config.controller.recover_after,
-            floor: config.controller.hold_back_floor,
-        };
+        let cfg = config.controller.pressure_config();
         for (i, ep) in config.endpoints.iter().enumerate() {
             let id = i as u32 + 1;
             let util = self
@@ -352,22 +347,11 @@ impl ControlLoop {
             let Some((_, class)) = placement(config, state, name) else {
                 continue;
             };
-            let class_index = match class {
-                "internal" => 0,
-                "partner" => 1,
-                _ => 2,
-            };
-            let (throttle_score, quarantine_score) = a.thresholds[class_index];
-            let cfg = AnomalyConfig {
-                alpha: a.alpha,
-                warmup_samples: a.warmup_samples,
-                throttle_score,
-                quarantine_score,
-                throttle_for_s: a.throttle_for_s,
-                quarantine_for_s: a.quarantine_for_s,
-                cooldown_s: a.cooldown_s,
-                shadow: a.mode == AnomalyMode::Shadow,
-            };
+            // A class the configuration does not know is judged as a customer (as before).
+            let cfg = a.ladder(
+                crate::config::class_from_label(class)
+                    .unwrap_or(tollgate_common::policy::Class::Customer),
+            );
             let packets = d.passed.packets + d.dropped.packets;
             let sample = Sample {
                 packets_per_s: packets as f64 / secs,

@@ -1,0 +1,295 @@
+//! `[node]`, `[anonymous]`, `[drop_events]`, `[listen]` and `[tokens]`.
+
+use super::{Checker, Result};
+use crate::config::{
+    Anonymous, DropEvents, Listen, Node, Plan, Tokens,
+    raw::{RawAnonymous, RawDropEvents, RawListen, RawNode, RawTokens, S},
+};
+use crate::loader::{AttachMode, KernelLog};
+
+/// Linux IFNAMSIZ (16) less the terminating NUL.
+const MAX_IFNAME: usize = 15;
+/// Keeps `interval_ms * 1e6` (ns) far from overflow; an hour between events is silence.
+const MAX_DROP_EVENT_INTERVAL_MS: i64 = 3_600_000;
+
+impl Checker<'_> {
+    pub(super) fn node(&self, raw: S<RawNode>) -> Result<Node> {
+        let raw = raw.into_inner();
+        let defaults = Node::with_defaults(Vec::new());
+        let list = &raw.interfaces;
+        if list.get_ref().is_empty() {
+            return Err(self.err(
+                list.span(),
+                "node.interfaces",
+                "at least one interface is required",
+            ));
+        }
+        let mut interfaces: Vec<String> = Vec::new();
+        for i in list.get_ref() {
+            let name = i.get_ref();
+            if let Some(why) = ifname_problem(name) {
+                return Err(self.err(
+                    i.span(),
+                    "node.interfaces",
+                    format!("{name:?} is not a valid interface name: {why}"),
+                ));
+            }
+            if interfaces.contains(name) {
+                return Err(self.err(
+                    i.span(),
+                    "node.interfaces",
+                    format!("interface {name:?} is listed twice"),
+                ));
+            }
+            interfaces.push(name.clone());
+        }
+        let xdp_mode = match &raw.xdp_mode {
+            None => defaults.xdp_mode,
+            Some(m) => match m.get_ref().as_str() {
+                "auto" => AttachMode::Auto,
+                "native" => AttachMode::Native,
+                "generic" => AttachMode::Generic,
+                other => {
+                    return Err(self.err(
+                        m.span(),
+                        "node.xdp_mode",
+                        format!("unknown XDP mode {other:?}: expected auto, native or generic"),
+                    ));
+                }
+            },
+        };
+        let control_group = match &raw.control_group {
+            None => defaults.control_group.clone(),
+            Some(g) => {
+                let name = g.get_ref();
+                if let Some(why) = group_problem(name) {
+                    return Err(self.err(
+                        g.span(),
+                        "node.control_group",
+                        format!("{name:?} is not a valid group name: {why}"),
+                    ));
+                }
+                name.clone()
+            }
+        };
+        let kernel_log = match &raw.kernel_log {
+            None => defaults.kernel_log,
+            Some(v) => KernelLog::from_label(v.get_ref()).ok_or_else(|| {
+                self.err(
+                    v.span(),
+                    "node.kernel_log",
+                    format!(
+                        "unknown kernel log level {:?}: expected off, error, warn, info or debug",
+                        v.get_ref()
+                    ),
+                )
+            })?,
+        };
+        Ok(Node {
+            interfaces,
+            kernel_log,
+            xdp_mode,
+            pin_dir: self.abs_path(&raw.pin_dir, "node.pin_dir", &defaults.pin_dir)?,
+            state_dir: self.abs_path(&raw.state_dir, "node.state_dir", &defaults.state_dir)?,
+            control_socket: self.abs_path(
+                &raw.control_socket,
+                "node.control_socket",
+                &defaults.control_socket,
+            )?,
+            control_group,
+        })
+    }
+
+    pub(super) fn anonymous(&self, raw: Option<RawAnonymous>) -> Result<Anonymous> {
+        let d = Anonymous::default();
+        let raw = raw.unwrap_or_default();
+        let pps = self.int(
+            &raw.packets_per_second,
+            "anonymous.packets_per_second",
+            d.packets_per_second as i64,
+            0..=i64::MAX,
+        )?;
+        let burst = self.int(&raw.burst, "anonymous.burst", d.burst as i64, 0..=i64::MAX)?;
+        if pps > 0 && burst < 1 {
+            let span = raw.burst.as_ref().map(|b| b.span()).unwrap_or(0..0);
+            return Err(self.err(
+                span,
+                "anonymous.burst",
+                "a burst below one packet admits nothing: burst must be at least 1 while \
+                 packets_per_second is above 0",
+            ));
+        }
+        Ok(Anonymous {
+            packets_per_second: pps as u64,
+            burst: burst as u64,
+        })
+    }
+
+    pub(super) fn drop_events(&self, raw: Option<RawDropEvents>) -> Result<DropEvents> {
+        let d = DropEvents::default();
+        let raw = raw.unwrap_or_default();
+        let ms = self.int(
+            &raw.interval_ms,
+            "drop_events.interval_ms",
+            d.interval_ms as i64,
+            0..=MAX_DROP_EVENT_INTERVAL_MS,
+        )?;
+        Ok(DropEvents {
+            interval_ms: ms as u64,
+        })
+    }
+
+    pub(super) fn listen(&self, raw: Option<RawListen>) -> Result<Listen> {
+        let d = Listen::default();
+        let raw = raw.unwrap_or_default();
+        let bind = self.socket_addr(&raw.bind, "listen.bind", d.bind)?;
+        let metrics = self.socket_addr(&raw.metrics, "listen.metrics", d.metrics)?;
+        let clash = bind.port() == metrics.port()
+            && (bind.ip() == metrics.ip()
+                || bind.ip().is_unspecified()
+                || metrics.ip().is_unspecified());
+        if clash {
+            // Point at whichever of the two the file sets (the metrics one when both).
+            let (field, span) = match (&raw.metrics, &raw.bind) {
+                (Some(m), _) => ("listen.metrics", m.span()),
+                (None, Some(b)) => ("listen.bind", b.span()),
+                (None, None) => ("listen.metrics", 0..0),
+            };
+            return Err(self.err(
+                span,
+                field,
+                format!(
+                    "listen.bind ({bind}) and listen.metrics ({metrics}) cannot both listen there"
+                ),
+            ));
+        }
+        Ok(Listen { bind, metrics })
+    }
+
+    pub(super) fn tokens(&self, raw: S<RawTokens>, plans: &[Plan]) -> Result<Tokens> {
+        let raw = raw.into_inner();
+        let jwks = self.abs_path(&Some(raw.jwks), "tokens.jwks", "")?;
+        let tls_cert = self.abs_path(&Some(raw.tls_cert), "tokens.tls_cert", "")?;
+        let tls_key = self.abs_path(&Some(raw.tls_key), "tokens.tls_key", "")?;
+        let audience = raw.audience.get_ref().trim().to_owned();
+        if audience.is_empty() {
+            return Err(self.err(
+                raw.audience.span(),
+                "tokens.audience",
+                "the audience must not be empty",
+            ));
+        }
+        let max_ttl_s = self.int(
+            &raw.max_ttl_s,
+            "tokens.max_ttl_s",
+            Tokens::DEFAULT_MAX_TTL_S as i64,
+            1..=7 * 86400,
+        )? as u64;
+        let clock_skew_s = self.int(
+            &raw.clock_skew_s,
+            "tokens.clock_skew_s",
+            Tokens::DEFAULT_CLOCK_SKEW_S as i64,
+            0..=600,
+        )? as u64;
+        let max_token_bytes = self.int(
+            &raw.max_token_bytes,
+            "tokens.max_token_bytes",
+            Tokens::DEFAULT_MAX_TOKEN_BYTES as i64,
+            256..=65536,
+        )? as usize;
+        let claim = |v: &Option<S<String>>, field: &str, default: &str| -> Result<String> {
+            match v {
+                None => Ok(default.to_owned()),
+                Some(v) if v.get_ref().is_empty() || v.get_ref().len() > 64 => {
+                    Err(self.err(v.span(), field, "a claim name must be 1 to 64 characters"))
+                }
+                Some(v) => Ok(v.get_ref().clone()),
+            }
+        };
+        let default_class = match &raw.default_class {
+            None => None,
+            Some(v) => Some(self.class(v, "tokens.default_class")?),
+        };
+        let default_plan = match &raw.default_plan {
+            None => None,
+            Some(v) => {
+                if !plans.iter().any(|p| &p.name == v.get_ref()) {
+                    return Err(self.err(
+                        v.span(),
+                        "tokens.default_plan",
+                        format!("unknown plan {:?}", v.get_ref()),
+                    ));
+                }
+                Some(v.get_ref().clone())
+            }
+        };
+        Ok(Tokens {
+            jwks,
+            audience,
+            tls_cert,
+            tls_key,
+            max_ttl_s,
+            clock_skew_s,
+            max_token_bytes,
+            identity_claim: claim(
+                &raw.identity_claim,
+                "tokens.identity_claim",
+                Tokens::DEFAULT_IDENTITY_CLAIM,
+            )?,
+            class_claim: claim(
+                &raw.class_claim,
+                "tokens.class_claim",
+                Tokens::DEFAULT_CLASS_CLAIM,
+            )?,
+            plan_claim: claim(
+                &raw.plan_claim,
+                "tokens.plan_claim",
+                Tokens::DEFAULT_PLAN_CLAIM,
+            )?,
+            roles_claim: claim(
+                &raw.roles_claim,
+                "tokens.roles_claim",
+                Tokens::DEFAULT_ROLES_CLAIM,
+            )?,
+            default_class,
+            default_plan,
+        })
+    }
+}
+
+/// Why `name` is not a name the kernel would accept for an interface (dev_valid_name), if it
+/// is not.
+fn ifname_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > MAX_IFNAME {
+        Some("longer than 15 bytes")
+    } else if name == "." || name == ".." {
+        Some("\".\" and \"..\" are not interface names")
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
+    {
+        Some("it contains '/', ':', a NUL or whitespace")
+    } else {
+        None
+    }
+}
+
+/// Why `name` could not be a group in /etc/group, if it could not.
+fn group_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 32 {
+        Some("longer than 32 characters")
+    } else if name.starts_with('-') {
+        Some("it starts with '-'")
+    } else if name
+        .chars()
+        .any(|c| c == ':' || c == ',' || c == '/' || c.is_whitespace() || c.is_control())
+    {
+        Some("it contains ':', ',', '/', whitespace or a control character")
+    } else {
+        None
+    }
+}
