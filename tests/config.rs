@@ -112,6 +112,7 @@ fn every_section(dirs: &AgentDirs, kit: &TokenKit) -> Config {
     c.node.state_dir = Some(dirs.state_dir.clone());
     c.node.control_socket = Some(dirs.socket.clone());
     c.node.control_group = Some("root".into());
+    c.node.kernel_log = Some("warn".into());
     c
 }
 

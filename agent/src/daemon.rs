@@ -23,7 +23,7 @@ use crate::{
     control::reply::Reloaded,
     controller::control_loop::ControlLoop,
     drop_events::{self, DropEventStats, LogBudget},
-    loader::AttachMode,
+    loader::{AttachMode, KernelLog},
     node::Node,
     ops::{self, Change, Done, Failed, Lifecycle, OpError},
     pins::{self, Pinned},
@@ -123,7 +123,13 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
         None => None,
     };
     let control = ControlLoop::new(&config).map_err(|e| io_err("quota state", e))?;
-    let mut pinned = Pinned::open(&config.node.pin_dir)?;
+    let mut pinned = Pinned::open(&config.node.pin_dir, config.node.kernel_log)?;
+    if pinned.kernel_log != KernelLog::Off {
+        info!(
+            level = pinned.kernel_log.label(),
+            "kernel log: the program's rare-event lines go to target `kernel`"
+        );
+    }
     let mut state = State::load(&config.node.state_dir)?;
     let audit = Audit::open(&config.node.state_dir).map_err(|e| {
         io_err(
@@ -208,6 +214,14 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
                 .into(),
         )
         .into());
+    }
+    // The level is a constant of the loaded program: say once that it waits for a restart.
+    if config.node.kernel_log != node.pinned.kernel_log {
+        warn!(
+            running = node.pinned.kernel_log.label(),
+            configured = config.node.kernel_log.label(),
+            "node.kernel_log takes effect only on restart"
+        );
     }
     // The keys are re-read too; a JWKS that does not parse refuses the whole reload.
     let tokens = match &config.tokens {

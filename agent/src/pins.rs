@@ -18,7 +18,11 @@ use aya::{
 };
 use tollgate_common::{LAYOUT_VERSION, map_names, program_names};
 
-use crate::{loader::AttachMode, object, tables::Tables};
+use crate::{
+    loader::{AttachMode, KernelLog},
+    object,
+    tables::Tables,
+};
 
 /// Maps live here, one file per map name.
 pub fn maps_dir(pin_dir: &Path) -> PathBuf {
@@ -150,6 +154,8 @@ pub struct Pinned {
     pub drop_events: Option<aya::maps::RingBuf<MapData>>,
     /// Whether maps were adopted (true) or created (false).
     pub adopted: bool,
+    /// The program's log level (`[node] kernel_log`), fixed when it was loaded.
+    pub kernel_log: KernelLog,
     pin_dir: PathBuf,
     /// Our handle on each interface's link. Dropping it only closes a file descriptor (the
     /// pin keeps the link); holding it until a detach means removing the pin really ends the
@@ -164,7 +170,10 @@ enum Held {
 }
 
 impl Pinned {
-    pub fn open(pin_dir: &Path) -> Result<Pinned, PinError> {
+    /// Loads this build's program over the pins in `pin_dir`, logging at `kernel_log`. On
+    /// adopted pins the program is loaded afresh too (and swapped onto the links by
+    /// [`Pinned::attach`]), so the level applies on every start; its log buffer is never pinned.
+    pub fn open(pin_dir: &Path, kernel_log: KernelLog) -> Result<Pinned, PinError> {
         let adopted = check_compatible(pin_dir)?;
         let dir = maps_dir(pin_dir);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
@@ -179,6 +188,7 @@ impl Pinned {
             dir: pin_dir.display().to_string(),
             message,
         };
+        crate::loader::configure_kernel_log(&mut loader, kernel_log);
         let mut ebpf = loader
             .load(object::bytes())
             .map_err(|e| load_err(format!("{e:#}")))?;
@@ -186,6 +196,8 @@ impl Pinned {
             .map_err(|e| load_err(e.to_string()))?
             .load()
             .map_err(|e| load_err(format!("verifier: {e}")))?;
+        crate::loader::spawn_kernel_log(&mut ebpf, kernel_log)
+            .map_err(|e| load_err(e.to_string()))?;
         {
             let map = ebpf
                 .map_mut(map_names::LAYOUT)
@@ -205,6 +217,7 @@ impl Pinned {
             tables,
             drop_events,
             adopted,
+            kernel_log,
             pin_dir: pin_dir.to_owned(),
             links: BTreeMap::new(),
         })

@@ -53,6 +53,8 @@ pub struct Node {
     pub control_socket: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_log: Option<String>,
 }
 
 /// `[anonymous]`: the allowance of unbound sources on `anonymous = true` endpoints.
