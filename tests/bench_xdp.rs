@@ -7,7 +7,7 @@ use std::{net::IpAddr, time::Duration};
 use aya::programs::{TestRun, TestRunOptions};
 use tollgate::{
     loader,
-    tables::{EndpointSpec, PlanLimits, Proto, Tables, identity_record},
+    tables::{EndpointSpec, KernelTables, PlanLimits, Proto, identity_record},
 };
 use tollgate_common::{Reason, Verdict, packet::PacketBuilder, policy::Class, program_names};
 
@@ -28,7 +28,7 @@ fn frame(src: [u8; 4], dport: u16) -> Vec<u8> {
         .build()
 }
 
-fn setup(tables: &mut Tables) {
+fn setup(tables: &mut KernelTables) {
     tables
         .set_endpoint(
             1,
@@ -92,7 +92,7 @@ fn path(name: &'static str, program: &'static str, packet: Vec<u8>, verdict: Ver
 fn main() {
     tollgate_tests::require_root();
     let mut ebpf = loader::load_with_bench_components().expect("loading the program");
-    let mut tables = Tables::from_ebpf(&mut ebpf).expect("policy maps");
+    let mut tables = KernelTables::from_ebpf(&mut ebpf).expect("policy maps");
     setup(&mut tables);
 
     let [parse, clock, lookup] = program_names::BENCH_COMPONENTS;

@@ -388,7 +388,7 @@ fn shadow_mode_reports_the_same_ramp_and_touches_nothing() {
     );
     assert!(got.iter().all(|(_, shadow)| *shadow), "{got:?}");
     // Only the plan's own rate limit dropped anything: never a quarantine.
-    let quarantined = tollgate::counters::reason_totals_from_pin(&w.dirs.counters_pin())
+    let quarantined = tollgate::counter_read::reason_totals_from_pin(&w.dirs.counters_pin())
         .expect("counters")
         .into_iter()
         .find(|(r, _)| *r == tollgate_common::Reason::Quarantined)

@@ -320,8 +320,8 @@ fn counters_match_traffic(mode: Mode) {
     );
 
     // The CLI and the library read the same pinned map the same way.
-    let from_lib = tollgate::counters::to_rows(
-        &tollgate::counters::reason_totals_from_pin(&agent.counters_pin())
+    let from_lib = tollgate::counter_read::to_rows(
+        &tollgate::counter_read::reason_totals_from_pin(&agent.counters_pin())
             .expect("reading the pin through the library"),
     );
     let cli = agent.counters();

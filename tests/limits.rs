@@ -10,7 +10,7 @@ use std::{
 use aya::Ebpf;
 use tollgate::{
     loader::{self, AttachMode},
-    tables::{EndpointSpec, PlanLimits, Proto, Tables, identity_record},
+    tables::{EndpointSpec, KernelTables, PlanLimits, Proto, identity_record},
 };
 use tollgate_common::{policy::Class, program_names};
 use tollgate_tests::lab::Lab;
@@ -36,14 +36,14 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// The program attached in the lab's server namespace, with its tables.
 struct Enforcer {
     _ebpf: Ebpf,
-    tables: Tables,
+    tables: KernelTables,
 }
 
 impl Enforcer {
     fn attach(lab: &Lab, limits: PlanLimits) -> Enforcer {
         tollgate_tests::require_root();
         let mut ebpf = loader::load().expect("loading the program");
-        let mut tables = Tables::from_ebpf(&mut ebpf).expect("policy maps");
+        let mut tables = KernelTables::from_ebpf(&mut ebpf).expect("policy maps");
         tables
             .set_endpoint(
                 ENDPOINT,

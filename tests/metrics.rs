@@ -204,7 +204,7 @@ fn prometheus_stores_the_drop_counters_the_kernel_has() {
     send_frames(&lab.client, &lab.client_if, &frames);
     // Wait until Prometheus has scraped the settled counters.
     let kernel: Vec<(String, u64)> =
-        tollgate::counters::reason_totals_from_pin(&dirs.counters_pin())
+        tollgate::counter_read::reason_totals_from_pin(&dirs.counters_pin())
             .expect("counters")
             .into_iter()
             .filter(|(r, c)| r.verdict() == tollgate_common::Verdict::Drop && c.packets > 0)

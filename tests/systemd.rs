@@ -171,7 +171,7 @@ fn the_units_capabilities_are_enough_and_each_is_needed() {
         .build();
     send_frames(&lab.client, &lab.client_if, &[frame]);
     std::thread::sleep(Duration::from_millis(200));
-    let unbound = tollgate::counters::reason_totals_from_pin(&dirs.counters_pin())
+    let unbound = tollgate::counter_read::reason_totals_from_pin(&dirs.counters_pin())
         .expect("counters")
         .into_iter()
         .find(|(r, _)| *r == tollgate_common::Reason::Unbound)

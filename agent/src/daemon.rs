@@ -32,8 +32,6 @@ use crate::{
     token_bind::TokenService,
 };
 
-pub use crate::net::parse_target;
-
 /// Drop events logged per second at most (the rest are counted, not logged): a flood must
 /// not flood the journal.
 const DROP_LOG_PER_SECOND: u32 = 20;

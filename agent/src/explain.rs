@@ -14,7 +14,10 @@ use tollgate_common::{
     policy::{Binding, Bucket, Class, Endpoint, Identity, Settings, port_slot},
 };
 
-use crate::tables::{Proto, TableError, Tables, boot_ns, host_len};
+use crate::{
+    net::host_len,
+    tables::{KernelTables, Proto, TableError, boot_ns},
+};
 
 /// The kernel state a decision about one packet can touch, copied out.
 struct Snapshot {
@@ -162,7 +165,7 @@ pub trait Names {
 }
 
 pub fn explain(
-    tables: &Tables,
+    tables: &KernelTables,
     names: &dyn Names,
     probe: &Probe,
 ) -> Result<Explanation, ExplainError> {
@@ -266,7 +269,7 @@ pub fn explain(
 }
 
 fn describe_binding(src: IpAddr, len: u8, b: &Binding, now: u64) -> String {
-    let net = crate::tables::mask(src, len);
+    let net = crate::net::mask(src, len);
     if b.expires_ns == 0 {
         format!("{net}/{len}, no expiry")
     } else if b.expires_ns > now {

@@ -32,7 +32,3 @@ pub mod servers;
 pub mod state;
 pub mod tables;
 pub mod token_bind;
-
-/// The old name of [`counter_read`] (it clashed with `tollgate_common::counters`); kept until
-/// the call sites in `main.rs` and `tests/` say `counter_read`.
-pub use counter_read as counters;

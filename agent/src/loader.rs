@@ -322,7 +322,7 @@ mod tests {
     fn log_of_a_truncated_frame(level: KernelLog) -> Vec<(log::Level, String)> {
         use aya::programs::{TestRun as _, TestRunOptions};
         let mut ebpf = load_with_kernel_log(level).expect("loading");
-        let mut tables = crate::tables::Tables::from_ebpf(&mut ebpf).expect("tables");
+        let mut tables = crate::tables::KernelTables::from_ebpf(&mut ebpf).expect("tables");
         let settings = tollgate_common::policy::Settings {
             drop_event_interval_ns: 1,
             ..Default::default()

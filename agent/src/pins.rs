@@ -21,7 +21,7 @@ use tollgate_common::{LAYOUT_VERSION, map_names, program_names};
 use crate::{
     loader::{AttachMode, KernelLog},
     object,
-    tables::Tables,
+    tables::KernelTables,
 };
 
 /// Maps live here, one file per map name.
@@ -149,7 +149,7 @@ pub fn check_compatible(pin_dir: &Path) -> Result<bool, PinError> {
 /// the enforcing program loaded and the layout marker written.
 pub struct Pinned {
     pub ebpf: Ebpf,
-    pub tables: Tables,
+    pub tables: KernelTables,
     /// Sampled drop events from the kernel (read by the daemon, logged rate-limited).
     pub drop_events: Option<aya::maps::RingBuf<MapData>>,
     /// Whether maps were adopted (true) or created (false).
@@ -208,7 +208,7 @@ impl Pinned {
                 .set(0, LAYOUT_VERSION, 0)
                 .map_err(|e| load_err(e.to_string()))?;
         }
-        let tables = Tables::from_ebpf(&mut ebpf)?;
+        let tables = KernelTables::from_ebpf(&mut ebpf)?;
         let drop_events = ebpf
             .take_map(map_names::DROP_EVENTS)
             .and_then(|m| aya::maps::RingBuf::try_from(m).ok());

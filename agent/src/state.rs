@@ -99,20 +99,6 @@ impl From<&crate::audit::Actor> for QuarantineOwner {
     }
 }
 
-impl From<&str> for QuarantineOwner {
-    /// The description form ("controller", "uid 0 (pid 42) via control").
-    fn from(s: &str) -> QuarantineOwner {
-        QuarantineOwner::from_description(s)
-    }
-}
-
-impl PartialEq<&str> for QuarantineOwner {
-    /// Compares with the description form (`q.by == "controller"`).
-    fn eq(&self, other: &&str) -> bool {
-        *self == QuarantineOwner::from_description(other)
-    }
-}
-
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
     pub version: u32,
@@ -272,7 +258,11 @@ mod tests {
                 until_unix_ms: Some(10),
                 since_unix_ms: 1,
                 reason: "test".into(),
-                by: "uid 0".into(),
+                by: QuarantineOwner::Operator {
+                    uid: 0,
+                    gid: Some(0),
+                    pid: Some(42),
+                },
             },
         );
         s.save(&dir).unwrap();
@@ -303,7 +293,7 @@ mod tests {
             }
         );
         assert_eq!(s.quarantines["b"].by, QuarantineOwner::Controller);
-        assert!(s.quarantines["b"].by == "controller");
+        assert_eq!(s.quarantines["b"].by.to_string(), "controller");
         // Saved in the typed form, and read back the same.
         s.save(&dir).unwrap();
         assert_eq!(State::load(&dir).unwrap(), s);

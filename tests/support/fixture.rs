@@ -10,8 +10,8 @@ use aya::{
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use tollgate::{
-    counters, loader,
-    tables::{EndpointSpec, PlanLimits, Proto, Tables, boot_ns, identity_record},
+    counter_read, loader,
+    tables::{EndpointSpec, KernelTables, PlanLimits, Proto, boot_ns, identity_record},
 };
 use tollgate_common::{
     Counter, Reason, Verdict,
@@ -81,7 +81,7 @@ impl From<&decide_cases::Case> for Case {
 /// The loaded program and its tables.
 pub struct Harness {
     pub ebpf: Ebpf,
-    pub tables: Tables,
+    pub tables: KernelTables,
     /// Identities whose counters every case checks.
     pub watched: Vec<u32>,
 }
@@ -90,7 +90,7 @@ impl Harness {
     pub fn new() -> Self {
         crate::require_root();
         let mut ebpf = loader::load().expect("loading the program");
-        let tables = Tables::from_ebpf(&mut ebpf).expect("policy maps");
+        let tables = KernelTables::from_ebpf(&mut ebpf).expect("policy maps");
         Harness {
             ebpf,
             tables,
@@ -112,7 +112,7 @@ impl Harness {
     }
 
     fn reason_totals(&self) -> Vec<(Reason, u32, Counter)> {
-        counters::reason_endpoint_totals(self.tables.reason_counters()).expect("counters")
+        counter_read::reason_endpoint_totals(self.tables.reason_counters()).expect("counters")
     }
 
     fn identity_totals(&self) -> Vec<(u32, IdentityCounters)> {

@@ -118,7 +118,7 @@ impl World {
 
     /// Packets per reason, from the pins.
     pub fn reasons(&self) -> BTreeMap<&'static str, u64> {
-        tollgate::counters::reason_totals_from_pin(&self.dirs.counters_pin())
+        tollgate::counter_read::reason_totals_from_pin(&self.dirs.counters_pin())
             .expect("counters")
             .into_iter()
             .map(|(r, c)| (r.label(), c.packets))

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use tollgate::{counters, paths, pins};
+use tollgate::{counter_read, paths, pins};
 use tollgate_common::map_names;
 
 use super::{Ctx, Outcome, exit, print};
@@ -17,10 +17,10 @@ pub struct CountersArgs {
 
 pub fn run(a: CountersArgs, ctx: &Ctx) -> Outcome {
     let path = pins::maps_dir(&a.pin_dir).join(map_names::REASON_COUNTERS);
-    match counters::reason_totals_from_pin(&path) {
+    match counter_read::reason_totals_from_pin(&path) {
         Ok(totals) => {
-            let rows = counters::to_rows(&totals);
-            ctx.print_with(|rows: &Vec<counters::ReasonTotal>| {
+            let rows = counter_read::to_rows(&totals);
+            ctx.print_with(|rows: &Vec<counter_read::ReasonTotal>| {
                 let cells: Vec<Vec<String>> = rows
                     .iter()
                     .map(|r| {

@@ -19,8 +19,9 @@ use super::{
 use crate::{
     audit::{Actor, Audit},
     config::{AnomalyMode, Config, GpuSourceKind},
-    state::{Quarantine, State, now_unix_ms},
-    tables::{Tables, to_q8},
+    identity::Resolver,
+    state::{Quarantine, QuarantineOwner, State, now_unix_ms},
+    tables::{KernelTables, to_q8},
 };
 
 /// What the loop keeps between ticks.
@@ -61,48 +62,6 @@ fn open_source(config: &Config) -> Result<Box<dyn GpuSource>, String> {
             Err("gpu_source = \"none\": running on traffic signals alone".into())
         }
     }
-}
-
-fn sub(a: &IdentityCounters, b: &IdentityCounters) -> IdentityCounters {
-    IdentityCounters {
-        passed: tollgate_common::Counter {
-            packets: a.passed.packets.wrapping_sub(b.passed.packets),
-            bytes: a.passed.bytes.wrapping_sub(b.passed.bytes),
-        },
-        dropped: tollgate_common::Counter {
-            packets: a.dropped.packets.wrapping_sub(b.dropped.packets),
-            bytes: a.dropped.bytes.wrapping_sub(b.dropped.bytes),
-        },
-        cost: a.cost.wrapping_sub(b.cost),
-        syn: a.syn.wrapping_sub(b.syn),
-        small: a.small.wrapping_sub(b.small),
-    }
-}
-
-fn add(a: &mut IdentityCounters, d: &IdentityCounters) {
-    a.passed.packets += d.passed.packets;
-    a.passed.bytes += d.passed.bytes;
-    a.dropped.packets += d.dropped.packets;
-    a.dropped.bytes += d.dropped.bytes;
-    a.cost += d.cost;
-    a.syn += d.syn;
-    a.small += d.small;
-}
-
-/// The plan of an identity, from the configuration or its tokens.
-pub fn plan_of<'a>(config: &'a Config, state: &'a State, name: &str) -> Option<&'a str> {
-    placement(config, state, name).map(|(p, _)| p)
-}
-
-/// (plan name, class label) of an identity, from the configuration or its tokens.
-fn placement<'a>(config: &'a Config, state: &'a State, name: &str) -> Option<(&'a str, &'a str)> {
-    if let Some(i) = config.identity(name) {
-        return Some((i.plan.as_str(), i.class.label()));
-    }
-    state
-        .token_identities
-        .get(name)
-        .map(|t| (t.plan.as_str(), t.class.as_str()))
 }
 
 impl ControlLoop {
@@ -155,7 +114,13 @@ impl ControlLoop {
     }
 
     /// One tick.
-    pub fn tick(&mut self, config: &Config, state: &mut State, tables: &mut Tables, audit: &Audit) {
+    pub fn tick(
+        &mut self,
+        config: &Config,
+        state: &mut State,
+        tables: &mut KernelTables,
+        audit: &Audit,
+    ) {
         let t = std::time::Instant::now();
         self.gpu(config, tables, audit);
         self.counters(config, state, tables, audit);
@@ -163,7 +128,7 @@ impl ControlLoop {
         self.last_loop_s = t.elapsed().as_secs_f64();
     }
 
-    fn gpu(&mut self, config: &Config, tables: &mut Tables, audit: &Audit) {
+    fn gpu(&mut self, config: &Config, tables: &mut KernelTables, audit: &Audit) {
         self.readings = match self.source.as_mut().map(|s| s.read()) {
             Some(Ok(r)) => {
                 if self.gpu_error.take().is_some() {
@@ -214,7 +179,13 @@ impl ControlLoop {
         }
     }
 
-    fn counters(&mut self, config: &Config, state: &mut State, tables: &mut Tables, audit: &Audit) {
+    fn counters(
+        &mut self,
+        config: &Config,
+        state: &mut State,
+        tables: &mut KernelTables,
+        audit: &Audit,
+    ) {
         let now_ms = now_unix_ms();
         let now_s = now_ms / 1000;
         let names: Vec<(String, u32)> = state
@@ -239,12 +210,15 @@ impl ControlLoop {
                 continue;
             };
             let delta = match self.last.insert(name.clone(), now) {
-                Some(prev) => sub(&now, &prev),
+                Some(prev) => now.delta(&prev),
                 // First sight (start or a new identity): no delta, a baseline for the next.
                 None => IdentityCounters::default(),
             };
-            add(self.window.entry(name.clone()).or_default(), &delta);
-            let Some((plan_name, _)) = placement(config, state, name) else {
+            self.window
+                .entry(name.clone())
+                .or_default()
+                .accumulate(&delta);
+            let Some(plan_name) = Resolver::new(config, state).get(name).map(|r| r.plan) else {
                 continue;
             };
             let limits: QuotaLimits = config.plan(plan_name).map(|p| p.quota).unwrap_or_default();
@@ -333,7 +307,7 @@ impl ControlLoop {
         &mut self,
         config: &Config,
         state: &mut State,
-        tables: &mut Tables,
+        tables: &mut KernelTables,
         audit: &Audit,
         window: &BTreeMap<String, IdentityCounters>,
         secs: f64,
@@ -344,14 +318,12 @@ impl ControlLoop {
             let Some(id) = state.identity_ids.get(name).copied() else {
                 continue;
             };
-            let Some((_, class)) = placement(config, state, name) else {
+            // A token's class label this build does not know is judged as the resolver's
+            // fallback class (a customer, as before).
+            let Some(class) = Resolver::new(config, state).get(name).map(|r| r.class) else {
                 continue;
             };
-            // A class the configuration does not know is judged as a customer (as before).
-            let cfg = a.ladder(
-                crate::config::class_from_label(class)
-                    .unwrap_or(tollgate_common::policy::Class::Customer),
-            );
+            let cfg = a.ladder(class);
             let packets = d.passed.packets + d.dropped.packets;
             let sample = Sample {
                 packets_per_s: packets as f64 / secs,
@@ -401,7 +373,7 @@ impl ControlLoop {
                         until_unix_ms: decision.until_unix_s.map(|u| u * 1000),
                         since_unix_ms: now_s * 1000,
                         reason: format!("anomaly: {}", decision.reason),
-                        by: "controller".into(),
+                        by: QuarantineOwner::Controller,
                     });
                     tables.update_identity_flags(id, ID_QUARANTINED, ID_THROTTLED, None)
                 }
@@ -410,7 +382,7 @@ impl ControlLoop {
                     let ours = state
                         .quarantines
                         .get(name)
-                        .is_some_and(|q| q.by == "controller");
+                        .is_some_and(|q| matches!(q.by, QuarantineOwner::Controller));
                     if ours {
                         state.quarantines.remove(name);
                     }

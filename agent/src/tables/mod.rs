@@ -22,8 +22,7 @@ use tollgate_common::{
     },
 };
 
-pub use crate::net::{host_len, mask, prefix_covers};
-use crate::net::{mask_v4, mask_v6};
+use crate::net::{host_len, mask_v4, mask_v6};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -52,10 +51,6 @@ type Result<T> = std::result::Result<T, TableError>;
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> TableError {
     move |source| TableError::Map { name, source }
 }
-
-/// The struct's old name (tests and the controller still say it; the trait of the same name
-/// is `tollgate_common::decide::Tables`). To go once the call sites say `KernelTables`.
-pub type Tables = KernelTables;
 
 /// The policy maps, owned. (Not `Tables`: that is the trait `decide` reads the kernel's state
 /// through, `tollgate_common::decide::Tables`.)
