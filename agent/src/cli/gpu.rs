@@ -31,7 +31,7 @@ enum Action {
         #[arg(
             long,
             value_name = "FILE",
-            default_value = "/run/tollgate/gpu-simulated.json"
+            default_value = tollgate::controller::DEFAULT_GPU_SIMULATED_FILE
         )]
         file: PathBuf,
     },
