@@ -322,7 +322,13 @@ fn control_tick(node: &mut Node, budget: &mut LogBudget) {
         &mut node.pinned.tables,
         &node.audit,
     );
-    drop_events::drain(node, budget, DROP_LOG_PER_SECOND);
+    drop_events::drain(
+        node.pinned.drop_events.as_mut(),
+        &node.config.endpoints,
+        &node.drop_stats,
+        budget,
+        DROP_LOG_PER_SECOND,
+    );
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or `tollgate uninstall`.

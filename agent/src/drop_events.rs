@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tollgate_common::policy::DropEvent;
 
-use crate::{node::Node, state::now_unix_ms};
+use aya::maps::{MapData, RingBuf};
+
+use crate::{config::Endpoint, state::now_unix_ms};
 
 /// Drop events read from the kernel and logged, for the two drop-event counters.
 #[derive(Default)]
@@ -21,10 +23,17 @@ pub struct LogBudget {
     used: u32,
 }
 
-/// Reads the kernel's sampled drop events and logs them, at most `per_second` lines a
-/// second; the rest are counted as suppressed.
-pub fn drain(node: &mut Node, budget: &mut LogBudget, per_second: u32) {
-    let Some(rb) = node.pinned.drop_events.as_mut() else {
+/// Reads the kernel's sampled drop events (`events`, the pinned ring buffer) and logs them
+/// with the endpoint's name from `endpoints`, at most `per_second` lines a second; the rest
+/// are counted as suppressed in `stats`.
+pub fn drain(
+    events: Option<&mut RingBuf<MapData>>,
+    endpoints: &[Endpoint],
+    stats: &DropEventStats,
+    budget: &mut LogBudget,
+    per_second: u32,
+) {
+    let Some(rb) = events else {
         return;
     };
     let now_s = now_unix_ms() / 1000;
@@ -43,9 +52,9 @@ pub fn drain(node: &mut Node, budget: &mut LogBudget, per_second: u32) {
         // SAFETY: the size matches and DropEvent is plain old data written by the program.
         let e: DropEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
         drop(item);
-        node.drop_stats.read.fetch_add(1, Ordering::Relaxed);
+        stats.read.fetch_add(1, Ordering::Relaxed);
         if budget.used >= per_second {
-            node.drop_stats.suppressed.fetch_add(1, Ordering::Relaxed);
+            stats.suppressed.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         budget.used += 1;
@@ -58,7 +67,7 @@ pub fn drain(node: &mut Node, budget: &mut LogBudget, per_second: u32) {
         let endpoint = e
             .endpoint
             .checked_sub(1)
-            .and_then(|i| node.config.endpoints.get(i as usize))
+            .and_then(|i| endpoints.get(i as usize))
             .map_or("none", |ep| ep.name.as_str());
         tracing::info!(target: "drop", reason, src, endpoint, proto = e.proto, dport = e.dport, bytes = e.bytes, identity = e.identity, "dropped");
     }

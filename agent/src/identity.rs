@@ -6,11 +6,11 @@
 
 use std::net::IpAddr;
 
+use serde::{Deserialize, Serialize};
 use tollgate_common::policy::{Class, ID_QUARANTINED, Identity};
 
 use crate::{
     config::Config,
-    control::reply::{IdentitySource, class_from_label},
     state::{State, TokenIdentity},
     tables::{PlanLimits, identity_record},
 };
@@ -21,7 +21,17 @@ pub const FALLBACK_CLASS: Class = Class::Customer;
 
 /// The class a stored label names, or [`FALLBACK_CLASS`].
 pub fn class_of(label: &str) -> Class {
-    class_from_label(label).unwrap_or(FALLBACK_CLASS)
+    Class::from_label(label).unwrap_or(FALLBACK_CLASS)
+}
+
+/// Where an identity comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// `[[identity]]` in the configuration.
+    Config,
+    /// A verified token named it (the configuration does not).
+    Token,
 }
 
 /// An identity as the kernel sees it.

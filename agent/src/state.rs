@@ -5,13 +5,14 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Writes `dir/name` so that a crash leaves the old or the new file, never half of one:
 /// a temporary file, fsync, rename, fsync of the directory. The error names the path.
@@ -82,20 +83,91 @@ pub struct Quarantine {
     pub by: QuarantineOwner,
 }
 
-pub use crate::control::reply::QuarantineOwner;
+/// Who put an identity in quarantine.
+///
+/// Serialised as `"controller"` or `{"operator": {"uid": 0, "gid": 0, "pid": 42}}`; the
+/// description strings state files used to hold (`"controller"`, `"uid 0 (pid 42) via
+/// control"`) are read as well.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuarantineOwner {
+    /// An operator on the control socket, by peer credentials.
+    Operator {
+        uid: u32,
+        gid: Option<u32>,
+        pid: Option<i32>,
+    },
+    /// The controller's anomaly ladder.
+    Controller,
+    /// A description this agent does not recognise (from an older state file), kept as it was.
+    Other(String),
+}
 
-impl From<&crate::audit::Actor> for QuarantineOwner {
-    /// An operator by peer credentials; an actor without them (never one that quarantines
-    /// today) by its description.
-    fn from(a: &crate::audit::Actor) -> QuarantineOwner {
-        match a.uid {
-            Some(uid) => QuarantineOwner::Operator {
-                uid,
-                gid: a.gid,
-                pid: a.pid,
-            },
-            None => QuarantineOwner::Other(a.describe()),
+impl QuarantineOwner {
+    /// The description older agents wrote (`Actor::describe` of the operator).
+    pub fn from_description(s: &str) -> QuarantineOwner {
+        if s == "controller" {
+            return QuarantineOwner::Controller;
         }
+        let parse = || -> Option<QuarantineOwner> {
+            let rest = s.strip_prefix("uid ")?.strip_suffix(" via control")?;
+            let (uid, pid) = match rest.split_once(" (pid ") {
+                Some((u, p)) => (u, Some(p.strip_suffix(')')?.parse().ok()?)),
+                None => (rest, None),
+            };
+            Some(QuarantineOwner::Operator {
+                uid: uid.parse().ok()?,
+                gid: None,
+                pid,
+            })
+        };
+        parse().unwrap_or_else(|| QuarantineOwner::Other(s.to_owned()))
+    }
+}
+
+impl fmt::Display for QuarantineOwner {
+    /// The words older agents stored: "controller", "uid 0 (pid 42) via control".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuarantineOwner::Operator {
+                uid, pid: Some(p), ..
+            } => write!(f, "uid {uid} (pid {p}) via control"),
+            QuarantineOwner::Operator { uid, pid: None, .. } => write!(f, "uid {uid} via control"),
+            QuarantineOwner::Controller => f.write_str("controller"),
+            QuarantineOwner::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for QuarantineOwner {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Tagged {
+            Operator {
+                uid: u32,
+                #[serde(default)]
+                gid: Option<u32>,
+                #[serde(default)]
+                pid: Option<i32>,
+            },
+            Controller,
+            Other(String),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Tagged(Tagged),
+            Text(String),
+        }
+        Ok(match Wire::deserialize(d)? {
+            Wire::Tagged(Tagged::Operator { uid, gid, pid }) => {
+                QuarantineOwner::Operator { uid, gid, pid }
+            }
+            Wire::Tagged(Tagged::Controller) => QuarantineOwner::Controller,
+            Wire::Tagged(Tagged::Other(s)) => QuarantineOwner::Other(s),
+            Wire::Text(s) => QuarantineOwner::from_description(&s),
+        })
     }
 }
 

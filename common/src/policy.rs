@@ -73,6 +73,11 @@ impl Class {
         }
     }
 
+    /// The class a label names ("internal", "partner", "customer", "anonymous").
+    pub fn from_label(label: &str) -> Option<Class> {
+        Class::ALL.into_iter().find(|c| c.label() == label)
+    }
+
     pub const fn label(self) -> &'static str {
         match self {
             Class::Internal => "internal",

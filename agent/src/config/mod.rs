@@ -72,9 +72,7 @@ pub struct Metrics {
 /// The class named by a label (`internal`, `partner`, `customer`); `anonymous` is not a
 /// class an identity can have.
 pub fn class_from_label(label: &str) -> Option<Class> {
-    [Class::Internal, Class::Partner, Class::Customer]
-        .into_iter()
-        .find(|c| c.label() == label)
+    Class::from_label(label).filter(|c| *c != Class::Anonymous)
 }
 
 /// How tokens are verified and what their claims mean.

@@ -6,12 +6,13 @@
 //! The HTTPS bind listener answers with the same types (`TokenBound`, `TokenUnbound`) or
 //! with [`HttpError`].
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use tollgate_common::policy::Class;
 
 use crate::{controller::gpu::GpuReading, tables::Proto};
+pub use crate::{identity::IdentitySource, state::QuarantineOwner};
 
 /// `status`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -91,16 +92,6 @@ pub struct EndpointRow {
 /// `endpoints`.
 pub type Endpoints = Vec<EndpointRow>;
 
-/// Where an identity comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IdentitySource {
-    /// `[[identity]]` in the configuration.
-    Config,
-    /// A verified token named it (the configuration does not).
-    Token,
-}
-
 /// One row of `identities`; `identity` answers with one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IdentityRow {
@@ -133,94 +124,6 @@ pub struct QuarantineInfo {
     /// `None`: until released.
     pub until_unix_ms: Option<u64>,
     pub by: QuarantineOwner,
-}
-
-/// Who put an identity in quarantine.
-///
-/// Serialised as `"controller"` or `{"operator": {"uid": 0, "gid": 0, "pid": 42}}`; the
-/// description strings state files used to hold (`"controller"`, `"uid 0 (pid 42) via
-/// control"`) are read as well.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum QuarantineOwner {
-    /// An operator on the control socket, by peer credentials.
-    Operator {
-        uid: u32,
-        gid: Option<u32>,
-        pid: Option<i32>,
-    },
-    /// The controller's anomaly ladder.
-    Controller,
-    /// A description this agent does not recognise (from an older state file), kept as it was.
-    Other(String),
-}
-
-impl QuarantineOwner {
-    /// The description older agents wrote (`Actor::describe` of the operator).
-    pub fn from_description(s: &str) -> QuarantineOwner {
-        if s == "controller" {
-            return QuarantineOwner::Controller;
-        }
-        let parse = || -> Option<QuarantineOwner> {
-            let rest = s.strip_prefix("uid ")?.strip_suffix(" via control")?;
-            let (uid, pid) = match rest.split_once(" (pid ") {
-                Some((u, p)) => (u, Some(p.strip_suffix(')')?.parse().ok()?)),
-                None => (rest, None),
-            };
-            Some(QuarantineOwner::Operator {
-                uid: uid.parse().ok()?,
-                gid: None,
-                pid,
-            })
-        };
-        parse().unwrap_or_else(|| QuarantineOwner::Other(s.to_owned()))
-    }
-}
-
-impl fmt::Display for QuarantineOwner {
-    /// The words older agents stored: "controller", "uid 0 (pid 42) via control".
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QuarantineOwner::Operator {
-                uid, pid: Some(p), ..
-            } => write!(f, "uid {uid} (pid {p}) via control"),
-            QuarantineOwner::Operator { uid, pid: None, .. } => write!(f, "uid {uid} via control"),
-            QuarantineOwner::Controller => f.write_str("controller"),
-            QuarantineOwner::Other(s) => f.write_str(s),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for QuarantineOwner {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "snake_case")]
-        enum Tagged {
-            Operator {
-                uid: u32,
-                #[serde(default)]
-                gid: Option<u32>,
-                #[serde(default)]
-                pid: Option<i32>,
-            },
-            Controller,
-            Other(String),
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Wire {
-            Tagged(Tagged),
-            Text(String),
-        }
-        Ok(match Wire::deserialize(d)? {
-            Wire::Tagged(Tagged::Operator { uid, gid, pid }) => {
-                QuarantineOwner::Operator { uid, gid, pid }
-            }
-            Wire::Tagged(Tagged::Controller) => QuarantineOwner::Controller,
-            Wire::Tagged(Tagged::Other(s)) => QuarantineOwner::Other(s),
-            Wire::Text(s) => QuarantineOwner::from_description(&s),
-        })
-    }
 }
 
 /// `bind` (an operator's binding).
@@ -372,11 +275,6 @@ pub struct HttpError {
     pub reason: Option<String>,
 }
 
-/// The class by its label ("internal", "partner", "customer", "anonymous").
-pub fn class_from_label(label: &str) -> Option<Class> {
-    Class::ALL.into_iter().find(|c| c.label() == label)
-}
-
 mod class_label {
     use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
     use tollgate_common::policy::Class;
@@ -387,7 +285,7 @@ mod class_label {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Class, D::Error> {
         let label = String::deserialize(d)?;
-        super::class_from_label(&label)
+        Class::from_label(&label)
             .ok_or_else(|| D::Error::custom(format!("unknown class {label:?}")))
     }
 }
@@ -406,7 +304,7 @@ mod opt_class_label {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Class>, D::Error> {
         match Option::<String>::deserialize(d)? {
             None => Ok(None),
-            Some(label) => super::class_from_label(&label)
+            Some(label) => Class::from_label(&label)
                 .map(Some)
                 .ok_or_else(|| D::Error::custom(format!("unknown class {label:?}"))),
         }
@@ -429,8 +327,7 @@ mod class_labels {
         Vec::<String>::deserialize(d)?
             .iter()
             .map(|l| {
-                super::class_from_label(l)
-                    .ok_or_else(|| D::Error::custom(format!("unknown class {l:?}")))
+                Class::from_label(l).ok_or_else(|| D::Error::custom(format!("unknown class {l:?}")))
             })
             .collect()
     }
@@ -445,7 +342,7 @@ mod tests {
     /// CLI does (`Response`, then the verb's type from `result`) and checks nothing changed.
     fn round_trip<T>(v: T) -> serde_json::Value
     where
-        T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
     {
         let line = serde_json::to_string(&Response::ok(serde_json::to_value(&v).unwrap())).unwrap();
         let resp: Response = serde_json::from_str(&line).unwrap();

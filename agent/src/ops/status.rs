@@ -2,14 +2,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use tollgate_common::Verdict;
+use tollgate_common::{Verdict, policy::Class};
 
 use super::OpError;
 use crate::{
     config::GpuSourceKind,
     control::reply::{
         EndpointRow, Endpoints, Explained, GpuStatus, Identities, Identity, IdentityRow,
-        QuarantineInfo, Status, TokenStatus, class_from_label,
+        QuarantineInfo, Status, TokenStatus,
     },
     counter_read::{reason_endpoint_totals, reason_totals},
     explain::{self, Probe},
@@ -219,7 +219,7 @@ pub fn explain(node: &Node, probe: &Probe) -> Result<Explained, OpError> {
         endpoint: e.endpoint,
         identity_id: e.identity_id,
         identity: e.identity,
-        class: e.class.and_then(class_from_label),
+        class: e.class.and_then(Class::from_label),
         binding: e.binding,
         why: e.why,
     })
