@@ -21,7 +21,7 @@ use crate::{
     audit::{Actor, Audit},
     config::Config,
     control::reply::Reloaded,
-    controller::control_loop::ControlLoop,
+    control_loop::ControlLoop,
     drop_events::{self, DropEventStats, LogBudget},
     loader::{AttachMode, KernelLog},
     node::Node,

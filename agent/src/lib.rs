@@ -7,12 +7,15 @@
 //! `control::reply`; `servers` are the adapters that bring requests to `ops` (the control
 //! socket, `/metrics`, the HTTPS bind listener); `daemon` starts the node, reloads it and
 //! runs the loop. `identity` is where a name becomes what the kernel needs, `net` where an
-//! address or prefix is parsed and masked.
+//! address or prefix is parsed and masked. `controller` holds the signals (GPU pressure,
+//! quotas, anomalies) and their sections of the configuration; `control_loop` runs them over
+//! the node every interval. No module imports one that imports it back.
 
 pub mod audit;
 pub mod caps;
 pub mod config;
 pub mod control;
+pub mod control_loop;
 pub mod controller;
 pub mod counter_read;
 pub mod daemon;

@@ -4,9 +4,8 @@
 //! it; the servers hand it to operations. Nothing here decides anything.
 
 use crate::{
-    audit::Audit, config::Config, controller::control_loop::ControlLoop,
-    drop_events::DropEventStats, identity::Resolver, pins::Pinned, state::State,
-    token_bind::TokenService,
+    audit::Audit, config::Config, control_loop::ControlLoop, drop_events::DropEventStats,
+    identity::Resolver, pins::Pinned, state::State, token_bind::TokenService,
 };
 
 pub struct Node {

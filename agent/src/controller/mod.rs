@@ -10,7 +10,6 @@ use self::pressure::PressureConfig;
 pub const DEFAULT_GPU_SIMULATED_FILE: &str = "/run/tollgate/gpu-simulated.json";
 
 pub mod anomaly;
-pub mod control_loop;
 pub mod gpu;
 pub mod pressure;
 pub mod quota;

@@ -1,4 +1,5 @@
-//! The control loop: every `controller.interval_ms` it reads the GPUs and the kernel's
+//! The control loop (the controller's driver over the node's configuration and state; the
+//! signals and decisions it runs are `controller`'s): every `controller.interval_ms` it reads the GPUs and the kernel's
 //! per-identity counters, and decides hold-back per (endpoint, plan), quota flags and, once
 //! a second, anomaly responses. Every decision goes to the audit log with its inputs.
 
@@ -10,7 +11,7 @@ use tollgate_common::policy::{
 };
 use tracing::{info, warn};
 
-use super::{
+use crate::controller::{
     anomaly::{Sample, Step, Tracker},
     gpu::{GpuReading, GpuSource, NvmlSource, SimulatedSource},
     pressure::{Saturation, hold_back_q8, share},
@@ -67,7 +68,7 @@ fn open_source(config: &Config) -> Result<Box<dyn GpuSource>, String> {
 impl ControlLoop {
     /// A quota file that cannot be read is an error: starting from zero would hand out every
     /// quota again (and the next save would destroy the record).
-    pub fn new(config: &Config) -> Result<ControlLoop, super::quota::QuotaError> {
+    pub fn new(config: &Config) -> Result<ControlLoop, crate::controller::quota::QuotaError> {
         let (source, gpu_error) = match open_source(config) {
             Ok(s) => (Some(s), None),
             Err(e) => {
