@@ -212,6 +212,38 @@ pub struct Limits {
     pub byte_tau_ns: u64,
 }
 
+/// A plan's limits as an operator states them; `None` means unlimited. The agent's tables
+/// and the decision cases both turn it into [`Limits`] here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanLimits {
+    pub packets_per_s: Option<u64>,
+    pub packet_burst: u64,
+    pub bytes_per_s: Option<u64>,
+    pub byte_burst: u64,
+}
+
+impl PlanLimits {
+    pub const UNLIMITED: PlanLimits = PlanLimits {
+        packets_per_s: None,
+        packet_burst: 0,
+        bytes_per_s: None,
+        byte_burst: 0,
+    };
+
+    /// The limiter's form: rates and burst tolerances in ns, computed with the same
+    /// arithmetic the kernel uses, so that exactly `packet_burst` packets conform from idle.
+    pub fn to_kernel(&self) -> Limits {
+        let pps = self.packets_per_s.unwrap_or(UNLIMITED);
+        let bps = self.bytes_per_s.unwrap_or(UNLIMITED);
+        Limits {
+            pps,
+            pkt_tau_ns: crate::limiter::packet_tau_ns(pps, self.packet_burst),
+            bps,
+            byte_tau_ns: crate::limiter::byte_tau_ns(bps, self.byte_burst),
+        }
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<Identity>() == 48);
 
 /// A binding of an address or prefix to an identity.

@@ -6,12 +6,10 @@ use std::{
     ops::RangeInclusive,
 };
 
-use tollgate_common::{
-    limiter,
-    policy::{
-        Class, EP_ACTIVE, EP_ANON_ALLOWED, EP_V4_PREFIX, EP_V6_PREFIX, Endpoint, ID_ACTIVE,
-        Identity, Limits, Q8_ONE, UNLIMITED,
-    },
+pub use tollgate_common::policy::PlanLimits;
+use tollgate_common::policy::{
+    Class, EP_ACTIVE, EP_ANON_ALLOWED, EP_V4_PREFIX, EP_V6_PREFIX, Endpoint, ID_ACTIVE, Identity,
+    Q8_ONE,
 };
 
 use super::{Result, TableError};
@@ -93,37 +91,6 @@ impl EndpointSpec {
             ep.v6_prefix_len = len;
         }
         Ok(ep)
-    }
-}
-
-/// A plan's limits as an operator states them; `None` means unlimited.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PlanLimits {
-    pub packets_per_s: Option<u64>,
-    pub packet_burst: u64,
-    pub bytes_per_s: Option<u64>,
-    pub byte_burst: u64,
-}
-
-impl PlanLimits {
-    pub const UNLIMITED: PlanLimits = PlanLimits {
-        packets_per_s: None,
-        packet_burst: 0,
-        bytes_per_s: None,
-        byte_burst: 0,
-    };
-
-    /// The limiter's form: rates and burst tolerances in ns, computed with the same
-    /// arithmetic the kernel uses, so that exactly `packet_burst` packets conform from idle.
-    pub fn to_kernel(&self) -> Limits {
-        let pps = self.packets_per_s.unwrap_or(UNLIMITED);
-        let bps = self.bytes_per_s.unwrap_or(UNLIMITED);
-        Limits {
-            pps,
-            pkt_tau_ns: limiter::packet_tau_ns(pps, self.packet_burst),
-            bps,
-            byte_tau_ns: limiter::byte_tau_ns(bps, self.byte_burst),
-        }
     }
 }
 

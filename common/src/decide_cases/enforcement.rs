@@ -5,7 +5,7 @@ use core::net::IpAddr;
 use std::{format, vec, vec::Vec};
 
 use super::{
-    BindingDef, Case, EndpointDef, Expiry, IdentityDef, PlanDef, Slot, Step, Table, World,
+    BindingDef, Case, EndpointDef, Expiry, IdentityDef, PlanLimits, Slot, Step, Table, World,
 };
 use crate::{
     Reason::*,
@@ -130,37 +130,37 @@ fn endpoints() -> Vec<EndpointDef> {
 }
 
 fn identities() -> Vec<IdentityDef> {
-    let roomy = PlanDef {
+    let roomy = PlanLimits {
         packets_per_s: Some(100_000),
         packet_burst: 1000,
         bytes_per_s: Some(100_000_000),
         byte_burst: 1_000_000,
     };
-    let bytes_1k = PlanDef {
+    let bytes_1k = PlanLimits {
         packets_per_s: None,
         packet_burst: 0,
         bytes_per_s: Some(1000),
         byte_burst: 1000,
     };
-    let slow = PlanDef {
+    let slow = PlanLimits {
         packets_per_s: Some(1),
         packet_burst: 3,
-        ..PlanDef::UNLIMITED
+        ..PlanLimits::UNLIMITED
     };
-    let zero_pps = PlanDef {
+    let zero_pps = PlanLimits {
         packets_per_s: Some(0),
         packet_burst: 10,
-        ..PlanDef::UNLIMITED
+        ..PlanLimits::UNLIMITED
     };
-    let zero_bps = PlanDef {
+    let zero_bps = PlanLimits {
         bytes_per_s: Some(0),
         byte_burst: 10,
-        ..PlanDef::UNLIMITED
+        ..PlanLimits::UNLIMITED
     };
     use Class::{Customer as Cu, Internal as In, Partner as Pa};
     let on = Slot::Active(0);
     let rows = [
-        (INTERNAL, In, PlanDef::UNLIMITED, on),
+        (INTERNAL, In, PlanLimits::UNLIMITED, on),
         (CUSTOMER, Cu, roomy, on),
         (QUARANTINED, Cu, roomy, Slot::Active(ID_QUARANTINED)),
         (PARTNER_NO_ROLE, Pa, roomy, on),

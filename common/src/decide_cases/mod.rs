@@ -21,7 +21,7 @@ use crate::{
     Reason, limiter,
     policy::{
         Class, EP_ACTIVE, EP_ANON_ALLOWED, EP_V4_PREFIX, EP_V6_PREFIX, Endpoint, ID_ACTIVE,
-        Identity, Limits, Settings, UNLIMITED,
+        Identity, PlanLimits, Settings,
     },
 };
 
@@ -68,35 +68,6 @@ impl EndpointDef {
     }
 }
 
-/// A plan's limits as an operator states them; `None` is unlimited.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PlanDef {
-    pub packets_per_s: Option<u64>,
-    pub packet_burst: u64,
-    pub bytes_per_s: Option<u64>,
-    pub byte_burst: u64,
-}
-
-impl PlanDef {
-    pub const UNLIMITED: PlanDef = PlanDef {
-        packets_per_s: None,
-        packet_burst: 0,
-        bytes_per_s: None,
-        byte_burst: 0,
-    };
-
-    pub fn limits(&self) -> Limits {
-        let pps = self.packets_per_s.unwrap_or(UNLIMITED);
-        let bps = self.bytes_per_s.unwrap_or(UNLIMITED);
-        Limits {
-            pps,
-            pkt_tau_ns: limiter::packet_tau_ns(pps, self.packet_burst),
-            bps,
-            byte_tau_ns: limiter::byte_tau_ns(bps, self.byte_burst),
-        }
-    }
-}
-
 /// What an identity's slot holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
@@ -114,7 +85,7 @@ pub struct IdentityDef {
     pub class: Class,
     pub roles: u64,
     pub plan: u16,
-    pub limits: PlanDef,
+    pub limits: PlanLimits,
     pub throttle_q8: u16,
     pub slot: Slot,
 }
@@ -134,7 +105,7 @@ impl IdentityDef {
             plan: self.plan,
             _pad: 0,
             roles: self.roles,
-            limits: self.limits.limits(),
+            limits: self.limits.to_kernel(),
         })
     }
 }
