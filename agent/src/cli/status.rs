@@ -83,8 +83,6 @@ fn tokens(t: &TokenStatus) -> Vec<(&'static str, Vec<String>)> {
 
 #[cfg(test)]
 mod tests {
-    use tollgate::controller::gpu::GpuReading;
-
     use super::*;
 
     fn status() -> Status {
@@ -108,19 +106,7 @@ mod tests {
                 ("quarantined".to_owned(), 244),
             ]
             .into(),
-            gpu: GpuStatus {
-                source: "simulated".into(),
-                error: None,
-                readings: vec![GpuReading {
-                    index: 0,
-                    name: "H100".into(),
-                    utilization: 0.875,
-                    memory_used_bytes: 40 << 30,
-                    memory_total_bytes: 80 << 30,
-                    power_watts: Some(550.0),
-                }],
-                saturated_endpoints: vec!["model".into()],
-            },
+            gpu: crate::cli::top::fixtures::saturated_gpu(),
             anomaly_mode: "observe".into(),
             tokens: None,
         }

@@ -49,6 +49,23 @@ pub(super) fn endpoint(name: &str, passed: u64, dropped: u64) -> EndpointRow {
     })
 }
 
+/// One simulated H100 at 87.5 %, saturating endpoint `model` (also `status`'s example).
+pub(in crate::cli) fn saturated_gpu() -> GpuStatus {
+    GpuStatus {
+        source: "simulated".into(),
+        error: None,
+        readings: vec![GpuReading {
+            index: 0,
+            name: "H100".into(),
+            utilization: 0.875,
+            memory_used_bytes: 40 << 30,
+            memory_total_bytes: 80 << 30,
+            power_watts: Some(550.0),
+        }],
+        saturated_endpoints: vec!["model".into()],
+    }
+}
+
 /// `dropped` packets dropped in all, split over three reasons: a tenth `unbound`, the rest
 /// `quota_exhausted`, and one `parse_error` that never moves.
 pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
@@ -74,19 +91,7 @@ pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
             ("class_not_allowed".to_owned(), 0),
         ]
         .into(),
-        gpu: GpuStatus {
-            source: "simulated".into(),
-            error: None,
-            readings: vec![GpuReading {
-                index: 0,
-                name: "H100".into(),
-                utilization: 0.875,
-                memory_used_bytes: 40 << 30,
-                memory_total_bytes: 80 << 30,
-                power_watts: Some(550.0),
-            }],
-            saturated_endpoints: vec!["model".into()],
-        },
+        gpu: saturated_gpu(),
         anomaly_mode: "observe".into(),
         tokens: Some(TokenStatus {
             keys: vec!["k1".into()],

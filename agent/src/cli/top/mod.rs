@@ -15,7 +15,7 @@ mod text;
 mod tui;
 
 #[cfg(test)]
-mod fixtures;
+pub(super) mod fixtures;
 
 use std::{
     io::{IsTerminal as _, Write as _},
