@@ -41,20 +41,19 @@ pub fn bind(
     }
     let now = now_unix_ms();
     let expires = for_secs.map(|s| now + s.saturating_mul(1000));
-    let exp_ns = expiry_boot_ns(expires, now).unwrap_or(1);
-    node.pinned.tables.bind(addr, len, id, exp_ns)?;
-    node.state
-        .bindings
-        .retain(|b| !(b.addr == addr && b.prefix_len == len));
-    node.state.bindings.push(DynBinding {
-        addr,
-        prefix_len: len,
-        identity: identity.to_owned(),
-        expires_unix_ms: expires,
-        created_unix_ms: now,
-        by: who.describe(),
-        token_id: None,
-    });
+    install(
+        node,
+        id,
+        DynBinding {
+            addr,
+            prefix_len: len,
+            identity: identity.to_owned(),
+            expires_unix_ms: expires,
+            created_unix_ms: now,
+            by: who.describe(),
+            token_id: None,
+        },
+    )?;
     node.save_state()?;
     let reply = Bound {
         target: prefix_text(addr, len),
@@ -63,6 +62,18 @@ pub fn bind(
     };
     let change = Change::new("bind", "", &reply);
     Ok(Done::changed(reply, change))
+}
+
+/// Puts run-time binding `b` of slot `id` in the kernel (expiring on the boot clock when
+/// `b` does) and in the state, replacing any of the same prefix. The caller saves the state.
+pub(super) fn install(node: &mut Node, id: u32, b: DynBinding) -> Result<(), TableError> {
+    let exp_ns = expiry_boot_ns(b.expires_unix_ms, b.created_unix_ms).unwrap_or(1);
+    node.pinned.tables.bind(b.addr, b.prefix_len, id, exp_ns)?;
+    node.state
+        .bindings
+        .retain(|x| !(x.addr == b.addr && x.prefix_len == b.prefix_len));
+    node.state.bindings.push(b);
+    Ok(())
 }
 
 /// Ends the run-time binding of exactly `target`.

@@ -19,7 +19,6 @@ use crate::{
     identity,
     net::{host_len, prefix_text},
     node::Node,
-    policy_apply::expiry_boot_ns,
     state::{DynBinding, TokenIdentity, now_unix_ms},
     tables::TableError,
     token_bind::{BindFailure, placement},
@@ -139,23 +138,20 @@ fn bind_verified(
             .insert(claims.identity.clone(), merged);
     }
     let expires_ms = claims.exp.saturating_mul(1000);
-    let exp_ns = expiry_boot_ns(Some(expires_ms), now_ms).unwrap_or(1);
-    node.pinned
-        .tables
-        .bind(addr, len, id, exp_ns)
-        .map_err(|e| BindFailure::Kernel(e.to_string()))?;
-    node.state
-        .bindings
-        .retain(|b| !(b.addr == addr && b.prefix_len == len));
-    node.state.bindings.push(DynBinding {
-        addr,
-        prefix_len: len,
-        identity: claims.identity.clone(),
-        expires_unix_ms: Some(expires_ms),
-        created_unix_ms: now_ms,
-        by: who.describe(),
-        token_id: Some(claims.jti.clone()),
-    });
+    super::bindings::install(
+        node,
+        id,
+        DynBinding {
+            addr,
+            prefix_len: len,
+            identity: claims.identity.clone(),
+            expires_unix_ms: Some(expires_ms),
+            created_unix_ms: now_ms,
+            by: who.describe(),
+            token_id: Some(claims.jti.clone()),
+        },
+    )
+    .map_err(|e| BindFailure::Kernel(e.to_string()))?;
     node.save_state()
         .map_err(|e| BindFailure::Kernel(e.to_string()))?;
     let reply = TokenBound {
