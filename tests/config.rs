@@ -43,13 +43,6 @@ fn every_section(dirs: &AgentDirs, kit: &TokenKit) -> Config {
             default_plan: Some("customer".into()),
         })
         .anomaly(Anomaly {
-            mode: Some("shadow".into()),
-            alpha: Some(0.3),
-            warmup_samples: Some(5),
-            throttle_factor: Some(4.0),
-            throttle_for_s: Some(3),
-            quarantine_for_s: Some(4),
-            cooldown_s: Some(2),
             internal: Some(Thresholds {
                 throttle_score: Some(8.0),
                 quarantine_score: Some(16.0),
@@ -62,6 +55,7 @@ fn every_section(dirs: &AgentDirs, kit: &TokenKit) -> Config {
                 throttle_score: Some(4.0),
                 quarantine_score: Some(8.0),
             }),
+            ..Anomaly::quick("shadow")
         })
         .top_k(10)
         .plan(Plan::new("internal").priority(100))

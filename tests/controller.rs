@@ -297,20 +297,6 @@ fn a_spent_minute_quota_drops_until_the_window_rolls_and_survives_a_restart() {
     assert!(w.audit().iter().any(|l| l["action"] == "quota_reset"));
 }
 
-/// The anomaly ladder in `mode` (`"enforce"`, `"shadow"`), quick enough for a test.
-fn anomaly(mode: &str) -> Anomaly {
-    Anomaly {
-        mode: Some(mode.into()),
-        alpha: Some(0.3),
-        warmup_samples: Some(5),
-        throttle_factor: Some(4.0),
-        throttle_for_s: Some(3),
-        quarantine_for_s: Some(4),
-        cooldown_s: Some(2),
-        ..Anomaly::default()
-    }
-}
-
 /// Baseline 50/s for 8 s, a ramp to 20x (1000/s) for 9 s, then the baseline again.
 fn ramp(w: &World) -> FrameBlaster {
     let b = w.blaster(11, 200, 50);
@@ -340,7 +326,7 @@ fn steps(w: &World) -> Vec<(String, bool)> {
 #[test]
 fn a_ramp_to_twenty_times_baseline_is_throttled_quarantined_and_released() {
     let _turn = serial();
-    let w = World::new(None, Some(anomaly("enforce")));
+    let w = World::new(None, Some(Anomaly::quick("enforce")));
     w.gpu(0.1);
     let _agent = w.start();
     let free = w.id("freeloader");
@@ -373,7 +359,7 @@ fn a_ramp_to_twenty_times_baseline_is_throttled_quarantined_and_released() {
 #[test]
 fn shadow_mode_reports_the_same_ramp_and_touches_nothing() {
     let _turn = serial();
-    let w = World::new(None, Some(anomaly("shadow")));
+    let w = World::new(None, Some(Anomaly::quick("shadow")));
     w.gpu(0.1);
     let _agent = w.start();
     let free = w.id("freeloader");
@@ -403,7 +389,7 @@ fn shadow_mode_reports_the_same_ramp_and_touches_nothing() {
 #[test]
 fn steady_traffic_at_the_plan_rate_for_a_minute_triggers_nothing() {
     let _turn = serial();
-    let w = World::new(None, Some(anomaly("enforce")));
+    let w = World::new(None, Some(Anomaly::quick("enforce")));
     w.gpu(0.1);
     let _agent = w.start();
     let free = w.id("freeloader");

@@ -171,6 +171,23 @@ pub struct Anomaly {
     pub customer: Option<Thresholds>,
 }
 
+impl Anomaly {
+    /// The ladder in `mode` (`"enforce"`, `"shadow"`), quick enough for a test: five
+    /// warm-up samples, seconds-long throttle, quarantine and cool-down.
+    pub fn quick(mode: &str) -> Anomaly {
+        Anomaly {
+            mode: Some(mode.into()),
+            alpha: Some(0.3),
+            warmup_samples: Some(5),
+            throttle_factor: Some(4.0),
+            throttle_for_s: Some(3),
+            quarantine_for_s: Some(4),
+            cooldown_s: Some(2),
+            ..Anomaly::default()
+        }
+    }
+}
+
 /// `[anomaly.<class>]`.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Thresholds {
