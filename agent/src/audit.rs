@@ -109,6 +109,21 @@ impl Audit {
     }
 }
 
+impl From<&Actor> for QuarantineOwner {
+    /// An operator by peer credentials; an actor without them (never one that quarantines
+    /// today) by its description.
+    fn from(a: &Actor) -> QuarantineOwner {
+        match a.uid {
+            Some(uid) => QuarantineOwner::Operator {
+                uid,
+                gid: a.gid,
+                pid: a.pid,
+            },
+            None => QuarantineOwner::Other(a.describe()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,20 +160,5 @@ mod tests {
         assert_eq!(lines[0]["detail"]["identity"], "x");
         assert_eq!(lines[1]["who"]["via"], "agent");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-impl From<&Actor> for QuarantineOwner {
-    /// An operator by peer credentials; an actor without them (never one that quarantines
-    /// today) by its description.
-    fn from(a: &Actor) -> QuarantineOwner {
-        match a.uid {
-            Some(uid) => QuarantineOwner::Operator {
-                uid,
-                gid: a.gid,
-                pid: a.pid,
-            },
-            None => QuarantineOwner::Other(a.describe()),
-        }
     }
 }
