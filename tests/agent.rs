@@ -1,6 +1,7 @@
 //! The agent end to end: the real binary in a namespace lab, driven by its CLI, checked with
 //! real frames sent through the veth and the kernel's own counters: `explain` against the
-//! kernel, refused configurations, kill -9 and adoption, uninstall, incompatible pins.
+//! kernel, refused configurations, kill -9 and adoption, uninstall, incompatible pins, the
+//! program's own log lines (`[node] kernel_log`).
 
 use std::{
     net::IpAddr,
@@ -8,6 +9,7 @@ use std::{
 };
 
 use tollgate_tests::{
+    agent::Agent,
     frames::send_frames,
     lab::Lab,
     node::{World, config, frame, host4, host6},
@@ -370,4 +372,46 @@ fn pins_from_an_incompatible_build_are_refused_and_left_enforcing() {
         w.real_verdict(host4(&w.lab, 13), 8000, "tcp"),
         "quarantined"
     );
+}
+
+/// `[node] kernel_log = "info"`: a frame the parser cannot classify is logged by the program
+/// itself (target `kernel`), and still after a restart that adopts the pins: the program is
+/// loaded afresh at the configured level and swapped onto the pinned link.
+#[test]
+fn kernel_log_lines_reach_the_agent_log_after_a_restart_adopts() {
+    let w = World::new();
+    let mut c = config(&w.lab);
+    c.node.kernel_log = Some("info".into());
+    let path = c.write(&w.dirs.state_dir.join("kernel-log.toml"));
+    let args = [
+        "--config",
+        path.to_str().expect("utf-8 path"),
+        "--mode",
+        "native",
+    ];
+    let first = Agent::launch(&w.lab.server, &w.dirs, &args);
+    let exit = first.stop();
+    assert!(
+        exit.stderr.contains("kernel log"),
+        "no word of the kernel log level: {}",
+        exit.stderr
+    );
+    let agent = Agent::launch(&w.lab.server, &w.dirs, &args);
+    let status: serde_json::Value =
+        serde_json::from_str(&w.dirs.cli_ok(&["status", "--output", "json"])).expect("json");
+    assert_eq!(status["adopted_pins"], true);
+    // An IPv4 frame cut inside its TCP header: a parse error, never a verdict on a flow.
+    let src = host4(&w.lab, 11);
+    let mut cut = frame(src, w.dst(src), 8000, "tcp");
+    cut.truncate(14 + 20 + 4);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.stderr().contains("cannot classify") {
+        assert!(
+            Instant::now() < deadline,
+            "no kernel line for an unparseable frame: {}",
+            agent.stderr()
+        );
+        send_frames(&w.lab.client, &w.lab.client_if, std::slice::from_ref(&cut));
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
