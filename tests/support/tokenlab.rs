@@ -57,37 +57,17 @@ impl World {
 
     pub fn with_lab(lab: Lab, extra_iface: Option<String>) -> World {
         let dirs = AgentDirs::new();
-        let keys = dirs.state_dir.join("keys");
-        let out = std::process::Command::new(tollgate_bin())
-            .args([
-                "keys",
-                "generate",
-                "--alg",
-                "eddsa",
-                "--kid",
-                "k1",
-                "--out-dir",
-            ])
-            .arg(&keys)
-            .output()
-            .expect("keys generate");
-        assert!(out.status.success(), "{out:?}");
-        let cert =
-            rcgen::generate_simple_self_signed(vec![lab.server_v4.to_string()]).expect("cert");
-        let ca = dirs.state_dir.join("cert.pem");
-        let key = dirs.state_dir.join("key.pem");
-        std::fs::write(&ca, cert.cert.pem()).expect("cert");
-        std::fs::write(&key, cert.signing_key.serialize_pem()).expect("key");
+        let kit = TokenKit::new(&dirs, lab.server_v4);
         let mut ifaces = vec![lab.server_if.clone()];
         ifaces.extend(extra_iface.clone());
         let config = Config::new(&ifaces)
             .anonymous(200, 600)
             .listen_bind(SocketAddr::new(IpAddr::V4(lab.server_v4), BIND_PORT))
             .tokens(Tokens {
-                jwks: keys.join("jwks.json"),
+                jwks: kit.jwks.clone(),
                 audience: AUDIENCE.into(),
-                tls_cert: ca.clone(),
-                tls_key: key,
+                tls_cert: kit.ca.clone(),
+                tls_key: kit.tls_key.clone(),
                 max_ttl_s: Some(600),
                 clock_skew_s: Some(2),
                 max_token_bytes: Some(4096),
@@ -104,8 +84,8 @@ impl World {
             lab,
             dirs,
             config,
-            keys,
-            ca,
+            keys: kit.keys,
+            ca: kit.ca,
             extra_ifaces: extra_iface.into_iter().collect(),
             _model: model,
         }
