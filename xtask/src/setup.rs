@@ -15,11 +15,11 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "iputils-ping",
     "g++",
-    // curl binds with tokens over HTTPS from a client namespace (tests/tokens_e2e.rs).
+    // curl binds with tokens over HTTPS from a client namespace (tests/tokens.rs).
     "curl",
     // A real Prometheus server and promtool for the metrics tests.
     "prometheus",
-    // systemd-analyze verifies the service unit (tests/systemd_unit.rs).
+    // systemd-analyze verifies the service unit (tests/systemd.rs).
     "systemd",
 ];
 
