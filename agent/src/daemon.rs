@@ -124,6 +124,8 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
     };
     let control = ControlLoop::new(&config).map_err(|e| io_err("quota state", e))?;
     let mut pinned = Pinned::open(&config.node.pin_dir)?;
+    // Before anything is attached: `tollgate uninstall` finds this agent by its pin directory.
+    pinned.claim(&config.node.control_socket)?;
     let mut state = State::load(&config.node.state_dir)?;
     let audit = Audit::open(&config.node.state_dir).map_err(|e| {
         io_err(
