@@ -251,6 +251,14 @@ mod tests {
             )
         };
         assert_eq!(r, 0, "openpty: {}", io::Error::last_os_error());
+        // Raw, as `top` leaves it: a key is readable without a newline.
+        // SAFETY: tcgetattr/cfmakeraw/tcsetattr on one termios of a terminal we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(slave, &mut t), 0);
+            libc::cfmakeraw(&mut t);
+            assert_eq!(libc::tcsetattr(slave, libc::TCSANOW, &t), 0);
+        }
         let tty = Tty::from_fd(slave);
         assert_eq!(tty.wait(Duration::from_millis(10)).unwrap(), Input::Nothing);
         assert!(!tty.hung_up());
