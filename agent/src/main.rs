@@ -21,8 +21,9 @@ use crate::cli::{
 #[derive(Parser)]
 #[command(version, about, long_about, after_help = cli::EXIT_CODES)]
 struct Cli {
-    /// The agent's control socket: where the client verbs connect, and for `tollgate run`
-    /// where the agent listens (as `run --control-socket`, replacing the config's).
+    /// The agent's control socket: where the client verbs connect. Given to `tollgate run`
+    /// (here or in TOLLGATE_SOCKET), where the agent listens, as `run --control-socket`;
+    /// otherwise `run` listens on the configuration's `node.control_socket`.
     #[arg(long, global = true, env = "TOLLGATE_SOCKET", value_name = "PATH", default_value = paths::CONTROL_SOCKET)]
     socket: PathBuf,
     /// Output format of the read verbs (status, endpoints, identities, explain, counters).

@@ -40,8 +40,8 @@ pub(super) fn keys(bytes: &[u8]) -> Vec<Key> {
     bytes
         .iter()
         .map(|b| match b {
-            b'q' | b'Q' | 0x03 => Key::Quit,
-            b's' | b'S' => Key::Sort,
+            b'q' | 0x03 => Key::Quit,
+            b's' => Key::Sort,
             _ => Key::Other,
         })
         .collect()
@@ -251,6 +251,11 @@ mod tests {
             )
         };
         assert_eq!(r, 0, "openpty: {}", io::Error::last_os_error());
+        // A process another test starts must not inherit the master and keep it open.
+        for fd in [master, slave] {
+            // SAFETY: fcntl on descriptors we just opened.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
         // Raw, as `top` leaves it: a key is readable without a newline.
         // SAFETY: tcgetattr/cfmakeraw/tcsetattr on one termios of a terminal we own.
         unsafe {
