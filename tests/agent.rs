@@ -415,3 +415,118 @@ fn kernel_log_lines_reach_the_agent_log_after_a_restart_adopts() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The CLI, without `--socket` (and without `TOLLGATE_SOCKET`): what an operator types.
+fn cli_without_socket(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(tollgate_tests::agent::tollgate_bin())
+        .args(args)
+        .env_remove("TOLLGATE_SOCKET")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running the tollgate CLI")
+}
+
+/// `uninstall --pin-dir P` without `--socket`, while an agent runs on P with a socket of its
+/// own: the agent is found by its pin directory and asked, it detaches and exits. Before:
+/// "18 pins removed (no agent was running)", exit 0, and the program stayed attached.
+#[test]
+fn uninstall_by_pin_dir_finds_the_agent_on_its_own_socket() {
+    let w = World::new();
+    let mut agent = w.start();
+    let pin_dir = w.dirs.pin_dir.to_str().expect("utf-8 path");
+    let out = cli_without_socket(&["uninstall", "--pin-dir", pin_dir]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("uninstalled:") && !stdout.contains("no agent was running"),
+        "{stdout}"
+    );
+    // The agent did it: it wrote its audit line and exits.
+    assert!(
+        agent.exits_within(Duration::from_secs(10)),
+        "the agent kept running after uninstall:\n{}",
+        agent.stderr()
+    );
+    let log = std::fs::read_to_string(w.dirs.state_dir.join("audit.log")).expect("audit log");
+    assert!(log.contains("\"uninstall\""), "{log}");
+    assert!(!w.dirs.pin_dir.exists(), "pins left");
+    assert!(
+        w.lab.server.xdp_attach(&w.lab.server_if).is_none(),
+        "still attached"
+    );
+}
+
+/// An agent that runs on the pins but does not answer (its socket file removed) is not
+/// uninstalled behind its back: `uninstall --pin-dir` refuses, naming its pid and socket,
+/// and removes nothing. Before: it removed the pins, said "no agent was running", exit 0.
+#[test]
+fn uninstall_refuses_while_an_unreachable_agent_holds_the_pins() {
+    let w = World::new();
+    let agent = w.start();
+    std::fs::remove_file(&w.dirs.socket).expect("removing the socket file");
+    let pin_dir = w.dirs.pin_dir.to_str().expect("utf-8 path");
+    let out = cli_without_socket(&["uninstall", "--pin-dir", pin_dir]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let pid = agent.pid().to_string();
+    let socket = w.dirs.socket.display().to_string();
+    assert!(
+        err.contains(&format!("pid {pid}")) && err.contains(&socket),
+        "the refusal names neither the agent's pid {pid} nor its socket {socket}: {err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("no agent was running"),
+        "{out:?}"
+    );
+    // Nothing was removed: still attached and enforcing from the same pins.
+    assert!(
+        tollgate::pins::maps_dir(&w.dirs.pin_dir).exists(),
+        "pins removed"
+    );
+    assert!(
+        w.lab.server.xdp_attach(&w.lab.server_if).is_some(),
+        "detached"
+    );
+    assert_eq!(
+        w.real_verdict(host4(&w.lab, 200), 8000, "tcp"),
+        "unbound",
+        "no longer enforcing"
+    );
+    // Once it is stopped (the program stays attached), the direct uninstall is allowed.
+    let exit = agent.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    let out = cli_without_socket(&["uninstall", "--pin-dir", pin_dir]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("no agent was running"), "{stdout}");
+    assert!(
+        w.lab.server.xdp_attach(&w.lab.server_if).is_none(),
+        "still attached"
+    );
+}
+
+/// `tollgate --socket S run` listens on S (the global option is `run`'s control socket, as
+/// `--control-socket` is), so the CLI given the same `--socket` reaches it. Before: `--socket`
+/// was accepted and ignored, and the agent listened on the configuration's socket.
+#[test]
+fn run_listens_on_the_global_socket() {
+    let w = World::new();
+    let config = w.config.to_str().expect("utf-8 path").to_owned();
+    // Returns only once the socket at w.dirs.socket exists.
+    let _agent = tollgate_tests::agent::Agent::launch_socket_by(
+        &w.lab.server,
+        &w.dirs,
+        "--socket",
+        &["--config", &config, "--mode", "native"],
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&w.dirs.cli_ok(&["status", "--output", "json"])).expect("json");
+    assert_eq!(
+        status["pin_dir"],
+        w.dirs.pin_dir.display().to_string(),
+        "{status}"
+    );
+}

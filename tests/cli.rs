@@ -1,5 +1,6 @@
 //! The CLI against a running agent: who may use the control socket, what the audit log
-//! records, completions and the man page, `top --once`.
+//! records, completions and the man page, `top --once`, and interactive `top` on a terminal
+//! that stops taking output or goes away.
 
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use tollgate_tests::{
     agent::AgentDirs,
     frames::send_frames,
     node::{World, frame, host4},
+    pty::{Pty, wait_exit},
 };
 
 fn run_as_nobody(dirs: &AgentDirs, args: &[&str]) -> std::process::Output {
@@ -161,4 +163,72 @@ fn top_once_reports_rates_from_the_running_agent() {
     // Without a terminal and without --once it refuses clearly.
     let out = w.dirs.cli(&["top"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// `tollgate top` on a pseudo-terminal against the running agent, drawing every 0.2 s.
+fn top_on(w: &World, pty: &Pty) -> std::process::Child {
+    let mut cmd = std::process::Command::new(tollgate_tests::agent::tollgate_bin());
+    cmd.arg("--socket")
+        .arg(&w.dirs.socket)
+        .args(["top", "--interval", "0.2"]);
+    let child = pty.spawn(&mut cmd);
+    assert!(
+        pty.wait_for_output(Duration::from_secs(10)),
+        "top drew nothing on its terminal"
+    );
+    child
+}
+
+/// SIGTERM, SIGHUP and SIGINT each end `top`, even when its terminal stopped taking output
+/// (an ssh session whose network died: every write blocks), and the terminal is given back
+/// out of raw mode. Before: the blocked write was retried after the signal, forever.
+#[test]
+fn top_exits_on_sigterm_sighup_and_sigint_even_with_its_output_stalled() {
+    let w = World::new();
+    let _agent = w.start();
+    for (name, sig) in [
+        ("SIGTERM", libc::SIGTERM),
+        ("SIGHUP", libc::SIGHUP),
+        ("SIGINT", libc::SIGINT),
+    ] {
+        let pty = Pty::open(120, 40);
+        let mut top = top_on(&w, &pty);
+        assert!(
+            !pty.is_cooked(),
+            "top did not take the terminal ({:?}): {:?}",
+            top.try_wait(),
+            pty.take_output()
+        );
+        pty.stop_output();
+        // Several refreshes: top is now blocked writing to the stopped terminal.
+        std::thread::sleep(Duration::from_millis(1500));
+        // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+        unsafe { libc::kill(top.id() as libc::pid_t, sig) };
+        let (status, ticks) = wait_exit(&mut top, Duration::from_secs(2));
+        let status =
+            status.unwrap_or_else(|| panic!("top ignored {name} for 2 s ({ticks} CPU ticks)"));
+        assert!(status.success(), "top after {name}: {status}");
+        assert!(pty.is_cooked(), "{name}: top left the terminal in raw mode");
+    }
+}
+
+/// `top` whose terminal goes away (its pane or session closed: the other end of the pty is
+/// closed, and no SIGHUP comes since it is not the controlling terminal) exits within 2 s,
+/// without spinning on the dead terminal meanwhile. Before: it read the dead terminal in a
+/// loop at full CPU until SIGKILL.
+#[test]
+fn top_exits_without_spinning_when_its_terminal_goes_away() {
+    let w = World::new();
+    let _agent = w.start();
+    let mut pty = Pty::open(100, 30);
+    let mut top = top_on(&w, &pty);
+    std::thread::sleep(Duration::from_millis(500));
+    pty.close_master();
+    let (status, ticks) = wait_exit(&mut top, Duration::from_secs(2));
+    // 100 ticks are one CPU-second: a spin over the 2 s would be ~200.
+    assert!(ticks < 50, "top burnt {ticks} CPU ticks on a dead terminal");
+    assert!(
+        status.is_some(),
+        "top still running 2 s after its terminal went away ({ticks} CPU ticks)"
+    );
 }

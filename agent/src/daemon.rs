@@ -128,6 +128,8 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
             "kernel log: the program's rare-event lines go to target `kernel`"
         );
     }
+    // Before anything is attached: `tollgate uninstall` finds this agent by its pin directory.
+    pinned.claim(&config.node.control_socket)?;
     let mut state = State::load(&config.node.state_dir)?;
     let audit = Audit::open(&config.node.state_dir).map_err(|e| {
         io_err(

@@ -6,12 +6,12 @@ mod cli;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{CommandFactory as _, Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
 use tollgate::paths;
 
 use crate::cli::{
-    Ctx, Output, bind, completions, config, counters, endpoints, explain, gpu, identities, keys,
-    man, quarantine, quota, release, reload, run, status, token, top, unbind, uninstall,
+    Ctx, Given, Output, bind, completions, config, counters, endpoints, explain, gpu, identities,
+    keys, man, quarantine, quota, release, reload, run, status, token, top, unbind, uninstall,
 };
 
 /// Identity-bound, GPU-aware XDP enforcement for inference nodes.
@@ -21,7 +21,9 @@ use crate::cli::{
 #[derive(Parser)]
 #[command(version, about, long_about, after_help = cli::EXIT_CODES)]
 struct Cli {
-    /// The agent's control socket.
+    /// The agent's control socket: where the client verbs connect. Given to `tollgate run`
+    /// (here or in TOLLGATE_SOCKET), where the agent listens, as `run --control-socket`;
+    /// otherwise `run` listens on the configuration's `node.control_socket`.
     #[arg(long, global = true, env = "TOLLGATE_SOCKET", value_name = "PATH", default_value = paths::CONTROL_SOCKET)]
     socket: PathBuf,
     /// Output format of the read verbs (status, endpoints, identities, explain, counters).
@@ -57,13 +59,20 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let socket_from = match matches.value_source("socket") {
+        Some(ValueSource::CommandLine) => Given::CommandLine,
+        Some(ValueSource::EnvVariable) => Given::Env,
+        _ => Given::Default,
+    };
     let ctx = Ctx {
         socket: cli.socket,
+        socket_from,
         output: cli.output,
     };
     let outcome = match cli.command {
-        Command::Run(a) => run::run(a),
+        Command::Run(a) => run::run(a, &ctx),
         Command::Status(a) => status::run(a, &ctx),
         Command::Endpoints(a) => endpoints::run(a, &ctx),
         Command::Identities(a) => identities::run(a, &ctx),

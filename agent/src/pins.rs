@@ -157,6 +157,8 @@ pub struct Pinned {
     /// The program's log level (`[node] kernel_log`), fixed when it was loaded.
     pub kernel_log: KernelLog,
     pin_dir: PathBuf,
+    /// The running agent's claim on the pin directory (see [`Pinned::claim`]).
+    claim: Option<std::fs::File>,
     /// Our handle on each interface's link. Dropping it only closes a file descriptor (the
     /// pin keeps the link); holding it until a detach means removing the pin really ends the
     /// link instead of leaving it alive through a forgotten descriptor.
@@ -219,8 +221,33 @@ impl Pinned {
             adopted,
             kernel_log,
             pin_dir: pin_dir.to_owned(),
+            claim: None,
             links: BTreeMap::new(),
         })
+    }
+
+    /// Marks the pin directory as served by this process, so that `tollgate uninstall` on it
+    /// finds this agent whatever socket it was told about: a shared `flock` on the directory,
+    /// held until the process ends (the kernel drops it on any death, `kill -9` included, so
+    /// it can never go stale), and [`AGENT_RECORD`] naming this pid and `control_socket`. A
+    /// record left by a dead agent says nothing while nobody holds the lock.
+    pub fn claim(&mut self, control_socket: &Path) -> Result<(), PinError> {
+        let dir = open_dir(&self.pin_dir)?;
+        flock(&dir, libc::LOCK_SH).map_err(|e| io(&self.pin_dir, e))?;
+        let record = AgentRecord {
+            pid: std::process::id(),
+            socket: std::path::absolute(control_socket).unwrap_or(control_socket.to_owned()),
+        };
+        let target = serde_json::to_string(&record).map_err(|e| io(&self.pin_dir, e))?;
+        // A symbolic link: a bpffs holds no regular files, and a link's target is written in
+        // one step; renamed over the old record so that a reader never sees none or half.
+        let new = self.pin_dir.join(AGENT_RECORD_NEW);
+        let _ = std::fs::remove_file(&new);
+        std::os::unix::fs::symlink(&target, &new).map_err(|e| io(&new, e))?;
+        let path = self.pin_dir.join(AGENT_RECORD);
+        std::fs::rename(&new, &path).map_err(|e| io(&path, e))?;
+        self.claim = Some(dir);
+        Ok(())
     }
 
     /// Attaches to `iface`: an existing pinned link gets this program swapped in atomically
@@ -305,9 +332,86 @@ pub fn detach(pin_dir: &Path, iface: &str) -> Result<bool, PinError> {
     }
 }
 
+/// The agent record in a pin directory: a symbolic link whose target is an [`AgentRecord`]
+/// as JSON (bpffs names may not contain a dot).
+pub const AGENT_RECORD: &str = "agent";
+const AGENT_RECORD_NEW: &str = "agent-new";
+
+/// Which agent serves a pin directory, as it recorded when it started.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentRecord {
+    pub pid: u32,
+    /// Its control socket, absolute.
+    pub socket: PathBuf,
+}
+
+/// Who uses a pin directory, for `tollgate uninstall`.
+#[derive(Debug)]
+pub enum PinDirUse {
+    /// No agent runs on it. The exclusive lock is held while this lives, so that no agent
+    /// starts on the directory while it is being removed.
+    Free(Option<std::fs::File>),
+    /// An agent holds it; what it recorded, if the record could be read.
+    Agent(Option<AgentRecord>),
+}
+
+fn open_dir(dir: &Path) -> Result<std::fs::File, PinError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|e| io(dir, e))
+}
+
+fn flock(f: &std::fs::File, op: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Whether an agent runs on `pin_dir`: one does while it holds its lock (see
+/// [`Pinned::claim`]). A directory that does not exist has no agent.
+pub fn pin_dir_use(pin_dir: &Path) -> Result<PinDirUse, PinError> {
+    let dir = match open_dir(pin_dir) {
+        Ok(d) => d,
+        Err(_) if !pin_dir.exists() => return Ok(PinDirUse::Free(None)),
+        Err(e) => return Err(e),
+    };
+    match flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
+        Ok(()) => Ok(PinDirUse::Free(Some(dir))),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Ok(PinDirUse::Agent(agent_record(pin_dir)))
+        }
+        Err(e) => Err(io(pin_dir, e)),
+    }
+}
+
+/// The record the last agent to start on `pin_dir` left, if it can be read.
+pub fn agent_record(pin_dir: &Path) -> Option<AgentRecord> {
+    let target = std::fs::read_link(pin_dir.join(AGENT_RECORD)).ok()?;
+    serde_json::from_str(target.to_str()?).ok()
+}
+
 /// Removes every link and map pin and the directories: enforcement stops, kernel state goes.
-/// Returns what was removed.
+/// Returns what was removed (the pins; not the agent record).
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, PinError> {
+    for record in [AGENT_RECORD, AGENT_RECORD_NEW] {
+        let p = pin_dir.join(record);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&p, e)),
+        }
+    }
     let mut removed = Vec::new();
     for sub in ["links", "maps"] {
         let dir = pin_dir.join(sub);

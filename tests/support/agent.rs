@@ -231,13 +231,24 @@ impl Agent {
     /// Starts `tollgate run ARGS` in `ns` using `dirs` (the test keeps them, so a second
     /// agent can adopt what the first left).
     pub fn launch(ns: &NetNs, dirs: &AgentDirs, args: &[&str]) -> Agent {
+        Agent::launch_socket_by(ns, dirs, "--control-socket", args)
+    }
+
+    /// Like [`Agent::launch`], with the control socket given by `socket_flag` (the global
+    /// `--socket` instead of `run --control-socket`, say).
+    pub fn launch_socket_by(
+        ns: &NetNs,
+        dirs: &AgentDirs,
+        socket_flag: &str,
+        args: &[&str],
+    ) -> Agent {
         let mut cmd = ns.command(tollgate_bin());
         cmd.arg("run")
             .arg("--pin-dir")
             .arg(&dirs.pin_dir)
             .arg("--state-dir")
             .arg(&dirs.state_dir)
-            .arg("--control-socket")
+            .arg(socket_flag)
             .arg(&dirs.socket)
             .args(args)
             .env("NO_COLOR", "1")
@@ -311,6 +322,24 @@ impl Agent {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The agent's pid (nsenter execs it, so it is the child's).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("a running agent").id()
+    }
+
+    /// Waits up to `limit` for the agent to exit by itself; whether it did.
+    pub fn exits_within(&mut self, limit: Duration) -> bool {
+        let child = self.child.as_mut().expect("a running agent");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// The pinned per-reason counter map.

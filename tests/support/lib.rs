@@ -7,7 +7,8 @@
 //! - [`config`]: a typed builder that renders the agent's TOML configuration;
 //! - [`fixture`]: fixture tables run through BPF_PROG_TEST_RUN;
 //! - [`tokenlab`]: keys, certificates, tokens and HTTPS binds for token tests;
-//! - [`node`]: the agent tests' world: a lab and a policy of six identities.
+//! - [`node`]: the agent tests' world: a lab and a policy of six identities;
+//! - [`pty`]: a pseudo-terminal for `tollgate top`, and taking it away.
 
 pub mod agent;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod fixture;
 pub mod frames;
 pub mod lab;
 pub mod node;
+pub mod pty;
 pub mod tokenlab;
 
 /// Whether this process may load BPF programs; tests need root (CAP_BPF + CAP_NET_ADMIN).

@@ -84,7 +84,20 @@ pub enum Output {
 pub struct Ctx {
     /// The agent's control socket.
     pub socket: PathBuf,
+    /// Where `socket` came from.
+    pub socket_from: Given,
     pub output: Output,
+}
+
+/// Where a global option's value came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Given {
+    /// The built-in default.
+    Default,
+    /// Its environment variable.
+    Env,
+    /// The command line.
+    CommandLine,
 }
 
 impl Ctx {

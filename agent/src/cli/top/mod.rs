@@ -6,10 +6,12 @@
 //! polls divided by the time measured between them (not the nominal interval: a slow answer
 //! or a stalled poll must not inflate the rate).
 //!
-//! Three parts: [`model`] (the polls and what is computed from them: rates, sorting),
+//! Four parts: [`model`] (the polls and what is computed from them: rates, sorting),
 //! [`text`] (the `--once` snapshot as text or JSON, and the formatting both views share),
-//! and [`tui`] (the interactive terminal view).
+//! [`tui`] (the interactive terminal view), and [`input`] (the terminal under it: keys, a
+//! terminal that went away, writes a signal can stop).
 
+mod input;
 mod model;
 mod text;
 mod tui;

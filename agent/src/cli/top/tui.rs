@@ -14,11 +14,7 @@ use std::{
 use ratatui::{
     Frame, Terminal,
     backend::CrosstermBackend,
-    crossterm::{
-        cursor, event,
-        event::{Event, KeyCode, KeyEventKind, KeyModifiers},
-        execute, terminal,
-    },
+    crossterm::{cursor, execute, queue, terminal},
     layout::{Constraint, Layout, Rect},
     style::{Color, Modifier, Style},
     text::{Line, Span},
@@ -30,6 +26,7 @@ use tollgate::{
 };
 
 use super::{
+    input::{self, Input, Key, Tty},
     model::{RateRow, Snapshot, SortKey, limited, view},
     poll,
     text::{
@@ -45,18 +42,41 @@ static TERMINAL_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// Set by SIGTERM, SIGHUP and SIGINT: the loop sees it within one tick and leaves through
 /// the guard, which restores the terminal (the default action would kill us with the
-/// terminal left raw and on the alternate screen).
-static STOP: AtomicBool = AtomicBool::new(false);
+/// terminal left raw and on the alternate screen). A write the signal interrupts gives up
+/// (see [`input::Screen`]), and [`watchdog`] ends the process if leaving takes longer.
+pub(super) static STOP: AtomicBool = AtomicBool::new(false);
+
+/// How long the way out may take after a signal before [`watchdog`] ends the process.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// How long restoring waits for the terminal to take its few bytes.
+const RESTORE_WAIT: Duration = Duration::from_millis(200);
 
 fn restore_terminal() {
     if TERMINAL_TAKEN.swap(false, Ordering::SeqCst) {
+        // Terminal modes are set with an ioctl, which never waits for the output to drain.
         let _ = terminal::disable_raw_mode();
-        let _ = execute!(
-            std::io::stdout(),
-            terminal::LeaveAlternateScreen,
-            cursor::Show
-        );
+        // The screen and cursor are given back only if the terminal takes the bytes: one
+        // that stopped reading (or went away) must not hold the process here.
+        let mut bytes = Vec::new();
+        let _ = queue!(bytes, terminal::LeaveAlternateScreen, cursor::Show);
+        input::write_if_ready(&bytes, RESTORE_WAIT);
     }
+}
+
+/// Ends the process [`STOP_GRACE`] after a signal if the loop has not returned by then: a
+/// signal that arrives just before a write starts does not interrupt it, and a terminal that
+/// stopped reading would hold that write forever.
+fn watchdog() {
+    input::block_stop_signals_here();
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(STOP_GRACE);
+    restore_terminal();
+    // SAFETY: _exit ends the process without running anything else; nothing is left that
+    // must be flushed (the screen is all `top` writes).
+    unsafe { libc::_exit(0) };
 }
 
 /// Restores the terminal when dropped: on return, on `?`, and on unwinding.
@@ -90,9 +110,16 @@ fn take_terminal() -> std::io::Result<TerminalGuard> {
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            // No SA_RESTART: a blocked write or wait returns, so the loop sees STOP. Reset
+            // to the default after the first: a second signal ends `top` at once.
+            sa.sa_flags = libc::SA_RESETHAND;
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
+    static WATCHDOG: Once = Once::new();
+    WATCHDOG.call_once(|| {
+        std::thread::spawn(watchdog);
+    });
     // Marked (and the guard made) before the first change, so a failure half-way through
     // still undoes what was done.
     TERMINAL_TAKEN.store(true, Ordering::SeqCst);
@@ -143,6 +170,7 @@ pub(super) fn interactive(
     let socket: PathBuf = socket.to_path_buf();
     let mut next = first.at + interval;
     std::thread::spawn(move || {
+        input::block_stop_signals_here();
         loop {
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
             // A fixed schedule keeps the refresh steady; after a stall it restarts from now
@@ -162,40 +190,46 @@ pub(super) fn interactive(
         interval,
         error: None,
     };
+    let tty = Tty::open()?;
     let _guard = take_terminal()?;
-    let mut term = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
+    let mut term = Terminal::new(CrosstermBackend::new(std::io::BufWriter::new(
+        input::Screen,
+    )))?;
     let mut dirty = true;
+    let mut size = tty.size();
     loop {
         if STOP.load(Ordering::SeqCst) {
             return Ok(());
         }
         if dirty {
-            term.draw(|f| draw(f, &screen))?;
-            dirty = false;
+            match term.draw(|f| draw(f, &screen)) {
+                Ok(_) => dirty = false,
+                // A signal stopped the write, or the terminal went away under it: both are
+                // the way out, not an error to print on a terminal that is not there.
+                Err(_) if STOP.load(Ordering::SeqCst) || tty.hung_up() => return Ok(()),
+                Err(e) => return Err(e),
+            }
         }
         // A short tick, so that keys, signals and new polls are seen within a tenth of a
-        // second whatever the interval.
-        match event::poll(Duration::from_millis(100)) {
-            Ok(true) => match event::read()? {
-                Event::Key(k) if k.kind == KeyEventKind::Press => {
-                    match k.code {
-                        KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
-                        // Raw mode turns Ctrl-C into a key instead of SIGINT.
-                        KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
-                            return Ok(());
-                        }
-                        KeyCode::Char('s') => screen.sort = screen.sort.next(),
-                        _ => {}
+        // second whatever the interval. Keys are read here, not by crossterm: see `input`.
+        match tty.wait(Duration::from_millis(100))? {
+            Input::Nothing => {}
+            Input::Gone => return Ok(()),
+            Input::Keys(keys) => {
+                for k in keys {
+                    match k {
+                        Key::Quit => return Ok(()),
+                        Key::Sort => screen.sort = screen.sort.next(),
+                        Key::Other => {}
                     }
-                    dirty = true;
                 }
-                Event::Resize(..) => dirty = true,
-                _ => {}
-            },
-            Ok(false) => {}
-            // A signal can interrupt the wait; that is the way out, not an error.
-            Err(_) if STOP.load(Ordering::SeqCst) => return Ok(()),
-            Err(e) => return Err(e),
+                dirty = true;
+            }
+        }
+        let now = tty.size();
+        if now != size {
+            size = now;
+            dirty = true;
         }
         loop {
             match rx.try_recv() {
