@@ -7,10 +7,12 @@
 //! - [`config`]: a typed builder that renders the agent's TOML configuration;
 //! - [`fixture`]: fixture tables run through BPF_PROG_TEST_RUN;
 //! - [`tokenlab`]: keys, certificates, tokens and HTTPS binds for token tests;
-//! - [`node`]: the agent tests' world: a lab and a policy of six identities.
+//! - [`node`]: the agent tests' world: a lab and a policy of six identities;
+//! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags.
 
 pub mod agent;
 pub mod config;
+pub mod exhaust;
 pub mod fixture;
 pub mod frames;
 pub mod lab;
