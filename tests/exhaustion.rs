@@ -164,7 +164,7 @@ impl DualStack {
         let lab = Lab::new();
         let dirs = AgentDirs::new();
         let kit = TokenKit::new(&dirs, lab.server_v4);
-        let config = Config::new(&[lab.server_if.clone()])
+        let config = Config::new(std::slice::from_ref(&lab.server_if))
             .anonymous(100_000, 100_000)
             .listen_bind(SocketAddr::new(IpAddr::from([0u16; 8]), BIND_PORT))
             .tokens(Tokens {
@@ -398,7 +398,7 @@ fn a_full_state_disk_never_makes_status_and_kernel_disagree() {
     let dirs = AgentDirs::new();
     let config_dir = std::env::temp_dir().join(format!("tollgate-exh-{}", std::process::id()));
     std::fs::create_dir_all(&config_dir).expect("config dir");
-    let config = Config::new(&[lab.server_if.clone()])
+    let config = Config::new(std::slice::from_ref(&lab.server_if))
         .plan(Plan::new("customer").packets(1000, 1000))
         .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
         .identity(Identity::new(

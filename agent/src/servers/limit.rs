@@ -252,6 +252,23 @@ impl Backoff {
     }
 }
 
+/// Requests refused before anyone was authenticated, by (listener, reason): malformed or
+/// over-long heads, slow clients, failed TLS handshakes, missing tokens, wrong paths. Counted
+/// here and in `/metrics`, never written to the audit log one line each.
+static REFUSALS: std::sync::Mutex<std::collections::BTreeMap<(&str, &str), u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+pub fn count_refusal(listener: &'static str, reason: &'static str) {
+    let mut r = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
+    *r.entry((listener, reason)).or_default() += 1;
+}
+
+/// The refusal counts, for `/metrics`.
+pub fn refusals() -> Vec<((&'static str, &'static str), u64)> {
+    let r = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
+    r.iter().map(|(k, v)| (*k, *v)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,21 +308,4 @@ mod tests {
         assert_eq!(S.refused_source_cap.load(Relaxed), 1);
         assert_eq!(S.refused_listener_cap.load(Relaxed), 1);
     }
-}
-
-/// Requests refused before anyone was authenticated, by (listener, reason): malformed or
-/// over-long heads, slow clients, failed TLS handshakes, missing tokens, wrong paths. Counted
-/// here and in `/metrics`, never written to the audit log one line each.
-static REFUSALS: std::sync::Mutex<std::collections::BTreeMap<(&str, &str), u64>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-
-pub fn count_refusal(listener: &'static str, reason: &'static str) {
-    let mut r = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
-    *r.entry((listener, reason)).or_default() += 1;
-}
-
-/// The refusal counts, for `/metrics`.
-pub fn refusals() -> Vec<((&'static str, &'static str), u64)> {
-    let r = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
-    r.iter().map(|(k, v)| (*k, *v)).collect()
 }
