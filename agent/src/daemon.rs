@@ -125,12 +125,13 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
     let control = ControlLoop::new(&config).map_err(|e| io_err("quota state", e))?;
     let mut pinned = Pinned::open(&config.node.pin_dir)?;
     let mut state = State::load(&config.node.state_dir)?;
-    let audit = Audit::open(&config.node.state_dir).map_err(|e| {
-        io_err(
-            format!("audit log in {}", config.node.state_dir.display()),
-            e,
-        )
-    })?;
+    let audit =
+        Audit::open_bounded(&config.node.state_dir, config.node.audit_max_bytes).map_err(|e| {
+            io_err(
+                format!("audit log in {}", config.node.state_dir.display()),
+                e,
+            )
+        })?;
     let applied = policy_apply::apply(&config, &mut state, &mut pinned.tables, now_unix_ms())?;
     // A full (or read-only) state disk does not stop enforcement: the kernel holds the
     // policy just applied. What cannot be made durable is refused later, change by change.
