@@ -14,7 +14,9 @@ use std::{
 use tollgate_tests::{
     agent::{Agent, AgentDirs},
     config::{Config, Endpoint, Identity, Plan, Tokens},
-    exhaust::{add_v6_sources, connect_from, kernel_quarantined, post_bind, tls_client},
+    exhaust::{
+        add_v6_sources, connect_from, kernel_binding_v4, kernel_quarantined, post_bind, tls_client,
+    },
     lab::{Lab, NetNs},
     tokenlab::{AUDIENCE, BIND_PORT, MODEL_PORT, TokenKit, World, model_server},
 };
@@ -453,6 +455,17 @@ fn a_full_state_disk_never_makes_status_and_kernel_disagree() {
         "the CLI's answer ({}) disagrees with what happened ({said}):\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A run-time bind that cannot be saved is not made in the kernel either.
+    let other = std::net::Ipv4Addr::from(u32::from(lab.client_v4) + 50);
+    let out = dirs.cli(&["bind", &other.to_string(), "--identity", "alice"]);
+    let kernel = kernel_binding_v4(&dirs, other);
+    assert_eq!(
+        out.status.success(),
+        kernel.is_some(),
+        "bind exited {} while the kernel binds {other} to {kernel:?}",
+        out.status
     );
 
     // With room again, the quarantine is made.

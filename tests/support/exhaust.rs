@@ -168,3 +168,13 @@ pub fn identity_flags(dirs: &AgentDirs, id: u32) -> u8 {
 pub fn kernel_quarantined(dirs: &AgentDirs, id: u32) -> bool {
     identity_flags(dirs, id) & tollgate_common::policy::ID_QUARANTINED != 0
 }
+
+/// The identity slot the kernel binds `addr` (a /32) to, if any (read from the pins).
+pub fn kernel_binding_v4(dirs: &AgentDirs, addr: std::net::Ipv4Addr) -> Option<u32> {
+    use aya::maps::{HashMap, Map, MapData};
+    let path = tollgate::pins::maps_dir(&dirs.pin_dir).join(tollgate_common::map_names::BIND_V4);
+    let data = MapData::from_pin(&path).expect("bind_v4 pin");
+    let map: HashMap<MapData, [u8; 4], tollgate_common::policy::Binding> =
+        HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash map");
+    map.get(&addr.octets(), 0).ok().map(|b| b.identity)
+}
