@@ -289,13 +289,15 @@ pub fn render(d: &Node) -> Result<String, String> {
     let accepted = Counters::new();
     let capped = Counters::new();
     let accept_errors = Counters::new();
+    let evicted = Counters::new();
     for (name, st) in crate::servers::limit::listeners() {
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         let lb = l(&[("listener", name)]);
         open.get_or_create(&lb).set(get(&st.open) as f64);
         max.get_or_create(&lb).set(get(&st.max) as f64);
         accepted.add(lb.clone(), get(&st.accepted));
-        accept_errors.add(lb, get(&st.accept_errors));
+        accept_errors.add(lb.clone(), get(&st.accept_errors));
+        evicted.add(lb, get(&st.evicted));
         capped.add(
             l(&[("listener", name), ("cap", "listener")]),
             get(&st.refused_listener_cap),
@@ -324,6 +326,11 @@ pub fn render(d: &Node) -> Result<String, String> {
         "tollgate_listener_connections_capped",
         "Connections closed at once: the listener, or their source (bind: an IPv4 address or IPv6 /64), at its cap",
         capped.0,
+    );
+    reg.register(
+        "tollgate_listener_connections_evicted",
+        "Connections that had not sent their request, closed to make room at the listener's cap",
+        evicted.0,
     );
     reg.register(
         "tollgate_listener_accept_errors",

@@ -17,7 +17,7 @@ use tracing::debug;
 
 use super::{
     http::{self, Head, HeadError, Limits, ReadError},
-    limit::{self, Backoff, Gate},
+    limit::{self, Backoff, Gate, Permit},
 };
 use crate::{
     audit::Actor,
@@ -73,8 +73,9 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ListenerError> {
 }
 
 /// Accepts connections until the daemon stops: at most `max` at once and
-/// [`limit::BIND_PER_SOURCE`] from one source (an IPv4 address, an IPv6 /64); the excess is
-/// closed as soon as accepted. Each connection, TLS handshake included, has [`TIMEOUT`].
+/// [`limit::BIND_PER_SOURCE`] from one source (an IPv4 address, an IPv6 /64). Past a source's
+/// cap the connection is closed as soon as accepted; at the listener's cap the oldest
+/// connection that has not sent its request is closed to make room (`limit::Gate`). Each connection, TLS handshake included, has [`TIMEOUT`].
 pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, tls: TlsAcceptor, max: u64) {
     let gate = Gate::new(&limit::BIND, max, limit::BIND_PER_SOURCE);
     let mut backoff = Backoff::new("bind listener", &limit::BIND);
@@ -94,12 +95,19 @@ pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, tls: TlsAcceptor, 
         let n = Rc::clone(&node);
         let tls = tls.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = tokio::time::timeout(TIMEOUT, handle(&n, stream, peer, tls)).await {
-                limit::count_refusal("bind", "timed_out");
-                debug!(%peer, "bind listener: connection timed out ({e})");
+            tokio::select! {
+                r = tokio::time::timeout(TIMEOUT, handle(&n, stream, peer, tls, &permit)) => {
+                    if let Err(e) = r {
+                        limit::count_refusal("bind", "timed_out");
+                        debug!(%peer, "bind listener: connection timed out ({e})");
+                    }
+                }
+                () = permit.evicted() => {}
             }
             drop(permit);
         });
+        // An evicted connection's task closes it before the next accept.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -110,7 +118,13 @@ fn refusal(error: impl Into<String>) -> HttpError {
     }
 }
 
-async fn handle(node: &RefCell<Node>, stream: TcpStream, peer: SocketAddr, tls: TlsAcceptor) {
+async fn handle(
+    node: &RefCell<Node>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: TlsAcceptor,
+    permit: &Permit,
+) {
     let mut stream = match tls.accept(stream).await {
         Ok(s) => s,
         Err(e) => {
@@ -119,7 +133,10 @@ async fn handle(node: &RefCell<Node>, stream: TcpStream, peer: SocketAddr, tls: 
             return;
         }
     };
-    let (status, body) = match http::read_head(&mut stream, LIMITS).await {
+    let head = http::read_head(&mut stream, LIMITS).await;
+    // The request is in: what is left is the agent's work, which eviction must not cut.
+    permit.settle();
+    let (status, body) = match head {
         Err(HeadError::Read(ReadError::TooLarge(_))) => {
             limit::count_refusal("bind", "too_large");
             (

@@ -94,6 +94,8 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        // Local, and judged by its credentials: the control socket evicts no one.
+        permit.settle();
         let n = Rc::clone(&node);
         let life = Rc::clone(&life);
         let stopped = Rc::clone(&stopped);

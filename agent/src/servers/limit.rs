@@ -7,6 +7,12 @@
 //!
 //! The per-source key is the address for IPv4 and the /64 for IPv6 (the smallest prefix a
 //! site is normally given, and the one the kernel's anonymous allowance counts by).
+//!
+//! A listener at its cap does not turn the newcomer away while it holds connections that have
+//! not yet sent their request (a TLS handshake, a request head still to come): the oldest of
+//! those is closed to make room. Idle connections cannot then lock a listener for their
+//! timeout; to hold one, a client must keep opening connections faster than real clients
+//! finish their requests, which the kernel's anonymous allowance limits per prefix.
 
 use std::{
     cell::{Cell, RefCell},
@@ -39,6 +45,8 @@ pub struct ListenerStats {
     pub refused_listener_cap: AtomicU64,
     /// Connections closed at once because their source was at its cap.
     pub refused_source_cap: AtomicU64,
+    /// Connections that had not sent their request, closed to make room for a newer one.
+    pub evicted: AtomicU64,
     /// Failed `accept` calls (descriptor exhaustion and the like).
     pub accept_errors: AtomicU64,
     /// Connections being served now.
@@ -53,6 +61,7 @@ impl ListenerStats {
             accepted: AtomicU64::new(0),
             refused_listener_cap: AtomicU64::new(0),
             refused_source_cap: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             open: AtomicU64::new(0),
             max: AtomicU64::new(0),
@@ -136,6 +145,16 @@ struct GateInner {
     per_source: u64,
     open: Cell<u64>,
     sources: RefCell<HashMap<IpAddr, u64>>,
+    /// Connections in the order admitted; those not yet settled may be evicted.
+    queue: RefCell<std::collections::VecDeque<std::rc::Weak<Slot>>>,
+}
+
+/// One connection's eviction state.
+#[derive(Default)]
+struct Slot {
+    evict: tokio::sync::Notify,
+    /// Sent its request (or already evicted): no longer evictable.
+    settled: Cell<bool>,
 }
 
 /// Admits connections up to a listener's cap (and a source's); single-threaded.
@@ -146,6 +165,19 @@ pub struct Gate(Rc<GateInner>);
 pub struct Permit {
     gate: Rc<GateInner>,
     source: Option<IpAddr>,
+    slot: Rc<Slot>,
+}
+
+impl Permit {
+    /// The connection has sent its request: from now on it is not evicted.
+    pub fn settle(&self) {
+        self.slot.settled.set(true);
+    }
+
+    /// Completes when the connection is evicted to make room for a newer one.
+    pub async fn evicted(&self) {
+        self.slot.evict.notified().await;
+    }
 }
 
 impl Gate {
@@ -158,32 +190,60 @@ impl Gate {
             per_source,
             open: Cell::new(0),
             sources: RefCell::new(HashMap::new()),
+            queue: RefCell::new(std::collections::VecDeque::new()),
         }))
     }
 
-    /// A permit for one more connection from `source`, or `None` (counted) at a cap.
+    /// Evicts the oldest connection that has not sent its request; false if there is none.
+    fn evict_oldest(&self) -> bool {
+        let g = &self.0;
+        let mut q = g.queue.borrow_mut();
+        while let Some(w) = q.pop_front() {
+            if let Some(slot) = w.upgrade()
+                && !slot.settled.get()
+            {
+                slot.settled.set(true);
+                slot.evict.notify_one();
+                g.stats.evicted.fetch_add(1, Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A permit for one more connection from `source`, or `None` (counted) at a cap. At the
+    /// listener's cap the oldest connection that has not sent its request is evicted to make
+    /// room (its task ends it; the caller should yield so that it can).
     pub fn admit(&self, source: Option<IpAddr>) -> Option<Permit> {
         let g = &self.0;
-        if g.open.get() >= g.max {
+        let source = source.filter(|_| g.per_source > 0).map(source_key);
+        if let Some(key) = source
+            && g.sources.borrow().get(&key).copied().unwrap_or(0) >= g.per_source
+        {
+            g.stats.refused_source_cap.fetch_add(1, Relaxed);
+            return None;
+        }
+        if g.open.get() >= g.max && !self.evict_oldest() {
             g.stats.refused_listener_cap.fetch_add(1, Relaxed);
             return None;
         }
-        let source = source.filter(|_| g.per_source > 0).map(source_key);
         if let Some(key) = source {
-            let mut sources = g.sources.borrow_mut();
-            let n = sources.entry(key).or_default();
-            if *n >= g.per_source {
-                g.stats.refused_source_cap.fetch_add(1, Relaxed);
-                return None;
-            }
-            *n += 1;
+            *g.sources.borrow_mut().entry(key).or_default() += 1;
         }
         g.open.set(g.open.get() + 1);
         g.stats.open.store(g.open.get(), Relaxed);
         g.stats.accepted.fetch_add(1, Relaxed);
+        let slot = Rc::new(Slot::default());
+        let mut q = g.queue.borrow_mut();
+        // Settled and finished connections leave the queue here, in bulk.
+        if q.len() as u64 > 2 * g.max + 16 {
+            q.retain(|w| w.upgrade().is_some_and(|s| !s.settled.get()));
+        }
+        q.push_back(Rc::downgrade(&slot));
         Some(Permit {
             gate: Rc::clone(g),
             source,
+            slot,
         })
     }
 }
@@ -299,13 +359,39 @@ mod tests {
         let a: IpAddr = "2001:db8::1".parse().unwrap();
         let b: IpAddr = "2001:db8:0:1::1".parse().unwrap();
         let p1 = g.admit(Some(a)).unwrap();
-        let _p2 = g.admit(Some(a)).unwrap();
+        let p2 = g.admit(Some(a)).unwrap();
         assert!(g.admit(Some(a)).is_none(), "source cap");
-        let _p3 = g.admit(Some(b)).unwrap();
-        assert!(g.admit(Some(b)).is_none(), "listener cap");
+        let p3 = g.admit(Some(b)).unwrap();
+        for p in [&p1, &p2, &p3] {
+            p.settle();
+        }
+        assert!(g.admit(Some(b)).is_none(), "listener cap, nothing to evict");
         drop(p1);
         assert!(g.admit(Some(a)).is_some(), "a place given back");
         assert_eq!(S.refused_source_cap.load(Relaxed), 1);
         assert_eq!(S.refused_listener_cap.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn at_the_cap_the_oldest_unsettled_connection_is_evicted() {
+        static S: ListenerStats = ListenerStats::new();
+        let g = Gate::new(&S, 2, 0);
+        let old = g.admit(None).unwrap();
+        let busy = g.admit(None).unwrap();
+        busy.settle();
+        let new = g.admit(None).expect("room made by eviction");
+        assert_eq!(S.evicted.load(Relaxed), 1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), old.evicted())
+                .await
+                .expect("the oldest idle one is told");
+        });
+        drop(old);
+        new.settle();
+        assert!(g.admit(None).is_none(), "all settled: refused");
     }
 }

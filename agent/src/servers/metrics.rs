@@ -5,7 +5,7 @@ use std::{cell::RefCell, net::SocketAddr, rc::Rc, time::Duration};
 
 use super::{
     http::{self, HeadError, Limits, ReadError},
-    limit::{self, Backoff, Gate},
+    limit::{self, Backoff, Gate, Permit},
 };
 use crate::node::Node;
 use tokio::net::{TcpListener, TcpStream};
@@ -22,8 +22,9 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves `GET /metrics` until the daemon stops.
-/// At most `max` connections are held (the rest are closed as soon as accepted); a failed
-/// accept backs off.
+/// At most `max` connections are held: at the cap the oldest that has not sent its request
+/// is closed to make room, and if every one has, the newcomer is closed as soon as accepted. A
+/// failed accept backs off.
 pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, max: u64) {
     let gate = Gate::new(&limit::METRICS, max, 0);
     let mut backoff = Backoff::new("metrics listener", &limit::METRICS);
@@ -42,19 +43,26 @@ pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, max: u64) {
         };
         let n = Rc::clone(&node);
         tokio::task::spawn_local(async move {
-            if tokio::time::timeout(LIMITS.timeout, handle(&n, stream))
-                .await
-                .is_err()
-            {
-                limit::count_refusal("metrics", "timed_out");
+            tokio::select! {
+                r = tokio::time::timeout(LIMITS.timeout, handle(&n, stream, &permit)) => {
+                    if r.is_err() {
+                        limit::count_refusal("metrics", "timed_out");
+                    }
+                }
+                () = permit.evicted() => {}
             }
             drop(permit);
         });
+        // An evicted connection's task closes it before the next accept.
+        tokio::task::yield_now().await;
     }
 }
 
-async fn handle(node: &RefCell<Node>, mut stream: TcpStream) {
-    let (status, ctype, body) = match http::read_head(&mut stream, LIMITS).await {
+async fn handle(node: &RefCell<Node>, mut stream: TcpStream, permit: &Permit) {
+    let head = http::read_head(&mut stream, LIMITS).await;
+    // The request is in: rendering and answering it are not cut by eviction.
+    permit.settle();
+    let (status, ctype, body) = match head {
         Err(HeadError::Read(ReadError::TooLarge(_))) => {
             limit::count_refusal("metrics", "too_large");
             (431, "text/plain", "request head too large\n".to_owned())
