@@ -209,6 +209,10 @@ impl Audit {
 
     /// Appends `text`, rotating first if it would take the file past its bound.
     fn append(&self, log: &mut Log, text: &[u8]) -> std::io::Result<()> {
+        if log.bytes + text.len() as u64 > self.max_bytes {
+            // Truncated behind our back (logrotate's copytruncate)? Then there is room.
+            log.bytes = log.file.metadata().map_or(log.bytes, |m| m.len());
+        }
         if log.bytes > 0 && log.bytes + text.len() as u64 > self.max_bytes {
             let rotated = self.path.with_file_name(ROTATED_FILE);
             log.file.sync_data()?;
