@@ -492,3 +492,42 @@ fn a_full_state_disk_never_makes_status_and_kernel_disagree() {
     drop(disk);
     let _ = std::fs::remove_dir_all(&config_dir);
 }
+
+/// Finding 6, the full disk and tokens: a token bind whose binding cannot be saved is
+/// answered with an error and is not live in the kernel (the node once answered 503 while
+/// the kernel passed the client).
+#[test]
+fn a_token_bind_on_a_full_disk_is_refused_and_not_made() {
+    let w = World::new(None);
+    // The lab's keys, certificate and configuration stay where World put them; the agent's
+    // state goes to a tiny disk of its own.
+    let dirs = AgentDirs::new();
+    let disk = TinyDisk::mount(&dirs.state_dir);
+    let config = w.config.to_str().expect("path");
+    let agent = Agent::launch(
+        &w.lab.server,
+        &dirs,
+        &["--config", config, "--mode", "native"],
+    );
+    let filler = disk.fill();
+    let token = w.issue("erin", "5m", "tok-full-disk");
+    let (code, body) = w.http(&w.lab.client, "POST", &token);
+    let kernel = kernel_binding_v4(&dirs, w.lab.client_v4);
+    assert_eq!(
+        code == 200,
+        kernel.is_some(),
+        "HTTP {code} {body} while the kernel binds the client to {kernel:?}"
+    );
+    assert_eq!(
+        w.model_answers(&w.lab.client, Duration::from_millis(700)),
+        code == 200,
+        "the model port's answer disagrees with HTTP {code}"
+    );
+    // With room again the same token binds.
+    std::fs::remove_file(&filler).expect("filler");
+    let (code, body) = w.http(&w.lab.client, "POST", &token);
+    assert_eq!(code, 200, "{body}");
+    assert!(kernel_binding_v4(&dirs, w.lab.client_v4).is_some());
+    drop(agent);
+    drop(disk);
+}
