@@ -131,14 +131,22 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
     // Before anything is attached: `tollgate uninstall` finds this agent by its pin directory.
     pinned.claim(&config.node.control_socket)?;
     let mut state = State::load(&config.node.state_dir)?;
-    let audit = Audit::open(&config.node.state_dir).map_err(|e| {
-        io_err(
-            format!("audit log in {}", config.node.state_dir.display()),
-            e,
-        )
-    })?;
+    let audit =
+        Audit::open_bounded(&config.node.state_dir, config.node.audit_max_bytes).map_err(|e| {
+            io_err(
+                format!("audit log in {}", config.node.state_dir.display()),
+                e,
+            )
+        })?;
     let applied = policy_apply::apply(&config, &mut state, &mut pinned.tables, now_unix_ms())?;
-    state.save(&config.node.state_dir)?;
+    // A full (or read-only) state disk does not stop enforcement: the kernel holds the
+    // policy just applied. What cannot be made durable is refused later, change by change.
+    if let Err(e) = state.save(&config.node.state_dir) {
+        warn!(
+            "saving the state: {e}; enforcing anyway, but changes that must be saved \
+             (binds, quarantines, revocations) will be refused until it can be"
+        );
+    }
     let mut attached = Vec::new();
     for iface in &config.node.interfaces {
         let adopted = pinned.attach(iface, config.node.xdp_mode)?;
@@ -156,19 +164,19 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
             info!(iface = old, "detached: no longer configured");
         }
     }
-    audit
-        .record(
-            &Actor::AGENT,
-            "start",
-            "",
-            json!({
-                "config": config.source,
-                "adopted_pins": pinned.adopted,
-                "interfaces": attached,
-                "applied": applied,
-            }),
-        )
-        .map_err(|e| io_err("audit log", e))?;
+    if let Err(e) = audit.record(
+        &Actor::AGENT,
+        "start",
+        "",
+        json!({
+            "config": config.source,
+            "adopted_pins": pinned.adopted,
+            "interfaces": attached,
+            "applied": applied,
+        }),
+    ) {
+        warn!("audit log: recording the start: {e}; enforcing anyway");
+    }
     Ok(Node {
         config,
         pinned,
@@ -301,6 +309,9 @@ fn record_agent(node: &Node, changes: Vec<Change>) {
 
 /// Once a second: token housekeeping, then quarantines and run-time bindings whose time is up.
 fn tick(node: &mut Node) {
+    if let Err(e) = node.audit.flush_suppressed() {
+        warn!("audit log: {e}");
+    }
     let now = now_unix_ms();
     let changes = ops::tokens::housekeeping(node, now);
     record_agent(node, changes);
@@ -347,6 +358,26 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
 
 async fn serve(opts: Options) -> Result<(), DaemonError> {
     let detach_on_exit = opts.detach_on_exit;
+    // Descriptors first: connections are capped under the limit, keeping a reserve free.
+    let fd_limit = match servers::limit::raise_fd_limit() {
+        Ok((soft, hard)) => {
+            info!(soft, hard, "descriptor limit (RLIMIT_NOFILE)");
+            soft
+        }
+        Err(e) => {
+            warn!("reading the descriptor limit: {e}; assuming 1024");
+            1024
+        }
+    };
+    let (control_max, metrics_max, bind_max) = servers::limit::caps(fd_limit);
+    info!(
+        control = control_max,
+        metrics = metrics_max,
+        bind = bind_max,
+        bind_per_source = servers::limit::BIND_PER_SOURCE,
+        reserve = servers::limit::RESERVE,
+        "connection caps"
+    );
     let node = Rc::new(RefCell::new(start(&opts)?));
     let process = Rc::new(Process { opts });
     let (socket, group, attached, metrics_addr, token_listener, interval_ms) = {
@@ -364,7 +395,7 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
     match servers::metrics::bind(metrics_addr).await {
         Ok(tcp) => {
             info!(%metrics_addr, "metrics: http://{metrics_addr}/metrics");
-            tokio::task::spawn_local(servers::metrics::serve(Rc::clone(&node), tcp));
+            tokio::task::spawn_local(servers::metrics::serve(Rc::clone(&node), tcp, metrics_max));
         }
         // Enforcement does not depend on being watched: say so and go on.
         Err(e) => warn!("metrics listener on {metrics_addr}: {e}; serving no metrics"),
@@ -376,7 +407,7 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
             .await
             .map_err(|e| io_err(format!("bind listener on {addr}"), e))?;
         info!(%addr, "bind listener: https://{addr}/v1/bind");
-        tokio::task::spawn_local(servers::bind::serve(Rc::clone(&node), tcp, tls));
+        tokio::task::spawn_local(servers::bind::serve(Rc::clone(&node), tcp, tls, bind_max));
     }
     info!(
         socket = %socket.display(),
@@ -392,6 +423,14 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
     control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut budget = LogBudget::default();
     let stopped = Rc::new(tokio::sync::Notify::new());
+    let life: Rc<dyn Lifecycle> = Rc::clone(&process) as Rc<dyn Lifecycle>;
+    tokio::task::spawn_local(servers::control::serve(
+        Rc::clone(&node),
+        life,
+        listener,
+        control_max,
+        Rc::clone(&stopped),
+    ));
     while !node.borrow().uninstalled {
         tokio::select! {
             _ = term.recv() => break,
@@ -406,20 +445,6 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
             }
             _ = tick_timer.tick() => tick(&mut node.borrow_mut()),
             _ = control.tick() => control_tick(&mut node.borrow_mut(), &mut budget),
-            conn = listener.accept() => match conn {
-                Ok((stream, _)) => {
-                    let n = Rc::clone(&node);
-                    let p = Rc::clone(&process);
-                    let s = Rc::clone(&stopped);
-                    tokio::task::spawn_local(async move {
-                        servers::control::serve_connection(&n, p.as_ref(), stream).await;
-                        if n.borrow().uninstalled {
-                            s.notify_one();
-                        }
-                    });
-                }
-                Err(e) => warn!("control socket: {e}"),
-            },
         }
     }
     let _ = std::fs::remove_file(&socket);

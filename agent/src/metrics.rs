@@ -283,6 +283,80 @@ pub fn render(d: &Node) -> Result<String, String> {
         counter(thefts),
     );
 
+    // Listeners: what each holds open and what it turned away, before authentication.
+    let open = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let max = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let accepted = Counters::new();
+    let capped = Counters::new();
+    let accept_errors = Counters::new();
+    let evicted = Counters::new();
+    for (name, st) in crate::servers::limit::listeners() {
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let lb = l(&[("listener", name)]);
+        open.get_or_create(&lb).set(get(&st.open) as f64);
+        max.get_or_create(&lb).set(get(&st.max) as f64);
+        accepted.add(lb.clone(), get(&st.accepted));
+        accept_errors.add(lb.clone(), get(&st.accept_errors));
+        evicted.add(lb, get(&st.evicted));
+        capped.add(
+            l(&[("listener", name), ("cap", "listener")]),
+            get(&st.refused_listener_cap),
+        );
+        capped.add(
+            l(&[("listener", name), ("cap", "source")]),
+            get(&st.refused_source_cap),
+        );
+    }
+    reg.register(
+        "tollgate_listener_connections_open",
+        "Connections each listener is serving now",
+        open,
+    );
+    reg.register(
+        "tollgate_listener_connections_max",
+        "The most connections each listener holds at once",
+        max,
+    );
+    reg.register(
+        "tollgate_listener_connections_accepted",
+        "Connections accepted and served, by listener",
+        accepted.0,
+    );
+    reg.register(
+        "tollgate_listener_connections_capped",
+        "Connections closed at once: the listener, or their source (bind: an IPv4 address or IPv6 /64), at its cap",
+        capped.0,
+    );
+    reg.register(
+        "tollgate_listener_connections_evicted",
+        "Connections that had not sent their request, closed to make room at the listener's cap",
+        evicted.0,
+    );
+    reg.register(
+        "tollgate_listener_accept_errors",
+        "Failed accepts (descriptor exhaustion and the like), each backed off",
+        accept_errors.0,
+    );
+    let refusals = Counters::new();
+    for ((listener, reason), n) in crate::servers::limit::refusals() {
+        refusals.add(l(&[("listener", listener), ("reason", reason)]), n);
+    }
+    reg.register(
+        "tollgate_listener_refusals",
+        "Requests refused before authentication (malformed, too large, timed out, TLS handshake, no token, wrong path or method)",
+        refusals.0,
+    );
+    reg.register(
+        "tollgate_descriptor_limit",
+        "The soft RLIMIT_NOFILE in force (raised to the hard limit at start)",
+        gauge(crate::servers::limit::FD_LIMIT.load(std::sync::atomic::Ordering::Relaxed) as f64),
+    );
+    reg.register(
+        "tollgate_audit_refusals_suppressed",
+        "Refusals counted but not written to the audit log one line each (rate limit; see the refusals_suppressed lines)",
+        counter(d.audit.suppressed_refusals()),
+    );
+
     // Controller.
     let c = &d.control;
     reg.register(

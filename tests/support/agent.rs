@@ -231,7 +231,7 @@ impl Agent {
     /// Starts `tollgate run ARGS` in `ns` using `dirs` (the test keeps them, so a second
     /// agent can adopt what the first left).
     pub fn launch(ns: &NetNs, dirs: &AgentDirs, args: &[&str]) -> Agent {
-        Agent::launch_socket_by(ns, dirs, "--control-socket", args)
+        Agent::launch_limited(ns, dirs, "--control-socket", args, None)
     }
 
     /// Like [`Agent::launch`], with the control socket given by `socket_flag` (the global
@@ -241,6 +241,28 @@ impl Agent {
         dirs: &AgentDirs,
         socket_flag: &str,
         args: &[&str],
+    ) -> Agent {
+        Agent::launch_limited(ns, dirs, socket_flag, args, None)
+    }
+
+    /// Like [`Agent::launch`], with RLIMIT_NOFILE set to (`soft`, `hard`) for the agent, as
+    /// a unit's `LimitNOFILE=` or a shell's `ulimit -n` would.
+    pub fn launch_with_nofile(
+        ns: &NetNs,
+        dirs: &AgentDirs,
+        args: &[&str],
+        soft: u64,
+        hard: u64,
+    ) -> Agent {
+        Agent::launch_limited(ns, dirs, "--control-socket", args, Some((soft, hard)))
+    }
+
+    fn launch_limited(
+        ns: &NetNs,
+        dirs: &AgentDirs,
+        socket_flag: &str,
+        args: &[&str],
+        nofile: Option<(u64, u64)>,
     ) -> Agent {
         let mut cmd = ns.command(tollgate_bin());
         cmd.arg("run")
@@ -260,9 +282,18 @@ impl Agent {
         // agent, so the guard must not outlive that thread (tests keep it on their own).
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some((soft, hard)) = nofile {
+                    let lim = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

@@ -8,10 +8,12 @@
 //! - [`fixture`]: fixture tables run through BPF_PROG_TEST_RUN;
 //! - [`tokenlab`]: keys, certificates, tokens and HTTPS binds for token tests;
 //! - [`node`]: the agent tests' world: a lab and a policy of six identities;
-//! - [`pty`]: a pseudo-terminal for `tollgate top`, and taking it away.
+//! - [`pty`]: a pseudo-terminal for `tollgate top`, and taking it away;
+//! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags.
 
 pub mod agent;
 pub mod config;
+pub mod exhaust;
 pub mod fixture;
 pub mod frames;
 pub mod lab;

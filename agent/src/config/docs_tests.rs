@@ -129,6 +129,11 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             Some(node.kernel_log.label().to_owned()),
         ),
         (
+            "node",
+            "audit_max_bytes",
+            Some(node.audit_max_bytes.to_string()),
+        ),
+        (
             "anonymous",
             "packets_per_second",
             Some(anonymous.packets_per_second.to_string()),

@@ -107,6 +107,8 @@ pub struct Node {
     pub control_group: String,
     /// How much the XDP program logs (rare events only); off by default.
     pub kernel_log: KernelLog,
+    /// The size at which `audit.log` is rotated to `audit.log.1`.
+    pub audit_max_bytes: u64,
 }
 
 /// The allowance of unbound sources, per IPv4 /24 and per IPv6 /64, /56 and /48, on endpoints
@@ -182,6 +184,7 @@ impl Node {
             control_socket: PathBuf::from(crate::paths::CONTROL_SOCKET),
             control_group: "tollgate".to_owned(),
             kernel_log: KernelLog::Off,
+            audit_max_bytes: crate::audit::MAX_BYTES,
         }
     }
 }

@@ -61,6 +61,7 @@ pub(super) struct RawNode {
     pub control_socket: Option<S<String>>,
     pub control_group: Option<S<String>>,
     pub kernel_log: Option<S<String>>,
+    pub audit_max_bytes: Option<S<i64>>,
 }
 
 #[derive(Default, Deserialize)]

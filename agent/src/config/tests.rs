@@ -73,6 +73,7 @@ fn defaults_fill_absent_keys() {
             control_socket: "/run/tollgate/control.sock".into(),
             control_group: "tollgate".into(),
             kernel_log: crate::loader::KernelLog::Off,
+            audit_max_bytes: 64 * 1024 * 1024,
         }
     );
     assert_eq!(
@@ -1060,5 +1061,21 @@ fn kernel_log_takes_a_level_and_refuses_others() {
         2,
         "node.kernel_log",
         "expected off, error, warn, info or debug",
+    );
+}
+
+#[test]
+fn audit_max_bytes_is_a_size_of_at_least_64_kib() {
+    let c = Config::parse(
+        &BASE.replace("[node]\n", "[node]\naudit_max_bytes = 1048576\n"),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(c.node.audit_max_bytes, 1 << 20);
+    assert_refused(
+        &BASE.replace("[node]\n", "[node]\naudit_max_bytes = 1000\n"),
+        2,
+        "node.audit_max_bytes",
+        "below the minimum of 65536",
     );
 }

@@ -1,7 +1,10 @@
 //! Run-time bindings an operator makes and ends (`tollgate bind --identity`, `unbind`), and
 //! their expiry. Token bindings are `ops::tokens`'.
 
+use std::net::IpAddr;
+
 use serde_json::json;
+use tracing::warn;
 
 use super::{Change, Done, Failed, OpError};
 use crate::{
@@ -41,6 +44,7 @@ pub fn bind(
     }
     let now = now_unix_ms();
     let expires = for_secs.map(|s| now + s.saturating_mul(1000));
+    let previous = previous_binding(node, addr, len);
     install(
         node,
         id,
@@ -54,7 +58,11 @@ pub fn bind(
             token_id: None,
         },
     )?;
-    node.save_state()?;
+    // A bind that is not durable is not made: the kernel and the state are put back.
+    if let Err(e) = node.save_state() {
+        undo_bind(node, addr, len, previous);
+        return Err(e.into());
+    }
     let reply = Bound {
         target: prefix_text(addr, len),
         identity: identity.to_owned(),
@@ -74,6 +82,37 @@ pub(super) fn install(node: &mut Node, id: u32, b: DynBinding) -> Result<(), Tab
         .retain(|x| !(x.addr == b.addr && x.prefix_len == b.prefix_len));
     node.state.bindings.push(b);
     Ok(())
+}
+
+/// The run-time binding of exactly `addr/len`, if any: what [`undo_bind`] puts back.
+pub(crate) fn previous_binding(node: &Node, addr: IpAddr, len: u8) -> Option<DynBinding> {
+    node.state
+        .bindings
+        .iter()
+        .find(|b| b.addr == addr && b.prefix_len == len)
+        .cloned()
+}
+
+/// Undoes a bind of `addr/len` whose state could not be saved: the kernel and the state get
+/// back `previous` (or no binding), so that nothing says the bind happened.
+pub(crate) fn undo_bind(node: &mut Node, addr: IpAddr, len: u8, previous: Option<DynBinding>) {
+    node.state
+        .bindings
+        .retain(|b| !(b.addr == addr && b.prefix_len == len));
+    let restored = match &previous {
+        Some(p) => match node.state.identity_ids.get(&p.identity).copied() {
+            Some(id) => {
+                let exp_ns = expiry_boot_ns(p.expires_unix_ms, now_unix_ms()).unwrap_or(1);
+                node.pinned.tables.bind(addr, len, id, exp_ns)
+            }
+            None => node.pinned.tables.unbind(addr, len),
+        },
+        None => node.pinned.tables.unbind(addr, len),
+    };
+    if let Err(e) = restored {
+        warn!("undoing the bind of {addr}/{len}: {e}");
+    }
+    node.state.bindings.extend(previous);
 }
 
 /// Ends the run-time binding of exactly `target`.

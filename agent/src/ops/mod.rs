@@ -161,8 +161,9 @@ impl From<AuditFailed> for OpError {
 
 /// Writes the operation's audit record, if it has one: the one place requests are audited.
 /// A change whose record cannot be written is answered with an error (it was made, but an
-/// unaudited change must not look like a success); a refusal whose record cannot be written
-/// is still the refusal.
+/// unaudited change must not look like a success); a refusal's record is rate-limited
+/// (`Audit::record_refusal`), and a refusal whose record cannot be written is still the
+/// refusal.
 pub fn audited<T, E: From<AuditFailed>>(
     node: &Node,
     who: &Actor,
@@ -177,9 +178,13 @@ pub fn audited<T, E: From<AuditFailed>>(
             }
             Ok(reply)
         }
+        // Refusals change nothing and anyone may cause them: rate-limited (the rest are
+        // counted and summed up), never synced one by one.
         Err(Failed { error, change }) => {
             if let Some(c) = change
-                && let Err(e) = node.audit.record(who, c.action, &c.reason, c.detail)
+                && let Err(e) = node
+                    .audit
+                    .record_refusal(who, c.action, &c.reason, c.detail)
             {
                 warn!("audit log: {e}");
             }

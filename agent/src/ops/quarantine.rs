@@ -67,7 +67,7 @@ pub fn quarantine(
     let name = resolve_target(node, target)?;
     let now = now_unix_ms();
     let until = for_secs.map(|s| now + s.saturating_mul(1000));
-    node.state.quarantines.insert(
+    let before = node.state.quarantines.insert(
         name.clone(),
         Quarantine {
             until_unix_ms: until,
@@ -76,8 +76,27 @@ pub fn quarantine(
             by: QuarantineOwner::from(who),
         },
     );
-    node.save_state()?;
-    set_flag(node, &name, true)?;
+    // Durable first (a crash after it still quarantines at the next start), then the kernel;
+    // if either fails, nothing is left saying it happened.
+    let undo = |node: &mut Node| match &before {
+        Some(q) => {
+            node.state.quarantines.insert(name.clone(), q.clone());
+        }
+        None => {
+            node.state.quarantines.remove(&name);
+        }
+    };
+    if let Err(e) = node.save_state() {
+        undo(node);
+        return Err(e.into());
+    }
+    if let Err(e) = set_flag(node, &name, true) {
+        undo(node);
+        if let Err(s) = node.save_state() {
+            warn!("undoing the quarantine of {name} in the state: {s}");
+        }
+        return Err(e.into());
+    }
     let reply = Quarantined {
         identity: name,
         until_unix_ms: until,
@@ -89,11 +108,21 @@ pub fn quarantine(
 /// Releases `target` from quarantine.
 pub fn release(node: &mut Node, target: &str, reason: &str) -> Result<Done<Released>, Failed> {
     let name = resolve_target(node, target)?;
-    if node.state.quarantines.remove(&name).is_none() {
+    let Some(before) = node.state.quarantines.remove(&name) else {
         return Err(OpError::NotFound(format!("{name} is not quarantined")).into());
+    };
+    // As for a quarantine: durable, then the kernel, and undone if either fails.
+    if let Err(e) = node.save_state() {
+        node.state.quarantines.insert(name, before);
+        return Err(e.into());
     }
-    node.save_state()?;
-    set_flag(node, &name, false)?;
+    if let Err(e) = set_flag(node, &name, false) {
+        node.state.quarantines.insert(name.clone(), before);
+        if let Err(s) = node.save_state() {
+            warn!("undoing the release of {name} in the state: {s}");
+        }
+        return Err(e.into());
+    }
     let reply = Released { identity: name };
     let change = Change::new("release", reason, &reply);
     Ok(Done::changed(reply, change))

@@ -116,6 +116,8 @@ fn bind_verified(
         .ok_or_else(|| {
             BindFailure::Kernel(format!("no free identity slot for {}", claims.identity))
         })?;
+    let previous = super::bindings::previous_binding(node, addr, len);
+    let previous_identity = node.state.token_identities.get(&claims.identity).cloned();
     if let Some(t) = placed {
         let merged = match node.state.token_identities.get(&claims.identity) {
             Some(old) if old.expires_unix_ms > t.expires_unix_ms => TokenIdentity {
@@ -152,8 +154,21 @@ fn bind_verified(
         },
     )
     .map_err(|e| BindFailure::Kernel(e.to_string()))?;
-    node.save_state()
-        .map_err(|e| BindFailure::Kernel(e.to_string()))?;
+    // A bind that is not durable is not made: the kernel and the state are put back.
+    if let Err(e) = node.save_state() {
+        super::bindings::undo_bind(node, addr, len, previous);
+        match previous_identity {
+            Some(t) => {
+                node.state
+                    .token_identities
+                    .insert(claims.identity.clone(), t);
+            }
+            None => {
+                node.state.token_identities.remove(&claims.identity);
+            }
+        }
+        return Err(BindFailure::Kernel(e.to_string()));
+    }
     let reply = TokenBound {
         address: addr,
         identity: claims.identity,

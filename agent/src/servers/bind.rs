@@ -13,9 +13,12 @@ use tokio_rustls::{
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
     },
 };
-use tracing::{info, warn};
+use tracing::debug;
 
-use super::http::{self, Head, HeadError, Limits, ReadError};
+use super::{
+    http::{self, Head, HeadError, Limits, ReadError},
+    limit::{self, Backoff, Gate, Permit},
+};
 use crate::{
     audit::Actor,
     control::reply::HttpError,
@@ -69,24 +72,42 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ListenerError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Accepts connections until the daemon stops.
-pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, tls: TlsAcceptor) {
+/// Accepts connections until the daemon stops: at most `max` at once and
+/// [`limit::BIND_PER_SOURCE`] from one source (an IPv4 address, an IPv6 /64). Past a source's
+/// cap the connection is closed as soon as accepted; at the listener's cap the oldest
+/// connection that has not sent its request is closed to make room (`limit::Gate`). Each connection, TLS handshake included, has [`TIMEOUT`].
+pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, tls: TlsAcceptor, max: u64) {
+    let gate = Gate::new(&limit::BIND, max, limit::BIND_PER_SOURCE);
+    let mut backoff = Backoff::new("bind listener", &limit::BIND);
     loop {
         let (stream, peer) = match tcp.accept().await {
             Ok(c) => c,
             Err(e) => {
-                warn!("bind listener: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                backoff.failed(&e).await;
                 continue;
             }
+        };
+        backoff.ok();
+        let Some(permit) = gate.admit(Some(peer.ip())) else {
+            drop(stream);
+            continue;
         };
         let n = Rc::clone(&node);
         let tls = tls.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = tokio::time::timeout(TIMEOUT, handle(&n, stream, peer, tls)).await {
-                info!(%peer, "bind listener: connection timed out ({e})");
+            tokio::select! {
+                r = tokio::time::timeout(TIMEOUT, handle(&n, stream, peer, tls, &permit)) => {
+                    if let Err(e) = r {
+                        limit::count_refusal("bind", "timed_out");
+                        debug!(%peer, "bind listener: connection timed out ({e})");
+                    }
+                }
+                () = permit.evicted() => {}
             }
+            drop(permit);
         });
+        // An evicted connection's task closes it before the next accept.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -97,25 +118,42 @@ fn refusal(error: impl Into<String>) -> HttpError {
     }
 }
 
-async fn handle(node: &RefCell<Node>, stream: TcpStream, peer: SocketAddr, tls: TlsAcceptor) {
+async fn handle(
+    node: &RefCell<Node>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: TlsAcceptor,
+    permit: &Permit,
+) {
     let mut stream = match tls.accept(stream).await {
         Ok(s) => s,
         Err(e) => {
-            info!(%peer, "bind listener: TLS handshake failed: {e}");
+            limit::count_refusal("bind", "tls_handshake");
+            debug!(%peer, "bind listener: TLS handshake failed: {e}");
             return;
         }
     };
-    let (status, body) = match http::read_head(&mut stream, LIMITS).await {
-        Err(HeadError::Read(ReadError::TooLarge(_))) => (
-            413,
-            serde_json::to_string(&refusal("request head too large")),
-        ),
+    let head = http::read_head(&mut stream, LIMITS).await;
+    // The request is in: what is left is the agent's work, which eviction must not cut.
+    permit.settle();
+    let (status, body) = match head {
+        Err(HeadError::Read(ReadError::TooLarge(_))) => {
+            limit::count_refusal("bind", "too_large");
+            (
+                413,
+                serde_json::to_string(&refusal("request head too large")),
+            )
+        }
         Err(HeadError::Read(ReadError::TimedOut(t))) => {
-            info!(%peer, "bind listener: connection timed out ({}s)", t.as_secs());
+            limit::count_refusal("bind", "timed_out");
+            debug!(%peer, "bind listener: connection timed out ({}s)", t.as_secs());
             return;
         }
         Err(HeadError::Read(_)) => return,
-        Err(e @ HeadError::Malformed(_)) => (400, serde_json::to_string(&refusal(e.to_string()))),
+        Err(e @ HeadError::Malformed(_)) => {
+            limit::count_refusal("bind", "malformed");
+            (400, serde_json::to_string(&refusal(e.to_string())))
+        }
         Ok(head) => respond(node, &head, peer),
     };
     let reason = match status {
@@ -148,16 +186,19 @@ fn respond(
 ) -> (u16, serde_json::Result<String>) {
     let refused = |status, e: HttpError| (status, serde_json::to_string(&e));
     if head.path != "/v1/bind" {
+        limit::count_refusal("bind", "not_found");
         return refused(404, refusal("not found: the bind listener serves /v1/bind"));
     }
     let method = head.method.as_str();
     if method != "POST" && method != "DELETE" {
+        limit::count_refusal("bind", "method");
         return refused(405, refusal("use POST (bind) or DELETE (unbind)"));
     }
     let Some(token) = head.header("authorization").and_then(|a| {
         a.strip_prefix("Bearer ")
             .or_else(|| a.strip_prefix("bearer "))
     }) else {
+        limit::count_refusal("bind", "no_token");
         return refused(401, refusal("missing Authorization: Bearer <token>"));
     };
     let who = Actor {

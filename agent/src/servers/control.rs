@@ -2,7 +2,7 @@
 //! The peer is judged by SO_PEERCRED, the request read bounded in size and time, and the
 //! request handed to `ops::dispatch`.
 
-use std::{cell::RefCell, path::Path, time::Duration};
+use std::{cell::RefCell, path::Path, rc::Rc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{
@@ -11,7 +11,10 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::http::{Limits, ReadError, read_bounded};
+use super::{
+    http::{Limits, ReadError, read_bounded},
+    limit::{self, Backoff, Gate},
+};
 use crate::{
     control::{
         peer::{self, Peer},
@@ -64,6 +67,46 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, SocketError> {
         warn!("group {group} does not exist: the control socket is root-only");
     }
     Ok(listener)
+}
+
+/// Accepts connections until the daemon stops: at most `max` at once (the rest are closed
+/// as soon as accepted), a failed accept backing off. `stopped` is told when a request
+/// uninstalled the node.
+pub async fn serve(
+    node: Rc<RefCell<Node>>,
+    life: Rc<dyn Lifecycle>,
+    listener: UnixListener,
+    max: u64,
+    stopped: Rc<tokio::sync::Notify>,
+) {
+    let gate = Gate::new(&limit::CONTROL, max, 0);
+    let mut backoff = Backoff::new("control socket", &limit::CONTROL);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                backoff.failed(&e).await;
+                continue;
+            }
+        };
+        backoff.ok();
+        let Some(permit) = gate.admit(None) else {
+            drop(stream);
+            continue;
+        };
+        // Local, and judged by its credentials: the control socket evicts no one.
+        permit.settle();
+        let n = Rc::clone(&node);
+        let life = Rc::clone(&life);
+        let stopped = Rc::clone(&stopped);
+        tokio::task::spawn_local(async move {
+            serve_connection(&n, life.as_ref(), stream).await;
+            drop(permit);
+            if n.borrow().uninstalled {
+                stopped.notify_one();
+            }
+        });
+    }
 }
 
 /// Serves one connection: one request, one response.

@@ -3,11 +3,12 @@
 
 use std::{cell::RefCell, net::SocketAddr, rc::Rc, time::Duration};
 
-use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
-
-use super::http::{self, HeadError, Limits, ReadError};
+use super::{
+    http::{self, HeadError, Limits, ReadError},
+    limit::{self, Backoff, Gate, Permit},
+};
 use crate::node::Node;
+use tokio::net::{TcpListener, TcpStream};
 
 /// A scrape's request head: small, and quick.
 const LIMITS: Limits = Limits {
@@ -21,32 +22,68 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves `GET /metrics` until the daemon stops.
-pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener) {
+/// At most `max` connections are held: at the cap the oldest that has not sent its request
+/// is closed to make room, and if every one has, the newcomer is closed as soon as accepted. A
+/// failed accept backs off.
+pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, max: u64) {
+    let gate = Gate::new(&limit::METRICS, max, 0);
+    let mut backoff = Backoff::new("metrics listener", &limit::METRICS);
     loop {
-        let (stream, _) = match tcp.accept().await {
-            Ok(c) => c,
+        let stream = match tcp.accept().await {
+            Ok((s, _)) => s,
             Err(e) => {
-                warn!("metrics listener: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                backoff.failed(&e).await;
                 continue;
             }
         };
+        backoff.ok();
+        let Some(permit) = gate.admit(None) else {
+            drop(stream);
+            continue;
+        };
         let n = Rc::clone(&node);
         tokio::task::spawn_local(async move {
-            let _ = tokio::time::timeout(LIMITS.timeout, handle(&n, stream)).await;
+            tokio::select! {
+                r = tokio::time::timeout(LIMITS.timeout, handle(&n, stream, &permit)) => {
+                    if r.is_err() {
+                        limit::count_refusal("metrics", "timed_out");
+                    }
+                }
+                () = permit.evicted() => {}
+            }
+            drop(permit);
         });
+        // An evicted connection's task closes it before the next accept.
+        tokio::task::yield_now().await;
     }
 }
 
-async fn handle(node: &RefCell<Node>, mut stream: TcpStream) {
-    let (status, ctype, body) = match http::read_head(&mut stream, LIMITS).await {
+async fn handle(node: &RefCell<Node>, mut stream: TcpStream, permit: &Permit) {
+    let head = http::read_head(&mut stream, LIMITS).await;
+    // The request is in: rendering and answering it are not cut by eviction.
+    permit.settle();
+    let (status, ctype, body) = match head {
         Err(HeadError::Read(ReadError::TooLarge(_))) => {
+            limit::count_refusal("metrics", "too_large");
             (431, "text/plain", "request head too large\n".to_owned())
         }
+        Err(HeadError::Read(ReadError::TimedOut(_))) => {
+            limit::count_refusal("metrics", "timed_out");
+            return;
+        }
         Err(HeadError::Read(_)) => return,
-        Err(HeadError::Malformed(_)) => (400, "text/plain", "malformed request\n".to_owned()),
-        Ok(head) if head.method != "GET" => (405, "text/plain", "GET only\n".to_owned()),
-        Ok(head) if head.path != "/metrics" => (404, "text/plain", "see /metrics\n".to_owned()),
+        Err(HeadError::Malformed(_)) => {
+            limit::count_refusal("metrics", "malformed");
+            (400, "text/plain", "malformed request\n".to_owned())
+        }
+        Ok(head) if head.method != "GET" => {
+            limit::count_refusal("metrics", "method");
+            (405, "text/plain", "GET only\n".to_owned())
+        }
+        Ok(head) if head.path != "/metrics" => {
+            limit::count_refusal("metrics", "not_found");
+            (404, "text/plain", "see /metrics\n".to_owned())
+        }
         Ok(_) => match crate::metrics::render(&node.borrow()) {
             Ok(text) => (200, "text/plain; version=0.0.4; charset=utf-8", text),
             Err(e) => (500, "text/plain", format!("{e}\n")),

@@ -11,6 +11,8 @@ use crate::loader::{AttachMode, KernelLog};
 const MAX_IFNAME: usize = 15;
 /// Keeps `interval_ms * 1e6` (ns) far from overflow; an hour between events is silence.
 const MAX_DROP_EVENT_INTERVAL_MS: i64 = 3_600_000;
+/// An audit log smaller than this would rotate away the record it has just written.
+const MIN_AUDIT_BYTES: i64 = 65_536;
 
 impl Checker<'_> {
     pub(super) fn node(&self, raw: S<RawNode>) -> Result<Node> {
@@ -85,9 +87,16 @@ impl Checker<'_> {
                 )
             })?,
         };
+        let audit_max_bytes = self.int(
+            &raw.audit_max_bytes,
+            "node.audit_max_bytes",
+            defaults.audit_max_bytes as i64,
+            MIN_AUDIT_BYTES..=i64::MAX,
+        )? as u64;
         Ok(Node {
             interfaces,
             kernel_log,
+            audit_max_bytes,
             xdp_mode,
             pin_dir: self.abs_path(&raw.pin_dir, "node.pin_dir", &defaults.pin_dir)?,
             state_dir: self.abs_path(&raw.state_dir, "node.state_dir", &defaults.state_dir)?,
