@@ -99,6 +99,42 @@ fn a_quarantine_outlives_its_identitys_tokens_expiring_while_the_agent_is_down()
     assert!(w.model_answers(client, Duration::from_secs(2)));
 }
 
+/// Finding 3, the other way in: a configured identity left out of the configuration for one
+/// reload keeps its quarantine, and is quarantined again when it comes back.
+#[test]
+fn a_quarantine_outlives_its_identity_leaving_the_configuration_for_one_reload() {
+    let w = World::new(None);
+    let _agent = w.start();
+    let client = &w.lab.client;
+    let without = std::fs::read_to_string(&w.config).expect("config");
+    let with = format!(
+        "{without}\n[[identities]]\nname = \"sam\"\nclass = \"customer\"\nplan = \"customer\"\n\
+         bind = [\"{}\"]\n",
+        w.lab.client_v4
+    );
+    std::fs::write(&w.config, &with).expect("config");
+    w.dirs.cli_ok(&["reload"]);
+    assert!(w.model_answers(client, Duration::from_secs(2)));
+    w.dirs
+        .cli_ok(&["quarantine", "sam", "--reason", "hardening: abuse"]);
+    assert!(!w.model_answers(client, Duration::from_millis(700)));
+    std::fs::write(&w.config, &without).expect("config");
+    w.dirs.cli_ok(&["reload"]);
+    let state = state_json(&w);
+    assert!(
+        state["quarantines"]["sam"].is_object(),
+        "the quarantine went with the identity: {state}"
+    );
+    std::fs::write(&w.config, &with).expect("config");
+    w.dirs.cli_ok(&["reload"]);
+    assert!(
+        !w.model_answers(client, Duration::from_millis(700)),
+        "back in the configuration, no longer quarantined"
+    );
+    w.dirs.cli_ok(&["release", "sam", "--reason", "hardening"]);
+    assert!(w.model_answers(client, Duration::from_secs(2)));
+}
+
 /// Finding 8: a token stamped by an issuer whose clock runs ahead of the node's (within the
 /// accepted skew) is still "issued before" a revocation of its identity made just after.
 #[test]
