@@ -85,7 +85,9 @@ fn every_section(dirs: &AgentDirs, kit: &TokenKit) -> Config {
             .gpus(&[0])
             .destinations(&["198.18.0.0/24", "2001:db8::/64"]),
         )
-        .endpoint(Endpoint::tcp("bind", BIND_PORT, &["customer"]).anonymous())
+        .endpoint(
+            Endpoint::tcp("bind", BIND_PORT, &tollgate_tests::tokenlab::BIND_CLASSES).anonymous(),
+        )
         .identity(
             Identity::new(
                 "ops",

@@ -211,7 +211,8 @@ impl ControlLoop {
                 continue;
             };
             let delta = match self.last.insert(name.clone(), now) {
-                Some(prev) => now.delta(&prev),
+                // `since`, not `delta`: a slot cleared for reuse starts again from zero.
+                Some(prev) => now.since(&prev),
                 // First sight (start or a new identity): no delta, a baseline for the next.
                 None => IdentityCounters::default(),
             };

@@ -118,4 +118,23 @@ mod tests {
         back.accumulate(&d);
         assert_eq!(back, total);
     }
+
+    /// A slot cleared for reuse reads lower than the last reading: `since` counts from zero
+    /// (what is in the slot now is all new), where `delta` would wrap to ~2^64 and spend a
+    /// quota at once.
+    #[test]
+    fn a_cleared_slot_counts_from_zero_again() {
+        let reading = |p: u64| IdentityCounters {
+            passed: Counter {
+                packets: p,
+                bytes: p * 100,
+            },
+            cost: p * 100,
+            ..IdentityCounters::default()
+        };
+        let (before, after_clear) = (reading(50), reading(3));
+        assert_eq!(after_clear.since(&before), after_clear);
+        assert!(after_clear.delta(&before).passed.bytes > u64::MAX / 2);
+        assert_eq!(reading(53).since(&before), reading(3));
+    }
 }

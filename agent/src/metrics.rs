@@ -121,7 +121,17 @@ pub fn render(d: &Node) -> Result<String, String> {
         let Some(Ok(c)) = r.slot.map(|id| tables.identity_counters(id)) else {
             continue;
         };
-        rows.push((r.name.to_owned(), r.class.label(), r.plan.to_owned(), c));
+        // Any local user can read /metrics: a token identity (a customer's name, chosen by
+        // the issuer) is shown by its slot unless the operator asked for names.
+        let label = match (r.source, r.slot) {
+            (crate::identity::IdentitySource::Token, Some(id))
+                if !config.metrics.identity_names =>
+            {
+                format!("slot-{id}")
+            }
+            _ => r.name.to_owned(),
+        };
+        rows.push((label, r.class.label(), r.plan.to_owned(), c));
     }
     let class_p = Counters::new();
     let class_b = Counters::new();

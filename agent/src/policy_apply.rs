@@ -38,6 +38,19 @@ pub fn expiry_boot_ns(expires_unix_ms: Option<u64>, now_ms: u64) -> Option<u64> 
     }
 }
 
+/// The slot of `name`; a newly allocated one (perhaps used before) is cleared first, so its
+/// occupant gets no budget, flags or counters of the last.
+fn slot_for(state: &mut State, tables: &mut KernelTables, name: &str) -> Result<u32, PolicyError> {
+    let fresh = !state.identity_ids.contains_key(name);
+    let id = state
+        .identity_id(name, MAX_IDENTITIES)
+        .ok_or_else(|| PolicyError::NoIdentitySlot(name.to_owned()))?;
+    if fresh {
+        tables.clear_identity(id)?;
+    }
+    Ok(id)
+}
+
 /// Applies `config` and `state` to the kernel. `state` loses entries that no longer apply
 /// (identities gone from the config, expired run-time bindings); the caller saves it.
 pub fn apply(
@@ -115,9 +128,7 @@ pub fn apply(
         .collect();
     let mut ids: BTreeMap<String, u32> = BTreeMap::new();
     for ident in &config.identities {
-        let id = state
-            .identity_id(&ident.name, MAX_IDENTITIES)
-            .ok_or_else(|| PolicyError::NoIdentitySlot(ident.name.clone()))?;
+        let id = slot_for(state, tables, &ident.name)?;
         let resolver = Resolver::new(config, state);
         let Some(r) = resolver.get(&ident.name) else {
             continue; // configured, so always found
@@ -129,9 +140,7 @@ pub fn apply(
     let token_names: Vec<String> = state.token_identities.keys().cloned().collect();
     for name in token_names {
         let t = state.token_identities[&name].clone();
-        let id = state
-            .identity_id(&name, MAX_IDENTITIES)
-            .ok_or_else(|| PolicyError::NoIdentitySlot(name.clone()))?;
+        let id = slot_for(state, tables, &name)?;
         let rec = Resolver::new(config, state).record(
             &crate::identity::token(&name, Some(id), &t),
             state.quarantined(&name, now_ms),
@@ -186,12 +195,13 @@ pub fn apply(
     }
     applied.bindings = desired.len();
 
-    // Identities that left the configuration: their bindings are gone; now their slots.
+    // Identities that left the configuration: their bindings are gone; now their slots. A
+    // quarantine stays: only a release or its own expiry ends one, and it is applied again
+    // when the name gets a slot again (from the configuration or a token).
     for name in gone {
         if let Some(id) = state.identity_ids.remove(&name) {
             tables.clear_identity(id)?;
         }
-        state.quarantines.remove(&name);
         applied.identities_removed.push(name);
     }
     Ok(applied)

@@ -185,8 +185,9 @@ pub struct State {
     /// Revoked token ids -> when the token expires anyway (then the entry can go).
     #[serde(default)]
     pub revoked_tokens: BTreeMap<String, u64>,
-    /// Identity name -> revocation time: tokens of that identity issued at or before it are
-    /// refused.
+    /// Identity name -> revocation cut-off (ms): tokens of that identity issued (`iat`) at or
+    /// before it are refused. The cut-off is the revocation time plus `tokens.clock_skew_s`,
+    /// so a token stamped by an issuer whose clock runs ahead is covered too.
     #[serde(default)]
     pub revoked_identities: BTreeMap<String, u64>,
     /// Cache of the slots in `identity_ids` (not persisted).

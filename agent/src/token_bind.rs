@@ -121,9 +121,12 @@ impl BindFailure {
     pub fn message(&self) -> String {
         match self {
             BindFailure::Refused(r) => format!("token refused: {r} ({})", r.label()),
-            BindFailure::Replay { bound_to } => format!(
-                "token refused: it is bound to another address ({bound_to}); probable token theft, reported"
-            ),
+            // Never the bound address: the presenter is probably the thief, and the victim's
+            // address is the operator's to know (the audit line keeps it).
+            BindFailure::Replay { .. } => {
+                "token refused: it is bound to another address; probable token theft, reported"
+                    .into()
+            }
             BindFailure::Unplaceable(m) => format!("token refused: {m}"),
             BindFailure::Disabled => "token binding is not configured on this node".into(),
             BindFailure::Kernel(m) => m.clone(),

@@ -351,6 +351,22 @@ impl IdentityCounters {
         }
     }
 
+    /// What happened since `earlier` was read from the same identity's slot. A slot that was
+    /// cleared in between (the identity lost its slot and got a fresh one) counts from zero
+    /// again: any counter below its earlier value means exactly that, and everything now in
+    /// the counters is new. Without this check the wrapping difference would read as ~2^64
+    /// packets and bytes, and spend a whole quota at once.
+    pub fn since(&self, earlier: &IdentityCounters) -> IdentityCounters {
+        let reset = self.passed.packets < earlier.passed.packets
+            || self.passed.bytes < earlier.passed.bytes
+            || self.dropped.packets < earlier.dropped.packets
+            || self.dropped.bytes < earlier.dropped.bytes
+            || self.cost < earlier.cost
+            || self.syn < earlier.syn
+            || self.small < earlier.small;
+        if reset { *self } else { self.delta(earlier) }
+    }
+
     /// Adds `other` in (a delta into a window's total).
     pub fn accumulate(&mut self, other: &IdentityCounters) {
         self.passed.accumulate(&other.passed);

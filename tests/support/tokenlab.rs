@@ -20,6 +20,9 @@ use crate::{
 pub const AUDIENCE: &str = "pool-a";
 pub const MODEL_PORT: u16 = 8000;
 pub const BIND_PORT: u16 = 8443;
+/// The classes the bind endpoint must admit (`config check` refuses fewer): every class a
+/// token can carry, so a bound client of any class can renew and unbind.
+pub const BIND_CLASSES: [&str; 3] = ["internal", "partner", "customer"];
 
 pub struct World {
     pub lab: Lab,
@@ -77,7 +80,7 @@ impl World {
             })
             .plan(Plan::new("customer").packets(1000, 1000))
             .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
-            .endpoint(Endpoint::tcp("bind", BIND_PORT, &["customer"]).anonymous())
+            .endpoint(Endpoint::tcp("bind", BIND_PORT, &BIND_CLASSES).anonymous())
             .write(&dirs.state_dir.join("tollgate.toml"));
         let model = model_server(&lab);
         World {

@@ -278,6 +278,11 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             "top_k",
             Some(Metrics::default().top_k.to_string()),
         ),
+        (
+            "metrics",
+            "identity_names",
+            Some(Metrics::default().identity_names.to_string()),
+        ),
     ]
 }
 

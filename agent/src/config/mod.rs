@@ -67,6 +67,9 @@ pub struct Config {
 pub struct Metrics {
     /// Identities in the top-K families (the only ones labelled by identity).
     pub top_k: usize,
+    /// Label token identities by name; `false`: by slot (`slot-N`), since any local user
+    /// can read `/metrics`. Configured identities keep their names.
+    pub identity_names: bool,
 }
 
 /// The class named by a label (`internal`, `partner`, `customer`); `anonymous` is not a
@@ -215,7 +218,10 @@ impl Default for Listen {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { top_k: 10 }
+        Metrics {
+            top_k: 10,
+            identity_names: false,
+        }
     }
 }
 

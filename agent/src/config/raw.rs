@@ -31,6 +31,7 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMetrics {
     pub top_k: Option<S<i64>>,
+    pub identity_names: Option<S<bool>>,
 }
 
 #[derive(Deserialize)]

@@ -928,9 +928,19 @@ tls_cert = \"/etc/tollgate/cert.pem\"
 tls_key = \"/etc/tollgate/key.pem\"
 ";
 
+/// The endpoint `config check` wants on the bind listener's port once tokens are on.
+const BIND_ENDPOINT: &str = "
+[[endpoints]]
+name = \"bind\"
+protocol = \"tcp\"
+ports = [8443]
+classes = [\"internal\", \"partner\", \"customer\"]
+anonymous = true
+";
+
 #[test]
 fn tokens_section_defaults_and_values() {
-    let c = Config::parse(&with(TOKENS), "t.toml").unwrap();
+    let c = Config::parse(&with(&format!("{TOKENS}{BIND_ENDPOINT}")), "t.toml").unwrap();
     let t = c.tokens.expect("tokens");
     assert_eq!(t.audience, "pool-a");
     assert_eq!(
@@ -941,7 +951,7 @@ fn tokens_section_defaults_and_values() {
     assert_eq!((t.default_class, t.default_plan), (None, None));
     assert!(Config::parse(BASE, "t.toml").unwrap().tokens.is_none());
     let c = Config::parse(
-        &with(&format!("{TOKENS}default_plan = \"free\"\ndefault_class = \"partner\"\nidentity_claim = \"client_id\"\n")),
+        &with(&format!("{TOKENS}default_plan = \"free\"\ndefault_class = \"partner\"\nidentity_claim = \"client_id\"\n{BIND_ENDPOINT}")),
         "t.toml",
     )
     .unwrap();

@@ -15,10 +15,12 @@ use crate::{
     state::{Quarantine, QuarantineOwner, now_unix_ms},
 };
 
-/// An identity name, or the identity an address is bound to.
+/// An identity name, or the identity an address is bound to. A quarantined name without a
+/// slot (a token identity whose tokens expired, an identity left out of the configuration)
+/// is still a target: its quarantine stays until released or expired.
 pub fn resolve_target(node: &Node, target: &str) -> Result<String, OpError> {
     let ids = node.identities();
-    if ids.slot(target).is_some() {
+    if ids.slot(target).is_some() || node.state.quarantines.contains_key(target) {
         return Ok(target.to_owned());
     }
     if let Ok(addr) = target.parse::<IpAddr>() {
@@ -35,12 +37,12 @@ pub fn resolve_target(node: &Node, target: &str) -> Result<String, OpError> {
     )))
 }
 
-/// Sets or clears the kernel's quarantine flag of `name`.
+/// Sets or clears the kernel's quarantine flag of `name`. A name without a slot has no
+/// kernel record: nothing to do (the flag is set from the state when it gets one).
 pub fn set_flag(node: &mut Node, name: &str, on: bool) -> Result<(), OpError> {
-    let id = node
-        .identities()
-        .slot(name)
-        .ok_or_else(|| OpError::no_identity(name))?;
+    let Some(id) = node.identities().slot(name) else {
+        return Ok(());
+    };
     let tables = &mut node.pinned.tables;
     let mut rec = tables.identity(id)?;
     if on {

@@ -64,11 +64,11 @@ pub fn bind_token(
         } else {
             "token_refused"
         };
-        let change = Change::new(
-            action,
-            f.label(),
-            json!({"address": addr, "message": f.message()}),
-        );
+        let mut detail = json!({"address": addr, "message": f.message()});
+        if let BindFailure::Replay { bound_to } = &f {
+            detail["bound_to"] = json!(bound_to);
+        }
+        let change = Change::new(action, f.label(), detail);
         Failed::audited(f, change)
     })
 }
@@ -110,12 +110,20 @@ fn bind_verified(
         )));
     }
     let placed = placement(&node.config, &cfg, &claims).map_err(BindFailure::Unplaceable)?;
+    let fresh = node.identities().slot(&claims.identity).is_none();
     let id = node
         .state
         .identity_id(&claims.identity, MAX_IDENTITIES)
         .ok_or_else(|| {
             BindFailure::Kernel(format!("no free identity slot for {}", claims.identity))
         })?;
+    if fresh {
+        // A reused slot starts afresh: no budget, flags or counters of its last occupant.
+        node.pinned
+            .tables
+            .clear_identity(id)
+            .map_err(|e| BindFailure::Kernel(e.to_string()))?;
+    }
     let previous = super::bindings::previous_binding(node, addr, len);
     let previous_identity = node.state.token_identities.get(&claims.identity).cloned();
     if let Some(t) = placed {
@@ -221,8 +229,8 @@ pub fn unbind_token(
     Ok(Done::changed(reply, change))
 }
 
-/// Revokes a token id or every token of an identity issued until now: their bindings go
-/// at once, and the revocation is persisted.
+/// Revokes a token id or every token of an identity issued until now (plus the allowed clock
+/// skew): their bindings go at once, and the revocation is persisted.
 pub fn revoke(
     node: &mut Node,
     token_id: Option<&str>,
@@ -266,7 +274,18 @@ pub fn revoke(
         node.state.revoked_tokens.insert(t.to_owned(), until);
     }
     if let Some(i) = identity {
-        node.state.revoked_identities.insert(i.to_owned(), now_ms);
+        // The cut-off is now plus the allowed clock skew: an issuer whose clock runs ahead of
+        // this node's (by up to the skew tokens are accepted with) stamps a token issued just
+        // before the revocation with an `iat` after our "now". The price: a token issued
+        // within the skew after the revocation is refused too.
+        let skew_ms = node
+            .config
+            .tokens
+            .as_ref()
+            .map_or(0, |c| c.clock_skew_s.saturating_mul(1000));
+        node.state
+            .revoked_identities
+            .insert(i.to_owned(), now_ms.saturating_add(skew_ms));
     }
     node.save_state()?;
     let reply = Revoked {

@@ -175,7 +175,8 @@ impl KernelTables {
             .map_err(map_err(names::IDENTITIES))
     }
 
-    /// Clears identity `id` and its limiter state (the slot may be reused).
+    /// Clears identity `id`, its limiter state and its counters: the slot may be reused, and
+    /// its next occupant must not inherit the budget, flags or traffic of this one.
     pub fn clear_identity(&mut self, id: u32) -> Result<()> {
         if id == 0 || id >= MAX_IDENTITIES {
             return Err(TableError::IdentityId(id));
@@ -185,7 +186,18 @@ impl KernelTables {
             .map_err(map_err(names::IDENTITIES))?;
         self.buckets
             .set(id, Bucket::default(), 0)
-            .map_err(map_err(names::BUCKETS))
+            .map_err(map_err(names::BUCKETS))?;
+        let cpus = self
+            .identity_counters
+            .get(&id, 0)
+            .map_err(map_err(names::IDENTITY_COUNTERS))?
+            .iter()
+            .count();
+        let zeros = PerCpuValues::try_from(vec![IdentityCounters::default(); cpus])
+            .map_err(|e| map_err(names::IDENTITY_COUNTERS)(MapError::IoError(e)))?;
+        self.identity_counters
+            .set(id, zeros, 0)
+            .map_err(map_err(names::IDENTITY_COUNTERS))
     }
 
     /// Binds `addr/len` to `identity` until `expires_ns` (CLOCK_BOOTTIME; 0: never). A full

@@ -71,16 +71,25 @@ impl<'a> Checker<'a> {
             .map(|(i, id)| (id.name.clone(), i))
             .collect();
         let anomaly = self.anomaly(raw.anomaly)?;
+        let raw_metrics = raw.metrics.unwrap_or_default();
         let metrics = Metrics {
             top_k: self.int(
-                &raw.metrics.unwrap_or_default().top_k,
+                &raw_metrics.top_k,
                 "metrics.top_k",
                 Metrics::default().top_k as i64,
                 0..=1000,
             )? as usize,
+            identity_names: raw_metrics
+                .identity_names
+                .map_or(Metrics::default().identity_names, |b| *b.get_ref()),
         };
         let tokens = match raw.tokens {
-            Some(t) => Some(self.tokens(t, &plans)?),
+            Some(t) => {
+                let span = t.span();
+                let tokens = self.tokens(t, &plans)?;
+                self.bind_listener_coverage(span, &listen, &endpoints)?;
+                Some(tokens)
+            }
             None => None,
         };
         Ok(Config {

@@ -1,11 +1,16 @@
 //! `[node]`, `[anonymous]`, `[drop_events]`, `[listen]` and `[tokens]`.
 
+use std::ops::Range;
+
+use tollgate_common::policy::Class;
+
 use super::{Checker, Result};
 use crate::config::{
-    Anonymous, DropEvents, Listen, Node, Plan, Tokens,
+    Anonymous, DropEvents, Endpoint, Listen, Node, Plan, Tokens,
     raw::{RawAnonymous, RawDropEvents, RawListen, RawNode, RawTokens, S},
 };
 use crate::loader::{AttachMode, KernelLog};
+use crate::tables::Proto;
 
 /// Linux IFNAMSIZ (16) less the terminating NUL.
 const MAX_IFNAME: usize = 15;
@@ -173,6 +178,66 @@ impl Checker<'_> {
             ));
         }
         Ok(Listen { bind, metrics })
+    }
+
+    /// With tokens on, the bind listener's port must be an endpoint that unbound clients may
+    /// reach (`anonymous = true`: the per-prefix allowance is all that limits them there; no
+    /// endpoint at all is no limit; `anonymous = false` is no bind ever) and that admits every
+    /// class a token can place an identity in (a token's class claim may name any of them;
+    /// a bound client renews and unbinds on the same port).
+    pub(super) fn bind_listener_coverage(
+        &self,
+        span: Range<usize>,
+        listen: &Listen,
+        endpoints: &[Endpoint],
+    ) -> Result<()> {
+        let port = listen.bind.port();
+        let field = "listen.bind";
+        let Some(ep) = endpoints.iter().find(|e| {
+            e.spec.proto == Proto::Tcp && e.port_ranges.iter().any(|r| r.contains(&port))
+        }) else {
+            return Err(self.err(
+                span,
+                field,
+                format!(
+                    "the token bind listener ({}) is on tcp port {port}, which no endpoint \
+                     covers: unbound clients would reach it with no per-prefix limit at all; \
+                     add an endpoint for tcp {port} with anonymous = true",
+                    listen.bind
+                ),
+            ));
+        };
+        if !ep.spec.anonymous {
+            return Err(self.err(
+                span,
+                field,
+                format!(
+                    "the token bind listener's port (tcp {port}) is endpoint {:?}, which has \
+                     anonymous = false: no unbound client could ever reach it to bind; set \
+                     anonymous = true there",
+                    ep.name
+                ),
+            ));
+        }
+        let missing: Vec<&str> = [Class::Internal, Class::Partner, Class::Customer]
+            .into_iter()
+            .filter(|c| !ep.spec.allowed_classes.contains(c))
+            .map(|c| c.label())
+            .collect();
+        if !missing.is_empty() {
+            return Err(self.err(
+                span,
+                field,
+                format!(
+                    "the token bind listener's endpoint {:?} (tcp {port}) does not admit class \
+                     {}: a bound client of that class (tokens may carry any class) could not \
+                     renew or unbind; use classes = [\"internal\", \"partner\", \"customer\"]",
+                    ep.name,
+                    missing.join(", ")
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub(super) fn tokens(&self, raw: S<RawTokens>, plans: &[Plan]) -> Result<Tokens> {
