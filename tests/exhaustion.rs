@@ -18,7 +18,7 @@ use tollgate_tests::{
         add_v6_sources, connect_from, kernel_binding_v4, kernel_quarantined, post_bind, tls_client,
     },
     lab::{Lab, NetNs},
-    tokenlab::{AUDIENCE, BIND_PORT, MODEL_PORT, TokenKit, World, model_server},
+    tokenlab::{AUDIENCE, BIND_CLASSES, BIND_PORT, MODEL_PORT, TokenKit, World, model_server},
 };
 
 const METRICS: &str = "127.0.0.1:9464";
@@ -184,7 +184,7 @@ impl DualStack {
             })
             .plan(Plan::new("customer").packets(1000, 1000))
             .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
-            .endpoint(Endpoint::tcp("bind", BIND_PORT, &["customer"]).anonymous())
+            .endpoint(Endpoint::tcp("bind", BIND_PORT, &BIND_CLASSES).anonymous())
             .write(&dirs.state_dir.join("tollgate.toml"));
         let model = model_server(&lab);
         DualStack {
