@@ -133,7 +133,7 @@ fn bind_verified(
         .iter()
         .filter(|b| held(b) && !(b.addr == addr && b.prefix_len == len))
         .count();
-    if false && holds >= cfg.max_bindings_per_identity {
+    if holds >= cfg.max_bindings_per_identity {
         return Err(BindFailure::BindingCap {
             cap: cfg.max_bindings_per_identity,
         });
