@@ -105,6 +105,8 @@ pub enum BindFailure {
     Disabled,
     /// The kernel refused (a full binding map, ...).
     Kernel(String),
+    /// The identity already holds `tokens.max_bindings_per_identity` live bindings.
+    BindingCap { cap: usize },
 }
 
 impl BindFailure {
@@ -115,6 +117,7 @@ impl BindFailure {
             BindFailure::Unplaceable(_) => 422,
             BindFailure::Disabled => 404,
             BindFailure::Kernel(_) => 503,
+            BindFailure::BindingCap { .. } => 429,
         }
     }
 
@@ -130,6 +133,10 @@ impl BindFailure {
             BindFailure::Unplaceable(m) => format!("token refused: {m}"),
             BindFailure::Disabled => "token binding is not configured on this node".into(),
             BindFailure::Kernel(m) => m.clone(),
+            BindFailure::BindingCap { cap } => format!(
+                "token refused: this identity already holds {cap} bindings \
+                 (tokens.max_bindings_per_identity); unbind one first (binding_cap)"
+            ),
         }
     }
 
@@ -140,6 +147,7 @@ impl BindFailure {
             BindFailure::Unplaceable(_) => "unplaceable",
             BindFailure::Disabled => "disabled",
             BindFailure::Kernel(_) => "kernel",
+            BindFailure::BindingCap { .. } => "binding_cap",
         }
     }
 }

@@ -223,6 +223,11 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
         ),
         (
             "tokens",
+            "max_bindings_per_identity",
+            Some(Tokens::DEFAULT_MAX_BINDINGS_PER_IDENTITY.to_string()),
+        ),
+        (
+            "tokens",
             "identity_claim",
             Some(Tokens::DEFAULT_IDENTITY_CLAIM.to_owned()),
         ),

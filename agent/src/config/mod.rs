@@ -98,6 +98,9 @@ pub struct Tokens {
     pub default_class: Option<Class>,
     /// Plan of a token without a plan claim (a configured plan); `None`: refused.
     pub default_plan: Option<String>,
+    /// The most live token bindings one identity may hold: past it a bind from a new address
+    /// is refused (`binding_cap`, 429), so one customer cannot fill the binding table.
+    pub max_bindings_per_identity: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -229,6 +232,7 @@ impl Tokens {
     pub const DEFAULT_MAX_TTL_S: u64 = 3600;
     pub const DEFAULT_CLOCK_SKEW_S: u64 = 30;
     pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8192;
+    pub const DEFAULT_MAX_BINDINGS_PER_IDENTITY: usize = 64;
     pub const DEFAULT_IDENTITY_CLAIM: &'static str = "sub";
     pub const DEFAULT_CLASS_CLAIM: &'static str = "tollgate_class";
     pub const DEFAULT_PLAN_CLAIM: &'static str = "tollgate_plan";

@@ -50,6 +50,7 @@ pub(super) struct RawTokens {
     pub roles_claim: Option<S<String>>,
     pub default_class: Option<S<String>>,
     pub default_plan: Option<S<String>>,
+    pub max_bindings_per_identity: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]

@@ -20,10 +20,15 @@
 //! - Observe → Throttle when the score reaches `throttle_score` (always Throttle first, even
 //!   for a huge score: one odd sample must not cut a customer off; a real flood reaches
 //!   Quarantine on the next sample).
-//! - Throttle → Quarantine when the score reaches `quarantine_score`, or when the throttle
-//!   expires and the score is still at `throttle_score` or above.
-//! - Quarantine at expiry: still anomalous → Quarantine again (a new decision, with a new
-//!   `until`); otherwise → Release.
+//! - Throttle → Quarantine when the *quarantine score* reaches `quarantine_score`, or when
+//!   the throttle expires and the quarantine score is still at `throttle_score` or above.
+//!   The quarantine score leaves out what an off-path spoofer forges from a bound address
+//!   without ever seeing a reply (#12 finding 5): SYNs (`new_flows_per_s`), the small-frame
+//!   ratio, bytes (a SYN may carry any payload), and SYNs in the packet rate. It is the
+//!   deviation of the non-SYN packet rate. A rise on forgeable signals alone may only
+//!   throttle: at the throttle's expiry it is renewed, never escalated.
+//! - Quarantine at expiry: the quarantine score still anomalous → Quarantine again (a new
+//!   decision, with a new `until`); otherwise → Release.
 //! - Throttle at expiry, back to normal → Release.
 //! - Release → Observe after `cooldown_s`, during which no new action is taken.
 //!
@@ -288,6 +293,7 @@ impl Tracker {
         let enforcing = matches!(self.step, Step::Throttle | Step::Quarantine);
         let devs = self.deviations(&x, !enforcing);
         let score = devs.iter().copied().fold(0.0, f64::max);
+        let unforgeable = self.unforgeable_score(&s);
         self.score = score;
         let baseline = self.baseline();
         let warm = self.samples >= u64::from(cfg.warmup_samples);
@@ -298,7 +304,15 @@ impl Tracker {
             Step::Observe if !warm => true,
             Step::Observe | Step::Release => !anomalous,
         };
-        let decision = self.advance(score, &devs, warm, s, baseline, now_unix_s, cfg);
+        let decision = self.advance(
+            (score, unforgeable),
+            &devs,
+            warm,
+            s,
+            baseline,
+            now_unix_s,
+            cfg,
+        );
         if learn {
             self.learn(&x, cfg.alpha);
         }
@@ -311,7 +325,7 @@ impl Tracker {
         self.score = 0.0;
         let baseline = self.baseline();
         self.advance(
-            0.0,
+            (0.0, 0.0),
             &[0.0; SIGNALS],
             false,
             Sample::default(),
@@ -384,6 +398,24 @@ impl Tracker {
         d
     }
 
+    /// The deviation of what a spoofer cannot forge without replies: the packet rate less
+    /// the SYNs, against the packet baseline (which holds the usual SYNs, so this errs toward
+    /// not quarantining).
+    fn unforgeable_score(&self, s: &Sample) -> f64 {
+        if self.samples == 0 {
+            return 0.0;
+        }
+        let e = self.baseline[0];
+        let scale = e
+            .var
+            .max(0.0)
+            .sqrt()
+            .max(REL_FLOOR * e.mean.abs())
+            .max(ABS_FLOOR[0]);
+        let x = (s.packets_per_s - s.new_flows_per_s).max(0.0);
+        ((x - e.mean) / scale).max(0.0)
+    }
+
     fn learn(&mut self, x: &[f64; SIGNALS], alpha: f64) {
         self.samples += 1;
         // The first samples weigh 1/n (a plain average) so the baseline starts from what was
@@ -428,7 +460,7 @@ impl Tracker {
     #[allow(clippy::too_many_arguments)]
     fn advance(
         &mut self,
-        score: f64,
+        (score, unforgeable): (f64, f64),
         devs: &[f64; SIGNALS],
         warm: bool,
         inputs: Sample,
@@ -437,6 +469,7 @@ impl Tracker {
         cfg: &Ladder,
     ) -> Option<Decision> {
         let anomalous = score >= cfg.throttle_score;
+        let proven = unforgeable >= cfg.throttle_score;
         let expired = self.until_unix_s.is_none_or(|u| now >= u);
         let signals = || self.describe(devs, &inputs, cfg.throttle_score);
         let (step, until, reason) = match self.step {
@@ -450,21 +483,30 @@ impl Tracker {
                 ),
             ),
             Step::Observe => return None,
-            Step::Throttle if score >= cfg.quarantine_score => (
+            Step::Throttle if unforgeable >= cfg.quarantine_score => (
                 Step::Quarantine,
                 Some(now + cfg.quarantine_for_s),
                 format!(
-                    "score {score:.1} >= quarantine_score {} while throttled: {}",
+                    "score {score:.1}, non-SYN packet score {unforgeable:.1} >= quarantine_score {} while throttled: {}",
                     cfg.quarantine_score,
                     signals()
                 ),
             ),
-            Step::Throttle | Step::Quarantine if expired && anomalous => (
+            Step::Throttle | Step::Quarantine if expired && proven => (
                 Step::Quarantine,
                 Some(now + cfg.quarantine_for_s),
                 format!(
-                    "still anomalous when the {} expired, score {score:.1} >= throttle_score {}: {}",
+                    "still anomalous when the {} expired, non-SYN packet score {unforgeable:.1} >= throttle_score {}: {}",
                     self.step,
+                    cfg.throttle_score,
+                    signals()
+                ),
+            ),
+            Step::Throttle if expired && anomalous => (
+                Step::Throttle,
+                Some(now + cfg.throttle_for_s),
+                format!(
+                    "throttle renewed, not escalated: score {score:.1} >= throttle_score {} on signals a spoofer can forge (non-SYN packet score {unforgeable:.1}): {}",
                     cfg.throttle_score,
                     signals()
                 ),

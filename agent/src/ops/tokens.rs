@@ -56,6 +56,7 @@ pub fn bind_token(
             match &f {
                 BindFailure::Refused(refusal) => svc.count(refusal.label()),
                 BindFailure::Replay { .. } => svc.thefts += 1,
+                BindFailure::BindingCap { .. } => svc.count("binding_cap"),
                 _ => {}
             }
         }
@@ -104,6 +105,39 @@ fn bind_verified(
         return Err(BindFailure::Replay { bound_to: b.addr });
     }
     let len = host_len(addr);
+    let expires_ms = claims.exp.saturating_mul(1000);
+    let held = |b: &DynBinding| b.identity == claims.identity && !b.expired(now_ms);
+    // An idempotent rebind (the same token, address and expiry, already bound) changes
+    // nothing, so it writes nothing: no state save, no audit line (#12 finding 7).
+    let same = state.bindings.iter().any(|b| {
+        held(b)
+            && b.addr == addr
+            && b.prefix_len == len
+            && b.token_id.as_deref() == Some(claims.jti.as_str())
+            && b.expires_unix_ms == Some(expires_ms)
+    });
+    if same && node.identities().slot(&claims.identity).is_some() {
+        return Ok(Done::read(TokenBound {
+            address: addr,
+            identity: claims.identity,
+            token_id: claims.jti,
+            key_id: claims.kid,
+            expires_unix: claims.exp,
+        }));
+    }
+    // One identity holds at most `max_bindings_per_identity` live bindings: a bind from a
+    // further address is refused, so one customer cannot fill the binding table (and make
+    // every bind rewrite a huge state file). Rebinding an address it holds is not counted.
+    let holds = state
+        .bindings
+        .iter()
+        .filter(|b| held(b) && !(b.addr == addr && b.prefix_len == len))
+        .count();
+    if holds >= cfg.max_bindings_per_identity {
+        return Err(BindFailure::BindingCap {
+            cap: cfg.max_bindings_per_identity,
+        });
+    }
     if let Some(owner) = node.identities().static_owner(addr, len) {
         return Err(BindFailure::Unplaceable(format!(
             "{addr} is bound to {owner} by the configuration"
@@ -147,7 +181,6 @@ fn bind_verified(
             .token_identities
             .insert(claims.identity.clone(), merged);
     }
-    let expires_ms = claims.exp.saturating_mul(1000);
     super::bindings::install(
         node,
         id,

@@ -271,6 +271,12 @@ impl Checker<'_> {
             Tokens::DEFAULT_MAX_TOKEN_BYTES as i64,
             256..=65536,
         )? as usize;
+        let max_bindings_per_identity = self.int(
+            &raw.max_bindings_per_identity,
+            "tokens.max_bindings_per_identity",
+            Tokens::DEFAULT_MAX_BINDINGS_PER_IDENTITY as i64,
+            1..=131072,
+        )? as usize;
         let claim = |v: &Option<S<String>>, field: &str, default: &str| -> Result<String> {
             match v {
                 None => Ok(default.to_owned()),
@@ -327,6 +333,7 @@ impl Checker<'_> {
             )?,
             default_class,
             default_plan,
+            max_bindings_per_identity,
         })
     }
 }
