@@ -99,7 +99,11 @@ fn frame(r: &mut Rng, world: &World) -> Vec<u8> {
     };
     if r.chance(15) {
         // Outside a scoped endpoint's prefix, or just another host.
-        let at = if v6 { 5 + r.below(11) as usize } else { 1 + r.below(3) as usize };
+        let at = if v6 {
+            5 + r.below(11) as usize
+        } else {
+            1 + r.below(3) as usize
+        };
         dst[at] ^= 1 << r.below(8);
     }
     let mut b = if v6 {
@@ -110,9 +114,19 @@ fn frame(r: &mut Rng, world: &World) -> Vec<u8> {
     let ports: Vec<u16> = world
         .endpoints
         .iter()
-        .flat_map(|e| [*e.ports.start(), *e.ports.end(), e.ports.end().wrapping_add(1)])
+        .flat_map(|e| {
+            [
+                *e.ports.start(),
+                *e.ports.end(),
+                e.ports.end().wrapping_add(1),
+            ]
+        })
         .collect();
-    let dport = if r.chance(80) { *r.pick(&ports) } else { r.next() as u16 };
+    let dport = if r.chance(80) {
+        *r.pick(&ports)
+    } else {
+        r.next() as u16
+    };
     let sport = r.next() as u16;
     b = match r.below(10) {
         0..=4 => b.tcp(sport, dport),
@@ -142,7 +156,11 @@ fn frame(r: &mut Rng, world: &World) -> Vec<u8> {
         }
     }
     if r.chance(15) {
-        let offset = if r.chance(50) { 0 } else { 1 + r.below(100) as u16 };
+        let offset = if r.chance(50) {
+            0
+        } else {
+            1 + r.below(100) as u16
+        };
         b = b.fragment(offset, r.chance(60));
     }
     b = b.payload(r.below(120) as usize);
@@ -155,7 +173,12 @@ fn frame(r: &mut Rng, world: &World) -> Vec<u8> {
 fn mutate(r: &mut Rng, f: &mut Vec<u8>) {
     let ip = (14..f.len().saturating_sub(1))
         .step_by(4)
-        .find(|&o| matches!(u16::from_be_bytes([f[o - 2], f[o - 1]]), ETH_P_IP | ETH_P_IPV6))
+        .find(|&o| {
+            matches!(
+                u16::from_be_bytes([f[o - 2], f[o - 1]]),
+                ETH_P_IP | ETH_P_IPV6
+            )
+        })
         .unwrap_or(14);
     match r.below(12) {
         // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (EINVAL).
@@ -221,7 +244,9 @@ fn the_program_agrees_with_the_reference_model() {
     let mut sent = 0;
     let mut seen: BTreeMap<Reason, u64> = BTreeMap::new();
     while sent < total && failures.len() < 20 {
-        let frames: Vec<Vec<u8>> = (0..BATCH.min(total - sent)).map(|_| frame(&mut r, &world)).collect();
+        let frames: Vec<Vec<u8>> = (0..BATCH.min(total - sent))
+            .map(|_| frame(&mut r, &world))
+            .collect();
         let mut want: BTreeMap<(Reason, u32), (u64, u64)> = BTreeMap::new();
         let before = totals(&h);
         for f in &frames {
@@ -252,10 +277,7 @@ fn the_program_agrees_with_the_reference_model() {
                 let one = moved(&before, &totals(&h));
                 let expect = BTreeMap::from([((m.reason, m.endpoint), (1, f.len() as u64))]);
                 if one != expect {
-                    failures.push(format!(
-                        "kernel counted {one:?}, model {m:?}: {}",
-                        hex(f)
-                    ));
+                    failures.push(format!("kernel counted {one:?}, model {m:?}: {}", hex(f)));
                     if failures.len() >= 20 {
                         break;
                     }
@@ -297,7 +319,10 @@ fn the_program_agrees_with_the_reference_model() {
         Reason::UnknownIdentity,
         Reason::QuotaExhausted,
     ] {
-        assert!(seen.contains_key(&reason), "no frame was {reason:?} (seed {seed})");
+        assert!(
+            seen.contains_key(&reason),
+            "no frame was {reason:?} (seed {seed})"
+        );
     }
 }
 

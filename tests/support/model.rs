@@ -30,9 +30,17 @@ pub fn stateless(mut world: World) -> World {
     for id in &mut world.identities {
         let l = id.limits;
         id.limits = PlanLimits {
-            packets_per_s: if l.packets_per_s == Some(0) { Some(0) } else { None },
+            packets_per_s: if l.packets_per_s == Some(0) {
+                Some(0)
+            } else {
+                None
+            },
             packet_burst: l.packet_burst,
-            bytes_per_s: if l.bytes_per_s == Some(0) { Some(0) } else { None },
+            bytes_per_s: if l.bytes_per_s == Some(0) {
+                Some(0)
+            } else {
+                None
+            },
             byte_burst: l.byte_burst,
         };
     }
@@ -124,7 +132,11 @@ fn ipv6(f: &[u8], off: usize) -> Result<Ip, Reason> {
     }
     let payload = usize::from(be16(h, 4));
     // 0: a jumbogram; the frame is the datagram.
-    let end = if payload == 0 { f.len() } else { off + 40 + payload };
+    let end = if payload == 0 {
+        f.len()
+    } else {
+        off + 40 + payload
+    };
     if end > f.len() {
         return Err(Reason::Truncated);
     }
@@ -220,7 +232,11 @@ fn sender(world: &World, ip: &Ip) -> Sender {
         }
         seen = true;
     }
-    if seen { Sender::Expired } else { Sender::Nobody }
+    if seen {
+        Sender::Expired
+    } else {
+        Sender::Nobody
+    }
 }
 
 /// The model's verdict on one frame.
