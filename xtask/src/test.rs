@@ -91,7 +91,8 @@ const FUZZ_SECONDS: u32 = 8;
 /// any panic, or any broken invariant a target asserts, fails the suite and leaves the input
 /// under `common/fuzz/artifacts/<target>/`. No sanitizer and 16 codegen units keep the cold
 /// build short on two cores (the code under test is safe Rust; `ring`'s C is not instrumented
-/// either way); `AYA_BUILD_SKIP=1` because the agent's targets need no eBPF object.
+/// either way). The agent's targets build its eBPF object too (its build.rs; `AYA_BUILD_SKIP`
+/// cannot help: the object is embedded with `include_bytes!`).
 /// `cargo +nightly-2026-05-20 fuzz run <target> --fuzz-dir common/fuzz` is the long run with
 /// AddressSanitizer.
 fn fuzz_smoke(root: &Path) -> anyhow::Result<()> {
@@ -104,7 +105,6 @@ fn fuzz_smoke(root: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", corpus.display()))?;
         cmd::run(
             cmd::command("cargo")
-                .env("AYA_BUILD_SKIP", "1")
                 .arg(format!("+{EBPF_TOOLCHAIN}"))
                 .args(["fuzz", "run", target, "--fuzz-dir"])
                 .arg(&fuzz_dir)
