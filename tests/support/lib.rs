@@ -8,6 +8,7 @@
 //! - [`fixture`]: fixture tables run through BPF_PROG_TEST_RUN;
 //! - [`tokenlab`]: keys, certificates, tokens and HTTPS binds for token tests;
 //! - [`node`]: the agent tests' world: a lab and a policy of six identities;
+//! - [`model`]: a plain reference model of the verdicts, for the differential test;
 //! - [`pty`]: a pseudo-terminal for `tollgate top`, and taking it away;
 //! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags.
 
@@ -17,6 +18,7 @@ pub mod exhaust;
 pub mod fixture;
 pub mod frames;
 pub mod lab;
+pub mod model;
 pub mod node;
 pub mod pty;
 pub mod tokenlab;
