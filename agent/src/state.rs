@@ -288,10 +288,7 @@ impl State {
     /// Writes the state atomically, with the deadline clock's anchor.
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
         let mut value = serde_json::to_value(self).map_err(|e| io(&Self::path(dir), e))?;
-        if let (Some(o), Ok(a)) = (
-            value.as_object_mut(),
-            serde_json::to_value(clock::anchor()),
-        ) {
+        if let (Some(o), Ok(a)) = (value.as_object_mut(), serde_json::to_value(clock::anchor())) {
             o.insert("clock".into(), a);
         }
         let text = serde_json::to_vec_pretty(&value).map_err(|e| io(&Self::path(dir), e))?;
