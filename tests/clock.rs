@@ -117,3 +117,36 @@ fn a_forward_step_and_back_keeps_a_revocation_and_a_timed_quarantine_and_is_repo
     );
     assert!(w.status().to_string().contains("carol"));
 }
+
+/// Seconds the kernel's binding of the client has left, from `identities` (which reads the
+/// binding's `expires_ns` from the pinned table against CLOCK_BOOTTIME).
+fn kernel_expires_in_s(w: &World) -> u64 {
+    let text = w.dirs.cli_ok(&["identities"]);
+    let at = text.find("expires in ").unwrap_or_else(|| panic!("{text}")) + "expires in ".len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap_or_else(|_| panic!("{text}"))
+}
+
+#[test]
+fn a_backward_step_and_a_reload_do_not_extend_a_bindings_kernel_expiry() {
+    let w = World::new(None);
+    let clock = FakeClock::install(&w);
+    let _agent = w.start();
+    let client = &w.lab.client;
+    let token = w.issue("bob", "60s", "tok-step-60s");
+    assert_eq!(w.http(client, "POST", &token).0, 200);
+    let before = kernel_expires_in_s(&w);
+    assert!(before <= 60, "{before}");
+    clock.set("-1h");
+    std::thread::sleep(Duration::from_millis(1500));
+    w.dirs.cli_ok(&["reload"]);
+    let after = kernel_expires_in_s(&w);
+    clock.set("+0");
+    assert!(
+        after <= before,
+        "a reload on a wall clock stepped back re-armed the binding: {before}s left before, {after}s after"
+    );
+}
