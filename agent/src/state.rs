@@ -333,6 +333,33 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_anchor_is_saved_with_the_boot_id_and_files_without_one_load() {
+        let d = tmpdir("clock");
+        let st = State {
+            version: STATE_VERSION,
+            ..State::default()
+        };
+        st.save(&d).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join(STATE_FILE)).unwrap()).unwrap();
+        assert_eq!(v["clock"]["boot_id"], clock::boot_id());
+        let back = State::load(&d).unwrap();
+        assert_eq!(
+            back.clock.as_ref().map(|a| &a.boot_id),
+            Some(&clock::boot_id())
+        );
+        assert_eq!(back, st);
+        // An older file, without the anchor, still loads.
+        std::fs::write(
+            d.join(STATE_FILE),
+            r#"{"version":1,"identity_ids":{},"bindings":[],"quarantines":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(State::load(&d).unwrap().clock, None);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn round_trip_and_missing_file() {
         let dir = tmpdir("rt");
         assert_eq!(State::load(&dir).unwrap().identity_ids.len(), 0);
