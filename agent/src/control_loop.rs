@@ -21,7 +21,11 @@ use crate::{
     audit::{Actor, Audit},
     config::{AnomalyMode, Config, GpuSourceKind},
     identity::Resolver,
-    state::{Quarantine, QuarantineOwner, State, now_unix_ms},
+    state::{
+        Quarantine, QuarantineOwner, State,
+        clock::{self, StepWatch},
+        now_unix_ms,
+    },
     tables::{KernelTables, to_q8},
 };
 
@@ -49,6 +53,8 @@ pub struct ControlLoop {
     /// Whether `exhausted` has been read from the kernel's flags yet (once, at the first
     /// tick: the flags outlive the agent, the set does not).
     exhausted_seeded: bool,
+    /// Wall-clock steps against the boot clock, reported (`clock_step`), never followed.
+    clock_watch: StepWatch,
 }
 
 fn open_source(config: &Config) -> Result<Box<dyn GpuSource>, String> {
@@ -95,6 +101,7 @@ impl ControlLoop {
             loops: 0,
             last_loop_s: 0.0,
             exhausted_seeded: false,
+            clock_watch: StepWatch::default(),
         })
     }
 
@@ -187,8 +194,21 @@ impl ControlLoop {
         tables: &mut KernelTables,
         audit: &Audit,
     ) {
+        // Quota windows run on agent time (the boot clock, see `clock`): a window rolls at
+        // its boundary only once the boot clock has got there, whatever the wall clock says.
         let now_ms = now_unix_ms();
         let now_s = now_ms / 1000;
+        if let Some(step) = self.clock_watch.check() {
+            warn!(
+                "the wall clock stepped by {step} ms against the boot clock; deadlines keep running on the boot clock"
+            );
+            let _ = audit.record(
+                &Actor::AGENT,
+                "clock_step",
+                "controller",
+                json!({"step_ms": step, "wall_offset_ms": clock::wall_offset_ms()}),
+            );
+        }
         let names: Vec<(String, u32)> = state
             .identity_ids
             .iter()

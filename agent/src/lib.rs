@@ -13,6 +13,7 @@
 
 pub mod audit;
 pub mod caps;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod control_loop;

@@ -367,6 +367,12 @@ pub fn render(d: &Node) -> Result<String, String> {
         counter(d.audit.suppressed_refusals()),
     );
 
+    reg.register(
+        "tollgate_clock_steps",
+        "Wall-clock steps larger than 2 s seen against the boot clock (each audited as clock_step; deadlines follow the boot clock)",
+        counter(crate::clock::steps_total()),
+    );
+
     // Controller.
     let c = &d.control;
     reg.register(

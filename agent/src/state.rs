@@ -9,7 +9,6 @@ use std::{
     io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -44,11 +43,13 @@ pub fn write_atomically(
 pub const STATE_VERSION: u32 = 1;
 pub const STATE_FILE: &str = "state.json";
 
-/// Milliseconds since the Unix epoch.
+use crate::clock;
+
+/// Agent time in milliseconds since the Unix epoch: the boot clock, anchored to the wall
+/// clock once (see [`clock`]). Every deadline in the state is on this clock; a wall-clock
+/// step does not move it. Token times (`exp`, `iat`, `nbf`) use [`clock::wall_ms`].
 pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    clock::now_ms()
 }
 
 /// A binding made at run time (CLI, tokens), as opposed to the config's static ones.
@@ -190,6 +191,10 @@ pub struct State {
     /// so a token stamped by an issuer whose clock runs ahead is covered too.
     #[serde(default)]
     pub revoked_identities: BTreeMap<String, u64>,
+    /// The deadline clock's anchor when the file was written (written by [`State::save`];
+    /// files without one load, and take a fresh anchor).
+    #[serde(default, skip_serializing)]
+    pub clock: Option<clock::Anchor>,
     /// Cache of the slots in `identity_ids` (not persisted).
     #[serde(skip)]
     used_ids: std::collections::BTreeSet<u32>,
@@ -271,12 +276,20 @@ impl State {
                 ),
             });
         }
+        // Same boot: keep the clock the deadlines were written on. Older files have none.
+        if let Some(a) = &state.clock {
+            clock::adopt(a);
+        }
         Ok(state)
     }
 
-    /// Writes the state atomically.
+    /// Writes the state atomically, with the deadline clock's anchor.
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        let text = serde_json::to_vec_pretty(self).map_err(|e| io(&Self::path(dir), e))?;
+        let mut value = serde_json::to_value(self).map_err(|e| io(&Self::path(dir), e))?;
+        if let (Some(o), Ok(a)) = (value.as_object_mut(), serde_json::to_value(clock::anchor())) {
+            o.insert("clock".into(), a);
+        }
+        let text = serde_json::to_vec_pretty(&value).map_err(|e| io(&Self::path(dir), e))?;
         write_atomically(dir, STATE_FILE, &text).map_err(|(p, e)| io(&p, e))
     }
 
@@ -315,6 +328,33 @@ mod tests {
         let d = std::env::temp_dir().join(format!("tollgate-state-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn the_clock_anchor_is_saved_with_the_boot_id_and_files_without_one_load() {
+        let d = tmpdir("clock");
+        let st = State {
+            version: STATE_VERSION,
+            ..State::default()
+        };
+        st.save(&d).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join(STATE_FILE)).unwrap()).unwrap();
+        assert_eq!(v["clock"]["boot_id"], clock::boot_id());
+        let back = State::load(&d).unwrap();
+        assert_eq!(
+            back.clock.as_ref().map(|a| &a.boot_id),
+            Some(&clock::boot_id())
+        );
+        assert_eq!(back, st);
+        // An older file, without the anchor, still loads.
+        std::fs::write(
+            d.join(STATE_FILE),
+            r#"{"version":1,"identity_ids":{},"bindings":[],"quarantines":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(State::load(&d).unwrap().clock, None);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

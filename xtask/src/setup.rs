@@ -12,6 +12,7 @@ use crate::cmd::{self, BPF_LINKER_VERSION, EBPF_RUSTC_VERSION, EBPF_TOOLCHAIN};
 /// promtool.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
+    "libfaketime",
     "util-linux",
     "iputils-ping",
     "g++",

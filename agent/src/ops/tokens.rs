@@ -19,7 +19,7 @@ use crate::{
     identity,
     net::{host_len, prefix_text},
     node::Node,
-    state::{DynBinding, TokenIdentity, now_unix_ms},
+    state::{DynBinding, TokenIdentity, clock, now_unix_ms},
     tables::TableError,
     token_bind::{BindFailure, placement},
 };
@@ -83,8 +83,9 @@ fn bind_verified(
     let cfg = node.config.tokens.clone().ok_or(BindFailure::Disabled)?;
     let svc = node.tokens.as_mut().ok_or(BindFailure::Disabled)?;
     let now_ms = now_unix_ms();
-    let claims =
-        verify(token, &svc.keys, &svc.policy, now_ms / 1000).map_err(BindFailure::Refused)?;
+    // The token's own times are on the wall clock; every deadline below is on agent time.
+    let claims = verify(token, &svc.keys, &svc.policy, clock::wall_ms() / 1000)
+        .map_err(BindFailure::Refused)?;
     let state = &node.state;
     if state.revoked_tokens.contains_key(&claims.jti)
         || state
@@ -105,7 +106,8 @@ fn bind_verified(
         return Err(BindFailure::Replay { bound_to: b.addr });
     }
     let len = host_len(addr);
-    let expires_ms = claims.exp.saturating_mul(1000);
+    // exp − wall-now at bind time, on agent time: a later wall-clock step does not move it.
+    let expires_ms = clock::from_wall_ms(claims.exp.saturating_mul(1000));
     let held = |b: &DynBinding| b.identity == claims.identity && !b.expired(now_ms);
     // An idempotent rebind (the same token, address and expiry, already bound) changes
     // nothing, so it writes nothing: no state save, no audit line (#12 finding 7).
@@ -113,8 +115,10 @@ fn bind_verified(
         held(b)
             && b.addr == addr
             && b.prefix_len == len
+            // The same token id is the same token, so the same `exp`. (Comparing the
+            // converted expiry would not do: agent time minus wall time moves by a few ms
+            // between two reads.)
             && b.token_id.as_deref() == Some(claims.jti.as_str())
-            && b.expires_unix_ms == Some(expires_ms)
     });
     if same && node.identities().slot(&claims.identity).is_some() {
         return Ok(Done::read(TokenBound {
@@ -160,7 +164,8 @@ fn bind_verified(
     }
     let previous = super::bindings::previous_binding(node, addr, len);
     let previous_identity = node.state.token_identities.get(&claims.identity).cloned();
-    if let Some(t) = placed {
+    if let Some(mut t) = placed {
+        t.expires_unix_ms = clock::from_wall_ms(t.expires_unix_ms);
         let merged = match node.state.token_identities.get(&claims.identity) {
             Some(old) if old.expires_unix_ms > t.expires_unix_ms => TokenIdentity {
                 expires_unix_ms: old.expires_unix_ms,
@@ -239,7 +244,7 @@ pub fn unbind_token(
         .as_mut()
         .ok_or(BindFailure::Disabled)
         .map_err(plain)?;
-    let claims = verify(token, &svc.keys, &svc.policy, now_unix_ms() / 1000)
+    let claims = verify(token, &svc.keys, &svc.policy, clock::wall_ms() / 1000)
         .map_err(|r| plain(BindFailure::Refused(r)))?;
     let before = node.state.bindings.len();
     node.state
@@ -293,7 +298,9 @@ pub fn revoke(
     }
     node.state.bindings.retain(|b| !hit(b));
     if let Some(t) = token_id {
-        // Kept until the token would have expired anyway (max TTL from now bounds it).
+        // Kept until the token could have expired anyway: max TTL + skew from now, on agent
+        // time (the boot clock), so a wall-clock step cannot end it early; longer if a
+        // binding it made runs longer.
         let ttl = node
             .config
             .tokens
@@ -303,7 +310,8 @@ pub fn revoke(
             .iter()
             .filter_map(|b| b.expires_unix_ms)
             .max()
-            .unwrap_or(now_ms + ttl * 1000);
+            .unwrap_or(0)
+            .max(now_ms + ttl * 1000);
         node.state.revoked_tokens.insert(t.to_owned(), until);
     }
     if let Some(i) = identity {
@@ -316,9 +324,10 @@ pub fn revoke(
             .tokens
             .as_ref()
             .map_or(0, |c| c.clock_skew_s.saturating_mul(1000));
+        // Compared with a token's `iat`, so on the wall clock.
         node.state
             .revoked_identities
-            .insert(i.to_owned(), now_ms.saturating_add(skew_ms));
+            .insert(i.to_owned(), clock::wall_ms().saturating_add(skew_ms));
     }
     node.save_state()?;
     let reply = Revoked {
