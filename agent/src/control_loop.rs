@@ -19,13 +19,10 @@ use crate::controller::{
 };
 use crate::{
     audit::{Actor, Audit},
+    clock::{self, StepWatch},
     config::{AnomalyMode, Config, GpuSourceKind},
     identity::Resolver,
-    state::{
-        Quarantine, QuarantineOwner, State,
-        clock::{self, StepWatch},
-        now_unix_ms,
-    },
+    state::{Quarantine, QuarantineOwner, State, now_unix_ms},
     tables::{KernelTables, to_q8},
 };
 

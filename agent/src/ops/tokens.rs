@@ -15,11 +15,12 @@ use tracing::warn;
 use super::{AuditFailed, Change, Done, Failed, OpError};
 use crate::{
     audit::Actor,
+    clock,
     control::reply::{Revoked, TokenBound, TokenUnbound},
     identity,
     net::{host_len, prefix_text},
     node::Node,
-    state::{DynBinding, TokenIdentity, clock, now_unix_ms},
+    state::{DynBinding, TokenIdentity, now_unix_ms},
     tables::TableError,
     token_bind::{BindFailure, placement},
 };
