@@ -80,7 +80,10 @@ pub fn adopt(saved: &Anchor) -> bool {
 
 /// Agent time in Unix milliseconds: the anchor's wall time plus the boot clock's progress.
 pub fn now_ms() -> u64 {
-    let a = anchor();
+    // Read under the lock rather than through `anchor()`: that clones the anchor (its boot
+    // id is a String), an allocation on every deadline check for nothing.
+    let mut guard = ANCHOR.lock().unwrap_or_else(|e| e.into_inner());
+    let a = guard.get_or_insert_with(fresh);
     a.unix_ms + boot_ns().saturating_sub(a.boot_ns) / 1_000_000
 }
 
