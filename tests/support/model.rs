@@ -151,6 +151,22 @@ fn ipv6(f: &[u8], off: usize) -> Result<Ip, Reason> {
     let mut at = off + 40;
     let mut seen = 0;
     loop {
+        let is_ext = matches!(
+            ip.proto,
+            IPPROTO_HOPOPTS
+                | IPPROTO_ROUTING
+                | IPPROTO_DSTOPTS
+                | IPPROTO_MH
+                | IPPROTO_HIP
+                | IPPROTO_SHIM6
+                | IPPROTO_AH
+                | IPPROTO_FRAGMENT
+        );
+        // A seventh extension header is too many as soon as the sixth one's next-header
+        // field names it, whether or not the seventh fits in the frame (verdicts.md).
+        if is_ext && seen == 6 {
+            return Err(Reason::TooManyExtHeaders);
+        }
         let header_len = match ip.proto {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH | IPPROTO_HIP
             | IPPROTO_SHIM6 => 8 * (usize::from(*f.get(at + 1).ok_or(Reason::Truncated)?) + 1),
@@ -163,9 +179,6 @@ fn ipv6(f: &[u8], off: usize) -> Result<Ip, Reason> {
             }
             _ => break,
         };
-        if seen == 6 {
-            return Err(Reason::TooManyExtHeaders);
-        }
         seen += 1;
         let kind = ip.proto;
         ip.proto = f[at];
