@@ -27,6 +27,10 @@
 //!   ratio, bytes (a SYN may carry any payload), and SYNs in the packet rate. It is the
 //!   deviation of the non-SYN packet rate. A rise on forgeable signals alone may only
 //!   throttle: at the throttle's expiry it is renewed, never escalated.
+//!   A Quarantine decided here is a proposal: the control loop imposes it only with the
+//!   kernel's evidence that the identity's own TCP connections carried its flood and under
+//!   `max_auto_quarantines` (`controller::handshakes`); otherwise [`Tracker::withhold`] turns
+//!   it into a renewed Throttle, retried only when that throttle expires.
 //! - Quarantine at expiry: the quarantine score still anomalous → Quarantine again (a new
 //!   decision, with a new `until`); otherwise → Release.
 //! - Throttle at expiry, back to normal → Release.
