@@ -254,7 +254,8 @@ fn handshake_world(
             ..Anomaly::quick("enforce")
         })
         .plan(Plan::new("free").priority(10).packets(50_000, 5_000))
-        .endpoint(Endpoint::tcp("api", TCP_PORT, &["customer"]));
+        .endpoint(Endpoint::tcp("api", TCP_PORT, &["customer"]))
+        .listen_metrics(METRICS);
     for (name, addr) in identities {
         config = config.identity(Identity::new(name, "customer", "free", &[*addr]));
     }
@@ -269,6 +270,28 @@ fn handshake_world(
             "native",
         ],
     )
+}
+
+/// `/metrics` in the server namespace (where the agent runs).
+const METRICS: &str = "127.0.0.1:9464";
+
+/// The value of `tollgate_anomaly_quarantines_withheld_total{reason=...}`, from a scrape.
+fn withheld_metric(ns: &NetNs, reason: &str) -> u64 {
+    let text = ns.run(|| {
+        let mut c = TcpStream::connect(METRICS).expect("metrics");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        let _ = c.read_to_string(&mut text);
+        text
+    });
+    let series = format!("tollgate_anomaly_quarantines_withheld_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics: {text}")) as u64
 }
 
 fn audit(dirs: &AgentDirs) -> Vec<serde_json::Value> {
