@@ -369,6 +369,7 @@ fn a_spoofed_syn_free_flood_from_a_connected_customer_never_quarantines_it() {
         "{}",
         withheld[0]
     );
+    assert!(withheld_metric(&lab.server, "not_its_connections") >= 1);
     // The customer's own connection still carries its requests.
     let before = server.received();
     std::thread::sleep(Duration::from_secs(1));
@@ -489,4 +490,6 @@ fn past_max_auto_quarantines_the_ladder_throttles_only() {
             .iter()
             .all(|s| s == "throttle" || s == "release")
     );
+    assert!(withheld_metric(&lab.server, "capped") >= 1);
+    assert_eq!(withheld_metric(&lab.server, "no_handshake"), 0);
 }
