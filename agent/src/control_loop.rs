@@ -431,40 +431,10 @@ impl ControlLoop {
                 );
             }
             if escalates(before, &decision) {
-                let proof = if !a.require_handshake {
-                    Ok("anomaly.require_handshake = false".to_owned())
+                let proof = if a.require_handshake {
+                    self.proof(&name, &table, connections)
                 } else {
-                    match &table {
-                        Some(Ok(t)) if !t.truncated => match self.evidence.get(&name) {
-                            Some(ev) => handshakes::judge(&connections(t), ev),
-                            // Throttled before this agent started, or the read at the
-                            // throttle's start failed: measure from now.
-                            None => {
-                                self.evidence.insert(
-                                    name.clone(),
-                                    Evidence {
-                                        start: connections(t),
-                                        passed_packets: 0,
-                                    },
-                                );
-                                Err((
-                                    Hold::Unreadable,
-                                    "no reading of its connections from the throttle's start; measuring from now".into(),
-                                ))
-                            }
-                        },
-                        Some(Ok(_)) => Err((
-                            Hold::Unreadable,
-                            format!(
-                                "more than {} ESTABLISHED connections on this node",
-                                handshakes::MAX_CONNECTIONS
-                            ),
-                        )),
-                        Some(Err(e)) => {
-                            Err((Hold::Unreadable, format!("reading the connections: {e}")))
-                        }
-                        None => Err((Hold::Unreadable, "the connections were not read".into())),
-                    }
+                    Ok("anomaly.require_handshake = false".to_owned())
                 };
                 let cap = a.max_auto_quarantines as usize;
                 let allowed = proof.and_then(|seen| {
@@ -556,6 +526,51 @@ impl ControlLoop {
             }
             if let Err(e) = state.save(&config.node.state_dir) {
                 warn!("saving state: {e}");
+            }
+        }
+    }
+
+    /// Whether the kernel's connections (`table`, this tick's read) prove that `name`'s
+    /// flood is its own ([`handshakes::judge`] against its reading at the throttle's start).
+    fn proof(
+        &mut self,
+        name: &str,
+        table: &Option<std::io::Result<handshakes::Established>>,
+        connections: impl Fn(&handshakes::Established) -> Snapshot,
+    ) -> Result<String, (Hold, String)> {
+        let t = match table {
+            Some(Ok(t)) if !t.truncated => t,
+            Some(Ok(_)) => {
+                return Err((
+                    Hold::Unreadable,
+                    format!(
+                        "more than {} ESTABLISHED connections on this node",
+                        handshakes::MAX_CONNECTIONS
+                    ),
+                ));
+            }
+            Some(Err(e)) => {
+                return Err((Hold::Unreadable, format!("reading the connections: {e}")));
+            }
+            None => return Err((Hold::Unreadable, "the connections were not read".into())),
+        };
+        match self.evidence.get(name) {
+            Some(ev) => handshakes::judge(&connections(t), ev),
+            // Throttled before this agent started, or the read at the throttle's start
+            // failed: measure from now, judge at the next try.
+            None => {
+                self.evidence.insert(
+                    name.to_owned(),
+                    Evidence {
+                        start: connections(t),
+                        passed_packets: 0,
+                    },
+                );
+                Err((
+                    Hold::Unreadable,
+                    "no reading of its connections from the throttle's start; measuring from now"
+                        .into(),
+                ))
             }
         }
     }
