@@ -1,11 +1,23 @@
 //! Wall-clock steps (issue #12, finding 2): only the AGENT's wall clock is stepped, with
 //! libfaketime (`LD_PRELOAD`, a timestamp file rewritten by the test, CLOCK_MONOTONIC and
 //! CLOCK_BOOTTIME left alone), never the machine's. A forward step corrected seconds later
-//! must undo no revocation and no timed quarantine, and is reported (`clock_step`).
+//! must undo no revocation and no timed quarantine, and is reported (`clock_step`); a spent
+//! daily quota stays spent across a day-long step and back.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use tollgate_tests::tokenlab::World;
+use tollgate_common::packet::PacketBuilder;
+use tollgate_tests::{
+    agent::{Agent, AgentDirs, identity_counters},
+    config::{Config, Controller, Endpoint, Identity, Plan},
+    frames::FrameBlaster,
+    lab::Lab,
+    tokenlab::World,
+};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
@@ -18,11 +30,16 @@ impl FakeClock {
     /// Every process the test starts from here on (the agent, the CLI) runs on the offset
     /// in the file; the test process itself is not preloaded.
     fn install(w: &World) -> FakeClock {
+        FakeClock::install_beside(&w.dirs.state_dir)
+    }
+
+    /// As [`FakeClock::install`], the offset file beside `state_dir`.
+    fn install_beside(state_dir: &Path) -> FakeClock {
         assert!(
             std::path::Path::new(LIBFAKETIME).exists(),
             "{LIBFAKETIME} missing: `cargo xtask setup` installs libfaketime"
         );
-        let file = w.dirs.state_dir.with_extension("faketime");
+        let file = state_dir.with_extension("faketime");
         std::fs::write(&file, "+0\n").expect("faketime file");
         // SAFETY: the tests of this binary run one at a time (--test-threads=1), and no
         // other thread reads the environment while it is set.
@@ -148,5 +165,134 @@ fn a_backward_step_and_a_reload_do_not_extend_a_bindings_kernel_expiry() {
     assert!(
         after <= before,
         "a reload on a wall clock stepped back re-armed the binding: {before}s left before, {after}s after"
+    );
+}
+
+/// The day's spend of `identity` in bytes, from `tollgate quota show`.
+fn day_spent(dirs: &AgentDirs, identity: &str) -> u64 {
+    let shown: serde_json::Value = serde_json::from_str(&dirs.cli_ok(&[
+        "quota",
+        "show",
+        "--identity",
+        identity,
+        "--output",
+        "json",
+    ]))
+    .expect("json");
+    shown[0]["day"]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{shown}"))
+}
+
+#[test]
+fn a_spent_daily_quota_stays_spent_across_a_day_long_step_and_back() {
+    tollgate_tests::require_root();
+    // Not in the last minutes of a UTC day: the real day's end must not roll the window
+    // under the test (bounded: at most two minutes of waiting).
+    let into_day = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        % 86_400;
+    if into_day > 86_400 - 90 {
+        std::thread::sleep(Duration::from_secs(86_400 - into_day + 2));
+    }
+    let lab = Lab::new();
+    let dirs = AgentDirs::new();
+    let o = lab.client_v4.octets();
+    let metered = [o[0], o[1], o[2], 12];
+    let config = Config::new(&[&lab.server_if])
+        .controller(Controller {
+            interval_ms: Some(250),
+            ..Controller::no_gpu()
+        })
+        .plan(Plan {
+            quota_day_bytes: Some(30_000),
+            ..Plan::new("metered")
+        })
+        .endpoint(Endpoint::udp("model", 7000, &["customer"]))
+        .identity(Identity::new(
+            "metered",
+            "customer",
+            "metered",
+            &[IpAddr::from(metered)],
+        ))
+        .write(&dirs.state_dir.join("tollgate.toml"));
+    let clock = FakeClock::install_beside(&dirs.state_dir);
+    let agent = Agent::launch(
+        &lab.server,
+        &dirs,
+        &[
+            "--config",
+            config.to_str().expect("path"),
+            "--mode",
+            "native",
+        ],
+    );
+    let id: serde_json::Value =
+        serde_json::from_str(&dirs.cli_ok(&["identities", "show", "metered", "--output", "json"]))
+            .expect("json");
+    let id = id["id"].as_u64().expect("id") as u32;
+    // 100-byte frames at 200/s: 20 kB/s, the 30 kB daily quota gone in 1.5 s.
+    let frame = PacketBuilder::v4(metered, lab.server_v4.octets())
+        .udp(40000, 7000)
+        .payload(58)
+        .build();
+    let blast = FrameBlaster::start(&lab.client, &lab.client_if, frame, 200);
+    std::thread::sleep(Duration::from_secs(3));
+    let audit = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dirs.state_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let exhausted = audit()
+        .into_iter()
+        .find(|l| l["action"] == "quota_exhausted")
+        .unwrap_or_else(|| panic!("no quota_exhausted: {}", agent.stderr()));
+    assert_eq!(exhausted["detail"]["window"], "day");
+    let spent = day_spent(&dirs, "metered");
+    assert!(spent >= 30_000, "{spent}");
+    // A day ahead for four seconds, while the identity keeps sending: still over quota.
+    let before = identity_counters(&dirs, id);
+    clock.set("+1d");
+    std::thread::sleep(Duration::from_secs(4));
+    let during = identity_counters(&dirs, id);
+    let spent_during = day_spent(&dirs, "metered");
+    clock.set("+0");
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = identity_counters(&dirs, id);
+    let spent_after = day_spent(&dirs, "metered");
+    let sent = blast.stop();
+    let log = audit();
+    assert!(
+        !log.iter().any(|l| l["action"] == "quota_reset"),
+        "the daily quota was reset by a wall-clock step: {:?}",
+        log.iter()
+            .filter(|l| l["action"].as_str().is_some_and(|a| a.starts_with("quota")))
+            .collect::<Vec<_>>()
+    );
+    // Nothing passed beyond what was already spent (one interval's 5 kB of slack at most,
+    // which the flag set before the step leaves at 0).
+    assert!(
+        during.passed.bytes <= before.passed.bytes + 5_000
+            && after.passed.bytes <= before.passed.bytes + 5_000,
+        "passed across the step: {} -> {} -> {} bytes (sent {sent} frames)",
+        before.passed.bytes,
+        during.passed.bytes,
+        after.passed.bytes
+    );
+    assert!(
+        during.dropped.packets > before.dropped.packets + 300,
+        "not dropped during the step: {before:?} -> {during:?}"
+    );
+    assert!(
+        spent_during >= spent && spent_after >= spent,
+        "quota shows the day unspent: {spent} -> {spent_during} -> {spent_after}"
+    );
+    assert!(
+        log.iter().any(|l| l["action"] == "clock_step"),
+        "no clock_step audited"
     );
 }

@@ -3,7 +3,10 @@
 //! per-identity counters, and decides hold-back per (endpoint, plan), quota flags and, once
 //! a second, anomaly responses. Every decision goes to the audit log with its inputs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use serde_json::json;
 use tollgate_common::policy::{
@@ -12,8 +15,9 @@ use tollgate_common::policy::{
 use tracing::{info, warn};
 
 use crate::controller::{
-    anomaly::{Sample, Step, Tracker},
+    anomaly::{Decision, Hold, Sample, Step, Tracker},
     gpu::{GpuReading, GpuSource, NvmlSource, SimulatedSource},
+    handshakes::{self, Evidence, Snapshot},
     pressure::{Saturation, hold_back_q8, share},
     quota::{QuotaBook, QuotaLimits},
 };
@@ -22,8 +26,9 @@ use crate::{
     clock::{self, StepWatch},
     config::{AnomalyMode, Config, GpuSourceKind},
     identity::Resolver,
+    net::prefix_covers,
     state::{Quarantine, QuarantineOwner, State, now_unix_ms},
-    tables::{KernelTables, to_q8},
+    tables::{KernelTables, Proto, to_q8},
 };
 
 /// What the loop keeps between ticks.
@@ -44,6 +49,11 @@ pub struct ControlLoop {
     pub trackers: BTreeMap<String, Tracker>,
     /// Anomaly decisions by (step, mode), for metrics.
     pub actions: BTreeMap<(String, &'static str), u64>,
+    /// Throttled identities' connections since their throttle began (the evidence an
+    /// automatic quarantine needs, `anomaly.require_handshake`).
+    evidence: BTreeMap<String, Evidence>,
+    /// Quarantines the ladder decided and did not impose, by [`Hold`] reason, for metrics.
+    pub withheld: BTreeMap<&'static str, u64>,
     /// Loops run, and how long the last one took (seconds).
     pub loops: u64,
     pub last_loop_s: f64,
@@ -95,6 +105,8 @@ impl ControlLoop {
             window_start_ms: now_unix_ms(),
             trackers: BTreeMap::new(),
             actions: BTreeMap::new(),
+            evidence: BTreeMap::new(),
+            withheld: BTreeMap::new(),
             loops: 0,
             last_loop_s: 0.0,
             exhausted_seeded: false,
@@ -333,6 +345,9 @@ impl ControlLoop {
         now_s: u64,
     ) {
         let a = &config.anomaly;
+        // First every identity's decision, then (when one escalates) one read of the
+        // kernel's connections for all of them, then the decisions applied.
+        let mut decided = Vec::new();
         for (name, d) in window {
             let Some(id) = state.identity_ids.get(name).copied() else {
                 continue;
@@ -359,15 +374,108 @@ impl ControlLoop {
                     d.dropped.packets as f64 / packets as f64
                 },
             };
+            if let Some(ev) = self.evidence.get_mut(name) {
+                ev.passed_packets += d.passed.packets;
+            }
             let tracker = self.trackers.entry(name.clone()).or_default();
+            let before = tracker.decided_step();
             // A silent second is not a sample: learning "idle" would make the identity's
             // next ordinary request look like a flood. Its ladder still expires.
-            let decided = if packets == 0 {
+            let decision = if packets == 0 {
                 tracker.expire(now_s, &cfg)
             } else {
                 tracker.observe(sample, now_s, &cfg)
             };
-            let Some(decision) = decided else { continue };
+            if let Some(decision) = decision {
+                decided.push((name.clone(), id, cfg, before, decision));
+            }
+        }
+        let onset =
+            |before: Step, d: &Decision| before == Step::Observe && d.step == Step::Throttle;
+        let escalates =
+            |before: Step, d: &Decision| before == Step::Throttle && d.step == Step::Quarantine;
+        let table = (a.require_handshake
+            && decided
+                .iter()
+                .any(|(_, _, _, b, d)| onset(*b, d) || escalates(*b, d)))
+        .then(handshakes::established);
+        // Automatic quarantines in force (a shadow ladder's count as if enforced, so shadow
+        // mode reports what enforcing would do).
+        let mut active = state
+            .quarantines
+            .values()
+            .filter(|q| matches!(q.by, QuarantineOwner::Controller))
+            .count()
+            + self
+                .trackers
+                .values()
+                .filter(|t| t.decided_step() == Step::Quarantine && t.step() == Step::Observe)
+                .count();
+        for (name, id, cfg, before, mut decision) in decided {
+            if matches!(decision.step, Step::Release | Step::Observe) {
+                self.evidence.remove(&name);
+            }
+            let connections = |t: &handshakes::Established| {
+                Snapshot::of(&t.conns, connection_of(config, state, &name))
+            };
+            if onset(before, &decision)
+                && let Some(Ok(t)) = &table
+                && !t.truncated
+            {
+                self.evidence.insert(
+                    name.clone(),
+                    Evidence {
+                        start: connections(t),
+                        passed_packets: 0,
+                    },
+                );
+            }
+            if escalates(before, &decision) {
+                let proof = if a.require_handshake {
+                    self.proof(&name, &table, connections)
+                } else {
+                    Ok("anomaly.require_handshake = false".to_owned())
+                };
+                let cap = a.max_auto_quarantines as usize;
+                let allowed = proof.and_then(|seen| {
+                    if active >= cap {
+                        Err((
+                            Hold::Capped,
+                            format!(
+                                "{active} automatic quarantine(s) in force, anomaly.max_auto_quarantines = {cap}"
+                            ),
+                        ))
+                    } else {
+                        Ok(seen)
+                    }
+                });
+                let tracker = self.trackers.get_mut(&name).expect("observed above");
+                match allowed {
+                    Ok(seen) => {
+                        active += 1;
+                        decision.reason = format!("{}; {seen}", decision.reason);
+                    }
+                    Err((why, detail)) => {
+                        let original = decision.reason.clone();
+                        let news = tracker.withhold(&mut decision, why, &detail, now_s, &cfg);
+                        *self.withheld.entry(why.as_str()).or_default() += 1;
+                        if news {
+                            let action = if why == Hold::Capped {
+                                "quarantine_capped"
+                            } else {
+                                "quarantine_withheld"
+                            };
+                            let _ = audit.record(
+                                &Actor::AGENT,
+                                action,
+                                why.as_str(),
+                                json!({"identity": name, "detail": detail, "decided": original,
+                                       "shadow": decision.shadow, "until_unix": decision.until_unix_s}),
+                            );
+                        }
+                    }
+                }
+            }
             *self
                 .actions
                 .entry((
@@ -400,10 +508,10 @@ impl ControlLoop {
                     // Lift only what the controller itself set: an operator's quarantine stays.
                     let ours = state
                         .quarantines
-                        .get(name)
+                        .get(&name)
                         .is_some_and(|q| matches!(q.by, QuarantineOwner::Controller));
                     if ours {
-                        state.quarantines.remove(name);
+                        state.quarantines.remove(&name);
                     }
                     let clear = if ours {
                         ID_THROTTLED | ID_QUARANTINED
@@ -418,6 +526,51 @@ impl ControlLoop {
             }
             if let Err(e) = state.save(&config.node.state_dir) {
                 warn!("saving state: {e}");
+            }
+        }
+    }
+
+    /// Whether the kernel's connections (`table`, this tick's read) prove that `name`'s
+    /// flood is its own ([`handshakes::judge`] against its reading at the throttle's start).
+    fn proof(
+        &mut self,
+        name: &str,
+        table: &Option<std::io::Result<handshakes::Established>>,
+        connections: impl Fn(&handshakes::Established) -> Snapshot,
+    ) -> Result<String, (Hold, String)> {
+        let t = match table {
+            Some(Ok(t)) if !t.truncated => t,
+            Some(Ok(_)) => {
+                return Err((
+                    Hold::Unreadable,
+                    format!(
+                        "more than {} ESTABLISHED connections on this node",
+                        handshakes::MAX_CONNECTIONS
+                    ),
+                ));
+            }
+            Some(Err(e)) => {
+                return Err((Hold::Unreadable, format!("reading the connections: {e}")));
+            }
+            None => return Err((Hold::Unreadable, "the connections were not read".into())),
+        };
+        match self.evidence.get(name) {
+            Some(ev) => handshakes::judge(&connections(t), ev),
+            // Throttled before this agent started, or the read at the throttle's start
+            // failed: measure from now, judge at the next try.
+            None => {
+                self.evidence.insert(
+                    name.to_owned(),
+                    Evidence {
+                        start: connections(t),
+                        passed_packets: 0,
+                    },
+                );
+                Err((
+                    Hold::Unreadable,
+                    "no reading of its connections from the throttle's start; measuring from now"
+                        .into(),
+                ))
             }
         }
     }
@@ -459,5 +612,46 @@ impl ControlLoop {
                     .map(|e| e.name.clone())
             })
             .collect()
+    }
+}
+
+/// Whether a connection is one of `name`'s: from an address it is bound at (by the
+/// configuration or a live token binding) to a protected TCP endpoint port on this node.
+fn connection_of<'a>(
+    config: &'a Config,
+    state: &'a State,
+    name: &str,
+) -> impl Fn(&handshakes::Conn) -> bool + 'a {
+    let now_ms = now_unix_ms();
+    let mut prefixes: Vec<(IpAddr, u8)> = config
+        .identity(name)
+        .map(|i| i.bind.clone())
+        .unwrap_or_default();
+    prefixes.extend(
+        state
+            .bindings
+            .iter()
+            .filter(|b| b.identity == name && !b.expired(now_ms))
+            .map(|b| (b.addr, b.prefix_len)),
+    );
+    move |c| {
+        let local = c.local.ip();
+        prefixes
+            .iter()
+            .any(|(net, len)| prefix_covers(*net, *len, c.remote.ip()))
+            && config.endpoints.iter().any(|e| {
+                e.spec.proto == Proto::Tcp
+                    && e.port_ranges.iter().any(|r| r.contains(&c.local.port()))
+                    && match local {
+                        IpAddr::V4(a) => e
+                            .spec
+                            .v4_prefix
+                            .is_none_or(|(n, l)| prefix_covers(IpAddr::V4(n), l, IpAddr::V4(a))),
+                        IpAddr::V6(a) => e
+                            .spec
+                            .v6_prefix
+                            .is_none_or(|(n, l)| prefix_covers(IpAddr::V6(n), l, IpAddr::V6(a))),
+                    }
+            })
     }
 }

@@ -510,6 +510,16 @@ pub fn render(d: &Node) -> Result<String, String> {
         "Anomaly ladder decisions by step and mode",
         actions.0,
     );
+    let withheld = Counters::new();
+    for why in crate::controller::anomaly::Hold::ALL {
+        let n = c.withheld.get(why.as_str()).copied().unwrap_or(0);
+        withheld.add(l(&[("reason", why.as_str())]), n);
+    }
+    reg.register(
+        "tollgate_anomaly_quarantines_withheld",
+        "Quarantines the anomaly ladder decided and did not impose (the identity stays throttled), by reason",
+        withheld.0,
+    );
     reg.register(
         "tollgate_drop_events",
         "Sampled drop events read from the kernel",

@@ -164,6 +164,10 @@ pub struct Anomaly {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cooldown_s: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_auto_quarantines: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_handshake: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub internal: Option<Thresholds>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partner: Option<Thresholds>,
@@ -173,7 +177,9 @@ pub struct Anomaly {
 
 impl Anomaly {
     /// The ladder in `mode` (`"enforce"`, `"shadow"`), quick enough for a test: five
-    /// warm-up samples, seconds-long throttle, quarantine and cool-down.
+    /// warm-up samples, seconds-long throttle, quarantine and cool-down. It judges scores
+    /// alone (`require_handshake = false`: the tests' floods are raw frames with no
+    /// connection behind them); tests/spoofing.rs turns the handshake rule back on.
     pub fn quick(mode: &str) -> Anomaly {
         Anomaly {
             mode: Some(mode.into()),
@@ -183,6 +189,7 @@ impl Anomaly {
             throttle_for_s: Some(3),
             quarantine_for_s: Some(4),
             cooldown_s: Some(2),
+            require_handshake: Some(false),
             ..Anomaly::default()
         }
     }

@@ -275,6 +275,16 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             "cooldown_s",
             Some(anomaly.cooldown_s.to_string()),
         ),
+        (
+            "anomaly",
+            "max_auto_quarantines",
+            Some(anomaly.max_auto_quarantines.to_string()),
+        ),
+        (
+            "anomaly",
+            "require_handshake",
+            Some(anomaly.require_handshake.to_string()),
+        ),
         ("anomaly", "internal", scores(0)),
         ("anomaly", "partner", scores(1)),
         ("anomaly", "customer", scores(2)),

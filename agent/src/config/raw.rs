@@ -102,6 +102,8 @@ pub(super) struct RawAnomaly {
     pub throttle_for_s: Option<S<i64>>,
     pub quarantine_for_s: Option<S<i64>>,
     pub cooldown_s: Option<S<i64>>,
+    pub max_auto_quarantines: Option<S<i64>>,
+    pub require_handshake: Option<S<bool>>,
     pub internal: Option<RawThresholds>,
     pub partner: Option<RawThresholds>,
     pub customer: Option<RawThresholds>,

@@ -27,6 +27,10 @@
 //!   ratio, bytes (a SYN may carry any payload), and SYNs in the packet rate. It is the
 //!   deviation of the non-SYN packet rate. A rise on forgeable signals alone may only
 //!   throttle: at the throttle's expiry it is renewed, never escalated.
+//!   A Quarantine decided here is a proposal: the control loop imposes it only with the
+//!   kernel's evidence that the identity's own TCP connections carried its flood and under
+//!   `max_auto_quarantines` (`controller::handshakes`); otherwise [`Tracker::withhold`] turns
+//!   it into a renewed Throttle, retried only when that throttle expires.
 //! - Quarantine at expiry: the quarantine score still anomalous → Quarantine again (a new
 //!   decision, with a new `until`); otherwise → Release.
 //! - Throttle at expiry, back to normal → Release.
@@ -127,6 +131,14 @@ pub struct Anomaly {
     pub cooldown_s: u64,
     /// (throttle score, quarantine score) for internal, partner, customer.
     pub thresholds: [(f64, f64); 3],
+    /// Automatic quarantines in force at once on this node; past it the ladder throttles
+    /// only (`quarantine_capped`). Operator quarantines neither count nor are limited.
+    pub max_auto_quarantines: u32,
+    /// Quarantine automatically only an identity whose flood its own ESTABLISHED TCP
+    /// connections carry (`controller::handshakes`); `false`: on the SYN-free packet score
+    /// alone, for nodes where bound addresses cannot be spoofed (or UDP-only endpoints the
+    /// operator wants quarantined).
+    pub require_handshake: bool,
 }
 
 impl Default for Anomaly {
@@ -142,6 +154,8 @@ impl Default for Anomaly {
             quarantine_for_s: 300,
             cooldown_s: 120,
             thresholds: [(12.0, 24.0), (8.0, 16.0), (6.0, 12.0)],
+            max_auto_quarantines: 16,
+            require_handshake: true,
         }
     }
 }
@@ -281,6 +295,44 @@ pub struct Tracker {
     shadow: bool,
     last_release_unix_s: Option<u64>,
     score: f64,
+    /// Why the quarantine this throttle escalated to was withheld, if it was: it is then
+    /// retried only when the throttle expires (so the kernel's connections are read at most
+    /// once per `throttle_for_s` per identity), and reported once per episode.
+    #[serde(default)]
+    held: Option<Hold>,
+}
+
+/// Why a quarantine the ladder decided was not imposed (the identity stays throttled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hold {
+    /// No ESTABLISHED connection from its addresses to a protected TCP port.
+    NoHandshake,
+    /// Connections, but its passed packets are not theirs (a spoofer's flood from the
+    /// address of a customer with a connection open looks like this).
+    NotItsConnections,
+    /// The kernel's connections could not be read (or not whole).
+    Unreadable,
+    /// `anomaly.max_auto_quarantines` are in force already.
+    Capped,
+}
+
+impl Hold {
+    pub const ALL: [Hold; 4] = [
+        Hold::NoHandshake,
+        Hold::NotItsConnections,
+        Hold::Unreadable,
+        Hold::Capped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hold::NoHandshake => "no_handshake",
+            Hold::NotItsConnections => "not_its_connections",
+            Hold::Unreadable => "unreadable",
+            Hold::Capped => "capped",
+        }
+    }
 }
 
 impl Tracker {
@@ -375,6 +427,36 @@ impl Tracker {
 
     pub fn last_release(&self) -> Option<u64> {
         self.last_release_unix_s
+    }
+
+    /// Why the last escalation was withheld, while the episode lasts.
+    pub fn held(&self) -> Option<Hold> {
+        self.held
+    }
+
+    /// Turns the Quarantine `d` just returned into a renewed Throttle, because `why` (with
+    /// `detail` for the reason text). Returns whether this is news for the episode (the
+    /// first hold, or a different reason than the last), i.e. whether to report it.
+    pub fn withhold(
+        &mut self,
+        d: &mut Decision,
+        why: Hold,
+        detail: &str,
+        now_unix_s: u64,
+        cfg: &Ladder,
+    ) -> bool {
+        debug_assert_eq!(d.step, Step::Quarantine);
+        let until = Some(now_unix_s + cfg.throttle_for_s);
+        self.step = Step::Throttle;
+        self.until_unix_s = until;
+        d.step = Step::Throttle;
+        d.until_unix_s = until;
+        d.reason = format!(
+            "quarantine withheld ({}: {detail}), throttled instead; {}",
+            why.as_str(),
+            d.reason
+        );
+        self.held.replace(why) != Some(why)
     }
 
     fn deviations(&self, x: &[f64; SIGNALS], with_drops: bool) -> [f64; SIGNALS] {
@@ -483,7 +565,7 @@ impl Tracker {
                 ),
             ),
             Step::Observe => return None,
-            Step::Throttle if unforgeable >= cfg.quarantine_score => (
+            Step::Throttle if unforgeable >= cfg.quarantine_score && self.held.is_none() => (
                 Step::Quarantine,
                 Some(now + cfg.quarantine_for_s),
                 format!(
@@ -534,6 +616,9 @@ impl Tracker {
         }
         if step == Step::Release {
             self.last_release_unix_s = Some(now);
+        }
+        if matches!(step, Step::Release | Step::Observe) {
+            self.held = None;
         }
         let shadow = self.shadow;
         self.step = step;

@@ -11,6 +11,7 @@ pub const DEFAULT_GPU_SIMULATED_FILE: &str = "/run/tollgate/gpu-simulated.json";
 
 pub mod anomaly;
 pub mod gpu;
+pub mod handshakes;
 pub mod pressure;
 pub mod quota;
 

@@ -10,6 +10,9 @@ use crate::config::{
 };
 
 const CONTROLLER_INTERVAL_MS: RangeInclusive<i64> = 10..=60_000;
+/// More automatic quarantines than identity slots could never be in force.
+const MAX_AUTO_QUARANTINES: RangeInclusive<i64> =
+    0..=tollgate_common::policy::MAX_IDENTITIES as i64;
 
 impl Checker<'_> {
     pub(super) fn controller(&self, raw: Option<RawController>) -> Result<Controller> {
@@ -187,6 +190,16 @@ impl Checker<'_> {
             )? as u64,
             cooldown_s: secs(&raw.cooldown_s, "anomaly.cooldown_s", d.cooldown_s as i64)? as u64,
             thresholds,
+            // 0: the ladder never quarantines by itself (throttles only).
+            max_auto_quarantines: self.int(
+                &raw.max_auto_quarantines,
+                "anomaly.max_auto_quarantines",
+                i64::from(d.max_auto_quarantines),
+                MAX_AUTO_QUARANTINES,
+            )? as u32,
+            require_handshake: raw
+                .require_handshake
+                .map_or(d.require_handshake, |b| *b.get_ref()),
         })
     }
 }

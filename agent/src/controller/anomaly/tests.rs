@@ -544,3 +544,80 @@ fn config_validation() {
         assert!(bad.validate().is_err(), "{bad:?}");
     }
 }
+
+/// A withheld quarantine leaves the identity throttled, is not retried before the throttle
+/// expires (so the kernel's connections are read at most once per `throttle_for_s`), is
+/// retried then, reports news only when the reason changes, and is forgotten at release.
+#[test]
+fn a_withheld_quarantine_stays_a_throttle_until_its_expiry() {
+    let cfg = cfg();
+    let mut t = Tracker::default();
+    feed(&mut t, &(0..60).map(normal).collect::<Vec<_>>(), 0, &cfg);
+    let mut now = T0 + 60;
+    let d = t.observe(volume(60, 20.0), now, &cfg).expect("throttle");
+    assert_eq!(d.step, Step::Throttle);
+    now += 1;
+    let mut d = t.observe(volume(61, 20.0), now, &cfg).expect("escalation");
+    assert_eq!(d.step, Step::Quarantine);
+    assert!(t.withhold(&mut d, Hold::NotItsConnections, "20 of 5000", now, &cfg));
+    assert_eq!(
+        (d.step, t.step(), t.held()),
+        (
+            Step::Throttle,
+            Step::Throttle,
+            Some(Hold::NotItsConnections)
+        )
+    );
+    assert_eq!(d.until_unix_s, Some(now + cfg.throttle_for_s));
+    assert!(
+        d.reason
+            .starts_with("quarantine withheld (not_its_connections: 20 of 5000)"),
+        "{}",
+        d.reason
+    );
+    // Still flooding: no new escalation until the throttle it was given expires.
+    let until = now + cfg.throttle_for_s;
+    for k in 1..cfg.throttle_for_s {
+        assert_eq!(
+            t.observe(volume(61 + k as usize, 20.0), now + k, &cfg),
+            None,
+            "at +{k}"
+        );
+    }
+    let mut d = t
+        .observe(volume(200, 20.0), until, &cfg)
+        .expect("retry at expiry");
+    assert_eq!(d.step, Step::Quarantine);
+    // The same reason again is no news; another is.
+    assert!(!t.withhold(&mut d.clone(), Hold::NotItsConnections, "x", until, &cfg));
+    assert!(t.withhold(&mut d, Hold::Capped, "16 in force", until, &cfg));
+    // Back to normal: released at expiry, and the hold goes with the episode.
+    let end = until + cfg.throttle_for_s;
+    let d = t.observe(normal(300), end, &cfg).expect("release");
+    assert_eq!(d.step, Step::Release);
+    assert_eq!(t.held(), None);
+}
+
+#[test]
+fn the_cap_and_the_handshake_rule_are_validated_and_default_on() {
+    let d = Anomaly::default();
+    assert_eq!((d.max_auto_quarantines, d.require_handshake), (16, true));
+    let base = "[node]\ninterfaces = [\"eth0\"]\n\n[[plans]]\nname = \"free\"\n\n[anomaly]\n";
+    let parse = |extra: &str| crate::config::Config::parse(&format!("{base}{extra}"), "t.toml");
+    let c = parse("max_auto_quarantines = 0\nrequire_handshake = false\n").expect("valid");
+    assert_eq!(
+        (c.anomaly.max_auto_quarantines, c.anomaly.require_handshake),
+        (0, false)
+    );
+    for (bad, says) in [
+        (
+            "max_auto_quarantines = -1\n",
+            "anomaly.max_auto_quarantines",
+        ),
+        ("max_auto_quarantines = 100000\n", "between 0 and 16384"),
+        ("require_handshake = \"yes\"\n", "require_handshake"),
+    ] {
+        let e = parse(bad).expect_err(bad).to_string();
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+}
