@@ -20,7 +20,7 @@ use std::{
 use tollgate_tests::{
     agent::{Agent, AgentDirs},
     config::{Config, Controller, Endpoint, Identity, Plan},
-    flood::Tap,
+    flood::{Tap, by_source},
     frames::FrameBlaster,
     lab::{Lab, XdpAttach},
     node::{frame, host4, host6},
@@ -35,6 +35,9 @@ const GREEDY_BURST: f64 = 500.0;
 fn launch(lab: &Lab, dirs: &AgentDirs, config: &str) -> Agent {
     Agent::launch(&lab.server, dirs, &["--config", config, "--mode", "native"])
 }
+
+/// When, and what the tap had counted by then.
+type Snapshot = (Instant, HashMap<IpAddr, u64>);
 
 fn passed(tap: &HashMap<IpAddr, u64>, src: IpAddr) -> u64 {
     tap.get(&src).copied().unwrap_or(0)
@@ -137,7 +140,7 @@ fn kill_dash_nine_under_a_mixed_flood_keeps_every_promise_and_a_restart_adopts_i
     let sent: HashMap<IpAddr, u64> = blasters.into_iter().map(|(a, b)| (a, b.stop())).collect();
     let run = blasting.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(200));
-    let total = tap.stop();
+    let total = by_source(&tap.stop());
     eprintln!("sent {sent:?}\nreceived {total:?}");
 
     let mut failures = Vec::new();
@@ -189,10 +192,7 @@ fn kill_dash_nine_under_a_mixed_flood_keeps_every_promise_and_a_restart_adopts_i
         }
     }
     // Over its limit: its rate while the agent was dead and starting...
-    let window = |((t0, c0), (t1, c1)): &(
-        (Instant, HashMap<IpAddr, u64>),
-        (Instant, HashMap<IpAddr, u64>),
-    )| {
+    let window = |((t0, c0), (t1, c1)): &(Snapshot, Snapshot)| {
         (
             (*t1 - *t0).as_secs_f64(),
             passed(c1, greedy) - passed(c0, greedy),

@@ -20,6 +20,10 @@ use tollgate_tests::{
 };
 
 const PROTECTED: u16 = 8000;
+/// Source ports: the bound clients' own frames (`node::frame`'s) and the flood's, so the tap
+/// counts a client's own frames even where the flood spoofs its address.
+const CLIENT_PORT: u16 = 40000;
+const FLOOD_PORT: u16 = 40001;
 const BIND_PORT: u16 = 8443;
 
 fn long() -> bool {
@@ -109,7 +113,7 @@ fn bound_clients_keep_their_rate_through_a_random_source_flood() {
         } else {
             PacketBuilder::v4(random_v4(&mut rng).octets(), lab.server_v4.octets())
         }
-        .tcp(40000, PROTECTED)
+        .tcp(FLOOD_PORT, PROTECTED)
         .payload(60)
         .build();
         Flood::start(
@@ -140,11 +144,11 @@ fn bound_clients_keep_their_rate_through_a_random_source_flood() {
         )
     };
     let unbound_before = reason_counter(&dirs, Reason::Unbound, 1).packets;
-    let before = tap.counts();
+    let before = tap.flows();
     let t0 = Instant::now();
     let floods = [spoofed(false, seed), spoofed(true, seed ^ 0x5eed)];
     std::thread::sleep(Duration::from_secs(if long() { 60 } else { 10 }));
-    let during = tap.counts();
+    let during = tap.flows();
     let window = t0.elapsed().as_secs_f64();
     let flood_sent: u64 = floods.into_iter().map(|f| f.stop().sent).sum();
     let offered: Vec<u64> = blasters.into_iter().map(FrameBlaster::stop).collect();
@@ -167,7 +171,7 @@ fn bound_clients_keep_their_rate_through_a_random_source_flood() {
     );
     let leaked: u64 = after
         .iter()
-        .filter(|(src, _)| !bound.contains(src))
+        .filter(|((src, _), _)| !bound.contains(src))
         .map(|(_, n)| n)
         .sum();
     assert_eq!(leaked, 0, "spoofed frames reached the server: {leaked}");
@@ -177,7 +181,9 @@ fn bound_clients_keep_their_rate_through_a_random_source_flood() {
     let owed = CLIENT_RATE as f64 * window;
     let mut failures = Vec::new();
     for (name, src) in &clients {
-        let passed = during.get(src).copied().unwrap_or(0) - before.get(src).copied().unwrap_or(0);
+        let own = (*src, CLIENT_PORT);
+        let passed =
+            during.get(&own).copied().unwrap_or(0) - before.get(&own).copied().unwrap_or(0);
         eprintln!(
             "{name} ({src}): {passed} passed in {window:.1}s ({:.0}/s of {CLIENT_RATE}/s)",
             passed as f64 / window
@@ -251,8 +257,8 @@ fn a_million_sources_in_one_v6_64_get_only_its_anonymous_allowance() {
     let arrived: u64 = tap
         .stop()
         .iter()
-        .filter(|(src, _)| match src {
-            IpAddr::V6(a) => a.segments()[..4] == s[..4] && **src != IpAddr::V6(lab.client_v6),
+        .filter(|((src, _), _)| match src {
+            IpAddr::V6(a) => a.segments()[..4] == s[..4] && *src != IpAddr::V6(lab.client_v6),
             IpAddr::V4(_) => false,
         })
         .map(|(_, n)| n)

@@ -166,7 +166,11 @@ fn churn_and_flood_leak_neither_memory_nor_descriptors() {
         Some(20_000),
         move |i, f| {
             f[V4_SRC_OFFSET..V4_SRC_OFFSET + 4].copy_from_slice(&random_v4(&mut rng).octets());
-            let port = if i % 2 == 0 { MODEL_PORT } else { BIND_PORT };
+            let port = if i.is_multiple_of(2) {
+                MODEL_PORT
+            } else {
+                BIND_PORT
+            };
             // TCP destination port: after the 20-byte IPv4 header and the source port.
             f[14 + 20 + 2..14 + 20 + 4].copy_from_slice(&port.to_be_bytes());
         },
@@ -181,7 +185,12 @@ fn churn_and_flood_leak_neither_memory_nor_descriptors() {
     let mut counts = [0u64; 4];
     let mut round = |i: u64, counts: &mut [u64; 4]| {
         // The control socket, as the CLI speaks it: a run-time bind and its unbind.
-        let target = if i % 2 == 0 { v4(i) } else { IpAddr::V6(v6(i)) }.to_string();
+        let target = if i.is_multiple_of(2) {
+            v4(i)
+        } else {
+            IpAddr::V6(v6(i))
+        }
+        .to_string();
         ok(
             &dirs.socket,
             &Request::Bind {
@@ -193,7 +202,7 @@ fn churn_and_flood_leak_neither_memory_nor_descriptors() {
         ok(&dirs.socket, &Request::Unbind { target });
         counts[0] += 1;
         // A gateway token bind (a new token identity now and then) and its unbind.
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             let addr = IpAddr::V6(v6(i + 2048));
             let token = issuer.token(&format!("tok-{}", i % 5));
             ok(&dirs.socket, &Request::BindToken { token, addr });
@@ -206,7 +215,7 @@ fn churn_and_flood_leak_neither_memory_nor_descriptors() {
             counts[1] += 1;
         }
         // An HTTPS bind on the listener from the client's own address, and its unbind.
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             let token = issuer.token("tok-https");
             let src = IpAddr::V4(lab.client_v4);
             let tcp = lab
@@ -224,7 +233,7 @@ fn churn_and_flood_leak_neither_memory_nor_descriptors() {
             counts[2] += 1;
         }
         // The CLI itself, now and then (a process start each).
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             let target = host4(&lab, 250).to_string();
             dirs.cli_ok(&["bind", &target, "--identity", "churner", "--for", "10m"]);
             dirs.cli_ok(&["unbind", &target]);

@@ -88,11 +88,11 @@ impl Flood {
             let mut i = 0u64;
             while i < count && start.elapsed() < FLOOD_LIMIT {
                 // Checked every 256 frames: an atomic load per frame is cheap, but not free.
-                if i % 256 == 0 && s.load(Ordering::Relaxed) {
+                if i.is_multiple_of(256) && s.load(Ordering::Relaxed) {
                     break;
                 }
                 if let Some(rate) = per_second
-                    && i % 1000 == 0
+                    && i.is_multiple_of(1000)
                 {
                     let due = Duration::from_secs_f64(i as f64 / f64::from(rate.max(1)));
                     if let Some(wait) = due.checked_sub(start.elapsed()) {
@@ -184,10 +184,11 @@ pub fn random_v6(rng: &mut XorShift) -> Ipv6Addr {
     Ipv6Addr::from(hi | u128::from(rng.next_u64()))
 }
 
-/// Frames the server's interface received, counted by IP source address, from a thread in
-/// the server's namespace until dropped.
+/// Frames the server's interface received, counted by IP source address and TCP/UDP source
+/// port (0 for other protocols), from a thread in the server's namespace until dropped. The
+/// port tells a client's own frames from frames spoofed with its address.
 pub struct Tap {
-    counts: Arc<Mutex<HashMap<IpAddr, u64>>>,
+    counts: Arc<Mutex<HashMap<(IpAddr, u16), u64>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<u32>>,
 }
@@ -258,7 +259,7 @@ impl Tap {
                     continue;
                 }
                 // The server's own replies (RSTs, ICMP errors) are not what the client sent.
-                if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                if from.sll_pkttype == libc::PACKET_OUTGOING {
                     continue;
                 }
                 if let Some(src) = source_of(&buf[..n as usize]) {
@@ -296,27 +297,22 @@ impl Tap {
         }
     }
 
-    /// Frames from each source so far.
+    /// Frames from each source address so far, over all its ports.
     pub fn counts(&self) -> HashMap<IpAddr, u64> {
+        by_source(&self.flows())
+    }
+
+    /// Frames from each (source address, source port) so far.
+    pub fn flows(&self) -> HashMap<(IpAddr, u16), u64> {
         self.counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Frames from `src` so far.
-    pub fn count(&self, src: IpAddr) -> u64 {
-        self.counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&src)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Stops, and returns the final counts; panics if the socket dropped anything (a count
-    /// that missed frames could hide a leak).
-    pub fn stop(mut self) -> HashMap<IpAddr, u64> {
+    /// Stops, and returns the final counts by (source, port); panics if the socket dropped
+    /// anything (a count that missed frames could hide a leak).
+    pub fn stop(mut self) -> HashMap<(IpAddr, u16), u64> {
         self.stop.store(true, Ordering::Relaxed);
         let drops = self
             .thread
@@ -325,7 +321,7 @@ impl Tap {
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         assert_eq!(drops, 0, "the tap's socket dropped {drops} frames");
-        self.counts()
+        self.flows()
     }
 }
 
@@ -338,22 +334,39 @@ impl Drop for Tap {
     }
 }
 
-/// The IP source address of an untagged Ethernet frame.
-fn source_of(frame: &[u8]) -> Option<IpAddr> {
+/// Counts by (source, port) summed by source.
+pub fn by_source(flows: &HashMap<(IpAddr, u16), u64>) -> HashMap<IpAddr, u64> {
+    let mut sums = HashMap::new();
+    for ((src, _), n) in flows {
+        *sums.entry(*src).or_default() += n;
+    }
+    sums
+}
+
+/// The IP source address of an untagged Ethernet frame, and its TCP or UDP source port (0
+/// for other protocols, or behind IPv6 extension headers).
+fn source_of(frame: &[u8]) -> Option<(IpAddr, u16)> {
+    let port = |at: usize, proto: u8| match proto {
+        6 | 17 => frame
+            .get(at..at + 2)
+            .map_or(0, |p| u16::from_be_bytes([p[0], p[1]])),
+        _ => 0,
+    };
     match frame.get(12..14)? {
         [0x08, 0x00] => {
             let b: [u8; 4] = frame
                 .get(V4_SRC_OFFSET..V4_SRC_OFFSET + 4)?
                 .try_into()
                 .ok()?;
-            Some(IpAddr::from(b))
+            let ihl = usize::from(frame.get(14)? & 0x0f) * 4;
+            Some((IpAddr::from(b), port(14 + ihl, *frame.get(14 + 9)?)))
         }
         [0x86, 0xdd] => {
             let b: [u8; 16] = frame
                 .get(V6_SRC_OFFSET..V6_SRC_OFFSET + 16)?
                 .try_into()
                 .ok()?;
-            Some(IpAddr::from(b))
+            Some((IpAddr::from(b), port(14 + 40, *frame.get(14 + 6)?)))
         }
         _ => None,
     }
