@@ -293,11 +293,11 @@ fn churn_and_flood_leak_neither_memory_nor_descriptors() {
     );
 
     let mut failures = Vec::new();
-    // Enough churn that a per-bind leak of a few KiB, or one descriptor, would show.
-    if counts[0] < 500 {
+    let soaked = counts[0] - warm_counts[0];
+    if soaked < MIN_BINDS {
         failures.push(format!(
-            "only {} binds in the soak: too few to say anything",
-            counts[0]
+            "only {soaked} socket binds after the warm-up (at least {MIN_BINDS} were wanted): \
+             too few for a leak to show"
         ));
     }
     if rss1 as f64 > rss0 as f64 * 1.10 {
