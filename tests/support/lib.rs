@@ -10,12 +10,14 @@
 //! - [`node`]: the agent tests' world: a lab and a policy of six identities;
 //! - [`model`]: a plain reference model of the verdicts, for the differential test;
 //! - [`pty`]: a pseudo-terminal for `tollgate top`, and taking it away;
-//! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags.
+//! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags;
+//! - [`flood`]: floods that rewrite each frame's source, and a server-side tap counting what passed.
 
 pub mod agent;
 pub mod config;
 pub mod exhaust;
 pub mod fixture;
+pub mod flood;
 pub mod frames;
 pub mod lab;
 pub mod model;
