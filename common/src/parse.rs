@@ -221,14 +221,16 @@ const GRE_SEQ: u8 = 0x10;
 /// delivers. `vlan_tags` is 0 and offsets count from the start of the packet.
 #[inline(always)]
 pub fn parse_l3<P: PacketView + ?Sized>(p: &P) -> Result<Frame, Reason> {
-    let Some(v) = p.load::<1>(0) else {
+    // Four bytes, not one: a one-byte load at the start compiles to `data >= data_end`, a
+    // comparison the verifier learns no packet range from. Any IP header is longer anyway.
+    let Some(v) = p.load::<4>(0) else {
         return Err(Reason::Truncated);
     };
     let off = match gre_inner(p, v[0] >> 4)? {
         Some(off) => off,
         None => 0,
     };
-    let Some(v) = p.load::<1>(off) else {
+    let Some(v) = p.load::<4>(off) else {
         return Err(Reason::Truncated);
     };
     match v[0] >> 4 {
