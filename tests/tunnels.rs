@@ -519,12 +519,6 @@ fn tun_device_gets_the_layer3_entry_and_enforces() {
         .run(move || TcpListener::bind(addr).expect("listen"));
     let _agent = node.start("enforce");
     node.wait_covered(&dev);
-    let st = node.status();
-    let program = st["tunnels"]["covered"]
-        .as_array()
-        .and_then(|a| a.iter().find(|d| d["device"] == dev.as_str()))
-        .map(|d| d["program"].clone());
-    assert_eq!(program, Some("tollgate_l3".into()), "{st}");
     for (host, want_answer) in [(200u8, false), (11, true)] {
         let src = host4_v4(lab, host);
         let frame = PacketBuilder::v4(src.octets(), server_in.octets())
@@ -541,6 +535,13 @@ fn tun_device_gets_the_layer3_entry_and_enforces() {
             assert!(node.reason("unbound") > before, "not counted unbound");
         }
     }
+    // The traffic first (what matters), then the reason: the layer-3 entry is attached.
+    let st = node.status();
+    let program = st["tunnels"]["covered"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["device"] == dev.as_str()))
+        .map(|d| d["program"].clone());
+    assert_eq!(program, Some("tollgate_l3".into()), "{st}");
 }
 
 /// `packet` (IPv4, TCP) with its TCP checksum filled in: a packet written into a tun has no
