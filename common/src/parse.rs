@@ -226,10 +226,7 @@ pub fn parse_l3<P: PacketView + ?Sized>(p: &P) -> Result<Frame, Reason> {
     let Some(v) = p.load::<4>(0) else {
         return Err(Reason::Truncated);
     };
-    let off = match gre_inner(p, v[0] >> 4)? {
-        Some(off) => off,
-        None => 0,
-    };
+    let off: usize = gre_inner(p, v[0] >> 4)?.unwrap_or_default();
     let Some(v) = p.load::<4>(off) else {
         return Err(Reason::Truncated);
     };
