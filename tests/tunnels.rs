@@ -11,8 +11,10 @@
 //!   leaves the gap (the connect succeeds: the bypass is real in this lab) and says so.
 //! - tun (a layer-3 device, as OpenVPN-style daemons write decapsulated packets into): a SYN
 //!   written into it meets the layer-3 entry, and is dropped or answered as its source says.
-//! - ipip, sit, gre, geneve, gretap, wireguard: the same VXLAN-style connect where the kernel
-//!   offers the device type (skipped, and said so, where it does not).
+//! - ipip, gre, gretap, geneve: the same VXLAN-style connect where the kernel offers the
+//!   device type (skipped, and said so, where it does not).
+//! - the layer-3 entry through BPF_PROG_TEST_RUN: bare packets and packets behind an NBMA
+//!   GRE's outer headers get the verdict and reason the Ethernet entry gives the whole frame.
 //!
 //! Inner and outer addresses come from the lab's 198.18.0.0/15 /24 and 2001:db8::/32 /64.
 
@@ -627,4 +629,98 @@ fn write_and_wait_for_syn_ack(tun: &std::fs::File, packet: &[u8], src: Ipv4Addr)
         }
     }
     false
+}
+
+/// The layer-3 entry in the kernel (BPF_PROG_TEST_RUN, the shared enforcement world): a
+/// packet without its Ethernet header, bare or behind the outer IPv4 and GRE headers an NBMA
+/// GRE device leaves in front (no kernel here has GRE to send real ones), gets the verdict
+/// and reason the Ethernet entry gives the whole frame; what is not IP is dropped.
+#[test]
+fn layer3_entry_decides_like_the_ethernet_one_in_the_kernel() {
+    use tollgate_common::{
+        Reason::{self, *},
+        decide_cases::{self, id::*, tcp4, tcp6, v4, v6},
+        program_names,
+    };
+    tollgate_tests::require_root();
+    let mut h = tollgate_tests::fixture::Harness::new();
+    h.install(&decide_cases::enforcement().world);
+    let mut run = |program: &'static str, packet: &[u8]| -> (u32, Reason) {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let before =
+            tollgate::counter_read::reason_totals(h.tables.reason_counters()).expect("counters");
+        let prog = tollgate::loader::xdp_program(&mut h.ebpf, program).expect("program");
+        let mut out = vec![0u8; packet.len() + 256];
+        let ret = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN")
+            .return_value;
+        let after =
+            tollgate::counter_read::reason_totals(h.tables.reason_counters()).expect("counters");
+        let moved: Vec<Reason> = after
+            .iter()
+            .zip(&before)
+            .filter(|((_, a), (_, b))| a.packets != b.packets)
+            .map(|((r, _), _)| *r)
+            .collect();
+        assert_eq!(moved.len(), 1, "{program}: one packet moved {moved:?}");
+        (ret, moved[0])
+    };
+    let rows: [(&str, Vec<u8>, Reason); 5] = [
+        ("unbound v4", tcp4(v4(1, 77), 8000, 100), Unbound),
+        ("unbound v6", tcp6(v6(1, 77), 8001), Unbound),
+        (
+            "quarantined v4",
+            tcp4(v4(1, QUARANTINED as u8), 8000, 100),
+            Quarantined,
+        ),
+        ("bound v4", tcp4(v4(1, CUSTOMER as u8), 8000, 100), Bound),
+        ("unprotected v4", tcp4(v4(1, 77), 7, 100), Unprotected),
+    ];
+    for (desc, frame, want) in rows {
+        let (eth, eth_reason) = run(program_names::XDP, &frame);
+        assert_eq!((eth, eth_reason), (want.verdict() as u32, want), "{desc}");
+        let bare = frame[14..].to_vec();
+        for (variant, packet) in [("bare", bare.clone()), ("behind GRE", gre_outer(&bare))] {
+            assert_eq!(
+                run(program_names::XDP_L3, &packet),
+                (eth, eth_reason),
+                "{desc}, {variant}: the layer-3 entry decides otherwise"
+            );
+        }
+    }
+    // An Ethernet frame handed to the layer-3 entry, and a runt: dropped, never passed.
+    let (ret, reason) = run(program_names::XDP_L3, &tcp4(v4(1, 77), 8000, 100));
+    assert_eq!((ret, reason), (BadVersion.verdict() as u32, BadVersion));
+    // (BPF_PROG_TEST_RUN takes no XDP frame under 14 bytes: a 16-byte IPv4 header stub.)
+    let mut stub = bare_v4_header();
+    stub.truncate(16);
+    let (ret, _) = run(program_names::XDP_L3, &stub);
+    assert_eq!(ret, Truncated.verdict() as u32);
+}
+
+/// An unbound TCP SYN's IPv4 packet, without its Ethernet header.
+fn bare_v4_header() -> Vec<u8> {
+    tollgate_common::decide_cases::tcp4(tollgate_common::decide_cases::v4(1, 77), 8000, 100)[14..]
+        .to_vec()
+}
+
+/// `inner` behind an outer IPv4 header (198.19.0.1 -> .2) and a GRE header with a key.
+fn gre_outer(inner: &[u8]) -> Vec<u8> {
+    let proto: u16 = if inner[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
+    let mut gre = vec![0x20, 0];
+    gre.extend_from_slice(&proto.to_be_bytes());
+    gre.extend_from_slice(&[0, 0, 0, 42]);
+    let total = (20 + gre.len() + inner.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, 47, 0, 0, 198, 19, 0, 1, 198, 19, 0, 2]);
+    p.extend_from_slice(&gre);
+    p.extend_from_slice(inner);
+    p
 }

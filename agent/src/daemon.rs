@@ -339,10 +339,13 @@ fn record_tunnel_events(audit: &Audit, events: Vec<tunnels::Event>) {
 /// Once a second: tunnel devices, token housekeeping, then quarantines and run-time bindings
 /// whose time is up.
 fn tick(node: &mut Node) {
-    let events = node
-        .tunnels
-        .rescan(&mut node.pinned, &node.config.node.interfaces);
-    record_tunnel_events(&node.audit, events);
+    // After an uninstall the pins are gone on purpose: attach nothing again.
+    if !node.uninstalled {
+        let events = node
+            .tunnels
+            .rescan(&mut node.pinned, &node.config.node.interfaces);
+        record_tunnel_events(&node.audit, events);
+    }
     if let Err(e) = node.audit.flush_suppressed() {
         warn!("audit log: {e}");
     }
