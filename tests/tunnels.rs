@@ -724,3 +724,31 @@ fn gre_outer(inner: &[u8]) -> Vec<u8> {
     p.extend_from_slice(inner);
     p
 }
+
+/// A covered tunnel stays enforced while the agent is down (its link is pinned like an
+/// interface's), and a restart adopts the pin.
+#[test]
+fn vxlan_stays_enforced_across_kill_dash_nine_and_a_restart_adopts_it() {
+    let node = Node::new();
+    let t = Tunnel::new(&node, "vxlan", host4_v4(&node.lab, 200));
+    let agent = node.start("enforce");
+    node.wait_covered(&t.dev);
+    agent.kill9();
+    assert!(
+        tollgate::pins::link_path(&node.dirs.pin_dir, &t.dev).exists(),
+        "no link pin for {}",
+        t.dev
+    );
+    let (connected, accepted) = connect_through(&node, &t);
+    assert!(
+        !connected && accepted.is_none(),
+        "reached the port with the agent down"
+    );
+    let _agent = node.start("enforce");
+    node.wait_covered(&t.dev);
+    let (connected, accepted) = connect_through(&node, &t);
+    assert!(
+        !connected && accepted.is_none(),
+        "reached the port after the restart"
+    );
+}
