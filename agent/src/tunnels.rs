@@ -303,7 +303,7 @@ impl Tunnels {
     /// Attaches to new devices, detaches from vanished ones, records the uncovered.
     fn apply(
         &mut self,
-        pinned: &mut Pinned,
+        pinned: &mut impl Links,
         configured: &[String],
         links: Vec<Link>,
         sas: u32,
@@ -318,7 +318,7 @@ impl Tunnels {
             }
             if !names.contains(&name.as_str()) {
                 self.covered.remove(&name);
-                if let Err(e) = pinned.detach(&name) {
+                if let Err(e) = Links::detach(pinned, &name) {
                     warn!("removing the link pin of vanished tunnel device {name}: {e}");
                 }
                 info!(device = name, "tunnel device gone");
@@ -346,7 +346,7 @@ impl Tunnels {
             let result = if self.policy == TunnelPolicy::Warn {
                 Err("node.tunnels = \"warn\": not attached".to_owned())
             } else {
-                attach(pinned, &link.name, layer)
+                pinned.attach(&link.name, layer)
             };
             match result {
                 Ok(()) => {
@@ -459,22 +459,36 @@ impl Tunnels {
     }
 }
 
-/// Attaches `layer`'s entry in generic mode (tunnel devices have no driver XDP). A pin left
-/// for a device of that name that was deleted (and perhaps recreated) holds a dead link that
-/// cannot take a program: it is removed and the attach made afresh.
-fn attach(pinned: &mut Pinned, name: &str, layer: Layer) -> Result<(), String> {
-    match pinned.attach_program(name, AttachMode::Generic, layer.program()) {
-        Ok(_) => Ok(()),
-        Err(first) => {
-            if pins::link_path(pinned.pin_dir(), name).exists() {
-                let _ = pinned.detach(name);
-                return pinned
-                    .attach_program(name, AttachMode::Generic, layer.program())
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
+/// Where the links go: the pins (the daemon), or a recorder (the unit tests).
+pub trait Links {
+    fn attach(&mut self, name: &str, layer: Layer) -> Result<(), String>;
+    fn detach(&mut self, name: &str) -> Result<(), String>;
+}
+
+impl Links for Pinned {
+    /// Attaches `layer`'s entry in generic mode (tunnel devices have no driver XDP). A pin
+    /// left for a device of that name that was deleted (and perhaps recreated) holds a dead
+    /// link that cannot take a program: it is removed and the attach made afresh.
+    fn attach(&mut self, name: &str, layer: Layer) -> Result<(), String> {
+        match self.attach_program(name, AttachMode::Generic, layer.program()) {
+            Ok(_) => Ok(()),
+            Err(first) => {
+                if pins::link_path(self.pin_dir(), name).exists() {
+                    let _ = Pinned::detach(self, name);
+                    return self
+                        .attach_program(name, AttachMode::Generic, layer.program())
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                }
+                Err(first.to_string())
             }
-            Err(first.to_string())
         }
+    }
+
+    fn detach(&mut self, name: &str) -> Result<(), String> {
+        Pinned::detach(self, name)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -536,6 +550,114 @@ mod tests {
         }
         assert_eq!(TunnelPolicy::default(), TunnelPolicy::Enforce);
         assert_eq!(TunnelPolicy::from_label("ignore"), None);
+    }
+
+    /// Records attaches and detaches; refuses to attach the names in `refuse`.
+    #[derive(Default)]
+    struct Recorder {
+        log: Vec<String>,
+        refuse: Vec<&'static str>,
+    }
+
+    impl Links for Recorder {
+        fn attach(&mut self, name: &str, layer: Layer) -> Result<(), String> {
+            if self.refuse.contains(&name) {
+                return Err("the kernel said no".into());
+            }
+            self.log.push(format!("attach {name} {}", layer.program()));
+            Ok(())
+        }
+        fn detach(&mut self, name: &str) -> Result<(), String> {
+            self.log.push(format!("detach {name}"));
+            Ok(())
+        }
+    }
+
+    fn dev(name: &str, ifindex: u32, kind: &str, arphrd: u16) -> Link {
+        Link {
+            name: name.into(),
+            ifindex,
+            arphrd,
+            kind: kind.into(),
+        }
+    }
+
+    fn tunnels(policy: TunnelPolicy) -> Tunnels {
+        Tunnels {
+            policy,
+            ..Tunnels::default()
+        }
+    }
+
+    #[test]
+    fn devices_are_attached_once_reattached_when_recreated_and_let_go_when_gone() {
+        let mut t = tunnels(TunnelPolicy::Enforce);
+        let mut r = Recorder::default();
+        let vx = dev("vx0", 7, "vxlan", 1);
+        let wg = dev("wg0", 8, "wireguard", 0xfffe);
+        let ev = t.apply(&mut r, &[], vec![vx.clone(), wg.clone()], 0);
+        assert_eq!(ev.len(), 2);
+        assert_eq!(r.log, ["attach vx0 tollgate", "attach wg0 tollgate_l3"]);
+        assert_eq!(t.counts(), (2, 0));
+        // The same scan again changes nothing.
+        assert!(
+            t.apply(&mut r, &[], vec![vx.clone(), wg.clone()], 0)
+                .is_empty()
+        );
+        assert_eq!(r.log.len(), 2);
+        // vx0 deleted and made again (a new ifindex): attached again; wg0 gone: let go.
+        let vx2 = dev("vx0", 9, "vxlan", 1);
+        let ev = t.apply(&mut r, &[], vec![vx2], 0);
+        assert_eq!(r.log[2..], ["detach wg0", "attach vx0 tollgate"]);
+        assert!(ev.contains(&Event::Gone { name: "wg0".into() }), "{ev:?}");
+        assert_eq!(t.report().covered.len(), 1);
+        // Named in node.interfaces by a reload: the daemon's now, not detached here.
+        t.apply(&mut r, &["vx0".to_owned()], vec![], 0);
+        assert_eq!(r.log.len(), 4, "{:?}", r.log);
+        assert_eq!(t.counts(), (0, 0));
+    }
+
+    #[test]
+    fn failed_attaches_and_sas_are_uncovered_and_reported_once() {
+        let mut t = tunnels(TunnelPolicy::Enforce);
+        let mut r = Recorder {
+            refuse: vec!["gre9"],
+            ..Recorder::default()
+        };
+        let gre = dev("gre9", 4, "gre", 778);
+        let ev = t.apply(&mut r, &[], vec![gre.clone()], 2);
+        let uncovered: Vec<&str> = ev
+            .iter()
+            .filter_map(|e| match e {
+                Event::Uncovered { name, .. } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uncovered, ["gre9", XFRM_STATES]);
+        let report = t.report();
+        assert!(
+            report.uncovered[1].why.contains("2 IPsec SA(s)"),
+            "{report:?}"
+        );
+        assert_eq!(t.counts(), (0, 2));
+        // Retried on the next change, not reported again while it fails the same way.
+        let ev = t.apply(&mut r, &[], vec![gre.clone(), dev("vx1", 5, "vxlan", 1)], 2);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        // The SAs gone: that gap closes.
+        let ev = t.apply(&mut r, &[], vec![gre], 0);
+        assert!(ev.contains(&Event::Gone {
+            name: XFRM_STATES.into()
+        }));
+    }
+
+    #[test]
+    fn warn_attaches_nothing() {
+        let mut t = tunnels(TunnelPolicy::Warn);
+        let mut r = Recorder::default();
+        t.apply(&mut r, &[], vec![dev("vx0", 7, "vxlan", 1)], 0);
+        assert!(r.log.is_empty());
+        assert_eq!(t.counts(), (0, 1));
+        assert_eq!(t.report().uncovered[0].device, "vx0");
     }
 
     #[test]
