@@ -35,6 +35,8 @@ use tollgate_tests::{
 
 /// The protected port: `vllm` (TCP 8000) in the agent-test world.
 const PROTECTED: u16 = 8000;
+/// `/metrics`, on the node namespace's own loopback.
+const METRICS: &str = "127.0.0.1:9464";
 /// Covered within this long of appearing (the agent looks every second).
 const COVER_LIMIT: Duration = Duration::from_secs(10);
 
@@ -55,6 +57,7 @@ impl Node {
     fn write_config(&self, policy: &str) -> String {
         let path = config(&self.lab)
             .tunnels(policy)
+            .listen_metrics(METRICS)
             .write(&self.dirs.state_dir.join("tollgate.toml"));
         path.to_str().expect("utf-8 path").to_owned()
     }
@@ -95,6 +98,25 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `tollgate_tunnel_devices{state=...}` from a scrape.
+    fn tunnel_gauge(&self, state: &str) -> f64 {
+        let addr: SocketAddr = METRICS.parse().expect("addr");
+        let body = self.lab.server.run(move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            write!(s, "GET /metrics HTTP/1.0\r\nhost: {addr}\r\n\r\n").expect("request");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("response");
+            out
+        });
+        let series = format!("tollgate_tunnel_devices{{state=\"{state}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series}in the scrape:\n{body}"))
     }
 
     fn reason(&self, label: &str) -> u64 {
@@ -318,6 +340,7 @@ fn unbound_gets_nothing_through(kind: &str) {
         "{kind}: an unbound client reached the protected port through the tunnel \
          (connected {connected}, accepted from {accepted:?})"
     );
+    assert_eq!(node.tunnel_gauge("covered"), 1.0);
     let dropped = node.reason("unbound") - before;
     assert!(
         dropped >= 1,
