@@ -109,6 +109,7 @@ fn every_section(dirs: &AgentDirs, kit: &TokenKit) -> Config {
     c.node.control_socket = Some(dirs.socket.clone());
     c.node.control_group = Some("root".into());
     c.node.kernel_log = Some("warn".into());
+    c.node.tunnels = Some("enforce".into());
     c
 }
 

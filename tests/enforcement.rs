@@ -74,6 +74,7 @@ fn verifier_instruction_budget() {
     let mut ebpf = tollgate::loader::load().expect("loading the program");
     for (name, ceiling) in [
         (tollgate_common::program_names::XDP, 150_000),
+        (tollgate_common::program_names::XDP_L3, 150_000),
         (tollgate_common::program_names::NOOP, 10),
     ] {
         let info = tollgate::loader::xdp_program(&mut ebpf, name)

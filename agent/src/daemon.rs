@@ -30,6 +30,7 @@ use crate::{
     policy_apply, servers,
     state::{State, now_unix_ms},
     token_bind::TokenService,
+    tunnels::{self, Tunnels},
 };
 
 /// Drop events logged per second at most (the rest are counted, not logged): a flood must
@@ -64,6 +65,8 @@ pub enum DaemonError {
     Listener(#[from] servers::bind::ListenerError),
     #[error("{0}")]
     Capabilities(String),
+    #[error("{0}")]
+    Tunnels(String),
     #[error("{what}: {message}")]
     Io { what: String, message: String },
 }
@@ -147,9 +150,15 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
              (binds, quarantines, revocations) will be refused until it can be"
         );
     }
+    // Tunnel devices first: a refusal attaches nothing more, and their link pins are theirs,
+    // not stale ones of unconfigured interfaces.
+    let (tunnels, tunnel_events) =
+        Tunnels::start(config.node.tunnels, &mut pinned, &config.node.interfaces)
+            .map_err(DaemonError::Tunnels)?;
     let mut attached = Vec::new();
     for iface in &config.node.interfaces {
-        let adopted = pinned.attach(iface, config.node.xdp_mode)?;
+        let adopted =
+            pinned.attach_program(iface, config.node.xdp_mode, tunnels::program_for(iface))?;
         info!(
             iface,
             adopted,
@@ -159,7 +168,7 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
         attached.push(iface.clone());
     }
     for old in pins::pinned_interfaces(&config.node.pin_dir) {
-        if !attached.contains(&old) {
+        if !attached.contains(&old) && !tunnels.covered_names().contains(&old) {
             pinned.detach(&old)?;
             info!(iface = old, "detached: no longer configured");
         }
@@ -177,6 +186,7 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
     ) {
         warn!("audit log: recording the start: {e}; enforcing anyway");
     }
+    record_tunnel_events(&audit, tunnel_events);
     Ok(Node {
         config,
         pinned,
@@ -186,6 +196,7 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
         control,
         drop_stats: DropEventStats::default(),
         attached,
+        tunnels,
         started_unix_ms: now_unix_ms(),
         uninstalled: false,
     })
@@ -231,6 +242,13 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
             "node.kernel_log takes effect only on restart"
         );
     }
+    if config.node.tunnels != old.node.tunnels {
+        warn!(
+            running = old.node.tunnels.label(),
+            configured = config.node.tunnels.label(),
+            "node.tunnels takes effect only on restart"
+        );
+    }
     // The keys are re-read too; a JWKS that does not parse refuses the whole reload.
     let tokens = match &config.tokens {
         Some(t) => match TokenService::new(t) {
@@ -256,7 +274,7 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
     for iface in &config.node.interfaces {
         if !node.attached.contains(iface) {
             node.pinned
-                .attach(iface, config.node.xdp_mode)
+                .attach_program(iface, config.node.xdp_mode, tunnels::program_for(iface))
                 .map_err(|e| kernel(&e))?;
             node.attached.push(iface.clone());
         }
@@ -307,8 +325,27 @@ fn record_agent(node: &Node, changes: Vec<Change>) {
     }
 }
 
-/// Once a second: token housekeeping, then quarantines and run-time bindings whose time is up.
+/// Audits what changed among the tunnel devices (`tunnel_attached`, `tunnel_uncovered`,
+/// `tunnel_gone`).
+fn record_tunnel_events(audit: &Audit, events: Vec<tunnels::Event>) {
+    for e in events {
+        let (action, detail) = e.audit();
+        if let Err(err) = audit.record(&Actor::AGENT, action, "", detail) {
+            warn!("audit log: recording {action}: {err}");
+        }
+    }
+}
+
+/// Once a second: tunnel devices, token housekeeping, then quarantines and run-time bindings
+/// whose time is up.
 fn tick(node: &mut Node) {
+    // After an uninstall the pins are gone on purpose: attach nothing again.
+    if !node.uninstalled {
+        let events = node
+            .tunnels
+            .rescan(&mut node.pinned, &node.config.node.interfaces);
+        record_tunnel_events(&node.audit, events);
+    }
     if let Err(e) = node.audit.flush_suppressed() {
         warn!("audit log: {e}");
     }

@@ -36,3 +36,4 @@ pub mod servers;
 pub mod state;
 pub mod tables;
 pub mod token_bind;
+pub mod tunnels;

@@ -204,7 +204,8 @@ impl log::Log for TracingLog {
     fn flush(&self) {}
 }
 
-/// Parses the embedded object and loads (verifies) both XDP programs, kernel logging off.
+/// Parses the embedded object and loads (verifies) the enforcing programs (Ethernet and
+/// layer-3) and the no-op, kernel logging off.
 pub fn load() -> Result<Ebpf, LoadError> {
     load_with_kernel_log(KernelLog::Off)
 }
@@ -215,7 +216,11 @@ pub fn load_with_kernel_log(level: KernelLog) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     configure_kernel_log(&mut loader, level);
     let mut ebpf = loader.load(object::bytes())?;
-    for name in [program_names::XDP, program_names::NOOP] {
+    for name in [
+        program_names::XDP,
+        program_names::XDP_L3,
+        program_names::NOOP,
+    ] {
         xdp_program(&mut ebpf, name)?
             .load()
             .map_err(|source| LoadError::Program { name, source })?;

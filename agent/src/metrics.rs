@@ -373,6 +373,16 @@ pub fn render(d: &Node) -> Result<String, String> {
         counter(crate::clock::steps_total()),
     );
 
+    let tunnels = Gauges::new();
+    let (covered, uncovered) = d.tunnels.counts();
+    tunnels.set(l(&[("state", "covered")]), covered as f64);
+    tunnels.set(l(&[("state", "uncovered")]), uncovered as f64);
+    reg.register(
+        "tollgate_tunnel_devices",
+        "Decapsulation points in the node's namespace (tunnel devices; IPsec SAs as one): covered by the program (generic XDP), or uncovered (see `tollgate status`)",
+        tunnels.0,
+    );
+
     // Controller.
     let c = &d.control;
     reg.register(

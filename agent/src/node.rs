@@ -19,6 +19,8 @@ pub struct Node {
     pub drop_stats: DropEventStats,
     /// Interfaces the program is attached to.
     pub attached: Vec<String>,
+    /// Decapsulating devices found in the namespace and what covers them.
+    pub tunnels: crate::tunnels::Tunnels,
     pub started_unix_ms: u64,
     /// Set once `uninstall` removed the pins: the daemon stops.
     pub uninstalled: bool,

@@ -194,10 +194,14 @@ impl Pinned {
         let mut ebpf = loader
             .load(object::bytes())
             .map_err(|e| load_err(format!("{e:#}")))?;
-        crate::loader::xdp_program(&mut ebpf, program_names::XDP)
-            .map_err(|e| load_err(e.to_string()))?
-            .load()
-            .map_err(|e| load_err(format!("verifier: {e}")))?;
+        // Both enforcing entries: the layer-3 one is attached to tunnel devices whose
+        // packets start at the IP header (`tunnels`).
+        for name in [program_names::XDP, program_names::XDP_L3] {
+            crate::loader::xdp_program(&mut ebpf, name)
+                .map_err(|e| load_err(e.to_string()))?
+                .load()
+                .map_err(|e| load_err(format!("verifier ({name}): {e}")))?;
+        }
         crate::loader::spawn_kernel_log(&mut ebpf, kernel_log)
             .map_err(|e| load_err(e.to_string()))?;
         {
@@ -254,12 +258,23 @@ impl Pinned {
     /// (bpf_link_update: no moment without a program); otherwise a new link is made and
     /// pinned. Returns whether an existing link was adopted.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<bool, PinError> {
+        self.attach_program(iface, mode, program_names::XDP)
+    }
+
+    /// [`Pinned::attach`] with the enforcing entry `program` (`program_names::XDP` for
+    /// Ethernet devices, `XDP_L3` for layer-3 tunnel devices).
+    pub fn attach_program(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        program: &'static str,
+    ) -> Result<bool, PinError> {
         let path = link_path(&self.pin_dir, iface);
         let attach_err = |message: String| PinError::Attach {
             iface: iface.to_owned(),
             message,
         };
-        let prog = crate::loader::xdp_program(&mut self.ebpf, program_names::XDP)
+        let prog = crate::loader::xdp_program(&mut self.ebpf, program)
             .map_err(|e| attach_err(e.to_string()))?;
         if path.exists() {
             let pinned = PinnedLink::from_pin(&path).map_err(|e| attach_err(e.to_string()))?;

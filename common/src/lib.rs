@@ -111,6 +111,8 @@ pub const REASON_COUNTER_SLOTS: u32 = REASON_SLOTS * policy::MAX_ENDPOINTS;
 pub mod program_names {
     /// The enforcing XDP program.
     pub const XDP: &str = "tollgate";
+    /// The enforcing program for layer-3 tunnel devices (packets start at the IP header).
+    pub const XDP_L3: &str = "tollgate_l3";
     /// An XDP program that passes everything: the benchmark's baseline.
     pub const NOOP: &str = "tollgate_noop";
     /// Benchmark components (parser; parser + clock; parser + binding lookup).

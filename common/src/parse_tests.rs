@@ -3,6 +3,7 @@
 use crate::Reason;
 use crate::packet::{L4, PacketBuilder, ip_offset};
 use crate::parse::*;
+use std::{vec, vec::Vec};
 
 const A4: [u8; 4] = [198, 18, 0, 1];
 const B4: [u8; 4] = [198, 18, 0, 2];
@@ -288,4 +289,121 @@ fn tcp_flags_and_new_flows() {
     f[14 + 20 + 13] = TCP_SYN | TCP_ACK;
     assert!(!ip(&f).is_new_flow());
     assert!(!ip(&PacketBuilder::v4(A4, B4).udp(1, 2).build()).is_new_flow());
+}
+
+// The layer-3 entry (`parse_l3`): what generic XDP hands over on ipip, sit, gre, ip6tnl,
+// wireguard and xfrm devices, a packet with no Ethernet header.
+
+/// An Ethernet frame's packet, as a layer-3 tunnel device delivers it.
+fn l3(frame: &[u8]) -> Vec<u8> {
+    frame[ETH_HLEN..].to_vec()
+}
+
+fn ip_l3(packet: &[u8]) -> IpPacket {
+    match parse_l3(packet) {
+        Ok(Frame::Ip(p)) => p,
+        other => panic!("expected an IP packet, got {other:?}"),
+    }
+}
+
+/// `inner` behind an outer IPv4 header and a GRE header with `flags` (checksum, key,
+/// sequence bits), the way an NBMA GRE device's generic XDP sees it.
+fn gre_outer_v4(inner: &[u8], flags: u8) -> Vec<u8> {
+    let proto = if inner[0] >> 4 == 6 {
+        ETH_P_IPV6
+    } else {
+        ETH_P_IP
+    };
+    let mut gre = vec![flags, 0];
+    gre.extend_from_slice(&proto.to_be_bytes());
+    for bit in [0x80u8, 0x20, 0x10] {
+        if flags & bit != 0 {
+            gre.extend_from_slice(&[0xaa; 4]);
+        }
+    }
+    let total = (20 + gre.len() + inner.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_GRE, 0, 0]);
+    p.extend_from_slice(&[198, 19, 0, 1]);
+    p.extend_from_slice(&[198, 19, 0, 2]);
+    p.extend_from_slice(&gre);
+    p.extend_from_slice(inner);
+    p
+}
+
+#[test]
+fn l3_ipv4_and_ipv6_fields_match_the_ethernet_parse() {
+    for frame in [
+        PacketBuilder::v4(A4, B4)
+            .tcp(1234, 8000)
+            .payload(10)
+            .build(),
+        PacketBuilder::v6(A6, B6).udp(5353, 53).build(),
+        PacketBuilder::v6(A6, B6)
+            .ipv6_ext(IPPROTO_DSTOPTS)
+            .tcp(1, 8000)
+            .build(),
+        PacketBuilder::v4(A4, B4)
+            .fragment(8, false)
+            .tcp(1, 2)
+            .build(),
+    ] {
+        let eth = ip(&frame);
+        let p = ip_l3(&l3(&frame));
+        // Same packet, offsets shifted by the missing Ethernet header.
+        assert_eq!(
+            IpPacket {
+                l4_offset: eth.l4_offset - ETH_HLEN as u16,
+                ..eth
+            },
+            p
+        );
+    }
+}
+
+#[test]
+fn l3_version_nibble_decides_and_anything_else_is_refused() {
+    let mut p = l3(&PacketBuilder::v4(A4, B4).tcp(1, 8000).build());
+    p[0] = 0x55;
+    assert_eq!(parse_l3(&p[..]), Err(Reason::BadVersion));
+    assert_eq!(parse_l3(&[][..]), Err(Reason::Truncated));
+    // An IPv6 header cut short is truncated, not passed.
+    let v6 = l3(&PacketBuilder::v6(A6, B6).tcp(1, 8000).build());
+    assert_eq!(parse_l3(&v6[..30]), Err(Reason::Truncated));
+}
+
+#[test]
+fn l3_truncated_at_every_byte_is_never_an_ip_packet_with_ports() {
+    let p = l3(&PacketBuilder::v4(A4, B4).tcp(1, 8000).build());
+    for cut in 0..p.len() {
+        assert!(parse_l3(&p[..cut]).is_err(), "cut at {cut}");
+    }
+}
+
+#[test]
+fn l3_gre_outer_header_is_peeled_to_the_inner_packet() {
+    let inner = l3(&PacketBuilder::v4(A4, B4).tcp(4000, 8000).build());
+    let want = ip_l3(&inner);
+    for flags in [0u8, 0x80, 0x20, 0x10, 0xb0] {
+        let outer = gre_outer_v4(&inner, flags);
+        let p = ip_l3(&outer);
+        assert_eq!(
+            (p.src, p.dst, p.proto, p.dport),
+            (want.src, want.dst, IPPROTO_TCP, 8000)
+        );
+        assert_eq!((p.sport, p.tcp_flags), (want.sport, want.tcp_flags));
+    }
+    let inner6 = l3(&PacketBuilder::v6(A6, B6).udp(1, 8001).build());
+    let p = ip_l3(&gre_outer_v4(&inner6, 0x20));
+    assert_eq!((p.family, p.src.bytes(), p.dport), (Family::V6, A6, 8001));
+    // GRE carrying something that is not IP is the outer packet, as it is.
+    let mut other = gre_outer_v4(&inner, 0);
+    other[22..24].copy_from_slice(&0x6558u16.to_be_bytes());
+    assert_eq!(ip_l3(&other).proto, IPPROTO_GRE);
+    // A GRE header cut short is truncated.
+    assert_eq!(
+        parse_l3(&gre_outer_v4(&inner, 0)[..22]),
+        Err(Reason::Truncated)
+    );
 }

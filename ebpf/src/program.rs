@@ -9,7 +9,7 @@ use aya_ebpf::{
 use tollgate_common::{
     Counter, REASON_COUNTER_SLOTS, Reason,
     decide::{AnonPrefix, Decision, Tables, decide},
-    parse::{Family, Frame, PacketView, parse},
+    parse::{Family, Frame, PacketView, parse, parse_l3},
     policy::{
         AnonKey6, Binding, Bucket, DropEvent, Endpoint, HOLD_BACK_SLOTS, Identity,
         IdentityCounters, MAX_ANON_PREFIXES, MAX_CIDR_BINDINGS, MAX_ENDPOINTS, MAX_EXACT_BINDINGS,
@@ -215,16 +215,33 @@ pub fn tollgate(ctx: XdpContext) -> u32 {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    let len = frame.len() as u64;
+    enforce(&ctx, frame.len() as u64, parse(&frame))
+}
+
+/// The same enforcement for layer-3 tunnel devices (ipip, sit, gre, ip6tnl, wireguard, xfrm),
+/// where generic XDP's data starts at the IP header: the agent attaches it to them as they
+/// appear, so decapsulated packets meet the same maps and the same decision.
+#[xdp]
+pub fn tollgate_l3(ctx: XdpContext) -> u32 {
+    let frame = XdpFrame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    enforce(&ctx, frame.len() as u64, parse_l3(&frame))
+}
+
+/// Decides, counts and samples one parsed frame of `len` bytes; returns the XDP action.
+#[inline(always)]
+fn enforce(ctx: &XdpContext, len: u64, parsed: Result<Frame, Reason>) -> u32 {
     let mut new_flow = false;
-    let decision = match parse(&frame) {
+    let decision = match parsed {
         Ok(Frame::Ip(p)) => {
             let d = decide(&Maps, &p, len);
             if d.reason.verdict() == tollgate_common::Verdict::Drop {
                 // The odd decisions' log lines ride on the drop event's sample, so they are
                 // as bounded as the events (and off with them).
                 if drop_event(&d, &p, len) && log_enabled(LOG_WARN) {
-                    log_odd_decision(&ctx, &d);
+                    log_odd_decision(ctx, &d);
                 }
             }
             new_flow = p.is_new_flow();
@@ -234,7 +251,7 @@ pub fn tollgate(ctx: XdpContext) -> u32 {
         Err(reason) => {
             if log_enabled(LOG_INFO) && sample_due().is_some() {
                 aya_log_ebpf::info!(
-                    &ctx,
+                    ctx,
                     "dropped a {}-byte frame the parser cannot classify: {}",
                     len,
                     reason.label()

@@ -55,6 +55,9 @@ pub struct Node {
     pub control_group: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_log: Option<String>,
+    /// `enforce`, `refuse` or `warn`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnels: Option<String>,
 }
 
 /// `[anonymous]`: the allowance of unbound sources on `anonymous = true` endpoints.
@@ -396,6 +399,12 @@ impl Config {
             },
             ..Config::default()
         }
+    }
+
+    /// `[node] tunnels`.
+    pub fn tunnels(mut self, policy: &str) -> Config {
+        self.node.tunnels = Some(policy.to_owned());
+        self
     }
 
     pub fn anonymous(mut self, packets_per_second: u64, burst: u64) -> Config {

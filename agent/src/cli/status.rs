@@ -2,7 +2,7 @@
 
 use tollgate::control::{
     protocol::Request,
-    reply::{GpuStatus, Status, TokenStatus},
+    reply::{GpuStatus, Status, TokenStatus, TunnelReport},
 };
 
 use super::{
@@ -54,7 +54,8 @@ fn record(s: &Status) -> Record<'_> {
         Some(t) => r.nested("tokens", tokens(t)),
         None => r.line("tokens", "-"),
     };
-    r.line("uptime_s", s.uptime_s)
+    r.nested("tunnels", tunnels(&s.tunnels))
+        .line("uptime_s", s.uptime_s)
         .line("version", &s.version)
         .line("xdp_mode", &s.xdp_mode)
 }
@@ -65,6 +66,38 @@ fn gpu(g: &GpuStatus) -> Vec<(&'static str, Vec<String>)> {
         ("error", vec![opt(g.error.as_deref())]),
         ("readings", g.readings.iter().map(gpu_label).collect()),
         ("saturated_endpoints", vec![list(&g.saturated_endpoints)]),
+    ]
+}
+
+/// Decapsulating devices: the covered ones with their program, the uncovered ones with why.
+fn tunnels(t: &TunnelReport) -> Vec<(&'static str, Vec<String>)> {
+    let or_dash = |v: Vec<String>| {
+        if v.is_empty() {
+            vec!["-".to_owned()]
+        } else {
+            v
+        }
+    };
+    vec![
+        ("policy", vec![t.policy.clone()]),
+        (
+            "covered",
+            or_dash(
+                t.covered
+                    .iter()
+                    .map(|c| format!("{} ({}, {})", c.device, c.kind, c.program))
+                    .collect(),
+            ),
+        ),
+        (
+            "uncovered",
+            or_dash(
+                t.uncovered
+                    .iter()
+                    .map(|u| format!("{} ({}): {}", u.device, u.kind, u.why))
+                    .collect(),
+            ),
+        ),
     ]
 }
 
@@ -109,6 +142,15 @@ mod tests {
             gpu: crate::cli::top::fixtures::saturated_gpu(),
             anomaly_mode: "observe".into(),
             tokens: None,
+            tunnels: TunnelReport {
+                policy: "enforce".into(),
+                covered: vec![tollgate::control::reply::CoveredTunnel {
+                    device: "vx0".into(),
+                    kind: "vxlan".into(),
+                    program: "tollgate".into(),
+                }],
+                uncovered: vec![],
+            },
         }
     }
 
@@ -144,6 +186,10 @@ packets_passed   11225299
 pin_dir          /sys/fs/bpf/tollgate
 quarantined      -
 tokens           -
+tunnels
+  policy     enforce
+  covered    vx0 (vxlan, tollgate)
+  uncovered  -
 uptime_s         86
 version          0.1.0
 xdp_mode         auto

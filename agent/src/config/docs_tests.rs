@@ -133,6 +133,7 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             "audit_max_bytes",
             Some(node.audit_max_bytes.to_string()),
         ),
+        ("node", "tunnels", Some(node.tunnels.label().to_owned())),
         (
             "anonymous",
             "packets_per_second",

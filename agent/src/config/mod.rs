@@ -115,6 +115,9 @@ pub struct Node {
     pub kernel_log: KernelLog,
     /// The size at which `audit.log` is rotated to `audit.log.1`.
     pub audit_max_bytes: u64,
+    /// What to do about decapsulating devices (`tunnels`): cover them (default), refuse to
+    /// start, or only warn.
+    pub tunnels: crate::tunnels::TunnelPolicy,
 }
 
 /// The allowance of unbound sources, per IPv4 /24 and per IPv6 /64, /56 and /48, on endpoints
@@ -191,6 +194,7 @@ impl Node {
             control_group: "tollgate".to_owned(),
             kernel_log: KernelLog::Off,
             audit_max_bytes: crate::audit::MAX_BYTES,
+            tunnels: crate::tunnels::TunnelPolicy::Enforce,
         }
     }
 }

@@ -64,6 +64,7 @@ pub(super) struct RawNode {
     pub control_group: Option<S<String>>,
     pub kernel_log: Option<S<String>>,
     pub audit_max_bytes: Option<S<i64>>,
+    pub tunnels: Option<S<String>>,
 }
 
 #[derive(Default, Deserialize)]

@@ -74,6 +74,7 @@ fn defaults_fill_absent_keys() {
             control_group: "tollgate".into(),
             kernel_log: crate::loader::KernelLog::Off,
             audit_max_bytes: 64 * 1024 * 1024,
+            tunnels: crate::tunnels::TunnelPolicy::Enforce,
         }
     );
     assert_eq!(
@@ -1087,5 +1088,27 @@ fn audit_max_bytes_is_a_size_of_at_least_64_kib() {
         2,
         "node.audit_max_bytes",
         "below the minimum of 65536",
+    );
+}
+
+#[test]
+fn tunnels_takes_a_policy_and_refuses_others() {
+    for (label, want) in [
+        ("enforce", crate::tunnels::TunnelPolicy::Enforce),
+        ("refuse", crate::tunnels::TunnelPolicy::Refuse),
+        ("warn", crate::tunnels::TunnelPolicy::Warn),
+    ] {
+        let c = Config::parse(
+            &BASE.replace("[node]\n", &format!("[node]\ntunnels = \"{label}\"\n")),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.node.tunnels, want);
+    }
+    assert_refused(
+        &BASE.replace("[node]\n", "[node]\ntunnels = \"ignore\"\n"),
+        2,
+        "node.tunnels",
+        "expected enforce (cover every decapsulating device), refuse",
     );
 }

@@ -47,6 +47,37 @@ pub struct Status {
     pub anomaly_mode: String,
     /// `None` when token binding is not configured.
     pub tokens: Option<TokenStatus>,
+    /// Decapsulating devices and what covers them (`[node] tunnels`); absent from agents
+    /// older than the field.
+    #[serde(default)]
+    pub tunnels: TunnelReport,
+}
+
+/// `status.tunnels`: devices where decapsulated or decrypted packets arrive.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelReport {
+    /// `enforce`, `refuse` or `warn`.
+    pub policy: String,
+    /// Devices with the enforcing program attached (generic XDP).
+    pub covered: Vec<CoveredTunnel>,
+    /// Decapsulation points nothing enforces on (an IPsec SA count among them).
+    pub uncovered: Vec<UncoveredTunnel>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoveredTunnel {
+    pub device: String,
+    /// rtnetlink kind (`vxlan`, `ipip` ...).
+    pub kind: String,
+    /// The program entry attached: `tollgate` (Ethernet) or `tollgate_l3`.
+    pub program: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UncoveredTunnel {
+    pub device: String,
+    pub kind: String,
+    pub why: String,
 }
 
 /// `status.gpu`: the controller's view of the GPUs.
@@ -414,7 +445,22 @@ mod tests {
                 verifications: [("ok".to_owned(), 3), ("expired".to_owned(), 1)].into(),
                 probable_thefts: 1,
             }),
+            tunnels: TunnelReport {
+                policy: "enforce".into(),
+                covered: vec![CoveredTunnel {
+                    device: "vx0".into(),
+                    kind: "vxlan".into(),
+                    program: "tollgate".into(),
+                }],
+                uncovered: vec![UncoveredTunnel {
+                    device: "xfrm-states".into(),
+                    kind: "ipsec".into(),
+                    why: "2 IPsec SA(s)".into(),
+                }],
+            },
         });
+        assert_eq!(v["tunnels"]["covered"][0]["device"], "vx0");
+        assert_eq!(v["tunnels"]["uncovered"][0]["kind"], "ipsec");
         // The field names scripts and tests read.
         assert_eq!(v["adopted_pins"], true);
         assert_eq!(v["gpu"]["readings"][0]["utilization"], 0.2);

@@ -76,6 +76,7 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
                 .collect(),
             probable_thefts: t.thefts,
         }),
+        tunnels: node.tunnels.report(),
     })
 }
 

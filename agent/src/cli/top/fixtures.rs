@@ -98,6 +98,7 @@ pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
             verifications: [("ok".to_owned(), 10), ("expired".to_owned(), expired)].into(),
             probable_thefts: 0,
         }),
+        tunnels: Default::default(),
     })
 }
 

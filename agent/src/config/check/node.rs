@@ -11,6 +11,7 @@ use crate::config::{
 };
 use crate::loader::{AttachMode, KernelLog};
 use crate::tables::Proto;
+use crate::tunnels::TunnelPolicy;
 
 /// Linux IFNAMSIZ (16) less the terminating NUL.
 const MAX_IFNAME: usize = 15;
@@ -92,6 +93,21 @@ impl Checker<'_> {
                 )
             })?,
         };
+        let tunnels = match &raw.tunnels {
+            None => defaults.tunnels,
+            Some(v) => TunnelPolicy::from_label(v.get_ref()).ok_or_else(|| {
+                self.err(
+                    v.span(),
+                    "node.tunnels",
+                    format!(
+                        "unknown tunnel policy {:?}: expected enforce (cover every \
+                         decapsulating device), refuse (refuse to start while one exists) or \
+                         warn (enforce nothing on them)",
+                        v.get_ref()
+                    ),
+                )
+            })?,
+        };
         let audit_max_bytes = self.int(
             &raw.audit_max_bytes,
             "node.audit_max_bytes",
@@ -101,6 +117,7 @@ impl Checker<'_> {
         Ok(Node {
             interfaces,
             kernel_log,
+            tunnels,
             audit_max_bytes,
             xdp_mode,
             pin_dir: self.abs_path(&raw.pin_dir, "node.pin_dir", &defaults.pin_dir)?,
