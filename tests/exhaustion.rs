@@ -655,6 +655,11 @@ fn on_a_full_disk_unbind_token_unbind_revoke_and_reload_are_refused_and_change_n
         None,
         "a refused reload gave the newcomer a slot"
     );
+    assert_eq!(
+        kernel_binding_v4(&dirs, near(70)),
+        None,
+        "a refused reload bound the newcomer's address in the kernel"
+    );
     kernel_as_expected("after a refused reload");
     std::fs::write(&w.config, &original).expect("config");
 
