@@ -665,7 +665,7 @@ mod tests {
 
     fn binding(i: u32) -> DynBinding {
         DynBinding {
-            addr: IpAddr::from([198, 18, (i >> 8) as u8, i as u8]),
+            addr: IpAddr::V4(std::net::Ipv4Addr::from(0xC612_0000 + i)),
             prefix_len: 32,
             identity: "a".into(),
             expires_unix_ms: Some(1_000 + u64::from(i)),
@@ -884,6 +884,42 @@ mod tests {
         assert!(State::path(&dir).exists());
         assert_eq!(State::load(&dir).unwrap(), s);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// One bind's state write at 100 000 bindings: the old full rewrite against one journal
+    /// record, same run, same disk. A measurement, not a test (no timed assertion):
+    /// `TOLLGATE_STATE_BENCH_DIR=target/state-bench cargo test -p tollgate --lib --release \
+    /// -- --ignored --nocapture bind_write_cost`.
+    #[test]
+    #[ignore = "a measurement; run by hand"]
+    fn bind_write_cost_at_100k_bindings() {
+        let dir = std::env::var_os("TOLLGATE_STATE_BENCH_DIR")
+            .map_or_else(|| tmpdir("bench"), PathBuf::from);
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut s = State::load(&dir).unwrap();
+        s.identity_id("a", 10);
+        s.bindings.extend((0..100_000).map(binding));
+        s.save(&dir).unwrap();
+        let size = std::fs::metadata(State::path(&dir)).unwrap().len();
+        let rounds = 5;
+        let t = std::time::Instant::now();
+        for _ in 0..rounds {
+            s.save(&dir).unwrap();
+        }
+        let full = t.elapsed() / rounds;
+        let t = std::time::Instant::now();
+        let n = 200u32;
+        for i in 0..n {
+            bind(&mut s, &dir, 200_000 + i);
+        }
+        let append = t.elapsed() / n;
+        let grown = journal_len(&dir) / u64::from(n);
+        println!(
+            "100000 bindings, state.json {size} bytes: full rewrite {full:?} per bind \
+             (mean of {rounds}); journal append {append:?} per bind (mean of {n}, \
+             {grown} bytes each)"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
