@@ -253,9 +253,11 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
     let mut next = node.state.clone();
     let settled = policy_apply::settle(&config, &mut next, now).map_err(|e| kernel(&e))?;
     let entries = node.state.entries_to(&next);
-    if !entries.is_empty() || next.has_unrecorded() {
-        next.record(&config.node.state_dir, entries)
-            .map_err(|e| Failed::from(ops::not_recorded(e)))?;
+    if (!entries.is_empty() || next.has_unrecorded())
+        && let Err(e) = next.record(&config.node.state_dir, entries)
+    {
+        node.state.keep_disk_of(&next);
+        return Err(ops::not_recorded(e).into());
     }
     node.state = next;
     let applied =

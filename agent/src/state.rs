@@ -513,6 +513,18 @@ impl State {
         Ok(())
     }
 
+    /// Says the disk may lack what this state holds (a change undone here whose undoing could
+    /// not be recorded): the next change writes a whole snapshot.
+    pub fn mark_stale(&mut self) {
+        self.disk.stale = true;
+    }
+
+    /// Takes over where `other` (a copy of this state a change was tried on, and dropped)
+    /// left the files: a failed append it made may have left the journal damaged.
+    pub fn keep_disk_of(&mut self, other: &State) {
+        self.disk = other.disk.clone();
+    }
+
     /// Notes a change the agent made itself (an expiry), for the next record to carry. After
     /// a crash before that record, a restart derives it again (from the stored deadlines).
     pub fn note(&mut self, entry: journal::Entry) {

@@ -110,6 +110,9 @@ pub enum BindFailure {
     /// The change could not be recorded (a full or read-only state disk): not made. The
     /// detail (a path, an OS error) is for the operator, never for the HTTPS client.
     Unrecorded(String),
+    /// Made (and recorded), but its audit line could not be written: answered as a failure,
+    /// since an unaudited change must not look like a success, in words that say it was made.
+    Unaudited(String),
 }
 
 impl BindFailure {
@@ -119,7 +122,7 @@ impl BindFailure {
             BindFailure::Refused(_) => 401,
             BindFailure::Unplaceable(_) => 422,
             BindFailure::Disabled => 404,
-            BindFailure::Kernel(_) | BindFailure::Unrecorded(_) => 503,
+            BindFailure::Kernel(_) | BindFailure::Unrecorded(_) | BindFailure::Unaudited(_) => 503,
             BindFailure::BindingCap { .. } => 429,
         }
     }
@@ -143,6 +146,9 @@ impl BindFailure {
             BindFailure::Unrecorded(m) => {
                 format!("not done: the change cannot be recorded ({m}); nothing was changed")
             }
+            BindFailure::Unaudited(m) => {
+                format!("done, but its audit record could not be written: audit log: {m}")
+            }
         }
     }
 
@@ -155,6 +161,9 @@ impl BindFailure {
             }
             BindFailure::Kernel(_) => {
                 "the node cannot make the binding now; try again later".into()
+            }
+            BindFailure::Unaudited(_) => {
+                "done, but the node could not audit it; tell the node's operator".into()
             }
             _ => self.message(),
         }
@@ -169,6 +178,7 @@ impl BindFailure {
             BindFailure::Kernel(_) => "kernel",
             BindFailure::BindingCap { .. } => "binding_cap",
             BindFailure::Unrecorded(_) => "unrecorded",
+            BindFailure::Unaudited(_) => "unaudited",
         }
     }
 }

@@ -163,7 +163,10 @@ pub struct AuditFailed(pub String);
 
 impl From<AuditFailed> for OpError {
     fn from(e: AuditFailed) -> OpError {
-        OpError::Kernel(format!("audit log: {}", e.0))
+        OpError::Kernel(format!(
+            "done, but its audit record could not be written: audit log: {}",
+            e.0
+        ))
     }
 }
 

@@ -96,6 +96,7 @@ pub fn quarantine(
         undo(node);
         if let Err(s) = node.record(vec![node.state.quarantine_entry(&name)]) {
             warn!("undoing the quarantine of {name} in the state: {s}");
+            node.state.mark_stale();
         }
         return Err(e.into());
     }
@@ -122,6 +123,7 @@ pub fn release(node: &mut Node, target: &str, reason: &str) -> Result<Done<Relea
         node.state.quarantines.insert(name.clone(), before);
         if let Err(s) = node.record(vec![node.state.quarantine_entry(&name)]) {
             warn!("undoing the release of {name} in the state: {s}");
+            node.state.mark_stale();
         }
         return Err(e.into());
     }

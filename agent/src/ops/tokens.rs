@@ -29,7 +29,9 @@ impl From<BindFailure> for OpError {
     fn from(f: BindFailure) -> OpError {
         let message = f.message();
         match f {
-            BindFailure::Kernel(_) | BindFailure::Unrecorded(_) => OpError::Kernel(message),
+            BindFailure::Kernel(_) | BindFailure::Unrecorded(_) | BindFailure::Unaudited(_) => {
+                OpError::Kernel(message)
+            }
             BindFailure::Disabled => OpError::NotFound(message),
             _ => OpError::BadRequest(message),
         }
@@ -38,7 +40,7 @@ impl From<BindFailure> for OpError {
 
 impl From<AuditFailed> for BindFailure {
     fn from(e: AuditFailed) -> BindFailure {
-        BindFailure::Kernel(format!("audit log: {}", e.0))
+        BindFailure::Unaudited(e.0)
     }
 }
 

@@ -219,7 +219,10 @@ fn respond(
     match result {
         Ok(body) => (200, body),
         Err(f) => {
-            if matches!(f, BindFailure::Kernel(_) | BindFailure::Unrecorded(_)) {
+            if matches!(
+                f,
+                BindFailure::Kernel(_) | BindFailure::Unrecorded(_) | BindFailure::Unaudited(_)
+            ) {
                 warn!(%peer, "{} refused: {}", head.method, f.message());
             }
             refused(
