@@ -319,7 +319,27 @@ impl State {
         }
         let mut state = state;
         state.disk.snapshot_bytes = text.len() as u64;
-        state.replay(dir)?;
+        state.replay(dir, true)?;
+        Ok(state)
+    }
+
+    /// The state as a start would load it, for a reader beside a running agent (a test, a
+    /// backup check): a torn last record is left out but not cut off, and the process's
+    /// clock is not touched.
+    pub fn peek(dir: &Path) -> Result<State, StateError> {
+        let path = Self::path(dir);
+        let mut state = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
+                version: STATE_VERSION,
+                ..State::default()
+            },
+            Err(e) => return Err(io(&path, e)),
+        };
+        state.replay(dir, false)?;
         Ok(state)
     }
 
@@ -329,12 +349,13 @@ impl State {
             version: STATE_VERSION,
             ..State::default()
         };
-        state.replay(dir)?;
+        state.replay(dir, true)?;
         Ok(state)
     }
 
-    /// Applies the journal's records after the snapshot's; cuts off a torn last record.
-    fn replay(&mut self, dir: &Path) -> Result<(), StateError> {
+    /// Applies the journal's records after the snapshot's; cuts off a torn last record if
+    /// `repair`.
+    fn replay(&mut self, dir: &Path, repair: bool) -> Result<(), StateError> {
         let path = Self::journal_path(dir);
         let corrupt = |message: String| StateError::Corrupt {
             path: path.display().to_string(),
@@ -364,7 +385,9 @@ impl State {
             }
             self.journal_seq = r.seq;
         }
-        if let Some(why) = read.torn {
+        if let Some(why) = read.torn
+            && repair
+        {
             warn!(
                 "{}: ignoring a torn last record ({why}); it was never reported as done",
                 path.display()
