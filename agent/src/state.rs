@@ -787,10 +787,18 @@ mod tests {
             .unwrap();
         f.set_len(whole + (full - whole) / 2).unwrap();
         drop(f);
-        let mut back = State::load(&dir).unwrap();
+        let back = State::load(&dir).unwrap();
         assert_eq!(back, expect);
         assert_eq!(journal_len(&dir), whole, "the torn record was not cut off");
         // The next change follows the whole records, and loads.
+        let mut torn = std::fs::read(State::journal_path(&dir)).unwrap();
+        torn.extend_from_slice(b"0badc0de {\"seq\":");
+        std::fs::write(State::journal_path(&dir), &torn).unwrap();
+        // A reader beside the agent sees the same state and leaves the torn bytes alone.
+        assert_eq!(State::peek(&dir).unwrap(), expect);
+        assert_eq!(std::fs::read(State::journal_path(&dir)).unwrap(), torn);
+        let mut back = State::load(&dir).unwrap();
+        assert_eq!(journal_len(&dir), whole);
         bind(&mut back, &dir, 9);
         bind(&mut expect, &dir, 9);
         assert_eq!(State::load(&dir).unwrap().bindings, expect.bindings);
