@@ -518,6 +518,19 @@ fn a_token_bind_on_a_full_disk_is_refused_and_not_made() {
         kernel.is_some(),
         "HTTP {code} {body} while the kernel binds the client to {kernel:?}"
     );
+    // The client learns that the node cannot record it, not the node's paths and errors.
+    if code != 200 {
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(
+            body["error"], "the node cannot record the binding now; try again later",
+            "{body}"
+        );
+        let text = body.to_string();
+        assert!(
+            !text.contains('/') && !text.contains("os error") && !text.contains("space"),
+            "the refusal shows the node's internals: {text}"
+        );
+    }
     assert_eq!(
         w.model_answers(&w.lab.client, Duration::from_millis(700)),
         code == 200,
@@ -528,6 +541,169 @@ fn a_token_bind_on_a_full_disk_is_refused_and_not_made() {
     let (code, body) = w.http(&w.lab.client, "POST", &token);
     assert_eq!(code, 200, "{body}");
     assert!(kernel_binding_v4(&dirs, w.lab.client_v4).is_some());
+    drop(agent);
+    drop(disk);
+}
+
+/// The tail of a tmpfs journal page may take a small record when the disk is full: small
+/// revocations until one is refused leave less room than any change below needs.
+fn fill_the_journal(dirs: &AgentDirs) {
+    for n in 0..400 {
+        let out = dirs.cli(&[
+            "token",
+            "revoke",
+            "--token-id",
+            &format!("p{n}"),
+            "--reason",
+            "pad",
+        ]);
+        if String::from_utf8_lossy(&out.stderr).contains("cannot be recorded") {
+            return;
+        }
+    }
+    panic!("400 revocations on a full disk were all recorded");
+}
+
+/// `tollgate <args>` on a full disk: refused as not recorded, with the CLI's error.
+fn refused_unrecorded(dirs: &AgentDirs, args: &[&str]) {
+    let out = dirs.cli(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("cannot be recorded")
+            && err.contains("nothing was changed"),
+        "{args:?} on a full disk: exit {}, stdout {}, stderr {err}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Findings 6 and 7, durable before reported: on a full state disk an unbind, a token unbind,
+/// a revocation and a reload are each refused, and the kernel is left as it was; with room
+/// again a restart holds exactly what was reported (nothing of the refused changes).
+#[test]
+fn on_a_full_disk_unbind_token_unbind_revoke_and_reload_are_refused_and_change_nothing() {
+    let w = World::new(None);
+    let dirs = AgentDirs::new();
+    let disk = TinyDisk::mount(&dirs.state_dir);
+    let config = w.config.to_str().expect("path").to_owned();
+    let args = ["--config", config.as_str(), "--mode", "native"];
+    let agent = Agent::launch(&w.lab.server, &dirs, &args);
+    let slot = |name: &str| -> Option<u32> {
+        let v: serde_json::Value =
+            serde_json::from_str(&dirs.cli_ok(&["identities", "--output", "json"])).expect("json");
+        v.as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["id"].as_u64().expect("id") as u32)
+    };
+    let near = |k: u32| std::net::Ipv4Addr::from(u32::from(w.lab.client_v4) + k);
+    // With room: the client binds erin itself, the gateway binds frank, two run-time binds.
+    let erin = w.issue("erin", "10m", "tok-erin");
+    let (code, body) = w.http(&w.lab.client, "POST", &erin);
+    assert_eq!(code, 200, "{body}");
+    let frank = w.issue("frank", "10m", "tok-frank");
+    dirs.cli_ok(&["bind", "--token", &frank, "--addr", &near(61).to_string()]);
+    for k in [50, 51] {
+        dirs.cli_ok(&["bind", &near(k).to_string(), "--identity", "erin"]);
+    }
+    let (e, f) = (slot("erin").expect("erin"), slot("frank").expect("frank"));
+    let expected = [
+        (w.lab.client_v4, e),
+        (near(50), e),
+        (near(51), e),
+        (near(61), f),
+    ];
+    let kernel_as_expected = |when: &str| {
+        for (a, id) in expected {
+            assert_eq!(kernel_binding_v4(&dirs, a), Some(id), "{a} {when}");
+        }
+    };
+
+    let filler = disk.fill();
+    fill_the_journal(&dirs);
+    refused_unrecorded(&dirs, &["unbind", &near(50).to_string()]);
+    kernel_as_expected("after a refused unbind");
+    let (code, body) = w.http(&w.lab.client, "DELETE", &erin);
+    assert_eq!(code, 503, "token unbind on a full disk: {body}");
+    assert_eq!(
+        body["error"], "the node cannot record the binding now; try again later",
+        "{body}"
+    );
+    kernel_as_expected("after a refused token unbind");
+    refused_unrecorded(
+        &dirs,
+        &["token", "revoke", "--identity", "frank", "--reason", "full"],
+    );
+    kernel_as_expected("after a refused revocation");
+    // A reload that gives a new identity a slot must record it first.
+    let original = std::fs::read_to_string(&w.config).expect("config");
+    let newcomer = "a-newcomer-with-a-name-long-enough-for-a-big-record";
+    std::fs::write(
+        &w.config,
+        format!(
+            "{original}\n[[identities]]\nname = \"{newcomer}\"\nclass = \"customer\"\n\
+             plan = \"customer\"\nbind = [\"{}\"]\n",
+            near(70)
+        ),
+    )
+    .expect("config");
+    refused_unrecorded(&dirs, &["reload"]);
+    assert_eq!(
+        slot(newcomer),
+        None,
+        "a refused reload gave the newcomer a slot"
+    );
+    assert_eq!(
+        kernel_binding_v4(&dirs, near(70)),
+        None,
+        "a refused reload bound the newcomer's address in the kernel"
+    );
+    kernel_as_expected("after a refused reload");
+    std::fs::write(&w.config, &original).expect("config");
+
+    // Room again, and a restart: exactly what was reported, none of the refused changes.
+    std::fs::remove_file(&filler).expect("filler");
+    let stopped = agent.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let agent = Agent::launch(&w.lab.server, &dirs, &args);
+    let (e, f) = (slot("erin").expect("erin"), slot("frank").expect("frank"));
+    let restored = [
+        (w.lab.client_v4, e),
+        (near(50), e),
+        (near(51), e),
+        (near(61), f),
+    ];
+    for (a, id) in restored {
+        assert_eq!(
+            kernel_binding_v4(&dirs, a),
+            Some(id),
+            "{a} after the restart"
+        );
+    }
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dirs.state_dir.join("state.json")).expect("state.json"),
+    )
+    .expect("state json");
+    assert!(
+        state["revoked_identities"].get("frank").is_none(),
+        "the refused revocation came back: {}",
+        state["revoked_identities"]
+    );
+    assert_eq!(
+        state["bindings"].as_array().map(Vec::len),
+        Some(4),
+        "{}",
+        state["bindings"]
+    );
+    // And with room each of them works.
+    dirs.cli_ok(&["unbind", &near(50).to_string()]);
+    assert_eq!(kernel_binding_v4(&dirs, near(50)), None);
+    let (code, body) = w.http(&w.lab.client, "DELETE", &erin);
+    assert_eq!(code, 200, "{body}");
+    dirs.cli_ok(&["token", "revoke", "--identity", "frank", "--reason", "room"]);
+    assert_eq!(kernel_binding_v4(&dirs, near(61)), None);
     drop(agent);
     drop(disk);
 }

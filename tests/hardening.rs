@@ -40,11 +40,10 @@ fn forge(keyfile: &Path, claims: serde_json::Value) -> String {
     format!("{signing_input}.{}", b64(sig.as_ref()))
 }
 
+/// The agent's state as it would load it: `state.json` and the journal of changes since.
 fn state_json(w: &World) -> serde_json::Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(w.dirs.state_dir.join("state.json")).expect("state.json"),
-    )
-    .expect("state json")
+    serde_json::to_value(tollgate::state::State::peek(&w.dirs.state_dir).expect("state"))
+        .expect("state json")
 }
 
 fn identity(w: &World, name: &str) -> serde_json::Value {

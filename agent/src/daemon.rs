@@ -264,13 +264,23 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
         None => None,
     };
     let kernel = |e: &dyn std::fmt::Display| Failed::from(OpError::Kernel(e.to_string()));
-    let applied = policy_apply::apply(
-        &config,
-        &mut node.state,
-        &mut node.pinned.tables,
-        now_unix_ms(),
-    )
-    .map_err(|e| kernel(&e))?;
+    // What the new configuration does to the state (slots, bindings of identities that
+    // went) is recorded before the kernel changes: a reload that cannot be recorded changes
+    // nothing, and one that was reported is what a restart restores.
+    let now = now_unix_ms();
+    let mut next = node.state.clone();
+    let settled = policy_apply::settle(&config, &mut next, now).map_err(|e| kernel(&e))?;
+    let entries = node.state.entries_to(&next);
+    if (!entries.is_empty() || next.has_unrecorded())
+        && let Err(e) = next.record(&config.node.state_dir, entries)
+    {
+        node.state.keep_disk_of(&next);
+        return Err(ops::not_recorded(e).into());
+    }
+    node.state = next;
+    let applied =
+        policy_apply::enforce(&config, &node.state, &mut node.pinned.tables, settled, now)
+            .map_err(|e| kernel(&e))?;
     for iface in &config.node.interfaces {
         if !node.attached.contains(iface) {
             node.pinned
@@ -292,7 +302,6 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
     node.config = config;
     node.tokens = tokens;
     node.control.reconfigure(&node.config);
-    node.save_state()?;
     info!("reloaded {}", node.config.source);
     let reply = Reloaded {
         config: node.config.source.clone(),
@@ -359,8 +368,12 @@ fn tick(node: &mut Node) {
         return;
     }
     record_agent(node, changes);
-    if let Err(e) = node.save_state() {
-        warn!("saving state: {e}");
+    // Expiries are the agent's own: if they cannot be recorded now they wait for the next
+    // record, and a restart before it derives them again from the stored deadlines.
+    if node.state.has_unrecorded()
+        && let Err(e) = node.record(Vec::new())
+    {
+        warn!("recording expiries: {e}");
     }
 }
 
@@ -485,7 +498,14 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
         }
     }
     let _ = std::fs::remove_file(&socket);
-    let n = node.borrow();
+    let mut n = node.borrow_mut();
+    // A clean stop folds the journal into the snapshot: the next start reads one file, and
+    // an older agent (which knows no journal) would find everything in it.
+    if !n.uninstalled
+        && let Err(e) = n.save_state()
+    {
+        warn!("compacting the state at stop: {e}; the journal keeps the changes");
+    }
     if detach_on_exit && !n.uninstalled {
         let removed = pins::uninstall(&n.config.node.pin_dir)?;
         info!(

@@ -32,8 +32,18 @@ impl Node {
         Resolver::new(&self.config, &self.state)
     }
 
-    /// Writes the persisted state.
-    pub fn save_state(&self) -> Result<(), crate::state::StateError> {
+    /// Writes the whole state as a new snapshot and empties the journal (start, clean stop).
+    pub fn save_state(&mut self) -> Result<(), crate::state::StateError> {
         self.state.save(&self.config.node.state_dir)
+    }
+
+    /// Makes a change durable: one journal record of `entries`, the values of the keys it
+    /// set (`State::*_entry`). On error nothing of it is on disk, and the caller puts the
+    /// kernel and the state back: what is reported done is what a restart restores.
+    pub fn record(
+        &mut self,
+        entries: Vec<crate::state::journal::Entry>,
+    ) -> Result<(), crate::state::StateError> {
+        self.state.record(&self.config.node.state_dir, entries)
     }
 }

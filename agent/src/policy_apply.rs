@@ -38,28 +38,116 @@ pub fn expiry_boot_ns(expires_unix_ms: Option<u64>, now_ms: u64) -> Option<u64> 
     }
 }
 
-/// The slot of `name`; a newly allocated one (perhaps used before) is cleared first, so its
-/// occupant gets no budget, flags or counters of the last.
-fn slot_for(state: &mut State, tables: &mut KernelTables, name: &str) -> Result<u32, PolicyError> {
-    let fresh = !state.identity_ids.contains_key(name);
-    let id = state
-        .identity_id(name, MAX_IDENTITIES)
-        .ok_or_else(|| PolicyError::NoIdentitySlot(name.to_owned()))?;
-    if fresh {
-        tables.clear_identity(id)?;
+/// What [`settle`] decided, for [`enforce`] to write to the kernel.
+#[derive(Debug, Default)]
+pub struct Settled {
+    applied: Applied,
+    /// Identity name -> slot, of every identity the kernel is to know.
+    ids: BTreeMap<String, u32>,
+    /// Slots newly given out (perhaps used before): cleared before they are written.
+    fresh: Vec<u32>,
+    /// Slots of identities that went: cleared once nothing points at them.
+    gone: Vec<u32>,
+}
+
+/// Brings `state` in line with `config` without touching the kernel: slots for configured
+/// and token identities, none for identities that went, no run-time bindings of those or
+/// past their expiry, no token identities past theirs. So a reload can record what it
+/// changes before it changes the kernel ([`enforce`]).
+pub fn settle(config: &Config, state: &mut State, now_ms: u64) -> Result<Settled, PolicyError> {
+    let mut out = Settled::default();
+    let configured: BTreeMap<&str, &crate::config::StaticIdentity> = config
+        .identities
+        .iter()
+        .map(|i| (i.name.as_str(), i))
+        .collect();
+    // Token identities the configuration does not name live on until their tokens expire
+    // (the daemon frees them); a token identity whose plan left the configuration goes.
+    state.token_identities.retain(|name, t| {
+        let keep = !configured.contains_key(name.as_str())
+            && t.expires_unix_ms > now_ms
+            && config.plan_index(&t.plan).is_some();
+        if !keep {
+            out.applied.identities_removed.push(name.clone());
+        }
+        keep
+    });
+    let gone: Vec<String> = state
+        .identity_ids
+        .keys()
+        .filter(|n| {
+            !configured.contains_key(n.as_str()) && !state.token_identities.contains_key(*n)
+        })
+        .cloned()
+        .collect();
+    // Slots are given out before the gone ones are freed: a slot is never handed from an
+    // identity that went to a new one in the same apply (its counters would carry over).
+    let names: Vec<String> = config
+        .identities
+        .iter()
+        .map(|i| i.name.clone())
+        .chain(state.token_identities.keys().cloned())
+        .collect();
+    for name in names {
+        let fresh = !state.identity_ids.contains_key(&name);
+        let id = state
+            .identity_id(&name, MAX_IDENTITIES)
+            .ok_or_else(|| PolicyError::NoIdentitySlot(name.clone()))?;
+        if fresh {
+            out.fresh.push(id);
+        }
+        out.ids.insert(name, id);
     }
-    Ok(id)
+    let ids = &out.ids;
+    let dropped = &mut out.applied.dropped_dynamic_bindings;
+    state.bindings.retain(|b| {
+        let keep = ids.contains_key(&b.identity) && !b.expired(now_ms);
+        if !keep {
+            dropped.push(format!(
+                "{} ({})",
+                prefix_text(b.addr, b.prefix_len),
+                b.identity
+            ));
+        }
+        keep
+    });
+    // A quarantine stays: only a release or its own expiry ends one, and it is applied
+    // again when the name gets a slot again (from the configuration or a token).
+    for name in gone {
+        if let Some(id) = state.identity_ids.remove(&name) {
+            out.gone.push(id);
+        }
+        out.applied.identities_removed.push(name);
+    }
+    Ok(out)
 }
 
 /// Applies `config` and `state` to the kernel. `state` loses entries that no longer apply
-/// (identities gone from the config, expired run-time bindings); the caller saves it.
+/// (identities gone from the config, expired run-time bindings); the caller records it.
 pub fn apply(
     config: &Config,
     state: &mut State,
     tables: &mut KernelTables,
     now_ms: u64,
 ) -> Result<Applied, PolicyError> {
-    let mut applied = Applied::default();
+    let settled = settle(config, state, now_ms)?;
+    enforce(config, state, tables, settled, now_ms)
+}
+
+/// Makes the kernel say what `config` and `state` (as [`settle`] left it) say.
+pub fn enforce(
+    config: &Config,
+    state: &State,
+    tables: &mut KernelTables,
+    settled: Settled,
+    now_ms: u64,
+) -> Result<Applied, PolicyError> {
+    let Settled {
+        mut applied,
+        ids,
+        fresh,
+        gone,
+    } = settled;
 
     // Settings.
     let mut settings = tables.settings()?;
@@ -101,67 +189,32 @@ pub fn apply(
         }
     }
 
-    // Identities: configured ones get (or keep) a slot.
-    let configured: BTreeMap<&str, &crate::config::StaticIdentity> = config
-        .identities
-        .iter()
-        .map(|i| (i.name.as_str(), i))
-        .collect();
-    // Token identities the configuration does not name live on until their tokens expire
-    // (the daemon frees them); a token identity whose plan left the configuration goes.
-    state.token_identities.retain(|name, t| {
-        let keep = !configured.contains_key(name.as_str())
-            && t.expires_unix_ms > now_ms
-            && config.plan_index(&t.plan).is_some();
-        if !keep {
-            applied.identities_removed.push(name.clone());
-        }
-        keep
-    });
-    let gone: Vec<String> = state
-        .identity_ids
-        .keys()
-        .filter(|n| {
-            !configured.contains_key(n.as_str()) && !state.token_identities.contains_key(*n)
-        })
-        .cloned()
-        .collect();
-    let mut ids: BTreeMap<String, u32> = BTreeMap::new();
+    // Identities: a newly given slot is cleared first, so its occupant gets no budget, flags
+    // or counters of the last.
+    for id in &fresh {
+        tables.clear_identity(*id)?;
+    }
+    let resolver = Resolver::new(config, state);
     for ident in &config.identities {
-        let id = slot_for(state, tables, &ident.name)?;
-        let resolver = Resolver::new(config, state);
         let Some(r) = resolver.get(&ident.name) else {
             continue; // configured, so always found
         };
         let rec = resolver.record(&r, state.quarantined(&ident.name, now_ms));
-        tables.set_identity_keeping_controller_flags(id, &rec)?;
-        ids.insert(ident.name.clone(), id);
+        tables.set_identity_keeping_controller_flags(ids[&ident.name], &rec)?;
     }
-    let token_names: Vec<String> = state.token_identities.keys().cloned().collect();
-    for name in token_names {
-        let t = state.token_identities[&name].clone();
-        let id = slot_for(state, tables, &name)?;
-        let rec = Resolver::new(config, state).record(
-            &crate::identity::token(&name, Some(id), &t),
-            state.quarantined(&name, now_ms),
+    for (name, t) in &state.token_identities {
+        let Some(id) = ids.get(name).copied() else {
+            continue; // settled, so always there
+        };
+        let rec = resolver.record(
+            &crate::identity::token(name, Some(id), t),
+            state.quarantined(name, now_ms),
         );
         tables.set_identity_keeping_controller_flags(id, &rec)?;
-        ids.insert(name, id);
     }
     applied.identities = ids.len();
 
     // Bindings: static ones from the config, run-time ones from the state.
-    state.bindings.retain(|b| {
-        let keep = ids.contains_key(&b.identity) && !b.expired(now_ms);
-        if !keep {
-            applied.dropped_dynamic_bindings.push(format!(
-                "{} ({})",
-                prefix_text(b.addr, b.prefix_len),
-                b.identity
-            ));
-        }
-        keep
-    });
     let mut desired: BTreeMap<(IpAddr, u8), (u32, u64)> = BTreeMap::new();
     for ident in &config.identities {
         for (addr, len) in &ident.bind {
@@ -169,8 +222,11 @@ pub fn apply(
         }
     }
     for b in &state.bindings {
-        if let Some(exp) = expiry_boot_ns(b.expires_unix_ms, now_ms) {
-            desired.insert((b.addr, b.prefix_len), (ids[&b.identity], exp));
+        if let (Some(exp), Some(id)) = (
+            expiry_boot_ns(b.expires_unix_ms, now_ms),
+            ids.get(&b.identity),
+        ) {
+            desired.insert((b.addr, b.prefix_len), (*id, exp));
         }
     }
     let existing = tables.bindings()?;
@@ -195,14 +251,9 @@ pub fn apply(
     }
     applied.bindings = desired.len();
 
-    // Identities that left the configuration: their bindings are gone; now their slots. A
-    // quarantine stays: only a release or its own expiry ends one, and it is applied again
-    // when the name gets a slot again (from the configuration or a token).
-    for name in gone {
-        if let Some(id) = state.identity_ids.remove(&name) {
-            tables.clear_identity(id)?;
-        }
-        applied.identities_removed.push(name);
+    // Identities that left the configuration: their bindings are gone; now their slots.
+    for id in gone {
+        tables.clear_identity(id)?;
     }
     Ok(applied)
 }

@@ -107,6 +107,12 @@ pub enum BindFailure {
     Kernel(String),
     /// The identity already holds `tokens.max_bindings_per_identity` live bindings.
     BindingCap { cap: usize },
+    /// The change could not be recorded (a full or read-only state disk): not made. The
+    /// detail (a path, an OS error) is for the operator, never for the HTTPS client.
+    Unrecorded(String),
+    /// Made (and recorded), but its audit line could not be written: answered as a failure,
+    /// since an unaudited change must not look like a success, in words that say it was made.
+    Unaudited(String),
 }
 
 impl BindFailure {
@@ -116,7 +122,7 @@ impl BindFailure {
             BindFailure::Refused(_) => 401,
             BindFailure::Unplaceable(_) => 422,
             BindFailure::Disabled => 404,
-            BindFailure::Kernel(_) => 503,
+            BindFailure::Kernel(_) | BindFailure::Unrecorded(_) | BindFailure::Unaudited(_) => 503,
             BindFailure::BindingCap { .. } => 429,
         }
     }
@@ -137,6 +143,29 @@ impl BindFailure {
                 "token refused: this identity already holds {cap} bindings \
                  (tokens.max_bindings_per_identity); unbind one first (binding_cap)"
             ),
+            BindFailure::Unrecorded(m) => {
+                format!("not done: the change cannot be recorded ({m}); nothing was changed")
+            }
+            BindFailure::Unaudited(m) => {
+                format!("done, but its audit record could not be written: audit log: {m}")
+            }
+        }
+    }
+
+    /// What an HTTPS client is told: the node's own trouble (its disk, its kernel tables) in
+    /// general words, the detail left to the log and the audit log.
+    pub fn public_message(&self) -> String {
+        match self {
+            BindFailure::Unrecorded(_) => {
+                "the node cannot record the binding now; try again later".into()
+            }
+            BindFailure::Kernel(_) => {
+                "the node cannot make the binding now; try again later".into()
+            }
+            BindFailure::Unaudited(_) => {
+                "done, but the node could not audit it; tell the node's operator".into()
+            }
+            _ => self.message(),
         }
     }
 
@@ -148,6 +177,8 @@ impl BindFailure {
             BindFailure::Disabled => "disabled",
             BindFailure::Kernel(_) => "kernel",
             BindFailure::BindingCap { .. } => "binding_cap",
+            BindFailure::Unrecorded(_) => "unrecorded",
+            BindFailure::Unaudited(_) => "unaudited",
         }
     }
 }

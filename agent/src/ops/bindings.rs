@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use serde_json::json;
 use tracing::warn;
 
-use super::{Change, Done, Failed, OpError};
+use super::{Change, Done, Failed, OpError, not_recorded};
 use crate::{
     audit::Actor,
     control::reply::{Bound, Unbound},
@@ -59,9 +59,9 @@ pub fn bind(
         },
     )?;
     // A bind that is not durable is not made: the kernel and the state are put back.
-    if let Err(e) = node.save_state() {
+    if let Err(e) = node.record(vec![node.state.binding_entry(addr, len)]) {
         undo_bind(node, addr, len, previous);
-        return Err(e.into());
+        return Err(not_recorded(e).into());
     }
     let reply = Bound {
         target: prefix_text(addr, len),
@@ -121,18 +121,21 @@ pub fn unbind(node: &mut Node, target: &str) -> Result<Done<Unbound>, Failed> {
     if let Some(owner) = node.identities().static_owner(addr, len) {
         return Err(static_binding(addr, len, owner).into());
     }
-    let before = node.state.bindings.len();
-    node.state
-        .bindings
-        .retain(|b| !(b.addr == addr && b.prefix_len == len));
-    if node.state.bindings.len() == before {
+    let Some(previous) = previous_binding(node, addr, len) else {
         return Err(OpError::NotFound(format!("no run-time binding for {addr}/{len}")).into());
-    }
+    };
     match node.pinned.tables.unbind(addr, len) {
         Ok(()) | Err(TableError::NoBinding(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    node.save_state()?;
+    node.state
+        .bindings
+        .retain(|b| !(b.addr == addr && b.prefix_len == len));
+    // An unbind that is not durable is not made: a restart would bring the binding back.
+    if let Err(e) = node.record(vec![node.state.binding_entry(addr, len)]) {
+        undo_bind(node, addr, len, Some(previous));
+        return Err(not_recorded(e).into());
+    }
     let reply = Unbound {
         target: prefix_text(addr, len),
     };
@@ -141,7 +144,8 @@ pub fn unbind(node: &mut Node, target: &str) -> Result<Done<Unbound>, Failed> {
 }
 
 /// Frees the slots of run-time bindings whose time is up (the kernel already ignores them);
-/// the audit records of what went, for the agent to write. The state is saved by the caller.
+/// the audit records of what went, for the agent to write. Each is noted for the next
+/// journal record (`State::note`); the caller records.
 pub fn expire(node: &mut Node, now: u64) -> Vec<Change> {
     let stale: Vec<DynBinding> = node
         .state
@@ -161,5 +165,9 @@ pub fn expire(node: &mut Node, now: u64) -> Vec<Change> {
         ));
     }
     node.state.bindings.retain(|b| !b.expired(now));
+    for b in &stale {
+        let entry = node.state.binding_entry(b.addr, b.prefix_len);
+        node.state.note(entry);
+    }
     changes
 }

@@ -63,6 +63,14 @@ impl From<crate::tables::TableError> for OpError {
     }
 }
 
+/// A change refused because its journal record could not be written (a full or read-only
+/// state disk): nothing of it was made, in the kernel or the state.
+pub fn not_recorded(e: crate::state::StateError) -> OpError {
+    OpError::Kernel(format!(
+        "not done: the change cannot be recorded ({e}); nothing was changed"
+    ))
+}
+
 impl From<crate::state::StateError> for OpError {
     fn from(e: crate::state::StateError) -> OpError {
         OpError::Kernel(e.to_string())
@@ -155,7 +163,10 @@ pub struct AuditFailed(pub String);
 
 impl From<AuditFailed> for OpError {
     fn from(e: AuditFailed) -> OpError {
-        OpError::Kernel(format!("audit log: {}", e.0))
+        OpError::Kernel(format!(
+            "done, but its audit record could not be written: audit log: {}",
+            e.0
+        ))
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::json;
 use tollgate_common::policy::ID_QUARANTINED;
 use tracing::warn;
 
-use super::{Change, Done, Failed, OpError};
+use super::{Change, Done, Failed, OpError, not_recorded};
 use crate::{
     audit::Actor,
     control::reply::{Quarantined, Released},
@@ -88,14 +88,15 @@ pub fn quarantine(
             node.state.quarantines.remove(&name);
         }
     };
-    if let Err(e) = node.save_state() {
+    if let Err(e) = node.record(vec![node.state.quarantine_entry(&name)]) {
         undo(node);
-        return Err(e.into());
+        return Err(not_recorded(e).into());
     }
     if let Err(e) = set_flag(node, &name, true) {
         undo(node);
-        if let Err(s) = node.save_state() {
+        if let Err(s) = node.record(vec![node.state.quarantine_entry(&name)]) {
             warn!("undoing the quarantine of {name} in the state: {s}");
+            node.state.mark_stale();
         }
         return Err(e.into());
     }
@@ -114,14 +115,15 @@ pub fn release(node: &mut Node, target: &str, reason: &str) -> Result<Done<Relea
         return Err(OpError::NotFound(format!("{name} is not quarantined")).into());
     };
     // As for a quarantine: durable, then the kernel, and undone if either fails.
-    if let Err(e) = node.save_state() {
+    if let Err(e) = node.record(vec![node.state.quarantine_entry(&name)]) {
         node.state.quarantines.insert(name, before);
-        return Err(e.into());
+        return Err(not_recorded(e).into());
     }
     if let Err(e) = set_flag(node, &name, false) {
         node.state.quarantines.insert(name.clone(), before);
-        if let Err(s) = node.save_state() {
+        if let Err(s) = node.record(vec![node.state.quarantine_entry(&name)]) {
             warn!("undoing the release of {name} in the state: {s}");
+            node.state.mark_stale();
         }
         return Err(e.into());
     }
@@ -131,7 +133,7 @@ pub fn release(node: &mut Node, target: &str, reason: &str) -> Result<Done<Relea
 }
 
 /// Releases the quarantines whose time is up; the audit records of what went, for the agent
-/// to write. The state is saved by the caller.
+/// to write. Each is noted for the next journal record; the caller records.
 pub fn expire(node: &mut Node, now: u64) -> Vec<Change> {
     let expired: Vec<String> = node
         .state
@@ -143,6 +145,8 @@ pub fn expire(node: &mut Node, now: u64) -> Vec<Change> {
     let mut changes = Vec::new();
     for name in expired {
         node.state.quarantines.remove(&name);
+        let entry = node.state.quarantine_entry(&name);
+        node.state.note(entry);
         if let Err(e) = set_flag(node, &name, false) {
             warn!("releasing {name}: {e}");
         }

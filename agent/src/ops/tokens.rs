@@ -12,7 +12,7 @@ use tollgate_common::{
 };
 use tracing::warn;
 
-use super::{AuditFailed, Change, Done, Failed, OpError};
+use super::{AuditFailed, Change, Done, Failed, OpError, not_recorded};
 use crate::{
     audit::Actor,
     clock,
@@ -20,7 +20,7 @@ use crate::{
     identity,
     net::{host_len, prefix_text},
     node::Node,
-    state::{DynBinding, TokenIdentity, now_unix_ms},
+    state::{DynBinding, TokenIdentity, journal::Entry, now_unix_ms},
     tables::TableError,
     token_bind::{BindFailure, placement},
 };
@@ -29,7 +29,9 @@ impl From<BindFailure> for OpError {
     fn from(f: BindFailure) -> OpError {
         let message = f.message();
         match f {
-            BindFailure::Kernel(_) => OpError::Kernel(message),
+            BindFailure::Kernel(_) | BindFailure::Unrecorded(_) | BindFailure::Unaudited(_) => {
+                OpError::Kernel(message)
+            }
             BindFailure::Disabled => OpError::NotFound(message),
             _ => OpError::BadRequest(message),
         }
@@ -38,7 +40,7 @@ impl From<BindFailure> for OpError {
 
 impl From<AuditFailed> for BindFailure {
     fn from(e: AuditFailed) -> BindFailure {
-        BindFailure::Kernel(format!("audit log: {}", e.0))
+        BindFailure::Unaudited(e.0)
     }
 }
 
@@ -202,7 +204,12 @@ fn bind_verified(
     )
     .map_err(|e| BindFailure::Kernel(e.to_string()))?;
     // A bind that is not durable is not made: the kernel and the state are put back.
-    if let Err(e) = node.save_state() {
+    let entries = vec![
+        node.state.slot_entry(&claims.identity),
+        node.state.token_identity_entry(&claims.identity),
+        node.state.binding_entry(addr, len),
+    ];
+    if let Err(e) = node.record(entries) {
         super::bindings::undo_bind(node, addr, len, previous);
         match previous_identity {
             Some(t) => {
@@ -214,7 +221,14 @@ fn bind_verified(
                 node.state.token_identities.remove(&claims.identity);
             }
         }
-        return Err(BindFailure::Kernel(e.to_string()));
+        if fresh {
+            // The slot was taken for this bind: it goes back, empty.
+            node.state.identity_ids.remove(&claims.identity);
+            if let Err(e) = node.pinned.tables.clear_identity(id) {
+                warn!("undoing the slot of {}: {e}", claims.identity);
+            }
+        }
+        return Err(BindFailure::Unrecorded(e.to_string()));
     }
     let reply = TokenBound {
         address: addr,
@@ -247,18 +261,26 @@ pub fn unbind_token(
         .map_err(plain)?;
     let claims = verify(token, &svc.keys, &svc.policy, clock::wall_ms() / 1000)
         .map_err(|r| plain(BindFailure::Refused(r)))?;
-    let before = node.state.bindings.len();
-    node.state
-        .bindings
-        .retain(|b| !(b.addr == addr && b.token_id.as_deref() == Some(claims.jti.as_str())));
-    if node.state.bindings.len() == before {
+    let len = host_len(addr);
+    let Some(previous) = super::bindings::previous_binding(node, addr, len)
+        .filter(|b| b.token_id.as_deref() == Some(claims.jti.as_str()))
+    else {
         return Err(plain(BindFailure::Unplaceable(format!(
             "{addr} is not bound by this token"
         ))));
+    };
+    match node.pinned.tables.unbind(addr, len) {
+        Ok(()) | Err(TableError::NoBinding(_)) => {}
+        Err(e) => return Err(plain(BindFailure::Kernel(e.to_string()))),
     }
-    let _ = node.pinned.tables.unbind(addr, host_len(addr));
-    node.save_state()
-        .map_err(|e| plain(BindFailure::Kernel(e.to_string())))?;
+    node.state
+        .bindings
+        .retain(|b| !(b.addr == addr && b.prefix_len == len));
+    // Not durable, not done: a restart would bring the binding back.
+    if let Err(e) = node.record(vec![node.state.binding_entry(addr, len)]) {
+        super::bindings::undo_bind(node, addr, len, Some(previous));
+        return Err(plain(BindFailure::Unrecorded(e.to_string())));
+    }
     let reply = TokenUnbound {
         address: addr,
         identity: claims.identity,
@@ -291,10 +313,19 @@ pub fn revoke(
         .filter(|b| hit(b))
         .cloned()
         .collect();
-    for b in &removed {
+    // What the revocation replaces, to put back if it cannot be recorded.
+    let before_token = token_id.map(|t| (t, node.state.revoked_tokens.get(t).copied()));
+    let before_identity = identity.map(|i| (i, node.state.revoked_identities.get(i).copied()));
+    for (n, b) in removed.iter().enumerate() {
         match node.pinned.tables.unbind(b.addr, b.prefix_len) {
             Ok(()) | Err(TableError::NoBinding(_)) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // Put back the ones already gone: nothing is half revoked.
+                for b in &removed[..n] {
+                    super::bindings::undo_bind(node, b.addr, b.prefix_len, Some(b.clone()));
+                }
+                return Err(e.into());
+            }
         }
     }
     node.state.bindings.retain(|b| !hit(b));
@@ -330,7 +361,32 @@ pub fn revoke(
             .revoked_identities
             .insert(i.to_owned(), clock::wall_ms().saturating_add(skew_ms));
     }
-    node.save_state()?;
+    let mut entries: Vec<Entry> = removed
+        .iter()
+        .map(|b| node.state.binding_entry(b.addr, b.prefix_len))
+        .collect();
+    entries.extend(token_id.map(|t| node.state.revoked_token_entry(t)));
+    entries.extend(identity.map(|i| node.state.revoked_identity_entry(i)));
+    // Not durable, not done: the bindings come back and the token stays valid, so that a
+    // restart does not find a revocation the operator was told failed, or lose one.
+    if let Err(e) = node.record(entries) {
+        for b in &removed {
+            super::bindings::undo_bind(node, b.addr, b.prefix_len, Some(b.clone()));
+        }
+        if let Some((t, was)) = before_token {
+            match was {
+                Some(u) => node.state.revoked_tokens.insert(t.to_owned(), u),
+                None => node.state.revoked_tokens.remove(t),
+            };
+        }
+        if let Some((i, was)) = before_identity {
+            match was {
+                Some(c) => node.state.revoked_identities.insert(i.to_owned(), c),
+                None => node.state.revoked_identities.remove(i),
+            };
+        }
+        return Err(not_recorded(e).into());
+    }
     let reply = Revoked {
         token_id: token_id.map(str::to_owned),
         identity: identity.map(str::to_owned),
@@ -345,10 +401,20 @@ pub fn revoke(
 
 /// Housekeeping for tokens: drop revocations of tokens that have expired anyway, free
 /// token identities whose tokens have all expired, pick up a rotated JWKS. The audit records
-/// of what changed, for the agent to write.
+/// of what changed, for the agent to write. What it frees is noted for the next journal
+/// record; the caller records.
 pub fn housekeeping(node: &mut Node, now_ms: u64) -> Vec<Change> {
     let state = &mut node.state;
-    state.revoked_tokens.retain(|_, until| *until > now_ms);
+    let lapsed: Vec<String> = state
+        .revoked_tokens
+        .iter()
+        .filter(|(_, until)| **until <= now_ms)
+        .map(|(t, _)| t.clone())
+        .collect();
+    for t in lapsed {
+        state.revoked_tokens.remove(&t);
+        state.note(state.revoked_token_entry(&t));
+    }
     let expired: Vec<String> = state
         .token_identities
         .iter()
@@ -359,7 +425,9 @@ pub fn housekeeping(node: &mut Node, now_ms: u64) -> Vec<Change> {
         .collect();
     for name in expired {
         state.token_identities.remove(&name);
+        state.note(state.token_identity_entry(&name));
         if let Some(id) = state.identity_ids.remove(&name) {
+            state.note(state.slot_entry(&name));
             let _ = node.pinned.tables.clear_identity(id);
         }
     }

@@ -13,7 +13,7 @@ use tokio_rustls::{
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
     },
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     http::{self, Head, HeadError, Limits, ReadError},
@@ -24,6 +24,7 @@ use crate::{
     control::reply::HttpError,
     node::Node,
     ops::{self, tokens},
+    token_bind::BindFailure,
 };
 
 /// One connection, TLS handshake included.
@@ -217,12 +218,20 @@ fn respond(
     };
     match result {
         Ok(body) => (200, body),
-        Err(f) => refused(
-            f.http_status(),
-            HttpError {
-                error: f.message(),
-                reason: Some(f.label().to_owned()),
-            },
-        ),
+        Err(f) => {
+            if matches!(
+                f,
+                BindFailure::Kernel(_) | BindFailure::Unrecorded(_) | BindFailure::Unaudited(_)
+            ) {
+                warn!(%peer, "{} refused: {}", head.method, f.message());
+            }
+            refused(
+                f.http_status(),
+                HttpError {
+                    error: f.public_message(),
+                    reason: Some(f.label().to_owned()),
+                },
+            )
+        }
     }
 }
