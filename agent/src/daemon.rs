@@ -307,7 +307,8 @@ fn record_agent(node: &Node, changes: Vec<Change>) {
     }
 }
 
-/// Once a second: token housekeeping, then quarantines and run-time bindings whose time is up.
+/// Once a second: token housekeeping, then quarantines and run-time bindings whose time is
+/// up; every `reconcile::INTERVAL` the kernel's tables are compared with the policy.
 fn tick(node: &mut Node) {
     if let Err(e) = node.audit.flush_suppressed() {
         warn!("audit log: {e}");
@@ -318,13 +319,14 @@ fn tick(node: &mut Node) {
     let now = now_unix_ms();
     let mut changes = ops::quarantine::expire(node, now);
     changes.extend(ops::bindings::expire(node, now));
-    if changes.is_empty() {
-        return;
+    if !changes.is_empty() {
+        record_agent(node, changes);
+        if let Err(e) = node.save_state() {
+            warn!("saving state: {e}");
+        }
     }
-    record_agent(node, changes);
-    if let Err(e) = node.save_state() {
-        warn!("saving state: {e}");
-    }
+    // After the expiries, at the same agent time: what just expired is not drift.
+    crate::reconcile::tick(node, now);
 }
 
 /// One controller interval: GPUs, hold-back, quotas, anomalies; then the drop events.

@@ -373,6 +373,27 @@ pub fn render(d: &Node) -> Result<String, String> {
         counter(crate::clock::steps_total()),
     );
 
+    let drift = Counters::new();
+    for (table, n) in crate::reconcile::repairs_total() {
+        drift.add(l(&[("table", table)]), n);
+    }
+    reg.register(
+        "tollgate_drift_repairs",
+        "Kernel table entries found differing from the agent's policy (changed behind its back) and restored by the reconcile",
+        drift.0,
+    );
+    let (runs, last) = crate::reconcile::runs();
+    reg.register(
+        "tollgate_reconcile_runs",
+        "Reconciles of the kernel's tables against the policy",
+        counter(runs),
+    );
+    reg.register(
+        "tollgate_reconcile_duration_seconds",
+        "Duration of the last reconcile",
+        gauge(last.as_secs_f64()),
+    );
+
     // Controller.
     let c = &d.control;
     reg.register(
