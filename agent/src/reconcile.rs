@@ -15,7 +15,7 @@
 //! the CIDR tries key by key (two calls per CIDR binding); plus one write per repair.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -204,14 +204,16 @@ pub fn reconcile(
     }
     // Run-time bindings that have just expired (or whose identity is going) are the
     // daemon's to remove: neither restored nor removed here.
-    let mut leave: Vec<(IpAddr, u8)> = Vec::new();
+    let mut leave: BTreeSet<(IpAddr, u8)> = BTreeSet::new();
     for b in &state.bindings {
         let id = state.identity_ids.get(&b.identity);
         match (id, expiry_boot_ns(b.expires_unix_ms, now_ms)) {
             (Some(id), Some(exp)) if !b.expired(now_ms) => {
                 want.insert((b.addr, b.prefix_len), (*id, exp));
             }
-            _ => leave.push((b.addr, b.prefix_len)),
+            _ => {
+                leave.insert((b.addr, b.prefix_len));
+            }
         }
     }
     let have: BTreeMap<(IpAddr, u8), (u32, u64)> = tables
