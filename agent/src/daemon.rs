@@ -121,7 +121,20 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
         None => None,
     };
     let control = ControlLoop::new(&config).map_err(|e| io_err("quota state", e))?;
-    let mut pinned = Pinned::open(&config.node.pin_dir, config.node.kernel_log)?;
+    let mut pinned = match Pinned::open(&config.node.pin_dir, config.node.kernel_log) {
+        Ok(p) => p,
+        // A program the kernel refused (an upgrade that does not verify): nothing was
+        // detached, the old program keeps enforcing; recorded for the agent that runs next.
+        Err(e @ pins::PinError::Load { .. }) => {
+            let dir = &config.node.state_dir;
+            if let Err(w) = crate::object::record_load_failure(dir, &e.to_string(), now_unix_ms())
+            {
+                warn!("recording the failed program load in {}: {w}", dir.display());
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if pinned.kernel_log != KernelLog::Off {
         info!(
             level = pinned.kernel_log.label(),

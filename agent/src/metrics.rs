@@ -382,6 +382,11 @@ pub fn render(d: &Node) -> Result<String, String> {
         "Kernel table entries found differing from the agent's policy (changed behind its back) and restored by the reconcile",
         drift.0,
     );
+    reg.register(
+        "tollgate_program_load_failures",
+        "Program loads that failed (verifier refusal, maps that do not fit the pins) recorded in the state directory; the program running before each kept enforcing",
+        counter(crate::object::load_failures(&d.config.node.state_dir).total),
+    );
     let (runs, last) = crate::reconcile::runs();
     reg.register(
         "tollgate_reconcile_runs",

@@ -2,7 +2,7 @@
 
 use tollgate::control::{
     protocol::Request,
-    reply::{GpuStatus, Status, TokenStatus},
+    reply::{GpuStatus, ProgramStatus, Status, TokenStatus},
 };
 
 use super::{
@@ -49,6 +49,7 @@ fn record(s: &Status) -> Record<'_> {
         .line("packets_dropped", s.dropped_packets)
         .line("packets_passed", s.passed_packets)
         .line("pin_dir", s.pin_dir.display())
+        .nested("program", program(&s.program))
         .line("quarantined", list(&s.quarantined));
     let r = match &s.tokens {
         Some(t) => r.nested("tokens", tokens(t)),
@@ -65,6 +66,14 @@ fn gpu(g: &GpuStatus) -> Vec<(&'static str, Vec<String>)> {
         ("error", vec![opt(g.error.as_deref())]),
         ("readings", g.readings.iter().map(gpu_label).collect()),
         ("saturated_endpoints", vec![list(&g.saturated_endpoints)]),
+    ]
+}
+
+fn program(p: &ProgramStatus) -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        ("object", vec![p.object.clone()]),
+        ("load_failures", vec![p.load_failures.to_string()]),
+        ("last_load_failure", vec![opt(p.last_load_failure.as_deref())]),
     ]
 }
 
@@ -109,6 +118,11 @@ mod tests {
             gpu: crate::cli::top::fixtures::saturated_gpu(),
             anomaly_mode: "observe".into(),
             tokens: None,
+            program: ProgramStatus {
+                object: "embedded".into(),
+                load_failures: 0,
+                last_load_failure: None,
+            },
         }
     }
 
@@ -142,6 +156,10 @@ layout_version   1
 packets_dropped  18244
 packets_passed   11225299
 pin_dir          /sys/fs/bpf/tollgate
+program
+  object             embedded
+  load_failures      0
+  last_load_failure  -
 quarantined      -
 tokens           -
 uptime_s         86
