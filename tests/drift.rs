@@ -96,7 +96,8 @@ fn bindings_and_a_quarantine_changed_behind_the_agents_back_are_restored_and_cou
         .write(&dirs.state_dir.join("tollgate.toml"));
     let w = World { lab, dirs, config };
     let agent = w.start();
-    w.dirs.cli_ok(&["quarantine", "suspect", "--reason", "drift test"]);
+    w.dirs
+        .cli_ok(&["quarantine", "suspect", "--reason", "drift test"]);
     let h = |n| host4(&w.lab, n);
     let id = |name: &str| w.identity(name)["id"].as_u64().expect("slot") as u32;
     let (ops, acme, suspect) = (id("ops"), id("acme"), id("suspect"));
@@ -120,7 +121,11 @@ fn bindings_and_a_quarantine_changed_behind_the_agents_back_are_restored_and_cou
         (h(13), 8000, "quarantined"), // suspect
     ];
     for (src, port, want) in cases {
-        assert_eq!(w.real_verdict(src, port, "tcp"), want, "{src}:{port} before");
+        assert_eq!(
+            w.real_verdict(src, port, "tcp"),
+            want,
+            "{src}:{port} before"
+        );
     }
 
     // Behind the agent's back.
@@ -135,7 +140,8 @@ fn bindings_and_a_quarantine_changed_behind_the_agents_back_are_restored_and_cou
         0,
     )
     .expect("rebind ops to acme");
-    b.remove(&v4(h(11)).octets()).expect("delete acme's binding");
+    b.remove(&v4(h(11)).octets())
+        .expect("delete acme's binding");
     b.insert(
         v4(h(20)).octets(),
         Binding {
@@ -196,7 +202,10 @@ fn bindings_and_a_quarantine_changed_behind_the_agents_back_are_restored_and_cou
     }
     // Audited in a summary per reconcile, not one line per entry.
     let log = std::fs::read_to_string(w.dirs.state_dir.join("audit.log")).expect("audit log");
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains("drift_repaired")).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("drift_repaired"))
+        .collect();
     assert!(
         (1..=2).contains(&lines.len()),
         "drift_repaired lines: {lines:#?}"
@@ -234,9 +243,11 @@ fn a_reconcile_over_131072_bindings_finds_exactly_the_one_changed() {
         state
             .bindings
             .push(dynamic(IpAddr::V4(Ipv4Addr::new(198, 19, a, b))));
-        state.bindings.push(dynamic(IpAddr::V6(std::net::Ipv6Addr::new(
-            0x2001, 0xdb8, 0xd1f7, 0, 0, 0, 0, n,
-        ))));
+        state
+            .bindings
+            .push(dynamic(IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 0xd1f7, 0, 0, 0, 0, n,
+            ))));
     }
     state.save(&dirs.state_dir).expect("saving the state");
     let w = World { lab, dirs, config };
@@ -249,7 +260,11 @@ fn a_reconcile_over_131072_bindings_finds_exactly_the_one_changed() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let body = scrape(&w.lab.server);
-    assert_eq!(repairs(&body, "bindings"), 0, "repairs with nothing changed");
+    assert_eq!(
+        repairs(&body, "bindings"),
+        0,
+        "repairs with nothing changed"
+    );
     let first = body
         .lines()
         .find(|l| l.starts_with("tollgate_reconcile_duration_seconds "))

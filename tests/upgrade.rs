@@ -184,7 +184,12 @@ fn xdp_prog_id(fd: i32, ifindex: i32, seq: u32, buf: &mut [u8]) -> u32 {
     req[20..24].copy_from_slice(&ifindex.to_ne_bytes());
     // SAFETY: sending and receiving on our socket with buffers of the given lengths.
     let sent = unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) };
-    assert_eq!(sent, 32, "netlink send: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        sent,
+        32,
+        "netlink send: {}",
+        std::io::Error::last_os_error()
+    );
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
     assert!(n > 0, "netlink recv: {}", std::io::Error::last_os_error());
     let u16_at = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
@@ -374,7 +379,8 @@ fn break_the_program(elf: &mut [u8]) {
 fn a_new_build_takes_over_with_no_moment_unattached_and_every_budget_kept() {
     let w = world();
     let agent = w.start();
-    w.dirs.cli_ok(&["quarantine", "suspect", "--reason", "upgrade test"]);
+    w.dirs
+        .cli_ok(&["quarantine", "suspect", "--reason", "upgrade test"]);
     let h = |n| host4(&w.lab, n);
     spend(&w, h(15), "byte_rate", Duration::from_secs(5));
     spend(&w, h(16), "quota_exhausted", Duration::from_secs(10));
@@ -423,7 +429,10 @@ fn a_new_build_takes_over_with_no_moment_unattached_and_every_budget_kept() {
     );
     assert!(samples.taken > 100, "too few samples: {samples:?}");
     assert!(sent > 100, "the stream did not run: {sent}");
-    assert_eq!(passed, 0, "unbound frames reached the server during the upgrade");
+    assert_eq!(
+        passed, 0,
+        "unbound frames reached the server during the upgrade"
+    );
     let want: Vec<&str> = cases.iter().map(|(_, r)| *r).collect();
     assert_eq!(after, want, "a budget was reset by the upgrade");
     let status: serde_json::Value =
@@ -441,7 +450,8 @@ fn a_new_build_takes_over_with_no_moment_unattached_and_every_budget_kept() {
 fn a_program_the_verifier_refuses_leaves_the_old_one_enforcing_and_is_reported() {
     let w = world();
     let agent = w.start();
-    w.dirs.cli_ok(&["quarantine", "suspect", "--reason", "upgrade test"]);
+    w.dirs
+        .cli_ok(&["quarantine", "suspect", "--reason", "upgrade test"]);
     let h = |n| host4(&w.lab, n);
     spend(&w, h(15), "byte_rate", Duration::from_secs(5));
     let cases = [

@@ -127,9 +127,11 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
         // detached, the old program keeps enforcing; recorded for the agent that runs next.
         Err(e @ pins::PinError::Load { .. }) => {
             let dir = &config.node.state_dir;
-            if let Err(w) = crate::object::record_load_failure(dir, &e.to_string(), now_unix_ms())
-            {
-                warn!("recording the failed program load in {}: {w}", dir.display());
+            if let Err(w) = crate::object::record_load_failure(dir, &e.to_string(), now_unix_ms()) {
+                warn!(
+                    "recording the failed program load in {}: {w}",
+                    dir.display()
+                );
             }
             return Err(e.into());
         }

@@ -167,7 +167,12 @@ pub fn reconcile(
         holder.insert(*id, name.as_str());
     }
     let records = tables.identity_table()?;
-    for (id, have) in records.iter().enumerate().skip(1).take(MAX_IDENTITIES as usize) {
+    for (id, have) in records
+        .iter()
+        .enumerate()
+        .skip(1)
+        .take(MAX_IDENTITIES as usize)
+    {
         let id = id as u32;
         let want = match holder.get(&id) {
             Some(name) => match resolver.get(name) {
@@ -188,7 +193,10 @@ pub fn reconcile(
         }
         drift.note(3, || {
             let who = holder.get(&id).copied().unwrap_or("free slot");
-            format!("identity {id} ({who}): flags {:#x} -> {:#x}", have.flags, want.flags)
+            format!(
+                "identity {id} ({who}): flags {:#x} -> {:#x}",
+                have.flags, want.flags
+            )
         });
     }
 
@@ -224,7 +232,9 @@ pub fn reconcile(
     for key in have.keys() {
         if !want.contains_key(key) && !leave.contains(key) {
             tables.unbind(key.0, key.1)?;
-            drift.note(4, || format!("{} removed (not the agent's)", prefix_text(key.0, key.1)));
+            drift.note(4, || {
+                format!("{} removed (not the agent's)", prefix_text(key.0, key.1))
+            });
         }
     }
     for ((addr, len), (id, exp)) in &want {

@@ -73,7 +73,10 @@ fn program(p: &ProgramStatus) -> Vec<(&'static str, Vec<String>)> {
     vec![
         ("object", vec![p.object.clone()]),
         ("load_failures", vec![p.load_failures.to_string()]),
-        ("last_load_failure", vec![opt(p.last_load_failure.as_deref())]),
+        (
+            "last_load_failure",
+            vec![opt(p.last_load_failure.as_deref())],
+        ),
     ]
 }
 

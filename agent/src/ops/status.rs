@@ -34,9 +34,14 @@ fn program_status(node: &Node) -> crate::control::reply::ProgramStatus {
     crate::control::reply::ProgramStatus {
         object: crate::object::source(),
         load_failures: failures.total,
-        last_load_failure: failures
-            .last
-            .map(|f| format!("at unix {} s: {}: {}", f.at_unix_ms / 1000, f.object, f.error)),
+        last_load_failure: failures.last.map(|f| {
+            format!(
+                "at unix {} s: {}: {}",
+                f.at_unix_ms / 1000,
+                f.object,
+                f.error
+            )
+        }),
     }
 }
 

@@ -34,11 +34,7 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData, max: u32) -> std::io::Result<Vec<
         // SAFETY: writing plain integers into the union's batch member.
         unsafe {
             let b = &mut attr.batch;
-            b.in_batch = if first {
-                0
-            } else {
-                cursor.as_ptr() as u64
-            };
+            b.in_batch = if first { 0 } else { cursor.as_ptr() as u64 };
             b.out_batch = next.as_mut_ptr() as u64;
             b.keys = keys.as_mut_ptr() as u64;
             b.values = values.as_mut_ptr() as u64;

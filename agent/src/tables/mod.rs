@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
-        lpm_trie::Key,
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        PerCpuValues, lpm_trie::Key,
     },
 };
 pub use records::{EndpointSpec, PlanLimits, Proto, boot_ns, identity_record, to_q8};
@@ -20,7 +20,8 @@ use tollgate_common::{
     map_names as names,
     policy::{
         AnonKey6, Binding, Bucket, Endpoint, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity,
-        IdentityCounters, MAX_ENDPOINTS, MAX_EXACT_BINDINGS, MAX_IDENTITIES, Settings, hold_back_index, port_slot,
+        IdentityCounters, MAX_ENDPOINTS, MAX_EXACT_BINDINGS, MAX_IDENTITIES, Settings,
+        hold_back_index, port_slot,
     },
 };
 
