@@ -15,7 +15,7 @@
 //! the CIDR tries key by key (two calls per CIDR binding); plus one write per repair.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::IpAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -31,7 +31,7 @@ use crate::{
     audit::Actor,
     config::Config,
     identity::Resolver,
-    net::prefix_text,
+    net::{mask, prefix_text},
     node::Node,
     policy_apply::expiry_boot_ns,
     state::State,
@@ -88,6 +88,38 @@ impl Drift {
 
     pub fn total(&self) -> u64 {
         self.repaired.iter().sum()
+    }
+}
+
+/// A binding's address and prefix length as one sortable value (family and length, then
+/// the address as an integer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    family_len: u16,
+    addr: u128,
+}
+
+impl Key {
+    fn of(addr: IpAddr, len: u8) -> Key {
+        match addr {
+            IpAddr::V4(a) => Key {
+                family_len: len.into(),
+                addr: u32::from(a).into(),
+            },
+            IpAddr::V6(a) => Key {
+                family_len: 0x100 | u16::from(len),
+                addr: a.into(),
+            },
+        }
+    }
+
+    fn prefix(self) -> (IpAddr, u8) {
+        let len = self.family_len as u8;
+        if self.family_len & 0x100 == 0 {
+            (IpAddr::V4((self.addr as u32).into()), len)
+        } else {
+            (IpAddr::V6(self.addr.into()), len)
+        }
     }
 }
 
@@ -200,53 +232,98 @@ pub fn reconcile(
         });
     }
 
-    // Bindings: the configuration's, then the state's run-time ones.
-    let mut want: BTreeMap<(IpAddr, u8), (u32, u64)> = BTreeMap::new();
+    // Bindings: the configuration's, then the state's run-time ones (which win, as in
+    // policy_apply). Both sides are sorted vectors of compact keys, merged in one pass: at
+    // 131 072 bindings maps of `IpAddr` keys cost several times more.
+    let mut want: Vec<(Key, u32, u64)> = Vec::with_capacity(state.bindings.len());
     for ident in &config.identities {
         let Some(id) = state.identity_ids.get(&ident.name) else {
             continue;
         };
         for (addr, len) in &ident.bind {
-            want.insert((*addr, *len), (*id, 0));
+            want.push((Key::of(*addr, *len), *id, 0));
         }
     }
     // Run-time bindings that have just expired (or whose identity is going) are the
     // daemon's to remove: neither restored nor removed here.
-    let mut leave: BTreeSet<(IpAddr, u8)> = BTreeSet::new();
+    let mut leave: Vec<Key> = Vec::new();
+    let mut last: Option<(&str, Option<u32>)> = None;
     for b in &state.bindings {
-        let id = state.identity_ids.get(&b.identity);
-        match (id, expiry_boot_ns(b.expires_unix_ms, now_ms)) {
-            (Some(id), Some(exp)) if !b.expired(now_ms) => {
-                want.insert((b.addr, b.prefix_len), (*id, exp));
-            }
+        // Bindings of one identity come in runs (tokens, bulk binds): one lookup per run.
+        let id = match last {
+            Some((name, id)) if name == b.identity => id,
             _ => {
-                leave.insert((b.addr, b.prefix_len));
+                let id = state.identity_ids.get(&b.identity).copied();
+                last = Some((b.identity.as_str(), id));
+                id
             }
+        };
+        // Masked as the kernel keys a CIDR binding (the CLI refuses host bits; a hand-edited
+        // state might not, and must not read as drift every interval).
+        let key = Key::of(mask(b.addr, b.prefix_len), b.prefix_len);
+        match (id, expiry_boot_ns(b.expires_unix_ms, now_ms)) {
+            (Some(id), Some(exp)) if !b.expired(now_ms) => want.push((key, id, exp)),
+            _ => leave.push(key),
         }
     }
-    let have: BTreeMap<(IpAddr, u8), (u32, u64)> = tables
+    // Stable sort of the reversed list: of two entries for one key, the later (the state's)
+    // comes first and is the one `dedup` keeps.
+    want.reverse();
+    want.sort_by_key(|w| w.0);
+    want.dedup_by_key(|w| w.0);
+    leave.sort_unstable();
+    let mut have: Vec<(Key, u32, u64)> = tables
         .bindings()?
         .into_iter()
-        .map(|(a, l, b)| ((a, l), (b.identity, b.expires_ns)))
+        .map(|(a, l, b)| (Key::of(a, l), b.identity, b.expires_ns))
         .collect();
-    for key in have.keys() {
-        if !want.contains_key(key) && !leave.contains(key) {
-            tables.unbind(key.0, key.1)?;
-            drift.note(4, || {
-                format!("{} removed (not the agent's)", prefix_text(key.0, key.1))
-            });
-        }
-    }
-    for ((addr, len), (id, exp)) in &want {
-        let same = have.get(&(*addr, *len)).is_some_and(|(hid, hexp)| {
-            hid == id && (hexp == exp || *exp != 0 && hexp.abs_diff(*exp) < EXPIRY_SLACK_NS)
-        });
-        if !same {
-            tables.bind(*addr, *len, *id, *exp)?;
-            drift.note(4, || match have.get(&(*addr, *len)) {
-                Some((hid, _)) => format!("{} identity {hid} -> {id}", prefix_text(*addr, *len)),
-                None => format!("{} restored (identity {id})", prefix_text(*addr, *len)),
-            });
+    have.sort_unstable_by_key(|h| h.0);
+    let (mut i, mut j) = (0, 0);
+    while i < want.len() || j < have.len() {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        let order = match (want.get(i), have.get(j)) {
+            (Some(w), Some(h)) => w.0.cmp(&h.0),
+            (Some(_), None) => Less,
+            (None, _) => Greater,
+        };
+        match order {
+            Equal => {
+                let (w, h) = (want[i], have[j]);
+                let (id, exp) = (w.1, w.2);
+                let same =
+                    h.1 == id && (h.2 == exp || exp != 0 && h.2.abs_diff(exp) < EXPIRY_SLACK_NS);
+                if !same {
+                    let (addr, len) = w.0.prefix();
+                    tables.bind(addr, len, id, exp)?;
+                    drift.note(4, || {
+                        format!("{} identity {} -> {id}", prefix_text(addr, len), h.1)
+                    });
+                }
+                i += 1;
+                j += 1;
+            }
+            // Wanted, not in the kernel: put back.
+            Less => {
+                let w = want[i];
+                let (addr, len) = w.0.prefix();
+                tables.bind(addr, len, w.1, w.2)?;
+                drift.note(4, || {
+                    format!("{} restored (identity {})", prefix_text(addr, len), w.1)
+                });
+                i += 1;
+            }
+            // In the kernel, not wanted: removed, unless it is the daemon's to expire.
+            Greater => {
+                let h = have[j];
+                if leave.binary_search(&h.0).is_err() {
+                    let (addr, len) = h.0.prefix();
+                    tables.unbind(addr, len)?;
+                    drift.note(4, || {
+                        format!("{} removed (not the agent's)", prefix_text(addr, len))
+                    });
+                }
+                j += 1;
+            }
         }
     }
     Ok(drift)
@@ -298,5 +375,38 @@ pub fn tick(node: &mut Node, now_ms: u64) {
         .record(&Actor::AGENT, "drift_repaired", "", detail)
     {
         warn!("audit log: recording a drift repair: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binding_keys_sort_by_family_then_length_and_give_back_the_prefix() {
+        let v4: IpAddr = "198.18.0.64".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:198.18.0.64".parse().unwrap();
+        for (a, l) in [(v4, 32), (v4, 26), (v6, 128), (v6, 64), (mapped, 128)] {
+            assert_eq!(Key::of(a, l).prefix(), (a, l));
+        }
+        // An IPv4 binding and its IPv4-mapped IPv6 twin are different bindings.
+        assert_ne!(Key::of(v4, 32), Key::of(mapped, 128));
+        assert!(Key::of(v4, 32) < Key::of(v6, 128));
+    }
+
+    #[test]
+    fn the_controllers_fields_are_not_the_agents() {
+        let mut a = Identity {
+            flags: tollgate_common::policy::ID_ACTIVE,
+            throttle_q8: Q8_ONE,
+            ..Identity::default()
+        };
+        let mut b = a;
+        b.flags |= ID_THROTTLED | ID_QUOTA_EXHAUSTED;
+        b.throttle_q8 = 64;
+        assert_eq!(agent_part(&a), agent_part(&b));
+        a.flags |= tollgate_common::policy::ID_QUARANTINED;
+        assert_ne!(agent_part(&a), agent_part(&b));
     }
 }
