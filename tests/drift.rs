@@ -18,6 +18,7 @@ use tollgate_common::{
 };
 use tollgate_tests::{
     agent::AgentDirs,
+    config::{Identity as ConfigIdentity, Plan},
     exhaust::{kernel_binding_v4, kernel_quarantined},
     lab::{Lab, NetNs},
     node::{World, config, host4},
@@ -91,8 +92,16 @@ fn bindings_and_a_quarantine_changed_behind_the_agents_back_are_restored_and_cou
     tollgate_tests::require_root();
     let lab = Lab::new();
     let dirs = AgentDirs::new();
+    // `daily` (.16) has a day quota of 500 bytes: the controller's flag once it is spent
+    // is the controller's, and the reconcile must leave it.
+    let daily = host4(&lab, 16).to_string();
     let config = config(&lab)
         .listen_metrics(METRICS)
+        .plan(Plan {
+            quota_day_bytes: Some(500),
+            ..Plan::new("daily")
+        })
+        .identity(ConfigIdentity::new("daily", "customer", "daily", &[daily]).roles(&["inference"]))
         .write(&dirs.state_dir.join("tollgate.toml"));
     let w = World { lab, dirs, config };
     let agent = w.start();
@@ -113,12 +122,20 @@ fn bindings_and_a_quarantine_changed_behind_the_agents_back_are_restored_and_cou
         assert_eq!(repairs(&body, t), 0, "a repair with nothing changed ({t})");
     }
 
+    // The day quota spent (bounded: 500 bytes are 5 frames).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.real_verdict(h(16), 8000, "tcp") != "quota_exhausted" {
+        assert!(Instant::now() < deadline, "the day quota was never spent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // What each source gets, as explain says and the kernel does, before the tampering.
-    let cases: [(IpAddr, u16, &str); 4] = [
-        (h(10), 9000, "bound"),       // ops on admin: internal only
-        (h(11), 8000, "bound"),       // acme on vllm
-        (h(20), 8000, "unbound"),     // nobody
-        (h(13), 8000, "quarantined"), // suspect
+    let cases: [(IpAddr, u16, &str); 5] = [
+        (h(16), 8000, "quota_exhausted"), // daily: the controller's flag
+        (h(10), 9000, "bound"),           // ops on admin: internal only
+        (h(11), 8000, "bound"),           // acme on vllm
+        (h(20), 8000, "unbound"),         // nobody
+        (h(13), 8000, "quarantined"),     // suspect
     ];
     for (src, port, want) in cases {
         assert_eq!(
@@ -187,7 +204,8 @@ fn bindings_and_a_quarantine_changed_behind_the_agents_back_are_restored_and_cou
     }
     eprintln!("restored {:?} after the tampering", tampered.elapsed());
 
-    // Counted per table, exactly: three bindings, one identity record.
+    // Counted per table, exactly: three bindings, one identity record (the quarantine; the
+    // quota flag, set by the controller, is not drift).
     let body = scrape(&w.lab.server);
     assert_eq!(repairs(&body, "bindings"), 3, "binding repairs:\n{body}");
     assert_eq!(repairs(&body, "identities"), 1, "identity repairs");
