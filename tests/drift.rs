@@ -310,4 +310,12 @@ fn a_reconcile_over_131072_bindings_finds_exactly_the_one_changed() {
         .find(|l| l.starts_with("tollgate_reconcile_duration_seconds "))
         .unwrap_or("no duration");
     eprintln!("131072 bindings: a clean reconcile: {first}; one with a repair: {second}");
+    // With TOLLGATE_LOG=info,tollgate::reconcile=debug, where the time went.
+    for l in agent
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("reconcile phases"))
+    {
+        eprintln!("{l}");
+    }
 }

@@ -12,7 +12,10 @@
 //!
 //! Cost at 131 072 exact bindings: the exact binding maps, the identity and endpoint arrays
 //! and the port table are read with batch lookups (about 40 `bpf(2)` calls, ~5 MB copied);
-//! the CIDR tries key by key (two calls per CIDR binding); plus one write per repair.
+//! the CIDR tries key by key (two calls per CIDR binding); plus one write per repair. Measured
+//! (release build, a shared 2-core machine, 65 536 IPv4 + 65 536 IPv6 bindings): 0.12-0.15 s
+//! per reconcile, of which ~40 ms the port table and ~70 ms the binding maps; the daemon's
+//! thread is busy for that long once per interval.
 
 use std::{
     collections::BTreeMap,
@@ -141,6 +144,9 @@ pub fn reconcile(
     now_ms: u64,
 ) -> Result<Drift, TableError> {
     let mut drift = Drift::default();
+    // Phase times for `TOLLGATE_LOG=tollgate::reconcile=debug`.
+    let started = std::time::Instant::now();
+    let mut phases = [std::time::Duration::ZERO; 5];
 
     // Settings: the fields policy_apply writes.
     let have = tables.settings()?;
@@ -160,6 +166,7 @@ pub fn reconcile(
         drift.note(0, || "settings".into());
     }
 
+    phases[0] = started.elapsed();
     // Endpoint records before the ports that point at them.
     let records = tables.endpoint_table()?;
     for (id, have) in records.iter().enumerate().skip(1) {
@@ -190,6 +197,7 @@ pub fn reconcile(
         }
     }
 
+    phases[1] = started.elapsed();
     // Identity records (before the bindings that point at them). A slot nobody holds is
     // empty; one whose holder neither the configuration nor a token names any more is on
     // its way out and left as it is.
@@ -232,6 +240,7 @@ pub fn reconcile(
         });
     }
 
+    phases[2] = started.elapsed();
     // Bindings: the configuration's, then the state's run-time ones (which win, as in
     // policy_apply). Both sides are sorted vectors of compact keys, merged in one pass: at
     // 131 072 bindings maps of `IpAddr` keys cost several times more.
@@ -272,12 +281,14 @@ pub fn reconcile(
     want.sort_by_key(|w| w.0);
     want.dedup_by_key(|w| w.0);
     leave.sort_unstable();
+    phases[3] = started.elapsed();
     let mut have: Vec<(Key, u32, u64)> = tables
         .bindings()?
         .into_iter()
         .map(|(a, l, b)| (Key::of(a, l), b.identity, b.expires_ns))
         .collect();
     have.sort_unstable_by_key(|h| h.0);
+    phases[4] = started.elapsed();
     let (mut i, mut j) = (0, 0);
     while i < want.len() || j < have.len() {
         use std::cmp::Ordering::{Equal, Greater, Less};
@@ -326,6 +337,15 @@ pub fn reconcile(
             }
         }
     }
+    tracing::debug!(
+        settings = ?phases[0],
+        endpoints_ports = ?(phases[1] - phases[0]),
+        identities = ?(phases[2] - phases[1]),
+        state_bindings = ?(phases[3] - phases[2]),
+        kernel_bindings = ?(phases[4] - phases[3]),
+        merge = ?(started.elapsed() - phases[4]),
+        "reconcile phases"
+    );
     Ok(drift)
 }
 
