@@ -412,6 +412,7 @@ impl ControlLoop {
                 .filter(|t| t.decided_step() == Step::Quarantine && t.step() == Step::Observe)
                 .count();
         for (name, id, cfg, before, mut decision) in decided {
+            let quarantine_before = state.quarantines.get(&name).cloned();
             if matches!(decision.step, Step::Release | Step::Observe) {
                 self.evidence.remove(&name);
             }
@@ -524,8 +525,14 @@ impl ControlLoop {
             if let Err(e) = applied {
                 warn!("anomaly response for {name}: {e}");
             }
-            if let Err(e) = state.save(&config.node.state_dir) {
-                warn!("saving state: {e}");
+            // One journal record when the quarantine changed (a throttle is not state); one
+            // that cannot be written now rides on the next record that can.
+            if state.quarantines.get(&name) != quarantine_before.as_ref() {
+                let entry = state.quarantine_entry(&name);
+                if let Err(e) = state.record(&config.node.state_dir, vec![entry.clone()]) {
+                    warn!("recording the anomaly response for {name}: {e}");
+                    state.note(entry);
+                }
             }
         }
     }

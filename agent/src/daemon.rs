@@ -124,7 +124,22 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
         None => None,
     };
     let control = ControlLoop::new(&config).map_err(|e| io_err("quota state", e))?;
-    let mut pinned = Pinned::open(&config.node.pin_dir, config.node.kernel_log)?;
+    let mut pinned = match Pinned::open(&config.node.pin_dir, config.node.kernel_log) {
+        Ok(p) => p,
+        // A program the kernel refused (an upgrade that does not verify): nothing was
+        // detached, the old program keeps enforcing; recorded for the agent that runs next.
+        Err(e @ pins::PinError::Load { .. }) => {
+            let dir = &config.node.state_dir;
+            if let Err(w) = crate::object::record_load_failure(dir, &e.to_string(), now_unix_ms()) {
+                warn!(
+                    "recording the failed program load in {}: {w}",
+                    dir.display()
+                );
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if pinned.kernel_log != KernelLog::Off {
         info!(
             level = pinned.kernel_log.label(),
@@ -346,7 +361,8 @@ fn record_tunnel_events(audit: &Audit, events: Vec<tunnels::Event>) {
 }
 
 /// Once a second: tunnel devices, token housekeeping, then quarantines and run-time bindings
-/// whose time is up.
+/// whose time is up; every `reconcile::INTERVAL` the kernel's tables are compared with the
+/// policy.
 fn tick(node: &mut Node) {
     // After an uninstall the pins are gone on purpose: attach nothing again.
     if !node.uninstalled {
@@ -364,17 +380,18 @@ fn tick(node: &mut Node) {
     let now = now_unix_ms();
     let mut changes = ops::quarantine::expire(node, now);
     changes.extend(ops::bindings::expire(node, now));
-    if changes.is_empty() {
-        return;
+    if !changes.is_empty() {
+        record_agent(node, changes);
+        // Expiries are the agent's own: if they cannot be recorded now they wait for the next
+        // record, and a restart before it derives them again from the stored deadlines.
+        if node.state.has_unrecorded()
+            && let Err(e) = node.record(Vec::new())
+        {
+            warn!("recording expiries: {e}");
+        }
     }
-    record_agent(node, changes);
-    // Expiries are the agent's own: if they cannot be recorded now they wait for the next
-    // record, and a restart before it derives them again from the stored deadlines.
-    if node.state.has_unrecorded()
-        && let Err(e) = node.record(Vec::new())
-    {
-        warn!("recording expiries: {e}");
-    }
+    // After the expiries, at the same agent time: what just expired is not drift.
+    crate::reconcile::tick(node, now);
 }
 
 /// One controller interval: GPUs, hold-back, quotas, anomalies; then the drop events.

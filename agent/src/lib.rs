@@ -32,6 +32,7 @@ pub mod ops;
 pub mod paths;
 pub mod pins;
 pub mod policy_apply;
+pub mod reconcile;
 pub mod servers;
 pub mod state;
 pub mod tables;

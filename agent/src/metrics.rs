@@ -382,6 +382,31 @@ pub fn render(d: &Node) -> Result<String, String> {
         "Decapsulation points in the node's namespace (tunnel devices; IPsec SAs as one): covered by the program (generic XDP), or uncovered (see `tollgate status`)",
         tunnels.0,
     );
+    let drift = Counters::new();
+    for (table, n) in crate::reconcile::repairs_total() {
+        drift.add(l(&[("table", table)]), n);
+    }
+    reg.register(
+        "tollgate_drift_repairs",
+        "Kernel table entries found differing from the agent's policy (changed behind its back) and restored by the reconcile",
+        drift.0,
+    );
+    reg.register(
+        "tollgate_program_load_failures",
+        "Program loads that failed (verifier refusal, maps that do not fit the pins) recorded in the state directory; the program running before each kept enforcing",
+        counter(crate::object::load_failures(&d.config.node.state_dir).total),
+    );
+    let (runs, last) = crate::reconcile::runs();
+    reg.register(
+        "tollgate_reconcile_runs",
+        "Reconciles of the kernel's tables against the policy",
+        counter(runs),
+    );
+    reg.register(
+        "tollgate_reconcile_duration_seconds",
+        "Duration of the last reconcile",
+        gauge(last.as_secs_f64()),
+    );
 
     // Controller.
     let c = &d.control;

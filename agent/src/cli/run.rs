@@ -36,6 +36,12 @@ pub struct RunArgs {
     /// On SIGINT/SIGTERM, detach and remove every pin (for ad-hoc runs and labs).
     #[arg(long)]
     detach_on_exit: bool,
+    /// Load the XDP program from this BPF object file instead of the one built into the
+    /// binary (to stage a rebuilt program). Its maps must match the pins like the built-in
+    /// object's; a program the verifier refuses leaves the running one attached, and the
+    /// agent exits 6.
+    #[arg(long, value_name = "FILE", env = "TOLLGATE_PROGRAM_OBJECT")]
+    program_object: Option<PathBuf>,
 }
 
 fn init_logging() {
@@ -53,6 +59,10 @@ fn init_logging() {
 pub fn run(a: RunArgs, ctx: &Ctx) -> Outcome {
     let control_socket = control_socket(a.control_socket, ctx)?;
     init_logging();
+    if let Some(path) = &a.program_object {
+        tollgate::object::stage(path).or_else(|e| super::fail(exit::CONFIG, e))?;
+        tracing::info!(object = %path.display(), "program object staged from a file");
+    }
     let opts = daemon::Options {
         config: a.config,
         interfaces: a.interfaces,

@@ -2,7 +2,7 @@
 
 use tollgate::control::{
     protocol::Request,
-    reply::{GpuStatus, Status, TokenStatus, TunnelReport},
+    reply::{GpuStatus, ProgramStatus, Status, TokenStatus, TunnelReport},
 };
 
 use super::{
@@ -49,6 +49,7 @@ fn record(s: &Status) -> Record<'_> {
         .line("packets_dropped", s.dropped_packets)
         .line("packets_passed", s.passed_packets)
         .line("pin_dir", s.pin_dir.display())
+        .nested("program", program(&s.program))
         .line("quarantined", list(&s.quarantined));
     let r = match &s.tokens {
         Some(t) => r.nested("tokens", tokens(t)),
@@ -97,6 +98,17 @@ fn tunnels(t: &TunnelReport) -> Vec<(&'static str, Vec<String>)> {
                     .map(|u| format!("{} ({}): {}", u.device, u.kind, u.why))
                     .collect(),
             ),
+        ),
+    ]
+}
+
+fn program(p: &ProgramStatus) -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        ("object", vec![p.object.clone()]),
+        ("load_failures", vec![p.load_failures.to_string()]),
+        (
+            "last_load_failure",
+            vec![opt(p.last_load_failure.as_deref())],
         ),
     ]
 }
@@ -151,6 +163,11 @@ mod tests {
                 }],
                 uncovered: vec![],
             },
+            program: ProgramStatus {
+                object: "embedded".into(),
+                load_failures: 0,
+                last_load_failure: None,
+            },
         }
     }
 
@@ -184,6 +201,10 @@ layout_version   1
 packets_dropped  18244
 packets_passed   11225299
 pin_dir          /sys/fs/bpf/tollgate
+program
+  object             embedded
+  load_failures      0
+  last_load_failure  -
 quarantined      -
 tokens           -
 tunnels

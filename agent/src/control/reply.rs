@@ -51,6 +51,9 @@ pub struct Status {
     /// older than the field.
     #[serde(default)]
     pub tunnels: TunnelReport,
+    /// The program object loaded and the failed program loads recorded on this node.
+    #[serde(default)]
+    pub program: ProgramStatus,
 }
 
 /// `status.tunnels`: devices where decapsulated or decrypted packets arrive.
@@ -78,6 +81,18 @@ pub struct UncoveredTunnel {
     pub device: String,
     pub kind: String,
     pub why: String,
+}
+
+/// `status.program`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgramStatus {
+    /// "embedded", or the file given to `run --program-object`.
+    pub object: String,
+    /// Program loads that failed (the verifier refused, the maps did not fit) with this
+    /// state directory, this agent's start included if it was one.
+    pub load_failures: u64,
+    /// The last of them: when, which object, and the error's end.
+    pub last_load_failure: Option<String>,
 }
 
 /// `status.gpu`: the controller's view of the GPUs.
@@ -440,6 +455,7 @@ mod tests {
                 saturated_endpoints: vec!["inference".into()],
             },
             anomaly_mode: "shadow".into(),
+            program: ProgramStatus::default(),
             tokens: Some(TokenStatus {
                 keys: vec!["k1".into()],
                 verifications: [("ok".to_owned(), 3), ("expired".to_owned(), 1)].into(),

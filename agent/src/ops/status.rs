@@ -28,6 +28,23 @@ fn gpu_source(k: GpuSourceKind) -> String {
     label_of(k)
 }
 
+/// The program object in use and the failed loads recorded in the state directory.
+fn program_status(node: &Node) -> crate::control::reply::ProgramStatus {
+    let failures = crate::object::load_failures(&node.config.node.state_dir);
+    crate::control::reply::ProgramStatus {
+        object: crate::object::source(),
+        load_failures: failures.total,
+        last_load_failure: failures.last.map(|f| {
+            format!(
+                "at unix {} s: {}: {}",
+                f.at_unix_ms / 1000,
+                f.object,
+                f.error
+            )
+        }),
+    }
+}
+
 pub fn status(node: &Node) -> Result<Status, OpError> {
     let totals = reason_totals(node.pinned.tables.reason_counters())
         .map_err(|e| OpError::Kernel(e.to_string()))?;
@@ -77,6 +94,7 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
             probable_thefts: t.thefts,
         }),
         tunnels: node.tunnels.report(),
+        program: program_status(node),
     })
 }
 
