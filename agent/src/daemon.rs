@@ -172,8 +172,11 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
             .map_err(DaemonError::Tunnels)?;
     let mut attached = Vec::new();
     for iface in &config.node.interfaces {
-        let adopted =
-            pinned.attach_program(iface, config.node.xdp_mode, tunnels::program_for(iface))?;
+        let program = tunnels::program_for(iface).map_err(|message| pins::PinError::Attach {
+            iface: iface.clone(),
+            message,
+        })?;
+        let adopted = pinned.attach_program(iface, config.node.xdp_mode, program)?;
         info!(
             iface,
             adopted,
@@ -298,8 +301,9 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
             .map_err(|e| kernel(&e))?;
     for iface in &config.node.interfaces {
         if !node.attached.contains(iface) {
+            let program = tunnels::program_for(iface).map_err(|e| kernel(&e))?;
             node.pinned
-                .attach_program(iface, config.node.xdp_mode, tunnels::program_for(iface))
+                .attach_program(iface, config.node.xdp_mode, program)
                 .map_err(|e| kernel(&e))?;
             node.attached.push(iface.clone());
         }

@@ -44,6 +44,48 @@ pub enum StageError {
     NoProgram { path: String, program: &'static str },
     #[error("a program object is already staged ({0}); it is set once, at start")]
     AlreadyStaged(String),
+    #[error(
+        "program object {path}: {why}; it is loaded with the agent's privileges, so it and its \
+         directory must be owned by root (or the agent's user) and writable by no one else"
+    )]
+    Untrusted { path: String, why: String },
+}
+
+/// Refuses an object that someone other than root or the agent's own user could have
+/// written: the file (symbolic links resolved) and the directory holding it must be owned by
+/// one of them and not writable by group or others, as sshd's StrictModes asks of keys. A
+/// pass-all program with the right map layout would otherwise be one write away.
+fn check_trusted(path: &Path) -> Result<(), StageError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let untrusted = |why: String| StageError::Untrusted {
+        path: path.display().to_string(),
+        why,
+    };
+    let real = std::fs::canonicalize(path).map_err(|e| StageError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let dir = real.parent().unwrap_or(Path::new("/"));
+    for (what, p) in [("the file", real.as_path()), ("its directory", dir)] {
+        let m = std::fs::metadata(p).map_err(|e| untrusted(format!("{}: {e}", p.display())))?;
+        if m.uid() != 0 && m.uid() != me {
+            return Err(untrusted(format!(
+                "{what} ({}) is owned by uid {}",
+                p.display(),
+                m.uid()
+            )));
+        }
+        if m.mode() & 0o022 != 0 {
+            return Err(untrusted(format!(
+                "{what} ({}) is writable by group or others (mode {:o})",
+                p.display(),
+                m.mode() & 0o7777
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Stages the object in `path` for every later [`bytes`] (once per process, before the
@@ -51,6 +93,7 @@ pub enum StageError {
 /// its maps fit the pins and whether the verifier takes it is checked when it is loaded.
 pub fn stage(path: &Path) -> Result<(), StageError> {
     let shown = path.display().to_string();
+    check_trusted(path)?;
     let data = std::fs::read(path).map_err(|e| StageError::Read {
         path: shown.clone(),
         message: e.to_string(),
@@ -70,12 +113,18 @@ pub fn stage(path: &Path) -> Result<(), StageError> {
         path: shown.clone(),
         message: e.to_string(),
     })?;
-    let program = tollgate_common::program_names::XDP;
-    if !obj.programs.contains_key(program) {
-        return Err(StageError::NoProgram {
-            path: shown,
-            program,
-        });
+    // Both entries: a staged object without the layer-3 one (an older build) would only
+    // fail later, when the pins are opened, and read as a verifier refusal.
+    for program in [
+        tollgate_common::program_names::XDP,
+        tollgate_common::program_names::XDP_L3,
+    ] {
+        if !obj.programs.contains_key(program) {
+            return Err(StageError::NoProgram {
+                path: shown,
+                program,
+            });
+        }
     }
     STAGED
         .set((path.to_owned(), leaked))
@@ -156,14 +205,51 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A fresh directory of mode `mode` under the temporary directory.
+    fn private_dir(tag: &str, mode: u32) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("tollgate-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        dir
+    }
+
     #[test]
     fn staging_refuses_what_is_not_a_program_object() {
-        let f = std::env::temp_dir().join(format!("tollgate-notelf-{}", std::process::id()));
+        let dir = private_dir("notelf", 0o700);
+        let f = dir.join("tollgate.o");
         std::fs::write(&f, b"not an object").unwrap();
         let e = stage(&f).unwrap_err();
         assert!(matches!(e, StageError::Parse { .. }), "{e}");
-        let _ = std::fs::remove_file(&f);
+        let _ = std::fs::remove_dir_all(&dir);
         let e = stage(Path::new("/nonexistent/tollgate.o")).unwrap_err();
         assert!(matches!(e, StageError::Read { .. }), "{e}");
+    }
+
+    #[test]
+    fn staging_refuses_an_object_others_could_have_written() {
+        use std::os::unix::fs::PermissionsExt as _;
+        // A directory anyone may write to (the temporary directory itself is one).
+        let open = private_dir("openobj", 0o777);
+        let f = open.join("tollgate.o");
+        std::fs::write(&f, b"x").unwrap();
+        let e = stage(&f).unwrap_err();
+        assert!(
+            matches!(&e, StageError::Untrusted { why, .. } if why.contains("its directory")),
+            "{e}"
+        );
+        // A file others may write, in a private directory.
+        let dir = private_dir("wobj", 0o700);
+        let f = dir.join("tollgate.o");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = stage(&f).unwrap_err();
+        assert!(
+            matches!(&e, StageError::Untrusted { why, .. } if why.contains("the file")),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&open);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -263,7 +263,8 @@ pub enum StateError {
     #[error("{path}: {message}")]
     Io { path: String, message: String },
     #[error(
-        "{path}: {message} (the file is left as it is; move it away to start with empty state)"
+        "{path}: {message} (the file is left as it is; move state.json and state.journal away \
+         together to start with empty state)"
     )]
     Corrupt { path: String, message: String },
 }

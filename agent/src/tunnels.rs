@@ -112,6 +112,8 @@ pub const DECAPSULATING_KINDS: &[&str] = &[
     "amt",
     "batadv",
     "ppp",
+    // The kernel's OpenVPN data channel offload.
+    "ovpn",
 ];
 
 /// Whether `link` decapsulates and, if so, what its packets start with. The layer comes
@@ -129,15 +131,39 @@ pub fn classify(link: &Link) -> Option<Layer> {
     })
 }
 
-/// The entry to attach to a configured interface: the layer-3 one on a device that delivers
-/// bare IP packets (a wireguard device named in `[node] interfaces`), else the Ethernet one.
-pub fn program_for(iface: &str) -> &'static str {
-    match netlink::links() {
-        Ok(links) => match links.iter().find(|l| l.name == iface) {
-            Some(l) if l.arphrd != ARPHRD_ETHER && !l.kind.is_empty() => program_names::XDP_L3,
-            _ => program_names::XDP,
-        },
-        Err(_) => program_names::XDP,
+/// Device types (ARPHRD_*) whose frames start at the IP header: none (wireguard, tun),
+/// tunnel, tunnel6, sit, ipgre, ip6gre, ppp, rawip.
+const ARPHRD_BARE_IP: &[u16] = &[0xfffe, 768, 769, 776, 778, 823, 512, 519];
+
+/// The program entry for a device of type `arphrd`: Ethernet frames or bare IP packets;
+/// `None` for anything else (InfiniBand, loopback ...), which neither parser reads.
+pub fn entry_for_type(arphrd: u16) -> Option<&'static str> {
+    if arphrd == ARPHRD_ETHER {
+        Some(program_names::XDP)
+    } else if ARPHRD_BARE_IP.contains(&arphrd) {
+        Some(program_names::XDP_L3)
+    } else {
+        None
+    }
+}
+
+/// The entry to attach to a configured interface, by its device type: the layer-3 one on a
+/// device that delivers bare IP packets (a wireguard device named in `[node] interfaces`),
+/// the Ethernet one on Ethernet. Fails closed: when the type cannot be read, or is neither,
+/// nothing is attached (the Ethernet entry on bare IP packets would pass them all as
+/// non-IP). A device that does not exist gets the Ethernet entry, whose attach then fails
+/// naming it.
+pub fn program_for(iface: &str) -> Result<&'static str, String> {
+    let links = netlink::links()
+        .map_err(|e| format!("reading the device type of {iface} (rtnetlink): {e}"))?;
+    match links.iter().find(|l| l.name == iface) {
+        None => Ok(program_names::XDP),
+        Some(l) => entry_for_type(l.arphrd).ok_or_else(|| {
+            format!(
+                "{iface} has device type {} (ARPHRD), neither Ethernet nor bare IP: tollgate                  cannot parse its frames and will not attach to it",
+                l.arphrd
+            )
+        }),
     }
 }
 
@@ -294,10 +320,24 @@ impl Tunnels {
                 return Vec::new();
             }
         };
-        if self.last.as_ref() == Some(&(links.clone(), sas)) {
+        if !self.worth_applying(&links, sas) {
             return Vec::new();
         }
         self.apply(pinned, configured, links, sas)
+    }
+
+    /// Whether a scan needs [`Tunnels::apply`]: it changed, or a device is still uncovered by
+    /// a failed attach (a transient EMFILE, a device mid-setup), which is tried again every
+    /// tick rather than left open until some other device changes. An unchanged scan with
+    /// everything covered costs nothing more.
+    fn worth_applying(&self, links: &[Link], sas: u32) -> bool {
+        let retry =
+            self.policy != TunnelPolicy::Warn && self.uncovered.keys().any(|n| n != XFRM_STATES);
+        retry
+            || self
+                .last
+                .as_ref()
+                .is_none_or(|(l, s)| l.as_slice() != links || *s != sas)
     }
 
     /// Attaches to new devices, detaches from vanished ones, records the uncovered.
@@ -640,9 +680,24 @@ mod tests {
             "{report:?}"
         );
         assert_eq!(t.counts(), (0, 2));
-        // Retried on the next change, not reported again while it fails the same way.
+        // Retried on every tick while uncovered (the scan unchanged), not reported again while
+        // it fails the same way; once it attaches, an unchanged scan is left alone.
+        t.last = Some((vec![gre.clone()], 2));
+        assert!(t.worth_applying(&[gre.clone()], 2));
+        assert!(t.apply(&mut r, &[], vec![gre.clone()], 2).is_empty());
+        r.refuse.clear();
+        let ev = t.apply(&mut r, &[], vec![gre.clone()], 2);
+        assert!(
+            matches!(&ev[..], [Event::Attached { name, .. }] if name == "gre9"),
+            "{ev:?}"
+        );
+        t.last = Some((vec![gre.clone()], 0));
+        assert!(!t.worth_applying(&[gre.clone()], 0));
+        assert!(t.worth_applying(&[gre.clone()], 2), "the SAs changed");
+        r.refuse.push("gre9");
+        t.covered.clear();
         let ev = t.apply(&mut r, &[], vec![gre.clone(), dev("vx1", 5, "vxlan", 1)], 2);
-        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev.len(), 2, "{ev:?}");
         // The SAs gone: that gap closes.
         let ev = t.apply(&mut r, &[], vec![gre], 0);
         assert!(ev.contains(&Event::Gone {
@@ -669,5 +724,16 @@ mod tests {
         };
         assert_eq!(e.audit().0, "tunnel_uncovered");
         assert_eq!(e.audit().1["device"], "vx0");
+    }
+
+    #[test]
+    fn configured_devices_get_the_entry_their_type_reads_or_none() {
+        assert_eq!(entry_for_type(1), Some(program_names::XDP));
+        for bare in [0xfffe, 768, 769, 776, 778, 823, 512, 519] {
+            assert_eq!(entry_for_type(bare), Some(program_names::XDP_L3), "{bare}");
+        }
+        // InfiniBand and loopback: neither parser reads them, so nothing is attached.
+        assert_eq!(entry_for_type(32), None);
+        assert_eq!(entry_for_type(772), None);
     }
 }

@@ -208,6 +208,10 @@ pub const IPPROTO_GRE: u8 = 47;
 const GRE_CSUM: u8 = 0x80;
 const GRE_KEY: u8 = 0x20;
 const GRE_SEQ: u8 = 0x10;
+/// The version bits of the second byte: 0 plain GRE, 1 enhanced GRE (PPTP).
+const GRE_VERSION: u8 = 0x07;
+/// WCCP redirection over GRE, which the kernel decapsulates as IPv4.
+const ETH_P_WCCP: u16 = 0x883e;
 
 /// Parses a packet that starts at the network layer, as generic XDP hands it over on a
 /// layer-3 tunnel device (ipip, sit, gre, ip6tnl, wireguard, xfrm: no Ethernet header). The
@@ -238,7 +242,11 @@ pub fn parse_l3<P: PacketView + ?Sized>(p: &P) -> Result<Frame, Reason> {
 }
 
 /// Where the inner packet starts when the packet at 0 (IP version `version`) is an outer
-/// header carrying GRE with an IPv4/IPv6 payload; `None` when it carries something else.
+/// header carrying GRE (version 0, what ip_gre decapsulates) with an IP payload; `None` when
+/// it is not GRE, or enhanced GRE (version 1, PPTP: not ip_gre's). GRE version 0 carrying
+/// anything the parser cannot judge is refused (`bad_version`), never decided on the outer
+/// header: the kernel may still deliver it (WCCP as IPv4, MPLS), and an NBMA GRE device shows
+/// the outer header only because it is about to decapsulate.
 #[inline(always)]
 fn gre_inner<P: PacketView + ?Sized>(p: &P, version: u8) -> Result<Option<usize>, Reason> {
     let gre = match version {
@@ -266,12 +274,23 @@ fn gre_inner<P: PacketView + ?Sized>(p: &P, version: u8) -> Result<Option<usize>
         }
         _ => return Err(Reason::BadVersion),
     };
-    let Some(g) = p.load::<4>(gre) else {
+    // Five bytes: the base header and the first byte after it (WCCP's check below). An inner
+    // IP header is longer than one byte anyway.
+    let Some(g) = p.load::<5>(gre) else {
         return Err(Reason::Truncated);
     };
-    let proto = be16([g[2], g[3]]);
-    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
+    if g[1] & GRE_VERSION != 0 {
         return Ok(None);
+    }
+    let proto = be16([g[2], g[3]]);
+    if proto == ETH_P_WCCP && g[0] == 0 && g[1] == 0 {
+        // As the kernel's gre_parse_header: WCCP without flags carries IPv4, after a 4-byte
+        // redirect header (WCCPv2) unless the next byte already starts an IPv4 header.
+        let redirect = if g[4] & 0xf0 == 0x40 { 0 } else { 4 };
+        return Ok(Some(gre + 4 + redirect));
+    }
+    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
+        return Err(Reason::BadVersion);
     }
     // Base header 4 bytes; checksum (with its reserved half), key and sequence number add 4
     // each when their flag is set.

@@ -397,13 +397,43 @@ fn l3_gre_outer_header_is_peeled_to_the_inner_packet() {
     let inner6 = l3(&PacketBuilder::v6(A6, B6).udp(1, 8001).build());
     let p = ip_l3(&gre_outer_v4(&inner6, 0x20));
     assert_eq!((p.family, p.src.bytes(), p.dport), (Family::V6, A6, 8001));
-    // GRE carrying something that is not IP is the outer packet, as it is.
-    let mut other = gre_outer_v4(&inner, 0);
-    other[22..24].copy_from_slice(&0x6558u16.to_be_bytes());
-    assert_eq!(ip_l3(&other).proto, IPPROTO_GRE);
+    // GRE carrying something the parser cannot judge is refused, not decided on the outer
+    // header (the kernel may still decapsulate it: MPLS, or WCCP below).
+    for proto in [0x6558u16, 0x8847, 0x1234] {
+        let mut other = gre_outer_v4(&inner, 0);
+        other[22..24].copy_from_slice(&proto.to_be_bytes());
+        assert_eq!(parse_l3(&other[..]), Err(Reason::BadVersion), "{proto:#x}");
+    }
+    // Enhanced GRE (version 1, PPTP) is not ip_gre's: the outer packet, as it is.
+    let mut pptp = gre_outer_v4(&inner, 0);
+    pptp[21] = 1;
+    pptp[22..24].copy_from_slice(&0x880bu16.to_be_bytes());
+    assert_eq!(ip_l3(&pptp).proto, IPPROTO_GRE);
     // A GRE header cut short is truncated.
     assert_eq!(
         parse_l3(&gre_outer_v4(&inner, 0)[..22]),
         Err(Reason::Truncated)
     );
+}
+
+/// WCCP over GRE (protocol 0x883E, no flags), which the kernel decapsulates as IPv4: with
+/// the inner header right after GRE (WCCPv1) or after a 4-byte redirect header (WCCPv2).
+#[test]
+fn l3_gre_wccp_is_peeled_as_the_kernel_does() {
+    let inner = l3(&PacketBuilder::v4(A4, B4).tcp(4000, 8000).build());
+    let want = ip_l3(&inner);
+    let mut v1 = gre_outer_v4(&inner, 0);
+    v1[22..24].copy_from_slice(&0x883eu16.to_be_bytes());
+    let p = ip_l3(&v1);
+    assert_eq!((p.src, p.dport), (want.src, 8000));
+    let mut redirect = vec![0x00, 0x00, 0x00, 0x00];
+    redirect.extend_from_slice(&inner);
+    let mut v2 = gre_outer_v4(&redirect, 0);
+    v2[22..24].copy_from_slice(&0x883eu16.to_be_bytes());
+    let p = ip_l3(&v2);
+    assert_eq!((p.src, p.dport, p.proto), (want.src, 8000, IPPROTO_TCP));
+    // With a flag set it is not WCCP: refused as a non-IP payload.
+    let mut flagged = gre_outer_v4(&inner, 0x20);
+    flagged[22..24].copy_from_slice(&0x883eu16.to_be_bytes());
+    assert_eq!(parse_l3(&flagged[..]), Err(Reason::BadVersion));
 }
