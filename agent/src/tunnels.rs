@@ -683,7 +683,7 @@ mod tests {
         // Retried on every tick while uncovered (the scan unchanged), not reported again while
         // it fails the same way; once it attaches, an unchanged scan is left alone.
         t.last = Some((vec![gre.clone()], 2));
-        assert!(t.worth_applying(&[gre.clone()], 2));
+        assert!(t.worth_applying(std::slice::from_ref(&gre), 2));
         assert!(t.apply(&mut r, &[], vec![gre.clone()], 2).is_empty());
         r.refuse.clear();
         let ev = t.apply(&mut r, &[], vec![gre.clone()], 2);
@@ -692,8 +692,11 @@ mod tests {
             "{ev:?}"
         );
         t.last = Some((vec![gre.clone()], 0));
-        assert!(!t.worth_applying(&[gre.clone()], 0));
-        assert!(t.worth_applying(&[gre.clone()], 2), "the SAs changed");
+        assert!(!t.worth_applying(std::slice::from_ref(&gre), 0));
+        assert!(
+            t.worth_applying(std::slice::from_ref(&gre), 2),
+            "the SAs changed"
+        );
         r.refuse.push("gre9");
         t.covered.clear();
         let ev = t.apply(&mut r, &[], vec![gre.clone(), dev("vx1", 5, "vxlan", 1)], 2);
