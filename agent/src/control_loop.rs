@@ -376,6 +376,7 @@ impl ControlLoop {
             };
             if let Some(ev) = self.evidence.get_mut(name) {
                 ev.passed_packets += d.passed.packets;
+                ev.passed_bytes += d.passed.bytes;
             }
             let tracker = self.trackers.entry(name.clone()).or_default();
             let before = tracker.decided_step();
@@ -425,10 +426,7 @@ impl ControlLoop {
             {
                 self.evidence.insert(
                     name.clone(),
-                    Evidence {
-                        start: connections(t),
-                        passed_packets: 0,
-                    },
+                    Evidence::starting(connections(t)),
                 );
             }
             if escalates(before, &decision) {
@@ -568,10 +566,7 @@ impl ControlLoop {
             None => {
                 self.evidence.insert(
                     name.to_owned(),
-                    Evidence {
-                        start: connections(t),
-                        passed_packets: 0,
-                    },
+                    Evidence::starting(connections(t)),
                 );
                 Err((
                     Hold::Unreadable,
