@@ -424,10 +424,8 @@ impl ControlLoop {
                 && let Some(Ok(t)) = &table
                 && !t.truncated
             {
-                self.evidence.insert(
-                    name.clone(),
-                    Evidence::starting(connections(t)),
-                );
+                self.evidence
+                    .insert(name.clone(), Evidence::starting(connections(t)));
             }
             if escalates(before, &decision) {
                 let proof = if a.require_handshake {
@@ -564,10 +562,8 @@ impl ControlLoop {
             // Throttled before this agent started, or the read at the throttle's start
             // failed: measure from now, judge at the next try.
             None => {
-                self.evidence.insert(
-                    name.to_owned(),
-                    Evidence::starting(connections(t)),
-                );
+                self.evidence
+                    .insert(name.to_owned(), Evidence::starting(connections(t)));
                 Err((
                     Hold::Unreadable,
                     "no reading of its connections from the throttle's start; measuring from now"

@@ -543,7 +543,10 @@ mod tests {
         let grew = |segs: u32, bytes: u64| Snapshot::of(&[c(100 + segs, 1000 + bytes)], |_| true);
         // No connection at all.
         let none = Snapshot::default();
-        assert_eq!(judge(&none, &ev(10, 1660)).unwrap_err().0, Hold::NoHandshake);
+        assert_eq!(
+            judge(&none, &ev(10, 1660)).unwrap_err().0,
+            Hold::NoHandshake
+        );
         // A real client's flood of 100-byte requests (166-byte IPv4 frames): its connection
         // took 1000 of 1000 passed packets, 100 000 in-sequence bytes of 166 000 passed.
         let carried = grew(1000, 100_000);
