@@ -2,8 +2,9 @@
 //! not get the customer quarantined in `anomaly.mode = "enforce"`. The ladder may throttle on
 //! them; it quarantines only on what a spoofer cannot forge off-path: SYN-free traffic
 //! (first test, the score alone) that the identity's own ESTABLISHED TCP connections carried
-//! (the others, `anomaly.require_handshake`), and no more than `anomaly.max_auto_quarantines`
-//! at once.
+//! as in-sequence payload (the others, `anomaly.require_handshake`; segments matched to a
+//! connection prove nothing: a spoofer who knows the 4-tuple adds them), and no more than
+//! `anomaly.max_auto_quarantines` at once.
 
 use std::{
     io::{Read, Write},
@@ -164,6 +165,8 @@ struct Talker {
     stop: Arc<AtomicBool>,
     /// Writes that failed other than by timing out (a reset or closed connection).
     broken: Arc<AtomicBool>,
+    /// The connection's own port (what a spoofer who knows the 4-tuple knows).
+    port: u16,
     thread: Option<JoinHandle<u64>>,
 }
 
@@ -174,6 +177,7 @@ impl Talker {
         // A quarantined connection stalls: a blocked write must not hold the thread.
         conn.set_write_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
+        let port = conn.local_addr().expect("local address").port();
         let rate = Arc::new(AtomicU32::new(per_second));
         let stop = Arc::new(AtomicBool::new(false));
         let broken = Arc::new(AtomicBool::new(false));
@@ -211,6 +215,7 @@ impl Talker {
             rate,
             stop,
             broken,
+            port,
             thread: Some(thread),
         }
     }
@@ -426,6 +431,131 @@ fn a_flood_over_the_clients_own_connection_is_still_quarantined() {
     assert!(
         !log.iter().any(|l| l["action"] == "quarantine_withheld"),
         "{log:?}"
+    );
+}
+
+/// `frame` (Ethernet, IPv4, TCP) addressed to `lab`'s server as the client's kernel would
+/// address it (its MACs) and with its TCP checksum filled in: unlike the frames above, which
+/// the server's stack discards before any socket, this one reaches the connection it names.
+fn for_the_servers_socket(lab: &Lab, frame: &[u8]) -> Vec<u8> {
+    let mac = |m: &str| -> Vec<u8> {
+        m.split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("mac"))
+            .collect()
+    };
+    let mut f = frame.to_vec();
+    f[0..6].copy_from_slice(&mac(&lab.server_mac));
+    f[6..12].copy_from_slice(&mac(&lab.client_mac));
+    let ip = &f[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let (tcp, end) = (14 + ihl, 14 + total);
+    f[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for pair in b.chunks(2) {
+            sum += u32::from(pair[0]) << 8 | u32::from(*pair.get(1).unwrap_or(&0));
+        }
+    };
+    add(&f[14 + 12..14 + 20]); // source and destination addresses
+    add(&[0, 6]);
+    add(&((end - tcp) as u16).to_be_bytes());
+    add(&f[tcp..end]);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[tcp + 16..tcp + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f
+}
+
+/// The numbers in a withheld quarantine's detail: (in-sequence bytes, passed bytes,
+/// segments, passed packets).
+fn carried(detail: &str) -> Option<(u64, u64, u64, u64)> {
+    let n: Vec<u64> = detail
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "its N connection(s) received B bytes in sequence of the P bytes ... (S segments of K packets)"
+    match n[..] {
+        [_, b, p, s, k] => Some((b, p, s, k)),
+        _ => None,
+    }
+}
+
+/// Bare ACKs spoofed to the exact 4-tuple of the customer's own connection (its address and
+/// port, the server's), out of window: the kernel counts every one in the connection's
+/// `segs_in` (before any sequence check) but accepts none in sequence, while the customer's
+/// own small requests keep `bytes_received` growing. Segment counts would call that flood the
+/// customer's own; the in-sequence bytes do not: throttled, never quarantined.
+#[test]
+fn spoofed_acks_to_the_customers_own_connection_never_quarantine_it() {
+    tollgate_tests::require_root();
+    let lab = Lab::new();
+    let dirs = AgentDirs::new();
+    let victim = IpAddr::V4(lab.client_v4);
+    let server = Server::start(&lab.server);
+    let _agent = handshake_world(&lab, &dirs, &[&lab.server_if], &[("victim", victim)], None);
+    let talker = Talker::start(&lab.client, lab.server_v4, 50);
+    std::thread::sleep(Duration::from_secs(8));
+    // seq 1, ack 0: out of the connection's windows (its sequence numbers start at random).
+    let mut ack = PacketBuilder::v4(lab.client_v4.octets(), lab.server_v4.octets())
+        .tcp(talker.port, TCP_PORT)
+        .build();
+    // Ethernet 14 + IPv4 20, then the TCP flags byte at 13: a bare ACK.
+    ack[14 + 20 + 13] = 0x10;
+    let ack = for_the_servers_socket(&lab, &ack);
+    let spoof = FrameBlaster::start(&lab.client, &lab.client_if, ack, 1500);
+    let throttled = wait_for_step(&dirs, "victim", "throttle", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(6));
+    let sent = spoof.stop();
+    let log = audit(&dirs);
+    let steps = steps_of(&log, "victim");
+    assert!(
+        throttled,
+        "the spoof was never even throttled ({sent} sent): {steps:?}"
+    );
+    assert!(
+        !steps.iter().any(|s| s == "quarantine"),
+        "the spoof quarantined the customer: {steps:?}"
+    );
+    let withheld: Vec<_> = log
+        .iter()
+        .filter(|l| l["action"] == "quarantine_withheld")
+        .collect();
+    assert_eq!(withheld.len(), 1, "once per episode: {withheld:?}");
+    assert_eq!(
+        withheld[0]["reason"], "not_its_connections",
+        "{}",
+        withheld[0]
+    );
+    let detail = withheld[0]["detail"]["detail"].as_str().unwrap_or_default();
+    let (bytes, passed_bytes, segs, packets) =
+        carried(detail).unwrap_or_else(|| panic!("unexpected detail: {detail}"));
+    // The spoof reached the connection: it counted at least half the passed packets (what
+    // a rule on segments would have taken as proof) ...
+    assert!(
+        2 * segs >= packets,
+        "the spoofed ACKs never reached the connection: {detail}"
+    );
+    // ... and the customer's requests arrived in sequence, but far under half the bytes.
+    assert!(bytes > 0 && 2 * bytes < passed_bytes, "{detail}");
+    // The customer's own connection still carries its requests.
+    let before = server.received();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!talker.broken(), "the customer's connection broke");
+    assert!(
+        server.received() > before + 2_000,
+        "the customer's connection stalled: {before} -> {}",
+        server.received()
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dirs.state_dir.join("state.json")).expect("state"),
+    )
+    .expect("state json");
+    assert!(
+        state["quarantines"].get("victim").is_none(),
+        "{}",
+        state["quarantines"]
     );
 }
 

@@ -376,6 +376,7 @@ impl ControlLoop {
             };
             if let Some(ev) = self.evidence.get_mut(name) {
                 ev.passed_packets += d.passed.packets;
+                ev.passed_bytes += d.passed.bytes;
             }
             let tracker = self.trackers.entry(name.clone()).or_default();
             let before = tracker.decided_step();
@@ -423,13 +424,8 @@ impl ControlLoop {
                 && let Some(Ok(t)) = &table
                 && !t.truncated
             {
-                self.evidence.insert(
-                    name.clone(),
-                    Evidence {
-                        start: connections(t),
-                        passed_packets: 0,
-                    },
-                );
+                self.evidence
+                    .insert(name.clone(), Evidence::starting(connections(t)));
             }
             if escalates(before, &decision) {
                 let proof = if a.require_handshake {
@@ -566,13 +562,8 @@ impl ControlLoop {
             // Throttled before this agent started, or the read at the throttle's start
             // failed: measure from now, judge at the next try.
             None => {
-                self.evidence.insert(
-                    name.to_owned(),
-                    Evidence {
-                        start: connections(t),
-                        passed_packets: 0,
-                    },
-                );
+                self.evidence
+                    .insert(name.to_owned(), Evidence::starting(connections(t)));
                 Err((
                     Hold::Unreadable,
                     "no reading of its connections from the throttle's start; measuring from now"

@@ -8,9 +8,14 @@
 //! only sock_diag carries `tcp_info`, whose counters are what makes the evidence hold: a
 //! connection merely existing proves the identity once completed a handshake, not that the
 //! flood now being scored is its own (a spoofer can flood from the address of a customer
-//! who has a connection open). `segs_in` counts segments the kernel matched to the
-//! connection's 4-tuple and `bytes_received` only in-sequence data, neither of which an
-//! off-path sender moves without seeing the connection's replies.
+//! who has a connection open). Of those counters only `bytes_received` is evidence against a
+//! spoofer: it grows only when `rcv_nxt` advances, i.e. for payload at the exact next
+//! sequence number (with an acceptable ACK), which a sender that never sees the
+//! connection's segments cannot produce. `segs_in` is not: the kernel counts every segment
+//! it matches to the socket's 4-tuple (`tcp_segs_in()` in `tcp_v4_rcv`/`tcp_v6_rcv`, after
+//! the lookup and before any sequence or window check), so a spoofer who knows or guesses
+//! the client's port (a fixed source port, a long-lived connection) moves it at will with
+//! out-of-window ACKs. [`judge`] uses it only as a further condition, never as evidence.
 //!
 //! Read only when the anomaly ladder throttles an identity or is about to quarantine one
 //! (once per tick for all of that tick's identities, never per packet), and bounded: at most
@@ -304,23 +309,57 @@ impl Snapshot {
 }
 
 /// What the ladder holds for a throttled identity: its connections when the throttle began
-/// and the packets the kernel passed from it since.
+/// and what the kernel passed from it since (packets, and bytes as XDP counts them: whole
+/// frames, headers included).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Evidence {
     pub start: Snapshot,
     pub passed_packets: u64,
+    pub passed_bytes: u64,
 }
 
-/// The least share of an identity's passed packets its own connections must have received
-/// for its flood to count as its own. Half: a real client's flood over its connection is
-/// nearly all segments of it (its ACKs for the server's replies are too), while a spoofer's
-/// frames match no connection unless it guesses the 4-tuple.
+impl Evidence {
+    /// Evidence starting at `start`, nothing passed yet.
+    pub fn starting(start: Snapshot) -> Evidence {
+        Evidence {
+            start,
+            ..Evidence::default()
+        }
+    }
+}
+
+/// The least share of the bytes passed from an identity since the throttle began that its
+/// own connections must have accepted as in-sequence payload (`bytes_received`) for the
+/// flood to count as its own.
+///
+/// Measured against whole frames, with no allowance for headers, on purpose: a spoofed frame
+/// then counts in full against the identity and adds nothing for it, whatever it carries.
+/// Subtracting a header allowance (54 bytes a packet for IPv4) would make a header-only
+/// spoof (bare ACKs, 54 bytes each) weigh nothing, and the customer's own small requests
+/// would then "prove" a flood that is all spoof. Half keeps a real flood provable as long
+/// as its segments carry about as much payload as headers: 100-byte requests are 100 of 166
+/// bytes on the wire (Ethernet 14, IPv4 20, TCP with timestamps 32), 60 %; over IPv6, 100
+/// of 186, 54 %. Floods of smaller segments, or of bare ACKs, are throttled only: the rule
+/// errs toward withholding. Beside such a 100-byte flow, spoofed bare ACKs at more than
+/// 0.63 per real segment withhold the quarantine.
 pub const OWN_SHARE: f64 = 0.5;
 
+/// The least share of an identity's passed packets its connections must have counted in
+/// `segs_in`. Necessary, never sufficient (anyone with the 4-tuple moves `segs_in`, see the
+/// module comment): it is the only per-packet count there is, and without it small spoofed
+/// frames beside a customer that sends full segments would be cheap against
+/// [`OWN_SHARE`]: next to 1448-byte segments (95 % payload) it takes 25 bare ACKs per real
+/// segment to bring the byte share under half, while a spoofer who does not know the
+/// connection's port moves no `segs_in` at all and is held here from one spoofed frame per
+/// real one.
+pub const OWN_SEGMENTS: f64 = 0.5;
+
 /// Whether `now` (the identity's connections at the escalation) proves the flood is the
-/// identity's own: it has a connection, in-sequence data arrived on its connections, and
-/// they received at least [`OWN_SHARE`] of its passed packets since the throttle began.
-/// `Ok` says what was seen (for the audit), `Err` why the quarantine is withheld.
+/// identity's own: it has a connection, its connections accepted in-sequence payload of at
+/// least [`OWN_SHARE`] of the bytes passed from it since the throttle began, and (a further
+/// condition a spoofer with the 4-tuple can meet, see [`OWN_SEGMENTS`]) they counted at least
+/// that share of its passed packets. `Ok` says what was seen (for the audit), `Err` why the
+/// quarantine is withheld.
 pub fn judge(now: &Snapshot, ev: &Evidence) -> Result<String, (super::anomaly::Hold, String)> {
     use super::anomaly::Hold;
     if now.connections() == 0 {
@@ -331,14 +370,17 @@ pub fn judge(now: &Snapshot, ev: &Evidence) -> Result<String, (super::anomaly::H
     }
     let (segs, bytes) = now.since(&ev.start);
     let seen = format!(
-        "its {} connection(s) received {segs} segments ({bytes} bytes in sequence) of its {} passed packets since the throttle began",
+        "its {} connection(s) received {bytes} bytes in sequence of the {} bytes passed from it since the throttle began ({segs} segments of {} packets)",
         now.connections(),
+        ev.passed_bytes,
         ev.passed_packets
     );
-    if bytes == 0 || (segs as f64) < OWN_SHARE * ev.passed_packets as f64 {
-        Err((Hold::NotItsConnections, seen))
-    } else {
+    let carried = bytes > 0 && bytes as f64 >= OWN_SHARE * ev.passed_bytes as f64;
+    let matched = segs as f64 >= OWN_SEGMENTS * ev.passed_packets as f64;
+    if carried && matched {
         Ok(seen)
+    } else {
+        Err((Hold::NotItsConnections, seen))
     }
 }
 
@@ -493,27 +535,54 @@ mod tests {
             ..out_conn()
         };
         let start = Snapshot::of(&[c(100, 1000)], |_| true);
-        let ev = |passed_packets| Evidence {
-            start: start.clone(),
+        let ev = |passed_packets, passed_bytes| Evidence {
             passed_packets,
+            passed_bytes,
+            ..Evidence::starting(start.clone())
         };
+        let grew = |segs: u32, bytes: u64| Snapshot::of(&[c(100 + segs, 1000 + bytes)], |_| true);
         // No connection at all.
         let none = Snapshot::default();
-        assert_eq!(judge(&none, &ev(10)).unwrap_err().0, Hold::NoHandshake);
-        // A real client's flood: its connection took 900 of 1000 passed packets.
-        let carried = Snapshot::of(&[c(1000, 90_000)], |_| true);
-        assert!(judge(&carried, &ev(1000)).is_ok());
-        // A spoofed flood beside a customer's idle connection: 20 of 5000.
-        let idle = Snapshot::of(&[c(120, 1200)], |_| true);
-        let (why, detail) = judge(&idle, &ev(5000)).unwrap_err();
-        assert_eq!(why, Hold::NotItsConnections);
-        assert!(detail.contains("20 segments"), "{detail}");
-        // Segments matched to its 4-tuple but no in-sequence data: a guessed 4-tuple.
-        let guessed = Snapshot::of(&[c(5000, 1000)], |_| true);
         assert_eq!(
-            judge(&guessed, &ev(5000)).unwrap_err().0,
+            judge(&none, &ev(10, 1660)).unwrap_err().0,
+            Hold::NoHandshake
+        );
+        // A real client's flood of 100-byte requests (166-byte IPv4 frames): its connection
+        // took 1000 of 1000 passed packets, 100 000 in-sequence bytes of 166 000 passed.
+        let carried = grew(1000, 100_000);
+        let seen = judge(&carried, &ev(1000, 166_000)).unwrap();
+        assert!(seen.contains("100000 bytes in sequence"), "{seen}");
+        // The same over IPv6 (186-byte frames) still holds: 54 %.
+        assert!(judge(&carried, &ev(1000, 186_000)).is_ok());
+        // Bare spoofed ACKs (54 bytes) to the connection's exact 4-tuple: every one counted
+        // in segs_in, none of them in sequence; the customer's own 50 requests went through.
+        // Bytes say 5 000 of 275 300: not its flood (the segments alone would have said so).
+        let four_tuple = grew(5050, 5000);
+        let (why, detail) = judge(&four_tuple, &ev(5050, 50 * 166 + 5000 * 54)).unwrap_err();
+        assert_eq!(why, Hold::NotItsConnections);
+        assert!(detail.contains("5000 bytes in sequence"), "{detail}");
+        // A spoofed flood beside a customer's idle connection: 20 of 5000 packets.
+        let idle = grew(20, 2000);
+        let (why, detail) = judge(&idle, &ev(5000, 5000 * 154)).unwrap_err();
+        assert_eq!(why, Hold::NotItsConnections);
+        assert!(detail.contains("(20 segments of 5000 packets)"), "{detail}");
+        // Segments matched to its 4-tuple but no in-sequence data at all.
+        let guessed = grew(5000, 0);
+        assert_eq!(
+            judge(&guessed, &ev(5000, 5000 * 54)).unwrap_err().0,
             Hold::NotItsConnections
         );
+        // Beside a customer uploading full segments, 5 bare ACKs spoofed (to other ports) per
+        // real segment leave the bytes at 81 %; the segments (1000 of 6000) withhold it.
+        let bulk = grew(1000, 1000 * 1448);
+        let passed = 1000 * 1514 + 5000 * 54;
+        assert!(1000.0 * 1448.0 >= OWN_SHARE * passed as f64);
+        assert_eq!(
+            judge(&bulk, &ev(6000, passed)).unwrap_err().0,
+            Hold::NotItsConnections
+        );
+        // The same upload alone is its own.
+        assert!(judge(&bulk, &ev(1000, 1000 * 1514)).is_ok());
     }
 
     /// The real kernel: a loopback connection that carried 3 writes shows them, from the
