@@ -748,6 +748,133 @@ fn gre_outer(inner: &[u8]) -> Vec<u8> {
     p
 }
 
+/// A VXLAN named `dev` with VNI `vni` between the lab's client and server, inner addresses
+/// `client_in` and `server_in`: [`Tunnel::new`] with the name and VNI chosen (two VXLANs on
+/// one UDP port need distinct VNIs).
+fn vxlan_named(node: &Node, dev: &str, vni: u32, client_in: Ipv4Addr, server_in: Ipv4Addr) {
+    let lab = &node.lab;
+    for (ns, local, remote, own, peer) in [
+        (
+            &lab.client,
+            lab.client_v4,
+            lab.server_v4,
+            client_in,
+            server_in,
+        ),
+        (
+            &lab.server,
+            lab.server_v4,
+            lab.client_v4,
+            server_in,
+            client_in,
+        ),
+    ] {
+        let (l, r, id) = (local.to_string(), remote.to_string(), vni.to_string());
+        ns.ip(&[
+            "link", "add", dev, "type", "vxlan", "id", &id, "local", &l, "remote", &r, "dstport",
+            "4789",
+        ]);
+        ns.ip(&["link", "set", dev, "addrgenmode", "none"]);
+        ns.ip(&["addr", "add", &format!("{own}/32"), "dev", dev]);
+        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&[
+            "route",
+            "add",
+            &format!("{peer}/32"),
+            "dev",
+            dev,
+            "src",
+            &own.to_string(),
+        ]);
+    }
+}
+
+/// A covered VXLAN renamed, and a new VXLAN given its old name (#12 review, HIGH): the kernel's
+/// link went along with the renamed device, so the pin named for the old name is on the wrong
+/// device. Swapping the program into it would record the new device covered while it runs
+/// nothing. Both devices must run the program, and an unbound SYN through the new one must be
+/// dropped.
+#[test]
+fn vxlan_renamed_and_its_name_reused_leaves_both_devices_enforced() {
+    // The agent deals with devices in name order: the renamed one first ("vr" < "vx"), and
+    // last ("vz").
+    for prefix in ["vr", "vz"] {
+        renamed_and_name_reused(prefix);
+    }
+}
+
+fn renamed_and_name_reused(prefix: &str) {
+    let node = Node::new();
+    let old = Tunnel::new(&node, "vxlan", host4_v4(&node.lab, 200));
+    let agent = node.start("enforce");
+    node.wait_covered(&old.dev);
+    let renamed = short_name(prefix);
+    for ns in [&node.lab.client, &node.lab.server] {
+        // A VXLAN cannot be renamed while up.
+        ns.ip(&["link", "set", &old.dev, "down"]);
+        ns.ip(&["link", "set", &old.dev, "name", &renamed]);
+        ns.ip(&["link", "set", &renamed, "up"]);
+    }
+    let new = Tunnel {
+        dev: old.dev.clone(),
+        client_in: host4_v4(&node.lab, 201),
+        server_in: host4_v4(&node.lab, 249),
+    };
+    vxlan_named(&node, &new.dev, 43, new.client_in, new.server_in);
+    // Settled once the agent has dealt with the renamed device (covered or not).
+    let t0 = Instant::now();
+    loop {
+        let (covered, uncovered) = (node.covered(), node.uncovered());
+        if covered.contains(&new.dev)
+            && (covered.contains(&renamed) || uncovered.contains(&renamed))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < COVER_LIMIT,
+            "the agent did not settle on {} and {renamed} within {COVER_LIMIT:?}: {}",
+            new.dev,
+            node.status()["tunnels"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let server = &node.lab.server;
+    for dev in [&new.dev, &renamed] {
+        assert!(
+            server.xdp_attach(dev).is_some(),
+            "{dev} runs no XDP program after {} was renamed {renamed} and a new {} made; \
+             status: {}; agent log:\n{}",
+            old.dev,
+            new.dev,
+            node.status()["tunnels"],
+            agent.stderr()
+        );
+    }
+    assert_eq!(
+        node.covered(),
+        {
+            let mut v = vec![new.dev.clone(), renamed.clone()];
+            v.sort();
+            v
+        },
+        "both devices covered; agent log:\n{}",
+        agent.stderr()
+    );
+    let before = node.reason("unbound");
+    let (connected, accepted) = connect_through(&node, &new);
+    assert!(
+        !connected && accepted.is_none(),
+        "an unbound client reached the protected port through the new {} (connected \
+         {connected}, accepted from {accepted:?})",
+        new.dev
+    );
+    assert!(
+        node.reason("unbound") > before,
+        "the SYN through the new {} was not counted unbound",
+        new.dev
+    );
+}
+
 /// A covered tunnel stays enforced while the agent is down (its link is pinned like an
 /// interface's), and a restart adopts the pin.
 #[test]

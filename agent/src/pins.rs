@@ -261,8 +261,9 @@ impl Pinned {
     /// (bpf_link_update: no moment without a program); otherwise a new link is made and
     /// pinned. A pin is only reused while its link is on the device that has the name now
     /// (the kernel's link follows a device, not a name); one that is not is moved or removed
-    /// ([`Pinned::retire_stale`]) and a new link made. Returns whether an existing link was
-    /// adopted.
+    /// ([`Pinned::retire_stale`]) and a new link made, and a pin of another name whose link is
+    /// on this device is taken over ([`Pinned::claim_renamed`]). Returns whether an existing
+    /// link was adopted.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<bool, PinError> {
         self.attach_program(iface, mode, program_names::XDP)
     }
@@ -280,14 +281,19 @@ impl Pinned {
             iface: iface.to_owned(),
             message,
         };
+        let current = link_info::ifindex(iface);
         if path.exists() {
             let link = link_info::pinned_xdp_link(&path).map_err(|e| {
                 attach_err(format!("reading the pinned link {}: {e}", path.display()))
             })?;
-            let current = link_info::ifindex(iface);
             if let Some(stale) = stale_pin(link.ifindex, current) {
                 self.retire_stale(iface, &path, stale, current)?;
             }
+        }
+        if !path.exists()
+            && let Some(ifindex) = current
+        {
+            self.claim_renamed(iface, ifindex)?;
         }
         let prog = crate::loader::xdp_program(&mut self.ebpf, program)
             .map_err(|e| attach_err(e.to_string()))?;
@@ -362,6 +368,32 @@ impl Pinned {
             "the link pinned for {iface} is on {on}, not on the {iface} of now (ifindex \
              {now}): its pin is removed, and {iface} gets a link of its own"
         );
+        Ok(())
+    }
+
+    /// A device renamed to `iface` took its link along, pinned under its old name: that pin
+    /// moves to `iface`'s, so that the link is adopted (a device takes one XDP link: a second
+    /// attach would fail, and the old name's pin would be on the wrong device).
+    fn claim_renamed(&mut self, iface: &str, ifindex: u32) -> Result<(), PinError> {
+        for other in pinned_interfaces(&self.pin_dir) {
+            let from = link_path(&self.pin_dir, &other);
+            let on_this = other != iface
+                && link_info::pinned_xdp_link(&from).is_ok_and(|l| l.ifindex == ifindex);
+            if !on_this {
+                continue;
+            }
+            let to = link_path(&self.pin_dir, iface);
+            std::fs::rename(&from, &to).map_err(|e| io(&from, e))?;
+            if let Some(h) = self.links.remove(&other) {
+                self.links.insert(iface.to_owned(), h);
+            }
+            warn!(
+                iface,
+                "the link pinned for {other} is on {iface} (ifindex {ifindex}): the device was \
+                 renamed; its pin moves to {iface}"
+            );
+            return Ok(());
+        }
         Ok(())
     }
 
