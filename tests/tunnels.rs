@@ -748,45 +748,31 @@ fn gre_outer(inner: &[u8]) -> Vec<u8> {
     p
 }
 
-/// A VXLAN named `dev` with VNI `vni` between the lab's client and server, inner addresses
-/// `client_in` and `server_in`: [`Tunnel::new`] with the name and VNI chosen (two VXLANs on
-/// one UDP port need distinct VNIs).
-fn vxlan_named(node: &Node, dev: &str, vni: u32, client_in: Ipv4Addr, server_in: Ipv4Addr) {
-    let lab = &node.lab;
-    for (ns, local, remote, own, peer) in [
-        (
-            &lab.client,
-            lab.client_v4,
-            lab.server_v4,
-            client_in,
-            server_in,
-        ),
-        (
-            &lab.server,
-            lab.server_v4,
-            lab.client_v4,
-            server_in,
-            client_in,
-        ),
-    ] {
-        let (l, r, id) = (local.to_string(), remote.to_string(), vni.to_string());
-        ns.ip(&[
-            "link", "add", dev, "type", "vxlan", "id", &id, "local", &l, "remote", &r, "dstport",
-            "4789",
-        ]);
-        ns.ip(&["link", "set", dev, "addrgenmode", "none"]);
-        ns.ip(&["addr", "add", &format!("{own}/32"), "dev", dev]);
-        ns.ip(&["link", "set", dev, "up"]);
-        ns.ip(&[
-            "route",
-            "add",
-            &format!("{peer}/32"),
-            "dev",
-            dev,
-            "src",
-            &own.to_string(),
-        ]);
-    }
+/// One end of a VXLAN named `dev` with VNI `vni` (two VXLANs on one UDP port need distinct
+/// VNIs), outer addresses `local` and `remote`: the device only, down.
+fn vxlan_end(ns: &NetNs, dev: &str, vni: u32, local: Ipv4Addr, remote: Ipv4Addr) {
+    let (l, r, id) = (local.to_string(), remote.to_string(), vni.to_string());
+    ns.ip(&[
+        "link", "add", dev, "type", "vxlan", "id", &id, "local", &l, "remote", &r, "dstport",
+        "4789",
+    ]);
+}
+
+/// Brings up a tunnel end made by [`vxlan_end`] with inner address `own` and a route to
+/// `peer` through it, as [`Tunnel::new`] does.
+fn inner_end(ns: &NetNs, dev: &str, own: Ipv4Addr, peer: Ipv4Addr) {
+    ns.ip(&["link", "set", dev, "addrgenmode", "none"]);
+    ns.ip(&["addr", "add", &format!("{own}/32"), "dev", dev]);
+    ns.ip(&["link", "set", dev, "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        &format!("{peer}/32"),
+        "dev",
+        dev,
+        "src",
+        &own.to_string(),
+    ]);
 }
 
 /// A covered VXLAN renamed, and a new VXLAN given its old name (#12 review, HIGH): the kernel's
@@ -809,18 +795,25 @@ fn renamed_and_name_reused(prefix: &str) {
     let agent = node.start("enforce");
     node.wait_covered(&old.dev);
     let renamed = short_name(prefix);
-    for ns in [&node.lab.client, &node.lab.server] {
-        // A VXLAN cannot be renamed while up.
-        ns.ip(&["link", "set", &old.dev, "down"]);
-        ns.ip(&["link", "set", &old.dev, "name", &renamed]);
-        ns.ip(&["link", "set", &renamed, "up"]);
-    }
     let new = Tunnel {
         dev: old.dev.clone(),
         client_in: host4_v4(&node.lab, 201),
         server_in: host4_v4(&node.lab, 249),
     };
-    vxlan_named(&node, &new.dev, 43, new.client_in, new.server_in);
+    let (lab, vni) = (&node.lab, 43);
+    // The client's end first: the agent does not see it.
+    lab.client.ip(&["link", "set", &old.dev, "down"]);
+    lab.client.ip(&["link", "set", &old.dev, "name", &renamed]);
+    vxlan_end(&lab.client, &new.dev, vni, lab.client_v4, lab.server_v4);
+    inner_end(&lab.client, &new.dev, new.client_in, new.server_in);
+    // The server's: the new device right after the rename (a VXLAN cannot be renamed while
+    // up), so that the agent's next look finds both; one that fell between them would see the
+    // old name gone, which is another path (a plain rename).
+    lab.server.ip(&["link", "set", &old.dev, "down"]);
+    lab.server.ip(&["link", "set", &old.dev, "name", &renamed]);
+    vxlan_end(&lab.server, &new.dev, vni, lab.server_v4, lab.client_v4);
+    lab.server.ip(&["link", "set", &renamed, "up"]);
+    inner_end(&lab.server, &new.dev, new.server_in, new.client_in);
     // Settled once the agent has dealt with the renamed device (covered or not).
     let t0 = Instant::now();
     loop {
@@ -860,6 +853,13 @@ fn renamed_and_name_reused(prefix: &str) {
         "both devices covered; agent log:\n{}",
         agent.stderr()
     );
+    // What the agent said of the pin (naming both ifindexes where the name's own pin was on
+    // the renamed device).
+    let log = agent.stderr();
+    let moved = format!("its pin moves to {renamed}");
+    for line in log.lines().filter(|l| l.contains(&moved)) {
+        eprintln!("{prefix}: {line}");
+    }
     let before = node.reason("unbound");
     let (connected, accepted) = connect_through(&node, &new);
     assert!(
