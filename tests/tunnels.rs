@@ -875,6 +875,57 @@ fn renamed_and_name_reused(prefix: &str) {
     );
 }
 
+/// The same at start, for a configured interface (the daemon's start loop): a device named in
+/// `[node] interfaces` is renamed while the agent is down and a new one given its name. The
+/// restarted agent must attach to the new device, not swap its program into the link that
+/// went along with the renamed one; the renamed device, configured under no name, is let go.
+/// Veth devices (with their peers in the same namespace): no tunnel, so only the start loop
+/// deals with them.
+#[test]
+fn configured_device_renamed_while_down_and_its_name_reused_gets_its_own_link() {
+    let node = Node::new();
+    let server = &node.lab.server;
+    let (dev, renamed) = (short_name("dm"), short_name("dm"));
+    let veth = |name: &str| {
+        let peer = short_name("dp");
+        server.ip(&["link", "add", name, "type", "veth", "peer", "name", &peer]);
+        server.ip(&["link", "set", name, "up"]);
+    };
+    veth(&dev);
+    let mut c = config(&node.lab).tunnels("enforce").listen_metrics(METRICS);
+    c.node.interfaces.push(dev.clone());
+    let path = c.write(&node.dirs.state_dir.join("tollgate.toml"));
+    let path = path.to_str().expect("utf-8 path");
+    // Generic, as on tunnels: the same on every kind of device.
+    let args = ["--config", path, "--mode", "generic"];
+    let agent = Agent::launch(server, &node.dirs, &args);
+    assert!(server.xdp_attach(&dev).is_some(), "{dev} not attached");
+    agent.kill9();
+    server.ip(&["link", "set", &dev, "down"]);
+    server.ip(&["link", "set", &dev, "name", &renamed]);
+    server.ip(&["link", "set", &renamed, "up"]);
+    veth(&dev);
+    let agent = Agent::launch(server, &node.dirs, &args);
+    let log = agent.stderr();
+    assert!(
+        server.xdp_attach(&dev).is_some(),
+        "the new {dev} runs no XDP program after the old one was renamed {renamed}; agent \
+         log:\n{log}"
+    );
+    assert!(
+        server.xdp_attach(&renamed).is_none(),
+        "{renamed} (configured as {dev} before it was renamed) still runs the program; agent \
+         log:\n{log}"
+    );
+    assert!(
+        !tollgate::pins::link_path(&node.dirs.pin_dir, &renamed).exists(),
+        "a link pin was left for {renamed}"
+    );
+    for line in log.lines().filter(|l| l.contains("tollgate::pins")) {
+        eprintln!("{line}");
+    }
+}
+
 /// A covered tunnel stays enforced while the agent is down (its link is pinned like an
 /// interface's), and a restart adopts the pin.
 #[test]
