@@ -13,6 +13,10 @@
 //!   written into it meets the layer-3 entry, and is dropped or answered as its source says.
 //! - ipip, gre, gretap, geneve: the same VXLAN-style connect where the kernel offers the
 //!   device type (skipped, and said so, where it does not).
+//! - a covered VXLAN renamed and a new VXLAN given its name (both name orders): both devices
+//!   run the program and an unbound SYN through the new one is dropped; a configured device
+//!   renamed while the agent is down and its name reused gets a link of its own at restart
+//!   (a link pin follows its device, not its name: `pins`).
 //! - the layer-3 entry through BPF_PROG_TEST_RUN: bare packets and packets behind an NBMA
 //!   GRE's outer headers get the verdict and reason the Ethernet entry gives the whole frame.
 //!

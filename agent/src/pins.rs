@@ -1,7 +1,9 @@
 //! Pinned state: every map and each interface's XDP link live under the pin directory, so
 //! enforcement outlives the agent. A starting agent adopts what it finds there (same maps,
 //! same budgets, the program swapped atomically on the existing link) or refuses pins made by
-//! an incompatible build, naming what differs; it never silently resets them.
+//! an incompatible build, naming what differs; it never silently resets them. A link pin is
+//! named for an interface but its link is on a device: it is reused for a name only while that
+//! device still has the name (`link_info`), and follows a renamed device to its new name.
 
 use std::{
     collections::BTreeMap,
