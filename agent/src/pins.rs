@@ -360,6 +360,10 @@ impl Pinned {
                 return Ok(());
             }
         }
+        // Dead, on a device this namespace does not know by that ifindex (moved to another
+        // namespace), or the device's own name has a pin already: removed, and with our
+        // handle dropped the kernel ends the link (a device left without one gets its own
+        // link when it is next attached under its name).
         std::fs::remove_file(path).map_err(|e| io(path, e))?;
         let on = match stale {
             Stale::Dead => "no device (its device was deleted)".to_owned(),
