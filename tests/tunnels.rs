@@ -13,6 +13,10 @@
 //!   written into it meets the layer-3 entry, and is dropped or answered as its source says.
 //! - ipip, gre, gretap, geneve: the same VXLAN-style connect where the kernel offers the
 //!   device type (skipped, and said so, where it does not).
+//! - a covered VXLAN renamed and a new VXLAN given its name (both name orders): both devices
+//!   run the program and an unbound SYN through the new one is dropped; a configured device
+//!   renamed while the agent is down and its name reused gets a link of its own at restart
+//!   (a link pin follows its device, not its name: `pins`).
 //! - the layer-3 entry through BPF_PROG_TEST_RUN: bare packets and packets behind an NBMA
 //!   GRE's outer headers get the verdict and reason the Ethernet entry gives the whole frame.
 //!
@@ -746,6 +750,184 @@ fn gre_outer(inner: &[u8]) -> Vec<u8> {
     p.extend_from_slice(&gre);
     p.extend_from_slice(inner);
     p
+}
+
+/// One end of a VXLAN named `dev` with VNI `vni` (two VXLANs on one UDP port need distinct
+/// VNIs), outer addresses `local` and `remote`: the device only, down.
+fn vxlan_end(ns: &NetNs, dev: &str, vni: u32, local: Ipv4Addr, remote: Ipv4Addr) {
+    let (l, r, id) = (local.to_string(), remote.to_string(), vni.to_string());
+    ns.ip(&[
+        "link", "add", dev, "type", "vxlan", "id", &id, "local", &l, "remote", &r, "dstport",
+        "4789",
+    ]);
+}
+
+/// Brings up a tunnel end made by [`vxlan_end`] with inner address `own` and a route to
+/// `peer` through it, as [`Tunnel::new`] does.
+fn inner_end(ns: &NetNs, dev: &str, own: Ipv4Addr, peer: Ipv4Addr) {
+    ns.ip(&["link", "set", dev, "addrgenmode", "none"]);
+    ns.ip(&["addr", "add", &format!("{own}/32"), "dev", dev]);
+    ns.ip(&["link", "set", dev, "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        &format!("{peer}/32"),
+        "dev",
+        dev,
+        "src",
+        &own.to_string(),
+    ]);
+}
+
+/// A covered VXLAN renamed, and a new VXLAN given its old name (#12 review, HIGH): the kernel's
+/// link went along with the renamed device, so the pin named for the old name is on the wrong
+/// device. Swapping the program into it would record the new device covered while it runs
+/// nothing. Both devices must run the program, and an unbound SYN through the new one must be
+/// dropped.
+#[test]
+fn vxlan_renamed_and_its_name_reused_leaves_both_devices_enforced() {
+    // The agent deals with devices in name order: the renamed one first ("vr" < "vx"), and
+    // last ("vz").
+    for prefix in ["vr", "vz"] {
+        renamed_and_name_reused(prefix);
+    }
+}
+
+fn renamed_and_name_reused(prefix: &str) {
+    let node = Node::new();
+    let old = Tunnel::new(&node, "vxlan", host4_v4(&node.lab, 200));
+    let agent = node.start("enforce");
+    node.wait_covered(&old.dev);
+    let renamed = short_name(prefix);
+    let new = Tunnel {
+        dev: old.dev.clone(),
+        client_in: host4_v4(&node.lab, 201),
+        server_in: host4_v4(&node.lab, 249),
+    };
+    let (lab, vni) = (&node.lab, 43);
+    // The client's end first: the agent does not see it.
+    lab.client.ip(&["link", "set", &old.dev, "down"]);
+    lab.client.ip(&["link", "set", &old.dev, "name", &renamed]);
+    vxlan_end(&lab.client, &new.dev, vni, lab.client_v4, lab.server_v4);
+    inner_end(&lab.client, &new.dev, new.client_in, new.server_in);
+    // The server's: the new device right after the rename (a VXLAN cannot be renamed while
+    // up), so that the agent's next look finds both; one that fell between them would see the
+    // old name gone, which is another path (a plain rename).
+    lab.server.ip(&["link", "set", &old.dev, "down"]);
+    lab.server.ip(&["link", "set", &old.dev, "name", &renamed]);
+    vxlan_end(&lab.server, &new.dev, vni, lab.server_v4, lab.client_v4);
+    lab.server.ip(&["link", "set", &renamed, "up"]);
+    inner_end(&lab.server, &new.dev, new.server_in, new.client_in);
+    // Settled once the agent has dealt with the renamed device (covered or not).
+    let t0 = Instant::now();
+    loop {
+        let (covered, uncovered) = (node.covered(), node.uncovered());
+        if covered.contains(&new.dev)
+            && (covered.contains(&renamed) || uncovered.contains(&renamed))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < COVER_LIMIT,
+            "the agent did not settle on {} and {renamed} within {COVER_LIMIT:?}: {}",
+            new.dev,
+            node.status()["tunnels"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let server = &node.lab.server;
+    for dev in [&new.dev, &renamed] {
+        assert!(
+            server.xdp_attach(dev).is_some(),
+            "{dev} runs no XDP program after {} was renamed {renamed} and a new {} made; \
+             status: {}; agent log:\n{}",
+            old.dev,
+            new.dev,
+            node.status()["tunnels"],
+            agent.stderr()
+        );
+    }
+    assert_eq!(
+        node.covered(),
+        {
+            let mut v = vec![new.dev.clone(), renamed.clone()];
+            v.sort();
+            v
+        },
+        "both devices covered; agent log:\n{}",
+        agent.stderr()
+    );
+    // What the agent said of the pin (naming both ifindexes where the name's own pin was on
+    // the renamed device).
+    let log = agent.stderr();
+    let moved = format!("its pin moves to {renamed}");
+    for line in log.lines().filter(|l| l.contains(&moved)) {
+        eprintln!("{prefix}: {line}");
+    }
+    let before = node.reason("unbound");
+    let (connected, accepted) = connect_through(&node, &new);
+    assert!(
+        !connected && accepted.is_none(),
+        "an unbound client reached the protected port through the new {} (connected \
+         {connected}, accepted from {accepted:?})",
+        new.dev
+    );
+    assert!(
+        node.reason("unbound") > before,
+        "the SYN through the new {} was not counted unbound",
+        new.dev
+    );
+}
+
+/// The same at start, for a configured interface (the daemon's start loop): a device named in
+/// `[node] interfaces` is renamed while the agent is down and a new one given its name. The
+/// restarted agent must attach to the new device, not swap its program into the link that
+/// went along with the renamed one; the renamed device, configured under no name, is let go.
+/// Veth devices (with their peers in the same namespace): no tunnel, so only the start loop
+/// deals with them.
+#[test]
+fn configured_device_renamed_while_down_and_its_name_reused_gets_its_own_link() {
+    let node = Node::new();
+    let server = &node.lab.server;
+    let (dev, renamed) = (short_name("dm"), short_name("dm"));
+    let veth = |name: &str| {
+        let peer = short_name("dp");
+        server.ip(&["link", "add", name, "type", "veth", "peer", "name", &peer]);
+        server.ip(&["link", "set", name, "up"]);
+    };
+    veth(&dev);
+    let mut c = config(&node.lab).tunnels("enforce").listen_metrics(METRICS);
+    c.node.interfaces.push(dev.clone());
+    let path = c.write(&node.dirs.state_dir.join("tollgate.toml"));
+    let path = path.to_str().expect("utf-8 path");
+    // Generic, as on tunnels: the same on every kind of device.
+    let args = ["--config", path, "--mode", "generic"];
+    let agent = Agent::launch(server, &node.dirs, &args);
+    assert!(server.xdp_attach(&dev).is_some(), "{dev} not attached");
+    agent.kill9();
+    server.ip(&["link", "set", &dev, "down"]);
+    server.ip(&["link", "set", &dev, "name", &renamed]);
+    server.ip(&["link", "set", &renamed, "up"]);
+    veth(&dev);
+    let agent = Agent::launch(server, &node.dirs, &args);
+    let log = agent.stderr();
+    assert!(
+        server.xdp_attach(&dev).is_some(),
+        "the new {dev} runs no XDP program after the old one was renamed {renamed}; agent \
+         log:\n{log}"
+    );
+    assert!(
+        server.xdp_attach(&renamed).is_none(),
+        "{renamed} (configured as {dev} before it was renamed) still runs the program; agent \
+         log:\n{log}"
+    );
+    assert!(
+        !tollgate::pins::link_path(&node.dirs.pin_dir, &renamed).exists(),
+        "a link pin was left for {renamed}"
+    );
+    for line in log.lines().filter(|l| l.contains("tollgate::pins")) {
+        eprintln!("{line}");
+    }
 }
 
 /// A covered tunnel stays enforced while the agent is down (its link is pinned like an

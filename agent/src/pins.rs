@@ -1,7 +1,9 @@
 //! Pinned state: every map and each interface's XDP link live under the pin directory, so
 //! enforcement outlives the agent. A starting agent adopts what it finds there (same maps,
 //! same budgets, the program swapped atomically on the existing link) or refuses pins made by
-//! an incompatible build, naming what differs; it never silently resets them.
+//! an incompatible build, naming what differs; it never silently resets them. A link pin is
+//! named for an interface but its link is on a device: it is reused for a name only while that
+//! device still has the name (`link_info`), and follows a renamed device to its new name.
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +20,10 @@ use aya::{
 };
 use tollgate_common::{LAYOUT_VERSION, map_names, program_names};
 
+use tracing::warn;
+
 use crate::{
+    link_info,
     loader::{AttachMode, KernelLog},
     object,
     tables::KernelTables,
@@ -256,7 +261,11 @@ impl Pinned {
 
     /// Attaches to `iface`: an existing pinned link gets this program swapped in atomically
     /// (bpf_link_update: no moment without a program); otherwise a new link is made and
-    /// pinned. Returns whether an existing link was adopted.
+    /// pinned. A pin is only reused while its link is on the device that has the name now
+    /// (the kernel's link follows a device, not a name); one that is not is moved or removed
+    /// ([`Pinned::retire_stale`]) and a new link made, and a pin of another name whose link is
+    /// on this device is taken over ([`Pinned::claim_renamed`]). Returns whether an existing
+    /// link was adopted.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<bool, PinError> {
         self.attach_program(iface, mode, program_names::XDP)
     }
@@ -274,8 +283,23 @@ impl Pinned {
             iface: iface.to_owned(),
             message,
         };
+        let current = link_info::ifindex(iface);
+        if path.exists() {
+            let link = link_info::pinned_xdp_link(&path).map_err(|e| {
+                attach_err(format!("reading the pinned link {}: {e}", path.display()))
+            })?;
+            if let Some(stale) = stale_pin(link.ifindex, current) {
+                self.retire_stale(iface, &path, stale, current)?;
+            }
+        }
+        if !path.exists()
+            && let Some(ifindex) = current
+        {
+            self.claim_renamed(iface, ifindex)?;
+        }
         let prog = crate::loader::xdp_program(&mut self.ebpf, program)
             .map_err(|e| attach_err(e.to_string()))?;
+        // Still there: its link is on this name's device.
         if path.exists() {
             let pinned = PinnedLink::from_pin(&path).map_err(|e| attach_err(e.to_string()))?;
             let fd: FdLink = pinned.into();
@@ -305,6 +329,80 @@ impl Pinned {
         Ok(false)
     }
 
+    /// Takes the link pinned for `iface` off that name, because it is not on the device that
+    /// has the name now. One still on a device (renamed, taking its link along) moves to the
+    /// pin of the name that device has now, so that it stays enforced there and is adopted,
+    /// or let go, under its real name; a dead one (its device deleted) is removed.
+    fn retire_stale(
+        &mut self,
+        iface: &str,
+        path: &Path,
+        stale: Stale,
+        current: Option<u32>,
+    ) -> Result<(), PinError> {
+        let now = current.map_or("none: no such device".to_owned(), |i| i.to_string());
+        let held = self.links.remove(iface);
+        if let Stale::Elsewhere(pinned) = stale
+            && let Some(name) = link_info::ifname(pinned).filter(|n| n != iface)
+        {
+            let to = link_path(&self.pin_dir, &name);
+            if !to.exists() {
+                std::fs::rename(path, &to).map_err(|e| io(path, e))?;
+                if let Some(h) = held {
+                    self.links.insert(name.clone(), h);
+                }
+                warn!(
+                    iface,
+                    "the link pinned for {iface} is on ifindex {pinned} (now named {name}), \
+                     not on the {iface} of now (ifindex {now}): its pin moves to {name}, and \
+                     {iface} gets a link of its own"
+                );
+                return Ok(());
+            }
+        }
+        // Dead, on a device this namespace does not know by that ifindex (moved to another
+        // namespace), or the device's own name has a pin already: removed, and with our
+        // handle dropped the kernel ends the link (a device left without one gets its own
+        // link when it is next attached under its name).
+        std::fs::remove_file(path).map_err(|e| io(path, e))?;
+        let on = match stale {
+            Stale::Dead => "no device (its device was deleted)".to_owned(),
+            Stale::Elsewhere(i) => format!("ifindex {i}"),
+        };
+        warn!(
+            iface,
+            "the link pinned for {iface} is on {on}, not on the {iface} of now (ifindex \
+             {now}): its pin is removed, and {iface} gets a link of its own"
+        );
+        Ok(())
+    }
+
+    /// A device renamed to `iface` took its link along, pinned under its old name: that pin
+    /// moves to `iface`'s, so that the link is adopted (a device takes one XDP link: a second
+    /// attach would fail, and the old name's pin would be on the wrong device).
+    fn claim_renamed(&mut self, iface: &str, ifindex: u32) -> Result<(), PinError> {
+        for other in pinned_interfaces(&self.pin_dir) {
+            let from = link_path(&self.pin_dir, &other);
+            let on_this = other != iface
+                && link_info::pinned_xdp_link(&from).is_ok_and(|l| l.ifindex == ifindex);
+            if !on_this {
+                continue;
+            }
+            let to = link_path(&self.pin_dir, iface);
+            std::fs::rename(&from, &to).map_err(|e| io(&from, e))?;
+            if let Some(h) = self.links.remove(&other) {
+                self.links.insert(iface.to_owned(), h);
+            }
+            warn!(
+                iface,
+                "the link pinned for {other} is on {iface} (ifindex {ifindex}): the device was \
+                 renamed; its pin moves to {iface}"
+            );
+            return Ok(());
+        }
+        Ok(())
+    }
+
     /// Detaches from `iface`: removes the pin and lets go of our handle, so the kernel ends
     /// the link. Returns whether it was attached.
     pub fn detach(&mut self, iface: &str) -> Result<bool, PinError> {
@@ -315,6 +413,27 @@ impl Pinned {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+}
+
+/// Why a link pinned for a name may not take the program (see [`stale_pin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stale {
+    /// Attached to no device: its device was deleted (or it was detached).
+    Dead,
+    /// Attached to this ifindex, which is not the device that has the name now.
+    Elsewhere(u32),
+}
+
+/// Whether a link on `link_ifindex` (0: none) is stale for a name whose device now has
+/// `current` (`None`: no device has it). Swapping a program into a link only enforces on the
+/// device the link is on: reusing one that is elsewhere would record the name enforced while
+/// its device runs nothing.
+fn stale_pin(link_ifindex: u32, current: Option<u32>) -> Option<Stale> {
+    match link_ifindex {
+        0 => Some(Stale::Dead),
+        i if Some(i) == current => None,
+        i => Some(Stale::Elsewhere(i)),
     }
 }
 
@@ -446,4 +565,22 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, PinError> {
         Err(e) => return Err(io(pin_dir, e)),
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_link_is_reused_only_on_the_device_that_has_the_name_now() {
+        // Still on the device of that name: the program is swapped in.
+        assert_eq!(stale_pin(7, Some(7)), None);
+        // vx0 (7) renamed and a new vx0 made (9): the link is on the renamed device.
+        assert_eq!(stale_pin(7, Some(9)), Some(Stale::Elsewhere(7)));
+        // Renamed and no device of the old name: still elsewhere, never reused for the name.
+        assert_eq!(stale_pin(7, None), Some(Stale::Elsewhere(7)));
+        // Deleted (and perhaps made again): the link is on nothing.
+        assert_eq!(stale_pin(0, Some(9)), Some(Stale::Dead));
+        assert_eq!(stale_pin(0, None), Some(Stale::Dead));
+    }
 }
