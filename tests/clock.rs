@@ -22,9 +22,15 @@ use tollgate_tests::{
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 /// The agent's wall-clock offset, read by libfaketime on every call (`FAKETIME_NO_CACHE`).
+/// The preload is set in this process's environment, which every thread's children inherit:
+/// `SERIAL` keeps the tests that install one from overlapping (cargo runs a test binary's
+/// tests on several threads), or one test's agent would start on another's offset.
 struct FakeClock {
     file: PathBuf,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl FakeClock {
     /// Every process the test starts from here on (the agent, the CLI) runs on the offset
@@ -39,17 +45,22 @@ impl FakeClock {
             std::path::Path::new(LIBFAKETIME).exists(),
             "{LIBFAKETIME} missing: `cargo xtask setup` installs libfaketime"
         );
+        // A test that panicked while holding it leaves nothing set (Drop ran): go on.
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let file = state_dir.with_extension("faketime");
         std::fs::write(&file, "+0\n").expect("faketime file");
-        // SAFETY: the tests of this binary run one at a time (--test-threads=1), and no
-        // other thread reads the environment while it is set.
+        // SAFETY: `SERIAL` keeps the other tests of this binary, the only ones that set or
+        // read these variables, out while they are set.
         unsafe {
             std::env::set_var("LD_PRELOAD", LIBFAKETIME);
             std::env::set_var("FAKETIME_TIMESTAMP_FILE", &file);
             std::env::set_var("FAKETIME_NO_CACHE", "1");
             std::env::set_var("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
-        FakeClock { file }
+        FakeClock {
+            file,
+            _serial: serial,
+        }
     }
 
     fn set(&self, offset: &str) {
@@ -229,10 +240,7 @@ fn a_spent_daily_quota_stays_spent_across_a_day_long_step_and_back() {
             "native",
         ],
     );
-    let id: serde_json::Value =
-        serde_json::from_str(&dirs.cli_ok(&["identities", "show", "metered", "--output", "json"]))
-            .expect("json");
-    let id = id["id"].as_u64().expect("id") as u32;
+    let id = dirs.identity_slot("metered");
     // 100-byte frames at 200/s: 20 kB/s, the 30 kB daily quota gone in 1.5 s.
     let frame = PacketBuilder::v4(metered, lab.server_v4.octets())
         .udp(40000, 7000)

@@ -6,8 +6,7 @@
 //! binding added, a quarantine flag cleared.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -30,27 +29,11 @@ const METRICS: &str = "127.0.0.1:9471";
 const ONE_RECONCILE: Duration = Duration::from_secs(14);
 
 fn scrape(ns: &NetNs) -> String {
-    let addr: SocketAddr = METRICS.parse().expect("addr");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = ns.run(move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(
-                s,
-                "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).ok()?;
-            text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
-        });
-        if let Some(body) = got {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "no scrape answered");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tollgate_tests::scrape::scrape_within(
+        ns,
+        METRICS.parse().expect("addr"),
+        Duration::from_secs(10),
+    )
 }
 
 /// The value of the sample `name` (with its labels, as printed), 0 if absent.

@@ -13,12 +13,12 @@ use std::{
 
 use tollgate_tests::{
     agent::{Agent, AgentDirs},
-    config::{Config, Endpoint, Identity, Plan, Tokens},
+    config::{Config, Endpoint, Identity, Plan},
     exhaust::{
         add_v6_sources, connect_from, kernel_binding_v4, kernel_quarantined, post_bind, tls_client,
     },
     lab::{Lab, NetNs},
-    tokenlab::{AUDIENCE, BIND_CLASSES, BIND_PORT, MODEL_PORT, TokenKit, World, model_server},
+    tokenlab::{BIND_CLASSES, BIND_PORT, MODEL_PORT, TokenKit, World, model_server},
 };
 
 const METRICS: &str = "127.0.0.1:9464";
@@ -26,38 +26,9 @@ const METRICS: &str = "127.0.0.1:9464";
 const SOFT: u64 = 1024;
 const HARD: u64 = 4096;
 
-/// A scrape from inside `ns`: the body, or `None` if no answer came within `wait`.
-fn scrape(ns: &NetNs, wait: Duration) -> Option<String> {
-    let addr: SocketAddr = METRICS.parse().expect("addr");
-    ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr, wait).ok()?;
-        s.set_read_timeout(Some(wait)).ok()?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.starts_with("HTTP/1.1 200")
-            .then(|| text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()))
-            .flatten()
-    })
-}
-
-/// Retries a scrape until one answers, for at most `limit`.
+/// Retries a scrape of [`METRICS`] until one answers, for at most `limit`.
 fn scrape_within(ns: &NetNs, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(body) = scrape(ns, Duration::from_secs(2)) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no scrape answered within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tollgate_tests::scrape::scrape_within(ns, METRICS.parse().expect("addr"), limit)
 }
 
 /// The sum of a counter family's samples whose labels contain `with` and not `without`.
@@ -172,16 +143,7 @@ impl DualStack {
         let config = Config::new(std::slice::from_ref(&lab.server_if))
             .anonymous(100_000, 100_000)
             .listen_bind(SocketAddr::new(IpAddr::from([0u16; 8]), BIND_PORT))
-            .tokens(Tokens {
-                jwks: kit.jwks.clone(),
-                audience: AUDIENCE.into(),
-                tls_cert: kit.ca.clone(),
-                tls_key: kit.tls_key.clone(),
-                max_ttl_s: Some(600),
-                default_class: Some("customer".into()),
-                default_plan: Some("customer".into()),
-                ..Tokens::default()
-            })
+            .tokens(kit.tokens())
             .plan(Plan::new("customer").packets(1000, 1000))
             .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
             .endpoint(Endpoint::tcp("bind", BIND_PORT, &BIND_CLASSES).anonymous())

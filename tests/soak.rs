@@ -23,7 +23,7 @@ use tollgate_common::{
 };
 use tollgate_tests::{
     agent::{Agent, AgentDirs},
-    config::{Config, Controller, Endpoint, Identity, Plan, Tokens},
+    config::{Config, Controller, Endpoint, Identity, Plan},
     exhaust::{connect_from, post_bind, tls_client},
     flood::{Flood, V4_SRC_OFFSET, XorShift, random_v4},
     lab::Lab,
@@ -119,16 +119,7 @@ fn churn_and_flood_leak_neither_memory_nor_descriptors() {
         // Room for the HTTPS binds' handshakes from the client's /24.
         .anonymous(2000, 4000)
         .listen_bind(bind_addr)
-        .tokens(Tokens {
-            jwks: kit.jwks.clone(),
-            audience: AUDIENCE.into(),
-            tls_cert: kit.ca.clone(),
-            tls_key: kit.tls_key.clone(),
-            max_ttl_s: Some(600),
-            default_class: Some("customer".into()),
-            default_plan: Some("customer".into()),
-            ..Tokens::default()
-        })
+        .tokens(kit.tokens())
         .plan(Plan::new("customer").packets(1000, 1000))
         .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
         .endpoint(Endpoint::tcp("bind", BIND_PORT, &BIND_CLASSES).anonymous())

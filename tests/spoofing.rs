@@ -63,10 +63,7 @@ fn spoofed_syns_from_a_bound_customer_never_quarantine_it() {
             "native",
         ],
     );
-    let id: serde_json::Value =
-        serde_json::from_str(&dirs.cli_ok(&["identities", "show", "victim", "--output", "json"]))
-            .expect("json");
-    let id = id["id"].as_u64().expect("id") as u32;
+    let id = dirs.identity_slot("victim");
     let real = |per_second| {
         let frame = PacketBuilder::v4(victim, lab.server_v4.octets())
             .udp(40000, UDP_PORT)

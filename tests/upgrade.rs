@@ -12,8 +12,8 @@
 //! build of several minutes.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    io::Read as _,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -308,27 +308,11 @@ impl Drop for ServerTap {
 }
 
 fn scrape(ns: &NetNs) -> String {
-    let addr: SocketAddr = METRICS.parse().expect("addr");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = ns.run(move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(
-                s,
-                "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).ok()?;
-            text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
-        });
-        if let Some(body) = got {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "no scrape answered");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tollgate_tests::scrape::scrape_within(
+        ns,
+        METRICS.parse().expect("addr"),
+        Duration::from_secs(10),
+    )
 }
 
 /// The embedded object written to a file, as a rebuilt program would be staged.

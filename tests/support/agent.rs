@@ -178,6 +178,15 @@ impl AgentDirs {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// The kernel slot of identity `name`, as `tollgate identities show` reports it.
+    pub fn identity_slot(&self, name: &str) -> u32 {
+        let shown: serde_json::Value =
+            serde_json::from_str(&self.cli_ok(&["identities", "show", name, "--output", "json"]))
+                .expect("identities show: json");
+        let id = shown["id"].as_u64().expect("identities show: an id");
+        u32::try_from(id).expect("a slot number")
+    }
 }
 
 impl Default for AgentDirs {

@@ -11,7 +11,8 @@
 //! - [`model`]: a plain reference model of the verdicts, for the differential test;
 //! - [`pty`]: a pseudo-terminal for `tollgate top`, and taking it away;
 //! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags;
-//! - [`flood`]: floods that rewrite each frame's source, and a server-side tap counting what passed.
+//! - [`flood`]: floods that rewrite each frame's source, and a server-side tap counting what passed;
+//! - [`scrape`]: `GET /metrics` from inside a namespace.
 
 pub mod agent;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod lab;
 pub mod model;
 pub mod node;
 pub mod pty;
+pub mod scrape;
 pub mod tokenlab;
 
 /// Whether this process may load BPF programs; tests need root (CAP_BPF + CAP_NET_ADMIN).

@@ -67,16 +67,9 @@ impl World {
             .anonymous(200, 600)
             .listen_bind(SocketAddr::new(IpAddr::V4(lab.server_v4), BIND_PORT))
             .tokens(Tokens {
-                jwks: kit.jwks.clone(),
-                audience: AUDIENCE.into(),
-                tls_cert: kit.ca.clone(),
-                tls_key: kit.tls_key.clone(),
-                max_ttl_s: Some(600),
                 clock_skew_s: Some(2),
                 max_token_bytes: Some(4096),
-                default_class: Some("customer".into()),
-                default_plan: Some("customer".into()),
-                ..Tokens::default()
+                ..kit.tokens()
             })
             .plan(Plan::new("customer").packets(1000, 1000))
             .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
@@ -182,6 +175,21 @@ pub struct TokenKit {
 }
 
 impl TokenKit {
+    /// The `[tokens]` section for these keys and certificate: audience [`AUDIENCE`], tokens of
+    /// at most 10 minutes, class and plan `customer` unless a token says otherwise.
+    pub fn tokens(&self) -> Tokens {
+        Tokens {
+            jwks: self.jwks.clone(),
+            audience: AUDIENCE.into(),
+            tls_cert: self.ca.clone(),
+            tls_key: self.tls_key.clone(),
+            max_ttl_s: Some(600),
+            default_class: Some("customer".into()),
+            default_plan: Some("customer".into()),
+            ..Tokens::default()
+        }
+    }
+
     pub fn new(dirs: &AgentDirs, server: std::net::Ipv4Addr) -> TokenKit {
         let keys = dirs.state_dir.join("keys");
         let out = std::process::Command::new(tollgate_bin())
