@@ -521,9 +521,9 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&socket);
     let mut n = node.borrow_mut();
     // A clean stop folds the journal into the snapshot: the next start reads one file, and
-    // an older agent (which knows no journal) would find everything in it.
+    // an older agent (which knows no journal) finds everything in it and may read it.
     if !n.uninstalled
-        && let Err(e) = n.save_state()
+        && let Err(e) = n.save_state_folded()
     {
         warn!("compacting the state at stop: {e}; the journal keeps the changes");
     }

@@ -37,6 +37,11 @@ impl Node {
         self.state.save(&self.config.node.state_dir)
     }
 
+    /// The snapshot of a clean stop, the journal folded in ([`crate::state::State::save_folded`]).
+    pub fn save_state_folded(&mut self) -> Result<(), crate::state::StateError> {
+        self.state.save_folded(&self.config.node.state_dir)
+    }
+
     /// Makes a change durable: one journal record of `entries`, the values of the keys it
     /// set (`State::*_entry`). On error nothing of it is on disk, and the caller puts the
     /// kernel and the state back: what is reported done is what a restart restores.

@@ -47,8 +47,14 @@ pub fn write_atomically(
         .map_err(at(dir))
 }
 
-/// Format version of `state.json`.
-pub const STATE_VERSION: u32 = 1;
+/// Format version of `state.json` while a journal may follow it. Builds before the journal
+/// read only version 1, so after a crash they refuse the file instead of starting without
+/// the journal's records (and rewriting the snapshot over them).
+pub const STATE_VERSION: u32 = 2;
+
+/// The version a clean stop writes, the journal folded in and emptied: an older build, which
+/// reads only `state.json`, finds everything in it. Both versions load here.
+pub const STATE_VERSION_FOLDED: u32 = 1;
 pub const STATE_FILE: &str = "state.json";
 
 use crate::clock;
@@ -305,11 +311,12 @@ impl State {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        if state.version != STATE_VERSION {
+        if state.version != STATE_VERSION && state.version != STATE_VERSION_FOLDED {
             return Err(StateError::Corrupt {
                 path: path.display().to_string(),
                 message: format!(
-                    "state format version {}, this build reads version {STATE_VERSION}",
+                    "state format version {}, this build reads versions \
+                     {STATE_VERSION_FOLDED} and {STATE_VERSION}",
                     state.version
                 ),
             });
@@ -319,6 +326,8 @@ impl State {
             clock::adopt(a);
         }
         let mut state = state;
+        // In memory it is this build's state, whichever version the file was written as.
+        state.version = STATE_VERSION;
         state.disk.snapshot_bytes = text.len() as u64;
         state.replay(dir, true)?;
         Ok(state)
@@ -476,10 +485,25 @@ impl State {
         r
     }
 
+    /// [`State::save`] at a clean stop: the snapshot is written as
+    /// [`STATE_VERSION_FOLDED`], which builds before the journal read, since the journal is
+    /// folded into it. Any change after it writes a whole snapshot again (of this version),
+    /// never a record behind a file an older build would read without it.
+    pub fn save_folded(&mut self, dir: &Path) -> Result<(), StateError> {
+        let r = self.snapshot_as(dir, STATE_VERSION_FOLDED);
+        self.disk.stale = true;
+        r
+    }
+
     fn snapshot(&mut self, dir: &Path) -> Result<(), StateError> {
+        self.snapshot_as(dir, STATE_VERSION)
+    }
+
+    fn snapshot_as(&mut self, dir: &Path, version: u32) -> Result<(), StateError> {
         let mut value = serde_json::to_value(&*self).map_err(|e| io(&Self::path(dir), e))?;
         if let (Some(o), Ok(a)) = (value.as_object_mut(), serde_json::to_value(clock::anchor())) {
             o.insert("clock".into(), a);
+            o.insert("version".into(), version.into());
         }
         let text = serde_json::to_vec_pretty(&value).map_err(|e| io(&Self::path(dir), e))?;
         write_atomically(dir, STATE_FILE, &text).map_err(|(p, e)| io(&p, e))?;
@@ -994,6 +1018,51 @@ mod tests {
         let d = std::env::temp_dir().join(format!("tollgate-state-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    fn file_version(dir: &Path) -> u64 {
+        let text = std::fs::read_to_string(State::path(dir)).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["version"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// A running agent's snapshot is version 2, which a build before the journal refuses
+    /// (it would start without the journal's records); a clean stop's is version 1, which
+    /// such a build reads, the journal folded in. Both load here, and a change after a
+    /// folded snapshot writes version 2 again before anything is appended.
+    #[test]
+    fn only_a_folded_snapshot_is_written_for_builds_before_the_journal() {
+        let dir = tmpdir("folded");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = State::load(&dir).unwrap();
+        s.save(&dir).unwrap();
+        assert_eq!(file_version(&dir), u64::from(STATE_VERSION));
+        s.quarantines.insert(
+            "x".into(),
+            Quarantine {
+                reason: "r".into(),
+                by: QuarantineOwner::Controller,
+                since_unix_ms: 1,
+                until_unix_ms: None,
+            },
+        );
+        s.record(&dir, vec![s.quarantine_entry("x")]).unwrap();
+        assert_eq!(
+            file_version(&dir),
+            u64::from(STATE_VERSION),
+            "a record, no snapshot"
+        );
+        s.save_folded(&dir).unwrap();
+        assert_eq!(file_version(&dir), u64::from(STATE_VERSION_FOLDED));
+        let back = State::load(&dir).unwrap();
+        assert_eq!(back.version, STATE_VERSION);
+        assert!(back.quarantines.contains_key("x"));
+        s.quarantines.clear();
+        s.record(&dir, vec![s.quarantine_entry("x")]).unwrap();
+        assert_eq!(file_version(&dir), u64::from(STATE_VERSION));
+        assert!(State::load(&dir).unwrap().quarantines.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
