@@ -128,12 +128,24 @@ impl Prometheus {
             .stderr(Stdio::null())
             .spawn()
             .expect("prometheus (Debian package `prometheus`, installed by cargo xtask setup)");
-        // Ready when its HTTP API answers (bounded).
+        // Ready when `/-/ready` says 200 (bounded): its port answers earlier, with 503 to
+        // queries while the TSDB is still starting.
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr: SocketAddr = "127.0.0.1:19090".parse().expect("addr");
-        while !ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
-        {
-            assert!(Instant::now() < deadline, "Prometheus did not start");
+        let ready = move || -> Option<bool> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(
+                s,
+                "GET /-/ready HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).ok()?;
+            Some(&head == b"HTTP/1.1 200")
+        };
+        while ns.run(ready) != Some(true) {
+            assert!(Instant::now() < deadline, "Prometheus did not become ready");
             std::thread::sleep(Duration::from_millis(200));
         }
         Prometheus { child, dir }
