@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::lab::{NetNs, checked, next_id};
+use crate::lab::{NetNs, checked, next_id, owner_is_dead};
 
 /// The root bpffs; an agent started by [`Agent::start`] pins under it.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -137,8 +137,40 @@ pub struct AgentDirs {
     pub socket: PathBuf,
 }
 
+/// Removes pin and state directories (`tollgate-test-<pid>-<n>`) whose test process is gone,
+/// once per process, as [`crate::lab`] does for namespaces: a test killed outright runs no
+/// Drop, and its pins would keep a program attached to a deleted lab's maps.
+fn sweep_orphan_dirs() {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        for parent in [PathBuf::from(BPFFS), std::env::temp_dir()] {
+            let Ok(entries) = std::fs::read_dir(&parent) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(tag) = name.strip_prefix("tollgate-test-") else {
+                    continue;
+                };
+                let (Some((pid, n)), true) = (tag.split_once('-'), entry.path().is_dir()) else {
+                    continue;
+                };
+                if n.parse::<u32>().is_err() || !owner_is_dead(pid) {
+                    continue;
+                }
+                eprintln!(
+                    "note: removing {} left by dead process {pid}",
+                    entry.path().display()
+                );
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+}
+
 impl AgentDirs {
     pub fn new() -> AgentDirs {
+        sweep_orphan_dirs();
         let tag = format!("{}-{}", std::process::id(), next_id());
         let state_dir = std::env::temp_dir().join(format!("tollgate-test-{tag}"));
         std::fs::create_dir_all(&state_dir).expect("state dir");

@@ -84,10 +84,7 @@ fn sweep_orphans() {
             ) else {
                 continue;
             };
-            let Ok(pid) = pid.parse::<u32>() else {
-                continue;
-            };
-            if n.parse::<u32>().is_err() || Path::new(&format!("/proc/{pid}")).exists() {
+            if n.parse::<u32>().is_err() || !owner_is_dead(pid) {
                 continue;
             }
             eprintln!("note: deleting namespace {name} left by dead process {pid}");
@@ -97,6 +94,13 @@ fn sweep_orphans() {
                 .status();
         }
     });
+}
+
+/// Whether `pid`, the test process a namespace or directory is named after, is a number and no
+/// longer runs: what it left can go (its Drop never ran: SIGKILL, or SIGTERM from a harness).
+pub(crate) fn owner_is_dead(pid: &str) -> bool {
+    pid.parse::<u32>()
+        .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// A network namespace, deleted on drop.
