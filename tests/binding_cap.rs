@@ -18,7 +18,9 @@ fn gateway_bind(w: &World, token: &str, addr: &str) -> std::process::Output {
 fn one_identity_stops_at_its_binding_cap_and_a_repeated_bind_writes_nothing() {
     let w = World::new(None);
     let _agent = w.start();
+    // Both state files: a change is a journal record, a compaction a new snapshot.
     let state = w.dirs.state_dir.join("state.json");
+    let journal = w.dirs.state_dir.join("state.journal");
     let audit = w.dirs.state_dir.join("audit.log");
 
     // The first bind writes; the same bind again (same token, address, expiry) writes nothing.
@@ -27,11 +29,15 @@ fn one_identity_stops_at_its_binding_cap_and_a_repeated_bind_writes_nothing() {
     assert!(out.status.success(), "{out:?}");
     // Past the mtime granularity, so a rewrite would show.
     std::thread::sleep(Duration::from_millis(50));
+    // `None` for a journal not made yet.
     let meta = |p: &std::path::Path| {
-        let m = std::fs::metadata(p).expect("metadata");
-        (m.modified().expect("mtime"), m.len())
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().expect("mtime"), m.len()))
     };
     let state_before = meta(&state);
+    assert!(state_before.is_some(), "no state.json");
+    let journal_before = meta(&journal);
     let audit_before = std::fs::read(&audit).expect("audit.log");
     for _ in 0..100 {
         let out = gateway_bind(&w, &first, "2001:db8:7::");
@@ -41,6 +47,11 @@ fn one_identity_stops_at_its_binding_cap_and_a_repeated_bind_writes_nothing() {
         meta(&state),
         state_before,
         "an idempotent rebind rewrote state.json"
+    );
+    assert_eq!(
+        meta(&journal),
+        journal_before,
+        "an idempotent rebind appended to state.journal"
     );
     assert_eq!(
         std::fs::read(&audit).expect("audit.log"),

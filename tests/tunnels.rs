@@ -33,6 +33,7 @@ use std::{
 use tollgate_common::packet::PacketBuilder;
 use tollgate_tests::{
     agent::{Agent, AgentDirs, tollgate_bin},
+    frames::with_tcp_checksum,
     lab::{Lab, NetNs},
     node::{config, host4},
 };
@@ -571,31 +572,6 @@ fn tun_device_gets_the_layer3_entry_and_enforces() {
         .and_then(|a| a.iter().find(|d| d["device"] == dev.as_str()))
         .map(|d| d["program"].clone());
     assert_eq!(program, Some("tollgate_l3".into()), "{st}");
-}
-
-/// `packet` (IPv4, TCP) with its TCP checksum filled in: a packet written into a tun has no
-/// checksum offload, so the kernel checks it before any socket sees the SYN.
-fn with_tcp_checksum(packet: &[u8]) -> Vec<u8> {
-    let mut p = packet.to_vec();
-    let ihl = usize::from(p[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-    p[ihl + 16..ihl + 18].copy_from_slice(&[0, 0]);
-    let tcp_len = total - ihl;
-    let mut sum: u32 = 0;
-    let mut add = |b: &[u8]| {
-        for pair in b.chunks(2) {
-            sum += u32::from(pair[0]) << 8 | u32::from(*pair.get(1).unwrap_or(&0));
-        }
-    };
-    add(&p[12..20]);
-    add(&[0, 6]);
-    add(&(tcp_len as u16).to_be_bytes());
-    add(&p[ihl..total]);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[ihl + 16..ihl + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    p
 }
 
 /// Opens /dev/net/tun as `name` (IFF_TUN | IFF_NO_PI), non-blocking, in the calling

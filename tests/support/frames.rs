@@ -135,3 +135,30 @@ impl Drop for FrameBlaster {
         }
     }
 }
+
+/// `packet` (IPv4 header first, then TCP) with its TCP checksum filled in. The kit's frames
+/// carry a zero checksum, which XDP never looks at but the receiving stack checks before any
+/// socket sees the segment (a veth or tun has no checksum offload to fill it in).
+pub fn with_tcp_checksum(packet: &[u8]) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    p[ihl + 16..ihl + 18].copy_from_slice(&[0, 0]);
+    let tcp_len = u16::try_from(total - ihl).expect("a TCP segment under 64 KiB");
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for pair in b.chunks(2) {
+            sum += u32::from(pair[0]) << 8 | u32::from(*pair.get(1).unwrap_or(&0));
+        }
+    };
+    add(&p[12..20]); // source and destination addresses
+    add(&[0, 6]);
+    add(&tcp_len.to_be_bytes());
+    add(&p[ihl..total]);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let sum = u16::try_from(sum).expect("folded to 16 bits");
+    p[ihl + 16..ihl + 18].copy_from_slice(&(!sum).to_be_bytes());
+    p
+}
