@@ -81,18 +81,13 @@ pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, tls: TlsAcceptor, 
     let gate = Gate::new(&limit::BIND, max, limit::BIND_PER_SOURCE);
     let mut backoff = Backoff::new("bind listener", &limit::BIND);
     loop {
-        let (stream, peer) = match tcp.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                backoff.failed(&e).await;
-                continue;
-            }
-        };
-        backoff.ok();
-        let Some(permit) = gate.admit(Some(peer.ip())) else {
-            drop(stream);
-            continue;
-        };
+        let ((stream, peer), permit) = backoff
+            .admitted(
+                &gate,
+                async || tcp.accept().await,
+                |(_, peer): &(TcpStream, SocketAddr)| Some(peer.ip()),
+            )
+            .await;
         let n = Rc::clone(&node);
         let tls = tls.clone();
         tokio::task::spawn_local(async move {

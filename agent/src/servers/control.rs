@@ -82,18 +82,9 @@ pub async fn serve(
     let gate = Gate::new(&limit::CONTROL, max, 0);
     let mut backoff = Backoff::new("control socket", &limit::CONTROL);
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                backoff.failed(&e).await;
-                continue;
-            }
-        };
-        backoff.ok();
-        let Some(permit) = gate.admit(None) else {
-            drop(stream);
-            continue;
-        };
+        let ((stream, _), permit) = backoff
+            .admitted(&gate, async || listener.accept().await, |_| None)
+            .await;
         // Local, and judged by its credentials: the control socket evicts no one.
         permit.settle();
         let n = Rc::clone(&node);

@@ -299,6 +299,31 @@ impl Backoff {
         self.delay = (self.delay * 2).min(BACKOFF_MAX);
     }
 
+    /// Accepts until `gate` admits a connection: a failed accept is backed off, and one past
+    /// a cap is dropped (closed) as soon as accepted. `source` says what the gate counts the
+    /// connection under (the bind listener's per-source cap), `None` for none. The one accept
+    /// loop of every listener.
+    pub async fn admitted<T>(
+        &mut self,
+        gate: &Gate,
+        mut accept: impl AsyncFnMut() -> std::io::Result<T>,
+        source: impl Fn(&T) -> Option<IpAddr>,
+    ) -> (T, Permit) {
+        loop {
+            let conn = match accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.failed(&e).await;
+                    continue;
+                }
+            };
+            self.ok();
+            if let Some(permit) = gate.admit(source(&conn)) {
+                return (conn, permit);
+            }
+        }
+    }
+
     /// A successful accept: ends an outage.
     pub fn ok(&mut self) {
         if self.failures > 0 {

@@ -29,18 +29,9 @@ pub async fn serve(node: Rc<RefCell<Node>>, tcp: TcpListener, max: u64) {
     let gate = Gate::new(&limit::METRICS, max, 0);
     let mut backoff = Backoff::new("metrics listener", &limit::METRICS);
     loop {
-        let stream = match tcp.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                backoff.failed(&e).await;
-                continue;
-            }
-        };
-        backoff.ok();
-        let Some(permit) = gate.admit(None) else {
-            drop(stream);
-            continue;
-        };
+        let ((stream, _), permit) = backoff
+            .admitted(&gate, async || tcp.accept().await, |_| None)
+            .await;
         let n = Rc::clone(&node);
         tokio::task::spawn_local(async move {
             tokio::select! {
