@@ -44,14 +44,14 @@ pub fn load_keys(path: &Path) -> Result<KeySet, KeysError> {
 
 impl TokenService {
     pub fn new(cfg: &Tokens) -> Result<TokenService, KeysError> {
-        let keys = load_keys(&cfg.jwks)?;
+        let keys = load_keys(&interim_jwks(cfg))?;
         let mut results: BTreeMap<&'static str, u64> =
             REFUSALS.iter().map(|r| (r.label(), 0)).collect();
         results.insert("ok", 0);
         Ok(TokenService {
             keys,
             policy: policy_of(cfg),
-            jwks_mtime: mtime(&cfg.jwks),
+            jwks_mtime: mtime(&interim_jwks(cfg)),
             results,
             thefts: 0,
         })
@@ -60,12 +60,12 @@ impl TokenService {
     /// Re-reads the JWKS when the file changed (key rotation without a reload); a broken file
     /// keeps the keys in use.
     pub fn refresh(&mut self, cfg: &Tokens) -> Option<Result<usize, KeysError>> {
-        let now = mtime(&cfg.jwks);
+        let now = mtime(&interim_jwks(cfg));
         if now == self.jwks_mtime {
             return None;
         }
         self.jwks_mtime = now;
-        Some(load_keys(&cfg.jwks).map(|k| {
+        Some(load_keys(&interim_jwks(cfg)).map(|k| {
             self.keys = k;
             self.keys.len()
         }))
@@ -78,7 +78,7 @@ impl TokenService {
 
 pub fn policy_of(cfg: &Tokens) -> Policy {
     Policy {
-        audience: cfg.audience.clone(),
+        audience: cfg.audience.clone().unwrap_or_default(),
         max_ttl_s: cfg.max_ttl_s,
         skew_s: cfg.clock_skew_s,
         max_token_bytes: cfg.max_token_bytes,
@@ -234,4 +234,15 @@ pub fn placement(
         roles: c.roles.clone(),
         expires_unix_ms: c.exp.saturating_mul(1000),
     }))
+}
+
+// Interim until the issuers are wired: the first file source.
+fn interim_jwks(cfg: &Tokens) -> std::path::PathBuf {
+    cfg.issuers
+        .iter()
+        .find_map(|i| match &i.source {
+            crate::config::KeySource::File(p) => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
 }

@@ -204,7 +204,7 @@ fn verify_cmd(
         None => None,
     };
     let (policy, jwks_path) = match (&cfg, jwks_path, audience) {
-        (Some(t), None, None) => (token_bind::policy_of(t), t.jwks.clone()),
+        (Some(t), None, None) => (token_bind::policy_of(t), t.jwks.clone().unwrap_or_default()),
         (_, Some(j), Some(aud)) => (
             Policy {
                 audience: aud.to_owned(),
