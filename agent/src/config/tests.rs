@@ -1537,3 +1537,22 @@ fn claim_mapping_refusals() {
         "unknown key",
     );
 }
+
+/// The packaged file's commented [tokens] example is a valid configuration once uncommented.
+#[test]
+fn the_packaged_tokens_example_is_valid() {
+    let text = Config::embedded_default_text();
+    let start = text.find("# [tokens]\n").expect("a [tokens] example");
+    let example: String = text[start..]
+        .lines()
+        .filter_map(|l| l.strip_prefix("# ").or_else(|| (l == "#").then_some("")))
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let full = format!("{}\n{example}", &text[..start]);
+    let c = Config::parse(&full, "example").unwrap_or_else(|e| panic!("{e}\n{full}"));
+    let t = c.tokens.expect("tokens");
+    let names: Vec<&str> = t.issuers.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["default", "corp"]);
+    assert_eq!(t.issuer("corp").unwrap().source, KeySource::Discovery);
+}
