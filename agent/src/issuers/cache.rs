@@ -7,7 +7,10 @@
 /// less its `Age`; `no-store` or `no-cache` count as 0 (refetch as soon as the bounds allow).
 /// `None` when no header says, or it cannot be read: the caller then uses its upper bound.
 /// Several `max-age`s (a response that contradicts itself) give the smallest.
-pub fn max_age_s<'a>(cache_control: impl IntoIterator<Item = &'a str>, age: Option<&str>) -> Option<u64> {
+pub fn max_age_s<'a>(
+    cache_control: impl IntoIterator<Item = &'a str>,
+    age: Option<&str>,
+) -> Option<u64> {
     let mut found: Option<u64> = None;
     for value in cache_control {
         for directive in value.split(',') {
@@ -76,14 +79,23 @@ mod tests {
         assert_eq!(max_age_s(["Max-Age=\"60\""], None), Some(60));
         assert_eq!(max_age_s(["max-age=300"], Some("100")), Some(200));
         assert_eq!(max_age_s(["max-age=300"], Some("900")), Some(0));
-        assert_eq!(max_age_s(["public", "max-age=30, max-age=90"], None), Some(30));
+        assert_eq!(
+            max_age_s(["public", "max-age=30, max-age=90"], None),
+            Some(30)
+        );
         assert_eq!(max_age_s(["no-cache"], None), Some(0));
         assert_eq!(max_age_s(["no-store, max-age=600"], None), Some(0));
-        assert_eq!(max_age_s(["max-age=99999999999999999999999"], None), Some(u64::MAX));
+        assert_eq!(
+            max_age_s(["max-age=99999999999999999999999"], None),
+            Some(u64::MAX)
+        );
         // Nothing usable: the caller's upper bound applies.
         assert_eq!(max_age_s([], None), None);
         assert_eq!(max_age_s(["public, s-maxage=10"], None), None);
-        assert_eq!(max_age_s(["max-age=-5", "max-age=1e3", "max-age="], None), None);
+        assert_eq!(
+            max_age_s(["max-age=-5", "max-age=1e3", "max-age="], None),
+            None
+        );
     }
 
     #[test]

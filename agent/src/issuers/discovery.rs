@@ -4,7 +4,11 @@
 
 use serde::Deserialize;
 
-use super::{Outcome, fetch::{FetchError, fail}, source::HttpsUrl};
+use super::{
+    Outcome,
+    fetch::{FetchError, fail},
+    source::HttpsUrl,
+};
 
 #[derive(Deserialize)]
 struct Document {
@@ -30,7 +34,10 @@ pub fn jwks_uri(body: &[u8], issuer: &str) -> Result<String, FetchError> {
         ));
     }
     HttpsUrl::parse(&doc.jwks_uri).map_err(|e| {
-        fail(Outcome::InsecureJwksUri, format!("the discovery document's jwks_uri: {e}"))
+        fail(
+            Outcome::InsecureJwksUri,
+            format!("the discovery document's jwks_uri: {e}"),
+        )
     })?;
     Ok(doc.jwks_uri)
 }
@@ -57,11 +64,23 @@ mod tests {
     fn another_issuer_an_insecure_uri_or_no_json_is_refused_with_its_outcome() {
         let outcome = |body: &[u8]| jwks_uri(body, ISS).unwrap_err().outcome;
         let certs = "https://idp.example/certs";
-        assert_eq!(outcome(&doc(&format!("{ISS}/"), certs)), Outcome::IssuerMismatch);
-        assert_eq!(outcome(&doc("https://evil.example", certs)), Outcome::IssuerMismatch);
-        assert_eq!(outcome(&doc(ISS, "http://idp.example/certs")), Outcome::InsecureJwksUri);
+        assert_eq!(
+            outcome(&doc(&format!("{ISS}/"), certs)),
+            Outcome::IssuerMismatch
+        );
+        assert_eq!(
+            outcome(&doc("https://evil.example", certs)),
+            Outcome::IssuerMismatch
+        );
+        assert_eq!(
+            outcome(&doc(ISS, "http://idp.example/certs")),
+            Outcome::InsecureJwksUri
+        );
         assert_eq!(outcome(&doc(ISS, "/certs")), Outcome::InsecureJwksUri);
         assert_eq!(outcome(b"<html>"), Outcome::NotJson);
-        assert_eq!(outcome(br#"{"issuer":"https://idp.example/realms/x"}"#), Outcome::NotJson);
+        assert_eq!(
+            outcome(br#"{"issuer":"https://idp.example/realms/x"}"#),
+            Outcome::NotJson
+        );
     }
 }

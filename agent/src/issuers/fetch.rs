@@ -83,19 +83,20 @@ impl Client {
                 }
                 let (added, _) = roots.add_parsable_certificates(found.certs);
                 if added == 0 {
-                    return Err("no system CA certificates found (install the ca-certificates \
+                    return Err(
+                        "no system CA certificates found (install the ca-certificates \
                                 package or set ca_bundle)"
-                        .into());
+                            .into(),
+                    );
                 }
             }
         }
-        let mut config = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         // This client speaks HTTP/1.1 only; say so, so that an h2 server does not pick h2.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Client {
@@ -115,7 +116,10 @@ impl Client {
             .unwrap_or_else(|_| {
                 Err(fail(
                     Outcome::Timeout,
-                    format!("{url}: no complete response within {} ms", timeout.as_millis()),
+                    format!(
+                        "{url}: no complete response within {} ms",
+                        timeout.as_millis()
+                    ),
                 ))
             })
     }
@@ -123,8 +127,12 @@ impl Client {
     async fn get_within(&self, url: &HttpsUrl, max_bytes: usize) -> Result<Document, FetchError> {
         let at = |e: FetchError| fail(e.outcome, format!("{url}: {}", e.message));
         let tcp = connect(url).await.map_err(at)?;
-        let name = ServerName::try_from(url.host.clone())
-            .map_err(|e| at(fail(Outcome::Tls, format!("{:?} as a TLS name: {e}", url.host))))?;
+        let name = ServerName::try_from(url.host.clone()).map_err(|e| {
+            at(fail(
+                Outcome::Tls,
+                format!("{:?} as a TLS name: {e}", url.host),
+            ))
+        })?;
         let mut tls = self
             .tls
             .connect(name, tcp)
@@ -152,7 +160,12 @@ impl Client {
 async fn connect(url: &HttpsUrl) -> Result<TcpStream, FetchError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
         .await
-        .map_err(|e| fail(Outcome::Connect, format!("cannot resolve {:?}: {e}", url.host)))?
+        .map_err(|e| {
+            fail(
+                Outcome::Connect,
+                format!("cannot resolve {:?}: {e}", url.host),
+            )
+        })?
         .collect();
     let mut last = None;
     for addr in &addrs {
@@ -204,7 +217,10 @@ impl Conn {
     /// Reads more, where the end of the stream would cut the response short.
     async fn fill_more(&mut self, what: &str) -> Result<(), FetchError> {
         match self.fill().await? {
-            0 => Err(fail(Outcome::Io, format!("the connection closed within the {what}"))),
+            0 => Err(fail(
+                Outcome::Io,
+                format!("the connection closed within the {what}"),
+            )),
             _ => Ok(()),
         }
     }
@@ -231,7 +247,12 @@ async fn read_response(conn: &mut Conn, max_bytes: usize) -> Result<Document, Fe
             format!("HTTP status {}{redirect}", head.status),
         ));
     }
-    let too_large = || fail(Outcome::TooLarge, format!("the body exceeds {max_bytes} bytes"));
+    let too_large = || {
+        fail(
+            Outcome::TooLarge,
+            format!("the body exceeds {max_bytes} bytes"),
+        )
+    };
     let body = if head.chunked {
         read_chunked(conn, max_bytes).await?
     } else if let Some(len) = head.length {
@@ -289,7 +310,7 @@ async fn read_head(conn: &mut Conn) -> Result<Head, FetchError> {
 }
 
 fn head_of(response: &httparse::Response<'_, '_>) -> Result<Head, FetchError> {
-    let values = |name: &str| {
+    let values = |name: &'static str| {
         response
             .headers
             .iter()
@@ -308,7 +329,8 @@ fn head_of(response: &httparse::Response<'_, '_>) -> Result<Head, FetchError> {
             chunked = true;
         }
     }
-    if let Some(ce) = values("content-encoding").find(|c| !c.trim().eq_ignore_ascii_case("identity"))
+    if let Some(ce) =
+        values("content-encoding").find(|c| !c.trim().eq_ignore_ascii_case("identity"))
     {
         return Err(fail(
             Outcome::Io,
@@ -359,7 +381,12 @@ async fn read_chunked(conn: &mut Conn, max_bytes: usize) -> Result<Vec<u8>, Fetc
         let size = usize::try_from(size)
             .ok()
             .filter(|s| body.len().saturating_add(*s) <= max_bytes)
-            .ok_or_else(|| fail(Outcome::TooLarge, format!("the body exceeds {max_bytes} bytes")))?;
+            .ok_or_else(|| {
+                fail(
+                    Outcome::TooLarge,
+                    format!("the body exceeds {max_bytes} bytes"),
+                )
+            })?;
         while conn.pending().len() < size + 2 {
             conn.fill_more("chunk").await?;
         }

@@ -201,6 +201,15 @@ pub struct FetchCount {
 #[derive(Clone)]
 pub struct Keys(Rc<Inner>);
 
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("name", &self.0.cfg.name)
+            .field("source", &self.0.cfg.describe())
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     cfg: SourceConfig,
     remote: Option<Remote>,
@@ -387,8 +396,7 @@ impl Keys {
         if !self.0.in_flight.get() {
             let now = clock::now_ms();
             let mut st = self.0.state.borrow_mut();
-            if !cache::refetch_allowed(st.last_unknown_kid_ms, now, self.0.cfg.refetch_cooldown_s)
-            {
+            if !cache::refetch_allowed(st.last_unknown_kid_ms, now, self.0.cfg.refetch_cooldown_s) {
                 st.suppressed += 1;
                 return;
             }
@@ -507,11 +515,15 @@ impl Keys {
                 let uri = match cached {
                     Some(uri) => uri,
                     None => {
-                        let doc = remote.client.get(&remote.url, cfg.max_bytes, timeout).await?;
+                        let doc = remote
+                            .client
+                            .get(&remote.url, cfg.max_bytes, timeout)
+                            .await?;
                         let issuer = cfg.issuer.as_deref().unwrap_or_default();
                         let uri = discovery::jwks_uri(&doc.body, issuer)
                             .map_err(|e| fail(e.outcome, format!("{}: {e}", remote.url)))?;
-                        let life = cache::lifetime_s(doc.max_age_s, cfg.cache_min_s, cfg.cache_max_s);
+                        let life =
+                            cache::lifetime_s(doc.max_age_s, cfg.cache_min_s, cfg.cache_max_s);
                         let mut st = self.0.state.borrow_mut();
                         st.jwks_uri = Some(uri.clone());
                         st.discovery_until_ms = clock::now_ms().saturating_add(life * 1000);
@@ -575,7 +587,11 @@ impl Keys {
         match result {
             Err(e) => {
                 st.next_due_ms = now.saturating_add(cfg.cache_min_s.saturating_mul(1000));
-                let kept = if st.keys.is_some() { "keeping the keys in use" } else { "no keys yet" };
+                let kept = if st.keys.is_some() {
+                    "keeping the keys in use"
+                } else {
+                    "no keys yet"
+                };
                 drop(st);
                 warn!(issuer = %cfg.name, trigger = trigger.label(), outcome = outcome.label(), "key fetch failed, {kept}: {e}");
             }
@@ -590,7 +606,13 @@ impl Keys {
                 st.keys = Some(Rc::new(good.keys));
                 drop(st);
                 if self.is_remote() {
-                    let saved = persist::Saved::new(&cfg.name, &cfg.describe(), good.jwks_uri, wall, good.text);
+                    let saved = persist::Saved::new(
+                        &cfg.name,
+                        &cfg.describe(),
+                        good.jwks_uri,
+                        wall,
+                        good.text,
+                    );
                     if let Err(e) = persist::save(&cfg.state_dir, &saved) {
                         warn!(issuer = %cfg.name, "cannot persist the fetched keys ({}): {e}", persist::path(&cfg.state_dir, &cfg.name).display());
                     }

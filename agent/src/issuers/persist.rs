@@ -31,7 +31,13 @@ pub struct Saved {
 }
 
 impl Saved {
-    pub fn new(name: &str, source: &str, jwks_uri: Option<String>, fetched_wall_ms: u64, jwks: String) -> Saved {
+    pub fn new(
+        name: &str,
+        source: &str,
+        jwks_uri: Option<String>,
+        fetched_wall_ms: u64,
+        jwks: String,
+    ) -> Saved {
         Saved {
             version: VERSION,
             name: name.to_owned(),
@@ -64,7 +70,12 @@ pub fn save(state_dir: &Path, saved: &Saved) -> io::Result<()> {
 /// The saved JWKS for this name and source: `Ok(None)` when there is none, `Err` (why it is
 /// not used) when there is one that cannot be read, is larger than a JWKS of `max_bytes`
 /// could make, or belongs to another source.
-pub fn load(state_dir: &Path, name: &str, source: &str, max_bytes: usize) -> Result<Option<Saved>, String> {
+pub fn load(
+    state_dir: &Path,
+    name: &str,
+    source: &str,
+    max_bytes: usize,
+) -> Result<Option<Saved>, String> {
     let p = path(state_dir, name);
     let f = match File::open(&p) {
         Ok(f) => f,
@@ -80,7 +91,8 @@ pub fn load(state_dir: &Path, name: &str, source: &str, max_bytes: usize) -> Res
     if text.len() > limit {
         return Err(format!("{}: larger than {limit} bytes", p.display()));
     }
-    let saved: Saved = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+    let saved: Saved =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", p.display()))?;
     if saved.version != VERSION || saved.name != name || saved.source != source {
         return Err(format!(
             "{}: saved for {:?} from {:?} (version {}), not for {name:?} from {source:?}",
@@ -106,23 +118,52 @@ mod tests {
     #[test]
     fn a_saved_jwks_loads_back_for_the_same_name_and_source_only() {
         let d = dir("roundtrip");
-        let saved = Saved::new("idp", "https://idp.example/certs", None, 1_234, r#"{"keys":[]}"#.into());
+        let saved = Saved::new(
+            "idp",
+            "https://idp.example/certs",
+            None,
+            1_234,
+            r#"{"keys":[]}"#.into(),
+        );
         assert_eq!(load(&d, "idp", "https://idp.example/certs", 1024), Ok(None));
         save(&d, &saved).unwrap();
-        assert_eq!(load(&d, "idp", "https://idp.example/certs", 1024), Ok(Some(saved.clone())));
+        assert_eq!(
+            load(&d, "idp", "https://idp.example/certs", 1024),
+            Ok(Some(saved.clone()))
+        );
         // Replaced whole; no temporary file left behind.
-        let newer = Saved { fetched_wall_ms: 5_678, ..saved };
+        let newer = Saved {
+            fetched_wall_ms: 5_678,
+            ..saved
+        };
         save(&d, &newer).unwrap();
-        assert_eq!(load(&d, "idp", "https://idp.example/certs", 1024).unwrap(), Some(newer));
-        let names: Vec<_> = std::fs::read_dir(d.join("jwks")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            load(&d, "idp", "https://idp.example/certs", 1024).unwrap(),
+            Some(newer)
+        );
+        let names: Vec<_> = std::fs::read_dir(d.join("jwks"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, ["idp.json"]);
         // Another source's keys, another name's file: not used.
-        assert!(load(&d, "idp", "https://other.example/certs", 1024).unwrap_err().contains("not for"));
-        assert_eq!(load(&d, "other", "https://idp.example/certs", 1024), Ok(None));
+        assert!(
+            load(&d, "idp", "https://other.example/certs", 1024)
+                .unwrap_err()
+                .contains("not for")
+        );
+        assert_eq!(
+            load(&d, "other", "https://idp.example/certs", 1024),
+            Ok(None)
+        );
         std::fs::write(path(&d, "idp"), "{").unwrap();
         assert!(load(&d, "idp", "https://idp.example/certs", 1024).is_err());
-        std::fs::write(path(&d, "idp"), vec![b' '; 70 * 1024]).unwrap();
-        assert!(load(&d, "idp", "https://idp.example/certs", 1024).unwrap_err().contains("larger than"));
+        std::fs::write(path(&d, "idp"), vec![b' '; 80 * 1024]).unwrap();
+        assert!(
+            load(&d, "idp", "https://idp.example/certs", 1024)
+                .unwrap_err()
+                .contains("larger than")
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

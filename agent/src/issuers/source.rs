@@ -189,14 +189,22 @@ mod tests {
     fn https_urls_split_into_host_port_and_target() {
         let u = HttpsUrl::parse("https://idp.example/realms/x/certs?a=1#frag").unwrap();
         assert_eq!(
-            (u.host.as_str(), u.port, u.target.as_str(), u.authority.as_str()),
+            (
+                u.host.as_str(),
+                u.port,
+                u.target.as_str(),
+                u.authority.as_str()
+            ),
             ("idp.example", 443, "/realms/x/certs?a=1", "idp.example")
         );
         let u = HttpsUrl::parse("HTTPS://127.0.0.1:8443").unwrap();
         assert_eq!((u.port, u.target.as_str()), (8443, "/"));
         assert_eq!(u.authority, "127.0.0.1:8443");
         let u = HttpsUrl::parse("https://[2001:db8::1]:9443/jwks").unwrap();
-        assert_eq!((u.host.as_str(), u.authority.as_str()), ("2001:db8::1", "[2001:db8::1]:9443"));
+        assert_eq!(
+            (u.host.as_str(), u.authority.as_str()),
+            ("2001:db8::1", "[2001:db8::1]:9443")
+        );
         assert_eq!(u.to_string(), "https://[2001:db8::1]:9443/jwks");
         assert_eq!(HttpsUrl::parse("https://h?x").unwrap().target, "/?x");
     }
@@ -204,17 +212,44 @@ mod tests {
     #[test]
     fn urls_that_cannot_be_fetched_are_refused_with_their_reason() {
         let refused = |u: &str| HttpsUrl::parse(u).unwrap_err();
-        assert!(matches!(refused("http://idp.example/jwks"), UrlError::PlainHttp(_)));
-        assert!(matches!(refused("HTTP://idp.example/jwks"), UrlError::PlainHttp(_)));
-        assert!(matches!(refused("ftp://idp.example/jwks"), UrlError::NotHttps(_)));
+        assert!(matches!(
+            refused("http://idp.example/jwks"),
+            UrlError::PlainHttp(_)
+        ));
+        assert!(matches!(
+            refused("HTTP://idp.example/jwks"),
+            UrlError::PlainHttp(_)
+        ));
+        assert!(matches!(
+            refused("ftp://idp.example/jwks"),
+            UrlError::NotHttps(_)
+        ));
         assert!(matches!(refused("idp.example/jwks"), UrlError::NotHttps(_)));
         assert!(matches!(refused("https:///jwks"), UrlError::NoHost(_)));
-        assert!(matches!(refused("https://u:p@idp.example/"), UrlError::UserInfo(_)));
-        assert!(matches!(refused("https://idp.example:0/"), UrlError::BadPort(_)));
-        assert!(matches!(refused("https://idp.example:x/"), UrlError::BadPort(_)));
-        assert!(matches!(refused("https://idp.example:70000/"), UrlError::BadPort(_)));
-        assert!(matches!(refused("https://idp .example/"), UrlError::BadChar(_)));
-        assert!(matches!(refused("https://idp.example/\r\nX: y"), UrlError::BadChar(_)));
+        assert!(matches!(
+            refused("https://u:p@idp.example/"),
+            UrlError::UserInfo(_)
+        ));
+        assert!(matches!(
+            refused("https://idp.example:0/"),
+            UrlError::BadPort(_)
+        ));
+        assert!(matches!(
+            refused("https://idp.example:x/"),
+            UrlError::BadPort(_)
+        ));
+        assert!(matches!(
+            refused("https://idp.example:70000/"),
+            UrlError::BadPort(_)
+        ));
+        assert!(matches!(
+            refused("https://idp .example/"),
+            UrlError::BadChar(_)
+        ));
+        assert!(matches!(
+            refused("https://idp.example/\r\nX: y"),
+            UrlError::BadChar(_)
+        ));
         assert_eq!(
             check_https_url("http://idp.example/jwks").unwrap_err(),
             "\"http://idp.example/jwks\" is plain HTTP: tollgate fetches keys over HTTPS only"

@@ -3,14 +3,7 @@
 //! acceptance in tests/oidc.rs runs a real one): this is the HTTP client's own test, each
 //! route one way a response can be good or bad.
 
-use std::{
-    cell::{Cell, RefCell},
-    collections::BTreeMap,
-    path::PathBuf,
-    rc::Rc,
-    sync::Arc,
-    time::Duration,
-};
+use std::{cell::RefCell, collections::BTreeMap, path::PathBuf, rc::Rc, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -40,7 +33,11 @@ fn local<F: std::future::Future>(f: F) -> F::Output {
 fn jwks_of(kids: &[&str]) -> String {
     let keys: Vec<_> = kids
         .iter()
-        .map(|k| SigningKey::generate(Alg::EdDSA, k).expect("key").public_jwk())
+        .map(|k| {
+            SigningKey::generate(Alg::EdDSA, k)
+                .expect("key")
+                .public_jwk()
+        })
         .collect();
     jwks(&keys)
 }
@@ -113,16 +110,23 @@ async fn server(tag: &str) -> Server {
     let dir = Dir::new(tag);
     let (acceptor, ca) = tls_acceptor(&dir);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("https://127.0.0.1:{}", listener.local_addr().expect("addr").port());
+    let base = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().expect("addr").port()
+    );
     let hits = Rc::new(RefCell::new(BTreeMap::new()));
     let jwks = Rc::new(RefCell::new(Some(jwks_of(&["k1"]))));
     let (h, j, b) = (Rc::clone(&hits), Rc::clone(&jwks), base.clone());
     tokio::task::spawn_local(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let (acceptor, h, j, b) = (acceptor.clone(), Rc::clone(&h), Rc::clone(&j), b.clone());
             tokio::task::spawn_local(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let mut head = Vec::new();
                 while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
                     let mut byte = [0u8];
@@ -172,9 +176,9 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
             Some(j) => ok("Cache-Control: public, max-age=300\r\n", &j),
             None => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".into(),
         },
-        "/redirect" => format!(
-            "HTTP/1.1 302 Found\r\nLocation: {base}/jwks\r\nContent-Length: 0\r\n\r\n"
-        ),
+        "/redirect" => {
+            format!("HTTP/1.1 302 Found\r\nLocation: {base}/jwks\r\nContent-Length: 0\r\n\r\n")
+        }
         "/big" => ok("", &" ".repeat(5000)),
         "/big-chunked" => {
             let chunk = format!("{:x}\r\n{}\r\n", 1000, " ".repeat(1000));
@@ -196,7 +200,9 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
         }
         "/close" => format!("HTTP/1.1 200 OK\r\n\r\n{}", jwks_of(&["e1"])),
         "/slow" => {
-            let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{").await;
+            let _ = tls
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")
+                .await;
             tokio::time::sleep(Duration::from_secs(30)).await;
             return;
         }
@@ -245,16 +251,29 @@ fn a_jwks_is_fetched_over_https_with_its_max_age() {
         let s = server("ok").await;
         let state = Dir::new("ok-state");
         let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
-        assert!(keys.current(clock::now_ms()).is_err(), "no keys before the first fetch");
+        assert!(
+            keys.current(clock::now_ms()).is_err(),
+            "no keys before the first fetch"
+        );
         assert_eq!(keys.fetch_now().await, Outcome::Ok);
         assert!(keys.knows("k1"));
         let now = clock::now_ms();
         let due = keys.0.state.borrow().next_due_ms;
-        assert!((now + 299_000..=now + 300_000).contains(&due), "max-age=300 sets the next fetch");
+        assert!(
+            (now + 299_000..=now + 300_000).contains(&due),
+            "max-age=300 sets the next fetch"
+        );
         let (outcome, _, kids) = fetch(&s, "/chunked").await;
-        assert_eq!((outcome, kids), (Outcome::Ok, vec!["c1".into(), "c2".into()]));
+        assert_eq!(
+            (outcome, kids),
+            (Outcome::Ok, vec!["c1".into(), "c2".into()])
+        );
         let (outcome, err, kids) = fetch(&s, "/close").await;
-        assert_eq!((outcome, kids), (Outcome::Ok, vec!["e1".to_owned()]), "{err:?}");
+        assert_eq!(
+            (outcome, kids),
+            (Outcome::Ok, vec!["e1".to_owned()]),
+            "{err:?}"
+        );
     });
 }
 
@@ -279,7 +298,10 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
         let mut cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
         let other = server("bad-other").await;
         cfg.ca_bundle = Some(other.ca.clone());
-        assert_eq!(Keys::new(cfg.clone()).unwrap().fetch_now().await, Outcome::Tls);
+        assert_eq!(
+            Keys::new(cfg.clone()).unwrap().fetch_now().await,
+            Outcome::Tls
+        );
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         cfg.kind = SourceKind::JwksUrl(format!("https://{}/", closed.local_addr().unwrap()));
         drop(closed);
@@ -301,10 +323,16 @@ fn a_failed_fetch_keeps_the_keys_until_max_stale_and_a_good_one_restores_them() 
         *s.jwks.borrow_mut() = None;
         assert_eq!(keys.fetch_now().await, Outcome::HttpStatus);
         let st = keys.status();
-        assert_eq!((st.kids, st.stale, st.unavailable), (vec!["k1".to_owned()], true, false));
-        let now = clock::now_ms();
-        assert!(keys.current(now + 600_000).is_ok(), "served up to max_stale");
-        let e = keys.current(now + 601_000).unwrap_err();
+        assert_eq!(
+            (st.kids, st.stale, st.unavailable),
+            (vec!["k1".to_owned()], true, false)
+        );
+        let fetched = keys.0.state.borrow().fetched_ms.unwrap();
+        assert!(
+            keys.current(fetched + 600_000).is_ok(),
+            "served up to max_stale"
+        );
+        let e = keys.current(fetched + 600_001).unwrap_err();
         assert!(e.why.contains("more than max_stale_s = 600"), "{e}");
         // The provider is back: the next fetch restores fresh keys.
         *s.jwks.borrow_mut() = Some(jwks_of(&["k2"]));
@@ -337,7 +365,10 @@ fn concurrent_unknown_kids_share_one_fetch_and_the_cooldown_refuses_more() {
         assert_eq!(keys.status().refetches_suppressed, 1);
         let counts = keys.status().fetches;
         assert_eq!(counts.len(), 1);
-        assert_eq!((counts[0].trigger.as_str(), counts[0].count), ("unknown_kid", 1));
+        assert_eq!(
+            (counts[0].trigger.as_str(), counts[0].count),
+            ("unknown_kid", 1)
+        );
     });
 }
 
@@ -353,7 +384,11 @@ fn a_restarted_node_verifies_with_the_persisted_keys_of_its_own_source() {
         // The provider is down when the node starts again.
         *s.jwks.borrow_mut() = None;
         let again = Keys::new(cfg.clone()).unwrap();
-        assert!(again.current(clock::now_ms()).is_ok_and(|k| k.get("k1").is_some()));
+        assert!(
+            again
+                .current(clock::now_ms())
+                .is_ok_and(|k| k.get("k1").is_some())
+        );
         assert!(again.status().age_s.is_some_and(|a| a < 60));
         // Another URL's source does not take them.
         let other = SourceConfig {
@@ -379,9 +414,15 @@ fn discovery_finds_the_jwks_uri_of_the_configured_issuer_only() {
         assert_eq!(s.hits("/good/.well-known/openid-configuration"), 1);
         assert_eq!(s.hits("/jwks"), 2);
         cfg.issuer = Some(s.url("/other"));
-        assert_eq!(Keys::new(cfg.clone()).unwrap().fetch_now().await, Outcome::IssuerMismatch);
+        assert_eq!(
+            Keys::new(cfg.clone()).unwrap().fetch_now().await,
+            Outcome::IssuerMismatch
+        );
         cfg.issuer = Some(s.url("/plain"));
-        assert_eq!(Keys::new(cfg).unwrap().fetch_now().await, Outcome::InsecureJwksUri);
+        assert_eq!(
+            Keys::new(cfg).unwrap().fetch_now().await,
+            Outcome::InsecureJwksUri
+        );
     });
 }
 
@@ -422,10 +463,18 @@ fn a_key_file_is_reread_when_it_changes_and_a_broken_one_keeps_the_keys() {
     assert!(keys.knows("f1"), "a broken file keeps the keys");
     touch(jwks_of(&["f2"]));
     assert!(keys.knows("f2") && !keys.knows("f1"));
-    let counts: Vec<_> = keys.status().fetches.into_iter().map(|c| (c.trigger, c.outcome)).collect();
+    let counts: Vec<_> = keys
+        .status()
+        .fetches
+        .into_iter()
+        .map(|c| (c.trigger, c.outcome))
+        .collect();
     assert_eq!(
         counts,
-        [("file_changed".into(), "ok".into()), ("file_changed".into(), "not_json".into())]
+        [
+            ("file_changed".into(), "ok".into()),
+            ("file_changed".into(), "not_json".into())
+        ]
     );
     std::fs::remove_file(&path).unwrap();
     assert!(
