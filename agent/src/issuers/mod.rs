@@ -236,6 +236,7 @@ struct State {
     /// When the background schedule fetches next (agent time).
     next_due_ms: u64,
     last: Option<LastFetch>,
+    last_outcome: Option<Outcome>,
     fetches: BTreeMap<(Trigger, Outcome), u64>,
     last_unknown_kid_ms: Option<u64>,
     suppressed: u64,
@@ -413,13 +414,7 @@ impl Keys {
         } else {
             self.fetch_joined(Trigger::Start).await;
         }
-        self.0
-            .state
-            .borrow()
-            .last
-            .as_ref()
-            .and_then(|l| OUTCOMES.iter().find(|o| o.label() == l.outcome).copied())
-            .unwrap_or(Outcome::Ok)
+        self.0.state.borrow().last_outcome.unwrap_or(Outcome::Ok)
     }
 
     /// The background refresh; never returns. Remote: a `start` fetch, then each next when
@@ -578,6 +573,7 @@ impl Keys {
         let outcome = result.as_ref().map_or_else(|e| e.outcome, |_| Outcome::Ok);
         let mut st = self.0.state.borrow_mut();
         *st.fetches.entry((trigger, outcome)).or_default() += 1;
+        st.last_outcome = Some(outcome);
         st.last = Some(LastFetch {
             trigger: trigger.label().into(),
             outcome: outcome.label().into(),
@@ -586,6 +582,10 @@ impl Keys {
         });
         match result {
             Err(e) => {
+                // A JWKS URL that stopped answering 200 may have moved: ask discovery again.
+                if e.outcome == Outcome::HttpStatus {
+                    st.discovery_until_ms = 0;
+                }
                 st.next_due_ms = now.saturating_add(cfg.cache_min_s.saturating_mul(1000));
                 let kept = if st.keys.is_some() {
                     "keeping the keys in use"
