@@ -160,8 +160,8 @@ fn is_legacy(cfg: &Tokens, issuer: &Issuer) -> bool {
 }
 
 impl TokenService {
-    /// The issuers of `cfg`. With `previous` (a reload): its tallies carry over, and an
-    /// issuer whose source is unchanged keeps its keys (no refetch, no re-read).
+    /// The issuers of `cfg`. With `previous` (a reload): its tallies carry over, and a remote
+    /// issuer whose source is unchanged keeps its keys (no refetch); key files are re-read.
     pub fn new(
         cfg: &Tokens,
         state_dir: &Path,
@@ -176,8 +176,11 @@ impl TokenService {
             let source = source_of(issuer, state_dir);
             let policy = policy_of(cfg, issuer).map_err(err)?;
             let old = previous.and_then(|p| p.issuer(&issuer.name));
+            // A remote issuer whose source is unchanged keeps its keys: a reload does not
+            // refetch (or lose what an outage left). A key file is read again: cheap, and
+            // what an operator who edited it and reloads expects.
             let keys = match old {
-                Some(o) if o.source == source => o.keys.clone(),
+                Some(o) if o.source == source && o.remote => o.keys.clone(),
                 _ => Keys::new(source.clone()).map_err(err)?,
             };
             issuers.push(IssuerService {
@@ -221,6 +224,7 @@ impl TokenService {
         for i in &mut self.issuers {
             if let Some(o) = old.issuers.iter_mut().find(|o| o.name == i.name)
                 && o.source == i.source
+                && o.remote
             {
                 i.runner = o.runner.take();
             }
@@ -663,28 +667,23 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_keeps_the_keys_of_an_unchanged_source_and_every_tally() {
+    fn a_reload_rereads_key_files_and_keeps_every_tally() {
         let dir = Dir::new("reload");
         let (mut svc, _, _) = service(&dir, false);
         svc.count(Some(0), "expired");
         svc.count(None, "malformed");
-        // The key file changes on disk: a reload that keeps the source keeps the keys it had
-        // (re-reading is Keys::run's, on the file's change), and the tallies.
+        // The key file changes on disk: a reload reads it again, and keeps the tallies.
         let k2 = SigningKey::generate(Alg::ES256, "k2").unwrap();
         std::fs::write(dir.0.join("a.json"), jwks(&[k2.public_jwk()])).unwrap();
         let config = config_text(&dir, false);
         let tokens = Config::parse(&config, "t.toml").unwrap().tokens.unwrap();
         let again = TokenService::new(&tokens, &dir.0, Some(&svc)).unwrap();
-        assert_eq!(again.issuers[0].keys.status().kids, ["k1"]);
+        assert_eq!(again.issuers[0].keys.status().kids, ["k2"]);
         assert_eq!(again.issuers[0].refusals["expired"], 1);
         assert_eq!(again.unselected["malformed"], 1);
         assert_eq!(again.results["expired"] + again.results["malformed"], 2);
-        // A changed source is read afresh.
-        std::fs::copy(dir.0.join("a.json"), dir.0.join("b.json")).unwrap();
-        let moved = config.replace("a.json", "b.json");
-        let tokens = Config::parse(&moved, "t.toml").unwrap().tokens.unwrap();
-        let fresh = TokenService::new(&tokens, &dir.0, Some(&svc)).unwrap();
-        assert_eq!(fresh.issuers[0].keys.status().kids, ["k2"]);
-        assert_eq!(fresh.issuers[0].refusals["expired"], 1);
+        // A key file that no longer parses refuses the reload (the running keys stay).
+        std::fs::write(dir.0.join("a.json"), "{not json").unwrap();
+        assert!(TokenService::new(&tokens, &dir.0, Some(&svc)).is_err());
     }
 }
