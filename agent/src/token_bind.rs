@@ -476,16 +476,16 @@ pub fn placement(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use tollgate_common::token::{Alg, SigningKey, jwks};
 
     use super::*;
 
     /// A directory of its own, removed on drop.
-    struct Dir(std::path::PathBuf);
+    pub(crate) struct Dir(pub std::path::PathBuf);
 
     impl Dir {
-        fn new(tag: &str) -> Dir {
+        pub(crate) fn new(tag: &str) -> Dir {
             let d = std::env::temp_dir()
                 .join(format!("tollgate-token-bind-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&d);
@@ -505,7 +505,7 @@ mod tests {
 
     /// Issuer `a` (a key file with key `k1`), issuer `remote` (a jwks_url, never reached:
     /// no fetch runs here) and, with `legacy`, the `default` issuer with key `k0`.
-    fn service(dir: &Dir, legacy: bool) -> (TokenService, SigningKey, SigningKey) {
+    pub(crate) fn service(dir: &Dir, legacy: bool) -> (TokenService, SigningKey, SigningKey) {
         let k1 = SigningKey::generate(Alg::ES256, "k1").expect("key");
         let k0 = SigningKey::generate(Alg::ES256, "k0").expect("key");
         std::fs::write(dir.0.join("a.json"), jwks(&[k1.public_jwk()])).expect("jwks");
