@@ -410,7 +410,7 @@ impl Keys {
     /// re-read the file if it changed.
     pub async fn fetch_now(&self) -> Outcome {
         if !self.is_remote() {
-            self.check_file();
+            let _ = self.check_file();
         } else {
             self.fetch_joined(Trigger::Start).await;
         }
@@ -423,7 +423,7 @@ impl Keys {
         if !self.is_remote() {
             loop {
                 tokio::time::sleep(FILE_POLL).await;
-                self.check_file();
+                let _ = self.check_file();
             }
         }
         self.fetch_joined(Trigger::Start).await;
@@ -541,14 +541,15 @@ impl Keys {
         })
     }
 
-    /// Re-reads the key file if its modification time changed; a broken file keeps the keys.
-    fn check_file(&self) {
+    /// File sources: re-reads the file if its modification time changed (a broken file
+    /// keeps the keys) and says how that went; `None` when unchanged or not a file source.
+    pub fn check_file(&self) -> Option<Outcome> {
         let SourceKind::File(path) = &self.0.cfg.kind else {
-            return;
+            return None;
         };
         let now = mtime(path);
         if now == self.0.state.borrow().file_mtime {
-            return;
+            return None;
         }
         self.0.state.borrow_mut().file_mtime = now;
         let result = std::fs::read(path)
@@ -562,7 +563,9 @@ impl Keys {
                 max_age_s: None,
                 jwks_uri: None,
             });
+        let outcome = result.as_ref().map_or_else(|e| e.outcome, |_| Outcome::Ok);
         self.record(Trigger::FileChanged, result);
+        Some(outcome)
     }
 
     /// Counts a fetch; a good one replaces the keys (and, remote, is persisted).

@@ -180,6 +180,7 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
             format!("HTTP/1.1 302 Found\r\nLocation: {base}/jwks\r\nContent-Length: 0\r\n\r\n")
         }
         "/big" => ok("", &" ".repeat(5000)),
+        "/big-close" => format!("HTTP/1.1 200 OK\r\n\r\n{}", " ".repeat(5000)),
         "/big-chunked" => {
             let chunk = format!("{:x}\r\n{}\r\n", 1000, " ".repeat(1000));
             format!(
@@ -288,6 +289,8 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
         let (o, err, _) = fetch(&s, "/big").await;
         assert_eq!(o, Outcome::TooLarge, "{err:?}");
         let (o, err, _) = fetch(&s, "/big-chunked").await;
+        assert_eq!(o, Outcome::TooLarge, "{err:?}");
+        let (o, err, _) = fetch(&s, "/big-close").await;
         assert_eq!(o, Outcome::TooLarge, "{err:?}");
         assert_eq!(fetch(&s, "/html").await.0, Outcome::NotJson);
         assert_eq!(fetch(&s, "/missing").await.0, Outcome::HttpStatus);
@@ -457,11 +460,12 @@ fn a_key_file_is_reread_when_it_changes_and_a_broken_one_keeps_the_keys() {
             .unwrap()
             .set_modified(later)
             .unwrap();
-        keys.check_file();
+        keys.check_file()
     };
-    touch("{".into());
+    assert_eq!(keys.check_file(), None, "unchanged");
+    assert_eq!(touch("{".into()), Some(Outcome::NotJson));
     assert!(keys.knows("f1"), "a broken file keeps the keys");
-    touch(jwks_of(&["f2"]));
+    assert_eq!(touch(jwks_of(&["f2"])), Some(Outcome::Ok));
     assert!(keys.knows("f2") && !keys.knows("f1"));
     let counts: Vec<_> = keys
         .status()
