@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
-use tollgate_common::token::{ClaimNames, Claims, KeySet, Policy, REFUSALS, Refusal};
+use tollgate_common::token::{ClaimNames, Claims, KeySet, Mapping, Policy, REFUSALS, Refusal};
 
 use crate::{
     config::{Config, Tokens},
@@ -77,17 +77,19 @@ impl TokenService {
 }
 
 pub fn policy_of(cfg: &Tokens) -> Policy {
+    let names = ClaimNames {
+        identity: cfg.identity_claim.clone(),
+        class: cfg.class_claim.clone(),
+        plan: cfg.plan_claim.clone(),
+        roles: cfg.roles_claim.clone(),
+    };
     Policy {
-        audience: cfg.audience.clone(),
+        issuer: None,
+        audiences: vec![cfg.audience.clone()],
         max_ttl_s: cfg.max_ttl_s,
         skew_s: cfg.clock_skew_s,
         max_token_bytes: cfg.max_token_bytes,
-        claim_names: ClaimNames {
-            identity: cfg.identity_claim.clone(),
-            class: cfg.class_claim.clone(),
-            plan: cfg.plan_claim.clone(),
-            roles: cfg.roles_claim.clone(),
-        },
+        mapping: Mapping::legacy(&names, None, None),
     }
 }
 
