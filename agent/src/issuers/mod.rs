@@ -36,7 +36,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tollgate_common::token::{JwksError, KeySet};
+use tollgate_common::token::{JwksError, KeySet, Refusal};
 use tracing::{info, warn};
 
 pub use source::{SourceConfig, SourceKind, check_https_url};
@@ -136,12 +136,19 @@ impl Trigger {
 }
 
 /// [`Keys::current`] has no keys to give: none were ever had, or the last good fetch is
-/// older than `max_stale_s`. The token refusal is `keys_unavailable`.
+/// older than `max_stale_s`. The token refusal is `keys_unavailable` (`Refusal::from`); `why`
+/// is for the operator (it may name an internal URL), not for the client.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the keys of issuer {issuer:?} are unavailable: {why}")]
 pub struct KeysUnavailable {
     pub issuer: String,
     pub why: String,
+}
+
+impl From<KeysUnavailable> for Refusal {
+    fn from(_: KeysUnavailable) -> Refusal {
+        Refusal::KeysUnavailable
+    }
 }
 
 /// The state of one issuer's keys, for `tollgate status` and `/metrics`.
@@ -261,21 +268,35 @@ fn key_set(body: Vec<u8>) -> Result<(KeySet, String), FetchError> {
         .map_err(|_| fail(Outcome::NotJson, "the JWKS is not UTF-8 text"))?;
     let keys = KeySet::from_jwks(&text).map_err(|e| match e {
         JwksError::Json(_) => fail(Outcome::NotJson, e.to_string()),
-        _ => fail(Outcome::NoKeys, e.to_string()),
+        JwksError::NoKeys => fail(Outcome::NoKeys, e.to_string()),
     })?;
     if keys.is_empty() {
-        let skipped = skipped_of(&keys);
+        let first = keys
+            .skipped()
+            .first()
+            .map_or_else(String::new, |s| format!("; the first: {s}"));
         return Err(fail(
             Outcome::NoKeys,
-            format!("the JWKS holds no usable key ({} skipped)", skipped.len()),
+            format!(
+                "the JWKS holds no usable key ({} skipped{first})",
+                keys.skipped().len()
+            ),
         ));
     }
     Ok((keys, text))
 }
 
 /// The keys a JWKS held that the set does not use.
-fn skipped_of(_keys: &KeySet) -> Vec<SkippedKey> {
-    Vec::new()
+fn skipped_of(keys: &KeySet) -> Vec<SkippedKey> {
+    keys.skipped()
+        .iter()
+        .map(|s| SkippedKey {
+            index: s.index,
+            kid: s.kid.clone(),
+            reason: s.reason.label().into(),
+            message: s.to_string(),
+        })
+        .collect()
 }
 
 fn valid_name(name: &str) -> bool {
@@ -383,9 +404,7 @@ impl Keys {
     /// not change that, so such a kid never triggers one.
     pub fn is_skipped(&self, kid: &str) -> bool {
         let st = self.0.state.borrow();
-        st.keys
-            .as_ref()
-            .is_some_and(|k| skipped_of(k).iter().any(|s| s.kid.as_deref() == Some(kid)))
+        st.keys.as_ref().is_some_and(|k| k.is_skipped_kid(kid))
     }
 
     /// A token named a kid the keys lack: wait for the fetch in flight, or start one unless

@@ -486,3 +486,35 @@ fn a_key_file_is_reread_when_it_changes_and_a_broken_one_keeps_the_keys() {
         "a missing file is a configuration error"
     );
 }
+
+#[test]
+fn skipped_keys_are_reported_and_a_jwks_of_skipped_keys_only_keeps_the_old_keys() {
+    local(async {
+        let s = server("skip").await;
+        let state = Dir::new("skip-state");
+        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
+        let mut enc = SigningKey::generate(Alg::EdDSA, "e1").unwrap().public_jwk();
+        enc["use"] = "enc".into();
+        let sig = SigningKey::generate(Alg::EdDSA, "s1").unwrap().public_jwk();
+        *s.jwks.borrow_mut() = Some(jwks(&[enc.clone(), sig]));
+        assert_eq!(keys.fetch_now().await, Outcome::Ok);
+        let st = keys.status();
+        assert_eq!(st.kids, ["s1"]);
+        assert_eq!(
+            st.skipped
+                .iter()
+                .map(|k| (k.index, k.kid.as_deref(), k.reason.as_str()))
+                .collect::<Vec<_>>(),
+            [(0, Some("e1"), "encryption_key")]
+        );
+        assert!(keys.is_skipped("e1") && !keys.is_skipped("s1") && !keys.is_skipped("zz"));
+        *s.jwks.borrow_mut() = Some(jwks(&[enc]));
+        assert_eq!(keys.fetch_now().await, Outcome::NoKeys);
+        let err = keys.status().last_fetch.unwrap().error.unwrap();
+        assert!(
+            err.contains("no usable key (1 skipped; the first: JWKS key #0"),
+            "{err}"
+        );
+        assert!(keys.knows("s1"), "the old keys stay");
+    });
+}
