@@ -200,6 +200,10 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
             )
         }
         "/close" => format!("HTTP/1.1 200 OK\r\n\r\n{}", jwks_of(&["e1"])),
+        "/late-jwks" => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ok("", &jwks_of(&["late"]))
+        }
         "/slow" => {
             let _ = tls
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")
@@ -516,5 +520,42 @@ fn skipped_keys_are_reported_and_a_jwks_of_skipped_keys_only_keeps_the_old_keys(
             "{err}"
         );
         assert!(keys.knows("s1"), "the old keys stay");
+    });
+}
+
+/// Polls `done` every 10 ms, at most 5 s.
+async fn until(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..500 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[test]
+fn a_waiter_that_gives_up_cancels_nothing_and_run_fetches_at_start() {
+    local(async {
+        let s = server("cancel").await;
+        let state = Dir::new("cancel-state");
+        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/late-jwks")), &state)).unwrap();
+        // The bind that asked goes away (its connection's timeout) before the fetch ends.
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), keys.refetch_unknown_kid());
+        assert!(gave_up.await.is_err());
+        assert!(until(|| keys.knows("late")).await, "the fetch went on");
+        assert_eq!(s.hits("/late-jwks"), 1);
+        // The background loop's first fetch is a `start` fetch.
+        let state = Dir::new("run-state");
+        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
+        let k = keys.clone();
+        let run = tokio::task::spawn_local(async move { k.run().await });
+        assert!(until(|| keys.status().last_fetch.is_some()).await);
+        let last = keys.status().last_fetch.unwrap();
+        assert_eq!(
+            (last.trigger.as_str(), last.outcome.as_str()),
+            ("start", "ok")
+        );
+        run.abort();
     });
 }
