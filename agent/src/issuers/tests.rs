@@ -305,10 +305,21 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
         let mut cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
         let other = server("bad-other").await;
         cfg.ca_bundle = Some(other.ca.clone());
-        assert_eq!(
-            Keys::new(cfg.clone()).unwrap().fetch_now().await,
-            Outcome::Tls
+        let tls = async |cfg: &SourceConfig| Keys::new(cfg.clone()).unwrap().fetch_now().await;
+        assert_eq!(tls(&cfg).await, Outcome::Tls);
+        // The system's roots do not hold the test CA either; a bundle without a certificate
+        // is a configuration error.
+        cfg.ca_bundle = None;
+        assert_eq!(tls(&cfg).await, Outcome::Tls);
+        let empty = state.0.join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        cfg.ca_bundle = Some(empty);
+        assert!(
+            Keys::new(cfg.clone())
+                .unwrap_err()
+                .contains("no usable CA certificate")
         );
+        cfg.ca_bundle = Some(s.ca.clone());
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         cfg.kind = SourceKind::JwksUrl(format!("https://{}/", closed.local_addr().unwrap()));
         drop(closed);
