@@ -175,6 +175,17 @@ impl TokenService {
             };
             let source = source_of(issuer, state_dir);
             let policy = policy_of(cfg, issuer).map_err(err)?;
+            if !is_legacy(cfg, issuer)
+                && issuer.claims.class.values.is_empty()
+                && issuer.classes.is_none()
+            {
+                warn!(
+                    issuer = %issuer.name,
+                    claim = %issuer.claims.class.claim,
+                    "its tokens' class is taken as they say: any class, internal included; \
+                     a value map for claims.class or `classes` limits it"
+                );
+            }
             let old = previous.and_then(|p| p.issuer(&issuer.name));
             // A remote issuer whose source is unchanged keeps its keys: a reload does not
             // refetch (or lose what an outage left). A key file is read again: cheap, and
@@ -440,15 +451,16 @@ impl std::error::Error for BindFailure {}
 /// Where a token's identity is placed: `None` when the configuration names the identity (its
 /// class, plan and roles are the configuration's), else the class, plan and roles its
 /// issuer's mapping gave (a value map's outputs were checked at config check; a claim taken
-/// as it is is checked here).
+/// as it is is checked here), within the classes and plans the issuer may give.
 pub fn placement(
     config: &Config,
-    rules: &ClaimRules,
+    issuer: &Issuer,
     c: &Claims,
 ) -> Result<Option<TokenIdentity>, String> {
     if config.identity(&c.identity).is_some() {
         return Ok(None);
     }
+    let rules = &issuer.claims;
     let class = match &c.class {
         Some(label) => crate::config::class_from_label(label)
             .ok_or_else(|| format!("unknown class {label:?} in claim {}", rules.class.claim))?
@@ -475,6 +487,22 @@ pub fn placement(
             "unknown plan {plan:?} in claim {}",
             rules.plan.claim
         ));
+    }
+    // An identity provider trusted for some classes cannot mint another (a partner's IdP
+    // saying `internal`).
+    for (what, key, value, allowed) in [
+        ("class", "classes", &class, &issuer.classes),
+        ("plan", "plans", &plan, &issuer.plans),
+    ] {
+        if let Some(allowed) = allowed
+            && !allowed.contains(value)
+        {
+            return Err(format!(
+                "{what} {value:?} is not one issuer {} may give (its {key}: {})",
+                issuer.name,
+                allowed.join(", ")
+            ));
+        }
     }
     Ok(Some(TokenIdentity {
         class,
@@ -684,6 +712,31 @@ pub(crate) mod tests {
         ] {
             assert!(svc.wants_refetch(&t).is_none(), "{t:.60}");
         }
+    }
+
+    /// An issuer limited to some classes cannot place a token in another, whatever its
+    /// token says (a partner's identity provider minting `internal`).
+    #[test]
+    fn an_issuer_places_only_in_the_classes_it_may_give() {
+        let dir = Dir::new("classes");
+        let (_, k1, _) = service(&dir, false);
+        let text = config_text(&dir, false)
+            .replace("name = \"a\"\n", "name = \"a\"\nclasses = [\"customer\"]\n");
+        let config = Config::parse(&text, "t.toml").expect("config");
+        let tokens = config.tokens.as_ref().unwrap();
+        let svc = TokenService::new(tokens, &dir.0, None).unwrap();
+        let a = tokens.issuer("a").unwrap();
+        let (_, claims) = svc.verify(&token(&k1, Some(ISS_A)), now_s()).unwrap();
+        assert!(placement(&config, a, &claims).unwrap().is_some());
+        let mut internal = claims.clone();
+        internal.class = Some("internal".into());
+        assert_eq!(
+            placement(&config, a, &internal).unwrap_err(),
+            "class \"internal\" is not one issuer a may give (its classes: customer)"
+        );
+        // The other issuer is not limited.
+        let remote = tokens.issuer("remote").unwrap();
+        assert!(placement(&config, remote, &internal).unwrap().is_some());
     }
 
     #[test]
