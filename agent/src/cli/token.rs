@@ -242,7 +242,13 @@ fn verify_cmd(
 /// fetched now, falling back on the node's persisted copy when the fetch fails), its
 /// policy and mapping.
 fn verify_with_issuers(token: &str, t: &tollgate::config::Tokens, state_dir: &Path) -> Outcome {
-    let svc = match token_bind::TokenService::new(t, state_dir, None) {
+    // The node's persisted keys are read from a private copy: what this command fetches is
+    // its own, and never races the agent's writes in the state directory.
+    let scratch = match Scratch::copy_of(state_dir, t) {
+        Ok(s) => s,
+        Err(e) => return fail(exit::REFUSED, format!("a scratch directory: {e}")),
+    };
+    let svc = match token_bind::TokenService::new(t, &scratch.0, None) {
         Ok(s) => s,
         Err(e) => return fail(exit::REFUSED, e),
     };
@@ -292,6 +298,34 @@ fn verify_with_issuers(token: &str, t: &tollgate::config::Tokens, state_dir: &Pa
                 r.label()
             ),
         ),
+    }
+}
+
+/// A temporary state directory holding copies of the node's persisted JWKS of `t`'s
+/// issuers; removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn copy_of(state_dir: &Path, t: &tollgate::config::Tokens) -> std::io::Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-token-verify-{}-{}",
+            std::process::id(),
+            now_unix_ms()
+        ));
+        std::fs::create_dir_all(dir.join("jwks"))?;
+        let scratch = Scratch(dir);
+        for i in &t.issuers {
+            let from = tollgate::issuers::persist::path(state_dir, &i.name);
+            // Absent or unreadable (not root): the issuer is fetched, or has no keys.
+            let _ = std::fs::copy(&from, tollgate::issuers::persist::path(&scratch.0, &i.name));
+        }
+        Ok(scratch)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
