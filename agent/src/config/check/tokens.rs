@@ -306,11 +306,13 @@ impl Checker<'_> {
             None => base.ca_bundle.clone(),
             Some(v) => Some(self.abs_path(&Some(v.clone()), &f("ca_bundle"), "")?),
         };
+        // Real key sets are a few KiB; parsing one costs some times its size in memory, so
+        // the bound stays far below what an identity provider's host could make us hold.
         let max_bytes = self.int(
             &raw.jwks_max_bytes,
             &f("jwks_max_bytes"),
             base.max_bytes as i64,
-            1024..=16 * 1024 * 1024,
+            1024..=1024 * 1024,
         )? as usize;
         let timeout_ms = self.int(
             &raw.fetch_timeout_ms,
