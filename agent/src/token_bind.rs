@@ -302,10 +302,12 @@ impl TokenService {
     ) -> Result<(usize, Claims), (Option<usize>, Refusal)> {
         let (i, _) = self.select(token).map_err(|r| (None, r))?;
         let issuer = &self.issuers[i];
-        let keys = issuer.keys.current(crate::clock::now_ms()).map_err(|e| {
-            warn!("{e}");
-            (Some(i), Refusal::KeysUnavailable)
-        })?;
+        // Not logged per token (a flood of them would be a flood of lines): status and
+        // /metrics say the issuer is unavailable, and why.
+        let keys = issuer
+            .keys
+            .current(crate::clock::now_ms())
+            .map_err(|_| (Some(i), Refusal::KeysUnavailable))?;
         token::verify(token, &keys, &issuer.policy, now_s)
             .map(|c| (i, c))
             .map_err(|r| (Some(i), r))
