@@ -741,6 +741,61 @@ pub(crate) mod tests {
         assert!(placement(&config, remote, &internal).unwrap().is_some());
     }
 
+    /// Counted at the key server: garbage and well-formed tokens of every other kind cost no
+    /// connection; a thousand random kids cost one (the cooldown), however they interleave.
+    #[test]
+    fn unauthenticated_tokens_cost_at_most_one_fetch_per_cooldown() {
+        let dir = Dir::new("flood");
+        let (_, k1, _) = service(&dir, false);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().unwrap().port();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = std::sync::Arc::clone(&hits);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(conn);
+            }
+        });
+        let text = config_text(&dir, false).replace(
+            "https://r.example/keys",
+            &format!("https://127.0.0.1:{port}/keys"),
+        );
+        let config = Config::parse(&text, "t.toml").expect("config");
+        let svc = TokenService::new(config.tokens.as_ref().unwrap(), &dir.0, None).unwrap();
+        let good_shape = token(&k1, Some(ISS_REMOTE));
+        let (head, rest) = good_shape.split_once('.').unwrap();
+        let garbage = [
+            "garbage".to_owned(),
+            format!("{head}x.{rest}"),
+            format!("{head}.!!!.sig"),
+            "a".repeat(9000),
+            token(&k1, Some(&format!("{ISS_REMOTE}/"))),
+        ];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let asked = |t: &str| svc.wants_refetch(t);
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            for t in garbage.iter().cycle().take(500) {
+                if let Some(k) = asked(t) {
+                    k.refetch_unknown_kid().await;
+                }
+            }
+        });
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            for n in 0..1000 {
+                let key = SigningKey::generate(Alg::ES256, &format!("rand-{n}")).unwrap();
+                if let Some(k) = asked(&token(&key, Some(ISS_REMOTE))) {
+                    k.refetch_unknown_kid().await;
+                }
+            }
+        });
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn keys_unavailable_is_a_503_the_client_may_retry() {
         let f = BindFailure::Refused(Refusal::KeysUnavailable);
