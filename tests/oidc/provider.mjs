@@ -23,6 +23,8 @@
 //                               stays published; the key file is rewritten; {"kid": new}
 //   POST /__jwks_max_age?s=N    Cache-Control: max-age=N on the JWKS from now (N<0: none)
 //   POST /__jwks_mode?mode=M    M = normal | not_json | large (JWKS padded to ~1 MiB)
+//   GET  /jwks?pad=1            the JWKS padded to ~1 MiB, whatever the mode (a source that
+//                               is always over its size limit)
 //
 // It prints one line `listening <issuer>` when it accepts connections.
 
@@ -140,7 +142,7 @@ async function control(req, res, url) {
   return json(res, 404, { error: 'unknown control' });
 }
 
-function serveJwks(req, res) {
+function serveJwks(req, res, url) {
   if (jwksMode === 'not_json') {
     res.writeHead(200, { 'content-type': 'application/json' });
     return res.end('<html>maintenance</html>');
@@ -153,7 +155,7 @@ function serveJwks(req, res) {
       return writeHead(status, ...rest);
     };
   }
-  if (jwksMode === 'large') {
+  if (jwksMode === 'large' || url.searchParams.get('pad') === '1') {
     // The real JWKS plus a padding member: valid JSON, over any sane size limit.
     const pub = { keys: keys.keys.map(publicOf), padding: 'x'.repeat(1 << 20) };
     res.writeHead(200, { 'content-type': 'application/json' });
@@ -178,7 +180,7 @@ const server = https.createServer(
     }
     if (req.method === 'GET' && url.pathname === '/jwks') {
       counts.jwks += 1;
-      return serveJwks(req, res);
+      return serveJwks(req, res, url);
     }
     if (req.method === 'GET' && url.pathname === '/.well-known/openid-configuration') {
       counts.discovery += 1;
