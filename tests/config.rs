@@ -6,7 +6,10 @@ use std::net::Ipv4Addr;
 
 use tollgate_tests::{
     agent::{AgentDirs, tollgate_bin},
-    config::{Anomaly, Config, Controller, Endpoint, Identity, Plan, Port, Thresholds, Tokens},
+    config::{
+        Anomaly, Claims, Config, Controller, Endpoint, Fetch, Identity, Issuer, Plan, Port,
+        Thresholds, Tokens, ValueRule,
+    },
     tokenlab::{AUDIENCE, BIND_PORT, MODEL_PORT, TokenKit},
 };
 
@@ -41,6 +44,53 @@ fn every_section(dirs: &AgentDirs, kit: &TokenKit) -> Config {
             roles_claim: Some("roles".into()),
             default_class: Some("customer".into()),
             default_plan: Some("customer".into()),
+            issuer: Some("https://tollgate.example".into()),
+            fetch: Fetch {
+                ca_bundle: Some(kit.ca.clone()),
+                jwks_max_bytes: Some(65536),
+                fetch_timeout_ms: Some(2000),
+                cache_min_s: Some(10),
+                cache_max_s: Some(600),
+                refetch_cooldown_s: Some(15),
+                max_stale_s: Some(3600),
+            },
+            issuers: vec![
+                Issuer::discovery("corp", "https://idp.example/realms/corp", AUDIENCE).claims(
+                    Claims {
+                        identity: Some("client_id".into()),
+                        roles: Some("realm_access.roles".into()),
+                        roles_format: Some("array".into()),
+                        roles_required: Some(true),
+                        class: Some(
+                            ValueRule::map("groups", &[("staff", "internal")])
+                                .or_default("customer", true),
+                        ),
+                        plan: Some(ValueRule::map(
+                            "groups",
+                            &[("staff", "internal"), ("paying", "customer")],
+                        )),
+                    },
+                ),
+                Issuer::jwks_url(
+                    "partner",
+                    "https://idp.partner.example/",
+                    AUDIENCE,
+                    "https://idp.partner.example/keys",
+                )
+                .ca_bundle(&kit.ca)
+                .fetch(Fetch {
+                    cache_max_s: Some(300),
+                    max_stale_s: Some(600),
+                    ..Fetch::default()
+                })
+                .claims(Claims {
+                    roles: Some("scope".into()),
+                    roles_format: Some("scope".into()),
+                    class: Some(ValueRule::Path("tier".into())),
+                    ..Claims::default()
+                }),
+                Issuer::jwks_file("files", "https://files.example", AUDIENCE, &kit.jwks),
+            ],
         })
         .anomaly(Anomaly {
             internal: Some(Thresholds {
@@ -126,6 +176,8 @@ fn a_builder_config_with_every_section_is_accepted_by_the_agent() {
         "[controller]",
         "[listen]",
         "[tokens]",
+        "[[tokens.issuers]]",
+        "[tokens.issuers.claims]",
         "[anomaly]",
         "[anomaly.internal]",
         "[anomaly.partner]",
@@ -138,9 +190,20 @@ fn a_builder_config_with_every_section_is_accepted_by_the_agent() {
         assert!(text.contains(section), "no {section} in:\n{text}");
     }
     // The agent's own parser, as a library ...
-    if let Err(e) = tollgate::config::Config::parse(&text, "builder") {
-        panic!("the agent refused the builder's config: {e}\n{text}");
-    }
+    let parsed = match tollgate::config::Config::parse(&text, "builder") {
+        Ok(c) => c,
+        Err(e) => panic!("the agent refused the builder's config: {e}\n{text}"),
+    };
+    // ... which kept the issuers, and a value map's order, as the builder wrote them ...
+    let t = parsed.tokens.expect("tokens");
+    let names: Vec<&str> = t.issuers.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["default", "corp", "partner", "files"], "{text}");
+    let plan = &t.issuer("corp").expect("corp").claims.plan.values;
+    assert_eq!(
+        plan.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        ["staff", "paying"],
+        "{text}"
+    );
     // ... and as `tollgate config check`, the operator's command.
     let path = config.write(&dirs.state_dir.join("every-section.toml"));
     let out = std::process::Command::new(tollgate_bin())
@@ -172,4 +235,35 @@ fn optional_keys_left_unset_are_not_written() {
         "{text}"
     );
     tollgate::config::Config::parse(&text, "builder").expect("a minimal config is valid");
+}
+
+/// `tollgate config check` refuses keys over plain HTTP with a sentence that says why, and
+/// names the file, line and key.
+#[test]
+fn config_check_refuses_a_jwks_url_over_plain_http() {
+    let dirs = AgentDirs::new();
+    let kit = TokenKit::new(&dirs, Ipv4Addr::new(198, 18, 0, 2));
+    let config = Config::new(&["tg-builder1"])
+        .tokens(
+            Tokens::tls_only(&kit.ca, &kit.tls_key).issuer(Issuer::jwks_url(
+                "idp",
+                "https://idp.example",
+                AUDIENCE,
+                "http://idp.example/keys",
+            )),
+        )
+        .plan(Plan::new("customer"))
+        .endpoint(Endpoint::tcp("bind", 8443, &tollgate_tests::tokenlab::BIND_CLASSES).anonymous());
+    let path = config.write(&dirs.state_dir.join("plain-http.toml"));
+    let out = std::process::Command::new(tollgate_bin())
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .expect("tollgate config check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted:\n{}", config.render());
+    assert!(
+        stderr.contains("tokens.issuers[0].jwks_url: \"http://idp.example/keys\" is plain HTTP"),
+        "{stderr}"
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
-use tollgate_common::token::{ClaimNames, Claims, KeySet, Policy, REFUSALS, Refusal};
+use tollgate_common::token::{ClaimNames, Claims, KeySet, Mapping, Policy, REFUSALS, Refusal};
 
 use crate::{
     config::{Config, Tokens},
@@ -44,14 +44,14 @@ pub fn load_keys(path: &Path) -> Result<KeySet, KeysError> {
 
 impl TokenService {
     pub fn new(cfg: &Tokens) -> Result<TokenService, KeysError> {
-        let keys = load_keys(&cfg.jwks)?;
+        let keys = load_keys(&interim_jwks(cfg))?;
         let mut results: BTreeMap<&'static str, u64> =
             REFUSALS.iter().map(|r| (r.label(), 0)).collect();
         results.insert("ok", 0);
         Ok(TokenService {
             keys,
             policy: policy_of(cfg),
-            jwks_mtime: mtime(&cfg.jwks),
+            jwks_mtime: mtime(&interim_jwks(cfg)),
             results,
             thefts: 0,
         })
@@ -60,12 +60,12 @@ impl TokenService {
     /// Re-reads the JWKS when the file changed (key rotation without a reload); a broken file
     /// keeps the keys in use.
     pub fn refresh(&mut self, cfg: &Tokens) -> Option<Result<usize, KeysError>> {
-        let now = mtime(&cfg.jwks);
+        let now = mtime(&interim_jwks(cfg));
         if now == self.jwks_mtime {
             return None;
         }
         self.jwks_mtime = now;
-        Some(load_keys(&cfg.jwks).map(|k| {
+        Some(load_keys(&interim_jwks(cfg)).map(|k| {
             self.keys = k;
             self.keys.len()
         }))
@@ -77,17 +77,19 @@ impl TokenService {
 }
 
 pub fn policy_of(cfg: &Tokens) -> Policy {
+    let names = ClaimNames {
+        identity: cfg.identity_claim.clone(),
+        class: cfg.class_claim.clone(),
+        plan: cfg.plan_claim.clone(),
+        roles: cfg.roles_claim.clone(),
+    };
     Policy {
-        audience: cfg.audience.clone(),
+        issuer: None,
+        audiences: cfg.audience.clone().into_iter().collect(),
         max_ttl_s: cfg.max_ttl_s,
         skew_s: cfg.clock_skew_s,
         max_token_bytes: cfg.max_token_bytes,
-        claim_names: ClaimNames {
-            identity: cfg.identity_claim.clone(),
-            class: cfg.class_claim.clone(),
-            plan: cfg.plan_claim.clone(),
-            roles: cfg.roles_claim.clone(),
-        },
+        mapping: Mapping::legacy(&names, None, None),
     }
 }
 
@@ -234,4 +236,15 @@ pub fn placement(
         roles: c.roles.clone(),
         expires_unix_ms: c.exp.saturating_mul(1000),
     }))
+}
+
+// Interim until the issuers are wired: the first file source.
+fn interim_jwks(cfg: &Tokens) -> std::path::PathBuf {
+    cfg.issuers
+        .iter()
+        .find_map(|i| match &i.source {
+            crate::config::KeySource::File(p) => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
 }

@@ -122,11 +122,16 @@ pub struct Listen {
     pub metrics: Option<String>,
 }
 
-/// `[tokens]`.
+/// `[tokens]`. `jwks` and `audience` are the legacy issuer `default`: left out of the file
+/// when empty, for a node that trusts `[[tokens.issuers]]` only.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Tokens {
+    #[serde(skip_serializing_if = "path_is_empty")]
     pub jwks: PathBuf,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub audience: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -147,6 +152,208 @@ pub struct Tokens {
     pub default_class: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_plan: Option<String>,
+    /// `[tokens]`' fetch settings: every issuer's defaults.
+    #[serde(flatten)]
+    pub fetch: Fetch,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub issuers: Vec<Issuer>,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+impl Tokens {
+    /// `[tokens]` with the bind listener's TLS files and no legacy issuer: add issuers.
+    pub fn tls_only(tls_cert: &Path, tls_key: &Path) -> Tokens {
+        Tokens {
+            tls_cert: tls_cert.to_owned(),
+            tls_key: tls_key.to_owned(),
+            ..Tokens::default()
+        }
+    }
+
+    pub fn issuer(mut self, issuer: Issuer) -> Tokens {
+        self.issuers.push(issuer);
+        self
+    }
+}
+
+/// How remote keys are fetched (keys of `[tokens]` and of each `[[tokens.issuers]]`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Fetch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_max_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_min_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_max_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refetch_cooldown_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_stale_s: Option<u64>,
+}
+
+/// One `[[tokens.issuers]]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Issuer {
+    pub name: String,
+    pub issuer: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<bool>,
+    #[serde(flatten)]
+    pub fetch: Fetch,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims: Option<Claims>,
+}
+
+impl Issuer {
+    /// An issuer whose keys come from OIDC discovery at `issuer`.
+    pub fn discovery(name: &str, issuer: &str, audience: &str) -> Issuer {
+        Issuer {
+            name: name.into(),
+            issuer: issuer.into(),
+            audiences: vec![audience.into()],
+            discovery: Some(true),
+            ..Issuer::default()
+        }
+    }
+
+    /// An issuer whose keys are at `url`.
+    pub fn jwks_url(name: &str, issuer: &str, audience: &str, url: &str) -> Issuer {
+        Issuer {
+            name: name.into(),
+            issuer: issuer.into(),
+            audiences: vec![audience.into()],
+            jwks_url: Some(url.into()),
+            ..Issuer::default()
+        }
+    }
+
+    /// An issuer whose keys are a local file.
+    pub fn jwks_file(name: &str, issuer: &str, audience: &str, file: &Path) -> Issuer {
+        Issuer {
+            name: name.into(),
+            issuer: issuer.into(),
+            audiences: vec![audience.into()],
+            jwks: Some(file.to_owned()),
+            ..Issuer::default()
+        }
+    }
+
+    pub fn ca_bundle(mut self, pem: &Path) -> Issuer {
+        self.fetch.ca_bundle = Some(pem.to_owned());
+        self
+    }
+
+    pub fn fetch(mut self, fetch: Fetch) -> Issuer {
+        let ca = self.fetch.ca_bundle.take();
+        self.fetch = fetch;
+        self.fetch.ca_bundle = self.fetch.ca_bundle.take().or(ca);
+        self
+    }
+
+    pub fn claims(mut self, claims: Claims) -> Issuer {
+        self.claims = Some(claims);
+        self
+    }
+}
+
+/// `[tokens.issuers.claims]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Claims {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles: Option<String>,
+    /// `"array"` or `"scope"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles_required: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<ValueRule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<ValueRule>,
+}
+
+/// `class` / `plan` of `[tokens.issuers.claims]`: a claim path, or a value map.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum ValueRule {
+    Path(String),
+    Map {
+        claim: String,
+        #[serde(skip_serializing_if = "Values::is_empty")]
+        values: Values,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        default: Option<String>,
+        /// `"refuse"` or `"default"`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unmapped: Option<String>,
+    },
+}
+
+impl ValueRule {
+    /// `{ claim, values = { <claim value> = <output>, ... } }` in the order given.
+    pub fn map(claim: &str, values: &[(&str, &str)]) -> ValueRule {
+        ValueRule::Map {
+            claim: claim.into(),
+            values: Values(
+                values
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            default: None,
+            unmapped: None,
+        }
+    }
+
+    /// Sets `default` (and `unmapped = "default"` when `unmapped_too`).
+    pub fn or_default(mut self, output: &str, unmapped_too: bool) -> ValueRule {
+        if let ValueRule::Map {
+            default, unmapped, ..
+        } = &mut self
+        {
+            *default = Some(output.into());
+            if unmapped_too {
+                *unmapped = Some("default".into());
+            }
+        }
+        self
+    }
+}
+
+/// A value map's entries, written in this order (the agent keeps the file's order).
+#[derive(Clone, Debug, Default)]
+pub struct Values(pub Vec<(String, String)>);
+
+impl Values {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for Values {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
 }
 
 /// `[anomaly]`.

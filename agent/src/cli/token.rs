@@ -10,7 +10,7 @@ use tollgate::{
     state::now_unix_ms,
     token_bind,
 };
-use tollgate_common::token::{ClaimNames, NewToken, Policy, SigningKey, verify};
+use tollgate_common::token::{ClaimNames, Mapping, NewToken, Policy, SigningKey, verify};
 
 use super::{Ctx, Outcome, args, exit, fail, print};
 
@@ -204,14 +204,15 @@ fn verify_cmd(
         None => None,
     };
     let (policy, jwks_path) = match (&cfg, jwks_path, audience) {
-        (Some(t), None, None) => (token_bind::policy_of(t), t.jwks.clone()),
+        (Some(t), None, None) => (token_bind::policy_of(t), t.jwks.clone().unwrap_or_default()),
         (_, Some(j), Some(aud)) => (
             Policy {
-                audience: aud.to_owned(),
+                issuer: None,
+                audiences: vec![aud.to_owned()],
                 max_ttl_s: cfg.as_ref().map_or(3600, |t| t.max_ttl_s),
                 skew_s: cfg.as_ref().map_or(30, |t| t.clock_skew_s),
                 max_token_bytes: cfg.as_ref().map_or(8192, |t| t.max_token_bytes),
-                claim_names: ClaimNames::default(),
+                mapping: Mapping::default(),
             },
             j.to_owned(),
         ),

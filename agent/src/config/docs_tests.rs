@@ -74,7 +74,15 @@ fn parser_keys(section: &str) -> BTreeSet<String> {
         "plans" => {
             "[node]\ninterfaces = [\"eth0\"]\n[[plans]]\nname = \"p\"\nzz_unknown = 1\n".into()
         }
-        "endpoints" | "identities" => format!("{base}[[{section}]]\nzz_unknown = 1\n"),
+        "endpoints" | "identities" | "tokens.issuers" => {
+            format!("{base}[[{section}]]\nzz_unknown = 1\n")
+        }
+        "tokens.issuers.claims" => {
+            format!("{base}[[tokens.issuers]]\n[tokens.issuers.claims]\nzz_unknown = 1\n")
+        }
+        "tokens.issuers.claims.plan" => format!(
+            "{base}[[tokens.issuers]]\n[tokens.issuers.claims]\nplan = {{ zz_unknown = 1 }}\n"
+        ),
         _ => format!("{base}[{section}]\nzz_unknown = 1\n"),
     };
     let e = Config::parse(&text, "t.toml").expect_err("an unknown key is refused");
@@ -101,6 +109,7 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
     let controller = Controller::default();
     let listen = Listen::default();
     let anomaly = Anomaly::default();
+    let fetch = Fetch::default();
     let path = |p: &std::path::Path| Some(p.display().to_string());
     let gpu_source = match controller.gpu_source {
         GpuSourceKind::Nvml => "nvml",
@@ -249,6 +258,81 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
         ),
         ("tokens", "default_class", None),
         ("tokens", "default_plan", None),
+        ("tokens", "issuer", None),
+        ("tokens", "issuers", None),
+        ("tokens", "ca_bundle", None),
+        (
+            "tokens",
+            "jwks_max_bytes",
+            Some(fetch.max_bytes.to_string()),
+        ),
+        (
+            "tokens",
+            "fetch_timeout_ms",
+            Some(fetch.timeout_ms.to_string()),
+        ),
+        ("tokens", "cache_min_s", Some(fetch.cache_min_s.to_string())),
+        ("tokens", "cache_max_s", Some(fetch.cache_max_s.to_string())),
+        (
+            "tokens",
+            "refetch_cooldown_s",
+            Some(fetch.refetch_cooldown_s.to_string()),
+        ),
+        ("tokens", "max_stale_s", Some(fetch.max_stale_s.to_string())),
+        ("tokens.issuers", "name", None),
+        ("tokens.issuers", "issuer", None),
+        ("tokens.issuers", "audience", None),
+        ("tokens.issuers", "audiences", None),
+        ("tokens.issuers", "jwks", None),
+        ("tokens.issuers", "jwks_url", None),
+        ("tokens.issuers", "discovery", Some("false".to_owned())),
+        // An issuer's fetch settings default to [tokens]' (the docs say so).
+        ("tokens.issuers", "ca_bundle", None),
+        ("tokens.issuers", "jwks_max_bytes", None),
+        ("tokens.issuers", "fetch_timeout_ms", None),
+        ("tokens.issuers", "cache_min_s", None),
+        ("tokens.issuers", "cache_max_s", None),
+        ("tokens.issuers", "refetch_cooldown_s", None),
+        ("tokens.issuers", "max_stale_s", None),
+        ("tokens.issuers", "claims", None),
+        (
+            "tokens.issuers.claims",
+            "identity",
+            Some(Tokens::DEFAULT_IDENTITY_CLAIM.to_owned()),
+        ),
+        (
+            "tokens.issuers.claims",
+            "roles",
+            Some(Tokens::DEFAULT_ROLES_CLAIM.to_owned()),
+        ),
+        (
+            "tokens.issuers.claims",
+            "roles_format",
+            Some("array".to_owned()),
+        ),
+        (
+            "tokens.issuers.claims",
+            "roles_required",
+            Some("false".to_owned()),
+        ),
+        (
+            "tokens.issuers.claims",
+            "class",
+            Some(Tokens::DEFAULT_CLASS_CLAIM.to_owned()),
+        ),
+        (
+            "tokens.issuers.claims",
+            "plan",
+            Some(Tokens::DEFAULT_PLAN_CLAIM.to_owned()),
+        ),
+        ("tokens.issuers.claims.plan", "claim", None),
+        ("tokens.issuers.claims.plan", "values", None),
+        ("tokens.issuers.claims.plan", "default", None),
+        (
+            "tokens.issuers.claims.plan",
+            "unmapped",
+            Some("refuse".to_owned()),
+        ),
         ("anomaly", "mode", Some(mode.to_owned())),
         ("anomaly", "alpha", Some(num(anomaly.alpha))),
         (

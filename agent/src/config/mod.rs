@@ -81,10 +81,12 @@ pub fn class_from_label(label: &str) -> Option<Class> {
 /// How tokens are verified and what their claims mean.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tokens {
-    /// JWKS file with the public keys (algorithm pinned per key).
-    pub jwks: PathBuf,
-    /// The audience this node pool accepts (`aud` must contain it).
-    pub audience: String,
+    /// `tokens.jwks`: the legacy single issuer's key file (the issuer named `default`).
+    pub jwks: Option<PathBuf>,
+    /// `tokens.audience`: the legacy issuer's audience (`aud` must contain it).
+    pub audience: Option<String>,
+    /// `tokens.issuer`: the legacy issuer's `iss`; `None`: `iss` is not checked.
+    pub issuer: Option<String>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub max_ttl_s: u64,
@@ -101,6 +103,116 @@ pub struct Tokens {
     /// The most live token bindings one identity may hold: past it a bind from a new address
     /// is refused (`binding_cap`, 429), so one customer cannot fill the binding table.
     pub max_bindings_per_identity: usize,
+    /// `[tokens]`' fetch settings: the defaults of every issuer.
+    pub fetch: Fetch,
+    /// Every trusted issuer: the legacy `default` (from `tokens.jwks`) first when there is
+    /// one, then `[[tokens.issuers]]` in file order. Never empty.
+    pub issuers: Vec<Issuer>,
+}
+
+/// The name of the issuer `tokens.jwks` + `tokens.audience` make.
+pub const LEGACY_ISSUER: &str = "default";
+
+/// How an issuer's remote keys are fetched and how long they serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetch {
+    /// PEM roots to trust instead of the system's.
+    pub ca_bundle: Option<PathBuf>,
+    /// A larger JWKS (or discovery document) is refused (`too_large`).
+    pub max_bytes: usize,
+    /// One fetch, connect to last byte.
+    pub timeout_ms: u64,
+    /// Bounds on the refresh interval `Cache-Control: max-age` sets (no max-age: the max).
+    pub cache_min_s: u64,
+    pub cache_max_s: u64,
+    /// At most one fetch for unknown `kid`s per this many seconds.
+    pub refetch_cooldown_s: u64,
+    /// The last good keys serve this long after their fetch; then `keys_unavailable`.
+    pub max_stale_s: u64,
+}
+
+/// One trusted issuer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issuer {
+    /// `[a-z0-9_-]{1,32}`, unique: metric labels and status name it.
+    pub name: String,
+    /// `iss` must equal it exactly; `None` only for the legacy issuer without
+    /// `tokens.issuer`.
+    pub issuer: Option<String>,
+    /// `aud` must contain one of them.
+    pub audiences: Vec<String>,
+    pub source: KeySource,
+    /// `[tokens]`' fetch settings with this issuer's overrides.
+    pub fetch: Fetch,
+    pub claims: ClaimRules,
+}
+
+/// Where an issuer's keys come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// A local JWKS file, re-read when it changes.
+    File(PathBuf),
+    /// An https URL.
+    JwksUrl(String),
+    /// `{issuer}/.well-known/openid-configuration`'s `jwks_uri`.
+    Discovery,
+}
+
+impl KeySource {
+    pub fn is_remote(&self) -> bool {
+        !matches!(self, KeySource::File(_))
+    }
+}
+
+/// What an issuer's claims mean.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRules {
+    /// Dotted claim path of the identity.
+    pub identity: String,
+    /// Dotted claim path of the roles.
+    pub roles: String,
+    /// `scope`: one space-separated string; `array`: an array of strings.
+    pub roles_scope: bool,
+    /// A token without the roles claim is refused (`missing_roles`).
+    pub roles_required: bool,
+    pub class: ValueMap,
+    pub plan: ValueMap,
+}
+
+/// A claim whose value is mapped to a class or a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValueMap {
+    /// Dotted claim path.
+    pub claim: String,
+    /// claim value -> output, in file order; empty: the claim's value is the output.
+    pub values: Vec<(String, String)>,
+    /// When the claim is absent (and, with `unmapped_default`, when its value is not in
+    /// `values`). Checked: a class label or a configured plan.
+    pub default: Option<String>,
+    /// `unmapped = "default"`: a value not in `values` takes `default` instead of the
+    /// refusal `unmapped_value`.
+    pub unmapped_default: bool,
+}
+
+impl Tokens {
+    /// The issuer named `name`.
+    pub fn issuer(&self, name: &str) -> Option<&Issuer> {
+        self.issuers.iter().find(|i| i.name == name)
+    }
+}
+
+impl Default for Fetch {
+    fn default() -> Self {
+        Fetch {
+            ca_bundle: None,
+            max_bytes: 256 * 1024,
+            timeout_ms: 5000,
+            cache_min_s: 30,
+            cache_max_s: 3600,
+            refetch_cooldown_s: 30,
+            max_stale_s: 86400,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -241,6 +353,8 @@ impl Tokens {
     pub const DEFAULT_CLASS_CLAIM: &'static str = "tollgate_class";
     pub const DEFAULT_PLAN_CLAIM: &'static str = "tollgate_plan";
     pub const DEFAULT_ROLES_CLAIM: &'static str = "tollgate_roles";
+    /// More would make every status and scrape long for no use: a node trusts a handful.
+    pub const MAX_ISSUERS: usize = 32;
 }
 
 impl Plan {

@@ -37,8 +37,9 @@ pub(super) struct RawMetrics {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTokens {
-    pub jwks: S<String>,
-    pub audience: S<String>,
+    pub jwks: Option<S<String>>,
+    pub audience: Option<S<String>>,
+    pub issuer: Option<S<String>>,
     pub tls_cert: S<String>,
     pub tls_key: S<String>,
     pub max_ttl_s: Option<S<i64>>,
@@ -51,6 +52,147 @@ pub(super) struct RawTokens {
     pub default_class: Option<S<String>>,
     pub default_plan: Option<S<String>>,
     pub max_bindings_per_identity: Option<S<i64>>,
+    pub ca_bundle: Option<S<String>>,
+    pub jwks_max_bytes: Option<S<i64>>,
+    pub fetch_timeout_ms: Option<S<i64>>,
+    pub cache_min_s: Option<S<i64>>,
+    pub cache_max_s: Option<S<i64>>,
+    pub refetch_cooldown_s: Option<S<i64>>,
+    pub max_stale_s: Option<S<i64>>,
+    pub issuers: Option<List<RawIssuer>>,
+}
+
+/// How remote keys are fetched: `[tokens]`' defaults, each overridable per issuer. (Not
+/// `#[serde(flatten)]`ed into both: flatten loses the spans and `deny_unknown_fields`.)
+#[derive(Default)]
+pub(super) struct RawFetch {
+    pub ca_bundle: Option<S<String>>,
+    pub jwks_max_bytes: Option<S<i64>>,
+    pub fetch_timeout_ms: Option<S<i64>>,
+    pub cache_min_s: Option<S<i64>>,
+    pub cache_max_s: Option<S<i64>>,
+    pub refetch_cooldown_s: Option<S<i64>>,
+    pub max_stale_s: Option<S<i64>>,
+}
+
+macro_rules! take_fetch {
+    ($raw:expr) => {
+        RawFetch {
+            ca_bundle: $raw.ca_bundle.take(),
+            jwks_max_bytes: $raw.jwks_max_bytes.take(),
+            fetch_timeout_ms: $raw.fetch_timeout_ms.take(),
+            cache_min_s: $raw.cache_min_s.take(),
+            cache_max_s: $raw.cache_max_s.take(),
+            refetch_cooldown_s: $raw.refetch_cooldown_s.take(),
+            max_stale_s: $raw.max_stale_s.take(),
+        }
+    };
+}
+
+impl RawTokens {
+    pub fn take_fetch(&mut self) -> RawFetch {
+        take_fetch!(self)
+    }
+}
+
+impl RawIssuer {
+    pub fn take_fetch(&mut self) -> RawFetch {
+        take_fetch!(self)
+    }
+}
+
+/// One `[[tokens.issuers]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIssuer {
+    pub name: S<String>,
+    pub issuer: S<String>,
+    pub audience: Option<S<String>>,
+    pub audiences: Option<List<String>>,
+    pub jwks: Option<S<String>>,
+    pub jwks_url: Option<S<String>>,
+    pub discovery: Option<S<bool>>,
+    pub ca_bundle: Option<S<String>>,
+    pub jwks_max_bytes: Option<S<i64>>,
+    pub fetch_timeout_ms: Option<S<i64>>,
+    pub cache_min_s: Option<S<i64>>,
+    pub cache_max_s: Option<S<i64>>,
+    pub refetch_cooldown_s: Option<S<i64>>,
+    pub max_stale_s: Option<S<i64>>,
+    pub claims: Option<S<RawClaims>>,
+}
+
+/// `[tokens.issuers.claims]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClaims {
+    pub identity: Option<S<String>>,
+    pub roles: Option<S<String>>,
+    pub roles_format: Option<S<String>>,
+    pub roles_required: Option<S<bool>>,
+    pub class: Option<S<RawValueRule>>,
+    pub plan: Option<S<RawValueRule>>,
+}
+
+/// `class` / `plan` of `[tokens.issuers.claims]`: a claim path, or a table with a value map.
+pub(super) enum RawValueRule {
+    Path(String),
+    Map(RawValueMap),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawValueMap {
+    pub claim: S<String>,
+    pub values: Option<S<RawValues>>,
+    pub default: Option<S<String>>,
+    pub unmapped: Option<S<String>>,
+}
+
+/// `values = { <claim value> = "<output>", ... }` in the order the file has them (an array
+/// claim maps to the first configured value it contains, so the order is the operator's
+/// precedence). The order comes from the values' spans: a TOML table's keys are not ordered.
+pub(super) struct RawValues(pub Vec<(String, S<String>)>);
+
+impl<'de> Deserialize<'de> for RawValueRule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = RawValueRule;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a claim path or a table { claim, values, default, unmapped }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawValueRule, E> {
+                Ok(RawValueRule::Path(v.to_owned()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawValueRule, A::Error> {
+                RawValueMap::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawValueRule::Map)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawValues {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = RawValues;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of claim value = \"output\"")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RawValues, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, S<String>>()? {
+                    out.push((k, v));
+                }
+                out.sort_by_key(|(_, v)| v.span().start);
+                Ok(RawValues(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 #[derive(Deserialize)]

@@ -943,7 +943,21 @@ anonymous = true
 fn tokens_section_defaults_and_values() {
     let c = Config::parse(&with(&format!("{TOKENS}{BIND_ENDPOINT}")), "t.toml").unwrap();
     let t = c.tokens.expect("tokens");
-    assert_eq!(t.audience, "pool-a");
+    assert_eq!(t.audience.as_deref(), Some("pool-a"));
+    // The legacy keys are one issuer named `default`, with no `iss` check.
+    assert_eq!(t.issuers.len(), 1);
+    let d = &t.issuers[0];
+    assert_eq!((d.name.as_str(), d.issuer.as_deref()), ("default", None));
+    assert_eq!(d.audiences, ["pool-a"]);
+    assert_eq!(
+        d.source,
+        KeySource::File(PathBuf::from("/etc/tollgate/jwks.json"))
+    );
+    assert_eq!(d.fetch, Fetch::default());
+    assert_eq!(
+        (d.claims.class.claim.as_str(), d.claims.plan.claim.as_str()),
+        ("tollgate_class", "tollgate_plan")
+    );
     assert_eq!(
         (t.max_ttl_s, t.clock_skew_s, t.max_token_bytes),
         (3600, 30, 8192)
@@ -991,9 +1005,23 @@ fn tokens_section_refusals() {
     assert_refused(
         &with("\n[tokens]\naudience = \"x\"\n"),
         7,
-        "tokens.jwks",
+        "tokens.tls_cert",
         "required",
     );
+    let tls = "\n[tokens]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n";
+    assert_refused(
+        &with(&format!("{tls}audience = \"x\"\n")),
+        10,
+        "tokens.jwks",
+        "no tokens.jwks",
+    );
+    assert_refused(
+        &with(&format!("{tls}jwks = \"/j.json\"\n")),
+        10,
+        "tokens.audience",
+        "needs tokens.audience",
+    );
+    assert_refused(&with(tls), 7, "tokens", "no issuer");
 }
 
 #[test]
@@ -1111,4 +1139,420 @@ fn tunnels_takes_a_policy_and_refuses_others() {
         "node.tunnels",
         "expected enforce (cover every decapsulating device), refuse",
     );
+}
+
+/// `[tokens]` without the legacy issuer: TLS files only. Lines of what follows start at 10.
+const TLS_ONLY: &str = "
+[tokens]
+tls_cert = \"/etc/tollgate/cert.pem\"
+tls_key = \"/etc/tollgate/key.pem\"
+";
+
+fn issuers(extra: &str) -> String {
+    with(&format!("{TLS_ONLY}{extra}{BIND_ENDPOINT}"))
+}
+
+/// A plan `gold` beside the base's `free`, for value maps.
+fn issuers_gold(extra: &str) -> String {
+    format!("{BASE}\n[[plans]]\nname = \"gold\"\n{TLS_ONLY}{extra}{BIND_ENDPOINT}")
+}
+
+#[test]
+fn issuers_with_each_key_source_and_a_claim_mapping() {
+    let text = issuers_gold(
+        "cache_max_s = 600
+max_stale_s = 7200
+
+[[tokens.issuers]]
+name = \"corp\"
+issuer = \"https://login.example.com/realms/corp\"
+audiences = [\"pool-a\", \"pool-b\"]
+discovery = true
+cache_min_s = 10
+
+[tokens.issuers.claims]
+identity = \"client_id\"
+roles = \"realm_access.roles\"
+roles_required = true
+class = \"tollgate_class\"
+plan = { claim = \"groups\", values = { silver = \"free\", gold = \"gold\", bronze = \"free\" }, default = \"free\", unmapped = \"default\" }
+
+[[tokens.issuers]]
+name = \"partner-idp\"
+issuer = \"https://idp.partner.example/\"
+audience = \"pool-a\"
+jwks_url = \"https://idp.partner.example/keys\"
+ca_bundle = \"/etc/tollgate/partner-ca.pem\"
+
+[tokens.issuers.claims]
+roles = \"scope\"
+roles_format = \"scope\"
+class = { claim = \"tier\", values = { p = \"partner\" } }
+
+[[tokens.issuers]]
+name = \"files\"
+issuer = \"https://files.example\"
+audience = \"x\"
+jwks = \"/etc/tollgate/files-jwks.json\"
+",
+    );
+    let c = Config::parse(&text, "t.toml").unwrap();
+    let t = c.tokens.unwrap();
+    assert_eq!((t.jwks.as_ref(), t.audience.as_ref()), (None, None));
+    let names: Vec<&str> = t.issuers.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["corp", "partner-idp", "files"]);
+    let corp = t.issuer("corp").unwrap();
+    assert_eq!(
+        corp.issuer.as_deref(),
+        Some("https://login.example.com/realms/corp")
+    );
+    assert_eq!(corp.audiences, ["pool-a", "pool-b"]);
+    assert_eq!(corp.source, KeySource::Discovery);
+    // [tokens]' settings are the defaults, an issuer's own keys override them.
+    assert_eq!(
+        (
+            corp.fetch.cache_min_s,
+            corp.fetch.cache_max_s,
+            corp.fetch.max_stale_s,
+            corp.fetch.refetch_cooldown_s
+        ),
+        (10, 600, 7200, 30)
+    );
+    assert_eq!(corp.claims.identity, "client_id");
+    assert_eq!(corp.claims.roles, "realm_access.roles");
+    assert!(corp.claims.roles_required && !corp.claims.roles_scope);
+    assert_eq!(corp.claims.class.claim, "tollgate_class");
+    assert!(corp.claims.class.values.is_empty());
+    // File order kept: an array claim maps to the first value listed that it contains.
+    let plan = &corp.claims.plan;
+    assert_eq!(plan.claim, "groups");
+    let order: Vec<(&str, &str)> = plan
+        .values
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        [("silver", "free"), ("gold", "gold"), ("bronze", "free")]
+    );
+    assert_eq!(plan.default.as_deref(), Some("free"));
+    assert!(plan.unmapped_default);
+    let partner = t.issuer("partner-idp").unwrap();
+    // Exactly as written: `iss` is compared byte for byte, trailing slash included.
+    assert_eq!(
+        partner.issuer.as_deref(),
+        Some("https://idp.partner.example/")
+    );
+    assert_eq!(
+        partner.source,
+        KeySource::JwksUrl("https://idp.partner.example/keys".into())
+    );
+    assert_eq!(
+        partner.fetch.ca_bundle.as_deref(),
+        Some(Path::new("/etc/tollgate/partner-ca.pem"))
+    );
+    assert!(partner.claims.roles_scope);
+    assert_eq!(
+        partner.claims.class.values,
+        [("p".to_owned(), "partner".to_owned())]
+    );
+    assert!(!partner.claims.class.unmapped_default);
+    assert_eq!(partner.claims.identity, "sub");
+    assert_eq!(
+        t.issuer("files").unwrap().source,
+        KeySource::File(PathBuf::from("/etc/tollgate/files-jwks.json"))
+    );
+}
+
+#[test]
+fn the_legacy_issuer_and_configured_ones_together() {
+    let text = with(&format!(
+        "{TOKENS}issuer = \"https://tollgate.example\"
+[[tokens.issuers]]
+name = \"idp\"
+issuer = \"https://idp.example\"
+audience = \"pool-a\"
+discovery = true
+{BIND_ENDPOINT}"
+    ));
+    let t = Config::parse(&text, "t.toml").unwrap().tokens.unwrap();
+    let names: Vec<&str> = t.issuers.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["default", "idp"]);
+    assert_eq!(
+        t.issuers[0].issuer.as_deref(),
+        Some("https://tollgate.example")
+    );
+    // `default` is the legacy issuer's name.
+    assert_refused(
+        &with(&format!(
+            "{TOKENS}[[tokens.issuers]]\nname = \"default\"\nissuer = \"https://i.example\"\naudience = \"a\"\ndiscovery = true\n"
+        )),
+        13,
+        "tokens.issuers[0].name",
+        "tokens.jwks makes",
+    );
+    // Two issuers, one URL: a token's iss could not pick one.
+    assert_refused(
+        &with(&format!(
+            "{TOKENS}issuer = \"https://i.example\"\n[[tokens.issuers]]\nname = \"b\"\nissuer = \"https://i.example\"\naudience = \"a\"\ndiscovery = true\n"
+        )),
+        15,
+        "tokens.issuers[0].issuer",
+        "issuer \"default\"'s too",
+    );
+}
+
+const ISSUER: &str = "
+[[tokens.issuers]]
+name = \"idp\"
+issuer = \"https://idp.example\"
+audience = \"pool-a\"
+";
+
+#[test]
+fn a_jwks_url_over_plain_http_is_refused() {
+    assert_refused(
+        &issuers(&format!("{ISSUER}jwks_url = \"http://idp.example/keys\"\n")),
+        15,
+        "tokens.issuers[0].jwks_url",
+        "\"http://idp.example/keys\" is plain HTTP: keys fetched without TLS could be replaced",
+    );
+    assert_refused(
+        &issuers(&format!("{ISSUER}jwks_url = \"ftp://idp.example/keys\"\n")),
+        15,
+        "tokens.issuers[0].jwks_url",
+        "not an https URL",
+    );
+    assert_refused(
+        &issuers(&ISSUER.replace("https://idp.example", "http://idp.example")),
+        13,
+        "tokens.issuers[0].issuer",
+        "must start with https://",
+    );
+}
+
+#[test]
+fn issuer_refusals() {
+    let src = "discovery = true\n";
+    // Key sources: exactly one.
+    assert_refused(&issuers(ISSUER), 11, "tokens.issuers[0]", "this one has 0");
+    assert_refused(
+        &issuers(&format!("{ISSUER}{src}jwks = \"/j.json\"\n")),
+        11,
+        "tokens.issuers[0]",
+        "this one has 2",
+    );
+    assert_refused(
+        &issuers(&format!("{ISSUER}discovery = false\n")),
+        11,
+        "tokens.issuers[0]",
+        "exactly one of",
+    );
+    assert_refused(
+        &issuers(&format!("{ISSUER}jwks = \"j.json\"\n")),
+        15,
+        "tokens.issuers[0].jwks",
+        "absolute",
+    );
+    // Names and audiences.
+    assert_refused(
+        &issuers(&format!(
+            "{}{src}",
+            ISSUER.replace("\"idp\"", "\"Corp IdP\"")
+        )),
+        12,
+        "tokens.issuers[0].name",
+        "not a valid name",
+    );
+    assert_refused(
+        &issuers(&format!(
+            "{ISSUER}{src}{}{src}",
+            ISSUER.replace("https://idp.example", "https://other.example")
+        )),
+        18,
+        "tokens.issuers[1].name",
+        "share this name",
+    );
+    assert_refused(
+        &issuers(&format!("{ISSUER}{src}audiences = [\"b\"]\n")),
+        16,
+        "tokens.issuers[0].audiences",
+        "not both",
+    );
+    assert_refused(
+        &issuers(&format!(
+            "{}{src}",
+            ISSUER.replace("audience = \"pool-a\"", "audiences = []")
+        )),
+        14,
+        "tokens.issuers[0].audiences",
+        "1 to 16 audiences",
+    );
+    assert_refused(
+        &issuers(&format!(
+            "{}{src}",
+            ISSUER.replace("audience = \"pool-a\"\n", "")
+        )),
+        11,
+        "tokens.issuers[0].audience",
+        "needs `audience`",
+    );
+    assert_refused(
+        &issuers(&format!(
+            "{}{src}",
+            ISSUER.replace("idp.example", "idp.example?x=1")
+        )),
+        13,
+        "tokens.issuers[0].issuer",
+        "no query or fragment",
+    );
+    // Fetch settings.
+    assert_refused(
+        &issuers(&format!(
+            "{ISSUER}{src}cache_min_s = 600\ncache_max_s = 60\n"
+        )),
+        16,
+        "tokens.issuers[0].cache_min_s",
+        "backwards",
+    );
+    assert_refused(
+        &issuers(&format!("{ISSUER}{src}max_stale_s = 60\n")),
+        16,
+        "tokens.issuers[0].max_stale_s",
+        "before their next scheduled refresh",
+    );
+    assert_refused(
+        &issuers(&format!("{ISSUER}{src}refetch_cooldown_s = 0\n")),
+        16,
+        "tokens.issuers[0].refetch_cooldown_s",
+        "out of range",
+    );
+    assert_refused(
+        &with(&format!("{TLS_ONLY}jwks_max_bytes = 10\n{ISSUER}{src}")),
+        10,
+        "tokens.jwks_max_bytes",
+        "out of range",
+    );
+    assert_refused(
+        &issuers(&format!("{ISSUER}{src}ca_bundle = \"ca.pem\"\n")),
+        16,
+        "tokens.issuers[0].ca_bundle",
+        "absolute",
+    );
+    assert_refused(
+        &with(&format!(
+            "{TLS_ONLY}issuer = \"https://x.example\"\n{ISSUER}{src}"
+        )),
+        10,
+        "tokens.issuer",
+        "no tokens.jwks",
+    );
+}
+
+#[test]
+fn claim_mapping_refusals() {
+    let head = format!("{ISSUER}discovery = true\n[tokens.issuers.claims]\n");
+    let claims = |extra: &str| issuers_gold(&format!("{head}{extra}"));
+    // Lines: the claims table's first key is on line 20.
+    assert_refused(
+        &claims("plan = { claim = \"groups\", values = { gold = \"platinum\" } }\n"),
+        20,
+        "tokens.issuers[0].claims.plan.values.gold",
+        "unknown plan \"platinum\"",
+    );
+    assert_refused(
+        &claims("class = { claim = \"tier\", values = { a = \"gold\" } }\n"),
+        20,
+        "tokens.issuers[0].claims.class.values.a",
+        "unknown class \"gold\"",
+    );
+    assert_refused(
+        &claims("class = { claim = \"tier\", values = { a = \"anonymous\" } }\n"),
+        20,
+        "tokens.issuers[0].claims.class.values.a",
+        "anonymous",
+    );
+    assert_refused(
+        &claims("plan = { claim = \"groups\", default = \"nope\" }\n"),
+        20,
+        "tokens.issuers[0].claims.plan.default",
+        "unknown plan",
+    );
+    assert_refused(
+        &claims(
+            "plan = { claim = \"groups\", values = { gold = \"gold\" }, unmapped = \"default\" }\n",
+        ),
+        20,
+        "tokens.issuers[0].claims.plan.unmapped",
+        "needs a `default`",
+    );
+    assert_refused(
+        &claims(
+            "plan = { claim = \"groups\", values = { gold = \"gold\" }, unmapped = \"keep\" }\n",
+        ),
+        20,
+        "tokens.issuers[0].claims.plan.unmapped",
+        "unknown unmapped",
+    );
+    assert_refused(
+        &claims("plan = { claim = \"groups\", unmapped = \"refuse\" }\n"),
+        20,
+        "tokens.issuers[0].claims.plan.unmapped",
+        "no `values`",
+    );
+    assert_refused(
+        &claims("roles = \"realm_access..roles\"\n"),
+        20,
+        "tokens.issuers[0].claims.roles",
+        "not a claim path",
+    );
+    assert_refused(
+        &claims("plan = \"exp\"\n"),
+        20,
+        "tokens.issuers[0].claims.plan",
+        "registered claim",
+    );
+    assert_refused(
+        &claims("roles_format = \"csv\"\n"),
+        20,
+        "tokens.issuers[0].claims.roles_format",
+        "unknown roles_format",
+    );
+    assert_refused(
+        &claims("plan = { values = { gold = \"gold\" } }\n"),
+        20,
+        "tokens.issuers[0].claims.plan.claim",
+        "required",
+    );
+    assert_refused(
+        &claims("plan = 3\n"),
+        20,
+        "tokens.issuers[0].claims.plan",
+        "a claim path or a table",
+    );
+    assert_refused(
+        &claims("groups = \"x\"\n"),
+        20,
+        "tokens.issuers[0].claims.groups",
+        "unknown key",
+    );
+}
+
+/// The packaged file's commented [tokens] example is a valid configuration once uncommented.
+#[test]
+fn the_packaged_tokens_example_is_valid() {
+    let text = Config::embedded_default_text();
+    let start = text.find("# [tokens]\n").expect("a [tokens] example");
+    let example: String = text[start..]
+        .lines()
+        .filter_map(|l| l.strip_prefix("# ").or_else(|| (l == "#").then_some("")))
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let full = format!("{}\n{example}", &text[..start]);
+    let c = Config::parse(&full, "example").unwrap_or_else(|e| panic!("{e}\n{full}"));
+    let t = c.tokens.expect("tokens");
+    let names: Vec<&str> = t.issuers.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["default", "corp"]);
+    assert_eq!(t.issuer("corp").unwrap().source, KeySource::Discovery);
 }

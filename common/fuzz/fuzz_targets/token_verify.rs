@@ -13,7 +13,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use tollgate_common::token::{ClaimNames, KeySet, Policy, SigningKey, verify};
+use tollgate_common::token::{KeySet, Mapping, Policy, SigningKey, verify};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -38,11 +38,12 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| Fixture {
         keys: KeySet::from_jwks(JWKS).expect("the fuzz JWKS parses"),
         policy: Policy {
-            audience: "inference".into(),
+            issuer: None,
+            audiences: vec!["inference".into()],
             max_ttl_s: 3600,
             skew_s: 60,
             max_token_bytes: 4096,
-            claim_names: ClaimNames::default(),
+            mapping: Mapping::default(),
         },
         signer: SigningKey::from_file_json(ED_KEY).expect("the fuzz key parses"),
     })
@@ -58,7 +59,7 @@ fn check(f: &Fixture, token: &str) {
     assert!(c.iat <= c.exp && c.exp - c.iat <= f.policy.max_ttl_s);
     assert!(NOW <= c.exp + skew && c.iat <= NOW + skew);
     assert!(c.nbf.is_none_or(|nbf| nbf <= NOW + skew));
-    assert!(c.audience.contains(&f.policy.audience));
+    assert!(f.policy.audiences.iter().any(|a| c.audience.contains(a)));
     assert!(f.keys.get(&c.kid).is_some_and(|k| k.alg == c.alg));
 }
 

@@ -79,6 +79,7 @@
 
 mod json;
 mod keys;
+pub mod mapping;
 mod refusal;
 mod sign;
 mod verify;
@@ -89,29 +90,72 @@ mod tests;
 use core::fmt;
 use std::{string::String, vec::Vec};
 
-pub use keys::{JwksError, KeyProblem, KeySet, PublicKey};
+pub use keys::{JwksError, KeyProblem, KeySet, PublicKey, SKIP_REASONS, SkipReason, Skipped};
+pub use mapping::{ClaimPath, Mapping, MappingError, RolesFormat, RolesRule, Unmapped, ValueRule};
 pub use refusal::{REFUSALS, Refusal};
 pub use sign::{IssueError, KeyError, NewToken, SigningKey, issue, jwks};
-pub use verify::verify;
+pub use verify::{Peek, peek, verify};
 
-/// A signature algorithm tollgate accepts. Every key pins exactly one.
+/// A signature algorithm tollgate verifies. Every key pins exactly one.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Alg {
     /// Ed25519 (RFC 8037): 32-byte public keys, 64-byte signatures.
     EdDSA,
     /// ECDSA on P-256 with SHA-256 (RFC 7518 §3.4): signatures are the fixed 64-byte `r || s`.
     ES256,
+    /// ECDSA on P-384 with SHA-384: signatures are the fixed 96-byte `r || s`.
+    ES384,
+    /// RSASSA-PKCS1-v1_5 with SHA-256 (RFC 7518 §3.3): OIDC's default algorithm.
+    RS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384.
+    RS384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512.
+    RS512,
+    /// RSASSA-PSS with SHA-256 and MGF1-SHA-256, salt as long as the hash (RFC 7518 §3.5).
+    PS256,
+    /// RSASSA-PSS with SHA-384.
+    PS384,
+    /// RSASSA-PSS with SHA-512.
+    PS512,
 }
 
 impl Alg {
-    /// Both algorithms.
-    pub const ALL: [Alg; 2] = [Alg::EdDSA, Alg::ES256];
+    /// Every algorithm tollgate verifies.
+    pub const ALL: [Alg; 9] = [
+        Alg::EdDSA,
+        Alg::ES256,
+        Alg::ES384,
+        Alg::RS256,
+        Alg::RS384,
+        Alg::RS512,
+        Alg::PS256,
+        Alg::PS384,
+        Alg::PS512,
+    ];
 
-    /// The JOSE name, as in a JWT header or a JWK `alg`: `EdDSA` or `ES256`.
+    /// The algorithms tollgate's own issuer signs with ([`SigningKey`]). RSA keys come from an
+    /// identity provider; tollgate never makes them.
+    pub const fn signable() -> &'static [Alg] {
+        &[Alg::EdDSA, Alg::ES256]
+    }
+
+    /// Whether [`SigningKey`] can make and use keys of this algorithm.
+    pub fn is_signable(self) -> bool {
+        Alg::signable().contains(&self)
+    }
+
+    /// The JOSE name, as in a JWT header or a JWK `alg`: `EdDSA`, `ES256`, `RS256`, ...
     pub fn as_str(self) -> &'static str {
         match self {
             Alg::EdDSA => "EdDSA",
             Alg::ES256 => "ES256",
+            Alg::ES384 => "ES384",
+            Alg::RS256 => "RS256",
+            Alg::RS384 => "RS384",
+            Alg::RS512 => "RS512",
+            Alg::PS256 => "PS256",
+            Alg::PS384 => "PS384",
+            Alg::PS512 => "PS512",
         }
     }
 
@@ -120,18 +164,40 @@ impl Alg {
         Alg::ALL.into_iter().find(|a| a.as_str() == name)
     }
 
-    /// Length of a signature in bytes.
-    pub(crate) fn signature_len(self) -> usize {
+    /// Whether the algorithm takes an RSA key (`kty` `RSA`).
+    pub fn is_rsa(self) -> bool {
+        !matches!(self, Alg::EdDSA | Alg::ES256 | Alg::ES384)
+    }
+
+    /// ring's verification algorithm. RSA: moduli of 2048 to 8192 bits, the range tollgate
+    /// accepts at load time too.
+    pub(crate) fn verification(self) -> &'static dyn ring::signature::VerificationAlgorithm {
+        use ring::signature as s;
         match self {
-            Alg::EdDSA | Alg::ES256 => 64,
+            Alg::EdDSA => &s::ED25519,
+            Alg::ES256 => &s::ECDSA_P256_SHA256_FIXED,
+            Alg::ES384 => &s::ECDSA_P384_SHA384_FIXED,
+            Alg::RS256 => &s::RSA_PKCS1_2048_8192_SHA256,
+            Alg::RS384 => &s::RSA_PKCS1_2048_8192_SHA384,
+            Alg::RS512 => &s::RSA_PKCS1_2048_8192_SHA512,
+            Alg::PS256 => &s::RSA_PSS_2048_8192_SHA256,
+            Alg::PS384 => &s::RSA_PSS_2048_8192_SHA384,
+            Alg::PS512 => &s::RSA_PSS_2048_8192_SHA512,
         }
     }
 
-    fn verification(self) -> &'static dyn ring::signature::VerificationAlgorithm {
-        match self {
-            Alg::EdDSA => &ring::signature::ED25519,
-            Alg::ES256 => &ring::signature::ECDSA_P256_SHA256_FIXED,
-        }
+    /// The RSA parameters (for `RsaPublicKeyComponents::verify`), `None` for the others.
+    pub(crate) fn rsa_parameters(self) -> Option<&'static ring::signature::RsaParameters> {
+        use ring::signature as s;
+        Some(match self {
+            Alg::RS256 => &s::RSA_PKCS1_2048_8192_SHA256,
+            Alg::RS384 => &s::RSA_PKCS1_2048_8192_SHA384,
+            Alg::RS512 => &s::RSA_PKCS1_2048_8192_SHA512,
+            Alg::PS256 => &s::RSA_PSS_2048_8192_SHA256,
+            Alg::PS384 => &s::RSA_PSS_2048_8192_SHA384,
+            Alg::PS512 => &s::RSA_PSS_2048_8192_SHA512,
+            Alg::EdDSA | Alg::ES256 | Alg::ES384 => return None,
+        })
     }
 }
 
@@ -141,9 +207,11 @@ impl fmt::Display for Alg {
     }
 }
 
-/// An algorithm name that is neither `EdDSA` nor `ES256`.
+/// An algorithm name tollgate does not know.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown algorithm {0:?}: expected EdDSA or ES256")]
+#[error(
+    "unknown algorithm {0:?}: expected EdDSA, ES256, ES384, RS256, RS384, RS512, PS256, PS384 or PS512"
+)]
 pub struct UnknownAlg(pub String);
 
 impl core::str::FromStr for Alg {
@@ -235,19 +303,24 @@ impl ClaimNames {
     }
 }
 
-/// What a node accepts.
+/// What a node accepts from one issuer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
-    /// This node's audience: a token's `aud` must contain it.
-    pub audience: String,
+    /// The issuer: `Some` → a token's `iss` must equal it exactly (no trailing-slash or case
+    /// folding), else `wrong_issuer`; `None` → `iss` is not checked (the legacy single
+    /// `[tokens]` section).
+    pub issuer: Option<String>,
+    /// The audiences this node serves: a token's `aud` must contain one of them. Empty refuses
+    /// every token.
+    pub audiences: Vec<String>,
     /// Longest accepted lifetime, `exp - iat`, in seconds.
     pub max_ttl_s: u64,
     /// Clock skew tolerated on every time comparison, in seconds.
     pub skew_s: u64,
     /// Longest accepted token, in bytes; checked before anything else.
     pub max_token_bytes: usize,
-    /// Where the tollgate claims are.
-    pub claim_names: ClaimNames,
+    /// Where identity, roles, class and plan come from, and how values map.
+    pub mapping: Mapping,
 }
 
 /// A verified token's claims.
@@ -255,14 +328,19 @@ pub struct Policy {
 pub struct Claims {
     /// `jti`: the token's id (non-empty); what revocation and replay detection key on.
     pub jti: String,
-    /// The identity claim (non-empty).
+    /// The identity claim (non-empty), from [`Mapping::identity`].
     pub identity: String,
+    /// The mapped class ([`Mapping::class`]); `None` when the claim is absent, optional and
+    /// without a default.
     pub class: Option<String>,
+    /// The mapped plan ([`Mapping::plan`]), as `class`.
     pub plan: Option<String>,
-    /// Empty when the roles claim is absent.
+    /// The mapped roles; empty when the roles claim is absent (and not required).
     pub roles: Vec<String>,
     /// `aud`, always as a list (a string `aud` is a one-element list).
     pub audience: Vec<String>,
+    /// `iss`, when the token has one.
+    pub issuer: Option<String>,
     pub iat: u64,
     pub nbf: Option<u64>,
     pub exp: u64,

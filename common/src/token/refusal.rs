@@ -18,7 +18,9 @@ pub enum Refusal {
     AlgNone,
     #[error("the token claims an HMAC algorithm, which tollgate never accepts")]
     AlgHmac,
-    #[error("the token's algorithm is not supported (EdDSA or ES256 only)")]
+    #[error(
+        "the token's algorithm is not supported (EdDSA, ES256, ES384, RS256/384/512, PS256/384/512)"
+    )]
     AlgUnsupported,
     #[error("the token header has a `crit` extension this node does not understand")]
     CritUnsupported,
@@ -26,6 +28,8 @@ pub enum Refusal {
     MissingKid,
     #[error("the token was signed by a key this node does not know")]
     UnknownKid,
+    #[error("the token was signed by a key this node skipped when it loaded the key set")]
+    KeyUnusable,
     #[error("the token's algorithm differs from the one its key is pinned to")]
     AlgMismatch,
     #[error("the token's signing key is outside its validity window")]
@@ -50,14 +54,25 @@ pub enum Refusal {
     NotYetValid,
     #[error("the token's lifetime is longer than this node accepts")]
     LifetimeTooLong,
+    #[error("the token's issuer (iss) is absent or not exactly this issuer's")]
+    WrongIssuer,
     #[error("the token is not meant for this audience")]
     WrongAudience,
+    #[error("a claim the issuer's mapping needs is absent")]
+    MissingClaim,
+    #[error("a mapped claim's value is not in the issuer's value map")]
+    UnmappedValue,
+    #[error("the token has no roles claim and the issuer's mapping requires one")]
+    MissingRoles,
+    #[error("the issuer's keys are unknown or too old to trust")]
+    KeysUnavailable,
     #[error("the token has been revoked")]
     Revoked,
 }
 
-/// Every refusal, in check order, `Revoked` (which the agent applies after
-/// [`verify`](super::verify)) last: for pre-registering metric label values.
+/// Every refusal, in check order, then the two the agent applies itself: `KeysUnavailable`
+/// (before [`verify`](super::verify), when an issuer has no usable key set) and `Revoked`
+/// (after it). For pre-registering metric label values.
 pub const REFUSALS: &[Refusal] = &[
     Refusal::Oversized,
     Refusal::Malformed,
@@ -70,6 +85,7 @@ pub const REFUSALS: &[Refusal] = &[
     Refusal::CritUnsupported,
     Refusal::MissingKid,
     Refusal::UnknownKid,
+    Refusal::KeyUnusable,
     Refusal::AlgMismatch,
     Refusal::KeyOutsideWindow,
     Refusal::TruncatedSignature,
@@ -82,7 +98,12 @@ pub const REFUSALS: &[Refusal] = &[
     Refusal::Expired,
     Refusal::NotYetValid,
     Refusal::LifetimeTooLong,
+    Refusal::WrongIssuer,
     Refusal::WrongAudience,
+    Refusal::MissingClaim,
+    Refusal::UnmappedValue,
+    Refusal::MissingRoles,
+    Refusal::KeysUnavailable,
     Refusal::Revoked,
 ];
 
@@ -102,6 +123,7 @@ impl Refusal {
             Refusal::CritUnsupported => "crit_unsupported",
             Refusal::MissingKid => "missing_kid",
             Refusal::UnknownKid => "unknown_kid",
+            Refusal::KeyUnusable => "key_unusable",
             Refusal::AlgMismatch => "alg_mismatch",
             Refusal::KeyOutsideWindow => "key_outside_window",
             Refusal::TruncatedSignature => "truncated_signature",
@@ -114,7 +136,12 @@ impl Refusal {
             Refusal::Expired => "expired",
             Refusal::NotYetValid => "not_yet_valid",
             Refusal::LifetimeTooLong => "lifetime_too_long",
+            Refusal::WrongIssuer => "wrong_issuer",
             Refusal::WrongAudience => "wrong_audience",
+            Refusal::MissingClaim => "missing_claim",
+            Refusal::UnmappedValue => "unmapped_value",
+            Refusal::MissingRoles => "missing_roles",
+            Refusal::KeysUnavailable => "keys_unavailable",
             Refusal::Revoked => "revoked",
         }
     }

@@ -41,6 +41,8 @@ pub enum KeyError {
     File(String),
     #[error("the key file's alg {0:?} is not supported: EdDSA or ES256")]
     UnknownAlg(String),
+    #[error("tollgate does not sign with {0}: its own keys are EdDSA or ES256")]
+    NotSignable(Alg),
     #[error("the key file's `pkcs8` is not standard base64")]
     Base64,
     #[error("the key file's `pkcs8` is not a valid {alg} private key: {why}")]
@@ -79,6 +81,7 @@ impl SigningKey {
         let pkcs8 = match alg {
             Alg::EdDSA => Ed25519KeyPair::generate_pkcs8(&rng),
             Alg::ES256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng),
+            other => return Err(KeyError::NotSignable(other)),
         }
         .map_err(|_| KeyError::Random)?;
         SigningKey::from_pkcs8(alg, kid, pkcs8.as_ref())
@@ -105,6 +108,7 @@ impl SigningKey {
                 )
                 .map_err(rejected)?,
             ),
+            other => return Err(KeyError::NotSignable(other)),
         };
         Ok(SigningKey {
             kid: kid.to_owned(),
@@ -127,7 +131,9 @@ impl SigningKey {
     pub fn from_file_json(s: &str) -> Result<SigningKey, KeyError> {
         let file: KeyFile =
             serde_json::from_str(s).map_err(|e| KeyError::File(std::format!("{e}")))?;
-        let alg = Alg::from_jose(&file.alg).ok_or(KeyError::UnknownAlg(file.alg))?;
+        let alg = Alg::from_jose(&file.alg)
+            .filter(|a| a.is_signable())
+            .ok_or(KeyError::UnknownAlg(file.alg))?;
         let pkcs8 = base64::engine::general_purpose::STANDARD
             .decode(file.pkcs8.trim())
             .map_err(|_| KeyError::Base64)?;

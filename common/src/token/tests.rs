@@ -18,13 +18,25 @@ const NOW: u64 = 1_800_000_000;
 const SKEW: u64 = 30;
 const TTL: u64 = 3600;
 
+/// Refusals the legacy policy of `bad_tokens` cannot produce: those of an issuer's own
+/// policy (tested in `issuer_and_mapping`) and the two the agent applies.
+const AFTER_LEGACY: &[Refusal] = &[
+    Refusal::WrongIssuer,
+    Refusal::MissingClaim,
+    Refusal::UnmappedValue,
+    Refusal::MissingRoles,
+    Refusal::KeysUnavailable,
+    Refusal::Revoked,
+];
+
 fn policy() -> Policy {
     Policy {
-        audience: "inference".into(),
+        issuer: None,
+        audiences: vec!["inference".into()],
         max_ttl_s: TTL,
         skew_s: SKEW,
         max_token_bytes: 4096,
-        claim_names: ClaimNames::default(),
+        mapping: Mapping::default(),
     }
 }
 
@@ -54,11 +66,17 @@ fn fixture() -> Fixture {
     retired_jwk["exp"] = json!(NOW - 1000);
     let mut future_jwk = future.public_jwk();
     future_jwk["nbf"] = json!(NOW + 1000);
+    // An encryption key beside the signing keys: skipped, its kid refused as key_unusable.
+    let mut enc_jwk = SigningKey::generate(Alg::ES256, "enc1")
+        .unwrap()
+        .public_jwk();
+    enc_jwk["use"] = json!("enc");
     let keys = KeySet::from_jwks(&jwks(&[
         ed.public_jwk(),
         ec.public_jwk(),
         retired_jwk,
         future_jwk,
+        enc_jwk,
     ]))
     .unwrap();
     Fixture {
@@ -140,6 +158,7 @@ fn round_trip_both_algorithms() {
                 plan: Some("pro".into()),
                 roles: roles.clone(),
                 audience: vec!["inference".into()],
+                issuer: None,
                 iat: NOW,
                 nbf: Some(NOW),
                 exp: NOW + 300,
@@ -163,7 +182,7 @@ fn round_trip_both_algorithms() {
 
 #[test]
 fn key_file_round_trip() {
-    for alg in Alg::ALL {
+    for &alg in Alg::signable() {
         let key = SigningKey::generate(alg, "k").unwrap();
         let file = key.to_file_json();
         let back = SigningKey::from_file_json(&file).unwrap();
@@ -317,7 +336,7 @@ fn custom_claim_names() {
     };
     let token = issue(&f.ec, &t, &names).unwrap();
     let p = Policy {
-        claim_names: names,
+        mapping: Mapping::legacy(&names, None, None),
         ..policy()
     };
     let c = verify(&token, &f.keys, &p, NOW).unwrap();
@@ -602,7 +621,21 @@ fn bad_tokens() {
         ),
         ("HS256 keyed with the public key", hmac, Refusal::AlgHmac),
         ("alg hs512", unsigned("hs512"), Refusal::AlgHmac),
-        ("alg RS256", unsigned("RS256"), Refusal::AlgUnsupported),
+        ("alg ES512", unsigned("ES512"), Refusal::AlgUnsupported),
+        (
+            "alg RS256 on the Ed25519 key",
+            unsigned("RS256"),
+            Refusal::AlgMismatch,
+        ),
+        (
+            "kid of a key the node skipped",
+            forge(
+                &f.ed,
+                &json!({"alg": "EdDSA", "kid": "enc1"}),
+                &claims_json(),
+            ),
+            Refusal::KeyUnusable,
+        ),
         (
             "alg eddsa (case matters)",
             unsigned("eddsa"),
@@ -832,7 +865,7 @@ fn bad_tokens() {
     // Every refusal `verify` can return is in the table.
     for r in REFUSALS {
         assert!(
-            seen.contains(r) || *r == Refusal::Revoked,
+            seen.contains(r) || AFTER_LEGACY.contains(r),
             "no table entry for {}",
             r.label()
         );
@@ -861,7 +894,7 @@ fn bad_tokens() {
 
 #[test]
 fn refusal_labels() {
-    assert_eq!(REFUSALS.len(), 25);
+    assert_eq!(REFUSALS.len(), 31);
     let mut labels = std::collections::HashSet::new();
     for r in REFUSALS {
         let l = r.label();
@@ -910,7 +943,15 @@ fn alg_names() {
     assert_eq!(Alg::ES256.to_string(), "ES256");
     assert_eq!("es256".parse::<Alg>(), Ok(Alg::ES256));
     assert_eq!("EDDSA".parse::<Alg>(), Ok(Alg::EdDSA));
-    assert!("RS256".parse::<Alg>().is_err());
+    assert_eq!("rs256".parse::<Alg>(), Ok(Alg::RS256));
+    assert_eq!("Ps512".parse::<Alg>(), Ok(Alg::PS512));
+    assert!("HS256".parse::<Alg>().is_err());
+    assert!("ES512".parse::<Alg>().is_err());
+    assert_eq!(Alg::from_jose("rs256"), None);
+    for alg in Alg::ALL {
+        assert_eq!(Alg::from_jose(alg.as_str()), Some(alg));
+    }
+    assert_eq!(Alg::signable(), [Alg::EdDSA, Alg::ES256]);
     assert_eq!(Alg::from_jose("eddsa"), None);
 }
 
@@ -918,22 +959,19 @@ fn jwks_err(doc: &str) -> JwksError {
     KeySet::from_jwks(doc).unwrap_err()
 }
 
-/// A JWKS of one key: the fixture's Ed25519 or P-256 public JWK with `edit` applied.
+/// A JWKS of one key: a fresh Ed25519 or P-256 public JWK with `edit` applied.
 fn one_key(alg: Alg, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> String {
     let mut jwk = SigningKey::generate(alg, "k1").unwrap().public_jwk();
     edit(jwk.as_object_mut().unwrap());
     jwks(&[jwk])
 }
 
-fn key_problem(doc: &str) -> (usize, Option<String>, KeyProblem) {
-    match jwks_err(doc) {
-        JwksError::Key {
-            index,
-            kid,
-            problem,
-        } => (index, kid, problem),
-        other => panic!("expected a key problem, got {other}"),
-    }
+/// The one skip record of a JWKS that loads no key.
+fn skipped_one(doc: &str) -> Skipped {
+    let set = KeySet::from_jwks(doc).unwrap();
+    assert!(set.is_empty(), "{doc}");
+    assert_eq!(set.skipped().len(), 1, "{doc}");
+    set.skipped()[0].clone()
 }
 
 #[test]
@@ -951,18 +989,22 @@ fn jwks_errors() {
 
     let cases: Vec<(&str, String, KeyProblem)> = vec![
         (
-            "missing alg",
-            one_key(Alg::EdDSA, |k| {
-                k.remove("alg");
-            }),
-            KeyProblem::MissingAlg,
-        ),
-        (
-            "RS256",
+            "RS256 on an Ed25519 key",
             one_key(Alg::EdDSA, |k| {
                 k.insert("alg".into(), json!("RS256"));
             }),
-            KeyProblem::UnsupportedAlg("RS256".into()),
+            KeyProblem::Contradiction {
+                alg: Alg::RS256,
+                kty: "OKP".into(),
+                crv: Some("Ed25519".into()),
+            },
+        ),
+        (
+            "an algorithm tollgate does not know",
+            one_key(Alg::EdDSA, |k| {
+                k.insert("alg".into(), json!("ES512"));
+            }),
+            KeyProblem::UnsupportedAlg("ES512".into()),
         ),
         (
             "private d",
@@ -981,15 +1023,31 @@ fn jwks_errors() {
             KeyProblem::PrivateMember("k"),
         ),
         (
+            "unknown kty",
+            one_key(Alg::EdDSA, |k| {
+                k.insert("kty".into(), json!("AKP"));
+            }),
+            KeyProblem::UnknownKty("AKP".into()),
+        ),
+        (
+            "no kty",
+            one_key(Alg::EdDSA, |k| {
+                k.remove("kty");
+            }),
+            KeyProblem::BadMember {
+                member: "kty",
+                why: "is missing".into(),
+            },
+        ),
+        (
             "wrong kty",
             one_key(Alg::ES256, |k| {
                 k.insert("kty".into(), json!("OKP"));
             }),
-            KeyProblem::WrongType {
+            KeyProblem::Contradiction {
                 alg: Alg::ES256,
-                member: "kty",
-                expected: "EC",
-                found: "\"OKP\"".into(),
+                kty: "OKP".into(),
+                crv: Some("P-256".into()),
             },
         ),
         (
@@ -997,11 +1055,29 @@ fn jwks_errors() {
             one_key(Alg::EdDSA, |k| {
                 k.insert("crv".into(), json!("X25519"));
             }),
-            KeyProblem::WrongType {
+            KeyProblem::Contradiction {
                 alg: Alg::EdDSA,
-                member: "crv",
-                expected: "Ed25519",
-                found: "\"X25519\"".into(),
+                kty: "OKP".into(),
+                crv: Some("X25519".into()),
+            },
+        ),
+        (
+            "an unsupported curve, no alg",
+            one_key(Alg::EdDSA, |k| {
+                k.remove("alg");
+                k.insert("crv".into(), json!("Ed448"));
+            }),
+            KeyProblem::UnsupportedCurve("Ed448".into()),
+        ),
+        (
+            "ES384 on a P-256 key",
+            one_key(Alg::ES256, |k| {
+                k.insert("alg".into(), json!("ES384"));
+            }),
+            KeyProblem::Contradiction {
+                alg: Alg::ES384,
+                kty: "EC".into(),
+                crv: Some("P-256".into()),
             },
         ),
         (
@@ -1012,6 +1088,7 @@ fn jwks_errors() {
             KeyProblem::BadLength {
                 member: "x",
                 found: 31,
+                expected: 32,
             },
         ),
         (
@@ -1040,7 +1117,14 @@ fn jwks_errors() {
             one_key(Alg::EdDSA, |k| {
                 k.insert("use".into(), json!("enc"));
             }),
-            KeyProblem::Use("\"enc\"".into()),
+            KeyProblem::Encryption,
+        ),
+        (
+            "use something else",
+            one_key(Alg::EdDSA, |k| {
+                k.insert("use".into(), json!("tls"));
+            }),
+            KeyProblem::Use("\"tls\"".into()),
         ),
         (
             "key_ops without verify",
@@ -1069,57 +1153,105 @@ fn jwks_errors() {
         ),
     ];
     for (what, doc, want) in cases {
-        let (index, kid, problem) = key_problem(&doc);
+        let s = skipped_one(&doc);
         assert_eq!(
-            (index, kid.as_deref(), &problem),
-            (0, Some("k1"), &want),
+            (s.index, s.kid.as_deref(), &s.problem, s.reason),
+            (0, Some("k1"), &want, want.reason()),
             "{what}"
         );
-        let text = jwks_err(&doc).to_string();
+        let text = s.to_string();
         assert!(
-            text.starts_with("JWKS key #0 (kid \"k1\"): "),
+            text.starts_with(&format!(
+                "JWKS key #0 (kid \"k1\") skipped ({}): ",
+                s.reason.label()
+            )),
             "{what}: {text}"
+        );
+        let set = KeySet::from_jwks(&doc).unwrap();
+        assert!(
+            set.is_skipped_kid("k1") && !set.is_skipped_kid("k2"),
+            "{what}"
         );
     }
 
-    // No kid, or a non-object: named by index alone.
+    // No kid, or a non-object: named by index alone; the good key beside them is kept.
     let mut jwk = SigningKey::generate(Alg::EdDSA, "k").unwrap().public_jwk();
     jwk.as_object_mut().unwrap().remove("kid");
     let good = SigningKey::generate(Alg::EdDSA, "good")
         .unwrap()
         .public_jwk();
-    let doc = jwks(&[good.clone(), jwk]);
-    assert_eq!(key_problem(&doc), (1, None, KeyProblem::BadKid));
-    assert!(jwks_err(&doc).to_string().starts_with("JWKS key #1: "));
+    let set = KeySet::from_jwks(&jwks(&[good.clone(), jwk, json!("k")])).unwrap();
+    assert_eq!(set.kids(), ["good"]);
+    let s = set.skipped();
     assert_eq!(
-        key_problem(&jwks(&[json!("k")])),
-        (0, None, KeyProblem::NotAnObject)
+        (s[0].index, s[0].kid.as_deref(), s[0].reason),
+        (1, None, SkipReason::MissingKid)
     );
-    // Duplicate kid.
+    assert!(
+        s[0].to_string()
+            .starts_with("JWKS key #1 skipped (missing_kid): ")
+    );
+    assert_eq!(
+        (s[1].index, &s[1].problem, s[1].reason),
+        (2, &KeyProblem::NotAnObject, SkipReason::BadKey)
+    );
+    // Duplicate kid: both usable keys are skipped, the third key is kept.
     let other = SigningKey::generate(Alg::ES256, "good")
         .unwrap()
         .public_jwk();
-    let err = jwks_err(&jwks(&[good.clone(), other]));
+    let third = SigningKey::generate(Alg::ES256, "third")
+        .unwrap()
+        .public_jwk();
+    let set = KeySet::from_jwks(&jwks(&[good.clone(), third, other])).unwrap();
+    assert_eq!(set.kids(), ["third"]);
     assert_eq!(
-        err,
-        JwksError::DuplicateKid {
-            kid: "good".into(),
-            first: 0,
-            second: 1
-        }
+        set.skipped()
+            .iter()
+            .map(|s| (s.index, s.reason, s.problem.clone()))
+            .collect::<Vec<_>>(),
+        [
+            (
+                0,
+                SkipReason::DuplicateKid,
+                KeyProblem::DuplicateKid {
+                    first: 0,
+                    second: 2
+                }
+            ),
+            (
+                2,
+                SkipReason::DuplicateKid,
+                KeyProblem::DuplicateKid {
+                    first: 0,
+                    second: 2
+                }
+            ),
+        ]
     );
-    assert!(err.to_string().contains("\"good\""));
+    assert!(set.is_skipped_kid("good"));
+    // A skipped key sharing a usable key's kid does not take the usable one down.
+    let mut enc = good.clone();
+    enc["use"] = json!("enc");
+    let set = KeySet::from_jwks(&jwks(&[good.clone(), enc])).unwrap();
+    assert_eq!(set.kids(), ["good"]);
+    assert_eq!(set.skipped()[0].reason, SkipReason::EncryptionKey);
     // The error text says what is wrong.
-    let text = jwks_err(&one_key(Alg::EdDSA, |k| {
-        k.remove("alg");
-    }))
-    .to_string();
-    assert!(text.contains("no `alg`"), "{text}");
-    let text = jwks_err(&one_key(Alg::EdDSA, |k| {
+    let text = skipped_one(&one_key(Alg::EdDSA, |k| {
         k.insert("d".into(), json!("AAAA"));
     }))
     .to_string();
     assert!(text.contains("private member `d`"), "{text}");
+    // No `alg`: the one the key type admits.
+    let set = KeySet::from_jwks(&one_key(Alg::EdDSA, |k| {
+        k.remove("alg");
+    }))
+    .unwrap();
+    assert_eq!(set.get("k1").map(|k| k.alg), Some(Alg::EdDSA));
+    let set = KeySet::from_jwks(&one_key(Alg::ES256, |k| {
+        k.remove("alg");
+    }))
+    .unwrap();
+    assert_eq!(set.get("k1").map(|k| k.alg), Some(Alg::ES256));
     // Window members parse.
     let doc = one_key(Alg::EdDSA, |k| {
         k.insert("nbf".into(), json!(10));
@@ -1132,4 +1264,15 @@ fn jwks_errors() {
     assert_eq!((key.not_before, key.not_after), (Some(10), Some(20)));
     assert!(key.valid_at(10, 0) && key.valid_at(20, 0) && !key.valid_at(21, 0));
     assert!(!key.valid_at(9, 0) && key.valid_at(5, 5));
+}
+
+#[test]
+fn skip_reason_labels() {
+    let mut labels = std::collections::HashSet::new();
+    for r in SKIP_REASONS {
+        assert!(labels.insert(r.label()), "duplicate {}", r.label());
+        assert_eq!(SkipReason::from_label(r.label()), Some(*r));
+        assert!(!r.to_string().is_empty());
+    }
+    assert_eq!(SKIP_REASONS.len(), 10);
 }

@@ -5,13 +5,49 @@ use std::{borrow::ToOwned, string::String, vec::Vec};
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
-use super::{Alg, Claims, KeySet, Policy, Refusal, b64url, json};
+use super::{Alg, Claims, KeySet, Mapping, Policy, Refusal, b64url, json, mapping::Typed};
 
-/// Verifies `token` against `keys` and `policy` at `now_s` (unix seconds). Returns the
-/// claims, or the first refusal in the order documented on the [module](super).
-pub fn verify(token: &str, keys: &KeySet, policy: &Policy, now_s: u64) -> Result<Claims, Refusal> {
+/// What a token says about itself before anything is verified: enough to pick the issuer
+/// (`iss`) and its key (`kid`). **Unauthenticated**: never act on it beyond choosing keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peek {
+    /// The header's algorithm (one tollgate verifies).
+    pub alg: Alg,
+    /// The header's key id (non-empty).
+    pub kid: String,
+    /// The payload's `iss`, when it is a string.
+    pub iss: Option<String>,
+}
+
+/// The cheap unauthenticated checks, steps 1 to 5 and the `kid`'s presence (step 6) of the
+/// [module](super) list: size, shape, base64url, JSON, algorithm, `crit`, `kid`. [`verify`]
+/// starts with the same checks, so a token refused here is refused there the same way.
+pub fn peek(token: &str, max_bytes: usize) -> Result<Peek, Refusal> {
+    let p = parse(token, max_bytes)?;
+    Ok(Peek {
+        alg: p.alg,
+        iss: p
+            .payload
+            .get("iss")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        kid: p.kid,
+    })
+}
+
+/// A token through steps 1 to 5 and the `kid`'s presence.
+struct Parsed<'t> {
+    /// `header_b64 "." payload_b64`, exactly as sent.
+    signed: &'t [u8],
+    payload: Map<String, Value>,
+    signature: Vec<u8>,
+    alg: Alg,
+    kid: String,
+}
+
+fn parse(token: &str, max_bytes: usize) -> Result<Parsed<'_>, Refusal> {
     // 1. Size, before any work.
-    if token.len() > policy.max_token_bytes {
+    if token.len() > max_bytes {
         return Err(Refusal::Oversized);
     }
     // 2. Shape.
@@ -31,7 +67,8 @@ pub fn verify(token: &str, keys: &KeySet, policy: &Policy, now_s: u64) -> Result
     let header = decode(header_b64)?;
     let payload = decode(payload_b64)?;
     let signature = decode(sig_b64)?;
-    // 4. JSON syntax (the payload is not looked at until the signature verifies).
+    // 4. JSON syntax (the payload is not looked at until the signature verifies, but for
+    //    `peek`'s unauthenticated `iss`).
     let header = json::object(&header).map_err(|_| Refusal::BadJson)?;
     let payload = json::object(&payload).map_err(|_| Refusal::BadJson)?;
     // 5. Header algorithm.
@@ -39,12 +76,37 @@ pub fn verify(token: &str, keys: &KeySet, policy: &Policy, now_s: u64) -> Result
     if header.contains_key("crit") {
         return Err(Refusal::CritUnsupported);
     }
-    // 6. Key.
+    // 6, first half: a kid to look up.
     let kid = match header.get("kid") {
-        Some(Value::String(k)) if !k.is_empty() => k,
+        Some(Value::String(k)) if !k.is_empty() => k.clone(),
         _ => return Err(Refusal::MissingKid),
     };
-    let key = keys.get(kid).ok_or(Refusal::UnknownKid)?;
+    Ok(Parsed {
+        signed: &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()],
+        payload,
+        signature,
+        alg,
+        kid,
+    })
+}
+
+/// Verifies `token` against `keys` and `policy` at `now_s` (unix seconds). Returns the
+/// claims, or the first refusal in the order documented on the [module](super).
+pub fn verify(token: &str, keys: &KeySet, policy: &Policy, now_s: u64) -> Result<Claims, Refusal> {
+    // 1 to 5, and the kid's presence.
+    let Parsed {
+        signed,
+        payload,
+        signature,
+        alg,
+        kid,
+    } = parse(token, policy.max_token_bytes)?;
+    // 6. Key.
+    let key = match keys.get(&kid) {
+        Some(k) => k,
+        None if keys.is_skipped_kid(&kid) => return Err(Refusal::KeyUnusable),
+        None => return Err(Refusal::UnknownKid),
+    };
     if key.alg != alg {
         return Err(Refusal::AlgMismatch);
     }
@@ -52,15 +114,14 @@ pub fn verify(token: &str, keys: &KeySet, policy: &Policy, now_s: u64) -> Result
         return Err(Refusal::KeyOutsideWindow);
     }
     // 7, 8. Signature over the first two parts exactly as sent.
-    if signature.len() != alg.signature_len() {
+    if signature.len() != key.signature_len() {
         return Err(Refusal::TruncatedSignature);
     }
-    let signed = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
     if !key.verify(signed, &signature) {
         return Err(Refusal::BadSignature);
     }
-    // 9. Claims, now trusted.
-    let claims = claims(&payload, policy, kid, alg)?;
+    // 9. Claims, now trusted, typed (the mapped ones too).
+    let (mut claims, typed) = claims(&payload, &policy.mapping, kid, alg)?;
     // 10. Time.
     let skew = policy.skew_s;
     if now_s > claims.exp.saturating_add(skew) {
@@ -73,10 +134,21 @@ pub fn verify(token: &str, keys: &KeySet, policy: &Policy, now_s: u64) -> Result
     if claims.exp - claims.iat > policy.max_ttl_s {
         return Err(Refusal::LifetimeTooLong);
     }
-    // 11. Audience.
-    if !claims.audience.contains(&policy.audience) {
+    // 11. Issuer, exactly.
+    if let Some(issuer) = &policy.issuer
+        && claims.issuer.as_ref() != Some(issuer)
+    {
+        return Err(Refusal::WrongIssuer);
+    }
+    // 12. Audience.
+    if !policy.audiences.iter().any(|a| claims.audience.contains(a)) {
         return Err(Refusal::WrongAudience);
     }
+    // 13. Mapping.
+    let mapped = policy.mapping.resolve(typed)?;
+    claims.roles = mapped.roles;
+    claims.class = mapped.class;
+    claims.plan = mapped.plan;
     Ok(claims)
 }
 
@@ -100,16 +172,16 @@ fn header_alg(header: &Map<String, Value>) -> Result<Alg, Refusal> {
     Alg::from_jose(name).ok_or(Refusal::AlgUnsupported)
 }
 
-/// The claims of a payload whose signature verified (step 9), type-checked.
-fn claims(
-    payload: &Map<String, Value>,
-    policy: &Policy,
-    kid: &str,
+/// The registered claims of a payload whose signature verified (step 9), type-checked; the
+/// mapped ones are left empty for step 13.
+fn claims<'a>(
+    payload: &'a Map<String, Value>,
+    mapping: &Mapping,
+    kid: String,
     alg: Alg,
-) -> Result<Claims, Refusal> {
-    let names = &policy.claim_names;
+) -> Result<(Claims, Typed<'a>), Refusal> {
     let jti = required_str(payload, "jti", Refusal::MissingJti)?;
-    let identity = required_str(payload, &names.identity, Refusal::MissingIdentity)?;
+    let identity = mapping.identity_of(payload)?;
     let iat = required_time(payload, "iat", Refusal::MissingIat)?;
     let exp = required_time(payload, "exp", Refusal::MissingExp)?;
     let nbf = match payload.get("nbf") {
@@ -122,29 +194,30 @@ fn claims(
         Some(Value::Array(list)) => strings(list)?,
         Some(_) => return Err(Refusal::BadClaim),
     };
-    let class = optional_str(payload, &names.class)?;
-    let plan = optional_str(payload, &names.plan)?;
-    let roles = match payload.get(names.roles.as_str()) {
-        None => Vec::new(),
-        Some(Value::Array(list)) => strings(list)?,
+    let issuer = match payload.get("iss") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(Refusal::BadClaim),
     };
+    let typed = mapping.typed(payload)?;
     if exp < iat {
         return Err(Refusal::BadClaim);
     }
-    Ok(Claims {
+    let claims = Claims {
         jti,
         identity,
-        class,
-        plan,
-        roles,
+        class: None,
+        plan: None,
+        roles: Vec::new(),
         audience,
+        issuer,
         iat,
         nbf,
         exp,
-        kid: kid.to_owned(),
+        kid,
         alg,
-    })
+    };
+    Ok((claims, typed))
 }
 
 fn required_str(
@@ -170,14 +243,6 @@ fn required_time(
         .ok_or(missing)?
         .as_u64()
         .ok_or(Refusal::BadClaim)
-}
-
-fn optional_str(payload: &Map<String, Value>, name: &str) -> Result<Option<String>, Refusal> {
-    match payload.get(name) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(Refusal::BadClaim),
-    }
 }
 
 fn strings(list: &[Value]) -> Result<Vec<String>, Refusal> {

@@ -18,6 +18,7 @@ use super::{
 mod controller;
 mod node;
 mod policy;
+mod tokens;
 
 type Result<T> = std::result::Result<T, ConfigError>;
 

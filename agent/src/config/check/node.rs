@@ -1,4 +1,4 @@
-//! `[node]`, `[anonymous]`, `[drop_events]`, `[listen]` and `[tokens]`.
+//! `[node]`, `[anonymous]`, `[drop_events]`, `[listen]` and the bind listener's coverage.
 
 use std::ops::Range;
 
@@ -6,8 +6,8 @@ use tollgate_common::policy::Class;
 
 use super::{Checker, Result};
 use crate::config::{
-    Anonymous, DropEvents, Endpoint, Listen, Node, Plan, Tokens,
-    raw::{RawAnonymous, RawDropEvents, RawListen, RawNode, RawTokens, S},
+    Anonymous, DropEvents, Endpoint, Listen, Node,
+    raw::{RawAnonymous, RawDropEvents, RawListen, RawNode, S},
 };
 use crate::loader::{AttachMode, KernelLog};
 use crate::tables::Proto;
@@ -255,103 +255,6 @@ impl Checker<'_> {
             ));
         }
         Ok(())
-    }
-
-    pub(super) fn tokens(&self, raw: S<RawTokens>, plans: &[Plan]) -> Result<Tokens> {
-        let raw = raw.into_inner();
-        let jwks = self.abs_path(&Some(raw.jwks), "tokens.jwks", "")?;
-        let tls_cert = self.abs_path(&Some(raw.tls_cert), "tokens.tls_cert", "")?;
-        let tls_key = self.abs_path(&Some(raw.tls_key), "tokens.tls_key", "")?;
-        let audience = raw.audience.get_ref().trim().to_owned();
-        if audience.is_empty() {
-            return Err(self.err(
-                raw.audience.span(),
-                "tokens.audience",
-                "the audience must not be empty",
-            ));
-        }
-        let max_ttl_s = self.int(
-            &raw.max_ttl_s,
-            "tokens.max_ttl_s",
-            Tokens::DEFAULT_MAX_TTL_S as i64,
-            1..=7 * 86400,
-        )? as u64;
-        let clock_skew_s = self.int(
-            &raw.clock_skew_s,
-            "tokens.clock_skew_s",
-            Tokens::DEFAULT_CLOCK_SKEW_S as i64,
-            0..=600,
-        )? as u64;
-        let max_token_bytes = self.int(
-            &raw.max_token_bytes,
-            "tokens.max_token_bytes",
-            Tokens::DEFAULT_MAX_TOKEN_BYTES as i64,
-            256..=65536,
-        )? as usize;
-        let max_bindings_per_identity = self.int(
-            &raw.max_bindings_per_identity,
-            "tokens.max_bindings_per_identity",
-            Tokens::DEFAULT_MAX_BINDINGS_PER_IDENTITY as i64,
-            1..=131072,
-        )? as usize;
-        let claim = |v: &Option<S<String>>, field: &str, default: &str| -> Result<String> {
-            match v {
-                None => Ok(default.to_owned()),
-                Some(v) if v.get_ref().is_empty() || v.get_ref().len() > 64 => {
-                    Err(self.err(v.span(), field, "a claim name must be 1 to 64 characters"))
-                }
-                Some(v) => Ok(v.get_ref().clone()),
-            }
-        };
-        let default_class = match &raw.default_class {
-            None => None,
-            Some(v) => Some(self.class(v, "tokens.default_class")?),
-        };
-        let default_plan = match &raw.default_plan {
-            None => None,
-            Some(v) => {
-                if !plans.iter().any(|p| &p.name == v.get_ref()) {
-                    return Err(self.err(
-                        v.span(),
-                        "tokens.default_plan",
-                        format!("unknown plan {:?}", v.get_ref()),
-                    ));
-                }
-                Some(v.get_ref().clone())
-            }
-        };
-        Ok(Tokens {
-            jwks,
-            audience,
-            tls_cert,
-            tls_key,
-            max_ttl_s,
-            clock_skew_s,
-            max_token_bytes,
-            identity_claim: claim(
-                &raw.identity_claim,
-                "tokens.identity_claim",
-                Tokens::DEFAULT_IDENTITY_CLAIM,
-            )?,
-            class_claim: claim(
-                &raw.class_claim,
-                "tokens.class_claim",
-                Tokens::DEFAULT_CLASS_CLAIM,
-            )?,
-            plan_claim: claim(
-                &raw.plan_claim,
-                "tokens.plan_claim",
-                Tokens::DEFAULT_PLAN_CLAIM,
-            )?,
-            roles_claim: claim(
-                &raw.roles_claim,
-                "tokens.roles_claim",
-                Tokens::DEFAULT_ROLES_CLAIM,
-            )?,
-            default_class,
-            default_plan,
-            max_bindings_per_identity,
-        })
     }
 }
 

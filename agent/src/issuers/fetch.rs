@@ -1,0 +1,400 @@
+//! One HTTPS GET: resolve, connect, TLS (rustls with ring; the configured CA bundle or the
+//! system's roots), one HTTP/1.1 request with `Connection: close`, the response read up to a
+//! byte limit, the whole within one timeout. Only `200` is a document: a redirect is not
+//! followed (its target would be a key source nobody configured), so any other status is the
+//! outcome `http_status`. Bodies are framed by `Transfer-Encoding: chunked`, by
+//! `Content-Length`, or by the TLS connection's clean close (`close_notify`; an unclean close
+//! could be a truncation, so it is an error).
+
+use std::{io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+use tokio_rustls::{
+    TlsConnector,
+    client::TlsStream,
+    rustls::{
+        self, ClientConfig, RootCertStore,
+        pki_types::{CertificateDer, ServerName, pem::PemObject as _},
+    },
+};
+
+use super::{Outcome, cache, source::HttpsUrl};
+
+/// The response head (status line and headers); an IdP's security headers fit many times.
+const MAX_HEAD: usize = 32 * 1024;
+/// Headers in a response head.
+const MAX_HEADERS: usize = 100;
+/// One read.
+const READ: usize = 16 * 1024;
+
+/// A failed GET: its outcome label and what happened, for the operator.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FetchError {
+    pub outcome: Outcome,
+    pub message: String,
+}
+
+pub(super) fn fail(outcome: Outcome, message: impl Into<String>) -> FetchError {
+    FetchError {
+        outcome,
+        message: message.into(),
+    }
+}
+
+/// A `200` response's body and the lifetime it gives itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Document {
+    pub body: Vec<u8>,
+    /// `Cache-Control: max-age` less `Age` (see [`cache::max_age_s`]).
+    pub max_age_s: Option<u64>,
+}
+
+/// The TLS client of one key source (its roots loaded once, when the source is made).
+#[derive(Clone)]
+pub struct Client {
+    tls: TlsConnector,
+}
+
+impl Client {
+    /// Trusts the certificates of the PEM file `ca_bundle`, or the system's roots.
+    pub fn new(ca_bundle: Option<&Path>) -> Result<Client, String> {
+        let mut roots = RootCertStore::empty();
+        match ca_bundle {
+            Some(path) => {
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                    .and_then(|it| it.collect::<Result<_, _>>())
+                    .map_err(|e| format!("ca_bundle {}: {e}", path.display()))?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!(
+                        "ca_bundle {}: no usable CA certificate in the file",
+                        path.display()
+                    ));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for e in &found.errors {
+                    tracing::warn!("system CA certificates: {e}");
+                }
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(
+                        "no system CA certificates found (install the ca-certificates \
+                                package or set ca_bundle)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        // This client speaks HTTP/1.1 only; say so, so that an h2 server does not pick h2.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Client {
+            tls: TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// GET `url`: its body (at most `max_bytes`) and lifetime, all within `timeout`.
+    pub async fn get(
+        &self,
+        url: &HttpsUrl,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Document, FetchError> {
+        tokio::time::timeout(timeout, self.get_within(url, max_bytes))
+            .await
+            .unwrap_or_else(|_| {
+                Err(fail(
+                    Outcome::Timeout,
+                    format!(
+                        "{url}: no complete response within {} ms",
+                        timeout.as_millis()
+                    ),
+                ))
+            })
+    }
+
+    async fn get_within(&self, url: &HttpsUrl, max_bytes: usize) -> Result<Document, FetchError> {
+        let at = |e: FetchError| fail(e.outcome, format!("{url}: {}", e.message));
+        let tcp = connect(url).await.map_err(at)?;
+        let name = ServerName::try_from(url.host.clone()).map_err(|e| {
+            at(fail(
+                Outcome::Tls,
+                format!("{:?} as a TLS name: {e}", url.host),
+            ))
+        })?;
+        let mut tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| at(fail(Outcome::Tls, format!("TLS handshake: {e}"))))?;
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n\
+             Accept-Encoding: identity\r\nUser-Agent: tollgate/{}\r\nConnection: close\r\n\r\n",
+            url.target,
+            url.authority,
+            env!("CARGO_PKG_VERSION")
+        );
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| at(io_fail("sending the request", &e)))?;
+        let mut conn = Conn {
+            tls,
+            buf: Vec::with_capacity(READ),
+            pos: 0,
+        };
+        read_response(&mut conn, max_bytes).await.map_err(at)
+    }
+}
+
+async fn connect(url: &HttpsUrl) -> Result<TcpStream, FetchError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| {
+            fail(
+                Outcome::Connect,
+                format!("cannot resolve {:?}: {e}", url.host),
+            )
+        })?
+        .collect();
+    let mut last = None;
+    for addr in &addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(format!("connect to {addr}: {e}")),
+        }
+    }
+    Err(fail(
+        Outcome::Connect,
+        last.unwrap_or_else(|| format!("{:?} resolves to no address", url.host)),
+    ))
+}
+
+/// A read or write error: the TLS layer's (a bad record, an alert) or the connection's.
+fn io_fail(doing: &str, e: &io::Error) -> FetchError {
+    let tls = e
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+    let outcome = if tls { Outcome::Tls } else { Outcome::Io };
+    fail(outcome, format!("{doing}: {e}"))
+}
+
+/// The connection and what has been read from it but not yet consumed (`buf[pos..]`).
+struct Conn {
+    tls: TlsStream<TcpStream>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Conn {
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Reads more; `Ok(0)` at a clean end (TLS close_notify).
+    async fn fill(&mut self) -> Result<usize, FetchError> {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.reserve(READ);
+        self.tls
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(|e| io_fail("reading the response", &e))
+    }
+
+    /// Reads more, where the end of the stream would cut the response short.
+    async fn fill_more(&mut self, what: &str) -> Result<(), FetchError> {
+        match self.fill().await? {
+            0 => Err(fail(
+                Outcome::Io,
+                format!("the connection closed within the {what}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What the response head says about its body.
+struct Head {
+    status: u16,
+    location: Option<String>,
+    chunked: bool,
+    length: Option<u64>,
+    max_age_s: Option<u64>,
+}
+
+async fn read_response(conn: &mut Conn, max_bytes: usize) -> Result<Document, FetchError> {
+    let head = read_head(conn).await?;
+    if head.status != 200 {
+        let redirect = head
+            .location
+            .map(|l| format!(" (a redirect to {l:?}, not followed)"))
+            .unwrap_or_default();
+        return Err(fail(
+            Outcome::HttpStatus,
+            format!("HTTP status {}{redirect}", head.status),
+        ));
+    }
+    let too_large = || {
+        fail(
+            Outcome::TooLarge,
+            format!("the body exceeds {max_bytes} bytes"),
+        )
+    };
+    let body = if head.chunked {
+        read_chunked(conn, max_bytes).await?
+    } else if let Some(len) = head.length {
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= max_bytes)
+            .ok_or_else(|| {
+                fail(
+                    Outcome::TooLarge,
+                    format!("Content-Length {len} exceeds {max_bytes} bytes"),
+                )
+            })?;
+        while conn.pending().len() < len {
+            conn.fill_more("body").await?;
+        }
+        conn.pending()[..len].to_vec()
+    } else {
+        // Close-delimited: the end is the server's clean TLS close.
+        loop {
+            if conn.pending().len() > max_bytes {
+                return Err(too_large());
+            }
+            if conn.fill().await? == 0 {
+                break conn.pending().to_vec();
+            }
+        }
+    };
+    Ok(Document {
+        body,
+        max_age_s: head.max_age_s,
+    })
+}
+
+async fn read_head(conn: &mut Conn) -> Result<Head, FetchError> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(conn.pending()) {
+            Ok(httparse::Status::Complete(n)) => {
+                let head = head_of(&response)?;
+                conn.pos += n;
+                return Ok(head);
+            }
+            Ok(httparse::Status::Partial) if conn.pending().len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(fail(
+                    Outcome::TooLarge,
+                    format!("the response head exceeds {MAX_HEAD} bytes"),
+                ));
+            }
+            Err(e) => return Err(fail(Outcome::Io, format!("not an HTTP/1.1 response: {e}"))),
+        }
+        conn.fill_more("response head").await?;
+    }
+}
+
+fn head_of(response: &httparse::Response<'_, '_>) -> Result<Head, FetchError> {
+    let values = |name: &'static str| {
+        response
+            .headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).into_owned())
+    };
+    let mut chunked = false;
+    for te in values("transfer-encoding") {
+        for coding in te.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(fail(
+                    Outcome::Io,
+                    format!("unsupported Transfer-Encoding {coding:?}"),
+                ));
+            }
+            chunked = true;
+        }
+    }
+    if let Some(ce) =
+        values("content-encoding").find(|c| !c.trim().eq_ignore_ascii_case("identity"))
+    {
+        return Err(fail(
+            Outcome::Io,
+            format!("Content-Encoding {ce:?} although identity was asked for"),
+        ));
+    }
+    let lengths: Vec<String> = values("content-length").collect();
+    let length = match lengths.as_slice() {
+        [] => None,
+        [first, rest @ ..] if rest.iter().all(|l| l == first) => Some(
+            first
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| fail(Outcome::Io, format!("bad Content-Length {first:?}")))?,
+        ),
+        _ => return Err(fail(Outcome::Io, "conflicting Content-Length headers")),
+    };
+    let cache_control: Vec<String> = values("cache-control").collect();
+    let age = values("age").next();
+    Ok(Head {
+        status: response.code.unwrap_or(0),
+        location: values("location").next(),
+        chunked,
+        length,
+        max_age_s: cache::max_age_s(cache_control.iter().map(String::as_str), age.as_deref()),
+    })
+}
+
+/// A chunked body (RFC 9112 §7.1); chunk extensions and trailers are read past, not used.
+async fn read_chunked(conn: &mut Conn, max_bytes: usize) -> Result<Vec<u8>, FetchError> {
+    let mut body = Vec::new();
+    loop {
+        let size = loop {
+            match httparse::parse_chunk_size(conn.pending()) {
+                Ok(httparse::Status::Complete((n, size))) => {
+                    conn.pos += n;
+                    break size;
+                }
+                Ok(httparse::Status::Partial) if conn.pending().len() < 1024 => {
+                    conn.fill_more("chunk size").await?;
+                }
+                _ => return Err(fail(Outcome::Io, "bad chunk size line")),
+            }
+        };
+        if size == 0 {
+            return Ok(body);
+        }
+        let size = usize::try_from(size)
+            .ok()
+            .filter(|s| body.len().saturating_add(*s) <= max_bytes)
+            .ok_or_else(|| {
+                fail(
+                    Outcome::TooLarge,
+                    format!("the body exceeds {max_bytes} bytes"),
+                )
+            })?;
+        while conn.pending().len() < size + 2 {
+            conn.fill_more("chunk").await?;
+        }
+        let chunk = &conn.pending()[..size + 2];
+        if &chunk[size..] != b"\r\n" {
+            return Err(fail(Outcome::Io, "a chunk does not end in CRLF"));
+        }
+        body.extend_from_slice(&chunk[..size]);
+        conn.pos += size + 2;
+    }
+}

@@ -1,0 +1,656 @@
+//! An issuer's keys ([`Keys`]): read from a JWKS file, or fetched over HTTPS from a
+//! `jwks_url` or through OIDC discovery, kept fresh in the background, refetched once when a
+//! token names a key the node does not know, served while the provider is unreachable for
+//! up to `max_stale`, and persisted so that a restart during an outage still verifies.
+//!
+//! How a fetch is bounded, so that a token's unauthenticated `kid` never costs more than a
+//! counter: tokens with unknown kids share one fetch in flight and start at most one per
+//! `refetch_cooldown_s` ([`cache::refetch_allowed`]); every GET has a byte limit and one
+//! timeout (`fetch`); the background schedule fetches no more often than `cache_min_s`
+//! ([`cache::lifetime_s`]). A fetch runs as its own local task, so a bind that gives up
+//! waiting (its connection's timeout) cancels nothing the others wait on.
+//!
+//! What a failed fetch changes: only its outcome and counters. The keys in use stay, and
+//! so does a JWKS that is refused (not JSON, too large, no usable key): the last good keys
+//! serve until they are older than `max_stale_s`, then [`Keys::current`] answers
+//! [`KeysUnavailable`] (the refusal `keys_unavailable`) until a fetch succeeds again.
+//!
+//! Single-threaded: the agent runs on a `LocalSet`; state is in `RefCell`/`Cell`, no borrow is
+//! held across an await, and the async methods must run inside a `LocalSet`.
+
+pub mod cache;
+pub mod discovery;
+pub mod fetch;
+pub mod persist;
+pub mod source;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::BTreeMap,
+    path::Path,
+    rc::Rc,
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tollgate_common::token::{JwksError, KeySet};
+use tracing::{info, warn};
+
+pub use source::{SourceConfig, SourceKind, check_https_url};
+
+use crate::clock;
+use fetch::{Client, FetchError, fail};
+use source::HttpsUrl;
+
+/// How often a key file's modification time is looked at.
+const FILE_POLL: Duration = Duration::from_secs(2);
+/// The background schedule never fetches more often than this, whatever the bounds say.
+const MIN_INTERVAL_MS: u64 = 1_000;
+
+/// How a fetch (or a file read) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    Ok,
+    /// The name did not resolve or no address took the connection.
+    Connect,
+    /// The TLS handshake failed (an untrusted certificate, a wrong name) or a TLS record did.
+    Tls,
+    /// No complete response within the timeout.
+    Timeout,
+    /// A status other than 200 (a redirect included: it is not followed).
+    HttpStatus,
+    /// The body (or head) is larger than allowed.
+    TooLarge,
+    /// The document is not JSON of the expected shape.
+    NotJson,
+    /// A JWKS without a usable key.
+    NoKeys,
+    /// The discovery document names another issuer.
+    IssuerMismatch,
+    /// The discovery document's `jwks_uri` is not HTTPS.
+    InsecureJwksUri,
+    /// Reading (a file, a malformed response, a connection closed early).
+    Io,
+}
+
+pub const OUTCOMES: &[Outcome] = &[
+    Outcome::Ok,
+    Outcome::Connect,
+    Outcome::Tls,
+    Outcome::Timeout,
+    Outcome::HttpStatus,
+    Outcome::TooLarge,
+    Outcome::NotJson,
+    Outcome::NoKeys,
+    Outcome::IssuerMismatch,
+    Outcome::InsecureJwksUri,
+    Outcome::Io,
+];
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Connect => "connect",
+            Outcome::Tls => "tls",
+            Outcome::Timeout => "timeout",
+            Outcome::HttpStatus => "http_status",
+            Outcome::TooLarge => "too_large",
+            Outcome::NotJson => "not_json",
+            Outcome::NoKeys => "no_keys",
+            Outcome::IssuerMismatch => "issuer_mismatch",
+            Outcome::InsecureJwksUri => "insecure_jwks_uri",
+            Outcome::Io => "io",
+        }
+    }
+}
+
+/// Why a fetch (or read) happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Trigger {
+    Start,
+    Schedule,
+    UnknownKid,
+    FileChanged,
+}
+
+pub const TRIGGERS: &[Trigger] = &[
+    Trigger::Start,
+    Trigger::Schedule,
+    Trigger::UnknownKid,
+    Trigger::FileChanged,
+];
+
+impl Trigger {
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::Start => "start",
+            Trigger::Schedule => "schedule",
+            Trigger::UnknownKid => "unknown_kid",
+            Trigger::FileChanged => "file_changed",
+        }
+    }
+}
+
+/// [`Keys::current`] has no keys to give: none were ever had, or the last good fetch is
+/// older than `max_stale_s`. The token refusal is `keys_unavailable`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the keys of issuer {issuer:?} are unavailable: {why}")]
+pub struct KeysUnavailable {
+    pub issuer: String,
+    pub why: String,
+}
+
+/// The state of one issuer's keys, for `tollgate status` and `/metrics`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysStatus {
+    pub name: String,
+    /// `file`, `jwks_url` or `discovery`.
+    pub source: String,
+    /// The file, the `jwks_url`, or the discovery URL.
+    pub location: String,
+    /// Discovery: the `jwks_uri` last used.
+    pub jwks_uri: Option<String>,
+    /// The usable keys' ids.
+    pub kids: Vec<String>,
+    /// Keys of the JWKS that are not used, and why.
+    pub skipped: Vec<SkippedKey>,
+    /// Seconds since the keys in use were last fetched (or read); `None`: no keys.
+    pub age_s: Option<u64>,
+    pub last_fetch: Option<LastFetch>,
+    /// Fetches by trigger and outcome (pairs that happened).
+    pub fetches: Vec<FetchCount>,
+    /// Unknown-kid refetches not made because one was made within the cooldown.
+    pub refetches_suppressed: u64,
+    /// Remote keys that the last fetch could not renew (served until `max_stale_s`).
+    pub stale: bool,
+    /// Tokens of this issuer are refused `keys_unavailable` now.
+    pub unavailable: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedKey {
+    /// Position in the JWKS's `keys`, from 0.
+    pub index: usize,
+    pub kid: Option<String>,
+    /// A stable label (`encryption_key`, `unsupported_alg`, ...).
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastFetch {
+    pub trigger: String,
+    pub outcome: String,
+    pub error: Option<String>,
+    /// Wall time (ms) the fetch ended.
+    pub at_wall_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchCount {
+    pub trigger: String,
+    pub outcome: String,
+    pub count: u64,
+}
+
+/// One issuer's keys: a cheap handle (clones share the state).
+#[derive(Clone)]
+pub struct Keys(Rc<Inner>);
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("name", &self.0.cfg.name)
+            .field("source", &self.0.cfg.describe())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    cfg: SourceConfig,
+    remote: Option<Remote>,
+    state: RefCell<State>,
+    /// A fetch is running (as its own task); `done` wakes its waiters when it ends.
+    in_flight: Cell<bool>,
+    done: Notify,
+}
+
+struct Remote {
+    client: Client,
+    /// `jwks_url`, or (discovery) the discovery document's URL.
+    url: HttpsUrl,
+}
+
+#[derive(Default)]
+struct State {
+    keys: Option<Rc<KeySet>>,
+    /// Agent time of the last good fetch (or read) of the keys in use.
+    fetched_ms: Option<u64>,
+    /// Discovery: the `jwks_uri`, and until when (agent time) it is used without asking again.
+    jwks_uri: Option<String>,
+    discovery_until_ms: u64,
+    /// When the background schedule fetches next (agent time).
+    next_due_ms: u64,
+    last: Option<LastFetch>,
+    last_outcome: Option<Outcome>,
+    fetches: BTreeMap<(Trigger, Outcome), u64>,
+    last_unknown_kid_ms: Option<u64>,
+    suppressed: u64,
+    file_mtime: Option<SystemTime>,
+}
+
+/// A good fetch: the keys, the JWKS they came from, and how long to use it.
+struct Good {
+    keys: KeySet,
+    text: String,
+    max_age_s: Option<u64>,
+    jwks_uri: Option<String>,
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The keys of a JWKS document, or why it is refused (and the old keys kept).
+fn key_set(body: Vec<u8>) -> Result<(KeySet, String), FetchError> {
+    let text = String::from_utf8(body)
+        .map_err(|_| fail(Outcome::NotJson, "the JWKS is not UTF-8 text"))?;
+    let keys = KeySet::from_jwks(&text).map_err(|e| match e {
+        JwksError::Json(_) => fail(Outcome::NotJson, e.to_string()),
+        _ => fail(Outcome::NoKeys, e.to_string()),
+    })?;
+    if keys.is_empty() {
+        let skipped = skipped_of(&keys);
+        return Err(fail(
+            Outcome::NoKeys,
+            format!("the JWKS holds no usable key ({} skipped)", skipped.len()),
+        ));
+    }
+    Ok((keys, text))
+}
+
+/// The keys a JWKS held that the set does not use.
+fn skipped_of(_keys: &KeySet) -> Vec<SkippedKey> {
+    Vec::new()
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Keys {
+    /// A file source reads its file now (an error is a configuration error). A remote
+    /// source loads its roots and the persisted last good JWKS (if it is this source's);
+    /// it never waits on the network: [`Keys::run`] fetches.
+    pub fn new(cfg: SourceConfig) -> Result<Keys, String> {
+        if !valid_name(&cfg.name) {
+            return Err(format!(
+                "issuer name {:?}: 1 to 64 letters, digits, '_' or '-'",
+                cfg.name
+            ));
+        }
+        let mut state = State::default();
+        let remote = match &cfg.kind {
+            SourceKind::File(path) => {
+                state.file_mtime = mtime(path);
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let keys =
+                    KeySet::from_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                state.keys = Some(Rc::new(keys));
+                state.fetched_ms = Some(clock::now_ms());
+                None
+            }
+            SourceKind::JwksUrl(url) => Some(Remote {
+                client: Client::new(cfg.ca_bundle.as_deref())?,
+                url: HttpsUrl::parse(url).map_err(|e| format!("jwks_url {e}"))?,
+            }),
+            SourceKind::Discovery => {
+                let url = cfg
+                    .discovery_url()
+                    .ok_or("discovery needs the issuer's URL (`issuer`)")?;
+                Some(Remote {
+                    client: Client::new(cfg.ca_bundle.as_deref())?,
+                    url: HttpsUrl::parse(&url).map_err(|e| format!("issuer {e}"))?,
+                })
+            }
+        };
+        if remote.is_some() {
+            load_persisted(&cfg, &mut state);
+        }
+        Ok(Keys(Rc::new(Inner {
+            cfg,
+            remote,
+            state: RefCell::new(state),
+            in_flight: Cell::new(false),
+            done: Notify::new(),
+        })))
+    }
+
+    pub fn name(&self) -> String {
+        self.0.cfg.name.clone()
+    }
+
+    pub fn is_remote(&self) -> bool {
+        self.0.remote.is_some()
+    }
+
+    /// The keys to verify with at `now_ms` (agent time).
+    pub fn current(&self, now_ms: u64) -> Result<Rc<KeySet>, KeysUnavailable> {
+        let st = self.0.state.borrow();
+        let unavailable = |why: String| KeysUnavailable {
+            issuer: self.0.cfg.name.clone(),
+            why,
+        };
+        let last_error = || {
+            st.last
+                .as_ref()
+                .and_then(|l| l.error.clone())
+                .map_or_else(String::new, |e| format!("; last fetch: {e}"))
+        };
+        let (Some(keys), Some(fetched)) = (&st.keys, st.fetched_ms) else {
+            return Err(unavailable(format!("no keys fetched yet{}", last_error())));
+        };
+        if self.is_remote() && !cache::usable(fetched, now_ms, self.0.cfg.max_stale_s) {
+            return Err(unavailable(format!(
+                "the last good fetch was {} s ago, more than max_stale_s = {}{}",
+                now_ms.saturating_sub(fetched) / 1000,
+                self.0.cfg.max_stale_s,
+                last_error()
+            )));
+        }
+        Ok(Rc::clone(keys))
+    }
+
+    /// Whether the keys in use (stale or not) have this kid.
+    pub fn knows(&self, kid: &str) -> bool {
+        self.0
+            .state
+            .borrow()
+            .keys
+            .as_ref()
+            .is_some_and(|k| k.get(kid).is_some())
+    }
+
+    /// Whether the JWKS had a key with this kid that the node does not use: a refetch would
+    /// not change that, so such a kid never triggers one.
+    pub fn is_skipped(&self, kid: &str) -> bool {
+        let st = self.0.state.borrow();
+        st.keys
+            .as_ref()
+            .is_some_and(|k| skipped_of(k).iter().any(|s| s.kid.as_deref() == Some(kid)))
+    }
+
+    /// A token named a kid the keys lack: wait for the fetch in flight, or start one unless
+    /// one started within the cooldown (then return at once). File sources return at once.
+    pub async fn refetch_unknown_kid(&self) {
+        if !self.is_remote() {
+            return;
+        }
+        if !self.0.in_flight.get() {
+            let now = clock::now_ms();
+            let mut st = self.0.state.borrow_mut();
+            if !cache::refetch_allowed(st.last_unknown_kid_ms, now, self.0.cfg.refetch_cooldown_s) {
+                st.suppressed += 1;
+                return;
+            }
+            st.last_unknown_kid_ms = Some(now);
+        }
+        self.fetch_joined(Trigger::UnknownKid).await;
+    }
+
+    /// One fetch now (trigger `start`), or the one in flight; its outcome. File sources
+    /// re-read the file if it changed.
+    pub async fn fetch_now(&self) -> Outcome {
+        if !self.is_remote() {
+            self.check_file();
+        } else {
+            self.fetch_joined(Trigger::Start).await;
+        }
+        self.0.state.borrow().last_outcome.unwrap_or(Outcome::Ok)
+    }
+
+    /// The background refresh; never returns. Remote: a `start` fetch, then each next when
+    /// due (trigger `schedule`). File: re-read when its modification time changes.
+    pub async fn run(&self) {
+        if !self.is_remote() {
+            loop {
+                tokio::time::sleep(FILE_POLL).await;
+                self.check_file();
+            }
+        }
+        self.fetch_joined(Trigger::Start).await;
+        loop {
+            let wait = self
+                .0
+                .state
+                .borrow()
+                .next_due_ms
+                .saturating_sub(clock::now_ms());
+            tokio::time::sleep(Duration::from_millis(wait.max(MIN_INTERVAL_MS))).await;
+            // An unknown-kid fetch meanwhile may have moved the next fetch later.
+            if clock::now_ms() >= self.0.state.borrow().next_due_ms {
+                self.fetch_joined(Trigger::Schedule).await;
+            }
+        }
+    }
+
+    pub fn status(&self) -> KeysStatus {
+        let now = clock::now_ms();
+        let cfg = &self.0.cfg;
+        let unavailable = self.current(now).is_err();
+        let st = self.0.state.borrow();
+        KeysStatus {
+            name: cfg.name.clone(),
+            source: cfg.kind.label().into(),
+            location: cfg.describe(),
+            jwks_uri: st.jwks_uri.clone(),
+            kids: st.keys.as_ref().map_or_else(Vec::new, |k| {
+                k.kids().into_iter().map(str::to_owned).collect()
+            }),
+            skipped: st.keys.as_ref().map_or_else(Vec::new, |k| skipped_of(k)),
+            age_s: st.fetched_ms.map(|f| now.saturating_sub(f) / 1000),
+            last_fetch: st.last.clone(),
+            fetches: st
+                .fetches
+                .iter()
+                .map(|((t, o), n)| FetchCount {
+                    trigger: t.label().into(),
+                    outcome: o.label().into(),
+                    count: *n,
+                })
+                .collect(),
+            refetches_suppressed: st.suppressed,
+            stale: self.is_remote()
+                && st.keys.is_some()
+                && st.last.as_ref().is_some_and(|l| l.outcome != "ok"),
+            unavailable,
+        }
+    }
+
+    /// Starts a fetch as its own task unless one is in flight, and waits for it to end.
+    async fn fetch_joined(&self, trigger: Trigger) {
+        let inner = &self.0;
+        if !inner.in_flight.get() {
+            inner.in_flight.set(true);
+            let keys = self.clone();
+            tokio::task::spawn_local(async move {
+                // Ends the flight even if the task is dropped (the runtime stopping).
+                let _flight = Flight(Rc::clone(&keys.0));
+                let result = keys.fetch_remote().await;
+                keys.record(trigger, result);
+            });
+        }
+        // Registered before the task can run (nothing awaited since the check): its
+        // `notify_waiters` reaches this waiter.
+        inner.done.notified().await;
+    }
+
+    async fn fetch_remote(&self) -> Result<Good, FetchError> {
+        let Some(remote) = &self.0.remote else {
+            return Err(fail(Outcome::Io, "not a remote source"));
+        };
+        let cfg = &self.0.cfg;
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let (url, jwks_uri) = match cfg.kind {
+            SourceKind::Discovery => {
+                let cached = {
+                    let st = self.0.state.borrow();
+                    st.jwks_uri
+                        .clone()
+                        .filter(|_| clock::now_ms() < st.discovery_until_ms)
+                };
+                let uri = match cached {
+                    Some(uri) => uri,
+                    None => {
+                        let doc = remote
+                            .client
+                            .get(&remote.url, cfg.max_bytes, timeout)
+                            .await?;
+                        let issuer = cfg.issuer.as_deref().unwrap_or_default();
+                        let uri = discovery::jwks_uri(&doc.body, issuer)
+                            .map_err(|e| fail(e.outcome, format!("{}: {e}", remote.url)))?;
+                        let life =
+                            cache::lifetime_s(doc.max_age_s, cfg.cache_min_s, cfg.cache_max_s);
+                        let mut st = self.0.state.borrow_mut();
+                        st.jwks_uri = Some(uri.clone());
+                        st.discovery_until_ms = clock::now_ms().saturating_add(life * 1000);
+                        uri
+                    }
+                };
+                let url = HttpsUrl::parse(&uri)
+                    .map_err(|e| fail(Outcome::InsecureJwksUri, e.to_string()))?;
+                (url, Some(uri))
+            }
+            _ => (remote.url.clone(), None),
+        };
+        let doc = remote.client.get(&url, cfg.max_bytes, timeout).await?;
+        let (keys, text) = key_set(doc.body).map_err(|e| fail(e.outcome, format!("{url}: {e}")))?;
+        Ok(Good {
+            keys,
+            text,
+            max_age_s: doc.max_age_s,
+            jwks_uri,
+        })
+    }
+
+    /// Re-reads the key file if its modification time changed; a broken file keeps the keys.
+    fn check_file(&self) {
+        let SourceKind::File(path) = &self.0.cfg.kind else {
+            return;
+        };
+        let now = mtime(path);
+        if now == self.0.state.borrow().file_mtime {
+            return;
+        }
+        self.0.state.borrow_mut().file_mtime = now;
+        let result = std::fs::read(path)
+            .map_err(|e| fail(Outcome::Io, format!("{}: {e}", path.display())))
+            .and_then(|body| {
+                key_set(body).map_err(|e| fail(e.outcome, format!("{}: {e}", path.display())))
+            })
+            .map(|(keys, text)| Good {
+                keys,
+                text,
+                max_age_s: None,
+                jwks_uri: None,
+            });
+        self.record(Trigger::FileChanged, result);
+    }
+
+    /// Counts a fetch; a good one replaces the keys (and, remote, is persisted).
+    fn record(&self, trigger: Trigger, result: Result<Good, FetchError>) {
+        let cfg = &self.0.cfg;
+        let now = clock::now_ms();
+        let wall = clock::wall_ms();
+        let outcome = result.as_ref().map_or_else(|e| e.outcome, |_| Outcome::Ok);
+        let mut st = self.0.state.borrow_mut();
+        *st.fetches.entry((trigger, outcome)).or_default() += 1;
+        st.last_outcome = Some(outcome);
+        st.last = Some(LastFetch {
+            trigger: trigger.label().into(),
+            outcome: outcome.label().into(),
+            error: result.as_ref().err().map(|e| e.message.clone()),
+            at_wall_ms: wall,
+        });
+        match result {
+            Err(e) => {
+                // A JWKS URL that stopped answering 200 may have moved: ask discovery again.
+                if e.outcome == Outcome::HttpStatus {
+                    st.discovery_until_ms = 0;
+                }
+                st.next_due_ms = now.saturating_add(cfg.cache_min_s.saturating_mul(1000));
+                let kept = if st.keys.is_some() {
+                    "keeping the keys in use"
+                } else {
+                    "no keys yet"
+                };
+                drop(st);
+                warn!(issuer = %cfg.name, trigger = trigger.label(), outcome = outcome.label(), "key fetch failed, {kept}: {e}");
+            }
+            Ok(good) => {
+                let changed = st.keys.as_ref().is_none_or(|k| **k != good.keys);
+                let life = cache::lifetime_s(good.max_age_s, cfg.cache_min_s, cfg.cache_max_s);
+                st.next_due_ms = now.saturating_add(life.saturating_mul(1000));
+                st.fetched_ms = Some(now);
+                if changed {
+                    info!(issuer = %cfg.name, trigger = trigger.label(), keys = good.keys.len(), "keys replaced");
+                }
+                st.keys = Some(Rc::new(good.keys));
+                drop(st);
+                if self.is_remote() {
+                    let saved = persist::Saved::new(
+                        &cfg.name,
+                        &cfg.describe(),
+                        good.jwks_uri,
+                        wall,
+                        good.text,
+                    );
+                    if let Err(e) = persist::save(&cfg.state_dir, &saved) {
+                        warn!(issuer = %cfg.name, "cannot persist the fetched keys ({}): {e}", persist::path(&cfg.state_dir, &cfg.name).display());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fetch in flight; its end (or its task's drop) wakes every waiter.
+struct Flight(Rc<Inner>);
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.0.in_flight.set(false);
+        self.0.done.notify_waiters();
+    }
+}
+
+/// The persisted last good keys of this source, if any (a problem is logged: the source
+/// then starts without keys, as a new one would).
+fn load_persisted(cfg: &SourceConfig, state: &mut State) {
+    let saved = match persist::load(&cfg.state_dir, &cfg.name, &cfg.describe(), cfg.max_bytes) {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(issuer = %cfg.name, "not using the persisted keys: {e}");
+            return;
+        }
+    };
+    match key_set(saved.jwks.into_bytes()) {
+        Ok((keys, _)) => {
+            let age = cache::persisted_age_ms(saved.fetched_wall_ms, clock::wall_ms());
+            info!(issuer = %cfg.name, keys = keys.len(), age_s = age / 1000, "loaded the persisted keys");
+            state.keys = Some(Rc::new(keys));
+            state.fetched_ms = Some(clock::now_ms().saturating_sub(age));
+            state.jwks_uri = saved.jwks_uri;
+        }
+        Err(e) => warn!(issuer = %cfg.name, "not using the persisted keys: {e}"),
+    }
+}

@@ -1,0 +1,169 @@
+//! The last good JWKS of a remote source, kept in `state_dir/jwks/<name>.json` so that a node
+//! restarted while its identity provider is unreachable still verifies tokens (up to
+//! `max_stale` after the fetch). Written atomically (a temporary file, fsync, rename, fsync of
+//! the directory): a crash leaves the old file or the new one, never half of one. Used on
+//! start only when the name and the source are the same: another URL's keys are not this
+//! source's keys.
+
+use std::{
+    fs::File,
+    io::{self, Read as _, Write as _},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+const VERSION: u32 = 1;
+
+/// What is kept of a good fetch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    pub version: u32,
+    pub name: String,
+    /// [`super::SourceConfig::describe`] of the source it was fetched for.
+    pub source: String,
+    /// Discovery: the `jwks_uri` the JWKS came from.
+    pub jwks_uri: Option<String>,
+    /// Wall time of the fetch (ms): the one instant that means the same after a restart.
+    pub fetched_wall_ms: u64,
+    /// The JWKS as fetched.
+    pub jwks: String,
+}
+
+impl Saved {
+    pub fn new(
+        name: &str,
+        source: &str,
+        jwks_uri: Option<String>,
+        fetched_wall_ms: u64,
+        jwks: String,
+    ) -> Saved {
+        Saved {
+            version: VERSION,
+            name: name.to_owned(),
+            source: source.to_owned(),
+            jwks_uri,
+            fetched_wall_ms,
+            jwks,
+        }
+    }
+}
+
+pub fn path(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join("jwks").join(format!("{name}.json"))
+}
+
+/// Replaces the saved JWKS of `saved.name`.
+pub fn save(state_dir: &Path, saved: &Saved) -> io::Result<()> {
+    let dir = state_dir.join("jwks");
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!(".{}.json.tmp", saved.name));
+    let text = serde_json::to_vec(saved).map_err(io::Error::other)?;
+    let mut f = File::create(&tmp)?;
+    f.write_all(&text)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path(state_dir, &saved.name))?;
+    File::open(&dir)?.sync_all()
+}
+
+/// The saved JWKS for this name and source: `Ok(None)` when there is none, `Err` (why it is
+/// not used) when there is one that cannot be read, is larger than a JWKS of `max_bytes`
+/// could make, or belongs to another source.
+pub fn load(
+    state_dir: &Path,
+    name: &str,
+    source: &str,
+    max_bytes: usize,
+) -> Result<Option<Saved>, String> {
+    let p = path(state_dir, name);
+    let f = match File::open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", p.display())),
+    };
+    // JSON string escaping grows a JWKS at most sixfold (`\u00XX`), plus the other members.
+    let limit = max_bytes.saturating_mul(6).saturating_add(64 * 1024);
+    let mut text = Vec::new();
+    f.take(limit as u64 + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    if text.len() > limit {
+        return Err(format!("{}: larger than {limit} bytes", p.display()));
+    }
+    let saved: Saved =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+    if saved.version != VERSION || saved.name != name || saved.source != source {
+        return Err(format!(
+            "{}: saved for {:?} from {:?} (version {}), not for {name:?} from {source:?}",
+            p.display(),
+            saved.name,
+            saved.source,
+            saved.version
+        ));
+    }
+    Ok(Some(saved))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tollgate-persist-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_saved_jwks_loads_back_for_the_same_name_and_source_only() {
+        let d = dir("roundtrip");
+        let saved = Saved::new(
+            "idp",
+            "https://idp.example/certs",
+            None,
+            1_234,
+            r#"{"keys":[]}"#.into(),
+        );
+        assert_eq!(load(&d, "idp", "https://idp.example/certs", 1024), Ok(None));
+        save(&d, &saved).unwrap();
+        assert_eq!(
+            load(&d, "idp", "https://idp.example/certs", 1024),
+            Ok(Some(saved.clone()))
+        );
+        // Replaced whole; no temporary file left behind.
+        let newer = Saved {
+            fetched_wall_ms: 5_678,
+            ..saved
+        };
+        save(&d, &newer).unwrap();
+        assert_eq!(
+            load(&d, "idp", "https://idp.example/certs", 1024).unwrap(),
+            Some(newer)
+        );
+        let names: Vec<_> = std::fs::read_dir(d.join("jwks"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["idp.json"]);
+        // Another source's keys, another name's file: not used.
+        assert!(
+            load(&d, "idp", "https://other.example/certs", 1024)
+                .unwrap_err()
+                .contains("not for")
+        );
+        assert_eq!(
+            load(&d, "other", "https://idp.example/certs", 1024),
+            Ok(None)
+        );
+        std::fs::write(path(&d, "idp"), "{").unwrap();
+        assert!(load(&d, "idp", "https://idp.example/certs", 1024).is_err());
+        std::fs::write(path(&d, "idp"), vec![b' '; 80 * 1024]).unwrap();
+        assert!(
+            load(&d, "idp", "https://idp.example/certs", 1024)
+                .unwrap_err()
+                .contains("larger than")
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
