@@ -14,11 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
 use serde_json::{Value, json};
 use tollgate_tests::{
     agent::{Agent, AgentDirs, tollgate_bin},
-    config::{Config, Endpoint, Plan, Tokens},
+    config::{Claims, Config, Endpoint, Fetch, Issuer, Plan, Tokens, ValueRule, Values},
     exhaust::{post_bind, tls_client},
     lab::{Lab, NetNs, SecondClient},
     oidc::{
@@ -38,32 +37,6 @@ fn plans() -> [Plan; 3] {
         Plan::new("silver").packets(1, 8),
         Plan::new("customer").packets(1000, 1000),
     ]
-}
-
-/// One `[[tokens.issuers]]` table, as docs/tokens.md describes it.
-#[derive(Clone, Debug, Default, Serialize)]
-struct Issuer {
-    name: String,
-    issuer: String,
-    audiences: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    jwks: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    jwks_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    discovery: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    jwks_max_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cache_min_s: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cache_max_s: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    refetch_cooldown_s: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_stale_s: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    claims: Option<toml::Table>,
 }
 
 /// The provider's clients as the mapping tests need them: each access token carries `groups`
@@ -90,30 +63,30 @@ fn clients() -> Vec<IdpClient> {
 
 /// Identity from `client_id`, the Keycloak roles path required, the plan from `groups` with
 /// no default: an unknown group is refused, not quietly given a plan.
-fn mapping() -> toml::Table {
-    r#"
-identity = "client_id"
-roles = "realm_access.roles"
-roles_format = "array"
-roles_required = true
-plan = { claim = "groups", values = { gold = "gold", silver = "silver" }, unmapped = "refuse" }
-"#
-    .parse()
-    .expect("mapping")
+fn mapping() -> Claims {
+    Claims {
+        identity: Some("client_id".into()),
+        roles: Some("realm_access.roles".into()),
+        roles_format: Some("array".into()),
+        roles_required: Some(true),
+        plan: Some(ValueRule::Map {
+            claim: "groups".into(),
+            values: Values(vec![
+                ("gold".into(), "gold".into()),
+                ("silver".into(), "silver".into()),
+            ]),
+            default: None,
+            unmapped: Some("refuse".into()),
+        }),
+        ..Claims::default()
+    }
 }
 
-impl Issuer {
-    /// The lab's provider found by discovery, with [`mapping`].
-    fn idp(o: &OidcLab) -> Issuer {
-        Issuer {
-            name: "idp".into(),
-            issuer: o.issuer.clone(),
-            audiences: vec![POOL_A.into()],
-            discovery: Some(true),
-            claims: Some(mapping()),
-            ..Issuer::default()
-        }
-    }
+/// The lab's provider found by discovery, with [`mapping`] and `fetch`.
+fn idp(o: &OidcLab, fetch: Fetch) -> Issuer {
+    Issuer::discovery("idp", &o.issuer, POOL_A)
+        .fetch(fetch)
+        .claims(mapping())
 }
 
 struct World {
@@ -125,42 +98,37 @@ struct World {
 }
 
 /// The agent's configuration: the bind listener (certificate from the lab's CA), `/metrics`,
-/// the model port for class customer, [`plans`], and `issuers` in place of the legacy
-/// `jwks`/`audience` pair.
-fn agent_config(o: &OidcLab, ifaces: &[String], issuers: &[Issuer]) -> String {
+/// the model port for class customer, [`plans`], and `issuers` with no legacy `jwks`/
+/// `audience` (so a token whose `iss` no issuer has is `wrong_issuer`).
+fn agent_config(o: &OidcLab, ifaces: &[String], issuers: Vec<Issuer>) -> Config {
     let lab = &o.lab;
+    let mut tokens = Tokens {
+        max_ttl_s: Some(600),
+        clock_skew_s: Some(2),
+        max_token_bytes: Some(4096),
+        default_class: Some("customer".into()),
+        default_plan: Some("customer".into()),
+        fetch: Fetch {
+            ca_bundle: Some(o.ca.pem.clone()),
+            ..Fetch::default()
+        },
+        ..Tokens::tls_only(&o.bind_cert, &o.bind_key)
+    };
+    for i in issuers {
+        tokens = tokens.issuer(i);
+    }
     let mut config = Config::new(ifaces)
         // The random-kid flood sends a thousand TLS handshakes from one /24 to the bind port.
         .anonymous(20_000, 40_000)
         .listen_bind(SocketAddr::new(IpAddr::V4(lab.server_v4), BIND_PORT))
         .listen_metrics(SocketAddr::new(IpAddr::V4(lab.server_v4), METRICS_PORT))
-        .tokens(Tokens {
-            tls_cert: o.bind_cert.clone(),
-            tls_key: o.bind_key.clone(),
-            max_ttl_s: Some(600),
-            clock_skew_s: Some(2),
-            max_token_bytes: Some(4096),
-            default_class: Some("customer".into()),
-            default_plan: Some("customer".into()),
-            ..Tokens::default()
-        })
+        .tokens(tokens)
         .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
         .endpoint(Endpoint::tcp("bind", BIND_PORT, &BIND_CLASSES).anonymous());
     for p in plans() {
         config = config.plan(p);
     }
-    let mut table: toml::Table = config.render().parse().expect("rendered config");
-    let tokens = table
-        .get_mut("tokens")
-        .and_then(toml::Value::as_table_mut)
-        .expect("[tokens]");
-    // Issuers replace the single key file and audience.
-    tokens.remove("jwks");
-    tokens.remove("audience");
-    tokens.insert("ca_bundle".into(), o.ca.pem.display().to_string().into());
-    let issuers = toml::Value::try_from(issuers).expect("issuers");
-    tokens.insert("issuers".into(), issuers);
-    toml::to_string(&table).expect("config")
+    config
 }
 
 impl World {
@@ -174,10 +142,9 @@ impl World {
         let o = OidcLab::new(lab, spec);
         let mut ifaces = vec![o.lab.server_if.clone()];
         ifaces.extend(second.as_ref().map(|s| s.server_if.clone()));
-        let text = agent_config(&o, &ifaces, &issuers(&o));
         let dirs = AgentDirs::new();
-        let config = dirs.state_dir.join("tollgate.toml");
-        std::fs::write(&config, text).expect("config");
+        let config =
+            agent_config(&o, &ifaces, issuers(&o)).write(&dirs.state_dir.join("tollgate.toml"));
         let model = model_server(&o.lab);
         World {
             o,
@@ -352,7 +319,7 @@ fn bind_at_plan(w: &World, client: &str, ns: &NetNs, plan: &str) {
 fn rs256_tokens_from_the_provider_bind_at_the_plan_their_groups_map_to() {
     let mut spec = ProviderSpec::new("RS256", clients());
     spec.jwk_alg = false;
-    let w = World::new(spec, true, |o| vec![Issuer::idp(o)]);
+    let w = World::new(spec, true, |o| vec![idp(o, Fetch::default())]);
     let _agent = w.start();
     let jwks = w.o.jwks();
     assert!(
@@ -411,10 +378,10 @@ fn rs256_tokens_from_the_provider_bind_at_the_plan_their_groups_map_to() {
 /// through `source`, binds at its mapped plan; another audience is refused.
 fn short_run(alg: &str, jwks_url: bool) {
     let w = World::new(ProviderSpec::new(alg, clients()), false, |o| {
-        let mut i = Issuer::idp(o);
+        let mut i = idp(o, Fetch::default());
         if jwks_url {
-            i.discovery = None;
-            i.jwks_url = Some(format!("{}/jwks", o.issuer));
+            i = Issuer::jwks_url("idp", &o.issuer, POOL_A, &format!("{}/jwks", o.issuer))
+                .claims(mapping());
         }
         vec![i]
     });
@@ -448,12 +415,15 @@ fn es256_tokens_bind_with_keys_from_discovery() {
 #[test]
 fn a_rotated_key_is_picked_up_with_one_refetch() {
     let w = World::new(ProviderSpec::new("RS256", clients()), false, |o| {
-        vec![Issuer {
-            // No scheduled refresh during the test: only the unknown kid can fetch.
-            cache_min_s: Some(3600),
-            cache_max_s: Some(3600),
-            ..Issuer::idp(o)
-        }]
+        // No scheduled refresh during the test: only the unknown kid can fetch.
+        vec![idp(
+            o,
+            Fetch {
+                cache_min_s: Some(3600),
+                cache_max_s: Some(3600),
+                ..Fetch::default()
+            },
+        )]
     });
     let _agent = w.start();
     bind_at_plan(&w, "gold-svc", w.client(), "gold");
@@ -512,13 +482,16 @@ fn an_outage_serves_known_keys_until_max_stale_then_fails_closed_and_recovers() 
     const MAX_STALE_S: u64 = 6;
     const CACHE_MAX_S: u64 = 2;
     let mut w = World::new(ProviderSpec::new("RS256", clients()), false, |o| {
-        vec![Issuer {
-            cache_min_s: Some(1),
-            cache_max_s: Some(CACHE_MAX_S),
-            refetch_cooldown_s: Some(1),
-            max_stale_s: Some(MAX_STALE_S),
-            ..Issuer::idp(o)
-        }]
+        vec![idp(
+            o,
+            Fetch {
+                cache_min_s: Some(1),
+                cache_max_s: Some(CACHE_MAX_S),
+                refetch_cooldown_s: Some(1),
+                max_stale_s: Some(MAX_STALE_S),
+                ..Fetch::default()
+            },
+        )]
     });
     let _agent = w.start();
     let tokens: Vec<String> = (0..3).map(|_| w.o.token("gold-svc", POOL_A)).collect();
@@ -571,7 +544,7 @@ fn an_outage_serves_known_keys_until_max_stale_then_fails_closed_and_recovers() 
 #[test]
 fn a_node_restarted_during_an_outage_verifies_from_persisted_keys() {
     let mut w = World::new(ProviderSpec::new("RS256", clients()), false, |o| {
-        vec![Issuer::idp(o)]
+        vec![idp(o, Fetch::default())]
     });
     let agent = w.start();
     let later = w.o.token("gold-svc", POOL_A);
@@ -598,12 +571,15 @@ fn random_kids_cost_at_most_one_fetch_per_cooldown() {
     const FLOOD: usize = 1000;
     const THREADS: usize = 8;
     let w = World::new(ProviderSpec::new("RS256", clients()), true, |o| {
-        vec![Issuer {
-            cache_min_s: Some(3600),
-            cache_max_s: Some(3600),
-            refetch_cooldown_s: Some(COOLDOWN_S),
-            ..Issuer::idp(o)
-        }]
+        vec![idp(
+            o,
+            Fetch {
+                cache_min_s: Some(3600),
+                cache_max_s: Some(3600),
+                refetch_cooldown_s: Some(COOLDOWN_S),
+                ..Fetch::default()
+            },
+        )]
     });
     let _agent = w.start();
     bind_at_plan(&w, "gold-svc", &w.second().ns, "gold");
@@ -765,38 +741,29 @@ fn refusals_from_independently_minted_tokens_each_carry_their_label() {
         let jwks = o.dir().join("minted-jwks.json");
         std::fs::write(&jwks, minted["jwks"].to_string()).expect("minted jwks");
         vec![
-            Issuer {
-                refetch_cooldown_s: Some(1),
-                ..Issuer::idp(o)
-            },
-            Issuer {
-                name: "minted".into(),
-                issuer: format!("{}/minted", o.issuer),
-                audiences: vec![POOL_A.into()],
-                jwks: Some(jwks),
-                claims: Some(
-                    "identity = \"sub\"\nplan = { claim = \"plan\", default = \"customer\" }"
-                        .parse()
-                        .expect("claims"),
-                ),
-                ..Issuer::default()
-            },
+            idp(
+                o,
+                Fetch {
+                    refetch_cooldown_s: Some(1),
+                    ..Fetch::default()
+                },
+            ),
+            Issuer::jwks_file("minted", &format!("{}/minted", o.issuer), POOL_A, &jwks).claims(
+                Claims {
+                    identity: Some("sub".into()),
+                    plan: Some(ValueRule::Path("plan".into())),
+                    ..Claims::default()
+                },
+            ),
             // The provider's JWKS padded past 1 MiB: over the 256 KiB default limit.
-            Issuer {
-                name: "big".into(),
-                issuer: format!("{}/big", o.issuer),
-                audiences: vec![POOL_A.into()],
-                jwks_url: Some(format!("{}/jwks?pad=1", o.issuer)),
-                ..Issuer::default()
-            },
+            Issuer::jwks_url(
+                "big",
+                &format!("{}/big", o.issuer),
+                POOL_A,
+                &format!("{}/jwks?pad=1", o.issuer),
+            ),
             // Configured with a trailing slash, which the provider's discovery does not have.
-            Issuer {
-                name: "slash".into(),
-                issuer: format!("{}/", o.issuer),
-                audiences: vec![POOL_A.into()],
-                discovery: Some(true),
-                ..Issuer::default()
-            },
+            Issuer::discovery("slash", &format!("{}/", o.issuer), POOL_A),
         ]
     });
     let _agent = w.start();
