@@ -363,10 +363,10 @@ fn rs256_tokens_from_the_provider_bind_at_the_plan_their_groups_map_to() {
         (401, "wrong_audience".into())
     );
     let idp = w.issuer("idp");
-    assert!(
-        idp.to_string().contains("rs256-1"),
-        "status does not show the provider's kid: {idp}"
-    );
+    assert_eq!(idp["source"], "discovery", "{idp}");
+    assert_eq!(idp["kids"], json!(["rs256-1"]), "{idp}");
+    assert_eq!(idp["last_fetch"]["outcome"], "ok", "{idp}");
+    assert_eq!(idp["jwks_uri"], format!("{}/jwks", w.o.issuer), "{idp}");
     let counts = w.o.counts();
     assert!(
         counts.discovery >= 1 && counts.jwks >= 1,
@@ -470,8 +470,12 @@ fn a_rotated_key_is_picked_up_with_one_refetch() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let idp = w.issuer("idp").to_string();
-    assert!(idp.contains(&kid), "status lacks the new kid {kid}: {idp}");
+    let idp = w.issuer("idp");
+    let kids = idp["kids"].as_array().expect("kids");
+    assert!(
+        kids.contains(&json!(kid)) && kids.contains(&json!("rs256-1")),
+        "status should show the new kid {kid} and the old one: {idp}"
+    );
 }
 
 /// The provider stops: a token of a key the node has still binds; after `max_stale` the
@@ -511,6 +515,12 @@ fn an_outage_serves_known_keys_until_max_stale_then_fails_closed_and_recovers() 
     );
     let (code, reason, after) = refused.expect("still binding long after max_stale");
     assert_eq!((code, reason.as_str()), (503, "keys_unavailable"));
+    let idp = w.issuer("idp");
+    assert_eq!(
+        (&idp["stale"], &idp["unavailable"]),
+        (&json!(true), &json!(true)),
+        "{idp}"
+    );
     assert!(
         after >= Duration::from_secs(MAX_STALE_S - CACHE_MAX_S),
         "refused {after:?} after the stop, before the keys can be {MAX_STALE_S} s old"
@@ -658,6 +668,12 @@ fn random_kids_cost_at_most_one_fetch_per_cooldown() {
     for (code, body) in &good_codes {
         assert_eq!(*code, 200, "a good bind during the flood failed: {body}");
     }
+    let idp = w.issuer("idp");
+    assert!(
+        // Each fetch may be joined by every sender's request in flight instead.
+        idp["refetches_suppressed"].as_u64() >= Some(FLOOD as u64 - bound * (THREADS as u64 + 1)),
+        "status counts too few refetches held back by the cooldown: {idp}"
+    );
     let text = w.metrics();
     let agent_fetches = metric(
         &text,
@@ -906,20 +922,40 @@ fn refusals_from_independently_minted_tokens_each_carry_their_label() {
         }
     }
     // Key sources that fail, each with its fetch outcome; the keys that do verify stay.
-    let status = |name: &str| w.issuer(name).to_string();
-    let minted_status = status("minted");
-    for skip in ["rsa_key_size", "encryption_key"] {
-        if !minted_status.contains(skip) {
+    let minted_status = w.issuer("minted");
+    let skipped: Vec<(String, String)> = minted_status["skipped"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|k| {
+                    let s = |f: &str| k[f].as_str().unwrap_or("").to_owned();
+                    (s("kid"), s("reason"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for (kid, reason) in [("rs-1024", "rsa_key_size"), ("enc-1", "encryption_key")] {
+        if !skipped.contains(&(kid.into(), reason.into())) {
             failures.push(format!(
-                "minted: skip {skip} not in status: {minted_status}"
+                "minted: {kid} not skipped as {reason}: {minted_status}"
             ));
         }
     }
-    for (name, outcome) in [("big", "too_large"), ("slash", "issuer_mismatch")] {
-        if !status(name).contains(outcome) {
+    let mut usable = minted_status["kids"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    usable.sort_by_key(ToString::to_string);
+    if usable != [json!("ec-1"), json!("rs-good"), json!("rs-old")] {
+        failures.push(format!("minted: usable kids {usable:?}"));
+    }
+    let outcome = |name: &str| w.issuer(name)["last_fetch"]["outcome"].clone();
+    for (name, want) in [("big", "too_large"), ("slash", "issuer_mismatch")] {
+        if outcome(name) != want {
             failures.push(format!(
-                "{name}: outcome {outcome} not in status: {}",
-                status(name)
+                "{name}: last fetch outcome {}, expected {want}: {}",
+                outcome(name),
+                w.issuer(name)
             ));
         }
     }
@@ -934,10 +970,10 @@ fn refusals_from_independently_minted_tokens_each_carry_their_label() {
     if (code, reason.as_str()) != (401, "unknown_kid") {
         failures.push(format!("unknown kid at the provider: HTTP {code} {reason}"));
     }
-    if !status("idp").contains("not_json") {
+    if outcome("idp") != "not_json" {
         failures.push(format!(
-            "idp: outcome not_json not in status: {}",
-            status("idp")
+            "idp: last fetch outcome {}, expected not_json",
+            outcome("idp")
         ));
     }
     let (code, body) = w.bind(w.client(), &w.o.token("gold-svc", POOL_A));
