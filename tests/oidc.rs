@@ -310,6 +310,94 @@ fn bind_at_plan(w: &World, client: &str, ns: &NetNs, plan: &str) {
     assert_eq!(shown["class"], "customer", "{client}: {shown}");
 }
 
+/// The lab itself: the provider serves discovery and JWKS over HTTPS to the server's
+/// namespace (verified against the test CA), and client-credentials JWT access tokens to the
+/// client's, with the claims the other tests map; its counters, rotation and broken-JWKS
+/// modes do what the other tests rely on.
+#[test]
+fn the_lab_provider_serves_discovery_jwks_and_client_credentials_tokens() {
+    let o = OidcLab::new(Lab::new(), ProviderSpec::new("RS256", clients()));
+    let get = |path: &str| {
+        let out = o
+            .lab
+            .server
+            .command("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&o.ca.pem)
+            .arg(format!("{}{path}", o.issuer))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "GET {path}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let discovery: Value =
+        serde_json::from_str(&get("/.well-known/openid-configuration")).expect("discovery");
+    assert_eq!(discovery["issuer"], o.issuer);
+    assert_eq!(discovery["jwks_uri"], format!("{}/jwks", o.issuer));
+    let token = o.token("gold-svc", POOL_A);
+    let (header, claims) = (header_of(&token), claims_of(&token));
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(header["typ"], "at+jwt");
+    assert_eq!(header["kid"], "rs256-1");
+    for (claim, want) in [
+        ("iss", json!(o.issuer)),
+        ("aud", json!(POOL_A)),
+        ("client_id", json!("gold-svc")),
+        ("sub", json!("gold-svc")),
+        ("scope", json!("bind")),
+        ("groups", json!(["staff", "gold"])),
+        ("realm_access", json!({"roles": ["tollgate-bind"]})),
+    ] {
+        assert_eq!(claims[claim], want, "{claim} in {claims}");
+    }
+    assert!(
+        claims["jti"].as_str().is_some_and(|j| j.len() >= 20),
+        "{claims}"
+    );
+    assert_eq!(
+        claims["exp"]
+            .as_u64()
+            .zip(claims["iat"].as_u64())
+            .map(|(e, i)| e - i),
+        Some(300)
+    );
+    let before = o.counts();
+    let _ = get("/jwks");
+    assert_eq!(o.counts().jwks, before.jwks + 1, "the JWKS counter");
+    let kid = o.rotate();
+    let kids: Vec<Value> = o.jwks()["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["kid"].clone())
+        .collect();
+    assert_eq!(
+        kids,
+        [json!(kid), json!("rs256-1")],
+        "the new key first, the old kept"
+    );
+    assert_eq!(header_of(&o.token("gold-svc", POOL_A))["kid"], kid.as_str());
+    assert!(get("/jwks?pad=1").len() > 1 << 20, "the padded JWKS");
+    o.jwks_mode("not_json");
+    assert!(
+        serde_json::from_str::<Value>(&get("/jwks")).is_err(),
+        "not_json mode"
+    );
+    o.jwks_mode("normal");
+    o.jwks_max_age(7);
+    let out = o
+        .lab
+        .server
+        .command("curl")
+        .args(["-sS", "-D", "-", "-o", "/dev/null", "--cacert"])
+        .arg(&o.ca.pem)
+        .arg(format!("{}/jwks", o.issuer))
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(head.contains("cache-control: public, max-age=7"), "{head}");
+}
+
 /// The RS256 run, end to end: discovery finds the provider's keys (published without `alg`,
 /// as Entra ID does: RS256 is what an RSA key admits by default), a client-credentials token
 /// binds, the traffic passes at the plan its `groups` claim maps to (gold passes a probe that
