@@ -120,7 +120,7 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
     }
     // Keys before anything is touched: a broken JWKS is a configuration error.
     let tokens = match &config.tokens {
-        Some(t) => Some(TokenService::new(t)?),
+        Some(t) => Some(TokenService::new(t, &config.node.state_dir, None)?),
         None => None,
     };
     let control = ControlLoop::new(&config).map_err(|e| io_err("quota state", e))?;
@@ -267,16 +267,12 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
             "node.tunnels takes effect only on restart"
         );
     }
-    // The keys are re-read too; a JWKS that does not parse refuses the whole reload.
+    // The issuers are rebuilt: a key file that does not parse refuses the whole reload; an
+    // issuer whose source is unchanged keeps its keys (a reload refetches nothing), and
+    // every tally carries over.
     let tokens = match &config.tokens {
-        Some(t) => match TokenService::new(t) {
-            Ok(mut svc) => {
-                if let Some(old) = &node.tokens {
-                    svc.results = old.results.clone();
-                    svc.thefts = old.thefts;
-                }
-                Some(svc)
-            }
+        Some(t) => match TokenService::new(t, &config.node.state_dir, node.tokens.as_ref()) {
+            Ok(svc) => Some(svc),
             Err(e) => return Err(refused(e.to_string())),
         },
         None => None,
@@ -319,7 +315,13 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
     }
     node.attached.retain(|i| !removed.contains(i));
     node.config = config;
-    node.tokens = tokens;
+    let old_tokens = std::mem::replace(&mut node.tokens, tokens);
+    if let Some(svc) = node.tokens.as_mut() {
+        if let Some(old) = old_tokens {
+            svc.adopt(old);
+        }
+        svc.spawn_refreshers();
+    }
     node.control.reconfigure(&node.config);
     info!("reloaded {}", node.config.source);
     let reply = Reloaded {
@@ -450,6 +452,10 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
         "connection caps"
     );
     let node = Rc::new(RefCell::new(start(&opts)?));
+    // The issuers' keys refresh in the background from now on (remote ones fetch at once).
+    if let Some(svc) = node.borrow_mut().tokens.as_mut() {
+        svc.spawn_refreshers();
+    }
     let process = Rc::new(Process { opts });
     let (socket, group, attached, metrics_addr, token_listener, interval_ms) = {
         let n = node.borrow();

@@ -71,6 +71,84 @@ fn counter(v: u64) -> Counter<u64, AtomicU64> {
     c
 }
 
+/// Per issuer: its keys, their age, its fetches and its refusals. Issuer names come from the
+/// configuration only (never from a token: an `iss` no issuer has counts under
+/// `issuer="none"`), and every label value is pre-registered, so a scrape shows zeros and
+/// the series are as many as the configuration makes.
+fn issuer_families(reg: &mut Registry, tokens: Option<&crate::token_bind::TokenService>) {
+    use crate::issuers::{OUTCOMES, TRIGGERS};
+    use tollgate_common::token::{REFUSALS, SKIP_REASONS};
+    let keys = Gauges::new();
+    let skipped = Gauges::new();
+    let age = Gauges::new();
+    let fetches = Counters::new();
+    let refusals = Counters::new();
+    if let Some(t) = tokens {
+        for i in &t.issuers {
+            let st = i.keys.status();
+            let name = i.name.as_str();
+            keys.set(l(&[("issuer", name)]), st.kids.len() as f64);
+            for r in SKIP_REASONS {
+                let n = st.skipped.iter().filter(|s| s.reason == r.label()).count();
+                skipped.set(l(&[("issuer", name), ("reason", r.label())]), n as f64);
+            }
+            if let Some(a) = st.age_s {
+                age.set(l(&[("issuer", name)]), a as f64);
+            }
+            for tr in TRIGGERS {
+                for o in OUTCOMES {
+                    let n = st
+                        .fetches
+                        .iter()
+                        .find(|f| f.trigger == tr.label() && f.outcome == o.label())
+                        .map_or(0, |f| f.count);
+                    fetches.add(
+                        l(&[
+                            ("issuer", name),
+                            ("trigger", tr.label()),
+                            ("outcome", o.label()),
+                        ]),
+                        n,
+                    );
+                }
+            }
+            for r in REFUSALS {
+                let n = i.refusals.get(r.label()).copied().unwrap_or(0);
+                refusals.add(l(&[("issuer", name), ("reason", r.label())]), n);
+            }
+        }
+        for r in REFUSALS {
+            let n = t.unselected.get(r.label()).copied().unwrap_or(0);
+            refusals.add(l(&[("issuer", "none"), ("reason", r.label())]), n);
+        }
+    }
+    reg.register(
+        "tollgate_issuer_keys",
+        "Usable keys of each issuer's key set",
+        keys.0,
+    );
+    reg.register(
+        "tollgate_issuer_keys_skipped",
+        "Keys of each issuer's JWKS not used, by reason (encryption_key, unsupported_alg, ...)",
+        skipped.0,
+    );
+    reg.register(
+        "tollgate_issuer_key_age_seconds",
+        "Seconds since each issuer's key set in use was fetched or read",
+        age.0,
+    );
+    reg.register(
+        "tollgate_issuer_fetches",
+        "Key fetches of each issuer by trigger (start, schedule, unknown_kid, file_changed) and outcome",
+        fetches.0,
+    );
+    reg.register(
+        "tollgate_issuer_refusals",
+        "Token refusals by issuer (none: before one was chosen) and reason",
+        refusals.0,
+    );
+}
+
 /// The whole exposition.
 pub fn render(d: &Node) -> Result<String, String> {
     let config = &d.config;
@@ -292,6 +370,7 @@ pub fn render(d: &Node) -> Result<String, String> {
         "Tokens presented from a second address while bound (probable theft)",
         counter(thefts),
     );
+    issuer_families(&mut reg, d.tokens.as_ref());
 
     // Listeners: what each holds open and what it turned away, before authentication.
     let open = Family::<Labels, Gauge<f64, AtomicU64>>::default();

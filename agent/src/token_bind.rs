@@ -1,23 +1,66 @@
-//! The token service: the keys and verification policy a node binds tokens with, the tally
-//! of verifications, why a token bind fails, and where a token's identity is placed. The
-//! binding itself is `ops::tokens`'.
+//! The token service: the issuers a node trusts (each with its verification policy, its
+//! keys and its tally of refusals), how a token picks its issuer, why a token bind fails,
+//! and where a token's identity is placed. The binding itself is `ops::tokens`'.
+//!
+//! A token picks its issuer by the `iss` the cheap unauthenticated steps read
+//! ([`token::peek`]), compared exactly; nothing a token says is trusted before its signature
+//! verifies with that issuer's keys, and the only thing an unverified token can cost is a
+//! counter and (a remote issuer, a well-formed token, a `kid` the keys lack) one share of a
+//! refetch the issuer's cooldown bounds ([`TokenService::wants_refetch`]).
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
-use tollgate_common::token::{ClaimNames, Claims, KeySet, Mapping, Policy, REFUSALS, Refusal};
+use tollgate_common::token::{
+    self, ClaimPath, Claims, Mapping, Peek, Policy, REFUSALS, Refusal, RolesFormat, RolesRule,
+    Unmapped, ValueRule,
+};
+use tracing::warn;
 
 use crate::{
-    config::{Config, Tokens},
+    config::{ClaimRules, Config, Issuer, KeySource, Tokens, ValueMap},
+    issuers::{Keys, SourceConfig, SourceKind},
     state::TokenIdentity,
 };
 
-/// Keys, policy and the verification tallies.
-pub struct TokenService {
-    pub keys: KeySet,
+/// One trusted issuer: what its tokens must satisfy, its keys, and its refusals.
+pub struct IssuerService {
+    pub name: String,
     pub policy: Policy,
-    pub jwks_mtime: Option<std::time::SystemTime>,
+    pub keys: Keys,
+    /// What `keys` was built from: a reload that leaves it as it is keeps `keys` (and does
+    /// not refetch).
+    source: SourceConfig,
+    pub remote: bool,
+    /// Refusals by label (pre-filled with every label: bounded, and a scrape shows zeros).
+    pub refusals: BTreeMap<&'static str, u64>,
+    /// Verifications that passed.
+    pub ok: u64,
+    /// The background refresh (`Keys::run`), aborted when this issuer goes.
+    runner: Option<Runner>,
+    /// The last fetch housekeeping has seen (its wall time), to audit each new one once.
+    pub(crate) seen_fetch_ms: Option<u64>,
+}
+
+/// Aborts the task on drop: an issuer a reload removed stops fetching.
+struct Runner(tokio::task::AbortHandle);
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The issuers, and the tallies of every verification.
+pub struct TokenService {
+    pub issuers: Vec<IssuerService>,
+    /// The legacy issuer (`tokens.jwks`): tokens whose `iss` no issuer has go to it.
+    fallback: Option<usize>,
+    max_token_bytes: usize,
     /// Verifications by result: `ok` or a refusal label (bounded: one entry per label).
     pub results: BTreeMap<&'static str, u64>,
+    /// Refusals before an issuer was chosen (a token that does not parse, an `iss` no issuer
+    /// has): `issuer="none"` in /metrics.
+    pub unselected: BTreeMap<&'static str, u64>,
     /// Tokens presented from a second address while bound.
     pub thefts: u64,
 }
@@ -29,68 +72,248 @@ pub struct KeysError {
     pub message: String,
 }
 
-fn mtime(path: &Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+fn zeros() -> BTreeMap<&'static str, u64> {
+    REFUSALS.iter().map(|r| (r.label(), 0)).collect()
 }
 
-pub fn load_keys(path: &Path) -> Result<KeySet, KeysError> {
+/// The fetcher's view of an issuer.
+pub fn source_of(issuer: &Issuer, state_dir: &Path) -> SourceConfig {
+    let f = &issuer.fetch;
+    SourceConfig {
+        name: issuer.name.clone(),
+        issuer: issuer.issuer.clone(),
+        kind: match &issuer.source {
+            KeySource::File(p) => SourceKind::File(p.clone()),
+            KeySource::JwksUrl(u) => SourceKind::JwksUrl(u.clone()),
+            KeySource::Discovery => SourceKind::Discovery,
+        },
+        ca_bundle: f.ca_bundle.clone(),
+        max_bytes: f.max_bytes,
+        timeout_ms: f.timeout_ms,
+        cache_min_s: f.cache_min_s,
+        cache_max_s: f.cache_max_s,
+        refetch_cooldown_s: f.refetch_cooldown_s,
+        max_stale_s: f.max_stale_s,
+        state_dir: state_dir.to_owned(),
+    }
+}
+
+fn path(p: &str) -> Result<ClaimPath, String> {
+    ClaimPath::parse(p).map_err(|e| format!("claim path {p:?}: {e}"))
+}
+
+fn value_rule(m: &ValueMap, required: bool) -> Result<ValueRule, String> {
+    Ok(ValueRule {
+        path: path(&m.claim)?,
+        values: m.values.clone(),
+        default: m.default.clone(),
+        unmapped: if m.unmapped_default {
+            Unmapped::UseDefault
+        } else {
+            Unmapped::Refuse
+        },
+        required,
+    })
+}
+
+/// An issuer's claim rules as the verifier's mapping. The legacy issuer's class and plan
+/// are optional (an absent one is placed by `tokens.default_class`/`default_plan`, or
+/// refused as unplaceable, as before issuers existed); a configured issuer's absent class or
+/// plan without a default is the refusal `missing_claim`.
+pub fn mapping_of(c: &ClaimRules, legacy: bool) -> Result<Mapping, String> {
+    let mapping = Mapping {
+        identity: path(&c.identity)?,
+        roles: RolesRule {
+            path: path(&c.roles)?,
+            format: if c.roles_scope {
+                RolesFormat::Scope
+            } else {
+                RolesFormat::Array
+            },
+            required: c.roles_required,
+        },
+        class: value_rule(&c.class, !legacy)?,
+        plan: value_rule(&c.plan, !legacy)?,
+    };
+    mapping.check().map_err(|e| e.to_string())?;
+    Ok(mapping)
+}
+
+pub fn policy_of(cfg: &Tokens, issuer: &Issuer) -> Result<Policy, String> {
+    Ok(Policy {
+        issuer: issuer.issuer.clone(),
+        audiences: issuer.audiences.clone(),
+        max_ttl_s: cfg.max_ttl_s,
+        skew_s: cfg.clock_skew_s,
+        max_token_bytes: cfg.max_token_bytes,
+        mapping: mapping_of(&issuer.claims, is_legacy(cfg, issuer))?,
+    })
+}
+
+fn is_legacy(cfg: &Tokens, issuer: &Issuer) -> bool {
+    issuer.name == crate::config::LEGACY_ISSUER && cfg.jwks.is_some()
+}
+
+impl TokenService {
+    /// The issuers of `cfg`. With `previous` (a reload): its tallies carry over, and an
+    /// issuer whose source is unchanged keeps its keys (no refetch, no re-read).
+    pub fn new(
+        cfg: &Tokens,
+        state_dir: &Path,
+        previous: Option<&TokenService>,
+    ) -> Result<TokenService, KeysError> {
+        let mut issuers = Vec::with_capacity(cfg.issuers.len());
+        for issuer in &cfg.issuers {
+            let err = |message: String| KeysError {
+                path: location(issuer),
+                message,
+            };
+            let source = source_of(issuer, state_dir);
+            let policy = policy_of(cfg, issuer).map_err(err)?;
+            let old = previous.and_then(|p| p.issuer(&issuer.name));
+            let keys = match old {
+                Some(o) if o.source == source => o.keys.clone(),
+                _ => Keys::new(source.clone()).map_err(err)?,
+            };
+            issuers.push(IssuerService {
+                name: issuer.name.clone(),
+                policy,
+                remote: issuer.source.is_remote(),
+                keys,
+                source,
+                refusals: old.map_or_else(zeros, |o| o.refusals.clone()),
+                ok: old.map_or(0, |o| o.ok),
+                runner: None,
+                seen_fetch_ms: old.and_then(|o| o.seen_fetch_ms),
+            });
+        }
+        let fallback = cfg.issuers.iter().position(|i| is_legacy(cfg, i));
+        let mut results = zeros();
+        results.insert("ok", 0);
+        let mut svc = TokenService {
+            issuers,
+            fallback,
+            max_token_bytes: cfg.max_token_bytes,
+            results,
+            unselected: zeros(),
+            thefts: 0,
+        };
+        if let Some(p) = previous {
+            svc.results = p.results.clone();
+            svc.unselected = p.unselected.clone();
+            svc.thefts = p.thefts;
+        }
+        Ok(svc)
+    }
+
+    pub fn issuer(&self, name: &str) -> Option<&IssuerService> {
+        self.issuers.iter().find(|i| i.name == name)
+    }
+
+    /// Takes over `old`'s background refreshes of the keys this service kept; the rest of
+    /// `old` (issuers that went or changed source) stops with it.
+    pub fn adopt(&mut self, mut old: TokenService) {
+        for i in &mut self.issuers {
+            if let Some(o) = old.issuers.iter_mut().find(|o| o.name == i.name)
+                && o.source == i.source
+            {
+                i.runner = o.runner.take();
+            }
+        }
+    }
+
+    /// Starts the background refresh of every issuer that has none (on the agent's
+    /// `LocalSet`): remote keys are fetched at once and then as they expire, key files
+    /// re-read when they change.
+    pub fn spawn_refreshers(&mut self) {
+        for i in &mut self.issuers {
+            if i.runner.is_none() {
+                let keys = i.keys.clone();
+                let task = tokio::task::spawn_local(async move { keys.run().await });
+                i.runner = Some(Runner(task.abort_handle()));
+            }
+        }
+    }
+
+    /// The issuer a token names: exact `iss`, else the legacy issuer, else `wrong_issuer`.
+    /// Malformed tokens are refused here, before any key is looked at.
+    pub fn select(&self, token: &str) -> Result<(usize, Peek), Refusal> {
+        let peek = token::peek(token, self.max_token_bytes)?;
+        let by_iss = peek.iss.as_deref().and_then(|iss| {
+            self.issuers
+                .iter()
+                .position(|i| i.policy.issuer.as_deref() == Some(iss))
+        });
+        match by_iss.or(self.fallback) {
+            Some(i) => Ok((i, peek)),
+            None => Err(Refusal::WrongIssuer),
+        }
+    }
+
+    /// The keys to refetch before verifying `token`: those of a remote issuer that lacks the
+    /// token's `kid` (and did not skip it: a refetch would not change that). `None` for
+    /// anything else, a token that does not parse included: it is refused without a fetch.
+    pub fn wants_refetch(&self, token: &str) -> Option<Keys> {
+        let (i, peek) = self.select(token).ok()?;
+        let issuer = &self.issuers[i];
+        let keys = &issuer.keys;
+        let skipped = keys.is_skipped(&peek.kid)
+            || keys
+                .current(crate::clock::now_ms())
+                .is_ok_and(|k| k.is_skipped_kid(&peek.kid));
+        (issuer.remote && !keys.knows(&peek.kid) && !skipped).then(|| keys.clone())
+    }
+
+    /// Verifies `token` against the issuer it names, with that issuer's keys now. The error
+    /// carries the issuer when one was chosen (for its tally).
+    pub fn verify(
+        &self,
+        token: &str,
+        now_s: u64,
+    ) -> Result<(usize, Claims), (Option<usize>, Refusal)> {
+        let (i, _) = self.select(token).map_err(|r| (None, r))?;
+        let issuer = &self.issuers[i];
+        let keys = issuer.keys.current(crate::clock::now_ms()).map_err(|e| {
+            warn!("{e}");
+            (Some(i), Refusal::KeysUnavailable)
+        })?;
+        token::verify(token, &keys, &issuer.policy, now_s)
+            .map(|c| (i, c))
+            .map_err(|r| (Some(i), r))
+    }
+
+    /// Counts a verification's result: `ok` or a refusal label, for the issuer chosen (or
+    /// `none`).
+    pub(crate) fn count(&mut self, issuer: Option<usize>, label: &'static str) {
+        *self.results.entry(label).or_default() += 1;
+        match issuer.and_then(|i| self.issuers.get_mut(i)) {
+            Some(i) if label == "ok" => i.ok += 1,
+            Some(i) => *i.refusals.entry(label).or_default() += 1,
+            None => *self.unselected.entry(label).or_default() += 1,
+        }
+    }
+}
+
+fn location(issuer: &Issuer) -> String {
+    match &issuer.source {
+        KeySource::File(p) => p.display().to_string(),
+        KeySource::JwksUrl(u) => u.clone(),
+        KeySource::Discovery => format!(
+            "issuer {} ({})",
+            issuer.name,
+            issuer.issuer.as_deref().unwrap_or_default()
+        ),
+    }
+}
+
+/// A JWKS file's keys (`tollgate token verify --jwks`).
+pub fn load_keys(path: &Path) -> Result<token::KeySet, KeysError> {
     let err = |message: String| KeysError {
         path: path.display().to_string(),
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    KeySet::from_jwks(&text).map_err(|e| err(e.to_string()))
-}
-
-impl TokenService {
-    pub fn new(cfg: &Tokens) -> Result<TokenService, KeysError> {
-        let keys = load_keys(&interim_jwks(cfg))?;
-        let mut results: BTreeMap<&'static str, u64> =
-            REFUSALS.iter().map(|r| (r.label(), 0)).collect();
-        results.insert("ok", 0);
-        Ok(TokenService {
-            keys,
-            policy: policy_of(cfg),
-            jwks_mtime: mtime(&interim_jwks(cfg)),
-            results,
-            thefts: 0,
-        })
-    }
-
-    /// Re-reads the JWKS when the file changed (key rotation without a reload); a broken file
-    /// keeps the keys in use.
-    pub fn refresh(&mut self, cfg: &Tokens) -> Option<Result<usize, KeysError>> {
-        let now = mtime(&interim_jwks(cfg));
-        if now == self.jwks_mtime {
-            return None;
-        }
-        self.jwks_mtime = now;
-        Some(load_keys(&interim_jwks(cfg)).map(|k| {
-            self.keys = k;
-            self.keys.len()
-        }))
-    }
-
-    pub(crate) fn count(&mut self, label: &'static str) {
-        *self.results.entry(label).or_default() += 1;
-    }
-}
-
-pub fn policy_of(cfg: &Tokens) -> Policy {
-    let names = ClaimNames {
-        identity: cfg.identity_claim.clone(),
-        class: cfg.class_claim.clone(),
-        plan: cfg.plan_claim.clone(),
-        roles: cfg.roles_claim.clone(),
-    };
-    Policy {
-        issuer: None,
-        audiences: cfg.audience.clone().into_iter().collect(),
-        max_ttl_s: cfg.max_ttl_s,
-        skew_s: cfg.clock_skew_s,
-        max_token_bytes: cfg.max_token_bytes,
-        mapping: Mapping::legacy(&names, None, None),
-    }
+    token::KeySet::from_jwks(&text).map_err(|e| err(e.to_string()))
 }
 
 /// Why a token bind failed; maps to an HTTP status (here) and a control-socket error kind
@@ -121,6 +344,9 @@ impl BindFailure {
     pub fn http_status(&self) -> u16 {
         match self {
             BindFailure::Refused(Refusal::Revoked) | BindFailure::Replay { .. } => 403,
+            // The node cannot check the token now (its issuer's keys are gone stale): the
+            // client is not wrong, and may retry.
+            BindFailure::Refused(Refusal::KeysUnavailable) => 503,
             BindFailure::Refused(_) => 401,
             BindFailure::Unplaceable(_) => 422,
             BindFailure::Disabled => 404,
@@ -194,41 +420,43 @@ impl std::fmt::Display for BindFailure {
 impl std::error::Error for BindFailure {}
 
 /// Where a token's identity is placed: `None` when the configuration names the identity (its
-/// class, plan and roles are the configuration's), else the claims' class, plan and roles
-/// (with the configured defaults).
+/// class, plan and roles are the configuration's), else the class, plan and roles its
+/// issuer's mapping gave (a value map's outputs were checked at config check; a claim taken
+/// as it is is checked here).
 pub fn placement(
     config: &Config,
-    cfg: &Tokens,
+    rules: &ClaimRules,
     c: &Claims,
 ) -> Result<Option<TokenIdentity>, String> {
     if config.identity(&c.identity).is_some() {
         return Ok(None);
     }
-    let class = match (&c.class, cfg.default_class) {
-        (Some(label), _) => crate::config::class_from_label(label)
-            .ok_or_else(|| format!("unknown class {label:?} in claim {}", cfg.class_claim))?
+    let class = match &c.class {
+        Some(label) => crate::config::class_from_label(label)
+            .ok_or_else(|| format!("unknown class {label:?} in claim {}", rules.class.claim))?
             .label()
             .to_owned(),
-        (None, Some(d)) => d.label().to_owned(),
-        (None, None) => {
+        None => {
             return Err(format!(
                 "no {} claim and no tokens.default_class",
-                cfg.class_claim
+                rules.class.claim
             ));
         }
     };
-    let plan = match (&c.plan, &cfg.default_plan) {
-        (Some(p), _) => p.clone(),
-        (None, Some(d)) => d.clone(),
-        (None, None) => {
+    let plan = match &c.plan {
+        Some(p) => p.clone(),
+        None => {
             return Err(format!(
                 "no {} claim and no tokens.default_plan",
-                cfg.plan_claim
+                rules.plan.claim
             ));
         }
     };
     if config.plan_index(&plan).is_none() {
-        return Err(format!("unknown plan {plan:?} in claim {}", cfg.plan_claim));
+        return Err(format!(
+            "unknown plan {plan:?} in claim {}",
+            rules.plan.claim
+        ));
     }
     Ok(Some(TokenIdentity {
         class,
@@ -236,15 +464,4 @@ pub fn placement(
         roles: c.roles.clone(),
         expires_unix_ms: c.exp.saturating_mul(1000),
     }))
-}
-
-// Interim until the issuers are wired: the first file source.
-fn interim_jwks(cfg: &Tokens) -> std::path::PathBuf {
-    cfg.issuers
-        .iter()
-        .find_map(|i| match &i.source {
-            crate::config::KeySource::File(p) => Some(p.clone()),
-            _ => None,
-        })
-        .unwrap_or_default()
 }

@@ -119,11 +119,46 @@ fn tokens(t: &TokenStatus) -> Vec<(&'static str, Vec<String>)> {
         .iter()
         .map(|(label, n)| format!("{label}={n}"))
         .collect();
+    let issuers: Vec<String> = t.issuers.iter().map(issuer_line).collect();
     vec![
         ("keys", vec![list(&t.keys)]),
         ("verifications", vec![verifications.join(" ")]),
         ("probable_thefts", vec![t.probable_thefts.to_string()]),
+        (
+            "issuers",
+            if issuers.is_empty() {
+                vec!["-".into()]
+            } else {
+                issuers
+            },
+        ),
     ]
+}
+
+/// One issuer on one line: its name and source, how many keys and how old, the last
+/// fetch, what it refused; `UNAVAILABLE` when its tokens are refused `keys_unavailable`.
+fn issuer_line(i: &tollgate::control::reply::IssuerStatus) -> String {
+    let k = &i.keys;
+    let mut parts = vec![
+        k.name.clone(),
+        k.source.clone(),
+        format!("keys={}", k.kids.len()),
+    ];
+    if !k.skipped.is_empty() {
+        parts.push(format!("skipped={}", k.skipped.len()));
+    }
+    parts.push(k.age_s.map_or("age=-".into(), |a| format!("age={a}s")));
+    if let Some(l) = &k.last_fetch {
+        parts.push(format!("last={}/{}", l.trigger, l.outcome));
+    }
+    let refused: u64 = i.refusals.values().sum();
+    parts.push(format!("verified={} refused={refused}", i.verified));
+    if k.unavailable {
+        parts.push("UNAVAILABLE".into());
+    } else if k.stale {
+        parts.push("stale".into());
+    }
+    parts.join(" ")
 }
 
 #[cfg(test)]
@@ -222,6 +257,8 @@ xdp_mode         auto
             keys: vec!["k1".into(), "k2".into()],
             verifications: [("ok".to_owned(), 10), ("expired".to_owned(), 1)].into(),
             probable_thefts: 0,
+            issuers: vec![],
+            unselected_refusals: Default::default(),
         });
         s.gpu.readings.clear();
         s.drops.clear();
@@ -231,7 +268,7 @@ xdp_mode         auto
         assert!(
             text.contains(
                 "tokens\n  keys             k1,k2\n  verifications    expired=1 ok=10\n  \
-                 probable_thefts  0\n"
+                 probable_thefts  0\n  issuers          -\n"
             ),
             "{text}"
         );

@@ -198,58 +198,123 @@ fn verify_cmd(
     // The node's own settings when a config is named (or present), else the flags.
     let cfg = match config {
         Some(p) => match Config::load(p) {
-            Ok(c) => c.tokens,
+            Ok(c) => Some(c),
             Err(e) => return fail(exit::CONFIG, e),
         },
         None => None,
     };
-    let (policy, jwks_path) = match (&cfg, jwks_path, audience) {
-        (Some(t), None, None) => (token_bind::policy_of(t), t.jwks.clone().unwrap_or_default()),
-        (_, Some(j), Some(aud)) => (
-            Policy {
+    let tokens = cfg.as_ref().and_then(|c| c.tokens.as_ref());
+    let token = token.trim();
+    match (cfg.as_ref(), jwks_path, audience) {
+        (Some(c), None, None) => match &c.tokens {
+            Some(t) => verify_with_issuers(token, t, &c.node.state_dir),
+            None => fail(exit::REFUSED, "the configuration has no [tokens] section"),
+        },
+        (_, Some(j), Some(aud)) => {
+            let policy = Policy {
                 issuer: None,
                 audiences: vec![aud.to_owned()],
-                max_ttl_s: cfg.as_ref().map_or(3600, |t| t.max_ttl_s),
-                skew_s: cfg.as_ref().map_or(30, |t| t.clock_skew_s),
-                max_token_bytes: cfg.as_ref().map_or(8192, |t| t.max_token_bytes),
+                max_ttl_s: tokens.map_or(3600, |t| t.max_ttl_s),
+                skew_s: tokens.map_or(30, |t| t.clock_skew_s),
+                max_token_bytes: tokens.map_or(8192, |t| t.max_token_bytes),
                 mapping: Mapping::default(),
-            },
-            j.to_owned(),
-        ),
-        _ => {
-            return fail(
-                exit::REFUSED,
-                "give --config FILE (with a [tokens] section), or --jwks FILE and --audience AUD",
-            );
+            };
+            let keys = match token_bind::load_keys(j) {
+                Ok(k) => k,
+                Err(e) => return fail(exit::REFUSED, e),
+            };
+            match verify(token, &keys, &policy, now_unix_ms() / 1000) {
+                Ok(c) => {
+                    print_claims(&c, None);
+                    Ok(())
+                }
+                Err(r) => fail(exit::REFUSED, format!("invalid token: {r} ({})", r.label())),
+            }
         }
-    };
-    let keys = match token_bind::load_keys(&jwks_path) {
-        Ok(k) => k,
+        _ => fail(
+            exit::REFUSED,
+            "give --config FILE (with a [tokens] section), or --jwks FILE and --audience AUD",
+        ),
+    }
+}
+
+/// As a node would: the issuer the token's `iss` picks, that issuer's keys (remote ones
+/// fetched now, falling back on the node's persisted copy when the fetch fails), its
+/// policy and mapping.
+fn verify_with_issuers(token: &str, t: &tollgate::config::Tokens, state_dir: &Path) -> Outcome {
+    let svc = match token_bind::TokenService::new(t, state_dir, None) {
+        Ok(s) => s,
         Err(e) => return fail(exit::REFUSED, e),
     };
-    match verify(token.trim(), &keys, &policy, now_unix_ms() / 1000) {
-        Ok(c) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({
-                    "valid": true,
-                    "token_id": c.jti,
-                    "identity": c.identity,
-                    "class": c.class,
-                    "plan": c.plan,
-                    "roles": c.roles,
-                    "audience": c.audience,
-                    "issued_at": c.iat,
-                    "expires": c.exp,
-                    "key_id": c.kid,
-                    "alg": c.alg.as_str(),
-                }))
-                .unwrap_or_default()
+    let (i, _) = match svc.select(token) {
+        Ok(x) => x,
+        Err(r) => {
+            return fail(
+                exit::REFUSED,
+                format!("invalid token: {r} ({}); no issuer was chosen", r.label()),
             );
+        }
+    };
+    let issuer = &svc.issuers[i];
+    if issuer.remote {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => return fail(exit::REFUSED, format!("a runtime for the fetch: {e}")),
+        };
+        let keys = issuer.keys.clone();
+        let outcome =
+            tokio::task::LocalSet::new().block_on(&rt, async move { keys.fetch_now().await });
+        if outcome.label() != "ok" {
+            let st = issuer.keys.status();
+            eprintln!(
+                "issuer {}: fetching its keys failed ({}: {}); using the node's persisted keys{}",
+                issuer.name,
+                outcome.label(),
+                st.last_fetch.and_then(|l| l.error).unwrap_or_default(),
+                st.age_s
+                    .map_or(" (none)".to_owned(), |a| format!(" ({a} s old)"))
+            );
+        }
+    }
+    match svc.verify(token, now_unix_ms() / 1000) {
+        Ok((i, c)) => {
+            print_claims(&c, Some(&svc.issuers[i].name));
             Ok(())
         }
-        Err(r) => fail(exit::REFUSED, format!("invalid token: {r} ({})", r.label())),
+        Err((_, r)) => fail(
+            exit::REFUSED,
+            format!(
+                "issuer {}: invalid token: {r} ({})",
+                svc.issuers[i].name,
+                r.label()
+            ),
+        ),
     }
+}
+
+fn print_claims(c: &tollgate_common::token::Claims, issuer: Option<&str>) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "valid": true,
+            "issuer": issuer,
+            "iss": c.issuer,
+            "token_id": c.jti,
+            "identity": c.identity,
+            "class": c.class,
+            "plan": c.plan,
+            "roles": c.roles,
+            "audience": c.audience,
+            "issued_at": c.iat,
+            "expires": c.exp,
+            "key_id": c.kid,
+            "alg": c.alg.as_str(),
+        }))
+        .unwrap_or_default()
+    );
 }
 
 #[cfg(test)]

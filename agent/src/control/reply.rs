@@ -110,12 +110,34 @@ pub struct GpuStatus {
 /// `status.tokens`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenStatus {
-    /// Key ids of the JWKS in use.
+    /// Key ids in use, of every issuer.
     pub keys: Vec<String>,
     /// Verifications by result: `ok` or a refusal label.
     pub verifications: BTreeMap<String, u64>,
     /// Tokens presented from a second address while bound.
     pub probable_thefts: u64,
+    /// Each trusted issuer: its keys' state and its refusals.
+    #[serde(default)]
+    pub issuers: Vec<IssuerStatus>,
+    /// Refusals before an issuer was chosen (a token that does not parse, an `iss` no
+    /// issuer has), by label; nonzero ones only.
+    #[serde(default)]
+    pub unselected_refusals: BTreeMap<String, u64>,
+}
+
+/// One row of `status.tokens.issuers`: the keys' state (`issuers::KeysStatus`: source, key
+/// ids, skipped keys, age, last fetch, fetch counts) with the issuer's `iss` and its tallies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuerStatus {
+    /// The `iss` its tokens carry; `None`: the legacy issuer without `tokens.issuer`.
+    pub issuer: Option<String>,
+    pub audiences: Vec<String>,
+    #[serde(flatten)]
+    pub keys: crate::issuers::KeysStatus,
+    /// Verifications that passed.
+    pub verified: u64,
+    /// Refusals by label; nonzero ones only.
+    pub refusals: BTreeMap<String, u64>,
 }
 
 /// One row of `endpoints`.
@@ -460,6 +482,27 @@ mod tests {
                 keys: vec!["k1".into()],
                 verifications: [("ok".to_owned(), 3), ("expired".to_owned(), 1)].into(),
                 probable_thefts: 1,
+                issuers: vec![IssuerStatus {
+                    issuer: Some("https://idp.example".into()),
+                    audiences: vec!["pool-a".into()],
+                    keys: crate::issuers::KeysStatus {
+                        name: "idp".into(),
+                        source: "discovery".into(),
+                        location: "https://idp.example/.well-known/openid-configuration".into(),
+                        jwks_uri: Some("https://idp.example/jwks".into()),
+                        kids: vec!["k1".into()],
+                        skipped: vec![],
+                        age_s: Some(12),
+                        last_fetch: None,
+                        fetches: vec![],
+                        refetches_suppressed: 0,
+                        stale: false,
+                        unavailable: false,
+                    },
+                    verified: 3,
+                    refusals: [("wrong_issuer".to_owned(), 2)].into(),
+                }],
+                unselected_refusals: [("malformed".to_owned(), 1)].into(),
             }),
             tunnels: TunnelReport {
                 policy: "enforce".into(),
@@ -481,6 +524,22 @@ mod tests {
         assert_eq!(v["adopted_pins"], true);
         assert_eq!(v["gpu"]["readings"][0]["utilization"], 0.2);
         assert_eq!(v["tokens"]["verifications"]["ok"], 3);
+        // An issuer's row: the keys' state flattened beside its `iss` and tallies.
+        let idp = &v["tokens"]["issuers"][0];
+        assert_eq!(
+            (
+                &idp["name"],
+                &idp["issuer"],
+                &idp["age_s"],
+                &idp["refusals"]["wrong_issuer"]
+            ),
+            (
+                &serde_json::json!("idp"),
+                &serde_json::json!("https://idp.example"),
+                &serde_json::json!(12),
+                &serde_json::json!(2)
+            )
+        );
         assert_eq!(v["passed_packets"], 100);
         assert_eq!(v["drops"]["quarantined"], 2);
         let mut off = serde_json::from_value::<Status>(v).unwrap();

@@ -84,15 +84,7 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
             saturated_endpoints: node.control.saturated(config),
         },
         anomaly_mode: label_of(config.anomaly.mode),
-        tokens: node.tokens.as_ref().map(|t| TokenStatus {
-            keys: t.keys.kids().into_iter().map(str::to_owned).collect(),
-            verifications: t
-                .results
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
-            probable_thefts: t.thefts,
-        }),
+        tokens: node.tokens.as_ref().map(token_status),
         tunnels: node.tunnels.report(),
         program: program_status(node),
     })
@@ -242,4 +234,38 @@ pub fn explain(node: &Node, probe: &Probe) -> Result<Explained, OpError> {
         binding: e.binding,
         why: e.why,
     })
+}
+
+fn nonzero(
+    m: &std::collections::BTreeMap<&'static str, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    m.iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| ((*k).to_owned(), *n))
+        .collect()
+}
+
+fn token_status(t: &crate::token_bind::TokenService) -> TokenStatus {
+    let issuers: Vec<crate::control::reply::IssuerStatus> = t
+        .issuers
+        .iter()
+        .map(|i| crate::control::reply::IssuerStatus {
+            issuer: i.policy.issuer.clone(),
+            audiences: i.policy.audiences.clone(),
+            keys: i.keys.status(),
+            verified: i.ok,
+            refusals: nonzero(&i.refusals),
+        })
+        .collect();
+    TokenStatus {
+        keys: issuers.iter().flat_map(|i| i.keys.kids.clone()).collect(),
+        verifications: t
+            .results
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect(),
+        probable_thefts: t.thefts,
+        issuers,
+        unselected_refusals: nonzero(&t.unselected),
+    }
 }

@@ -6,10 +6,7 @@
 use std::net::IpAddr;
 
 use serde_json::json;
-use tollgate_common::{
-    policy::MAX_IDENTITIES,
-    token::{Refusal, verify},
-};
+use tollgate_common::{policy::MAX_IDENTITIES, token::Refusal};
 use tracing::warn;
 
 use super::{AuditFailed, Change, Done, Failed, OpError, not_recorded};
@@ -54,12 +51,14 @@ pub fn bind_token(
 ) -> Result<Done<TokenBound>, Failed<BindFailure>> {
     // An IPv4 client seen on a dual-stack socket arrives as ::ffff:a.b.c.d.
     let addr = addr.to_canonical();
-    bind_verified(node, token, addr, who).map_err(|f| {
+    // The issuer the token chose, once it has: its tally takes the refusal.
+    let mut issuer = None;
+    bind_verified(node, token, addr, who, &mut issuer).map_err(|f| {
         if let Some(svc) = node.tokens.as_mut() {
             match &f {
-                BindFailure::Refused(refusal) => svc.count(refusal.label()),
+                BindFailure::Refused(refusal) => svc.count(issuer, refusal.label()),
                 BindFailure::Replay { .. } => svc.thefts += 1,
-                BindFailure::BindingCap { .. } => svc.count("binding_cap"),
+                BindFailure::BindingCap { .. } => svc.count(issuer, "binding_cap"),
                 _ => {}
             }
         }
@@ -82,13 +81,20 @@ fn bind_verified(
     token: &str,
     addr: IpAddr,
     who: &Actor,
+    issuer: &mut Option<usize>,
 ) -> Result<Done<TokenBound>, BindFailure> {
     let cfg = node.config.tokens.clone().ok_or(BindFailure::Disabled)?;
     let svc = node.tokens.as_mut().ok_or(BindFailure::Disabled)?;
     let now_ms = now_unix_ms();
     // The token's own times are on the wall clock; every deadline below is on agent time.
-    let claims = verify(token, &svc.keys, &svc.policy, clock::wall_ms() / 1000)
-        .map_err(BindFailure::Refused)?;
+    let (chosen, claims) = svc
+        .verify(token, clock::wall_ms() / 1000)
+        .map_err(|(i, r)| {
+            *issuer = i;
+            BindFailure::Refused(r)
+        })?;
+    *issuer = Some(chosen);
+    let rules = cfg.issuers[chosen].claims.clone();
     let state = &node.state;
     if state.revoked_tokens.contains_key(&claims.jti)
         || state
@@ -98,7 +104,7 @@ fn bind_verified(
     {
         return Err(BindFailure::Refused(Refusal::Revoked));
     }
-    svc.count("ok");
+    svc.count(Some(chosen), "ok");
     // Replay: the same token, bound and alive, from another address.
     if let Some(b) = state
         .bindings
@@ -150,7 +156,7 @@ fn bind_verified(
             "{addr} is bound to {owner} by the configuration"
         )));
     }
-    let placed = placement(&node.config, &cfg, &claims).map_err(BindFailure::Unplaceable)?;
+    let placed = placement(&node.config, &rules, &claims).map_err(BindFailure::Unplaceable)?;
     let fresh = node.identities().slot(&claims.identity).is_none();
     let id = node
         .state
@@ -259,8 +265,9 @@ pub fn unbind_token(
         .as_mut()
         .ok_or(BindFailure::Disabled)
         .map_err(plain)?;
-    let claims = verify(token, &svc.keys, &svc.policy, clock::wall_ms() / 1000)
-        .map_err(|r| plain(BindFailure::Refused(r)))?;
+    let (_, claims) = svc
+        .verify(token, clock::wall_ms() / 1000)
+        .map_err(|(_, r)| plain(BindFailure::Refused(r)))?;
     let len = host_len(addr);
     let Some(previous) = super::bindings::previous_binding(node, addr, len)
         .filter(|b| b.token_id.as_deref() == Some(claims.jti.as_str()))
@@ -432,15 +439,34 @@ pub fn housekeeping(node: &mut Node, now_ms: u64) -> Vec<Change> {
         }
     }
     let mut changes = Vec::new();
-    if let (Some(cfg), Some(svc)) = (node.config.tokens.as_ref(), node.tokens.as_mut()) {
-        match svc.refresh(cfg) {
-            Some(Ok(n)) => changes.push(Change::new(
-                "keys_reloaded",
-                "jwks changed",
-                json!({ "keys": n }),
-            )),
-            Some(Err(e)) => warn!("keeping the previous keys: {e}"),
-            None => {}
+    // Keys refresh themselves (`issuers::Keys::run`); what changed since the last look is
+    // audited once: a rotation picked up, a fetch that failed (the old keys kept).
+    if let Some(svc) = node.tokens.as_mut() {
+        for i in &mut svc.issuers {
+            let status = i.keys.status();
+            let Some(last) = status.last_fetch else {
+                continue;
+            };
+            if i.seen_fetch_ms == Some(last.at_wall_ms) {
+                continue;
+            }
+            let first = i.seen_fetch_ms.is_none();
+            i.seen_fetch_ms = Some(last.at_wall_ms);
+            match last.outcome.as_str() {
+                "ok" if !first || last.trigger != "start" => changes.push(Change::new(
+                    "keys_reloaded",
+                    last.trigger.clone(),
+                    json!({ "issuer": i.name, "keys": status.kids.len(), "kids": status.kids }),
+                )),
+                "ok" => {}
+                outcome => warn!(
+                    issuer = %i.name,
+                    trigger = %last.trigger,
+                    outcome,
+                    "keeping the previous keys: {}",
+                    last.error.as_deref().unwrap_or("")
+                ),
+            }
         }
     }
     changes

@@ -150,7 +150,7 @@ async fn handle(
             limit::count_refusal("bind", "malformed");
             (400, serde_json::to_string(&refusal(e.to_string())))
         }
-        Ok(head) => respond(node, &head, peer),
+        Ok(head) => respond(node, &head, peer).await,
     };
     let reason = match status {
         200 => "OK",
@@ -175,7 +175,7 @@ async fn handle(
     .await;
 }
 
-fn respond(
+async fn respond(
     node: &RefCell<Node>,
     head: &Head,
     peer: SocketAddr,
@@ -197,6 +197,10 @@ fn respond(
         limit::count_refusal("bind", "no_token");
         return refused(401, refusal("missing Authorization: Bearer <token>"));
     };
+    // A remote issuer that lacks the token's key fetches its keys first (one fetch shared by
+    // every waiter, at most one per cooldown; a token that does not parse never gets here).
+    // No borrow of the node is held across the wait.
+    refetch_if_unknown(node, token.trim()).await;
     let who = Actor {
         via: "bind_listener",
         uid: None,
@@ -228,5 +232,18 @@ fn respond(
                 },
             )
         }
+    }
+}
+
+/// Waits for the refetch a token's unknown `kid` calls for, if it calls for one
+/// (`TokenService::wants_refetch`); the node is borrowed only to ask.
+pub async fn refetch_if_unknown(node: &RefCell<Node>, token: &str) {
+    let keys = node
+        .borrow()
+        .tokens
+        .as_ref()
+        .and_then(|t| t.wants_refetch(token));
+    if let Some(keys) = keys {
+        keys.refetch_unknown_kid().await;
     }
 }

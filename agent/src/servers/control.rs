@@ -135,7 +135,14 @@ pub async fn serve_connection(node: &RefCell<Node>, life: &dyn Lifecycle, mut st
         Ok(()) => match line {
             Err(e) => Response::err(ErrorKind::BadRequest, e.to_string()),
             Ok(line) => match serde_json::from_slice::<Request>(line.trim_ascii_end()) {
-                Ok(req) => ops::dispatch(&mut node.borrow_mut(), life, req, &peer.actor()),
+                Ok(req) => {
+                    // As on the bind listener: an unknown key of a remote issuer is fetched
+                    // before the node is borrowed, never while.
+                    if let Request::BindToken { token, .. } = &req {
+                        super::bind::refetch_if_unknown(node, token.trim()).await;
+                    }
+                    ops::dispatch(&mut node.borrow_mut(), life, req, &peer.actor())
+                }
                 Err(e) => Response::err(ErrorKind::BadRequest, format!("malformed request: {e}")),
             },
         },

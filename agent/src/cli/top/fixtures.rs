@@ -98,6 +98,8 @@ pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
             keys: vec!["k1".into()],
             verifications: [("ok".to_owned(), 10), ("expired".to_owned(), expired)].into(),
             probable_thefts: 0,
+            issuers: vec![],
+            unselected_refusals: Default::default(),
         }),
         tunnels: Default::default(),
     })
