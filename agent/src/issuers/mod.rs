@@ -21,8 +21,10 @@
 pub mod cache;
 pub mod discovery;
 pub mod fetch;
+pub mod outcome;
 pub mod persist;
 pub mod source;
+pub mod status;
 #[cfg(test)]
 mod tests;
 
@@ -34,12 +36,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tollgate_common::token::{JwksError, KeySet};
+use tollgate_common::token::{JwksError, KeySet, Refusal};
 use tracing::{info, warn};
 
+pub use outcome::{OUTCOMES, Outcome, TRIGGERS, Trigger};
 pub use source::{SourceConfig, SourceKind, check_https_url};
+pub use status::{FetchCount, KeysStatus, LastFetch, SkippedKey};
 
 use crate::clock;
 use fetch::{Client, FetchError, fail};
@@ -50,93 +53,9 @@ const FILE_POLL: Duration = Duration::from_secs(2);
 /// The background schedule never fetches more often than this, whatever the bounds say.
 const MIN_INTERVAL_MS: u64 = 1_000;
 
-/// How a fetch (or a file read) ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Outcome {
-    Ok,
-    /// The name did not resolve or no address took the connection.
-    Connect,
-    /// The TLS handshake failed (an untrusted certificate, a wrong name) or a TLS record did.
-    Tls,
-    /// No complete response within the timeout.
-    Timeout,
-    /// A status other than 200 (a redirect included: it is not followed).
-    HttpStatus,
-    /// The body (or head) is larger than allowed.
-    TooLarge,
-    /// The document is not JSON of the expected shape.
-    NotJson,
-    /// A JWKS without a usable key.
-    NoKeys,
-    /// The discovery document names another issuer.
-    IssuerMismatch,
-    /// The discovery document's `jwks_uri` is not HTTPS.
-    InsecureJwksUri,
-    /// Reading (a file, a malformed response, a connection closed early).
-    Io,
-}
-
-pub const OUTCOMES: &[Outcome] = &[
-    Outcome::Ok,
-    Outcome::Connect,
-    Outcome::Tls,
-    Outcome::Timeout,
-    Outcome::HttpStatus,
-    Outcome::TooLarge,
-    Outcome::NotJson,
-    Outcome::NoKeys,
-    Outcome::IssuerMismatch,
-    Outcome::InsecureJwksUri,
-    Outcome::Io,
-];
-
-impl Outcome {
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Connect => "connect",
-            Outcome::Tls => "tls",
-            Outcome::Timeout => "timeout",
-            Outcome::HttpStatus => "http_status",
-            Outcome::TooLarge => "too_large",
-            Outcome::NotJson => "not_json",
-            Outcome::NoKeys => "no_keys",
-            Outcome::IssuerMismatch => "issuer_mismatch",
-            Outcome::InsecureJwksUri => "insecure_jwks_uri",
-            Outcome::Io => "io",
-        }
-    }
-}
-
-/// Why a fetch (or read) happened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Trigger {
-    Start,
-    Schedule,
-    UnknownKid,
-    FileChanged,
-}
-
-pub const TRIGGERS: &[Trigger] = &[
-    Trigger::Start,
-    Trigger::Schedule,
-    Trigger::UnknownKid,
-    Trigger::FileChanged,
-];
-
-impl Trigger {
-    pub fn label(self) -> &'static str {
-        match self {
-            Trigger::Start => "start",
-            Trigger::Schedule => "schedule",
-            Trigger::UnknownKid => "unknown_kid",
-            Trigger::FileChanged => "file_changed",
-        }
-    }
-}
-
 /// [`Keys::current`] has no keys to give: none were ever had, or the last good fetch is
-/// older than `max_stale_s`. The token refusal is `keys_unavailable`.
+/// older than `max_stale_s`. The token refusal is `keys_unavailable` (`Refusal::from`); `why`
+/// is for the operator (it may name an internal URL), not for the client.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the keys of issuer {issuer:?} are unavailable: {why}")]
 pub struct KeysUnavailable {
@@ -144,57 +63,10 @@ pub struct KeysUnavailable {
     pub why: String,
 }
 
-/// The state of one issuer's keys, for `tollgate status` and `/metrics`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeysStatus {
-    pub name: String,
-    /// `file`, `jwks_url` or `discovery`.
-    pub source: String,
-    /// The file, the `jwks_url`, or the discovery URL.
-    pub location: String,
-    /// Discovery: the `jwks_uri` last used.
-    pub jwks_uri: Option<String>,
-    /// The usable keys' ids.
-    pub kids: Vec<String>,
-    /// Keys of the JWKS that are not used, and why.
-    pub skipped: Vec<SkippedKey>,
-    /// Seconds since the keys in use were last fetched (or read); `None`: no keys.
-    pub age_s: Option<u64>,
-    pub last_fetch: Option<LastFetch>,
-    /// Fetches by trigger and outcome (pairs that happened).
-    pub fetches: Vec<FetchCount>,
-    /// Unknown-kid refetches not made because one was made within the cooldown.
-    pub refetches_suppressed: u64,
-    /// Remote keys that the last fetch could not renew (served until `max_stale_s`).
-    pub stale: bool,
-    /// Tokens of this issuer are refused `keys_unavailable` now.
-    pub unavailable: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SkippedKey {
-    /// Position in the JWKS's `keys`, from 0.
-    pub index: usize,
-    pub kid: Option<String>,
-    /// A stable label (`encryption_key`, `unsupported_alg`, ...).
-    pub reason: String,
-    pub message: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LastFetch {
-    pub trigger: String,
-    pub outcome: String,
-    pub error: Option<String>,
-    /// Wall time (ms) the fetch ended.
-    pub at_wall_ms: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FetchCount {
-    pub trigger: String,
-    pub outcome: String,
-    pub count: u64,
+impl From<KeysUnavailable> for Refusal {
+    fn from(_: KeysUnavailable) -> Refusal {
+        Refusal::KeysUnavailable
+    }
 }
 
 /// One issuer's keys: a cheap handle (clones share the state).
@@ -261,21 +133,35 @@ fn key_set(body: Vec<u8>) -> Result<(KeySet, String), FetchError> {
         .map_err(|_| fail(Outcome::NotJson, "the JWKS is not UTF-8 text"))?;
     let keys = KeySet::from_jwks(&text).map_err(|e| match e {
         JwksError::Json(_) => fail(Outcome::NotJson, e.to_string()),
-        _ => fail(Outcome::NoKeys, e.to_string()),
+        JwksError::NoKeys => fail(Outcome::NoKeys, e.to_string()),
     })?;
     if keys.is_empty() {
-        let skipped = skipped_of(&keys);
+        let first = keys
+            .skipped()
+            .first()
+            .map_or_else(String::new, |s| format!("; the first: {s}"));
         return Err(fail(
             Outcome::NoKeys,
-            format!("the JWKS holds no usable key ({} skipped)", skipped.len()),
+            format!(
+                "the JWKS holds no usable key ({} skipped{first})",
+                keys.skipped().len()
+            ),
         ));
     }
     Ok((keys, text))
 }
 
 /// The keys a JWKS held that the set does not use.
-fn skipped_of(_keys: &KeySet) -> Vec<SkippedKey> {
-    Vec::new()
+fn skipped_of(keys: &KeySet) -> Vec<SkippedKey> {
+    keys.skipped()
+        .iter()
+        .map(|s| SkippedKey {
+            index: s.index,
+            kid: s.kid.clone(),
+            reason: s.reason.label().into(),
+            message: s.to_string(),
+        })
+        .collect()
 }
 
 fn valid_name(name: &str) -> bool {
@@ -383,9 +269,7 @@ impl Keys {
     /// not change that, so such a kid never triggers one.
     pub fn is_skipped(&self, kid: &str) -> bool {
         let st = self.0.state.borrow();
-        st.keys
-            .as_ref()
-            .is_some_and(|k| skipped_of(k).iter().any(|s| s.kid.as_deref() == Some(kid)))
+        st.keys.as_ref().is_some_and(|k| k.is_skipped_kid(kid))
     }
 
     /// A token named a kid the keys lack: wait for the fetch in flight, or start one unless
@@ -410,7 +294,7 @@ impl Keys {
     /// re-read the file if it changed.
     pub async fn fetch_now(&self) -> Outcome {
         if !self.is_remote() {
-            self.check_file();
+            let _ = self.check_file();
         } else {
             self.fetch_joined(Trigger::Start).await;
         }
@@ -423,7 +307,7 @@ impl Keys {
         if !self.is_remote() {
             loop {
                 tokio::time::sleep(FILE_POLL).await;
-                self.check_file();
+                let _ = self.check_file();
             }
         }
         self.fetch_joined(Trigger::Start).await;
@@ -541,14 +425,15 @@ impl Keys {
         })
     }
 
-    /// Re-reads the key file if its modification time changed; a broken file keeps the keys.
-    fn check_file(&self) {
+    /// File sources: re-reads the file if its modification time changed (a broken file
+    /// keeps the keys) and says how that went; `None` when unchanged or not a file source.
+    pub fn check_file(&self) -> Option<Outcome> {
         let SourceKind::File(path) = &self.0.cfg.kind else {
-            return;
+            return None;
         };
         let now = mtime(path);
         if now == self.0.state.borrow().file_mtime {
-            return;
+            return None;
         }
         self.0.state.borrow_mut().file_mtime = now;
         let result = std::fs::read(path)
@@ -562,7 +447,9 @@ impl Keys {
                 max_age_s: None,
                 jwks_uri: None,
             });
+        let outcome = result.as_ref().map_or_else(|e| e.outcome, |_| Outcome::Ok);
         self.record(Trigger::FileChanged, result);
+        Some(outcome)
     }
 
     /// Counts a fetch; a good one replaces the keys (and, remote, is persisted).

@@ -180,6 +180,7 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
             format!("HTTP/1.1 302 Found\r\nLocation: {base}/jwks\r\nContent-Length: 0\r\n\r\n")
         }
         "/big" => ok("", &" ".repeat(5000)),
+        "/big-close" => format!("HTTP/1.1 200 OK\r\n\r\n{}", " ".repeat(5000)),
         "/big-chunked" => {
             let chunk = format!("{:x}\r\n{}\r\n", 1000, " ".repeat(1000));
             format!(
@@ -199,6 +200,10 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
             )
         }
         "/close" => format!("HTTP/1.1 200 OK\r\n\r\n{}", jwks_of(&["e1"])),
+        "/late-jwks" => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ok("", &jwks_of(&["late"]))
+        }
         "/slow" => {
             let _ = tls
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")
@@ -289,6 +294,8 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
         assert_eq!(o, Outcome::TooLarge, "{err:?}");
         let (o, err, _) = fetch(&s, "/big-chunked").await;
         assert_eq!(o, Outcome::TooLarge, "{err:?}");
+        let (o, err, _) = fetch(&s, "/big-close").await;
+        assert_eq!(o, Outcome::TooLarge, "{err:?}");
         assert_eq!(fetch(&s, "/html").await.0, Outcome::NotJson);
         assert_eq!(fetch(&s, "/missing").await.0, Outcome::HttpStatus);
         let (o, err, _) = fetch(&s, "/slow").await;
@@ -298,10 +305,21 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
         let mut cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
         let other = server("bad-other").await;
         cfg.ca_bundle = Some(other.ca.clone());
-        assert_eq!(
-            Keys::new(cfg.clone()).unwrap().fetch_now().await,
-            Outcome::Tls
+        let tls = async |cfg: &SourceConfig| Keys::new(cfg.clone()).unwrap().fetch_now().await;
+        assert_eq!(tls(&cfg).await, Outcome::Tls);
+        // The system's roots do not hold the test CA either; a bundle without a certificate
+        // is a configuration error.
+        cfg.ca_bundle = None;
+        assert_eq!(tls(&cfg).await, Outcome::Tls);
+        let empty = state.0.join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        cfg.ca_bundle = Some(empty);
+        assert!(
+            Keys::new(cfg.clone())
+                .unwrap_err()
+                .contains("no usable CA certificate")
         );
+        cfg.ca_bundle = Some(s.ca.clone());
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         cfg.kind = SourceKind::JwksUrl(format!("https://{}/", closed.local_addr().unwrap()));
         drop(closed);
@@ -457,11 +475,12 @@ fn a_key_file_is_reread_when_it_changes_and_a_broken_one_keeps_the_keys() {
             .unwrap()
             .set_modified(later)
             .unwrap();
-        keys.check_file();
+        keys.check_file()
     };
-    touch("{".into());
+    assert_eq!(keys.check_file(), None, "unchanged");
+    assert_eq!(touch("{".into()), Some(Outcome::NotJson));
     assert!(keys.knows("f1"), "a broken file keeps the keys");
-    touch(jwks_of(&["f2"]));
+    assert_eq!(touch(jwks_of(&["f2"])), Some(Outcome::Ok));
     assert!(keys.knows("f2") && !keys.knows("f1"));
     let counts: Vec<_> = keys
         .status()
@@ -481,4 +500,73 @@ fn a_key_file_is_reread_when_it_changes_and_a_broken_one_keeps_the_keys() {
         Keys::new(cfg).unwrap_err().contains("jwks.json"),
         "a missing file is a configuration error"
     );
+}
+
+#[test]
+fn skipped_keys_are_reported_and_a_jwks_of_skipped_keys_only_keeps_the_old_keys() {
+    local(async {
+        let s = server("skip").await;
+        let state = Dir::new("skip-state");
+        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
+        let mut enc = SigningKey::generate(Alg::EdDSA, "e1").unwrap().public_jwk();
+        enc["use"] = "enc".into();
+        let sig = SigningKey::generate(Alg::EdDSA, "s1").unwrap().public_jwk();
+        *s.jwks.borrow_mut() = Some(jwks(&[enc.clone(), sig]));
+        assert_eq!(keys.fetch_now().await, Outcome::Ok);
+        let st = keys.status();
+        assert_eq!(st.kids, ["s1"]);
+        assert_eq!(
+            st.skipped
+                .iter()
+                .map(|k| (k.index, k.kid.as_deref(), k.reason.as_str()))
+                .collect::<Vec<_>>(),
+            [(0, Some("e1"), "encryption_key")]
+        );
+        assert!(keys.is_skipped("e1") && !keys.is_skipped("s1") && !keys.is_skipped("zz"));
+        *s.jwks.borrow_mut() = Some(jwks(&[enc]));
+        assert_eq!(keys.fetch_now().await, Outcome::NoKeys);
+        let err = keys.status().last_fetch.unwrap().error.unwrap();
+        assert!(
+            err.contains("no usable key (1 skipped; the first: JWKS key #0"),
+            "{err}"
+        );
+        assert!(keys.knows("s1"), "the old keys stay");
+    });
+}
+
+/// Polls `done` every 10 ms, at most 5 s.
+async fn until(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..500 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[test]
+fn a_waiter_that_gives_up_cancels_nothing_and_run_fetches_at_start() {
+    local(async {
+        let s = server("cancel").await;
+        let state = Dir::new("cancel-state");
+        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/late-jwks")), &state)).unwrap();
+        // The bind that asked goes away (its connection's timeout) before the fetch ends.
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), keys.refetch_unknown_kid());
+        assert!(gave_up.await.is_err());
+        assert!(until(|| keys.knows("late")).await, "the fetch went on");
+        assert_eq!(s.hits("/late-jwks"), 1);
+        // The background loop's first fetch is a `start` fetch.
+        let state = Dir::new("run-state");
+        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
+        let k = keys.clone();
+        let run = tokio::task::spawn_local(async move { k.run().await });
+        assert!(until(|| keys.status().last_fetch.is_some()).await);
+        let last = keys.status().last_fetch.unwrap();
+        assert_eq!(
+            (last.trigger.as_str(), last.outcome.as_str()),
+            ("start", "ok")
+        );
+        run.abort();
+    });
 }
