@@ -7,13 +7,16 @@
 //!   the whole input as payload), signed with a key of the set: this reaches the claim
 //!   checks behind the signature, which random bytes never would.
 //!
+//! `peek` must refuse exactly as `verify` does where it refuses, and agree with what a
+//! verified token says.
+//!
 //! The keys below are test keys, public in this repository: never use them anywhere else.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use tollgate_common::token::{KeySet, Mapping, Policy, SigningKey, verify};
+use tollgate_common::token::{KeySet, Mapping, Policy, SigningKey, peek, verify};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -50,9 +53,17 @@ fn fixture() -> &'static Fixture {
 }
 
 fn check(f: &Fixture, token: &str) {
-    let Ok(c) = verify(token, &f.keys, &f.policy, NOW) else {
+    // `peek` is verify's first steps: what it refuses, verify refuses the same way.
+    let peeked = peek(token, f.policy.max_token_bytes);
+    let verified = verify(token, &f.keys, &f.policy, NOW);
+    if let Err(r) = &peeked {
+        assert_eq!(verified.as_ref().err(), Some(r));
+    }
+    let Ok(c) = verified else {
         return;
     };
+    let p = peeked.expect("a verified token peeks");
+    assert!(p.kid == c.kid && p.alg == c.alg && p.iss == c.issuer);
     let skew = f.policy.skew_s;
     assert!(token.len() <= f.policy.max_token_bytes);
     assert!(!c.jti.is_empty() && !c.identity.is_empty());

@@ -1,15 +1,21 @@
 //! Short-lived API tokens: standard JWTs (RFC 7519) in the compact JWS serialization
-//! (RFC 7515), signed with EdDSA (Ed25519, RFC 8037) or ES256 (ECDSA P-256 with SHA-256,
-//! RFC 7518 §3.4) and verified with `ring`. Host-side only (the `token` feature); the XDP
-//! program never sees a token, only the binding the agent derives from one.
+//! (RFC 7515), verified with `ring`: EdDSA (Ed25519, RFC 8037), ES256 and ES384 (ECDSA P-256
+//! and P-384, RFC 7518 §3.4), RS256/384/512 (RSASSA-PKCS1-v1_5, §3.3) and PS256/384/512
+//! (RSASSA-PSS, §3.5), RSA keys of 2048 to 8192 bits. tollgate's own issuer ([`SigningKey`])
+//! signs with EdDSA or ES256 only; RSA and ES384 keys come from an identity provider.
+//! Host-side only (the `token` feature); the XDP program never sees a token, only the binding
+//! the agent derives from one.
 //!
 //! Nodes hold only public keys, as a JWKS ([`KeySet::from_jwks`]); whoever issues tokens holds
-//! a [`SigningKey`]. [`verify`] either returns the token's [`Claims`] or exactly one
-//! [`Refusal`], whose [`Refusal::label`] is stable (metrics, audit log).
+//! the private keys. [`verify`] either returns the token's [`Claims`] or exactly one
+//! [`Refusal`], whose [`Refusal::label`] is stable (metrics, audit log). [`peek`] makes the
+//! cheap unauthenticated first checks alone, so that the agent can pick the issuer (by `iss`)
+//! and its key set before verifying.
 //!
 //! # What `verify` checks, in this order
 //!
 //! The first failing check decides the refusal, so the same token always gets the same one.
+//! Steps 1 to 5 and the `kid`'s presence are [`peek`]'s, which [`verify`] calls first.
 //!
 //! 1. Size: longer than [`Policy::max_token_bytes`] → `oversized` (before anything else).
 //! 2. Shape: non-ASCII, not exactly three `.`-separated parts, or an empty header or payload
@@ -19,53 +25,86 @@
 //!    §2, canonical: no `=`, no stray bits) → `bad_base64`.
 //! 4. JSON: header, then payload, each must be one JSON object with no duplicate member at
 //!    any depth (RFC 7515 §5.2 lets a verifier reject those; tollgate does) → `bad_json`.
-//!    This is syntax only: nothing in the payload is looked at before step 9.
+//!    This is syntax only: nothing in the payload is trusted before step 9 (`peek` reads its
+//!    `iss` unauthenticated, to choose keys, never to decide).
 //! 5. Header algorithm: no `alg` string → `missing_alg`; `none` in any case → `alg_none`;
 //!    `HS256`/`HS384`/`HS512` in any case → `alg_hmac` (refused by name so that a public key
-//!    can never be used as an HMAC secret); anything else but `EdDSA` and `ES256` (exact
-//!    case) → `alg_unsupported`; a `crit` header (no extension is understood) →
-//!    `crit_unsupported`. Key-carrying headers (`jwk`, `jku`, `x5u`, `x5c`) are ignored:
-//!    keys come only from the configured JWKS.
-//! 6. Key: no `kid` string (or an empty one) → `missing_kid`; a kid the JWKS does not hold →
-//!    `unknown_kid`; a header `alg` other than the one the JWK pins → `alg_mismatch` (the
-//!    key's algorithm is authoritative); `now` outside the key's window widened by the skew,
+//!    — an RSA modulus, a DER key, a JWK's text — can never be used as an HMAC secret);
+//!    anything but the nine names of [`Alg`] (exact case) → `alg_unsupported`; a `crit`
+//!    header (no extension is understood) → `crit_unsupported`. Key-carrying headers (`jwk`,
+//!    `jku`, `x5u`, `x5c`) are ignored: keys come only from the issuer's JWKS.
+//! 6. Key: no `kid` string (or an empty one) → `missing_kid`; a kid the key set does not
+//!    hold → `unknown_kid`, or `key_unusable` when the JWKS had a key by that kid that this
+//!    node skipped ([`KeySet::is_skipped_kid`]: fetching the JWKS again would not help); a
+//!    header `alg` other than the one the key is pinned to → `alg_mismatch` (the key's
+//!    algorithm is authoritative); `now` outside the key's window widened by the skew,
 //!    `[nbf - skew, exp + skew]`, → `key_outside_window`.
-//! 7. Signature length: not 64 bytes (Ed25519, and ES256 as the fixed `r || s` of RFC 7518
-//!    §3.4, not DER) → `truncated_signature`.
+//! 7. Signature length: not the one length the key makes → `truncated_signature`: 64 bytes
+//!    for Ed25519 and ES256, 96 for ES384 (the fixed `r || s` of RFC 7518 §3.4, not DER),
+//!    the modulus length for RSA (RFC 8017 §8.1.2, §8.2.2; a signature with a leading zero
+//!    byte added or removed is refused, not normalised).
 //! 8. Signature over the ASCII bytes `header_b64 "." payload_b64` → `bad_signature`.
 //! 9. Claims, now trusted, one at a time: `jti` → `missing_jti`, the identity claim
-//!    ([`ClaimNames::identity`], `sub` by default) → `missing_identity` (absent or empty
+//!    ([`Mapping::identity`], `sub` by default) → `missing_identity` (absent or empty
 //!    string); `iat` → `missing_iat`; `exp` → `missing_exp`; then a claim of the wrong JSON
 //!    type — times not non-negative integers, `aud` neither a string nor an array of
-//!    strings, class/plan not strings, roles not an array of strings — or `exp` before
-//!    `iat` → `bad_claim`. JSON `null` is a wrong type, not an absent claim.
+//!    strings, `iss` not a string, the mapped roles, class and plan claims not of their
+//!    rule's type ([`mapping`]) — or `exp` before `iat` → `bad_claim`. JSON `null` is a wrong
+//!    type, not an absent claim.
 //! 10. Time, with the skew: `now > exp + skew` → `expired`; `now + skew < nbf` or
 //!     `now + skew < iat` → `not_yet_valid`; `exp - iat > max_ttl_s` → `lifetime_too_long`.
-//! 11. Audience: `aud` (a string or an array of strings) must contain
-//!     [`Policy::audience`]; an absent `aud` does not → `wrong_audience`.
+//! 11. Issuer: with [`Policy::issuer`] set, `iss` must equal it exactly (byte for byte: a
+//!     trailing `/` or a change of case is another issuer); absent → `wrong_issuer`.
+//! 12. Audience: `aud` (a string or an array of strings) must contain one of
+//!     [`Policy::audiences`]; an absent `aud` does not → `wrong_audience`.
+//! 13. Mapping ([`Mapping`]): a required roles claim absent → `missing_roles`; a class or
+//!     plan claim absent with no default and required → `missing_claim`; a value its value
+//!     map does not name, unless the rule says to take the default → `unmapped_value`.
 //!
-//! `revoked` is never returned by [`verify`]: it is there so that the agent's revocation list
-//! reports through the same enum and labels.
+//! `revoked` and `keys_unavailable` are never returned by [`verify`]: they are there so that
+//! the agent's revocation list and its key sources report through the same enum and labels.
 //!
 //! # JWKS
 //!
-//! A JSON object whose `keys` array holds public JWKs (RFC 7517), each with a unique `kid`
-//! and an `alg` that pins it to one algorithm (an `alg`-less key is refused, never guessed):
+//! A JSON object whose `keys` array holds public JWKs (RFC 7517), as identity providers
+//! publish them:
 //!
 //! ```json
 //! {"keys": [
-//!   {"kty": "OKP", "crv": "Ed25519", "x": "<32 bytes, base64url>", "kid": "k1", "alg": "EdDSA"},
+//!   {"kty": "RSA", "kid": "r1", "use": "sig", "n": "<modulus, base64url>", "e": "AQAB",
+//!    "x5c": ["..."]},
+//!   {"kty": "RSA", "kid": "r2", "alg": "PS256", "n": "...", "e": "AQAB"},
+//!   {"kty": "OKP", "crv": "Ed25519", "x": "<32 bytes>", "kid": "k1", "alg": "EdDSA"},
 //!   {"kty": "EC", "crv": "P-256", "x": "<32 bytes>", "y": "<32 bytes>", "kid": "k2",
 //!    "alg": "ES256", "nbf": 1767225600, "exp": 1769904000}
 //! ]}
 //! ```
 //!
+//! Each key is pinned to one algorithm: its `alg`, else the one its type admits — OKP
+//! Ed25519 → EdDSA, EC P-256 → ES256, EC P-384 → ES384, RSA → RS256 (OIDC's default; Entra
+//! ID publishes its RSA keys without `alg`, so a PS256 key must say so). A token whose header
+//! names another algorithm is refused (`alg_mismatch`), whatever the key could compute.
+//!
+//! The document is taken **key by key**. Only a document that is not JSON or has no `keys`
+//! array is an error ([`JwksError`]). A key tollgate cannot use is skipped and recorded
+//! ([`KeySet::skipped`], each with a [`SkipReason`] label), and never costs the keys beside
+//! it: `encryption_key` (`use` is `enc`, as Keycloak's RSA-OAEP key), `unknown_kty` (not RSA,
+//! EC or OKP), `unsupported_alg` (an `alg` or curve tollgate does not verify: HS256, ES512,
+//! P-521, X25519 ...), `rsa_key_size` (a modulus under 2048 or over 8192 bits, leading zero
+//! bytes not counted), `private_member` (`d`, `p`, `q`, `dp`, `dq`, `qi`, `oth` or `k`: a
+//! public JWKS must not carry a secret, and an `oct` key is nothing but one), `bad_key` (a
+//! member missing, mistyped, not canonical unpadded base64url, of the wrong length, an RSA
+//! exponent that is not odd from 3 to 2^33 - 1, a `use` other than `sig`/`enc`, or an `alg`
+//! its `kty`/`crv` contradicts), `missing_kid`, `key_ops` (present without `verify`),
+//! `empty_window` (`nbf` after `exp`), `duplicate_kid` (two otherwise usable keys under one
+//! kid: both are skipped, since a token naming it could mean either). A token naming a
+//! skipped key's kid is refused `key_unusable`.
+//!
 //! `nbf` and `exp` on a key are **tollgate extensions** (not in RFC 7517): unix seconds
 //! bounding the key's validity for rotation with overlap. Both are optional; a token signed
-//! by the key is refused (`key_outside_window`) outside `[nbf - skew, exp + skew]`. `use`, if
-//! present, must be `sig`; `key_ops`, if present, must include `verify`. Private members
-//! (`d`, `p`, `q`, `dp`, `dq`, `qi`, `oth`, `k`) are refused: a public JWKS must not carry
-//! a secret. Other members are ignored.
+//! by the key is refused (`key_outside_window`) outside `[nbf - skew, exp + skew]`. Other
+//! members (`x5c`, `x5t`, `x5t#S256`, Entra ID's `issuer`, ...) are ignored: the key is `n`
+//! and `e`, or `x` and `y`, never a certificate.
 //!
 //! # Key files
 //!

@@ -1,8 +1,11 @@
 //! Round trips, a table of forged and broken tokens each with its exact refusal, the check
-//! order, skew boundaries, JWKS errors.
+//! order, skew boundaries, JWKS errors and skips; RSA (ring-signed with the test keys in
+//! `testdata/`, and OpenSSL-signed tokens there), ES384, identity providers' JWKS shapes,
+//! `peek`, the issuer check and claim mapping.
 
 use std::{
     borrow::ToOwned,
+    boxed::Box,
     format,
     string::{String, ToString as _},
     vec,
@@ -17,6 +20,9 @@ use super::*;
 const NOW: u64 = 1_800_000_000;
 const SKEW: u64 = 30;
 const TTL: u64 = 3600;
+
+/// The last refusal (index in `REFUSALS`) `peek` can return: `missing_kid`.
+const PEEK_LAST: usize = 9;
 
 /// Refusals the legacy policy of `bad_tokens` cannot produce: those of an issuer's own
 /// policy (tested in `issuer_and_mapping`) and the two the agent applies.
@@ -860,6 +866,11 @@ fn bad_tokens() {
     let mut seen = std::collections::HashSet::new();
     for (what, token, want) in &table {
         assert_eq!(check(token, &f.keys), Err(*want), "{what}: {token}");
+        // `peek` makes the same unauthenticated checks, with the same refusals, and no other.
+        match REFUSALS.iter().position(|r| r == want) {
+            Some(i) if i <= PEEK_LAST => assert_eq!(peek(token, 4096), Err(*want), "{what}"),
+            _ => assert!(peek(token, 4096).is_ok(), "{what}: {:?}", peek(token, 4096)),
+        }
         seen.insert(*want);
     }
     // Every refusal `verify` can return is in the table.
@@ -894,6 +905,7 @@ fn bad_tokens() {
 
 #[test]
 fn refusal_labels() {
+    assert_eq!(REFUSALS[PEEK_LAST], Refusal::MissingKid);
     assert_eq!(REFUSALS.len(), 31);
     let mut labels = std::collections::HashSet::new();
     for r in REFUSALS {
@@ -926,6 +938,12 @@ fn refusal_labels() {
         "not_yet_valid",
         "lifetime_too_long",
         "wrong_audience",
+        "wrong_issuer",
+        "key_unusable",
+        "keys_unavailable",
+        "missing_claim",
+        "unmapped_value",
+        "missing_roles",
         "missing_identity",
         "missing_exp",
         "missing_iat",
@@ -1275,4 +1293,1015 @@ fn skip_reason_labels() {
         assert!(!r.to_string().is_empty());
     }
     assert_eq!(SKIP_REASONS.len(), 10);
+}
+
+// ---------------------------------------------------------------------------------------
+// RSA, ES384, identity providers' JWKS documents, peek, issuer and claim mapping.
+
+const RSA2048: &[u8] = include_bytes!("testdata/rsa2048.pk8");
+const RSA4096: &[u8] = include_bytes!("testdata/rsa4096.pk8");
+
+fn rsa_pair(pkcs8: &[u8]) -> ring::signature::RsaKeyPair {
+    ring::signature::RsaKeyPair::from_pkcs8(pkcs8).unwrap()
+}
+
+/// The public half of a ring RSA key pair as a JWK (no `alg` unless given).
+fn rsa_jwk(pair: &ring::signature::RsaKeyPair, kid: &str, alg: Option<Alg>) -> Value {
+    let c: ring::signature::RsaPublicKeyComponents<Vec<u8>> = pair.public().into();
+    let mut jwk = json!({"kty": "RSA", "kid": kid, "n": b64(&c.n), "e": b64(&c.e)});
+    if let Some(a) = alg {
+        jwk["alg"] = json!(a.as_str());
+    }
+    jwk
+}
+
+fn rsa_padding(alg: Alg) -> &'static dyn ring::signature::RsaEncoding {
+    use ring::signature as s;
+    match alg {
+        Alg::RS256 => &s::RSA_PKCS1_SHA256,
+        Alg::RS384 => &s::RSA_PKCS1_SHA384,
+        Alg::RS512 => &s::RSA_PKCS1_SHA512,
+        Alg::PS256 => &s::RSA_PSS_SHA256,
+        Alg::PS384 => &s::RSA_PSS_SHA384,
+        Alg::PS512 => &s::RSA_PSS_SHA512,
+        other => panic!("{other} is not RSA"),
+    }
+}
+
+/// A token signed with ring's RSA signer under `padding_of` (usually the header's alg).
+fn rsa_token(
+    pair: &ring::signature::RsaKeyPair,
+    padding_of: Alg,
+    header: &Value,
+    payload: &Value,
+) -> String {
+    let signed = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(payload.to_string().as_bytes())
+    );
+    let mut sig = vec![0; pair.public().modulus_len()];
+    pair.sign(
+        rsa_padding(padding_of),
+        &ring::rand::SystemRandom::new(),
+        signed.as_bytes(),
+        &mut sig,
+    )
+    .unwrap();
+    format!("{signed}.{}", b64(&sig))
+}
+
+fn hdr_of(alg: Alg, kid: &str) -> Value {
+    json!({"alg": alg.as_str(), "kid": kid, "typ": "JWT"})
+}
+
+fn set_of(keys: &[Value]) -> KeySet {
+    KeySet::from_jwks(&jwks(keys)).unwrap()
+}
+
+const RSA_ALGS: [Alg; 6] = [
+    Alg::RS256,
+    Alg::RS384,
+    Alg::RS512,
+    Alg::PS256,
+    Alg::PS384,
+    Alg::PS512,
+];
+
+#[test]
+fn rsa_round_trip_every_algorithm_and_size() {
+    for (pkcs8, bits) in [(RSA2048, 2048), (RSA4096, 4096)] {
+        let pair = rsa_pair(pkcs8);
+        for alg in RSA_ALGS {
+            let keys = set_of(&[rsa_jwk(&pair, "r1", Some(alg))]);
+            let key = keys.get("r1").unwrap();
+            assert_eq!((key.alg, key.rsa_bits()), (alg, Some(bits)));
+            assert_eq!(key.signature_len(), bits / 8);
+            let token = rsa_token(&pair, alg, &hdr_of(alg, "r1"), &claims_json());
+            let c = check(&token, &keys).unwrap_or_else(|r| panic!("{alg} {bits}: {r}"));
+            assert_eq!(
+                (c.alg, c.kid.as_str(), c.identity.as_str()),
+                (alg, "r1", "alice")
+            );
+            // The signature alone is tied to the key's pinned algorithm: the same key pinned
+            // to another algorithm refuses the header, and a signature made with another
+            // padding or hash over a header naming the pinned one does not verify.
+            for other in RSA_ALGS.into_iter().filter(|o| *o != alg) {
+                let t = rsa_token(&pair, alg, &hdr_of(other, "r1"), &claims_json());
+                assert_eq!(check(&t, &keys), Err(Refusal::AlgMismatch), "{alg}/{other}");
+                let t = rsa_token(&pair, other, &hdr_of(alg, "r1"), &claims_json());
+                assert_eq!(
+                    check(&t, &keys),
+                    Err(Refusal::BadSignature),
+                    "{alg}/{other}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rsa_without_alg_is_rs256() {
+    let pair = rsa_pair(RSA2048);
+    let keys = set_of(&[rsa_jwk(&pair, "r1", None)]);
+    assert_eq!(keys.get("r1").map(|k| k.alg), Some(Alg::RS256));
+    let rs = rsa_token(&pair, Alg::RS256, &hdr_of(Alg::RS256, "r1"), &claims_json());
+    assert!(check(&rs, &keys).is_ok());
+    // A PS256 token needs a key that says PS256: an alg-less RSA key is RS256 only.
+    let ps = rsa_token(&pair, Alg::PS256, &hdr_of(Alg::PS256, "r1"), &claims_json());
+    assert_eq!(check(&ps, &keys), Err(Refusal::AlgMismatch));
+}
+
+#[test]
+fn rsa_signature_length_is_the_modulus_length() {
+    let small = rsa_pair(RSA2048);
+    let big = rsa_pair(RSA4096);
+    let keys = set_of(&[rsa_jwk(&small, "r1", Some(Alg::RS256))]);
+    let good = rsa_token(
+        &small,
+        Alg::RS256,
+        &hdr_of(Alg::RS256, "r1"),
+        &claims_json(),
+    );
+    let (h, p, s) = parts(&good);
+    let sig = b64url().decode(&s).unwrap();
+    assert_eq!(sig.len(), 256);
+    let with_sig = |sig: &[u8]| format!("{h}.{p}.{}", b64(sig));
+    assert_eq!(
+        check(&with_sig(&sig[..255]), &keys),
+        Err(Refusal::TruncatedSignature)
+    );
+    let mut padded = vec![0];
+    padded.extend_from_slice(&sig);
+    assert_eq!(
+        check(&with_sig(&padded), &keys),
+        Err(Refusal::TruncatedSignature)
+    );
+    // A 4096-bit key's signature over the same bytes, presented for the 2048-bit kid.
+    let other = rsa_token(&big, Alg::RS256, &hdr_of(Alg::RS256, "r1"), &claims_json());
+    assert_eq!(check(&other, &keys), Err(Refusal::TruncatedSignature));
+    let mut flipped = sig.clone();
+    flipped[100] ^= 0x10;
+    assert_eq!(
+        check(&with_sig(&flipped), &keys),
+        Err(Refusal::BadSignature)
+    );
+    assert_eq!(
+        check(&with_sig(&[0; 256]), &keys),
+        Err(Refusal::BadSignature)
+    );
+    // The signature as a number not below the modulus: ring refuses it, not a panic.
+    assert_eq!(
+        check(&with_sig(&[0xff; 256]), &keys),
+        Err(Refusal::BadSignature)
+    );
+}
+
+/// A copy of `jwk` with its `n` replaced.
+fn with_n(jwk: &Value, n: &[u8]) -> Value {
+    let mut j = jwk.clone();
+    j["n"] = json!(b64(n));
+    j
+}
+
+#[test]
+fn rsa_key_sizes_and_members() {
+    let pair = rsa_pair(RSA2048);
+    let jwk = rsa_jwk(&pair, "r1", None);
+    let n = b64url().decode(jwk["n"].as_str().unwrap()).unwrap();
+    assert_eq!((n.len(), n[0] >= 0x80), (256, true));
+    // Leading zero bytes do not count: the key is still 2048 bits and verifies.
+    let mut zeros = vec![0, 0];
+    zeros.extend_from_slice(&n);
+    let keys = set_of(&[with_n(&jwk, &zeros)]);
+    assert_eq!(keys.get("r1").and_then(PublicKey::rsa_bits), Some(2048));
+    assert_eq!(keys.get("r1").unwrap().signature_len(), 256);
+    let token = rsa_token(&pair, Alg::RS256, &hdr_of(Alg::RS256, "r1"), &claims_json());
+    assert!(check(&token, &keys).is_ok());
+    // Bits, not bytes: 256 bytes whose top bit is clear are a 2047-bit modulus.
+    let mut short = n.clone();
+    short[0] = 0x7f;
+    let size = |n: &[u8]| skipped_one(&jwks(&[with_n(&jwk, n)])).problem;
+    assert_eq!(size(&short), KeyProblem::RsaKeySize { bits: 2047 });
+    short[0] = 0x01;
+    assert_eq!(size(&short), KeyProblem::RsaKeySize { bits: 2041 });
+    let mut zero_then_short = vec![0];
+    zero_then_short.extend_from_slice(&short);
+    assert_eq!(
+        size(&zero_then_short),
+        KeyProblem::RsaKeySize { bits: 2041 }
+    );
+    assert_eq!(size(&[0xff; 1025]), KeyProblem::RsaKeySize { bits: 8200 });
+    assert_eq!(size(&[0; 300]), KeyProblem::RsaKeySize { bits: 0 });
+    assert_eq!(
+        skipped_one(&jwks(&[with_n(&jwk, &[0x80; 128])])).reason,
+        SkipReason::RsaKeySize
+    );
+    // Exactly 8192 bits is accepted (a shape test: not a real modulus).
+    let mut top = vec![0x80];
+    top.extend_from_slice(&[0x11; 1023]);
+    assert_eq!(
+        set_of(&[with_n(&jwk, &top)])
+            .get("r1")
+            .and_then(PublicKey::rsa_bits),
+        Some(8192)
+    );
+    // The exponent: odd, from 3 up to 2^33 - 1.
+    for e in [
+        &[1u8][..],
+        &[2],
+        &[0],
+        &[1, 0, 0],
+        &[2, 0, 0, 0, 1],
+        &[1, 0, 0, 0, 0, 1],
+    ] {
+        let mut j = jwk.clone();
+        j["e"] = json!(b64(e));
+        assert_eq!(
+            skipped_one(&jwks(&[j])).reason,
+            SkipReason::BadKey,
+            "e = {e:?}"
+        );
+    }
+    let mut j = jwk.clone();
+    j["e"] = json!(b64(&[0, 3]));
+    assert_eq!(set_of(&[j]).len(), 1);
+    for (member, edit) in [("n", json!(7)), ("e", json!("AQAB="))] {
+        let mut j = jwk.clone();
+        j[member] = edit;
+        assert_eq!(
+            skipped_one(&jwks(&[j])).reason,
+            SkipReason::BadKey,
+            "{member}"
+        );
+    }
+    let mut j = jwk.clone();
+    j.as_object_mut().unwrap().remove("n");
+    assert_eq!(
+        skipped_one(&jwks(&[j])).problem,
+        KeyProblem::BadMember {
+            member: "n",
+            why: "is missing".into()
+        }
+    );
+    // An RSA key claiming an EC algorithm.
+    let mut j = jwk.clone();
+    j["alg"] = json!("ES256");
+    assert_eq!(
+        skipped_one(&jwks(&[j])).problem,
+        KeyProblem::Contradiction {
+            alg: Alg::ES256,
+            kty: "RSA".into(),
+            crv: None
+        }
+    );
+}
+
+fn testdata(name: &str) -> String {
+    let path = format!("{}/src/token/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+/// Keys and tokens OpenSSL made (testdata/gen.sh): an implementation other than ring's signer.
+#[test]
+fn rsa_tokens_from_openssl() {
+    // 1024 bits: the key is skipped, a token naming it refused as key_unusable (no refetch).
+    let small = testdata("rsa1024-rs256.jwk.json");
+    let pair = rsa_pair(RSA2048);
+    let keys = KeySet::from_jwks(&jwks(&[
+        serde_json::from_str(&small).unwrap(),
+        rsa_jwk(&pair, "r1", None),
+    ]))
+    .unwrap();
+    assert_eq!(keys.kids(), ["r1"]);
+    let s = &keys.skipped()[0];
+    assert_eq!(
+        (s.index, s.kid.as_deref(), s.reason, &s.problem),
+        (
+            0,
+            Some("rsa1024-rs256"),
+            SkipReason::RsaKeySize,
+            &KeyProblem::RsaKeySize { bits: 1024 }
+        )
+    );
+    assert!(keys.is_skipped_kid("rsa1024-rs256"));
+    let token = testdata("rsa1024-rs256.jwt");
+    assert_eq!(check(&token, &keys), Err(Refusal::KeyUnusable));
+    assert_eq!(check(&token, &KeySet::default()), Err(Refusal::UnknownKid));
+    // 8192 bits: accepted.
+    let big = KeySet::from_jwks(&format!(
+        "{{\"keys\":[{}]}}",
+        testdata("rsa8192-rs256.jwk.json")
+    ))
+    .unwrap();
+    assert_eq!(
+        big.get("rsa8192-rs256").and_then(PublicKey::rsa_bits),
+        Some(8192)
+    );
+    let c = check(&testdata("rsa8192-rs256.jwt"), &big).unwrap();
+    assert_eq!((c.alg, c.jti.as_str()), (Alg::RS256, "t-1"));
+    // PS256 from OpenSSL, once the JWK says PS256.
+    let mut ps: Value = serde_json::from_str(&testdata("rsa2048-ps256.jwk.json")).unwrap();
+    let token = testdata("rsa2048-ps256.jwt");
+    assert_eq!(
+        check(&token, &set_of(&[ps.clone()])),
+        Err(Refusal::AlgMismatch)
+    );
+    ps["alg"] = json!("PS256");
+    let c = check(&token, &set_of(&[ps])).unwrap();
+    assert_eq!((c.alg, c.roles.len()), (Alg::PS256, 2));
+}
+
+/// The classic confusion: an HMAC token keyed with the RSA public key, as a library that
+/// takes "the key" for any algorithm would check it. Refused by name, whatever the key.
+#[test]
+fn hmac_keyed_with_the_rsa_public_key() {
+    let pair = rsa_pair(RSA2048);
+    let jwk = rsa_jwk(&pair, "r1", Some(Alg::RS256));
+    let keys = set_of(std::slice::from_ref(&jwk));
+    let p = b64(claims_json().to_string().as_bytes());
+    // The secrets an attacker would try: the modulus, the DER public key, the JWK text.
+    let der = pair.public().as_ref().to_vec();
+    let secrets: [Vec<u8>; 3] = [
+        keys.get("r1").unwrap().key_bytes().to_vec(),
+        der,
+        jwk.to_string().into_bytes(),
+    ];
+    for (name, alg) in [
+        ("HS256", ring::hmac::HMAC_SHA256),
+        ("HS384", ring::hmac::HMAC_SHA384),
+        ("HS512", ring::hmac::HMAC_SHA512),
+        ("hs256", ring::hmac::HMAC_SHA256),
+    ] {
+        for secret in &secrets {
+            let h = b64(json!({"alg": name, "kid": "r1"}).to_string().as_bytes());
+            let tag = ring::hmac::sign(
+                &ring::hmac::Key::new(alg, secret),
+                format!("{h}.{p}").as_bytes(),
+            );
+            let token = format!("{h}.{p}.{}", b64(tag.as_ref()));
+            assert_eq!(check(&token, &keys), Err(Refusal::AlgHmac), "{name}");
+            assert_eq!(peek(&token, 4096), Err(Refusal::AlgHmac), "{name}");
+        }
+    }
+    // `none` too, and an RSA JWK pinned to HS256 is not a key.
+    let none = format!("{}.{p}.", b64(br#"{"alg":"none","kid":"r1"}"#));
+    assert_eq!(check(&none, &keys), Err(Refusal::AlgNone));
+    let mut hs = jwk.clone();
+    hs["alg"] = json!("HS256");
+    assert_eq!(
+        skipped_one(&jwks(&[hs])).problem,
+        KeyProblem::UnsupportedAlg("HS256".into())
+    );
+}
+
+#[test]
+fn es384_round_trip() {
+    use ring::signature::{ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let point = pair.public_key().as_ref();
+    assert_eq!(point.len(), 97);
+    let jwk = json!({"kty": "EC", "crv": "P-384", "kid": "p384",
+        "x": b64(&point[1..49]), "y": b64(&point[49..97])});
+    let sign = |header: &Value| {
+        let signed = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims_json().to_string().as_bytes())
+        );
+        let sig = pair.sign(&rng, signed.as_bytes()).unwrap();
+        assert_eq!(sig.as_ref().len(), 96);
+        format!("{signed}.{}", b64(sig.as_ref()))
+    };
+    // No alg: P-384 admits ES384 only; with alg ES384 the same.
+    for jwk in [jwk.clone(), {
+        let mut j = jwk.clone();
+        j["alg"] = json!("ES384");
+        j
+    }] {
+        let keys = set_of(&[jwk]);
+        assert_eq!(
+            keys.get("p384").map(|k| (k.alg, k.signature_len())),
+            Some((Alg::ES384, 96))
+        );
+        let good = sign(&hdr_of(Alg::ES384, "p384"));
+        assert_eq!(check(&good, &keys).map(|c| c.alg), Ok(Alg::ES384));
+        assert_eq!(
+            check(&sign(&hdr_of(Alg::ES256, "p384")), &keys),
+            Err(Refusal::AlgMismatch)
+        );
+        let (h, p, s) = parts(&good);
+        let sig = b64url().decode(&s).unwrap();
+        assert_eq!(
+            check(&format!("{h}.{p}.{}", b64(&sig[..64])), &keys),
+            Err(Refusal::TruncatedSignature)
+        );
+        let mut flipped = sig.clone();
+        flipped[50] ^= 1;
+        assert_eq!(
+            check(&format!("{h}.{p}.{}", b64(&flipped)), &keys),
+            Err(Refusal::BadSignature)
+        );
+    }
+    // Coordinates of P-256 length on a P-384 key.
+    let mut short = jwk.clone();
+    short["x"] = json!(b64(&[1; 32]));
+    assert_eq!(
+        skipped_one(&jwks(&[short])).problem,
+        KeyProblem::BadLength {
+            member: "x",
+            found: 32,
+            expected: 48
+        }
+    );
+    // A P-521 key: a curve tollgate does not verify.
+    let mut p521 = jwk.clone();
+    p521["crv"] = json!("P-521");
+    assert_eq!(
+        skipped_one(&jwks(&[p521])).reason,
+        SkipReason::UnsupportedAlg
+    );
+}
+
+/// (provider, JWKS, the signing kid, the kids skipped with their reasons).
+type IdpDocument = (
+    &'static str,
+    String,
+    &'static str,
+    Vec<(&'static str, SkipReason)>,
+);
+
+/// What identity providers publish, reshaped around this test's key (members, order and
+/// oddities as their JWKS endpoints serve them; base64 certificate members are stand-ins:
+/// tollgate ignores `x5c`/`x5t`).
+fn idp_documents(n: &str, e: &str) -> Vec<IdpDocument> {
+    let x5c = "MIICmzCCAYMCBgGQ...stand-in...";
+    vec![
+        (
+            // Keycloak /realms/<realm>/protocol/openid-connect/certs: an RSA-OAEP encryption
+            // key beside the RS256 signing key, both with certificates.
+            "keycloak",
+            json!({"keys": [
+                {"kid": "Wb9Jm7kc-enc", "kty": "RSA", "alg": "RSA-OAEP", "use": "enc",
+                 "n": n, "e": e, "x5c": [x5c], "x5t": "aBcD", "x5t#S256": "eFgH"},
+                {"kid": "kc-sig-1", "kty": "RSA", "alg": "RS256", "use": "sig",
+                 "n": n, "e": e, "x5c": [x5c], "x5t": "iJkL", "x5t#S256": "mNoP"},
+            ]})
+            .to_string(),
+            "kc-sig-1",
+            vec![("Wb9Jm7kc-enc", SkipReason::EncryptionKey)],
+        ),
+        (
+            // Okta /oauth2/default/v1/keys: RS256 keys, the next one already published.
+            "okta",
+            json!({"keys": [
+                {"kty": "RSA", "alg": "RS256", "kid": "okta-current", "use": "sig", "e": e, "n": n},
+                {"kty": "RSA", "alg": "RS256", "kid": "okta-next", "use": "sig", "e": e, "n": n},
+            ]})
+            .to_string(),
+            "okta-current",
+            vec![],
+        ),
+        (
+            // Entra ID /discovery/v2.0/keys: no `alg` on its RSA keys, an `issuer` member per
+            // key (with the tenant placeholder), certificates.
+            "entra",
+            json!({"keys": [
+                {"kty": "RSA", "use": "sig", "kid": "entra-1", "x5t": "entra-1", "n": n, "e": e,
+                 "x5c": [x5c], "cloud_instance_name": "microsoftonline.com",
+                 "issuer": "https://login.microsoftonline.com/{tenantid}/v2.0"},
+            ]})
+            .to_string(),
+            "entra-1",
+            vec![],
+        ),
+        (
+            // Google https://www.googleapis.com/oauth2/v3/certs: members in its order.
+            "google",
+            json!({"keys": [
+                {"e": e, "use": "sig", "kty": "RSA", "alg": "RS256", "n": n, "kid": "g-1"},
+            ]})
+            .to_string(),
+            "g-1",
+            vec![],
+        ),
+        (
+            // Dex /keys: the signing key and the previous one, kept for verification.
+            "dex",
+            json!({"keys": [
+                {"use": "sig", "kty": "RSA", "kid": "dex-now", "alg": "RS256", "n": n, "e": e},
+                {"use": "sig", "kty": "RSA", "kid": "dex-before", "alg": "RS256", "n": n, "e": e},
+            ]})
+            .to_string(),
+            "dex-now",
+            vec![],
+        ),
+        (
+            // Auth0 /.well-known/jwks.json: certificates and thumbprints on every key.
+            "auth0",
+            json!({"keys": [
+                {"kty": "RSA", "use": "sig", "n": n, "e": e, "kid": "a0-1", "x5t": "a0-1",
+                 "x5c": [x5c], "alg": "RS256"},
+                {"kty": "RSA", "use": "sig", "n": n, "e": e, "kid": "a0-2", "x5t": "a0-2",
+                 "x5c": [x5c], "alg": "RS256"},
+            ]})
+            .to_string(),
+            "a0-1",
+            vec![],
+        ),
+        (
+            // A mixed document: what one unsupported key used to cost everything beside it.
+            "mixed",
+            json!({"keys": [
+                {"kty": "RSA", "kid": "tiny", "alg": "RS256", "n": b64(&[0xc1; 128]), "e": e},
+                {"kty": "EC", "kid": "p521", "crv": "P-521", "alg": "ES512", "x": "AA", "y": "AA"},
+                {"kty": "oct", "kid": "sym", "alg": "HS256", "k": "c2VjcmV0"},
+                {"kty": "OKP", "kid": "x25519", "crv": "X25519", "x": b64(&[9; 32])},
+                {"kty": "RSA", "kid": "ops", "alg": "RS256", "n": n, "e": e, "key_ops": ["encrypt"]},
+                {"kty": "AKP", "kid": "pq", "alg": "ML-DSA-44", "pub": "AA"},
+                {"kty": "RSA", "kid": "ok", "alg": "RS256", "n": n, "e": e},
+            ]})
+            .to_string(),
+            "ok",
+            vec![
+                ("tiny", SkipReason::RsaKeySize),
+                ("p521", SkipReason::UnsupportedAlg),
+                ("sym", SkipReason::PrivateMember),
+                ("x25519", SkipReason::UnsupportedAlg),
+                ("ops", SkipReason::KeyOps),
+                ("pq", SkipReason::UnknownKty),
+            ],
+        ),
+    ]
+}
+
+#[test]
+fn identity_providers_jwks() {
+    let pair = rsa_pair(RSA2048);
+    let jwk = rsa_jwk(&pair, "x", None);
+    let (n, e) = (jwk["n"].as_str().unwrap(), jwk["e"].as_str().unwrap());
+    for (idp, doc, kid, skips) in idp_documents(n, e) {
+        let keys = KeySet::from_jwks(&doc).unwrap_or_else(|e| panic!("{idp}: {e}"));
+        assert!(keys.get(kid).is_some(), "{idp}: {:?}", keys.skipped());
+        let got: Vec<(Option<&str>, SkipReason)> = keys
+            .skipped()
+            .iter()
+            .map(|s| (s.kid.as_deref(), s.reason))
+            .collect();
+        let want: Vec<(Option<&str>, SkipReason)> =
+            skips.iter().map(|(k, r)| (Some(*k), *r)).collect();
+        assert_eq!(got, want, "{idp}");
+        let token = rsa_token(&pair, Alg::RS256, &hdr_of(Alg::RS256, kid), &claims_json());
+        assert_eq!(
+            check(&token, &keys).map(|c| c.kid),
+            Ok(kid.to_owned()),
+            "{idp}"
+        );
+        for (skipped, _) in &skips {
+            let t = rsa_token(
+                &pair,
+                Alg::RS256,
+                &hdr_of(Alg::RS256, skipped),
+                &claims_json(),
+            );
+            assert_eq!(
+                check(&t, &keys),
+                Err(Refusal::KeyUnusable),
+                "{idp} {skipped}"
+            );
+        }
+        let t = rsa_token(
+            &pair,
+            Alg::RS256,
+            &hdr_of(Alg::RS256, "rotated-away"),
+            &claims_json(),
+        );
+        assert_eq!(check(&t, &keys), Err(Refusal::UnknownKid), "{idp}");
+    }
+}
+
+#[test]
+fn peek_names_the_issuer_and_key() {
+    let f = fixture();
+    let token = with_claims(&f.ec, |c| {
+        c.insert("iss".into(), json!("https://idp.example.com/realms/a"));
+    });
+    assert_eq!(
+        peek(&token, 4096),
+        Ok(Peek {
+            alg: Alg::ES256,
+            kid: "ec1".into(),
+            iss: Some("https://idp.example.com/realms/a".into())
+        })
+    );
+    // Unauthenticated: a kid nobody holds, a bad signature, a wrong-typed iss all peek fine.
+    let (h, p, _) = parts(&token);
+    let forged = format!("{h}.{p}.AAAA");
+    assert_eq!(peek(&forged, 4096).map(|p| p.kid), Ok("ec1".into()));
+    let odd_iss = with_claims(&f.ed, |c| {
+        c.insert("iss".into(), json!(["a"]));
+    });
+    assert_eq!(peek(&odd_iss, 4096).map(|p| p.iss), Ok(None));
+    assert_eq!(check(&odd_iss, &f.keys), Err(Refusal::BadClaim));
+    assert_eq!(peek(&token, token.len() - 1), Err(Refusal::Oversized));
+    assert_eq!(peek("a.b", 4096), Err(Refusal::Malformed));
+}
+
+/// A policy with an issuer, two audiences and a Keycloak-style mapping.
+fn issuer_policy() -> Policy {
+    let path = |p: &str| ClaimPath::parse(p).unwrap();
+    Policy {
+        issuer: Some("https://idp.example.com/realms/tollgate".into()),
+        audiences: vec!["pool-a".into(), "pool-b".into()],
+        mapping: Mapping {
+            identity: path("azp"),
+            roles: RolesRule {
+                path: path("realm_access.roles"),
+                format: RolesFormat::Array,
+                required: true,
+            },
+            class: ValueRule {
+                path: path("resource_access.tollgate.roles"),
+                values: vec![
+                    ("internal".into(), "interactive".into()),
+                    ("partner".into(), "batch".into()),
+                ],
+                default: None,
+                unmapped: Unmapped::Refuse,
+                required: true,
+            },
+            plan: ValueRule {
+                path: path("groups"),
+                values: vec![
+                    ("gold".into(), "gold".into()),
+                    ("silver".into(), "silver".into()),
+                ],
+                default: Some("free".into()),
+                unmapped: Unmapped::UseDefault,
+                required: true,
+            },
+        },
+        ..policy()
+    }
+}
+
+fn idp_claims() -> Value {
+    json!({
+        "jti": "kc-1",
+        "iss": "https://idp.example.com/realms/tollgate",
+        "aud": ["account", "pool-b"],
+        "azp": "svc-reports",
+        "sub": "0b9f4c1e",
+        "iat": NOW - 10,
+        "exp": NOW + 290,
+        "realm_access": {"roles": ["offline_access", "reader"]},
+        "resource_access": {"tollgate": {"roles": ["partner", "internal"]}},
+        "groups": ["staff", "silver", "gold"],
+        "scope": "openid bind:write  bind:read",
+    })
+}
+
+type Edit = dyn Fn(&mut serde_json::Map<String, Value>);
+
+#[test]
+fn issuer_and_mapping() {
+    let f = fixture();
+    let pol = issuer_policy();
+    let run = |edit: &dyn Fn(&mut serde_json::Map<String, Value>), pol: &Policy| {
+        let mut c = idp_claims();
+        edit(c.as_object_mut().unwrap());
+        verify(&forge(&f.ed, &header(&f.ed), &c), &f.keys, pol, NOW)
+    };
+    let c = run(&|_| {}, &pol).unwrap();
+    assert_eq!(c.identity, "svc-reports");
+    assert_eq!(c.roles, ["offline_access", "reader"]);
+    // Config order decides, not the token's: "internal" is configured first.
+    assert_eq!(c.class.as_deref(), Some("interactive"));
+    assert_eq!(c.plan.as_deref(), Some("gold"));
+    assert_eq!(
+        c.issuer.as_deref(),
+        Some("https://idp.example.com/realms/tollgate")
+    );
+
+    let set = |k: &'static str, v: Value| {
+        move |c: &mut serde_json::Map<String, Value>| {
+            c.insert(k.into(), v.clone());
+        }
+    };
+    let del = |k: &'static str| {
+        move |c: &mut serde_json::Map<String, Value>| {
+            c.remove(k);
+        }
+    };
+    let cases: Vec<(&str, Box<Edit>, Result<(), Refusal>)> = vec![
+        (
+            "iss absent",
+            Box::new(del("iss")),
+            Err(Refusal::WrongIssuer),
+        ),
+        (
+            "iss with a trailing slash",
+            Box::new(set(
+                "iss",
+                json!("https://idp.example.com/realms/tollgate/"),
+            )),
+            Err(Refusal::WrongIssuer),
+        ),
+        (
+            "iss in another case",
+            Box::new(set("iss", json!("https://IDP.example.com/realms/tollgate"))),
+            Err(Refusal::WrongIssuer),
+        ),
+        (
+            "iss of another realm",
+            Box::new(set("iss", json!("https://idp.example.com/realms/other"))),
+            Err(Refusal::WrongIssuer),
+        ),
+        (
+            "iss a number",
+            Box::new(set("iss", json!(1))),
+            Err(Refusal::BadClaim),
+        ),
+        (
+            "aud pool-a alone",
+            Box::new(set("aud", json!("pool-a"))),
+            Ok(()),
+        ),
+        (
+            "aud of another pool",
+            Box::new(set("aud", json!("pool-c"))),
+            Err(Refusal::WrongAudience),
+        ),
+        (
+            "identity absent",
+            Box::new(del("azp")),
+            Err(Refusal::MissingIdentity),
+        ),
+        (
+            "roles path absent",
+            Box::new(del("realm_access")),
+            Err(Refusal::MissingRoles),
+        ),
+        (
+            "roles path through a string",
+            Box::new(set("realm_access", json!("roles"))),
+            Err(Refusal::MissingRoles),
+        ),
+        (
+            "roles not an array",
+            Box::new(set("realm_access", json!({"roles": "reader"}))),
+            Err(Refusal::BadClaim),
+        ),
+        (
+            "class claim absent",
+            Box::new(del("resource_access")),
+            Err(Refusal::MissingClaim),
+        ),
+        (
+            "class value unknown",
+            Box::new(set(
+                "resource_access",
+                json!({"tollgate": {"roles": ["customer"]}}),
+            )),
+            Err(Refusal::UnmappedValue),
+        ),
+        (
+            "class array holding a number",
+            Box::new(set(
+                "resource_access",
+                json!({"tollgate": {"roles": ["partner", 7]}}),
+            )),
+            Err(Refusal::BadClaim),
+        ),
+        (
+            "class a single string, mapped",
+            Box::new(set(
+                "resource_access",
+                json!({"tollgate": {"roles": "partner"}}),
+            )),
+            Ok(()),
+        ),
+        ("plan absent: the default", Box::new(del("groups")), Ok(())),
+        (
+            "plan unmapped: the default",
+            Box::new(set("groups", json!(["bronze"]))),
+            Ok(()),
+        ),
+        (
+            "plan an object",
+            Box::new(set("groups", json!({"gold": true}))),
+            Err(Refusal::BadClaim),
+        ),
+        // Order: types (step 9) before time, mapping (13) after issuer and audience.
+        (
+            "expired with a mistyped plan: the type first",
+            Box::new(|c: &mut serde_json::Map<String, Value>| {
+                c.insert("groups".into(), json!(1));
+                c.insert("exp".into(), json!(NOW - 100));
+                c.insert("iat".into(), json!(NOW - 200));
+            }),
+            Err(Refusal::BadClaim),
+        ),
+        (
+            "expired with a missing class: time first",
+            Box::new(|c: &mut serde_json::Map<String, Value>| {
+                c.remove("resource_access");
+                c.insert("exp".into(), json!(NOW - 100));
+                c.insert("iat".into(), json!(NOW - 200));
+            }),
+            Err(Refusal::Expired),
+        ),
+        (
+            "wrong issuer and wrong audience: issuer first",
+            Box::new(|c: &mut serde_json::Map<String, Value>| {
+                c.insert("iss".into(), json!("https://evil.example.com"));
+                c.insert("aud".into(), json!("pool-c"));
+            }),
+            Err(Refusal::WrongIssuer),
+        ),
+        (
+            "wrong audience and unmapped class: audience first",
+            Box::new(|c: &mut serde_json::Map<String, Value>| {
+                c.insert("aud".into(), json!("pool-c"));
+                c.remove("resource_access");
+            }),
+            Err(Refusal::WrongAudience),
+        ),
+        (
+            "missing roles and missing class: roles first",
+            Box::new(|c: &mut serde_json::Map<String, Value>| {
+                c.remove("realm_access");
+                c.remove("resource_access");
+            }),
+            Err(Refusal::MissingRoles),
+        ),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for (what, edit, want) in &cases {
+        assert_eq!(run(&**edit, &pol).map(|_| ()), *want, "{what}");
+        if let Err(r) = want {
+            seen.insert(*r);
+        }
+    }
+    for r in AFTER_LEGACY {
+        assert!(
+            seen.contains(r) || [Refusal::KeysUnavailable, Refusal::Revoked].contains(r),
+            "no case for {}",
+            r.label()
+        );
+    }
+    let plan = |edit: &dyn Fn(&mut serde_json::Map<String, Value>)| run(edit, &pol).unwrap().plan;
+    assert_eq!(plan(&del("groups")).as_deref(), Some("free"));
+    assert_eq!(
+        plan(&set("groups", json!(["bronze"]))).as_deref(),
+        Some("free")
+    );
+    assert_eq!(
+        plan(&set("groups", json!("silver"))).as_deref(),
+        Some("silver")
+    );
+    assert_eq!(plan(&set("groups", json!([]))).as_deref(), Some("free"));
+
+    // No issuer configured (the legacy section): iss is not checked, even when present.
+    let open = Policy {
+        issuer: None,
+        ..issuer_policy()
+    };
+    assert!(run(&set("iss", json!("https://anyone.example.com")), &open).is_ok());
+    // No audience configured refuses everything.
+    let none = Policy {
+        audiences: vec![],
+        ..issuer_policy()
+    };
+    assert_eq!(run(&|_| {}, &none).map(|_| ()), Err(Refusal::WrongAudience));
+
+    // Scope-formatted roles, optional; an unmapped value refused when not defaulted.
+    let mut scoped = issuer_policy();
+    scoped.mapping.roles = RolesRule {
+        path: ClaimPath::parse("scope").unwrap(),
+        format: RolesFormat::Scope,
+        required: false,
+    };
+    scoped.mapping.plan.unmapped = Unmapped::Refuse;
+    assert_eq!(
+        run(&|_| {}, &scoped).unwrap().roles,
+        ["openid", "bind:write", "bind:read"]
+    );
+    assert_eq!(
+        run(&del("scope"), &scoped).unwrap().roles,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        run(&set("scope", json!(["openid"])), &scoped).map(|_| ()),
+        Err(Refusal::BadClaim)
+    );
+    assert_eq!(
+        run(&set("groups", json!(["bronze"])), &scoped).map(|_| ()),
+        Err(Refusal::UnmappedValue)
+    );
+    // Absent, with a default and Refuse: the default (absent is not unmapped).
+    assert_eq!(
+        run(&del("groups"), &scoped).unwrap().plan.as_deref(),
+        Some("free")
+    );
+    // Not required and no default: absent leaves it unset.
+    scoped.mapping.class.required = false;
+    assert_eq!(run(&del("resource_access"), &scoped).unwrap().class, None);
+}
+
+#[test]
+fn claim_paths() {
+    let segs = |p: &str| ClaimPath::parse(p).map(|c| c.segments().to_vec());
+    assert_eq!(segs("sub"), Ok(vec!["sub".to_string()]));
+    assert_eq!(
+        segs("resource_access.my-client.roles"),
+        Ok(vec![
+            "resource_access".into(),
+            "my-client".into(),
+            "roles".into()
+        ])
+    );
+    assert_eq!(
+        segs("\"https://example.com/roles\""),
+        Ok(vec!["https://example.com/roles".to_string()])
+    );
+    assert_eq!(
+        segs("ext.\"a.b\".c"),
+        Ok(vec!["ext".into(), "a.b".into(), "c".into()])
+    );
+    for bad in ["", ".", "a.", ".a", "a..b", "\"\"", "a.\"\""] {
+        assert!(
+            matches!(
+                ClaimPath::parse(bad),
+                Err(MappingError::Empty | MappingError::EmptySegment(_))
+            ),
+            "{bad:?}: {:?}",
+            ClaimPath::parse(bad)
+        );
+    }
+    for bad in ["\"a", "a\"b", "\"a\"b", "\"a\".\"b"] {
+        assert_eq!(
+            ClaimPath::parse(bad),
+            Err(MappingError::Quote(bad.into())),
+            "{bad}"
+        );
+    }
+    for reg in ["exp", "iat", "nbf", "jti", "aud", "iss", "exp.x"] {
+        assert!(
+            matches!(ClaimPath::parse(reg), Err(MappingError::Registered { .. })),
+            "{reg}"
+        );
+    }
+    assert!(ClaimPath::parse("x.exp").is_ok());
+    let text = ClaimPath::parse("exp").unwrap_err().to_string();
+    assert!(text.contains("registered claim"), "{text}");
+    for p in ["a.b", "\"https://x.example/r\".y", "realm_access.roles"] {
+        let c = ClaimPath::parse(p).unwrap();
+        assert_eq!(ClaimPath::parse(&c.to_string()), Ok(c.clone()), "{p}");
+    }
+    // Lookup: nested objects only; a step through anything else is absent.
+    let claims = json!({"a": {"b": {"c": 1}}, "s": "x", "l": [{"b": 1}], "d.e": 2});
+    let m = claims.as_object().unwrap();
+    let at = |p: &str| ClaimPath::parse(p).unwrap().lookup(m).cloned();
+    assert_eq!(at("a.b.c"), Some(json!(1)));
+    assert_eq!(at("a.b"), Some(json!({"c": 1})));
+    assert_eq!(at("a.x"), None);
+    assert_eq!(at("s.b"), None);
+    assert_eq!(at("l.b"), None);
+    assert_eq!(at("l.0"), None);
+    assert_eq!(at("d.e"), None);
+    assert_eq!(at("\"d.e\""), Some(json!(2)));
+    assert_eq!(ClaimPath::member("d.e").lookup(m), Some(&json!(2)));
+
+    // Mapping::check: the configuration-time problems.
+    let mut bad = issuer_policy().mapping;
+    assert_eq!(bad.check(), Ok(()));
+    bad.plan.default = None;
+    assert_eq!(bad.check(), Err(MappingError::NoDefault { rule: "plan" }));
+    let mut bad = issuer_policy().mapping;
+    bad.class
+        .values
+        .push(("partner".into(), "interactive".into()));
+    assert_eq!(
+        bad.check(),
+        Err(MappingError::DuplicateValue {
+            rule: "class",
+            value: "partner".into()
+        })
+    );
+    // The legacy mapping is today's: the default names, optional class and plan.
+    let legacy = Mapping::legacy(&ClaimNames::default(), Some("batch".into()), None);
+    assert_eq!(legacy.identity, ClaimPath::member("sub"));
+    assert_eq!(legacy.class.default.as_deref(), Some("batch"));
+    assert!(!legacy.class.required && !legacy.plan.required && !legacy.roles.required);
+    assert_eq!(
+        Mapping::default(),
+        Mapping::legacy(&ClaimNames::default(), None, None)
+    );
 }
