@@ -78,7 +78,19 @@ fn mapping() -> Claims {
             default: None,
             unmapped: Some("refuse".into()),
         }),
+        class: Some(class_customer()),
         ..Claims::default()
+    }
+}
+
+/// Class `customer` unless the token says otherwise: an issuer's mapping does not fall back
+/// to `[tokens] default_class`.
+fn class_customer() -> ValueRule {
+    ValueRule::Map {
+        claim: "tollgate_class".into(),
+        values: Values::default(),
+        default: Some("customer".into()),
+        unmapped: None,
     }
 }
 
@@ -855,7 +867,13 @@ fn refusals_from_independently_minted_tokens_each_carry_their_label() {
             Issuer::jwks_file("minted", &format!("{}/minted", o.issuer), POOL_A, &jwks).claims(
                 Claims {
                     identity: Some("sub".into()),
-                    plan: Some(ValueRule::Path("plan".into())),
+                    class: Some(class_customer()),
+                    plan: Some(ValueRule::Map {
+                        claim: "plan".into(),
+                        values: Values::default(),
+                        default: Some("customer".into()),
+                        unmapped: None,
+                    }),
                     ..Claims::default()
                 },
             ),
