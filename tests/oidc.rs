@@ -167,13 +167,28 @@ impl World {
         }
     }
 
+    /// Starts the agent and waits (bounded) until every issuer has tried its first fetch, so
+    /// that a test's first bind is not the one that waits for the keys.
     fn start(&self) -> Agent {
         let config = self.config.to_str().expect("path");
-        Agent::launch(
+        let agent = Agent::launch(
             &self.o.lab.server,
             &self.dirs,
             &["--config", config, "--mode", "native"],
-        )
+        );
+        let tried = wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
+            let all = self.issuers();
+            let all = all.as_array()?;
+            all.iter()
+                .all(|i| i["source"] == "file" || !i["last_fetch"].is_null())
+                .then_some(())
+        });
+        assert!(
+            tried.is_some(),
+            "an issuer made no first fetch: {}",
+            self.issuers()
+        );
+        agent
     }
 
     fn client(&self) -> &NetNs {
