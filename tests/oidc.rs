@@ -1104,6 +1104,12 @@ fn refusals_from_independently_minted_tokens_each_carry_their_label() {
         ));
     }
     w.o.jwks_mode("normal");
+    // A request head over the listener's 16 KiB (a 17 KiB bearer token): 413 before any
+    // token check, whatever tokens.max_token_bytes says.
+    let (code, body) = w.bind(w.client(), &"x".repeat(17 * 1024));
+    if code != 413 || body["error"] != "request head too large" || body.get("reason").is_some() {
+        failures.push(format!("oversized request head: HTTP {code} {body}"));
+    }
     // JWKS over plain HTTP: refused at config check, naming the key.
     let (ok, text) = config_check(&w.config, |i| {
         i.remove("discovery");
@@ -1118,10 +1124,19 @@ fn refusals_from_independently_minted_tokens_each_carry_their_label() {
         ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    let labelled = cases.len() + 4;
+    // The token refusals, and the config check, too_large, issuer_mismatch, not_json and 413.
+    let labelled = cases.len() + 5;
     assert!(labelled >= 15, "only {labelled} refusals");
     // Every token refusal is counted under its label and in the audit log.
     let text = w.metrics();
+    assert!(
+        metric(
+            &text,
+            "tollgate_listener_refusals_total",
+            &[("listener", "bind"), ("reason", "too_large")]
+        ) >= 1.0,
+        "the 413 is not counted in tollgate_listener_refusals_total"
+    );
     let audit = std::fs::read_to_string(w.dirs.state_dir.join("audit.log")).unwrap_or_default();
     for (what, _, label) in &cases {
         assert!(
