@@ -79,7 +79,6 @@ fn mapping() -> Claims {
             unmapped: Some("refuse".into()),
         }),
         class: Some(class_customer()),
-        ..Claims::default()
     }
 }
 
