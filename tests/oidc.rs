@@ -154,8 +154,10 @@ impl World {
         let mut ifaces = vec![o.lab.server_if.clone()];
         ifaces.extend(second.as_ref().map(|s| s.server_if.clone()));
         let dirs = AgentDirs::new();
-        let config =
-            agent_config(&o, &ifaces, issuers(&o)).write(&dirs.state_dir.join("tollgate.toml"));
+        let mut config = agent_config(&o, &ifaces, issuers(&o));
+        // The agent gets --state-dir; `tollgate token verify --config` reads it from here.
+        config.node.state_dir = Some(dirs.state_dir.clone());
+        let config = config.write(&dirs.state_dir.join("tollgate.toml"));
         let model = model_server(&o.lab);
         World {
             o,
@@ -260,6 +262,28 @@ impl World {
                 .cli_ok(&["identities", "show", name, "--output", "json"]),
         )
         .expect("identities show")
+    }
+
+    /// `tollgate token verify --config` run where the agent runs (the provider is reachable
+    /// from the server's namespace only): its JSON on success, else the failure's stderr.
+    fn token_verify(&self, token: &str) -> Result<Value, String> {
+        let out = self
+            .o
+            .lab
+            .server
+            .command(tollgate_bin())
+            .args(["token", "verify", "--config"])
+            .arg(&self.config)
+            .arg(token)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("tollgate token verify");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {stderr}"))
+        } else {
+            Err(stderr)
+        }
     }
 
     fn metrics(&self) -> String {
@@ -481,6 +505,29 @@ fn rs256_tokens_from_the_provider_bind_at_the_plan_their_groups_map_to() {
     assert_eq!(idp["kids"], json!(["rs256-1"]), "{idp}");
     assert_eq!(idp["last_fetch"]["outcome"], "ok", "{idp}");
     assert_eq!(idp["jwks_uri"], format!("{}/jwks", w.o.issuer), "{idp}");
+    // The operator's check of a token resolves keys as the node does and says what applied.
+    let shown = w
+        .token_verify(&gold)
+        .expect("token verify of the gold token");
+    for (field, want) in [
+        ("issuer", json!("idp")),
+        ("iss", json!(w.o.issuer)),
+        ("key_id", json!("rs256-1")),
+        ("alg", json!("RS256")),
+        ("identity", json!("gold-svc")),
+        ("class", json!("customer")),
+        ("plan", json!("gold")),
+        ("roles", json!(["tollgate-bind"])),
+    ] {
+        assert_eq!(shown[field], want, "token verify: {field} in {shown}");
+    }
+    let refused = w
+        .token_verify(&other)
+        .expect_err("token verify of another pool's token");
+    assert!(
+        refused.contains("wrong_audience"),
+        "token verify: {refused}"
+    );
     let counts = w.o.counts();
     assert!(
         counts.discovery >= 1 && counts.jwks >= 1,
@@ -684,6 +731,11 @@ fn a_node_restarted_during_an_outage_verifies_from_persisted_keys() {
     assert!(exit.status.success(), "{}", exit.stderr);
     let _agent = w.start();
     w.bind_ok(w.client(), &later, "after a restart during the outage");
+    // `token verify` falls back on the same persisted keys, and says so.
+    let shown = w
+        .token_verify(&later)
+        .expect("token verify during the outage");
+    assert_eq!(shown["plan"], "gold", "{shown}");
     assert_eq!(w.identity("gold-svc")["plan"], "gold");
 }
 
