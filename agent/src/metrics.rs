@@ -691,6 +691,47 @@ pub fn to_text_format(openmetrics: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Every issuer's series are there from the start, at zero, labelled by the names the
+    /// configuration gave; an `iss` no issuer has is `issuer="none"`, never its own label.
+    #[test]
+    fn issuer_families_are_pre_registered_and_bounded_by_the_configuration() {
+        let dir = crate::token_bind::tests::Dir::new("metrics");
+        let (mut svc, _, _) = crate::token_bind::tests::service(&dir, false);
+        svc.count(None, "wrong_issuer");
+        svc.count(Some(0), "expired");
+        let mut reg = Registry::default();
+        issuer_families(&mut reg, Some(&svc));
+        let mut om = String::new();
+        encode(&mut om, &reg).unwrap();
+        let text = to_text_format(&om);
+        for line in [
+            "tollgate_issuer_keys{issuer=\"a\"} 1",
+            "tollgate_issuer_keys{issuer=\"remote\"} 0",
+            "tollgate_issuer_keys_skipped{issuer=\"a\",reason=\"encryption_key\"} 0",
+            "tollgate_issuer_fetches_total{issuer=\"remote\",trigger=\"unknown_kid\",outcome=\"ok\"} 0",
+            "tollgate_issuer_refusals_total{issuer=\"a\",reason=\"expired\"} 1",
+            "tollgate_issuer_refusals_total{issuer=\"remote\",reason=\"keys_unavailable\"} 0",
+            "tollgate_issuer_refusals_total{issuer=\"none\",reason=\"wrong_issuer\"} 1",
+        ] {
+            assert!(text.contains(line), "no {line} in:\n{text}");
+        }
+        // a's keys were read; the remote issuer has none yet, so no age.
+        assert!(
+            text.contains("tollgate_issuer_key_age_seconds{issuer=\"a\"}"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("tollgate_issuer_key_age_seconds{issuer=\"remote\"}"),
+            "{text}"
+        );
+        let issuers: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.split("issuer=\"").nth(1))
+            .filter_map(|r| r.split('"').next())
+            .collect();
+        assert_eq!(issuers, ["a", "none", "remote"].into());
+    }
+
     #[test]
     fn counters_get_their_total_names_and_openmetrics_lines_go() {
         let om = "# HELP a_packets Packets.\n# TYPE a_packets counter\na_packets_total{x=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\n# UNIT g bytes\ng 1.0\n# EOF\n";

@@ -98,13 +98,18 @@ pub fn source_of(issuer: &Issuer, state_dir: &Path) -> SourceConfig {
     }
 }
 
-fn path(p: &str) -> Result<ClaimPath, String> {
+/// A configured issuer's paths are parsed (config check did, so this does not fail); the
+/// legacy claim names are member names taken as they are (dots included), as before.
+fn path(p: &str, legacy: bool) -> Result<ClaimPath, String> {
+    if legacy {
+        return Ok(ClaimPath::member(p));
+    }
     ClaimPath::parse(p).map_err(|e| format!("claim path {p:?}: {e}"))
 }
 
-fn value_rule(m: &ValueMap, required: bool) -> Result<ValueRule, String> {
+fn value_rule(m: &ValueMap, legacy: bool) -> Result<ValueRule, String> {
     Ok(ValueRule {
-        path: path(&m.claim)?,
+        path: path(&m.claim, legacy)?,
         values: m.values.clone(),
         default: m.default.clone(),
         unmapped: if m.unmapped_default {
@@ -112,7 +117,7 @@ fn value_rule(m: &ValueMap, required: bool) -> Result<ValueRule, String> {
         } else {
             Unmapped::Refuse
         },
-        required,
+        required: !legacy,
     })
 }
 
@@ -122,9 +127,9 @@ fn value_rule(m: &ValueMap, required: bool) -> Result<ValueRule, String> {
 /// plan without a default is the refusal `missing_claim`.
 pub fn mapping_of(c: &ClaimRules, legacy: bool) -> Result<Mapping, String> {
     let mapping = Mapping {
-        identity: path(&c.identity)?,
+        identity: path(&c.identity, legacy)?,
         roles: RolesRule {
-            path: path(&c.roles)?,
+            path: path(&c.roles, legacy)?,
             format: if c.roles_scope {
                 RolesFormat::Scope
             } else {
@@ -132,8 +137,8 @@ pub fn mapping_of(c: &ClaimRules, legacy: bool) -> Result<Mapping, String> {
             },
             required: c.roles_required,
         },
-        class: value_rule(&c.class, !legacy)?,
-        plan: value_rule(&c.plan, !legacy)?,
+        class: value_rule(&c.class, legacy)?,
+        plan: value_rule(&c.plan, legacy)?,
     };
     mapping.check().map_err(|e| e.to_string())?;
     Ok(mapping)
@@ -155,8 +160,8 @@ fn is_legacy(cfg: &Tokens, issuer: &Issuer) -> bool {
 }
 
 impl TokenService {
-    /// The issuers of `cfg`. With `previous` (a reload): its tallies carry over, and an
-    /// issuer whose source is unchanged keeps its keys (no refetch, no re-read).
+    /// The issuers of `cfg`. With `previous` (a reload): its tallies carry over, and a remote
+    /// issuer whose source is unchanged keeps its keys (no refetch); key files are re-read.
     pub fn new(
         cfg: &Tokens,
         state_dir: &Path,
@@ -171,8 +176,11 @@ impl TokenService {
             let source = source_of(issuer, state_dir);
             let policy = policy_of(cfg, issuer).map_err(err)?;
             let old = previous.and_then(|p| p.issuer(&issuer.name));
+            // A remote issuer whose source is unchanged keeps its keys: a reload does not
+            // refetch (or lose what an outage left). A key file is read again: cheap, and
+            // what an operator who edited it and reloads expects.
             let keys = match old {
-                Some(o) if o.source == source => o.keys.clone(),
+                Some(o) if o.source == source && o.remote => o.keys.clone(),
                 _ => Keys::new(source.clone()).map_err(err)?,
             };
             issuers.push(IssuerService {
@@ -216,6 +224,7 @@ impl TokenService {
         for i in &mut self.issuers {
             if let Some(o) = old.issuers.iter_mut().find(|o| o.name == i.name)
                 && o.source == i.source
+                && o.remote
             {
                 i.runner = o.runner.take();
             }
@@ -464,4 +473,217 @@ pub fn placement(
         roles: c.roles.clone(),
         expires_unix_ms: c.exp.saturating_mul(1000),
     }))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use tollgate_common::token::{Alg, SigningKey, jwks};
+
+    use super::*;
+
+    /// A directory of its own, removed on drop.
+    pub(crate) struct Dir(pub std::path::PathBuf);
+
+    impl Dir {
+        pub(crate) fn new(tag: &str) -> Dir {
+            let d = std::env::temp_dir()
+                .join(format!("tollgate-token-bind-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).expect("dir");
+            Dir(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const ISS_A: &str = "https://a.example/realms/x";
+    const ISS_REMOTE: &str = "https://r.example";
+
+    /// Issuer `a` (a key file with key `k1`), issuer `remote` (a jwks_url, never reached:
+    /// no fetch runs here) and, with `legacy`, the `default` issuer with key `k0`.
+    pub(crate) fn service(dir: &Dir, legacy: bool) -> (TokenService, SigningKey, SigningKey) {
+        let k1 = SigningKey::generate(Alg::ES256, "k1").expect("key");
+        let k0 = SigningKey::generate(Alg::ES256, "k0").expect("key");
+        std::fs::write(dir.0.join("a.json"), jwks(&[k1.public_jwk()])).expect("jwks");
+        std::fs::write(dir.0.join("default.json"), jwks(&[k0.public_jwk()])).expect("jwks");
+        let config = Config::parse(&config_text(dir, legacy), "t.toml").expect("config");
+        let svc =
+            TokenService::new(config.tokens.as_ref().unwrap(), &dir.0, None).expect("service");
+        (svc, k1, k0)
+    }
+
+    fn config_text(dir: &Dir, legacy: bool) -> String {
+        let a = dir.0.join("a.json");
+        let d = dir.0.join("default.json");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .self_signed(&ca_key)
+            .expect("ca");
+        let ca_path = dir.0.join("ca.pem");
+        std::fs::write(&ca_path, ca.pem()).expect("ca");
+        let legacy_keys = if legacy {
+            format!("jwks = \"{}\"\naudience = \"pool\"\n", d.display())
+        } else {
+            String::new()
+        };
+        format!(
+            "[node]\ninterfaces = [\"eth0\"]\n[[plans]]\nname = \"free\"\n\
+             [[endpoints]]\nname = \"bind\"\nprotocol = \"tcp\"\nports = [8443]\n\
+             classes = [\"internal\", \"partner\", \"customer\"]\nanonymous = true\n\
+             [tokens]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n{legacy_keys}\
+             [[tokens.issuers]]\nname = \"a\"\nissuer = \"{ISS_A}\"\naudience = \"pool\"\n\
+             jwks = \"{}\"\n\
+             [[tokens.issuers]]\nname = \"remote\"\nissuer = \"{ISS_REMOTE}\"\n\
+             audience = \"pool\"\njwks_url = \"https://r.example/keys\"\nca_bundle = \"{}\"\n",
+            a.display(),
+            ca_path.display()
+        )
+    }
+
+    fn now_s() -> u64 {
+        crate::clock::wall_ms() / 1000
+    }
+
+    fn token(key: &SigningKey, iss: Option<&str>) -> String {
+        let now = now_s();
+        let mut claims = serde_json::json!({
+            "sub": "alice", "aud": "pool", "jti": "t1", "iat": now, "exp": now + 60,
+            "tollgate_class": "customer", "tollgate_plan": "free",
+        });
+        if let Some(iss) = iss {
+            claims["iss"] = iss.into();
+        }
+        let header = serde_json::json!({"alg": "ES256", "kid": key.kid, "typ": "JWT"});
+        key.sign_compact(header.to_string().as_bytes(), claims.to_string().as_bytes())
+            .expect("sign")
+    }
+
+    fn names(
+        svc: &TokenService,
+        r: Result<(usize, Claims), (Option<usize>, Refusal)>,
+    ) -> Result<String, (Option<String>, &'static str)> {
+        r.map(|(i, c)| format!("{}:{}", svc.issuers[i].name, c.identity))
+            .map_err(|(i, r)| (i.map(|i| svc.issuers[i].name.clone()), r.label()))
+    }
+
+    #[test]
+    fn a_token_picks_its_issuer_by_the_exact_iss() {
+        let dir = Dir::new("exact");
+        let (svc, k1, _) = service(&dir, false);
+        assert_eq!(
+            names(&svc, svc.verify(&token(&k1, Some(ISS_A)), now_s())),
+            Ok("a:alice".to_owned())
+        );
+        // The same key, an `iss` one slash longer: another issuer, which nobody is. It is not
+        // verified against a's keys.
+        for iss in [
+            Some(format!("{ISS_A}/")),
+            Some("https://A.example/realms/x".to_owned()),
+            Some(" https://a.example/realms/x".to_owned()),
+            None,
+        ] {
+            assert_eq!(
+                names(&svc, svc.verify(&token(&k1, iss.as_deref()), now_s())),
+                Err((None, "wrong_issuer")),
+                "iss {iss:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_legacy_issuer_takes_tokens_no_issuer_claims_and_only_those() {
+        let dir = Dir::new("legacy");
+        let (svc, k1, k0) = service(&dir, true);
+        // No iss, or one no issuer has: the legacy issuer, with its own keys.
+        assert_eq!(
+            names(&svc, svc.verify(&token(&k0, None), now_s())),
+            Ok("default:alice".to_owned())
+        );
+        assert_eq!(
+            names(
+                &svc,
+                svc.verify(&token(&k0, Some("https://elsewhere")), now_s())
+            ),
+            Ok("default:alice".to_owned())
+        );
+        // a's key under a's iss with a trailing slash: the legacy issuer, whose keys do not
+        // have k1, refuses it; a's keys are never tried.
+        assert_eq!(
+            names(
+                &svc,
+                svc.verify(&token(&k1, Some(&format!("{ISS_A}/"))), now_s())
+            ),
+            Err((Some("default".to_owned()), "unknown_kid"))
+        );
+        // The legacy key under a's exact iss: a's keys, which lack k0.
+        assert_eq!(
+            names(&svc, svc.verify(&token(&k0, Some(ISS_A)), now_s())),
+            Err((Some("a".to_owned()), "unknown_kid"))
+        );
+    }
+
+    #[test]
+    fn only_a_well_formed_token_of_a_remote_issuer_with_an_unknown_kid_asks_for_a_fetch() {
+        let dir = Dir::new("refetch");
+        let (svc, k1, _) = service(&dir, true);
+        let remote = token(&k1, Some(ISS_REMOTE));
+        assert!(svc.wants_refetch(&remote).is_some());
+        // A remote issuer with no keys yet is unavailable, not a crash.
+        assert_eq!(
+            names(&svc, svc.verify(&remote, now_s())),
+            Err((Some("remote".to_owned()), "keys_unavailable"))
+        );
+        // What costs no fetch: anything that does not parse, an iss one slash off (the
+        // legacy issuer's, a file), a file issuer's unknown kid.
+        let (head, rest) = remote.split_once('.').unwrap();
+        for t in [
+            "garbage".to_owned(),
+            format!("{head}x.{rest}"),
+            format!("{head}.!!!.sig"),
+            "a".repeat(9000),
+            token(&k1, Some(&format!("{ISS_REMOTE}/"))),
+            token(
+                &SigningKey::generate(Alg::ES256, "zz").unwrap(),
+                Some(ISS_A),
+            ),
+        ] {
+            assert!(svc.wants_refetch(&t).is_none(), "{t:.60}");
+        }
+    }
+
+    #[test]
+    fn keys_unavailable_is_a_503_the_client_may_retry() {
+        let f = BindFailure::Refused(Refusal::KeysUnavailable);
+        assert_eq!((f.http_status(), f.label()), (503, "keys_unavailable"));
+        assert_eq!(
+            BindFailure::Refused(Refusal::WrongIssuer).http_status(),
+            401
+        );
+    }
+
+    #[test]
+    fn a_reload_rereads_key_files_and_keeps_every_tally() {
+        let dir = Dir::new("reload");
+        let (mut svc, _, _) = service(&dir, false);
+        svc.count(Some(0), "expired");
+        svc.count(None, "malformed");
+        // The key file changes on disk: a reload reads it again, and keeps the tallies.
+        let k2 = SigningKey::generate(Alg::ES256, "k2").unwrap();
+        std::fs::write(dir.0.join("a.json"), jwks(&[k2.public_jwk()])).unwrap();
+        let config = config_text(&dir, false);
+        let tokens = Config::parse(&config, "t.toml").unwrap().tokens.unwrap();
+        let again = TokenService::new(&tokens, &dir.0, Some(&svc)).unwrap();
+        assert_eq!(again.issuers[0].keys.status().kids, ["k2"]);
+        assert_eq!(again.issuers[0].refusals["expired"], 1);
+        assert_eq!(again.unselected["malformed"], 1);
+        assert_eq!(again.results["expired"] + again.results["malformed"], 2);
+        // A key file that no longer parses refuses the reload (the running keys stay).
+        std::fs::write(dir.0.join("a.json"), "{not json").unwrap();
+        assert!(TokenService::new(&tokens, &dir.0, Some(&svc)).is_err());
+    }
 }

@@ -1504,8 +1504,17 @@ fn claim_mapping_refusals() {
         &claims("roles = \"realm_access..roles\"\n"),
         20,
         "tokens.issuers[0].claims.roles",
-        "not a claim path",
+        "has an empty member name",
     );
+    // A member name with dots, quoted (Auth0's namespaced claims), is one member.
+    let t = Config::parse(
+        &claims("roles = '\"https://example.com/roles\"'\n"),
+        "t.toml",
+    )
+    .unwrap()
+    .tokens
+    .unwrap();
+    assert_eq!(t.issuers[0].claims.roles, "\"https://example.com/roles\"");
     assert_refused(
         &claims("plan = \"exp\"\n"),
         20,

@@ -235,8 +235,13 @@ async fn respond(
     }
 }
 
-/// Waits for the refetch a token's unknown `kid` calls for, if it calls for one
-/// (`TokenService::wants_refetch`); the node is borrowed only to ask.
+/// How long a bind waits on its unknown kid's refetch: less than the connection's
+/// [`TIMEOUT`], so a slow identity provider gets the client an answer (`unknown_kid`, try
+/// again) rather than a closed connection. The fetch goes on in its own task.
+const REFETCH_WAIT: Duration = Duration::from_secs(3);
+
+/// Waits (at most [`REFETCH_WAIT`]) for the refetch a token's unknown `kid` calls for, if it
+/// calls for one (`TokenService::wants_refetch`); the node is borrowed only to ask.
 pub async fn refetch_if_unknown(node: &RefCell<Node>, token: &str) {
     let keys = node
         .borrow()
@@ -244,6 +249,6 @@ pub async fn refetch_if_unknown(node: &RefCell<Node>, token: &str) {
         .as_ref()
         .and_then(|t| t.wants_refetch(token));
     if let Some(keys) = keys {
-        keys.refetch_unknown_kid().await;
+        let _ = tokio::time::timeout(REFETCH_WAIT, keys.refetch_unknown_kid()).await;
     }
 }

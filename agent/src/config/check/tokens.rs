@@ -5,15 +5,14 @@
 
 use std::{collections::BTreeSet, ops::Range};
 
+use tollgate_common::token::ClaimPath;
+
 use super::{Checker, Result};
 use crate::config::{
     ClaimRules, Fetch, Issuer, KeySource, LEGACY_ISSUER, Plan, Tokens, ValueMap,
     raw::{RawClaims, RawFetch, RawIssuer, RawTokens, RawValueRule, S},
 };
 
-/// Claims the verifier itself reads: a mapping taking class, plan or roles from one of them
-/// is a mistake, not a policy.
-const REGISTERED: [&str; 6] = ["iss", "aud", "exp", "nbf", "iat", "jti"];
 /// Entries of one value map: claim values an operator lists by hand.
 const MAX_VALUES: usize = 256;
 const MAX_PATH: usize = 256;
@@ -260,6 +259,7 @@ impl Checker<'_> {
         if s.contains('?') || s.contains('#') {
             return Err(bad("an issuer has no query or fragment"));
         }
+        crate::issuers::check_https_url(s).map_err(|e| bad(&e))?;
         Ok(s.clone())
     }
 
@@ -291,6 +291,9 @@ impl Checker<'_> {
                 format!("{s:?} is not an https URL with a host"),
             ));
         }
+        // What the fetcher will parse: refused here rather than at start.
+        crate::issuers::check_https_url(s)
+            .map_err(|e| self.err(v.span(), field, format!("{s:?}: {e}")))?;
         Ok(s.clone())
     }
 
@@ -491,18 +494,13 @@ impl Checker<'_> {
     ) -> Result<ClaimRules> {
         let f = |key: &str| format!("{at}.{key}");
         let raw = raw.map(S::into_inner).unwrap_or_default();
-        let path = |v: &Option<S<String>>, key: &str, default: &str, any: bool| {
+        let path = |v: &Option<S<String>>, key: &str, default: &str| {
             v.as_ref().map_or(Ok(default.to_owned()), |v| {
-                self.claim_path(v.get_ref(), v.span(), &f(key), any)
+                self.claim_path(v.get_ref(), v.span(), &f(key))
             })
         };
-        let identity = path(
-            &raw.identity,
-            "identity",
-            Tokens::DEFAULT_IDENTITY_CLAIM,
-            true,
-        )?;
-        let roles = path(&raw.roles, "roles", Tokens::DEFAULT_ROLES_CLAIM, false)?;
+        let identity = path(&raw.identity, "identity", Tokens::DEFAULT_IDENTITY_CLAIM)?;
+        let roles = path(&raw.roles, "roles", Tokens::DEFAULT_ROLES_CLAIM)?;
         let roles_scope = match &raw.roles_format {
             None => false,
             Some(v) => match v.get_ref().as_str() {
@@ -542,30 +540,24 @@ impl Checker<'_> {
         })
     }
 
-    /// A dotted claim path (`realm_access.roles`): segments 1.. characters, no empty one.
-    /// `any`: the first segment may be a registered claim (an identity from `sub` is the
-    /// norm; class, plan and roles from `exp` are a slip).
-    fn claim_path(&self, p: &str, span: Range<usize>, field: &str, any: bool) -> Result<String> {
-        if p.is_empty() || p.len() > MAX_PATH || p.split('.').any(str::is_empty) {
+    /// A claim path (`realm_access.roles`; a member name with dots in double quotes:
+    /// `"https://example.com/roles"`), parsed as the verifier will: no empty member, and not
+    /// starting with a claim the verifier checks itself (`iss`, `aud`, `exp`, ...).
+    fn claim_path(&self, p: &str, span: Range<usize>, field: &str) -> Result<String> {
+        if p.len() > MAX_PATH {
             return Err(self.err(
                 span,
                 field,
-                format!(
-                    "{p:?} is not a claim path: claim names (1 to {MAX_PATH} characters in all) \
-                     joined by '.', none empty (e.g. \"groups\", \"realm_access.roles\")"
-                ),
+                format!("the claim path is longer than {MAX_PATH} characters"),
             ));
         }
-        let first = p.split('.').next().unwrap_or_default();
-        if !any && REGISTERED.contains(&first) {
-            return Err(self.err(
+        ClaimPath::parse(p).map_err(|e| {
+            self.err(
                 span,
                 field,
-                format!(
-                    "{first:?} is a registered claim the verifier checks itself, not a mapping"
-                ),
-            ));
-        }
+                format!("{e} (e.g. \"groups\", \"realm_access.roles\")"),
+            )
+        })?;
         Ok(p.to_owned())
     }
 
@@ -587,7 +579,7 @@ impl Checker<'_> {
         let m = match raw.get_ref() {
             RawValueRule::Path(p) => {
                 return Ok(ValueMap {
-                    claim: self.claim_path(p, raw.span(), field, false)?,
+                    claim: self.claim_path(p, raw.span(), field)?,
                     values: Vec::new(),
                     default: None,
                     unmapped_default: false,
@@ -595,12 +587,8 @@ impl Checker<'_> {
             }
             RawValueRule::Map(m) => m,
         };
-        let claim = self.claim_path(
-            m.claim.get_ref(),
-            m.claim.span(),
-            &format!("{field}.claim"),
-            false,
-        )?;
+        let claim =
+            self.claim_path(m.claim.get_ref(), m.claim.span(), &format!("{field}.claim"))?;
         let mut values = Vec::new();
         if let Some(v) = &m.values {
             let list = &v.get_ref().0;
