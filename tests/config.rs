@@ -78,6 +78,7 @@ fn every_section(dirs: &AgentDirs, kit: &TokenKit) -> Config {
                     "https://idp.partner.example/keys",
                 )
                 .ca_bundle(&kit.ca)
+                .classes(&["partner", "customer"])
                 .fetch(Fetch {
                     cache_max_s: Some(300),
                     max_stale_s: Some(600),

@@ -175,6 +175,17 @@ impl TokenService {
             };
             let source = source_of(issuer, state_dir);
             let policy = policy_of(cfg, issuer).map_err(err)?;
+            if !is_legacy(cfg, issuer)
+                && issuer.claims.class.values.is_empty()
+                && issuer.classes.is_none()
+            {
+                warn!(
+                    issuer = %issuer.name,
+                    claim = %issuer.claims.class.claim,
+                    "its tokens' class is taken as they say: any class, internal included; \
+                     a value map for claims.class or `classes` limits it"
+                );
+            }
             let old = previous.and_then(|p| p.issuer(&issuer.name));
             // A remote issuer whose source is unchanged keeps its keys: a reload does not
             // refetch (or lose what an outage left). A key file is read again: cheap, and
@@ -244,7 +255,8 @@ impl TokenService {
         }
     }
 
-    /// The issuer a token names: exact `iss`, else the legacy issuer, else `wrong_issuer`.
+    /// The issuer a token names: exact `iss`; no `iss` (or only the legacy issuer
+    /// configured): the legacy issuer; else `wrong_issuer`.
     /// Malformed tokens are refused here, before any key is looked at.
     pub fn select(&self, token: &str) -> Result<(usize, Peek), Refusal> {
         let peek = token::peek(token, self.max_token_bytes)?;
@@ -253,7 +265,15 @@ impl TokenService {
                 .iter()
                 .position(|i| i.policy.issuer.as_deref() == Some(iss))
         });
-        match by_iss.or(self.fallback) {
+        // The legacy issuer takes tokens without `iss`, and, while it is the only issuer,
+        // every token (as before issuers existed). Beside [[tokens.issuers]] an `iss` that
+        // no issuer has is refused: it must not reach the legacy issuer's keys and
+        // passthrough mapping (an Entra v1 `iss` signed by the keys of a v2 issuer's JWKS
+        // file, another tenant's token).
+        let fallback = self
+            .fallback
+            .filter(|_| peek.iss.is_none() || self.issuers.len() == 1);
+        match by_iss.or(fallback) {
             Some(i) => Ok((i, peek)),
             None => Err(Refusal::WrongIssuer),
         }
@@ -431,15 +451,16 @@ impl std::error::Error for BindFailure {}
 /// Where a token's identity is placed: `None` when the configuration names the identity (its
 /// class, plan and roles are the configuration's), else the class, plan and roles its
 /// issuer's mapping gave (a value map's outputs were checked at config check; a claim taken
-/// as it is is checked here).
+/// as it is is checked here), within the classes and plans the issuer may give.
 pub fn placement(
     config: &Config,
-    rules: &ClaimRules,
+    issuer: &Issuer,
     c: &Claims,
 ) -> Result<Option<TokenIdentity>, String> {
     if config.identity(&c.identity).is_some() {
         return Ok(None);
     }
+    let rules = &issuer.claims;
     let class = match &c.class {
         Some(label) => crate::config::class_from_label(label)
             .ok_or_else(|| format!("unknown class {label:?} in claim {}", rules.class.claim))?
@@ -466,6 +487,22 @@ pub fn placement(
             "unknown plan {plan:?} in claim {}",
             rules.plan.claim
         ));
+    }
+    // An identity provider trusted for some classes cannot mint another (a partner's IdP
+    // saying `internal`).
+    for (what, key, value, allowed) in [
+        ("class", "classes", &class, &issuer.classes),
+        ("plan", "plans", &plan, &issuer.plans),
+    ] {
+        if let Some(allowed) = allowed
+            && !allowed.contains(value)
+        {
+            return Err(format!(
+                "{what} {value:?} is not one issuer {} may give (its {key}: {})",
+                issuer.name,
+                allowed.join(", ")
+            ));
+        }
     }
     Ok(Some(TokenIdentity {
         class,
@@ -596,35 +633,56 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_legacy_issuer_takes_tokens_no_issuer_claims_and_only_those() {
+    fn the_legacy_issuer_takes_tokens_without_iss_and_no_other_issuers() {
         let dir = Dir::new("legacy");
         let (svc, k1, k0) = service(&dir, true);
-        // No iss, or one no issuer has: the legacy issuer, with its own keys.
+        // No iss: the legacy issuer, with its own keys.
         assert_eq!(
             names(&svc, svc.verify(&token(&k0, None), now_s())),
             Ok("default:alice".to_owned())
         );
-        assert_eq!(
-            names(
-                &svc,
-                svc.verify(&token(&k0, Some("https://elsewhere")), now_s())
-            ),
-            Ok("default:alice".to_owned())
-        );
-        // a's key under a's iss with a trailing slash: the legacy issuer, whose keys do not
-        // have k1, refuses it; a's keys are never tried.
-        assert_eq!(
-            names(
-                &svc,
-                svc.verify(&token(&k1, Some(&format!("{ISS_A}/"))), now_s())
-            ),
-            Err((Some("default".to_owned()), "unknown_kid"))
-        );
+        // An iss no issuer has, even one slash off a's: refused, neither a's keys nor the
+        // legacy issuer's are tried.
+        for iss in ["https://elsewhere".to_owned(), format!("{ISS_A}/")] {
+            for key in [&k0, &k1] {
+                assert_eq!(
+                    names(&svc, svc.verify(&token(key, Some(&iss)), now_s())),
+                    Err((None, "wrong_issuer")),
+                    "iss {iss}"
+                );
+            }
+        }
         // The legacy key under a's exact iss: a's keys, which lack k0.
         assert_eq!(
             names(&svc, svc.verify(&token(&k0, Some(ISS_A)), now_s())),
             Err((Some("a".to_owned()), "unknown_kid"))
         );
+    }
+
+    /// A node with only `[tokens] jwks` + `audience` takes every token as before issuers
+    /// existed, `iss` or not.
+    #[test]
+    fn the_legacy_issuer_alone_takes_any_iss() {
+        let dir = Dir::new("alone");
+        let k0 = SigningKey::generate(Alg::ES256, "k0").expect("key");
+        let d = dir.0.join("default.json");
+        std::fs::write(&d, jwks(&[k0.public_jwk()])).expect("jwks");
+        let text = format!(
+            "[node]\ninterfaces = [\"eth0\"]\n[[plans]]\nname = \"free\"\n\
+             [[endpoints]]\nname = \"bind\"\nprotocol = \"tcp\"\nports = [8443]\n\
+             classes = [\"internal\", \"partner\", \"customer\"]\nanonymous = true\n\
+             [tokens]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\njwks = \"{}\"\n\
+             audience = \"pool\"\n",
+            d.display()
+        );
+        let config = Config::parse(&text, "t.toml").expect("config");
+        let svc = TokenService::new(config.tokens.as_ref().unwrap(), &dir.0, None).unwrap();
+        for iss in [None, Some("https://idp.example/")] {
+            assert_eq!(
+                names(&svc, svc.verify(&token(&k0, iss), now_s())),
+                Ok("default:alice".to_owned())
+            );
+        }
     }
 
     #[test]
@@ -654,6 +712,31 @@ pub(crate) mod tests {
         ] {
             assert!(svc.wants_refetch(&t).is_none(), "{t:.60}");
         }
+    }
+
+    /// An issuer limited to some classes cannot place a token in another, whatever its
+    /// token says (a partner's identity provider minting `internal`).
+    #[test]
+    fn an_issuer_places_only_in_the_classes_it_may_give() {
+        let dir = Dir::new("classes");
+        let (_, k1, _) = service(&dir, false);
+        let text = config_text(&dir, false)
+            .replace("name = \"a\"\n", "name = \"a\"\nclasses = [\"customer\"]\n");
+        let config = Config::parse(&text, "t.toml").expect("config");
+        let tokens = config.tokens.as_ref().unwrap();
+        let svc = TokenService::new(tokens, &dir.0, None).unwrap();
+        let a = tokens.issuer("a").unwrap();
+        let (_, claims) = svc.verify(&token(&k1, Some(ISS_A)), now_s()).unwrap();
+        assert!(placement(&config, a, &claims).unwrap().is_some());
+        let mut internal = claims.clone();
+        internal.class = Some("internal".into());
+        assert_eq!(
+            placement(&config, a, &internal).unwrap_err(),
+            "class \"internal\" is not one issuer a may give (its classes: customer)"
+        );
+        // The other issuer is not limited.
+        let remote = tokens.issuer("remote").unwrap();
+        assert!(placement(&config, remote, &internal).unwrap().is_some());
     }
 
     #[test]

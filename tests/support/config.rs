@@ -211,6 +211,12 @@ pub struct Issuer {
     pub jwks_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discovery: Option<bool>,
+    /// The classes its tokens may be placed in; `None`: any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
+    /// The plans its tokens may be placed in; `None`: any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plans: Option<Vec<String>>,
     #[serde(flatten)]
     pub fetch: Fetch,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -260,6 +266,12 @@ impl Issuer {
         let ca = self.fetch.ca_bundle.take();
         self.fetch = fetch;
         self.fetch.ca_bundle = self.fetch.ca_bundle.take().or(ca);
+        self
+    }
+
+    /// `classes`: the only classes its tokens may be placed in.
+    pub fn classes(mut self, classes: &[&str]) -> Issuer {
+        self.classes = Some(classes.iter().map(|c| (*c).to_owned()).collect());
         self
     }
 

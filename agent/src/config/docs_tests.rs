@@ -286,6 +286,8 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
         ("tokens.issuers", "jwks", None),
         ("tokens.issuers", "jwks_url", None),
         ("tokens.issuers", "discovery", Some("false".to_owned())),
+        ("tokens.issuers", "classes", None),
+        ("tokens.issuers", "plans", None),
         // An issuer's fetch settings default to [tokens]' (the docs say so).
         ("tokens.issuers", "ca_bundle", None),
         ("tokens.issuers", "jwks_max_bytes", None),

@@ -145,6 +145,10 @@ pub struct Issuer {
     /// `[tokens]`' fetch settings with this issuer's overrides.
     pub fetch: Fetch,
     pub claims: ClaimRules,
+    /// The classes its tokens may be placed in (labels); `None`: any.
+    pub classes: Option<Vec<String>>,
+    /// The plans its tokens may be placed in; `None`: any.
+    pub plans: Option<Vec<String>>,
 }
 
 /// Where an issuer's keys come from.

@@ -112,6 +112,8 @@ pub(super) struct RawIssuer {
     pub jwks: Option<S<String>>,
     pub jwks_url: Option<S<String>>,
     pub discovery: Option<S<bool>>,
+    pub classes: Option<List<String>>,
+    pub plans: Option<List<String>>,
     pub ca_bundle: Option<S<String>>,
     pub jwks_max_bytes: Option<S<i64>>,
     pub fetch_timeout_ms: Option<S<i64>>,

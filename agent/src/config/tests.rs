@@ -1450,6 +1450,56 @@ fn issuer_refusals() {
 }
 
 #[test]
+fn an_issuer_may_be_limited_to_some_classes_and_plans() {
+    let limited = format!(
+        "{ISSUER}discovery = true\nclasses = [\"partner\", \"customer\"]\nplans = [\"gold\"]\n"
+    );
+    let t = Config::parse(&issuers_gold(&limited), "t.toml")
+        .unwrap()
+        .tokens
+        .unwrap();
+    let i = t.issuer("idp").unwrap();
+    assert_eq!(
+        (i.classes.as_deref(), i.plans.as_deref()),
+        (
+            Some(&["partner".to_owned(), "customer".to_owned()][..]),
+            Some(&["gold".to_owned()][..])
+        )
+    );
+    // A value map onto a class the issuer may not give could never place a token.
+    assert_refused(
+        &issuers_gold(&format!(
+            "{limited}[tokens.issuers.claims]\nclass = {{ claim = \"g\", values = {{ staff = \"internal\" }} }}\n"
+        )),
+        14,
+        "tokens.issuers[0].claims.class",
+        "gives \"internal\", which is not in this issuer's classes (partner, customer)",
+    );
+    assert_refused(
+        &issuers_gold(&format!(
+            "{limited}[tokens.issuers.claims]\nplan = {{ claim = \"g\", default = \"free\" }}\n"
+        )),
+        14,
+        "tokens.issuers[0].claims.plan",
+        "gives \"free\", which is not in this issuer's plans (gold)",
+    );
+    assert_refused(
+        &issuers_gold(&format!("{ISSUER}discovery = true\nclasses = []\n")),
+        19,
+        "tokens.issuers[0].classes",
+        "would refuse every token",
+    );
+    assert_refused(
+        &issuers_gold(&format!(
+            "{ISSUER}discovery = true\nplans = [\"platinum\"]\n"
+        )),
+        19,
+        "tokens.issuers[0].plans",
+        "unknown plan",
+    );
+}
+
+#[test]
 fn claim_mapping_refusals() {
     let head = format!("{ISSUER}discovery = true\n[tokens.issuers.claims]\n");
     let claims = |extra: &str| issuers_gold(&format!("{head}{extra}"));

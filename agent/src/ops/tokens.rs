@@ -94,7 +94,7 @@ fn bind_verified(
             BindFailure::Refused(r)
         })?;
     *issuer = Some(chosen);
-    let rules = cfg.issuers[chosen].claims.clone();
+    let issuer_cfg = cfg.issuers[chosen].clone();
     let state = &node.state;
     if state.revoked_tokens.contains_key(&claims.jti)
         || state
@@ -156,7 +156,7 @@ fn bind_verified(
             "{addr} is bound to {owner} by the configuration"
         )));
     }
-    let placed = placement(&node.config, &rules, &claims).map_err(BindFailure::Unplaceable)?;
+    let placed = placement(&node.config, &issuer_cfg, &claims).map_err(BindFailure::Unplaceable)?;
     let fresh = node.identities().slot(&claims.identity).is_none();
     let id = node
         .state

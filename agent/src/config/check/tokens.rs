@@ -122,6 +122,8 @@ impl Checker<'_> {
                             unmapped_default: false,
                         },
                     },
+                    classes: None,
+                    plans: None,
                 });
                 (Some(jwks), Some(audience), issuer)
             }
@@ -475,7 +477,40 @@ impl Checker<'_> {
         };
         let fetch_raw = raw.take_fetch();
         let fetch = self.fetch(&fetch_raw, &at, defaults)?;
+        let classes = match &raw.classes {
+            None => None,
+            Some(l) => Some(
+                self.allowed(l, &f("classes"), &|v: &S<String>, field: &str| {
+                    self.class(v, field).map(|c| c.label().to_owned())
+                })?,
+            ),
+        };
+        let allowed_plans = match &raw.plans {
+            None => None,
+            Some(l) => Some(self.allowed(l, &f("plans"), &|v: &S<String>, field: &str| {
+                self.plan_name(v, field, plans)
+            })?),
+        };
         let claims = self.claim_rules(raw.claims.take(), &f("claims"), plans)?;
+        // What a value map gives must be what the issuer may give: else that mapping
+        // could never place a token.
+        for (what, key, rule, allowed) in [
+            ("class", "classes", &claims.class, &classes),
+            ("plan", "plans", &claims.plan, &allowed_plans),
+        ] {
+            let Some(allowed) = allowed else { continue };
+            let outputs = rule.values.iter().map(|(_, o)| o).chain(&rule.default);
+            if let Some(o) = outputs.into_iter().find(|o| !allowed.contains(o)) {
+                return Err(self.err(
+                    span.clone(),
+                    f(&format!("claims.{what}")),
+                    format!(
+                        "the {what} map gives {o:?}, which is not in this issuer's {key} ({})",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(Issuer {
             name,
             issuer: Some(issuer),
@@ -483,7 +518,33 @@ impl Checker<'_> {
             source,
             fetch,
             claims,
+            classes,
+            plans: allowed_plans,
         })
+    }
+
+    /// `classes` / `plans`: 1 or more outputs, each valid, none twice.
+    fn allowed(
+        &self,
+        l: &crate::config::raw::List<String>,
+        field: &str,
+        output: &dyn Fn(&S<String>, &str) -> Result<String>,
+    ) -> Result<Vec<String>> {
+        if l.get_ref().is_empty() {
+            return Err(self.err(
+                l.span(),
+                field,
+                "an empty list would refuse every token; leave the key out to allow any",
+            ));
+        }
+        let mut out: Vec<String> = Vec::new();
+        for v in l.get_ref() {
+            let o = output(v, field)?;
+            if !out.contains(&o) {
+                out.push(o);
+            }
+        }
+        Ok(out)
     }
 
     fn claim_rules(
