@@ -12,7 +12,9 @@
 //! - [`pty`]: a pseudo-terminal for `tollgate top`, and taking it away;
 //! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags;
 //! - [`flood`]: floods that rewrite each frame's source, and a server-side tap counting what passed;
-//! - [`scrape`]: `GET /metrics` from inside a namespace.
+//! - [`scrape`]: `GET /metrics` from inside a namespace;
+//! - [`oidc`]: a real OpenID Provider (npm `oidc-provider`) in its own namespace, a test CA,
+//!   and the independent token minter.
 
 pub mod agent;
 pub mod config;
@@ -23,6 +25,7 @@ pub mod frames;
 pub mod lab;
 pub mod model;
 pub mod node;
+pub mod oidc;
 pub mod pty;
 pub mod scrape;
 pub mod tokenlab;

@@ -53,6 +53,8 @@ pub fn run() -> anyhow::Result<bool> {
         ("bpf-linker", bpf_linker),
         ("cargo-fuzz", cargo_fuzz),
         ("cargo-deb", cargo_deb),
+        ("Node.js", nodejs),
+        ("OpenID Provider lab (npm ci in tests/oidc)", oidc_lab),
     ];
     let mut changed = false;
     for (name, step) in steps {
@@ -83,6 +85,8 @@ pub fn is_complete() -> bool {
         && bpf_linker_ok()
         && cargo_fuzz_ok()
         && cargo_deb_ok()
+        && node_ok()
+        && oidc_lab_ok()
 }
 
 fn missing_debian_packages() -> Vec<&'static str> {
@@ -330,5 +334,95 @@ fn cargo_deb() -> anyhow::Result<Step> {
     if !cargo_deb_ok() {
         bail!("cargo-deb installed but `cargo-deb --version` does not end in {CARGO_DEB_VERSION}");
     }
+    Ok(Step::Installed)
+}
+
+/// The oldest Node.js the OpenID Provider lab runs on: `jose` 6 and `oidc-provider` 9 need the
+/// global WebCrypto of Node.js 20 (oidc-provider prints a warning below 22, and works).
+const NODE_MIN: (u32, u32) = (20, 19);
+
+/// The machine's `node` version as (major, minor), if it runs.
+fn node_version() -> Option<(u32, u32)> {
+    let v = cmd::output(cmd::command("node").arg("--version"))?;
+    let mut parts = v.trim().trim_start_matches('v').split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn npm_runs() -> bool {
+    cmd::output(cmd::command("npm").arg("--version")).is_some()
+}
+
+fn node_ok() -> bool {
+    node_version().is_some_and(|v| v >= NODE_MIN) && npm_runs()
+}
+
+/// Node.js and npm come with the machine; a fresh Debian machine without them gets Debian's.
+fn nodejs() -> anyhow::Result<Step> {
+    if node_ok() {
+        return Ok(Step::Present);
+    }
+    if node_version().is_none() || !npm_runs() {
+        if !cmd::is_root() {
+            bail!(
+                "Node.js or npm is missing: run `sudo cargo xtask setup`, or `sudo apt-get install nodejs npm`"
+            );
+        }
+        cmd::run(cmd::command("apt-get").args(["update", "-q"]))?;
+        cmd::run(
+            cmd::command("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "nodejs",
+                    "npm",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    match node_version() {
+        Some(v) if v >= NODE_MIN => Ok(Step::Installed),
+        Some((major, minor)) => bail!(
+            "Node.js {major}.{minor} is too old for the OpenID Provider lab (tests/oidc): it needs \
+             {}.{} or later",
+            NODE_MIN.0,
+            NODE_MIN.1
+        ),
+        None => bail!("`node --version` does not run after installing nodejs"),
+    }
+}
+
+/// The lab's dependencies, exactly as `tests/oidc/package-lock.json` pins them.
+fn oidc_dir() -> std::path::PathBuf {
+    cmd::workspace_root().join("tests/oidc")
+}
+
+/// A copy of the lock file that `npm ci` last installed: while it equals the lock file,
+/// `node_modules` is what the lock says and there is nothing to do.
+fn oidc_stamp() -> std::path::PathBuf {
+    oidc_dir().join("node_modules/.tollgate-installed-lock.json")
+}
+
+fn oidc_lab_ok() -> bool {
+    let lock = std::fs::read(oidc_dir().join("package-lock.json"));
+    let stamp = std::fs::read(oidc_stamp());
+    matches!((lock, stamp), (Ok(l), Ok(s)) if l == s)
+}
+
+fn oidc_lab() -> anyhow::Result<Step> {
+    if oidc_lab_ok() {
+        return Ok(Step::Present);
+    }
+    let dir = oidc_dir();
+    // `ci` installs exactly the lock (and fails if package.json disagrees with it); no audit
+    // or funding calls, which only print.
+    cmd::run(
+        cmd::command("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir),
+    )?;
+    std::fs::copy(dir.join("package-lock.json"), oidc_stamp())
+        .with_context(|| format!("writing {}", oidc_stamp().display()))?;
     Ok(Step::Installed)
 }
