@@ -98,6 +98,16 @@ impl ClaimPath {
         Ok(ClaimPath { segments })
     }
 
+    /// The path of a token's id ([`Mapping::token_id`]): `jti` (a registered claim, which
+    /// [`ClaimPath::parse`] refuses elsewhere) as itself, anything else as `parse` reads it
+    /// (`uti`, Entra ID's token id).
+    pub fn parse_token_id(text: &str) -> Result<ClaimPath, MappingError> {
+        if text == "jti" {
+            return Ok(ClaimPath::member("jti"));
+        }
+        ClaimPath::parse(text)
+    }
+
     /// One top-level member, its name taken as is (dots included): the legacy claim names of
     /// [`ClaimNames`], which [`ClaimNames::check`] validates.
     pub fn member(name: &str) -> ClaimPath {
@@ -201,6 +211,13 @@ impl ValueRule {
 /// One issuer's claim mapping.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
+    /// The token's id: what revocation and replay detection key on. `jti` by default;
+    /// Entra ID's is `uti`. Absent (or empty) → `missing_jti`, unless `derive_token_id`.
+    pub token_id: ClaimPath,
+    /// With the token-id claim absent, derive the id from the token itself
+    /// ([`derived_token_id`](super::derived_token_id): a hash of the signed bytes) instead of
+    /// refusing it `missing_jti` (Dex's tokens, Auth0's default profile carry no id at all).
+    pub derive_token_id: bool,
     /// The identity (a non-empty string; absent or empty → `missing_identity`).
     pub identity: ClaimPath,
     pub roles: RolesRule,
@@ -218,6 +235,8 @@ impl Mapping {
         default_plan: Option<String>,
     ) -> Mapping {
         Mapping {
+            token_id: ClaimPath::member("jti"),
+            derive_token_id: false,
             identity: ClaimPath::member(&names.identity),
             roles: RolesRule {
                 path: ClaimPath::member(&names.roles),
@@ -285,6 +304,23 @@ pub(crate) struct Mapped {
 }
 
 impl Mapping {
+    /// Step 9: the token id. Absent or empty → derived from `signed` when the mapping says
+    /// so, else `missing_jti`; not a string → `bad_claim`.
+    pub(crate) fn token_id_of(
+        &self,
+        payload: &Map<String, Value>,
+        signed: &[u8],
+    ) -> Result<String, Refusal> {
+        match self.token_id.lookup(payload) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            Some(Value::String(_)) | None if self.derive_token_id => {
+                Ok(super::derived_token_id(signed))
+            }
+            Some(Value::String(_)) | None => Err(Refusal::MissingJti),
+            Some(_) => Err(Refusal::BadClaim),
+        }
+    }
+
     /// Step 9: the identity (absent or empty → `missing_identity`).
     pub(crate) fn identity_of(&self, payload: &Map<String, Value>) -> Result<String, Refusal> {
         match self.identity.lookup(payload) {

@@ -44,7 +44,10 @@
 //!    the modulus length for RSA (RFC 8017 §8.1.2, §8.2.2; a signature with a leading zero
 //!    byte added or removed is refused, not normalised).
 //! 8. Signature over the ASCII bytes `header_b64 "." payload_b64` → `bad_signature`.
-//! 9. Claims, now trusted, one at a time: `jti` → `missing_jti`, the identity claim
+//! 9. Claims, now trusted, one at a time: the token id ([`Mapping::token_id`], `jti` by
+//!    default, Entra ID's `uti`) → `missing_jti` (absent or empty string; with
+//!    [`Mapping::derive_token_id`] the id is then [`derived_token_id`], a hash of the signed
+//!    bytes, never of the malleable signature), the identity claim
 //!    ([`Mapping::identity`], `sub` by default) → `missing_identity` (absent or empty
 //!    string); `iat` → `missing_iat`; `exp` → `missing_exp`; then a claim of the wrong JSON
 //!    type — times not non-negative integers, `aud` neither a string nor an array of
@@ -133,7 +136,7 @@ pub use keys::{JwksError, KeyProblem, KeySet, PublicKey, SKIP_REASONS, SkipReaso
 pub use mapping::{ClaimPath, Mapping, MappingError, RolesFormat, RolesRule, Unmapped, ValueRule};
 pub use refusal::{REFUSALS, Refusal};
 pub use sign::{IssueError, KeyError, NewToken, SigningKey, issue, jwks};
-pub use verify::{Peek, peek, verify};
+pub use verify::{DERIVED_TOKEN_ID_PREFIX, Peek, derived_token_id, peek, verify};
 
 /// A signature algorithm tollgate verifies. Every key pins exactly one.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -365,7 +368,9 @@ pub struct Policy {
 /// A verified token's claims.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claims {
-    /// `jti`: the token's id (non-empty); what revocation and replay detection key on.
+    /// The token's id (non-empty): the [`Mapping::token_id`] claim (`jti` by default), or
+    /// [`derived_token_id`] when the mapping derives one; what revocation and replay
+    /// detection key on.
     pub jti: String,
     /// The identity claim (non-empty), from [`Mapping::identity`].
     pub identity: String,

@@ -1920,6 +1920,8 @@ fn issuer_policy() -> Policy {
         issuer: Some("https://idp.example.com/realms/tollgate".into()),
         audiences: vec!["pool-a".into(), "pool-b".into()],
         mapping: Mapping {
+            token_id: ClaimPath::parse_token_id("jti").unwrap(),
+            derive_token_id: false,
             identity: path("azp"),
             roles: RolesRule {
                 path: path("realm_access.roles"),
@@ -2303,5 +2305,136 @@ fn claim_paths() {
     assert_eq!(
         Mapping::default(),
         Mapping::legacy(&ClaimNames::default(), None, None)
+    );
+}
+
+/// P-256's group order n, big-endian.
+const P256_N: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+
+/// `n - s` for a 32-byte big-endian `s < n`.
+fn p256_negate(s: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let mut d = i16::from(P256_N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        if d < 0 {
+            d += 256;
+        }
+        out[i] = d as u8;
+    }
+    assert_eq!(borrow, 0, "s < n");
+    out
+}
+
+/// Entra ID's `uti`, Dex's id-less tokens: the token-id claim is configurable, and an absent
+/// one can be derived from the signed bytes.
+#[test]
+fn token_id_claim_and_derived_id() {
+    let f = fixture();
+    let with = |token_id: &str, derive: bool| Policy {
+        mapping: Mapping {
+            token_id: ClaimPath::parse_token_id(token_id).unwrap(),
+            derive_token_id: derive,
+            ..Mapping::default()
+        },
+        ..policy()
+    };
+    let no_jti = |key: &SigningKey, edit: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        with_claims(key, |c| {
+            c.remove("jti");
+            edit(c);
+        })
+    };
+    // The legacy mapping: jti, nothing derived (today's behaviour).
+    let legacy = Mapping::legacy(&ClaimNames::default(), None, None);
+    assert_eq!(legacy.token_id, ClaimPath::member("jti"));
+    assert!(!legacy.derive_token_id);
+    let entra = no_jti(&f.ed, &|c| {
+        c.insert("uti".into(), json!("AbCdEf0123"));
+    });
+    assert_eq!(check(&entra, &f.keys), Err(Refusal::MissingJti));
+    // token_id = "uti": the id is uti's; jti, if present too, is not looked at.
+    let uti = with("uti", false);
+    assert_eq!(
+        verify(&entra, &f.keys, &uti, NOW).map(|c| c.jti),
+        Ok("AbCdEf0123".into())
+    );
+    let both = with_claims(&f.ed, |c| {
+        c.insert("uti".into(), json!("u-2"));
+    });
+    assert_eq!(
+        verify(&both, &f.keys, &uti, NOW).map(|c| c.jti),
+        Ok("u-2".into())
+    );
+    // Wrong type → bad_claim (derivation or not: a present id is never replaced).
+    for derive in [false, true] {
+        let bad = no_jti(&f.ed, &|c| {
+            c.insert("uti".into(), json!(17));
+        });
+        assert_eq!(
+            verify(&bad, &f.keys, &with("uti", derive), NOW),
+            Err(Refusal::BadClaim)
+        );
+    }
+    // Absent, or empty, without derivation → missing_jti.
+    let dex = no_jti(&f.ed, &|_| {});
+    assert_eq!(
+        verify(&dex, &f.keys, &with("uti", false), NOW),
+        Err(Refusal::MissingJti)
+    );
+    let empty = with_claims(&f.ed, |c| {
+        c.insert("jti".into(), json!(""));
+    });
+    assert_eq!(check(&empty, &f.keys), Err(Refusal::MissingJti));
+    // jti is a registered claim: only the token-id path may name it.
+    assert!(ClaimPath::parse("jti").is_err());
+    // Derived: sha256: + 22 base64url characters (16 bytes), over the signed bytes.
+    let derive = with("jti", true);
+    let id = verify(&dex, &f.keys, &derive, NOW).unwrap().jti;
+    let (h, p, _) = parts(&dex);
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{h}.{p}").as_bytes());
+    assert_eq!(id, format!("sha256:{}", b64(&digest.as_ref()[..16])));
+    assert_eq!(id.len(), "sha256:".len() + 22);
+    assert_eq!(derived_token_id(format!("{h}.{p}").as_bytes()), id);
+    // Stable for the same token, different for another (here: the same claims, one second
+    // later; and an empty jti is derived too).
+    assert_eq!(verify(&dex, &f.keys, &derive, NOW).unwrap().jti, id);
+    let later = no_jti(&f.ed, &|c| {
+        c.insert("iat".into(), json!(NOW - 9));
+    });
+    let other = verify(&later, &f.keys, &derive, NOW).unwrap().jti;
+    assert!(other.starts_with(DERIVED_TOKEN_ID_PREFIX));
+    assert_ne!(other, id);
+    let derived_empty = verify(&empty, &f.keys, &derive, NOW).unwrap().jti;
+    assert!(derived_empty.starts_with("sha256:"), "{derived_empty}");
+    // A present jti is the id even with derivation on.
+    let good = with_claims(&f.ed, |_| {});
+    assert_eq!(verify(&good, &f.keys, &derive, NOW).unwrap().jti, "t-1");
+
+    // ECDSA malleability: (r, n - s) is a second valid signature of the same token. If the
+    // verifier accepts it, the derived id must still be the same, because it hashes the
+    // signed bytes, not the signature; hashed from the signature, a thief could present the
+    // malleated token as a "new" one and dodge replay detection and revocation.
+    let ec_token = no_jti(&f.ec, &|_| {});
+    let (h, p, sig) = parts(&ec_token);
+    let sig = b64url().decode(sig).unwrap();
+    let mut malleated = sig[..32].to_vec();
+    malleated.extend(p256_negate(&sig[32..]));
+    assert_ne!(malleated, sig);
+    let twin = format!("{h}.{p}.{}", b64(&malleated));
+    let ec_id = verify(&ec_token, &f.keys, &derive, NOW).unwrap().jti;
+    match verify(&twin, &f.keys, &derive, NOW) {
+        // ring (0.17) accepts the high-s twin: it verifies, and gets the same id.
+        Ok(c) => assert_eq!(c.jti, ec_id, "a malleated signature must not make a new id"),
+        // Were ring ever to enforce low-s, the twin would not verify at all: equally safe.
+        Err(r) => assert_eq!(r, Refusal::BadSignature),
+    }
+    assert!(
+        verify(&twin, &f.keys, &derive, NOW).is_ok(),
+        "ring 0.17 accepts (r, n - s); if this changes, the match above still holds, update          this line"
     );
 }

@@ -121,7 +121,7 @@ pub fn verify(token: &str, keys: &KeySet, policy: &Policy, now_s: u64) -> Result
         return Err(Refusal::BadSignature);
     }
     // 9. Claims, now trusted, typed (the mapped ones too).
-    let (mut claims, typed) = claims(&payload, &policy.mapping, kid, alg)?;
+    let (mut claims, typed) = claims(&payload, signed, &policy.mapping, kid, alg)?;
     // 10. Time.
     let skew = policy.skew_s;
     if now_s > claims.exp.saturating_add(skew) {
@@ -172,15 +172,38 @@ fn header_alg(header: &Map<String, Value>) -> Result<Alg, Refusal> {
     Alg::from_jose(name).ok_or(Refusal::AlgUnsupported)
 }
 
+/// The id of a token that carries none ([`Mapping::derive_token_id`]): `sha256:` and the
+/// unpadded base64url of the first 16 bytes of SHA-256 over the signed bytes,
+/// `header_b64 "." payload_b64` exactly as sent. 128 bits: no two tokens an issuer signs
+/// share one by chance.
+///
+/// Over the signed bytes, NOT over the signature: an ECDSA signature is malleable — if
+/// `(r, s)` verifies, so does `(r, n - s)` — so anyone holding a stolen ES256/ES384 token
+/// could present a second, equally valid token with another signature; an id hashed from the
+/// signature would then be a new id, dodging replay detection and an operator's revocation.
+/// The signed bytes are what the issuer vouched for; no one can change them without breaking
+/// the signature.
+pub fn derived_token_id(signed: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, signed);
+    let mut id = String::from(DERIVED_TOKEN_ID_PREFIX);
+    b64url().encode_string(&digest.as_ref()[..16], &mut id);
+    id
+}
+
+/// What every [`derived_token_id`] starts with (a claim-carried id may too: the prefix says
+/// how to read an id, it is not a namespace).
+pub const DERIVED_TOKEN_ID_PREFIX: &str = "sha256:";
+
 /// The registered claims of a payload whose signature verified (step 9), type-checked; the
 /// mapped ones are left empty for step 13.
 fn claims<'a>(
     payload: &'a Map<String, Value>,
+    signed: &[u8],
     mapping: &Mapping,
     kid: String,
     alg: Alg,
 ) -> Result<(Claims, Typed<'a>), Refusal> {
-    let jti = required_str(payload, "jti", Refusal::MissingJti)?;
+    let jti = mapping.token_id_of(payload, signed)?;
     let identity = mapping.identity_of(payload)?;
     let iat = required_time(payload, "iat", Refusal::MissingIat)?;
     let exp = required_time(payload, "exp", Refusal::MissingExp)?;
@@ -218,19 +241,6 @@ fn claims<'a>(
         alg,
     };
     Ok((claims, typed))
-}
-
-fn required_str(
-    payload: &Map<String, Value>,
-    name: &str,
-    missing: Refusal,
-) -> Result<String, Refusal> {
-    match payload.get(name) {
-        None => Err(missing),
-        Some(Value::String(s)) if s.is_empty() => Err(missing),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(Refusal::BadClaim),
-    }
 }
 
 fn required_time(
