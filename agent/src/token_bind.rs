@@ -127,6 +127,9 @@ fn value_rule(m: &ValueMap, legacy: bool) -> Result<ValueRule, String> {
 /// plan without a default is the refusal `missing_claim`.
 pub fn mapping_of(c: &ClaimRules, legacy: bool) -> Result<Mapping, String> {
     let mapping = Mapping {
+        token_id: ClaimPath::parse_token_id(&c.token_id)
+            .map_err(|e| format!("token_id claim path {:?}: {e}", c.token_id))?,
+        derive_token_id: c.derive_token_id,
         identity: path(&c.identity, legacy)?,
         roles: RolesRule {
             path: path(&c.roles, legacy)?,

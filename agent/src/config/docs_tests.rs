@@ -299,6 +299,16 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
         ("tokens.issuers", "claims", None),
         (
             "tokens.issuers.claims",
+            "token_id",
+            Some(Tokens::DEFAULT_TOKEN_ID_CLAIM.to_owned()),
+        ),
+        (
+            "tokens.issuers.claims",
+            "derive_token_id",
+            Some("false".to_owned()),
+        ),
+        (
+            "tokens.issuers.claims",
             "identity",
             Some(Tokens::DEFAULT_IDENTITY_CLAIM.to_owned()),
         ),

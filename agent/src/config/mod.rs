@@ -171,6 +171,12 @@ impl KeySource {
 /// What an issuer's claims mean.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimRules {
+    /// Claim path of the token's id (`jti`; Entra ID: `uti`): what replay detection and
+    /// `tollgate token revoke --token-id` key on.
+    pub token_id: String,
+    /// With that claim absent, the id is `sha256:` + a hash of the token's signed bytes
+    /// instead of the refusal `missing_jti` (Dex, Auth0's default profile).
+    pub derive_token_id: bool,
     /// Dotted claim path of the identity.
     pub identity: String,
     /// Dotted claim path of the roles.
@@ -196,6 +202,9 @@ pub struct ValueMap {
     /// `unmapped = "default"`: a value not in `values` takes `default` instead of the
     /// refusal `unmapped_value`.
     pub unmapped_default: bool,
+    /// `default` is `[tokens]`' (`default_class`/`default_plan`): the issuer has no rule of
+    /// its own.
+    pub from_tokens_default: bool,
 }
 
 impl Tokens {
@@ -354,6 +363,7 @@ impl Tokens {
     pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8192;
     pub const DEFAULT_MAX_BINDINGS_PER_IDENTITY: usize = 64;
     pub const DEFAULT_IDENTITY_CLAIM: &'static str = "sub";
+    pub const DEFAULT_TOKEN_ID_CLAIM: &'static str = "jti";
     pub const DEFAULT_CLASS_CLAIM: &'static str = "tollgate_class";
     pub const DEFAULT_PLAN_CLAIM: &'static str = "tollgate_plan";
     pub const DEFAULT_ROLES_CLAIM: &'static str = "tollgate_roles";

@@ -128,6 +128,8 @@ pub(super) struct RawIssuer {
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawClaims {
+    pub token_id: Option<S<String>>,
+    pub derive_token_id: Option<S<bool>>,
     pub identity: Option<S<String>>,
     pub roles: Option<S<String>>,
     pub roles_format: Option<S<String>>,

@@ -1615,3 +1615,113 @@ fn the_packaged_tokens_example_is_valid() {
     assert_eq!(names, ["default", "corp"]);
     assert_eq!(t.issuer("corp").unwrap().source, KeySource::Discovery);
 }
+
+/// The token id: `jti` by default, a claim path per issuer (Entra ID's `uti`), derived from
+/// the token when asked; the legacy issuer keeps `jti`, nothing derived.
+#[test]
+fn token_id_claim_and_derivation() {
+    let t = Config::parse(&with(&format!("{TOKENS}{BIND_ENDPOINT}")), "t.toml")
+        .unwrap()
+        .tokens
+        .unwrap();
+    let legacy = &t.issuers[0].claims;
+    assert_eq!(
+        (legacy.token_id.as_str(), legacy.derive_token_id),
+        ("jti", false)
+    );
+    let parsed = |claims: &str| {
+        Config::parse(
+            &issuers(&format!(
+                "{ISSUER}discovery = true\n[tokens.issuers.claims]\n{claims}"
+            )),
+            "t.toml",
+        )
+        .map(|c| c.tokens.unwrap().issuers.remove(0).claims)
+    };
+    let entra = parsed("token_id = \"uti\"\n").unwrap();
+    assert_eq!(
+        (entra.token_id.as_str(), entra.derive_token_id),
+        ("uti", false)
+    );
+    let dex = parsed("derive_token_id = true\n").unwrap();
+    assert_eq!((dex.token_id.as_str(), dex.derive_token_id), ("jti", true));
+    assert_eq!(parsed("token_id = \"jti\"\n").unwrap().token_id, "jti");
+    let m = crate::token_bind::mapping_of(&entra, false).unwrap();
+    assert_eq!(m.token_id, tollgate_common::token::ClaimPath::member("uti"));
+    assert!(
+        crate::token_bind::mapping_of(&dex, false)
+            .unwrap()
+            .derive_token_id
+    );
+    let head = format!("{ISSUER}discovery = true\n[tokens.issuers.claims]\n");
+    assert_refused(
+        &issuers(&format!("{head}token_id = \"exp\"\n")),
+        17,
+        "tokens.issuers[0].claims.token_id",
+        "registered claim",
+    );
+    assert_refused(
+        &issuers(&format!("{head}token_id = \"a..b\"\n")),
+        17,
+        "tokens.issuers[0].claims.token_id",
+        "empty member name",
+    );
+    assert_refused(
+        &issuers(&format!("{head}derive_token_id = \"yes\"\n")),
+        17,
+        "tokens.issuers[0].claims.derive_token_id",
+        "",
+    );
+}
+
+/// An issuer with no class (plan) rule places its tokens that carry no class (plan) claim
+/// at `[tokens] default_class` (`default_plan`), as the legacy issuer does, instead of
+/// refusing them `missing_claim`; its own rule, when it has one, has no such fallback.
+#[test]
+fn an_issuer_without_class_or_plan_rules_takes_the_tokens_defaults() {
+    let defaults = "default_class = \"customer\"\ndefault_plan = \"gold\"\n";
+    let parse = |text: &str| Config::parse(text, "t.toml").map(|c| c.tokens.unwrap());
+    let t = parse(&issuers_gold(&format!(
+        "{defaults}{ISSUER}discovery = true\n"
+    )))
+    .unwrap();
+    let c = &t.issuer("idp").unwrap().claims;
+    assert_eq!(
+        (c.class.claim.as_str(), c.class.default.as_deref()),
+        ("tollgate_class", Some("customer"))
+    );
+    assert_eq!(
+        (c.plan.claim.as_str(), c.plan.default.as_deref()),
+        ("tollgate_plan", Some("gold"))
+    );
+    let m = crate::token_bind::mapping_of(c, false).unwrap();
+    assert_eq!(
+        (m.class.default.as_deref(), m.plan.default.as_deref()),
+        (Some("customer"), Some("gold"))
+    );
+    // Its own rule: its default only (none here → missing_claim when the claim is absent).
+    let own = parse(&issuers_gold(&format!(
+        "{defaults}{ISSUER}discovery = true\n[tokens.issuers.claims]\nplan = \"tier\"\n"
+    )))
+    .unwrap();
+    let c = &own.issuer("idp").unwrap().claims;
+    assert_eq!(c.plan.default, None);
+    assert_eq!(c.class.default.as_deref(), Some("customer"));
+    // No [tokens] default: nothing to fall back to.
+    let bare = parse(&issuers_gold(&format!("{ISSUER}discovery = true\n"))).unwrap();
+    let c = &bare.issuer("idp").unwrap().claims;
+    assert_eq!(
+        (c.class.default.as_ref(), c.plan.default.as_ref()),
+        (None, None)
+    );
+    // The fallback must be a class the issuer may give.
+    assert_refused(
+        &issuers_gold(&format!(
+            "{defaults}{ISSUER}discovery = true\nclasses = [\"partner\"]\n"
+        )),
+        16,
+        "tokens.issuers[0].claims.class",
+        "no claims.class rule, so its tokens without tollgate_class take \
+         tokens.default_class \"customer\", which is not in its classes (partner)",
+    );
+}

@@ -18,6 +18,15 @@ const MAX_VALUES: usize = 256;
 const MAX_PATH: usize = 256;
 const MAX_AUDIENCES: usize = 16;
 
+/// What an issuer takes from `[tokens]` unless it says otherwise.
+struct Defaults<'a> {
+    fetch: &'a Fetch,
+    /// `tokens.default_class` (a label) / `default_plan`: an issuer without a class (plan)
+    /// rule places its tokens that carry no class claim there, as the legacy issuer does.
+    class: Option<String>,
+    plan: Option<String>,
+}
+
 impl Checker<'_> {
     pub(super) fn tokens(&self, raw: S<RawTokens>, plans: &[Plan]) -> Result<Tokens> {
         let span = raw.span();
@@ -105,6 +114,8 @@ impl Checker<'_> {
                     source: KeySource::File(jwks.clone()),
                     fetch: fetch.clone(),
                     claims: ClaimRules {
+                        token_id: Tokens::DEFAULT_TOKEN_ID_CLAIM.to_owned(),
+                        derive_token_id: false,
                         identity: identity_claim.clone(),
                         roles: roles_claim.clone(),
                         roles_scope: false,
@@ -114,12 +125,14 @@ impl Checker<'_> {
                             values: Vec::new(),
                             default: default_class.map(|c| c.label().to_owned()),
                             unmapped_default: false,
+                            from_tokens_default: false,
                         },
                         plan: ValueMap {
                             claim: plan_claim.clone(),
                             values: Vec::new(),
                             default: default_plan.clone(),
                             unmapped_default: false,
+                            from_tokens_default: false,
                         },
                     },
                     classes: None,
@@ -170,7 +183,12 @@ impl Checker<'_> {
                 ));
             }
             for (i, item) in list.into_iter().enumerate() {
-                let issuer = self.issuer(item, i, &fetch, plans, &issuers)?;
+                let defaults = Defaults {
+                    fetch: &fetch,
+                    class: default_class.map(|c| c.label().to_owned()),
+                    plan: default_plan.clone(),
+                };
+                let issuer = self.issuer(item, i, &defaults, plans, &issuers)?;
                 issuers.push(issuer);
             }
         }
@@ -389,7 +407,7 @@ impl Checker<'_> {
         &self,
         item: S<RawIssuer>,
         i: usize,
-        defaults: &Fetch,
+        defaults: &Defaults<'_>,
         plans: &[Plan],
         before: &[Issuer],
     ) -> Result<Issuer> {
@@ -478,7 +496,7 @@ impl Checker<'_> {
             KeySource::Discovery
         };
         let fetch_raw = raw.take_fetch();
-        let fetch = self.fetch(&fetch_raw, &at, defaults)?;
+        let fetch = self.fetch(&fetch_raw, &at, defaults.fetch)?;
         let classes = match &raw.classes {
             None => None,
             Some(l) => Some(
@@ -493,7 +511,7 @@ impl Checker<'_> {
                 self.plan_name(v, field, plans)
             })?),
         };
-        let claims = self.claim_rules(raw.claims.take(), &f("claims"), plans)?;
+        let claims = self.claim_rules(raw.claims.take(), &f("claims"), plans, defaults)?;
         // What a value map gives must be what the issuer may give: else that mapping
         // could never place a token.
         for (what, key, rule, allowed) in [
@@ -503,6 +521,19 @@ impl Checker<'_> {
             let Some(allowed) = allowed else { continue };
             let outputs = rule.values.iter().map(|(_, o)| o).chain(&rule.default);
             if let Some(o) = outputs.into_iter().find(|o| !allowed.contains(o)) {
+                if rule.from_tokens_default {
+                    return Err(self.err(
+                        span.clone(),
+                        f(&format!("claims.{what}")),
+                        format!(
+                            "this issuer has no claims.{what} rule, so its tokens without \
+                             {} take tokens.default_{what} {o:?}, which is not in its {key} \
+                             ({}); give it a claims.{what} rule with a default",
+                            rule.claim,
+                            allowed.join(", ")
+                        ),
+                    ));
+                }
                 return Err(self.err(
                     span.clone(),
                     f(&format!("claims.{what}")),
@@ -554,6 +585,7 @@ impl Checker<'_> {
         raw: Option<S<RawClaims>>,
         at: &str,
         plans: &[Plan],
+        defaults: &Defaults<'_>,
     ) -> Result<ClaimRules> {
         let f = |key: &str| format!("{at}.{key}");
         let raw = raw.map(S::into_inner).unwrap_or_default();
@@ -561,6 +593,10 @@ impl Checker<'_> {
             v.as_ref().map_or(Ok(default.to_owned()), |v| {
                 self.claim_path(v.get_ref(), v.span(), &f(key))
             })
+        };
+        let token_id = match &raw.token_id {
+            None => Tokens::DEFAULT_TOKEN_ID_CLAIM.to_owned(),
+            Some(v) => self.token_id_path(v.get_ref(), v.span(), &f("token_id"))?,
         };
         let identity = path(&raw.identity, "identity", Tokens::DEFAULT_IDENTITY_CLAIM)?;
         let roles = path(&raw.roles, "roles", Tokens::DEFAULT_ROLES_CLAIM)?;
@@ -584,16 +620,18 @@ impl Checker<'_> {
         let class = self.value_map(
             raw.class.as_ref(),
             &f("class"),
-            Tokens::DEFAULT_CLASS_CLAIM,
+            (Tokens::DEFAULT_CLASS_CLAIM, &defaults.class),
             &|v, field| self.class(v, field).map(|c| c.label().to_owned()),
         )?;
         let plan = self.value_map(
             raw.plan.as_ref(),
             &f("plan"),
-            Tokens::DEFAULT_PLAN_CLAIM,
+            (Tokens::DEFAULT_PLAN_CLAIM, &defaults.plan),
             &|v, field| self.plan_name(v, field, plans),
         )?;
         Ok(ClaimRules {
+            token_id,
+            derive_token_id: raw.derive_token_id.is_some_and(|b| *b.get_ref()),
             identity,
             roles,
             roles_scope,
@@ -624,19 +662,41 @@ impl Checker<'_> {
         Ok(p.to_owned())
     }
 
+    /// The token-id claim: `jti`, or a path as [`Self::claim_path`] takes it (`uti`).
+    fn token_id_path(&self, p: &str, span: Range<usize>, field: &str) -> Result<String> {
+        if p.len() > MAX_PATH {
+            return Err(self.err(
+                span,
+                field,
+                format!("the claim path is longer than {MAX_PATH} characters"),
+            ));
+        }
+        ClaimPath::parse_token_id(p).map_err(|e| {
+            self.err(
+                span,
+                field,
+                format!("{e} (e.g. \"jti\", Entra ID's \"uti\")"),
+            )
+        })?;
+        Ok(p.to_owned())
+    }
+
+    /// A `class` / `plan` rule. Without one, `(claim, default)`: the legacy issuer's rule,
+    /// the claim taken as it is and `[tokens]`' default when it is absent.
     fn value_map(
         &self,
         raw: Option<&S<RawValueRule>>,
         field: &str,
-        default_claim: &str,
+        (default_claim, tokens_default): (&str, &Option<String>),
         output: &dyn Fn(&S<String>, &str) -> Result<String>,
     ) -> Result<ValueMap> {
         let Some(raw) = raw else {
             return Ok(ValueMap {
                 claim: default_claim.to_owned(),
                 values: Vec::new(),
-                default: None,
+                default: tokens_default.clone(),
                 unmapped_default: false,
+                from_tokens_default: tokens_default.is_some(),
             });
         };
         let m = match raw.get_ref() {
@@ -646,6 +706,7 @@ impl Checker<'_> {
                     values: Vec::new(),
                     default: None,
                     unmapped_default: false,
+                    from_tokens_default: false,
                 });
             }
             RawValueRule::Map(m) => m,
@@ -713,6 +774,7 @@ impl Checker<'_> {
             values,
             default,
             unmapped_default,
+            from_tokens_default: false,
         })
     }
 }
