@@ -82,8 +82,8 @@ fn mapping() -> Claims {
     }
 }
 
-/// Class `customer` unless the token says otherwise: an issuer's mapping does not fall back
-/// to `[tokens] default_class`.
+/// Class `customer` unless the token says otherwise: an issuer's own class rule does not
+/// fall back to `[tokens] default_class` (only an issuer without one does).
 fn class_customer() -> ValueRule {
     ValueRule::Map {
         claim: "tollgate_class".into(),
@@ -1211,4 +1211,124 @@ fn refusals_from_independently_minted_tokens_each_carry_their_label() {
             "{what}: no audit line with reason {label}"
         );
     }
+}
+
+/// `n - s` for a 32-byte big-endian `s` below P-256's group order `n`: the other half of an
+/// ECDSA signature's malleable pair.
+fn p256_negate(s: &[u8]) -> Vec<u8> {
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let mut out = vec![0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let d = i16::from(N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        out[i] = (d + 256 * borrow) as u8;
+    }
+    out
+}
+
+/// Sets `key = value` in `[tokens.issuers.claims]` of the issuer `name` in the written config.
+fn set_claim_rule(config: &Path, name: &str, key: &str, value: toml::Value) {
+    let mut table: toml::Table = std::fs::read_to_string(config)
+        .expect("config")
+        .parse()
+        .expect("toml");
+    let issuer = table["tokens"]["issuers"]
+        .as_array_mut()
+        .and_then(|a| a.iter_mut().find(|i| i["name"].as_str() == Some(name)))
+        .and_then(toml::Value::as_table_mut)
+        .expect("the issuer");
+    let claims = issuer
+        .entry("claims")
+        .or_insert_with(|| toml::Table::new().into());
+    claims
+        .as_table_mut()
+        .expect("claims table")
+        .insert(key.into(), value);
+    std::fs::write(config, toml::to_string(&table).expect("toml")).expect("config");
+}
+
+/// Tokens without `jti`, minted by `jose`: Entra ID-shaped (its id is `uti`) against an issuer
+/// with `token_id = "uti"`, Dex-shaped (no id at all) against one with `derive_token_id =
+/// true`. Both bind (with no class or plan rule: `[tokens]`' defaults place them); replay
+/// detection and revocation key on their ids: the uti token and the Dex token with its ECDSA
+/// signature malleated to `(r, n - s)` are refused `replay` from a second address, and
+/// `tollgate token revoke --token-id sha256:…` removes the derived id's binding.
+#[test]
+fn tokens_without_jti_bind_by_uti_or_a_derived_id() {
+    let now = now_s();
+    let minted = mint(&json!({"keys": [{"kid": "ec-1", "alg": "ES256"}]}));
+    let w = World::new(ProviderSpec::new("RS256", clients()), true, |o| {
+        let jwks = o.dir().join("minted-jwks.json");
+        std::fs::write(&jwks, minted["jwks"].to_string()).expect("minted jwks");
+        ["entra", "dex"]
+            .iter()
+            .map(|n| Issuer::jwks_file(n, &format!("{}/{n}", o.issuer), POOL_A, &jwks))
+            .collect()
+    });
+    set_claim_rule(&w.config, "entra", "token_id", "uti".into());
+    set_claim_rule(&w.config, "dex", "derive_token_id", true.into());
+    let _agent = w.start();
+    let claims = |issuer: &str, sub: &str, extra: Value| {
+        let mut c = json!({"iss": format!("{}/{issuer}", w.o.issuer), "aud": POOL_A,
+                           "sub": sub, "iat": now, "exp": now + 120});
+        for (k, v) in extra.as_object().expect("extra") {
+            c[k] = v.clone();
+        }
+        json!({"key": minted["private"]["ec-1"], "claims": c})
+    };
+    let uti = format!("uti-{now}");
+    let tokens = mint_tokens(vec![
+        claims("entra", "entra-svc", json!({"uti": uti})),
+        claims("entra", "entra-none", json!({})),
+        claims("dex", "dex-svc", json!({"groups": ["gold"]})),
+    ]);
+    let (entra, entra_none, dex) = (&tokens[0], &tokens[1], &tokens[2]);
+    assert!(claims_of(entra).get("jti").is_none() && claims_of(dex).get("jti").is_none());
+
+    let body = w.bind_ok(w.client(), entra, "uti token");
+    assert_eq!(body["token_id"], uti.as_str(), "{body}");
+    assert_eq!(
+        w.identity("entra-svc")["plan"],
+        "customer",
+        "[tokens] default_plan"
+    );
+    assert_eq!(w.refusal(&w.second().ns, entra), (403, "replay".into()));
+    assert_eq!(
+        w.refusal(w.client(), entra_none),
+        (401, "missing_jti".into())
+    );
+
+    let body = w.bind_ok(w.client(), dex, "id-less token");
+    let id = body["token_id"].as_str().expect("token_id").to_owned();
+    assert!(id.starts_with("sha256:") && id.len() == 29, "{body}");
+    // The same token, the same id: a rebind from its address is not a new token.
+    assert_eq!(w.bind_ok(w.client(), dex, "again")["token_id"], id.as_str());
+    // Its malleated twin verifies too, and has the same id: replay from another address.
+    let (signed, sig) = dex.rsplit_once('.').expect("jws");
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let sig = b64.decode(sig).expect("signature");
+    let mut twin_sig = sig[..32].to_vec();
+    twin_sig.extend(p256_negate(&sig[32..]));
+    let twin = format!("{signed}.{}", b64.encode(&twin_sig));
+    assert_eq!(w.refusal(&w.second().ns, &twin), (403, "replay".into()));
+    // The derived id is what revocation takes.
+    let out = w.dirs.cli_ok(&[
+        "token",
+        "revoke",
+        "--token-id",
+        &id,
+        "--reason",
+        "derived id",
+    ]);
+    assert!(
+        out.contains(&format!("bindings_removed={}/32", w.o.lab.client_v4)),
+        "{out}"
+    );
+    assert_eq!(w.refusal(w.client(), dex), (403, "revoked".into()));
 }

@@ -67,7 +67,8 @@ enum Action {
     /// are removed at once and the revocation persists.
     #[command(group(clap::ArgGroup::new("what").required(true).args(["token_id", "identity"])))]
     Revoke {
-        /// The token's `jti`.
+        /// The token's id, as bind replies, audit lines and `status` show it: its `jti` (or
+        /// the claim its issuer's `token_id` names), or a derived `sha256:…`.
         #[arg(long)]
         token_id: Option<String>,
         /// The identity (the `sub` claim).
