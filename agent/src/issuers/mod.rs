@@ -11,9 +11,11 @@
 //! waiting (its connection's timeout) cancels nothing the others wait on.
 //!
 //! What a failed fetch changes: only its outcome and counters. The keys in use stay, and
-//! so does a JWKS that is refused (not JSON, too large, no usable key): the last good keys
+//! so does a JWKS that is refused (not JSON, no `keys` array, too large): the last good keys
 //! serve until they are older than `max_stale_s`, then [`Keys::current`] answers
-//! [`KeysUnavailable`] (the refusal `keys_unavailable`) until a fetch succeeds again.
+//! [`KeysUnavailable`] (the refusal `keys_unavailable`) until a fetch succeeds again. A JWKS
+//! that parses but holds no usable key is not a failure: it replaces the keys (the provider
+//! withdrew them; tokens then get `unknown_kid` or `key_unusable`), counted as `no_keys`.
 //!
 //! Single-threaded: the agent runs on a `LocalSet`; state is in `RefCell`/`Cell`, no borrow is
 //! held across an await, and the async methods must run inside a `LocalSet`.
@@ -113,6 +115,8 @@ struct State {
     last_unknown_kid_ms: Option<u64>,
     suppressed: u64,
     file_mtime: Option<SystemTime>,
+    /// The last fetch failed: the keys in use are from an earlier one.
+    failed_since_good: bool,
 }
 
 /// A good fetch: the keys, the JWKS they came from, and how long to use it.
@@ -127,7 +131,9 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// The keys of a JWKS document, or why it is refused (and the old keys kept).
+/// The keys of a JWKS document, or why the document is refused (and the old keys kept): not
+/// UTF-8, not JSON, no `keys` array. A document that parses is the provider's word even when
+/// none of its keys is usable: [`Keys::record`] adopts it (outcome `no_keys`).
 fn key_set(body: Vec<u8>) -> Result<(KeySet, String), FetchError> {
     let text = String::from_utf8(body)
         .map_err(|_| fail(Outcome::NotJson, "the JWKS is not UTF-8 text"))?;
@@ -135,20 +141,19 @@ fn key_set(body: Vec<u8>) -> Result<(KeySet, String), FetchError> {
         JwksError::Json(_) => fail(Outcome::NotJson, e.to_string()),
         JwksError::NoKeys => fail(Outcome::NoKeys, e.to_string()),
     })?;
-    if keys.is_empty() {
-        let first = keys
-            .skipped()
-            .first()
-            .map_or_else(String::new, |s| format!("; the first: {s}"));
-        return Err(fail(
-            Outcome::NoKeys,
-            format!(
-                "the JWKS holds no usable key ({} skipped{first})",
-                keys.skipped().len()
-            ),
-        ));
-    }
     Ok((keys, text))
+}
+
+/// Why a parsed JWKS gives no usable key, for the operator.
+fn no_usable_key(keys: &KeySet) -> String {
+    let first = keys
+        .skipped()
+        .first()
+        .map_or_else(String::new, |s| format!("; the first: {s}"));
+    format!(
+        "the JWKS holds no usable key ({} skipped{first}): taken as it is, every token of this issuer is refused",
+        keys.skipped().len()
+    )
 }
 
 /// The keys a JWKS held that the set does not use.
@@ -352,9 +357,7 @@ impl Keys {
                 })
                 .collect(),
             refetches_suppressed: st.suppressed,
-            stale: self.is_remote()
-                && st.keys.is_some()
-                && st.last.as_ref().is_some_and(|l| l.outcome != "ok"),
+            stale: self.is_remote() && st.keys.is_some() && st.failed_since_good,
             unavailable,
         }
     }
@@ -447,24 +450,29 @@ impl Keys {
                 max_age_s: None,
                 jwks_uri: None,
             });
-        let outcome = result.as_ref().map_or_else(|e| e.outcome, |_| Outcome::Ok);
-        self.record(Trigger::FileChanged, result);
-        Some(outcome)
+        Some(self.record(Trigger::FileChanged, result))
     }
 
-    /// Counts a fetch; a good one replaces the keys (and, remote, is persisted).
-    fn record(&self, trigger: Trigger, result: Result<Good, FetchError>) {
+    /// Counts a fetch; a good one replaces the keys (and, remote, is persisted). Its outcome.
+    fn record(&self, trigger: Trigger, result: Result<Good, FetchError>) -> Outcome {
         let cfg = &self.0.cfg;
         let now = clock::now_ms();
         let wall = clock::wall_ms();
-        let outcome = result.as_ref().map_or_else(|e| e.outcome, |_| Outcome::Ok);
+        // A JWKS of no usable key is adopted (the provider withdrew its keys: keeping them
+        // until max_stale would trust what it no longer does) but counted as `no_keys`.
+        let (outcome, error) = match &result {
+            Err(e) => (e.outcome, Some(e.message.clone())),
+            Ok(good) if good.keys.is_empty() => (Outcome::NoKeys, Some(no_usable_key(&good.keys))),
+            Ok(_) => (Outcome::Ok, None),
+        };
         let mut st = self.0.state.borrow_mut();
         *st.fetches.entry((trigger, outcome)).or_default() += 1;
         st.last_outcome = Some(outcome);
+        st.failed_since_good = result.is_err();
         st.last = Some(LastFetch {
             trigger: trigger.label().into(),
             outcome: outcome.label().into(),
-            error: result.as_ref().err().map(|e| e.message.clone()),
+            error: error.clone(),
             at_wall_ms: wall,
         });
         match result {
@@ -487,7 +495,9 @@ impl Keys {
                 let life = cache::lifetime_s(good.max_age_s, cfg.cache_min_s, cfg.cache_max_s);
                 st.next_due_ms = now.saturating_add(life.saturating_mul(1000));
                 st.fetched_ms = Some(now);
-                if changed {
+                if let (true, Some(e)) = (changed, &error) {
+                    warn!(issuer = %cfg.name, trigger = trigger.label(), "keys replaced by an empty set: {e}");
+                } else if changed {
                     info!(issuer = %cfg.name, trigger = trigger.label(), keys = good.keys.len(), "keys replaced");
                 }
                 st.keys = Some(Rc::new(good.keys));
@@ -506,6 +516,7 @@ impl Keys {
                 }
             }
         }
+        outcome
     }
 }
 

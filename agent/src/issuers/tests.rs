@@ -336,8 +336,8 @@ fn a_failed_fetch_keeps_the_keys_until_max_stale_and_a_good_one_restores_them() 
         assert_eq!(keys.fetch_now().await, Outcome::Ok);
         *s.jwks.borrow_mut() = Some("<html>".into());
         assert_eq!(keys.fetch_now().await, Outcome::NotJson);
-        *s.jwks.borrow_mut() = Some(r#"{"keys":[]}"#.into());
-        assert_eq!(keys.fetch_now().await, Outcome::NoKeys);
+        *s.jwks.borrow_mut() = Some(r#"{"keys":{}}"#.into());
+        assert_eq!(keys.fetch_now().await, Outcome::NoKeys, "no `keys` array");
         *s.jwks.borrow_mut() = None;
         assert_eq!(keys.fetch_now().await, Outcome::HttpStatus);
         let st = keys.status();
@@ -503,11 +503,12 @@ fn a_key_file_is_reread_when_it_changes_and_a_broken_one_keeps_the_keys() {
 }
 
 #[test]
-fn skipped_keys_are_reported_and_a_jwks_of_skipped_keys_only_keeps_the_old_keys() {
+fn skipped_keys_are_reported_and_a_jwks_of_no_usable_key_replaces_the_keys() {
     local(async {
         let s = server("skip").await;
         let state = Dir::new("skip-state");
-        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
+        let cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
+        let keys = Keys::new(cfg.clone()).unwrap();
         let mut enc = SigningKey::generate(Alg::EdDSA, "e1").unwrap().public_jwk();
         enc["use"] = "enc".into();
         let sig = SigningKey::generate(Alg::EdDSA, "s1").unwrap().public_jwk();
@@ -523,14 +524,30 @@ fn skipped_keys_are_reported_and_a_jwks_of_skipped_keys_only_keeps_the_old_keys(
             [(0, Some("e1"), "encryption_key")]
         );
         assert!(keys.is_skipped("e1") && !keys.is_skipped("s1") && !keys.is_skipped("zz"));
+        // The provider withdraws its signing key: the JWKS parses, and is the provider's word.
         *s.jwks.borrow_mut() = Some(jwks(&[enc]));
         assert_eq!(keys.fetch_now().await, Outcome::NoKeys);
-        let err = keys.status().last_fetch.unwrap().error.unwrap();
+        let st = keys.status();
+        let err = st.last_fetch.clone().unwrap().error.unwrap();
         assert!(
             err.contains("no usable key (1 skipped; the first: JWKS key #0"),
             "{err}"
         );
-        assert!(keys.knows("s1"), "the old keys stay");
+        assert!(!keys.knows("s1"), "the withdrawn key is no longer trusted");
+        assert!(keys.is_skipped("e1"), "its kid gets key_unusable");
+        let now_keys = keys
+            .current(clock::now_ms())
+            .expect("an empty set, not unavailable");
+        assert!(now_keys.is_empty());
+        assert!(!st.stale && !st.unavailable, "{st:?}");
+        *s.jwks.borrow_mut() = Some(r#"{"keys":[]}"#.into());
+        assert_eq!(keys.fetch_now().await, Outcome::NoKeys);
+        assert!(keys.current(clock::now_ms()).unwrap().is_empty());
+        // A restart does not bring the withdrawn key back from the persisted JWKS.
+        *s.jwks.borrow_mut() = None;
+        drop(keys);
+        let again = Keys::new(cfg).unwrap();
+        assert!(!again.knows("s1"), "the persisted JWKS is the empty one");
     });
 }
 
