@@ -380,12 +380,30 @@ impl Keys {
         inner.done.notified().await;
     }
 
+    /// One fetch, discovery included, within one `timeout_ms`: a waiter on
+    /// [`Keys::refetch_unknown_kid`] waits at most that long, however many GETs it takes.
     async fn fetch_remote(&self) -> Result<Good, FetchError> {
+        let timeout = Duration::from_millis(self.0.cfg.timeout_ms);
+        tokio::time::timeout(timeout, self.fetch_steps(timeout))
+            .await
+            .unwrap_or_else(|_| {
+                Err(fail(
+                    Outcome::Timeout,
+                    format!(
+                        "{}: the fetch did not end within timeout_ms = {}",
+                        self.0.cfg.describe(),
+                        self.0.cfg.timeout_ms
+                    ),
+                ))
+            })
+    }
+
+    /// The GETs of one fetch (each also bounded by `timeout`, which the whole is too).
+    async fn fetch_steps(&self, timeout: Duration) -> Result<Good, FetchError> {
         let Some(remote) = &self.0.remote else {
             return Err(fail(Outcome::Io, "not a remote source"));
         };
         let cfg = &self.0.cfg;
-        let timeout = Duration::from_millis(cfg.timeout_ms);
         let (url, jwks_uri) = match cfg.kind {
             SourceKind::Discovery => {
                 let cached = {

@@ -211,6 +211,14 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
             tokio::time::sleep(Duration::from_secs(30)).await;
             return;
         }
+        "/late/.well-known/openid-configuration" => {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            discovery(&format!("{base}/late"), &format!("{base}/later-jwks"))
+        }
+        "/later-jwks" => {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            ok("", &jwks_of(&["later"]))
+        }
         "/good/.well-known/openid-configuration" => {
             discovery(&format!("{base}/good"), &format!("{base}/jwks"))
         }
@@ -441,6 +449,23 @@ fn discovery_finds_the_jwks_uri_of_the_configured_issuer_only() {
             Keys::new(cfg).unwrap().fetch_now().await,
             Outcome::InsecureJwksUri
         );
+    });
+}
+
+#[test]
+fn discovery_and_the_jwks_share_one_timeout() {
+    local(async {
+        let s = server("disc-late").await;
+        let state = Dir::new("disc-late-state");
+        let mut cfg = config(&s, SourceKind::Discovery, &state);
+        cfg.issuer = Some(s.url("/late"));
+        // Each GET alone (600 ms) is within the timeout; both together are not.
+        cfg.timeout_ms = 1000;
+        let keys = Keys::new(cfg).unwrap();
+        assert_eq!(keys.fetch_now().await, Outcome::Timeout);
+        let err = keys.status().last_fetch.unwrap().error.unwrap();
+        assert!(err.contains("within timeout_ms = 1000"), "{err}");
+        assert_eq!(s.hits("/late/.well-known/openid-configuration"), 1);
     });
 }
 
