@@ -189,6 +189,36 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
             )
         }
         "/html" => ok("", "<html>oops</html>"),
+        "/te-and-cl" => {
+            let body = jwks_of(&["t1"]);
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: {}\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len(),
+                body.len()
+            )
+        }
+        "/plus-length" => {
+            let body = jwks_of(&["p1"]);
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: +{}\r\n\r\n{body}",
+                body.len()
+            )
+        }
+        "/trickle" => {
+            // The head one byte per TLS record.
+            let body = jwks_of(&["t1"]);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nX-Pad: {}\r\nContent-Length: {}\r\n\r\n",
+                "a".repeat(100),
+                body.len()
+            );
+            for b in head.bytes() {
+                let _ = tls.write_all(&[b]).await;
+                let _ = tls.flush().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            body
+        }
         "/chunked" => {
             let body = jwks_of(&["c1", "c2"]);
             let (a, b) = body.split_at(body.len() / 2);
@@ -305,6 +335,15 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
         let (o, err, _) = fetch(&s, "/big-close").await;
         assert_eq!(o, Outcome::TooLarge, "{err:?}");
         assert_eq!(fetch(&s, "/html").await.0, Outcome::NotJson);
+        let (o, err, _) = fetch(&s, "/te-and-cl").await;
+        assert_eq!(o, Outcome::Io, "{err:?}");
+        assert!(
+            err.unwrap()
+                .contains("both Transfer-Encoding and Content-Length")
+        );
+        let (o, err, _) = fetch(&s, "/plus-length").await;
+        assert_eq!(o, Outcome::Io, "{err:?}");
+        assert!(err.unwrap().contains("bad Content-Length \"+"));
         assert_eq!(fetch(&s, "/missing").await.0, Outcome::HttpStatus);
         let (o, err, _) = fetch(&s, "/slow").await;
         assert_eq!(o, Outcome::Timeout, "{err:?}");
@@ -327,11 +366,34 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
                 .unwrap_err()
                 .contains("no usable CA certificate")
         );
+        // The right CA beside a certificate that cannot be parsed: the bundle is refused.
+        let broken = state.0.join("broken.pem");
+        let good = std::fs::read_to_string(&s.ca).unwrap();
+        std::fs::write(
+            &broken,
+            format!("{good}-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n"),
+        )
+        .unwrap();
+        cfg.ca_bundle = Some(broken);
+        let e = Keys::new(cfg.clone()).unwrap_err();
+        assert!(e.contains("certificate #2 cannot be used"), "{e}");
         cfg.ca_bundle = Some(s.ca.clone());
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         cfg.kind = SourceKind::JwksUrl(format!("https://{}/", closed.local_addr().unwrap()));
         drop(closed);
         assert_eq!(Keys::new(cfg).unwrap().fetch_now().await, Outcome::Connect);
+    });
+}
+
+#[test]
+fn a_head_trickled_byte_by_byte_is_parsed_once() {
+    local(async {
+        let s = server("trickle").await;
+        fetch::HEAD_PARSES.with(|n| n.set(0));
+        let (o, err, kids) = fetch(&s, "/trickle").await;
+        assert_eq!((o, kids), (Outcome::Ok, vec!["t1".to_owned()]), "{err:?}");
+        let parses = fetch::HEAD_PARSES.with(|n| n.get());
+        assert_eq!(parses, 1, "the head was parsed {parses} times");
     });
 }
 
