@@ -117,6 +117,8 @@ struct State {
     file_mtime: Option<SystemTime>,
     /// The last fetch failed: the keys in use are from an earlier one.
     failed_since_good: bool,
+    /// Why the persisted keys were not used (until a fetch succeeds, [`Keys::current`] says).
+    persisted_refused: Option<String>,
 }
 
 /// A good fetch: the keys, the JWKS they came from, and how long to use it.
@@ -247,7 +249,14 @@ impl Keys {
                 .map_or_else(String::new, |e| format!("; last fetch: {e}"))
         };
         let (Some(keys), Some(fetched)) = (&st.keys, st.fetched_ms) else {
-            return Err(unavailable(format!("no keys fetched yet{}", last_error())));
+            let persisted = st
+                .persisted_refused
+                .as_ref()
+                .map_or_else(String::new, |why| format!("; the persisted keys: {why}"));
+            return Err(unavailable(format!(
+                "no keys fetched yet{persisted}{}",
+                last_error()
+            )));
         };
         if self.is_remote() && !cache::usable(fetched, now_ms, self.0.cfg.max_stale_s) {
             return Err(unavailable(format!(
@@ -334,7 +343,7 @@ impl Keys {
     pub fn status(&self) -> KeysStatus {
         let now = clock::now_ms();
         let cfg = &self.0.cfg;
-        let unavailable = self.current(now).is_err();
+        let unavailable = self.current(now).err().map(|e| e.why);
         let st = self.0.state.borrow();
         KeysStatus {
             name: cfg.name.clone(),
@@ -358,7 +367,8 @@ impl Keys {
                 .collect(),
             refetches_suppressed: st.suppressed,
             stale: self.is_remote() && st.keys.is_some() && st.failed_since_good,
-            unavailable,
+            unavailable: unavailable.is_some(),
+            unavailable_why: unavailable,
         }
     }
 
@@ -525,7 +535,7 @@ impl Keys {
                         &cfg.name,
                         &cfg.describe(),
                         good.jwks_uri,
-                        wall,
+                        persist::Fetched::now(),
                         good.text,
                     );
                     if let Err(e) = persist::save(&cfg.state_dir, &saved) {
@@ -559,9 +569,16 @@ fn load_persisted(cfg: &SourceConfig, state: &mut State) {
             return;
         }
     };
+    let age = match cache::persisted_age_ms(&saved.fetched, &persist::Fetched::now()) {
+        Ok(age) => age,
+        Err(why) => {
+            warn!(issuer = %cfg.name, "not using the persisted keys: {why}");
+            state.persisted_refused = Some(why);
+            return;
+        }
+    };
     match key_set(saved.jwks.into_bytes()) {
         Ok((keys, _)) => {
-            let age = cache::persisted_age_ms(saved.fetched_wall_ms, clock::wall_ms());
             info!(issuer = %cfg.name, keys = keys.len(), age_s = age / 1000, "loaded the persisted keys");
             state.keys = Some(Rc::new(keys));
             state.fetched_ms = Some(clock::now_ms().saturating_sub(age));

@@ -13,7 +13,31 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-const VERSION: u32 = 1;
+/// 2: the fetch's instant is also kept on the boot clock (`boot_id`, `fetched_boot_ns`).
+const VERSION: u32 = 2;
+
+/// When a fetch happened, on the two clocks that mean something after a restart: the boot
+/// clock within the same boot (it does not step), the wall clock across a reboot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fetched {
+    /// Wall time of the fetch (ms).
+    pub wall_ms: u64,
+    /// `/proc/sys/kernel/random/boot_id` of the boot it happened in (empty: unknown).
+    pub boot_id: String,
+    /// CLOCK_BOOTTIME at the fetch (ns): what agent time runs on.
+    pub boot_ns: u64,
+}
+
+impl Fetched {
+    /// Now.
+    pub fn now() -> Fetched {
+        Fetched {
+            wall_ms: crate::clock::wall_ms(),
+            boot_id: crate::clock::boot_id(),
+            boot_ns: crate::tables::boot_ns(),
+        }
+    }
+}
 
 /// What is kept of a good fetch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,8 +48,7 @@ pub struct Saved {
     pub source: String,
     /// Discovery: the `jwks_uri` the JWKS came from.
     pub jwks_uri: Option<String>,
-    /// Wall time of the fetch (ms): the one instant that means the same after a restart.
-    pub fetched_wall_ms: u64,
+    pub fetched: Fetched,
     /// The JWKS as fetched.
     pub jwks: String,
 }
@@ -35,7 +58,7 @@ impl Saved {
         name: &str,
         source: &str,
         jwks_uri: Option<String>,
-        fetched_wall_ms: u64,
+        fetched: Fetched,
         jwks: String,
     ) -> Saved {
         Saved {
@@ -43,7 +66,7 @@ impl Saved {
             name: name.to_owned(),
             source: source.to_owned(),
             jwks_uri,
-            fetched_wall_ms,
+            fetched,
             jwks,
         }
     }
@@ -122,7 +145,7 @@ mod tests {
             "idp",
             "https://idp.example/certs",
             None,
-            1_234,
+            Fetched::now(),
             r#"{"keys":[]}"#.into(),
         );
         assert_eq!(load(&d, "idp", "https://idp.example/certs", 1024), Ok(None));
@@ -133,7 +156,10 @@ mod tests {
         );
         // Replaced whole; no temporary file left behind.
         let newer = Saved {
-            fetched_wall_ms: 5_678,
+            fetched: Fetched {
+                wall_ms: 5_678,
+                ..saved.fetched.clone()
+            },
             ..saved
         };
         save(&d, &newer).unwrap();

@@ -488,6 +488,55 @@ fn a_restarted_node_verifies_with_the_persisted_keys_of_its_own_source() {
 }
 
 #[test]
+fn persisted_keys_are_aged_by_the_boot_clock_and_a_future_wall_time_is_refused() {
+    local(async {
+        let s = server("persist-age").await;
+        let state = Dir::new("persist-age-state");
+        let cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
+        let write = |fetched: persist::Fetched| {
+            let saved =
+                persist::Saved::new("idp", &cfg.describe(), None, fetched, jwks_of(&["k1"]));
+            persist::save(&state.0, &saved).unwrap();
+            Keys::new(cfg.clone()).unwrap()
+        };
+        let now = persist::Fetched::now();
+        // Fetched 700 s ago in this boot, while the wall clock ran an hour ahead; it has been
+        // set right since. The boot clock says 700 s: older than max_stale_s = 600.
+        let keys = write(persist::Fetched {
+            wall_ms: now.wall_ms + 3_600_000,
+            boot_ns: now.boot_ns.saturating_sub(700_000_000_000),
+            ..now.clone()
+        });
+        let e = keys.current(clock::now_ms()).unwrap_err();
+        assert!(e.why.contains("more than max_stale_s = 600"), "{e}");
+        // Before a reboot, at a wall time an hour from now: the age is unknown, not "new".
+        let keys = write(persist::Fetched {
+            wall_ms: now.wall_ms + 3_600_000,
+            boot_id: "another-boot".into(),
+            boot_ns: 1,
+        });
+        let e = keys.current(clock::now_ms()).unwrap_err();
+        assert!(e.why.contains("s in the future"), "{e}");
+        assert!(!keys.knows("k1"));
+        let st = keys.status();
+        assert!(st.unavailable, "{st:?}");
+        assert!(
+            st.unavailable_why
+                .unwrap()
+                .contains("the persisted keys: saved before a reboot")
+        );
+        // Before a reboot, 60 s ago on the wall clock: used, 60 s old.
+        let keys = write(persist::Fetched {
+            wall_ms: now.wall_ms - 60_000,
+            boot_id: "another-boot".into(),
+            boot_ns: 1,
+        });
+        assert!(keys.current(clock::now_ms()).is_ok());
+        assert!(keys.status().age_s.is_some_and(|a| (60..120).contains(&a)));
+    });
+}
+
+#[test]
 fn discovery_finds_the_jwks_uri_of_the_configured_issuer_only() {
     local(async {
         let s = server("disc").await;
