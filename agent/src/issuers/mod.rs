@@ -91,6 +91,11 @@ struct Inner {
     /// A fetch is running (as its own task); `done` wakes its waiters when it ends.
     in_flight: Cell<bool>,
     done: Notify,
+    /// The next JWKS to persist (the newest wins: an older one is never written after it),
+    /// a writer task running, and its end.
+    persist_next: RefCell<Option<(persist::Saved, u64)>>,
+    persisting: Cell<bool>,
+    persist_done: Notify,
 }
 
 struct Remote {
@@ -119,6 +124,8 @@ struct State {
     failed_since_good: bool,
     /// Why the persisted keys were not used (until a fetch succeeds, [`Keys::current`] says).
     persisted_refused: Option<String>,
+    /// What was last persisted (JWKS text, jwks_uri) and the agent time of its fetch.
+    persisted: Option<(String, Option<String>, u64)>,
 }
 
 /// A good fetch: the keys, the JWKS they came from, and how long to use it.
@@ -224,6 +231,9 @@ impl Keys {
             state: RefCell::new(state),
             in_flight: Cell::new(false),
             done: Notify::new(),
+            persist_next: RefCell::new(None),
+            persisting: Cell::new(false),
+            persist_done: Notify::new(),
         })))
     }
 
@@ -529,8 +539,15 @@ impl Keys {
                     info!(issuer = %cfg.name, trigger = trigger.label(), keys = good.keys.len(), "keys replaced");
                 }
                 st.keys = Some(Rc::new(good.keys));
+                // The same JWKS persisted less than cache_min_s ago is not written again: the
+                // saved fetch time then lags by less than that, which errs towards staleness.
+                let recent = st.persisted.as_ref().is_some_and(|(text, uri, at)| {
+                    *text == good.text
+                        && *uri == good.jwks_uri
+                        && now.saturating_sub(*at) < cfg.cache_min_s.saturating_mul(1000)
+                });
                 drop(st);
-                if self.is_remote() {
+                if self.is_remote() && !recent {
                     let saved = persist::Saved::new(
                         &cfg.name,
                         &cfg.describe(),
@@ -538,13 +555,66 @@ impl Keys {
                         persist::Fetched::now(),
                         good.text,
                     );
-                    if let Err(e) = persist::save(&cfg.state_dir, &saved) {
-                        warn!(issuer = %cfg.name, "cannot persist the fetched keys ({}): {e}", persist::path(&cfg.state_dir, &cfg.name).display());
-                    }
+                    self.persist(saved, now);
                 }
             }
         }
         outcome
+    }
+}
+
+impl Keys {
+    /// Persists `saved` (fetched at agent time `at`) off the agent's thread: create, write,
+    /// fsync and rename block, and a slow or hung state_dir must not stall binds and control
+    /// requests. One writer task per source, writing the newest pending JWKS until none is.
+    fn persist(&self, saved: persist::Saved, at: u64) {
+        *self.0.persist_next.borrow_mut() = Some((saved, at));
+        if self.0.persisting.replace(true) {
+            return;
+        }
+        let keys = self.clone();
+        tokio::task::spawn_local(async move {
+            let _writing = Writing(Rc::clone(&keys.0));
+            let cfg = &keys.0.cfg;
+            loop {
+                let Some((saved, at)) = keys.0.persist_next.borrow_mut().take() else {
+                    break;
+                };
+                let done = (saved.jwks.clone(), saved.jwks_uri.clone(), at);
+                let dir = cfg.state_dir.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || persist::save(&dir, &saved)).await;
+                match written {
+                    Ok(Ok(())) => keys.0.state.borrow_mut().persisted = Some(done),
+                    Ok(Err(e)) => {
+                        warn!(issuer = %cfg.name, "cannot persist the fetched keys ({}): {e}", persist::path(&cfg.state_dir, &cfg.name).display());
+                    }
+                    Err(e) => warn!(issuer = %cfg.name, "persisting the fetched keys stopped: {e}"),
+                }
+            }
+        });
+    }
+
+    /// Waits until the fetched keys are persisted (none pending or being written): for a
+    /// short-lived process (`tollgate token verify`) before it exits, and for tests.
+    pub async fn persisted(&self) {
+        loop {
+            let done = self.0.persist_done.notified();
+            if !self.0.persisting.get() {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+/// The persist writer task; its end (or drop) lets the next one start and wakes waiters.
+struct Writing(Rc<Inner>);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.persisting.set(false);
+        self.0.persist_done.notify_waiters();
     }
 }
 
@@ -577,11 +647,13 @@ fn load_persisted(cfg: &SourceConfig, state: &mut State) {
             return;
         }
     };
-    match key_set(saved.jwks.into_bytes()) {
+    match key_set(saved.jwks.clone().into_bytes()) {
         Ok((keys, _)) => {
             info!(issuer = %cfg.name, keys = keys.len(), age_s = age / 1000, "loaded the persisted keys");
+            let fetched = clock::now_ms().saturating_sub(age);
             state.keys = Some(Rc::new(keys));
-            state.fetched_ms = Some(clock::now_ms().saturating_sub(age));
+            state.fetched_ms = Some(fetched);
+            state.persisted = Some((saved.jwks, saved.jwks_uri.clone(), fetched));
             state.jwks_uri = saved.jwks_uri;
         }
         Err(e) => warn!(issuer = %cfg.name, "not using the persisted keys: {e}"),

@@ -468,6 +468,7 @@ fn a_restarted_node_verifies_with_the_persisted_keys_of_its_own_source() {
         let cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
         let first = Keys::new(cfg.clone()).unwrap();
         assert_eq!(first.fetch_now().await, Outcome::Ok);
+        first.persisted().await;
         drop(first);
         // The provider is down when the node starts again.
         *s.jwks.borrow_mut() = None;
@@ -533,6 +534,49 @@ fn persisted_keys_are_aged_by_the_boot_clock_and_a_future_wall_time_is_refused()
         });
         assert!(keys.current(clock::now_ms()).is_ok());
         assert!(keys.status().age_s.is_some_and(|a| (60..120).contains(&a)));
+    });
+}
+
+/// The threads that persisted into `dir`.
+fn saves_into(dir: &Dir) -> Vec<std::thread::ThreadId> {
+    let saves = persist::SAVES.lock().unwrap();
+    saves
+        .iter()
+        .filter(|(d, _)| *d == dir.0)
+        .map(|(_, t)| *t)
+        .collect()
+}
+
+#[test]
+fn keys_are_persisted_off_the_agent_thread_and_an_unchanged_jwks_not_rewritten_soon() {
+    local(async {
+        let s = server("persist-write").await;
+        let state = Dir::new("persist-write-state");
+        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
+        assert_eq!(keys.fetch_now().await, Outcome::Ok);
+        keys.persisted().await;
+        let saves = saves_into(&state);
+        assert_eq!(saves.len(), 1);
+        assert_ne!(
+            saves[0],
+            std::thread::current().id(),
+            "the fsync ran on the agent's thread"
+        );
+        // The same JWKS again within cache_min_s = 30: not written again.
+        assert_eq!(keys.fetch_now().await, Outcome::Ok);
+        keys.persisted().await;
+        assert_eq!(
+            saves_into(&state).len(),
+            1,
+            "an unchanged JWKS was rewritten"
+        );
+        // A new JWKS is.
+        *s.jwks.borrow_mut() = Some(jwks_of(&["k2"]));
+        assert_eq!(keys.fetch_now().await, Outcome::Ok);
+        keys.persisted().await;
+        assert_eq!(saves_into(&state).len(), 2);
+        let loaded = persist::load(&state.0, "idp", &keys.0.cfg.describe(), 4096).unwrap();
+        assert!(loaded.unwrap().jwks.contains("\"k2\""));
     });
 }
 
@@ -679,6 +723,7 @@ fn skipped_keys_are_reported_and_a_jwks_of_no_usable_key_replaces_the_keys() {
         *s.jwks.borrow_mut() = Some(r#"{"keys":[]}"#.into());
         assert_eq!(keys.fetch_now().await, Outcome::NoKeys);
         assert!(keys.current(clock::now_ms()).unwrap().is_empty());
+        keys.persisted().await;
         // A restart does not bring the withdrawn key back from the persisted JWKS.
         *s.jwks.borrow_mut() = None;
         drop(keys);
