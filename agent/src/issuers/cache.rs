@@ -1,7 +1,7 @@
 //! The time decisions of a key source, as pure functions of explicit instants (agent time,
 //! ms): how long a fetched document is used (`Cache-Control: max-age` within the configured
 //! bounds), whether keys are too old to use, whether an unknown-kid refetch may start, and the
-//! age of keys persisted by an earlier run.
+//! age of keys persisted by an earlier run (boot clock within a boot, wall clock across one).
 
 /// The freshness lifetime a response gives itself (RFC 9111 §4.2.1, §5.2.2): its `max-age`
 /// less its `Age`; `no-store` or `no-cache` count as 0 (refetch as soon as the bounds allow).
@@ -61,12 +61,38 @@ pub fn refetch_allowed(last_start_ms: Option<u64>, now_ms: u64, cooldown_s: u64)
     last_start_ms.is_none_or(|t| now_ms.saturating_sub(t) >= cooldown_s.saturating_mul(1000))
 }
 
-/// The age of keys persisted at wall time `fetched_wall_ms`, read at wall time `wall_now_ms`,
-/// never negative. The only place a wall time crosses a restart: a wall-clock step between
-/// the fetch and now moves this age by the step (a step back makes keys look younger, at
-/// most as young as new; the next good fetch makes the age exact again).
-pub fn persisted_age_ms(fetched_wall_ms: u64, wall_now_ms: u64) -> u64 {
-    wall_now_ms.saturating_sub(fetched_wall_ms)
+/// A persisted fetch whose wall time is further ahead of the wall clock than this was not
+/// made at that time: the clock was stepped back since, or ran ahead then.
+pub const PERSISTED_FUTURE_BOUND_MS: u64 = 5 * 60 * 1000;
+
+/// The age (ms) at `now` of keys persisted by an earlier run at `then`, or why it cannot be
+/// known (the keys are then taken as older than max_stale: not used). Within one boot the boot
+/// clock says, and the wall clock is not read: a wall-clock step cannot make keys look
+/// younger. Across a reboot only the wall clock spans the gap: a fetch time in the past is
+/// taken as it is (a step forward errs towards staleness), one more than
+/// [`PERSISTED_FUTURE_BOUND_MS`] in the future is refused — taking it as "just now" would
+/// renew old keys for a full max_stale on every restart until the clock caught up.
+pub fn persisted_age_ms(
+    then: &super::persist::Fetched,
+    now: &super::persist::Fetched,
+) -> Result<u64, String> {
+    if !then.boot_id.is_empty() && then.boot_id == now.boot_id {
+        return now
+            .boot_ns
+            .checked_sub(then.boot_ns)
+            .map(|ns| ns / 1_000_000)
+            .ok_or_else(|| "saved in this boot at a boot-clock time still to come".to_owned());
+    }
+    match then.wall_ms.checked_sub(now.wall_ms) {
+        Some(ahead) if ahead > PERSISTED_FUTURE_BOUND_MS => Err(format!(
+            "saved before a reboot at a wall time {} s in the future: the wall clock was \
+             stepped back since (or was ahead then), so their age is unknown and they are \
+             taken as older than max_stale_s",
+            ahead / 1000
+        )),
+        Some(_) => Ok(0),
+        None => Ok(now.wall_ms - then.wall_ms),
+    }
 }
 
 #[cfg(test)]
@@ -129,8 +155,25 @@ mod tests {
     }
 
     #[test]
-    fn persisted_age_is_never_negative() {
-        assert_eq!(persisted_age_ms(10_000, 70_000), 60_000);
-        assert_eq!(persisted_age_ms(70_000, 10_000), 0);
+    fn persisted_age_reads_the_boot_clock_within_a_boot_and_refuses_a_future_wall_time() {
+        use super::super::persist::Fetched;
+        let at = |wall_ms, boot_id: &str, boot_ns| Fetched {
+            wall_ms,
+            boot_id: boot_id.into(),
+            boot_ns,
+        };
+        let now = at(1_000_000_000, "b1", 900_000_000_000);
+        // Same boot: the boot clock, whatever the wall clock says (it was 1 h ahead then).
+        let then = at(1_003_600_000, "b1", 300_000_000_000);
+        assert_eq!(persisted_age_ms(&then, &now), Ok(600_000));
+        assert!(persisted_age_ms(&at(0, "b1", 900_000_000_001), &now).is_err());
+        // Another boot (or none known): the wall clock; up to 5 min ahead counts as now.
+        assert_eq!(
+            persisted_age_ms(&at(999_940_000, "b0", 5), &now),
+            Ok(60_000)
+        );
+        assert_eq!(persisted_age_ms(&at(1_000_300_000, "", 5), &now), Ok(0));
+        let e = persisted_age_ms(&at(1_000_300_001, "b0", 5), &now).unwrap_err();
+        assert!(e.contains("300 s in the future"), "{e}");
     }
 }

@@ -68,12 +68,22 @@ impl Client {
                 let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                     .and_then(|it| it.collect::<Result<_, _>>())
                     .map_err(|e| format!("ca_bundle {}: {e}", path.display()))?;
-                let (added, _) = roots.add_parsable_certificates(certs);
-                if added == 0 {
+                // Every certificate or none: a bundle with one broken entry is a mistake the
+                // operator should see now, not a missing root found at the first fetch.
+                if certs.is_empty() {
                     return Err(format!(
                         "ca_bundle {}: no usable CA certificate in the file",
                         path.display()
                     ));
+                }
+                for (i, cert) in certs.into_iter().enumerate() {
+                    roots.add(cert).map_err(|e| {
+                        format!(
+                            "ca_bundle {}: certificate #{} cannot be used: {e}",
+                            path.display(),
+                            i + 1
+                        )
+                    })?;
                 }
             }
             None => {
@@ -81,7 +91,12 @@ impl Client {
                 for e in &found.errors {
                     tracing::warn!("system CA certificates: {e}");
                 }
-                let (added, _) = roots.add_parsable_certificates(found.certs);
+                let (added, ignored) = roots.add_parsable_certificates(found.certs);
+                if ignored > 0 {
+                    tracing::warn!(
+                        "system CA certificates: {ignored} cannot be parsed, not trusted"
+                    );
+                }
                 if added == 0 {
                     return Err(
                         "no system CA certificates found (install the ca-certificates \
@@ -286,24 +301,56 @@ async fn read_response(conn: &mut Conn, max_bytes: usize) -> Result<Document, Fe
     })
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Head parses on this thread (the tests' check that a trickled head is parsed once).
+    pub(super) static HEAD_PARSES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Where the head's blank line ends in `buf`, searching from `from` (`\n\n` or `\n\r\n`:
+/// httparse also takes bare LF line ends).
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let tail = buf.get(from..)?;
+    tail.iter().enumerate().find_map(|(i, &b)| {
+        (b == b'\n').then_some(())?;
+        match tail.get(i + 1..) {
+            Some([b'\n', ..]) => Some(from + i + 2),
+            Some([b'\r', b'\n', ..]) => Some(from + i + 3),
+            _ => None,
+        }
+    })
+}
+
+/// Reads until the head is complete, then parses it once: each read searches only the new
+/// bytes (and the 2 before, where a blank line may have begun), so a server trickling its head
+/// a byte at a time costs linear work, not a re-parse from byte 0 per read.
 async fn read_head(conn: &mut Conn) -> Result<Head, FetchError> {
+    let mut searched: usize = 0;
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(conn.pending()) {
-            Ok(httparse::Status::Complete(n)) => {
-                let head = head_of(&response)?;
-                conn.pos += n;
-                return Ok(head);
-            }
-            Ok(httparse::Status::Partial) if conn.pending().len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) => {
-                return Err(fail(
-                    Outcome::TooLarge,
-                    format!("the response head exceeds {MAX_HEAD} bytes"),
-                ));
-            }
-            Err(e) => return Err(fail(Outcome::Io, format!("not an HTTP/1.1 response: {e}"))),
+        if head_end(conn.pending(), searched.saturating_sub(2)).is_some() {
+            #[cfg(test)]
+            HEAD_PARSES.with(|n| n.set(n.get() + 1));
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut headers);
+            return match response.parse(conn.pending()) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let head = head_of(&response)?;
+                    conn.pos += n;
+                    Ok(head)
+                }
+                Ok(httparse::Status::Partial) => Err(fail(
+                    Outcome::Io,
+                    "not an HTTP/1.1 response: a blank line before the head's end",
+                )),
+                Err(e) => Err(fail(Outcome::Io, format!("not an HTTP/1.1 response: {e}"))),
+            };
+        }
+        searched = conn.pending().len();
+        if searched >= MAX_HEAD {
+            return Err(fail(
+                Outcome::TooLarge,
+                format!("the response head exceeds {MAX_HEAD} bytes"),
+            ));
         }
         conn.fill_more("response head").await?;
     }
@@ -340,14 +387,25 @@ fn head_of(response: &httparse::Response<'_, '_>) -> Result<Head, FetchError> {
     let lengths: Vec<String> = values("content-length").collect();
     let length = match lengths.as_slice() {
         [] => None,
-        [first, rest @ ..] if rest.iter().all(|l| l == first) => Some(
-            first
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| fail(Outcome::Io, format!("bad Content-Length {first:?}")))?,
-        ),
+        [first, rest @ ..] if rest.iter().all(|l| l == first) => {
+            // 1*DIGIT (RFC 9110 §8.6): `+5`, `5, 5` or ` 5` are not lengths.
+            let digits = first.trim();
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(fail(Outcome::Io, format!("bad Content-Length {first:?}")));
+            }
+            // All digits: only too large for u64 fails, and that exceeds any limit.
+            Some(digits.parse::<u64>().unwrap_or(u64::MAX))
+        }
         _ => return Err(fail(Outcome::Io, "conflicting Content-Length headers")),
     };
+    if chunked && length.is_some() {
+        // RFC 9112 §6.1: such a message "ought to be handled as an error"; two framings
+        // are one too many for a strict client.
+        return Err(fail(
+            Outcome::Io,
+            "both Transfer-Encoding and Content-Length: the body's framing is ambiguous",
+        ));
+    }
     let cache_control: Vec<String> = values("cache-control").collect();
     let age = values("age").next();
     Ok(Head {

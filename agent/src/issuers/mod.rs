@@ -11,9 +11,11 @@
 //! waiting (its connection's timeout) cancels nothing the others wait on.
 //!
 //! What a failed fetch changes: only its outcome and counters. The keys in use stay, and
-//! so does a JWKS that is refused (not JSON, too large, no usable key): the last good keys
+//! so does a JWKS that is refused (not JSON, no `keys` array, too large): the last good keys
 //! serve until they are older than `max_stale_s`, then [`Keys::current`] answers
-//! [`KeysUnavailable`] (the refusal `keys_unavailable`) until a fetch succeeds again.
+//! [`KeysUnavailable`] (the refusal `keys_unavailable`) until a fetch succeeds again. A JWKS
+//! that parses but holds no usable key is not a failure: it replaces the keys (the provider
+//! withdrew them; tokens then get `unknown_kid` or `key_unusable`), counted as `no_keys`.
 //!
 //! Single-threaded: the agent runs on a `LocalSet`; state is in `RefCell`/`Cell`, no borrow is
 //! held across an await, and the async methods must run inside a `LocalSet`.
@@ -89,6 +91,11 @@ struct Inner {
     /// A fetch is running (as its own task); `done` wakes its waiters when it ends.
     in_flight: Cell<bool>,
     done: Notify,
+    /// The next JWKS to persist (the newest wins: an older one is never written after it),
+    /// a writer task running, and its end.
+    persist_next: RefCell<Option<(persist::Saved, u64)>>,
+    persisting: Cell<bool>,
+    persist_done: Notify,
 }
 
 struct Remote {
@@ -113,6 +120,12 @@ struct State {
     last_unknown_kid_ms: Option<u64>,
     suppressed: u64,
     file_mtime: Option<SystemTime>,
+    /// The last fetch failed: the keys in use are from an earlier one.
+    failed_since_good: bool,
+    /// Why the persisted keys were not used (until a fetch succeeds, [`Keys::current`] says).
+    persisted_refused: Option<String>,
+    /// What was last persisted (JWKS text, jwks_uri) and the agent time of its fetch.
+    persisted: Option<(String, Option<String>, u64)>,
 }
 
 /// A good fetch: the keys, the JWKS they came from, and how long to use it.
@@ -127,7 +140,9 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// The keys of a JWKS document, or why it is refused (and the old keys kept).
+/// The keys of a JWKS document, or why the document is refused (and the old keys kept): not
+/// UTF-8, not JSON, no `keys` array. A document that parses is the provider's word even when
+/// none of its keys is usable: [`Keys::record`] adopts it (outcome `no_keys`).
 fn key_set(body: Vec<u8>) -> Result<(KeySet, String), FetchError> {
     let text = String::from_utf8(body)
         .map_err(|_| fail(Outcome::NotJson, "the JWKS is not UTF-8 text"))?;
@@ -135,20 +150,19 @@ fn key_set(body: Vec<u8>) -> Result<(KeySet, String), FetchError> {
         JwksError::Json(_) => fail(Outcome::NotJson, e.to_string()),
         JwksError::NoKeys => fail(Outcome::NoKeys, e.to_string()),
     })?;
-    if keys.is_empty() {
-        let first = keys
-            .skipped()
-            .first()
-            .map_or_else(String::new, |s| format!("; the first: {s}"));
-        return Err(fail(
-            Outcome::NoKeys,
-            format!(
-                "the JWKS holds no usable key ({} skipped{first})",
-                keys.skipped().len()
-            ),
-        ));
-    }
     Ok((keys, text))
+}
+
+/// Why a parsed JWKS gives no usable key, for the operator.
+fn no_usable_key(keys: &KeySet) -> String {
+    let first = keys
+        .skipped()
+        .first()
+        .map_or_else(String::new, |s| format!("; the first: {s}"));
+    format!(
+        "the JWKS holds no usable key ({} skipped{first}): taken as it is, every token of this issuer is refused",
+        keys.skipped().len()
+    )
 }
 
 /// The keys a JWKS held that the set does not use.
@@ -217,6 +231,9 @@ impl Keys {
             state: RefCell::new(state),
             in_flight: Cell::new(false),
             done: Notify::new(),
+            persist_next: RefCell::new(None),
+            persisting: Cell::new(false),
+            persist_done: Notify::new(),
         })))
     }
 
@@ -242,7 +259,14 @@ impl Keys {
                 .map_or_else(String::new, |e| format!("; last fetch: {e}"))
         };
         let (Some(keys), Some(fetched)) = (&st.keys, st.fetched_ms) else {
-            return Err(unavailable(format!("no keys fetched yet{}", last_error())));
+            let persisted = st
+                .persisted_refused
+                .as_ref()
+                .map_or_else(String::new, |why| format!("; the persisted keys: {why}"));
+            return Err(unavailable(format!(
+                "no keys fetched yet{persisted}{}",
+                last_error()
+            )));
         };
         if self.is_remote() && !cache::usable(fetched, now_ms, self.0.cfg.max_stale_s) {
             return Err(unavailable(format!(
@@ -329,7 +353,7 @@ impl Keys {
     pub fn status(&self) -> KeysStatus {
         let now = clock::now_ms();
         let cfg = &self.0.cfg;
-        let unavailable = self.current(now).is_err();
+        let unavailable = self.current(now).err().map(|e| e.why);
         let st = self.0.state.borrow();
         KeysStatus {
             name: cfg.name.clone(),
@@ -352,10 +376,9 @@ impl Keys {
                 })
                 .collect(),
             refetches_suppressed: st.suppressed,
-            stale: self.is_remote()
-                && st.keys.is_some()
-                && st.last.as_ref().is_some_and(|l| l.outcome != "ok"),
-            unavailable,
+            stale: self.is_remote() && st.keys.is_some() && st.failed_since_good,
+            unavailable: unavailable.is_some(),
+            unavailable_why: unavailable,
         }
     }
 
@@ -377,12 +400,30 @@ impl Keys {
         inner.done.notified().await;
     }
 
+    /// One fetch, discovery included, within one `timeout_ms`: a waiter on
+    /// [`Keys::refetch_unknown_kid`] waits at most that long, however many GETs it takes.
     async fn fetch_remote(&self) -> Result<Good, FetchError> {
+        let timeout = Duration::from_millis(self.0.cfg.timeout_ms);
+        tokio::time::timeout(timeout, self.fetch_steps(timeout))
+            .await
+            .unwrap_or_else(|_| {
+                Err(fail(
+                    Outcome::Timeout,
+                    format!(
+                        "{}: the fetch did not end within timeout_ms = {}",
+                        self.0.cfg.describe(),
+                        self.0.cfg.timeout_ms
+                    ),
+                ))
+            })
+    }
+
+    /// The GETs of one fetch (each also bounded by `timeout`, which the whole is too).
+    async fn fetch_steps(&self, timeout: Duration) -> Result<Good, FetchError> {
         let Some(remote) = &self.0.remote else {
             return Err(fail(Outcome::Io, "not a remote source"));
         };
         let cfg = &self.0.cfg;
-        let timeout = Duration::from_millis(cfg.timeout_ms);
         let (url, jwks_uri) = match cfg.kind {
             SourceKind::Discovery => {
                 let cached = {
@@ -447,24 +488,29 @@ impl Keys {
                 max_age_s: None,
                 jwks_uri: None,
             });
-        let outcome = result.as_ref().map_or_else(|e| e.outcome, |_| Outcome::Ok);
-        self.record(Trigger::FileChanged, result);
-        Some(outcome)
+        Some(self.record(Trigger::FileChanged, result))
     }
 
-    /// Counts a fetch; a good one replaces the keys (and, remote, is persisted).
-    fn record(&self, trigger: Trigger, result: Result<Good, FetchError>) {
+    /// Counts a fetch; a good one replaces the keys (and, remote, is persisted). Its outcome.
+    fn record(&self, trigger: Trigger, result: Result<Good, FetchError>) -> Outcome {
         let cfg = &self.0.cfg;
         let now = clock::now_ms();
         let wall = clock::wall_ms();
-        let outcome = result.as_ref().map_or_else(|e| e.outcome, |_| Outcome::Ok);
+        // A JWKS of no usable key is adopted (the provider withdrew its keys: keeping them
+        // until max_stale would trust what it no longer does) but counted as `no_keys`.
+        let (outcome, error) = match &result {
+            Err(e) => (e.outcome, Some(e.message.clone())),
+            Ok(good) if good.keys.is_empty() => (Outcome::NoKeys, Some(no_usable_key(&good.keys))),
+            Ok(_) => (Outcome::Ok, None),
+        };
         let mut st = self.0.state.borrow_mut();
         *st.fetches.entry((trigger, outcome)).or_default() += 1;
         st.last_outcome = Some(outcome);
+        st.failed_since_good = result.is_err();
         st.last = Some(LastFetch {
             trigger: trigger.label().into(),
             outcome: outcome.label().into(),
-            error: result.as_ref().err().map(|e| e.message.clone()),
+            error: error.clone(),
             at_wall_ms: wall,
         });
         match result {
@@ -487,25 +533,88 @@ impl Keys {
                 let life = cache::lifetime_s(good.max_age_s, cfg.cache_min_s, cfg.cache_max_s);
                 st.next_due_ms = now.saturating_add(life.saturating_mul(1000));
                 st.fetched_ms = Some(now);
-                if changed {
+                if let (true, Some(e)) = (changed, &error) {
+                    warn!(issuer = %cfg.name, trigger = trigger.label(), "keys replaced by an empty set: {e}");
+                } else if changed {
                     info!(issuer = %cfg.name, trigger = trigger.label(), keys = good.keys.len(), "keys replaced");
                 }
                 st.keys = Some(Rc::new(good.keys));
+                // The same JWKS persisted less than cache_min_s ago is not written again: the
+                // saved fetch time then lags by less than that, which errs towards staleness.
+                let recent = st.persisted.as_ref().is_some_and(|(text, uri, at)| {
+                    *text == good.text
+                        && *uri == good.jwks_uri
+                        && now.saturating_sub(*at) < cfg.cache_min_s.saturating_mul(1000)
+                });
                 drop(st);
-                if self.is_remote() {
+                if self.is_remote() && !recent {
                     let saved = persist::Saved::new(
                         &cfg.name,
                         &cfg.describe(),
                         good.jwks_uri,
-                        wall,
+                        persist::Fetched::now(),
                         good.text,
                     );
-                    if let Err(e) = persist::save(&cfg.state_dir, &saved) {
-                        warn!(issuer = %cfg.name, "cannot persist the fetched keys ({}): {e}", persist::path(&cfg.state_dir, &cfg.name).display());
-                    }
+                    self.persist(saved, now);
                 }
             }
         }
+        outcome
+    }
+}
+
+impl Keys {
+    /// Persists `saved` (fetched at agent time `at`) off the agent's thread: create, write,
+    /// fsync and rename block, and a slow or hung state_dir must not stall binds and control
+    /// requests. One writer task per source, writing the newest pending JWKS until none is.
+    fn persist(&self, saved: persist::Saved, at: u64) {
+        *self.0.persist_next.borrow_mut() = Some((saved, at));
+        if self.0.persisting.replace(true) {
+            return;
+        }
+        let keys = self.clone();
+        tokio::task::spawn_local(async move {
+            let _writing = Writing(Rc::clone(&keys.0));
+            let cfg = &keys.0.cfg;
+            loop {
+                let Some((saved, at)) = keys.0.persist_next.borrow_mut().take() else {
+                    break;
+                };
+                let done = (saved.jwks.clone(), saved.jwks_uri.clone(), at);
+                let dir = cfg.state_dir.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || persist::save(&dir, &saved)).await;
+                match written {
+                    Ok(Ok(())) => keys.0.state.borrow_mut().persisted = Some(done),
+                    Ok(Err(e)) => {
+                        warn!(issuer = %cfg.name, "cannot persist the fetched keys ({}): {e}", persist::path(&cfg.state_dir, &cfg.name).display());
+                    }
+                    Err(e) => warn!(issuer = %cfg.name, "persisting the fetched keys stopped: {e}"),
+                }
+            }
+        });
+    }
+
+    /// Waits until the fetched keys are persisted (none pending or being written): for a
+    /// short-lived process (`tollgate token verify`) before it exits, and for tests.
+    pub async fn persisted(&self) {
+        loop {
+            let done = self.0.persist_done.notified();
+            if !self.0.persisting.get() {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+/// The persist writer task; its end (or drop) lets the next one start and wakes waiters.
+struct Writing(Rc<Inner>);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.persisting.set(false);
+        self.0.persist_done.notify_waiters();
     }
 }
 
@@ -530,12 +639,21 @@ fn load_persisted(cfg: &SourceConfig, state: &mut State) {
             return;
         }
     };
-    match key_set(saved.jwks.into_bytes()) {
+    let age = match cache::persisted_age_ms(&saved.fetched, &persist::Fetched::now()) {
+        Ok(age) => age,
+        Err(why) => {
+            warn!(issuer = %cfg.name, "not using the persisted keys: {why}");
+            state.persisted_refused = Some(why);
+            return;
+        }
+    };
+    match key_set(saved.jwks.clone().into_bytes()) {
         Ok((keys, _)) => {
-            let age = cache::persisted_age_ms(saved.fetched_wall_ms, clock::wall_ms());
             info!(issuer = %cfg.name, keys = keys.len(), age_s = age / 1000, "loaded the persisted keys");
+            let fetched = clock::now_ms().saturating_sub(age);
             state.keys = Some(Rc::new(keys));
-            state.fetched_ms = Some(clock::now_ms().saturating_sub(age));
+            state.fetched_ms = Some(fetched);
+            state.persisted = Some((saved.jwks, saved.jwks_uri.clone(), fetched));
             state.jwks_uri = saved.jwks_uri;
         }
         Err(e) => warn!(issuer = %cfg.name, "not using the persisted keys: {e}"),

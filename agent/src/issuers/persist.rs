@@ -9,11 +9,36 @@ use std::{
     fs::File,
     io::{self, Read as _, Write as _},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use serde::{Deserialize, Serialize};
 
-const VERSION: u32 = 1;
+/// 2: the fetch's instant is also kept on the boot clock (`boot_id`, `fetched_boot_ns`).
+const VERSION: u32 = 2;
+
+/// When a fetch happened, on the two clocks that mean something after a restart: the boot
+/// clock within the same boot (it does not step), the wall clock across a reboot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fetched {
+    /// Wall time of the fetch (ms).
+    pub wall_ms: u64,
+    /// `/proc/sys/kernel/random/boot_id` of the boot it happened in (empty: unknown).
+    pub boot_id: String,
+    /// CLOCK_BOOTTIME at the fetch (ns): what agent time runs on.
+    pub boot_ns: u64,
+}
+
+impl Fetched {
+    /// Now.
+    pub fn now() -> Fetched {
+        Fetched {
+            wall_ms: crate::clock::wall_ms(),
+            boot_id: crate::clock::boot_id(),
+            boot_ns: crate::tables::boot_ns(),
+        }
+    }
+}
 
 /// What is kept of a good fetch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,8 +49,7 @@ pub struct Saved {
     pub source: String,
     /// Discovery: the `jwks_uri` the JWKS came from.
     pub jwks_uri: Option<String>,
-    /// Wall time of the fetch (ms): the one instant that means the same after a restart.
-    pub fetched_wall_ms: u64,
+    pub fetched: Fetched,
     /// The JWKS as fetched.
     pub jwks: String,
 }
@@ -35,7 +59,7 @@ impl Saved {
         name: &str,
         source: &str,
         jwks_uri: Option<String>,
-        fetched_wall_ms: u64,
+        fetched: Fetched,
         jwks: String,
     ) -> Saved {
         Saved {
@@ -43,7 +67,7 @@ impl Saved {
             name: name.to_owned(),
             source: source.to_owned(),
             jwks_uri,
-            fetched_wall_ms,
+            fetched,
             jwks,
         }
     }
@@ -53,17 +77,48 @@ pub fn path(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join("jwks").join(format!("{name}.json"))
 }
 
-/// Replaces the saved JWKS of `saved.name`.
+/// Temporary file names taken by this process (with its pid: unique among writers).
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A new temporary file beside `name`'s, created exclusively (`O_EXCL`: never a file, or a
+/// link, someone else made): the daemon and `tollgate token verify` may both write.
+fn create_tmp(dir: &Path, name: &str, counter: &AtomicU64) -> io::Result<(PathBuf, File)> {
+    let mut last = None;
+    for _ in 0..8 {
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.json.{}.{n}.tmp", std::process::id()));
+        match File::options().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no temporary file name free")))
+}
+
+#[cfg(test)]
+pub(super) static SAVES: std::sync::Mutex<Vec<(PathBuf, std::thread::ThreadId)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Replaces the saved JWKS of `saved.name`. Blocking (fsync): not for the agent's thread.
 pub fn save(state_dir: &Path, saved: &Saved) -> io::Result<()> {
+    #[cfg(test)]
+    SAVES
+        .lock()
+        .unwrap()
+        .push((state_dir.to_owned(), std::thread::current().id()));
     let dir = state_dir.join("jwks");
     std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!(".{}.json.tmp", saved.name));
     let text = serde_json::to_vec(saved).map_err(io::Error::other)?;
-    let mut f = File::create(&tmp)?;
-    f.write_all(&text)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path(state_dir, &saved.name))?;
+    let (tmp, mut f) = create_tmp(&dir, &saved.name, &TMP_COUNTER)?;
+    let written = f
+        .write_all(&text)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path(state_dir, &saved.name)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     File::open(&dir)?.sync_all()
 }
 
@@ -122,7 +177,7 @@ mod tests {
             "idp",
             "https://idp.example/certs",
             None,
-            1_234,
+            Fetched::now(),
             r#"{"keys":[]}"#.into(),
         );
         assert_eq!(load(&d, "idp", "https://idp.example/certs", 1024), Ok(None));
@@ -133,7 +188,10 @@ mod tests {
         );
         // Replaced whole; no temporary file left behind.
         let newer = Saved {
-            fetched_wall_ms: 5_678,
+            fetched: Fetched {
+                wall_ms: 5_678,
+                ..saved.fetched.clone()
+            },
             ..saved
         };
         save(&d, &newer).unwrap();
@@ -164,6 +222,22 @@ mod tests {
                 .unwrap_err()
                 .contains("larger than")
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_temporary_file_someone_made_is_never_written_through() {
+        let d = dir("tmp");
+        std::fs::create_dir_all(&d).unwrap();
+        let target = d.join("target");
+        std::fs::write(&target, "untouched").unwrap();
+        let counter = AtomicU64::new(0);
+        let first = d.join(format!(".idp.json.{}.0.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&target, &first).unwrap();
+        let (tmp, mut f) = create_tmp(&d, "idp", &counter).unwrap();
+        f.write_all(b"new").unwrap();
+        assert_ne!(tmp, first, "the taken name was skipped");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -28,6 +28,9 @@ pub struct KeysStatus {
     pub stale: bool,
     /// Tokens of this issuer are refused `keys_unavailable` now.
     pub unavailable: bool,
+    /// Why `unavailable` (for the operator: it may name an internal URL); `None` when usable.
+    #[serde(default)]
+    pub unavailable_why: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

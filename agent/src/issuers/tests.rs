@@ -189,6 +189,36 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
             )
         }
         "/html" => ok("", "<html>oops</html>"),
+        "/te-and-cl" => {
+            let body = jwks_of(&["t1"]);
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: {}\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len(),
+                body.len()
+            )
+        }
+        "/plus-length" => {
+            let body = jwks_of(&["p1"]);
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: +{}\r\n\r\n{body}",
+                body.len()
+            )
+        }
+        "/trickle" => {
+            // The head one byte per TLS record.
+            let body = jwks_of(&["t1"]);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nX-Pad: {}\r\nContent-Length: {}\r\n\r\n",
+                "a".repeat(100),
+                body.len()
+            );
+            for b in head.bytes() {
+                let _ = tls.write_all(&[b]).await;
+                let _ = tls.flush().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            body
+        }
         "/chunked" => {
             let body = jwks_of(&["c1", "c2"]);
             let (a, b) = body.split_at(body.len() / 2);
@@ -210,6 +240,14 @@ async fn respond<S: tokio::io::AsyncWrite + Unpin>(
                 .await;
             tokio::time::sleep(Duration::from_secs(30)).await;
             return;
+        }
+        "/late/.well-known/openid-configuration" => {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            discovery(&format!("{base}/late"), &format!("{base}/later-jwks"))
+        }
+        "/later-jwks" => {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            ok("", &jwks_of(&["later"]))
         }
         "/good/.well-known/openid-configuration" => {
             discovery(&format!("{base}/good"), &format!("{base}/jwks"))
@@ -297,6 +335,15 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
         let (o, err, _) = fetch(&s, "/big-close").await;
         assert_eq!(o, Outcome::TooLarge, "{err:?}");
         assert_eq!(fetch(&s, "/html").await.0, Outcome::NotJson);
+        let (o, err, _) = fetch(&s, "/te-and-cl").await;
+        assert_eq!(o, Outcome::Io, "{err:?}");
+        assert!(
+            err.unwrap()
+                .contains("both Transfer-Encoding and Content-Length")
+        );
+        let (o, err, _) = fetch(&s, "/plus-length").await;
+        assert_eq!(o, Outcome::Io, "{err:?}");
+        assert!(err.unwrap().contains("bad Content-Length \"+"));
         assert_eq!(fetch(&s, "/missing").await.0, Outcome::HttpStatus);
         let (o, err, _) = fetch(&s, "/slow").await;
         assert_eq!(o, Outcome::Timeout, "{err:?}");
@@ -319,11 +366,34 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
                 .unwrap_err()
                 .contains("no usable CA certificate")
         );
+        // The right CA beside a certificate that cannot be parsed: the bundle is refused.
+        let broken = state.0.join("broken.pem");
+        let good = std::fs::read_to_string(&s.ca).unwrap();
+        std::fs::write(
+            &broken,
+            format!("{good}-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n"),
+        )
+        .unwrap();
+        cfg.ca_bundle = Some(broken);
+        let e = Keys::new(cfg.clone()).unwrap_err();
+        assert!(e.contains("certificate #2 cannot be used"), "{e}");
         cfg.ca_bundle = Some(s.ca.clone());
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         cfg.kind = SourceKind::JwksUrl(format!("https://{}/", closed.local_addr().unwrap()));
         drop(closed);
         assert_eq!(Keys::new(cfg).unwrap().fetch_now().await, Outcome::Connect);
+    });
+}
+
+#[test]
+fn a_head_trickled_byte_by_byte_is_parsed_once() {
+    local(async {
+        let s = server("trickle").await;
+        fetch::HEAD_PARSES.with(|n| n.set(0));
+        let (o, err, kids) = fetch(&s, "/trickle").await;
+        assert_eq!((o, kids), (Outcome::Ok, vec!["t1".to_owned()]), "{err:?}");
+        let parses = fetch::HEAD_PARSES.with(|n| n.get());
+        assert_eq!(parses, 1, "the head was parsed {parses} times");
     });
 }
 
@@ -336,8 +406,8 @@ fn a_failed_fetch_keeps_the_keys_until_max_stale_and_a_good_one_restores_them() 
         assert_eq!(keys.fetch_now().await, Outcome::Ok);
         *s.jwks.borrow_mut() = Some("<html>".into());
         assert_eq!(keys.fetch_now().await, Outcome::NotJson);
-        *s.jwks.borrow_mut() = Some(r#"{"keys":[]}"#.into());
-        assert_eq!(keys.fetch_now().await, Outcome::NoKeys);
+        *s.jwks.borrow_mut() = Some(r#"{"keys":{}}"#.into());
+        assert_eq!(keys.fetch_now().await, Outcome::NoKeys, "no `keys` array");
         *s.jwks.borrow_mut() = None;
         assert_eq!(keys.fetch_now().await, Outcome::HttpStatus);
         let st = keys.status();
@@ -398,6 +468,7 @@ fn a_restarted_node_verifies_with_the_persisted_keys_of_its_own_source() {
         let cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
         let first = Keys::new(cfg.clone()).unwrap();
         assert_eq!(first.fetch_now().await, Outcome::Ok);
+        first.persisted().await;
         drop(first);
         // The provider is down when the node starts again.
         *s.jwks.borrow_mut() = None;
@@ -414,6 +485,98 @@ fn a_restarted_node_verifies_with_the_persisted_keys_of_its_own_source() {
             ..cfg
         };
         assert!(Keys::new(other).unwrap().current(clock::now_ms()).is_err());
+    });
+}
+
+#[test]
+fn persisted_keys_are_aged_by_the_boot_clock_and_a_future_wall_time_is_refused() {
+    local(async {
+        let s = server("persist-age").await;
+        let state = Dir::new("persist-age-state");
+        let cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
+        let write = |fetched: persist::Fetched| {
+            let saved =
+                persist::Saved::new("idp", &cfg.describe(), None, fetched, jwks_of(&["k1"]));
+            persist::save(&state.0, &saved).unwrap();
+            Keys::new(cfg.clone()).unwrap()
+        };
+        let now = persist::Fetched::now();
+        // Fetched 700 s ago in this boot, while the wall clock ran an hour ahead; it has been
+        // set right since. The boot clock says 700 s: older than max_stale_s = 600.
+        let keys = write(persist::Fetched {
+            wall_ms: now.wall_ms + 3_600_000,
+            boot_ns: now.boot_ns.saturating_sub(700_000_000_000),
+            ..now.clone()
+        });
+        let e = keys.current(clock::now_ms()).unwrap_err();
+        assert!(e.why.contains("more than max_stale_s = 600"), "{e}");
+        // Before a reboot, at a wall time an hour from now: the age is unknown, not "new".
+        let keys = write(persist::Fetched {
+            wall_ms: now.wall_ms + 3_600_000,
+            boot_id: "another-boot".into(),
+            boot_ns: 1,
+        });
+        let e = keys.current(clock::now_ms()).unwrap_err();
+        assert!(e.why.contains("s in the future"), "{e}");
+        assert!(!keys.knows("k1"));
+        let st = keys.status();
+        assert!(st.unavailable, "{st:?}");
+        assert!(
+            st.unavailable_why
+                .unwrap()
+                .contains("the persisted keys: saved before a reboot")
+        );
+        // Before a reboot, 60 s ago on the wall clock: used, 60 s old.
+        let keys = write(persist::Fetched {
+            wall_ms: now.wall_ms - 60_000,
+            boot_id: "another-boot".into(),
+            boot_ns: 1,
+        });
+        assert!(keys.current(clock::now_ms()).is_ok());
+        assert!(keys.status().age_s.is_some_and(|a| (60..120).contains(&a)));
+    });
+}
+
+/// The threads that persisted into `dir`.
+fn saves_into(dir: &Dir) -> Vec<std::thread::ThreadId> {
+    let saves = persist::SAVES.lock().unwrap();
+    saves
+        .iter()
+        .filter(|(d, _)| *d == dir.0)
+        .map(|(_, t)| *t)
+        .collect()
+}
+
+#[test]
+fn keys_are_persisted_off_the_agent_thread_and_an_unchanged_jwks_not_rewritten_soon() {
+    local(async {
+        let s = server("persist-write").await;
+        let state = Dir::new("persist-write-state");
+        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
+        assert_eq!(keys.fetch_now().await, Outcome::Ok);
+        keys.persisted().await;
+        let saves = saves_into(&state);
+        assert_eq!(saves.len(), 1);
+        assert_ne!(
+            saves[0],
+            std::thread::current().id(),
+            "the fsync ran on the agent's thread"
+        );
+        // The same JWKS again within cache_min_s = 30: not written again.
+        assert_eq!(keys.fetch_now().await, Outcome::Ok);
+        keys.persisted().await;
+        assert_eq!(
+            saves_into(&state).len(),
+            1,
+            "an unchanged JWKS was rewritten"
+        );
+        // A new JWKS is.
+        *s.jwks.borrow_mut() = Some(jwks_of(&["k2"]));
+        assert_eq!(keys.fetch_now().await, Outcome::Ok);
+        keys.persisted().await;
+        assert_eq!(saves_into(&state).len(), 2);
+        let loaded = persist::load(&state.0, "idp", &keys.0.cfg.describe(), 4096).unwrap();
+        assert!(loaded.unwrap().jwks.contains("\"k2\""));
     });
 }
 
@@ -441,6 +604,23 @@ fn discovery_finds_the_jwks_uri_of_the_configured_issuer_only() {
             Keys::new(cfg).unwrap().fetch_now().await,
             Outcome::InsecureJwksUri
         );
+    });
+}
+
+#[test]
+fn discovery_and_the_jwks_share_one_timeout() {
+    local(async {
+        let s = server("disc-late").await;
+        let state = Dir::new("disc-late-state");
+        let mut cfg = config(&s, SourceKind::Discovery, &state);
+        cfg.issuer = Some(s.url("/late"));
+        // Each GET alone (600 ms) is within the timeout; both together are not.
+        cfg.timeout_ms = 1000;
+        let keys = Keys::new(cfg).unwrap();
+        assert_eq!(keys.fetch_now().await, Outcome::Timeout);
+        let err = keys.status().last_fetch.unwrap().error.unwrap();
+        assert!(err.contains("within timeout_ms = 1000"), "{err}");
+        assert_eq!(s.hits("/late/.well-known/openid-configuration"), 1);
     });
 }
 
@@ -503,11 +683,12 @@ fn a_key_file_is_reread_when_it_changes_and_a_broken_one_keeps_the_keys() {
 }
 
 #[test]
-fn skipped_keys_are_reported_and_a_jwks_of_skipped_keys_only_keeps_the_old_keys() {
+fn skipped_keys_are_reported_and_a_jwks_of_no_usable_key_replaces_the_keys() {
     local(async {
         let s = server("skip").await;
         let state = Dir::new("skip-state");
-        let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
+        let cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
+        let keys = Keys::new(cfg.clone()).unwrap();
         let mut enc = SigningKey::generate(Alg::EdDSA, "e1").unwrap().public_jwk();
         enc["use"] = "enc".into();
         let sig = SigningKey::generate(Alg::EdDSA, "s1").unwrap().public_jwk();
@@ -523,14 +704,31 @@ fn skipped_keys_are_reported_and_a_jwks_of_skipped_keys_only_keeps_the_old_keys(
             [(0, Some("e1"), "encryption_key")]
         );
         assert!(keys.is_skipped("e1") && !keys.is_skipped("s1") && !keys.is_skipped("zz"));
+        // The provider withdraws its signing key: the JWKS parses, and is the provider's word.
         *s.jwks.borrow_mut() = Some(jwks(&[enc]));
         assert_eq!(keys.fetch_now().await, Outcome::NoKeys);
-        let err = keys.status().last_fetch.unwrap().error.unwrap();
+        let st = keys.status();
+        let err = st.last_fetch.clone().unwrap().error.unwrap();
         assert!(
             err.contains("no usable key (1 skipped; the first: JWKS key #0"),
             "{err}"
         );
-        assert!(keys.knows("s1"), "the old keys stay");
+        assert!(!keys.knows("s1"), "the withdrawn key is no longer trusted");
+        assert!(keys.is_skipped("e1"), "its kid gets key_unusable");
+        let now_keys = keys
+            .current(clock::now_ms())
+            .expect("an empty set, not unavailable");
+        assert!(now_keys.is_empty());
+        assert!(!st.stale && !st.unavailable, "{st:?}");
+        *s.jwks.borrow_mut() = Some(r#"{"keys":[]}"#.into());
+        assert_eq!(keys.fetch_now().await, Outcome::NoKeys);
+        assert!(keys.current(clock::now_ms()).unwrap().is_empty());
+        keys.persisted().await;
+        // A restart does not bring the withdrawn key back from the persisted JWKS.
+        *s.jwks.borrow_mut() = None;
+        drop(keys);
+        let again = Keys::new(cfg).unwrap();
+        assert!(!again.knows("s1"), "the persisted JWKS is the empty one");
     });
 }
 
