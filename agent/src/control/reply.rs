@@ -498,6 +498,7 @@ mod tests {
                         refetches_suppressed: 0,
                         stale: false,
                         unavailable: false,
+                        unavailable_why: None,
                     },
                     verified: 3,
                     refusals: [("wrong_issuer".to_owned(), 2)].into(),
