@@ -22,6 +22,7 @@ pub mod counter_read;
 pub mod daemon;
 pub mod drop_events;
 pub mod explain;
+pub mod fleet;
 pub mod identity;
 pub mod issuers;
 pub mod link_info;

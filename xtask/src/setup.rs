@@ -9,7 +9,7 @@ use crate::cmd::{self, BPF_LINKER_VERSION, EBPF_RUSTC_VERSION, EBPF_TOOLCHAIN};
 /// Debian packages the tests use: `ip` and network namespaces (iproute2), `nsenter`
 /// (util-linux), `ping` for reachability checks (iputils-ping), a C++ compiler for the
 /// libFuzzer runtime that the token fuzz target links (g++), curl, and Prometheus with
-/// promtool.
+/// promtool, and Redis for the fleet store.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "libfaketime",
@@ -22,6 +22,12 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     // systemd-analyze verifies the service unit (tests/systemd.rs).
     "systemd",
+    // The fleet store's tests run a real Redis (agent/src/fleet, issue 14): redis-server,
+    // redis-cli to write entries by hand, and redis-sentinel for the failover lab. Their
+    // packaged services stay stopped (the policy-rc.d below); tests start their own.
+    "redis-server",
+    "redis-tools",
+    "redis-sentinel",
 ];
 
 /// cargo-fuzz, for the token verifier's fuzz smoke run (`common/fuzz`). Installed with the

@@ -1,0 +1,11 @@
+//! The fleet: what a pool of nodes shares through a Redis (or Valkey) store. Not wired into
+//! the daemon yet (issue 14); this is the library the wiring builds on.
+//!
+//! `entry` is the authenticated change (binding, revocation, quarantine, release) and the pool
+//! key that signs it; `store` is the client: the change stream each node reads from its last
+//! position, the snapshot a node loads at start, the fleet-wide token claims and membership
+//! heartbeats, every operation bounded by a timeout. The store is never on the packet path;
+//! everything read from it is verified before a caller sees it. docs/fleet.md has the key
+//! layout and the outage rules.
+
+pub mod entry;
