@@ -330,6 +330,12 @@ impl Signed {
     }
 }
 
+/// Whether `s` is usable as a pool or node name (1 to [`MAX_NAME_BYTES`] of
+/// `[A-Za-z0-9._-]`): short, printable, safe inside a Redis key.
+pub fn valid_name(s: &str) -> bool {
+    name(s.as_bytes()).is_ok()
+}
+
 fn name(b: &[u8]) -> Result<String, Refusal> {
     let ok = !b.is_empty()
         && b.len() <= MAX_NAME_BYTES

@@ -9,3 +9,4 @@
 //! layout and the outage rules.
 
 pub mod entry;
+pub mod store;

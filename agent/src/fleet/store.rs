@@ -1,0 +1,828 @@
+//! The fleet store client: a Redis (or Valkey) connection through the `redis` crate, every
+//! operation bounded by one timeout, nothing unverified handed to the caller.
+//!
+//! Keys of a pool live under `tollgate:{<pool>}:` (the braces are a Redis Cluster hash tag,
+//! so a pool's keys share one slot and MULTI over them works on a cluster too):
+//! - `stream`: the change stream (XADD, trimmed with `MAXLEN ~`); each node reads from its
+//!   last seen id, so a node that was cut off catches up instead of missing a change.
+//! - `snapshot`: a hash, one field per subject (`<slot>:<subject>`, see
+//!   [`Entry::snapshot_field`]) holding the latest signed entry; a node loads it at start
+//!   and after a gap. XADD and HSET run in one MULTI, so the hash's last write and the
+//!   stream's order agree.
+//! - `claim:<token id>`: the address a token is bound to fleet-wide (SET NX PX … GET).
+//! - `member:<node>` (value with a TTL) and `members` (a set of names): heartbeats.
+//!
+//! The connection is one multiplexed connection, made on first use and dropped after a
+//! timeout or an I/O error, so the next operation reconnects; operations are not retried
+//! here (the caller decides: an append retried after a lost reply is a duplicate, harmless
+//! because entries are idempotent per subject, but it is the caller's call).
+//!
+//! The password comes from a credentials file, never from the URL (a URL with one is
+//! refused), and nothing here prints it: [`Credentials`], [`StoreConfig`] and [`Store`]
+//! redact it in Debug, and errors carry the server's message, which never echoes it.
+
+use std::{
+    fmt,
+    net::IpAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, Value};
+
+use super::entry::{Entry, PoolKey, Refusal, Verified, valid_name};
+
+/// Longest credentials file read.
+const MAX_CREDENTIALS_BYTES: u64 = 4096;
+/// Most entries one HSCAN page asks for while loading the snapshot.
+const SNAPSHOT_PAGE: usize = 512;
+/// Most snapshot pages read: a bound on the loop (512 × 4096 ≈ 2 M subjects).
+const MAX_SNAPSHOT_PAGES: usize = 4096;
+/// Most members a pool lists; more is a misconfiguration or a store writer's flood.
+pub const MAX_MEMBERS: usize = 1024;
+/// Longest member info (JSON the caller chooses).
+pub const MAX_MEMBER_INFO_BYTES: usize = 4096;
+/// Longest token id used in a claim key.
+pub const MAX_TOKEN_ID_BYTES: usize = 512;
+
+/// The ACL user and password, from a file. Debug and Display never show the password.
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsFile {
+    user: String,
+    password: String,
+}
+
+impl Credentials {
+    pub fn new(user: &str, password: &str) -> Credentials {
+        Credentials {
+            user: user.to_string(),
+            password: password.to_string(),
+        }
+    }
+
+    /// Loads `user = "…"` and `password = "…"` (TOML) from a file other users cannot read.
+    /// Errors name the file and the problem, never the content.
+    pub fn load(path: &Path) -> Result<Credentials, StoreError> {
+        let bad = |why: String| StoreError::Credentials(format!("{}: {why}", path.display()));
+        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o007 != 0 {
+            return Err(bad(format!(
+                "accessible to other users (mode {mode:o}); chmod 600 or 640 it"
+            )));
+        }
+        if meta.len() > MAX_CREDENTIALS_BYTES {
+            return Err(bad(format!("larger than {MAX_CREDENTIALS_BYTES} bytes")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        // toml's error would quote the offending line, which may be the password.
+        let f: CredentialsFile = toml::from_str(&text).map_err(|_| {
+            bad("not `user = \"…\"` and `password = \"…\"` (TOML, nothing else)".into())
+        })?;
+        if f.user.is_empty() || f.password.is_empty() {
+            return Err(bad("user and password must not be empty".into()));
+        }
+        Ok(Credentials::new(&f.user, &f.password))
+    }
+}
+
+/// How to reach the store.
+#[derive(Clone)]
+pub struct StoreConfig {
+    /// `redis://host:port[/db]` or `rediss://host:port[/db]`; no user or password in it.
+    pub url: String,
+    /// PEM roots for `rediss://` (else the system's roots).
+    pub ca_file: Option<PathBuf>,
+    pub credentials: Option<Credentials>,
+    /// Bound on every operation, connecting included.
+    pub op_timeout: Duration,
+    /// The stream is trimmed to about this many entries (`MAXLEN ~`).
+    pub stream_max_len: u64,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &self.url)
+            .field("ca_file", &self.ca_file)
+            .field("credentials", &self.credentials)
+            .field("op_timeout", &self.op_timeout)
+            .field("stream_max_len", &self.stream_max_len)
+            .finish()
+    }
+}
+
+/// A store operation's failure. [`StoreError::label`] is the counter label.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("fleet store configuration: {0}")]
+    Config(String),
+    #[error("fleet store credentials file {0}")]
+    Credentials(String),
+    #[error("fleet store {op}: no answer within {ms} ms")]
+    Timeout { op: &'static str, ms: u128 },
+    #[error("fleet store {op}: connection: {msg}")]
+    Connection { op: &'static str, msg: String },
+    #[error("fleet store {op}: authentication refused: {msg}")]
+    Auth { op: &'static str, msg: String },
+    #[error("fleet store {op}: {msg}")]
+    Server { op: &'static str, msg: String },
+    #[error("fleet store {op}: unexpected reply: {msg}")]
+    Reply { op: &'static str, msg: String },
+    #[error("fleet entry not published: {0}")]
+    Refused(Refusal),
+}
+
+impl StoreError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            StoreError::Config(_) => "config",
+            StoreError::Credentials(_) => "credentials",
+            StoreError::Timeout { .. } => "timeout",
+            StoreError::Connection { .. } => "connection",
+            StoreError::Auth { .. } => "auth",
+            StoreError::Server { .. } => "server",
+            StoreError::Reply { .. } => "reply",
+            StoreError::Refused(_) => "refused",
+        }
+    }
+
+    fn from_redis(op: &'static str, e: redis::RedisError) -> StoreError {
+        let msg = e.to_string();
+        if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || e.code()
+                .is_some_and(|c| c == "WRONGPASS" || c == "NOPERM" || c == "NOAUTH")
+        {
+            StoreError::Auth { op, msg }
+        } else if e.is_timeout() {
+            // The crate's own response/connection timeout (set to op_timeout as well).
+            StoreError::Timeout { op, ms: 0 }
+        } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+            StoreError::Connection { op, msg }
+        } else {
+            StoreError::Server { op, msg }
+        }
+    }
+
+    /// Whether the connection should be dropped and made again on the next operation.
+    fn breaks_connection(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Timeout { .. } | StoreError::Connection { .. } | StoreError::Auth { .. }
+        )
+    }
+}
+
+/// A stream entry id (`<ms>-<seq>`), ordered as Redis orders them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamPos {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl StreamPos {
+    /// Before every entry: a node that has seen nothing reads from here.
+    pub const ZERO: StreamPos = StreamPos { ms: 0, seq: 0 };
+}
+
+impl fmt::Display for StreamPos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for StreamPos {
+    type Err = ();
+    fn from_str(s: &str) -> Result<StreamPos, ()> {
+        let (ms, seq) = s.split_once('-').ok_or(())?;
+        Ok(StreamPos {
+            ms: ms.parse().map_err(|_| ())?,
+            seq: seq.parse().map_err(|_| ())?,
+        })
+    }
+}
+
+/// What [`Store::read_since`] found.
+#[derive(Debug)]
+pub enum Read {
+    /// The entries after the position asked for (up to `max`), in stream order.
+    Entries(Batch),
+    /// Entries after the position were trimmed away (or the store lost the stream): the
+    /// caller reloads [`Store::snapshot`] and reads on from its position.
+    Gap,
+}
+
+/// Entries read from the stream, verified; refused ones with their label.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub entries: Vec<(StreamPos, Verified)>,
+    pub refused: Vec<(StreamPos, Refusal)>,
+    /// The last id read (verified or refused); the position to read from next. Unchanged
+    /// when nothing was read.
+    pub last: StreamPos,
+}
+
+/// The snapshot: the latest entry per subject, and the stream position it covers.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub entries: Vec<Verified>,
+    /// Fields whose value was refused, with the label (the field name is a store writer's
+    /// text: bounded by the store, logged with care).
+    pub refused: Vec<(String, Refusal)>,
+    /// Read on from here: every change after it is in the stream (the position is read
+    /// before the hash, so a change made while loading shows up in both, never in neither).
+    pub position: StreamPos,
+}
+
+/// The outcome of a fleet-wide token claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The token is bound to this address fleet-wide (newly, or already by this address).
+    Claimed,
+    /// Another address holds it: a replay.
+    HeldBy(IpAddr),
+}
+
+/// A pool member seen by its heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub node: String,
+    pub info: String,
+}
+
+/// One HSCAN page: field and value pairs.
+type HashPage = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The stream's state, from XINFO STREAM.
+#[derive(Debug)]
+struct StreamInfo {
+    last_generated: StreamPos,
+    /// The oldest entry still in the stream (Redis keeps it when the stream is empty).
+    first: StreamPos,
+    length: u64,
+    /// Entries ever added; more than `length` means some were trimmed.
+    entries_added: u64,
+}
+
+impl StreamInfo {
+    /// Whether a reader that has seen up to `last` may have lost entries to trimming.
+    /// Trimming removes from the head, so nothing after `last` is gone while `last` itself
+    /// (or an older entry) is still there. Redis 7.0 does not record trims in
+    /// max-deleted-entry-id (only XDEL), hence this test. Conservative: a reader whose own
+    /// position was just trimmed reloads the snapshot even if the next entry survived (it
+    /// was a stream's length behind, about to miss some anyway).
+    fn gap_after(&self, last: StreamPos) -> bool {
+        if last > self.last_generated {
+            // The stream restarted behind us (the store lost it and ids began again).
+            return true;
+        }
+        let trimmed = self.entries_added > self.length;
+        let oldest_kept = if self.length == 0 {
+            self.last_generated
+        } else {
+            self.first
+        };
+        trimmed && last < oldest_kept
+    }
+}
+
+struct KeyNames {
+    prefix: String,
+    stream: String,
+    snapshot: String,
+    members: String,
+}
+
+impl KeyNames {
+    fn new(pool: &str) -> KeyNames {
+        let prefix = format!("tollgate:{{{pool}}}:");
+        KeyNames {
+            stream: format!("{prefix}stream"),
+            snapshot: format!("{prefix}snapshot"),
+            members: format!("{prefix}members"),
+            prefix,
+        }
+    }
+
+    fn claim(&self, token_id: &str) -> String {
+        format!("{}claim:{token_id}", self.prefix)
+    }
+
+    fn member(&self, node: &str) -> String {
+        format!("{}member:{node}", self.prefix)
+    }
+}
+
+/// The client. One per node; `&mut self` because the agent is single-threaded and the
+/// connection is remade in place.
+pub struct Store {
+    client: Client,
+    conn: Option<redis::aio::MultiplexedConnection>,
+    key: PoolKey,
+    keys: KeyNames,
+    op_timeout: Duration,
+    stream_max_len: u64,
+    url: String,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.url)
+            .field("pool", &self.key.pool())
+            .field("connected", &self.conn.is_some())
+            .field("op_timeout", &self.op_timeout)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Builds the client for `key`'s pool. Does not connect: the first operation does, so a
+    /// node starts while the store is down.
+    pub fn new(cfg: &StoreConfig, key: PoolKey) -> Result<Store, StoreError> {
+        if !valid_name(key.pool()) {
+            return Err(StoreError::Config(format!(
+                "pool name {:?}: 1 to 64 of [A-Za-z0-9._-]",
+                key.pool()
+            )));
+        }
+        if cfg.op_timeout.is_zero() {
+            return Err(StoreError::Config("op_timeout must be above zero".into()));
+        }
+        let url = url_parts(&cfg.url)?;
+        let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
+            .map_err(|e| StoreError::Config(format!("url {}: {e}", cfg.url)))?;
+        if let Some(c) = &cfg.credentials {
+            let r = info
+                .redis_settings()
+                .clone()
+                .set_username(&c.user)
+                .set_password(&c.password);
+            info = info.set_redis_settings(r);
+        }
+        let client = if url.tls {
+            let root_cert = match &cfg.ca_file {
+                Some(p) => Some(
+                    std::fs::read(p)
+                        .map_err(|e| StoreError::Config(format!("ca_file {}: {e}", p.display())))?,
+                ),
+                None => None,
+            };
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert,
+            };
+            Client::build_with_tls(info, certs)
+                .map_err(|e| StoreError::Config(format!("TLS for {}: {e}", cfg.url)))?
+        } else {
+            if cfg.ca_file.is_some() {
+                return Err(StoreError::Config(
+                    "ca_file is set but the url is redis:// (plain TCP); use rediss://".into(),
+                ));
+            }
+            Client::open(info).map_err(|e| StoreError::Config(format!("url {}: {e}", cfg.url)))?
+        };
+        Ok(Store {
+            client,
+            conn: None,
+            keys: KeyNames::new(key.pool()),
+            key,
+            op_timeout: cfg.op_timeout,
+            stream_max_len: cfg.stream_max_len.max(1),
+            url: cfg.url.clone(),
+        })
+    }
+
+    pub fn pool(&self) -> &str {
+        self.key.pool()
+    }
+
+    /// Connects now (the operations connect on their own; this is for a check at start).
+    pub async fn ping(&mut self) -> Result<(), StoreError> {
+        let _: String = self.query("ping", &redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    async fn connection(
+        &mut self,
+        op: &'static str,
+    ) -> Result<redis::aio::MultiplexedConnection, StoreError> {
+        if let Some(c) = &self.conn {
+            return Ok(c.clone());
+        }
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.op_timeout))
+            .set_response_timeout(Some(self.op_timeout));
+        let c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| StoreError::from_redis(op, e))?;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    /// One command or pipeline, connecting first if needed, all within `op_timeout`.
+    async fn run<T, F, Fut>(&mut self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let t = self.op_timeout;
+        let r = tokio::time::timeout(t, async {
+            let c = self.connection(op).await?;
+            f(c).await.map_err(|e| StoreError::from_redis(op, e))
+        })
+        .await;
+        // Ours or the crate's (it is given the same bound): one error, naming the bound.
+        let r = match r {
+            Ok(Err(StoreError::Timeout { .. })) | Err(_) => Err(StoreError::Timeout {
+                op,
+                ms: t.as_millis(),
+            }),
+            Ok(r) => r,
+        };
+        if let Err(e) = &r
+            && e.breaks_connection()
+        {
+            self.conn = None;
+        }
+        r
+    }
+
+    async fn query<T: FromRedisValue>(
+        &mut self,
+        op: &'static str,
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
+        self.run(op, |mut c| async move { cmd.query_async(&mut c).await })
+            .await
+    }
+
+    async fn query_pipe<T: FromRedisValue>(
+        &mut self,
+        op: &'static str,
+        pipe: &Pipeline,
+    ) -> Result<T, StoreError> {
+        self.run(op, |mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    /// Signs `entry` and publishes it: XADD to the stream (trimmed to about
+    /// `stream_max_len`) and HSET into the snapshot, in one MULTI. Returns its stream id.
+    pub async fn append(&mut self, entry: Entry) -> Result<StreamPos, StoreError> {
+        let signed = self.key.sign(entry).map_err(StoreError::Refused)?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let xadd = pipe
+            .cmd("XADD")
+            .arg(&self.keys.stream)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.stream_max_len)
+            .arg("*");
+        for (name, value) in signed.to_fields() {
+            xadd.arg(name).arg(value);
+        }
+        pipe.cmd("HSET")
+            .arg(&self.keys.snapshot)
+            .arg(signed.entry.snapshot_field())
+            .arg(signed.to_snapshot_value())
+            .ignore();
+        let (id,): (String,) = self.query_pipe("append", &pipe).await?;
+        id.parse().map_err(|_| StoreError::Reply {
+            op: "append",
+            msg: format!("XADD returned id {id:?}"),
+        })
+    }
+
+    /// The entries after `last` (at most `max`), each verified; or [`Read::Gap`] when some
+    /// after `last` are gone (trimmed, or the store came back without the stream), so the
+    /// caller must reload the snapshot. The stream's state and the entries are read in one
+    /// MULTI, so a trim between them cannot hide a gap.
+    pub async fn read_since(&mut self, last: StreamPos, max: usize) -> Result<Read, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic().ignore_errors();
+        pipe.cmd("XINFO").arg("STREAM").arg(&self.keys.stream);
+        pipe.cmd("XREAD")
+            .arg("COUNT")
+            .arg(max.max(1))
+            .arg("STREAMS")
+            .arg(&self.keys.stream)
+            .arg(last.to_string());
+        let mut replies: Vec<redis::RedisResult<Value>> =
+            self.query_pipe("read_since", &pipe).await?;
+        if replies.len() != 2 {
+            return Err(reply("read_since", "MULTI reply of the wrong length"));
+        }
+        let read = replies.pop().unwrap_or(Ok(Value::Nil));
+        let info = replies.pop().unwrap_or(Ok(Value::Nil));
+        let Some(info) = stream_info(info, "read_since")? else {
+            // No stream: a pool nothing was written to, or a store that lost it.
+            return Ok(if last == StreamPos::ZERO {
+                Read::Entries(Batch {
+                    last,
+                    ..Batch::default()
+                })
+            } else {
+                Read::Gap
+            });
+        };
+        if info.gap_after(last) {
+            return Ok(Read::Gap);
+        }
+        let read = read.map_err(|e| StoreError::from_redis("read_since", e))?;
+        let reply: Option<redis::streams::StreamReadReply> =
+            redis::from_redis_value(read).map_err(|e| self::reply("read_since", &e.to_string()))?;
+        let mut batch = Batch {
+            last,
+            ..Batch::default()
+        };
+        for id in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            let pos: StreamPos = id
+                .id
+                .parse()
+                .map_err(|_| self::reply("read_since", "stream id not <ms>-<seq>"))?;
+            batch.last = pos;
+            match self.verify_stream_entry(&id.map) {
+                Ok(v) => batch.entries.push((pos, v)),
+                Err(r) => batch.refused.push((pos, r)),
+            }
+        }
+        Ok(Read::Entries(batch))
+    }
+
+    fn verify_stream_entry(
+        &self,
+        map: &std::collections::HashMap<String, Value>,
+    ) -> Result<Verified, Refusal> {
+        let mut fields = Vec::with_capacity(map.len());
+        for (k, v) in map {
+            let Value::BulkString(b) = v else {
+                return Err(Refusal::Malformed);
+            };
+            fields.push((k.as_str(), b.as_slice()));
+        }
+        self.key.verify_fields(fields)
+    }
+
+    /// The snapshot: the stream position first, then the hash in bounded HSCAN pages, each
+    /// value verified (and checked to sit under its own field).
+    pub async fn snapshot(&mut self) -> Result<Snapshot, StoreError> {
+        let info: Value = match self
+            .query(
+                "snapshot",
+                redis::cmd("XINFO").arg("STREAM").arg(&self.keys.stream),
+            )
+            .await
+        {
+            Ok(v) => v,
+            Err(StoreError::Server { msg, .. }) if msg.contains("no such key") => Value::Nil,
+            Err(e) => return Err(e),
+        };
+        let position = stream_info(Ok(info), "snapshot")?
+            .map(|i| i.last_generated)
+            .unwrap_or(StreamPos::ZERO);
+        let mut snap = Snapshot {
+            position,
+            ..Snapshot::default()
+        };
+        let mut cursor = 0u64;
+        for _ in 0..MAX_SNAPSHOT_PAGES {
+            let (next, page): (u64, HashPage) = self
+                .query(
+                    "snapshot",
+                    redis::cmd("HSCAN")
+                        .arg(&self.keys.snapshot)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(SNAPSHOT_PAGE),
+                )
+                .await?;
+            for (field, value) in page {
+                match self.key.verify_snapshot(&field, &value) {
+                    Ok(v) => snap.entries.push(v),
+                    Err(r) => snap.refused.push((
+                        String::from_utf8_lossy(&field[..field.len().min(200)]).into_owned(),
+                        r,
+                    )),
+                }
+            }
+            if next == 0 {
+                return Ok(snap);
+            }
+            cursor = next;
+        }
+        Err(reply(
+            "snapshot",
+            &format!("more than {} entries", SNAPSHOT_PAGE * MAX_SNAPSHOT_PAGES),
+        ))
+    }
+
+    /// Binds `token_id` to `addr` fleet-wide for `ttl` (the token's remaining lifetime):
+    /// one `SET NX PX … GET`, so of two nodes claiming at once exactly one wins.
+    pub async fn claim_token(
+        &mut self,
+        token_id: &str,
+        addr: IpAddr,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError> {
+        if token_id.is_empty()
+            || token_id.len() > MAX_TOKEN_ID_BYTES
+            || !token_id.bytes().all(|c| c.is_ascii_graphic())
+        {
+            return Err(StoreError::Config(format!(
+                "token id for a claim: 1 to {MAX_TOKEN_ID_BYTES} printable ASCII characters"
+            )));
+        }
+        let ms = ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+        let held: Option<String> = self
+            .query(
+                "claim_token",
+                redis::cmd("SET")
+                    .arg(self.keys.claim(token_id))
+                    .arg(addr.to_string())
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .arg("GET"),
+            )
+            .await?;
+        match held {
+            None => Ok(Claim::Claimed),
+            Some(h) => match h.parse::<IpAddr>() {
+                Ok(a) if a == addr => Ok(Claim::Claimed),
+                Ok(a) => Ok(Claim::HeldBy(a)),
+                Err(_) => Err(reply("claim_token", "claim holds something not an address")),
+            },
+        }
+    }
+
+    /// Announces `node` for `ttl`: its member key (expiring on the server's clock, so nodes'
+    /// clocks do not matter) and its name in the members set.
+    pub async fn heartbeat(
+        &mut self,
+        node: &str,
+        info: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if !valid_name(node) {
+            return Err(StoreError::Config(format!("node name {node:?}")));
+        }
+        if info.len() > MAX_MEMBER_INFO_BYTES {
+            return Err(StoreError::Config(format!(
+                "member info over {MAX_MEMBER_INFO_BYTES} bytes"
+            )));
+        }
+        let ms = ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(self.keys.member(node))
+            .arg(info)
+            .arg("PX")
+            .arg(ms)
+            .ignore()
+            .cmd("SADD")
+            .arg(&self.keys.members)
+            .arg(node)
+            .ignore();
+        let () = self.query_pipe("heartbeat", &pipe).await?;
+        Ok(())
+    }
+
+    /// The members whose heartbeat has not expired, sorted by name. Names whose key expired
+    /// are removed from the set on the way.
+    pub async fn members(&mut self) -> Result<Vec<Member>, StoreError> {
+        let mut names: Vec<String> = self
+            .query(
+                "members",
+                redis::cmd("SRANDMEMBER")
+                    .arg(&self.keys.members)
+                    .arg(MAX_MEMBERS),
+            )
+            .await?;
+        names.retain(|n| valid_name(n));
+        names.sort();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut mget = redis::cmd("MGET");
+        for n in &names {
+            mget.arg(self.keys.member(n));
+        }
+        let infos: Vec<Option<String>> = self.query("members", &mget).await?;
+        let mut gone = Vec::new();
+        let mut out = Vec::new();
+        for (node, info) in names.into_iter().zip(infos) {
+            match info {
+                Some(info) => out.push(Member { node, info }),
+                None => gone.push(node),
+            }
+        }
+        if !gone.is_empty() {
+            let _: i64 = self
+                .query(
+                    "members",
+                    redis::cmd("SREM").arg(&self.keys.members).arg(&gone),
+                )
+                .await?;
+        }
+        Ok(out)
+    }
+}
+
+fn reply(op: &'static str, msg: &str) -> StoreError {
+    StoreError::Reply {
+        op,
+        msg: msg.to_string(),
+    }
+}
+
+/// Parses XINFO STREAM; `None` when the stream does not exist.
+fn stream_info(
+    v: redis::RedisResult<Value>,
+    op: &'static str,
+) -> Result<Option<StreamInfo>, StoreError> {
+    let v = match v {
+        Ok(Value::Nil) => return Ok(None),
+        Ok(v) => v,
+        Err(e) if e.to_string().contains("no such key") => return Ok(None),
+        Err(e) => return Err(StoreError::from_redis(op, e)),
+    };
+    let map: std::collections::HashMap<String, Value> =
+        redis::from_redis_value(v).map_err(|e| reply(op, &e.to_string()))?;
+    let pos = |name: &str| -> Result<StreamPos, StoreError> {
+        let v = map
+            .get(name)
+            .ok_or_else(|| reply(op, &format!("XINFO STREAM without {name} (Redis 7 needed)")))?;
+        let s: String =
+            redis::from_redis_value(v.clone()).map_err(|e| reply(op, &e.to_string()))?;
+        s.parse()
+            .map_err(|_| reply(op, &format!("XINFO STREAM {name} {s:?}")))
+    };
+    let count = |name: &str| -> Result<u64, StoreError> {
+        let v = map
+            .get(name)
+            .ok_or_else(|| reply(op, &format!("XINFO STREAM without {name} (Redis 7 needed)")))?;
+        redis::from_redis_value(v.clone()).map_err(|e| reply(op, &e.to_string()))
+    };
+    Ok(Some(StreamInfo {
+        last_generated: pos("last-generated-id")?,
+        first: pos("recorded-first-entry-id")?,
+        length: count("length")?,
+        entries_added: count("entries-added")?,
+    }))
+}
+
+struct UrlParts {
+    tls: bool,
+}
+
+/// Checks the URL's scheme and that it carries no credentials (they belong in the
+/// credentials file, where they are not logged with the URL).
+fn url_parts(url: &str) -> Result<UrlParts, StoreError> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| StoreError::Config(format!("url {url:?}: not redis:// or rediss://")))?;
+    let tls = match scheme {
+        "redis" => false,
+        "rediss" => true,
+        _ => {
+            return Err(StoreError::Config(format!(
+                "url scheme {scheme:?}: redis:// or rediss://"
+            )));
+        }
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        // Not echoed: the part before '@' may be a password.
+        return Err(StoreError::Config(
+            "the url carries a user or password; put them in the credentials file".into(),
+        ));
+    }
+    Ok(UrlParts { tls })
+}
+
+#[cfg(test)]
+mod test_server;
+#[cfg(test)]
+mod tests;
