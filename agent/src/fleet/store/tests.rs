@@ -145,11 +145,15 @@ async fn two_concurrent_claims_of_one_token_one_wins() {
                 b.claim_token(&jti, addr_b, ttl)
             );
             let (ra, rb) = (ra.unwrap(), rb.unwrap());
-            match (&ra, &rb) {
-                (Claim::Claimed, Claim::HeldBy(h)) => assert_eq!(*h, addr_a),
-                (Claim::HeldBy(h), Claim::Claimed) => assert_eq!(*h, addr_b),
-                _ => panic!("both or neither won: {ra:?} {rb:?}"),
-            }
+            // Exactly one wins, and the loser is told the winner's address.
+            let winner = match (&ra, &rb) {
+                (Claim::Claimed, Claim::HeldBy(h)) if *h == addr_a => addr_a,
+                (Claim::HeldBy(h), Claim::Claimed) if *h == addr_b => addr_b,
+                _ => panic!("not exactly one winner: {ra:?} {rb:?}"),
+            };
+            // The loser changed nothing: the store still names the winner.
+            let held = server.cli(&["GET", &format!("tollgate:{{lab}}:claim:{jti}")]);
+            assert_eq!(held.trim(), winner.to_string(), "{jti}");
         }
         // The holder claiming again is still Claimed (a second bind from the same address).
         let holder = server.cli(&["GET", "tollgate:{lab}:claim:jti-0"]);
