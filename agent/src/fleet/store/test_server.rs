@@ -18,6 +18,8 @@ pub struct RedisServer {
     pub port: u16,
     pub dir: PathBuf,
     pub password: String,
+    /// The CA that signed the server's certificate, when it listens with TLS only.
+    pub ca: Option<PathBuf>,
 }
 
 static N: AtomicU32 = AtomicU32::new(0);
@@ -31,6 +33,16 @@ fn random_hex(bytes: usize) -> String {
 impl RedisServer {
     /// Starts a server; `extra` are further `redis-server` arguments.
     pub fn start(extra: &[&str]) -> RedisServer {
+        RedisServer::launch(extra, false)
+    }
+
+    /// Starts a server that speaks TLS only, with a certificate for 127.0.0.1 from a CA made
+    /// here (rcgen); `ca` is that CA's PEM.
+    pub fn start_tls() -> RedisServer {
+        RedisServer::launch(&[], true)
+    }
+
+    fn launch(extra: &[&str], tls: bool) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "tollgate-redis-{}-{}",
             std::process::id(),
@@ -45,7 +57,9 @@ impl RedisServer {
             format!("user default off\nuser {USER} on >{password} ~tollgate:* &* +@all\n"),
         )
         .unwrap();
+        let ca = tls.then(|| write_certificates(&dir));
         // A free port: bind :0, read it, let go; a lost race shows as a failed start, retried.
+        let mut last_log = String::new();
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -53,7 +67,26 @@ impl RedisServer {
                 .unwrap()
                 .port();
             let mut cmd = Command::new("redis-server");
-            cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            let port_text = port.to_string();
+            if tls {
+                cmd.args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port_text,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.pem"));
+            } else {
+                cmd.args(["--port", &port_text]);
+            }
+            cmd.args(["--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
                 .arg("--dir")
                 .arg(&dir)
@@ -64,7 +97,7 @@ impl RedisServer {
                 .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null());
+                .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap());
             let child = cmd
                 .spawn()
                 .expect("redis-server (cargo xtask setup installs it)");
@@ -73,17 +106,19 @@ impl RedisServer {
                 port,
                 dir: dir.clone(),
                 password: password.clone(),
+                ca: ca.clone(),
             };
             if server.wait_ready() {
                 return server;
             }
             let _ = server.child.kill();
             let _ = server.child.wait();
+            last_log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default()
+                + &std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            // Dropping `server` would remove the directory the next try needs.
+            server.dir = PathBuf::new();
         }
-        panic!(
-            "redis-server did not start; log: {}",
-            std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default()
-        );
+        panic!("redis-server did not start; log: {last_log}");
     }
 
     fn wait_ready(&mut self) -> bool {
@@ -100,7 +135,8 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn credentials(&self) -> Credentials {
@@ -109,7 +145,11 @@ impl RedisServer {
 
     /// `redis-cli` as the ACL user (password through the environment, not argv); stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let mut cmd = Command::new("redis-cli");
+        if let Some(ca) = &self.ca {
+            cmd.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let out = cmd
             .args([
                 "-h",
                 "127.0.0.1",
@@ -150,4 +190,39 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`
+/// (`ca.pem`, `server.pem`, `server.key`); returns the CA's path.
+fn write_certificates(dir: &std::path::Path) -> PathBuf {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names: with rcgen's default name on both, OpenSSL (redis-cli) takes the
+    // leaf for self-signed and refuses it.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tollgate fleet test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "127.0.0.1");
+    let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    std::fs::write(dir.join("server.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), leaf_key.serialize_pem()).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    ca
+}
+
+/// Another CA's certificate (trusted by nobody here), for the wrong-CA test.
+pub fn other_ca(dir: &std::path::Path) -> PathBuf {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let p = dir.join("other-ca.pem");
+    std::fs::write(&p, params.self_signed(&key).unwrap().pem()).unwrap();
+    p
 }

@@ -374,6 +374,32 @@ async fn heartbeats_list_live_members_and_drop_expired_ones() {
     .expect("hung");
 }
 
+#[tokio::test]
+async fn rediss_with_the_ca_file_connects_and_another_ca_is_refused() {
+    tokio::time::timeout(HANG, async {
+        let server = RedisServer::start_tls();
+        let mut cfg = config(&server);
+        cfg.ca_file = server.ca.clone();
+        let mut s = Store::new(&cfg, PoolKey::from_bytes(&KEY, POOL).unwrap()).unwrap();
+        s.append(revocation("node-1", 1)).await.unwrap();
+        assert_eq!(seqs(&entries(&mut s, StreamPos::ZERO).await), [1]);
+
+        // A certificate from a CA the node was not given: the handshake fails.
+        cfg.ca_file = Some(test_server::other_ca(&server.dir));
+        let mut s = Store::new(&cfg, PoolKey::from_bytes(&KEY, POOL).unwrap()).unwrap();
+        let e = s.ping().await.unwrap_err();
+        assert_eq!(e.label(), "connection", "{e}");
+        // Plain TCP to the TLS port gets no answer it can read.
+        cfg.ca_file = None;
+        cfg.url = format!("redis://127.0.0.1:{}", server.port);
+        cfg.op_timeout = Duration::from_millis(300);
+        let mut s = Store::new(&cfg, PoolKey::from_bytes(&KEY, POOL).unwrap()).unwrap();
+        assert!(s.ping().await.is_err());
+    })
+    .await
+    .expect("hung");
+}
+
 #[test]
 fn urls_and_ca_files_are_checked_before_connecting() {
     let key = || PoolKey::from_bytes(&KEY, POOL).unwrap();
