@@ -550,19 +550,13 @@ impl Store {
             return Ok(Read::Gap);
         }
         let read = read.map_err(|e| StoreError::from_redis("read_since", e))?;
-        let reply: Option<redis::streams::StreamReadReply> =
-            redis::from_redis_value(read).map_err(|e| self::reply("read_since", &e.to_string()))?;
         let mut batch = Batch {
             last,
             ..Batch::default()
         };
-        for id in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-            let pos: StreamPos = id
-                .id
-                .parse()
-                .map_err(|_| self::reply("read_since", "stream id not <ms>-<seq>"))?;
+        for (pos, fields) in xread_entries(read)? {
             batch.last = pos;
-            match self.verify_stream_entry(&id.map) {
+            match fields.and_then(|f| self.verify_stream_entry(&f)) {
                 Ok(v) => batch.entries.push((pos, v)),
                 Err(r) => batch.refused.push((pos, r)),
             }
@@ -570,18 +564,13 @@ impl Store {
         Ok(Read::Entries(batch))
     }
 
-    fn verify_stream_entry(
-        &self,
-        map: &std::collections::HashMap<String, Value>,
-    ) -> Result<Verified, Refusal> {
-        let mut fields = Vec::with_capacity(map.len());
-        for (k, v) in map {
-            let Value::BulkString(b) = v else {
-                return Err(Refusal::Malformed);
-            };
-            fields.push((k.as_str(), b.as_slice()));
+    fn verify_stream_entry(&self, fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Verified, Refusal> {
+        let mut named = Vec::with_capacity(fields.len());
+        for (k, v) in fields {
+            let k = std::str::from_utf8(k).map_err(|_| Refusal::Malformed)?;
+            named.push((k, v.as_slice()));
         }
-        self.key.verify_fields(fields)
+        self.key.verify_fields(named)
     }
 
     /// The snapshot: the stream position first, then the hash in bounded HSCAN pages, each
@@ -748,6 +737,66 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// A stream entry's fields, or `malformed` when a store writer gave it a shape the entry
+/// format cannot have.
+type EntryFields = Result<Vec<(Vec<u8>, Vec<u8>)>, Refusal>;
+
+/// Parses an XREAD reply (RESP2: `[[key, [[id, [field, value, …]], …]]]`, or nil) by hand
+/// rather than through the crate's typed reply, whose field names must be UTF-8: there, one
+/// entry with a binary field name (anyone with write access can add one) would fail the
+/// whole read, every interval, and stop the node's catch-up. Here it is one refused entry.
+/// The ids are the server's own and always parse; a reply of another shape is an error.
+fn xread_entries(v: Value) -> Result<Vec<(StreamPos, EntryFields)>, StoreError> {
+    let bad = |what: &str| reply("read_since", &format!("XREAD reply: {what}"));
+    let streams = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(a) => a,
+        _ => return Err(bad("not an array")),
+    };
+    let mut out = Vec::new();
+    for stream in streams {
+        let Value::Array(mut pair) = stream else {
+            return Err(bad("stream not [key, entries]"));
+        };
+        let Some(Value::Array(entries)) = pair.pop() else {
+            return Err(bad("stream not [key, entries]"));
+        };
+        for entry in entries {
+            let Value::Array(mut e) = entry else {
+                return Err(bad("entry not [id, fields]"));
+            };
+            let (Some(fields), Some(Value::BulkString(id))) = (e.pop(), e.pop()) else {
+                return Err(bad("entry not [id, fields]"));
+            };
+            let pos: StreamPos = std::str::from_utf8(&id)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad("id not <ms>-<seq>"))?;
+            out.push((pos, entry_fields(fields)));
+        }
+    }
+    Ok(out)
+}
+
+fn entry_fields(v: Value) -> EntryFields {
+    let Value::Array(flat) = v else {
+        return Err(Refusal::Malformed);
+    };
+    // More fields than an entry has is refused before anything is copied.
+    if !flat.len().is_multiple_of(2) || flat.len() > 2 * super::entry::field::ALL.len() {
+        return Err(Refusal::Malformed);
+    }
+    let mut out = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let Some(k) = it.next() {
+        let (Value::BulkString(k), Some(Value::BulkString(v))) = (k, it.next()) else {
+            return Err(Refusal::Malformed);
+        };
+        out.push((k, v));
+    }
+    Ok(out)
 }
 
 fn reply(op: &'static str, msg: &str) -> StoreError {

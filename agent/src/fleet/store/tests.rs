@@ -203,11 +203,33 @@ async fn entries_written_by_hand_without_the_key_are_refused_with_their_label() 
             "kind", "revocation", "pool", "other", "origin", "node-1", "seq", "4", "wall_ms",
             "1", "subject", "x", "payload", "{}", "mac", &zero_mac,
         ]);
+        // A binary field name (redis-cli cannot type one; any client can send one): one
+        // refused entry, not a read that fails every interval.
+        let info = redis::IntoConnectionInfo::into_connection_info(server.url().as_str())
+            .unwrap()
+            .set_redis_settings(
+                redis::RedisConnectionInfo::default()
+                    .set_username(test_server::USER)
+                    .set_password(&server.password),
+            );
+        let raw = redis::Client::open(info).unwrap();
+        let mut raw = raw.get_multiplexed_async_connection().await.unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg(&b"\xff\xfe"[..])
+            .arg("x")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         s.append(revocation("node-1", 5)).await.unwrap();
         let b = entries(&mut s, StreamPos::ZERO).await;
         assert_eq!(seqs(&b), [1, 5]);
         let labels: Vec<_> = b.refused.iter().map(|(_, r)| r.label()).collect();
-        assert_eq!(labels, ["bad_mac", "unknown_kind", "malformed", "other_pool"]);
+        assert_eq!(
+            labels,
+            ["bad_mac", "unknown_kind", "malformed", "other_pool", "malformed"]
+        );
 
         // Into the snapshot: a forged value, and a genuine one copied under another field.
         let snapshot = "tollgate:{lab}:snapshot";
