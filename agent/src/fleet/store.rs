@@ -701,7 +701,9 @@ impl Store {
     /// The members whose heartbeat has not expired, sorted by name. Names whose key expired
     /// are removed from the set on the way.
     pub async fn members(&mut self) -> Result<Vec<Member>, StoreError> {
-        let mut names: Vec<String> = self
+        // Bytes, not String: a binary name or info (a store writer's) is skipped, it does
+        // not fail the listing.
+        let raw: Vec<Vec<u8>> = self
             .query(
                 "members",
                 redis::cmd("SRANDMEMBER")
@@ -709,22 +711,36 @@ impl Store {
                     .arg(MAX_MEMBERS),
             )
             .await?;
-        names.retain(|n| valid_name(n));
+        // Names no node can have are removed with the expired ones, so they cannot crowd
+        // real members out of the bounded listing.
+        let mut gone: Vec<Vec<u8>> = Vec::new();
+        let mut names = Vec::new();
+        for n in raw {
+            match String::from_utf8(n) {
+                Ok(n) if valid_name(&n) => names.push(n),
+                Ok(n) => gone.push(n.into_bytes()),
+                Err(e) => gone.push(e.into_bytes()),
+            }
+        }
         names.sort();
-        if names.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut mget = redis::cmd("MGET");
-        for n in &names {
-            mget.arg(self.keys.member(n));
-        }
-        let infos: Vec<Option<String>> = self.query("members", &mget).await?;
-        let mut gone = Vec::new();
+        let infos: Vec<Option<Vec<u8>>> = if names.is_empty() {
+            Vec::new()
+        } else {
+            let mut mget = redis::cmd("MGET");
+            for n in &names {
+                mget.arg(self.keys.member(n));
+            }
+            self.query("members", &mget).await?
+        };
         let mut out = Vec::new();
         for (node, info) in names.into_iter().zip(infos) {
             match info {
-                Some(info) => out.push(Member { node, info }),
-                None => gone.push(node),
+                Some(info) => {
+                    if let Ok(info) = String::from_utf8(info) {
+                        out.push(Member { node, info });
+                    }
+                }
+                None => gone.push(node.into_bytes()),
             }
         }
         if !gone.is_empty() {

@@ -384,6 +384,10 @@ async fn heartbeats_list_live_members_and_drop_expired_ones() {
         );
         // The expired name left the set.
         assert_eq!(server.cli(&["SCARD", "tollgate:{lab}:members"]).trim(), "1");
+        // Names a store writer added that are no node names are skipped, not an error.
+        server.cli(&["SADD", "tollgate:{lab}:members", "no such node!"]);
+        assert_eq!(s.members().await.unwrap().len(), 1);
+        assert_eq!(server.cli(&["SCARD", "tollgate:{lab}:members"]).trim(), "1");
         assert_eq!(
             s.heartbeat("bad name", "{}", Duration::from_secs(1))
                 .await
