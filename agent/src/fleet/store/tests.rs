@@ -53,9 +53,11 @@ async fn append_then_read_since_catches_up_across_a_reconnect() {
         let server = RedisServer::start(&[]);
         let mut writer = store(&server);
         let mut reader = store(&server);
-        // An empty pool reads as nothing, not as a gap.
+        // An empty pool reads as nothing, not as a gap, and its snapshot is empty.
         let b = entries(&mut reader, StreamPos::ZERO).await;
         assert!(b.entries.is_empty() && b.last == StreamPos::ZERO);
+        let snap = reader.snapshot().await.unwrap();
+        assert!(snap.entries.is_empty() && snap.position == StreamPos::ZERO);
 
         for seq in 1..=3 {
             writer.append(revocation("node-1", seq)).await.unwrap();
