@@ -1375,8 +1375,20 @@ fn a_partner_issuer_cannot_name_a_static_or_another_issuers_identity() {
                 .classes(&["customer"]),
         ]
     });
-    add_identity(&w.config, "batch-cluster", "internal", "gold", "198.19.200.10");
-    add_identity(&w.config, "partner:trusted", "internal", "gold", "198.19.200.11");
+    add_identity(
+        &w.config,
+        "batch-cluster",
+        "internal",
+        "gold",
+        "198.19.200.10",
+    );
+    add_identity(
+        &w.config,
+        "partner:trusted",
+        "internal",
+        "gold",
+        "198.19.200.11",
+    );
     let _agent = w.start();
     let token = |issuer: &str, sub: &str| {
         json!({"key": minted["private"]["ec-1"], "claims": {
@@ -1411,7 +1423,12 @@ fn a_partner_issuer_cannot_name_a_static_or_another_issuers_identity() {
     let c = w.bind_ok(w.client(), corp, "corp's trainer");
     let p = w.bind_ok(&w.second().ns, partner, "partner's trainer");
     assert_eq!(
-        [&c["identity"], &c["token_id"], &p["identity"], &p["token_id"]],
+        [
+            &c["identity"],
+            &c["token_id"],
+            &p["identity"],
+            &p["token_id"]
+        ],
         [
             &json!("corp:trainer"),
             &json!(format!("corp:corp-trainer-{now}")),
@@ -1430,7 +1447,10 @@ fn a_partner_issuer_cannot_name_a_static_or_another_issuers_identity() {
         "partner client compromised",
     ]);
     let second = w.second().client_v4;
-    assert!(out.contains(&format!("bindings_removed={second}/32")), "{out}");
+    assert!(
+        out.contains(&format!("bindings_removed={second}/32")),
+        "{out}"
+    );
     assert_eq!(w.refusal(&w.second().ns, partner), (403, "revoked".into()));
     w.bind_ok(w.client(), corp, "corp's trainer again");
     // Token ids are revoked by their namespaced form.
