@@ -1757,7 +1757,7 @@ fn an_issuer_has_its_own_max_ttl() {
 #[test]
 fn the_issuer_name_none_is_reserved() {
     let text = issuers(&ISSUER.replace("name = \"idp\"", "name = \"none\""));
-    let e = refuse(&format!("{text}"));
+    let e = refuse(&text);
     assert_eq!(e.field, "tokens.issuers[0].name", "{e}");
     assert!(e.message.contains("reserved"), "{e}");
     assert!(Config::parse(&issuers(&format!("{ISSUER}discovery = true\n")), "t.toml").is_ok());
