@@ -467,7 +467,8 @@ impl std::fmt::Display for BindFailure {
 impl std::error::Error for BindFailure {}
 
 /// Where a token's identity is placed: `None` when the configuration names the identity (its
-/// class, plan and roles are the configuration's), else the class, plan and roles its
+/// class, plan and roles are the configuration's; `c.identity` carries its issuer's prefix
+/// already, so only a static `<issuer>:<name>` matches a configured issuer's token), else the class, plan and roles its
 /// issuer's mapping gave (a value map's outputs were checked at config check; a claim taken
 /// as it is is checked here), within the classes and plans the issuer may give.
 pub fn placement(
