@@ -350,12 +350,14 @@ fn now_s() -> u64 {
 }
 
 /// A client-credentials token of the lab's provider binds from the client: the model port
-/// opens at the plan `groups` maps to; `identities show` says so.
+/// opens at the plan `groups` maps to; `identities show` says so. The identity is in issuer
+/// `idp`'s namespace: `idp:<client_id>`.
 fn bind_at_plan(w: &World, client: &str, ns: &NetNs, plan: &str) {
     let token = w.o.token(client, POOL_A);
     let body = w.bind_ok(ns, &token, client);
-    assert_eq!(body["identity"], client, "{body}");
-    let shown = w.identity(client);
+    let name = format!("idp:{client}");
+    assert_eq!(body["identity"], name.as_str(), "{body}");
+    let shown = w.identity(&name);
     assert_eq!(shown["plan"], plan, "{client}: {shown}");
     assert_eq!(shown["class"], "customer", "{client}: {shown}");
 }
@@ -479,7 +481,7 @@ fn rs256_tokens_from_the_provider_bind_at_the_plan_their_groups_map_to() {
     );
     // The same probe from each: gold's budget passes it all, silver's drops most of it.
     let before = |name: &str| {
-        w.identity(name)["dropped_packets"]
+        w.identity(&format!("idp:{name}"))["dropped_packets"]
             .as_u64()
             .expect("dropped")
     };
@@ -514,7 +516,7 @@ fn rs256_tokens_from_the_provider_bind_at_the_plan_their_groups_map_to() {
         ("iss", json!(w.o.issuer)),
         ("key_id", json!("rs256-1")),
         ("alg", json!("RS256")),
-        ("identity", json!("gold-svc")),
+        ("identity", json!("idp:gold-svc")),
         ("class", json!("customer")),
         ("plan", json!("gold")),
         ("roles", json!(["tollgate-bind"])),
@@ -736,7 +738,7 @@ fn a_node_restarted_during_an_outage_verifies_from_persisted_keys() {
         .token_verify(&later)
         .expect("token verify during the outage");
     assert_eq!(shown["plan"], "gold", "{shown}");
-    assert_eq!(w.identity("gold-svc")["plan"], "gold");
+    assert_eq!(w.identity("idp:gold-svc")["plan"], "gold");
 }
 
 /// 1 000 tokens with random kids cause at most one JWKS fetch per cooldown (counted at the
@@ -1257,7 +1259,8 @@ fn set_claim_rule(config: &Path, name: &str, key: &str, value: toml::Value) {
 /// true`. Both bind (with no class or plan rule: `[tokens]`' defaults place them); replay
 /// detection and revocation key on their ids: the uti token and the Dex token with its ECDSA
 /// signature malleated to `(r, n - s)` are refused `replay` from a second address, and
-/// `tollgate token revoke --token-id sha256:…` removes the derived id's binding.
+/// `tollgate token revoke --token-id dex:sha256:…` (the id in issuer dex's namespace) removes
+/// the derived id's binding.
 #[test]
 fn tokens_without_jti_bind_by_uti_or_a_derived_id() {
     let now = now_s();
@@ -1291,9 +1294,9 @@ fn tokens_without_jti_bind_by_uti_or_a_derived_id() {
     assert!(claims_of(entra).get("jti").is_none() && claims_of(dex).get("jti").is_none());
 
     let body = w.bind_ok(w.client(), entra, "uti token");
-    assert_eq!(body["token_id"], uti.as_str(), "{body}");
+    assert_eq!(body["token_id"], format!("entra:{uti}"), "{body}");
     assert_eq!(
-        w.identity("entra-svc")["plan"],
+        w.identity("entra:entra-svc")["plan"],
         "customer",
         "[tokens] default_plan"
     );
@@ -1305,7 +1308,7 @@ fn tokens_without_jti_bind_by_uti_or_a_derived_id() {
 
     let body = w.bind_ok(w.client(), dex, "id-less token");
     let id = body["token_id"].as_str().expect("token_id").to_owned();
-    assert!(id.starts_with("sha256:") && id.len() == 29, "{body}");
+    assert!(id.starts_with("dex:sha256:") && id.len() == 33, "{body}");
     // The same token, the same id: a rebind from its address is not a new token.
     assert_eq!(w.bind_ok(w.client(), dex, "again")["token_id"], id.as_str());
     // Its malleated twin verifies too, and has the same id: replay from another address.
@@ -1331,4 +1334,137 @@ fn tokens_without_jti_bind_by_uti_or_a_derived_id() {
         "{out}"
     );
     assert_eq!(w.refusal(w.client(), dex), (403, "revoked".into()));
+}
+
+/// Appends a static `[[identities]]` entry to the written config.
+fn add_identity(config: &Path, name: &str, class: &str, plan: &str, bind: &str) {
+    let mut table: toml::Table = std::fs::read_to_string(config)
+        .expect("config")
+        .parse()
+        .expect("toml");
+    let mut entry = toml::Table::new();
+    for (k, v) in [("name", name), ("class", class), ("plan", plan)] {
+        entry.insert(k.into(), v.into());
+    }
+    entry.insert("bind".into(), toml::Value::Array(vec![bind.into()]));
+    table
+        .entry("identities")
+        .or_insert_with(|| toml::Value::Array(Vec::new()))
+        .as_array_mut()
+        .expect("identities")
+        .push(entry.into());
+    std::fs::write(config, toml::to_string(&table).expect("toml")).expect("config");
+}
+
+/// Identities are namespaced by issuer (review 13b, must-fix 1). A partner issuer (limited
+/// to class customer) whose token names the static internal identity `batch-cluster` gets
+/// `partner:batch-cluster`, placed by the partner's rules, not the internal identity; the
+/// static `partner:trusted` (internal) it may name is refused `unplaceable`, outside its
+/// classes. Two issuers minting `sub = trainer` are two identities, revoked one at a time
+/// (`--identity partner:trainer`), and token ids are namespaced too (`--token-id corp:…`).
+#[test]
+fn a_partner_issuer_cannot_name_a_static_or_another_issuers_identity() {
+    let now = now_s();
+    let minted = mint(&json!({"keys": [{"kid": "ec-1", "alg": "ES256"}]}));
+    let w = World::new(ProviderSpec::new("RS256", clients()), true, |o| {
+        let jwks = o.dir().join("minted-jwks.json");
+        std::fs::write(&jwks, minted["jwks"].to_string()).expect("minted jwks");
+        vec![
+            Issuer::jwks_file("corp", &format!("{}/corp", o.issuer), POOL_A, &jwks),
+            Issuer::jwks_file("partner", &format!("{}/partner", o.issuer), POOL_A, &jwks)
+                .classes(&["customer"]),
+        ]
+    });
+    add_identity(
+        &w.config,
+        "batch-cluster",
+        "internal",
+        "gold",
+        "198.19.200.10",
+    );
+    add_identity(
+        &w.config,
+        "partner:trusted",
+        "internal",
+        "gold",
+        "198.19.200.11",
+    );
+    let _agent = w.start();
+    let token = |issuer: &str, sub: &str| {
+        json!({"key": minted["private"]["ec-1"], "claims": {
+            "iss": format!("{}/{issuer}", w.o.issuer), "aud": POOL_A, "sub": sub,
+            "jti": format!("{issuer}-{sub}-{now}"), "iat": now, "exp": now + 120}})
+    };
+    let tokens = mint_tokens(vec![
+        token("partner", "batch-cluster"),
+        token("partner", "trusted"),
+        token("corp", "trainer"),
+        token("partner", "trainer"),
+    ]);
+    let (takeover, trusted, corp, partner) = (&tokens[0], &tokens[1], &tokens[2], &tokens[3]);
+
+    let body = w.bind_ok(w.client(), takeover, "a partner token naming batch-cluster");
+    assert_eq!(body["identity"], "partner:batch-cluster", "{body}");
+    let shown = w.identity("partner:batch-cluster");
+    assert_eq!(
+        (shown["class"].as_str(), shown["plan"].as_str()),
+        (Some("customer"), Some("customer")),
+        "placed by the partner's rules: {shown}"
+    );
+    let statik = w.identity("batch-cluster");
+    assert_eq!(statik["class"], "internal", "{statik}");
+    assert!(
+        !statik.to_string().contains(&w.o.lab.client_v4.to_string()),
+        "the static identity gained the partner's address: {statik}"
+    );
+    assert_eq!(w.refusal(w.client(), trusted), (422, "unplaceable".into()));
+
+    // One sub, two issuers: two identities, each with its own binding.
+    let c = w.bind_ok(w.client(), corp, "corp's trainer");
+    let p = w.bind_ok(&w.second().ns, partner, "partner's trainer");
+    assert_eq!(
+        [
+            &c["identity"],
+            &c["token_id"],
+            &p["identity"],
+            &p["token_id"]
+        ],
+        [
+            &json!("corp:trainer"),
+            &json!(format!("corp:corp-trainer-{now}")),
+            &json!("partner:trainer"),
+            &json!(format!("partner:partner-trainer-{now}")),
+        ]
+    );
+    assert_eq!(w.identity("corp:trainer")["class"], "customer");
+    // Revoking partner:trainer leaves corp:trainer bound.
+    let out = w.dirs.cli_ok(&[
+        "token",
+        "revoke",
+        "--identity",
+        "partner:trainer",
+        "--reason",
+        "partner client compromised",
+    ]);
+    let second = w.second().client_v4;
+    assert!(
+        out.contains(&format!("bindings_removed={second}/32")),
+        "{out}"
+    );
+    assert_eq!(w.refusal(&w.second().ns, partner), (403, "revoked".into()));
+    w.bind_ok(w.client(), corp, "corp's trainer again");
+    // Token ids are revoked by their namespaced form.
+    let out = w.dirs.cli_ok(&[
+        "token",
+        "revoke",
+        "--token-id",
+        &format!("corp:corp-trainer-{now}"),
+        "--reason",
+        "rotated",
+    ]);
+    assert!(
+        out.contains(&format!("bindings_removed={}/32", w.o.lab.client_v4)),
+        "{out}"
+    );
+    assert_eq!(w.refusal(w.client(), corp), (403, "revoked".into()));
 }

@@ -31,6 +31,12 @@ pub struct IssuerService {
     /// not refetch).
     source: SourceConfig,
     pub remote: bool,
+    /// What this issuer's identities and token ids are prefixed with (`<name>:`); `None`
+    /// for the legacy issuer, whose names stay as they were before issuers existed.
+    /// Namespacing is what keeps one issuer from naming another's identities (or the
+    /// configuration's `[[identities]]`): a partner's `azp = "batch-cluster"` is
+    /// `partner:batch-cluster`, never the static `batch-cluster`.
+    pub prefix: Option<String>,
     /// Refusals by label (pre-filled with every label: bounded, and a scrape shows zeros).
     pub refusals: BTreeMap<&'static str, u64>,
     /// Verifications that passed.
@@ -151,7 +157,7 @@ pub fn policy_of(cfg: &Tokens, issuer: &Issuer) -> Result<Policy, String> {
     Ok(Policy {
         issuer: issuer.issuer.clone(),
         audiences: issuer.audiences.clone(),
-        max_ttl_s: cfg.max_ttl_s,
+        max_ttl_s: issuer.max_ttl_s,
         skew_s: cfg.clock_skew_s,
         max_token_bytes: cfg.max_token_bytes,
         mapping: mapping_of(&issuer.claims, is_legacy(cfg, issuer))?,
@@ -201,6 +207,7 @@ impl TokenService {
                 name: issuer.name.clone(),
                 policy,
                 remote: issuer.source.is_remote(),
+                prefix: (!is_legacy(cfg, issuer)).then(|| format!("{}:", issuer.name)),
                 keys,
                 source,
                 refusals: old.map_or_else(zeros, |o| o.refusals.clone()),
@@ -311,9 +318,15 @@ impl TokenService {
             .keys
             .current(crate::clock::now_ms())
             .map_err(|_| (Some(i), Refusal::KeysUnavailable))?;
-        token::verify(token, &keys, &issuer.policy, now_s)
-            .map(|c| (i, c))
-            .map_err(|r| (Some(i), r))
+        let mut claims =
+            token::verify(token, &keys, &issuer.policy, now_s).map_err(|r| (Some(i), r))?;
+        // The one place a verified token's names are made: bind, unbind, the replay check,
+        // revocation, status and audit all see the issuer's namespace.
+        if let Some(p) = &issuer.prefix {
+            claims.identity.insert_str(0, p);
+            claims.jti.insert_str(0, p);
+        }
+        Ok((i, claims))
     }
 
     /// Counts a verification's result: `ok` or a refusal label, for the issuer chosen (or
@@ -454,7 +467,8 @@ impl std::fmt::Display for BindFailure {
 impl std::error::Error for BindFailure {}
 
 /// Where a token's identity is placed: `None` when the configuration names the identity (its
-/// class, plan and roles are the configuration's), else the class, plan and roles its
+/// class, plan and roles are the configuration's; `c.identity` carries its issuer's prefix
+/// already, so only a static `<issuer>:<name>` matches a configured issuer's token), else the class, plan and roles its
 /// issuer's mapping gave (a value map's outputs were checked at config check; a claim taken
 /// as it is is checked here), within the classes and plans the issuer may give.
 pub fn placement(
@@ -462,10 +476,14 @@ pub fn placement(
     issuer: &Issuer,
     c: &Claims,
 ) -> Result<Option<TokenIdentity>, String> {
-    if config.identity(&c.identity).is_some() {
+    let rules = &issuer.claims;
+    // A static identity keeps its class, plan and roles, but only within what the issuer
+    // may give (the name already had to carry the issuer's prefix to match: the operator
+    // chose to let this issuer's tokens land there).
+    if let Some(s) = config.identity(&c.identity) {
+        allowed(issuer, s.class.label(), &s.plan)?;
         return Ok(None);
     }
-    let rules = &issuer.claims;
     let class = match &c.class {
         Some(label) => crate::config::class_from_label(label)
             .ok_or_else(|| format!("unknown class {label:?} in claim {}", rules.class.claim))?
@@ -493,14 +511,24 @@ pub fn placement(
             rules.plan.claim
         ));
     }
-    // An identity provider trusted for some classes cannot mint another (a partner's IdP
-    // saying `internal`).
+    allowed(issuer, &class, &plan)?;
+    Ok(Some(TokenIdentity {
+        class,
+        plan,
+        roles: c.roles.clone(),
+        expires_unix_ms: c.exp.saturating_mul(1000),
+    }))
+}
+
+/// An identity provider trusted for some classes (plans) cannot give another (a partner's
+/// IdP saying `internal`, or its token landing on an internal static identity).
+fn allowed(issuer: &Issuer, class: &str, plan: &str) -> Result<(), String> {
     for (what, key, value, allowed) in [
-        ("class", "classes", &class, &issuer.classes),
-        ("plan", "plans", &plan, &issuer.plans),
+        ("class", "classes", class, &issuer.classes),
+        ("plan", "plans", plan, &issuer.plans),
     ] {
         if let Some(allowed) = allowed
-            && !allowed.contains(value)
+            && !allowed.iter().any(|a| a == value)
         {
             return Err(format!(
                 "{what} {value:?} is not one issuer {} may give (its {key}: {})",
@@ -509,12 +537,7 @@ pub fn placement(
             ));
         }
     }
-    Ok(Some(TokenIdentity {
-        class,
-        plan,
-        roles: c.roles.clone(),
-        expires_unix_ms: c.exp.saturating_mul(1000),
-    }))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -609,7 +632,7 @@ pub(crate) mod tests {
         svc: &TokenService,
         r: Result<(usize, Claims), (Option<usize>, Refusal)>,
     ) -> Result<String, (Option<String>, &'static str)> {
-        r.map(|(i, c)| format!("{}:{}", svc.issuers[i].name, c.identity))
+        r.map(|(_, c)| c.identity)
             .map_err(|(i, r)| (i.map(|i| svc.issuers[i].name.clone()), r.label()))
     }
 
@@ -644,7 +667,7 @@ pub(crate) mod tests {
         // No iss: the legacy issuer, with its own keys.
         assert_eq!(
             names(&svc, svc.verify(&token(&k0, None), now_s())),
-            Ok("default:alice".to_owned())
+            Ok("alice".to_owned())
         );
         // An iss no issuer has, even one slash off a's: refused, neither a's keys nor the
         // legacy issuer's are tried.
@@ -685,7 +708,7 @@ pub(crate) mod tests {
         for iss in [None, Some("https://idp.example/")] {
             assert_eq!(
                 names(&svc, svc.verify(&token(&k0, iss), now_s())),
-                Ok("default:alice".to_owned())
+                Ok("alice".to_owned())
             );
         }
     }
@@ -742,6 +765,95 @@ pub(crate) mod tests {
         // The other issuer is not limited.
         let remote = tokens.issuer("remote").unwrap();
         assert!(placement(&config, remote, &internal).unwrap().is_some());
+    }
+
+    fn token_for(key: &SigningKey, iss: &str, sub: &str, jti: &str) -> String {
+        let now = now_s();
+        let claims = serde_json::json!({
+            "sub": sub, "aud": "pool", "jti": jti, "iat": now, "exp": now + 60, "iss": iss,
+            "tollgate_class": "customer", "tollgate_plan": "free",
+        });
+        let header = serde_json::json!({"alg": "ES256", "kid": key.kid, "typ": "JWT"});
+        key.sign_compact(header.to_string().as_bytes(), claims.to_string().as_bytes())
+            .expect("sign")
+    }
+
+    /// Names are namespaced by issuer (review 13b, must-fix 1): a configured issuer's token
+    /// cannot name a static identity, nor another issuer's identity or token id; only the
+    /// legacy issuer keeps bare names.
+    #[test]
+    fn identities_and_token_ids_are_namespaced_by_issuer() {
+        let dir = Dir::new("names");
+        let (_, k1, k0) = service(&dir, true);
+        let statics = "[[identities]]\nname = \"batch-cluster\"\nclass = \"internal\"\n\
+                       plan = \"free\"\nbind = [\"198.18.0.10\"]\n\
+                       [[identities]]\nname = \"a:trusted\"\nclass = \"internal\"\n\
+                       plan = \"free\"\nbind = [\"198.18.0.11\"]\n";
+        let text = format!("{statics}{}", config_text(&dir, true))
+            .replace("name = \"a\"\n", "name = \"a\"\nclasses = [\"customer\"]\n");
+        let config = Config::parse(&text, "t.toml").expect("config");
+        let tokens = config.tokens.as_ref().unwrap();
+        let svc = TokenService::new(tokens, &dir.0, None).unwrap();
+        let a = tokens.issuer("a").unwrap();
+        let legacy = tokens.issuer("default").unwrap();
+        // Issuer a says `sub = batch-cluster`: it is a:batch-cluster, placed by a's rules
+        // (a customer), not as the internal static identity.
+        let (_, c) = svc
+            .verify(&token_for(&k1, ISS_A, "batch-cluster", "j1"), now_s())
+            .unwrap();
+        assert_eq!(
+            (c.identity.as_str(), c.jti.as_str()),
+            ("a:batch-cluster", "a:j1")
+        );
+        let placed = placement(&config, a, &c)
+            .unwrap()
+            .expect("placed by a's rules");
+        assert_eq!(placed.class, "customer");
+        // The legacy issuer's same names stay bare (and do name the static identity).
+        let (_, c0) = svc.verify(&token(&k0, None), now_s()).unwrap();
+        assert_eq!((c0.identity.as_str(), c0.jti.as_str()), ("alice", "t1"));
+        let mut bare = c0.clone();
+        bare.identity = "batch-cluster".into();
+        assert!(placement(&config, legacy, &bare).unwrap().is_none());
+        // The static identity the operator named for issuer a is what a's token lands on,
+        // within a's allow-list: its internal class is not one a may give.
+        let (_, t) = svc
+            .verify(&token_for(&k1, ISS_A, "trusted", "j2"), now_s())
+            .unwrap();
+        assert_eq!(t.identity, "a:trusted");
+        assert_eq!(
+            placement(&config, a, &t).unwrap_err(),
+            "class \"internal\" is not one issuer a may give (its classes: customer)"
+        );
+    }
+
+    #[test]
+    fn two_issuers_minting_one_sub_are_two_identities() {
+        let dir = Dir::new("twosub");
+        let (_, k1, k0) = service(&dir, false);
+        // A second file issuer `b` with the legacy test key.
+        let b = dir.0.join("default.json");
+        let text = format!(
+            "{}[[tokens.issuers]]\nname = \"b\"\nissuer = \"https://b.example\"\n\
+             audience = \"pool\"\njwks = \"{}\"\n",
+            config_text(&dir, false),
+            b.display()
+        );
+        let config = Config::parse(&text, "t.toml").expect("config");
+        let svc = TokenService::new(config.tokens.as_ref().unwrap(), &dir.0, None).unwrap();
+        let (_, ca) = svc
+            .verify(&token_for(&k1, ISS_A, "trainer", "same"), now_s())
+            .unwrap();
+        let (_, cb) = svc
+            .verify(
+                &token_for(&k0, "https://b.example", "trainer", "same"),
+                now_s(),
+            )
+            .unwrap();
+        assert_eq!(
+            [ca.identity, ca.jti, cb.identity, cb.jti],
+            ["a:trainer", "a:same", "b:trainer", "b:same"]
+        );
     }
 
     /// Counted at the key server: garbage and well-formed tokens of every other kind cost no

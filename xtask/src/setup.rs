@@ -362,6 +362,12 @@ fn node_ok() -> bool {
     node_version().is_some_and(|v| v >= NODE_MIN) && npm_runs()
 }
 
+/// How to get a Node.js new enough on Debian 12, whose own `nodejs` is 18 (bookworm-backports
+/// has none): what both refusals below tell the operator, as the README does.
+const NODE_HOWTO: &str = "Debian 12's nodejs is 18 and bookworm-backports has none: install \
+     NodeSource's Node.js 20 (as root: `curl -fsSL https://deb.nodesource.com/setup_20.x | bash - \
+     && apt-get install -y nodejs`), then run `cargo xtask setup` again";
+
 /// Node.js and npm come with the machine; a fresh Debian machine without them gets Debian's.
 fn nodejs() -> anyhow::Result<Step> {
     if node_ok() {
@@ -370,7 +376,11 @@ fn nodejs() -> anyhow::Result<Step> {
     if node_version().is_none() || !npm_runs() {
         if !cmd::is_root() {
             bail!(
-                "Node.js or npm is missing: run `sudo cargo xtask setup`, or `sudo apt-get install nodejs npm`"
+                "Node.js or npm is missing (the OpenID Provider lab, tests/oidc, needs Node.js \
+                 {}.{} or later): run `sudo cargo xtask setup`, which installs the distribution's \
+                 nodejs and npm; on Debian 12 those are too old: {NODE_HOWTO}",
+                NODE_MIN.0,
+                NODE_MIN.1
             );
         }
         cmd::run(cmd::command("apt-get").args(["update", "-q"]))?;
@@ -391,7 +401,7 @@ fn nodejs() -> anyhow::Result<Step> {
         Some(v) if v >= NODE_MIN => Ok(Step::Installed),
         Some((major, minor)) => bail!(
             "Node.js {major}.{minor} is too old for the OpenID Provider lab (tests/oidc): it needs \
-             {}.{} or later",
+             {}.{} or later. {NODE_HOWTO}",
             NODE_MIN.0,
             NODE_MIN.1
         ),

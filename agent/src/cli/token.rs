@@ -28,7 +28,8 @@ enum Action {
         /// The signing key file (`<kid>.key.json`).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
-        /// The identity (the `sub` claim).
+        /// The identity (the `sub` claim). A node takes it as it is under its legacy issuer
+        /// (`tokens.jwks`).
         #[arg(long)]
         identity: String,
         /// Class claim: internal, partner or customer.
@@ -50,17 +51,29 @@ enum Action {
         #[arg(long)]
         id: Option<String>,
     },
-    /// Check a token as a node would; prints its claims or the reason it is refused.
+    /// Check a token's signature, times, issuer, audience and claim mapping as a node
+    /// would; prints its claims (identity and token id as the node names them) or the reason
+    /// it is refused. It checks neither revocation nor placement (the node's revoked ids,
+    /// whether a class or plan is within the issuer's `classes`/`plans`): a token it calls
+    /// valid may still be refused by a bind.
     Verify {
+        /// The token, or `-` to read it from stdin (keeps it out of shell history and `ps`).
+        #[arg(value_name = "TOKEN")]
         token: String,
-        /// Take keys and policy from this config's [tokens] section.
+        /// Verify as the node with this configuration does: the issuer the token's `iss`
+        /// picks, its claim mapping and policy. Fetches remote issuers' keys over the network
+        /// now (discovery, jwks_url), falling back on the node's persisted copy in its
+        /// state_dir.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Or: the JWKS file ...
+        /// Instead of --config's issuers: the keys of this JWKS file, with --audience (a
+        /// --config then gives only its max_ttl_s, clock_skew_s, max_token_bytes). Ignores
+        /// `iss` and reads the legacy claim names (sub, tollgate_class, tollgate_plan,
+        /// tollgate_roles), so an identity provider's token may show class null.
         #[arg(long, value_name = "FILE", requires = "audience")]
         jwks: Option<PathBuf>,
-        /// ... and the audience.
-        #[arg(long)]
+        /// With --jwks: the audience `aud` must contain.
+        #[arg(long, requires = "jwks")]
         audience: Option<String>,
     },
     /// Revoke a token id, or every token of an identity issued until now: their bindings
@@ -68,10 +81,13 @@ enum Action {
     #[command(group(clap::ArgGroup::new("what").required(true).args(["token_id", "identity"])))]
     Revoke {
         /// The token's id, as bind replies, audit lines and `status` show it: its `jti` (or
-        /// the claim its issuer's `token_id` names), or a derived `sha256:…`.
+        /// the claim its issuer's `token_id` names), or a derived `sha256:…`; prefixed
+        /// `<issuer>:` for a `[[tokens.issuers]]` issuer (`partner:6f1c…`).
         #[arg(long)]
         token_id: Option<String>,
-        /// The identity (the `sub` claim).
+        /// The identity, as bind replies and `tollgate identities` show it: the issuer's
+        /// mapped identity claim, prefixed `<issuer>:` for a `[[tokens.issuers]]` issuer
+        /// (`partner:trainer`); bare for the legacy issuer (`tokens.jwks`).
         #[arg(long)]
         identity: Option<String>,
         /// Why (recorded in the audit log).
@@ -205,6 +221,16 @@ fn verify_cmd(
         None => None,
     };
     let tokens = cfg.as_ref().and_then(|c| c.tokens.as_ref());
+    let stdin;
+    let token = if token == "-" {
+        stdin = match read_token(std::io::stdin().lock()) {
+            Ok(t) => t,
+            Err(e) => return fail(exit::REFUSED, format!("reading the token from stdin: {e}")),
+        };
+        stdin.as_str()
+    } else {
+        token
+    };
     let token = token.trim();
     match (cfg.as_ref(), jwks_path, audience) {
         (Some(c), None, None) => match &c.tokens {
@@ -237,6 +263,15 @@ fn verify_cmd(
             "give --config FILE (with a [tokens] section), or --jwks FILE and --audience AUD",
         ),
     }
+}
+
+/// The token from `r` (stdin), bounded: a token is at most 64 KiB (`max_token_bytes`), so
+/// more is not read.
+fn read_token(r: impl std::io::Read) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    r.take(65536 + 2).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// As a node would: the issuer the token's `iss` picks, that issuer's keys (remote ones
@@ -302,26 +337,63 @@ fn verify_with_issuers(token: &str, t: &tollgate::config::Tokens, state_dir: &Pa
     }
 }
 
-/// A temporary state directory holding copies of the node's persisted JWKS of `t`'s
-/// issuers; removed on drop.
+/// A private temporary state directory holding copies of the node's persisted JWKS of `t`'s
+/// issuers; removed on drop. It is made afresh under an unguessable name, mode 0700, never
+/// reused: the command often runs as root (the persisted keys are root's), and a directory
+/// another user planted at a guessable name could redirect the copy (symlinks) or swap the
+/// keys it verifies with (review 13b, must-fix 5).
 struct Scratch(PathBuf);
 
 impl Scratch {
     fn copy_of(state_dir: &Path, t: &tollgate::config::Tokens) -> std::io::Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!(
-            "tollgate-token-verify-{}-{}",
-            std::process::id(),
-            now_unix_ms()
-        ));
-        std::fs::create_dir_all(dir.join("jwks"))?;
+        use ring::rand::SecureRandom as _;
+        let mut b = [0u8; 16];
+        ring::rand::SystemRandom::new()
+            .fill(&mut b)
+            .map_err(|_| std::io::Error::other("no randomness for its name"))?;
+        let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let dir = std::env::temp_dir().join(format!("tollgate-token-verify-{name}"));
+        let names: Vec<&str> = t.issuers.iter().map(|i| i.name.as_str()).collect();
+        Scratch::create(dir, state_dir, &names)
+    }
+
+    /// Makes `dir` (its parent must exist; a path that exists already, a symlink included,
+    /// is an error: nothing there is touched or removed) and copies the issuers' persisted
+    /// keys into it.
+    fn create(dir: PathBuf, state_dir: &Path, issuers: &[&str]) -> std::io::Result<Scratch> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let private = || {
+            let mut b = std::fs::DirBuilder::new();
+            b.mode(0o700);
+            b
+        };
+        private().create(&dir)?;
+        // Ours from here: removed on drop, whatever fails below.
         let scratch = Scratch(dir);
-        for i in &t.issuers {
-            let from = tollgate::issuers::persist::path(state_dir, &i.name);
-            // Absent or unreadable (not root): the issuer is fetched, or has no keys.
-            let _ = std::fs::copy(&from, tollgate::issuers::persist::path(&scratch.0, &i.name));
+        private().create(scratch.0.join("jwks"))?;
+        for name in issuers {
+            let from = tollgate::issuers::persist::path(state_dir, name);
+            copy_private(&from, &tollgate::issuers::persist::path(&scratch.0, name))?;
         }
         Ok(scratch)
     }
+}
+
+/// Copies `from` to a new file `to` (never an existing one, never through a symlink).
+/// An absent or unreadable `from` (not root) is no error: the issuer is fetched, or has no
+/// keys.
+fn copy_private(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let Ok(mut src) = std::fs::File::open(from) else {
+        return Ok(());
+    };
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(to)?;
+    std::io::copy(&mut src, &mut dst).map(|_| ())
 }
 
 impl Drop for Scratch {
@@ -355,6 +427,83 @@ fn print_claims(c: &tollgate_common::token::Claims, issuer: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A test directory of its own, removed on drop.
+    struct Tmp(PathBuf);
+
+    impl Tmp {
+        fn new(tag: &str) -> Tmp {
+            let d = std::env::temp_dir()
+                .join(format!("tollgate-cli-token-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(d.join("state/jwks")).expect("dir");
+            std::fs::write(d.join("state/jwks/idp.json"), "{\"keys\": []}").expect("jwks");
+            Tmp(d)
+        }
+    }
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_token_from_stdin_is_read_bounded() {
+        assert_eq!(read_token(&b"eyJ.x.y\n"[..]).unwrap(), "eyJ.x.y\n");
+        let huge = vec![b'a'; 1 << 20];
+        assert_eq!(read_token(&huge[..]).unwrap().len(), 65538);
+    }
+
+    #[test]
+    fn the_scratch_directory_is_private_and_removed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let t = Tmp::new("fresh");
+        let dir = t.0.join("scratch");
+        let s = Scratch::create(dir.clone(), &t.0.join("state"), &["idp", "absent"]).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("jwks/idp.json")).unwrap(),
+            "{\"keys\": []}"
+        );
+        drop(s);
+        assert!(!dir.exists());
+    }
+
+    /// A directory (or a symlink) planted at the scratch name is refused, not reused: nothing
+    /// is written through it, and it is not removed.
+    #[test]
+    fn a_planted_scratch_directory_or_symlink_is_refused() {
+        let t = Tmp::new("planted");
+        let state = t.0.join("state");
+        let planted = t.0.join("planted");
+        std::fs::create_dir_all(planted.join("jwks")).unwrap();
+        let victim = t.0.join("victim");
+        std::fs::write(&victim, "root's file").unwrap();
+        std::os::unix::fs::symlink(&victim, planted.join("jwks/idp.json")).unwrap();
+        let e = Scratch::create(planted.clone(), &state, &["idp"])
+            .err()
+            .expect("refused");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's file");
+        assert!(
+            planted.join("jwks").is_dir(),
+            "the planted directory was removed"
+        );
+        let link = t.0.join("link");
+        std::os::unix::fs::symlink(&planted, &link).unwrap();
+        let e = Scratch::create(link, &state, &["idp"])
+            .err()
+            .expect("refused");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's file");
+        // The copy itself neither follows a symlink nor overwrites.
+        let e = copy_private(&state.join("jwks/idp.json"), &planted.join("jwks/idp.json"))
+            .expect_err("through a symlink");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's file");
+    }
 
     #[test]
     fn revoke_line_is_the_documented_one() {

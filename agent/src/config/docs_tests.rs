@@ -296,6 +296,8 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
         ("tokens.issuers", "cache_max_s", None),
         ("tokens.issuers", "refetch_cooldown_s", None),
         ("tokens.issuers", "max_stale_s", None),
+        // Like the fetch settings: absent, [tokens]' max_ttl_s.
+        ("tokens.issuers", "max_ttl_s", None),
         ("tokens.issuers", "claims", None),
         (
             "tokens.issuers.claims",

@@ -149,6 +149,9 @@ pub struct Issuer {
     pub classes: Option<Vec<String>>,
     /// The plans its tokens may be placed in; `None`: any.
     pub plans: Option<Vec<String>>,
+    /// Longest lifetime (`exp - iat`) of its tokens; `[tokens] max_ttl_s` unless the issuer
+    /// sets its own (Dex's 24 h ID-token lifetime need not lengthen every issuer's).
+    pub max_ttl_s: u64,
 }
 
 /// Where an issuer's keys come from.
@@ -211,6 +214,16 @@ impl Tokens {
     /// The issuer named `name`.
     pub fn issuer(&self, name: &str) -> Option<&Issuer> {
         self.issuers.iter().find(|i| i.name == name)
+    }
+
+    /// The longest lifetime any issuer's token may have: what a revoked token id must be
+    /// remembered for (a shorter memory would let a token of the longest-lived issuer bind
+    /// again once its id is forgotten).
+    pub fn longest_ttl_s(&self) -> u64 {
+        self.issuers
+            .iter()
+            .map(|i| i.max_ttl_s)
+            .fold(self.max_ttl_s, u64::max)
     }
 }
 

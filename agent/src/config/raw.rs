@@ -121,6 +121,7 @@ pub(super) struct RawIssuer {
     pub cache_max_s: Option<S<i64>>,
     pub refetch_cooldown_s: Option<S<i64>>,
     pub max_stale_s: Option<S<i64>>,
+    pub max_ttl_s: Option<S<i64>>,
     pub claims: Option<S<RawClaims>>,
 }
 

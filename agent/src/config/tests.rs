@@ -1725,3 +1725,71 @@ fn an_issuer_without_class_or_plan_rules_takes_the_tokens_defaults() {
          tokens.default_class \"customer\", which is not in its classes (partner)",
     );
 }
+
+/// An issuer's own `max_ttl_s` (Dex's 24 h tokens need not lengthen every issuer's), in the
+/// global key's range; the revocation memory follows the longest of them.
+#[test]
+fn an_issuer_has_its_own_max_ttl() {
+    let parse = |global: &str, own: &str| {
+        Config::parse(
+            &issuers(&format!("{global}{ISSUER}discovery = true\n{own}")),
+            "t.toml",
+        )
+        .map(|c| c.tokens.unwrap())
+    };
+    let t = parse("", "").unwrap();
+    assert_eq!((t.issuers[0].max_ttl_s, t.longest_ttl_s()), (3600, 3600));
+    let t = parse("max_ttl_s = 600\n", "").unwrap();
+    assert_eq!((t.issuers[0].max_ttl_s, t.longest_ttl_s()), (600, 600));
+    let t = parse("max_ttl_s = 600\n", "max_ttl_s = 86400\n").unwrap();
+    assert_eq!((t.issuers[0].max_ttl_s, t.longest_ttl_s()), (86400, 86400));
+    let policy = crate::token_bind::policy_of(&t, &t.issuers[0]).unwrap();
+    assert_eq!(policy.max_ttl_s, 86400);
+    for bad in ["0", "604801", "-1"] {
+        let e = parse("", &format!("max_ttl_s = {bad}\n")).unwrap_err();
+        assert_eq!(e.field, "tokens.issuers[0].max_ttl_s", "{e}");
+        assert!(e.message.contains("out of range"), "{e}");
+    }
+}
+
+/// `none` is the metrics' issuer label of tokens no issuer was chosen for: an issuer so
+/// named would have its refusals summed with those.
+#[test]
+fn the_issuer_name_none_is_reserved() {
+    let text = issuers(&ISSUER.replace("name = \"idp\"", "name = \"none\""));
+    let e = refuse(&text);
+    assert_eq!(e.field, "tokens.issuers[0].name", "{e}");
+    assert!(e.message.contains("reserved"), "{e}");
+    assert!(Config::parse(&issuers(&format!("{ISSUER}discovery = true\n")), "t.toml").is_ok());
+}
+
+/// A static identity may carry an issuer's namespace (`partner:batch`): the name that
+/// issuer's tokens have, so the operator can let them land on it. Each part is checked.
+#[test]
+fn a_static_identity_may_be_named_in_an_issuers_namespace() {
+    let identity = |name: &str| {
+        with(&format!(
+            "[[identities]]\nname = \"{name}\"\nclass = \"partner\"\nplan = \"free\"\n\
+             bind = [\"198.18.0.10\"]\n"
+        ))
+    };
+    for ok in ["partner:batch", "partner:batch.cluster", "a_b-c:x"] {
+        let c = Config::parse(&identity(ok), "t.toml").unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert!(c.identity(ok).is_some(), "{ok}");
+    }
+    for bad in [
+        ":batch",
+        "partner:",
+        "Partner:batch",
+        "a:b:c",
+        "a.b:c",
+        &format!("{}:x", "p".repeat(33)),
+    ] {
+        let e = refuse(&identity(bad));
+        assert_eq!(
+            e.field.split(' ').next(),
+            Some("identities[0].name"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -337,14 +337,14 @@ pub fn revoke(
     }
     node.state.bindings.retain(|b| !hit(b));
     if let Some(t) = token_id {
-        // Kept until the token could have expired anyway: max TTL + skew from now, on agent
-        // time (the boot clock), so a wall-clock step cannot end it early; longer if a
+        // Kept until the token could have expired anyway: the longest max TTL of all
+        // issuers + skew from now, on agent time (the boot clock), so a wall-clock step cannot end it early; longer if a
         // binding it made runs longer.
         let ttl = node
             .config
             .tokens
             .as_ref()
-            .map_or(86400, |c| c.max_ttl_s + c.clock_skew_s);
+            .map_or(86400, |c| c.longest_ttl_s() + c.clock_skew_s);
         let until = removed
             .iter()
             .filter_map(|b| b.expires_unix_ms)

@@ -94,6 +94,11 @@ impl PublicKey {
             (None, None) => {
                 return Err(KeyProblem::UnsupportedCurve(crv.unwrap_or("").to_owned()));
             }
+            // Ed448 is an EdDSA curve (RFC 8037) that ring does not verify: an unsupported
+            // curve, not a key contradicting its `alg`.
+            (None, Some(Alg::EdDSA)) if crv == Some("Ed448") => {
+                return Err(KeyProblem::UnsupportedCurve("Ed448".to_owned()));
+            }
             (_, Some(s)) => {
                 return Err(KeyProblem::Contradiction {
                     alg: s,

@@ -1088,6 +1088,13 @@ fn jwks_errors() {
             KeyProblem::UnsupportedCurve("Ed448".into()),
         ),
         (
+            "Ed448 with alg EdDSA (an EdDSA curve ring does not verify)",
+            one_key(Alg::EdDSA, |k| {
+                k.insert("crv".into(), json!("Ed448"));
+            }),
+            KeyProblem::UnsupportedCurve("Ed448".into()),
+        ),
+        (
             "ES384 on a P-256 key",
             one_key(Alg::ES256, |k| {
                 k.insert("alg".into(), json!("ES384"));

@@ -207,6 +207,24 @@ impl<'a> Checker<'a> {
         Ok(name.clone())
     }
 
+    /// A static identity's name: a name (dots allowed), or `<issuer>:<name>`, the name a
+    /// token of issuer `<issuer>` has (its identities are namespaced by it) when the operator
+    /// lets that issuer's tokens land on this identity.
+    fn identity_name(&self, v: &S<String>, field: &str) -> Result<String> {
+        let Some((issuer, rest)) = v.get_ref().split_once(':') else {
+            return self.name(v, field, 64, true);
+        };
+        let part = |p: &str| S::new(v.span(), p.to_owned());
+        self.name(
+            &part(issuer),
+            &format!("{field} (its issuer part)"),
+            32,
+            false,
+        )?;
+        self.name(&part(rest), field, 64, true)?;
+        Ok(v.get_ref().clone())
+    }
+
     /// An integer key with its default and allowed range.
     fn int(
         &self,

@@ -355,7 +355,7 @@ impl Checker<'_> {
                 ));
             }
             let s: RawIdentity = s.into_inner();
-            let name = self.name(&s.name, &at("name"), 64, true)?;
+            let name = self.identity_name(&s.name, &at("name"))?;
             if let Some(j) = identities.iter().position(|x| x.name == name) {
                 return Err(self.err(
                     s.name.span(),

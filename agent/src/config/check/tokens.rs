@@ -19,8 +19,16 @@ const MAX_PATH: usize = 256;
 const MAX_AUDIENCES: usize = 16;
 
 /// What an issuer takes from `[tokens]` unless it says otherwise.
+/// `max_ttl_s`, of `[tokens]` and of an issuer: a week at most (revoked ids are kept that
+/// long).
+const MAX_TTL_RANGE: std::ops::RangeInclusive<i64> = 1..=7 * 86400;
+
+/// The metrics' issuer label of the tokens no issuer was chosen for: no issuer's name.
+pub(crate) const UNSELECTED_ISSUER: &str = "none";
+
 struct Defaults<'a> {
     fetch: &'a Fetch,
+    max_ttl_s: u64,
     /// `tokens.default_class` (a label) / `default_plan`: an issuer without a class (plan)
     /// rule places its tokens that carry no class claim there, as the legacy issuer does.
     class: Option<String>,
@@ -37,7 +45,7 @@ impl Checker<'_> {
             &raw.max_ttl_s,
             "tokens.max_ttl_s",
             Tokens::DEFAULT_MAX_TTL_S as i64,
-            1..=7 * 86400,
+            MAX_TTL_RANGE,
         )? as u64;
         let clock_skew_s = self.int(
             &raw.clock_skew_s,
@@ -113,6 +121,7 @@ impl Checker<'_> {
                     audiences: vec![audience.clone()],
                     source: KeySource::File(jwks.clone()),
                     fetch: fetch.clone(),
+                    max_ttl_s,
                     claims: ClaimRules {
                         token_id: Tokens::DEFAULT_TOKEN_ID_CLAIM.to_owned(),
                         derive_token_id: false,
@@ -185,6 +194,7 @@ impl Checker<'_> {
             for (i, item) in list.into_iter().enumerate() {
                 let defaults = Defaults {
                     fetch: &fetch,
+                    max_ttl_s,
                     class: default_class.map(|c| c.label().to_owned()),
                     plan: default_plan.clone(),
                 };
@@ -416,6 +426,14 @@ impl Checker<'_> {
         let at = format!("tokens.issuers[{i}]");
         let f = |key: &str| format!("{at}.{key}");
         let name = self.name(&raw.name, &f("name"), 32, false)?;
+        if name == UNSELECTED_ISSUER {
+            return Err(self.err(
+                raw.name.span(),
+                f("name"),
+                "\"none\" is reserved: /metrics counts the tokens no issuer was chosen for \
+                 under issuer=\"none\"",
+            ));
+        }
         if before.iter().any(|b| b.name == name) {
             let why = if name == LEGACY_ISSUER {
                 "\"default\" is the issuer tokens.jwks makes; name this one otherwise"
@@ -495,6 +513,12 @@ impl Checker<'_> {
         } else {
             KeySource::Discovery
         };
+        let max_ttl_s = self.int(
+            &raw.max_ttl_s,
+            &f("max_ttl_s"),
+            defaults.max_ttl_s as i64,
+            MAX_TTL_RANGE,
+        )? as u64;
         let fetch_raw = raw.take_fetch();
         let fetch = self.fetch(&fetch_raw, &at, defaults.fetch)?;
         let classes = match &raw.classes {
@@ -553,6 +577,7 @@ impl Checker<'_> {
             claims,
             classes,
             plans: allowed_plans,
+            max_ttl_s,
         })
     }
 
