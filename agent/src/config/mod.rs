@@ -57,6 +57,9 @@ pub struct Config {
     pub tokens: Option<Tokens>,
     pub anomaly: Anomaly,
     pub metrics: Metrics,
+    /// `[fleet]`: the pool this node shares state with. Validated, not wired yet: `tollgate
+    /// run` and reload refuse a file with it ([`Config::refuse_unwired`]).
+    pub fleet: Option<Fleet>,
     /// Identity name -> index in `identities`: lookups by name stay cheap with thousands
     /// of identities (the controller and /metrics look every one up on every pass).
     pub identity_index: std::collections::HashMap<String, usize>,
@@ -70,6 +73,111 @@ pub struct Metrics {
     /// Label token identities by name; `false`: by slot (`slot-N`), since any local user
     /// can read `/metrics`. Configured identities keep their names.
     pub identity_names: bool,
+}
+
+/// `[fleet]`: how this node reaches the pool's store and what it does while the store is out.
+/// Every name and file is checked with the fleet module's own rules (`crate::fleet`), so a
+/// configuration that passes is one the store client takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fleet {
+    pub store: FleetStore,
+    /// PEM roots for a TLS store (else the system's roots); only with TLS.
+    pub ca_file: Option<PathBuf>,
+    /// The ACL user and password file (`fleet::store::Credentials::load`); `None`: no AUTH.
+    pub credentials: Option<PathBuf>,
+    /// The pool key file (`fleet::entry::PoolKey::load`).
+    pub pool_key: PathBuf,
+    /// The key namespace: every node of a pool names the same one.
+    pub pool: String,
+    /// This node's name in the pool: unique per node.
+    pub node: String,
+    pub sync_interval_ms: u64,
+    /// Bound on one store operation, connecting included.
+    pub op_timeout_ms: u64,
+    /// The change stream is trimmed to about this many entries.
+    pub stream_max_len: u64,
+    pub outage: Outage,
+    /// The line of the `[fleet]` table, for the not-wired refusal.
+    pub line: usize,
+}
+
+/// Where the store is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FleetStore {
+    /// `redis://` or `rediss://` (checked by `fleet::store::check_url`).
+    Url { url: String, tls: bool },
+    /// A primary found through Sentinel.
+    Sentinel {
+        /// The name the sentinels know the primary by (`sentinel monitor <service> …`).
+        service: String,
+        /// `host:port` of each sentinel, in file order, no duplicates.
+        nodes: Vec<String>,
+        /// Sentinels and the primary over TLS.
+        tls: bool,
+    },
+}
+
+impl FleetStore {
+    pub fn tls(&self) -> bool {
+        match self {
+            FleetStore::Url { tls, .. } | FleetStore::Sentinel { tls, .. } => *tls,
+        }
+    }
+}
+
+/// What global quotas and global rates do while the store cannot be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outage {
+    pub quotas: OutageMode,
+    pub rates: OutageMode,
+}
+
+/// How a fleet-wide budget is enforced by a node cut off from the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutageMode {
+    /// 1/N of the budget, N the last known pool size: the fleet total stays within the
+    /// budget if every node is cut off alike.
+    Share,
+    /// The full budget on every node: up to N times the budget fleet-wide, nobody cut short.
+    Local,
+    /// Nothing over what was already granted until the store returns.
+    Closed,
+}
+
+impl OutageMode {
+    pub const ALL: [OutageMode; 3] = [OutageMode::Share, OutageMode::Local, OutageMode::Closed];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            OutageMode::Share => "share",
+            OutageMode::Local => "local",
+            OutageMode::Closed => "closed",
+        }
+    }
+
+    pub fn from_label(s: &str) -> Option<OutageMode> {
+        OutageMode::ALL.into_iter().find(|m| m.label() == s)
+    }
+}
+
+impl Fleet {
+    pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 250;
+    pub const SYNC_INTERVAL_MS: RangeInclusive<u64> = 50..=10_000;
+    pub const DEFAULT_OP_TIMEOUT_MS: u64 = 500;
+    pub const OP_TIMEOUT_MS: RangeInclusive<u64> = 50..=5_000;
+    pub const DEFAULT_STREAM_MAX_LEN: u64 = 100_000;
+    pub const STREAM_MAX_LEN: RangeInclusive<u64> = 1_000..=1_000_000;
+    /// More sentinels than this is a typo or a list of every host; three or five is usual.
+    pub const MAX_SENTINELS: usize = 16;
+}
+
+impl Default for Outage {
+    fn default() -> Self {
+        Outage {
+            quotas: OutageMode::Share,
+            rates: OutageMode::Share,
+        }
+    }
 }
 
 /// The class named by a label (`internal`, `partner`, `customer`); `anonymous` is not a
@@ -418,6 +526,11 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The refusal of a file with `[fleet]` by `run`, reload and `config check`.
+pub const UNWIRED_FLEET: &str = "[fleet] is not wired yet in this build: the section is valid, \
+     but this agent would not share anything through the store; remove [fleet] to run this \
+     node on its own";
+
 const EMBEDDED: &str = include_str!("../../config/tollgate.toml");
 const EMBEDDED_SOURCE: &str = "<embedded default>";
 
@@ -452,6 +565,21 @@ impl Config {
     /// file from).
     pub fn embedded_default_text() -> &'static str {
         EMBEDDED
+    }
+
+    /// Refuses what this build would accept and then ignore: `[fleet]` is validated but
+    /// nothing uses it yet, and a node that silently stayed an island while its operator
+    /// believed it shared revocations would be worse than one that does not start.
+    pub fn refuse_unwired(&self) -> Result<(), ConfigError> {
+        match &self.fleet {
+            None => Ok(()),
+            Some(f) => Err(ConfigError {
+                file: self.source.clone(),
+                line: Some(f.line),
+                field: "fleet".to_owned(),
+                message: UNWIRED_FLEET.to_owned(),
+            }),
+        }
     }
 
     /// Index of plan `name` in [`Config::plans`]: the plan number kept in identity records.

@@ -25,6 +25,41 @@ pub(super) struct RawConfig {
     pub tokens: Option<S<RawTokens>>,
     pub anomaly: Option<RawAnomaly>,
     pub metrics: Option<RawMetrics>,
+    pub fleet: Option<S<RawFleet>>,
+}
+
+/// `[fleet]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    pub store: Option<S<String>>,
+    pub sentinel: Option<S<RawSentinel>>,
+    pub ca_file: Option<S<String>>,
+    pub credentials: Option<S<String>>,
+    pub pool_key: S<String>,
+    pub pool: S<String>,
+    pub node: S<String>,
+    pub sync_interval_ms: Option<S<i64>>,
+    pub op_timeout_ms: Option<S<i64>>,
+    pub stream_max_len: Option<S<i64>>,
+    pub outage: Option<S<RawOutage>>,
+}
+
+/// `[fleet.sentinel]` (or `sentinel = { … }`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSentinel {
+    pub service: S<String>,
+    pub nodes: List<String>,
+    pub tls: Option<S<bool>>,
+}
+
+/// `[fleet.outage]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOutage {
+    pub quotas: Option<S<String>>,
+    pub rates: Option<S<String>>,
 }
 
 #[derive(Default, Deserialize)]

@@ -1793,3 +1793,447 @@ fn a_static_identity_may_be_named_in_an_issuers_namespace() {
         );
     }
 }
+
+/// `[fleet]`: every refusal names its line and field; the files are checked with the fleet
+/// module's own loaders (so these tests make real key, credentials and CA files).
+mod fleet {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::token_bind::tests::Dir;
+
+    const PASSWORD: &str = "s3cret-store-pw";
+
+    /// A pool key (mode 0600), a credentials file (0600) and a CA certificate.
+    struct Files {
+        dir: Dir,
+        key: String,
+        creds: String,
+        ca: String,
+    }
+
+    fn files(tag: &str) -> Files {
+        let dir = Dir::new(&format!("config-fleet-{tag}"));
+        let key = dir.0.join("pool.key");
+        crate::fleet::entry::write_key_file(&key).expect("key");
+        let creds = dir.0.join("store.creds");
+        std::fs::write(
+            &creds,
+            format!("user = \"tollgate\"\npassword = \"{PASSWORD}\"\n"),
+        )
+        .expect("creds");
+        chmod(&creds, 0o600);
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = dir.0.join("ca.pem");
+        std::fs::write(&ca, params.self_signed(&ca_key).expect("ca").pem()).expect("ca");
+        let s = |p: std::path::PathBuf| p.display().to_string();
+        Files {
+            key: s(key),
+            creds: s(creds),
+            ca: s(ca),
+            dir,
+        }
+    }
+
+    fn chmod(p: &std::path::Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    /// `[fleet]` is on line 6 (after BASE), `store` on 7, `pool` 8, `node` 9, `pool_key` 10,
+    /// `extra` from 11.
+    fn fleet(store: &str, key: &str, extra: &str) -> String {
+        with(&format!(
+            "[fleet]\n{store}\npool = \"lab\"\nnode = \"node-1\"\npool_key = \"{key}\"\n{extra}"
+        ))
+    }
+
+    const PLAIN: &str = "store = \"redis://198.18.0.10:6379\"";
+    const TLS: &str = "store = \"rediss://store.example:6380\"";
+
+    #[test]
+    fn defaults_fill_absent_keys() {
+        let f = files("defaults");
+        let c = Config::parse(&fleet(PLAIN, &f.key, ""), "t.toml").expect("valid");
+        assert_eq!(
+            c.fleet,
+            Some(Fleet {
+                store: FleetStore::Url {
+                    url: "redis://198.18.0.10:6379".into(),
+                    tls: false
+                },
+                ca_file: None,
+                credentials: None,
+                pool_key: f.key.clone().into(),
+                pool: "lab".into(),
+                node: "node-1".into(),
+                sync_interval_ms: 250,
+                op_timeout_ms: 500,
+                stream_max_len: 100_000,
+                outage: Outage {
+                    quotas: OutageMode::Share,
+                    rates: OutageMode::Share,
+                },
+                line: 6,
+            })
+        );
+        // Without [fleet] there is no fleet, and nothing to refuse.
+        let c = Config::parse(BASE, "t.toml").unwrap();
+        assert_eq!(c.fleet, None);
+        assert_eq!(c.refuse_unwired(), Ok(()));
+    }
+
+    #[test]
+    fn every_key_set_is_taken() {
+        let f = files("every-key");
+        let text = fleet(
+            TLS,
+            &f.key,
+            &format!(
+                "ca_file = \"{}\"\ncredentials = \"{}\"\nsync_interval_ms = 50\n\
+                 op_timeout_ms = 5000\nstream_max_len = 1000\n\
+                 outage = {{ quotas = \"closed\", rates = \"local\" }}\n",
+                f.ca, f.creds
+            ),
+        );
+        let got = Config::parse(&text, "t.toml")
+            .expect("valid")
+            .fleet
+            .unwrap();
+        assert_eq!(
+            got.store,
+            FleetStore::Url {
+                url: "rediss://store.example:6380".into(),
+                tls: true
+            }
+        );
+        assert_eq!(got.ca_file, Some(f.ca.clone().into()));
+        assert_eq!(got.credentials, Some(f.creds.clone().into()));
+        assert_eq!(
+            (got.sync_interval_ms, got.op_timeout_ms, got.stream_max_len),
+            (50, 5000, 1000)
+        );
+        assert_eq!(
+            got.outage,
+            Outage {
+                quotas: OutageMode::Closed,
+                rates: OutageMode::Local
+            }
+        );
+        // The password is read to check the file, and kept nowhere in the configuration.
+        assert!(!format!("{got:?}").contains(PASSWORD));
+    }
+
+    #[test]
+    fn a_store_that_is_not_redis_is_refused() {
+        let f = files("scheme");
+        for (url, fragment) in [
+            ("http://198.18.0.10:6379", "not HTTP"),
+            ("https://198.18.0.10:6379", "not HTTP"),
+            ("tcp://198.18.0.10:6379", "use redis://host:port"),
+            ("198.18.0.10:6379", "is not a store URL"),
+            ("unix:///run/redis.sock", "use redis://host:port"),
+            // The crate's switch for "no certificate check" is never taken from a file.
+            ("rediss://store.example:6380#insecure", "#insecure"),
+            ("redis://198.18.0.10:6379/?protocol=3", "query or fragment"),
+            ("redis://0.0.0.0:6379", "wildcard"),
+            ("redis://198.18.0.10:6379/x", "database"),
+        ] {
+            let text = fleet(&format!("store = \"{url}\""), &f.key, "");
+            assert_refused(&text, 7, "fleet.store", fragment);
+        }
+    }
+
+    #[test]
+    fn a_password_in_the_url_is_refused_without_echoing_it() {
+        let f = files("url-password");
+        let text = fleet(
+            &format!("store = \"redis://tollgate:{PASSWORD}@198.18.0.10:6379\""),
+            &f.key,
+            "",
+        );
+        assert_refused(&text, 7, "fleet.store", "`credentials`");
+        assert!(!refuse(&text).to_string().contains(PASSWORD));
+    }
+
+    #[test]
+    fn exactly_one_of_store_and_sentinel() {
+        let f = files("one-store");
+        let sentinel = "sentinel = { service = \"tollgate\", nodes = [\"198.18.0.11:26379\"] }\n";
+        assert_refused(
+            &fleet(PLAIN, &f.key, sentinel),
+            11,
+            "fleet.sentinel",
+            "not both",
+        );
+        let text = with(&format!(
+            "[fleet]\npool = \"lab\"\nnode = \"node-1\"\npool_key = \"{}\"\n",
+            f.key
+        ));
+        assert_refused(&text, 6, "fleet.store", "the store is required");
+    }
+
+    #[test]
+    fn sentinel_is_checked() {
+        let f = files("sentinel");
+        let text = |body: &str| {
+            with(&format!(
+                "[fleet]\npool = \"lab\"\nnode = \"node-1\"\npool_key = \"{}\"\n\
+                 [fleet.sentinel]\n{body}",
+                f.key
+            ))
+        };
+        let ok = text(
+            "service = \"tollgate\"\nnodes = [\"198.18.0.11:26379\", \"[2001:db8::12]:26379\", \
+             \"sentinel-3.example:26379\"]\n",
+        );
+        assert_eq!(
+            Config::parse(&ok, "t.toml")
+                .expect("valid")
+                .fleet
+                .unwrap()
+                .store,
+            FleetStore::Sentinel {
+                service: "tollgate".into(),
+                nodes: vec![
+                    "198.18.0.11:26379".into(),
+                    "[2001:db8::12]:26379".into(),
+                    "sentinel-3.example:26379".into()
+                ],
+                tls: false,
+            }
+        );
+        // [fleet.sentinel] is line 10, service 11, nodes 12.
+        assert_refused(
+            &text("service = \"tollgate\"\nnodes = [\"198.18.0.11\"]\n"),
+            12,
+            "fleet.sentinel.nodes",
+            "no port",
+        );
+        assert_refused(
+            &text(
+                "service = \"tollgate\"\nnodes = [\"198.18.0.11:26379\", \"198.18.0.11:26379\"]\n",
+            ),
+            12,
+            "fleet.sentinel.nodes",
+            "listed twice",
+        );
+        assert_refused(
+            &text("service = \"tollgate\"\nnodes = []\n"),
+            12,
+            "fleet.sentinel.nodes",
+            "0 sentinels",
+        );
+        assert_refused(
+            &text("service = \"my master\"\nnodes = [\"198.18.0.11:26379\"]\n"),
+            11,
+            "fleet.sentinel.service",
+            "not a service name",
+        );
+        // A CA file needs TLS to the sentinels too.
+        let with_ca = with(&format!(
+            "[fleet]\npool = \"lab\"\nnode = \"node-1\"\npool_key = \"{}\"\nca_file = \"{}\"\n\
+             sentinel = {{ service = \"tollgate\", nodes = [\"198.18.0.11:26379\"] }}\n",
+            f.key, f.ca
+        ));
+        assert_refused(&with_ca, 10, "fleet.ca_file", "`tls = true`");
+        let tls = with_ca.replace("] }", "], tls = true }");
+        let got = Config::parse(&tls, "t.toml").expect("valid").fleet.unwrap();
+        assert!(got.store.tls());
+        assert_eq!(got.ca_file, Some(f.ca.clone().into()));
+    }
+
+    #[test]
+    fn a_ca_file_needs_tls_and_a_certificate() {
+        let f = files("ca");
+        let ca = |p: &str| format!("ca_file = \"{p}\"\n");
+        assert_refused(
+            &fleet(PLAIN, &f.key, &ca(&f.ca)),
+            11,
+            "fleet.ca_file",
+            "use rediss://",
+        );
+        let missing = f.dir.0.join("nope.pem").display().to_string();
+        assert_refused(
+            &fleet(TLS, &f.key, &ca(&missing)),
+            11,
+            "fleet.ca_file",
+            "No such file",
+        );
+        let not_pem = f.dir.0.join("not.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        assert_refused(
+            &fleet(TLS, &f.key, &ca(&not_pem.display().to_string())),
+            11,
+            "fleet.ca_file",
+            "no PEM certificate",
+        );
+        assert_refused(
+            &fleet(TLS, &f.key, &ca("ca.pem")),
+            11,
+            "fleet.ca_file",
+            "not an absolute path",
+        );
+        Config::parse(&fleet(TLS, &f.key, &ca(&f.ca)), "t.toml").expect("valid");
+    }
+
+    #[test]
+    fn the_credentials_file_is_loaded_as_the_store_loads_it() {
+        let f = files("credentials");
+        let creds = |p: &str| format!("credentials = \"{p}\"\n");
+        let missing = f.dir.0.join("nope").display().to_string();
+        assert_refused(
+            &fleet(PLAIN, &f.key, &creds(&missing)),
+            11,
+            "fleet.credentials",
+            "No such file",
+        );
+        chmod(std::path::Path::new(&f.creds), 0o644);
+        assert_refused(
+            &fleet(PLAIN, &f.key, &creds(&f.creds)),
+            11,
+            "fleet.credentials",
+            "accessible to other users",
+        );
+        chmod(std::path::Path::new(&f.creds), 0o600);
+        std::fs::write(&f.creds, format!("password = \"{PASSWORD}\"\n")).unwrap();
+        let text = fleet(PLAIN, &f.key, &creds(&f.creds));
+        assert_refused(&text, 11, "fleet.credentials", "not `user");
+        assert!(!refuse(&text).to_string().contains(PASSWORD));
+    }
+
+    #[test]
+    fn the_pool_key_is_loaded_as_the_store_loads_it() {
+        let f = files("pool-key");
+        let missing = f.dir.0.join("nope.key").display().to_string();
+        assert_refused(
+            &fleet(PLAIN, &missing, ""),
+            10,
+            "fleet.pool_key",
+            "No such file",
+        );
+        assert_refused(
+            &fleet(PLAIN, "pool.key", ""),
+            10,
+            "fleet.pool_key",
+            "absolute path",
+        );
+        chmod(std::path::Path::new(&f.key), 0o644);
+        assert_refused(
+            &fleet(PLAIN, &f.key, ""),
+            10,
+            "fleet.pool_key",
+            "accessible to other users",
+        );
+        chmod(std::path::Path::new(&f.key), 0o640);
+        Config::parse(&fleet(PLAIN, &f.key, ""), "t.toml").expect("0640 is fine");
+        std::fs::write(&f.key, "00112233\n").unwrap();
+        assert_refused(
+            &fleet(PLAIN, &f.key, ""),
+            10,
+            "fleet.pool_key",
+            "at least 32",
+        );
+        std::fs::write(&f.key, "not hex\n").unwrap();
+        assert_refused(&fleet(PLAIN, &f.key, ""), 10, "fleet.pool_key", "not hex");
+        // Required.
+        let text =
+            with("[fleet]\nstore = \"redis://198.18.0.10:6379\"\npool = \"lab\"\nnode = \"n\"\n");
+        assert_refused(&text, 6, "fleet.pool_key", "required");
+    }
+
+    #[test]
+    fn pool_and_node_names_follow_the_store_rule() {
+        let f = files("names");
+        let text = |pool: &str, node: &str| {
+            with(&format!(
+                "[fleet]\n{PLAIN}\npool = \"{pool}\"\nnode = \"{node}\"\npool_key = \"{}\"\n",
+                f.key
+            ))
+        };
+        let long = "n".repeat(65);
+        for bad in ["", "a b", "pool{1}", "a:b", long.as_str()] {
+            assert_refused(&text(bad, "node-1"), 8, "fleet.pool", "not a valid name");
+            assert_refused(&text("lab", bad), 9, "fleet.node", "not a valid name");
+        }
+        let ok = "Node-1.rack_2";
+        assert_eq!(
+            Config::parse(&text("lab", ok), "t.toml")
+                .unwrap()
+                .fleet
+                .unwrap()
+                .node,
+            ok
+        );
+    }
+
+    #[test]
+    fn intervals_and_lengths_are_bounded() {
+        let f = files("bounds");
+        for (key, bad, ok) in [
+            ("sync_interval_ms", [49, 10_001], [50, 10_000]),
+            ("op_timeout_ms", [49, 5_001], [50, 5_000]),
+            ("stream_max_len", [999, 1_000_001], [1_000, 1_000_000]),
+        ] {
+            for b in bad {
+                let text = fleet(PLAIN, &f.key, &format!("{key} = {b}\n"));
+                assert_refused(&text, 11, &format!("fleet.{key}"), "out of range");
+            }
+            for o in ok {
+                Config::parse(&fleet(PLAIN, &f.key, &format!("{key} = {o}\n")), "t.toml")
+                    .unwrap_or_else(|e| panic!("{key} = {o}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_outage_mode_is_refused() {
+        let f = files("outage");
+        for kind in ["quotas", "rates"] {
+            let text = fleet(
+                PLAIN,
+                &f.key,
+                &format!("[fleet.outage]\n{kind} = \"open\"\n"),
+            );
+            assert_refused(
+                &text,
+                12,
+                &format!("fleet.outage.{kind}"),
+                "\"open\" is not an outage mode: share, local, closed",
+            );
+        }
+        let text = fleet(PLAIN, &f.key, "[fleet.outage]\nquotas = \"local\"\n");
+        let o = Config::parse(&text, "t.toml")
+            .unwrap()
+            .fleet
+            .unwrap()
+            .outage;
+        assert_eq!((o.quotas, o.rates), (OutageMode::Local, OutageMode::Share));
+        let text = fleet(PLAIN, &f.key, "[fleet.outage]\nstore = \"share\"\n");
+        assert_refused(&text, 12, "fleet.outage.store", "unknown key");
+    }
+
+    /// No option is accepted and ignored: a valid [fleet] is refused by `run` and reload
+    /// (both load through `daemon::load_config`), with the section's line.
+    #[test]
+    fn run_and_reload_refuse_a_valid_fleet_section() {
+        let f = files("unwired");
+        let path = f.dir.0.join("tollgate.toml");
+        std::fs::write(&path, fleet(PLAIN, &f.key, "")).unwrap();
+        let opts = crate::daemon::Options {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let e = crate::daemon::load_config(&opts).expect_err("refused");
+        assert_eq!((e.line, e.field.as_str()), (Some(6), "fleet"), "{e}");
+        assert!(
+            e.message.contains("[fleet] is not wired yet in this build"),
+            "{e}"
+        );
+        assert_eq!(e.file, path.display().to_string());
+        // The same file without the section runs.
+        std::fs::write(&path, BASE).unwrap();
+        crate::daemon::load_config(&opts).expect("no [fleet]");
+    }
+}

@@ -336,6 +336,11 @@ pub fn valid_name(s: &str) -> bool {
     name(s.as_bytes()).is_ok()
 }
 
+/// [`valid_name`]'s rule in words, for the refusals that quote it (config check, the store).
+pub fn name_rule() -> String {
+    format!("1 to {MAX_NAME_BYTES} characters of A-Z, a-z, 0-9, '.', '_', '-'")
+}
+
 fn name(b: &[u8]) -> Result<String, Refusal> {
     let ok = !b.is_empty()
         && b.len() <= MAX_NAME_BYTES

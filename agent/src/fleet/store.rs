@@ -32,7 +32,7 @@ use std::{
 
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, Value};
 
-use super::entry::{Entry, PoolKey, Refusal, Verified, valid_name};
+use super::entry::{Entry, PoolKey, Refusal, Verified, name_rule, valid_name};
 
 /// Longest credentials file read.
 const MAX_CREDENTIALS_BYTES: u64 = 4096;
@@ -360,14 +360,15 @@ impl Store {
     pub fn new(cfg: &StoreConfig, key: PoolKey) -> Result<Store, StoreError> {
         if !valid_name(key.pool()) {
             return Err(StoreError::Config(format!(
-                "pool name {:?}: 1 to 64 of [A-Za-z0-9._-]",
-                key.pool()
+                "pool name {:?}: {}",
+                key.pool(),
+                name_rule()
             )));
         }
         if cfg.op_timeout.is_zero() {
             return Err(StoreError::Config("op_timeout must be above zero".into()));
         }
-        let url = url_parts(&cfg.url)?;
+        let url = check_url(&cfg.url).map_err(StoreError::Config)?;
         let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
             .map_err(|e| StoreError::Config(format!("url {}: {e}", cfg.url)))?;
         if let Some(c) = &cfg.credentials {
@@ -380,10 +381,7 @@ impl Store {
         }
         let client = if url.tls {
             let root_cert = match &cfg.ca_file {
-                Some(p) => Some(
-                    std::fs::read(p)
-                        .map_err(|e| StoreError::Config(format!("ca_file {}: {e}", p.display())))?,
-                ),
+                Some(p) => Some(read_ca_file(p).map_err(StoreError::Config)?),
                 None => None,
             };
             let certs = redis::TlsCertificates {
@@ -394,9 +392,7 @@ impl Store {
                 .map_err(|e| StoreError::Config(format!("TLS for {}: {e}", cfg.url)))?
         } else {
             if cfg.ca_file.is_some() {
-                return Err(StoreError::Config(
-                    "ca_file is set but the url is redis:// (plain TCP); use rediss://".into(),
-                ));
+                return Err(StoreError::Config(CA_FILE_WITHOUT_TLS.into()));
             }
             Client::open(info).map_err(|e| StoreError::Config(format!("url {}: {e}", cfg.url)))?
         };
@@ -858,33 +854,134 @@ fn stream_info(
     }))
 }
 
-struct UrlParts {
-    tls: bool,
+/// A store URL, checked ([`check_url`]).
+pub struct UrlParts {
+    /// `rediss://`.
+    pub tls: bool,
 }
 
-/// Checks the URL's scheme and that it carries no credentials (they belong in the
-/// credentials file, where they are not logged with the URL).
-fn url_parts(url: &str) -> Result<UrlParts, StoreError> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| StoreError::Config(format!("url {url:?}: not redis:// or rediss://")))?;
+/// Why a CA file beside a plain `redis://` store is refused (the store and config check say
+/// it alike): roots without TLS would protect nothing, and the operator meant TLS.
+pub const CA_FILE_WITHOUT_TLS: &str =
+    "a CA file is set but the store is plain TCP (redis://); use rediss:// for TLS";
+
+/// Longest CA file read: a bundle of a few hundred certificates.
+const MAX_CA_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Checks a store URL as [`Store::new`] takes it (config check calls it too): `redis://` or
+/// `rediss://`; no user or password (they belong in the credentials file, where no log shows
+/// them with the URL; the part before '@' is never echoed); no query or fragment (the
+/// crate's `#insecure` would turn certificate checks off, `?protocol=` would change the
+/// replies this client parses); a host and port the crate accepts. The error is a sentence.
+pub fn check_url(url: &str) -> Result<UrlParts, String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!(
+            "{url:?} is not a store URL: redis://host:port or rediss://host:port (TLS)"
+        ));
+    };
     let tls = match scheme {
         "redis" => false,
         "rediss" => true,
+        "http" | "https" | "ws" | "wss" => {
+            return Err(format!(
+                "scheme {scheme}://: the store speaks the Redis protocol, not HTTP; use \
+                 redis://host:port or rediss://host:port (TLS)"
+            ));
+        }
         _ => {
-            return Err(StoreError::Config(format!(
-                "url scheme {scheme:?}: redis:// or rediss://"
-            )));
+            return Err(format!(
+                "scheme {scheme}://: use redis://host:port or rediss://host:port (TLS)"
+            ));
         }
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.contains('@') {
-        // Not echoed: the part before '@' may be a password.
-        return Err(StoreError::Config(
-            "the url carries a user or password; put them in the credentials file".into(),
-        ));
+        return Err(
+            "the URL carries a user or password; put them in the credentials file \
+             (`credentials`), where no log shows them"
+                .into(),
+        );
     }
+    if rest.contains(['?', '#']) {
+        return Err(
+            "the URL has a query or fragment; only redis[s]://host:port[/db] is \
+             taken (`#insecure` would turn certificate checks off)"
+                .into(),
+        );
+    }
+    redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| format!("{url}: {e}"))?;
     Ok(UrlParts { tls })
+}
+
+/// Reads a PEM file of CA certificates for `rediss://` (every certificate in it must be
+/// usable, and there must be one: a broken bundle is found now, not at the first connect).
+pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let bad = |why: String| format!("CA file {}: {why}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() > MAX_CA_FILE_BYTES {
+        return Err(bad(format!("larger than {MAX_CA_FILE_BYTES} bytes")));
+    }
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("certificate #{} cannot be used: {e}", i + 1)))?;
+    }
+    Ok(pem)
+}
+
+/// Checks one Sentinel address, `host:port` (`[v6]:port` for IPv6): a port from 1 to 65535,
+/// a host that is an address (not a wildcard) or a DNS name.
+pub fn check_sentinel_node(node: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "{node:?} is not host:port ({why}); e.g. \"sentinel-1.example:26379\" or \
+             \"[2001:db8::1]:26379\""
+        ))
+    };
+    let (host, port) = match node.strip_prefix('[') {
+        Some(r) => match r.split_once("]:") {
+            Some((h, p)) if h.parse::<std::net::Ipv6Addr>().is_ok() => (h, p),
+            _ => return bad("an IPv6 address in brackets"),
+        },
+        None => match node.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, p),
+            Some(_) => return bad("an IPv6 address goes in brackets"),
+            None => return bad("no port"),
+        },
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
+        _ => return bad("the port must be 1 to 65535"),
+    }
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => bad("a wildcard address is not a server"),
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            };
+            if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+                return bad("the host must be an address or a DNS name");
+            }
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

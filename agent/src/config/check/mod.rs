@@ -16,6 +16,7 @@ use super::{
 };
 
 mod controller;
+mod fleet;
 mod node;
 mod policy;
 mod tokens;
@@ -93,6 +94,7 @@ impl<'a> Checker<'a> {
             }
             None => None,
         };
+        let fleet = raw.fleet.map(|f| self.fleet(f)).transpose()?;
         Ok(Config {
             source: self.source.to_owned(),
             node,
@@ -107,6 +109,7 @@ impl<'a> Checker<'a> {
             tokens,
             anomaly,
             metrics,
+            fleet,
             identity_index,
         })
     }

@@ -448,8 +448,53 @@ fn urls_and_ca_files_are_checked_before_connecting() {
         label(cfg("rediss://127.0.0.1:6379", Some("/nonexistent/ca.pem"))),
         "config"
     );
+    // `#insecure` is the crate's switch for "no certificate check": never taken from a URL.
+    assert_eq!(
+        label(cfg("rediss://127.0.0.1:6379#insecure", None)),
+        "config"
+    );
+    assert_eq!(
+        label(cfg("redis://127.0.0.1:6379/?protocol=3", None)),
+        "config"
+    );
+    let err = Store::new(&cfg("redis://user:s3cret@127.0.0.1:6379", None), key())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("credentials") && !err.contains("s3cret"),
+        "{err}"
+    );
     Store::new(&cfg("redis://127.0.0.1:6379/0", None), key()).unwrap();
     Store::new(&cfg("rediss://store.example.invalid:6380", None), key()).unwrap();
     assert_eq!("5-7".parse::<StreamPos>(), Ok(StreamPos { ms: 5, seq: 7 }));
     assert!(StreamPos { ms: 5, seq: 8 } > StreamPos { ms: 5, seq: 7 });
+}
+
+#[test]
+fn sentinel_addresses_are_host_and_port() {
+    for ok in [
+        "sentinel-1.example:26379",
+        "198.18.0.1:26379",
+        "[2001:db8::1]:26379",
+        "localhost:1",
+    ] {
+        assert_eq!(check_sentinel_node(ok), Ok(()), "{ok}");
+    }
+    for bad in [
+        "sentinel-1.example",
+        "198.18.0.1:0",
+        "198.18.0.1:65536",
+        "198.18.0.1:+80",
+        "2001:db8::1:26379",
+        "[2001:db8::1]26379",
+        "0.0.0.0:26379",
+        "[::]:26379",
+        ":26379",
+        "bad_host:26379",
+        "-lead.example:26379",
+        "redis://198.18.0.1:26379",
+    ] {
+        assert!(check_sentinel_node(bad).is_err(), "{bad} accepted");
+    }
 }
