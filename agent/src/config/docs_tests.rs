@@ -397,6 +397,42 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             "identity_names",
             Some(Metrics::default().identity_names.to_string()),
         ),
+        ("fleet", "store", None),
+        ("fleet", "sentinel", None),
+        ("fleet", "ca_file", None),
+        ("fleet", "credentials", None),
+        ("fleet", "pool_key", None),
+        ("fleet", "pool", None),
+        ("fleet", "node", None),
+        (
+            "fleet",
+            "sync_interval_ms",
+            Some(Fleet::DEFAULT_SYNC_INTERVAL_MS.to_string()),
+        ),
+        (
+            "fleet",
+            "op_timeout_ms",
+            Some(Fleet::DEFAULT_OP_TIMEOUT_MS.to_string()),
+        ),
+        (
+            "fleet",
+            "stream_max_len",
+            Some(Fleet::DEFAULT_STREAM_MAX_LEN.to_string()),
+        ),
+        ("fleet", "outage", None),
+        ("fleet.sentinel", "service", None),
+        ("fleet.sentinel", "nodes", None),
+        ("fleet.sentinel", "tls", Some("false".to_owned())),
+        (
+            "fleet.outage",
+            "quotas",
+            Some(Outage::default().quotas.label().to_owned()),
+        ),
+        (
+            "fleet.outage",
+            "rates",
+            Some(Outage::default().rates.label().to_owned()),
+        ),
     ]
 }
 
