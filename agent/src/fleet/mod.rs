@@ -5,8 +5,14 @@
 //! key that signs it; `store` is the client: the change stream each node reads from its last
 //! position, the snapshot a node loads at start, the fleet-wide token claims and membership
 //! heartbeats, every operation bounded by a timeout. The store is never on the packet path;
-//! everything read from it is verified before a caller sees it. docs/fleet.md has the key
+//! everything read from it is verified before a caller sees it. `apply` is the per-subject
+//! order entries are taken in (replays of old entries refused `stale`, revocations never
+//! undone), `cursor` the node's durable position (`fleet.json`), `sync` one read pass
+//! (snapshot at first or after a gap, else the stream after the cursor). docs/fleet.md has the key
 //! layout and the outage rules.
 
+pub mod apply;
+pub mod cursor;
 pub mod entry;
 pub mod store;
+pub mod sync;

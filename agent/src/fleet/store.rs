@@ -309,6 +309,7 @@ struct KeyNames {
     stream: String,
     snapshot: String,
     members: String,
+    epoch: String,
 }
 
 impl KeyNames {
@@ -318,6 +319,7 @@ impl KeyNames {
             stream: format!("{prefix}stream"),
             snapshot: format!("{prefix}snapshot"),
             members: format!("{prefix}members"),
+            epoch: format!("{prefix}epoch"),
             prefix,
         }
     }
@@ -620,6 +622,35 @@ impl Store {
             "snapshot",
             &format!("more than {} entries", SNAPSHOT_PAGE * MAX_SNAPSHOT_PAGES),
         ))
+    }
+
+    /// The store's epoch: a random name the first node to ask sets (`SET NX GET`), so it
+    /// lives exactly as long as the store's data. Another epoch than the one a node saw means
+    /// the store was reset (restarted without persistence, or flushed): the node reloads the
+    /// snapshot and re-seeds it. A store writer can change it too; that costs a reload and a
+    /// re-seed, never a grant.
+    pub async fn epoch(&mut self) -> Result<String, StoreError> {
+        let mut rnd = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
+            .map_err(|_| StoreError::Config("no randomness".into()))?;
+        let ours: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        let held: Option<Vec<u8>> = self
+            .query(
+                "epoch",
+                redis::cmd("SET")
+                    .arg(&self.keys.epoch)
+                    .arg(&ours)
+                    .arg("NX")
+                    .arg("GET"),
+            )
+            .await?;
+        match held {
+            None => Ok(ours),
+            Some(h) if !h.is_empty() && h.len() <= 64 && h.iter().all(u8::is_ascii_graphic) => {
+                Ok(String::from_utf8_lossy(&h).into_owned())
+            }
+            Some(_) => Err(reply("epoch", "epoch is not 1 to 64 printable characters")),
+        }
     }
 
     /// Binds `token_id` to `addr` fleet-wide for `ttl` (the token's remaining lifetime):
@@ -985,6 +1016,6 @@ pub fn check_sentinel_node(node: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod test_server;
+pub(crate) mod test_server;
 #[cfg(test)]
 mod tests;
