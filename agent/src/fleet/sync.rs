@@ -8,7 +8,8 @@
 //! Entries the store refused to verify and entries the applier refused are counted by label
 //! in the [`Pass`]. The cursor is advanced (and written) only after the applier has taken the
 //! whole batch: a crash or a failed write in between reads the same entries again next time,
-//! which the applier takes as duplicates. Applied entries are returned in the order taken,
+//! which the applier takes as duplicates (so a failed write hands the pass back inside
+//! [`SyncError::Cursor`], for the caller to install). Applied entries are returned in the order taken,
 //! for the caller to install (re-verifying a binding's token first).
 
 use std::collections::BTreeMap;
@@ -62,10 +63,30 @@ impl Pass {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    /// Nothing was taken (the store failed before the applier saw an entry).
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(transparent)]
-    Cursor(#[from] CursorError),
+    /// The applier took the batch but the cursor could not be written (it stays where it
+    /// was, so the batch is read again next pass, as duplicates). `pass` is what was taken:
+    /// the caller installs `pass.applied` all the same, or those entries would be held by
+    /// the applier and never installed.
+    #[error("{err} (the pass's entries were taken; the cursor did not move)")]
+    Cursor { pass: Box<Pass>, err: CursorError },
+}
+
+fn advance(
+    cursor: &mut CursorFile,
+    pass: Pass,
+    last: super::store::StreamPos,
+    epoch: String,
+) -> Result<Pass, SyncError> {
+    match cursor.advance(last, Some(epoch)) {
+        Ok(()) => Ok(pass),
+        Err(err) => Err(SyncError::Cursor {
+            pass: Box::new(pass),
+            err,
+        }),
+    }
 }
 
 /// One pass: see the module doc. `max` bounds the entries read from the stream this pass (a
@@ -96,8 +117,7 @@ pub async fn sync_once(
                 for (_, v) in batch.entries {
                     pass.take(applier, v, now_wall_ms);
                 }
-                cursor.advance(batch.last, Some(epoch))?;
-                return Ok(pass);
+                return advance(cursor, pass, batch.last, epoch);
             }
         },
     };
@@ -109,8 +129,7 @@ pub async fn sync_once(
         pass.take(applier, v, now_wall_ms);
     }
     pass.reload = Some(reload);
-    cursor.advance(snap.position, Some(epoch))?;
-    Ok(pass)
+    advance(cursor, pass, snap.position, epoch)
 }
 
 #[cfg(test)]

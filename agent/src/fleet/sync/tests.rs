@@ -264,3 +264,38 @@ async fn a_store_that_comes_back_empty_is_a_reset_and_nothing_revoked_comes_back
     .await
     .expect("hung");
 }
+
+#[tokio::test]
+async fn a_cursor_that_cannot_be_written_stays_put_and_the_batch_is_read_again() {
+    tokio::time::timeout(HANG, async {
+        let server = RedisServer::start(&[]);
+        let (mut w, mut r) = (store(&server), store(&server));
+        let dir = state_dir("unwritable");
+        let mut cursor = CursorFile::load(&dir.0).unwrap();
+        let mut applier = Applier::new();
+        pass(&mut r, &mut cursor, &mut applier).await;
+        let before = cursor.cursor().clone();
+        w.append(entry(Kind::Revocation, "tok-1", "node-1", 1))
+            .await
+            .unwrap();
+        // The state directory is gone: the pass fails on the cursor, which stays where it was.
+        std::fs::remove_dir_all(&dir.0).unwrap();
+        let e = sync_once(&mut r, &mut cursor, &mut applier, 100, NOW)
+            .await
+            .expect_err("a cursor that cannot be written fails the pass");
+        let SyncError::Cursor { pass: taken, .. } = e else {
+            panic!("{e}")
+        };
+        // What the applier took comes back for the caller to install.
+        assert_eq!(subjects(&taken), ["tok-1"]);
+        assert_eq!(cursor.cursor(), &before);
+        // Back: the same entry is read again, a duplicate, and the cursor moves on.
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let p = pass(&mut r, &mut cursor, &mut applier).await;
+        assert_eq!((p.applied.len(), p.duplicates), (0, 1));
+        assert!(cursor.cursor().last > before.last);
+        assert_eq!(CursorFile::load(&dir.0).unwrap().cursor(), cursor.cursor());
+    })
+    .await
+    .expect("hung");
+}
