@@ -86,6 +86,10 @@ struct Held {
 pub struct Applier {
     held: HashMap<String, Held>,
     refused: BTreeMap<&'static str, u64>,
+    /// Whether a whole snapshot was offered since this applier was made. An applier made at
+    /// start holds nothing to compare a replayed entry with, so the sync loads the snapshot
+    /// before reading the stream on.
+    seeded: bool,
 }
 
 fn is_revocation(k: Kind) -> bool {
@@ -188,6 +192,15 @@ impl Applier {
             .get(field)
             .filter(|h| is_revocation(h.entry.entry().kind))
             .map(|h| h.until_wall_ms)
+    }
+
+    /// Records that a whole snapshot was offered.
+    pub fn mark_seeded(&mut self) {
+        self.seeded = true;
+    }
+
+    pub fn is_seeded(&self) -> bool {
+        self.seeded
     }
 
     pub fn len(&self) -> usize {

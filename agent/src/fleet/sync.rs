@@ -1,7 +1,8 @@
 //! One read pass of the fleet sync: what the sync task (not wired yet) runs every interval.
 //!
 //! - First run (no epoch in the cursor), a store whose epoch changed (reset: restarted
-//!   empty or flushed), or a [`Read::Gap`] (the stream was trimmed past the cursor, or lost):
+//!   empty or flushed), a new applier (restart: nothing to order entries against), or a
+//!   [`Read::Gap`] (the stream was trimmed past the cursor, or lost):
 //!   load the snapshot and offer every entry; read on from the snapshot's position.
 //! - Otherwise: the stream after the cursor, at most `max` entries.
 //!
@@ -31,6 +32,9 @@ pub enum Reload {
     /// The store's epoch is not the one the node saw: it was reset. The caller re-seeds it
     /// (the applier still holds every revocation it had; nothing becomes valid again).
     StoreReset,
+    /// The applier is new (the node restarted): it holds nothing to order the stream's
+    /// entries against (a replayed old entry would apply), so it is seeded from the snapshot.
+    Restart,
 }
 
 /// What one pass did.
@@ -104,6 +108,7 @@ pub async fn sync_once(
     let reload = match &cursor.cursor().epoch {
         None => Some(Reload::First),
         Some(seen) if *seen != epoch => Some(Reload::StoreReset),
+        Some(_) if !applier.is_seeded() => Some(Reload::Restart),
         Some(_) => None,
     };
     let reload = match reload {
@@ -128,6 +133,7 @@ pub async fn sync_once(
     for v in snap.entries {
         pass.take(applier, v, now_wall_ms);
     }
+    applier.mark_seeded();
     pass.reload = Some(reload);
     advance(cursor, pass, snap.position, epoch)
 }

@@ -119,16 +119,27 @@ async fn two_writers_one_reader_catches_up_after_a_reconnect_and_a_restart() {
         let p = pass(&mut r, &mut cursor, &mut applier).await;
         assert_eq!(subjects(&p), ["tok-c", "tok-d"]);
         assert!(p.refused.is_empty() && p.reload.is_none());
-        // A restart: the cursor from disk resumes after tok-d (nothing re-read, no reload).
+        // A reconnect alone reads on from the cursor (nothing re-read, no reload).
         w2.append(entry(Kind::Revocation, "tok-e", "node-2", 3))
             .await
             .unwrap();
-        let mut cursor = CursorFile::load(&dir.0).unwrap();
         let p = pass(&mut r, &mut cursor, &mut applier).await;
         assert_eq!(
             (subjects(&p), p.duplicates, p.reload),
             (vec!["tok-e".into()], 0, None)
         );
+        // A restart: the cursor from disk, a new applier, seeded from the snapshot first
+        // (else a replayed old entry would find nothing newer held); then the stream again.
+        let mut cursor = CursorFile::load(&dir.0).unwrap();
+        let mut applier = Applier::new();
+        let p = pass(&mut r, &mut cursor, &mut applier).await;
+        assert_eq!(p.reload, Some(Reload::Restart));
+        assert_eq!(p.applied.len(), 6);
+        w1.append(entry(Kind::Revocation, "tok-f", "node-1", 4))
+            .await
+            .unwrap();
+        let p = pass(&mut r, &mut cursor, &mut applier).await;
+        assert_eq!((subjects(&p), p.reload), (vec!["tok-f".into()], None));
     })
     .await
     .expect("hung");
