@@ -90,6 +90,7 @@ impl CursorFile {
                 parse(&bytes).map_err(|why| CursorError::Damaged { path, why })?
             }
         };
+        remove_stale_temporaries(dir);
         Ok(CursorFile {
             dir: dir.to_owned(),
             cursor,
@@ -148,6 +149,22 @@ impl CursorFile {
         .expect("cursor serializes");
         write_new_then_rename(&self.dir, CURSOR_FILE, &text)
             .map_err(|(path, err)| CursorError::Io { path, err })
+    }
+}
+
+/// A crash between creating a temporary file and its rename leaves it behind (each write
+/// picks a fresh name); the next start removes them. Best effort: they are never read.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{CURSOR_FILE}.");
+    for e in entries.flatten().take(10_000) {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -251,6 +268,9 @@ mod tests {
             }
         );
         assert_eq!(g.reserve_seq().unwrap(), 3);
+        // A temporary file left by a crash before its rename is removed at the next start.
+        std::fs::write(d.0.join(".fleet.json.00000000000000aa.tmp"), b"{").unwrap();
+        CursorFile::load(&d.0).unwrap();
         // No temporary file is left behind.
         let names: Vec<_> = std::fs::read_dir(&d.0)
             .unwrap()

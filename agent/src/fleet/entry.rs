@@ -11,9 +11,9 @@
 //! size first (bounded), then the MAC (one HMAC over at most [`MAX_PAYLOAD_BYTES`] + a few
 //! hundred bytes), then the payload's JSON.
 //!
-//! Not decided here (the applier's job, see docs/fleet.md): whether a verified entry is fresh
-//! (an old entry re-added to the stream by a store writer verifies again; the applier orders
-//! entries per subject by `(wall_ms, origin, seq)` and refuses older ones).
+//! Not decided here ([`super::apply`]'s job): whether a verified entry is fresh (an old entry
+//! re-added to the stream by a store writer verifies again; the applier orders entries per
+//! subject by `(wall_ms, origin, seq)` and refuses older ones `stale`).
 
 use std::{
     fmt,

@@ -49,6 +49,9 @@ pub struct Pass {
     pub refused: BTreeMap<&'static str, u64>,
     /// Set when the snapshot was loaded, with the reason.
     pub reload: Option<Reload>,
+    /// The stream read returned `max` entries: more may be waiting (run another pass now
+    /// rather than after the interval).
+    pub more: bool,
 }
 
 impl Pass {
@@ -116,6 +119,7 @@ pub async fn sync_once(
         None => match store.read_since(cursor.cursor().last, max).await? {
             Read::Gap => Reload::Gap,
             Read::Entries(batch) => {
+                pass.more = batch.entries.len() + batch.refused.len() >= max.max(1);
                 for (_, r) in &batch.refused {
                     pass.count(r.label());
                 }

@@ -116,8 +116,18 @@ async fn two_writers_one_reader_catches_up_after_a_reconnect_and_a_restart() {
                 w.append(e).await.unwrap();
             }
         }
+        // At most `max` a pass: the rest follows in the next, and `more` says so.
+        let p = match sync_once(&mut r, &mut cursor, &mut applier, 1, NOW).await {
+            Ok(p) => p,
+            Err(_) => sync_once(&mut r, &mut cursor, &mut applier, 1, NOW)
+                .await
+                .unwrap(),
+        };
+        assert_eq!((subjects(&p), p.more), (vec!["tok-c".into()], true));
         let p = pass(&mut r, &mut cursor, &mut applier).await;
-        assert_eq!(subjects(&p), ["tok-c", "tok-d"]);
+        assert_eq!((subjects(&p), p.more), (vec!["tok-d".into()], false));
+        let p = pass(&mut r, &mut cursor, &mut applier).await;
+        assert_eq!(subjects(&p), Vec::<String>::new());
         assert!(p.refused.is_empty() && p.reload.is_none());
         // A reconnect alone reads on from the cursor (nothing re-read, no reload).
         w2.append(entry(Kind::Revocation, "tok-e", "node-2", 3))
@@ -174,6 +184,7 @@ async fn a_trimmed_stream_is_a_gap_and_the_snapshot_reload_loses_nothing() {
         }
         let p = pass(&mut r, &mut cursor, &mut applier).await;
         assert_eq!(p.reload, Some(Reload::Gap));
+        assert!(!p.more);
         // Everything written is held: the 40 new ones applied, tok-0 a duplicate.
         assert_eq!(p.applied.len(), 40);
         assert_eq!(p.duplicates, 1);
