@@ -24,7 +24,7 @@ use tollgate_tests::{
         IdpClient, OidcLab, POOL_A, POOL_B, ProviderSpec, claims_of, header_of, mint, wait_for,
     },
     scrape::scrape_within,
-    tokenlab::{BIND_CLASSES, BIND_PORT, MODEL_PORT, model_server},
+    tokenlab::{BIND_CLASSES, BIND_PORT, MODEL_PORT, curl_bind, model_server},
 };
 
 const METRICS_PORT: u16 = 9464;
@@ -202,21 +202,7 @@ impl World {
 
     /// POST /v1/bind with curl from `ns`: (HTTP status, JSON body).
     fn bind(&self, ns: &NetNs, token: &str) -> (u16, Value) {
-        let url = format!("https://{}:{BIND_PORT}/v1/bind", self.o.lab.server_v4);
-        let out = ns
-            .command("curl")
-            .args(["-sS", "--max-time", "15", "--cacert"])
-            .arg(&self.o.ca.pem)
-            .args(["-X", "POST", "-H"])
-            .arg(format!("Authorization: Bearer {token}"))
-            .args(["-w", "\n%{http_code}", &url])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        let json = serde_json::from_str(body).unwrap_or(Value::Null);
-        (code.trim().parse().unwrap_or(0), json)
+        curl_bind(ns, self.o.lab.server_v4, &self.o.ca.pem, "POST", token, 15)
     }
 
     /// Binds and insists on 200; returns the body.

@@ -39,5 +39,7 @@ pub mod reconcile;
 pub mod servers;
 pub mod state;
 pub mod tables;
+#[cfg(test)]
+pub(crate) mod test_dir;
 pub mod token_bind;
 pub mod tunnels;

@@ -695,7 +695,7 @@ mod tests {
     /// configuration gave; an `iss` no issuer has is `issuer="none"`, never its own label.
     #[test]
     fn issuer_families_are_pre_registered_and_bounded_by_the_configuration() {
-        let dir = crate::token_bind::tests::Dir::new("metrics");
+        let dir = crate::token_bind::tests::Dir::new("token-bind", "metrics");
         let (mut svc, _, _) = crate::token_bind::tests::service(&dir, false);
         svc.count(None, "wrong_issuer");
         svc.count(Some(0), "expired");

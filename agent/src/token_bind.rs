@@ -18,7 +18,7 @@ use tracing::warn;
 
 use crate::{
     config::{ClaimRules, Config, Issuer, KeySource, Tokens, ValueMap},
-    issuers::{Keys, SourceConfig, SourceKind},
+    issuers::{Keys, SourceConfig},
     state::TokenIdentity,
 };
 
@@ -84,22 +84,11 @@ fn zeros() -> BTreeMap<&'static str, u64> {
 
 /// The fetcher's view of an issuer.
 pub fn source_of(issuer: &Issuer, state_dir: &Path) -> SourceConfig {
-    let f = &issuer.fetch;
     SourceConfig {
         name: issuer.name.clone(),
         issuer: issuer.issuer.clone(),
-        kind: match &issuer.source {
-            KeySource::File(p) => SourceKind::File(p.clone()),
-            KeySource::JwksUrl(u) => SourceKind::JwksUrl(u.clone()),
-            KeySource::Discovery => SourceKind::Discovery,
-        },
-        ca_bundle: f.ca_bundle.clone(),
-        max_bytes: f.max_bytes,
-        timeout_ms: f.timeout_ms,
-        cache_min_s: f.cache_min_s,
-        cache_max_s: f.cache_max_s,
-        refetch_cooldown_s: f.refetch_cooldown_s,
-        max_stale_s: f.max_stale_s,
+        kind: issuer.source.clone(),
+        fetch: issuer.fetch.clone(),
         state_dir: state_dir.to_owned(),
     }
 }
@@ -547,23 +536,7 @@ pub(crate) mod tests {
     use super::*;
 
     /// A directory of its own, removed on drop.
-    pub(crate) struct Dir(pub std::path::PathBuf);
-
-    impl Dir {
-        pub(crate) fn new(tag: &str) -> Dir {
-            let d = std::env::temp_dir()
-                .join(format!("tollgate-token-bind-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).expect("dir");
-            Dir(d)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    pub(crate) use crate::test_dir::Dir;
 
     const ISS_A: &str = "https://a.example/realms/x";
     const ISS_REMOTE: &str = "https://r.example";
@@ -638,7 +611,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_token_picks_its_issuer_by_the_exact_iss() {
-        let dir = Dir::new("exact");
+        let dir = Dir::new("token-bind", "exact");
         let (svc, k1, _) = service(&dir, false);
         assert_eq!(
             names(&svc, svc.verify(&token(&k1, Some(ISS_A)), now_s())),
@@ -662,7 +635,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_legacy_issuer_takes_tokens_without_iss_and_no_other_issuers() {
-        let dir = Dir::new("legacy");
+        let dir = Dir::new("token-bind", "legacy");
         let (svc, k1, k0) = service(&dir, true);
         // No iss: the legacy issuer, with its own keys.
         assert_eq!(
@@ -691,7 +664,7 @@ pub(crate) mod tests {
     /// existed, `iss` or not.
     #[test]
     fn the_legacy_issuer_alone_takes_any_iss() {
-        let dir = Dir::new("alone");
+        let dir = Dir::new("token-bind", "alone");
         let k0 = SigningKey::generate(Alg::ES256, "k0").expect("key");
         let d = dir.0.join("default.json");
         std::fs::write(&d, jwks(&[k0.public_jwk()])).expect("jwks");
@@ -715,7 +688,7 @@ pub(crate) mod tests {
 
     #[test]
     fn only_a_well_formed_token_of_a_remote_issuer_with_an_unknown_kid_asks_for_a_fetch() {
-        let dir = Dir::new("refetch");
+        let dir = Dir::new("token-bind", "refetch");
         let (svc, k1, _) = service(&dir, true);
         let remote = token(&k1, Some(ISS_REMOTE));
         assert!(svc.wants_refetch(&remote).is_some());
@@ -746,7 +719,7 @@ pub(crate) mod tests {
     /// token says (a partner's identity provider minting `internal`).
     #[test]
     fn an_issuer_places_only_in_the_classes_it_may_give() {
-        let dir = Dir::new("classes");
+        let dir = Dir::new("token-bind", "classes");
         let (_, k1, _) = service(&dir, false);
         let text = config_text(&dir, false)
             .replace("name = \"a\"\n", "name = \"a\"\nclasses = [\"customer\"]\n");
@@ -783,7 +756,7 @@ pub(crate) mod tests {
     /// legacy issuer keeps bare names.
     #[test]
     fn identities_and_token_ids_are_namespaced_by_issuer() {
-        let dir = Dir::new("names");
+        let dir = Dir::new("token-bind", "names");
         let (_, k1, k0) = service(&dir, true);
         let statics = "[[identities]]\nname = \"batch-cluster\"\nclass = \"internal\"\n\
                        plan = \"free\"\nbind = [\"198.18.0.10\"]\n\
@@ -829,7 +802,7 @@ pub(crate) mod tests {
 
     #[test]
     fn two_issuers_minting_one_sub_are_two_identities() {
-        let dir = Dir::new("twosub");
+        let dir = Dir::new("token-bind", "twosub");
         let (_, k1, k0) = service(&dir, false);
         // A second file issuer `b` with the legacy test key.
         let b = dir.0.join("default.json");
@@ -860,7 +833,7 @@ pub(crate) mod tests {
     /// connection; a thousand random kids cost one (the cooldown), however they interleave.
     #[test]
     fn unauthenticated_tokens_cost_at_most_one_fetch_per_cooldown() {
-        let dir = Dir::new("flood");
+        let dir = Dir::new("token-bind", "flood");
         let (_, k1, _) = service(&dir, false);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
         let port = listener.local_addr().unwrap().port();
@@ -923,7 +896,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_reload_rereads_key_files_and_keeps_every_tally() {
-        let dir = Dir::new("reload");
+        let dir = Dir::new("token-bind", "reload");
         let (mut svc, _, _) = service(&dir, false);
         svc.count(Some(0), "expired");
         svc.count(None, "malformed");

@@ -483,20 +483,7 @@ impl Lab {
         let third = o[2] ^ (n << 5);
         let client_v4 = Ipv4Addr::new(o[0], o[1], third, 1);
         let server_v4 = Ipv4Addr::new(o[0], o[1], third, 2);
-        checked(Command::new("ip").args([
-            "link",
-            "add",
-            &client_if,
-            "netns",
-            ns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &server_if,
-            "netns",
-            self.server.name(),
-        ]));
+        veth_pair(&ns, &client_if, &self.server, &server_if);
         ns.ip(&["addr", "add", &format!("{client_v4}/24"), "dev", &client_if]);
         ns.ip(&["link", "set", &client_if, "up"]);
         ns.ip(&["route", "add", "default", "via", &server_v4.to_string()]);
@@ -511,4 +498,22 @@ impl Lab {
             server_v4,
         }
     }
+}
+
+/// A veth pair between two namespaces: `a_if` in `a`, `b_if` in `b` (both down, unaddressed).
+pub fn veth_pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
+    checked(Command::new("ip").args([
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]));
 }

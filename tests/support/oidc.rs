@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::{
     agent::AgentDirs,
-    lab::{Lab, NetNs, checked, next_id},
+    lab::{Lab, NetNs, next_id, veth_pair},
 };
 
 /// The lab's node project (package.json, its lock, the scripts).
@@ -198,20 +198,7 @@ fn link_to_idp(ns: &NetNs, idp: &NetNs, own: Ipv4Addr, idp_addr: Ipv4Addr, tag: 
     let pid = std::process::id();
     let near = format!("tg{pid:x}{id:x}{tag}");
     let far = format!("tg{pid:x}{id:x}p");
-    checked(Command::new("ip").args([
-        "link",
-        "add",
-        &near,
-        "netns",
-        ns.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &far,
-        "netns",
-        idp.name(),
-    ]));
+    veth_pair(ns, &near, idp, &far);
     ns.ip(&["addr", "add", &format!("{own}/32"), "dev", &near]);
     ns.ip(&["link", "set", &near, "up"]);
     ns.ip(&[

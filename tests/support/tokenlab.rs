@@ -47,6 +47,35 @@ pub fn model_server(lab: &Lab) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// `method` /v1/bind on the bind listener at `server` with curl from `ns`, as a client does,
+/// trusting `ca`, giving up after `max_time_s`: (HTTP status, JSON body); status 0 when curl
+/// got no answer, body `null` when it is not JSON.
+pub fn curl_bind(
+    ns: &NetNs,
+    server: std::net::Ipv4Addr,
+    ca: &std::path::Path,
+    method: &str,
+    token: &str,
+    max_time_s: u32,
+) -> (u16, serde_json::Value) {
+    let url = format!("https://{server}:{BIND_PORT}/v1/bind");
+    let out = ns
+        .command("curl")
+        .args(["-sS", "--max-time", &max_time_s.to_string(), "--cacert"])
+        .arg(ca)
+        .args(["-X", method, "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .args(["-w", "\n%{http_code}", &url])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let code = code.trim().parse().unwrap_or(0);
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (code, json)
+}
+
 pub fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
@@ -119,21 +148,7 @@ impl World {
 
     /// POST (or DELETE) /v1/bind with curl from `ns`: (HTTP status, JSON body).
     pub fn http(&self, ns: &NetNs, method: &str, token: &str) -> (u16, serde_json::Value) {
-        let url = format!("https://{}:{BIND_PORT}/v1/bind", self.lab.server_v4);
-        let out = ns
-            .command("curl")
-            .args(["-sS", "--max-time", "5", "--cacert"])
-            .arg(&self.ca)
-            .args(["-X", method, "-H"])
-            .arg(format!("Authorization: Bearer {token}"))
-            .args(["-w", "\n%{http_code}", &url])
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        let code = code.trim().parse().unwrap_or(0);
-        let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-        (code, json)
+        curl_bind(ns, self.lab.server_v4, &self.ca, method, token, 5)
     }
 
     /// Whether the model server answers a TCP connection from `ns` within `wait`.
@@ -235,21 +250,6 @@ impl TokenKit {
 
     /// POST /v1/bind with curl from `ns`, as a client does: (HTTP status, JSON body).
     pub fn bind(&self, ns: &NetNs, token: &str) -> (u16, serde_json::Value) {
-        let url = format!("https://{}:{BIND_PORT}/v1/bind", self.server);
-        let out = ns
-            .command("curl")
-            .args(["-sS", "--max-time", "5", "--cacert"])
-            .arg(&self.ca)
-            .args(["-X", "POST", "-H"])
-            .arg(format!("Authorization: Bearer {token}"))
-            .args(["-w", "\n%{http_code}", &url])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        let code = code.trim().parse().unwrap_or(0);
-        let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-        (code, json)
+        curl_bind(ns, self.server, &self.ca, "POST", token, 5)
     }
 }

@@ -262,16 +262,9 @@ pub struct Issuer {
     pub max_ttl_s: u64,
 }
 
-/// Where an issuer's keys come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum KeySource {
-    /// A local JWKS file, re-read when it changes.
-    File(PathBuf),
-    /// An https URL.
-    JwksUrl(String),
-    /// `{issuer}/.well-known/openid-configuration`'s `jwks_uri`.
-    Discovery,
-}
+/// Where an issuer's keys come from: the fetcher's own type, so the configuration and the
+/// fetcher name the sources once.
+pub use crate::issuers::SourceKind as KeySource;
 
 impl KeySource {
     pub fn is_remote(&self) -> bool {

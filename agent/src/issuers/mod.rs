@@ -209,7 +209,7 @@ impl Keys {
                 None
             }
             SourceKind::JwksUrl(url) => Some(Remote {
-                client: Client::new(cfg.ca_bundle.as_deref())?,
+                client: Client::new(cfg.fetch.ca_bundle.as_deref())?,
                 url: HttpsUrl::parse(url).map_err(|e| format!("jwks_url {e}"))?,
             }),
             SourceKind::Discovery => {
@@ -217,7 +217,7 @@ impl Keys {
                     .discovery_url()
                     .ok_or("discovery needs the issuer's URL (`issuer`)")?;
                 Some(Remote {
-                    client: Client::new(cfg.ca_bundle.as_deref())?,
+                    client: Client::new(cfg.fetch.ca_bundle.as_deref())?,
                     url: HttpsUrl::parse(&url).map_err(|e| format!("issuer {e}"))?,
                 })
             }
@@ -268,11 +268,11 @@ impl Keys {
                 last_error()
             )));
         };
-        if self.is_remote() && !cache::usable(fetched, now_ms, self.0.cfg.max_stale_s) {
+        if self.is_remote() && !cache::usable(fetched, now_ms, self.0.cfg.fetch.max_stale_s) {
             return Err(unavailable(format!(
                 "the last good fetch was {} s ago, more than max_stale_s = {}{}",
                 now_ms.saturating_sub(fetched) / 1000,
-                self.0.cfg.max_stale_s,
+                self.0.cfg.fetch.max_stale_s,
                 last_error()
             )));
         }
@@ -305,7 +305,11 @@ impl Keys {
         if !self.0.in_flight.get() {
             let now = clock::now_ms();
             let mut st = self.0.state.borrow_mut();
-            if !cache::refetch_allowed(st.last_unknown_kid_ms, now, self.0.cfg.refetch_cooldown_s) {
+            if !cache::refetch_allowed(
+                st.last_unknown_kid_ms,
+                now,
+                self.0.cfg.fetch.refetch_cooldown_s,
+            ) {
                 st.suppressed += 1;
                 return;
             }
@@ -403,7 +407,7 @@ impl Keys {
     /// One fetch, discovery included, within one `timeout_ms`: a waiter on
     /// [`Keys::refetch_unknown_kid`] waits at most that long, however many GETs it takes.
     async fn fetch_remote(&self) -> Result<Good, FetchError> {
-        let timeout = Duration::from_millis(self.0.cfg.timeout_ms);
+        let timeout = Duration::from_millis(self.0.cfg.fetch.timeout_ms);
         tokio::time::timeout(timeout, self.fetch_steps(timeout))
             .await
             .unwrap_or_else(|_| {
@@ -412,7 +416,7 @@ impl Keys {
                     format!(
                         "{}: the fetch did not end within timeout_ms = {}",
                         self.0.cfg.describe(),
-                        self.0.cfg.timeout_ms
+                        self.0.cfg.fetch.timeout_ms
                     ),
                 ))
             })
@@ -437,13 +441,16 @@ impl Keys {
                     None => {
                         let doc = remote
                             .client
-                            .get(&remote.url, cfg.max_bytes, timeout)
+                            .get(&remote.url, cfg.fetch.max_bytes, timeout)
                             .await?;
                         let issuer = cfg.issuer.as_deref().unwrap_or_default();
                         let uri = discovery::jwks_uri(&doc.body, issuer)
                             .map_err(|e| fail(e.outcome, format!("{}: {e}", remote.url)))?;
-                        let life =
-                            cache::lifetime_s(doc.max_age_s, cfg.cache_min_s, cfg.cache_max_s);
+                        let life = cache::lifetime_s(
+                            doc.max_age_s,
+                            cfg.fetch.cache_min_s,
+                            cfg.fetch.cache_max_s,
+                        );
                         let mut st = self.0.state.borrow_mut();
                         st.jwks_uri = Some(uri.clone());
                         st.discovery_until_ms = clock::now_ms().saturating_add(life * 1000);
@@ -456,7 +463,10 @@ impl Keys {
             }
             _ => (remote.url.clone(), None),
         };
-        let doc = remote.client.get(&url, cfg.max_bytes, timeout).await?;
+        let doc = remote
+            .client
+            .get(&url, cfg.fetch.max_bytes, timeout)
+            .await?;
         let (keys, text) = key_set(doc.body).map_err(|e| fail(e.outcome, format!("{url}: {e}")))?;
         Ok(Good {
             keys,
@@ -519,7 +529,7 @@ impl Keys {
                 if e.outcome == Outcome::HttpStatus {
                     st.discovery_until_ms = 0;
                 }
-                st.next_due_ms = now.saturating_add(cfg.cache_min_s.saturating_mul(1000));
+                st.next_due_ms = now.saturating_add(cfg.fetch.cache_min_s.saturating_mul(1000));
                 let kept = if st.keys.is_some() {
                     "keeping the keys in use"
                 } else {
@@ -530,7 +540,8 @@ impl Keys {
             }
             Ok(good) => {
                 let changed = st.keys.as_ref().is_none_or(|k| **k != good.keys);
-                let life = cache::lifetime_s(good.max_age_s, cfg.cache_min_s, cfg.cache_max_s);
+                let life =
+                    cache::lifetime_s(good.max_age_s, cfg.fetch.cache_min_s, cfg.fetch.cache_max_s);
                 st.next_due_ms = now.saturating_add(life.saturating_mul(1000));
                 st.fetched_ms = Some(now);
                 if let (true, Some(e)) = (changed, &error) {
@@ -544,7 +555,7 @@ impl Keys {
                 let recent = st.persisted.as_ref().is_some_and(|(text, uri, at)| {
                     *text == good.text
                         && *uri == good.jwks_uri
-                        && now.saturating_sub(*at) < cfg.cache_min_s.saturating_mul(1000)
+                        && now.saturating_sub(*at) < cfg.fetch.cache_min_s.saturating_mul(1000)
                 });
                 drop(st);
                 if self.is_remote() && !recent {
@@ -631,7 +642,12 @@ impl Drop for Flight {
 /// The persisted last good keys of this source, if any (a problem is logged: the source
 /// then starts without keys, as a new one would).
 fn load_persisted(cfg: &SourceConfig, state: &mut State) {
-    let saved = match persist::load(&cfg.state_dir, &cfg.name, &cfg.describe(), cfg.max_bytes) {
+    let saved = match persist::load(
+        &cfg.state_dir,
+        &cfg.name,
+        &cfg.describe(),
+        cfg.fetch.max_bytes,
+    ) {
         Ok(Some(s)) => s,
         Ok(None) => return,
         Err(e) => {

@@ -35,19 +35,9 @@ pub struct SourceConfig {
     /// The issuer URL (`iss`); discovery starts from it and requires the document to repeat it.
     pub issuer: Option<String>,
     pub kind: SourceKind,
-    /// PEM file of the roots to trust; `None`: the system's.
-    pub ca_bundle: Option<PathBuf>,
-    /// Largest JWKS (and discovery document) body accepted, in bytes.
-    pub max_bytes: usize,
-    /// One GET, from name resolution to the body's last byte.
-    pub timeout_ms: u64,
-    /// Bounds on how long a fetched document is used before the next fetch.
-    pub cache_min_s: u64,
-    pub cache_max_s: u64,
-    /// At most one unknown-kid refetch per this many seconds.
-    pub refetch_cooldown_s: u64,
-    /// Keys older than this (since their last good fetch) are not used.
-    pub max_stale_s: u64,
+    /// The roots, size limit, timeout, cache bounds, cooldown and staleness bound, as
+    /// configured (`[tokens]` defaults and the issuer's overrides).
+    pub fetch: crate::config::Fetch,
     /// The node's state directory.
     pub state_dir: PathBuf,
 }
@@ -184,6 +174,7 @@ pub fn check_https_url(url: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Fetch;
 
     #[test]
     fn https_urls_split_into_host_port_and_target() {
@@ -262,13 +253,15 @@ mod tests {
             name: "idp".into(),
             issuer: Some("https://idp.example/realms/x/".into()),
             kind: SourceKind::Discovery,
-            ca_bundle: None,
-            max_bytes: 1,
-            timeout_ms: 1,
-            cache_min_s: 1,
-            cache_max_s: 1,
-            refetch_cooldown_s: 1,
-            max_stale_s: 1,
+            fetch: Fetch {
+                ca_bundle: None,
+                max_bytes: 1,
+                timeout_ms: 1,
+                cache_min_s: 1,
+                cache_max_s: 1,
+                refetch_cooldown_s: 1,
+                max_stale_s: 1,
+            },
             state_dir: PathBuf::new(),
         };
         let want = "https://idp.example/realms/x/.well-known/openid-configuration";

@@ -20,6 +20,7 @@ use tokio_rustls::{
 use tollgate_common::token::{Alg, SigningKey, jwks};
 
 use super::*;
+use crate::config::Fetch;
 
 /// Runs `f` on a current-thread runtime inside a LocalSet, as the agent does.
 fn local<F: std::future::Future>(f: F) -> F::Output {
@@ -42,23 +43,7 @@ fn jwks_of(kids: &[&str]) -> String {
     jwks(&keys)
 }
 
-/// A directory removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("tollgate-issuers-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("dir");
-        Dir(d)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::test_dir::Dir;
 
 /// The HTTPS server: what `/jwks` answers is switchable; requests are counted by path.
 struct Server {
@@ -107,7 +92,7 @@ fn tls_acceptor(dir: &Dir) -> (TlsAcceptor, PathBuf) {
 
 /// Starts the server on this LocalSet.
 async fn server(tag: &str) -> Server {
-    let dir = Dir::new(tag);
+    let dir = Dir::new("issuers", tag);
     let (acceptor, ca) = tls_acceptor(&dir);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!(
@@ -268,20 +253,22 @@ fn config(s: &Server, kind: SourceKind, state_dir: &Dir) -> SourceConfig {
         name: "idp".into(),
         issuer: None,
         kind,
-        ca_bundle: Some(s.ca.clone()),
-        max_bytes: 4096,
-        timeout_ms: 500,
-        cache_min_s: 30,
-        cache_max_s: 3600,
-        refetch_cooldown_s: 3600,
-        max_stale_s: 600,
+        fetch: Fetch {
+            ca_bundle: Some(s.ca.clone()),
+            max_bytes: 4096,
+            timeout_ms: 500,
+            cache_min_s: 30,
+            cache_max_s: 3600,
+            refetch_cooldown_s: 3600,
+            max_stale_s: 600,
+        },
         state_dir: state_dir.0.clone(),
     }
 }
 
 /// Fetches `path` once with a fresh `jwks_url` source: its outcome, its last error, its kids.
 async fn fetch(s: &Server, path: &str) -> (Outcome, Option<String>, Vec<String>) {
-    let state = Dir::new(&format!("fetch{}", path.replace('/', "_")));
+    let state = Dir::new("issuers", &format!("fetch{}", path.replace('/', "_")));
     let keys = Keys::new(config(s, SourceKind::JwksUrl(s.url(path)), &state)).expect("keys");
     let outcome = keys.fetch_now().await;
     let st = keys.status();
@@ -292,7 +279,7 @@ async fn fetch(s: &Server, path: &str) -> (Outcome, Option<String>, Vec<String>)
 fn a_jwks_is_fetched_over_https_with_its_max_age() {
     local(async {
         let s = server("ok").await;
-        let state = Dir::new("ok-state");
+        let state = Dir::new("issuers", "ok-state");
         let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
         assert!(
             keys.current(clock::now_ms()).is_err(),
@@ -348,19 +335,19 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
         let (o, err, _) = fetch(&s, "/slow").await;
         assert_eq!(o, Outcome::Timeout, "{err:?}");
         // Another CA's server certificate, no server at all.
-        let state = Dir::new("bad-state");
+        let state = Dir::new("issuers", "bad-state");
         let mut cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
         let other = server("bad-other").await;
-        cfg.ca_bundle = Some(other.ca.clone());
+        cfg.fetch.ca_bundle = Some(other.ca.clone());
         let tls = async |cfg: &SourceConfig| Keys::new(cfg.clone()).unwrap().fetch_now().await;
         assert_eq!(tls(&cfg).await, Outcome::Tls);
         // The system's roots do not hold the test CA either; a bundle without a certificate
         // is a configuration error.
-        cfg.ca_bundle = None;
+        cfg.fetch.ca_bundle = None;
         assert_eq!(tls(&cfg).await, Outcome::Tls);
         let empty = state.0.join("empty.pem");
         std::fs::write(&empty, "not a certificate").unwrap();
-        cfg.ca_bundle = Some(empty);
+        cfg.fetch.ca_bundle = Some(empty);
         assert!(
             Keys::new(cfg.clone())
                 .unwrap_err()
@@ -374,10 +361,10 @@ fn bad_responses_get_their_outcome_and_change_no_keys() {
             format!("{good}-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n"),
         )
         .unwrap();
-        cfg.ca_bundle = Some(broken);
+        cfg.fetch.ca_bundle = Some(broken);
         let e = Keys::new(cfg.clone()).unwrap_err();
         assert!(e.contains("certificate #2 cannot be used"), "{e}");
-        cfg.ca_bundle = Some(s.ca.clone());
+        cfg.fetch.ca_bundle = Some(s.ca.clone());
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         cfg.kind = SourceKind::JwksUrl(format!("https://{}/", closed.local_addr().unwrap()));
         drop(closed);
@@ -401,7 +388,7 @@ fn a_head_trickled_byte_by_byte_is_parsed_once() {
 fn a_failed_fetch_keeps_the_keys_until_max_stale_and_a_good_one_restores_them() {
     local(async {
         let s = server("stale").await;
-        let state = Dir::new("stale-state");
+        let state = Dir::new("issuers", "stale-state");
         let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
         assert_eq!(keys.fetch_now().await, Outcome::Ok);
         *s.jwks.borrow_mut() = Some("<html>".into());
@@ -434,7 +421,7 @@ fn a_failed_fetch_keeps_the_keys_until_max_stale_and_a_good_one_restores_them() 
 fn concurrent_unknown_kids_share_one_fetch_and_the_cooldown_refuses_more() {
     local(async {
         let s = server("flight").await;
-        let state = Dir::new("flight-state");
+        let state = Dir::new("issuers", "flight-state");
         let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
         let waiters: Vec<_> = (0..20)
             .map(|_| {
@@ -464,7 +451,7 @@ fn concurrent_unknown_kids_share_one_fetch_and_the_cooldown_refuses_more() {
 fn a_restarted_node_verifies_with_the_persisted_keys_of_its_own_source() {
     local(async {
         let s = server("persist").await;
-        let state = Dir::new("persist-state");
+        let state = Dir::new("issuers", "persist-state");
         let cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
         let first = Keys::new(cfg.clone()).unwrap();
         assert_eq!(first.fetch_now().await, Outcome::Ok);
@@ -492,7 +479,7 @@ fn a_restarted_node_verifies_with_the_persisted_keys_of_its_own_source() {
 fn persisted_keys_are_aged_by_the_boot_clock_and_a_future_wall_time_is_refused() {
     local(async {
         let s = server("persist-age").await;
-        let state = Dir::new("persist-age-state");
+        let state = Dir::new("issuers", "persist-age-state");
         let cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
         let write = |fetched: persist::Fetched| {
             let saved =
@@ -551,7 +538,7 @@ fn saves_into(dir: &Dir) -> Vec<std::thread::ThreadId> {
 fn keys_are_persisted_off_the_agent_thread_and_an_unchanged_jwks_not_rewritten_soon() {
     local(async {
         let s = server("persist-write").await;
-        let state = Dir::new("persist-write-state");
+        let state = Dir::new("issuers", "persist-write-state");
         let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
         assert_eq!(keys.fetch_now().await, Outcome::Ok);
         keys.persisted().await;
@@ -584,7 +571,7 @@ fn keys_are_persisted_off_the_agent_thread_and_an_unchanged_jwks_not_rewritten_s
 fn discovery_finds_the_jwks_uri_of_the_configured_issuer_only() {
     local(async {
         let s = server("disc").await;
-        let state = Dir::new("disc-state");
+        let state = Dir::new("issuers", "disc-state");
         let mut cfg = config(&s, SourceKind::Discovery, &state);
         cfg.issuer = Some(s.url("/good"));
         let keys = Keys::new(cfg.clone()).unwrap();
@@ -611,11 +598,11 @@ fn discovery_finds_the_jwks_uri_of_the_configured_issuer_only() {
 fn discovery_and_the_jwks_share_one_timeout() {
     local(async {
         let s = server("disc-late").await;
-        let state = Dir::new("disc-late-state");
+        let state = Dir::new("issuers", "disc-late-state");
         let mut cfg = config(&s, SourceKind::Discovery, &state);
         cfg.issuer = Some(s.url("/late"));
         // Each GET alone (600 ms) is within the timeout; both together are not.
-        cfg.timeout_ms = 1000;
+        cfg.fetch.timeout_ms = 1000;
         let keys = Keys::new(cfg).unwrap();
         assert_eq!(keys.fetch_now().await, Outcome::Timeout);
         let err = keys.status().last_fetch.unwrap().error.unwrap();
@@ -626,20 +613,22 @@ fn discovery_and_the_jwks_share_one_timeout() {
 
 #[test]
 fn a_key_file_is_reread_when_it_changes_and_a_broken_one_keeps_the_keys() {
-    let dir = Dir::new("file");
+    let dir = Dir::new("issuers", "file");
     let path = dir.0.join("jwks.json");
     std::fs::write(&path, jwks_of(&["f1"])).unwrap();
     let cfg = SourceConfig {
         name: "default".into(),
         issuer: None,
         kind: SourceKind::File(path.clone()),
-        ca_bundle: None,
-        max_bytes: 4096,
-        timeout_ms: 1,
-        cache_min_s: 1,
-        cache_max_s: 1,
-        refetch_cooldown_s: 1,
-        max_stale_s: 1,
+        fetch: Fetch {
+            ca_bundle: None,
+            max_bytes: 4096,
+            timeout_ms: 1,
+            cache_min_s: 1,
+            cache_max_s: 1,
+            refetch_cooldown_s: 1,
+            max_stale_s: 1,
+        },
         state_dir: dir.0.clone(),
     };
     let keys = Keys::new(cfg.clone()).unwrap();
@@ -686,7 +675,7 @@ fn a_key_file_is_reread_when_it_changes_and_a_broken_one_keeps_the_keys() {
 fn skipped_keys_are_reported_and_a_jwks_of_no_usable_key_replaces_the_keys() {
     local(async {
         let s = server("skip").await;
-        let state = Dir::new("skip-state");
+        let state = Dir::new("issuers", "skip-state");
         let cfg = config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state);
         let keys = Keys::new(cfg.clone()).unwrap();
         let mut enc = SigningKey::generate(Alg::EdDSA, "e1").unwrap().public_jwk();
@@ -747,7 +736,7 @@ async fn until(mut done: impl FnMut() -> bool) -> bool {
 fn a_waiter_that_gives_up_cancels_nothing_and_run_fetches_at_start() {
     local(async {
         let s = server("cancel").await;
-        let state = Dir::new("cancel-state");
+        let state = Dir::new("issuers", "cancel-state");
         let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/late-jwks")), &state)).unwrap();
         // The bind that asked goes away (its connection's timeout) before the fetch ends.
         let gave_up = tokio::time::timeout(Duration::from_millis(10), keys.refetch_unknown_kid());
@@ -755,7 +744,7 @@ fn a_waiter_that_gives_up_cancels_nothing_and_run_fetches_at_start() {
         assert!(until(|| keys.knows("late")).await, "the fetch went on");
         assert_eq!(s.hits("/late-jwks"), 1);
         // The background loop's first fetch is a `start` fetch.
-        let state = Dir::new("run-state");
+        let state = Dir::new("issuers", "run-state");
         let keys = Keys::new(config(&s, SourceKind::JwksUrl(s.url("/jwks")), &state)).unwrap();
         let k = keys.clone();
         let run = tokio::task::spawn_local(async move { k.run().await });

@@ -173,11 +173,11 @@ impl PublicKey {
 
     pub(crate) fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
         match &self.material {
-            Material::Raw(key) => {
-                ring::signature::UnparsedPublicKey::new(self.alg.verification(), key)
+            Material::Raw(key) => self.alg.verification().is_some_and(|alg| {
+                ring::signature::UnparsedPublicKey::new(alg, key)
                     .verify(message, signature)
                     .is_ok()
-            }
+            }),
             Material::Rsa { n, e } => self.alg.rsa_parameters().is_some_and(|params| {
                 ring::signature::RsaPublicKeyComponents { n, e }
                     .verify(params, message, signature)

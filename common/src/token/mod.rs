@@ -211,24 +211,22 @@ impl Alg {
         !matches!(self, Alg::EdDSA | Alg::ES256 | Alg::ES384)
     }
 
-    /// ring's verification algorithm. RSA: moduli of 2048 to 8192 bits, the range tollgate
-    /// accepts at load time too.
-    pub(crate) fn verification(self) -> &'static dyn ring::signature::VerificationAlgorithm {
+    /// The ring algorithm for a raw public key (Ed25519, or an EC point), `None` for RSA,
+    /// which is checked from its components with [`Alg::rsa_parameters`].
+    pub(crate) fn verification(
+        self,
+    ) -> Option<&'static dyn ring::signature::VerificationAlgorithm> {
         use ring::signature as s;
-        match self {
+        Some(match self {
             Alg::EdDSA => &s::ED25519,
             Alg::ES256 => &s::ECDSA_P256_SHA256_FIXED,
             Alg::ES384 => &s::ECDSA_P384_SHA384_FIXED,
-            Alg::RS256 => &s::RSA_PKCS1_2048_8192_SHA256,
-            Alg::RS384 => &s::RSA_PKCS1_2048_8192_SHA384,
-            Alg::RS512 => &s::RSA_PKCS1_2048_8192_SHA512,
-            Alg::PS256 => &s::RSA_PSS_2048_8192_SHA256,
-            Alg::PS384 => &s::RSA_PSS_2048_8192_SHA384,
-            Alg::PS512 => &s::RSA_PSS_2048_8192_SHA512,
-        }
+            _ => return None,
+        })
     }
 
-    /// The RSA parameters (for `RsaPublicKeyComponents::verify`), `None` for the others.
+    /// The RSA parameters (for `RsaPublicKeyComponents::verify`), `None` for the others:
+    /// moduli of 2048 to 8192 bits, the range tollgate accepts at load time too.
     pub(crate) fn rsa_parameters(self) -> Option<&'static ring::signature::RsaParameters> {
         use ring::signature as s;
         Some(match self {
