@@ -45,6 +45,13 @@ impl Actor {
         gid: None,
         pid: None,
     };
+    /// A change another node of the pool made, installed here (`fleet::install`).
+    pub const FLEET: Actor = Actor {
+        via: "fleet",
+        uid: None,
+        gid: None,
+        pid: None,
+    };
     pub const SIGNAL: Actor = Actor {
         via: "signal",
         uid: None,
