@@ -259,10 +259,11 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
         || config.node.control_socket != old.node.control_socket
         || config.listen.bind != old.listen.bind
         || tls(&config) != tls(old)
+        || config.fleet != old.fleet
     {
         return Err(OpError::Config(
-            "node.pin_dir, node.state_dir, node.control_socket, listen.bind and the TLS \
-             files take effect only on restart"
+            "node.pin_dir, node.state_dir, node.control_socket, listen.bind, the TLS \
+             files and [fleet] take effect only on restart"
                 .into(),
         )
         .into());

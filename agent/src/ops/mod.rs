@@ -275,6 +275,7 @@ fn execute(
     match req {
         Request::Status {} => read(status::status(node)),
         Request::Endpoints {} => read(status::endpoints(node)),
+        Request::FleetStatus {} => read(status::fleet(node)),
         Request::Identities {} => read(status::identities(node)),
         Request::Identity { name } => read(status::identity(node, &name)),
         Request::Explain(probe) => read(status::explain(node, &probe)),
