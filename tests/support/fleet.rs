@@ -264,7 +264,7 @@ impl FleetLab {
             }
             let dirs = AgentDirs::new();
             let node_ip = ip(host);
-            let config = Config::new(&[ifname.clone()])
+            let config = Config::new(std::slice::from_ref(&ifname))
                 .anonymous(200, 600)
                 .listen_bind(SocketAddr::new(IpAddr::V4(node_ip), BIND_PORT))
                 .tokens(Tokens {
