@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use tollgate_tests::fleet::{FleetLab, POOL};
+use tollgate_tests::{
+    fleet::{FleetLab, POOL},
+    tokenlab::curl_bind,
+};
 
 const ALL: [usize; 4] = [0, 1, 2, 3];
 /// Far more than a change needs (a store round trip or two, then the sync interval at most):
@@ -46,6 +49,31 @@ fn a_bind_quarantine_release_and_revocation_on_one_node_hold_on_all_four() {
         !lab.served(1, 2, Duration::from_millis(500)),
         "the thief was served"
     );
+    // Node 3 forgets its copy of the binding (a token unbind is node-local), so only the
+    // pool's claim knows the token is bound to the first address: still a replay.
+    let (code, body) = curl_bind(
+        &lab.clients[0].ns,
+        lab.nodes[2].ip,
+        &lab.ca,
+        "DELETE",
+        &token,
+        5,
+    );
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = lab.bind(1, 2, &token);
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (403, Some("replay")),
+        "the claim did not decide: {body}"
+    );
+    assert!(
+        lab.metric(2, r#"tollgate_fleet_claims_total{outcome="replay"}"#)
+            .unwrap_or(0.0)
+            >= 2.0
+    );
+    // The first address binds it there again: the claim is its own.
+    let (code, body) = lab.bind(0, 2, &token);
+    assert_eq!(code, 200, "{body}");
     // A quarantine on node 2 cuts it on all four; a release on node 3 lets it back.
     lab.cli_ok(1, &["quarantine", "acme", "--reason", "fleet test"]);
     assert_eq!(lab.wait_served(0, &ALL, false, SPREAD), Vec::<usize>::new());
