@@ -240,6 +240,7 @@ drops
   quarantined  244
   unbound      18000
 endpoints        2
+fleet            -
 gpu
   source               simulated
   error                -
