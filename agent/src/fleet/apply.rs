@@ -199,6 +199,15 @@ impl Applier {
         self.held.values().map(|h| h.entry.entry())
     }
 
+    /// Forgets the entry held for `field` and asks for the snapshot again (the applier is no
+    /// longer seeded): for an entry that was applied here but could not be put in force (a
+    /// full state disk), so that it is offered, applied and installed again on the next pass
+    /// rather than held as done.
+    pub fn forget(&mut self, field: &str) {
+        self.held.remove(field);
+        self.seeded = false;
+    }
+
     /// Records that a whole snapshot was offered.
     pub fn mark_seeded(&mut self) {
         self.seeded = true;
@@ -238,6 +247,18 @@ mod tests {
 
     fn key() -> PoolKey {
         PoolKey::from_bytes(&[7; 32], "lab").unwrap()
+    }
+
+    #[test]
+    fn a_forgotten_entry_applies_again_and_the_snapshot_is_asked_for() {
+        let mut a = Applier::new();
+        a.mark_seeded();
+        let q = entry(Kind::Quarantine, "acme", "n1", 1, NOW);
+        assert_eq!(a.offer(q.clone(), NOW), Outcome::Applied);
+        assert_eq!(a.offer(q.clone(), NOW), Outcome::Duplicate);
+        a.forget(&q.entry().snapshot_field());
+        assert!(!a.is_seeded());
+        assert_eq!(a.offer(q, NOW), Outcome::Applied);
     }
 
     fn entry(kind: Kind, subject: &str, origin: &str, seq: u64, wall_ms: u64) -> Verified {

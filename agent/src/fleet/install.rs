@@ -114,6 +114,13 @@ pub fn install(node: &mut Node, v: &Verified) -> &'static str {
     }
 }
 
+/// Whether an outcome is a failure to put the change in force (not a refusal of it): the
+/// journal could not record it, or the kernel refused the write. The task offers such an
+/// entry again (`Applier::forget`) instead of holding it as done: nothing accepted is lost.
+pub fn retry(outcome: &str) -> bool {
+    matches!(outcome, "kernel" | "unrecorded")
+}
+
 /// The audit record names the node the change came from.
 fn with_origin<T, E>(r: Result<Done<T>, Failed<E>>, origin: &str) -> Result<Done<T>, Failed<E>> {
     let tag = |c: &mut Option<ops::Change>| {

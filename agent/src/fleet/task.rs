@@ -254,6 +254,16 @@ fn take(node: &Rc<RefCell<Node>>, t: &mut Task, pass: &Pass) {
             continue;
         }
         let outcome = install::install(&mut n, v);
+        if install::retry(outcome) {
+            // Not in force here (the state disk, the kernel): offered again next pass.
+            warn!(
+                kind = v.entry().kind.label(),
+                subject = %v.entry().subject,
+                outcome,
+                "fleet: a change of the pool could not be put in force here; retrying"
+            );
+            t.applier.forget(&v.entry().snapshot_field());
+        }
         outcomes.push((v.entry().kind.label(), outcome));
     }
     if n.state.has_unrecorded()
