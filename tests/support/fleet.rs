@@ -25,6 +25,8 @@ use crate::{
 };
 
 pub const STORE_PORT: u16 = 6379;
+/// A UDP port of the `customer` class on every node, for probes that count datagrams.
+pub const PROBE_PORT: u16 = 7000;
 pub const STORE_USER: &str = "tollgate-node";
 pub const POOL: &str = "lab";
 const BRIDGE: &str = "br0";
@@ -289,6 +291,7 @@ impl FleetLab {
                 })
                 .plan(Plan::new("customer").packets(1000, 1000))
                 .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
+                .endpoint(Endpoint::udp("probe", PROBE_PORT, &["customer"]))
                 .endpoint(Endpoint::tcp("bind", BIND_PORT, &BIND_CLASSES).anonymous())
                 .write(&dirs.state_dir.join("tollgate.toml"));
             let model = model_server(&ns, node_ip);

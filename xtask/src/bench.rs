@@ -37,6 +37,12 @@ pub fn run() -> anyhow::Result<()> {
         (
             "tollgate-tests",
             None,
+            "bench_fleet",
+            "fleet of four nodes and a store: bind on one node to admitted on the others, revoke to dropped everywhere",
+        ),
+        (
+            "tollgate-tests",
+            None,
             "bench_scrape",
             "one /metrics scrape with 10 000 identities",
         ),

@@ -1,0 +1,150 @@
+//! `cargo xtask bench`: the fleet (#14). Four nodes and a real `redis-server`
+//! (`support/fleet.rs`). A client sends a UDP datagram to each node's probe port in turn,
+//! one every 200 µs (so each node gets one every 0.8 ms); a receiver in each node's
+//! namespace records when each arrives (what XDP passed). Each of 100 tries binds a fresh
+//! token on node 1 (HTTPS, curl) and finds, on nodes 2–4, the first datagram that arrives
+//! after the bind's reply; then revokes the token on node 4 (`tollgate token revoke`) and
+//! finds the last datagram that arrives at any node after the command started.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tollgate_tests::fleet::{FleetLab, PROBE_PORT};
+
+const TRIES: usize = 100;
+const NODES: usize = 4;
+const INTERVAL: Duration = Duration::from_micros(200);
+/// A try whose change has not spread by then is reported as lost (and fails the run).
+const LIMIT: Duration = Duration::from_secs(5);
+
+type Arrivals = Arc<Mutex<Vec<Vec<Instant>>>>;
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let mut lab = FleetLab::new(NODES, 1);
+    lab.start_all();
+    let stop = Arc::new(AtomicBool::new(false));
+    let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); NODES]));
+    let mut receivers = Vec::new();
+    for n in 0..NODES {
+        let addr = SocketAddr::new(IpAddr::V4(lab.nodes[n].ip), PROBE_PORT);
+        let (stop, arrivals) = (Arc::clone(&stop), Arc::clone(&arrivals));
+        receivers.push(lab.nodes[n].ns.spawn(move || {
+            let s = UdpSocket::bind(addr).expect("probe socket");
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            let mut buf = [0u8; 16];
+            while !stop.load(Ordering::Relaxed) {
+                if s.recv(&mut buf).is_ok() {
+                    arrivals.lock().expect("lock")[n].push(Instant::now());
+                }
+            }
+        }));
+    }
+    let targets: Vec<SocketAddr> = lab
+        .nodes
+        .iter()
+        .map(|n| SocketAddr::new(IpAddr::V4(n.ip), PROBE_PORT))
+        .collect();
+    let client_ip = lab.clients[0].ip;
+    let send_stop = Arc::clone(&stop);
+    let sender = lab.clients[0].ns.spawn(move || {
+        let s = UdpSocket::bind(SocketAddr::new(IpAddr::V4(client_ip), 0)).expect("client");
+        let start = Instant::now();
+        let mut i = 0u32;
+        while !send_stop.load(Ordering::Relaxed) {
+            let deadline = start + INTERVAL * i;
+            while Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+            let _ = s.send_to(&i.to_le_bytes(), targets[i as usize % NODES]);
+            i += 1;
+        }
+    });
+    let first_after = |n: usize, t: Instant| {
+        arrivals.lock().expect("lock")[n]
+            .iter()
+            .find(|a| **a >= t)
+            .copied()
+    };
+    let last = |n: usize| arrivals.lock().expect("lock")[n].last().copied();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (mut admitted, mut dropped) = (Vec::new(), Vec::new());
+    for i in 0..TRIES {
+        let token = lab.issue("bench", "10m", &format!("tok-{i}"));
+        let (code, body) = lab.bind(0, 0, &token);
+        assert_eq!(code, 200, "{body}");
+        let t_bind = Instant::now();
+        let deadline = t_bind + LIMIT;
+        for n in 1..NODES {
+            let at = loop {
+                if let Some(a) = first_after(n, t_bind) {
+                    break a;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "try {i}: node {} never admitted",
+                    n + 1
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            };
+            admitted.push(ms(at - t_bind));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let t_revoke = Instant::now();
+        lab.cli_ok(
+            3,
+            &[
+                "token",
+                "revoke",
+                "--token-id",
+                &format!("tok-{i}"),
+                "--reason",
+                "bench",
+            ],
+        );
+        let t_ret = Instant::now();
+        // Dropped everywhere once no node has seen a datagram for 50 ms (the probe period is
+        // 0.8 ms per node): the figure is the last arrival at any node after the command.
+        let deadline = t_ret + LIMIT;
+        loop {
+            let newest = (0..NODES).filter_map(last).max().unwrap_or(t_revoke);
+            if newest < Instant::now() - Duration::from_millis(50) {
+                dropped.push(ms(newest.saturating_duration_since(t_ret)));
+                break;
+            }
+            assert!(Instant::now() < deadline, "try {i}: not dropped everywhere");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender");
+    for r in receivers {
+        r.join().expect("receiver");
+    }
+    println!(
+        "| fleet of {NODES} nodes, one store ({TRIES} tries, probe every {:.1} ms per node) | p50 (ms) | p99 (ms) |",
+        ms(INTERVAL) * NODES as f64
+    );
+    println!("|---|---:|---:|");
+    println!(
+        "| bind on node 1 (its HTTPS reply) → first datagram admitted on nodes 2–4 | {:.2} | {:.2} |",
+        pct(&mut admitted, 0.5),
+        pct(&mut admitted, 0.99)
+    );
+    println!(
+        "| `tollgate token revoke` on node 4 returning → last datagram admitted anywhere | {:.2} | {:.2} |",
+        pct(&mut dropped, 0.5),
+        pct(&mut dropped, 0.99)
+    );
+}
