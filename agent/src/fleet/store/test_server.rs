@@ -24,7 +24,8 @@ pub struct RedisServer {
 
 static N: AtomicU32 = AtomicU32::new(0);
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes as hex: passwords.
+pub fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -33,24 +34,24 @@ fn random_hex(bytes: usize) -> String {
 impl RedisServer {
     /// Starts a server; `extra` are further `redis-server` arguments.
     pub fn start(extra: &[&str]) -> RedisServer {
-        RedisServer::launch(extra, false)
+        RedisServer::launch(extra, false, None)
+    }
+
+    /// Starts a server whose ACL user has `password`: servers that replicate from each other
+    /// (and the sentinels watching them) share one.
+    pub fn start_with_password(password: &str, extra: &[&str]) -> RedisServer {
+        RedisServer::launch(extra, false, Some(password))
     }
 
     /// Starts a server that speaks TLS only, with a certificate for 127.0.0.1 from a CA made
     /// here (rcgen); `ca` is that CA's PEM.
     pub fn start_tls() -> RedisServer {
-        RedisServer::launch(&[], true)
+        RedisServer::launch(&[], true, None)
     }
 
-    fn launch(extra: &[&str], tls: bool) -> RedisServer {
-        let dir = std::env::temp_dir().join(format!(
-            "tollgate-redis-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let password = random_hex(24);
+    fn launch(extra: &[&str], tls: bool, password: Option<&str>) -> RedisServer {
+        let dir = temp_dir("redis");
+        let password = password.map_or_else(|| random_hex(24), str::to_string);
         let acl = dir.join("users.acl");
         std::fs::write(
             &acl,
@@ -61,11 +62,7 @@ impl RedisServer {
         // A free port: bind :0, read it, let go; a lost race shows as a failed start, retried.
         let mut last_log = String::new();
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = free_port();
             let mut cmd = Command::new("redis-server");
             let port_text = port.to_string();
             if tls {
@@ -167,6 +164,12 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Ends the server at once (SIGKILL): no goodbye to clients or replicas.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) on our own child's pid; no memory is touched.
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
@@ -190,6 +193,29 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A fresh empty directory under the temp dir, named for `what`, this process and a counter
+/// (the caller removes it).
+pub fn temp_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-{what}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A free port on 127.0.0.1: bind :0, read it, let go (a lost race shows as a failed start,
+/// which the callers retry).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`

@@ -1,0 +1,289 @@
+//! A real Sentinel setup for the store's tests: a primary and one replica (`redis-server`,
+//! test_server.rs, one ACL user and password shared by both so either can follow the
+//! other) and three `redis-sentinel` processes (quorum 2) on 127.0.0.1 free ports, each
+//! with its config file in its own temp dir. Short timeouts (down after 1 s) so a failover
+//! takes a few seconds. Everything is killed and every directory removed on drop, panic
+//! included (each process is owned by a guard).
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use super::{
+    SentinelTarget,
+    test_server::{RedisServer, USER, free_port, random_hex, temp_dir},
+};
+
+/// The service name the sentinels monitor.
+pub const SERVICE: &str = "tollgate-store";
+/// Sentinels' `down-after-milliseconds`: how long a silent primary takes to be called down.
+pub const DOWN_AFTER_MS: u64 = 1000;
+
+/// One `redis-sentinel` process.
+pub struct SentinelProc {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl SentinelProc {
+    /// A sentinel monitoring `127.0.0.1:<primary>` as [`SERVICE`] with `quorum`, reaching the
+    /// data nodes as the ACL user with `password`.
+    pub fn start(primary: u16, quorum: u32, password: &str, down_after_ms: u64) -> SentinelProc {
+        let dir = temp_dir("sentinel");
+        let mut log = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = dir.join("sentinel.conf");
+            // Sentinel rewrites its file (it records what it learns), so it is ours, not shared.
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\n\
+                     logfile {dir}/sentinel.log\n\
+                     sentinel monitor {SERVICE} 127.0.0.1 {primary} {quorum}\n\
+                     sentinel down-after-milliseconds {SERVICE} {down_after_ms}\n\
+                     sentinel failover-timeout {SERVICE} 4000\n\
+                     sentinel parallel-syncs {SERVICE} 1\n\
+                     sentinel auth-user {SERVICE} {USER}\n\
+                     sentinel auth-pass {SERVICE} {password}\n",
+                    dir = dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-sentinel")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+                .spawn()
+                .expect("redis-sentinel (cargo xtask setup installs it)");
+            let mut s = SentinelProc {
+                child,
+                port,
+                dir: dir.clone(),
+            };
+            for _ in 0..100 {
+                if let Ok(Some(_)) = s.child.try_wait() {
+                    break;
+                }
+                if s.cli(&["PING"]).trim() == "PONG" {
+                    return s;
+                }
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+            log = std::fs::read_to_string(dir.join("sentinel.log")).unwrap_or_default()
+                + &std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            // Dropping `s` would remove the directory the next try needs.
+            s.dir = PathBuf::new();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        panic!("redis-sentinel did not start; log: {log}");
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli` to this sentinel (no AUTH: the test sentinels have none); stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The port this sentinel names as the primary now.
+    pub fn primary_port(&self) -> Option<u16> {
+        let out = self.cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE]);
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// A numeric field of `SENTINEL MASTER <service>` (e.g. `num-other-sentinels`).
+    fn master_field(&self, name: &str) -> Option<u64> {
+        let out = self.cli(&["SENTINEL", "MASTER", SERVICE]);
+        let mut lines = out.lines();
+        lines.by_ref().find(|l| l.trim() == name)?;
+        lines.next()?.trim().parse().ok()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sentinel.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SentinelProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The primary, the replica and three sentinels. Sentinels come first so they die first
+/// (none reconfigures a node while the others are being killed).
+pub struct SentinelSet {
+    pub sentinels: Vec<SentinelProc>,
+    /// The node that started as the primary (after a failover, the replica's role).
+    pub first: RedisServer,
+    /// The node that started as the replica.
+    pub second: RedisServer,
+    pub password: String,
+}
+
+impl SentinelSet {
+    /// Starts the set and waits until the replica is in sync and every sentinel knows the
+    /// replica and the two other sentinels (needed for an agreed failover).
+    pub fn start() -> SentinelSet {
+        let password = random_hex(24);
+        // Both carry masteruser/masterauth: after a failover the old primary follows the new.
+        let follow = ["--masteruser", USER, "--masterauth", password.as_str()];
+        let first = RedisServer::start_with_password(&password, &follow);
+        let port = first.port.to_string();
+        let mut replica_args = vec!["--replicaof", "127.0.0.1", port.as_str()];
+        replica_args.extend(follow);
+        let second = RedisServer::start_with_password(&password, &replica_args);
+        wait_for("the replica to sync", 200, || {
+            second
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+        });
+        let sentinels: Vec<SentinelProc> = (0..3)
+            .map(|_| SentinelProc::start(first.port, 2, &password, DOWN_AFTER_MS))
+            .collect();
+        let set = SentinelSet {
+            sentinels,
+            first,
+            second,
+            password,
+        };
+        // Sentinels find replicas by INFO (every 10 s at first, sooner once connected) and
+        // each other by hello messages every 2 s: bounded at 20 s.
+        wait_for("the sentinels to know each other and the replica", 400, || {
+            set.sentinels.iter().all(|s| {
+                s.master_field("num-other-sentinels") == Some(2)
+                    && s.master_field("num-slaves") == Some(1)
+            })
+        });
+        set
+    }
+
+    pub fn target(&self) -> SentinelTarget {
+        SentinelTarget {
+            service: SERVICE.into(),
+            nodes: self.sentinels.iter().map(SentinelProc::addr).collect(),
+            tls: false,
+        }
+    }
+
+    /// The primary's port if all sentinels name the same one.
+    pub fn agreed_primary(&self) -> Option<u16> {
+        let first = self.sentinels[0].primary_port()?;
+        self.sentinels[1..]
+            .iter()
+            .all(|s| s.primary_port() == Some(first))
+            .then_some(first)
+    }
+
+    /// `SENTINEL FAILOVER`: the replica promoted without waiting for agreement (the old
+    /// primary stays up and is turned into a replica).
+    pub fn failover(&self) {
+        let out = self.sentinels[0].cli(&["SENTINEL", "FAILOVER", SERVICE]);
+        assert_eq!(out.trim(), "OK", "SENTINEL FAILOVER: {out}");
+    }
+
+    /// Waits (bounded, 20 s) until every sentinel names a primary other than `old`, and
+    /// that node answers as a primary; its port.
+    pub fn wait_new_primary(&self, old: u16) -> u16 {
+        let mut new = 0;
+        wait_for("the sentinels to agree on a new primary", 400, || {
+            match self.agreed_primary() {
+                Some(p) if p != old && self.node(p).cli(&["ROLE"]).starts_with("master") => {
+                    new = p;
+                    true
+                }
+                _ => false,
+            }
+        });
+        new
+    }
+
+    /// The data node on `port`.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        if self.first.port == port {
+            &self.first
+        } else {
+            assert_eq!(self.second.port, port, "no data node on {port}");
+            &self.second
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|s| format!("--- sentinel {}\n{}", s.port, s.log()))
+            .collect()
+    }
+}
+
+/// Polls `ok` every 50 ms, at most `tries` times; panics naming `what`.
+pub fn wait_for(what: &str, tries: u32, mut ok: impl FnMut() -> bool) {
+    for _ in 0..tries {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+impl SentinelSet {
+    /// Brings a node back after [`RedisServer::kill`] of `first`: a fresh server (new port,
+    /// same password) replicating from the primary on `primary`, so writes can be
+    /// acknowledged again; the sentinels find it through the primary's INFO.
+    pub fn replace_first(&mut self, primary: u16) {
+        let port = primary.to_string();
+        let args = [
+            "--replicaof",
+            "127.0.0.1",
+            port.as_str(),
+            "--masteruser",
+            USER,
+            "--masterauth",
+            self.password.as_str(),
+        ];
+        self.first = RedisServer::start_with_password(&self.password, &args);
+    }
+
+    /// A stale answer on purpose: a writable replica (of a port nobody listens on) and a
+    /// sentinel of its own that monitors it as [`SERVICE`] (quorum 1, down after a minute,
+    /// so within a test it keeps naming the replica as the primary).
+    pub fn rogue(&self) -> (RedisServer, SentinelProc) {
+        let nobody = free_port().to_string();
+        let replica = RedisServer::start_with_password(
+            &self.password,
+            &[
+                "--replicaof",
+                "127.0.0.1",
+                &nobody,
+                "--replica-read-only",
+                "no",
+            ],
+        );
+        let sentinel = SentinelProc::start(replica.port, 1, &self.password, 60_000);
+        wait_for("the stale sentinel to name the replica", 200, || {
+            sentinel.primary_port() == Some(replica.port)
+        });
+        (replica, sentinel)
+    }
+}
