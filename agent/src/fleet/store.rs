@@ -161,9 +161,9 @@ pub enum StoreError {
     #[error("fleet entry not published: {0}")]
     Refused(Refusal),
     /// With Sentinel: the write reached the primary but no replica acknowledged it within
-    /// the op timeout (`WAIT`), so a failover now could lose it. Not a broken connection;
-    /// the caller keeps the entry queued and publishes it again (entries are idempotent per
-    /// subject, so the copy that did land is harmless).
+    /// the op timeout (`WAIT`), so a failover now could lose it. The caller keeps the entry
+    /// queued and publishes it again (entries are idempotent per subject, so the copy that
+    /// did land is harmless); the next operation asks the sentinels for the primary again.
     #[error("fleet store {op}: written to the primary, but no replica acknowledged it in time")]
     Unacknowledged { op: &'static str },
 }
@@ -205,10 +205,17 @@ impl StoreError {
     }
 
     /// Whether the connection should be dropped and made again on the next operation.
+    /// [`StoreError::Unacknowledged`] is one (it only happens with Sentinel): a primary whose
+    /// replica stopped acknowledging is often one the sentinels have just replaced (a demoted
+    /// primary keeps answering as one for seconds), so the next operation asks them again
+    /// instead of writing on where nothing is kept.
     fn breaks_connection(&self) -> bool {
         matches!(
             self,
-            StoreError::Timeout { .. } | StoreError::Connection { .. } | StoreError::Auth { .. }
+            StoreError::Timeout { .. }
+                | StoreError::Connection { .. }
+                | StoreError::Auth { .. }
+                | StoreError::Unacknowledged { .. }
         )
     }
 }
@@ -536,7 +543,11 @@ impl Store {
             })
             .await?;
         if !acked {
-            return Err(StoreError::Unacknowledged { op: "append" });
+            let e = StoreError::Unacknowledged { op: "append" };
+            if e.breaks_connection() {
+                self.conn = None;
+            }
+            return Err(e);
         }
         id.parse().map_err(|_| StoreError::Reply {
             op: "append",

@@ -67,7 +67,9 @@ impl StoreConfig {
             }),
         };
         if f.op_timeout_ms == 0 {
-            return Err(StoreError::Config("op_timeout_ms must be above zero".into()));
+            return Err(StoreError::Config(
+                "op_timeout_ms must be above zero".into(),
+            ));
         }
         Ok(StoreConfig {
             target,
@@ -88,7 +90,7 @@ pub(super) struct Dial {
     tls: bool,
     root_cert: Option<Vec<u8>>,
     credentials: Option<Credentials>,
-    /// `host:port` of the primary the current connection goes to.
+    /// `host:port` of the primary the last connection went to.
     pub(super) primary: Option<String>,
 }
 
@@ -248,12 +250,13 @@ pub(super) async fn wait_replica(
 }
 
 impl super::Store {
-    /// `host:port` of the primary the current connection goes to, with Sentinel (`None`:
-    /// not connected, or one server by URL).
+    /// `host:port` of the primary the last connection through the sentinels went to, kept
+    /// after that connection is dropped until the next connect (for status and logs);
+    /// `None`: none made yet, the last attempt failed, or one server by URL.
     pub fn primary(&self) -> Option<&str> {
         match &self.client {
-            super::Dial::Sentinel(d) if self.conn.is_some() => d.primary.as_deref(),
-            _ => None,
+            super::Dial::Sentinel(d) => d.primary.as_deref(),
+            super::Dial::Url(_) => None,
         }
     }
 }
@@ -265,7 +268,10 @@ mod unit {
     #[test]
     fn nodes_split_as_the_crate_takes_them() {
         assert_eq!(split_node("127.0.0.1:26379"), ("127.0.0.1".into(), 26379));
-        assert_eq!(split_node("[2001:db8::1]:26380"), ("2001:db8::1".into(), 26380));
+        assert_eq!(
+            split_node("[2001:db8::1]:26380"),
+            ("2001:db8::1".into(), 26380)
+        );
         assert_eq!(split_node("s1.example:1"), ("s1.example".into(), 1));
     }
 

@@ -73,6 +73,7 @@ async fn through_sentinel_a_store_appends_reads_and_claims_on_the_primary() {
     tokio::time::timeout(HANG, async {
         let mut s = store(&set);
         assert_eq!(s.primary(), None, "connects on first use only");
+        assert_eq!(set.first.cli(&["ROLE"]).lines().next(), Some("master"));
         let pos = s.append(revocation(1)).await.unwrap();
         assert_eq!(port_of(s.primary()), Some(set.first.port));
         // Acknowledged means a replica has it: it is on the replica already.
@@ -174,8 +175,8 @@ enum Loss {
 struct Written {
     /// Seqs whose append returned Ok, with the port of the primary and the time.
     acked: Vec<(u64, u16, Instant)>,
-    /// Failed tries by label.
-    errors: BTreeMap<&'static str, u32>,
+    /// Failed tries by label and the port of the primary last connected to (0: none).
+    errors: BTreeMap<(&'static str, u16), u32>,
     /// Seqs that never got an Ok within their tries.
     given_up: Vec<u64>,
     /// The writer's store when it is done.
@@ -202,7 +203,8 @@ async fn write_all(mut store: Store, progress: Arc<AtomicU64>) -> Written {
                     break;
                 }
                 Err(e) => {
-                    *w.errors.entry(e.label()).or_default() += 1;
+                    let port = port_of(store.primary()).unwrap_or(0);
+                    *w.errors.entry((e.label(), port)).or_default() += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -251,7 +253,10 @@ async fn no_acknowledged_entry_is_lost(loss: Loss) {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(progress.load(Ordering::Relaxed) >= WRITES / 4, "writer stuck");
+        assert!(
+            progress.load(Ordering::Relaxed) >= WRITES / 4,
+            "writer stuck"
+        );
         let lost_at = Instant::now();
         let new = tokio::task::block_in_place(|| {
             match loss {
@@ -276,15 +281,19 @@ async fn no_acknowledged_entry_is_lost(loss: Loss) {
     };
     assert_ne!(new, old, "the sentinels promoted another node");
     // The writer's store follows the new primary.
-    assert_eq!(port_of(w.store.as_ref().and_then(Store::primary)), Some(new));
+    assert_eq!(
+        port_of(w.store.as_ref().and_then(Store::primary)),
+        Some(new)
+    );
     let first_on_new = w
         .acked
         .iter()
         .find(|(_, p, _)| *p == new)
         .expect("some entries acknowledged by the new primary");
     eprintln!(
-        "{loss:?}: store wrote to the new primary {} ms after the loss; failed tries by \
-         label {:?}; acknowledged {} of {WRITES}, gave up on {:?}",
+        "{loss:?}: old primary {old}, new {new}; first write acknowledged on the new primary \
+         {} ms after the loss; failed tries (label, primary port): {:?}; \
+         acknowledged {} of {WRITES}, gave up on {:?}",
         first_on_new.2.duration_since(lost_at).as_millis(),
         w.errors,
         w.acked.len(),

@@ -169,12 +169,16 @@ impl SentinelSet {
         };
         // Sentinels find replicas by INFO (every 10 s at first, sooner once connected) and
         // each other by hello messages every 2 s: bounded at 20 s.
-        wait_for("the sentinels to know each other and the replica", 400, || {
-            set.sentinels.iter().all(|s| {
-                s.master_field("num-other-sentinels") == Some(2)
-                    && s.master_field("num-slaves") == Some(1)
-            })
-        });
+        wait_for(
+            "the sentinels to know each other and the replica",
+            400,
+            || {
+                set.sentinels.iter().all(|s| {
+                    s.master_field("num-other-sentinels") == Some(2)
+                        && s.master_field("num-slaves") == Some(1)
+                })
+            },
+        );
         set
     }
 
@@ -206,15 +210,17 @@ impl SentinelSet {
     /// that node answers as a primary; its port.
     pub fn wait_new_primary(&self, old: u16) -> u16 {
         let mut new = 0;
-        wait_for("the sentinels to agree on a new primary", 400, || {
-            match self.agreed_primary() {
+        wait_for(
+            "the sentinels to agree on a new primary",
+            400,
+            || match self.agreed_primary() {
                 Some(p) if p != old && self.node(p).cli(&["ROLE"]).starts_with("master") => {
                     new = p;
                     true
                 }
                 _ => false,
-            }
-        });
+            },
+        );
         new
     }
 
