@@ -191,23 +191,35 @@ impl Dial {
             .get_multiplexed_async_connection_with_config(cfg)
             .await
             .map_err(|e| StoreError::from_redis(op, e))?;
-        let role: Value = redis::cmd("ROLE")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| StoreError::from_redis(op, e))?;
-        if !is_primary(&role) {
-            return Err(StoreError::Connection {
-                op,
-                msg: format!(
-                    "{addr}, named primary of {:?} by the sentinels, answers as a replica; \
-                     not written to, the sentinels are asked again on the next operation",
-                    self.service
-                ),
-            });
-        }
+        ensure_primary(&mut conn, op, &addr, &self.service).await?;
         self.primary = Some(addr);
         Ok(conn)
     }
+}
+
+/// `ROLE` on the connection the store is about to use: anything but a primary is refused
+/// (the crate checked at lookup, on another connection; the node may have been demoted
+/// since).
+pub(super) async fn ensure_primary(
+    conn: &mut MultiplexedConnection,
+    op: &'static str,
+    addr: &str,
+    service: &str,
+) -> Result<(), StoreError> {
+    let role: Value = redis::cmd("ROLE")
+        .query_async(conn)
+        .await
+        .map_err(|e| StoreError::from_redis(op, e))?;
+    if !is_primary(&role) {
+        return Err(StoreError::Connection {
+            op,
+            msg: format!(
+                "{addr}, named primary of {service:?} by the sentinels, answers as a replica; \
+                 not written to, the sentinels are asked again on the next operation"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// `host:port` or `[v6]:port`, already checked, as the crate takes it.

@@ -371,4 +371,31 @@ async fn a_replica_named_by_a_stale_sentinel_is_never_written_to() {
     );
     // The stale answer held throughout (else the test proved nothing).
     assert_eq!(stale.primary_port(), Some(replica.port));
+
+    // The store's own check on the connection it uses (the crate's lookup checks too, on a
+    // connection of its own, so the cases above pass on either): a replica is refused,
+    // the primary taken.
+    let check = |server: &test_server::RedisServer| {
+        let url = format!("redis://127.0.0.1:{}", server.port);
+        let creds = Credentials::new(test_server::USER, &set.password);
+        async move {
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+            let r = info
+                .redis_settings()
+                .clone()
+                .set_username(&creds.user)
+                .set_password(&creds.password);
+            let client = redis::Client::open(info.set_redis_settings(r)).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            sentinel::ensure_primary(&mut c, "test", &url, test_sentinel::SERVICE).await
+        }
+    };
+    tokio::time::timeout(HANG, async {
+        let e = check(&replica).await.unwrap_err();
+        assert!(e.to_string().contains("answers as a replica"), "{e}");
+        check(&set.second).await.unwrap_err();
+        check(&set.first).await.unwrap();
+    })
+    .await
+    .expect("hung");
 }
