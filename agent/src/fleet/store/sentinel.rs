@@ -239,11 +239,13 @@ fn is_primary(role: &Value) -> bool {
     }
 }
 
-/// Whether a server error says the node is not (or no longer) a primary: `READONLY` (a
-/// write to a replica), `WAIT` refused on a replica (a writable one), `MASTERDOWN`. These
-/// break the connection, so the next operation asks the sentinels again.
+/// Whether a server error says the node is not (or no longer) a primary that can keep a
+/// write: `READONLY` (a write to a replica), `WAIT` refused on a replica (a writable one),
+/// `MASTERDOWN`, `NOREPLICAS` (a primary with `min-replicas-to-write` that lost its
+/// replicas, as a primary the sentinels just replaced has). These break the connection, so
+/// the next operation asks the sentinels again.
 pub(super) fn not_primary(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("READONLY" | "MASTERDOWN"))
+    matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "NOREPLICAS"))
         || e.to_string().contains("WAIT cannot be used with replica")
 }
 

@@ -76,6 +76,9 @@ async fn through_sentinel_a_store_appends_reads_and_claims_on_the_primary() {
         assert_eq!(set.first.cli(&["ROLE"]).lines().next(), Some("master"));
         let pos = s.append(revocation(1)).await.unwrap();
         assert_eq!(port_of(s.primary()), Some(set.first.port));
+        // The documented node rules hold: nothing dangerous, nothing outside the pool's keys.
+        assert!(set.first.cli(&["FLUSHALL"]).contains("NOPERM"));
+        assert!(set.first.cli(&["SET", "other", "1"]).contains("NOPERM"));
         // Acknowledged means a replica has it: it is on the replica already.
         assert_eq!(set.second.cli(&["XLEN", STREAM]).trim(), "1");
         let Read::Entries(b) = s.read_since(StreamPos::ZERO, 10).await.unwrap() else {

@@ -1,7 +1,8 @@
 //! A real Sentinel setup for the store's tests: a primary and one replica (`redis-server`,
-//! test_server.rs, one ACL user and password shared by both so either can follow the
-//! other) and three `redis-sentinel` processes (quorum 2) on 127.0.0.1 free ports, each
-//! with its config file in its own temp dir. Short timeouts (down after 1 s) so a failover
+//! test_server.rs) and three `redis-sentinel` processes (quorum 2) on 127.0.0.1 free ports,
+//! each with its config file in its own temp dir. The data nodes share one ACL file with
+//! the three users docs/fleet.md documents, with exactly its rules ([`NODE_RULES`],
+//! [`SENTINEL_RULES`], [`REPLICA_RULES`]), so the tests prove those rules suffice. Short timeouts (down after 1 s) so a failover
 //! takes a few seconds. Everything is killed and every directory removed on drop, panic
 //! included (each process is owned by a guard).
 
@@ -21,6 +22,66 @@ pub const SERVICE: &str = "tollgate-store";
 /// Sentinels' `down-after-milliseconds`: how long a silent primary takes to be called down.
 pub const DOWN_AFTER_MS: u64 = 1000;
 
+/// The tollgate nodes' ACL rules: the pool's keys only, no pub/sub, reads, writes and
+/// transactions, nothing dangerous (no KEYS, FLUSHALL, CONFIG, DEBUG…) except ROLE (the
+/// primary check) and WAIT.
+pub const NODE_RULES: &str = "~tollgate:* resetchannels -@all +@read +@write +@transaction \
+                              +@connection -@dangerous +role +wait";
+/// The sentinels' user on the data nodes (Redis's Sentinel documentation's list).
+pub const SENTINEL_RULES: &str = "allchannels -@all +multi +slaveof +ping +exec +subscribe \
+                                  +config|rewrite +role +publish +info +client|setname \
+                                  +client|kill +script|kill";
+/// The replicas' user on the primary.
+pub const REPLICA_RULES: &str = "-@all +psync +replconf +ping";
+pub const SENTINEL_USER: &str = "tollgate-sentinel";
+pub const REPLICA_USER: &str = "tollgate-replica";
+
+/// The passwords of the three users, and the ACL file the data nodes share.
+pub struct Acl {
+    /// [`USER`]'s (the tollgate nodes').
+    pub node: String,
+    pub sentinel: String,
+    pub replica: String,
+}
+
+impl Acl {
+    fn new() -> Acl {
+        Acl {
+            node: random_hex(24),
+            sentinel: random_hex(24),
+            replica: random_hex(24),
+        }
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "user default off\nuser {USER} on >{} {NODE_RULES}\n\
+             user {SENTINEL_USER} on >{} {SENTINEL_RULES}\n\
+             user {REPLICA_USER} on >{} {REPLICA_RULES}\n",
+            self.node, self.sentinel, self.replica
+        )
+    }
+
+    /// A data node; `replica_of`: the primary's port it follows. Every node can follow
+    /// another (masteruser/masterauth), as an old primary must after a failover.
+    pub fn server(&self, replica_of: Option<u16>, extra: &[&str]) -> RedisServer {
+        let port = replica_of.map(|p| p.to_string());
+        let mut args = vec!["--masteruser", REPLICA_USER, "--masterauth", &self.replica];
+        if let Some(p) = &port {
+            args.extend(["--replicaof", "127.0.0.1", p.as_str()]);
+        }
+        args.extend(extra);
+        RedisServer::start_with_acl(&self.text(), &self.node, &args)
+    }
+}
+
+/// Whether the node on `server` is a replica in sync with its primary (`ROLE`).
+pub fn replica_in_sync(server: &RedisServer) -> bool {
+    let role = server.cli(&["ROLE"]);
+    let lines: Vec<&str> = role.lines().collect();
+    lines.first() == Some(&"slave") && lines.get(3) == Some(&"connected")
+}
+
 /// One `redis-sentinel` process.
 pub struct SentinelProc {
     child: Child,
@@ -30,7 +91,7 @@ pub struct SentinelProc {
 
 impl SentinelProc {
     /// A sentinel monitoring `127.0.0.1:<primary>` as [`SERVICE`] with `quorum`, reaching the
-    /// data nodes as the ACL user with `password`.
+    /// data nodes as [`SENTINEL_USER`] with `password`.
     pub fn start(primary: u16, quorum: u32, password: &str, down_after_ms: u64) -> SentinelProc {
         let dir = temp_dir("sentinel");
         let mut log = String::new();
@@ -47,7 +108,7 @@ impl SentinelProc {
                      sentinel down-after-milliseconds {SERVICE} {down_after_ms}\n\
                      sentinel failover-timeout {SERVICE} 4000\n\
                      sentinel parallel-syncs {SERVICE} 1\n\
-                     sentinel auth-user {SERVICE} {USER}\n\
+                     sentinel auth-user {SERVICE} {SENTINEL_USER}\n\
                      sentinel auth-pass {SERVICE} {password}\n",
                     dir = dir.display()
                 ),
@@ -138,6 +199,8 @@ pub struct SentinelSet {
     pub first: RedisServer,
     /// The node that started as the replica.
     pub second: RedisServer,
+    pub acl: Acl,
+    /// The tollgate nodes' password (`acl.node`).
     pub password: String,
 }
 
@@ -145,27 +208,19 @@ impl SentinelSet {
     /// Starts the set and waits until the replica is in sync and every sentinel knows the
     /// replica and the two other sentinels (needed for an agreed failover).
     pub fn start() -> SentinelSet {
-        let password = random_hex(24);
-        // Both carry masteruser/masterauth: after a failover the old primary follows the new.
-        let follow = ["--masteruser", USER, "--masterauth", password.as_str()];
-        let first = RedisServer::start_with_password(&password, &follow);
-        let port = first.port.to_string();
-        let mut replica_args = vec!["--replicaof", "127.0.0.1", port.as_str()];
-        replica_args.extend(follow);
-        let second = RedisServer::start_with_password(&password, &replica_args);
-        wait_for("the replica to sync", 200, || {
-            second
-                .cli(&["INFO", "replication"])
-                .contains("master_link_status:up")
-        });
+        let acl = Acl::new();
+        let first = acl.server(None, &[]);
+        let second = acl.server(Some(first.port), &[]);
+        wait_for("the replica to sync", 200, || replica_in_sync(&second));
         let sentinels: Vec<SentinelProc> = (0..3)
-            .map(|_| SentinelProc::start(first.port, 2, &password, DOWN_AFTER_MS))
+            .map(|_| SentinelProc::start(first.port, 2, &acl.sentinel, DOWN_AFTER_MS))
             .collect();
         let set = SentinelSet {
             sentinels,
             first,
             second,
-            password,
+            password: acl.node.clone(),
+            acl,
         };
         // Sentinels find replicas by INFO (every 10 s at first, sooner once connected) and
         // each other by hello messages every 2 s: bounded at 20 s.
@@ -258,17 +313,7 @@ impl SentinelSet {
     /// same password) replicating from the primary on `primary`, so writes can be
     /// acknowledged again; the sentinels find it through the primary's INFO.
     pub fn replace_first(&mut self, primary: u16) {
-        let port = primary.to_string();
-        let args = [
-            "--replicaof",
-            "127.0.0.1",
-            port.as_str(),
-            "--masteruser",
-            USER,
-            "--masterauth",
-            self.password.as_str(),
-        ];
-        self.first = RedisServer::start_with_password(&self.password, &args);
+        self.first = self.acl.server(Some(primary), &[]);
     }
 
     /// A stale answer on purpose: a writable replica (of a port nobody listens on) and a
@@ -276,8 +321,8 @@ impl SentinelSet {
     /// so within a test it keeps naming the replica as the primary).
     pub fn rogue(&self) -> (RedisServer, SentinelProc) {
         let nobody = free_port().to_string();
-        let replica = RedisServer::start_with_password(
-            &self.password,
+        let replica = self.acl.server(
+            None,
             &[
                 "--replicaof",
                 "127.0.0.1",
@@ -286,7 +331,7 @@ impl SentinelSet {
                 "no",
             ],
         );
-        let sentinel = SentinelProc::start(replica.port, 1, &self.password, 60_000);
+        let sentinel = SentinelProc::start(replica.port, 1, &self.acl.sentinel, 60_000);
         wait_for("the stale sentinel to name the replica", 200, || {
             sentinel.primary_port() == Some(replica.port)
         });

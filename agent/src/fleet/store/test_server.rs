@@ -37,10 +37,11 @@ impl RedisServer {
         RedisServer::launch(extra, false, None)
     }
 
-    /// Starts a server whose ACL user has `password`: servers that replicate from each other
-    /// (and the sentinels watching them) share one.
-    pub fn start_with_password(password: &str, extra: &[&str]) -> RedisServer {
-        RedisServer::launch(extra, false, Some(password))
+    /// Starts a server with the ACL file `acl` (whole; the default user's line included),
+    /// in which [`USER`] has `password`: servers that replicate from each other (and the
+    /// sentinels watching them) share one file.
+    pub fn start_with_acl(acl: &str, password: &str, extra: &[&str]) -> RedisServer {
+        RedisServer::launch(extra, false, Some((acl, password)))
     }
 
     /// Starts a server that speaks TLS only, with a certificate for 127.0.0.1 from a CA made
@@ -49,15 +50,20 @@ impl RedisServer {
         RedisServer::launch(&[], true, None)
     }
 
-    fn launch(extra: &[&str], tls: bool, password: Option<&str>) -> RedisServer {
+    fn launch(extra: &[&str], tls: bool, acl: Option<(&str, &str)>) -> RedisServer {
         let dir = temp_dir("redis");
-        let password = password.map_or_else(|| random_hex(24), str::to_string);
+        let (acl_text, password) = match acl {
+            Some((text, password)) => (text.to_string(), password.to_string()),
+            None => {
+                let password = random_hex(24);
+                (
+                    format!("user default off\nuser {USER} on >{password} ~tollgate:* &* +@all\n"),
+                    password,
+                )
+            }
+        };
         let acl = dir.join("users.acl");
-        std::fs::write(
-            &acl,
-            format!("user default off\nuser {USER} on >{password} ~tollgate:* &* +@all\n"),
-        )
-        .unwrap();
+        std::fs::write(&acl, acl_text).unwrap();
         let ca = tls.then(|| write_certificates(&dir));
         // A free port: bind :0, read it, let go; a lost race shows as a failed start, retried.
         let mut last_log = String::new();
