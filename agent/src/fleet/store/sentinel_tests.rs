@@ -30,7 +30,7 @@ const TRIES: u32 = 60;
 fn config(set: &SentinelSet, target: SentinelTarget) -> StoreConfig {
     StoreConfig {
         target: Target::Sentinel(target),
-        ca_file: None,
+        ca_file: set.acl.ca(),
         credentials: Some(Credentials::new(test_server::USER, &set.password)),
         op_timeout: Duration::from_millis(1000),
         stream_max_len: 100_000,
@@ -398,6 +398,37 @@ async fn a_replica_named_by_a_stale_sentinel_is_never_written_to() {
         assert!(e.to_string().contains("answers as a replica"), "{e}");
         check(&set.second).await.unwrap_err();
         check(&set.first).await.unwrap();
+    })
+    .await
+    .expect("hung");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_store_finds_the_primary_and_its_writes_reach_the_replica() {
+    let set = SentinelSet::start_tls();
+    tokio::time::timeout(HANG, async {
+        let mut s = store(&set);
+        s.append(revocation(1)).await.unwrap();
+        assert_eq!(port_of(s.primary()), Some(set.first.port));
+        assert_eq!(set.second.cli(&["XLEN", STREAM]).trim(), "1");
+        let Read::Entries(b) = s.read_since(StreamPos::ZERO, 10).await.unwrap() else {
+            panic!("gap");
+        };
+        assert_eq!(b.entries.len(), 1);
+        // Without the CA (the system's roots) the sentinels' certificates are refused.
+        let mut cfg = config(&set, set.target());
+        cfg.ca_file = None;
+        let mut s = Store::new(&cfg, PoolKey::from_bytes(&KEY, POOL).unwrap()).unwrap();
+        let e = s.append(revocation(2)).await.unwrap_err();
+        assert_eq!(e.label(), "connection", "{e}");
+        // Plain TCP to TLS sentinels gets no primary either.
+        let mut plain = set.target();
+        plain.tls = false;
+        let mut cfg = config(&set, plain);
+        cfg.ca_file = None;
+        let mut s = Store::new(&cfg, PoolKey::from_bytes(&KEY, POOL).unwrap()).unwrap();
+        let e = s.append(revocation(3)).await.unwrap_err();
+        assert!(matches!(e.label(), "connection" | "timeout"), "{e}");
     })
     .await
     .expect("hung");

@@ -14,7 +14,7 @@ use std::{
 
 use super::{
     SentinelTarget,
-    test_server::{RedisServer, USER, free_port, random_hex, temp_dir},
+    test_server::{RedisServer, USER, free_port, random_hex, temp_dir, write_certificates},
 };
 
 /// The service name the sentinels monitor.
@@ -36,21 +36,43 @@ pub const REPLICA_RULES: &str = "-@all +psync +replconf +ping";
 pub const SENTINEL_USER: &str = "tollgate-sentinel";
 pub const REPLICA_USER: &str = "tollgate-replica";
 
-/// The passwords of the three users, and the ACL file the data nodes share.
+/// The passwords of the three users and the ACL file the data nodes share, and with TLS the
+/// certificates every process shares (one CA, a certificate for 127.0.0.1).
 pub struct Acl {
     /// [`USER`]'s (the tollgate nodes').
     pub node: String,
     pub sentinel: String,
     pub replica: String,
+    /// The certificates' directory (`ca.pem`, `server.pem`, `server.key`), removed on drop.
+    pub certs: Option<PathBuf>,
+}
+
+impl Drop for Acl {
+    fn drop(&mut self) {
+        if let Some(d) = &self.certs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 impl Acl {
-    fn new() -> Acl {
+    fn new(tls: bool) -> Acl {
+        let certs = tls.then(|| {
+            let d = temp_dir("sentinel-certs");
+            write_certificates(&d);
+            d
+        });
         Acl {
             node: random_hex(24),
             sentinel: random_hex(24),
             replica: random_hex(24),
+            certs,
         }
+    }
+
+    /// The CA's file, with TLS.
+    pub fn ca(&self) -> Option<PathBuf> {
+        self.certs.as_ref().map(|d| d.join("ca.pem"))
     }
 
     fn text(&self) -> String {
@@ -70,8 +92,12 @@ impl Acl {
         if let Some(p) = &port {
             args.extend(["--replicaof", "127.0.0.1", p.as_str()]);
         }
+        if self.certs.is_some() {
+            // Replicas reach their primary over TLS too.
+            args.extend(["--tls-replication", "yes"]);
+        }
         args.extend(extra);
-        RedisServer::start_with_acl(&self.text(), &self.node, &args)
+        RedisServer::start_with_acl(&self.text(), &self.node, self.certs.as_deref(), &args)
     }
 }
 
@@ -87,22 +113,34 @@ pub struct SentinelProc {
     child: Child,
     pub port: u16,
     dir: PathBuf,
+    /// With TLS, the CA's file (the sentinel listens with TLS only).
+    ca: Option<PathBuf>,
 }
 
 impl SentinelProc {
     /// A sentinel monitoring `127.0.0.1:<primary>` as [`SERVICE`] with `quorum`, reaching the
-    /// data nodes as [`SENTINEL_USER`] with `password`.
-    pub fn start(primary: u16, quorum: u32, password: &str, down_after_ms: u64) -> SentinelProc {
+    /// data nodes as [`SENTINEL_USER`] with `acl.sentinel` (over TLS with `acl.certs`).
+    pub fn start(primary: u16, quorum: u32, acl: &Acl, down_after_ms: u64) -> SentinelProc {
         let dir = temp_dir("sentinel");
+        let password = &acl.sentinel;
         let mut log = String::new();
         for _ in 0..5 {
             let port = free_port();
             let conf = dir.join("sentinel.conf");
+            let listen = match &acl.certs {
+                None => format!("port {port}\n"),
+                Some(c) => format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {c}/server.pem\n\
+                     tls-key-file {c}/server.key\ntls-ca-cert-file {c}/ca.pem\n\
+                     tls-auth-clients no\ntls-replication yes\n",
+                    c = c.display()
+                ),
+            };
             // Sentinel rewrites its file (it records what it learns), so it is ours, not shared.
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\n\
+                    "{listen}bind 127.0.0.1\ndaemonize no\ndir {dir}\n\
                      logfile {dir}/sentinel.log\n\
                      sentinel monitor {SERVICE} 127.0.0.1 {primary} {quorum}\n\
                      sentinel down-after-milliseconds {SERVICE} {down_after_ms}\n\
@@ -125,6 +163,7 @@ impl SentinelProc {
                 child,
                 port,
                 dir: dir.clone(),
+                ca: acl.ca(),
             };
             for _ in 0..100 {
                 if let Ok(Some(_)) = s.child.try_wait() {
@@ -152,7 +191,11 @@ impl SentinelProc {
 
     /// `redis-cli` to this sentinel (no AUTH: the test sentinels have none); stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let mut cmd = Command::new("redis-cli");
+        if let Some(ca) = &self.ca {
+            cmd.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let out = cmd
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(args)
             .stdin(Stdio::null())
@@ -208,12 +251,21 @@ impl SentinelSet {
     /// Starts the set and waits until the replica is in sync and every sentinel knows the
     /// replica and the two other sentinels (needed for an agreed failover).
     pub fn start() -> SentinelSet {
-        let acl = Acl::new();
+        SentinelSet::start_with(false)
+    }
+
+    /// The same, every process speaking TLS only (clients, replication, sentinels).
+    pub fn start_tls() -> SentinelSet {
+        SentinelSet::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> SentinelSet {
+        let acl = Acl::new(tls);
         let first = acl.server(None, &[]);
         let second = acl.server(Some(first.port), &[]);
         wait_for("the replica to sync", 200, || replica_in_sync(&second));
         let sentinels: Vec<SentinelProc> = (0..3)
-            .map(|_| SentinelProc::start(first.port, 2, &acl.sentinel, DOWN_AFTER_MS))
+            .map(|_| SentinelProc::start(first.port, 2, &acl, DOWN_AFTER_MS))
             .collect();
         let set = SentinelSet {
             sentinels,
@@ -241,7 +293,7 @@ impl SentinelSet {
         SentinelTarget {
             service: SERVICE.into(),
             nodes: self.sentinels.iter().map(SentinelProc::addr).collect(),
-            tls: false,
+            tls: self.acl.certs.is_some(),
         }
     }
 
@@ -331,7 +383,7 @@ impl SentinelSet {
                 "no",
             ],
         );
-        let sentinel = SentinelProc::start(replica.port, 1, &self.acl.sentinel, 60_000);
+        let sentinel = SentinelProc::start(replica.port, 1, &self.acl, 60_000);
         wait_for("the stale sentinel to name the replica", 200, || {
             sentinel.primary_port() == Some(replica.port)
         });

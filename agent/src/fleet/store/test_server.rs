@@ -34,23 +34,31 @@ pub fn random_hex(bytes: usize) -> String {
 impl RedisServer {
     /// Starts a server; `extra` are further `redis-server` arguments.
     pub fn start(extra: &[&str]) -> RedisServer {
-        RedisServer::launch(extra, false, None)
+        RedisServer::launch(extra, Tls::Off, None)
     }
 
     /// Starts a server with the ACL file `acl` (whole; the default user's line included),
     /// in which [`USER`] has `password`: servers that replicate from each other (and the
     /// sentinels watching them) share one file.
-    pub fn start_with_acl(acl: &str, password: &str, extra: &[&str]) -> RedisServer {
-        RedisServer::launch(extra, false, Some((acl, password)))
+    /// `certs`: TLS only, with the certificates [`write_certificates`] wrote there (servers
+    /// that replicate over TLS share one CA).
+    pub fn start_with_acl(
+        acl: &str,
+        password: &str,
+        certs: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> RedisServer {
+        let tls = certs.map_or(Tls::Off, Tls::In);
+        RedisServer::launch(extra, tls, Some((acl, password)))
     }
 
     /// Starts a server that speaks TLS only, with a certificate for 127.0.0.1 from a CA made
     /// here (rcgen); `ca` is that CA's PEM.
     pub fn start_tls() -> RedisServer {
-        RedisServer::launch(&[], true, None)
+        RedisServer::launch(&[], Tls::Own, None)
     }
 
-    fn launch(extra: &[&str], tls: bool, acl: Option<(&str, &str)>) -> RedisServer {
+    fn launch(extra: &[&str], tls: Tls, acl: Option<(&str, &str)>) -> RedisServer {
         let dir = temp_dir("redis");
         let (acl_text, password) = match acl {
             Some((text, password)) => (text.to_string(), password.to_string()),
@@ -64,14 +72,22 @@ impl RedisServer {
         };
         let acl = dir.join("users.acl");
         std::fs::write(&acl, acl_text).unwrap();
-        let ca = tls.then(|| write_certificates(&dir));
+        let certs = match tls {
+            Tls::Off => None,
+            Tls::Own => {
+                write_certificates(&dir);
+                Some(dir.clone())
+            }
+            Tls::In(p) => Some(p.to_path_buf()),
+        };
+        let ca = certs.as_ref().map(|c| c.join("ca.pem"));
         // A free port: bind :0, read it, let go; a lost race shows as a failed start, retried.
         let mut last_log = String::new();
         for _ in 0..5 {
             let port = free_port();
             let mut cmd = Command::new("redis-server");
             let port_text = port.to_string();
-            if tls {
+            if let Some(certs) = &certs {
                 cmd.args([
                     "--port",
                     "0",
@@ -81,11 +97,11 @@ impl RedisServer {
                     "no",
                 ])
                 .arg("--tls-cert-file")
-                .arg(dir.join("server.pem"))
+                .arg(certs.join("server.pem"))
                 .arg("--tls-key-file")
-                .arg(dir.join("server.key"))
+                .arg(certs.join("server.key"))
                 .arg("--tls-ca-cert-file")
-                .arg(dir.join("ca.pem"));
+                .arg(certs.join("ca.pem"));
             } else {
                 cmd.args(["--port", &port_text]);
             }
@@ -224,9 +240,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Where a server's TLS certificates come from.
+enum Tls<'a> {
+    Off,
+    /// Made for it, in its own directory.
+    Own,
+    /// Shared, in this directory ([`write_certificates`]).
+    In(&'a std::path::Path),
+}
+
 /// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`
 /// (`ca.pem`, `server.pem`, `server.key`); returns the CA's path.
-fn write_certificates(dir: &std::path::Path) -> PathBuf {
+pub fn write_certificates(dir: &std::path::Path) -> PathBuf {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
