@@ -376,6 +376,7 @@ pub struct Store {
 }
 
 /// How a connection is made: one server, or the primary the sentinels name.
+#[derive(Clone)]
 enum Dial {
     Url(Client),
     Sentinel(sentinel::Dial),
@@ -535,10 +536,8 @@ impl Store {
             .run("append", |mut c| async move {
                 let started = tokio::time::Instant::now();
                 let (id,): (String,) = pipe.query_async(&mut c).await?;
-                let acked = match replicated {
-                    true => sentinel::wait_replica(&mut c, bound, started).await?,
-                    false => true,
-                };
+                // A single server has nobody to wait for: its answer is the acknowledgement.
+                let acked = !replicated || sentinel::wait_replica(&mut c, bound, started).await?;
                 Ok((id, acked))
             })
             .await?;
