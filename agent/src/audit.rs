@@ -45,6 +45,13 @@ impl Actor {
         gid: None,
         pid: None,
     };
+    /// A change another node of the pool made, installed here (`fleet::install`).
+    pub const FLEET: Actor = Actor {
+        via: "fleet",
+        uid: None,
+        gid: None,
+        pid: None,
+    };
     pub const SIGNAL: Actor = Actor {
         via: "signal",
         uid: None,
@@ -254,8 +261,8 @@ fn encode(
 }
 
 impl From<&Actor> for QuarantineOwner {
-    /// An operator by peer credentials; an actor without them (never one that quarantines
-    /// today) by its description.
+    /// An operator by peer credentials; an actor without them (`fleet`: a quarantine another
+    /// node of the pool made) by its description.
     fn from(a: &Actor) -> QuarantineOwner {
         match a.uid {
             Some(uid) => QuarantineOwner::Operator {

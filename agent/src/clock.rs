@@ -98,6 +98,12 @@ pub fn from_wall_ms(wall: u64) -> u64 {
     (wall as i64 - off).max(0) as u64
 }
 
+/// Converts an agent-time instant to the wall clock, reading both clocks now: what another
+/// node (whose agent time is its own) can compare with its wall clock.
+pub fn to_wall_ms(agent: u64) -> u64 {
+    (agent as i64 + wall_offset_ms()).max(0) as u64
+}
+
 /// Wall-clock steps seen by this process (for /metrics).
 pub fn steps_total() -> u64 {
     STEPS.load(Ordering::Relaxed)

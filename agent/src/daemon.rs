@@ -67,6 +67,8 @@ pub enum DaemonError {
     Capabilities(String),
     #[error("{0}")]
     Tunnels(String),
+    #[error("{0}")]
+    Fleet(String),
     #[error("{what}: {message}")]
     Io { what: String, message: String },
 }
@@ -113,8 +115,9 @@ pub fn load_config(opts: &Options) -> Result<Config, crate::config::ConfigError>
     Ok(config)
 }
 
-/// Builds the node: configuration, keys, pins, state, policy, attachments.
-pub fn start(opts: &Options) -> Result<Node, DaemonError> {
+/// Builds the node: configuration, keys, pins, state, policy, attachments; and the fleet
+/// task, when the node is in a pool, for `serve` to run.
+pub fn start(opts: &Options) -> Result<(Node, Option<crate::fleet::task::Task>), DaemonError> {
     let config = load_config(opts)?;
     if let Some(why) = crate::caps::refusal(crate::caps::effective()) {
         return Err(DaemonError::Capabilities(why));
@@ -125,6 +128,15 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
         None => None,
     };
     let control = ControlLoop::new(&config).map_err(|e| io_err("quota state", e))?;
+    // The pool's files (key, credentials, cursor, outbox) before anything is touched, too.
+    let (fleet, fleet_task) = match &config.fleet {
+        Some(f) => {
+            let (link, task) =
+                crate::fleet::link::open(f, &config.node.state_dir).map_err(DaemonError::Fleet)?;
+            (Some(link), Some(task))
+        }
+        None => (None, None),
+    };
     let mut pinned = match Pinned::open(&config.node.pin_dir, config.node.kernel_log) {
         Ok(p) => p,
         // A program the kernel refused (an upgrade that does not verify): nothing was
@@ -206,19 +218,21 @@ pub fn start(opts: &Options) -> Result<Node, DaemonError> {
         warn!("audit log: recording the start: {e}; enforcing anyway");
     }
     record_tunnel_events(&audit, tunnel_events);
-    Ok(Node {
+    let node = Node {
         config,
         pinned,
         state,
         audit,
         tokens,
+        fleet,
         control,
         drop_stats: DropEventStats::default(),
         attached,
         tunnels,
         started_unix_ms: now_unix_ms(),
         uninstalled: false,
-    })
+    };
+    Ok((node, fleet_task))
 }
 
 /// Reloads the configuration `opts` names: a file that fails validation changes nothing.
@@ -245,10 +259,11 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
         || config.node.control_socket != old.node.control_socket
         || config.listen.bind != old.listen.bind
         || tls(&config) != tls(old)
+        || config.fleet != old.fleet
     {
         return Err(OpError::Config(
-            "node.pin_dir, node.state_dir, node.control_socket, listen.bind and the TLS \
-             files take effect only on restart"
+            "node.pin_dir, node.state_dir, node.control_socket, listen.bind, the TLS \
+             files and [fleet] take effect only on restart"
                 .into(),
         )
         .into());
@@ -452,7 +467,15 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
         reserve = servers::limit::RESERVE,
         "connection caps"
     );
-    let node = Rc::new(RefCell::new(start(&opts)?));
+    let (node, fleet_task) = start(&opts)?;
+    let node = Rc::new(RefCell::new(node));
+    if let Some(task) = fleet_task {
+        info!(
+            pool = node.borrow().fleet.as_ref().map(|l| l.pool.clone()),
+            "fleet: sharing bindings, revocations and quarantines with the pool"
+        );
+        tokio::task::spawn_local(crate::fleet::task::run(Rc::clone(&node), task));
+    }
     // The issuers' keys refresh in the background from now on (remote ones fetch at once).
     if let Some(svc) = node.borrow_mut().tokens.as_mut() {
         svc.spawn_refreshers();

@@ -10,8 +10,9 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser:
 use tollgate::paths;
 
 use crate::cli::{
-    Ctx, Given, Output, bind, completions, config, counters, endpoints, explain, gpu, identities,
-    keys, man, quarantine, quota, release, reload, run, status, token, top, unbind, uninstall,
+    Ctx, Given, Output, bind, completions, config, counters, endpoints, explain, fleet, gpu,
+    identities, keys, man, quarantine, quota, release, reload, run, status, token, top, unbind,
+    uninstall,
 };
 
 /// Identity-bound, GPU-aware XDP enforcement for inference nodes.
@@ -48,6 +49,7 @@ enum Command {
     Keys(keys::KeysArgs),
     Unbind(unbind::UnbindArgs),
     Quarantine(quarantine::QuarantineArgs),
+    Fleet(fleet::FleetArgs),
     Release(release::ReleaseArgs),
     Explain(explain::ExplainArgs),
     Reload(reload::ReloadArgs),
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
         Command::Keys(a) => keys::run(a),
         Command::Unbind(a) => unbind::run(a, &ctx),
         Command::Quarantine(a) => quarantine::run(a, &ctx),
+        Command::Fleet(a) => fleet::run(a, &ctx),
         Command::Release(a) => release::run(a, &ctx),
         Command::Explain(a) => explain::run(a, &ctx),
         Command::Reload(a) => reload::run(a, &ctx),

@@ -71,6 +71,104 @@ fn counter(v: u64) -> Counter<u64, AtomicU64> {
     c
 }
 
+/// The pool (only on a node with `[fleet]`): store health, sync age, members, the outbox,
+/// and entries refused, published, installed and claims made. Every label is a fixed word
+/// (kinds, refusal labels, outcomes), pre-registered so a scrape shows zeros.
+fn fleet_families(reg: &mut Registry, link: Option<&crate::fleet::link::Link>) {
+    use crate::fleet::{apply::ApplyRefusal, entry::Kind};
+    let Some(link) = link else { return };
+    let now = crate::clock::now_ms();
+    reg.register(
+        "tollgate_fleet_store_up",
+        "Whether the fleet store answered the last operation (1) or not (0)",
+        gauge(if link.health.up { 1.0 } else { 0.0 }),
+    );
+    reg.register(
+        "tollgate_fleet_sync_age_seconds",
+        "Seconds since the last sync pass that succeeded (-1: none yet)",
+        gauge(
+            link.health
+                .last_sync_ms
+                .map_or(-1.0, |s| now.saturating_sub(s) as f64 / 1000.0),
+        ),
+    );
+    reg.register(
+        "tollgate_fleet_members",
+        "Members of the pool with a live heartbeat, as last listed",
+        gauge(link.members.len() as f64),
+    );
+    reg.register(
+        "tollgate_fleet_outbox_entries",
+        "Changes made on this node not yet taken by the store",
+        gauge(link.outbox.len() as f64),
+    );
+    reg.register(
+        "tollgate_fleet_held_entries",
+        "Entries this node holds from the pool (one per subject)",
+        gauge(link.held as f64),
+    );
+    let refused = Counters::new();
+    for label in crate::fleet::entry::Refusal::ALL
+        .iter()
+        .map(|r| r.label())
+        .chain(ApplyRefusal::ALL.iter().map(|r| r.label()))
+    {
+        refused.add(
+            l(&[("reason", label)]),
+            link.stats.refused.get(label).copied().unwrap_or(0),
+        );
+    }
+    reg.register(
+        "tollgate_fleet_refused_entries",
+        "Store entries refused: not signed with the pool key (bad_mac), malformed, another \
+         pool's, stale (older than what is held) or a binding of a revoked token",
+        refused.0,
+    );
+    let published = Counters::new();
+    for k in Kind::ALL {
+        published.add(
+            l(&[("kind", k.label())]),
+            link.stats.published.get(k.label()).copied().unwrap_or(0),
+        );
+    }
+    reg.register(
+        "tollgate_fleet_published_entries",
+        "Changes of this node taken by the store, by kind",
+        published.0,
+    );
+    reg.register(
+        "tollgate_fleet_publish_errors",
+        "Publish attempts that failed (the change stays queued and is retried)",
+        counter(link.stats.publish_errors),
+    );
+    let installs = Counters::new();
+    for ((kind, outcome), n) in &link.stats.installs {
+        installs.add(l(&[("kind", kind), ("outcome", outcome)]), *n);
+    }
+    for k in Kind::ALL {
+        installs.add(l(&[("kind", k.label()), ("outcome", "installed")]), 0);
+    }
+    reg.register(
+        "tollgate_fleet_installs",
+        "Other nodes' changes put in force here, by kind and outcome (installed, unchanged, \
+         or why not: a binding whose token no longer verifies says its refusal)",
+        installs.0,
+    );
+    let claims = Counters::new();
+    for outcome in ["claimed", "replay", "fallback"] {
+        claims.add(
+            l(&[("outcome", outcome)]),
+            link.stats.claims.get(outcome).copied().unwrap_or(0),
+        );
+    }
+    reg.register(
+        "tollgate_fleet_claims",
+        "Token claims on bind: claimed, replay (held by another address), fallback (store \
+         unreachable: this node's memory decided)",
+        claims.0,
+    );
+}
+
 /// Per issuer: its keys, their age, its fetches and its refusals. Issuer names come from the
 /// configuration only (never from a token: an `iss` no issuer has counts under
 /// `issuer="none"`), and every label value is pre-registered, so a scrape shows zeros and
@@ -371,6 +469,7 @@ pub fn render(d: &Node) -> Result<String, String> {
         counter(thefts),
     );
     issuer_families(&mut reg, d.tokens.as_ref());
+    fleet_families(&mut reg, d.fleet.as_ref());
 
     // Listeners: what each holds open and what it turned away, before authentication.
     let open = Family::<Labels, Gauge<f64, AtomicU64>>::default();

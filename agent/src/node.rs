@@ -15,6 +15,8 @@ pub struct Node {
     pub audit: Audit,
     /// `None` when token binding is not configured.
     pub tokens: Option<TokenService>,
+    /// The pool this node shares changes with; `None` on a node of its own.
+    pub fleet: Option<crate::fleet::link::Link>,
     pub control: ControlLoop,
     pub drop_stats: DropEventStats,
     /// Interfaces the program is attached to.

@@ -31,6 +31,8 @@ pub struct Config {
     pub anomaly: Option<Anomaly>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Fleet>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plans: Vec<Plan>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -58,6 +60,21 @@ pub struct Node {
     /// `enforce`, `refuse` or `warn`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tunnels: Option<String>,
+}
+
+/// `[fleet]`: the pool this node shares bindings, revocations and quarantines with.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Fleet {
+    pub store: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+    pub pool_key: PathBuf,
+    pub pool: String,
+    pub node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op_timeout_ms: Option<u64>,
 }
 
 /// `[anonymous]`: the allowance of unbound sources on `anonymous = true` endpoints.
@@ -641,6 +658,11 @@ impl Config {
 
     pub fn anomaly(mut self, anomaly: Anomaly) -> Config {
         self.anomaly = Some(anomaly);
+        self
+    }
+
+    pub fn fleet(mut self, fleet: Fleet) -> Config {
+        self.fleet = Some(fleet);
         self
     }
 

@@ -6,6 +6,8 @@
 //! - [`frames`]: raw frames into a lab, in a batch or at a steady rate;
 //! - [`config`]: a typed builder that renders the agent's TOML configuration;
 //! - [`fixture`]: fixture tables run through BPF_PROG_TEST_RUN;
+//! - [`fleet`]: N nodes with their agents, one real `redis-server`, clients that reach every
+//!   node with one address (#14);
 //! - [`tokenlab`]: keys, certificates, tokens and HTTPS binds for token tests;
 //! - [`node`]: the agent tests' world: a lab and a policy of six identities;
 //! - [`model`]: a plain reference model of the verdicts, for the differential test;
@@ -20,6 +22,7 @@ pub mod agent;
 pub mod config;
 pub mod exhaust;
 pub mod fixture;
+pub mod fleet;
 pub mod flood;
 pub mod frames;
 pub mod lab;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod counters;
 pub mod endpoints;
 pub mod explain;
+pub mod fleet;
 pub mod gpu;
 pub mod identities;
 pub mod keys;

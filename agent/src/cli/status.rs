@@ -40,8 +40,22 @@ fn record(s: &Status) -> Record<'_> {
     } else {
         r.nested("drops", drops)
     };
+    let r = r.line("endpoints", s.endpoints);
+    let r = match &s.fleet {
+        Some(f) => r.line(
+            "fleet",
+            format!(
+                "pool {} node {}: store {}, {} members, {} waiting to publish",
+                f.pool,
+                f.node,
+                if f.store_up { "up" } else { "DOWN" },
+                f.members,
+                f.outbox
+            ),
+        ),
+        None => r.line("fleet", "-"),
+    };
     let r = r
-        .line("endpoints", s.endpoints)
         .nested("gpu", gpu(&s.gpu))
         .line("identities", s.identities)
         .line("interfaces", list(&s.interfaces))
@@ -203,6 +217,7 @@ mod tests {
                 load_failures: 0,
                 last_load_failure: None,
             },
+            fleet: None,
         }
     }
 
@@ -225,6 +240,7 @@ drops
   quarantined  244
   unbound      18000
 endpoints        2
+fleet            -
 gpu
   source               simulated
   error                -

@@ -57,8 +57,9 @@ pub struct Config {
     pub tokens: Option<Tokens>,
     pub anomaly: Anomaly,
     pub metrics: Metrics,
-    /// `[fleet]`: the pool this node shares state with. Validated, not wired yet: `tollgate
-    /// run` and reload refuse a file with it ([`Config::refuse_unwired`]).
+    /// `[fleet]`: the pool this node shares bindings, revocations and quarantines with
+    /// (`crate::fleet`). Its `[fleet.outage]` modes are for global quotas and rates, not
+    /// wired yet: `run`, reload and `config check` refuse them ([`Config::refuse_unwired`]).
     pub fleet: Option<Fleet>,
     /// Identity name -> index in `identities`: lookups by name stay cheap with thousands
     /// of identities (the controller and /metrics look every one up on every pass).
@@ -97,8 +98,10 @@ pub struct Fleet {
     /// The change stream is trimmed to about this many entries.
     pub stream_max_len: u64,
     pub outage: Outage,
-    /// The line of the `[fleet]` table, for the not-wired refusal.
+    /// The line of the `[fleet]` table.
     pub line: usize,
+    /// The line `outage` was set on, if it was (refused until global quotas are wired).
+    pub outage_line: Option<usize>,
 }
 
 /// Where the store is.
@@ -519,10 +522,10 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// The refusal of a file with `[fleet]` by `run`, reload and `config check`.
-pub const UNWIRED_FLEET: &str = "[fleet] is not wired yet in this build: the section is valid, \
-     but this agent would not share anything through the store; remove [fleet] to run this \
-     node on its own";
+/// The refusal of `[fleet.outage]` by `run`, reload and `config check`.
+pub const UNWIRED_OUTAGE: &str = "global quotas and rates are not wired yet in this build, so \
+     their outage modes would be accepted and then ignored; remove `outage` (bindings, \
+     revocations and quarantines are shared without it)";
 
 const EMBEDDED: &str = include_str!("../../config/tollgate.toml");
 const EMBEDDED_SOURCE: &str = "<embedded default>";
@@ -560,17 +563,17 @@ impl Config {
         EMBEDDED
     }
 
-    /// Refuses what this build would accept and then ignore: `[fleet]` is validated but
-    /// nothing uses it yet, and a node that silently stayed an island while its operator
-    /// believed it shared revocations would be worse than one that does not start.
+    /// Refuses what this build would accept and then ignore: `[fleet.outage]` is validated
+    /// but global quotas and rates, which it is for, are not wired yet; an operator who set
+    /// it believes the pool shares budgets.
     pub fn refuse_unwired(&self) -> Result<(), ConfigError> {
-        match &self.fleet {
+        match self.fleet.as_ref().and_then(|f| f.outage_line) {
             None => Ok(()),
-            Some(f) => Err(ConfigError {
+            Some(line) => Err(ConfigError {
                 file: self.source.clone(),
-                line: Some(f.line),
-                field: "fleet".to_owned(),
-                message: UNWIRED_FLEET.to_owned(),
+                line: Some(line),
+                field: "fleet.outage".to_owned(),
+                message: UNWIRED_OUTAGE.to_owned(),
             }),
         }
     }

@@ -1876,6 +1876,7 @@ mod fleet {
                     rates: OutageMode::Share,
                 },
                 line: 6,
+                outage_line: None,
             })
         );
         // Without [fleet] there is no fleet, and nothing to refuse.
@@ -2217,23 +2218,28 @@ mod fleet {
     /// No option is accepted and ignored: a valid [fleet] is refused by `run` and reload
     /// (both load through `daemon::load_config`), with the section's line.
     #[test]
-    fn run_and_reload_refuse_a_valid_fleet_section() {
+    fn run_and_reload_take_fleet_and_refuse_its_unwired_outage_modes() {
         let f = files("unwired");
         let path = f.dir.0.join("tollgate.toml");
-        std::fs::write(&path, fleet(PLAIN, &f.key, "")).unwrap();
         let opts = crate::daemon::Options {
             config: Some(path.clone()),
             ..Default::default()
         };
+        std::fs::write(&path, fleet(PLAIN, &f.key, "")).unwrap();
+        crate::daemon::load_config(&opts).expect("[fleet] without outage runs");
+        std::fs::write(
+            &path,
+            fleet(PLAIN, &f.key, "[fleet.outage]\nquotas = \"local\"\n"),
+        )
+        .unwrap();
         let e = crate::daemon::load_config(&opts).expect_err("refused");
-        assert_eq!((e.line, e.field.as_str()), (Some(6), "fleet"), "{e}");
+        assert_eq!(e.field.as_str(), "fleet.outage", "{e}");
+        assert!(e.line.is_some_and(|l| l > 6), "{e}");
         assert!(
-            e.message.contains("[fleet] is not wired yet in this build"),
+            e.message
+                .contains("global quotas and rates are not wired yet"),
             "{e}"
         );
         assert_eq!(e.file, path.display().to_string());
-        // The same file without the section runs.
-        std::fs::write(&path, BASE).unwrap();
-        crate::daemon::load_config(&opts).expect("no [fleet]");
     }
 }

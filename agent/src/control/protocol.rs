@@ -14,6 +14,7 @@ pub enum Request {
     // unit variant, and a request with a field we do not know must be refused.
     Status {},
     Endpoints {},
+    FleetStatus {},
     Identities {},
     Identity {
         name: String,

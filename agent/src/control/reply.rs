@@ -54,6 +54,61 @@ pub struct Status {
     /// The program object loaded and the failed program loads recorded on this node.
     #[serde(default)]
     pub program: ProgramStatus,
+    /// The pool this node shares changes with; `None` on a node of its own (and from agents
+    /// older than the field).
+    #[serde(default)]
+    pub fleet: Option<FleetScope>,
+}
+
+/// `status.fleet`: the pool in a line (`tollgate fleet status` has the rest).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetScope {
+    pub pool: String,
+    pub node: String,
+    pub store_up: bool,
+    /// Changes made here not yet taken by the store.
+    pub outbox: usize,
+    pub members: usize,
+}
+
+/// `tollgate fleet status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub pool: String,
+    pub node: String,
+    pub store_up: bool,
+    /// The last store error (label: message); never a credential.
+    pub last_error: Option<String>,
+    /// How long the store has been unreachable, if it is.
+    pub down_for_ms: Option<u64>,
+    /// Since the last sync pass that succeeded (`None`: none yet).
+    pub sync_age_ms: Option<u64>,
+    pub sync_interval_ms: u64,
+    /// The stream id this node has read up to.
+    pub position: String,
+    /// Entries the node holds (one per subject: bindings, revocations, quarantines).
+    pub held: usize,
+    pub outbox: usize,
+    pub members: Vec<FleetMember>,
+    /// Entries refused (not signed with the pool key, malformed, stale …), by label.
+    pub refused: BTreeMap<String, u64>,
+    /// Entries published by this node, by kind.
+    pub published: BTreeMap<String, u64>,
+    /// Other nodes' entries installed here, by `kind/outcome`.
+    pub installs: BTreeMap<String, u64>,
+    /// Token claims by outcome (`claimed`, `replay`, `fallback`).
+    pub claims: BTreeMap<String, u64>,
+}
+
+/// A member of the pool as its last heartbeat said.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetMember {
+    pub node: String,
+    /// This node's wall clock minus the member's at its last beat (the member's clock may
+    /// be off; negative means ahead).
+    pub heartbeat_age_ms: Option<i64>,
+    pub outbox: Option<u64>,
+    pub bindings: Option<u64>,
 }
 
 /// `status.tunnels`: devices where decapsulated or decrypted packets arrive.
@@ -478,6 +533,7 @@ mod tests {
             },
             anomaly_mode: "shadow".into(),
             program: ProgramStatus::default(),
+            fleet: None,
             tokens: Some(TokenStatus {
                 keys: vec!["k1".into()],
                 verifications: [("ok".to_owned(), 3), ("expired".to_owned(), 1)].into(),

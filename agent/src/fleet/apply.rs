@@ -194,6 +194,11 @@ impl Applier {
             .map(|h| h.until_wall_ms)
     }
 
+    /// Every entry held, for re-seeding a store that came back empty.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.held.values().map(|h| h.entry.entry())
+    }
+
     /// Records that a whole snapshot was offered.
     pub fn mark_seeded(&mut self) {
         self.seeded = true;

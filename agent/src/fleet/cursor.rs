@@ -193,7 +193,7 @@ fn parse(bytes: &[u8]) -> Result<Cursor, String> {
 /// A temporary file made fresh (`create_new`, mode 0600: not one another process planted,
 /// not a symlink), fsync, rename over `name`, fsync of the directory. A temporary file left
 /// by a failed write is removed.
-fn write_new_then_rename(
+pub(super) fn write_new_then_rename(
     dir: &Path,
     name: &str,
     bytes: &[u8],

@@ -446,6 +446,7 @@ pub enum KeyError {
 }
 
 /// The pool key: every node of a pool holds the same one. Debug never shows it.
+#[derive(Clone)]
 pub struct PoolKey {
     key: hmac::Key,
     pool: String,

@@ -1,5 +1,5 @@
-//! The fleet: what a pool of nodes shares through a Redis (or Valkey) store. Not wired into
-//! the daemon yet (issue 14); this is the library the wiring builds on.
+//! The fleet: what a pool of nodes shares through a Redis (or Valkey) store: bindings (with
+//! their tokens, verified again by every node), revocations, quarantines and releases.
 //!
 //! `entry` is the authenticated change (binding, revocation, quarantine, release) and the pool
 //! key that signs it; `store` is the client: the change stream each node reads from its last
@@ -8,11 +8,19 @@
 //! everything read from it is verified before a caller sees it. `apply` is the per-subject
 //! order entries are taken in (replays of old entries refused `stale`, revocations never
 //! undone), `cursor` the node's durable position (`fleet.json`), `sync` one read pass
-//! (snapshot at first or after a gap, else the stream after the cursor). docs/fleet.md has the key
-//! layout and the outage rules.
+//! (snapshot at first or after a gap, else the stream after the cursor). The wiring:
+//! `link` is what the node holds (outbox, health, counters, the claim client), `outbox` the
+//! durable queue of this node's changes, `payload` what each kind carries, `install` how
+//! another node's change is put in force here, `task` the loop that publishes, syncs,
+//! re-seeds and beats. docs/fleet.md has the key layout and the outage rules.
 
 pub mod apply;
 pub mod cursor;
 pub mod entry;
+pub mod install;
+pub mod link;
+pub mod outbox;
+pub mod payload;
 pub mod store;
 pub mod sync;
+pub mod task;

@@ -333,6 +333,7 @@ impl StreamInfo {
     }
 }
 
+#[derive(Clone)]
 struct KeyNames {
     prefix: String,
     stream: String,
@@ -362,11 +363,17 @@ impl KeyNames {
     }
 }
 
-/// The client. One per node; `&mut self` because the agent is single-threaded and the
-/// connection is remade in place.
+/// The client. `&mut self` because the agent is single-threaded and the connection is remade
+/// in place. A clone shares the connection (multiplexed: concurrent operations are
+/// pipelined on it) until either side drops it after an error; a blocking read needs a
+/// connection of its own ([`Store::waiter`]).
+#[derive(Clone)]
 pub struct Store {
     client: Dial,
     conn: Option<redis::aio::MultiplexedConnection>,
+    /// Added to the bound of [`Store::wait_after`] and to the connection's response timeout:
+    /// zero except on a waiter.
+    block: Duration,
     key: PoolKey,
     keys: KeyNames,
     op_timeout: Duration,
@@ -420,9 +427,20 @@ impl Store {
             keys: KeyNames::new(key.pool()),
             key,
             op_timeout: cfg.op_timeout,
+            block: Duration::ZERO,
             stream_max_len: cfg.stream_max_len.max(1),
             url,
         })
+    }
+
+    /// A client with a connection of its own for [`Store::wait_after`] with up to `block`:
+    /// a blocked XREAD holds its connection, so it must not share the one binds claim on.
+    pub fn waiter(&self, block: Duration) -> Store {
+        Store {
+            conn: None,
+            block,
+            ..self.clone()
+        }
     }
 
     pub fn pool(&self) -> &str {
@@ -444,7 +462,7 @@ impl Store {
         }
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.op_timeout))
-            .set_response_timeout(Some(self.op_timeout));
+            .set_response_timeout(Some(self.op_timeout + self.block));
         let c = match &mut self.client {
             Dial::Url(client) => client
                 .get_multiplexed_async_connection_with_config(&cfg)
@@ -463,7 +481,19 @@ impl Store {
         F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let t = self.op_timeout;
+        self.run_within(op, self.op_timeout, f).await
+    }
+
+    async fn run_within<T, F, Fut>(
+        &mut self,
+        op: &'static str,
+        t: Duration,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let r = tokio::time::timeout(t, async {
             let c = self.connection(op).await?;
             f(c).await.map_err(|e| StoreError::from_redis(op, e))
@@ -611,6 +641,30 @@ impl Store {
             named.push((k, v.as_slice()));
         }
         self.key.verify_fields(named)
+    }
+
+    /// Waits until the stream holds an entry after `last`, at most the `block` this client
+    /// was made with ([`Store::waiter`]); `true` when one is there. Only a wake-up for the
+    /// sync: nothing read here is used but the entry's id (the sync pass reads and
+    /// verifies), so a store writer's entry costs one early pass, no more. Returns the id of
+    /// the entry after `last`, if one came.
+    pub async fn wait_after(&mut self, last: StreamPos) -> Result<Option<StreamPos>, StoreError> {
+        let ms = self.block.as_millis().max(1) as u64;
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(ms)
+            .arg("STREAMS")
+            .arg(&self.keys.stream)
+            .arg(last.to_string());
+        let bound = self.op_timeout + self.block;
+        let v: Value = self
+            .run_within("wait", bound, |mut c| async move {
+                cmd.query_async(&mut c).await
+            })
+            .await?;
+        Ok(xread_entries(v)?.last().map(|(p, _)| *p))
     }
 
     /// The snapshot: the stream position first, then the hash in bounded HSCAN pages, each

@@ -213,10 +213,22 @@ pub trait Lifecycle {
 /// Serves one control-socket request from `who`. Mutating requests
 /// ([`Request::mutates`]) are audited here.
 pub fn dispatch(node: &mut Node, life: &dyn Lifecycle, req: Request, who: &Actor) -> Response {
+    dispatch_claimed(node, life, req, who, None)
+}
+
+/// [`dispatch`] for a token bind whose token the pool's claim names another address for
+/// (`held_by`, from `fleet::link::claim`, made before the node was borrowed).
+pub fn dispatch_claimed(
+    node: &mut Node,
+    life: &dyn Lifecycle,
+    req: Request,
+    who: &Actor,
+    held_by: Option<std::net::IpAddr>,
+) -> Response {
     let mutates = req.mutates();
     // A token rebind that changes nothing writes nothing (#12 finding 7).
     let may_be_noop = matches!(req, Request::BindToken { .. });
-    let r = execute(node, life, req, who);
+    let r = execute(node, life, req, who, held_by);
     let r = if mutates {
         debug_assert!(
             may_be_noop || r.as_ref().map_or(true, |d| d.change.is_some()),
@@ -258,10 +270,12 @@ fn execute(
     life: &dyn Lifecycle,
     req: Request,
     who: &Actor,
+    held_by: Option<std::net::IpAddr>,
 ) -> Result<Done<serde_json::Value>, Failed> {
     match req {
         Request::Status {} => read(status::status(node)),
         Request::Endpoints {} => read(status::endpoints(node)),
+        Request::FleetStatus {} => read(status::fleet(node)),
         Request::Identities {} => read(status::identities(node)),
         Request::Identity { name } => read(status::identity(node, &name)),
         Request::Explain(probe) => read(status::explain(node, &probe)),
@@ -282,7 +296,9 @@ fn execute(
         Request::Release { target, reason } => json(quarantine::release(node, &target, &reason)),
         Request::Reload {} => json(life.reload(node, who)),
         Request::QuotaReset { identity } => json(quotas::reset(node, identity.as_deref())),
-        Request::BindToken { token, addr } => json(tokens::bind_token(node, &token, addr, who)),
+        Request::BindToken { token, addr } => {
+            json(tokens::bind_token(node, &token, addr, who, held_by))
+        }
         Request::Revoke {
             token_id,
             identity,

@@ -10,7 +10,9 @@ use tracing::warn;
 use super::{Change, Done, Failed, OpError, not_recorded};
 use crate::{
     audit::Actor,
+    clock,
     control::reply::{Quarantined, Released},
+    fleet::{self, entry::Kind, payload},
     node::Node,
     state::{Quarantine, QuarantineOwner, now_unix_ms},
 };
@@ -69,6 +71,26 @@ pub fn quarantine(
     let name = resolve_target(node, target)?;
     let now = now_unix_ms();
     let until = for_secs.map(|s| now + s.saturating_mul(1000));
+    let done = quarantine_name(node, who, name, until, reason)?;
+    let p = payload::encode(&payload::Quarantine {
+        until_wall_ms: until.map(clock::to_wall_ms),
+        reason: reason.to_owned(),
+    });
+    fleet::link::publish(node, Kind::Quarantine, &done.reply.identity, p);
+    Ok(done)
+}
+
+/// Quarantines the identity `name` until `until` (agent time) without resolving or
+/// publishing it: what a quarantine from the pool installs (its identity may have no slot
+/// here yet; the flag is set when it gets one).
+pub fn quarantine_name(
+    node: &mut Node,
+    who: &Actor,
+    name: String,
+    until: Option<u64>,
+    reason: &str,
+) -> Result<Done<Quarantined>, Failed> {
+    let now = now_unix_ms();
     let before = node.state.quarantines.insert(
         name.clone(),
         Quarantine {
@@ -108,9 +130,19 @@ pub fn quarantine(
     Ok(Done::changed(reply, change))
 }
 
-/// Releases `target` from quarantine.
+/// Releases `target` from quarantine, and queues the release for the pool.
 pub fn release(node: &mut Node, target: &str, reason: &str) -> Result<Done<Released>, Failed> {
     let name = resolve_target(node, target)?;
+    let done = release_name(node, name, reason)?;
+    let p = payload::encode(&payload::Release {
+        reason: reason.to_owned(),
+    });
+    fleet::link::publish(node, Kind::Release, &done.reply.identity, p);
+    Ok(done)
+}
+
+/// Releases the identity `name` without publishing it (a release from the pool).
+pub fn release_name(node: &mut Node, name: String, reason: &str) -> Result<Done<Released>, Failed> {
     let Some(before) = node.state.quarantines.remove(&name) else {
         return Err(OpError::NotFound(format!("{name} is not quarantined")).into());
     };

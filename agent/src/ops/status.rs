@@ -87,6 +87,7 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
         tokens: node.tokens.as_ref().map(token_status),
         tunnels: node.tunnels.report(),
         program: program_status(node),
+        fleet: fleet_scope(node),
     })
 }
 
@@ -97,6 +98,62 @@ fn port_range(r: &std::ops::RangeInclusive<u16>) -> String {
     } else {
         format!("{}-{}", r.start(), r.end())
     }
+}
+
+/// `status.fleet`.
+fn fleet_scope(node: &Node) -> Option<crate::control::reply::FleetScope> {
+    let l = node.fleet.as_ref()?;
+    Some(crate::control::reply::FleetScope {
+        pool: l.pool.clone(),
+        node: l.node.clone(),
+        store_up: l.health.up,
+        outbox: l.outbox.len(),
+        members: l.members.len(),
+    })
+}
+
+/// `tollgate fleet status`: the pool as this node sees it.
+pub fn fleet(node: &Node) -> Result<crate::control::reply::FleetStatus, OpError> {
+    use crate::control::reply::{FleetMember, FleetStatus};
+    let l = node.fleet.as_ref().ok_or_else(|| {
+        OpError::NotFound("this node is in no pool: [fleet] is not configured".into())
+    })?;
+    let now = crate::clock::now_ms();
+    let wall = crate::clock::wall_ms() as i64;
+    let labels = |m: &std::collections::BTreeMap<&'static str, u64>| {
+        m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    };
+    Ok(FleetStatus {
+        pool: l.pool.clone(),
+        node: l.node.clone(),
+        store_up: l.health.up,
+        last_error: l.health.last_error.clone(),
+        down_for_ms: l.health.down_since_ms.map(|s| now.saturating_sub(s)),
+        sync_age_ms: l.health.last_sync_ms.map(|s| now.saturating_sub(s)),
+        sync_interval_ms: l.sync_interval.as_millis() as u64,
+        position: l.position.clone(),
+        held: l.held,
+        outbox: l.outbox.len(),
+        members: l
+            .members
+            .iter()
+            .map(|m| FleetMember {
+                node: m.node.clone(),
+                heartbeat_age_ms: m.heartbeat_wall_ms.map(|w| wall - w as i64),
+                outbox: m.outbox,
+                bindings: m.bindings,
+            })
+            .collect(),
+        refused: labels(&l.stats.refused),
+        published: labels(&l.stats.published),
+        installs: l
+            .stats
+            .installs
+            .iter()
+            .map(|((k, o), v)| (format!("{k}/{o}"), *v))
+            .collect(),
+        claims: labels(&l.stats.claims),
+    })
 }
 
 pub fn endpoints(node: &Node) -> Result<Endpoints, OpError> {

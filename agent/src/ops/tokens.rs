@@ -14,6 +14,7 @@ use crate::{
     audit::Actor,
     clock,
     control::reply::{Revoked, TokenBound, TokenUnbound},
+    fleet::{self, entry::Kind, payload},
     identity,
     net::{host_len, prefix_text},
     node::Node,
@@ -43,17 +44,34 @@ impl From<AuditFailed> for BindFailure {
 
 /// Verifies `token` and binds `addr` (the observed peer, or the gateway's client) to its
 /// identity until it expires. Every outcome is counted; refusals and binds are audited.
+/// `held_by` is the address the pool's claim names for this token when it is another one
+/// (`fleet::link::claim`): the bind is a replay. A bind made here (not one installed from
+/// the pool, `Actor::FLEET`) is queued for the pool with its token.
 pub fn bind_token(
     node: &mut Node,
     token: &str,
     addr: IpAddr,
     who: &Actor,
+    held_by: Option<IpAddr>,
 ) -> Result<Done<TokenBound>, Failed<BindFailure>> {
     // An IPv4 client seen on a dual-stack socket arrives as ::ffff:a.b.c.d.
     let addr = addr.to_canonical();
     // The issuer the token chose, once it has: its tally takes the refusal.
     let mut issuer = None;
-    bind_verified(node, token, addr, who, &mut issuer).map_err(|f| {
+    let r = bind_verified(node, token, addr, who, held_by, &mut issuer);
+    if let Ok(Done {
+        reply,
+        change: Some(_),
+    }) = &r
+        && who.via != Actor::FLEET.via
+    {
+        let payload = payload::encode(&payload::Binding {
+            token: token.to_owned(),
+            address: addr,
+        });
+        fleet::link::publish(node, Kind::Binding, &reply.token_id, payload);
+    }
+    r.map_err(|f| {
         if let Some(svc) = node.tokens.as_mut() {
             match &f {
                 BindFailure::Refused(refusal) => svc.count(issuer, refusal.label()),
@@ -81,6 +99,7 @@ fn bind_verified(
     token: &str,
     addr: IpAddr,
     who: &Actor,
+    held_by: Option<IpAddr>,
     issuer: &mut Option<usize>,
 ) -> Result<Done<TokenBound>, BindFailure> {
     let cfg = node.config.tokens.clone().ok_or(BindFailure::Disabled)?;
@@ -113,6 +132,10 @@ fn bind_verified(
         && b.addr != addr
     {
         return Err(BindFailure::Replay { bound_to: b.addr });
+    }
+    // The same across the pool: its claim names another address (docs/fleet.md).
+    if let Some(other) = held_by.filter(|a| a.to_canonical() != addr) {
+        return Err(BindFailure::Replay { bound_to: other });
     }
     let len = host_len(addr);
     // exp − wall-now at bind time, on agent time: a later wall-clock step does not move it.
@@ -298,12 +321,44 @@ pub fn unbind_token(
 }
 
 /// Revokes a token id or every token of an identity issued until now (plus the allowed clock
-/// skew): their bindings go at once, and the revocation is persisted.
+/// skew): their bindings go at once, the revocation is persisted and queued for the pool.
 pub fn revoke(
     node: &mut Node,
     token_id: Option<&str>,
     identity: Option<&str>,
     reason: &str,
+) -> Result<Done<Revoked>, Failed> {
+    let done = revoke_at(node, token_id, identity, reason, None)?;
+    if let Some(t) = token_id
+        && let Some(until) = node.state.revoked_tokens.get(t)
+    {
+        let p = payload::encode(&payload::Revocation {
+            until_wall_ms: clock::to_wall_ms(*until),
+            reason: reason.to_owned(),
+        });
+        fleet::link::publish(node, Kind::Revocation, t, p);
+    }
+    if let Some(i) = identity
+        && let Some(cutoff) = node.state.revoked_identities.get(i)
+    {
+        let p = payload::encode(&payload::IdentityRevocation {
+            cutoff_wall_ms: *cutoff,
+            reason: reason.to_owned(),
+        });
+        fleet::link::publish(node, Kind::IdentityRevocation, i, p);
+    }
+    Ok(done)
+}
+
+/// [`revoke`] without publishing: what a revocation from the pool installs. An identity
+/// revocation takes `identity_cutoff_wall_ms` when given (the origin's), else now plus the
+/// skew; a cut-off already held that is later is kept.
+pub fn revoke_at(
+    node: &mut Node,
+    token_id: Option<&str>,
+    identity: Option<&str>,
+    reason: &str,
+    identity_cutoff_wall_ms: Option<u64>,
 ) -> Result<Done<Revoked>, Failed> {
     let now_ms = now_unix_ms();
     if token_id.is_none() && identity.is_none() {
@@ -350,7 +405,8 @@ pub fn revoke(
             .filter_map(|b| b.expires_unix_ms)
             .max()
             .unwrap_or(0)
-            .max(now_ms + ttl * 1000);
+            .max(now_ms + ttl * 1000)
+            .max(node.state.revoked_tokens.get(t).copied().unwrap_or(0));
         node.state.revoked_tokens.insert(t.to_owned(), until);
     }
     if let Some(i) = identity {
@@ -363,10 +419,11 @@ pub fn revoke(
             .tokens
             .as_ref()
             .map_or(0, |c| c.clock_skew_s.saturating_mul(1000));
-        // Compared with a token's `iat`, so on the wall clock.
-        node.state
-            .revoked_identities
-            .insert(i.to_owned(), clock::wall_ms().saturating_add(skew_ms));
+        // Compared with a token's `iat`, so on the wall clock. Never moved earlier.
+        let cutoff = identity_cutoff_wall_ms
+            .unwrap_or_else(|| clock::wall_ms().saturating_add(skew_ms))
+            .max(node.state.revoked_identities.get(i).copied().unwrap_or(0));
+        node.state.revoked_identities.insert(i.to_owned(), cutoff);
     }
     let mut entries: Vec<Entry> = removed
         .iter()

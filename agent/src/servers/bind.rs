@@ -200,7 +200,7 @@ async fn respond(
     // A remote issuer that lacks the token's key fetches its keys first (one fetch shared by
     // every waiter, at most one per cooldown; a token that does not parse never gets here).
     // No borrow of the node is held across the wait.
-    refetch_if_unknown(node, token.trim()).await;
+    let held_by = prepare_bind(node, token.trim(), peer.ip()).await;
     let who = Actor {
         via: "bind_listener",
         uid: None,
@@ -209,7 +209,7 @@ async fn respond(
     };
     let mut n = node.borrow_mut();
     let result = if method == "POST" {
-        let r = tokens::bind_token(&mut n, token.trim(), peer.ip(), &who);
+        let r = tokens::bind_token(&mut n, token.trim(), peer.ip(), &who, held_by);
         ops::audited(&n, &who, r).map(|b| serde_json::to_string(&b))
     } else {
         let r = tokens::unbind_token(&mut n, token.trim(), peer.ip());
@@ -233,6 +233,28 @@ async fn respond(
             )
         }
     }
+}
+
+/// What a token bind awaits before the node is borrowed (never while): the refetch its
+/// unknown `kid` calls for, then, on a fleet node and for a token that verifies, the pool's
+/// claim of its token id for `addr` (one store round trip within the store timeout).
+/// Returns the other address the claim names, if another holds it: the bind is a replay.
+/// A token that does not verify costs no store operation: its refusal is made by the bind
+/// itself, as on a single node.
+pub async fn prepare_bind(
+    node: &RefCell<Node>,
+    token: &str,
+    addr: std::net::IpAddr,
+) -> Option<std::net::IpAddr> {
+    refetch_if_unknown(node, token).await;
+    let verified = {
+        let n = node.borrow();
+        n.fleet.as_ref()?;
+        let svc = n.tokens.as_ref()?;
+        svc.verify(token, crate::clock::wall_ms() / 1000).ok()
+    };
+    let (_, claims) = verified?;
+    crate::fleet::link::claim(node, &claims.jti, addr.to_canonical(), claims.exp).await
 }
 
 /// How long a bind waits on its unknown kid's refetch: less than the connection's

@@ -138,10 +138,13 @@ pub async fn serve_connection(node: &RefCell<Node>, life: &dyn Lifecycle, mut st
                 Ok(req) => {
                     // As on the bind listener: an unknown key of a remote issuer is fetched
                     // before the node is borrowed, never while.
-                    if let Request::BindToken { token, .. } = &req {
-                        super::bind::refetch_if_unknown(node, token.trim()).await;
-                    }
-                    ops::dispatch(&mut node.borrow_mut(), life, req, &peer.actor())
+                    let held_by = match &req {
+                        Request::BindToken { token, addr } => {
+                            super::bind::prepare_bind(node, token.trim(), *addr).await
+                        }
+                        _ => None,
+                    };
+                    ops::dispatch_claimed(&mut node.borrow_mut(), life, req, &peer.actor(), held_by)
                 }
                 Err(e) => Response::err(ErrorKind::BadRequest, format!("malformed request: {e}")),
             },

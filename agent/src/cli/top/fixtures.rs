@@ -94,6 +94,7 @@ pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
         gpu: saturated_gpu(),
         anomaly_mode: "observe".into(),
         program: Default::default(),
+        fleet: None,
         tokens: Some(TokenStatus {
             keys: vec!["k1".into()],
             verifications: [("ok".to_owned(), 10), ("expired".to_owned(), expired)].into(),

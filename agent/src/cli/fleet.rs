@@ -1,0 +1,80 @@
+//! `tollgate fleet status`.
+
+use tollgate::control::{protocol::Request, reply::FleetStatus};
+
+use super::{Ctx, Outcome, print::table};
+
+/// The pool this node shares bindings, revocations and quarantines with ([fleet]).
+#[derive(clap::Args)]
+pub struct FleetArgs {
+    #[command(subcommand)]
+    verb: FleetVerb,
+}
+
+#[derive(clap::Subcommand)]
+enum FleetVerb {
+    /// The store's health, this node's sync position and queue, and every member with the
+    /// age of its last heartbeat. A member whose heartbeat is old (seconds, not ms) is cut
+    /// off or gone; a growing outbox means the store does not take this node's changes.
+    Status,
+}
+
+pub fn run(a: FleetArgs, ctx: &Ctx) -> Outcome {
+    match a.verb {
+        FleetVerb::Status => super::call(
+            &ctx.socket,
+            &Request::FleetStatus {},
+            ctx.print_with(|s: &FleetStatus| print!("{}", text(s))),
+        ),
+    }
+}
+
+fn ms(v: Option<u64>) -> String {
+    v.map_or("-".into(), |v| format!("{v} ms"))
+}
+
+fn text(s: &FleetStatus) -> String {
+    let mut out = format!(
+        "pool {} · node {}\nstore: {}{}\nsync: last pass {} ago (interval {} ms), position {}, {} entries held\noutbox: {} waiting\n",
+        s.pool,
+        s.node,
+        if s.store_up { "up" } else { "DOWN" },
+        match (&s.last_error, s.down_for_ms) {
+            (Some(e), Some(d)) => format!(" for {d} ms ({e})"),
+            _ => String::new(),
+        },
+        ms(s.sync_age_ms),
+        s.sync_interval_ms,
+        s.position,
+        s.held,
+        s.outbox,
+    );
+    let cells: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.node.clone(),
+                m.heartbeat_age_ms.map_or("-".into(), |a| format!("{a} ms")),
+                m.outbox.map_or("-".into(), |v| v.to_string()),
+                m.bindings.map_or("-".into(), |v| v.to_string()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["member", "heartbeat", "outbox", "bindings"],
+        &cells,
+    ));
+    let line = |name: &str, m: &std::collections::BTreeMap<String, u64>| {
+        if m.is_empty() {
+            return String::new();
+        }
+        let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{name}: {}\n", parts.join(" "))
+    };
+    out.push_str(&line("refused", &s.refused));
+    out.push_str(&line("published", &s.published));
+    out.push_str(&line("installed", &s.installs));
+    out.push_str(&line("claims", &s.claims));
+    out
+}

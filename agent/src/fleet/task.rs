@@ -1,0 +1,445 @@
+//! The fleet task: one per node, on the agent's thread. Every sync interval, and at once
+//! when a change is queued here or the stream moves: publish the outbox in order, run a sync
+//! pass (`fleet::sync`) and install what it applied (`fleet::install`), re-seed a store that
+//! came back empty, and beat the heartbeat. A second task only waits on the stream (a
+//! blocking XREAD on a connection of its own) to wake the first, so a change made on one
+//! node reaches the others in a store round trip or two, not an interval.
+//!
+//! The node is borrowed only between awaits. Everything the task does with the store is
+//! bounded by the store timeout; a failure marks the store down (binds then claim from the
+//! node's own memory) and is retried next interval; nothing here ever stops enforcement.
+
+use std::{
+    cell::{Cell, RefCell},
+    rc::Rc,
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::{
+    apply::Applier,
+    cursor::CursorFile,
+    entry::{Entry, Kind},
+    install,
+    link::MemberView,
+    outbox::Pending,
+    payload,
+    store::{Store, StreamPos},
+    sync::{self, Pass, Reload, SyncError},
+};
+use crate::{clock, node::Node};
+
+/// Most stream entries one pass reads; a node far behind catches up over several passes.
+const MAX_PER_PASS: usize = 1000;
+/// Passes run back to back while the stream has more (then the interval).
+const MAX_PASSES: usize = 16;
+/// Outbox entries published per round (the rest next round, after a sync pass).
+const MAX_PUBLISH: usize = 1000;
+/// How often the node beats and lists the members.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A member whose heartbeat is older than this is gone.
+const MEMBER_TTL: Duration = Duration::from_secs(5);
+
+/// What the task owns.
+pub struct Task {
+    pub store: Store,
+    pub waiter: Store,
+    pub cursor: CursorFile,
+    pub applier: Applier,
+    pub interval: Duration,
+    pub wake: Rc<Notify>,
+    /// Entries were re-read from the store after a reset and not all republished yet.
+    reseed: Option<Reseed>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reseed {
+    /// The node's own state the snapshot lacks (first sync, restart).
+    Local,
+    /// Every entry the applier holds and the node's own state (the store was reset).
+    Everything,
+}
+
+impl Task {
+    pub fn new(store: Store, cursor: CursorFile, interval: Duration, wake: Rc<Notify>) -> Task {
+        // The waiter blocks up to four intervals: short enough to notice a dead connection,
+        // long enough not to spin.
+        let waiter = store.waiter(interval * 4);
+        Task {
+            store,
+            waiter,
+            cursor,
+            applier: Applier::new(),
+            interval,
+            wake,
+            reseed: None,
+        }
+    }
+}
+
+/// Runs the fleet task until the node is uninstalled.
+pub async fn run(node: Rc<RefCell<Node>>, mut t: Task) {
+    let moved = Rc::new(Notify::new());
+    let last = Rc::new(Cell::new(t.cursor.cursor().last));
+    tokio::task::spawn_local(watch(
+        t.waiter.clone(),
+        Rc::clone(&last),
+        Rc::clone(&moved),
+        t.interval,
+    ));
+    let mut beat_due = clock::now_ms();
+    loop {
+        if node.borrow().uninstalled {
+            return;
+        }
+        publish(&node, &mut t).await;
+        sync_passes(&node, &mut t).await;
+        last.set(t.cursor.cursor().last);
+        if t.reseed.is_some() {
+            reseed(&node, &mut t).await;
+        }
+        let now = clock::now_ms();
+        if now >= beat_due {
+            heartbeat(&node, &mut t).await;
+            beat_due = now + HEARTBEAT.as_millis() as u64;
+        }
+        tokio::select! {
+            _ = t.wake.notified() => {}
+            _ = moved.notified() => {}
+            _ = tokio::time::sleep(t.interval) => {}
+        }
+    }
+}
+
+/// Waits on the stream and wakes the task when it moves past what the task has read.
+async fn watch(
+    mut waiter: Store,
+    last: Rc<Cell<StreamPos>>,
+    moved: Rc<Notify>,
+    interval: Duration,
+) {
+    let mut seen = last.get();
+    loop {
+        seen = seen.max(last.get());
+        match waiter.wait_after(seen).await {
+            Ok(Some(pos)) => {
+                seen = pos;
+                moved.notify_one();
+            }
+            Ok(None) => {}
+            // The task notices the outage itself; here only do not spin.
+            Err(_) => tokio::time::sleep(interval).await,
+        }
+    }
+}
+
+/// Publishes the outbox in order, each entry under its reserved seq.
+async fn publish(node: &Rc<RefCell<Node>>, t: &mut Task) {
+    for _ in 0..MAX_PUBLISH {
+        let (p, pool, origin) = {
+            let n = node.borrow();
+            let Some(link) = n.fleet.as_ref() else { return };
+            let Some(p) = link.outbox.front() else { return };
+            (p.clone(), link.pool.clone(), link.node.clone())
+        };
+        let seq = if p.seq != 0 {
+            p.seq
+        } else {
+            // Reserved (on disk past it) before it is used, then remembered in the outbox:
+            // a retry after an unknown outcome republishes the same (origin, seq).
+            let seq = match t.cursor.reserve_seq() {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("fleet: reserving a seq: {e}; publishing waits");
+                    return;
+                }
+            };
+            let mut n = node.borrow_mut();
+            if let Some(link) = n.fleet.as_mut()
+                && let Err(e) = link.outbox.set_front_seq(seq)
+            {
+                warn!("fleet: {e}; publishing waits");
+                return;
+            }
+            seq
+        };
+        let entry = Entry {
+            kind: p.kind,
+            pool,
+            origin,
+            seq,
+            wall_ms: p.wall_ms,
+            subject: p.subject.clone(),
+            payload: p.payload.clone(),
+        };
+        let r = t.store.append(entry).await;
+        let mut n = node.borrow_mut();
+        let Some(link) = n.fleet.as_mut() else { return };
+        match r {
+            Ok(_) => {
+                link.mark_up();
+                *link.stats.published.entry(p.kind.label()).or_default() += 1;
+                if let Err(e) = link.outbox.pop_front() {
+                    // Published, but still queued: it goes again (a duplicate) next round.
+                    warn!("fleet: {e}");
+                    return;
+                }
+            }
+            Err(e) => {
+                link.stats.publish_errors += 1;
+                if e.label() == "refused" {
+                    // An entry no node would accept (checked before signing): it never
+                    // will be; dropped rather than block the queue behind it.
+                    warn!(
+                        kind = p.kind.label(),
+                        "fleet: not publishable, dropped: {e}"
+                    );
+                    let _ = link.outbox.pop_front();
+                    continue;
+                }
+                link.mark_down(&e);
+                return;
+            }
+        }
+    }
+}
+
+/// Sync passes until the stream has nothing more (bounded), installing what each applied.
+async fn sync_passes(node: &Rc<RefCell<Node>>, t: &mut Task) {
+    for _ in 0..MAX_PASSES {
+        let r = sync::sync_once(
+            &mut t.store,
+            &mut t.cursor,
+            &mut t.applier,
+            MAX_PER_PASS,
+            clock::wall_ms(),
+        )
+        .await;
+        let pass = match r {
+            Ok(p) => p,
+            Err(SyncError::Cursor { pass, err }) => {
+                warn!("fleet: {err}");
+                let pass = *pass;
+                take(node, t, &pass);
+                return;
+            }
+            Err(SyncError::Store(e)) => {
+                if let Some(link) = node.borrow_mut().fleet.as_mut() {
+                    link.mark_down(&e);
+                }
+                return;
+            }
+        };
+        let more = pass.more;
+        take(node, t, &pass);
+        if !more {
+            return;
+        }
+    }
+}
+
+/// Installs a pass's entries and counts it.
+fn take(node: &Rc<RefCell<Node>>, t: &mut Task, pass: &Pass) {
+    let mut n = node.borrow_mut();
+    let Some(own) = n.fleet.as_ref().map(|l| l.node.clone()) else {
+        return;
+    };
+    let mut outcomes = Vec::new();
+    for v in &pass.applied {
+        // This node's own entries are already in force here; the applier holds them for
+        // ordering only.
+        if v.entry().origin == own {
+            continue;
+        }
+        let outcome = install::install(&mut n, v);
+        outcomes.push((v.entry().kind.label(), outcome));
+    }
+    if n.state.has_unrecorded()
+        && let Err(e) = n.record(Vec::new())
+    {
+        warn!("fleet: recording installed changes: {e}");
+    }
+    let held = t.applier.len();
+    let position = t.cursor.cursor().last.to_string();
+    let Some(link) = n.fleet.as_mut() else { return };
+    link.mark_up();
+    link.health.last_sync_ms = Some(clock::now_ms());
+    link.held = held;
+    link.position = position;
+    for (kind, outcome) in outcomes {
+        *link
+            .stats
+            .installs
+            .entry((kind, outcome.to_owned()))
+            .or_default() += 1;
+    }
+    for (label, n) in &pass.refused {
+        *link.stats.refused.entry(label).or_default() += n;
+    }
+    if !pass.refused.is_empty() {
+        warn!(refused = ?pass.refused, "fleet: entries refused (not signed with this pool's key, malformed, or stale)");
+    }
+    if let Some(r) = pass.reload {
+        let label = match r {
+            Reload::First => "first",
+            Reload::Gap => "gap",
+            Reload::StoreReset => "store_reset",
+            Reload::Restart => "restart",
+        };
+        *link.stats.reloads.entry(label).or_default() += 1;
+        info!(
+            reason = label,
+            entries = pass.applied.len(),
+            "fleet: snapshot loaded"
+        );
+        let wanted = match r {
+            Reload::StoreReset => Reseed::Everything,
+            // A gap lost nothing the snapshot lacks.
+            Reload::Gap => return,
+            Reload::First | Reload::Restart => Reseed::Local,
+        };
+        t.reseed = Some(match t.reseed {
+            Some(Reseed::Everything) => Reseed::Everything,
+            _ => wanted,
+        });
+    }
+}
+
+/// Puts back into the store what it should hold and does not: after a reset, every entry
+/// the applier holds (republished as they are: same origin, seq and MAC, so a node that
+/// holds them takes them as duplicates); and, after any snapshot load, the revocations and
+/// quarantines in force here that the pool does not hold (made before this node joined, or
+/// held only here when the store lost them), queued as this node's. Revocations are a
+/// union: nothing revoked anywhere becomes valid again.
+async fn reseed(node: &Rc<RefCell<Node>>, t: &mut Task) {
+    let Some(what) = t.reseed else { return };
+    if what == Reseed::Everything {
+        let held: Vec<Entry> = t
+            .applier
+            .entries()
+            .filter(|e| e.kind != Kind::Binding)
+            .cloned()
+            .collect();
+        for e in held {
+            if let Err(err) = t.store.append(e).await {
+                if let Some(link) = node.borrow_mut().fleet.as_mut() {
+                    link.mark_down(&err);
+                }
+                return;
+            }
+        }
+    }
+    let mut n = node.borrow_mut();
+    let now = clock::now_ms();
+    let mut local: Vec<Pending> = Vec::new();
+    let wall = clock::wall_ms();
+    let held = |slot: Kind, subject: &str| {
+        t.applier
+            .held(&format!("{}:{subject}", slot.slot()))
+            .is_some()
+    };
+    for (tid, until) in &n.state.revoked_tokens {
+        if *until > now && !held(Kind::Revocation, tid) {
+            local.push(pending(
+                Kind::Revocation,
+                tid,
+                payload::encode(&payload::Revocation {
+                    until_wall_ms: clock::to_wall_ms(*until),
+                    reason: "re-seed".into(),
+                }),
+                wall,
+            ));
+        }
+    }
+    for (identity, cutoff) in &n.state.revoked_identities {
+        if !held(Kind::IdentityRevocation, identity) {
+            local.push(pending(
+                Kind::IdentityRevocation,
+                identity,
+                payload::encode(&payload::IdentityRevocation {
+                    cutoff_wall_ms: *cutoff,
+                    reason: "re-seed".into(),
+                }),
+                wall,
+            ));
+        }
+    }
+    for (identity, q) in &n.state.quarantines {
+        if q.until_unix_ms.is_none_or(|u| u > now) && !held(Kind::Quarantine, identity) {
+            local.push(pending(
+                Kind::Quarantine,
+                identity,
+                payload::encode(&payload::Quarantine {
+                    until_wall_ms: q.until_unix_ms.map(clock::to_wall_ms),
+                    reason: q.reason.clone(),
+                }),
+                wall,
+            ));
+        }
+    }
+    let Some(link) = n.fleet.as_mut() else { return };
+    let count = local.len();
+    for p in local {
+        link.publish(p.kind, &p.subject, p.payload);
+    }
+    link.stats.reseeded += 1;
+    if what == Reseed::Everything || count > 0 {
+        info!(
+            local = count,
+            everything = what == Reseed::Everything,
+            "fleet: store re-seeded"
+        );
+    }
+    t.reseed = None;
+}
+
+fn pending(kind: Kind, subject: &str, payload: String, wall_ms: u64) -> Pending {
+    Pending {
+        kind,
+        subject: subject.to_owned(),
+        payload,
+        wall_ms,
+        seq: 0,
+    }
+}
+
+/// Beats, and lists the members.
+async fn heartbeat(node: &Rc<RefCell<Node>>, t: &mut Task) {
+    let (name, info) = {
+        let n = node.borrow();
+        let Some(link) = n.fleet.as_ref() else { return };
+        let info = serde_json::json!({
+            "wall_ms": clock::wall_ms(),
+            "outbox": link.outbox.len(),
+            "bindings": n.state.bindings.len(),
+        });
+        (link.node.clone(), info.to_string())
+    };
+    let r = t.store.heartbeat(&name, &info, MEMBER_TTL).await;
+    let r = match r {
+        Ok(()) => t.store.members().await,
+        Err(e) => Err(e),
+    };
+    let mut n = node.borrow_mut();
+    let Some(link) = n.fleet.as_mut() else { return };
+    match r {
+        Ok(members) => {
+            link.mark_up();
+            link.members = members
+                .into_iter()
+                .map(|m| {
+                    let v: serde_json::Value = serde_json::from_str(&m.info).unwrap_or_default();
+                    MemberView {
+                        node: m.node,
+                        heartbeat_wall_ms: v.get("wall_ms").and_then(|x| x.as_u64()),
+                        outbox: v.get("outbox").and_then(|x| x.as_u64()),
+                        bindings: v.get("bindings").and_then(|x| x.as_u64()),
+                    }
+                })
+                .collect();
+        }
+        Err(e) => link.mark_down(&e),
+    }
+}

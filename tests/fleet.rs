@@ -1,0 +1,298 @@
+//! The fleet (#14): nodes that share bindings, revocations and quarantines through a real
+//! `redis-server`. Four node namespaces with their own agents, one store reached by all,
+//! clients that reach every node with one address (`support/fleet.rs`).
+
+use std::time::Duration;
+
+use tollgate_tests::{
+    fleet::{FleetLab, POOL},
+    tokenlab::curl_bind,
+};
+
+const ALL: [usize; 4] = [0, 1, 2, 3];
+/// Far more than a change needs (a store round trip or two, then the sync interval at most):
+/// the bound for the polls, not a target (BENCHMARKS.md has the latencies).
+const SPREAD: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_bind_quarantine_release_and_revocation_on_one_node_hold_on_all_four() {
+    let mut lab = FleetLab::new(4, 2);
+    lab.start_all();
+    assert!(
+        !lab.served(0, 1, Duration::from_millis(500)),
+        "an unbound client was served"
+    );
+    let token = lab.issue("acme", "5m", "tok-acme");
+    let (code, body) = lab.bind(0, 0, &token);
+    assert_eq!(code, 200, "{body}");
+    // Node 1's bind admits the client on nodes 2–4, which verified the token themselves.
+    assert_eq!(lab.wait_served(0, &ALL, true, SPREAD), Vec::<usize>::new());
+    let installed = lab.audit(2);
+    assert!(
+        installed
+            .iter()
+            .any(|r| r["action"] == "bind" && r["detail"]["origin"] == "node-1"),
+        "node 3's audit has no bind from node-1: {installed:?}"
+    );
+    // The same token from another address on node 3: a replay, fleet-wide.
+    let (code, body) = lab.bind(1, 2, &token);
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (403, Some("replay")),
+        "{body}"
+    );
+    assert!(
+        lab.audit(2).iter().any(|r| r["action"] == "token_theft"),
+        "node 3 did not report the theft"
+    );
+    assert!(
+        !lab.served(1, 2, Duration::from_millis(500)),
+        "the thief was served"
+    );
+    // Node 3 forgets its copy of the binding (a token unbind is node-local), so only the
+    // pool's claim knows the token is bound to the first address: still a replay.
+    let (code, body) = curl_bind(
+        &lab.clients[0].ns,
+        lab.nodes[2].ip,
+        &lab.ca,
+        "DELETE",
+        &token,
+        5,
+    );
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = lab.bind(1, 2, &token);
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (403, Some("replay")),
+        "the claim did not decide: {body}"
+    );
+    assert!(
+        lab.metric(2, r#"tollgate_fleet_claims_total{outcome="replay"}"#)
+            .unwrap_or(0.0)
+            >= 2.0
+    );
+    // The first address binds it there again: the claim is its own.
+    let (code, body) = lab.bind(0, 2, &token);
+    assert_eq!(code, 200, "{body}");
+    // A quarantine on node 2 cuts it on all four; a release on node 3 lets it back.
+    lab.cli_ok(1, &["quarantine", "acme", "--reason", "fleet test"]);
+    assert_eq!(lab.wait_served(0, &ALL, false, SPREAD), Vec::<usize>::new());
+    lab.cli_ok(2, &["release", "acme", "--reason", "fleet test over"]);
+    assert_eq!(lab.wait_served(0, &ALL, true, SPREAD), Vec::<usize>::new());
+    // A revocation on node 4 drops it on all four, and no node binds the token again.
+    lab.cli_ok(
+        3,
+        &[
+            "token",
+            "revoke",
+            "--token-id",
+            "tok-acme",
+            "--reason",
+            "leaked",
+        ],
+    );
+    assert_eq!(lab.wait_served(0, &ALL, false, SPREAD), Vec::<usize>::new());
+    for n in ALL {
+        let (code, body) = lab.bind(0, n, &token);
+        assert_eq!(
+            (code, body["reason"].as_str()),
+            (403, Some("revoked")),
+            "node {n}: {body}"
+        );
+    }
+    let s = lab.fleet_status(0);
+    assert_eq!(s["store_up"], true, "{s}");
+    assert_eq!(s["members"].as_array().map(Vec::len), Some(4), "{s}");
+    assert_eq!(s["outbox"], 0, "{s}");
+}
+
+#[test]
+fn entries_without_the_pool_key_are_refused_everywhere_and_the_password_never_shows() {
+    let mut lab = FleetLab::new(3, 1);
+    lab.start_all();
+    let token = lab.issue("acme", "5m", "tok-forge");
+    assert_eq!(lab.bind(0, 0, &token).0, 200);
+    assert_eq!(
+        lab.wait_served(0, &[0, 1, 2], true, SPREAD),
+        Vec::<usize>::new()
+    );
+    // A writer to the store without the key: a revocation of the bound token and a
+    // quarantine of its identity, with a made-up MAC, in the stream and the snapshot.
+    let stream = format!("tollgate:{{{POOL}}}:stream");
+    for (kind, subject, payload) in [
+        (
+            "revocation",
+            "tok-forge",
+            r#"{"until_wall_ms":99999999999999,"reason":"x"}"#,
+        ),
+        (
+            "quarantine",
+            "acme",
+            r#"{"until_wall_ms":null,"reason":"x"}"#,
+        ),
+    ] {
+        let out = lab.redis.cli(&[
+            "XADD",
+            &stream,
+            "*",
+            "kind",
+            kind,
+            "pool",
+            POOL,
+            "origin",
+            "node-1",
+            "seq",
+            "999999",
+            "wall_ms",
+            "99999999999999",
+            "subject",
+            subject,
+            "payload",
+            payload,
+            "mac",
+            &"ab".repeat(32),
+        ]);
+        assert!(out.contains('-'), "XADD: {out}");
+    }
+    let refused = r#"tollgate_fleet_refused_entries_total{reason="bad_mac"}"#;
+    for n in [0, 1, 2] {
+        let deadline = std::time::Instant::now() + SPREAD;
+        while lab.metric(n, refused).unwrap_or(0.0) < 2.0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            lab.metric(n, refused).unwrap_or(0.0) >= 2.0,
+            "node {n}: {:?}",
+            lab.metric(n, refused)
+        );
+    }
+    // Nothing was lifted or imposed: the client is still served everywhere.
+    assert_eq!(
+        lab.wait_served(0, &[0, 1, 2], true, SPREAD),
+        Vec::<usize>::new()
+    );
+    // The store's password is in no log, scrape, status or fleet status.
+    let pw = lab.redis.password.clone();
+    for n in [0, 1, 2] {
+        let status = lab.cli_ok(n, &["status", "--output", "json"]);
+        let fleet = lab.cli_ok(n, &["fleet", "status"]);
+        for (what, text) in [
+            ("stderr", lab.stderr(n)),
+            ("metrics", lab.metrics(n)),
+            ("status", status),
+            ("fleet status", fleet),
+        ] {
+            assert!(
+                !text.contains(&pw),
+                "node {n}: the password is in its {what}"
+            );
+        }
+    }
+    // ... even while the store refuses it: a node with a wrong password says so, by label.
+    lab.redis
+        .cli(&["ACL", "SETUSER", "tollgate-node", "resetpass", ">another"]);
+    std::thread::sleep(Duration::from_secs(2));
+    lab.stop(0);
+    lab.start(0);
+    std::thread::sleep(Duration::from_secs(2));
+    let s = lab.fleet_status(0);
+    assert_eq!(s["store_up"], false, "{s}");
+    assert!(!s.to_string().contains(&pw), "{s}");
+    assert!(!lab.stderr(0).contains(&pw));
+}
+
+#[test]
+fn enforcement_outlives_the_store_and_an_empty_store_is_reseeded() {
+    let mut lab = FleetLab::new(4, 2);
+    lab.start_all();
+    let a = lab.issue("acme", "5m", "tok-a");
+    let b = lab.issue("beta", "5m", "tok-b");
+    assert_eq!(lab.bind(0, 0, &a).0, 200);
+    assert_eq!(lab.bind(1, 0, &b).0, 200);
+    assert_eq!(lab.wait_served(0, &ALL, true, SPREAD), Vec::<usize>::new());
+    assert_eq!(lab.wait_served(1, &ALL, true, SPREAD), Vec::<usize>::new());
+    // Revoked before the outage: every node drops beta.
+    lab.cli_ok(
+        1,
+        &[
+            "token",
+            "revoke",
+            "--token-id",
+            "tok-b",
+            "--reason",
+            "leaked",
+        ],
+    );
+    assert_eq!(lab.wait_served(1, &ALL, false, SPREAD), Vec::<usize>::new());
+
+    // The store dies. Bound clients keep being served everywhere.
+    lab.redis.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(lab.wait_served(0, &ALL, true, SPREAD), Vec::<usize>::new());
+    // A revocation on node 2 during the outage applies there at once; the others cannot
+    // know yet.
+    lab.cli_ok(
+        1,
+        &[
+            "token",
+            "revoke",
+            "--token-id",
+            "tok-a",
+            "--reason",
+            "outage",
+        ],
+    );
+    assert!(
+        !lab.served(0, 1, Duration::from_millis(500)),
+        "node 2 still serves tok-a"
+    );
+    assert!(
+        lab.served(0, 0, Duration::from_secs(1)),
+        "node 1 dropped tok-a without the store"
+    );
+    // A node restarted during the outage starts and enforces from its pins and state.
+    lab.stop(2);
+    lab.start(2);
+    assert!(
+        lab.served(0, 2, Duration::from_secs(2)),
+        "the restarted node dropped tok-a"
+    );
+    assert!(
+        !lab.served(1, 2, Duration::from_millis(500)),
+        "the restarted node served tok-b"
+    );
+    let s = lab.fleet_status(2);
+    assert_eq!(s["store_up"], false, "{s}");
+
+    // The store comes back empty: node 2's queued revocation reaches every node, and the
+    // nodes re-seed it with what they hold revoked.
+    lab.redis.restart_empty();
+    assert_eq!(lab.wait_served(0, &ALL, false, SPREAD), Vec::<usize>::new());
+    let snapshot = format!("tollgate:{{{POOL}}}:snapshot");
+    let deadline = std::time::Instant::now() + SPREAD;
+    let held = |f: &str| lab.redis.cli(&["HEXISTS", &snapshot, f]).trim() == "1";
+    while !(held("revocation:tok-a") && held("revocation:tok-b"))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        held("revocation:tok-a"),
+        "tok-a's revocation is not in the store"
+    );
+    assert!(
+        held("revocation:tok-b"),
+        "tok-b's revocation was not re-seeded"
+    );
+    for n in ALL {
+        for (c, t) in [(0, &a), (1, &b)] {
+            let (code, body) = lab.bind(c, n, t);
+            assert_eq!(
+                (code, body["reason"].as_str()),
+                (403, Some("revoked")),
+                "node {n}: {body}"
+            );
+        }
+        assert_eq!(lab.fleet_status(n)["store_up"], true);
+    }
+}

@@ -1,0 +1,454 @@
+//! A fleet lab (#14): N node namespaces, each with its own agent, pin and state directories,
+//! bind listener and model-server stand-in; one real `redis-server` (Debian's) in a store
+//! namespace reached by all; client namespaces that reach every node with one address each,
+//! as a load balancer that keeps the source address would. Everyone sits on one bridge (in
+//! a fabric namespace of its own), on a /24 of 198.18.0.0/15 unique to the lab, with static
+//! neighbours (ARP off, as in [`crate::lab::Lab`]).
+//!
+//! The nodes share a pool key, a credentials file for the store's ACL user, the token keys
+//! and one certificate valid for every node's address. Everything made here is removed on
+//! drop (namespaces, directories, the store process).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    agent::{Agent, AgentDirs, tollgate_bin},
+    config::{Config, Endpoint, Fleet, Plan, Tokens},
+    lab::{NetNs, checked, next_id, veth_pair},
+    tokenlab::{AUDIENCE, BIND_CLASSES, BIND_PORT, MODEL_PORT, curl_bind},
+};
+
+pub const STORE_PORT: u16 = 6379;
+pub const STORE_USER: &str = "tollgate-node";
+pub const POOL: &str = "lab";
+const BRIDGE: &str = "br0";
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("urandom");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A real `redis-server` in `ns` on `addr`, no persistence (a restart comes back empty), the
+/// default user off and one ACL user with a generated password. Killed on drop.
+pub struct Redis {
+    child: Option<Child>,
+    ns_name: String,
+    pub addr: Ipv4Addr,
+    pub password: String,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start(ns: &NetNs, addr: Ipv4Addr, dir: &Path) -> Redis {
+        std::fs::create_dir_all(dir).expect("store dir");
+        let password = random_hex(24);
+        std::fs::write(
+            dir.join("users.acl"),
+            format!("user default off\nuser {STORE_USER} on >{password} ~tollgate:* &* +@all\n"),
+        )
+        .expect("acl file");
+        let mut r = Redis {
+            child: None,
+            ns_name: ns.name().to_owned(),
+            addr,
+            password,
+            dir: dir.to_owned(),
+        };
+        r.launch();
+        r
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns_name, "redis-server"])
+            .args(["--bind", &self.addr.to_string(), "--port"])
+            .arg(STORE_PORT.to_string())
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--aclfile")
+            .arg(self.dir.join("users.acl"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (cargo xtask setup installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.cli(&["PING"]).trim() == "PONG" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server on {} did not answer", self.addr);
+    }
+
+    /// `redis-cli` as the nodes' ACL user; stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns_name, "redis-cli", "-h"])
+            .arg(self.addr.to_string())
+            .args([
+                "-p",
+                &STORE_PORT.to_string(),
+                "--user",
+                STORE_USER,
+                "--pass",
+            ])
+            .arg(&self.password)
+            .arg("--no-auth-warning")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGKILL: a store that dies with everything in memory.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A new server on the same address, empty (no persistence).
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A model-server stand-in on `addr`:MODEL_PORT in `ns`: "ok\n" to every connection.
+fn model_server(ns: &NetNs, addr: Ipv4Addr) -> std::thread::JoinHandle<()> {
+    let sa = SocketAddr::new(IpAddr::V4(addr), MODEL_PORT);
+    let listener = ns.run(|| TcpListener::bind(sa).expect("model port"));
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(b"ok\n");
+        }
+    })
+}
+
+pub struct FleetNode {
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    pub ifname: String,
+    pub dirs: AgentDirs,
+    pub config: PathBuf,
+    pub agent: Option<Agent>,
+    _model: std::thread::JoinHandle<()>,
+}
+
+pub struct Client {
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+}
+
+pub struct FleetLab {
+    pub nodes: Vec<FleetNode>,
+    pub clients: Vec<Client>,
+    pub redis: Redis,
+    pub store: NetNs,
+    _fabric: NetNs,
+    /// Keys, certificate, pool key and credentials (shared by the nodes).
+    pub shared: AgentDirs,
+    pub keys: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl FleetLab {
+    /// `nodes` nodes and `clients` clients; agents not started ([`FleetLab::start_all`]).
+    pub fn new(nodes: usize, clients: usize) -> FleetLab {
+        crate::require_root();
+        assert!((1..=8).contains(&nodes) && (1..=8).contains(&clients));
+        let pid = std::process::id();
+        let id = next_id();
+        let subnet = (pid.wrapping_mul(37).wrapping_add(id * 7 + 3) % 512) as u16;
+        let [hi, lo] = subnet.to_be_bytes();
+        let ip = |host: u8| Ipv4Addr::new(198, 18 + hi, lo, host);
+        let mac = |host: u8| format!("02:74:68:{hi:02x}:{lo:02x}:{host:02x}");
+        let fabric = NetNs::new("fab");
+        fabric.ip(&["link", "add", BRIDGE, "type", "bridge"]);
+        fabric.ip(&["link", "set", BRIDGE, "up"]);
+        // (namespace, host number, interface name)
+        let mut members: Vec<(NetNs, u8, String)> = Vec::new();
+        let store = NetNs::new("store");
+        members.push((store, 250, String::new()));
+        for i in 0..clients {
+            members.push((NetNs::new(&format!("c{i}")), 100 + i as u8, String::new()));
+        }
+        for i in 0..nodes {
+            members.push((NetNs::new(&format!("n{i}")), 1 + i as u8, String::new()));
+        }
+        let hosts: Vec<u8> = members.iter().map(|m| m.1).collect();
+        for (k, (ns, host, ifname)) in members.iter_mut().enumerate() {
+            *ifname = format!("tg{pid:x}{id:x}m{k}");
+            let fab_if = format!("tg{pid:x}{id:x}f{k}");
+            veth_pair(ns, ifname, &fabric, &fab_if);
+            fabric.ip(&["link", "set", &fab_if, "master", BRIDGE, "up"]);
+            ns.ip(&["link", "set", ifname, "address", &mac(*host)]);
+            ns.ip(&["link", "set", ifname, "arp", "off", "addrgenmode", "none"]);
+            ns.ip(&["addr", "add", &format!("{}/24", ip(*host)), "dev", ifname]);
+            ns.ip(&["link", "set", ifname, "up"]);
+            for peer in hosts.iter().filter(|h| **h != *host) {
+                ns.ip(&[
+                    "neigh",
+                    "replace",
+                    &ip(*peer).to_string(),
+                    "lladdr",
+                    &mac(*peer),
+                    "nud",
+                    "permanent",
+                    "dev",
+                    ifname,
+                ]);
+            }
+        }
+        let shared = AgentDirs::new();
+        let keys = shared.state_dir.join("keys");
+        checked(
+            Command::new(tollgate_bin())
+                .args([
+                    "keys",
+                    "generate",
+                    "--alg",
+                    "eddsa",
+                    "--kid",
+                    "k1",
+                    "--out-dir",
+                ])
+                .arg(&keys),
+        );
+        let node_ips: Vec<String> = (0..nodes).map(|i| ip(1 + i as u8).to_string()).collect();
+        let cert = rcgen::generate_simple_self_signed(node_ips).expect("cert");
+        let ca = shared.state_dir.join("cert.pem");
+        let tls_key = shared.state_dir.join("key.pem");
+        std::fs::write(&ca, cert.cert.pem()).expect("cert");
+        std::fs::write(&tls_key, cert.signing_key.serialize_pem()).expect("key");
+        let pool_key = shared.state_dir.join("pool.key");
+        write_private(&pool_key, &random_hex(32));
+        let mut it = members.into_iter();
+        let (store, _, _) = it.next().expect("store");
+        let redis = Redis::start(&store, ip(250), &shared.state_dir.join("redis"));
+        let creds = shared.state_dir.join("store.credentials");
+        write_private(
+            &creds,
+            &format!(
+                "user = \"{STORE_USER}\"\npassword = \"{}\"\n",
+                redis.password
+            ),
+        );
+        let mut client_list = Vec::new();
+        let mut node_list = Vec::new();
+        for (ns, host, ifname) in it {
+            if host >= 100 {
+                client_list.push(Client { ns, ip: ip(host) });
+                continue;
+            }
+            let dirs = AgentDirs::new();
+            let node_ip = ip(host);
+            let config = Config::new(std::slice::from_ref(&ifname))
+                .anonymous(200, 600)
+                .listen_bind(SocketAddr::new(IpAddr::V4(node_ip), BIND_PORT))
+                .tokens(Tokens {
+                    jwks: keys.join("jwks.json"),
+                    audience: AUDIENCE.into(),
+                    tls_cert: ca.clone(),
+                    tls_key: tls_key.clone(),
+                    max_ttl_s: Some(600),
+                    default_class: Some("customer".into()),
+                    default_plan: Some("customer".into()),
+                    clock_skew_s: Some(2),
+                    ..Tokens::default()
+                })
+                .fleet(Fleet {
+                    store: format!("redis://{}:{STORE_PORT}", ip(250)),
+                    credentials: Some(creds.clone()),
+                    pool_key: pool_key.clone(),
+                    pool: POOL.into(),
+                    node: format!("node-{host}"),
+                    sync_interval_ms: Some(250),
+                    op_timeout_ms: Some(500),
+                })
+                .plan(Plan::new("customer").packets(1000, 1000))
+                .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
+                .endpoint(Endpoint::tcp("bind", BIND_PORT, &BIND_CLASSES).anonymous())
+                .write(&dirs.state_dir.join("tollgate.toml"));
+            let model = model_server(&ns, node_ip);
+            node_list.push(FleetNode {
+                ns,
+                ip: node_ip,
+                ifname,
+                dirs,
+                config,
+                agent: None,
+                _model: model,
+            });
+        }
+        FleetLab {
+            nodes: node_list,
+            clients: client_list,
+            redis,
+            store,
+            _fabric: fabric,
+            shared,
+            keys,
+            ca,
+        }
+    }
+
+    pub fn start(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let config = n.config.to_str().expect("path").to_owned();
+        n.agent = Some(Agent::launch(
+            &n.ns,
+            &n.dirs,
+            &["--config", &config, "--mode", "native"],
+        ));
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+    }
+
+    /// SIGTERM and wait: the program stays attached (pins), as after a node's restart.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(a) = self.nodes[i].agent.take() {
+            a.stop();
+        }
+    }
+
+    /// `tollgate token issue` for `identity` (class and plan `customer`), with token id `id`.
+    pub fn issue(&self, identity: &str, ttl: &str, id: &str) -> String {
+        let out = Command::new(tollgate_bin())
+            .args(["token", "issue", "--key"])
+            .arg(self.keys.join("k1.key.json"))
+            .args(["--identity", identity, "--audience", AUDIENCE])
+            .args(["--ttl", ttl, "--id", id])
+            .output()
+            .expect("token issue");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// POST /v1/bind from client `c` on node `n`: (HTTP status, JSON body).
+    pub fn bind(&self, c: usize, n: usize, token: &str) -> (u16, serde_json::Value) {
+        curl_bind(
+            &self.clients[c].ns,
+            self.nodes[n].ip,
+            &self.ca,
+            "POST",
+            token,
+            5,
+        )
+    }
+
+    /// Whether node `n`'s model server answers client `c` within `wait`.
+    pub fn served(&self, c: usize, n: usize, wait: Duration) -> bool {
+        let addr = SocketAddr::new(IpAddr::V4(self.nodes[n].ip), MODEL_PORT);
+        self.clients[c]
+            .ns
+            .run(|| match TcpStream::connect_timeout(&addr, wait) {
+                Ok(mut s) => {
+                    let _ = s.set_read_timeout(Some(wait));
+                    let mut buf = [0u8; 3];
+                    s.read_exact(&mut buf).is_ok() && &buf == b"ok\n"
+                }
+                Err(_) => false,
+            })
+    }
+
+    /// Polls until `served(c, n)` is `want` on every node in `nodes`, at most `limit`;
+    /// returns the nodes where it never was.
+    pub fn wait_served(
+        &self,
+        c: usize,
+        nodes: &[usize],
+        want: bool,
+        limit: Duration,
+    ) -> Vec<usize> {
+        let deadline = Instant::now() + limit;
+        let mut left: Vec<usize> = nodes.to_vec();
+        while !left.is_empty() && Instant::now() < deadline {
+            left.retain(|n| self.served(c, *n, Duration::from_millis(300)) != want);
+            if !left.is_empty() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        left
+    }
+
+    /// The CLI against node `n`'s agent; stdout (panics unless it exits 0).
+    pub fn cli_ok(&self, n: usize, args: &[&str]) -> String {
+        self.nodes[n].dirs.cli_ok(args)
+    }
+
+    pub fn fleet_status(&self, n: usize) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(n, &["fleet", "status", "--output", "json"]))
+            .expect("fleet status JSON")
+    }
+
+    /// One scrape of node `n`'s /metrics (the default listener, inside its namespace).
+    pub fn metrics(&self, n: usize) -> String {
+        crate::scrape::scrape_within(
+            &self.nodes[n].ns,
+            "127.0.0.1:9464".parse().expect("addr"),
+            Duration::from_secs(10),
+        )
+    }
+
+    /// The value of the sample `series` (name and labels as printed) in node `n`'s scrape.
+    pub fn metric(&self, n: usize, series: &str) -> Option<f64> {
+        self.metrics(n).lines().find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            (name == series).then(|| v.parse().ok()).flatten()
+        })
+    }
+
+    pub fn audit(&self, n: usize) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.nodes[n].dirs.state_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn stderr(&self, n: usize) -> String {
+        self.nodes[n]
+            .agent
+            .as_ref()
+            .map(|a| a.stderr())
+            .unwrap_or_default()
+    }
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("private file");
+    f.write_all(text.as_bytes()).expect("write");
+}
