@@ -193,11 +193,12 @@ impl StoreError {
         } else if e.is_timeout() {
             // The crate's own response/connection timeout (set to op_timeout as well).
             StoreError::Timeout { op, ms: 0 }
-        } else if e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || sentinel::not_primary(&e)
-        {
+        } else if sentinel::not_primary(&e) {
+            StoreError::Connection {
+                op,
+                msg: format!("the node is no primary (demoted?), left: {msg}"),
+            }
+        } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
             StoreError::Connection { op, msg }
         } else {
             StoreError::Server { op, msg }

@@ -243,9 +243,14 @@ fn is_primary(role: &Value) -> bool {
 /// write: `READONLY` (a write to a replica), `WAIT` refused on a replica (a writable one),
 /// `MASTERDOWN`, `NOREPLICAS` (a primary with `min-replicas-to-write` that lost its
 /// replicas, as a primary the sentinels just replaced has). These break the connection, so
-/// the next operation asks the sentinels again.
+/// the next operation asks the sentinels again. In a MULTI the server aborts the whole
+/// transaction (`EXECABORT`) and the crate keeps each command's error inside: those count.
 pub(super) fn not_primary(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "NOREPLICAS"))
+    let code = |c: &str| matches!(c, "READONLY" | "MASTERDOWN" | "NOREPLICAS");
+    e.code().is_some_and(code)
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errs| errs.iter().any(|(_, se)| code(se.code())))
         || e.to_string().contains("WAIT cannot be used with replica")
 }
 

@@ -434,3 +434,38 @@ async fn over_tls_a_store_finds_the_primary_and_its_writes_reach_the_replica() {
     .await
     .expect("hung");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_demoted_under_an_open_connection_is_left_at_the_first_readonly() {
+    let set = SentinelSet::start();
+    tokio::time::timeout(HANG, async {
+        let mut s = store(&set);
+        s.append(revocation(1)).await.unwrap();
+        assert_eq!(port_of(s.primary()), Some(set.first.port));
+        // Demoted by hand (as the sentinels' user, which may), behind the sentinels' back:
+        // the store's connection stays open, the node now refuses writes.
+        let admin = |node: &test_server::RedisServer, args: &[&str]| {
+            node.cli_as(test_sentinel::SENTINEL_USER, &set.acl.sentinel, args)
+        };
+        assert_eq!(admin(&set.second, &["SLAVEOF", "NO", "ONE"]).trim(), "OK");
+        let port = set.second.port.to_string();
+        assert_eq!(
+            admin(&set.first, &["SLAVEOF", "127.0.0.1", &port]).trim(),
+            "OK"
+        );
+        let e = s.append(revocation(2)).await.unwrap_err();
+        assert_eq!(e.label(), "connection", "{e}");
+        assert!(e.to_string().contains("no primary (demoted?)"), "{e}");
+        // The connection was dropped: the next operation asks the sentinels again (which
+        // still name the demoted node, refused by its role).
+        let e = s.append(revocation(3)).await.unwrap_err();
+        assert_eq!(e.label(), "connection", "{e}");
+        assert!(
+            e.to_string()
+                .contains("no sentinel named a reachable primary"),
+            "{e}"
+        );
+    })
+    .await
+    .expect("hung");
+}

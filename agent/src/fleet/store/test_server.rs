@@ -164,6 +164,11 @@ impl RedisServer {
 
     /// `redis-cli` as the ACL user (password through the environment, not argv); stdout.
     pub fn cli(&self, args: &[&str]) -> String {
+        self.cli_as(USER, &self.password, args)
+    }
+
+    /// `redis-cli` as another ACL user; stdout.
+    pub fn cli_as(&self, user: &str, password: &str, args: &[&str]) -> String {
         let mut cmd = Command::new("redis-cli");
         if let Some(ca) = &self.ca {
             cmd.arg("--tls").arg("--cacert").arg(ca);
@@ -175,10 +180,10 @@ impl RedisServer {
                 "-p",
                 &self.port.to_string(),
                 "--user",
-                USER,
+                user,
             ])
             .args(args)
-            .env("REDISCLI_AUTH", &self.password)
+            .env("REDISCLI_AUTH", password)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .output()
