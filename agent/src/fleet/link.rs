@@ -206,21 +206,7 @@ pub fn open(
         Some(p) => Some(Credentials::load(p).map_err(|e| e.to_string())?),
         None => None,
     };
-    let url = match &cfg.store {
-        crate::config::FleetStore::Url { url, .. } => url.clone(),
-        crate::config::FleetStore::Sentinel { .. } => {
-            return Err("fleet.sentinel: Sentinel is not wired yet in this build; \
-                        name the primary with fleet.store"
-                .into());
-        }
-    };
-    let store_cfg = StoreConfig {
-        url,
-        ca_file: cfg.ca_file.clone(),
-        credentials,
-        op_timeout: Duration::from_millis(cfg.op_timeout_ms),
-        stream_max_len: cfg.stream_max_len,
-    };
+    let store_cfg = StoreConfig::from_fleet(cfg, credentials).map_err(|e| e.to_string())?;
     let store = Store::new(&store_cfg, key).map_err(|e| e.to_string())?;
     let cursor = super::cursor::CursorFile::load(state_dir).map_err(|e| e.to_string())?;
     let outbox = Outbox::load(state_dir).map_err(|e| e.to_string())?;

@@ -107,9 +107,9 @@ impl Credentials {
 /// How to reach the store.
 #[derive(Clone)]
 pub struct StoreConfig {
-    /// `redis://host:port[/db]` or `rediss://host:port[/db]`; no user or password in it.
-    pub url: String,
-    /// PEM roots for `rediss://` (else the system's roots).
+    /// One server by URL, or the primary the sentinels name ([`Target`]).
+    pub target: Target,
+    /// PEM roots for `rediss://` or a TLS Sentinel setup (else the system's roots).
     pub ca_file: Option<PathBuf>,
     pub credentials: Option<Credentials>,
     /// Bound on every operation, connecting included.
@@ -118,10 +118,21 @@ pub struct StoreConfig {
     pub stream_max_len: u64,
 }
 
+/// Where the store is. [`StoreConfig::from_fleet`] builds it from `[fleet]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// One server: `redis://host:port[/db]` or `rediss://host:port[/db]` ([`check_url`]);
+    /// no user or password in it. Writes are acknowledged by that server alone.
+    Url(String),
+    /// The primary the sentinels name, found again on every reconnect; a write is reported
+    /// done only once a replica has it too ([`Store::append`], `sentinel.rs`).
+    Sentinel(SentinelTarget),
+}
+
 impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreConfig")
-            .field("url", &self.url)
+            .field("target", &self.target)
             .field("ca_file", &self.ca_file)
             .field("credentials", &self.credentials)
             .field("op_timeout", &self.op_timeout)
@@ -149,6 +160,12 @@ pub enum StoreError {
     Reply { op: &'static str, msg: String },
     #[error("fleet entry not published: {0}")]
     Refused(Refusal),
+    /// With Sentinel: the write reached the primary but no replica acknowledged it within
+    /// the op timeout (`WAIT`), so a failover now could lose it. The caller keeps the entry
+    /// queued and publishes it again (entries are idempotent per subject, so the copy that
+    /// did land is harmless); the next operation asks the sentinels for the primary again.
+    #[error("fleet store {op}: written to the primary, but no replica acknowledged it in time")]
+    Unacknowledged { op: &'static str },
 }
 
 impl StoreError {
@@ -162,6 +179,7 @@ impl StoreError {
             StoreError::Server { .. } => "server",
             StoreError::Reply { .. } => "reply",
             StoreError::Refused(_) => "refused",
+            StoreError::Unacknowledged { .. } => "unacknowledged",
         }
     }
 
@@ -175,6 +193,11 @@ impl StoreError {
         } else if e.is_timeout() {
             // The crate's own response/connection timeout (set to op_timeout as well).
             StoreError::Timeout { op, ms: 0 }
+        } else if sentinel::not_primary(&e) {
+            StoreError::Connection {
+                op,
+                msg: format!("the node is no primary (demoted?), left: {msg}"),
+            }
         } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
             StoreError::Connection { op, msg }
         } else {
@@ -183,10 +206,17 @@ impl StoreError {
     }
 
     /// Whether the connection should be dropped and made again on the next operation.
+    /// [`StoreError::Unacknowledged`] is one (it only happens with Sentinel): a primary whose
+    /// replica stopped acknowledging is often one the sentinels have just replaced (a demoted
+    /// primary keeps answering as one for seconds), so the next operation asks them again
+    /// instead of writing on where nothing is kept.
     fn breaks_connection(&self) -> bool {
         matches!(
             self,
-            StoreError::Timeout { .. } | StoreError::Connection { .. } | StoreError::Auth { .. }
+            StoreError::Timeout { .. }
+                | StoreError::Connection { .. }
+                | StoreError::Auth { .. }
+                | StoreError::Unacknowledged { .. }
         )
     }
 }
@@ -340,7 +370,7 @@ impl KeyNames {
 /// connection of its own ([`Store::waiter`]).
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    client: Dial,
     conn: Option<redis::aio::MultiplexedConnection>,
     /// Added to the bound of [`Store::wait_after`] and to the connection's response timeout:
     /// zero except on a waiter.
@@ -349,7 +379,15 @@ pub struct Store {
     keys: KeyNames,
     op_timeout: Duration,
     stream_max_len: u64,
+    /// The URL, or `sentinel:<service>`: for Debug, never carries a password.
     url: String,
+}
+
+/// How a connection is made: one server, or the primary the sentinels name.
+#[derive(Clone)]
+enum Dial {
+    Url(Client),
+    Sentinel(sentinel::Dial),
 }
 
 impl fmt::Debug for Store {
@@ -377,33 +415,12 @@ impl Store {
         if cfg.op_timeout.is_zero() {
             return Err(StoreError::Config("op_timeout must be above zero".into()));
         }
-        let url = check_url(&cfg.url).map_err(StoreError::Config)?;
-        let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
-            .map_err(|e| StoreError::Config(format!("url {}: {e}", cfg.url)))?;
-        if let Some(c) = &cfg.credentials {
-            let r = info
-                .redis_settings()
-                .clone()
-                .set_username(&c.user)
-                .set_password(&c.password);
-            info = info.set_redis_settings(r);
-        }
-        let client = if url.tls {
-            let root_cert = match &cfg.ca_file {
-                Some(p) => Some(read_ca_file(p).map_err(StoreError::Config)?),
-                None => None,
-            };
-            let certs = redis::TlsCertificates {
-                client_tls: None,
-                root_cert,
-            };
-            Client::build_with_tls(info, certs)
-                .map_err(|e| StoreError::Config(format!("TLS for {}: {e}", cfg.url)))?
-        } else {
-            if cfg.ca_file.is_some() {
-                return Err(StoreError::Config(CA_FILE_WITHOUT_TLS.into()));
-            }
-            Client::open(info).map_err(|e| StoreError::Config(format!("url {}: {e}", cfg.url)))?
+        let (client, url) = match &cfg.target {
+            Target::Url(url) => (Dial::Url(url_client(url, cfg)?), url.clone()),
+            Target::Sentinel(t) => (
+                Dial::Sentinel(sentinel::Dial::new(t, cfg)?),
+                format!("sentinel:{}", t.service),
+            ),
         };
         Ok(Store {
             client,
@@ -413,7 +430,7 @@ impl Store {
             op_timeout: cfg.op_timeout,
             block: Duration::ZERO,
             stream_max_len: cfg.stream_max_len.max(1),
-            url: cfg.url.clone(),
+            url,
         })
     }
 
@@ -447,11 +464,14 @@ impl Store {
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.op_timeout))
             .set_response_timeout(Some(self.op_timeout + self.block));
-        let c = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-            .map_err(|e| StoreError::from_redis(op, e))?;
+        let c = match &mut self.client {
+            Dial::Url(client) => client
+                .get_multiplexed_async_connection_with_config(&cfg)
+                .await
+                .map_err(|e| StoreError::from_redis(op, e))?,
+            // Asks the sentinels on every (re)connect and checks the node's role.
+            Dial::Sentinel(d) => d.connect(op, &cfg).await?,
+        };
         self.conn = Some(c.clone());
         Ok(c)
     }
@@ -516,6 +536,12 @@ impl Store {
 
     /// Signs `entry` and publishes it: XADD to the stream (trimmed to about
     /// `stream_max_len`) and HSET into the snapshot, in one MULTI. Returns its stream id.
+    ///
+    /// With Sentinel, success also means the write reached a replica: after the MULTI,
+    /// `WAIT 1` within what is left of the op timeout; no replica in time is
+    /// [`StoreError::Unacknowledged`] (the caller keeps the entry and publishes it again),
+    /// so an entry reported published survives a failover to that replica. One server by
+    /// URL has no replica to wait for: there, success means the server has it.
     pub async fn append(&mut self, entry: Entry) -> Result<StreamPos, StoreError> {
         let signed = self.key.sign(entry).map_err(StoreError::Refused)?;
         let mut pipe = redis::pipe();
@@ -535,7 +561,24 @@ impl Store {
             .arg(signed.entry.snapshot_field())
             .arg(signed.to_snapshot_value())
             .ignore();
-        let (id,): (String,) = self.query_pipe("append", &pipe).await?;
+        let replicated = matches!(self.client, Dial::Sentinel(_));
+        let bound = self.op_timeout;
+        let (id, acked) = self
+            .run("append", |mut c| async move {
+                let started = tokio::time::Instant::now();
+                let (id,): (String,) = pipe.query_async(&mut c).await?;
+                // A single server has nobody to wait for: its answer is the acknowledgement.
+                let acked = !replicated || sentinel::wait_replica(&mut c, bound, started).await?;
+                Ok((id, acked))
+            })
+            .await?;
+        if !acked {
+            let e = StoreError::Unacknowledged { op: "append" };
+            if e.breaks_connection() {
+                self.conn = None;
+            }
+            return Err(e);
+        }
         id.parse().map_err(|_| StoreError::Reply {
             op: "append",
             msg: format!("XADD returned id {id:?}"),
@@ -836,6 +879,39 @@ impl Store {
     }
 }
 
+/// The client for one server by URL ([`check_url`]), with the credentials and CA of `cfg`.
+fn url_client(url: &str, cfg: &StoreConfig) -> Result<Client, StoreError> {
+    let parts = check_url(url).map_err(StoreError::Config)?;
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(|e| StoreError::Config(format!("url {url}: {e}")))?;
+    if let Some(c) = &cfg.credentials {
+        let r = info
+            .redis_settings()
+            .clone()
+            .set_username(&c.user)
+            .set_password(&c.password);
+        info = info.set_redis_settings(r);
+    }
+    let client = if parts.tls {
+        let root_cert = match &cfg.ca_file {
+            Some(p) => Some(read_ca_file(p).map_err(StoreError::Config)?),
+            None => None,
+        };
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert,
+        };
+        Client::build_with_tls(info, certs)
+            .map_err(|e| StoreError::Config(format!("TLS for {}: {e}", url)))?
+    } else {
+        if cfg.ca_file.is_some() {
+            return Err(StoreError::Config(CA_FILE_WITHOUT_TLS.into()));
+        }
+        Client::open(info).map_err(|e| StoreError::Config(format!("url {}: {e}", url)))?
+    };
+    Ok(client)
+}
+
 /// A stream entry's fields, or `malformed` when a store writer gave it a shape the entry
 /// format cannot have.
 type EntryFields = Result<Vec<(Vec<u8>, Vec<u8>)>, Refusal>;
@@ -1069,6 +1145,13 @@ pub fn check_sentinel_node(node: &str) -> Result<(), String> {
     }
 }
 
+mod sentinel;
+pub use sentinel::SentinelTarget;
+
+#[cfg(test)]
+mod sentinel_tests;
+#[cfg(test)]
+pub(crate) mod test_sentinel;
 #[cfg(test)]
 pub(crate) mod test_server;
 #[cfg(test)]

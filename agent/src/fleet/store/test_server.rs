@@ -24,7 +24,8 @@ pub struct RedisServer {
 
 static N: AtomicU32 = AtomicU32::new(0);
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes as hex: passwords.
+pub fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -33,42 +34,60 @@ fn random_hex(bytes: usize) -> String {
 impl RedisServer {
     /// Starts a server; `extra` are further `redis-server` arguments.
     pub fn start(extra: &[&str]) -> RedisServer {
-        RedisServer::launch(extra, false)
+        RedisServer::launch(extra, Tls::Off, None)
+    }
+
+    /// Starts a server with the ACL file `acl` (whole; the default user's line included),
+    /// in which [`USER`] has `password`: servers that replicate from each other (and the
+    /// sentinels watching them) share one file.
+    /// `certs`: TLS only, with the certificates [`write_certificates`] wrote there (servers
+    /// that replicate over TLS share one CA).
+    pub fn start_with_acl(
+        acl: &str,
+        password: &str,
+        certs: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> RedisServer {
+        let tls = certs.map_or(Tls::Off, Tls::In);
+        RedisServer::launch(extra, tls, Some((acl, password)))
     }
 
     /// Starts a server that speaks TLS only, with a certificate for 127.0.0.1 from a CA made
     /// here (rcgen); `ca` is that CA's PEM.
     pub fn start_tls() -> RedisServer {
-        RedisServer::launch(&[], true)
+        RedisServer::launch(&[], Tls::Own, None)
     }
 
-    fn launch(extra: &[&str], tls: bool) -> RedisServer {
-        let dir = std::env::temp_dir().join(format!(
-            "tollgate-redis-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let password = random_hex(24);
+    fn launch(extra: &[&str], tls: Tls, acl: Option<(&str, &str)>) -> RedisServer {
+        let dir = temp_dir("redis");
+        let (acl_text, password) = match acl {
+            Some((text, password)) => (text.to_string(), password.to_string()),
+            None => {
+                let password = random_hex(24);
+                (
+                    format!("user default off\nuser {USER} on >{password} ~tollgate:* &* +@all\n"),
+                    password,
+                )
+            }
+        };
         let acl = dir.join("users.acl");
-        std::fs::write(
-            &acl,
-            format!("user default off\nuser {USER} on >{password} ~tollgate:* &* +@all\n"),
-        )
-        .unwrap();
-        let ca = tls.then(|| write_certificates(&dir));
+        std::fs::write(&acl, acl_text).unwrap();
+        let certs = match tls {
+            Tls::Off => None,
+            Tls::Own => {
+                write_certificates(&dir);
+                Some(dir.clone())
+            }
+            Tls::In(p) => Some(p.to_path_buf()),
+        };
+        let ca = certs.as_ref().map(|c| c.join("ca.pem"));
         // A free port: bind :0, read it, let go; a lost race shows as a failed start, retried.
         let mut last_log = String::new();
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = free_port();
             let mut cmd = Command::new("redis-server");
             let port_text = port.to_string();
-            if tls {
+            if let Some(certs) = &certs {
                 cmd.args([
                     "--port",
                     "0",
@@ -78,11 +97,11 @@ impl RedisServer {
                     "no",
                 ])
                 .arg("--tls-cert-file")
-                .arg(dir.join("server.pem"))
+                .arg(certs.join("server.pem"))
                 .arg("--tls-key-file")
-                .arg(dir.join("server.key"))
+                .arg(certs.join("server.key"))
                 .arg("--tls-ca-cert-file")
-                .arg(dir.join("ca.pem"));
+                .arg(certs.join("ca.pem"));
             } else {
                 cmd.args(["--port", &port_text]);
             }
@@ -145,6 +164,11 @@ impl RedisServer {
 
     /// `redis-cli` as the ACL user (password through the environment, not argv); stdout.
     pub fn cli(&self, args: &[&str]) -> String {
+        self.cli_as(USER, &self.password, args)
+    }
+
+    /// `redis-cli` as another ACL user; stdout.
+    pub fn cli_as(&self, user: &str, password: &str, args: &[&str]) -> String {
         let mut cmd = Command::new("redis-cli");
         if let Some(ca) = &self.ca {
             cmd.arg("--tls").arg("--cacert").arg(ca);
@@ -156,15 +180,21 @@ impl RedisServer {
                 "-p",
                 &self.port.to_string(),
                 "--user",
-                USER,
+                user,
             ])
             .args(args)
-            .env("REDISCLI_AUTH", &self.password)
+            .env("REDISCLI_AUTH", password)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .output()
             .expect("redis-cli (cargo xtask setup installs it)");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Ends the server at once (SIGKILL): no goodbye to clients or replicas.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -192,9 +222,41 @@ impl Drop for RedisServer {
     }
 }
 
+/// A fresh empty directory under the temp dir, named for `what`, this process and a counter
+/// (the caller removes it).
+pub fn temp_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-{what}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A free port on 127.0.0.1: bind :0, read it, let go (a lost race shows as a failed start,
+/// which the callers retry).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Where a server's TLS certificates come from.
+enum Tls<'a> {
+    Off,
+    /// Made for it, in its own directory.
+    Own,
+    /// Shared, in this directory ([`write_certificates`]).
+    In(&'a std::path::Path),
+}
+
 /// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`
 /// (`ca.pem`, `server.pem`, `server.key`); returns the CA's path.
-fn write_certificates(dir: &std::path::Path) -> PathBuf {
+pub fn write_certificates(dir: &std::path::Path) -> PathBuf {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

@@ -12,7 +12,7 @@ const HANG: Duration = Duration::from_secs(20);
 
 fn config(server: &RedisServer) -> StoreConfig {
     StoreConfig {
-        url: server.url(),
+        target: Target::Url(server.url()),
         ca_file: None,
         credentials: Some(server.credentials()),
         op_timeout: Duration::from_millis(1000),
@@ -325,12 +325,12 @@ async fn the_password_is_never_printed_and_a_wrong_one_is_auth() {
 
         // A password in the URL is refused without echoing it.
         let mut in_url = cfg.clone();
-        in_url.url = format!(
+        in_url.target = Target::Url(format!(
             "redis://{}:{}@127.0.0.1:{}",
             test_server::USER,
             server.password,
             server.port
-        );
+        ));
         let e = Store::new(&in_url, PoolKey::from_bytes(&KEY, POOL).unwrap()).unwrap_err();
         assert_eq!(e.label(), "config");
         assert!(!e.to_string().contains(&server.password), "{e}");
@@ -419,7 +419,7 @@ async fn rediss_with_the_ca_file_connects_and_another_ca_is_refused() {
         assert_eq!(e.label(), "connection", "{e}");
         // Plain TCP to the TLS port gets no answer it can read.
         cfg.ca_file = None;
-        cfg.url = format!("redis://127.0.0.1:{}", server.port);
+        cfg.target = Target::Url(format!("redis://127.0.0.1:{}", server.port));
         cfg.op_timeout = Duration::from_millis(300);
         let mut s = Store::new(&cfg, PoolKey::from_bytes(&KEY, POOL).unwrap()).unwrap();
         assert!(s.ping().await.is_err());
@@ -432,7 +432,7 @@ async fn rediss_with_the_ca_file_connects_and_another_ca_is_refused() {
 fn urls_and_ca_files_are_checked_before_connecting() {
     let key = || PoolKey::from_bytes(&KEY, POOL).unwrap();
     let cfg = |url: &str, ca: Option<&str>| StoreConfig {
-        url: url.into(),
+        target: Target::Url(url.into()),
         ca_file: ca.map(PathBuf::from),
         credentials: None,
         op_timeout: Duration::from_secs(1),

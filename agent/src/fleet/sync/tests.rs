@@ -16,7 +16,7 @@ const HANG: Duration = Duration::from_secs(30);
 
 fn store_with(server: &RedisServer, max_len: u64) -> Store {
     let cfg = StoreConfig {
-        url: server.url(),
+        target: crate::fleet::store::Target::Url(server.url()),
         ca_file: None,
         credentials: Some(server.credentials()),
         op_timeout: Duration::from_millis(1000),
