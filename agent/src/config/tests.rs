@@ -1813,7 +1813,7 @@ mod fleet {
     }
 
     fn files(tag: &str) -> Files {
-        let dir = Dir::new(&format!("config-fleet-{tag}"));
+        let dir = Dir::new("config-fleet", tag);
         let key = dir.0.join("pool.key");
         crate::fleet::entry::write_key_file(&key).expect("key");
         let creds = dir.0.join("store.creds");

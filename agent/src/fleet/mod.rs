@@ -14,5 +14,6 @@
 pub mod apply;
 pub mod cursor;
 pub mod entry;
+pub mod share;
 pub mod store;
 pub mod sync;
