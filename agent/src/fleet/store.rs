@@ -1015,6 +1015,7 @@ pub fn check_sentinel_node(node: &str) -> Result<(), String> {
     }
 }
 
+pub mod spend;
 #[cfg(test)]
 pub(crate) mod test_server;
 #[cfg(test)]
