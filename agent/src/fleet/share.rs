@@ -71,14 +71,18 @@
 //! Example: 4 nodes, T = 250 ms, 1 MB/s each, burst 64 KiB: at most
 //! 1 MB + 4 × (250 000 + 65 536) B = 1 MB + 1 262 144 B.
 //!
-//! **Store outage** ([`OutageMode`], from the last fleet total seen, `T_cut`, and this node's
+//! **Store outage** (after the same grace as for rates, [`outage_rate`]: the caller calls
+//! [`QuotaTrack::outage`] once `G` consecutive reports failed, and counts on the view until
+//! then; [`OutageMode`], from the last fleet total seen, `T_cut`, and this node's
 //! own spend then, `own_cut`; `N` the last known pool size):
 //! - `share`: this node may spend `(L − T_cut) / N` more: the fleet stays within `L` (plus
 //!   one interval per node) if every node is cut off alike.
 //! - `local`: the node counts on from `T_cut` as if alone: up to `N × (L − T_cut)` more
 //!   fleet-wide, nobody cut short.
-//! - `closed`: nothing more until the store answers again (the flag is set at the first
-//!   failed report).
+//! - `closed`: nothing more until the store answers again (the flag is set when the grace
+//!   ends).
+//!
+//! The grace adds at most `G·T·r_j` per node to each bound.
 
 use tollgate_common::policy::{IdentityCounters, PlanLimits};
 
@@ -246,14 +250,22 @@ pub fn node_share(
 }
 
 /// This node's part of a fleet-wide `rate` while the store cannot be reached: `share`: 1/N
-/// (N the last known pool size, at least the floor); `local`: the whole rate; `closed`: the
-/// last share computed with the store (never more), or the floor if there was none.
-pub fn outage_rate(mode: OutageMode, rate: u64, pool_size: usize, last: Option<u64>) -> u64 {
+/// (N the last known pool size; at least the floor); `local`: the whole rate; `closed`: the
+/// floor (the rate cannot be checked against the fleet, so only the least is granted; never
+/// zero).
+///
+/// The caller keeps the last share while fewer than `G` consecutive reports failed and only
+/// then takes this, `G` one less than the intervals in the store's `ttl`: the others still
+/// count this node's last report for `ttl`, so keeping its share that long grants nothing
+/// twice, and one slow round trip does not move a node's limit. After that, in a partial
+/// outage (this node cut off, the others not) the others divide the whole rate among
+/// themselves, so the fleet admits up to the rate plus this (`share`: `R + R/N`).
+pub fn outage_rate(mode: OutageMode, rate: u64, pool_size: usize) -> u64 {
     let floor = default_floor(rate, pool_size);
     match mode {
         OutageMode::Share => (rate / pool_size.max(1) as u64).max(floor),
         OutageMode::Local => rate,
-        OutageMode::Closed => last.unwrap_or(floor).min(rate),
+        OutageMode::Closed => floor,
     }
 }
 

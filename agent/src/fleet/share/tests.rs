@@ -368,12 +368,12 @@ fn a_dead_node_drops_out_of_the_sum_after_its_reports_go_stale() {
 
 #[test]
 fn outage_rates_follow_the_mode() {
-    assert_eq!(outage_rate(OutageMode::Share, 1000, 4, Some(700)), 250);
-    assert_eq!(outage_rate(OutageMode::Local, 1000, 4, Some(700)), 1000);
-    assert_eq!(outage_rate(OutageMode::Closed, 1000, 4, Some(700)), 700);
-    assert_eq!(outage_rate(OutageMode::Closed, 1000, 4, None), 25);
+    assert_eq!(outage_rate(OutageMode::Share, 1000, 4), 250);
+    assert_eq!(outage_rate(OutageMode::Local, 1000, 4), 1000);
+    assert_eq!(outage_rate(OutageMode::Closed, 1000, 4), 25);
+    assert_eq!(outage_rate(OutageMode::Closed, 3, 4), 1, "never zero");
     // A pool size of 0 (never learnt) reads as 1.
-    assert_eq!(outage_rate(OutageMode::Share, 1000, 0, None), 1000);
+    assert_eq!(outage_rate(OutageMode::Share, 1000, 0), 1000);
 }
 
 #[test]
