@@ -21,6 +21,7 @@ pub mod install;
 pub mod link;
 pub mod outbox;
 pub mod payload;
+pub mod share;
 pub mod store;
 pub mod sync;
 pub mod task;

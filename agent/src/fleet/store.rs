@@ -1152,6 +1152,7 @@ pub use sentinel::SentinelTarget;
 mod sentinel_tests;
 #[cfg(test)]
 pub(crate) mod test_sentinel;
+pub mod spend;
 #[cfg(test)]
 pub(crate) mod test_server;
 #[cfg(test)]
