@@ -1150,9 +1150,9 @@ pub use sentinel::SentinelTarget;
 
 #[cfg(test)]
 mod sentinel_tests;
+pub mod spend;
 #[cfg(test)]
 pub(crate) mod test_sentinel;
-pub mod spend;
 #[cfg(test)]
 pub(crate) mod test_server;
 #[cfg(test)]

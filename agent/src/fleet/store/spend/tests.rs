@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::super::{StoreConfig, test_server::RedisServer};
+use super::super::{StoreConfig, Target, test_server::RedisServer};
 use super::*;
 use crate::fleet::{
     entry::PoolKey,
@@ -18,7 +18,7 @@ const TTL: Duration = Duration::from_secs(120);
 
 fn store(server: &RedisServer) -> Store {
     let cfg = StoreConfig {
-        url: server.url(),
+        target: Target::Url(server.url()),
         ca_file: None,
         credentials: Some(server.credentials()),
         op_timeout: Duration::from_millis(2000),
