@@ -35,9 +35,13 @@ fn ms(v: Option<u64>) -> String {
 
 fn text(s: &FleetStatus) -> String {
     let mut out = format!(
-        "pool {} · node {}\nstore: {}{}\nsync: last pass {} ago (interval {} ms), position {}, {} entries held\noutbox: {} waiting\n",
+        "pool {} · node {}\nstore {}{}: {}{}\nsync: last pass {} ago (interval {} ms), position {}, {} entries held\noutbox: {} waiting\n",
         s.pool,
         s.node,
+        s.store,
+        s.primary
+            .as_ref()
+            .map_or(String::new(), |p| format!(" (primary {p})")),
         if s.store_up { "up" } else { "DOWN" },
         match (&s.last_error, s.down_for_ms) {
             (Some(e), Some(d)) => format!(" for {d} ms ({e})"),

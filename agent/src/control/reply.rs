@@ -76,6 +76,10 @@ pub struct FleetScope {
 pub struct FleetStatus {
     pub pool: String,
     pub node: String,
+    /// The store's URL or `sentinel:<service>`.
+    pub store: String,
+    /// With Sentinel: the primary last reached (`host:port`).
+    pub primary: Option<String>,
     pub store_up: bool,
     /// The last store error (label: message); never a credential.
     pub last_error: Option<String>,

@@ -74,6 +74,10 @@ pub struct Link {
     /// Woken when a change is queued, so it is published now rather than next interval.
     pub wake: Rc<Notify>,
     pub sync_interval: Duration,
+    /// The store's URL or `sentinel:<service>`, and the primary the fleet task last reached
+    /// through the sentinels.
+    pub store: String,
+    pub primary: Option<String>,
     /// Entries held by the applier and the stream position (the task's, mirrored here).
     pub held: usize,
     pub position: String,
@@ -222,6 +226,8 @@ pub fn open(
         stats: Stats::default(),
         wake: Rc::clone(&wake),
         sync_interval: interval,
+        store: store.target().to_owned(),
+        primary: None,
         held: 0,
         position: cursor.cursor().last.to_string(),
     };

@@ -12,7 +12,8 @@
 //! `link` is what the node holds (outbox, health, counters, the claim client), `outbox` the
 //! durable queue of this node's changes, `payload` what each kind carries, `install` how
 //! another node's change is put in force here, `task` the loop that publishes, syncs,
-//! re-seeds and beats. docs/fleet.md has the key layout and the outage rules.
+//! re-seeds and beats. `share` (with `store::spend`) is the logic of fleet-wide rates and
+//! quotas. docs/fleet.md has the key layout and the outage rules.
 
 pub mod apply;
 pub mod cursor;

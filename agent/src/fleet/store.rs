@@ -448,6 +448,12 @@ impl Store {
         self.key.pool()
     }
 
+    /// What the store is, for `fleet status`: its URL or `sentinel:<service>` (never a
+    /// password: a URL with one is refused).
+    pub fn target(&self) -> &str {
+        &self.url
+    }
+
     /// Connects now (the operations connect on their own; this is for a check at start).
     pub async fn ping(&mut self) -> Result<(), StoreError> {
         let _: String = self.query("ping", &redis::cmd("PING")).await?;

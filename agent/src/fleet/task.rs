@@ -275,6 +275,7 @@ fn take(node: &Rc<RefCell<Node>>, t: &mut Task, pass: &Pass) {
     let position = t.cursor.cursor().last.to_string();
     let Some(link) = n.fleet.as_mut() else { return };
     link.mark_up();
+    link.primary = t.store.primary().map(str::to_owned);
     link.health.last_sync_ms = Some(clock::now_ms());
     link.held = held;
     link.position = position;

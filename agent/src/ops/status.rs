@@ -126,6 +126,8 @@ pub fn fleet(node: &Node) -> Result<crate::control::reply::FleetStatus, OpError>
     Ok(FleetStatus {
         pool: l.pool.clone(),
         node: l.node.clone(),
+        store: l.store.clone(),
+        primary: l.primary.clone(),
         store_up: l.health.up,
         last_error: l.health.last_error.clone(),
         down_for_ms: l.health.down_since_ms.map(|s| now.saturating_sub(s)),
