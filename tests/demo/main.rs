@@ -13,6 +13,7 @@
 //! (the handler only sets a flag: every loop stops, `main` returns, the guards run). Only
 //! addresses inside the lab (198.18.0.0/15) are ever targets.
 
+mod fleet;
 mod model_server;
 mod report;
 mod traffic;
@@ -104,7 +105,11 @@ fn main() -> ExitCode {
     install_signal_handlers();
     tollgate_tests::require_root();
     let started = Instant::now();
-    let result = run();
+    let result = if std::env::args().any(|a| a == "--fleet") {
+        fleet::run()
+    } else {
+        run()
+    };
     let took = started.elapsed().as_secs();
     match result {
         _ if interrupted() => {

@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: builds the agent and runs the demo lab (tests/demo/): a GPU node,
 //! an internal service, a partner, a customer and an attacker in network namespaces, with
 //! tollgate enforcing. About 40 s of traffic after the build; cleans up after itself, also on
-//! Ctrl-C.
+//! Ctrl-C. `--fleet`: three nodes and a Redis store instead (tests/demo/fleet.rs).
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -29,7 +29,7 @@ fn set_handler(sig: libc::c_int, handler: libc::sighandler_t) -> libc::sighandle
     unsafe { libc::signal(sig, handler) }
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(fleet: bool) -> anyhow::Result<()> {
     preflight::check()?;
     if !setup::is_complete() {
         eprintln!("[demo] the toolchain or packages are incomplete: running setup first");
@@ -57,6 +57,9 @@ pub fn run() -> anyhow::Result<()> {
         "demo",
     ])
     .env("TOLLGATE_BIN", root.join("target/release/tollgate"));
+    if fleet {
+        c.args(["--", "--fleet"]);
+    }
     // Installed before the demo starts, so that no signal can end this process first.
     let handler = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
     let previous = [libc::SIGINT, libc::SIGTERM].map(|sig| (sig, set_handler(sig, handler)));

@@ -46,7 +46,13 @@ enum Command {
     /// an attacker in network namespaces. The clients bind with real tokens; midway the GPU
     /// saturates and the attacker floods. Narrates live, ends with a table per identity.
     /// About 40 s after the build; cleans up, also on Ctrl-C. Needs root.
-    Demo,
+    Demo {
+        /// The fleet instead: three nodes and a Redis store; a bind on one node served by
+        /// all, a revocation on another cutting it everywhere, the store killed (enforcement
+        /// carries on) and back empty (the nodes catch up and re-seed it). About 30 s.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Build the Debian package (target/debian/tollgate_*.deb) with cargo-deb.
     Deb {
         /// Then install it here, run `tollgate --version` and `config check` from it, purge it
@@ -62,7 +68,7 @@ fn main() -> std::process::ExitCode {
         Command::Setup => setup::run().map(|_| ()),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::Bench => bench::run(),
-        Command::Demo => demo::run(),
+        Command::Demo { fleet } => demo::run(fleet),
         Command::Install => install::install(),
         Command::Uninstall => install::uninstall(),
         Command::Deb { check } => deb::build().and_then(|p| {
