@@ -296,3 +296,92 @@ fn enforcement_outlives_the_store_and_an_empty_store_is_reseeded() {
         assert_eq!(lab.fleet_status(n)["store_up"], true);
     }
 }
+
+#[test]
+fn through_sentinel_the_nodes_follow_a_failover_and_no_acknowledged_revocation_is_lost() {
+    let mut lab = FleetLab::with_sentinel(3, 2);
+    lab.start_all();
+    let nodes = [0, 1, 2];
+    let a = lab.issue("acme", "5m", "tok-s1");
+    let b = lab.issue("beta", "5m", "tok-s2");
+    assert_eq!(lab.bind(0, 0, &a).0, 200);
+    assert_eq!(lab.bind(1, 0, &b).0, 200);
+    assert_eq!(
+        lab.wait_served(0, &nodes, true, SPREAD),
+        Vec::<usize>::new()
+    );
+    assert_eq!(
+        lab.wait_served(1, &nodes, true, SPREAD),
+        Vec::<usize>::new()
+    );
+    // Acknowledged before the failover: published (a replica has it) and in force everywhere.
+    lab.cli_ok(
+        1,
+        &[
+            "token",
+            "revoke",
+            "--token-id",
+            "tok-s1",
+            "--reason",
+            "before",
+        ],
+    );
+    assert_eq!(
+        lab.wait_served(0, &nodes, false, SPREAD),
+        Vec::<usize>::new()
+    );
+    let set = lab.sentinel.as_ref().expect("sentinel set");
+    let old = set.primary();
+    assert_eq!(lab.fleet_status(1)["primary"].as_str(), Some(old.as_str()));
+    set.failover();
+    // During the failover: a revocation on node 3 applies there at once and reaches the
+    // others through the new primary.
+    lab.cli_ok(
+        2,
+        &[
+            "token",
+            "revoke",
+            "--token-id",
+            "tok-s2",
+            "--reason",
+            "during",
+        ],
+    );
+    assert!(!lab.served(1, 2, Duration::from_millis(500)));
+    let long = Duration::from_secs(40);
+    assert_eq!(lab.wait_served(1, &nodes, false, long), Vec::<usize>::new());
+    // Every node follows the new primary, and its queue empties: node 3's revocation was
+    // acknowledged (a replica has it) once the old primary followed the new one.
+    let new = lab.sentinel.as_ref().expect("set").primary();
+    assert_ne!(new, old, "the sentinels did not fail over");
+    let deadline = std::time::Instant::now() + long;
+    let settled = |n: usize| {
+        let s = lab.fleet_status(n);
+        s["primary"].as_str() == Some(new.as_str()) && s["outbox"] == 0 && s["store_up"] == true
+    };
+    while !nodes.iter().all(|n| settled(*n)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for n in nodes {
+        assert!(settled(n), "node {n}: {}", lab.fleet_status(n));
+    }
+    // No acknowledged revocation lost: both are in the new primary's snapshot.
+    let replica = &lab.sentinel.as_ref().expect("set").replica;
+    assert!(new.ends_with(&format!(":{}", replica.port)), "{new}");
+    let snapshot = format!("tollgate:{{{POOL}}}:snapshot");
+    for tid in ["tok-s1", "tok-s2"] {
+        let field = format!("revocation:{tid}");
+        assert_eq!(
+            replica.cli(&["HEXISTS", &snapshot, &field]).trim(),
+            "1",
+            "{tid}"
+        );
+    }
+    // And the pool works on: a new bind on node 1 is served by all three.
+    let c = lab.issue("acme", "5m", "tok-s3");
+    assert_eq!(lab.bind(0, 0, &c).0, 200);
+    assert_eq!(
+        lab.wait_served(0, &nodes, true, SPREAD),
+        Vec::<usize>::new()
+    );
+}

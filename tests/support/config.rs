@@ -65,7 +65,11 @@ pub struct Node {
 /// `[fleet]`: the pool this node shares bindings, revocations and quarantines with.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Fleet {
-    pub store: String,
+    /// One server (`redis://…`); or `sentinel`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<FleetSentinel>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials: Option<PathBuf>,
     pub pool_key: PathBuf,
@@ -75,6 +79,13 @@ pub struct Fleet {
     pub sync_interval_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub op_timeout_ms: Option<u64>,
+}
+
+/// `[fleet.sentinel]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FleetSentinel {
+    pub service: String,
+    pub nodes: Vec<String>,
 }
 
 /// `[anonymous]`: the allowance of unbound sources on `anonymous = true` endpoints.

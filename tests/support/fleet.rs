@@ -19,7 +19,7 @@ use std::{
 
 use crate::{
     agent::{Agent, AgentDirs, tollgate_bin},
-    config::{Config, Endpoint, Fleet, Plan, Tokens},
+    config::{Config, Endpoint, Fleet, FleetSentinel, Plan, Tokens},
     lab::{NetNs, checked, next_id, veth_pair},
     tokenlab::{AUDIENCE, BIND_CLASSES, BIND_PORT, MODEL_PORT, curl_bind},
 };
@@ -39,31 +39,55 @@ fn random_hex(bytes: usize) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// A real `redis-server` in `ns` on `addr`, no persistence (a restart comes back empty), the
-/// default user off and one ACL user with a generated password. Killed on drop.
+/// A real `redis-server` in `ns` on `addr`:`port`, no persistence (a restart comes back
+/// empty), the default user off and the nodes' ACL user with a generated password (plus the
+/// sentinels' and replicas' users in a Sentinel set). Killed on drop.
 pub struct Redis {
     child: Option<Child>,
     ns_name: String,
     pub addr: Ipv4Addr,
+    pub port: u16,
     pub password: String,
     dir: PathBuf,
+    extra: Vec<String>,
 }
+
+/// The nodes' rules: the pool's keys, reads, writes, transactions, `ROLE` and `WAIT`, nothing
+/// dangerous (docs/fleet.md, Sentinel; the store client's Sentinel tests run under the same).
+const NODE_RULES: &str = "~tollgate:* resetchannels -@all +@read +@write +@transaction \
+                          +@connection -@dangerous +role +wait";
+const SENTINEL_RULES: &str = "allchannels -@all +multi +slaveof +ping +exec +subscribe \
+                              +config|rewrite +role +publish +info +client|setname \
+                              +client|kill +script|kill";
+const REPLICA_RULES: &str = "-@all +psync +replconf +ping";
+pub const SERVICE: &str = "tollgate-store";
 
 impl Redis {
     fn start(ns: &NetNs, addr: Ipv4Addr, dir: &Path) -> Redis {
-        std::fs::create_dir_all(dir).expect("store dir");
         let password = random_hex(24);
-        std::fs::write(
-            dir.join("users.acl"),
-            format!("user default off\nuser {STORE_USER} on >{password} ~tollgate:* &* +@all\n"),
-        )
-        .expect("acl file");
+        let acl = format!("user default off\nuser {STORE_USER} on >{password} {NODE_RULES}\n");
+        Redis::start_with(ns, addr, STORE_PORT, dir, &acl, password, Vec::new())
+    }
+
+    fn start_with(
+        ns: &NetNs,
+        addr: Ipv4Addr,
+        port: u16,
+        dir: &Path,
+        acl: &str,
+        password: String,
+        extra: Vec<String>,
+    ) -> Redis {
+        std::fs::create_dir_all(dir).expect("store dir");
+        std::fs::write(dir.join("users.acl"), acl).expect("acl file");
         let mut r = Redis {
             child: None,
             ns_name: ns.name().to_owned(),
             addr,
+            port,
             password,
             dir: dir.to_owned(),
+            extra,
         };
         r.launch();
         r
@@ -73,12 +97,13 @@ impl Redis {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns_name, "redis-server"])
             .args(["--bind", &self.addr.to_string(), "--port"])
-            .arg(STORE_PORT.to_string())
+            .arg(self.port.to_string())
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--aclfile")
             .arg(self.dir.join("users.acl"))
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -92,7 +117,7 @@ impl Redis {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("redis-server on {} did not answer", self.addr);
+        panic!("redis-server on {}:{} did not answer", self.addr, self.port);
     }
 
     /// `redis-cli` as the nodes' ACL user; stdout.
@@ -100,13 +125,7 @@ impl Redis {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns_name, "redis-cli", "-h"])
             .arg(self.addr.to_string())
-            .args([
-                "-p",
-                &STORE_PORT.to_string(),
-                "--user",
-                STORE_USER,
-                "--pass",
-            ])
+            .args(["-p", &self.port.to_string(), "--user", STORE_USER, "--pass"])
             .arg(&self.password)
             .arg("--no-auth-warning")
             .args(args)
@@ -134,6 +153,152 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A primary (the lab's [`Redis`] on [`STORE_PORT`]), one replica and three sentinels (quorum
+/// 2, a silent primary down after 1 s), Debian's binaries, all in the store namespace.
+pub struct SentinelSet {
+    pub replica: Redis,
+    sentinels: Vec<Child>,
+    pub ports: Vec<u16>,
+    ns_name: String,
+    addr: Ipv4Addr,
+}
+
+impl SentinelSet {
+    pub const PORTS: [u16; 3] = [26379, 26380, 26381];
+    const REPLICA_PORT: u16 = 6380;
+
+    /// `redis-cli` against sentinel `i` (no auth: sentinels have none); stdout.
+    pub fn cli(&self, i: usize, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns_name, "redis-cli", "-h"])
+            .arg(self.addr.to_string())
+            .args(["-p", &self.ports[i].to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The primary the sentinels name now (`host:port`).
+    pub fn primary(&self) -> String {
+        let out = self.cli(0, &["SENTINEL", "get-master-addr-by-name", SERVICE]);
+        out.split_whitespace().collect::<Vec<_>>().join(":")
+    }
+
+    /// `SENTINEL FAILOVER`: the replica is promoted, the old primary made its replica.
+    pub fn failover(&self) {
+        let out = self.cli(0, &["SENTINEL", "FAILOVER", SERVICE]);
+        assert!(out.trim() == "OK", "SENTINEL FAILOVER: {out}");
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for c in &mut self.sentinels {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sentinel_set(ns: &NetNs, addr: Ipv4Addr, dir: &Path, primary: &mut Redis) -> SentinelSet {
+    let (spw, rpw) = (random_hex(24), random_hex(24));
+    let acl = format!(
+        "user default off\nuser {STORE_USER} on >{} {NODE_RULES}\n\
+         user tollgate-sentinel on >{spw} {SENTINEL_RULES}\n\
+         user tollgate-replica on >{rpw} {REPLICA_RULES}\n",
+        primary.password
+    );
+    // The primary too takes the replicas' user, to follow the new primary after a failover.
+    let follow = vec![
+        "--masteruser".to_owned(),
+        "tollgate-replica".to_owned(),
+        "--masterauth".to_owned(),
+        rpw.clone(),
+    ];
+    std::fs::write(primary.dir.join("users.acl"), &acl).expect("acl");
+    primary.extra = follow.clone();
+    primary.restart_empty();
+    let mut extra = follow;
+    extra.extend([
+        "--replicaof".to_owned(),
+        addr.to_string(),
+        STORE_PORT.to_string(),
+    ]);
+    let replica = Redis::start_with(
+        ns,
+        addr,
+        SentinelSet::REPLICA_PORT,
+        &dir.join("replica"),
+        &acl,
+        primary.password.clone(),
+        extra,
+    );
+    let mut sentinels = Vec::new();
+    for port in SentinelSet::PORTS {
+        let sdir = dir.join(format!("sentinel-{port}"));
+        std::fs::create_dir_all(&sdir).expect("sentinel dir");
+        let conf = sdir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind {addr}\ndaemonize no\ndir {d}\n\
+                 sentinel monitor {SERVICE} {addr} {STORE_PORT} 2\n\
+                 sentinel down-after-milliseconds {SERVICE} 1000\n\
+                 sentinel failover-timeout {SERVICE} 4000\n\
+                 sentinel auth-user {SERVICE} tollgate-sentinel\n\
+                 sentinel auth-pass {SERVICE} {spw}\n",
+                d = sdir.display()
+            ),
+        )
+        .expect("sentinel conf");
+        sentinels.push(
+            Command::new("ip")
+                .args(["netns", "exec", ns.name(), "redis-sentinel"])
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-sentinel (cargo xtask setup installs it)"),
+        );
+    }
+    let set = SentinelSet {
+        replica,
+        sentinels,
+        ports: SentinelSet::PORTS.to_vec(),
+        ns_name: ns.name().to_owned(),
+        addr,
+    };
+    // Ready: the replica in sync, and every sentinel knowing the others and the replica.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let synced = set.replica.cli(&["ROLE"]).contains("connected");
+        let known = (0..3).all(|i| {
+            let m = set.cli(i, &["SENTINEL", "master", SERVICE]);
+            let v: Vec<&str> = m.lines().map(str::trim).collect();
+            let field = |k: &str| {
+                v.iter()
+                    .position(|l| *l == k)
+                    .and_then(|p| v.get(p + 1))
+                    .copied()
+            };
+            field("num-other-sentinels") == Some("2") && field("num-slaves") == Some("1")
+        });
+        if synced && known {
+            return set;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Sentinel set did not settle: replica ROLE {:?}; sentinel 0: {:?}",
+            set.replica.cli(&["ROLE"]),
+            set.cli(0, &["SENTINEL", "master", SERVICE])
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -166,6 +331,8 @@ pub struct Client {
 pub struct FleetLab {
     pub nodes: Vec<FleetNode>,
     pub clients: Vec<Client>,
+    /// Declared before `redis`: sentinels stop before the primary they watch.
+    pub sentinel: Option<SentinelSet>,
     pub redis: Redis,
     pub store: NetNs,
     _fabric: NetNs,
@@ -178,6 +345,16 @@ pub struct FleetLab {
 impl FleetLab {
     /// `nodes` nodes and `clients` clients; agents not started ([`FleetLab::start_all`]).
     pub fn new(nodes: usize, clients: usize) -> FleetLab {
+        FleetLab::build(nodes, clients, false)
+    }
+
+    /// As [`FleetLab::new`], the nodes finding the primary through three sentinels, with
+    /// one replica ([`SentinelSet`]).
+    pub fn with_sentinel(nodes: usize, clients: usize) -> FleetLab {
+        FleetLab::build(nodes, clients, true)
+    }
+
+    fn build(nodes: usize, clients: usize, with_sentinel: bool) -> FleetLab {
         crate::require_root();
         assert!((1..=8).contains(&nodes) && (1..=8).contains(&clients));
         let pid = std::process::id();
@@ -248,7 +425,15 @@ impl FleetLab {
         write_private(&pool_key, &random_hex(32));
         let mut it = members.into_iter();
         let (store, _, _) = it.next().expect("store");
-        let redis = Redis::start(&store, ip(250), &shared.state_dir.join("redis"));
+        let mut redis = Redis::start(&store, ip(250), &shared.state_dir.join("redis"));
+        let sentinel = with_sentinel.then(|| {
+            sentinel_set(
+                &store,
+                ip(250),
+                &shared.state_dir.join("sentinel"),
+                &mut redis,
+            )
+        });
         let creds = shared.state_dir.join("store.credentials");
         write_private(
             &creds,
@@ -281,7 +466,14 @@ impl FleetLab {
                     ..Tokens::default()
                 })
                 .fleet(Fleet {
-                    store: format!("redis://{}:{STORE_PORT}", ip(250)),
+                    store: (!with_sentinel).then(|| format!("redis://{}:{STORE_PORT}", ip(250))),
+                    sentinel: with_sentinel.then(|| FleetSentinel {
+                        service: SERVICE.into(),
+                        nodes: SentinelSet::PORTS
+                            .iter()
+                            .map(|p| format!("{}:{p}", ip(250)))
+                            .collect(),
+                    }),
                     credentials: Some(creds.clone()),
                     pool_key: pool_key.clone(),
                     pool: POOL.into(),
@@ -308,6 +500,7 @@ impl FleetLab {
         FleetLab {
             nodes: node_list,
             clients: client_list,
+            sentinel,
             redis,
             store,
             _fabric: fabric,
