@@ -225,9 +225,22 @@ fn enforcement_outlives_the_store_and_an_empty_store_is_reseeded() {
     );
     assert_eq!(lab.wait_served(1, &ALL, false, SPREAD), Vec::<usize>::new());
 
-    // The store dies. Bound clients keep being served everywhere.
+    // The store dies. Bound clients keep their admitted rate everywhere (200 datagrams/s
+    // per node, under the plan's 1 000/s: all of it admitted before, ≥ 99% after).
+    let before = lab.probe(0, Duration::from_secs(2), 400);
     lab.redis.kill();
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(500));
+    let after = lab.probe(0, Duration::from_secs(2), 400);
+    for n in ALL {
+        assert!(
+            before[n] >= 396,
+            "node {n} before the outage: {before:?} of 400"
+        );
+        assert!(
+            f64::from(after[n]) >= 0.99 * f64::from(before[n]),
+            "node {n} during the outage: {after:?} of 400 (before {before:?})"
+        );
+    }
     assert_eq!(lab.wait_served(0, &ALL, true, SPREAD), Vec::<usize>::new());
     // A revocation on node 2 during the outage applies there at once; the others cannot
     // know yet.

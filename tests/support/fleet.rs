@@ -593,6 +593,61 @@ impl FleetLab {
         left
     }
 
+    /// Client `c` sends `per_node` UDP datagrams to each node's probe port, evenly over
+    /// `span` (round robin); returns how many each node's socket received. What the kernel
+    /// admitted, counted by the server, not by the agent.
+    pub fn probe(&self, c: usize, span: Duration, per_node: u32) -> Vec<u32> {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU32, Ordering},
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Vec<Arc<AtomicU32>> = self.nodes.iter().map(|_| Arc::default()).collect();
+        let mut receivers = Vec::new();
+        for (n, node) in self.nodes.iter().enumerate() {
+            let addr = SocketAddr::new(IpAddr::V4(node.ip), PROBE_PORT);
+            let sock = node
+                .ns
+                .run(|| std::net::UdpSocket::bind(addr).expect("probe socket"));
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
+            let (stop, count) = (Arc::clone(&stop), Arc::clone(&counts[n]));
+            receivers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 16];
+                while !stop.load(Ordering::Relaxed) {
+                    if sock.recv(&mut buf).is_ok() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        let targets: Vec<SocketAddr> = self
+            .nodes
+            .iter()
+            .map(|n| SocketAddr::new(IpAddr::V4(n.ip), PROBE_PORT))
+            .collect();
+        let me = SocketAddr::new(IpAddr::V4(self.clients[c].ip), 0);
+        let sender = self.clients[c]
+            .ns
+            .run(|| std::net::UdpSocket::bind(me).expect("client"));
+        let total = per_node * targets.len() as u32;
+        let start = Instant::now();
+        for i in 0..total {
+            let at = start + span.mul_f64(f64::from(i) / f64::from(total));
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let _ = sender.send_to(&i.to_le_bytes(), targets[i as usize % targets.len()]);
+        }
+        // The last datagrams in flight, then stop.
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        for r in receivers {
+            let _ = r.join();
+        }
+        counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
     /// The CLI against node `n`'s agent; stdout (panics unless it exits 0).
     pub fn cli_ok(&self, n: usize, args: &[&str]) -> String {
         self.nodes[n].dirs.cli_ok(args)

@@ -14,7 +14,7 @@ use crate::{
     clock,
     node::Node,
     ops::{self, Done, Failed},
-    state::now_unix_ms,
+    state::{QuarantineOwner, now_unix_ms},
 };
 
 /// What installing an entry did: `installed`, `unchanged` (this node already had it), or
@@ -23,6 +23,10 @@ use crate::{
 pub fn install(node: &mut Node, v: &Verified) -> &'static str {
     let e = v.entry();
     let origin = e.origin.as_str();
+    let Some(subject) = payload::decode_subject(&e.subject) else {
+        return "bad_subject";
+    };
+    let subject = subject.as_str();
     match e.kind {
         Kind::Binding => {
             let Some(b) = payload::decode::<payload::Binding>(&e.payload) else {
@@ -42,16 +46,16 @@ pub fn install(node: &mut Node, v: &Verified) -> &'static str {
             let Some(r) = payload::decode::<payload::Revocation>(&e.payload) else {
                 return "bad_payload";
             };
-            let held = node.state.revoked_tokens.contains_key(&e.subject);
+            let held = node.state.revoked_tokens.contains_key(subject);
             let bound = node
                 .state
                 .bindings
                 .iter()
-                .any(|b| b.token_id.as_deref() == Some(e.subject.as_str()));
+                .any(|b| b.token_id.as_deref() == Some(subject));
             if held && !bound {
                 return "unchanged";
             }
-            let done = ops::tokens::revoke_at(node, Some(&e.subject), None, &r.reason, None);
+            let done = ops::tokens::revoke_at(node, Some(subject), None, &r.reason, None);
             result(node, done, origin)
         }
         Kind::IdentityRevocation => {
@@ -61,7 +65,7 @@ pub fn install(node: &mut Node, v: &Verified) -> &'static str {
             if node
                 .state
                 .revoked_identities
-                .get(&e.subject)
+                .get(subject)
                 .is_some_and(|c| *c >= r.cutoff_wall_ms)
             {
                 return "unchanged";
@@ -69,7 +73,7 @@ pub fn install(node: &mut Node, v: &Verified) -> &'static str {
             let done = ops::tokens::revoke_at(
                 node,
                 None,
-                Some(&e.subject),
+                Some(subject),
                 &r.reason,
                 Some(r.cutoff_wall_ms),
             );
@@ -84,18 +88,24 @@ pub fn install(node: &mut Node, v: &Verified) -> &'static str {
             if until.is_some_and(|u| u <= now_unix_ms()) {
                 return "expired";
             }
+            // The same end within a second is the same quarantine: agent time minus wall time
+            // moves by a few ms between two conversions.
+            let close = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                (Some(a), Some(b)) => a.abs_diff(b) < 1000,
+                (a, b) => a == b,
+            };
             if node
                 .state
                 .quarantines
-                .get(&e.subject)
-                .is_some_and(|held| held.until_unix_ms == until && held.reason == q.reason)
+                .get(subject)
+                .is_some_and(|held| close(held.until_unix_ms, until) && held.reason == q.reason)
             {
                 return "unchanged";
             }
             let done = ops::quarantine::quarantine_name(
                 node,
                 &Actor::FLEET,
-                e.subject.clone(),
+                subject.to_owned(),
                 until,
                 &q.reason,
             );
@@ -105,10 +115,14 @@ pub fn install(node: &mut Node, v: &Verified) -> &'static str {
             let Some(r) = payload::decode::<payload::Release>(&e.payload) else {
                 return "bad_payload";
             };
-            if !node.state.quarantines.contains_key(&e.subject) {
-                return "unchanged";
+            match node.state.quarantines.get(subject) {
+                None => return "unchanged",
+                // The anomaly ladder's quarantine is this node's own (it saw the traffic):
+                // the pool does not lift it; the ladder does.
+                Some(q) if matches!(q.by, QuarantineOwner::Controller) => return "local_controller",
+                Some(_) => {}
             }
-            let done = ops::quarantine::release_name(node, e.subject.clone(), &r.reason);
+            let done = ops::quarantine::release_name(node, subject.to_owned(), &r.reason);
             result(node, done, origin)
         }
     }

@@ -66,7 +66,8 @@ pub struct Link {
     pub pool: String,
     pub node: String,
     pub outbox: Outbox,
-    /// Shares its connection with the fleet task's publishing (multiplexed); binds clone it.
+    /// The client binds claim tokens with: each bind clones it and puts back the clone with
+    /// the connection it used, so binds share one multiplexed connection.
     pub claims: Store,
     pub health: Health,
     pub members: Vec<MemberView>,
@@ -90,11 +91,33 @@ impl Link {
     pub fn publish(&mut self, kind: Kind, subject: &str, payload: String) {
         let p = Pending {
             kind,
-            subject: subject.to_owned(),
+            subject: super::payload::encode_subject(subject),
             payload,
             wall_ms: clock::wall_ms(),
             seq: 0,
         };
+        // What no node would accept (a name too long even encoded, a payload over the
+        // entry's bound: a token near `max_token_bytes`) is refused here, loudly, rather
+        // than queued and dropped later: the change holds on this node only.
+        let probe = super::entry::Entry {
+            kind,
+            pool: self.pool.clone(),
+            origin: self.node.clone(),
+            seq: 1,
+            wall_ms: p.wall_ms,
+            subject: p.subject.clone(),
+            payload: p.payload.clone(),
+        };
+        if let Err(r) = super::entry::check_entry(&probe) {
+            self.stats.unqueued += 1;
+            warn!(
+                kind = kind.label(),
+                reason = r.label(),
+                "NOT shared with the pool (applied on this node only): the change cannot be \
+                 an entry; revoke or quarantine on each node by hand"
+            );
+            return;
+        }
         match self.outbox.push(p) {
             Ok(()) => self.wake.notify_one(),
             Err(e) => {
@@ -143,6 +166,11 @@ pub async fn claim(
     let r = store
         .claim_token(token_id, addr, Duration::from_millis(ttl_ms))
         .await;
+    // The connection this claim made (or found broken) is the next claim's: binds share one
+    // multiplexed connection instead of opening one each.
+    if let Some(link) = node.borrow_mut().fleet.as_mut() {
+        link.claims = store;
+    }
     match r {
         Ok(Claim::Claimed) => {
             count_claim(node, "claimed");
@@ -153,7 +181,15 @@ pub async fn claim(
             Some(other)
         }
         Err(e) => {
-            if let Some(link) = node.borrow_mut().fleet.as_mut() {
+            // Only the store's unreachability marks it down (binds then skip it); an answer
+            // that is no address (a store writer's value) is this bind's fallback alone.
+            if matches!(
+                e,
+                StoreError::Timeout { .. }
+                    | StoreError::Connection { .. }
+                    | StoreError::Auth { .. }
+            ) && let Some(link) = node.borrow_mut().fleet.as_mut()
+            {
                 link.mark_down(&e);
             }
             count_claim(node, "fallback");

@@ -52,6 +52,38 @@ pub struct Release {
     pub reason: String,
 }
 
+/// An entry's subject is part of a Redis field name and must be printable ASCII without
+/// spaces (`fleet::entry`); identities and token ids are any string a token's claims hold
+/// (`Zoë`, `a b`). So a subject that is not printable ASCII, or that starts with `~`, travels
+/// as `~` and the hex of its bytes: every name can be published, and read back exactly.
+pub fn encode_subject(s: &str) -> String {
+    let plain = !s.is_empty() && !s.starts_with('~') && s.bytes().all(|c| c.is_ascii_graphic());
+    if plain {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(1 + 2 * s.len());
+    out.push('~');
+    for b in s.bytes() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// The name an encoded subject stands for; `None` for a `~` form that is not hex of UTF-8.
+pub fn decode_subject(s: &str) -> Option<String> {
+    let Some(hex) = s.strip_prefix('~') else {
+        return Some(s.to_owned());
+    };
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
 pub fn encode<T: Serialize>(p: &T) -> String {
     serde_json::to_string(p).expect("payloads serialize")
 }
@@ -63,6 +95,26 @@ pub fn decode<T: DeserializeOwned>(payload: &str) -> Option<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_name_is_a_subject_and_reads_back() {
+        for name in [
+            "alice",
+            "tok-1",
+            "sha256:ab",
+            "Zoë",
+            "a b",
+            "~tilde",
+            "x\ty",
+        ] {
+            let wire = encode_subject(name);
+            assert!(wire.bytes().all(|c| c.is_ascii_graphic()), "{wire}");
+            assert_eq!(decode_subject(&wire).as_deref(), Some(name));
+        }
+        assert_eq!(encode_subject("alice"), "alice");
+        assert_eq!(decode_subject("~zz"), None);
+        assert_eq!(decode_subject("~ff"), None);
+    }
 
     #[test]
     fn round_trips_and_refuses_unknown_fields() {

@@ -44,8 +44,6 @@ const MAX_SNAPSHOT_PAGES: usize = 4096;
 pub const MAX_MEMBERS: usize = 1024;
 /// Longest member info (JSON the caller chooses).
 pub const MAX_MEMBER_INFO_BYTES: usize = 4096;
-/// Longest token id used in a claim key.
-pub const MAX_TOKEN_ID_BYTES: usize = 512;
 
 /// The ACL user and password, from a file. Debug and Display never show the password.
 #[derive(Clone)]
@@ -355,8 +353,12 @@ impl KeyNames {
         }
     }
 
+    /// A token id is any string its issuer chose (spaces, non-ASCII, up to the token's
+    /// size): the key holds its SHA-256, so every id has one, bounded and printable.
     fn claim(&self, token_id: &str) -> String {
-        format!("{}claim:{token_id}", self.prefix)
+        let d = ring::digest::digest(&ring::digest::SHA256, token_id.as_bytes());
+        let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}claim:{hex}", self.prefix)
     }
 
     fn member(&self, node: &str) -> String {
@@ -764,13 +766,10 @@ impl Store {
         addr: IpAddr,
         ttl: Duration,
     ) -> Result<Claim, StoreError> {
-        if token_id.is_empty()
-            || token_id.len() > MAX_TOKEN_ID_BYTES
-            || !token_id.bytes().all(|c| c.is_ascii_graphic())
-        {
-            return Err(StoreError::Config(format!(
-                "token id for a claim: 1 to {MAX_TOKEN_ID_BYTES} printable ASCII characters"
-            )));
+        if token_id.is_empty() {
+            return Err(StoreError::Config(
+                "an empty token id cannot be claimed".into(),
+            ));
         }
         let ms = ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
         let held: Option<String> = self

@@ -351,6 +351,7 @@ async fn reseed(node: &Rc<RefCell<Node>>, t: &mut Task) {
             .held(&format!("{}:{subject}", slot.slot()))
             .is_some()
     };
+    let held = |slot: Kind, subject: &str| held(slot, &payload::encode_subject(subject));
     for (tid, until) in &n.state.revoked_tokens {
         if *until > now && !held(Kind::Revocation, tid) {
             local.push(pending(
@@ -378,7 +379,9 @@ async fn reseed(node: &Rc<RefCell<Node>>, t: &mut Task) {
         }
     }
     for (identity, q) in &n.state.quarantines {
-        if q.until_unix_ms.is_none_or(|u| u > now) && !held(Kind::Quarantine, identity) {
+        // The anomaly ladder's quarantines are this node's own (docs/fleet.md): not shared.
+        let own = matches!(q.by, crate::state::QuarantineOwner::Controller);
+        if !own && q.until_unix_ms.is_none_or(|u| u > now) && !held(Kind::Quarantine, identity) {
             local.push(pending(
                 Kind::Quarantine,
                 identity,

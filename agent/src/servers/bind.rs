@@ -200,7 +200,14 @@ async fn respond(
     // A remote issuer that lacks the token's key fetches its keys first (one fetch shared by
     // every waiter, at most one per cooldown; a token that does not parse never gets here).
     // No borrow of the node is held across the wait.
-    let held_by = prepare_bind(node, token.trim(), peer.ip()).await;
+    let held_by = if method == "POST" {
+        prepare_bind(node, token.trim(), peer.ip()).await
+    } else {
+        // An unbind claims nothing (it would hold the token for this address with no
+        // binding); it still fetches an unknown kid first.
+        refetch_if_unknown(node, token.trim()).await;
+        None
+    };
     let who = Actor {
         via: "bind_listener",
         uid: None,
@@ -247,14 +254,21 @@ pub async fn prepare_bind(
     addr: std::net::IpAddr,
 ) -> Option<std::net::IpAddr> {
     refetch_if_unknown(node, token).await;
+    let addr = addr.to_canonical();
     let verified = {
         let n = node.borrow();
         n.fleet.as_ref()?;
         let svc = n.tokens.as_ref()?;
-        svc.verify(token, crate::clock::wall_ms() / 1000).ok()
+        let (_, claims) = svc.verify(token, crate::clock::wall_ms() / 1000).ok()?;
+        // Bound here already from this address (a renewal): the claim was made then.
+        let now = crate::state::now_unix_ms();
+        let renewal = n.state.bindings.iter().any(|b| {
+            b.addr == addr && b.token_id.as_deref() == Some(claims.jti.as_str()) && !b.expired(now)
+        });
+        (!renewal).then_some(claims)
     };
-    let (_, claims) = verified?;
-    crate::fleet::link::claim(node, &claims.jti, addr.to_canonical(), claims.exp).await
+    let claims = verified?;
+    crate::fleet::link::claim(node, &claims.jti, addr, claims.exp).await
 }
 
 /// How long a bind waits on its unknown kid's refetch: less than the connection's
