@@ -17,6 +17,7 @@
 pub mod apply;
 pub mod cursor;
 pub mod entry;
+pub mod global;
 pub mod install;
 pub mod link;
 pub mod outbox;
