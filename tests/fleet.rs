@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use tollgate_tests::{
-    fleet::{FleetLab, POOL},
+    config::Plan,
+    fleet::{FleetLab, POOL, Probes, Senders},
     tokenlab::curl_bind,
 };
 
@@ -295,4 +296,67 @@ fn enforcement_outlives_the_store_and_an_empty_store_is_reseeded() {
         }
         assert_eq!(lab.fleet_status(n)["store_up"], true);
     }
+}
+
+/// A plan whose rate holds across the pool: 1000 datagrams/s fleet-wide.
+const FLEET_RATE: u64 = 1000;
+
+/// Binds `identity` from client 0 on node 1 and waits until every node serves it.
+fn bound_everywhere(lab: &FleetLab, identity: &str) {
+    let token = lab.issue(identity, "10m", &format!("tok-{identity}"));
+    let (code, body) = lab.bind(0, 0, &token);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(lab.wait_served(0, &ALL, true, SPREAD), Vec::<usize>::new());
+}
+
+fn sum(v: &[f64]) -> f64 {
+    v.iter().sum()
+}
+
+#[test]
+fn a_fleet_wide_rate_holds_in_total_and_follows_the_demand() {
+    let mut lab = FleetLab::with_plan(
+        4,
+        1,
+        Plan::new("customer").packets(FLEET_RATE, 100).fleet_wide(),
+    );
+    lab.start_all();
+    bound_everywhere(&lab, "acme");
+    let probes = Probes::start(&lab);
+    // 4× the rate, 70/10/10/10 across the nodes.
+    let senders = Senders::start(&lab, 0, 64, &[2800, 400, 400, 400]);
+    std::thread::sleep(Duration::from_secs(3));
+    let rates = probes.rates_over(Duration::from_secs(5));
+    let total = sum(&rates);
+    assert!(
+        (total - FLEET_RATE as f64).abs() <= FLEET_RATE as f64 * 0.05,
+        "the fleet admitted {total:.0}/s of a fleet-wide {FLEET_RATE}/s (per node {rates:.0?})"
+    );
+    // The shares follow the demand: the 70 % node has the most.
+    assert!(
+        rates[0] > rates[1] && rates[0] > rates[2] && rates[0] > rates[3],
+        "per node {rates:.0?}"
+    );
+    let status = lab.fleet_status(0);
+    let shares = status["shares"].as_array().cloned().unwrap_or_default();
+    assert!(
+        shares.iter().any(|s| s["identity"] == "acme"),
+        "fleet status shows no share for acme: {status}"
+    );
+    assert_eq!(lab.metric(0, "tollgate_fleet_global_identities"), Some(1.0));
+    // All of it moves to node 2 (a 10 % node): within 2 s it has ≥ 90 % of the rate.
+    senders.set(&[0, 4000, 0, 0]);
+    std::thread::sleep(Duration::from_secs(2));
+    let rates = probes.rates_over(Duration::from_secs(2));
+    assert!(
+        rates[1] >= FLEET_RATE as f64 * 0.9,
+        "2 s after the shift node 2 admits {:.0}/s of {FLEET_RATE}/s (per node {rates:.0?})",
+        rates[1]
+    );
+    let total = sum(&rates);
+    assert!(
+        total <= FLEET_RATE as f64 * 1.05,
+        "after the shift the fleet admits {total:.0}/s (per node {rates:.0?})"
+    );
+    senders.stop();
 }
