@@ -347,9 +347,7 @@ impl Global {
             let Some(plan) = config.plan(&r.plan).filter(|p| p.fleet_wide()) else {
                 continue;
             };
-            let limits = if std::env::var_os("TG_BREAK_SHARE").is_some() {
-                plan.limits
-            } else if outage {
+            let limits = if outage {
                 outage_limits(&plan.limits, mode, pool)
             } else if r.view.is_empty() || r.own.is_zero() {
                 floor_limits(&plan.limits, pool)
