@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     config::{Config, OutageMode, Plan},
-    controller::quota::{QuotaLimits, Window},
+    controller::quota::{QuotaBook, QuotaLimits, Window},
     identity::Resolver,
     state::State,
     tables::KernelTables,
@@ -214,7 +214,16 @@ impl Global {
     }
 
     /// Measures the interval and builds the reports (see the module comment).
-    pub fn prepare(&mut self, config: &Config, state: &State, tables: &KernelTables) -> Job {
+    /// `book`: this node's own spend as the controller keeps it (`quota.json`): a node that
+    /// restarts mid-window resumes its own spend from it, so its first report does not
+    /// overwrite its earlier spend in the store with less.
+    pub fn prepare(
+        &mut self,
+        config: &Config,
+        state: &State,
+        tables: &KernelTables,
+        book: &QuotaBook,
+    ) -> Job {
         let now_s = crate::state::now_unix_ms() / 1000;
         let resolver = Resolver::new(config, state);
         let mut demand = Vec::new();
@@ -232,9 +241,9 @@ impl Global {
                 continue;
             };
             seen_names.insert(name.clone());
-            let delta = match self.last.insert(name.clone(), now) {
-                Some(prev) => now.since(&prev),
-                None => IdentityCounters::default(),
+            let (delta, first) = match self.last.insert(name.clone(), now) {
+                Some(prev) => (now.since(&prev), false),
+                None => (IdentityCounters::default(), true),
             };
             if plan.limits.packets_per_s.is_some() || plan.limits.bytes_per_s.is_some() {
                 let r = self.rates.entry(name.clone()).or_default();
@@ -260,6 +269,19 @@ impl Global {
                         start,
                         ..Quota::default()
                     };
+                    if first && let Some(s) = book.spent.get(name) {
+                        let w_spent = match w {
+                            Window::Minute => s.minute,
+                            Window::Day => s.day,
+                            Window::Month => s.month,
+                        };
+                        if w_spent.start_unix_s == start {
+                            q.track.own = Spend {
+                                bytes: w_spent.bytes,
+                                cost: w_spent.cost,
+                            };
+                        }
+                    }
                 }
                 q.track.add(Spend {
                     bytes: delta.passed.bytes,
@@ -416,4 +438,167 @@ fn each(plan: &PlanLimits, f: impl Fn(u64) -> u64) -> PlanLimits {
         },
         plan,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PlanScope;
+
+    fn config() -> Config {
+        let mut c = Config::embedded_default();
+        c.plans.push(Plan {
+            name: "g".into(),
+            priority: 50,
+            limits: PlanLimits {
+                packets_per_s: Some(1000),
+                packet_burst: 50,
+                bytes_per_s: None,
+                byte_burst: 0,
+            },
+            quota: QuotaLimits {
+                minute_bytes: Some(1000),
+                ..QuotaLimits::default()
+            },
+            scope: PlanScope::Fleet,
+        });
+        c
+    }
+
+    fn global() -> Global {
+        Global {
+            on: true,
+            node: "a".into(),
+            interval: Duration::from_millis(250),
+            pool_size: 4,
+            ..Global::default()
+        }
+    }
+
+    fn job(demand: &[(&str, Demand)]) -> Job {
+        Job {
+            node: "a".into(),
+            demand: demand.iter().map(|(n, d)| ((*n).to_owned(), *d)).collect(),
+            demand_ttl: Duration::from_secs(1),
+            spend: Vec::new(),
+        }
+    }
+
+    fn d(packets: u64) -> Demand {
+        Demand { packets, bytes: 0 }
+    }
+
+    #[test]
+    fn a_record_gets_the_floor_then_the_share_never_the_whole_rate() {
+        let c = config();
+        let plan = c.plan("g").unwrap();
+        let mut g = global();
+        // Before any cycle: the floor (1000 / (10 · 4)), burst in proportion.
+        let l = g.limits_for("x", plan);
+        assert_eq!((l.packets_per_s, l.packet_burst), (Some(25), 1));
+        g.rates.insert(
+            "x".into(),
+            Rate {
+                plan: "g".into(),
+                own: d(700),
+                ..Rate::default()
+            },
+        );
+        let view = vec![("a".to_owned(), d(700)), ("b".to_owned(), d(100))];
+        let j = job(&[("x", d(700))]);
+        let a = Answers {
+            demand: Some(DemandRound {
+                views: vec![Some(view)],
+                refused: Refused::default(),
+                round_trips: 1,
+            }),
+            spend: Vec::new(),
+        };
+        assert_eq!(g.finish(&c, &j, Some(a)), vec!["x".to_owned()]);
+        // n = 2: 25 + ⌊950 · 700 / 800⌋ = 856.
+        assert_eq!(g.limits_for("x", plan).packets_per_s, Some(856));
+        // Unchanged: nothing to write.
+        let a = Answers {
+            demand: None,
+            spend: Vec::new(),
+        };
+        assert!(g.finish(&c, &job(&[]), Some(a)).is_empty());
+        // The store fails: the share holds for the grace, then 1/N.
+        for i in 0..GRACE {
+            let changed = g.finish(&c, &job(&[]), None);
+            if i + 1 < GRACE {
+                assert!(changed.is_empty(), "cycle {i}");
+            }
+        }
+        assert!(g.in_outage());
+        assert_eq!(g.limits_for("x", plan).packets_per_s, Some(250));
+        g.outage.rates = OutageMode::Closed;
+        g.finish(&c, &job(&[]), None);
+        assert_eq!(g.limits_for("x", plan).packets_per_s, Some(25));
+    }
+
+    #[test]
+    fn the_quota_flag_follows_the_fleet_total_and_the_outage_share() {
+        let c = config();
+        let limits = c.plan("g").unwrap().quota;
+        let mut g = global();
+        let mut q = Quota::default();
+        q.track.add(Spend {
+            bytes: 100,
+            cost: 0,
+        });
+        g.quotas.insert(("x".into(), Window::Minute), q);
+        assert_eq!(g.over("x", &limits), None);
+        // The others spent 900: the pool's total reaches the quota.
+        g.quotas
+            .get_mut(&("x".to_owned(), Window::Minute))
+            .unwrap()
+            .track
+            .observe(
+                Spend {
+                    bytes: 100,
+                    cost: 0,
+                },
+                Spend {
+                    bytes: 1000,
+                    cost: 0,
+                },
+            );
+        assert_eq!(g.over("x", &limits), Some((Window::Minute, "bytes")));
+        // Another identity at 600 of 1000 when the store goes: `share` lets it spend
+        // 400 / 4 = 100 more here.
+        let mut q = Quota::default();
+        q.track.add(Spend {
+            bytes: 600,
+            cost: 0,
+        });
+        q.track.observe(
+            Spend {
+                bytes: 600,
+                cost: 0,
+            },
+            Spend {
+                bytes: 600,
+                cost: 0,
+            },
+        );
+        g.quotas.insert(("y".into(), Window::Minute), q);
+        for _ in 0..GRACE {
+            g.finish(&c, &job(&[]), None);
+        }
+        let t = &mut g
+            .quotas
+            .get_mut(&("y".to_owned(), Window::Minute))
+            .unwrap()
+            .track;
+        t.add(Spend { bytes: 99, cost: 0 });
+        assert_eq!(g.over("y", &limits), None);
+        let t = &mut g
+            .quotas
+            .get_mut(&("y".to_owned(), Window::Minute))
+            .unwrap()
+            .track;
+        t.add(Spend { bytes: 1, cost: 0 });
+        assert_eq!(g.over("y", &limits), Some((Window::Minute, "bytes")));
+    }
 }

@@ -487,7 +487,7 @@ async fn global(node: &Rc<RefCell<Node>>, t: &mut Task) {
             return;
         }
         let mut g = std::mem::take(&mut n.state.fleet);
-        let job = g.prepare(&n.config, &n.state, &n.pinned.tables);
+        let job = g.prepare(&n.config, &n.state, &n.pinned.tables, &n.control.quotas);
         n.state.fleet = g;
         job
     };
