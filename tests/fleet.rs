@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use tollgate_tests::{
-    fleet::{FleetLab, POOL},
+    config::Plan,
+    fleet::{FleetLab, POOL, Probes, Senders},
     tokenlab::curl_bind,
 };
 
@@ -397,4 +398,197 @@ fn through_sentinel_the_nodes_follow_a_failover_and_no_acknowledged_revocation_i
         lab.wait_served(0, &nodes, true, SPREAD),
         Vec::<usize>::new()
     );
+/// A plan whose rate holds across the pool: 1000 datagrams/s fleet-wide.
+const FLEET_RATE: u64 = 1000;
+
+/// Binds `identity` from client 0 on node 1 and waits until every node serves it.
+fn bound_everywhere(lab: &FleetLab, identity: &str) {
+    let token = lab.issue(identity, "10m", &format!("tok-{identity}"));
+    let (code, body) = lab.bind(0, 0, &token);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(lab.wait_served(0, &ALL, true, SPREAD), Vec::<usize>::new());
+}
+
+fn sum(v: &[f64]) -> f64 {
+    v.iter().sum()
+}
+
+#[test]
+fn a_fleet_wide_rate_holds_in_total_and_follows_the_demand() {
+    let mut lab = FleetLab::with_plan(
+        4,
+        1,
+        Plan::new("customer").packets(FLEET_RATE, 100).fleet_wide(),
+    );
+    lab.start_all();
+    bound_everywhere(&lab, "acme");
+    let probes = Probes::start(&lab);
+    // 4× the rate, 70/10/10/10 across the nodes.
+    let senders = Senders::start(&lab, 0, 64, &[2800, 400, 400, 400]);
+    std::thread::sleep(Duration::from_secs(3));
+    let rates = probes.rates_over(Duration::from_secs(5));
+    let total = sum(&rates);
+    eprintln!("70/10/10/10: {total:.0}/s in total, per node {rates:.0?}");
+    assert!(
+        (total - FLEET_RATE as f64).abs() <= FLEET_RATE as f64 * 0.05,
+        "the fleet admitted {total:.0}/s of a fleet-wide {FLEET_RATE}/s (per node {rates:.0?})"
+    );
+    // The shares follow the demand: the 70 % node has the most.
+    assert!(
+        rates[0] > rates[1] && rates[0] > rates[2] && rates[0] > rates[3],
+        "per node {rates:.0?}"
+    );
+    let status = lab.fleet_status(0);
+    let shares = status["shares"].as_array().cloned().unwrap_or_default();
+    assert!(
+        shares.iter().any(|s| s["identity"] == "acme"),
+        "fleet status shows no share for acme: {status}"
+    );
+    assert_eq!(lab.metric(0, "tollgate_fleet_global_identities"), Some(1.0));
+    // All of it moves to node 2 (a 10 % node): within 2 s it has ≥ 90 % of the rate.
+    senders.set(&[0, 4000, 0, 0]);
+    std::thread::sleep(Duration::from_secs(2));
+    let rates = probes.rates_over(Duration::from_secs(2));
+    eprintln!("2-4 s after the shift: per node {rates:.0?}");
+    assert!(
+        rates[1] >= FLEET_RATE as f64 * 0.9,
+        "2 s after the shift node 2 admits {:.0}/s of {FLEET_RATE}/s (per node {rates:.0?})",
+        rates[1]
+    );
+    let total = sum(&rates);
+    assert!(
+        total <= FLEET_RATE as f64 * 1.05,
+        "after the shift the fleet admits {total:.0}/s (per node {rates:.0?})"
+    );
+    senders.stop();
+}
+
+#[test]
+fn a_store_outage_falls_back_to_one_nth_of_a_fleet_wide_rate_per_node() {
+    let mut lab = FleetLab::with_plan(
+        4,
+        1,
+        Plan::new("customer").packets(FLEET_RATE, 100).fleet_wide(),
+    );
+    lab.start_all();
+    bound_everywhere(&lab, "acme");
+    let probes = Probes::start(&lab);
+    let senders = Senders::start(&lab, 0, 64, &[2800, 400, 400, 400]);
+    std::thread::sleep(Duration::from_secs(3));
+    let before = probes.rates_over(Duration::from_secs(2));
+    eprintln!("store up: per node {before:.0?}");
+    // The store dies during the traffic. After the grace (3 intervals) every node runs the
+    // default outage mode, `share`: 1/N of the rate, N = 4 the last known pool size.
+    lab.redis.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    let rates = probes.rates_over(Duration::from_secs(4));
+    let total = sum(&rates);
+    eprintln!("store out: {total:.0}/s in total, per node {rates:.0?}");
+    assert!(
+        total <= FLEET_RATE as f64 * 1.05,
+        "during the outage the fleet admits {total:.0}/s of {FLEET_RATE}/s (per node {rates:.0?})"
+    );
+    let quarter = FLEET_RATE as f64 / 4.0;
+    for (n, r) in rates.iter().enumerate() {
+        assert!(
+            (r - quarter).abs() <= quarter * 0.1,
+            "node {} admits {r:.0}/s during the outage, not 1/4 of {FLEET_RATE}/s (per node {rates:.0?})",
+            n + 1
+        );
+    }
+    assert_eq!(lab.metric(0, "tollgate_fleet_global_outage"), Some(1.0));
+    // The store returns (empty): the shares follow the demand again.
+    lab.redis.restart_empty();
+    std::thread::sleep(Duration::from_secs(4));
+    let rates = probes.rates_over(Duration::from_secs(3));
+    let total = sum(&rates);
+    eprintln!("store back: {total:.0}/s in total, per node {rates:.0?}");
+    assert!(
+        (total - FLEET_RATE as f64).abs() <= FLEET_RATE as f64 * 0.05 && rates[0] > 2.0 * rates[1],
+        "after the store returned the fleet admits {total:.0}/s (per node {rates:.0?})"
+    );
+    senders.stop();
+}
+
+/// 1 MB per minute, fleet-wide, with a fleet-wide cost rate of 400 kB/s (burst 64 KiB).
+const QUOTA: u64 = 1_000_000;
+const QUOTA_RATE: u64 = 400_000;
+const QUOTA_BURST: u64 = 65_536;
+/// docs/fleet.md: with the rate fleet-wide too, the fleet admits at most
+/// quota + interval × rate + burst + nodes.
+const QUOTA_BOUND: u64 = QUOTA + QUOTA_RATE / 4 + QUOTA_BURST + 4;
+/// 958 payload bytes: 1000-byte frames.
+const PAYLOAD: usize = 958;
+
+/// Sleeps into the next UTC minute when fewer than `need` seconds of this one are left.
+fn room_in_this_minute(need: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let left_ms = 60_000 - now % 60_000;
+    if left_ms < need * 1000 {
+        std::thread::sleep(Duration::from_millis(left_ms + 1000));
+    }
+}
+
+#[test]
+fn a_fleet_wide_quota_holds_across_four_nodes() {
+    let mut lab = FleetLab::with_plan(
+        4,
+        1,
+        Plan::new("customer")
+            .bytes(QUOTA_RATE, QUOTA_BURST)
+            .minute_bytes(QUOTA)
+            .fleet_wide(),
+    );
+    lab.start_all();
+    bound_everywhere(&lab, "acme");
+    let probes = Probes::start(&lab);
+    // The whole spend inside one minute window.
+    room_in_this_minute(15);
+    // 200 kB/s through every node: twice the fleet-wide rate, the quota spent in ~2.5 s.
+    let senders = Senders::start(&lab, 0, PAYLOAD, &[200, 200, 200, 200]);
+    std::thread::sleep(Duration::from_secs(8));
+    let admitted = probes.total_bytes();
+    let late = probes.rates_over(Duration::from_secs(2));
+    senders.set(&[0, 0, 0, 0]);
+    eprintln!(
+        "quota {QUOTA} B, bound {QUOTA_BOUND} B: the fleet admitted {admitted} B, then {late:.0?} datagrams/s"
+    );
+    assert!(
+        admitted <= QUOTA_BOUND,
+        "the fleet admitted {admitted} B of a fleet-wide quota of {QUOTA} B (bound {QUOTA_BOUND} B)"
+    );
+    assert!(
+        admitted >= QUOTA * 9 / 10,
+        "the fleet admitted only {admitted} B of a {QUOTA} B quota"
+    );
+    assert!(
+        sum(&late) < 1.0,
+        "still admitting after the quota was spent: {late:.1?} datagrams/s"
+    );
+    let row = lab.cli_ok(0, &["quota", "show", "--identity", "acme"]);
+    assert!(
+        row.contains("\"fleet\""),
+        "quota show lacks the fleet view: {row}"
+    );
+    // The window rolls and it passes again (a minute window: up to a minute's wait, so only
+    // with TOLLGATE_LONG=1).
+    if std::env::var_os("TOLLGATE_LONG").is_some() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
+        std::thread::sleep(Duration::from_millis(60_000 - now % 60_000 + 2000));
+        senders.set(&[200, 200, 200, 200]);
+        std::thread::sleep(Duration::from_secs(1));
+        let rates = probes.rates_over(Duration::from_secs(2));
+        eprintln!("after the roll: {rates:.0?} datagrams/s");
+        assert!(
+            sum(&rates) * 1000.0 >= QUOTA_RATE as f64 * 0.8,
+            "after the window rolled the fleet admits {rates:.0?} datagrams/s"
+        );
+    }
+    senders.stop();
 }

@@ -19,7 +19,7 @@ use crate::controller::{
     gpu::{GpuReading, GpuSource, NvmlSource, SimulatedSource},
     handshakes::{self, Evidence, Snapshot},
     pressure::{Saturation, hold_back_q8, share},
-    quota::{QuotaBook, QuotaLimits},
+    quota::{QuotaBook, QuotaLimits, Window},
 };
 use crate::{
     audit::{Actor, Audit},
@@ -263,46 +263,28 @@ impl ControlLoop {
             if delta.passed.bytes > 0 || delta.cost > 0 {
                 self.quota_dirty = true;
             }
+            // The local book keeps counting (persistence, `quota show`); a fleet-wide plan's
+            // flag follows the pool's total (`fleet::global`), on a node in a pool.
             spent.add(now_s, delta.passed.bytes, delta.cost);
-            let over = spent.exhausted(&limits);
-            // The set mirrors the kernel's flags (seeded once above), so no map read here.
-            let flagged = self.exhausted.contains(name);
-            match (over, flagged) {
-                (Some((window, kind)), false) => {
-                    if tables
-                        .update_identity_flags(*id, ID_QUOTA_EXHAUSTED, 0, None)
-                        .is_ok()
-                    {
-                        self.exhausted.insert(name.clone());
-                        let (b, c) = spent.get(window);
-                        let _ = audit.record(
-                            &Actor::AGENT,
-                            "quota_exhausted",
-                            "controller",
-                            json!({"identity": name, "plan": plan_name, "window": window, "kind": kind,
-                                   "spent_bytes": b, "spent_cost": c, "until_unix": spent.window_ends(window)}),
-                        );
-                    }
-                }
-                (None, true) => {
-                    if tables
-                        .update_identity_flags(*id, 0, ID_QUOTA_EXHAUSTED, None)
-                        .is_ok()
-                    {
-                        self.exhausted.remove(name);
-                        let _ = audit.record(
-                            &Actor::AGENT,
-                            "quota_reset",
-                            "window rolled",
-                            json!({"identity": name, "plan": plan_name}),
-                        );
-                    }
-                }
-                (Some(_), true) => {
-                    self.exhausted.insert(name.clone());
-                }
-                (None, false) => {}
-            }
+            let fleet_wide =
+                state.fleet.on && config.plan(plan_name).is_some_and(|p| p.fleet_wide());
+            let over = if fleet_wide {
+                state.fleet.over(name, &limits)
+            } else {
+                spent.exhausted(&limits)
+            };
+            let detail = |window: Window| {
+                let (b, c) = if fleet_wide {
+                    let v = state.fleet.spend_view(name, window).unwrap_or_default();
+                    (v.bytes, v.cost)
+                } else {
+                    spent.get(window)
+                };
+                json!({"spent_bytes": b, "spent_cost": c, "until_unix": spent.window_ends(window),
+                       "scope": if fleet_wide { "fleet" } else { "node" }})
+            };
+            let detail = over.map(|(w, _)| detail(w));
+            self.quota_flag(name, *id, plan_name, over, detail, tables, audit);
         }
         if self.quota_dirty {
             // At most one interval of spend is lost to a crash.
@@ -570,6 +552,96 @@ impl ControlLoop {
                         .into(),
                 ))
             }
+        }
+    }
+
+    /// Sets or clears `name`'s quota flag by `over` (the first window spent, if any); the
+    /// set mirrors the kernel's flags (seeded at the first tick), so no map read here.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the two callers hold the pieces separately"
+    )]
+    fn quota_flag(
+        &mut self,
+        name: &str,
+        id: u32,
+        plan_name: &str,
+        over: Option<(Window, &'static str)>,
+        detail: Option<serde_json::Value>,
+        tables: &mut KernelTables,
+        audit: &Audit,
+    ) {
+        let flagged = self.exhausted.contains(name);
+        match (over, flagged) {
+            (Some((window, kind)), false) => {
+                if tables
+                    .update_identity_flags(id, ID_QUOTA_EXHAUSTED, 0, None)
+                    .is_ok()
+                {
+                    self.exhausted.insert(name.to_owned());
+                    let mut d = json!({"identity": name, "plan": plan_name, "window": window, "kind": kind});
+                    if let (Some(d), Some(serde_json::Value::Object(more))) =
+                        (d.as_object_mut(), detail)
+                    {
+                        d.extend(more);
+                    }
+                    let _ = audit.record(&Actor::AGENT, "quota_exhausted", "controller", d);
+                }
+            }
+            (None, true) => {
+                if tables
+                    .update_identity_flags(id, 0, ID_QUOTA_EXHAUSTED, None)
+                    .is_ok()
+                {
+                    self.exhausted.remove(name);
+                    let _ = audit.record(
+                        &Actor::AGENT,
+                        "quota_reset",
+                        "window rolled",
+                        json!({"identity": name, "plan": plan_name}),
+                    );
+                }
+            }
+            (Some(_), true) => {
+                self.exhausted.insert(name.to_owned());
+            }
+            (None, false) => {}
+        }
+    }
+
+    /// The quota flags of identities on fleet-wide plans, by the pool's totals: called by
+    /// the fleet task right after a cycle's answers, so the flag is set in the cycle that
+    /// saw the total (the overshoot bound counts on it), not one controller tick later.
+    pub fn fleet_quota_flags(
+        &mut self,
+        config: &Config,
+        state: &mut State,
+        tables: &mut KernelTables,
+        audit: &Audit,
+    ) {
+        if !self.exhausted_seeded || !state.fleet.on {
+            return;
+        }
+        let resolver = Resolver::new(config, state);
+        let mut todo = Vec::new();
+        for (name, id) in &state.identity_ids {
+            let Some(plan) = resolver
+                .get(name)
+                .and_then(|r| config.plan(r.plan))
+                .filter(|p| p.fleet_wide() && !p.quota.is_unlimited())
+            else {
+                continue;
+            };
+            let over = state.fleet.over(name, &plan.quota);
+            let detail = over.map(|(w, _)| {
+                let v = state.fleet.spend_view(name, w).unwrap_or_default();
+                json!({"spent_bytes": v.bytes, "spent_cost": v.cost, "scope": "fleet",
+                       "until_unix": w.period_end(w.period_start(now_unix_ms() / 1000))})
+            });
+            todo.push((name.clone(), *id, plan.name.clone(), over, detail));
+        }
+        for (name, id, plan, over, detail) in todo {
+            self.quota_flag(&name, id, &plan, over, detail, tables, audit);
         }
     }
 

@@ -111,7 +111,6 @@ pub fn load_config(opts: &Options) -> Result<Config, crate::config::ConfigError>
     if let Some(p) = &opts.control_socket {
         config.node.control_socket = p.clone();
     }
-    config.refuse_unwired()?;
     Ok(config)
 }
 

@@ -117,12 +117,13 @@ impl<'a> Resolver<'a> {
     /// quarantine flag.
     pub fn record(&self, r: &Resolved<'_>, quarantined: bool) -> Identity {
         let plan_index = self.config.plan_index(r.plan).unwrap_or(0);
-        let limits = self
-            .config
-            .plans
-            .get(plan_index as usize)
-            .map(|p| p.limits)
-            .unwrap_or(PlanLimits::UNLIMITED);
+        // A fleet-wide plan's rate is the pool's: this node enforces its share of it (the
+        // floor before it has one), never the whole rate (`fleet::global`).
+        let limits = match self.config.plans.get(plan_index as usize) {
+            Some(p) if p.fleet_wide() => self.state.fleet.limits_for(r.name, p),
+            Some(p) => p.limits,
+            None => PlanLimits::UNLIMITED,
+        };
         let roles = r
             .roles
             .iter()

@@ -74,9 +74,56 @@ fn counter(v: u64) -> Counter<u64, AtomicU64> {
 /// The pool (only on a node with `[fleet]`): store health, sync age, members, the outbox,
 /// and entries refused, published, installed and claims made. Every label is a fixed word
 /// (kinds, refusal labels, outcomes), pre-registered so a scrape shows zeros.
-fn fleet_families(reg: &mut Registry, link: Option<&crate::fleet::link::Link>) {
+fn fleet_families(
+    reg: &mut Registry,
+    link: Option<&crate::fleet::link::Link>,
+    global: &crate::fleet::global::Global,
+) {
     use crate::fleet::{apply::ApplyRefusal, entry::Kind};
     let Some(link) = link else { return };
+    reg.register(
+        "tollgate_fleet_global_identities",
+        "Identities on fleet-wide plans (scope = \"fleet\") this node tracks",
+        gauge(global.tracked() as f64),
+    );
+    reg.register(
+        "tollgate_fleet_global_outage",
+        "Whether fleet-wide plans run by [fleet.outage] (1: the store failed past the grace)",
+        gauge(if global.in_outage() { 1.0 } else { 0.0 }),
+    );
+    reg.register(
+        "tollgate_fleet_global_cycles",
+        "Report cycles of fleet-wide plans (spend and demand)",
+        counter(global.stats.cycles),
+    );
+    reg.register(
+        "tollgate_fleet_global_failed_cycles",
+        "Report cycles the store did not answer",
+        counter(global.stats.failed_cycles),
+    );
+    reg.register(
+        "tollgate_fleet_global_round_trips",
+        "Store round trips (pipelines) of the spend and demand reports",
+        counter(global.stats.round_trips),
+    );
+    let g_refused = Counters::new();
+    for op in ["spend", "demand"] {
+        for label in crate::fleet::store::spend::Refused::default()
+            .labels()
+            .map(|(l, _)| l)
+        {
+            g_refused.add(
+                l(&[("report", op), ("reason", label)]),
+                global.stats.refused.get(&(op, label)).copied().unwrap_or(0),
+            );
+        }
+    }
+    reg.register(
+        "tollgate_fleet_global_refused_values",
+        "Spend and demand values read from the store and refused or bounded: malformed, \
+         clamped, stale, too_many, wrong_type, bad_identity",
+        g_refused.0,
+    );
     let now = crate::clock::now_ms();
     reg.register(
         "tollgate_fleet_store_up",
@@ -469,7 +516,7 @@ pub fn render(d: &Node) -> Result<String, String> {
         counter(thefts),
     );
     issuer_families(&mut reg, d.tokens.as_ref());
-    fleet_families(&mut reg, d.fleet.as_ref());
+    fleet_families(&mut reg, d.fleet.as_ref(), &d.state.fleet);
 
     // Listeners: what each holds open and what it turned away, before authentication.
     let open = Family::<Labels, Gauge<f64, AtomicU64>>::default();

@@ -221,6 +221,10 @@ pub struct State {
     used_ids: std::collections::BTreeSet<u32>,
     #[serde(skip)]
     free_hint: u32,
+    /// Fleet-wide plans' shares and quota tracks (not persisted: the store holds the pool's
+    /// spend; a restarted node starts at the floor).
+    #[serde(skip)]
+    pub fleet: crate::fleet::global::Global,
 }
 
 /// What the state on disk lacks, and how big its two files are.

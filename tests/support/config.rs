@@ -486,6 +486,9 @@ pub struct Plan {
     pub quota_day_cost: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quota_month_cost: Option<u64>,
+    /// `"node"` or `"fleet"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 impl Plan {
@@ -513,6 +516,18 @@ impl Plan {
 
     pub fn priority(mut self, priority: u8) -> Plan {
         self.priority = Some(priority);
+        self
+    }
+
+    /// `scope = "fleet"`: the rate and quotas hold across the pool.
+    pub fn fleet_wide(mut self) -> Plan {
+        self.scope = Some("fleet".into());
+        self
+    }
+
+    /// `quota_minute_bytes`.
+    pub fn minute_bytes(mut self, bytes: u64) -> Plan {
+        self.quota_minute_bytes = Some(bytes);
         self
     }
 }

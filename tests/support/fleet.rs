@@ -11,9 +11,13 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -342,19 +346,30 @@ pub struct FleetLab {
     pub ca: PathBuf,
 }
 
+fn default_plan() -> Plan {
+    Plan::new("customer").packets(1000, 1000)
+}
+
 impl FleetLab {
     /// `nodes` nodes and `clients` clients; agents not started ([`FleetLab::start_all`]).
     pub fn new(nodes: usize, clients: usize) -> FleetLab {
-        FleetLab::build(nodes, clients, false)
+        FleetLab::build(nodes, clients, false, default_plan())
     }
 
     /// As [`FleetLab::new`], the nodes finding the primary through three sentinels, with
     /// one replica ([`SentinelSet`]).
     pub fn with_sentinel(nodes: usize, clients: usize) -> FleetLab {
-        FleetLab::build(nodes, clients, true)
+        FleetLab::build(nodes, clients, true, default_plan())
     }
 
-    fn build(nodes: usize, clients: usize, with_sentinel: bool) -> FleetLab {
+    /// Likewise, with `plan` (it must be named `customer`: the tokens' plan) in place of
+    /// the default one: e.g. a fleet-wide plan.
+    pub fn with_plan(nodes: usize, clients: usize, plan: Plan) -> FleetLab {
+        FleetLab::build(nodes, clients, false, plan)
+    }
+
+    fn build(nodes: usize, clients: usize, with_sentinel: bool, plan: Plan) -> FleetLab {
+        assert_eq!(plan.name, "customer", "tokens are placed on plan customer");
         crate::require_root();
         assert!((1..=8).contains(&nodes) && (1..=8).contains(&clients));
         let pid = std::process::id();
@@ -481,7 +496,7 @@ impl FleetLab {
                     sync_interval_ms: Some(250),
                     op_timeout_ms: Some(500),
                 })
-                .plan(Plan::new("customer").packets(1000, 1000))
+                .plan(plan.clone())
                 .endpoint(Endpoint::tcp("model", MODEL_PORT, &["customer"]))
                 .endpoint(Endpoint::udp("probe", PROBE_PORT, &["customer"]))
                 .endpoint(Endpoint::tcp("bind", BIND_PORT, &BIND_CLASSES).anonymous())
@@ -702,4 +717,163 @@ fn write_private(path: &Path, text: &str) {
         .open(path)
         .expect("private file");
     f.write_all(text.as_bytes()).expect("write");
+}
+
+/// Counts what reaches each node's [`PROBE_PORT`] (a UDP socket in the node's namespace:
+/// after XDP, so only what the agent admitted), datagrams and frame bytes, by node.
+pub struct Probes {
+    stop: Arc<AtomicBool>,
+    pub datagrams: Vec<Arc<AtomicU64>>,
+    /// Frame bytes as the kernel counts them (payload + UDP, IPv4 and Ethernet headers).
+    pub bytes: Vec<Arc<AtomicU64>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Ethernet (14) + IPv4 (20) + UDP (8).
+pub const UDP_FRAME_OVERHEAD: u64 = 42;
+
+impl Probes {
+    pub fn start(lab: &FleetLab) -> Probes {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut datagrams, mut bytes, mut threads) = (Vec::new(), Vec::new(), Vec::new());
+        for n in &lab.nodes {
+            let addr = SocketAddr::new(IpAddr::V4(n.ip), PROBE_PORT);
+            let s = n.ns.run(|| UdpSocket::bind(addr).expect("probe socket"));
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            let (d, b) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            datagrams.push(Arc::clone(&d));
+            bytes.push(Arc::clone(&b));
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(len) = s.recv(&mut buf) {
+                        d.fetch_add(1, Ordering::Relaxed);
+                        b.fetch_add(len as u64 + UDP_FRAME_OVERHEAD, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        Probes {
+            stop,
+            datagrams,
+            bytes,
+            threads,
+        }
+    }
+
+    /// Datagrams received so far, per node.
+    pub fn counts(&self) -> Vec<u64> {
+        self.datagrams
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Datagrams per second per node over `window` (sleeps it).
+    pub fn rates_over(&self, window: Duration) -> Vec<f64> {
+        let (a, t) = (self.counts(), Instant::now());
+        std::thread::sleep(window);
+        let (b, dt) = (self.counts(), t.elapsed().as_secs_f64());
+        a.iter().zip(b).map(|(a, b)| (b - a) as f64 / dt).collect()
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Paced UDP senders from client `c` to every node's [`PROBE_PORT`], one thread each, at a
+/// rate per node that can be changed while they run ([`Senders::set`]).
+pub struct Senders {
+    stop: Arc<AtomicBool>,
+    rates: Vec<Arc<AtomicU64>>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+/// No sender runs longer than this, whatever its caller forgot.
+const SEND_LIMIT: Duration = Duration::from_secs(300);
+
+impl Senders {
+    /// `payload` bytes per datagram; `rates[n]` datagrams per second to node `n`.
+    pub fn start(lab: &FleetLab, c: usize, payload: usize, rates: &[u64]) -> Senders {
+        assert_eq!(rates.len(), lab.nodes.len());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut cells, mut threads) = (Vec::new(), Vec::new());
+        let client_ip = lab.clients[c].ip;
+        for (n, rate) in lab.nodes.iter().zip(rates) {
+            let to = SocketAddr::new(IpAddr::V4(n.ip), PROBE_PORT);
+            let s = lab.clients[c].ns.run(|| {
+                UdpSocket::bind(SocketAddr::new(IpAddr::V4(client_ip), 0)).expect("client")
+            });
+            let cell = Arc::new(AtomicU64::new(*rate));
+            cells.push(Arc::clone(&cell));
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || {
+                let buf = vec![0x5au8; payload];
+                let (start, mut sent) = (Instant::now(), 0u64);
+                // Paced in 10 ms slices: each slice sends what the rate owes it, so a slow
+                // slice is made up in the next one (bounded to one slice's worth).
+                let slice = Duration::from_millis(10);
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) && start.elapsed() < SEND_LIMIT {
+                    let rate = cell.load(Ordering::Relaxed);
+                    let owed = (rate as f64 * slice.as_secs_f64()).round() as u64;
+                    for _ in 0..owed {
+                        if s.send_to(&buf, to).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                    next += slice;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    } else {
+                        next = now;
+                    }
+                }
+                sent
+            }));
+        }
+        Senders {
+            stop,
+            rates: cells,
+            threads,
+        }
+    }
+
+    /// New rates per node.
+    pub fn set(&self, rates: &[u64]) {
+        for (cell, r) in self.rates.iter().zip(rates) {
+            cell.store(*r, Ordering::Relaxed);
+        }
+    }
+
+    /// Stops; datagrams sent per node.
+    pub fn stop(mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .drain(..)
+            .map(|t| t.join().unwrap_or(0))
+            .collect()
+    }
+}
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }

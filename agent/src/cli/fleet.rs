@@ -80,5 +80,41 @@ fn text(s: &FleetStatus) -> String {
     out.push_str(&line("published", &s.published));
     out.push_str(&line("installed", &s.installs));
     out.push_str(&line("claims", &s.claims));
+    if s.global_identities > 0 {
+        out.push_str(&format!(
+            "fleet-wide plans: {} identities, pool of {}{}\n",
+            s.global_identities,
+            s.pool_size,
+            if s.global_outage {
+                " (store out: [fleet.outage] modes)"
+            } else {
+                ""
+            }
+        ));
+        let rate = |v: Option<u64>| v.map_or("unlimited".into(), |v| v.to_string());
+        let cells: Vec<Vec<String>> = s
+            .shares
+            .iter()
+            .map(|v| {
+                vec![
+                    v.identity.clone(),
+                    format!("{}/{}", v.demand_packets, v.demand_bytes),
+                    v.nodes.to_string(),
+                    rate(v.packets_per_s),
+                    rate(v.bytes_per_s),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "identity",
+                "demand pkts/bytes",
+                "nodes",
+                "share pps",
+                "share cost/s",
+            ],
+            &cells,
+        ));
+    }
     out
 }

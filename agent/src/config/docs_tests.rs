@@ -194,6 +194,11 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
         ("plans", "packet_burst", None),
         ("plans", "bytes_per_second", None),
         ("plans", "byte_burst", None),
+        (
+            "plans",
+            "scope",
+            Some(Plan::DEFAULT_SCOPE.label().to_owned()),
+        ),
         ("endpoints", "name", None),
         ("endpoints", "protocol", None),
         ("endpoints", "ports", None),

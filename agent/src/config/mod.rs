@@ -58,8 +58,7 @@ pub struct Config {
     pub anomaly: Anomaly,
     pub metrics: Metrics,
     /// `[fleet]`: the pool this node shares bindings, revocations and quarantines with
-    /// (`crate::fleet`). Its `[fleet.outage]` modes are for global quotas and rates, not
-    /// wired yet: `run`, reload and `config check` refuse them ([`Config::refuse_unwired`]).
+    /// (`crate::fleet`), and the fleet-wide plans' shares (`fleet::global`).
     pub fleet: Option<Fleet>,
     /// Identity name -> index in `identities`: lookups by name stay cheap with thousands
     /// of identities (the controller and /metrics look every one up on every pass).
@@ -100,8 +99,6 @@ pub struct Fleet {
     pub outage: Outage,
     /// The line of the `[fleet]` table.
     pub line: usize,
-    /// The line `outage` was set on, if it was (refused until global quotas are wired).
-    pub outage_line: Option<usize>,
 }
 
 /// Where the store is.
@@ -392,6 +389,29 @@ pub struct Plan {
     pub priority: u8,
     pub limits: PlanLimits,
     pub quota: crate::controller::quota::QuotaLimits,
+    /// `scope`: where the rate and quotas hold: per identity on this node, or per identity
+    /// across the pool (`[fleet]`: each node enforces its share, `fleet::global`).
+    pub scope: PlanScope,
+}
+
+/// Where a plan's rate and quotas hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PlanScope {
+    /// Each node grants the whole rate and quotas (an identity served by N nodes gets N×).
+    #[default]
+    Node,
+    /// The rate and quotas hold across the pool: each node enforces its share of the rate,
+    /// and a quota is spent when the pool's total reaches it.
+    Fleet,
+}
+
+impl PlanScope {
+    pub fn label(self) -> &'static str {
+        match self {
+            PlanScope::Node => "node",
+            PlanScope::Fleet => "fleet",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -490,6 +510,12 @@ impl Tokens {
 
 impl Plan {
     pub const DEFAULT_PRIORITY: u8 = 50;
+    pub const DEFAULT_SCOPE: PlanScope = PlanScope::Node;
+
+    /// Whether this plan's rate and quotas hold across the pool.
+    pub fn fleet_wide(&self) -> bool {
+        self.scope == PlanScope::Fleet
+    }
 }
 
 impl Endpoint {
@@ -521,11 +547,6 @@ impl fmt::Display for ConfigError {
         write!(f, ": {}", self.message)
     }
 }
-
-/// The refusal of `[fleet.outage]` by `run`, reload and `config check`.
-pub const UNWIRED_OUTAGE: &str = "global quotas and rates are not wired yet in this build, so \
-     their outage modes would be accepted and then ignored; remove `outage` (bindings, \
-     revocations and quarantines are shared without it)";
 
 const EMBEDDED: &str = include_str!("../../config/tollgate.toml");
 const EMBEDDED_SOURCE: &str = "<embedded default>";
@@ -561,21 +582,6 @@ impl Config {
     /// file from).
     pub fn embedded_default_text() -> &'static str {
         EMBEDDED
-    }
-
-    /// Refuses what this build would accept and then ignore: `[fleet.outage]` is validated
-    /// but global quotas and rates, which it is for, are not wired yet; an operator who set
-    /// it believes the pool shares budgets.
-    pub fn refuse_unwired(&self) -> Result<(), ConfigError> {
-        match self.fleet.as_ref().and_then(|f| f.outage_line) {
-            None => Ok(()),
-            Some(line) => Err(ConfigError {
-                file: self.source.clone(),
-                line: Some(line),
-                field: "fleet.outage".to_owned(),
-                message: UNWIRED_OUTAGE.to_owned(),
-            }),
-        }
     }
 
     /// Index of plan `name` in [`Config::plans`]: the plan number kept in identity records.

@@ -321,6 +321,7 @@ pub(super) struct RawPlan {
     pub quota_minute_cost: Option<S<i64>>,
     pub quota_day_cost: Option<S<i64>>,
     pub quota_month_cost: Option<S<i64>>,
+    pub scope: Option<S<String>>,
 }
 
 #[derive(Deserialize)]

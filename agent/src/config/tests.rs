@@ -1876,13 +1876,11 @@ mod fleet {
                     rates: OutageMode::Share,
                 },
                 line: 6,
-                outage_line: None,
             })
         );
         // Without [fleet] there is no fleet, and nothing to refuse.
         let c = Config::parse(BASE, "t.toml").unwrap();
         assert_eq!(c.fleet, None);
-        assert_eq!(c.refuse_unwired(), Ok(()));
     }
 
     #[test]
@@ -2215,31 +2213,36 @@ mod fleet {
         assert_refused(&text, 12, "fleet.outage.store", "unknown key");
     }
 
-    /// No option is accepted and ignored: a valid [fleet] is refused by `run` and reload
-    /// (both load through `daemon::load_config`), with the section's line.
+    /// `run` and reload (both load through `daemon::load_config`) take `[fleet.outage]` and
+    /// fleet-wide plans; a fleet-wide plan without `[fleet]` is refused with its line.
     #[test]
-    fn run_and_reload_take_fleet_and_refuse_its_unwired_outage_modes() {
-        let f = files("unwired");
+    fn run_and_reload_take_fleet_outage_and_fleet_wide_plans() {
+        let f = files("wired");
         let path = f.dir.0.join("tollgate.toml");
         let opts = crate::daemon::Options {
             config: Some(path.clone()),
             ..Default::default()
         };
-        std::fs::write(&path, fleet(PLAIN, &f.key, "")).unwrap();
-        crate::daemon::load_config(&opts).expect("[fleet] without outage runs");
         std::fs::write(
             &path,
             fleet(PLAIN, &f.key, "[fleet.outage]\nquotas = \"local\"\n"),
         )
         .unwrap();
-        let e = crate::daemon::load_config(&opts).expect_err("refused");
-        assert_eq!(e.field.as_str(), "fleet.outage", "{e}");
-        assert!(e.line.is_some_and(|l| l > 6), "{e}");
-        assert!(
-            e.message
-                .contains("global quotas and rates are not wired yet"),
-            "{e}"
-        );
-        assert_eq!(e.file, path.display().to_string());
+        let c = crate::daemon::load_config(&opts).expect("[fleet.outage] runs");
+        assert_eq!(c.fleet.unwrap().outage.quotas, OutageMode::Local);
+        let plan = "[[plans]]\nname = \"g\"\npackets_per_second = 100\npacket_burst = 10\n\
+                    scope = \"fleet\"\n";
+        let text = fleet(PLAIN, &f.key, "").replacen("[[plans]]", &format!("{plan}\n[[plans]]"), 1);
+        std::fs::write(&path, &text).unwrap();
+        let c = crate::daemon::load_config(&opts).expect("a fleet-wide plan runs");
+        assert!(c.plan("g").unwrap().fleet_wide());
+        // The same plan on a node of its own: refused, not silently per node.
+        let alone = format!("{BASE}\n{plan}");
+        let e = Config::parse(&alone, "t.toml").expect_err("refused");
+        assert_eq!(e.field, "plans[1].scope", "{e}");
+        assert!(e.message.contains("needs a [fleet] table"), "{e}");
+        let bad = alone.replace("\"fleet\"", "\"pool\"");
+        let e = Config::parse(&bad, "t.toml").expect_err("refused");
+        assert!(e.message.contains("is not a scope"), "{e}");
     }
 }

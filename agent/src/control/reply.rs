@@ -102,7 +102,22 @@ pub struct FleetStatus {
     pub installs: BTreeMap<String, u64>,
     /// Token claims by outcome (`claimed`, `replay`, `fallback`).
     pub claims: BTreeMap<String, u64>,
+    /// Fleet-wide plans: the identities with the most demand here, with this node's
+    /// share (at most [`FLEET_TOP_SHARES`]).
+    #[serde(default)]
+    pub shares: Vec<crate::fleet::global::ShareView>,
+    /// Identities on fleet-wide plans this node tracks, and whether they run by the outage
+    /// modes.
+    #[serde(default)]
+    pub global_identities: usize,
+    #[serde(default)]
+    pub global_outage: bool,
+    #[serde(default)]
+    pub pool_size: usize,
 }
+
+/// Shares shown by `tollgate fleet status`.
+pub const FLEET_TOP_SHARES: usize = 10;
 
 /// A member of the pool as its last heartbeat said.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -345,6 +360,10 @@ pub struct QuotaRow {
     pub minute: QuotaWindow,
     pub day: QuotaWindow,
     pub month: QuotaWindow,
+    /// A fleet-wide plan's spend in the pool as this node sees it, by window
+    /// (`minute`/`day`/`month` → (bytes, cost)); the windows above are this node's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<BTreeMap<String, (u64, u64)>>,
 }
 
 /// `quota_show`.
@@ -778,6 +797,7 @@ mod tests {
             minute: w,
             day: w,
             month: w,
+            fleet: Some([("minute".to_owned(), (30_000, 300))].into()),
         }]);
         assert_eq!(v[0]["minute"]["bytes"], 30_000);
         round_trip(QuotaReset {

@@ -21,7 +21,7 @@ pub const QUOTA_VERSION: u32 = 1;
 
 const DAY_S: u64 = 86_400;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Window {
     Minute,

@@ -1,5 +1,6 @@
 //! The fleet: what a pool of nodes shares through a Redis (or Valkey) store: bindings (with
-//! their tokens, verified again by every node), revocations, quarantines and releases.
+//! their tokens, verified again by every node), revocations, quarantines and releases, and
+//! the rates and quotas of fleet-wide plans (`share` the rules, `global` this node's part).
 //!
 //! `entry` is the authenticated change (binding, revocation, quarantine, release) and the pool
 //! key that signs it; `store` is the client: the change stream each node reads from its last
@@ -18,6 +19,7 @@
 pub mod apply;
 pub mod cursor;
 pub mod entry;
+pub mod global;
 pub mod install;
 pub mod link;
 pub mod outbox;

@@ -1,6 +1,6 @@
 //! Fleet-wide rates and quotas: what one node computes from what every node reports through
 //! the store (`store::spend`). Pure arithmetic, no clock and no I/O, so the convergence and
-//! the bounds are tested by simulation (share/tests.rs). Not wired into the daemon yet.
+//! the bounds are tested by simulation (share/tests.rs). Wired by `fleet::global`.
 //!
 //! # Global rates: demand-weighted shares
 //!

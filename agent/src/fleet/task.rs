@@ -22,11 +22,11 @@ use super::{
     apply::Applier,
     cursor::CursorFile,
     entry::{Entry, Kind},
-    install,
+    global, install,
     link::MemberView,
     outbox::Pending,
-    payload,
-    store::{Store, StreamPos},
+    payload, share,
+    store::{Store, StoreError, StreamPos, spend::SpendReport},
     sync::{self, Pass, Reload, SyncError},
 };
 use crate::{clock, node::Node};
@@ -90,6 +90,18 @@ pub async fn run(node: Rc<RefCell<Node>>, mut t: Task) {
         t.interval,
     ));
     let mut beat_due = clock::now_ms();
+    let mut global_due = beat_due;
+    {
+        let mut n = node.borrow_mut();
+        let n = &mut *n;
+        if let Some(cfg) = &n.config.fleet {
+            let g = &mut n.state.fleet;
+            g.on = true;
+            g.node.clone_from(&cfg.node);
+            g.interval = t.interval;
+            g.outage = cfg.outage;
+        }
+    }
     loop {
         if node.borrow().uninstalled {
             return;
@@ -105,10 +117,18 @@ pub async fn run(node: Rc<RefCell<Node>>, mut t: Task) {
             heartbeat(&node, &mut t).await;
             beat_due = now + HEARTBEAT.as_millis() as u64;
         }
+        // Fleet-wide plans once per interval (not at every wake-up: the demand is measured
+        // over the interval, and the others judge freshness by it).
+        let now = clock::now_ms();
+        if now >= global_due {
+            global(&node, &mut t).await;
+            global_due = now + t.interval.as_millis() as u64;
+        }
+        let until_global = Duration::from_millis(global_due.saturating_sub(clock::now_ms()));
         tokio::select! {
             _ = t.wake.notified() => {}
             _ = moved.notified() => {}
-            _ = tokio::time::sleep(t.interval) => {}
+            _ = tokio::time::sleep(t.interval.min(until_global)) => {}
         }
     }
 }
@@ -456,4 +476,99 @@ async fn heartbeat(node: &Rc<RefCell<Node>>, t: &mut Task) {
         }
         Err(e) => link.mark_down(&e),
     }
+    let members = link.members.len();
+    n.state.fleet.pool_size = members.max(1);
+}
+
+/// One cycle of the fleet-wide plans (`fleet::global`): measure and build the reports, send
+/// them with the node not borrowed, then write the shares that changed into the kernel and
+/// set or clear the quota flags by the fleet totals.
+async fn global(node: &Rc<RefCell<Node>>, t: &mut Task) {
+    let job = {
+        let mut n = node.borrow_mut();
+        let n = &mut *n;
+        if !n.config.plans.iter().any(|p| p.fleet_wide()) {
+            return;
+        }
+        let mut g = std::mem::take(&mut n.state.fleet);
+        let job = g.prepare(&n.config, &n.state, &n.pinned.tables, &n.control.quotas);
+        n.state.fleet = g;
+        job
+    };
+    let answers = exchange(&mut t.store, &job).await;
+    let mut n = node.borrow_mut();
+    let n = &mut *n;
+    let answers = match answers {
+        Ok(a) => {
+            // Nothing to send says nothing about the store: its health does.
+            let up = n.fleet.as_ref().is_some_and(|l| l.health.up);
+            (up || !(job.demand.is_empty() && job.spend.is_empty())).then_some(a)
+        }
+        Err(e) => {
+            if let Some(link) = n.fleet.as_mut() {
+                link.mark_down(&e);
+            }
+            None
+        }
+    };
+    if answers.is_some()
+        && let Some(link) = n.fleet.as_mut()
+        && !(job.demand.is_empty() && job.spend.is_empty())
+    {
+        link.mark_up();
+    }
+    let mut g = std::mem::take(&mut n.state.fleet);
+    let changed = g.finish(&n.config, &job, answers);
+    n.state.fleet = g;
+    let now_ms = clock::now_ms();
+    for name in changed {
+        let resolver = crate::identity::Resolver::new(&n.config, &n.state);
+        let (Some(id), Some(r)) = (resolver.slot(&name), resolver.get(&name)) else {
+            continue;
+        };
+        let rec = resolver.record(&r, n.state.quarantined(&name, now_ms));
+        if let Err(e) = n
+            .pinned
+            .tables
+            .set_identity_keeping_controller_flags(id, &rec)
+        {
+            warn!(identity = %name, "fleet: writing the identity's share: {e}");
+        }
+    }
+    n.control
+        .fleet_quota_flags(&n.config, &mut n.state, &mut n.pinned.tables, &n.audit);
+}
+
+/// Sends a cycle's reports: demand, then spend per window kind.
+async fn exchange(store: &mut Store, job: &global::Job) -> Result<global::Answers, StoreError> {
+    let mut a = global::Answers {
+        demand: None,
+        spend: Vec::new(),
+    };
+    if !job.demand.is_empty() {
+        let reports: Vec<(&str, share::Demand)> =
+            job.demand.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+        a.demand = Some(
+            store
+                .report_demand(&job.node, &reports, job.demand_ttl)
+                .await?,
+        );
+    }
+    for sj in &job.spend {
+        let reports: Vec<SpendReport<'_>> = sj
+            .reports
+            .iter()
+            .map(|(identity, own, seen)| SpendReport {
+                identity,
+                own: *own,
+                seen: *seen,
+            })
+            .collect();
+        a.spend.push(
+            store
+                .report_spend(&sj.name, &job.node, &reports, sj.ttl)
+                .await?,
+        );
+    }
+    Ok(a)
 }

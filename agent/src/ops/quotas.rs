@@ -37,16 +37,24 @@ pub fn show(node: &Node, only: Option<&str>) -> Result<Quotas, OpError> {
             continue;
         }
         let plan = ids.get(name).map(|r| r.plan);
-        let limits = plan
-            .and_then(|p| node.config.plan(p))
-            .map(|p| p.quota)
-            .unwrap_or_default();
+        let p = plan.and_then(|p| node.config.plan(p));
+        let limits = p.map(|p| p.quota).unwrap_or_default();
+        let fleet = p.filter(|p| p.fleet_wide()).map(|_| {
+            Window::ALL
+                .into_iter()
+                .filter_map(|w| {
+                    let v = node.state.fleet.spend_view(name, w)?;
+                    Some((w.as_str().to_owned(), (v.bytes, v.cost)))
+                })
+                .collect()
+        });
         rows.push(QuotaRow {
             identity: name.clone(),
             plan: plan.map(str::to_owned),
             minute: window(spent, Window::Minute, limits.get(Window::Minute)),
             day: window(spent, Window::Day, limits.get(Window::Day)),
             month: window(spent, Window::Month, limits.get(Window::Month)),
+            fleet,
         });
     }
     Ok(rows)

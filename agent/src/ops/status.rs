@@ -155,6 +155,13 @@ pub fn fleet(node: &Node) -> Result<crate::control::reply::FleetStatus, OpError>
             .map(|((k, o), v)| (format!("{k}/{o}"), *v))
             .collect(),
         claims: labels(&l.stats.claims),
+        shares: node
+            .state
+            .fleet
+            .top(crate::control::reply::FLEET_TOP_SHARES),
+        global_identities: node.state.fleet.tracked(),
+        global_outage: node.state.fleet.in_outage(),
+        pool_size: node.state.fleet.pool(),
     })
 }
 
@@ -282,6 +289,7 @@ impl explain::Names for Names<'_> {
 pub fn explain(node: &Node, probe: &Probe) -> Result<Explained, OpError> {
     let e = explain::explain(&node.pinned.tables, &Names(node), probe)
         .map_err(|e| OpError::BadRequest(e.to_string()))?;
+    let scope = plan_scope(node, e.identity.as_deref());
     Ok(Explained {
         verdict: e.verdict.to_owned(),
         reason: e.reason.to_owned(),
@@ -291,8 +299,29 @@ pub fn explain(node: &Node, probe: &Probe) -> Result<Explained, OpError> {
         identity: e.identity,
         class: e.class.and_then(Class::from_label),
         binding: e.binding,
-        why: e.why,
+        why: match scope {
+            Some(s) => format!("{} ({s})", e.why),
+            None => e.why,
+        },
     })
+}
+
+/// "plan P is fleet-wide: this node's share …" for an identity on a fleet-wide plan.
+fn plan_scope(node: &Node, identity: Option<&str>) -> Option<String> {
+    let name = identity?;
+    let ids = node.identities();
+    let plan = node.config.plan(ids.get(name)?.plan)?;
+    if !plan.fleet_wide() {
+        return None;
+    }
+    let s = node.state.fleet.limits_for(name, plan);
+    let rate = |v: Option<u64>| v.map_or("unlimited".to_owned(), |v| v.to_string());
+    Some(format!(
+        "plan {} is fleet-wide: this node's share is {} packets/s, {} cost/s",
+        plan.name,
+        rate(s.packets_per_s),
+        rate(s.bytes_per_s)
+    ))
 }
 
 fn nonzero(

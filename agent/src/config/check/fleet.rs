@@ -123,10 +123,6 @@ impl Checker<'_> {
             Fleet::DEFAULT_STREAM_MAX_LEN,
             Fleet::STREAM_MAX_LEN,
         )?;
-        let outage_line = raw
-            .outage
-            .as_ref()
-            .map(|o| crate::config::line_of(self.text, o.span().start));
         let outage = self.outage(raw.outage.map(S::into_inner).unwrap_or_default())?;
         Ok(Fleet {
             store,
@@ -140,7 +136,6 @@ impl Checker<'_> {
             stream_max_len,
             outage,
             line,
-            outage_line,
         })
     }
 

@@ -64,7 +64,7 @@ impl<'a> Checker<'a> {
         let drop_events = self.drop_events(raw.drop_events)?;
         let controller = self.controller(raw.controller)?;
         let listen = self.listen(raw.listen)?;
-        let plans = self.plans(raw.plans)?;
+        let plans = self.plans(raw.plans, raw.fleet.is_some())?;
         let endpoints = self.endpoints(raw.endpoints)?;
         let identities = self.identities(raw.identities, &plans)?;
         let identity_index = identities

@@ -8,7 +8,7 @@ use tollgate_common::policy::{
 
 use super::{Checker, Result};
 use crate::config::{
-    Endpoint, Plan, StaticIdentity,
+    Endpoint, Plan, PlanScope, StaticIdentity,
     raw::{List, PortItem, RawEndpoint, RawIdentity, RawPlan, S},
 };
 use crate::tables::{EndpointSpec, PlanLimits, Proto};
@@ -43,7 +43,8 @@ const BYTES: Budget = Budget {
 };
 
 impl Checker<'_> {
-    pub(super) fn plans(&self, raw: Option<List<RawPlan>>) -> Result<Vec<Plan>> {
+    /// `fleet`: whether the file has a `[fleet]` (a fleet-wide plan needs one).
+    pub(super) fn plans(&self, raw: Option<List<RawPlan>>, fleet: bool) -> Result<Vec<Plan>> {
         // An absent key has no line of its own: the document's first line stands for it.
         let span = raw.as_ref().map(|l| l.span()).unwrap_or(0..0);
         let Some(list) = raw.filter(|l| !l.get_ref().is_empty()) else {
@@ -99,8 +100,51 @@ impl Checker<'_> {
                 day_cost: q(&p.quota_day_cost, "quota_day_cost")?,
                 month_cost: q(&p.quota_month_cost, "quota_month_cost")?,
             };
+            let scope = match &p.scope {
+                None => Plan::DEFAULT_SCOPE,
+                Some(v) => match v.get_ref().as_str() {
+                    "node" => PlanScope::Node,
+                    "fleet" => PlanScope::Fleet,
+                    other => {
+                        return Err(self.err(
+                            v.span(),
+                            at("scope"),
+                            format!(
+                                "{other:?} is not a scope: \"node\" (each node grants the whole \
+                                 rate and quotas) or \"fleet\" (they hold across the pool)"
+                            ),
+                        ));
+                    }
+                },
+            };
+            if scope == PlanScope::Fleet
+                && !fleet
+                && let Some(v) = &p.scope
+            {
+                return Err(self.err(
+                    v.span(),
+                    at("scope"),
+                    "scope = \"fleet\" needs a [fleet] table: without a pool to share it with, \
+                     each node would grant the whole rate and quotas; add [fleet] or leave scope \
+                     out",
+                ));
+            }
+            if scope == PlanScope::Fleet
+                && packets_per_s.is_none()
+                && bytes_per_s.is_none()
+                && quota.is_unlimited()
+                && let Some(v) = &p.scope
+            {
+                return Err(self.err(
+                    v.span(),
+                    at("scope"),
+                    "scope = \"fleet\" on a plan without a rate or a quota shares nothing: \
+                     give the plan a rate or quota, or leave scope out",
+                ));
+            }
             plans.push(Plan {
                 name,
+                scope,
                 priority: priority as u8,
                 limits: PlanLimits {
                     packets_per_s,

@@ -123,7 +123,6 @@ fn from_fleet_takes_a_url_or_sentinels() {
         stream_max_len: 10_000,
         outage: Outage::default(),
         line: 1,
-        outage_line: None,
     };
     let key = || PoolKey::from_bytes(&KEY, POOL).unwrap();
     let cfg = StoreConfig::from_fleet(&f, None).unwrap();
