@@ -398,6 +398,8 @@ fn through_sentinel_the_nodes_follow_a_failover_and_no_acknowledged_revocation_i
         lab.wait_served(0, &nodes, true, SPREAD),
         Vec::<usize>::new()
     );
+}
+
 /// A plan whose rate holds across the pool: 1000 datagrams/s fleet-wide.
 const FLEET_RATE: u64 = 1000;
 
