@@ -154,16 +154,24 @@ async fn two_concurrent_claims_of_one_token_one_wins() {
                 _ => panic!("not exactly one winner: {ra:?} {rb:?}"),
             };
             // The loser changed nothing: the store still names the winner.
-            let held = server.cli(&["GET", &format!("tollgate:{{lab}}:claim:{jti}")]);
+            let held = server.cli(&["GET", &KeyNames::new(POOL).claim(&jti)]);
             assert_eq!(held.trim(), winner.to_string(), "{jti}");
         }
         // The holder claiming again is still Claimed (a second bind from the same address).
-        let holder = server.cli(&["GET", "tollgate:{lab}:claim:jti-0"]);
+        let holder = server.cli(&["GET", &KeyNames::new(POOL).claim("jti-0")]);
         let holder: IpAddr = holder.trim().parse().unwrap();
         assert_eq!(
             a.claim_token("jti-0", holder, ttl).await.unwrap(),
             Claim::Claimed
         );
+        // Any token id can be claimed (its key holds the id's SHA-256): spaces, non-ASCII.
+        for odd in ["a b", "Zoë", &"x".repeat(4000)] {
+            assert_eq!(a.claim_token(odd, addr_a, ttl).await.unwrap(), Claim::Claimed);
+            assert_eq!(
+                b.claim_token(odd, addr_b, ttl).await.unwrap(),
+                Claim::HeldBy(addr_a)
+            );
+        }
         // The claim expires with the token.
         a.claim_token("short", addr_a, Duration::from_millis(50))
             .await
