@@ -184,6 +184,31 @@ fn fleet_families(
         published.0,
     );
     reg.register(
+        "tollgate_fleet_unshared_changes",
+        "Changes made here that could not be shared with the pool (in force here only): a \
+         name or payload no entry can carry, or the outbox's disk",
+        counter(link.stats.unqueued),
+    );
+    reg.register(
+        "tollgate_fleet_outbox_dropped",
+        "Queued bindings dropped past the outbox's bound (their clients bind again)",
+        counter(link.outbox.dropped),
+    );
+    let reloads = Counters::new();
+    for reason in ["first", "gap", "store_reset", "restart"] {
+        reloads.add(
+            l(&[("reason", reason)]),
+            link.stats.reloads.get(reason).copied().unwrap_or(0),
+        );
+    }
+    reg.register(
+        "tollgate_fleet_snapshot_loads",
+        "Snapshot loads by reason: first, gap (the stream lost entries after this node's \
+         position), store_reset (a new epoch), restart (a restart or the periodic \
+         reconciliation)",
+        reloads.0,
+    );
+    reg.register(
         "tollgate_fleet_publish_errors",
         "Publish attempts that failed (the change stays queued and is retried)",
         counter(link.stats.publish_errors),

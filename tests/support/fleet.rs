@@ -663,6 +663,19 @@ impl FleetLab {
         counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
     }
 
+    /// Gives node `n` its own credentials file naming `password` (for its next start).
+    pub fn set_store_password(&mut self, n: usize, password: &str) {
+        let creds = self.nodes[n].dirs.state_dir.join("store.credentials");
+        write_private(
+            &creds,
+            &format!("user = \"{STORE_USER}\"\npassword = \"{password}\"\n"),
+        );
+        let text = std::fs::read_to_string(&self.nodes[n].config).expect("config");
+        let shared = self.shared.state_dir.join("store.credentials");
+        let text = text.replace(&shared.display().to_string(), &creds.display().to_string());
+        std::fs::write(&self.nodes[n].config, text).expect("config");
+    }
+
     /// The CLI against node `n`'s agent; stdout (panics unless it exits 0).
     pub fn cli_ok(&self, n: usize, args: &[&str]) -> String {
         self.nodes[n].dirs.cli_ok(args)

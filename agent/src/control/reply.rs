@@ -102,6 +102,19 @@ pub struct FleetStatus {
     pub installs: BTreeMap<String, u64>,
     /// Token claims by outcome (`claimed`, `replay`, `fallback`).
     pub claims: BTreeMap<String, u64>,
+    /// Changes made here that could not be shared (a name or payload no entry can carry, or
+    /// the outbox's disk): in force on this node only.
+    #[serde(default)]
+    pub unshared: u64,
+    /// Queued bindings dropped past the outbox's bound (their clients bind again).
+    #[serde(default)]
+    pub outbox_dropped: u64,
+    /// Snapshot loads by reason (`first`, `gap`, `store_reset`, `restart`: a restart or the
+    /// periodic reconciliation), and re-seeds.
+    #[serde(default)]
+    pub reloads: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub reseeded: u64,
     /// Fleet-wide plans: the identities with the most demand here, with this node's
     /// share (at most [`FLEET_TOP_SHARES`]).
     #[serde(default)]

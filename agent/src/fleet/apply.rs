@@ -31,15 +31,28 @@ pub enum ApplyRefusal {
     Stale,
     /// A binding of a token id that is revoked.
     Revoked,
+    /// Stamped further in the future than any clock of the pool should be
+    /// ([`MAX_FUTURE_MS`]): it would win its subject until every clock passed it.
+    Future,
 }
 
+/// How far ahead of this node's wall clock an entry may be stamped: clocks under NTP agree
+/// within far less; a node whose clock stepped ahead, or a key holder stamping entries near
+/// `u64::MAX`, would otherwise win every subject it touches for as long.
+pub const MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
+
 impl ApplyRefusal {
-    pub const ALL: [ApplyRefusal; 2] = [ApplyRefusal::Stale, ApplyRefusal::Revoked];
+    pub const ALL: [ApplyRefusal; 3] = [
+        ApplyRefusal::Stale,
+        ApplyRefusal::Revoked,
+        ApplyRefusal::Future,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             ApplyRefusal::Stale => "stale",
             ApplyRefusal::Revoked => "revoked",
+            ApplyRefusal::Future => "future",
         }
     }
 }
@@ -122,6 +135,9 @@ impl Applier {
     /// holds. A refusal is counted under its label.
     pub fn offer(&mut self, v: Verified, now_wall_ms: u64) -> Outcome {
         let e = v.entry();
+        if e.wall_ms > now_wall_ms.saturating_add(MAX_FUTURE_MS) {
+            return self.refuse(ApplyRefusal::Future);
+        }
         let field = e.snapshot_field();
         let order = Order::of(e);
         if e.kind == Kind::Binding && self.token_revoked(&e.subject, now_wall_ms) {
@@ -208,6 +224,13 @@ impl Applier {
         self.seeded = false;
     }
 
+    /// Asks for the snapshot again (the next pass reloads it and offers every entry): the
+    /// periodic reconciliation with the snapshot, which catches what a store writer hid from
+    /// the stream in ways no gap check sees.
+    pub fn unseed(&mut self) {
+        self.seeded = false;
+    }
+
     /// Records that a whole snapshot was offered.
     pub fn mark_seeded(&mut self) {
         self.seeded = true;
@@ -247,6 +270,16 @@ mod tests {
 
     fn key() -> PoolKey {
         PoolKey::from_bytes(&[7; 32], "lab").unwrap()
+    }
+
+    #[test]
+    fn an_entry_stamped_far_in_the_future_is_refused() {
+        let mut a = Applier::new();
+        let far = entry(Kind::Release, "acme", "n1", 1, NOW + MAX_FUTURE_MS + 1);
+        assert_eq!(a.offer(far, NOW), Outcome::Refused(ApplyRefusal::Future));
+        assert_eq!(a.refused().get("future"), Some(&1));
+        let near = entry(Kind::Release, "acme", "n1", 2, NOW + MAX_FUTURE_MS);
+        assert_eq!(a.offer(near, NOW), Outcome::Applied);
     }
 
     #[test]

@@ -31,8 +31,11 @@ use super::entry::Kind;
 pub const OUTBOX_FILE: &str = "fleet-outbox.log";
 /// Queued entries kept before the oldest bindings go.
 pub const MAX_ENTRIES: usize = 10_000;
-/// Longest line read back (an entry's payload is at most 16 KiB, plus its fields).
+/// Longest line read back (an entry's payload is at most 16 KiB, plus its fields; a change
+/// that cannot be an entry is never queued, `Link::publish`).
 const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Largest outbox file read: 10 000 bindings of 16 KiB and room for revocations.
+const MAX_FILE_BYTES: u64 = 512 * 1024 * 1024;
 
 /// One change waiting to be published. `seq` is 0 until the fleet task reserves one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,9 +125,16 @@ impl Outbox {
         let mut lines = Vec::new();
         let mut reader = BufReader::new(file);
         let mut buf = Vec::new();
-        // Bounded: a line longer than any entry is damage, not something to buffer.
-        // A compacted log holds at most two lines per entry plus the margin.
-        for _ in 0..(4 * MAX_ENTRIES + 2 * COMPACT_MARGIN) {
+        // A line longer than any entry is damage, not something to buffer. Bounded by bytes, never by a line count (revocations are never dropped, so the
+        // queue has no fixed length): a file past the bound is an error naming it.
+        let size = reader.get_ref().metadata().map_err(|e| out.io(e))?.len();
+        if size > MAX_FILE_BYTES {
+            return Err(out.damaged(
+                0,
+                format!("{size} bytes, more than the {MAX_FILE_BYTES} an outbox may hold"),
+            ));
+        }
+        loop {
             buf.clear();
             let n = (&mut reader)
                 .take(MAX_LINE_BYTES as u64 + 1)

@@ -308,6 +308,8 @@ struct StreamInfo {
     length: u64,
     /// Entries ever added; more than `length` means some were trimmed.
     entries_added: u64,
+    /// The newest id removed by XDEL (Redis 7.0 records XDEL here, not trims).
+    max_deleted: StreamPos,
 }
 
 impl StreamInfo {
@@ -320,6 +322,11 @@ impl StreamInfo {
     fn gap_after(&self, last: StreamPos) -> bool {
         if last > self.last_generated {
             // The stream restarted behind us (the store lost it and ids began again).
+            return true;
+        }
+        if self.max_deleted > last {
+            // An entry after our position was deleted (XDEL: a store writer hiding a
+            // revocation from the nodes that had not read it yet): the snapshot decides.
             return true;
         }
         let trimmed = self.entries_added > self.length;
@@ -377,6 +384,9 @@ pub struct Store {
     /// Added to the bound of [`Store::wait_after`] and to the connection's response timeout:
     /// zero except on a waiter.
     block: Duration,
+    /// The stream's `entries-added` at this client's last read: it never goes down on one
+    /// stream, so a smaller one is a stream made again.
+    entries_added: Option<u64>,
     key: PoolKey,
     keys: KeyNames,
     op_timeout: Duration,
@@ -431,6 +441,7 @@ impl Store {
             key,
             op_timeout: cfg.op_timeout,
             block: Duration::ZERO,
+            entries_added: None,
             stream_max_len: cfg.stream_max_len.max(1),
             url,
         })
@@ -448,6 +459,12 @@ impl Store {
 
     pub fn pool(&self) -> &str {
         self.key.pool()
+    }
+
+    /// `entry` signed and verified under this pool's key, as any node would hold it: what
+    /// the publishing node offers its own applier.
+    pub fn seal(&self, entry: Entry) -> Result<Verified, Refusal> {
+        self.key.verify(self.key.sign(entry)?)
     }
 
     /// What the store is, for `fleet status`: its URL or `sentinel:<service>` (never a
@@ -625,7 +642,13 @@ impl Store {
                 Read::Gap
             });
         };
-        if info.gap_after(last) {
+        // A stream deleted and made again with ids above every cursor (a store writer's way
+        // round the checks above) has added fewer entries than this client saw before.
+        let recreated = self
+            .entries_added
+            .is_some_and(|seen| info.entries_added < seen);
+        self.entries_added = Some(info.entries_added);
+        if recreated || info.gap_after(last) {
             return Ok(Read::Gap);
         }
         let read = read.map_err(|e| StoreError::from_redis("read_since", e))?;
@@ -1017,6 +1040,7 @@ fn stream_info(
         first: pos("recorded-first-entry-id")?,
         length: count("length")?,
         entries_added: count("entries-added")?,
+        max_deleted: pos("max-deleted-entry-id")?,
     }))
 }
 

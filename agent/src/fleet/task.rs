@@ -39,6 +39,11 @@ const MAX_PASSES: usize = 16;
 const MAX_PUBLISH: usize = 1000;
 /// How often the node beats and lists the members.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often the node reloads the whole snapshot even without a gap, and re-seeds what it
+/// holds in force that the pool lacks: the stream can be edited by anyone who can write to
+/// the store (an XDEL of a revocation before a slow node read it, a snapshot field deleted);
+/// this bounds how long such an edit can hide a change.
+const RECONCILE: Duration = Duration::from_secs(300);
 /// A member whose heartbeat is older than this is gone.
 const MEMBER_TTL: Duration = Duration::from_secs(5);
 
@@ -90,6 +95,7 @@ pub async fn run(node: Rc<RefCell<Node>>, mut t: Task) {
         t.interval,
     ));
     let mut beat_due = clock::now_ms();
+    let mut reconcile_due = clock::now_ms() + RECONCILE.as_millis() as u64;
     let mut global_due = beat_due;
     {
         let mut n = node.borrow_mut();
@@ -113,6 +119,10 @@ pub async fn run(node: Rc<RefCell<Node>>, mut t: Task) {
             reseed(&node, &mut t).await;
         }
         let now = clock::now_ms();
+        if now >= reconcile_due {
+            t.applier.unseed();
+            reconcile_due = now + RECONCILE.as_millis() as u64;
+        }
         if now >= beat_due {
             heartbeat(&node, &mut t).await;
             beat_due = now + HEARTBEAT.as_millis() as u64;
@@ -194,7 +204,16 @@ async fn publish(node: &Rc<RefCell<Node>>, t: &mut Task) {
             subject: p.subject.clone(),
             payload: p.payload.clone(),
         };
+        let own = t.store.seal(entry.clone());
         let r = t.store.append(entry).await;
+        if r.is_ok()
+            && let Ok(v) = own
+        {
+            // This node's own change is held at once for ordering, not an interval later
+            // when it is read back: an older entry of another node for the same subject,
+            // read meanwhile, is refused stale instead of undoing it here.
+            t.applier.offer(v, clock::wall_ms());
+        }
         let mut n = node.borrow_mut();
         let Some(link) = n.fleet.as_mut() else { return };
         match r {

@@ -141,7 +141,11 @@ pub fn fleet(node: &Node) -> Result<crate::control::reply::FleetStatus, OpError>
             .iter()
             .map(|m| FleetMember {
                 node: m.node.clone(),
-                heartbeat_age_ms: m.heartbeat_wall_ms.map(|w| wall - w as i64),
+                // A forged heartbeat may say anything: an absurd time is no age.
+                heartbeat_age_ms: m
+                    .heartbeat_wall_ms
+                    .and_then(|w| i64::try_from(w).ok())
+                    .and_then(|w| wall.checked_sub(w)),
                 outbox: m.outbox,
                 bindings: m.bindings,
             })
@@ -155,6 +159,10 @@ pub fn fleet(node: &Node) -> Result<crate::control::reply::FleetStatus, OpError>
             .map(|((k, o), v)| (format!("{k}/{o}"), *v))
             .collect(),
         claims: labels(&l.stats.claims),
+        unshared: l.stats.unqueued,
+        outbox_dropped: l.outbox.dropped,
+        reloads: labels(&l.stats.reloads),
+        reseeded: l.stats.reseeded,
         shares: node
             .state
             .fleet

@@ -131,6 +131,47 @@ async fn a_trimmed_stream_reports_a_gap_and_the_snapshot_covers_it() {
     .expect("hung");
 }
 
+/// A store writer without the key hides an entry from the nodes that have not read it yet:
+/// by XDEL, or by deleting the stream and adding one with ids above every cursor. Both are
+/// gaps (the snapshot decides), never a silent skip.
+#[tokio::test]
+async fn a_deleted_entry_or_a_remade_stream_is_a_gap() {
+    tokio::time::timeout(HANG, async {
+        let server = RedisServer::start(&[]);
+        let mut writer = store(&server);
+        let first = writer.append(revocation("node-1", 1)).await.unwrap();
+        let second = writer.append(revocation("node-1", 2)).await.unwrap();
+        let third = writer.append(revocation("node-1", 3)).await.unwrap();
+        let mut reader = store(&server);
+        assert_eq!(
+            seqs(&entries(&mut reader, StreamPos::ZERO).await),
+            [1, 2, 3]
+        );
+        // XDEL of the second entry: a reader at the first has lost it.
+        let stream = "tollgate:{lab}:stream";
+        server.cli(&["XDEL", stream, &second.to_string()]);
+        let mut late = store(&server);
+        assert!(matches!(
+            late.read_since(first, 100).await.unwrap(),
+            Read::Gap
+        ));
+        // A reader past the deleted entry lost nothing: no gap.
+        let last = writer.append(revocation("node-1", 4)).await.unwrap();
+        assert_eq!(seqs(&entries(&mut reader, third).await), [4]);
+        // The stream made again with an id above every cursor: fewer entries added than
+        // this reader saw.
+        server.cli(&["DEL", stream]);
+        let high = format!("{}-0", last.ms + 60_000);
+        server.cli(&["XADD", stream, &high, "kind", "release"]);
+        assert!(matches!(
+            reader.read_since(last, 100).await.unwrap(),
+            Read::Gap
+        ));
+    })
+    .await
+    .expect("hung");
+}
+
 #[tokio::test]
 async fn two_concurrent_claims_of_one_token_one_wins() {
     tokio::time::timeout(HANG, async {
@@ -166,7 +207,10 @@ async fn two_concurrent_claims_of_one_token_one_wins() {
         );
         // Any token id can be claimed (its key holds the id's SHA-256): spaces, non-ASCII.
         for odd in ["a b", "Zoë", &"x".repeat(4000)] {
-            assert_eq!(a.claim_token(odd, addr_a, ttl).await.unwrap(), Claim::Claimed);
+            assert_eq!(
+                a.claim_token(odd, addr_a, ttl).await.unwrap(),
+                Claim::Claimed
+            );
             assert_eq!(
                 b.claim_token(odd, addr_b, ttl).await.unwrap(),
                 Claim::HeldBy(addr_a)
