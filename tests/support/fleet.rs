@@ -59,7 +59,7 @@ pub struct Redis {
 /// The nodes' rules: the pool's keys, reads, writes, transactions, `ROLE` and `WAIT`, nothing
 /// dangerous (docs/fleet.md, Sentinel; the store client's Sentinel tests run under the same).
 const NODE_RULES: &str = "~tollgate:* resetchannels -@all +@read +@write +@transaction \
-                          +@connection -@dangerous +role +wait";
+                          +@connection -@dangerous +role +wait +time";
 const SENTINEL_RULES: &str = "allchannels -@all +multi +slaveof +ping +exec +subscribe \
                               +config|rewrite +role +publish +info +client|setname \
                               +client|kill +script|kill";

@@ -26,7 +26,7 @@ pub const DOWN_AFTER_MS: u64 = 1000;
 /// transactions, nothing dangerous (no KEYS, FLUSHALL, CONFIG, DEBUG…) except ROLE (the
 /// primary check) and WAIT.
 pub const NODE_RULES: &str = "~tollgate:* resetchannels -@all +@read +@write +@transaction \
-                              +@connection -@dangerous +role +wait";
+                              +@connection -@dangerous +role +wait +time";
 /// The sentinels' user on the data nodes (Redis's Sentinel documentation's list).
 pub const SENTINEL_RULES: &str = "allchannels -@all +multi +slaveof +ping +exec +subscribe \
                                   +config|rewrite +role +publish +info +client|setname \
