@@ -57,7 +57,14 @@ pub struct Task {
     pub wake: Rc<Notify>,
     /// Entries were re-read from the store after a reset and not all republished yet.
     reseed: Option<Reseed>,
+    /// When the last full re-seed was started (agent time): a store writer who flips the
+    /// epoch key every interval must not keep the pool republishing everything.
+    last_everything_ms: Option<u64>,
 }
+
+/// At most one full re-seed per this long; a reset seen sooner re-seeds what this node holds
+/// in force that the store lacks (cheap, and the revocations are in it).
+const EVERYTHING_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Reseed {
@@ -80,6 +87,7 @@ impl Task {
             interval,
             wake,
             reseed: None,
+            last_everything_ms: None,
         }
     }
 }
@@ -344,8 +352,21 @@ fn take(node: &Rc<RefCell<Node>>, t: &mut Task, pass: &Pass) {
             entries = pass.applied.len(),
             "fleet: snapshot loaded"
         );
+        let now = clock::now_ms();
+        let recent = t
+            .last_everything_ms
+            .is_some_and(|at| now.saturating_sub(at) < EVERYTHING_EVERY.as_millis() as u64);
         let wanted = match r {
-            Reload::StoreReset => Reseed::Everything,
+            Reload::StoreReset if recent => {
+                warn!(
+                    "fleet: the store's epoch changed again within a minute; re-seeding only what is in force here"
+                );
+                Reseed::Local
+            }
+            Reload::StoreReset => {
+                t.last_everything_ms = Some(now);
+                Reseed::Everything
+            }
             // A gap lost nothing the snapshot lacks.
             Reload::Gap => return,
             Reload::First | Reload::Restart => Reseed::Local,
