@@ -140,6 +140,12 @@ fn fleet_families(
         ),
     );
     reg.register(
+        "tollgate_fleet_stream_lag_seconds",
+        "How far the change stream's newest entry was ahead of what this node had read at its \
+         last pass (by the entries' ids); above a few intervals the node is falling behind",
+        gauge(link.stream_lag_ms as f64 / 1000.0),
+    );
+    reg.register(
         "tollgate_fleet_members",
         "Members of the pool with a live heartbeat, as last listed",
         gauge(link.members.len() as f64),

@@ -35,7 +35,7 @@ fn ms(v: Option<u64>) -> String {
 
 fn text(s: &FleetStatus) -> String {
     let mut out = format!(
-        "pool {} · node {}\nstore {}{}: {}{}\nsync: last pass {} ago (interval {} ms), position {}, {} entries held\noutbox: {} waiting\n",
+        "pool {} · node {}\nstore {}{}: {}{}\nsync: last pass {} ago (interval {} ms), position {} ({} ms behind the stream), {} entries held\noutbox: {} waiting\n",
         s.pool,
         s.node,
         s.store,
@@ -50,6 +50,7 @@ fn text(s: &FleetStatus) -> String {
         ms(s.sync_age_ms),
         s.sync_interval_ms,
         s.position,
+        s.stream_lag_ms,
         s.held,
         s.outbox,
     );

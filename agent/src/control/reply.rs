@@ -90,6 +90,9 @@ pub struct FleetStatus {
     pub sync_interval_ms: u64,
     /// The stream id this node has read up to.
     pub position: String,
+    /// How far the stream's newest entry was ahead of it at the last pass (ms).
+    #[serde(default)]
+    pub stream_lag_ms: u64,
     /// Entries the node holds (one per subject: bindings, revocations, quarantines).
     pub held: usize,
     pub outbox: usize,

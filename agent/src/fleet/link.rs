@@ -79,6 +79,8 @@ pub struct Link {
     /// through the sentinels.
     pub store: String,
     pub primary: Option<String>,
+    /// How far the stream ran ahead of this node at its last pass (ms of stream ids).
+    pub stream_lag_ms: u64,
     /// Entries held by the applier and the stream position (the task's, mirrored here).
     pub held: usize,
     pub position: String,
@@ -264,6 +266,7 @@ pub fn open(
         sync_interval: interval,
         store: store.target().to_owned(),
         primary: None,
+        stream_lag_ms: 0,
         held: 0,
         position: cursor.cursor().last.to_string(),
     };

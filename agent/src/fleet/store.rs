@@ -266,6 +266,8 @@ pub struct Batch {
     /// The last id read (verified or refused); the position to read from next. Unchanged
     /// when nothing was read.
     pub last: StreamPos,
+    /// The stream's newest id when it was read: how far behind `last` is.
+    pub head: StreamPos,
 }
 
 /// The snapshot: the latest entry per subject, and the stream position it covers.
@@ -654,6 +656,7 @@ impl Store {
         let read = read.map_err(|e| StoreError::from_redis("read_since", e))?;
         let mut batch = Batch {
             last,
+            head: info.last_generated,
             ..Batch::default()
         };
         for (pos, fields) in xread_entries(read)? {

@@ -52,6 +52,9 @@ pub struct Pass {
     /// The stream read returned `max` entries: more may be waiting (run another pass now
     /// rather than after the interval).
     pub more: bool,
+    /// How far the stream's newest entry was ahead of what this pass read up to, in the ids'
+    /// milliseconds (0 after a snapshot load: it covers the whole stream).
+    pub lag_ms: u64,
 }
 
 impl Pass {
@@ -120,6 +123,7 @@ pub async fn sync_once(
             Read::Gap => Reload::Gap,
             Read::Entries(batch) => {
                 pass.more = batch.entries.len() + batch.refused.len() >= max.max(1);
+                pass.lag_ms = batch.head.ms.saturating_sub(batch.last.ms);
                 for (_, r) in &batch.refused {
                     pass.count(r.label());
                 }

@@ -323,6 +323,7 @@ fn take(node: &Rc<RefCell<Node>>, t: &mut Task, pass: &Pass) {
     let Some(link) = n.fleet.as_mut() else { return };
     link.mark_up();
     link.primary = t.store.primary().map(str::to_owned);
+    link.stream_lag_ms = pass.lag_ms;
     link.health.last_sync_ms = Some(clock::now_ms());
     link.held = held;
     link.position = position;

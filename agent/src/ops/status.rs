@@ -134,6 +134,7 @@ pub fn fleet(node: &Node) -> Result<crate::control::reply::FleetStatus, OpError>
         sync_age_ms: l.health.last_sync_ms.map(|s| now.saturating_sub(s)),
         sync_interval_ms: l.sync_interval.as_millis() as u64,
         position: l.position.clone(),
+        stream_lag_ms: l.stream_lag_ms,
         held: l.held,
         outbox: l.outbox.len(),
         members: l
