@@ -167,7 +167,7 @@ fn bind_and_revoke() {
     };
     let last = |n: usize| arrivals.lock().expect("lock")[n].last().copied();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let (mut admitted, mut dropped) = (Vec::new(), Vec::new());
+    let (mut admitted, mut dropped, mut quarantined) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..TRIES {
         let token = lab.issue("bench", "10m", &format!("tok-{i}"));
         let (code, body) = lab.bind(0, 0, &token);
@@ -188,8 +188,40 @@ fn bind_and_revoke() {
             };
             admitted.push(ms(at - t_bind));
         }
+        // Dropped everywhere once no node has seen a datagram for 50 ms (the probe period is
+        // 0.8 ms per node): the figure is the last arrival at any node after the command
+        // returned.
+        let dropped_everywhere = |what: &str, t_ret: Instant| -> f64 {
+            let deadline = t_ret + LIMIT;
+            loop {
+                let newest = (0..NODES).filter_map(last).max().unwrap_or(t_ret);
+                if newest < Instant::now() - Duration::from_millis(50) {
+                    return ms(newest.saturating_duration_since(t_ret));
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "try {i}: {what}: not dropped everywhere"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // A quarantine on node 3, then its release on node 2 (admitted again everywhere).
         std::thread::sleep(Duration::from_millis(20));
-        let t_revoke = Instant::now();
+        lab.cli_ok(2, &["quarantine", "bench", "--reason", "bench"]);
+        quarantined.push(dropped_everywhere("quarantine", Instant::now()));
+        lab.cli_ok(1, &["release", "bench", "--reason", "bench"]);
+        let t_rel = Instant::now();
+        for n in 0..NODES {
+            while first_after(n, t_rel).is_none() {
+                assert!(
+                    Instant::now() < t_rel + LIMIT,
+                    "try {i}: not released on node {}",
+                    n + 1
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
         lab.cli_ok(
             3,
             &[
@@ -201,19 +233,7 @@ fn bind_and_revoke() {
                 "bench",
             ],
         );
-        let t_ret = Instant::now();
-        // Dropped everywhere once no node has seen a datagram for 50 ms (the probe period is
-        // 0.8 ms per node): the figure is the last arrival at any node after the command.
-        let deadline = t_ret + LIMIT;
-        loop {
-            let newest = (0..NODES).filter_map(last).max().unwrap_or(t_revoke);
-            if newest < Instant::now() - Duration::from_millis(50) {
-                dropped.push(ms(newest.saturating_duration_since(t_ret)));
-                break;
-            }
-            assert!(Instant::now() < deadline, "try {i}: not dropped everywhere");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        dropped.push(dropped_everywhere("revoke", Instant::now()));
     }
     stop.store(true, Ordering::Relaxed);
     sender.join().expect("sender");
@@ -229,6 +249,11 @@ fn bind_and_revoke() {
         "| bind on node 1 (its HTTPS reply) → first datagram admitted on nodes 2–4 | {:.2} | {:.2} |",
         pct(&mut admitted, 0.5),
         pct(&mut admitted, 0.99)
+    );
+    println!(
+        "| `tollgate quarantine` on node 3 returning → last datagram admitted anywhere | {:.2} | {:.2} |",
+        pct(&mut quarantined, 0.5),
+        pct(&mut quarantined, 0.99)
     );
     println!(
         "| `tollgate token revoke` on node 4 returning → last datagram admitted anywhere | {:.2} | {:.2} |",
