@@ -253,11 +253,20 @@ impl Applier {
         &self.refused
     }
 
-    /// Forgets revocations that ended before `now_wall_ms` (bounded memory). Their subjects'
-    /// tokens have expired by then (a revocation lasts until the token's `exp`).
-    pub fn prune(&mut self, now_wall_ms: u64) {
-        self.held
-            .retain(|_, h| !is_revocation(h.entry.entry().kind) || Self::holds(h, now_wall_ms));
+    /// Forgets revocations that ended before `now_wall_ms`, and bindings made more than
+    /// `binding_max_age_ms` ago (the longest token lifetime any issuer allows: their tokens
+    /// have expired), so memory follows the pool's live state, not its history. A forgotten
+    /// entry read again is applied again and refused where it is installed (the token has
+    /// expired; the revocation has ended): work, never a grant.
+    pub fn prune(&mut self, now_wall_ms: u64, binding_max_age_ms: u64) {
+        self.held.retain(|_, h| {
+            let e = h.entry.entry();
+            match e.kind {
+                k if is_revocation(k) => Self::holds(h, now_wall_ms),
+                Kind::Binding => e.wall_ms.saturating_add(binding_max_age_ms) >= now_wall_ms,
+                _ => true,
+            }
+        });
     }
 }
 
@@ -270,6 +279,22 @@ mod tests {
 
     fn key() -> PoolKey {
         PoolKey::from_bytes(&[7; 32], "lab").unwrap()
+    }
+
+    #[test]
+    fn pruning_forgets_bindings_older_than_any_token_and_keeps_the_rest() {
+        let mut a = Applier::new();
+        let hour = 3_600_000;
+        let old = entry(Kind::Binding, "tok-old", "n1", 1, NOW - 2 * hour);
+        let young = entry(Kind::Binding, "tok-new", "n1", 2, NOW - hour / 2);
+        let q = entry(Kind::Quarantine, "acme", "n1", 3, NOW - 2 * hour);
+        for e in [old, young, q] {
+            assert_eq!(a.offer(e, NOW), Outcome::Applied);
+        }
+        a.prune(NOW, hour);
+        assert!(a.held("binding:tok-old").is_none());
+        assert!(a.held("binding:tok-new").is_some());
+        assert!(a.held("quarantine:acme").is_some());
     }
 
     #[test]
@@ -422,11 +447,11 @@ mod tests {
         assert_eq!(a.revocation_end(field), Some(Some(until)));
         assert!(a.token_revoked("tok-1", NOW + 30_000));
         // Pruning before its end keeps it; after its end the token may bind again.
-        a.prune(NOW + 30_000);
+        a.prune(NOW + 30_000, u64::MAX);
         assert!(a.token_revoked("tok-1", NOW + 30_000));
         assert!(!a.token_revoked("tok-1", until));
         assert_eq!(a.offer(bind, until), Outcome::Applied);
-        a.prune(until);
+        a.prune(until, u64::MAX);
         assert!(a.held(field).is_none());
         // A revocation without a readable end has none.
         let forever = entry_with(

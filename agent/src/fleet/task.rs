@@ -44,6 +44,8 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// the store (an XDEL of a revocation before a slow node read it, a snapshot field deleted);
 /// this bounds how long such an edit can hide a change.
 const RECONCILE: Duration = Duration::from_secs(300);
+/// How often the applier forgets ended revocations and bindings past any token's lifetime.
+const PRUNE: Duration = Duration::from_secs(60);
 /// A member whose heartbeat is older than this is gone.
 const MEMBER_TTL: Duration = Duration::from_secs(5);
 
@@ -104,6 +106,7 @@ pub async fn run(node: Rc<RefCell<Node>>, mut t: Task) {
     ));
     let mut beat_due = clock::now_ms();
     let mut reconcile_due = clock::now_ms() + RECONCILE.as_millis() as u64;
+    let mut prune_due = clock::now_ms() + PRUNE.as_millis() as u64;
     let mut global_due = beat_due;
     {
         let mut n = node.borrow_mut();
@@ -130,6 +133,20 @@ pub async fn run(node: Rc<RefCell<Node>>, mut t: Task) {
         if now >= reconcile_due {
             t.applier.unseed();
             reconcile_due = now + RECONCILE.as_millis() as u64;
+        }
+        if now >= prune_due {
+            // A binding cannot outlive its token: the longest lifetime any issuer allows,
+            // plus the skew (a day when tokens are not configured: nothing is bound then).
+            let max_age_ms = node
+                .borrow()
+                .config
+                .tokens
+                .as_ref()
+                .map_or(86_400_000, |c| {
+                    (c.longest_ttl_s() + c.clock_skew_s).saturating_mul(1000)
+                });
+            t.applier.prune(clock::wall_ms(), max_age_ms);
+            prune_due = now + PRUNE.as_millis() as u64;
         }
         if now >= beat_due {
             heartbeat(&node, &mut t).await;
