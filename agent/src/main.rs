@@ -27,7 +27,8 @@ struct Cli {
     /// otherwise `run` listens on the configuration's `node.control_socket`.
     #[arg(long, global = true, env = "TOLLGATE_SOCKET", value_name = "PATH", default_value = paths::CONTROL_SOCKET)]
     socket: PathBuf,
-    /// Output format of the read verbs (status, endpoints, identities, explain, counters).
+    /// Output format of the read verbs (status, endpoints, identities, explain, counters,
+    /// fleet status).
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
     #[command(subcommand)]

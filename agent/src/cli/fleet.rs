@@ -4,7 +4,8 @@ use tollgate::control::{protocol::Request, reply::FleetStatus};
 
 use super::{Ctx, Outcome, print::table};
 
-/// The pool this node shares bindings, revocations and quarantines with ([fleet]).
+/// The pool this node shares bindings, revocations, quarantines and the rates and quotas of
+/// `scope = "fleet"` plans with ([fleet]; docs/fleet.md).
 #[derive(clap::Args)]
 pub struct FleetArgs {
     #[command(subcommand)]
@@ -14,8 +15,10 @@ pub struct FleetArgs {
 #[derive(clap::Subcommand)]
 enum FleetVerb {
     /// The store's health, this node's sync position and queue, and every member with the
-    /// age of its last heartbeat. A member whose heartbeat is old (seconds, not ms) is cut
-    /// off or gone; a growing outbox means the store does not take this node's changes.
+    /// age of its last heartbeat, then the shares of the fleet-wide plans' top identities. A
+    /// member whose heartbeat is old (seconds, not ms) is cut off or gone; a growing outbox
+    /// means the store does not take this node's changes; "unshared" changes hold on this
+    /// node only (repeat them on the others).
     Status,
 }
 
