@@ -160,10 +160,14 @@ pub async fn run(node: Rc<RefCell<Node>>, mut t: Task) {
             global_due = now + t.interval.as_millis() as u64;
         }
         let until_global = Duration::from_millis(global_due.saturating_sub(clock::now_ms()));
+        // While the store is down, look for it four times an interval: a store that returns
+        // gets the queued changes within one interval, not two.
+        let down = node.borrow().fleet.as_ref().is_some_and(|l| !l.health.up);
+        let pause = if down { t.interval / 4 } else { t.interval };
         tokio::select! {
             _ = t.wake.notified() => {}
             _ = moved.notified() => {}
-            _ = tokio::time::sleep(t.interval.min(until_global)) => {}
+            _ = tokio::time::sleep(pause.min(until_global)) => {}
         }
     }
 }
@@ -184,8 +188,10 @@ async fn watch(
                 moved.notify_one();
             }
             Ok(None) => {}
-            // The task notices the outage itself; here only do not spin.
-            Err(_) => tokio::time::sleep(interval).await,
+            // The task notices the outage itself; here only do not spin. A quarter interval,
+            // as the task waits while the store is down: a store that returns wakes this
+            // node soon after another node publishes.
+            Err(_) => tokio::time::sleep(interval / 4).await,
         }
     }
 }
