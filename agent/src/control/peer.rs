@@ -24,12 +24,33 @@ impl Peer {
 /// The gid of `group`, if it exists.
 pub fn group_gid(group: &str) -> Option<u32> {
     let c = std::ffi::CString::new(group).ok()?;
-    // SAFETY: getgrnam returns a pointer into static storage or null; we copy the gid out
-    // before any other call could overwrite it.
-    unsafe {
-        let g = libc::getgrnam(c.as_ptr());
-        if g.is_null() { None } else { Some((*g).gr_gid) }
+    // getgrnam_r, not getgrnam: getgrnam's static buffer is shared by every thread of the
+    // process (the unit tests check configurations on many threads at once, and one lookup
+    // overwrote another's answer). Retried with a larger buffer on ERANGE, up to 1 MiB.
+    let mut len = 16 * 1024;
+    while len <= 1024 * 1024 {
+        let mut buf = vec![0 as libc::c_char; len];
+        // SAFETY: `libc::group` is plain data (integers and pointers): all zeroes is a value.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: `grp` and `buf` outlive the call, which writes the entry into them and sets
+        // `found` to `&mut grp` or null; only `grp.gr_gid` is read afterwards.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                c.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE {
+            len *= 4;
+            continue;
+        }
+        return (rc == 0 && !found.is_null()).then_some(grp.gr_gid);
     }
+    None
 }
 
 /// Supplementary groups of a process, from /proc (SO_PEERCRED carries only the primary gid).
