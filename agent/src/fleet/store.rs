@@ -878,24 +878,44 @@ impl Store {
             }
         }
         names.sort();
-        let infos: Vec<Option<Vec<u8>>> = if names.is_empty() {
+        // Each info's length, then at most MAX_MEMBER_INFO_BYTES of it: a member key a store
+        // writer made huge is not read whole every second by every node.
+        let infos: Vec<(u64, Vec<u8>)> = if names.is_empty() {
             Vec::new()
         } else {
-            let mut mget = redis::cmd("MGET");
+            let mut pipe = redis::pipe();
             for n in &names {
-                mget.arg(self.keys.member(n));
+                let key = self.keys.member(n);
+                pipe.cmd("STRLEN").arg(&key);
+                pipe.cmd("GETRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(MAX_MEMBER_INFO_BYTES - 1);
             }
-            self.query("members", &mget).await?
+            let flat: Vec<Value> = self.query_pipe("members", &pipe).await?;
+            flat.chunks(2)
+                .map(|p| {
+                    let len = redis::from_redis_value::<u64>(p[0].clone()).unwrap_or(0);
+                    let info = redis::from_redis_value::<Vec<u8>>(p[1].clone()).unwrap_or_default();
+                    (len, info)
+                })
+                .collect()
         };
         let mut out = Vec::new();
-        for (node, info) in names.into_iter().zip(infos) {
-            match info {
-                Some(info) => {
+        for (node, (len, info)) in names.into_iter().zip(infos) {
+            match len {
+                // No key (it expired): the member is gone. An honest heartbeat is never empty.
+                0 => gone.push(node.into_bytes()),
+                // Larger than any node writes: a store writer's; shown as nothing, not read.
+                l if l > MAX_MEMBER_INFO_BYTES as u64 => out.push(Member {
+                    node,
+                    info: String::new(),
+                }),
+                _ => {
                     if let Ok(info) = String::from_utf8(info) {
                         out.push(Member { node, info });
                     }
                 }
-                None => gone.push(node.into_bytes()),
             }
         }
         if !gone.is_empty() {

@@ -442,6 +442,17 @@ async fn heartbeats_list_live_members_and_drop_expired_ones() {
         server.cli(&["SADD", "tollgate:{lab}:members", "no such node!"]);
         assert_eq!(s.members().await.unwrap().len(), 1);
         assert_eq!(server.cli(&["SCARD", "tollgate:{lab}:members"]).trim(), "1");
+        // A member key a store writer made huge is not read: its info shows as nothing.
+        server.cli(&["SADD", "tollgate:{lab}:members", "node-9"]);
+        server.cli(&[
+            "SET",
+            "tollgate:{lab}:member:node-9",
+            &"x".repeat(MAX_MEMBER_INFO_BYTES + 1),
+        ]);
+        let m = s.members().await.unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].node, "node-9");
+        assert_eq!(m[1].info, "");
         assert_eq!(
             s.heartbeat("bad name", "{}", Duration::from_secs(1))
                 .await
