@@ -33,6 +33,8 @@ use crate::{clock, node::Node};
 
 /// Most stream entries one pass reads; a node far behind catches up over several passes.
 const MAX_PER_PASS: usize = 1000;
+/// Entries installed per turn of the event loop (`take`).
+const INSTALL_CHUNK: usize = 128;
 /// Passes run back to back while the stream has more (then the interval).
 const MAX_PASSES: usize = 16;
 /// Outbox entries published per round (the rest next round, after a sync pass).
@@ -292,7 +294,7 @@ async fn sync_passes(node: &Rc<RefCell<Node>>, t: &mut Task) {
             Err(SyncError::Cursor { pass, err }) => {
                 warn!("fleet: {err}");
                 let pass = *pass;
-                take(node, t, &pass);
+                take(node, t, &pass).await;
                 return;
             }
             Err(SyncError::Store(e)) => {
@@ -303,7 +305,7 @@ async fn sync_passes(node: &Rc<RefCell<Node>>, t: &mut Task) {
             }
         };
         let more = pass.more;
-        take(node, t, &pass);
+        take(node, t, &pass).await;
         if !more {
             return;
         }
@@ -311,31 +313,40 @@ async fn sync_passes(node: &Rc<RefCell<Node>>, t: &mut Task) {
 }
 
 /// Installs a pass's entries and counts it.
-fn take(node: &Rc<RefCell<Node>>, t: &mut Task, pass: &Pass) {
-    let mut n = node.borrow_mut();
-    let Some(own) = n.fleet.as_ref().map(|l| l.node.clone()) else {
+async fn take(node: &Rc<RefCell<Node>>, t: &mut Task, pass: &Pass) {
+    let Some(own) = node.borrow().fleet.as_ref().map(|l| l.node.clone()) else {
         return;
     };
     let mut outcomes = Vec::new();
-    for v in &pass.applied {
-        // This node's own entries are already in force here; the applier holds them for
-        // ordering only.
-        if v.entry().origin == own {
-            continue;
+    for chunk in pass.applied.chunks(INSTALL_CHUNK) {
+        {
+            let mut n = node.borrow_mut();
+            for v in chunk {
+                // This node's own entries are already in force here; the applier holds them
+                // for ordering only.
+                if v.entry().origin == own {
+                    continue;
+                }
+                let outcome = install::install(&mut n, v);
+                if install::retry(outcome) {
+                    // Not in force here (the state disk, the kernel): offered again next pass.
+                    warn!(
+                        kind = v.entry().kind.label(),
+                        subject = %v.entry().subject,
+                        outcome,
+                        "fleet: a change of the pool could not be put in force here; retrying"
+                    );
+                    t.applier.forget(&v.entry().snapshot_field());
+                }
+                outcomes.push((v.entry().kind.label(), outcome));
+            }
         }
-        let outcome = install::install(&mut n, v);
-        if install::retry(outcome) {
-            // Not in force here (the state disk, the kernel): offered again next pass.
-            warn!(
-                kind = v.entry().kind.label(),
-                subject = %v.entry().subject,
-                outcome,
-                "fleet: a change of the pool could not be put in force here; retrying"
-            );
-            t.applier.forget(&v.entry().snapshot_field());
-        }
-        outcomes.push((v.entry().kind.label(), outcome));
+        // Binds, the control socket and /metrics get their turn between chunks: a snapshot
+        // of many entries (each a token verification and a journal record) is installed over
+        // several turns of the event loop, not in one.
+        tokio::task::yield_now().await;
     }
+    let mut n = node.borrow_mut();
     if n.state.has_unrecorded()
         && let Err(e) = n.record(Vec::new())
     {
