@@ -426,12 +426,10 @@ fn bound_everywhere(lab: &FleetLab, identity: &str) {
     assert_eq!(lab.wait_served(0, &ALL, true, SPREAD), Vec::<usize>::new());
 }
 
-fn sum(v: &[f64]) -> f64 {
-    v.iter().sum()
-}
-
-#[test]
-fn a_fleet_wide_rate_holds_in_total_and_follows_the_demand() {
+/// Four nodes on a plan of [`FLEET_RATE`] datagrams/s fleet-wide, `acme` bound on all of
+/// them, a probe on every node, and client 0 offering 4× the rate, 70/10/10/10 across the
+/// nodes, for 3 s already.
+fn fleet_rate_lab() -> (FleetLab, Probes, Senders) {
     let mut lab = FleetLab::with_plan(
         4,
         1,
@@ -440,9 +438,18 @@ fn a_fleet_wide_rate_holds_in_total_and_follows_the_demand() {
     lab.start_all();
     bound_everywhere(&lab, "acme");
     let probes = Probes::start(&lab);
-    // 4× the rate, 70/10/10/10 across the nodes.
     let senders = Senders::start(&lab, 0, 64, &[2800, 400, 400, 400]);
     std::thread::sleep(Duration::from_secs(3));
+    (lab, probes, senders)
+}
+
+fn sum(v: &[f64]) -> f64 {
+    v.iter().sum()
+}
+
+#[test]
+fn a_fleet_wide_rate_holds_in_total_and_follows_the_demand() {
+    let (lab, probes, senders) = fleet_rate_lab();
     let rates = probes.rates_over(Duration::from_secs(5));
     let total = sum(&rates);
     eprintln!("70/10/10/10: {total:.0}/s in total, per node {rates:.0?}");
@@ -482,16 +489,7 @@ fn a_fleet_wide_rate_holds_in_total_and_follows_the_demand() {
 
 #[test]
 fn a_store_outage_falls_back_to_one_nth_of_a_fleet_wide_rate_per_node() {
-    let mut lab = FleetLab::with_plan(
-        4,
-        1,
-        Plan::new("customer").packets(FLEET_RATE, 100).fleet_wide(),
-    );
-    lab.start_all();
-    bound_everywhere(&lab, "acme");
-    let probes = Probes::start(&lab);
-    let senders = Senders::start(&lab, 0, 64, &[2800, 400, 400, 400]);
-    std::thread::sleep(Duration::from_secs(3));
+    let (mut lab, probes, senders) = fleet_rate_lab();
     let before = probes.rates_over(Duration::from_secs(2));
     eprintln!("store up: per node {before:.0?}");
     // The store dies during the traffic. After the grace (3 intervals) every node runs the

@@ -193,7 +193,7 @@ fn fleet_families(
         "tollgate_fleet_unshared_changes",
         "Changes made here that could not be shared with the pool (in force here only): a \
          name or payload no entry can carry, or the outbox's disk",
-        counter(link.stats.unqueued),
+        counter(link.stats.unshared),
     );
     reg.register(
         "tollgate_fleet_outbox_dropped",
@@ -201,7 +201,7 @@ fn fleet_families(
         counter(link.outbox.dropped),
     );
     let reloads = Counters::new();
-    for reason in ["first", "gap", "store_reset", "restart"] {
+    for reason in crate::fleet::sync::Reload::ALL.map(|r| r.label()) {
         reloads.add(
             l(&[("reason", reason)]),
             link.stats.reloads.get(reason).copied().unwrap_or(0),
@@ -233,7 +233,7 @@ fn fleet_families(
         installs.0,
     );
     let claims = Counters::new();
-    for outcome in ["claimed", "replay", "fallback"] {
+    for outcome in crate::fleet::link::CLAIM_OUTCOMES {
         claims.add(
             l(&[("outcome", outcome)]),
             link.stats.claims.get(outcome).copied().unwrap_or(0),

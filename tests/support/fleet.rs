@@ -24,8 +24,10 @@ use std::{
 use crate::{
     agent::{Agent, AgentDirs, tollgate_bin},
     config::{Config, Endpoint, Fleet, FleetSentinel, Plan, Tokens},
-    lab::{NetNs, checked, next_id, veth_pair},
-    tokenlab::{AUDIENCE, BIND_CLASSES, BIND_PORT, MODEL_PORT, curl_bind},
+    lab::{NetNs, next_id, veth_pair},
+    tokenlab::{
+        AUDIENCE, BIND_CLASSES, BIND_PORT, MODEL_PORT, curl_bind, generate_keys, self_signed,
+    },
 };
 
 pub const STORE_PORT: u16 = 6379;
@@ -126,17 +128,13 @@ impl Redis {
 
     /// `redis-cli` as the nodes' ACL user; stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns_name, "redis-cli", "-h"])
-            .arg(self.addr.to_string())
-            .args(["-p", &self.port.to_string(), "--user", STORE_USER, "--pass"])
-            .arg(&self.password)
-            .arg("--no-auth-warning")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        redis_cli(
+            &self.ns_name,
+            self.addr,
+            self.port,
+            Some((STORE_USER, &self.password)),
+            args,
+        )
     }
 
     /// SIGKILL: a store that dies with everything in memory.
@@ -160,6 +158,30 @@ impl Drop for Redis {
     }
 }
 
+/// `redis-cli` in namespace `ns` against `addr`:`port`, as `auth` (user, password) if given;
+/// stdout.
+fn redis_cli(
+    ns: &str,
+    addr: Ipv4Addr,
+    port: u16,
+    auth: Option<(&str, &str)>,
+    args: &[&str],
+) -> String {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "redis-cli", "-h"])
+        .arg(addr.to_string())
+        .args(["-p", &port.to_string()]);
+    if let Some((user, password)) = auth {
+        c.args(["--user", user, "--pass", password, "--no-auth-warning"]);
+    }
+    let out = c
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A primary (the lab's [`Redis`] on [`STORE_PORT`]), one replica and three sentinels (quorum
 /// 2, a silent primary down after 1 s), Debian's binaries, all in the store namespace.
 pub struct SentinelSet {
@@ -176,15 +198,7 @@ impl SentinelSet {
 
     /// `redis-cli` against sentinel `i` (no auth: sentinels have none); stdout.
     pub fn cli(&self, i: usize, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns_name, "redis-cli", "-h"])
-            .arg(self.addr.to_string())
-            .args(["-p", &self.ports[i].to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        redis_cli(&self.ns_name, self.addr, self.ports[i], None, args)
     }
 
     /// The primary the sentinels name now (`host:port`).
@@ -417,25 +431,9 @@ impl FleetLab {
         }
         let shared = AgentDirs::new();
         let keys = shared.state_dir.join("keys");
-        checked(
-            Command::new(tollgate_bin())
-                .args([
-                    "keys",
-                    "generate",
-                    "--alg",
-                    "eddsa",
-                    "--kid",
-                    "k1",
-                    "--out-dir",
-                ])
-                .arg(&keys),
-        );
+        generate_keys(&keys);
         let node_ips: Vec<String> = (0..nodes).map(|i| ip(1 + i as u8).to_string()).collect();
-        let cert = rcgen::generate_simple_self_signed(node_ips).expect("cert");
-        let ca = shared.state_dir.join("cert.pem");
-        let tls_key = shared.state_dir.join("key.pem");
-        std::fs::write(&ca, cert.cert.pem()).expect("cert");
-        std::fs::write(&tls_key, cert.signing_key.serialize_pem()).expect("key");
+        let (ca, tls_key) = self_signed(&shared.state_dir, node_ips);
         let pool_key = shared.state_dir.join("pool.key");
         write_private(&pool_key, &random_hex(32));
         let mut it = members.into_iter();
@@ -612,30 +610,9 @@ impl FleetLab {
     /// `span` (round robin); returns how many each node's socket received. What the kernel
     /// admitted, counted by the server, not by the agent.
     pub fn probe(&self, c: usize, span: Duration, per_node: u32) -> Vec<u32> {
-        use std::sync::{
-            Arc,
-            atomic::{AtomicBool, AtomicU32, Ordering},
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        let counts: Vec<Arc<AtomicU32>> = self.nodes.iter().map(|_| Arc::default()).collect();
-        let mut receivers = Vec::new();
-        for (n, node) in self.nodes.iter().enumerate() {
-            let addr = SocketAddr::new(IpAddr::V4(node.ip), PROBE_PORT);
-            let sock = node
-                .ns
-                .run(|| std::net::UdpSocket::bind(addr).expect("probe socket"));
-            sock.set_read_timeout(Some(Duration::from_millis(50)))
-                .expect("timeout");
-            let (stop, count) = (Arc::clone(&stop), Arc::clone(&counts[n]));
-            receivers.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 16];
-                while !stop.load(Ordering::Relaxed) {
-                    if sock.recv(&mut buf).is_ok() {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }));
-        }
+        // The receiving side is [`Probes`]; the sending side sends exactly `per_node` each
+        // (a paced [`Senders`] sends what its slices owe, about that many).
+        let probes = Probes::start(self);
         let targets: Vec<SocketAddr> = self
             .nodes
             .iter()
@@ -654,13 +631,9 @@ impl FleetLab {
             }
             let _ = sender.send_to(&i.to_le_bytes(), targets[i as usize % targets.len()]);
         }
-        // The last datagrams in flight, then stop.
+        // The last datagrams in flight.
         std::thread::sleep(Duration::from_millis(200));
-        stop.store(true, Ordering::Relaxed);
-        for r in receivers {
-            let _ = r.join();
-        }
-        counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+        probes.counts().into_iter().map(|n| n as u32).collect()
     }
 
     /// Gives node `n` its own credentials file naming `password` (for its next start).

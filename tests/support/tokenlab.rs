@@ -76,6 +76,35 @@ pub fn curl_bind(
     (code, json)
 }
 
+/// `tollgate keys generate` (EdDSA, kid `k1`) into `dir`: `k1.key.json` (the signing key)
+/// and `jwks.json`.
+pub fn generate_keys(dir: &std::path::Path) {
+    let out = std::process::Command::new(tollgate_bin())
+        .args([
+            "keys",
+            "generate",
+            "--alg",
+            "eddsa",
+            "--kid",
+            "k1",
+            "--out-dir",
+        ])
+        .arg(dir)
+        .output()
+        .expect("keys generate");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A self-signed certificate for `names` (the addresses a bind listener answers on), written
+/// as `cert.pem` and `key.pem` in `dir`: (certificate, key). The certificate is its own CA.
+pub fn self_signed(dir: &std::path::Path, names: Vec<String>) -> (PathBuf, PathBuf) {
+    let cert = rcgen::generate_simple_self_signed(names).expect("cert");
+    let (ca, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&ca, cert.cert.pem()).expect("cert");
+    std::fs::write(&key, cert.signing_key.serialize_pem()).expect("key");
+    (ca, key)
+}
+
 pub fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
@@ -207,25 +236,8 @@ impl TokenKit {
 
     pub fn new(dirs: &AgentDirs, server: std::net::Ipv4Addr) -> TokenKit {
         let keys = dirs.state_dir.join("keys");
-        let out = std::process::Command::new(tollgate_bin())
-            .args([
-                "keys",
-                "generate",
-                "--alg",
-                "eddsa",
-                "--kid",
-                "k1",
-                "--out-dir",
-            ])
-            .arg(&keys)
-            .output()
-            .expect("keys generate");
-        assert!(out.status.success(), "{out:?}");
-        let cert = rcgen::generate_simple_self_signed(vec![server.to_string()]).expect("cert");
-        let ca = dirs.state_dir.join("cert.pem");
-        let tls_key = dirs.state_dir.join("key.pem");
-        std::fs::write(&ca, cert.cert.pem()).expect("cert");
-        std::fs::write(&tls_key, cert.signing_key.serialize_pem()).expect("key");
+        generate_keys(&keys);
+        let (ca, tls_key) = self_signed(&dirs.state_dir, vec![server.to_string()]);
         TokenKit {
             jwks: keys.join("jwks.json"),
             keys,

@@ -6,7 +6,6 @@
 
 use std::{net::IpAddr, rc::Rc, time::Duration};
 
-use serde::Serialize;
 use tokio::sync::Notify;
 use tracing::warn;
 
@@ -18,11 +17,10 @@ use super::{
 use crate::{clock, node::Node};
 
 /// The store as the fleet task last found it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
 pub struct Health {
     pub up: bool,
-    /// Agent time of the last operation that succeeded, and of the last sync pass.
-    pub last_ok_ms: Option<u64>,
+    /// Agent time of the last sync pass that succeeded.
     pub last_sync_ms: Option<u64>,
     /// The last error's label and message (never a credential: `StoreError` carries none).
     pub last_error: Option<String>,
@@ -31,7 +29,7 @@ pub struct Health {
 }
 
 /// A member as listed in the store, with what its heartbeat said.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct MemberView {
     pub node: String,
     /// The member's own wall clock when it beat (informational: a member's clock may be off).
@@ -41,7 +39,7 @@ pub struct MemberView {
 }
 
 /// Counters since the agent started (`/metrics`: `tollgate_fleet_*`).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
 pub struct Stats {
     /// Entries refused by verification or by the applier, by label.
     pub refused: std::collections::BTreeMap<&'static str, u64>,
@@ -59,7 +57,7 @@ pub struct Stats {
     pub reloads: std::collections::BTreeMap<&'static str, u64>,
     pub reseeded: u64,
     /// Changes that could not be queued (the outbox's disk): applied here, not published.
-    pub unqueued: u64,
+    pub unshared: u64,
 }
 
 pub struct Link {
@@ -111,7 +109,7 @@ impl Link {
             payload: p.payload.clone(),
         };
         if let Err(r) = super::entry::check_entry(&probe) {
-            self.stats.unqueued += 1;
+            self.stats.unshared += 1;
             warn!(
                 kind = kind.label(),
                 reason = r.label(),
@@ -123,7 +121,7 @@ impl Link {
         match self.outbox.push(p) {
             Ok(()) => self.wake.notify_one(),
             Err(e) => {
-                self.stats.unqueued += 1;
+                self.stats.unshared += 1;
                 warn!(
                     kind = kind.label(),
                     subject, "not published to the pool (applied on this node only): {e}"
@@ -139,6 +137,9 @@ pub fn publish(node: &mut Node, kind: Kind, subject: &str, payload: String) {
         link.publish(kind, subject, payload);
     }
 }
+
+/// Outcomes of a bind's claim, as counted (`tollgate_fleet_claims_total{outcome}`).
+pub const CLAIM_OUTCOMES: [&str; 3] = ["claimed", "replay", "fallback"];
 
 /// What the pool says about a token a bind is about to bind: claimed for `addr` (or the
 /// store could not say), or held by another address (a replay).
@@ -231,7 +232,6 @@ impl Link {
         }
         self.health.up = true;
         self.health.down_since_ms = None;
-        self.health.last_ok_ms = Some(clock::now_ms());
     }
 }
 

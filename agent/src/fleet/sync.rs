@@ -37,6 +37,25 @@ pub enum Reload {
     Restart,
 }
 
+impl Reload {
+    pub const ALL: [Reload; 4] = [
+        Reload::First,
+        Reload::Gap,
+        Reload::StoreReset,
+        Reload::Restart,
+    ];
+
+    /// The counter label (`tollgate_fleet_snapshot_loads_total{reason}`, `fleet status`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Reload::First => "first",
+            Reload::Gap => "gap",
+            Reload::StoreReset => "store_reset",
+            Reload::Restart => "restart",
+        }
+    }
+}
+
 /// What one pass did.
 #[derive(Debug, Default)]
 pub struct Pass {

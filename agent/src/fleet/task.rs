@@ -24,7 +24,6 @@ use super::{
     entry::{Entry, Kind},
     global, install,
     link::MemberView,
-    outbox::Pending,
     payload, share,
     store::{Store, StoreError, StreamPos, spend::SpendReport},
     sync::{self, Pass, Reload, SyncError},
@@ -375,12 +374,7 @@ async fn take(node: &Rc<RefCell<Node>>, t: &mut Task, pass: &Pass) {
         warn!(refused = ?pass.refused, "fleet: entries refused (not signed with this pool's key, malformed, or stale)");
     }
     if let Some(r) = pass.reload {
-        let label = match r {
-            Reload::First => "first",
-            Reload::Gap => "gap",
-            Reload::StoreReset => "store_reset",
-            Reload::Restart => "restart",
-        };
+        let label = r.label();
         *link.stats.reloads.entry(label).or_default() += 1;
         info!(
             reason = label,
@@ -439,37 +433,33 @@ async fn reseed(node: &Rc<RefCell<Node>>, t: &mut Task) {
     }
     let mut n = node.borrow_mut();
     let now = clock::now_ms();
-    let mut local: Vec<Pending> = Vec::new();
-    let wall = clock::wall_ms();
+    // (kind, subject, payload): published as this node's own changes.
+    let mut local: Vec<(Kind, String, String)> = Vec::new();
     let held = |slot: Kind, subject: &str| {
-        t.applier
-            .held(&format!("{}:{subject}", slot.slot()))
-            .is_some()
+        let field = format!("{}:{}", slot.slot(), payload::encode_subject(subject));
+        t.applier.held(&field).is_some()
     };
-    let held = |slot: Kind, subject: &str| held(slot, &payload::encode_subject(subject));
     for (tid, until) in &n.state.revoked_tokens {
         if *until > now && !held(Kind::Revocation, tid) {
-            local.push(pending(
+            local.push((
                 Kind::Revocation,
-                tid,
+                tid.clone(),
                 payload::encode(&payload::Revocation {
                     until_wall_ms: clock::to_wall_ms(*until),
                     reason: "re-seed".into(),
                 }),
-                wall,
             ));
         }
     }
     for (identity, cutoff) in &n.state.revoked_identities {
         if !held(Kind::IdentityRevocation, identity) {
-            local.push(pending(
+            local.push((
                 Kind::IdentityRevocation,
-                identity,
+                identity.clone(),
                 payload::encode(&payload::IdentityRevocation {
                     cutoff_wall_ms: *cutoff,
                     reason: "re-seed".into(),
                 }),
-                wall,
             ));
         }
     }
@@ -477,21 +467,20 @@ async fn reseed(node: &Rc<RefCell<Node>>, t: &mut Task) {
         // The anomaly ladder's quarantines are this node's own (docs/fleet.md): not shared.
         let own = matches!(q.by, crate::state::QuarantineOwner::Controller);
         if !own && q.until_unix_ms.is_none_or(|u| u > now) && !held(Kind::Quarantine, identity) {
-            local.push(pending(
+            local.push((
                 Kind::Quarantine,
-                identity,
+                identity.clone(),
                 payload::encode(&payload::Quarantine {
                     until_wall_ms: q.until_unix_ms.map(clock::to_wall_ms),
                     reason: q.reason.clone(),
                 }),
-                wall,
             ));
         }
     }
     let Some(link) = n.fleet.as_mut() else { return };
     let count = local.len();
-    for p in local {
-        link.publish(p.kind, &p.subject, p.payload);
+    for (kind, subject, payload) in local {
+        link.publish(kind, &subject, payload);
     }
     link.stats.reseeded += 1;
     if what == Reseed::Everything || count > 0 {
@@ -502,16 +491,6 @@ async fn reseed(node: &Rc<RefCell<Node>>, t: &mut Task) {
         );
     }
     t.reseed = None;
-}
-
-fn pending(kind: Kind, subject: &str, payload: String, wall_ms: u64) -> Pending {
-    Pending {
-        kind,
-        subject: subject.to_owned(),
-        payload,
-        wall_ms,
-        seq: 0,
-    }
 }
 
 /// Beats, and lists the members.

@@ -160,7 +160,7 @@ pub fn fleet(node: &Node) -> Result<crate::control::reply::FleetStatus, OpError>
             .map(|((k, o), v)| (format!("{k}/{o}"), *v))
             .collect(),
         claims: labels(&l.stats.claims),
-        unshared: l.stats.unqueued,
+        unshared: l.stats.unshared,
         outbox_dropped: l.outbox.dropped,
         reloads: labels(&l.stats.reloads),
         reseeded: l.stats.reseeded,

@@ -174,6 +174,15 @@ fn numbers<const N: usize>(v: &[u8], max: u64, refused: &mut Refused) -> Option<
     it.next().is_none().then_some(out)
 }
 
+/// Adds the read of a hash's fields to `pipe`: at most [`MAX_FIELDS`] of them, with their
+/// values ([`field_pairs`] parses the reply).
+fn read_fields(pipe: &mut redis::Pipeline, key: &str) {
+    pipe.cmd("HRANDFIELD")
+        .arg(key)
+        .arg(MAX_FIELDS)
+        .arg("WITHVALUES");
+}
+
 /// HRANDFIELD … WITHVALUES (RESP2: a flat array, field then value), bounded by the count
 /// asked for.
 fn field_pairs(v: Value, refused: &mut Refused) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -359,10 +368,7 @@ impl Store {
                     .arg(&key)
                     .arg(&own_field)
                     .arg(format!("{} {}", r.own.bytes, r.own.cost));
-                pipe.cmd("HRANDFIELD")
-                    .arg(&key)
-                    .arg(MAX_FIELDS)
-                    .arg("WITHVALUES");
+                read_fields(&mut pipe, &key);
             }
             let replies: Vec<redis::RedisResult<Value>> = self.query_pipe(OP, &pipe).await?;
             round.round_trips += 1;
@@ -413,10 +419,7 @@ impl Store {
                             s.total.bytes, s.total.cost, s.own.bytes, s.own.cost
                         ))
                         .ignore();
-                    pipe.cmd("HRANDFIELD")
-                        .arg(&key)
-                        .arg(MAX_FIELDS)
-                        .arg("WITHVALUES");
+                    read_fields(&mut pipe, &key);
                 }
             }
             let replies: Vec<redis::RedisResult<Value>> = self.query_pipe(OP, &pipe).await?;
@@ -479,10 +482,7 @@ impl Store {
                         .arg(format!("{} {} {now_ms}", d.packets, d.bytes));
                 }
                 pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms);
-                pipe.cmd("HRANDFIELD")
-                    .arg(&key)
-                    .arg(MAX_FIELDS)
-                    .arg("WITHVALUES");
+                read_fields(&mut pipe, &key);
             }
             let replies: Vec<redis::RedisResult<Value>> =
                 self.query_pipe("report_demand", &pipe).await?;
