@@ -280,6 +280,26 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
         )
         .into());
     }
+    // New sizes mean new maps and a program swap: the start does that (pins::resize).
+    if config.limits.sizes != old.limits.sizes {
+        return Err(OpError::Config(format!(
+            "[limits] changes the kernel tables' sizes ({}): restart the agent to migrate \
+             them (entries, budgets and counters are carried over, the program never leaves \
+             the interfaces; docs/operations.md)",
+            crate::sizes::Group::ALL
+                .iter()
+                .filter(|g| config.limits.sizes.get(**g) != old.limits.sizes.get(**g))
+                .map(|g| format!(
+                    "{} {} -> {}",
+                    g.key(),
+                    old.limits.sizes.get(*g),
+                    config.limits.sizes.get(*g)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .into());
+    }
     // The level is a constant of the loaded program: say once that it waits for a restart.
     if config.node.kernel_log != node.pinned.kernel_log {
         warn!(

@@ -2,7 +2,7 @@
 
 use tollgate::control::{
     protocol::Request,
-    reply::{GpuStatus, ProgramStatus, Status, TokenStatus, TunnelReport},
+    reply::{GpuStatus, ProgramStatus, Status, TablesStatus, TokenStatus, TunnelReport},
 };
 
 use super::{
@@ -69,7 +69,8 @@ fn record(s: &Status) -> Record<'_> {
         Some(t) => r.nested("tokens", tokens(t)),
         None => r.line("tokens", "-"),
     };
-    r.nested("tunnels", tunnels(&s.tunnels))
+    r.nested("tables", tables(&s.tables))
+        .nested("tunnels", tunnels(&s.tunnels))
         .line("uptime_s", s.uptime_s)
         .line("version", &s.version)
         .line("xdp_mode", &s.xdp_mode)
@@ -85,6 +86,33 @@ fn gpu(g: &GpuStatus) -> Vec<(&'static str, Vec<String>)> {
 }
 
 /// Decapsulating devices: the covered ones with their program, the uncovered ones with why.
+/// Each `[limits]` group: its size and what its tables take (the kernel's figure).
+fn tables(t: &TablesStatus) -> Vec<(&'static str, Vec<String>)> {
+    use tollgate::sizes::{Group, human};
+    if t.maps.is_empty() {
+        return vec![("kernel_memory", vec!["-".to_owned()])];
+    }
+    let mut out = vec![(
+        "kernel_memory",
+        vec![format!(
+            "{} ({} allowed)",
+            human(t.kernel_memory),
+            human(t.allowance)
+        )],
+    )];
+    for g in Group::ALL {
+        let maps: Vec<_> = t
+            .maps
+            .iter()
+            .filter(|m| g.maps().contains(&m.map.as_str()))
+            .collect();
+        let size = maps.first().map_or(0, |m| m.max_entries);
+        let bytes: u64 = maps.iter().map(|m| m.bytes).sum();
+        out.push((g.key(), vec![format!("{size} ({})", human(bytes))]));
+    }
+    out
+}
+
 fn tunnels(t: &TunnelReport) -> Vec<(&'static str, Vec<String>)> {
     let or_dash = |v: Vec<String>| {
         if v.is_empty() {

@@ -124,6 +124,35 @@ impl KernelTables {
         Ok(t)
     }
 
+    /// (map, max_entries, kernel memory) of every table here, as the kernel reports them
+    /// (`memlock` in the map's fdinfo; 0 where it cannot be read).
+    pub fn memory(&self) -> Vec<(&'static str, u32, u64)> {
+        use std::os::fd::AsFd as _;
+        let maps: [(&'static str, &MapData); 14] = [
+            (names::PORTS, self.ports.map()),
+            (names::ENDPOINTS, self.endpoints.map()),
+            (names::BIND_V4, self.bind_v4.map()),
+            (names::BIND_V6, self.bind_v6.map()),
+            (names::BIND_CIDR_V4, self.cidr_v4.map()),
+            (names::BIND_CIDR_V6, self.cidr_v6.map()),
+            (names::IDENTITIES, self.identities.map()),
+            (names::BUCKETS, self.buckets.map()),
+            (names::SETTINGS, self.settings.map()),
+            (names::IDENTITY_COUNTERS, self.identity_counters.map()),
+            (names::REASON_COUNTERS, self.reason_counters.map()),
+            (names::ANON_V4, self.anon_v4.map()),
+            (names::ANON_V6, self.anon_v6.map()),
+            (names::HOLD_BACK, self.hold_back.map()),
+        ];
+        maps.into_iter()
+            .map(|(name, m)| {
+                let entries = m.info().map_or(0, |i| i.max_entries());
+                let bytes = crate::sizes::memlock(m.fd().as_fd()).unwrap_or(0);
+                (name, entries, bytes)
+            })
+            .collect()
+    }
+
     /// The tables' sizes, as the kernel holds them.
     pub fn sizes(&self) -> crate::sizes::Sizes {
         self.sizes
