@@ -65,11 +65,7 @@ impl LinkSampler {
     /// (samples, samples without a program, program ids seen).
     fn finish(mut self) -> (u64, u64, BTreeSet<u32>) {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .expect("once")
-            .join()
-            .expect("sampler")
+        self.thread.take().expect("once").join().expect("sampler")
     }
 }
 
@@ -111,7 +107,10 @@ fn a_size_change_under_traffic_keeps_the_program_budgets_and_counters() {
     send_frames(&lab.client, &lab.client_if, &vec![trickle.clone(); 60]);
     let spent_at = Instant::now();
     let t0 = passed(&w, "trickle");
-    assert!((40..=42).contains(&t0), "trickle passed {t0} of its burst of 40");
+    assert!(
+        (40..=42).contains(&t0),
+        "trickle passed {t0} of its burst of 40"
+    );
     let s0 = status(&w);
     assert_eq!(max_entries(&s0, "IDENTITIES"), 16384);
 
@@ -182,7 +181,10 @@ fn a_size_change_under_traffic_keeps_the_program_budgets_and_counters() {
             .expect("estimated")
             .bytes;
         if name.starts_with("BIND_CIDR") {
-            assert!(est >= kernel, "{name}: estimate {est} below the kernel's {kernel}");
+            assert!(
+                est >= kernel,
+                "{name}: estimate {est} below the kernel's {kernel}"
+            );
         } else {
             // Within 2%, or a map header's few hundred bytes for the small ones.
             let off = est.abs_diff(kernel);
@@ -236,7 +238,12 @@ fn a_shrink_below_what_the_tables_hold_is_refused_and_changes_nothing() {
         .arg(&w.dirs.state_dir)
         .arg("--control-socket")
         .arg(&w.dirs.socket)
-        .args(["--config", w.config.to_str().expect("path"), "--mode", "native"])
+        .args([
+            "--config",
+            w.config.to_str().expect("path"),
+            "--mode",
+            "native",
+        ])
         .output()
         .expect("running the agent");
     assert!(!out.status.success(), "the agent started");

@@ -64,13 +64,13 @@ fn record(s: &Status) -> Record<'_> {
         .line("packets_passed", s.passed_packets)
         .line("pin_dir", s.pin_dir.display())
         .nested("program", program(&s.program))
-        .line("quarantined", list(&s.quarantined));
+        .line("quarantined", list(&s.quarantined))
+        .nested("tables", tables(&s.tables));
     let r = match &s.tokens {
         Some(t) => r.nested("tokens", tokens(t)),
         None => r.line("tokens", "-"),
     };
-    r.nested("tables", tables(&s.tables))
-        .nested("tunnels", tunnels(&s.tunnels))
+    r.nested("tunnels", tunnels(&s.tunnels))
         .line("uptime_s", s.uptime_s)
         .line("version", &s.version)
         .line("xdp_mode", &s.xdp_mode)
@@ -106,7 +106,9 @@ fn tables(t: &TablesStatus) -> Vec<(&'static str, Vec<String>)> {
             .iter()
             .filter(|m| g.maps().contains(&m.map.as_str()))
             .collect();
-        let size = maps.first().map_or(0, |m| m.max_entries);
+        let Some(size) = maps.first().map(|m| m.max_entries) else {
+            continue;
+        };
         let bytes: u64 = maps.iter().map(|m| m.bytes).sum();
         out.push((g.key(), vec![format!("{size} ({})", human(bytes))]));
     }
@@ -206,6 +208,7 @@ fn issuer_line(i: &tollgate::control::reply::IssuerStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate::control::reply::TableStatus;
 
     fn status() -> Status {
         Status {
@@ -246,6 +249,22 @@ mod tests {
                 last_load_failure: None,
             },
             fleet: None,
+            tables: TablesStatus {
+                kernel_memory: 50_331_960 + 184_550_496,
+                allowance: 3 << 30,
+                maps: vec![
+                    TableStatus {
+                        map: "IDENTITIES".into(),
+                        max_entries: 1 << 20,
+                        bytes: 50_331_960,
+                    },
+                    TableStatus {
+                        map: "BIND_V4".into(),
+                        max_entries: 1 << 21,
+                        bytes: 184_550_496,
+                    },
+                ],
+            },
         }
     }
 
@@ -285,6 +304,10 @@ program
   load_failures      0
   last_load_failure  -
 quarantined      -
+tables
+  kernel_memory   224.0 MiB (3.0 GiB allowed)
+  identities      1048576 (48.0 MiB)
+  exact_bindings  2097152 (176.0 MiB)
 tokens           -
 tunnels
   policy     enforce

@@ -594,6 +594,7 @@ mod tests {
             anomaly_mode: "shadow".into(),
             program: ProgramStatus::default(),
             fleet: None,
+            tables: Default::default(),
             tokens: Some(TokenStatus {
                 keys: vec!["k1".into()],
                 verifications: [("ok".to_owned(), 3), ("expired".to_owned(), 1)].into(),

@@ -99,11 +99,13 @@ fn tables_status(node: &Node) -> crate::control::reply::TablesStatus {
         .tables
         .memory()
         .into_iter()
-        .map(|(map, max_entries, bytes)| crate::control::reply::TableStatus {
-            map: map.to_owned(),
-            max_entries,
-            bytes,
-        })
+        .map(
+            |(map, max_entries, bytes)| crate::control::reply::TableStatus {
+                map: map.to_owned(),
+                max_entries,
+                bytes,
+            },
+        )
         .collect();
     crate::control::reply::TablesStatus {
         kernel_memory: maps.iter().map(|m| m.bytes).sum(),

@@ -144,15 +144,16 @@ pub fn check_compatible(pin_dir: &Path, sizes: &Sizes) -> Result<Found, PinError
         // The kernel may add flags of its own to a map; type and sizes must match exactly,
         // except the entries of a map `[limits]` sizes.
         let want_entries = sizes.of_map(name).unwrap_or(want.3);
-        if (got.0, got.1, got.2) == (want.0, want.1, want.2) && got.3 != want_entries {
-            if sizes.of_map(name).is_some() {
-                resizes.push(Resize {
-                    map: name.clone(),
-                    from: got.3,
-                    to: want_entries,
-                });
-                continue;
-            }
+        if (got.0, got.1, got.2) == (want.0, want.1, want.2)
+            && got.3 != want_entries
+            && sizes.of_map(name).is_some()
+        {
+            resizes.push(Resize {
+                map: name.clone(),
+                from: got.3,
+                to: want_entries,
+            });
+            continue;
         }
         if (got.0, got.1, got.2, got.3) != (want.0, want.1, want.2, want_entries) {
             return Err(incompatible(format!(
