@@ -82,7 +82,7 @@ const FUZZ_TARGETS: [&str; 5] = [
     "http_head",
 ];
 
-/// How long the smoke run fuzzes each target, after the build (5 × 8 s: the step stays near a
+/// How long the smoke run fuzzes each target, after the build (5 × 5 s: the step stays under a
 /// minute once built).
 const FUZZ_SECONDS: u32 = 5;
 
