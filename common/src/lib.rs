@@ -21,6 +21,8 @@ pub mod token;
 pub mod packet;
 
 #[cfg(test)]
+mod coarse_clock_tests;
+#[cfg(test)]
 mod decide_tests;
 #[cfg(test)]
 mod parse_tests;
