@@ -152,6 +152,7 @@ mod tests {
             passed_bytes: 412341877,
             dropped_packets: 18233,
             dropped_bytes: 10563120,
+        clock: None,
         }
     }
 

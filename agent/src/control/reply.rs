@@ -58,6 +58,24 @@ pub struct Status {
     /// older than the field).
     #[serde(default)]
     pub fleet: Option<FleetScope>,
+    /// The coarse clock's tick and which plans run on the precise clock; `None` from agents
+    /// older than the field.
+    #[serde(default)]
+    pub clock: Option<ClockStatus>,
+}
+
+/// `status.clock`: the kernel clocks the limiter runs on (docs/policy.md, "Which clock").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockStatus {
+    /// The coarse clock's tick as measured at start, ns.
+    pub tick_ns: u64,
+    /// How: `clock_getres`, `sampled` or `assumed`.
+    pub tick_source: crate::kernel_clock::TickSource,
+    /// Plans on the precise clock (their burst does not cover the tick); every other plan is
+    /// on the coarse clock.
+    pub precise_plans: Vec<String>,
+    /// "coarse" or "precise": the anonymous allowance's clock.
+    pub anonymous: crate::kernel_clock::Clock,
 }
 
 /// `status.fleet`: the pool in a line (`tollgate fleet status` has the rest).
@@ -267,6 +285,10 @@ pub struct IdentityRow {
     pub passed_bytes: u64,
     pub dropped_packets: u64,
     pub dropped_bytes: u64,
+    /// "coarse" or "precise": the kernel clock its budgets run on, from its kernel record;
+    /// absent from agents older than the field.
+    #[serde(default)]
+    pub clock: Option<crate::kernel_clock::Clock>,
 }
 
 /// `identities`.
@@ -328,6 +350,10 @@ pub struct Explained {
     #[serde(with = "opt_class_label")]
     pub class: Option<Class>,
     pub binding: Option<String>,
+    /// "coarse" or "precise": the kernel clock the charged budgets run on (docs/policy.md);
+    /// absent when no budget applies (and from agents older than the field).
+    #[serde(default)]
+    pub clock: Option<String>,
     /// The sentence for humans.
     pub why: String,
 }
@@ -532,6 +558,7 @@ mod tests {
             passed_bytes: 1000,
             dropped_packets: 2,
             dropped_bytes: 200,
+        clock: None,
         }
     }
 
@@ -573,6 +600,7 @@ mod tests {
             anomaly_mode: "shadow".into(),
             program: ProgramStatus::default(),
             fleet: None,
+            clock: None,
             tokens: Some(TokenStatus {
                 keys: vec!["k1".into()],
                 verifications: [("ok".to_owned(), 3), ("expired".to_owned(), 1)].into(),

@@ -17,7 +17,7 @@ use crate::{
     net::mask,
     node::Node,
     state::now_unix_ms,
-    tables::boot_ns,
+    kernel_clock::{self, Clock},
 };
 
 fn label_of<T: std::fmt::Debug>(v: T) -> String {
@@ -88,6 +88,25 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
         tunnels: node.tunnels.report(),
         program: program_status(node),
         fleet: fleet_scope(node),
+        clock: Some(clock_status(node)?),
+    })
+}
+
+/// `status.clock`: the tick and the plans the kernel charges on the precise clock.
+fn clock_status(node: &Node) -> Result<crate::control::reply::ClockStatus, OpError> {
+    let tick = crate::kernel_clock::tick();
+    let precise_plans = node
+        .config
+        .plans
+        .iter()
+        .filter(|p| crate::kernel_clock::clock_for(&p.limits.to_kernel()) == Clock::Precise)
+        .map(|p| p.name.clone())
+        .collect();
+    Ok(crate::control::reply::ClockStatus {
+        tick_ns: tick.ns,
+        tick_source: tick.source,
+        precise_plans,
+        anonymous: Clock::of_anonymous(&node.pinned.tables.settings()?),
     })
 }
 
@@ -213,7 +232,8 @@ pub fn endpoints(node: &Node) -> Result<Endpoints, OpError> {
 /// The kernel's bindings as text, grouped by identity slot (one pass: listing thousands of
 /// identities stays linear).
 fn bindings_by_slot(node: &Node) -> Result<HashMap<u32, Vec<String>>, OpError> {
-    let now_boot = boot_ns();
+    // The kernel judges expiry on its coarse monotonic clock.
+    let now_boot = kernel_clock::coarse_ns();
     let mut by_id: HashMap<u32, Vec<String>> = HashMap::new();
     for (a, l, b) in node.pinned.tables.bindings()? {
         let net = mask(a, l);
@@ -239,6 +259,7 @@ fn row(
     bindings: Vec<String>,
 ) -> Result<IdentityRow, OpError> {
     let c = node.pinned.tables.identity_counters(id)?;
+    let clock = Clock::of_identity(&node.pinned.tables.identity(id)?);
     Ok(IdentityRow {
         id,
         name: r.name.to_owned(),
@@ -256,6 +277,7 @@ fn row(
         passed_bytes: c.passed.bytes,
         dropped_packets: c.dropped.packets,
         dropped_bytes: c.dropped.bytes,
+        clock: Some(clock),
     })
 }
 
@@ -308,6 +330,7 @@ pub fn explain(node: &Node, probe: &Probe) -> Result<Explained, OpError> {
         identity: e.identity,
         class: e.class.and_then(Class::from_label),
         binding: e.binding,
+        clock: e.clock.map(str::to_owned),
         why: match scope {
             Some(s) => format!("{} ({s})", e.why),
             None => e.why,

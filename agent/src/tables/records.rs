@@ -1,5 +1,5 @@
 //! What userspace says about endpoints, plans and identities, and the kernel records it
-//! becomes; the clock bindings expire by.
+//! becomes.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -94,9 +94,11 @@ impl EndpointSpec {
     }
 }
 
-/// The kernel record of an active identity.
+/// The kernel record of an active identity, on the clock its limits need on this node
+/// (`kernel_clock::set_identity_clock`: precise only if a burst does not cover the coarse
+/// clock's tick).
 pub fn identity_record(class: Class, roles: u64, plan: u16, limits: &PlanLimits) -> Identity {
-    Identity {
+    let mut rec = Identity {
         flags: ID_ACTIVE,
         class: class as u8,
         throttle_q8: Q8_ONE,
@@ -104,10 +106,13 @@ pub fn identity_record(class: Class, roles: u64, plan: u16, limits: &PlanLimits)
         _pad: 0,
         roles,
         limits: limits.to_kernel(),
-    }
+    };
+    crate::kernel_clock::set_identity_clock(&mut rec);
+    rec
 }
 
-/// CLOCK_BOOTTIME now, in ns: the clock the kernel checks binding expiry against.
+/// CLOCK_BOOTTIME now, in ns: what agent time runs on (`crate::clock`). Not the kernel's
+/// expiry clock: that is CLOCK_MONOTONIC (`crate::kernel_clock::now_ns`).
 pub fn boot_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
