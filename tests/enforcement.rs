@@ -223,3 +223,51 @@ fn a_coarse_identity_reads_the_coarse_clock_and_a_flagged_one_the_precise_clock(
     );
     assert!(precise <= spanned / 1000 + 2, "more than one per µs: {precise}");
 }
+
+/// Pins made before #15 hold CLOCK_BOOTTIME TATs: adopted on a machine that has been
+/// suspended, they move back by the time suspended, once, idle ones stay idle, and the
+/// settings then say so (`SET_MONOTONIC_TATS`), so a second adoption moves nothing.
+#[test]
+fn boottime_tats_of_older_pins_move_back_once() {
+    use tollgate::kernel_clock;
+    use tollgate_common::{
+        decide::AnonPrefix,
+        policy::{SET_MONOTONIC_TATS, Settings},
+    };
+
+    let mut h = setup();
+    // Charge a bound identity and an anonymous /24, so both kinds of TAT are set.
+    h.run(&tcp4(v4(1, CUSTOMER as u8), 8000, 80));
+    h.run(&tcp4(v4(20, 1), 8443, 80));
+    let prefix = AnonPrefix::V4([198, 18, 20, 0]);
+    let bucket = h.tables.bucket(CUSTOMER).expect("bucket");
+    let anon = h.tables.anon_tat(&prefix).expect("anon").expect("charged");
+    assert!(bucket.pkt_tat > 0 && anon > 0, "{bucket:?} {anon}");
+    let idle = h.tables.bucket(PARTNER_NO_ROLE).expect("bucket");
+    assert_eq!(idle.pkt_tat, 0);
+
+    let second = 1_000_000_000;
+    let moved = h.tables.shift_tats_back(second).expect("shift");
+    assert!(moved >= 2, "moved {moved}");
+    assert_eq!(h.tables.bucket(CUSTOMER).unwrap().pkt_tat, bucket.pkt_tat - second);
+    assert_eq!(
+        h.tables.anon_tat(&prefix).unwrap(),
+        Some(anon - second),
+        "anonymous TAT"
+    );
+    assert_eq!(h.tables.bucket(PARTNER_NO_ROLE).unwrap(), idle, "an idle bucket stays idle");
+
+    // The settings step: this machine has not been suspended (or the offset is tiny), so
+    // nothing moves, and the flag is set either way.
+    let mut s = Settings::default();
+    kernel_clock::settle_settings(&mut h.tables, &mut s).expect("settle");
+    assert_ne!(s.flags & SET_MONOTONIC_TATS, 0);
+    let offset = tollgate::tables::boot_ns().saturating_sub(kernel_clock::now_ns());
+    if offset < 1_000_000 {
+        assert_eq!(h.tables.bucket(CUSTOMER).unwrap().pkt_tat, bucket.pkt_tat - second);
+    }
+    // Flagged settings never shift again.
+    let before = h.tables.bucket(CUSTOMER).unwrap();
+    kernel_clock::settle_settings(&mut h.tables, &mut s).expect("settle");
+    assert_eq!(h.tables.bucket(CUSTOMER).unwrap(), before);
+}

@@ -19,11 +19,21 @@
 
 use std::sync::OnceLock;
 
+use tracing::info;
+
 use serde::{Deserialize, Serialize};
 use tollgate_common::{
     limiter,
-    policy::{ID_PRECISE_CLOCK, Identity, Limits, SET_ANON_PRECISE_CLOCK, Settings},
+    policy::{
+        ID_PRECISE_CLOCK, Identity, Limits, SET_ANON_PRECISE_CLOCK, SET_MONOTONIC_TATS, Settings,
+    },
 };
+
+use crate::tables::{KernelTables, TableError};
+
+/// A BOOTTIME − MONOTONIC difference below this is the two reads' own distance, not time
+/// suspended: nothing to convert.
+const SUSPENDED_NS: u64 = 1_000_000;
 
 /// Assumed when neither the kernel nor sampling tells the tick (HZ=100).
 pub const FALLBACK_TICK_NS: u64 = 10_000_000;
@@ -217,6 +227,32 @@ pub fn set_anonymous_clock(s: &mut Settings) {
         Clock::Precise => s.flags |= SET_ANON_PRECISE_CLOCK,
         Clock::Coarse => s.flags &= !SET_ANON_PRECISE_CLOCK,
     }
+}
+
+/// What the agent's settings step adds for the clocks: the anonymous allowance's clock
+/// ([`set_anonymous_clock`]), and once per set of pins the move of their TATs into the
+/// CLOCK_MONOTONIC domain (`SET_MONOTONIC_TATS`): pins made before #15 hold BOOTTIME TATs,
+/// ahead of MONOTONIC by the time the machine spent suspended. On a server that never
+/// suspended that is nothing and no map is read; otherwise every TAT moves back by it
+/// ([`KernelTables::shift_tats_back`]). Binding expiries need no such step: the settings
+/// step's caller rewrites any binding whose expiry is a second or more off what the state
+/// says, and a smaller offset only keeps a binding that much longer. (An older agent adopting
+/// newer pins ignores the flag and reads MONOTONIC TATs as BOOTTIME, behind by the time
+/// suspended: at most one burst of extra credit, GCRA's own cap.)
+pub fn settle_settings(tables: &mut KernelTables, s: &mut Settings) -> Result<(), TableError> {
+    if s.flags & SET_MONOTONIC_TATS == 0 {
+        let offset = crate::tables::boot_ns().saturating_sub(now_ns());
+        if offset >= SUSPENDED_NS {
+            let moved = tables.shift_tats_back(offset)?;
+            info!(
+                offset_ms = offset / 1_000_000,
+                moved, "limiter state moved from CLOCK_BOOTTIME to CLOCK_MONOTONIC"
+            );
+        }
+        s.flags |= SET_MONOTONIC_TATS;
+    }
+    set_anonymous_clock(s);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ pub fn enforce(
     settings.anon_tau_ns =
         limiter::packet_tau_ns(config.anonymous.packets_per_second, config.anonymous.burst);
     settings.drop_event_interval_ns = config.drop_events.interval_ms.saturating_mul(1_000_000);
-    crate::kernel_clock::set_anonymous_clock(&mut settings);
+    crate::kernel_clock::settle_settings(tables, &mut settings)?;
     tables.set_settings(&settings)?;
 
     // Endpoints: records first, then the port table, then stale records.

@@ -299,6 +299,12 @@ pub struct AnonKey6 {
 /// [`ID_PRECISE_CLOCK`] does for an identity).
 pub const SET_ANON_PRECISE_CLOCK: u8 = 1 << 0;
 
+/// `Settings::flags`: the limiter's TATs in these maps are CLOCK_MONOTONIC. Written by agents
+/// from #15 on, which moved the program from CLOCK_BOOTTIME; an agent adopting pins without
+/// it moves their TATs back by the time the machine spent suspended, once
+/// (`kernel_clock::settle_settings` in the agent). The program never reads it.
+pub const SET_MONOTONIC_TATS: u8 = 1 << 1;
+
 /// Global settings the agent writes in the single-slot `SETTINGS` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
