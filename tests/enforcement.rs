@@ -221,7 +221,10 @@ fn a_coarse_identity_reads_the_coarse_clock_and_a_flagged_one_the_precise_clock(
         precise > 4 * ticks && precise >= 100,
         "precise identity passed only {precise} in {spanned} ns: the coarse clock's count"
     );
-    assert!(precise <= spanned / 1000 + 2, "more than one per µs: {precise}");
+    assert!(
+        precise <= spanned / 1000 + 2,
+        "more than one per µs: {precise}"
+    );
 }
 
 /// Pins made before #15 hold CLOCK_BOOTTIME TATs: adopted on a machine that has been
@@ -249,13 +252,20 @@ fn boottime_tats_of_older_pins_move_back_once() {
     let second = 1_000_000_000;
     let moved = h.tables.shift_tats_back(second).expect("shift");
     assert!(moved >= 2, "moved {moved}");
-    assert_eq!(h.tables.bucket(CUSTOMER).unwrap().pkt_tat, bucket.pkt_tat - second);
+    assert_eq!(
+        h.tables.bucket(CUSTOMER).unwrap().pkt_tat,
+        bucket.pkt_tat - second
+    );
     assert_eq!(
         h.tables.anon_tat(&prefix).unwrap(),
         Some(anon - second),
         "anonymous TAT"
     );
-    assert_eq!(h.tables.bucket(PARTNER_NO_ROLE).unwrap(), idle, "an idle bucket stays idle");
+    assert_eq!(
+        h.tables.bucket(PARTNER_NO_ROLE).unwrap(),
+        idle,
+        "an idle bucket stays idle"
+    );
 
     // The settings step: this machine has not been suspended (or the offset is tiny), so
     // nothing moves, and the flag is set either way.
@@ -264,7 +274,10 @@ fn boottime_tats_of_older_pins_move_back_once() {
     assert_ne!(s.flags & SET_MONOTONIC_TATS, 0);
     let offset = tollgate::tables::boot_ns().saturating_sub(kernel_clock::now_ns());
     if offset < 1_000_000 {
-        assert_eq!(h.tables.bucket(CUSTOMER).unwrap().pkt_tat, bucket.pkt_tat - second);
+        assert_eq!(
+            h.tables.bucket(CUSTOMER).unwrap().pkt_tat,
+            bucket.pkt_tat - second
+        );
     }
     // Flagged settings never shift again.
     let before = h.tables.bucket(CUSTOMER).unwrap();

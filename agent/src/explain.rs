@@ -15,8 +15,8 @@ use tollgate_common::{
 };
 
 use crate::{
-    net::host_len,
     kernel_clock::{self, Clock},
+    net::host_len,
     tables::{KernelTables, Proto, TableError},
 };
 

@@ -8,8 +8,8 @@ use std::format;
 
 use crate::{
     limiter::{
-        CLOCK_FRAME_BYTES, CLOCK_MARGIN_TICKS, Gcra, NS_PER_S, byte_tau_ns,
-        budget_needs_precise_clock, gcra, needs_precise_clock, packet_increment_ns, packet_tau_ns,
+        CLOCK_FRAME_BYTES, CLOCK_MARGIN_TICKS, Gcra, NS_PER_S, budget_needs_precise_clock,
+        byte_tau_ns, gcra, needs_precise_clock, packet_increment_ns, packet_tau_ns,
     },
     policy::{Limits, PlanLimits, Q8_ONE},
 };
@@ -111,7 +111,10 @@ fn below_the_margin_a_coarse_clock_under_admits() {
         (3000, 11, 0.95),
         (3000, 12, 0.97),
     ] {
-        assert!(needs_precise_clock(&limits(pps, burst), tick), "{pps}/{burst}");
+        assert!(
+            needs_precise_clock(&limits(pps, burst), tick),
+            "{pps}/{burst}"
+        );
         // 50x for 10 s: dense enough that the exact clock loses at most one arrival's spacing
         // per admitted packet (2%) even with a one-packet burst.
         let step = NS_PER_S / (50 * pps);
@@ -183,7 +186,10 @@ fn the_clock_choice_at_the_boundary() {
     assert!(!needs_precise_clock(&limits(2000, 100), 4 * MS));
     assert!(needs_precise_clock(&limits(100, 1), 4 * MS));
     // Unlimited, zero rates, and a tick of 0 (an exact clock) are never precise.
-    assert!(!needs_precise_clock(&PlanLimits::UNLIMITED.to_kernel(), 4 * MS));
+    assert!(!needs_precise_clock(
+        &PlanLimits::UNLIMITED.to_kernel(),
+        4 * MS
+    ));
     assert!(!needs_precise_clock(&limits(0, 1), 4 * MS));
     assert!(!budget_needs_precise_clock(None, 0, 4 * MS));
     assert!(!budget_needs_precise_clock(Some(0), 0, 4 * MS));

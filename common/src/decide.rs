@@ -305,12 +305,7 @@ pub fn anon_prefix(family: Family, src: &[u8; 16], level: usize) -> Option<AnonP
 }
 
 #[inline(always)]
-fn charge_anonymous<T: Tables>(
-    t: &T,
-    family: Family,
-    src: &[u8; 16],
-    now: &mut LazyNow,
-) -> bool {
+fn charge_anonymous<T: Tables>(t: &T, family: Family, src: &[u8; 16], now: &mut LazyNow) -> bool {
     let s = t.settings();
     let now = now.get(t, s.flags & SET_ANON_PRECISE_CLOCK != 0);
     let Some(inc) =

@@ -10,8 +10,7 @@ use aya::{
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use tollgate::{
-    counter_read, loader,
-    kernel_clock,
+    counter_read, kernel_clock, loader,
     tables::{EndpointSpec, KernelTables, PlanLimits, Proto, identity_record},
 };
 use tollgate_common::{

@@ -558,7 +558,7 @@ mod tests {
             passed_bytes: 1000,
             dropped_packets: 2,
             dropped_bytes: 200,
-        clock: None,
+            clock: None,
         }
     }
 
@@ -797,6 +797,7 @@ mod tests {
             identity: Some("acme".into()),
             class: Some(Class::Partner),
             binding: Some("198.18.0.5/32".into()),
+            clock: Some("coarse".into()),
             why: "because".into(),
         });
         let v = round_trip(Explained {
@@ -808,9 +809,11 @@ mod tests {
             identity: None,
             class: None,
             binding: None,
+            clock: None,
             why: "not protected".into(),
         });
         assert!(v["class"].is_null());
+        assert!(v["clock"].is_null());
     }
 
     #[test]

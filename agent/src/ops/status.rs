@@ -14,10 +14,10 @@ use crate::{
     counter_read::{reason_endpoint_totals, reason_totals},
     explain::{self, Probe},
     identity::Resolved,
+    kernel_clock::{self, Clock},
     net::mask,
     node::Node,
     state::now_unix_ms,
-    kernel_clock::{self, Clock},
 };
 
 fn label_of<T: std::fmt::Debug>(v: T) -> String {

@@ -132,7 +132,13 @@ impl KernelTables {
     /// Returns how many TATs moved.
     pub fn shift_tats_back(&mut self, offset_ns: u64) -> Result<usize> {
         use tollgate_common::{map_names as names, policy::Bucket};
-        let back = |t: u64| if t == 0 { 0 } else { t.saturating_sub(offset_ns).max(1) };
+        let back = |t: u64| {
+            if t == 0 {
+                0
+            } else {
+                t.saturating_sub(offset_ns).max(1)
+            }
+        };
         let mut moved = 0;
         for id in 1..self.buckets.len() {
             let b: Bucket = self.buckets.get(&id, 0).map_err(map_err(names::BUCKETS))?;
