@@ -151,3 +151,136 @@ fn drop_events_are_sampled() {
     }
     assert!(drain(&mut rb).is_empty());
 }
+
+/// Runs `frame` `repeat` times through the enforcing program for an identity charging
+/// 1 000 000 packets/s with a one-packet burst (1 µs per packet, 1 µs tolerance: a plan the
+/// agent would put on the precise clock), with or without `ID_PRECISE_CLOCK`; returns the
+/// packets it passed and the CLOCK_MONOTONIC time the whole run spanned.
+fn charge_a_tight_plan(precise: bool, repeat: u32) -> (u64, u64) {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    use tollgate::{kernel_clock, loader};
+    use tollgate_common::{
+        policy::{ID_PRECISE_CLOCK, PlanLimits},
+        program_names,
+    };
+
+    let mut h = setup();
+    let limits = PlanLimits {
+        packets_per_s: Some(1_000_000),
+        packet_burst: 1,
+        bytes_per_s: None,
+        byte_burst: 0,
+    };
+    let mut rec = h.tables.identity(CUSTOMER).expect("identity");
+    rec.limits = limits.to_kernel();
+    if precise {
+        rec.flags |= ID_PRECISE_CLOCK;
+    } else {
+        rec.flags &= !ID_PRECISE_CLOCK;
+    }
+    h.tables.set_identity(CUSTOMER, &rec).expect("identity");
+    let before = h.tables.identity_counters(CUSTOMER).expect("counters");
+    let frame = tcp4(v4(1, CUSTOMER as u8), 8000, 80);
+    let prog = loader::xdp_program(&mut h.ebpf, program_names::XDP).expect("program");
+    let mut out = vec![0u8; frame.len() + 256];
+    let start = kernel_clock::now_ns();
+    prog.test_run(TestRunOptions {
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })
+    .expect("BPF_PROG_TEST_RUN");
+    let spanned = kernel_clock::now_ns() - start;
+    let after = h.tables.identity_counters(CUSTOMER).expect("counters");
+    (after.passed.packets - before.passed.packets, spanned)
+}
+
+/// Which clock the program reads, seen in what it admits. A 1 µs budget with a 1 µs
+/// tolerance admits one packet per distinct reading of its clock at most (the reading must
+/// reach the TAT): on the coarse clock, which moves once per tick, that is at most one per
+/// tick the run spanned (+2 for the ticks it starts and ends in); on the precise clock, one
+/// per microsecond of the run, far more. The tick is the agent's own measurement.
+#[test]
+fn a_coarse_identity_reads_the_coarse_clock_and_a_flagged_one_the_precise_clock() {
+    let tick = tollgate::kernel_clock::tick().ns;
+    // 200 000 runs of a bound packet take milliseconds: several ticks, thousands of µs.
+    let repeat = 200_000;
+    let (coarse, spanned) = charge_a_tight_plan(false, repeat);
+    let ticks = spanned / tick + 2;
+    eprintln!("coarse: {coarse} passed over {spanned} ns ({ticks} ticks at most)");
+    assert!(coarse >= 1, "the first packet conforms");
+    assert!(
+        coarse <= ticks,
+        "coarse identity passed {coarse} in {spanned} ns: more than one per {tick} ns tick"
+    );
+    let (precise, spanned) = charge_a_tight_plan(true, repeat);
+    let ticks = spanned / tick + 2;
+    eprintln!("precise: {precise} passed over {spanned} ns ({ticks} ticks)");
+    assert!(
+        precise > 4 * ticks && precise >= 100,
+        "precise identity passed only {precise} in {spanned} ns: the coarse clock's count"
+    );
+    assert!(
+        precise <= spanned / 1000 + 2,
+        "more than one per µs: {precise}"
+    );
+}
+
+/// Pins made before #15 hold CLOCK_BOOTTIME TATs: adopted on a machine that has been
+/// suspended, they move back by the time suspended, once, idle ones stay idle, and the
+/// settings then say so (`SET_MONOTONIC_TATS`), so a second adoption moves nothing.
+#[test]
+fn boottime_tats_of_older_pins_move_back_once() {
+    use tollgate::kernel_clock;
+    use tollgate_common::{
+        decide::AnonPrefix,
+        policy::{SET_MONOTONIC_TATS, Settings},
+    };
+
+    let mut h = setup();
+    // Charge a bound identity and an anonymous /24, so both kinds of TAT are set.
+    h.run(&tcp4(v4(1, CUSTOMER as u8), 8000, 80));
+    h.run(&tcp4(v4(20, 1), 8443, 80));
+    let prefix = AnonPrefix::V4([198, 18, 20, 0]);
+    let bucket = h.tables.bucket(CUSTOMER).expect("bucket");
+    let anon = h.tables.anon_tat(&prefix).expect("anon").expect("charged");
+    assert!(bucket.pkt_tat > 0 && anon > 0, "{bucket:?} {anon}");
+    let idle = h.tables.bucket(PARTNER_NO_ROLE).expect("bucket");
+    assert_eq!(idle.pkt_tat, 0);
+
+    let second = 1_000_000_000;
+    let moved = h.tables.shift_tats_back(second).expect("shift");
+    assert!(moved >= 2, "moved {moved}");
+    assert_eq!(
+        h.tables.bucket(CUSTOMER).unwrap().pkt_tat,
+        bucket.pkt_tat - second
+    );
+    assert_eq!(
+        h.tables.anon_tat(&prefix).unwrap(),
+        Some(anon - second),
+        "anonymous TAT"
+    );
+    assert_eq!(
+        h.tables.bucket(PARTNER_NO_ROLE).unwrap(),
+        idle,
+        "an idle bucket stays idle"
+    );
+
+    // The settings step: this machine has not been suspended (or the offset is tiny), so
+    // nothing moves, and the flag is set either way.
+    let mut s = Settings::default();
+    kernel_clock::settle_settings(&mut h.tables, &mut s).expect("settle");
+    assert_ne!(s.flags & SET_MONOTONIC_TATS, 0);
+    let offset = tollgate::tables::boot_ns().saturating_sub(kernel_clock::now_ns());
+    if offset < 1_000_000 {
+        assert_eq!(
+            h.tables.bucket(CUSTOMER).unwrap().pkt_tat,
+            bucket.pkt_tat - second
+        );
+    }
+    // Flagged settings never shift again.
+    let before = h.tables.bucket(CUSTOMER).unwrap();
+    kernel_clock::settle_settings(&mut h.tables, &mut s).expect("settle");
+    assert_eq!(h.tables.bucket(CUSTOMER).unwrap(), before);
+}

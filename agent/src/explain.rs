@@ -15,8 +15,9 @@ use tollgate_common::{
 };
 
 use crate::{
+    kernel_clock::{self, Clock},
     net::host_len,
-    tables::{KernelTables, Proto, TableError, boot_ns},
+    tables::{KernelTables, Proto, TableError},
 };
 
 /// The kernel state a decision about one packet can touch, copied out.
@@ -32,7 +33,9 @@ struct Snapshot {
     settings: Settings,
     /// (endpoint, plan, Q8) for the identities this packet can involve.
     hold_back: Vec<(u32, u16, u16)>,
+    /// The kernel's clocks (CLOCK_MONOTONIC precise and coarse), read once.
     now: u64,
+    coarse: u64,
 }
 
 impl DecideTables for Snapshot {
@@ -82,6 +85,9 @@ impl DecideTables for Snapshot {
     fn now_ns(&self) -> u64 {
         self.now
     }
+    fn coarse_ns(&self) -> u64 {
+        self.coarse
+    }
     unsafe fn load(&self, p: *const u64) -> u64 {
         // SAFETY: `p` points into this snapshot, which only this thread touches.
         unsafe { *p }
@@ -110,6 +116,9 @@ pub struct Explanation {
     pub identity: Option<String>,
     pub class: Option<&'static str>,
     pub binding: Option<String>,
+    /// The clock the identity's budgets run on in the kernel ("coarse" or "precise"; the
+    /// anonymous allowance's for an unbound source it charges); `None` when no budget applies.
+    pub clock: Option<&'static str>,
     pub why: String,
 }
 
@@ -217,7 +226,8 @@ pub fn explain(
         anon,
         settings: tables.settings()?,
         hold_back,
-        now: boot_ns(),
+        now: kernel_clock::now_ns(),
+        coarse: kernel_clock::coarse_ns(),
     };
     let d = decide(&snap, &pkt, bytes.len() as u64);
     let ident = snap
@@ -225,6 +235,15 @@ pub fn explain(
         .iter()
         .find(|(i, _, _)| *i == d.identity && d.identity != 0)
         .map(|(_, ident, _)| *ident);
+    // The clock the limiter charged on (or would have): the identity's, or for an unbound
+    // source the anonymous allowance's.
+    let clock = match (ident, d.reason) {
+        (Some(i), _) => Some(Clock::of_identity(&i)),
+        (None, Reason::Anonymous | Reason::AnonymousRate) => {
+            Some(Clock::of_anonymous(&snap.settings))
+        }
+        _ => None,
+    };
     let class = ident
         .and_then(|i| Class::from_u8(i.class))
         .map(Class::label);
@@ -237,11 +256,11 @@ pub fn explain(
     let binding = snap
         .exact
         .filter(|b| b.identity == d.identity)
-        .map(|b| describe_binding(probe.src, host_len(probe.src), &b, snap.now))
+        .map(|b| describe_binding(probe.src, host_len(probe.src), &b, snap.coarse))
         .or_else(|| {
             cidr_hit
                 .filter(|(_, b)| b.identity == d.identity)
-                .map(|(len, b)| describe_binding(probe.src, len, &b, snap.now))
+                .map(|(len, b)| describe_binding(probe.src, len, &b, snap.coarse))
         });
     let why = why(
         &d.reason,
@@ -264,6 +283,7 @@ pub fn explain(
         identity: identity_name,
         class,
         binding,
+        clock: clock.map(Clock::label),
         why,
     })
 }

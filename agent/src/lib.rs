@@ -25,6 +25,7 @@ pub mod explain;
 pub mod fleet;
 pub mod identity;
 pub mod issuers;
+pub mod kernel_clock;
 pub mod link_info;
 pub mod loader;
 pub mod metrics;

@@ -243,10 +243,12 @@ fn load_configured(
     Ok(ebpf)
 }
 
-/// Loads the benchmark's component programs too (`program_names::BENCH_COMPONENTS`).
+/// Loads the benchmark's component programs too (`program_names::BENCH_COMPONENTS` and
+/// `BENCH_COARSE_CLOCK`).
 pub fn load_with_bench_components() -> Result<Ebpf, LoadError> {
     let mut ebpf = load()?;
-    for name in program_names::BENCH_COMPONENTS {
+    let names = program_names::BENCH_COMPONENTS.into_iter();
+    for name in names.chain([program_names::BENCH_COARSE_CLOCK]) {
         xdp_program(&mut ebpf, name)?
             .load()
             .map_err(|source| LoadError::Program { name, source })?;

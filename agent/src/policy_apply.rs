@@ -17,7 +17,7 @@ use crate::{
     identity::Resolver,
     net::prefix_text,
     state::State,
-    tables::{KernelTables, TableError, boot_ns, to_q8},
+    tables::{KernelTables, TableError, to_q8},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -28,13 +28,14 @@ pub enum PolicyError {
     NoIdentitySlot(String, u32),
 }
 
-/// CLOCK_BOOTTIME expiry for a wall-clock expiry, `None` if already past.
+/// The kernel's expiry (CLOCK_MONOTONIC, `kernel_clock::now_ns`) for a wall-clock expiry,
+/// `None` if already past.
 pub fn expiry_boot_ns(expires_unix_ms: Option<u64>, now_ms: u64) -> Option<u64> {
     match expires_unix_ms {
         None => Some(0),
         Some(e) if e <= now_ms => None,
         // +1: an expiry of 0 means "never" to the kernel.
-        Some(e) => Some(boot_ns() + (e - now_ms) * 1_000_000 + 1),
+        Some(e) => Some(crate::kernel_clock::now_ns() + (e - now_ms) * 1_000_000 + 1),
     }
 }
 
@@ -161,6 +162,7 @@ pub fn enforce(
     settings.anon_tau_ns =
         limiter::packet_tau_ns(config.anonymous.packets_per_second, config.anonymous.burst);
     settings.drop_event_interval_ns = config.drop_events.interval_ms.saturating_mul(1_000_000);
+    crate::kernel_clock::settle_settings(tables, &mut settings)?;
     tables.set_settings(&settings)?;
 
     // Endpoints: records first, then the port table, then stale records.

@@ -48,7 +48,7 @@ pub const INTERVAL: Duration = Duration::from_secs(10);
 const EXAMPLES: usize = 8;
 
 /// Binding expiries within this of each other are the same (the conversion from the agent's
-/// clock to CLOCK_BOOTTIME moves by microseconds between calls), as in `policy_apply`.
+/// clock to the kernel's CLOCK_MONOTONIC moves by microseconds between calls), as in `policy_apply`.
 const EXPIRY_SLACK_NS: u64 = 1_000_000_000;
 
 /// The tables compared, as the `table` label says them.
@@ -161,6 +161,7 @@ pub fn reconcile(
         config.anonymous.burst,
     );
     want.drop_event_interval_ns = config.drop_events.interval_ms.saturating_mul(1_000_000);
+    crate::kernel_clock::set_anonymous_clock(&mut want);
     if want != have {
         tables.set_settings(&want)?;
         drift.note(0, || "settings".into());

@@ -9,7 +9,8 @@ use crate::{
     parse::{Family, Fragment, IpPacket},
     policy::{
         ANONYMOUS_IDENTITY, AnonKey6, Binding, Bucket, EP_ANON_ALLOWED, Endpoint, ID_ACTIVE,
-        ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity, Q8_ONE, Settings, port_slot,
+        ID_PRECISE_CLOCK, ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity, Q8_ONE,
+        SET_ANON_PRECISE_CLOCK, Settings, port_slot,
     },
 };
 
@@ -43,8 +44,13 @@ pub trait Tables {
     fn settings(&self) -> Settings;
     /// The controller's Q8 hold-back multiplier for (endpoint, plan); 0 reads as 1.0.
     fn hold_back(&self, endpoint: u32, plan: u16) -> u16;
-    /// CLOCK_BOOTTIME in ns (binding expiry and the limiter share it).
+    /// CLOCK_MONOTONIC in ns, read precisely: the limiter's clock for identities flagged
+    /// `ID_PRECISE_CLOCK` (and the anonymous allowance with `SET_ANON_PRECISE_CLOCK`).
     fn now_ns(&self) -> u64;
+    /// CLOCK_MONOTONIC_COARSE in ns: the same clock as of the last tick (it lags `now_ns` by
+    /// less than a tick, one jiffy) and cheaper to read. Binding expiry and every other
+    /// budget use it.
+    fn coarse_ns(&self) -> u64;
     /// Reads a u64 another CPU may be writing.
     ///
     /// # Safety
@@ -79,26 +85,58 @@ impl Decision {
     }
 }
 
-/// The clock, read at most once per packet and only when needed: reading it costs more than
-/// the parser on some machines (see BENCHMARKS.md), and an unbound source or a binding that
-/// never expires needs no time at all until the limiter does.
-pub struct LazyNow(Option<u64>);
+/// The clocks, each read at most once per packet and only when needed: reading one costs more
+/// than the parser on some machines (see BENCHMARKS.md), and an unbound source or a binding
+/// that never expires needs no time at all until the limiter does. A bound packet of a coarse
+/// plan reads only the coarse clock (expiry and limiter share it); a precise plan adds one
+/// precise read for its budgets.
+pub struct LazyNow {
+    precise: Option<u64>,
+    coarse: Option<u64>,
+}
 
 impl LazyNow {
     #[inline(always)]
     pub fn new() -> Self {
-        LazyNow(None)
+        LazyNow {
+            precise: None,
+            coarse: None,
+        }
     }
 
+    /// The coarse clock (`Tables::coarse_ns`).
     #[inline(always)]
-    pub fn get<T: Tables>(&mut self, t: &T) -> u64 {
-        match self.0 {
+    pub fn coarse<T: Tables>(&mut self, t: &T) -> u64 {
+        match self.coarse {
+            Some(n) => n,
+            None => {
+                let n = t.coarse_ns();
+                self.coarse = Some(n);
+                n
+            }
+        }
+    }
+
+    /// The precise clock (`Tables::now_ns`).
+    #[inline(always)]
+    pub fn precise<T: Tables>(&mut self, t: &T) -> u64 {
+        match self.precise {
             Some(n) => n,
             None => {
                 let n = t.now_ns();
-                self.0 = Some(n);
+                self.precise = Some(n);
                 n
             }
+        }
+    }
+
+    /// The clock a budget runs on: the precise one if `precise`, else the coarse one.
+    #[inline(always)]
+    pub fn get<T: Tables>(&mut self, t: &T, precise: bool) -> u64 {
+        if precise {
+            self.precise(t)
+        } else {
+            self.coarse(t)
         }
     }
 }
@@ -111,7 +149,9 @@ impl Default for LazyNow {
 
 #[inline(always)]
 fn live<T: Tables>(t: &T, b: &Binding, now: &mut LazyNow) -> bool {
-    b.expires_ns == 0 || b.live_at(now.get(t))
+    // Expiry on the coarse clock: a binding lives at most one tick longer, and a bound packet
+    // of a coarse plan then reads no other clock.
+    b.expires_ns == 0 || b.live_at(now.coarse(t))
 }
 
 /// A binding lookup: exact first (it beats any CIDR), then the longest CIDR. An expired
@@ -265,8 +305,9 @@ pub fn anon_prefix(family: Family, src: &[u8; 16], level: usize) -> Option<AnonP
 }
 
 #[inline(always)]
-fn charge_anonymous<T: Tables>(t: &T, family: Family, src: &[u8; 16], now: u64) -> bool {
+fn charge_anonymous<T: Tables>(t: &T, family: Family, src: &[u8; 16], now: &mut LazyNow) -> bool {
     let s = t.settings();
+    let now = now.get(t, s.flags & SET_ANON_PRECISE_CLOCK != 0);
     let Some(inc) =
         limiter::packet_increment_ns(s.anon_pps, limiter::multiplier_q8(s.pressure_q8, None))
     else {
@@ -317,7 +358,7 @@ pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
             // Roles mean nothing for a caller with no identity: the flag alone opens an endpoint.
             let anon_ok = ep.flags & EP_ANON_ALLOWED != 0;
             let reason = if anon_ok {
-                if charge_anonymous(t, pkt.family, &src, now.get(t)) {
+                if charge_anonymous(t, pkt.family, &src, &mut now) {
                     Reason::Anonymous
                 } else {
                     Reason::AnonymousRate
@@ -347,7 +388,8 @@ pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
     if ident.flags & ID_QUOTA_EXHAUSTED != 0 {
         return Decision::new(Reason::QuotaExhausted, ep_id, id);
     }
-    match charge_identity(t, id, ident, ep_id, ep.weight_q8, frame_len, now.get(t)) {
+    let now = now.get(t, ident.flags & ID_PRECISE_CLOCK != 0);
+    match charge_identity(t, id, ident, ep_id, ep.weight_q8, frame_len, now) {
         Err(reason) => Decision::new(reason, ep_id, id),
         Ok(cost) => Decision {
             cost,
@@ -378,7 +420,8 @@ fn decide_later_fragment<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> De
     if ident.flags & ID_QUOTA_EXHAUSTED != 0 {
         return Decision::new(Reason::QuotaExhausted, 0, id);
     }
-    match charge_identity(t, id, ident, 0, Q8_ONE, frame_len, now.get(t)) {
+    let now = now.get(t, ident.flags & ID_PRECISE_CLOCK != 0);
+    match charge_identity(t, id, ident, 0, Q8_ONE, frame_len, now) {
         Err(reason) => Decision::new(reason, 0, id),
         Ok(cost) => Decision {
             cost,

@@ -33,8 +33,12 @@ struct Fake {
     buckets: HashMap<u32, Box<UnsafeCell<Bucket>>>,
     anon: RefCell<AnonTable>,
     settings: Settings,
+    /// The precise clock.
     now: Cell<u64>,
     clock_reads: Cell<u32>,
+    /// The coarse clock; `None` reads as `now` (most cases need one time only).
+    coarse: Cell<Option<u64>>,
+    coarse_reads: Cell<u32>,
     fail_cas: bool,
     hold_back: HashMap<(u32, u16), u16>,
 }
@@ -91,6 +95,10 @@ impl Tables for Fake {
     fn now_ns(&self) -> u64 {
         self.clock_reads.set(self.clock_reads.get() + 1);
         self.now.get()
+    }
+    fn coarse_ns(&self) -> u64 {
+        self.coarse_reads.set(self.coarse_reads.get() + 1);
+        self.coarse.get().unwrap_or(self.now.get())
     }
     unsafe fn load(&self, p: *const u64) -> u64 {
         unsafe { *p }
@@ -433,21 +441,111 @@ fn the_clock_is_read_at_most_once_and_only_when_needed() {
     let t = lab();
     // Unbound: no binding to expire, no budget to charge.
     run(&t, &tcp([198, 18, 1, 11], 8000));
-    assert_eq!(t.clock_reads.get(), 0);
+    assert_eq!((t.clock_reads.get(), t.coarse_reads.get()), (0, 0));
     // Unprotected: nothing to decide.
     run(&t, &tcp(C4, 22));
-    assert_eq!(t.clock_reads.get(), 0);
-    // Bound without expiry: once, for the limiter.
+    assert_eq!((t.clock_reads.get(), t.coarse_reads.get()), (0, 0));
+    // Bound without expiry, coarse plan: the coarse clock once, for the limiter.
     run(&t, &tcp(C4, 8000));
-    assert_eq!(t.clock_reads.get(), 1);
+    assert_eq!((t.clock_reads.get(), t.coarse_reads.get()), (0, 1));
 }
 
 #[test]
-fn an_expiring_binding_reads_the_clock_once_for_expiry_and_limiter() {
+fn an_expiring_binding_reads_the_coarse_clock_once_for_expiry_and_limiter() {
     let mut t = lab();
     t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = t.now.get() + 10;
     assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
-    assert_eq!(t.clock_reads.get(), 1);
+    assert_eq!((t.clock_reads.get(), t.coarse_reads.get()), (0, 1));
+}
+
+/// The two clocks disagree here (the coarse one 3 ms behind), so the TAT a charge leaves says
+/// which one the limiter read: `now + inc` of that clock.
+fn split_clocks(precise_flag: bool) -> Fake {
+    let mut t = lab();
+    t.coarse.set(Some(t.now.get() - 3_000_000));
+    if precise_flag {
+        t.identities.get_mut(&ID).unwrap().flags |= ID_PRECISE_CLOCK;
+    }
+    t
+}
+
+fn pkt_tat(t: &Fake) -> u64 {
+    // SAFETY: the fake's bucket, not shared.
+    unsafe { (*t.buckets[&ID].get()).pkt_tat }
+}
+
+#[test]
+fn a_coarse_identity_is_charged_on_the_coarse_clock() {
+    let t = split_clocks(false);
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
+    let inc = limiter::packet_increment_ns(10, Q8_ONE as u64).unwrap();
+    assert_eq!(pkt_tat(&t), t.coarse.get().unwrap() + inc);
+    assert_eq!((t.clock_reads.get(), t.coarse_reads.get()), (0, 1));
+}
+
+#[test]
+fn a_precise_identity_is_charged_on_the_precise_clock() {
+    let t = split_clocks(true);
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
+    let inc = limiter::packet_increment_ns(10, Q8_ONE as u64).unwrap();
+    assert_eq!(pkt_tat(&t), t.now.get() + inc);
+    // No expiry to judge: the coarse clock is not read at all.
+    assert_eq!((t.clock_reads.get(), t.coarse_reads.get()), (1, 0));
+    // A non-first fragment of the same source is charged on the same clock.
+    let frag = PacketBuilder::v4(C4, S4).fragment(10, false).build();
+    assert_eq!(run(&t, &frag).reason, Reason::NonFirstFragment);
+    assert_eq!(pkt_tat(&t), t.now.get() + 2 * inc);
+}
+
+#[test]
+fn a_precise_identity_with_an_expiring_binding_reads_each_clock_once() {
+    let mut t = split_clocks(true);
+    t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = t.now.get() + 10;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
+    assert_eq!((t.clock_reads.get(), t.coarse_reads.get()), (1, 1));
+}
+
+#[test]
+fn binding_expiry_is_judged_on_the_coarse_clock() {
+    // Expired by the precise clock (1 ms ago), not yet by the coarse one (3 ms behind): live,
+    // and for a precise identity too (expiry never reads the precise clock).
+    for precise in [false, true] {
+        let mut t = split_clocks(precise);
+        let expires = t.now.get() - 1_000_000;
+        t.exact.get_mut(&(4, addr4(C4))).unwrap().expires_ns = expires;
+        assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound, "{precise}");
+        // Once the coarse clock reaches it, expired.
+        t.coarse.set(Some(expires));
+        assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Expired, "{precise}");
+    }
+}
+
+#[test]
+fn the_anonymous_allowance_follows_its_settings_flag() {
+    for precise in [false, true] {
+        let mut t = lab();
+        t.endpoints.get_mut(&EP).unwrap().flags |= EP_ANON_ALLOWED;
+        t.settings.anon_pps = 10;
+        t.settings.anon_tau_ns = limiter::packet_tau_ns(10, 5);
+        if precise {
+            t.settings.flags |= SET_ANON_PRECISE_CLOCK;
+        }
+        t.coarse.set(Some(t.now.get() - 3_000_000));
+        let stranger = [198, 18, 1, 11];
+        assert_eq!(run(&t, &tcp(stranger, 8000)).reason, Reason::Anonymous);
+        let clock = if precise {
+            t.now.get()
+        } else {
+            t.coarse.get().unwrap()
+        };
+        let inc = limiter::packet_increment_ns(10, Q8_ONE as u64).unwrap();
+        let anon = t.anon.borrow();
+        // SAFETY: the fake's cell, not shared.
+        let tat = unsafe { *anon[&(24, [198, 18, 1, 0, 0, 0, 0, 0])].get() };
+        assert_eq!(tat, clock + inc, "precise {precise}");
+        let reads = (t.clock_reads.get(), t.coarse_reads.get());
+        assert_eq!(reads, if precise { (1, 0) } else { (0, 1) });
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! burst tolerance. The kernel wraps [`gcra`] in a bounded compare-and-swap; everything here is
 //! pure integer arithmetic that cannot overflow or divide by zero.
 
-use crate::policy::{Q8_ONE, UNLIMITED};
+use crate::policy::{Limits, Q8_ONE, UNLIMITED};
 
 pub const NS_PER_S: u64 = 1_000_000_000;
 
@@ -142,6 +142,44 @@ pub fn byte_tau_ns(bps: u64, burst: u64) -> u64 {
     let whole = (burst / bps).saturating_mul(NS_PER_S);
     let rest = div_ceil((burst % bps).saturating_mul(NS_PER_S), bps);
     whole.saturating_add(rest)
+}
+
+/// The frame a byte budget's clock choice is judged with: the largest Ethernet frame without
+/// jumbo frames, the least byte burst the configuration accepts.
+pub const CLOCK_FRAME_BYTES: u64 = 1518;
+
+/// Ticks of margin a budget's burst tolerance must keep, beyond one packet, to run on the
+/// coarse clock. See [`budget_needs_precise_clock`].
+pub const CLOCK_MARGIN_TICKS: u64 = 2;
+
+/// Whether a budget costing `inc` ns per packet with burst tolerance `tau` ns needs the precise
+/// clock, on a coarse clock that advances in steps of `tick_ns`.
+///
+/// A coarse reading lags the true time by up to a tick, so on it a budget behaves as if its
+/// tolerance were up to one tick smaller. Under a backlog, admission resumes at the first
+/// reading at or after `TAT + inc − tau`, less than a tick late; the TAT stays ahead of the
+/// clock (no credit is lost, the long-run rate is exact) if `tau − inc ≥ tick`. Traffic offered
+/// near the rate sees the shortened tolerance directly: with one tick of margin it can lose
+/// ~4% against the precise clock, with two under 1% (the host tests sweep this). So a budget
+/// stays on the coarse clock when `tau − inc ≥ CLOCK_MARGIN_TICKS × tick`, i.e. its burst is
+/// at least `2 × rate × tick + 1`. A budget that admits nothing or everything reads no clock
+/// worth choosing.
+pub fn budget_needs_precise_clock(inc: Option<u64>, tau: u64, tick_ns: u64) -> bool {
+    match inc {
+        None | Some(0) => false,
+        Some(inc) => tau < inc.saturating_add(tick_ns.saturating_mul(CLOCK_MARGIN_TICKS)),
+    }
+}
+
+/// Whether a plan's limits need the precise clock (some budget does, at multiplier 1.0: a
+/// pressure or throttle raises the cost per packet, and a budget cut that far is not held to
+/// its plan rate anyway).
+pub fn needs_precise_clock(limits: &Limits, tick_ns: u64) -> bool {
+    let one = Q8_ONE as u64;
+    let pkt = packet_increment_ns(limits.pps, one);
+    let byte = byte_increment_ns(limits.bps, byte_units(CLOCK_FRAME_BYTES, Q8_ONE, one));
+    budget_needs_precise_clock(pkt, limits.pkt_tau_ns, tick_ns)
+        || budget_needs_precise_clock(byte, limits.byte_tau_ns, tick_ns)
 }
 
 #[cfg(test)]

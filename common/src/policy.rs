@@ -177,6 +177,13 @@ pub const ID_THROTTLED: u8 = 1 << 2;
 /// `Identity::flags`: a quota window is spent: everything to protected endpoints is dropped
 /// until the controller clears it when the window rolls.
 pub const ID_QUOTA_EXHAUSTED: u8 = 1 << 3;
+/// `Identity::flags`: charge this identity's budgets on the precise clock
+/// (`bpf_ktime_get_ns`) instead of the coarse one (`bpf_ktime_get_coarse_ns`, one tick per
+/// jiffy). The agent sets it for plans whose burst tolerance does not cover a tick (see
+/// `limiter::needs_precise_clock`); both clocks are CLOCK_MONOTONIC, so a bucket's TAT means
+/// the same on either and a plan moving between them needs no conversion (the coarse clock
+/// only lags the precise one, by less than a tick).
+pub const ID_PRECISE_CLOCK: u8 = 1 << 4;
 
 /// Rate value meaning "no limit".
 pub const UNLIMITED: u64 = u64::MAX;
@@ -252,7 +259,12 @@ const _: () = assert!(core::mem::size_of::<Identity>() == 48);
 pub struct Binding {
     pub identity: u32,
     pub _pad: u32,
-    /// CLOCK_BOOTTIME ns after which the kernel ignores it; 0 never expires.
+    /// CLOCK_MONOTONIC ns after which the kernel ignores it; 0 never expires. Judged on the
+    /// coarse clock (so a bound packet of a coarse plan reads one clock, and the cheap one):
+    /// a binding lives up to one tick past this. Builds before #15 wrote CLOCK_BOOTTIME here;
+    /// BOOTTIME is MONOTONIC plus the time the machine spent suspended (0 on a server that
+    /// never suspends), so such a value reads at most that much late, and the agent rewrites
+    /// any binding whose expiry differs by a second or more when it adopts the pins.
     pub expires_ns: u64,
 }
 
@@ -283,6 +295,16 @@ pub struct AnonKey6 {
     pub prefix: [u8; 8],
 }
 
+/// `Settings::flags`: charge the anonymous allowance on the precise clock (as
+/// [`ID_PRECISE_CLOCK`] does for an identity).
+pub const SET_ANON_PRECISE_CLOCK: u8 = 1 << 0;
+
+/// `Settings::flags`: the limiter's TATs in these maps are CLOCK_MONOTONIC. Written by agents
+/// from #15 on, which moved the program from CLOCK_BOOTTIME; an agent adopting pins without
+/// it moves their TATs back by the time the machine spent suspended, once
+/// (`kernel_clock::settle_settings` in the agent). The program never reads it.
+pub const SET_MONOTONIC_TATS: u8 = 1 << 1;
+
 /// Global settings the agent writes in the single-slot `SETTINGS` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,7 +312,10 @@ pub struct Settings {
     /// Pressure multiplier on every cost, Q8 (256 = 1.0); the controller raises it as GPUs
     /// saturate. 0 is read as 1.0 so that an unset map does not admit everything.
     pub pressure_q8: u16,
-    pub _pad: [u8; 6],
+    /// `SET_*` bits. Was padding before #15 (always 0): pins of an older build read as "no
+    /// flags", which is what that build meant.
+    pub flags: u8,
+    pub _pad: [u8; 5],
     /// Limits of each anonymous prefix (IPv4 /24, IPv6 /64, /56, /48), packets only.
     pub anon_pps: u64,
     pub anon_tau_ns: u64,
@@ -304,7 +329,8 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             pressure_q8: Q8_ONE,
-            _pad: [0; 6],
+            flags: 0,
+            _pad: [0; 5],
             anon_pps: 0,
             anon_tau_ns: 0,
             drop_event_interval_ns: 0,

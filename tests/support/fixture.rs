@@ -10,8 +10,8 @@ use aya::{
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use tollgate::{
-    counter_read, loader,
-    tables::{EndpointSpec, KernelTables, PlanLimits, Proto, boot_ns, identity_record},
+    counter_read, kernel_clock, loader,
+    tables::{EndpointSpec, KernelTables, PlanLimits, Proto, identity_record},
 };
 use tollgate_common::{
     Counter, Reason, Verdict,
@@ -184,7 +184,7 @@ impl Harness {
             }
             self.tables.set_identity(id.id, &rec).expect("identity");
         }
-        let now = boot_ns();
+        let now = kernel_clock::now_ns();
         for b in &world.bindings {
             self.tables
                 .bind(b.addr, b.len, b.identity, b.expiry.ns(now))

@@ -45,6 +45,7 @@ fn text(e: &Explained) -> String {
         ("identity", e.identity.clone()),
         ("class", e.class.map(|c| c.label().to_owned())),
         ("binding", e.binding.clone()),
+        ("clock", e.clock.clone()),
     ];
     for (k, v) in seen {
         if let Some(v) = v {
@@ -71,6 +72,7 @@ mod tests {
             identity: Some("acme".into()),
             class: Some(Class::Customer),
             binding: Some("198.18.0.5/32".into()),
+            clock: Some("coarse".into()),
             why: "customers may not reach model".into(),
         };
         let read: Explained = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
@@ -82,6 +84,7 @@ mod tests {
   identity  acme
   class     customer
   binding   198.18.0.5/32
+  clock     coarse
 "
         );
         let bare = Explained {
@@ -89,6 +92,7 @@ mod tests {
             identity: None,
             class: None,
             binding: None,
+            clock: None,
             ..e
         };
         assert_eq!(

@@ -98,6 +98,7 @@ fn record(i: &IdentityRow) -> Record<'_> {
     let r = Record::default()
         .line("bindings", list(&i.bindings))
         .line("class", i.class.label())
+        .line("clock", i.clock.map_or("-", |c| c.label()))
         .line("dropped_bytes", i.dropped_bytes)
         .line("dropped_packets", i.dropped_packets)
         .line("id", i.id)
@@ -152,6 +153,7 @@ mod tests {
             passed_bytes: 412341877,
             dropped_packets: 18233,
             dropped_bytes: 10563120,
+            clock: Some(tollgate::kernel_clock::Clock::Coarse),
         }
     }
 
@@ -166,6 +168,7 @@ mod tests {
             record(&wire(&acme())).render(),
             "bindings         198.51.100.7/32 (expires in 7193s),198.19.7.0/24
 class            partner
+clock            coarse
 dropped_bytes    10563120
 dropped_packets  18233
 id               2

@@ -29,6 +29,7 @@ fn record(s: &Status) -> Record<'_> {
         .line("adopted_pins", s.adopted_pins)
         .line("anomaly_mode", &s.anomaly_mode)
         .line("bindings", s.bindings)
+        .line("clock", clock(s.clock.as_ref()))
         .line("config", &s.config);
     let drops: Vec<(&str, Vec<String>)> = s
         .drops
@@ -83,6 +84,22 @@ fn gpu(g: &GpuStatus) -> Vec<(&'static str, Vec<String>)> {
         ("readings", g.readings.iter().map(gpu_label).collect()),
         ("saturated_endpoints", vec![list(&g.saturated_endpoints)]),
     ]
+}
+
+/// "tick 4 ms (clock_getres); precise: plan-a,plan-b; anonymous coarse", or "-".
+fn clock(c: Option<&tollgate::control::reply::ClockStatus>) -> String {
+    let Some(c) = c else { return "-".into() };
+    let precise = if c.precise_plans.is_empty() {
+        "-".to_owned()
+    } else {
+        c.precise_plans.join(",")
+    };
+    format!(
+        "tick {} ms ({}); precise plans: {precise}; anonymous {}",
+        c.tick_ns as f64 / 1e6,
+        c.tick_source.label(),
+        c.anonymous.label()
+    )
 }
 
 /// Decapsulating devices: the covered ones with their program, the uncovered ones with why.
@@ -265,6 +282,12 @@ mod tests {
                     },
                 ],
             },
+            clock: Some(tollgate::control::reply::ClockStatus {
+                tick_ns: 4_000_000,
+                tick_source: tollgate::kernel_clock::TickSource::ClockGetres,
+                precise_plans: vec!["trial".into()],
+                anonymous: tollgate::kernel_clock::Clock::Coarse,
+            }),
         }
     }
 
@@ -282,6 +305,7 @@ mod tests {
             "adopted_pins     true
 anomaly_mode     observe
 bindings         3
+clock            tick 4 ms (clock_getres); precise plans: trial; anonymous coarse
 config           /etc/tollgate/tollgate.toml
 drops
   quarantined  244

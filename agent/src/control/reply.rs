@@ -61,6 +61,10 @@ pub struct Status {
     /// The kernel tables' sizes and memory (`[limits]`); empty from agents older than it.
     #[serde(default)]
     pub tables: TablesStatus,
+    /// The coarse clock's tick and which plans run on the precise clock; `None` from agents
+    /// older than the field.
+    #[serde(default)]
+    pub clock: Option<ClockStatus>,
 }
 
 /// `status.tables`: what each sized table holds at most and what the kernel says it takes.
@@ -79,6 +83,20 @@ pub struct TableStatus {
     pub max_entries: u32,
     /// The kernel's own figure (`memlock` in the map's fdinfo).
     pub bytes: u64,
+}
+
+/// `status.clock`: the kernel clocks the limiter runs on (docs/policy.md, "Which clock").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockStatus {
+    /// The coarse clock's tick as measured at start, ns.
+    pub tick_ns: u64,
+    /// How: `clock_getres`, `sampled` or `assumed`.
+    pub tick_source: crate::kernel_clock::TickSource,
+    /// Plans on the precise clock (their burst does not cover the tick); every other plan is
+    /// on the coarse clock.
+    pub precise_plans: Vec<String>,
+    /// "coarse" or "precise": the anonymous allowance's clock.
+    pub anonymous: crate::kernel_clock::Clock,
 }
 
 /// `status.fleet`: the pool in a line (`tollgate fleet status` has the rest).
@@ -288,6 +306,10 @@ pub struct IdentityRow {
     pub passed_bytes: u64,
     pub dropped_packets: u64,
     pub dropped_bytes: u64,
+    /// "coarse" or "precise": the kernel clock its budgets run on, from its kernel record;
+    /// absent from agents older than the field.
+    #[serde(default)]
+    pub clock: Option<crate::kernel_clock::Clock>,
 }
 
 /// `identities`.
@@ -349,6 +371,10 @@ pub struct Explained {
     #[serde(with = "opt_class_label")]
     pub class: Option<Class>,
     pub binding: Option<String>,
+    /// "coarse" or "precise": the kernel clock the charged budgets run on (docs/policy.md);
+    /// absent when no budget applies (and from agents older than the field).
+    #[serde(default)]
+    pub clock: Option<String>,
     /// The sentence for humans.
     pub why: String,
 }
@@ -553,6 +579,7 @@ mod tests {
             passed_bytes: 1000,
             dropped_packets: 2,
             dropped_bytes: 200,
+            clock: None,
         }
     }
 
@@ -595,6 +622,7 @@ mod tests {
             program: ProgramStatus::default(),
             fleet: None,
             tables: Default::default(),
+            clock: None,
             tokens: Some(TokenStatus {
                 keys: vec!["k1".into()],
                 verifications: [("ok".to_owned(), 3), ("expired".to_owned(), 1)].into(),
@@ -791,6 +819,7 @@ mod tests {
             identity: Some("acme".into()),
             class: Some(Class::Partner),
             binding: Some("198.18.0.5/32".into()),
+            clock: Some("coarse".into()),
             why: "because".into(),
         });
         let v = round_trip(Explained {
@@ -802,9 +831,11 @@ mod tests {
             identity: None,
             class: None,
             binding: None,
+            clock: None,
             why: "not protected".into(),
         });
         assert!(v["class"].is_null());
+        assert!(v["clock"].is_null());
     }
 
     #[test]

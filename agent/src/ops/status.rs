@@ -14,10 +14,10 @@ use crate::{
     counter_read::{reason_endpoint_totals, reason_totals},
     explain::{self, Probe},
     identity::Resolved,
+    kernel_clock::{self, Clock},
     net::mask,
     node::Node,
     state::now_unix_ms,
-    tables::boot_ns,
 };
 
 fn label_of<T: std::fmt::Debug>(v: T) -> String {
@@ -89,6 +89,25 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
         program: program_status(node),
         fleet: fleet_scope(node),
         tables: tables_status(node),
+        clock: Some(clock_status(node)?),
+    })
+}
+
+/// `status.clock`: the tick and the plans the kernel charges on the precise clock.
+fn clock_status(node: &Node) -> Result<crate::control::reply::ClockStatus, OpError> {
+    let tick = crate::kernel_clock::tick();
+    let precise_plans = node
+        .config
+        .plans
+        .iter()
+        .filter(|p| crate::kernel_clock::clock_for(&p.limits.to_kernel()) == Clock::Precise)
+        .map(|p| p.name.clone())
+        .collect();
+    Ok(crate::control::reply::ClockStatus {
+        tick_ns: tick.ns,
+        tick_source: tick.source,
+        precise_plans,
+        anonymous: Clock::of_anonymous(&node.pinned.tables.settings()?),
     })
 }
 
@@ -236,7 +255,8 @@ pub fn endpoints(node: &Node) -> Result<Endpoints, OpError> {
 /// The kernel's bindings as text, grouped by identity slot (one pass: listing thousands of
 /// identities stays linear).
 fn bindings_by_slot(node: &Node) -> Result<HashMap<u32, Vec<String>>, OpError> {
-    let now_boot = boot_ns();
+    // The kernel judges expiry on its coarse monotonic clock.
+    let now_boot = kernel_clock::coarse_ns();
     let mut by_id: HashMap<u32, Vec<String>> = HashMap::new();
     for (a, l, b) in node.pinned.tables.bindings()? {
         let net = mask(a, l);
@@ -262,6 +282,7 @@ fn row(
     bindings: Vec<String>,
 ) -> Result<IdentityRow, OpError> {
     let c = node.pinned.tables.identity_counters(id)?;
+    let clock = Clock::of_identity(&node.pinned.tables.identity(id)?);
     Ok(IdentityRow {
         id,
         name: r.name.to_owned(),
@@ -279,6 +300,7 @@ fn row(
         passed_bytes: c.passed.bytes,
         dropped_packets: c.dropped.packets,
         dropped_bytes: c.dropped.bytes,
+        clock: Some(clock),
     })
 }
 
@@ -331,6 +353,7 @@ pub fn explain(node: &Node, probe: &Probe) -> Result<Explained, OpError> {
         identity: e.identity,
         class: e.class.and_then(Class::from_label),
         binding: e.binding,
+        clock: e.clock.map(str::to_owned),
         why: match scope {
             Some(s) => format!("{} ({s})", e.why),
             None => e.why,

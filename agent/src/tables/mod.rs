@@ -256,7 +256,7 @@ impl KernelTables {
             .map_err(map_err(names::IDENTITY_COUNTERS))
     }
 
-    /// Binds `addr/len` to `identity` until `expires_ns` (CLOCK_BOOTTIME; 0: never). A full
+    /// Binds `addr/len` to `identity` until `expires_ns` (CLOCK_MONOTONIC; 0: never). A full
     /// prefix (/32, /128) goes to the exact map, anything shorter to the LPM trie. A full map
     /// refuses the binding; nothing is evicted.
     pub fn bind(&mut self, addr: IpAddr, len: u8, identity: u32, expires_ns: u64) -> Result<()> {

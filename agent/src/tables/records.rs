@@ -1,5 +1,5 @@
 //! What userspace says about endpoints, plans and identities, and the kernel records it
-//! becomes; the clock bindings expire by.
+//! becomes.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -12,7 +12,7 @@ use tollgate_common::policy::{
     Q8_ONE,
 };
 
-use super::{Result, TableError};
+use super::{KernelTables, Result, TableError, map_err};
 
 /// Transport protocol of an endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -94,9 +94,11 @@ impl EndpointSpec {
     }
 }
 
-/// The kernel record of an active identity.
+/// The kernel record of an active identity, on the clock its limits need on this node
+/// (`kernel_clock::set_identity_clock`: precise only if a burst does not cover the coarse
+/// clock's tick).
 pub fn identity_record(class: Class, roles: u64, plan: u16, limits: &PlanLimits) -> Identity {
-    Identity {
+    let mut rec = Identity {
         flags: ID_ACTIVE,
         class: class as u8,
         throttle_q8: Q8_ONE,
@@ -104,10 +106,13 @@ pub fn identity_record(class: Class, roles: u64, plan: u16, limits: &PlanLimits)
         _pad: 0,
         roles,
         limits: limits.to_kernel(),
-    }
+    };
+    crate::kernel_clock::set_identity_clock(&mut rec);
+    rec
 }
 
-/// CLOCK_BOOTTIME now, in ns: the clock the kernel checks binding expiry against.
+/// CLOCK_BOOTTIME now, in ns: what agent time runs on (`crate::clock`). Not the kernel's
+/// expiry clock: that is CLOCK_MONOTONIC (`crate::kernel_clock::now_ns`).
 pub fn boot_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -116,6 +121,53 @@ pub fn boot_ns() -> u64 {
     // SAFETY: `ts` is a valid timespec; CLOCK_BOOTTIME always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl KernelTables {
+    /// Moves every limiter TAT (identity buckets, anonymous prefixes) `offset_ns` back,
+    /// saturating at 0, which leaves idle ones idle: pins made by a build that charged on
+    /// CLOCK_BOOTTIME, adopted by one that charges on CLOCK_MONOTONIC, `offset_ns` being
+    /// BOOTTIME − MONOTONIC (the time this machine spent suspended). Without it each budget
+    /// would read that much further spent and refuse traffic until the clock caught up.
+    /// Returns how many TATs moved.
+    pub fn shift_tats_back(&mut self, offset_ns: u64) -> Result<usize> {
+        use tollgate_common::{map_names as names, policy::Bucket};
+        let back = |t: u64| {
+            if t == 0 {
+                0
+            } else {
+                t.saturating_sub(offset_ns).max(1)
+            }
+        };
+        let mut moved = 0;
+        for id in 1..self.buckets.len() {
+            let b: Bucket = self.buckets.get(&id, 0).map_err(map_err(names::BUCKETS))?;
+            if b == Bucket::default() {
+                continue;
+            }
+            let shifted = Bucket {
+                pkt_tat: back(b.pkt_tat),
+                byte_tat: back(b.byte_tat),
+            };
+            self.buckets
+                .set(id, shifted, 0)
+                .map_err(map_err(names::BUCKETS))?;
+            moved += 1;
+        }
+        // Keys first: a hash map is not rewritten while it is walked.
+        let v4: Vec<_> = self.anon_v4.iter().filter_map(|e| e.ok()).collect();
+        for (k, t) in v4 {
+            // An entry the LRU evicted meanwhile is simply not there to move.
+            let _ = self.anon_v4.insert(k, back(t), 0);
+            moved += 1;
+        }
+        let v6: Vec<_> = self.anon_v6.iter().filter_map(|e| e.ok()).collect();
+        for (k, t) in v6 {
+            let _ = self.anon_v6.insert(k, back(t), 0);
+            moved += 1;
+        }
+        Ok(moved)
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ pub(super) fn identity(name: &str, passed: u64, dropped: u64) -> IdentityRow {
         passed_bytes: passed * 100,
         dropped_packets: dropped,
         dropped_bytes: dropped * 100,
+        clock: None,
     })
 }
 
@@ -96,6 +97,7 @@ pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
         program: Default::default(),
         fleet: None,
         tables: Default::default(),
+        clock: None,
         tokens: Some(TokenStatus {
             keys: vec!["k1".into()],
             verifications: [("ok".to_owned(), 10), ("expired".to_owned(), expired)].into(),
