@@ -235,8 +235,17 @@ impl ControlLoop {
                 .collect();
             self.exhausted_seeded = true;
         }
+        // One batch pass over the counter array per tick, not one syscall per identity.
+        let upto = names.iter().map(|(_, id)| id + 1).max().unwrap_or(1);
+        let counters = match tables.identity_counters_upto(upto) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("reading identity counters: {e}");
+                Vec::new()
+            }
+        };
         for (name, id) in &names {
-            let Ok(now) = tables.identity_counters(*id) else {
+            let Some(&now) = counters.get(*id as usize) else {
                 continue;
             };
             let delta = match self.last.insert(name.clone(), now) {

@@ -2,6 +2,7 @@
 //! counters. The daemon programs enforcement through this, and so do the tests.
 
 mod batch;
+mod bulk;
 mod records;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -13,6 +14,7 @@ use aya::{
         PerCpuValues, lpm_trie::Key,
     },
 };
+pub use bulk::NewBinding;
 pub use records::{EndpointSpec, PlanLimits, Proto, boot_ns, identity_record, to_q8};
 use tollgate_common::{
     Counter,
