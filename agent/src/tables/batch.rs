@@ -136,6 +136,29 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData, max: u32) -> io::Result<Vec<(K, V
     Ok(out)
 }
 
+/// Values of keys `0..upto` of an array, indexed by key.
+pub fn read_array_prefix<V: Pod>(map: &MapData, upto: u32) -> io::Result<Vec<V>> {
+    let mut out = Vec::with_capacity(upto as usize);
+    let bound = Bound::ArrayPrefix(upto);
+    let mut bad = None;
+    walk(map, size_of::<u32>(), size_of::<V>(), bound, |ks, vs, n| {
+        for i in 0..n {
+            let k = at::<u32>(ks, i);
+            // An array hands out every index in order; anything else is not an array.
+            if k as usize != out.len() {
+                bad.get_or_insert(k);
+            }
+            out.push(at::<V>(vs, i));
+        }
+    })?;
+    match bad {
+        Some(k) => Err(io::Error::other(format!(
+            "batch read returned index {k} out of order"
+        ))),
+        None => Ok(out),
+    }
+}
+
 /// The per-CPU value stride of `V`: the kernel rounds each CPU's copy up to 8 bytes.
 fn per_cpu_stride<V>() -> usize {
     size_of::<V>().div_ceil(8) * 8

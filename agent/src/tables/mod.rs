@@ -162,11 +162,7 @@ impl KernelTables {
     ) -> Result<()> {
         let mut rec = *identity;
         if let Ok(old) = self.identity(id) {
-            let kept = old.flags & (ID_THROTTLED | ID_QUOTA_EXHAUSTED);
-            rec.flags |= kept;
-            if old.flags & ID_THROTTLED != 0 {
-                rec.throttle_q8 = old.throttle_q8;
-            }
+            keep_controller_flags(&mut rec, &old);
         }
         self.set_identity(id, &rec)
     }
@@ -507,6 +503,15 @@ impl KernelTables {
 
     pub fn bucket(&self, id: u32) -> Result<Bucket> {
         self.buckets.get(&id, 0).map_err(map_err(names::BUCKETS))
+    }
+}
+
+/// `rec` with the flags the controller owns (throttle, quota) and a throttle's factor taken
+/// from `old`, the record in force.
+fn keep_controller_flags(rec: &mut Identity, old: &Identity) {
+    rec.flags |= old.flags & (ID_THROTTLED | ID_QUOTA_EXHAUSTED);
+    if old.flags & ID_THROTTLED != 0 {
+        rec.throttle_q8 = old.throttle_q8;
     }
 }
 
