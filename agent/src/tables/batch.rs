@@ -136,6 +136,21 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData, max: u32) -> io::Result<Vec<(K, V
     Ok(out)
 }
 
+/// How many entries the map holds: a batch walk of keys and values, counted and thrown
+/// away chunk by chunk (a hash map has no entry count the kernel hands out, and a
+/// get-next-key walk is one syscall per entry).
+pub fn count<K: Pod, V: Pod>(map: &MapData, max: u32) -> io::Result<usize> {
+    let mut n = 0;
+    walk(
+        map,
+        size_of::<K>(),
+        size_of::<V>(),
+        Bound::Whole(max),
+        |_, _, got| n += got,
+    )?;
+    Ok(n)
+}
+
 /// Values of keys `0..upto` of an array, indexed by key.
 pub fn read_array_prefix<V: Pod>(map: &MapData, upto: u32) -> io::Result<Vec<V>> {
     let mut out = Vec::with_capacity(upto as usize);

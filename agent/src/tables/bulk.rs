@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use aya::maps::{IterableMap as _, MapData, MapError};
 use tollgate_common::{
     map_names as names,
-    policy::{Binding, Bucket, Identity, IdentityCounters},
+    policy::{AnonKey6, Binding, Bucket, Identity, IdentityCounters},
 };
 
 use super::{KernelTables, Result, TableError, batch, keep_controller_flags};
@@ -36,6 +36,37 @@ fn capacity(map: &MapData, name: &'static str) -> Result<u32> {
 }
 
 impl KernelTables {
+    /// Entries in the exact IPv4 binding map (a batch walk; get-next-key on failure).
+    pub(super) fn count_exact_v4(&self) -> usize {
+        let m = self.bind_v4.map();
+        capacity(m, names::BIND_V4)
+            .and_then(|max| {
+                batch::count::<[u8; 4], Binding>(m, max).map_err(io_err(names::BIND_V4))
+            })
+            .unwrap_or_else(|_| self.bind_v4.keys().count())
+    }
+
+    pub(super) fn count_exact_v6(&self) -> usize {
+        let m = self.bind_v6.map();
+        capacity(m, names::BIND_V6)
+            .and_then(|max| {
+                batch::count::<[u8; 16], Binding>(m, max).map_err(io_err(names::BIND_V6))
+            })
+            .unwrap_or_else(|_| self.bind_v6.keys().count())
+    }
+
+    /// Entries in the anonymous-prefix tables (batch walks).
+    pub(super) fn count_anon(&self) -> [usize; 2] {
+        let (m4, m6) = (self.anon_v4.map(), self.anon_v6.map());
+        let v4 = capacity(m4, names::ANON_V4)
+            .and_then(|max| batch::count::<[u8; 4], u64>(m4, max).map_err(io_err(names::ANON_V4)))
+            .unwrap_or_else(|_| self.anon_v4.keys().count());
+        let v6 = capacity(m6, names::ANON_V6)
+            .and_then(|max| batch::count::<AnonKey6, u64>(m6, max).map_err(io_err(names::ANON_V6)))
+            .unwrap_or_else(|_| self.anon_v6.keys().count());
+        [v4, v6]
+    }
+
     /// Slots an identity array holds (the size the map was created with).
     pub fn identity_capacity(&self) -> Result<u32> {
         capacity(self.identities.map(), names::IDENTITIES)

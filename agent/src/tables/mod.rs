@@ -336,10 +336,12 @@ impl KernelTables {
     }
 
     /// Entries per binding map (exact v4, exact v6, CIDR v4, CIDR v6), keys only.
+    /// The exact maps and the anonymous tables are counted with batch walks
+    /// ([`bulk`]: a few syscalls per scrape at a million entries); the CIDR tries key by key.
     pub fn binding_counts(&self) -> [usize; 4] {
         [
-            self.bind_v4.keys().count(),
-            self.bind_v6.keys().count(),
+            self.count_exact_v4(),
+            self.count_exact_v6(),
             self.cidr_v4.keys().count(),
             self.cidr_v6.keys().count(),
         ]
@@ -347,7 +349,7 @@ impl KernelTables {
 
     /// Anonymous prefixes tracked (IPv4 /24s; IPv6 /64s, /56s and /48s).
     pub fn anon_counts(&self) -> [usize; 2] {
-        [self.anon_v4.keys().count(), self.anon_v6.keys().count()]
+        self.count_anon()
     }
 
     /// The binding that covers `addr` (exact first, then longest prefix), as the kernel
