@@ -67,9 +67,9 @@ impl KernelTables {
         [v4, v6]
     }
 
-    /// Slots an identity array holds (the size the map was created with).
+    /// Slots an identity array holds (the size it was created with).
     pub fn identity_capacity(&self) -> Result<u32> {
-        capacity(self.identities.map(), names::IDENTITIES)
+        Ok(self.identity_slots())
     }
 
     /// Counters of identities `0..upto` (0: anonymous), summed over CPUs, indexed by slot:
@@ -100,7 +100,7 @@ impl KernelTables {
     pub fn set_identities(&mut self, records: &[(u32, Identity)]) -> Result<()> {
         let cap = self.identity_capacity()?;
         if let Some((id, _)) = records.iter().find(|(id, _)| *id == 0 || *id >= cap) {
-            return Err(TableError::IdentityId(*id));
+            return Err(TableError::IdentityId(*id, cap));
         }
         batch::update_all(self.identities.map(), records, BPF_ANY)
             .map_err(io_err(names::IDENTITIES))
@@ -130,7 +130,7 @@ impl KernelTables {
     pub fn clear_identities(&mut self, ids: &[u32]) -> Result<()> {
         let cap = self.identity_capacity()?;
         if let Some(id) = ids.iter().find(|id| **id == 0 || **id >= cap) {
-            return Err(TableError::IdentityId(*id));
+            return Err(TableError::IdentityId(*id, cap));
         }
         let records: Vec<(u32, Identity)> =
             ids.iter().map(|id| (*id, Identity::default())).collect();
@@ -158,7 +158,7 @@ impl KernelTables {
         let mut cidr: Vec<NewBinding> = Vec::new();
         for &(addr, len, identity, expires_ns) in entries {
             if identity == 0 || identity >= cap {
-                return Err(TableError::IdentityId(identity));
+                return Err(TableError::IdentityId(identity, cap));
             }
             let b = Binding {
                 identity,
@@ -260,7 +260,7 @@ mod tests {
         // Bad input changes nothing.
         assert!(matches!(
             t.bind_many(&[(v4(900_000), 32, 1, 0), (v4(900_001), 32, 0, 0)]),
-            Err(TableError::IdentityId(0))
+            Err(TableError::IdentityId(0, _))
         ));
         assert_eq!(t.exact_binding(v4(900_000)).unwrap(), None);
         // Past the map's size (IPv6: 198.18.0.0/15 holds only as many addresses as the
@@ -365,7 +365,7 @@ mod tests {
         let cap = t.identity_capacity().unwrap();
         assert!(matches!(
             t.set_identities(&[(1, rec(9)), (cap, rec(9))]),
-            Err(TableError::IdentityId(c)) if c == cap
+            Err(TableError::IdentityId(c, _)) if c == cap
         ));
         assert_eq!(
             t.identity(1).unwrap().plan,
