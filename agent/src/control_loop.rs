@@ -265,7 +265,10 @@ impl ControlLoop {
                     .or_default()
                     .accumulate(&delta);
             }
-            let Some(plan_name) = Resolver::new(config, state).get(name).map(|r| r.plan) else {
+            let Some(plan_name) = Resolver::new(config, state)
+                .with_slot(name, Some(*id))
+                .map(|r| r.plan)
+            else {
                 continue;
             };
             let limits: QuotaLimits = config.plan(plan_name).map(|p| p.quota).unwrap_or_default();

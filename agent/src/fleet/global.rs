@@ -232,7 +232,7 @@ impl Global {
         let mut counters: Option<Vec<IdentityCounters>> = None;
         for (name, id) in &state.identity_ids {
             let Some(plan) = resolver
-                .get(name)
+                .with_slot(name, Some(*id))
                 .and_then(|r| config.plan(r.plan))
                 .filter(|p| p.fleet_wide())
             else {
