@@ -42,7 +42,10 @@ pub struct ControlLoop {
     pub quotas: QuotaBook,
     quota_dirty: bool,
     exhausted: BTreeSet<String>,
-    last: BTreeMap<String, IdentityCounters>,
+    /// The last reading of each slot, indexed by slot (dense: 64 bytes a slot, not a map
+    /// entry and a name). A slot given to another identity was cleared first, so `since`
+    /// counts its new owner from zero.
+    last: Vec<Option<IdentityCounters>>,
     /// Counter deltas summed since the last anomaly sample, and when that window began.
     window: BTreeMap<String, IdentityCounters>,
     window_start_ms: u64,
@@ -100,7 +103,7 @@ impl ControlLoop {
             quotas,
             quota_dirty: false,
             exhausted: BTreeSet::new(),
-            last: BTreeMap::new(),
+            last: Vec::new(),
             window: BTreeMap::new(),
             window_start_ms: now_unix_ms(),
             trackers: BTreeMap::new(),
@@ -218,38 +221,54 @@ impl ControlLoop {
                 json!({"step_ms": step, "wall_offset_ms": clock::wall_offset_ms()}),
             );
         }
-        let names: Vec<(String, u32)> = state
-            .identity_ids
-            .iter()
-            .map(|(n, i)| (n.clone(), *i))
-            .collect();
         if !self.exhausted_seeded {
-            self.exhausted = names
+            self.exhausted = state
+                .identity_ids
                 .iter()
                 .filter(|(_, id)| {
                     tables
-                        .identity(*id)
+                        .identity(**id)
                         .is_ok_and(|r| r.flags & ID_QUOTA_EXHAUSTED != 0)
                 })
                 .map(|(n, _)| n.clone())
                 .collect();
             self.exhausted_seeded = true;
         }
-        for (name, id) in &names {
-            let Ok(now) = tables.identity_counters(*id) else {
+        // One batch pass over the counter array per tick, not one syscall per identity.
+        let upto = state.identity_ids.values().max().map_or(1, |m| m + 1);
+        let counters = match tables.identity_counters_upto(upto) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("reading identity counters: {e}");
+                Vec::new()
+            }
+        };
+        if self.last.len() < counters.len() {
+            self.last.resize(counters.len(), None);
+        }
+        for (name, id) in &state.identity_ids {
+            let Some(&now) = counters.get(*id as usize) else {
                 continue;
             };
-            let delta = match self.last.insert(name.clone(), now) {
+            let delta = match self.last[*id as usize].replace(now) {
                 // `since`, not `delta`: a slot cleared for reuse starts again from zero.
                 Some(prev) => now.since(&prev),
                 // First sight (start or a new identity): no delta, a baseline for the next.
                 None => IdentityCounters::default(),
             };
-            self.window
-                .entry(name.clone())
-                .or_default()
-                .accumulate(&delta);
-            let Some(plan_name) = Resolver::new(config, state).get(name).map(|r| r.plan) else {
+            // Only identities that sent something, or whose ladder is under way (a silent
+            // one's ladder still expires), are sampled: an idle identity costs no entry
+            // here and no tracker (a fresh tracker's expiry decides nothing).
+            if delta != IdentityCounters::default() || self.trackers.contains_key(name) {
+                self.window
+                    .entry(name.clone())
+                    .or_default()
+                    .accumulate(&delta);
+            }
+            let Some(plan_name) = Resolver::new(config, state)
+                .with_slot(name, Some(*id))
+                .map(|r| r.plan)
+            else {
                 continue;
             };
             let limits: QuotaLimits = config.plan(plan_name).map(|p| p.quota).unwrap_or_default();

@@ -2,7 +2,7 @@
 
 use std::{borrow::Borrow, path::Path};
 
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{IterableMap as _, Map, MapData, PerCpuArray};
 use serde::Serialize;
 use tollgate_common::{Counter, Reason, policy::MAX_ENDPOINTS, reason_counter_index};
 
@@ -31,11 +31,25 @@ pub enum CounterError {
 pub fn reason_endpoint_totals<T: Borrow<MapData>>(
     map: &PerCpuArray<T, Counter>,
 ) -> Result<Vec<(Reason, u32, Counter)>, aya::maps::MapError> {
+    // One batch read of the slots in use (a few calls), not a lookup per (reason, endpoint):
+    // that was a scrape's fixed cost of ~15 ms.
+    let upto = Reason::ALL
+        .iter()
+        .map(|r| reason_counter_index(*r, MAX_ENDPOINTS - 1) + 1)
+        .max()
+        .unwrap_or(0);
+    let mut sums = Vec::with_capacity(upto as usize);
+    crate::tables::batch::for_each_per_cpu::<Counter>(map.map(), upto, |_, slots| {
+        sums.push(Counter::sum(slots.iter()));
+    })
+    .map_err(aya::maps::MapError::IoError)?;
     let mut out = Vec::new();
     for r in Reason::ALL {
         for ep in 0..MAX_ENDPOINTS {
-            let slots = map.get(&reason_counter_index(*r, ep), 0)?;
-            let c = Counter::sum(slots.iter());
+            let c = sums
+                .get(reason_counter_index(*r, ep) as usize)
+                .copied()
+                .unwrap_or_default();
             if c.packets != 0 {
                 out.push((*r, ep, c));
             }

@@ -89,6 +89,11 @@ impl From<servers::control::SocketError> for DaemonError {
 /// Loads the configuration the options name: an explicit file must exist; without one the
 /// default path is used if present, else the embedded default (a first run).
 pub fn load_config(opts: &Options) -> Result<Config, crate::config::ConfigError> {
+    // Parsed apart and kept as a compact copy (`heap`): 100 000 identities stay small.
+    crate::heap::built_apart(|| read_config(opts))
+}
+
+fn read_config(opts: &Options) -> Result<Config, crate::config::ConfigError> {
     let mut config = match &opts.config {
         Some(path) => Config::load(path)?,
         None if Path::new(Config::DEFAULT_PATH).exists() => {
@@ -230,6 +235,8 @@ pub fn start(opts: &Options) -> Result<(Node, Option<crate::fleet::task::Task>),
         warn!("audit log: recording the start: {e}; enforcing anyway");
     }
     record_tunnel_events(&audit, tunnel_events);
+    // Loading the program and applying a large policy leave freed pages behind.
+    crate::heap::release_freed_memory();
     let node = Node {
         config,
         pinned,

@@ -229,15 +229,22 @@ impl Global {
         let mut demand = Vec::new();
         let mut spend: BTreeMap<Window, Vec<(String, Spend, Option<Seen>)>> = BTreeMap::new();
         let mut seen_names = std::collections::BTreeSet::new();
+        let mut counters: Option<Vec<IdentityCounters>> = None;
         for (name, id) in &state.identity_ids {
             let Some(plan) = resolver
-                .get(name)
+                .with_slot(name, Some(*id))
                 .and_then(|r| config.plan(r.plan))
                 .filter(|p| p.fleet_wide())
             else {
                 continue;
             };
-            let Ok(now) = tables.identity_counters(*id) else {
+            // One batch read of the counters, on the first fleet-wide identity (not a
+            // syscall per identity).
+            let counters = counters.get_or_insert_with(|| {
+                let upto = state.identity_ids.values().max().map_or(1, |m| m + 1);
+                tables.identity_counters_upto(upto).unwrap_or_default()
+            });
+            let Some(&now) = counters.get(*id as usize) else {
                 continue;
             };
             seen_names.insert(name.clone());

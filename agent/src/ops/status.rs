@@ -2,7 +2,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use tollgate_common::{Verdict, policy::Class};
+use tollgate_common::{
+    Verdict,
+    policy::{Class, IdentityCounters},
+};
 
 use super::OpError;
 use crate::{
@@ -280,10 +283,10 @@ fn row(
     r: &Resolved<'_>,
     id: u32,
     bindings: Vec<String>,
-) -> Result<IdentityRow, OpError> {
-    let c = node.pinned.tables.identity_counters(id)?;
-    let clock = Clock::of_identity(&node.pinned.tables.identity(id)?);
-    Ok(IdentityRow {
+    c: IdentityCounters,
+    record: &tollgate_common::policy::Identity,
+) -> IdentityRow {
+    IdentityRow {
         id,
         name: r.name.to_owned(),
         class: r.class,
@@ -300,17 +303,30 @@ fn row(
         passed_bytes: c.passed.bytes,
         dropped_packets: c.dropped.packets,
         dropped_bytes: c.dropped.bytes,
-        clock: Some(clock),
-    })
+        clock: Some(Clock::of_identity(record)),
+    }
 }
 
-/// Every identity with a slot, by slot.
+/// Every identity with a slot, by slot. The counters are read in one batch pass (what
+/// `tollgate top` polls every second), not one syscall per identity.
 pub fn identities(node: &Node) -> Result<Identities, OpError> {
     let mut by_id = bindings_by_slot(node)?;
+    let upto = node.state.identity_ids.values().max().map_or(1, |m| m + 1);
+    let counters = node.pinned.tables.identity_counters_upto(upto)?;
+    let records = node.pinned.tables.identities_upto(upto)?;
     let mut rows = Vec::new();
     for r in node.identities().all() {
         let Some(id) = r.slot else { continue };
-        rows.push(row(node, &r, id, by_id.remove(&id).unwrap_or_default())?);
+        let c = counters.get(id as usize).copied().unwrap_or_default();
+        let rec = records.get(id as usize).copied().unwrap_or_default();
+        rows.push(row(
+            node,
+            &r,
+            id,
+            by_id.remove(&id).unwrap_or_default(),
+            c,
+            &rec,
+        ));
     }
     rows.sort_by_key(|r| r.id);
     Ok(rows)
@@ -322,7 +338,9 @@ pub fn identity(node: &Node, name: &str) -> Result<Identity, OpError> {
         return Err(OpError::no_identity(name));
     };
     let bindings = bindings_by_slot(node)?.remove(&id).unwrap_or_default();
-    row(node, &r, id, bindings)
+    let c = node.pinned.tables.identity_counters(id)?;
+    let rec = node.pinned.tables.identity(id)?;
+    Ok(row(node, &r, id, bindings, c, &rec))
 }
 
 struct Names<'a>(&'a Node);

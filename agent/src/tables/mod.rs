@@ -2,6 +2,7 @@
 //! counters. The daemon programs enforcement through this, and so do the tests.
 
 pub(crate) mod batch;
+mod bulk;
 mod records;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -13,6 +14,7 @@ use aya::{
         PerCpuValues, lpm_trie::Key,
     },
 };
+pub use bulk::NewBinding;
 pub use records::{EndpointSpec, PlanLimits, Proto, boot_ns, identity_record, to_q8};
 use tollgate_common::{
     Counter,
@@ -213,11 +215,7 @@ impl KernelTables {
     ) -> Result<()> {
         let mut rec = *identity;
         if let Ok(old) = self.identity(id) {
-            let kept = old.flags & (ID_THROTTLED | ID_QUOTA_EXHAUSTED);
-            rec.flags |= kept;
-            if old.flags & ID_THROTTLED != 0 {
-                rec.throttle_q8 = old.throttle_q8;
-            }
+            keep_controller_flags(&mut rec, &old);
         }
         self.set_identity(id, &rec)
     }
@@ -396,10 +394,12 @@ impl KernelTables {
     }
 
     /// Entries per binding map (exact v4, exact v6, CIDR v4, CIDR v6), keys only.
+    /// The exact maps and the anonymous tables are counted with batch walks
+    /// ([`bulk`]: a few syscalls per scrape at a million entries); the CIDR tries key by key.
     pub fn binding_counts(&self) -> [usize; 4] {
         [
-            self.bind_v4.keys().count(),
-            self.bind_v6.keys().count(),
+            self.count_exact_v4(),
+            self.count_exact_v6(),
             self.cidr_v4.keys().count(),
             self.cidr_v6.keys().count(),
         ]
@@ -407,7 +407,7 @@ impl KernelTables {
 
     /// Anonymous prefixes tracked (IPv4 /24s; IPv6 /64s, /56s and /48s).
     pub fn anon_counts(&self) -> [usize; 2] {
-        [self.anon_v4.keys().count(), self.anon_v6.keys().count()]
+        self.count_anon()
     }
 
     /// The binding that covers `addr` (exact first, then longest prefix), as the kernel
@@ -563,6 +563,15 @@ impl KernelTables {
 
     pub fn bucket(&self, id: u32) -> Result<Bucket> {
         self.buckets.get(&id, 0).map_err(map_err(names::BUCKETS))
+    }
+}
+
+/// `rec` with the flags the controller owns (throttle, quota) and a throttle's factor taken
+/// from `old`, the record in force.
+fn keep_controller_flags(rec: &mut Identity, old: &Identity) {
+    rec.flags |= old.flags & (ID_THROTTLED | ID_QUOTA_EXHAUSTED);
+    if old.flags & ID_THROTTLED != 0 {
+        rec.throttle_q8 = old.throttle_q8;
     }
 }
 

@@ -614,7 +614,10 @@ fn the_cap_and_the_handshake_rule_are_validated_and_default_on() {
             "max_auto_quarantines = -1\n",
             "anomaly.max_auto_quarantines",
         ),
-        ("max_auto_quarantines = 20000000\n", "between 0 and 16777216"),
+        (
+            "max_auto_quarantines = 20000000\n",
+            "between 0 and 16777216",
+        ),
         ("require_handshake = \"yes\"\n", "require_handshake"),
     ] {
         let e = parse(bad).expect_err(bad).to_string();
