@@ -117,4 +117,12 @@ pub mod program_names {
     pub const NOOP: &str = "tollgate_noop";
     /// Benchmark components (parser; parser + clock; parser + binding lookup).
     pub const BENCH_COMPONENTS: [&str; 3] = ["bench_parse", "bench_clock", "bench_lookup"];
+    /// Benchmark: steps the frame's IPv6 source over N bound addresses, then tail-calls the
+    /// program under test (ebpf/src/bench.rs).
+    pub const BENCH_ROTATE: &str = "bench_rotate";
+    /// Benchmark: drops everything (the live-frames bench's floor).
+    pub const BENCH_DROP: &str = "bench_drop";
+    /// The rotator's program array and its (N, stride) array.
+    pub const BENCH_NEXT: &str = "BENCH_NEXT";
+    pub const BENCH_SPREAD: &str = "BENCH_SPREAD";
 }
