@@ -15,7 +15,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     process::{Command, Stdio},
     sync::{
         Arc,

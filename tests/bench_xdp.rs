@@ -16,7 +16,7 @@ use std::{net::IpAddr, os::fd::AsFd as _, time::Instant};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, ProgramArray},
+    maps::{Map, MapData, ProgramArray},
     programs::{ProgramFd, TestRun, TestRunOptions},
 };
 use tollgate::{
@@ -161,10 +161,10 @@ impl Spread {
         let bindings = (2 * n).max(16);
         let mut l = EbpfLoader::new();
         loader::configure_kernel_log(&mut l, KernelLog::Off);
-        l.set_max_entries(map_names::IDENTITIES, identities)
-            .set_max_entries(map_names::BUCKETS, identities)
-            .set_max_entries(map_names::IDENTITY_COUNTERS, identities)
-            .set_max_entries(map_names::BIND_V6, bindings);
+        l.map_max_entries(map_names::IDENTITIES, identities)
+            .map_max_entries(map_names::BUCKETS, identities)
+            .map_max_entries(map_names::IDENTITY_COUNTERS, identities)
+            .map_max_entries(map_names::BIND_V6, bindings);
         let mut ebpf = l.load(object::bytes()).expect("loading the object");
         for name in [
             program_names::XDP,
@@ -179,12 +179,11 @@ impl Spread {
                 .unwrap_or_else(|e| panic!("loading {name}: {e}"));
         }
         let fd = |ebpf: &Ebpf, name: &str| {
-            ebpf.map(name)
-                .expect("map")
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .expect("dup")
+            let data = match ebpf.map(name) {
+                Some(Map::Array(d) | Map::HashMap(d)) => d,
+                _ => panic!("no array or hash map {name}"),
+            };
+            data.fd().as_fd().try_clone_to_owned().expect("dup")
         };
         let (ids_fd, buckets_fd, bind_fd) = (
             fd(&ebpf, map_names::IDENTITIES),
@@ -403,7 +402,7 @@ fn fmt_n(n: u32) -> String {
 fn main() {
     tollgate_tests::require_root();
     let quick = quick();
-    let rounds = if quick { 5 } else { 11 };
+    let rounds = if quick { 4 } else { 7 };
     let sizes: &[u32] = if quick {
         &[1, 10_000]
     } else {
