@@ -185,11 +185,7 @@ fn main() {
         );
     }
     let quick = quick();
-    let (rounds, repeat) = if quick {
-        (3, 1_000_000)
-    } else {
-        (15, 3_000_000)
-    };
+    let (rounds, repeat) = if quick { (3, 500_000) } else { (15, 3_000_000) };
     let mut figures = Figures::default();
 
     // The node: tollgate natively on the lab's server interface, one bound client.
@@ -270,9 +266,13 @@ fn main() {
     // passed. A stranger's address is the flood's source everywhere.
     let nft_lab = Lab::new();
     let nft_rules = format!(
-        "table inet tgbench {{ set allow {{ type ipv4_addr; elements = {{ {} }} }} \
-         chain pre {{ type filter hook prerouting priority -300; policy accept; \
-         ip saddr != @allow counter drop }} }}",
+        "table inet tgbench {{\n\
+         \tset allow {{ type ipv4_addr; elements = {{ {} }}; }}\n\
+         \tchain pre {{\n\
+         \t\ttype filter hook prerouting priority -300; policy accept;\n\
+         \t\tip saddr != @allow counter drop\n\
+         \t}}\n\
+         }}\n",
         nft_lab.client_v4
     );
     let rules = std::env::temp_dir().join(format!("tg-{}-bench.nft", std::process::id()));
