@@ -130,6 +130,19 @@ fn malformed(lab: &Lab) -> Vec<(&'static str, String, &'static str)> {
             "8002-8001",
         ),
         ("port zero", swap("ports = [9000]", "ports = [0]"), "port"),
+        (
+            "tables beyond the node's memory",
+            swap(
+                "identities = 16384",
+                "identities = 16777216\nkernel_memory_mib = 64",
+            ),
+            "more than this node allows: 64.0 MiB",
+        ),
+        (
+            "identity slots below the floor",
+            swap("identities = 16384", "identities = 3"),
+            "limits.identities",
+        ),
         ("host bits in a binding", swap("/26", "/24"), "host bits"),
         (
             "duplicate endpoint name",

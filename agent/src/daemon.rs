@@ -136,7 +136,11 @@ pub fn start(opts: &Options) -> Result<(Node, Option<crate::fleet::task::Task>),
         }
         None => (None, None),
     };
-    let mut pinned = match Pinned::open(&config.node.pin_dir, config.node.kernel_log) {
+    let mut pinned = match Pinned::open(
+        &config.node.pin_dir,
+        config.node.kernel_log,
+        &config.limits.sizes,
+    ) {
         Ok(p) => p,
         // A program the kernel refused (an upgrade that does not verify): nothing was
         // detached, the old program keeps enforcing; recorded for the agent that runs next.
@@ -203,6 +207,11 @@ pub fn start(opts: &Options) -> Result<(Node, Option<crate::fleet::task::Task>),
             info!(iface = old, "detached: no longer configured");
         }
     }
+    // Every pinned link has the new program now: a size change can end.
+    let resized = pinned.finish_migration()?;
+    for r in &resized {
+        info!(map = r.map, from = r.from, to = r.to, "table size changed");
+    }
     if let Err(e) = audit.record(
         &Actor::AGENT,
         "start",
@@ -210,6 +219,10 @@ pub fn start(opts: &Options) -> Result<(Node, Option<crate::fleet::task::Task>),
         json!({
             "config": config.source,
             "adopted_pins": pinned.adopted,
+            "resized": resized
+                .iter()
+                .map(|r| json!({"map": r.map, "from": r.from, "to": r.to}))
+                .collect::<Vec<_>>(),
             "interfaces": attached,
             "applied": applied,
         }),
@@ -265,6 +278,26 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
              files and [fleet] take effect only on restart"
                 .into(),
         )
+        .into());
+    }
+    // New sizes mean new maps and a program swap: the start does that (pins::resize).
+    if config.limits.sizes != old.limits.sizes {
+        return Err(OpError::Config(format!(
+            "[limits] changes the kernel tables' sizes ({}): restart the agent to migrate \
+             them (entries, budgets and counters are carried over, the program never leaves \
+             the interfaces; docs/operations.md)",
+            crate::sizes::Group::ALL
+                .iter()
+                .filter(|g| config.limits.sizes.get(**g) != old.limits.sizes.get(**g))
+                .map(|g| format!(
+                    "{} {} -> {}",
+                    g.key(),
+                    old.limits.sizes.get(*g),
+                    config.limits.sizes.get(*g)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
         .into());
     }
     // The level is a constant of the loaded program: say once that it waits for a restart.

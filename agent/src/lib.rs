@@ -37,6 +37,7 @@ pub mod pins;
 pub mod policy_apply;
 pub mod reconcile;
 pub mod servers;
+pub mod sizes;
 pub mod state;
 pub mod tables;
 #[cfg(test)]

@@ -213,8 +213,23 @@ pub fn load() -> Result<Ebpf, LoadError> {
 /// [`load`] with the program's log level set to `level` (nothing reads the logs: see
 /// [`spawn_kernel_log`]).
 pub fn load_with_kernel_log(level: KernelLog) -> Result<Ebpf, LoadError> {
+    load_configured(level, None)
+}
+
+/// [`load`] with the tables at `sizes` (`[limits]`) instead of the object's compiled ones.
+pub fn load_sized(sizes: &crate::sizes::Sizes) -> Result<Ebpf, LoadError> {
+    load_configured(KernelLog::Off, Some(sizes))
+}
+
+fn load_configured(
+    level: KernelLog,
+    sizes: Option<&crate::sizes::Sizes>,
+) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     configure_kernel_log(&mut loader, level);
+    if let Some(s) = sizes {
+        s.configure(&mut loader);
+    }
     let mut ebpf = loader.load(object::bytes())?;
     for name in [
         program_names::XDP,

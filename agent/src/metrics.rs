@@ -13,10 +13,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tollgate_common::{
-    Verdict,
-    policy::{MAX_ANON_PREFIXES, MAX_CIDR_BINDINGS, MAX_EXACT_BINDINGS, MAX_IDENTITIES, Q8_ONE},
-};
+use tollgate_common::{Verdict, policy::Q8_ONE};
 
 use crate::node::Node;
 
@@ -478,9 +475,9 @@ pub fn render(d: &Node) -> Result<String, String> {
     {
         bindings.set(l(&[("map", map)]), counts[i] as f64);
         let cap = if i < 2 {
-            MAX_EXACT_BINDINGS
+            tables.sizes().exact_bindings
         } else {
-            MAX_CIDR_BINDINGS
+            tables.sizes().cidr_bindings
         };
         capacity.set(l(&[("map", map)]), f64::from(cap));
     }
@@ -502,14 +499,17 @@ pub fn render(d: &Node) -> Result<String, String> {
     reg.register(
         "tollgate_identities_capacity",
         "Identity slots",
-        gauge(f64::from(MAX_IDENTITIES - 1)),
+        gauge(f64::from(tables.identity_slots() - 1)),
     );
     let anon = tables.anon_counts();
     let anon_g = Gauges::new();
     let anon_cap = Gauges::new();
     for (i, fam) in ["ipv4", "ipv6"].iter().enumerate() {
         anon_g.set(l(&[("family", fam)]), anon[i] as f64);
-        anon_cap.set(l(&[("family", fam)]), f64::from(MAX_ANON_PREFIXES));
+        anon_cap.set(
+            l(&[("family", fam)]),
+            f64::from(tables.sizes().anon_prefixes),
+        );
     }
     reg.register(
         "tollgate_anonymous_prefixes",

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use tollgate_common::{
     limiter,
-    policy::{Endpoint, MAX_ENDPOINTS, MAX_IDENTITIES, Q8_ONE, port_slot},
+    policy::{Endpoint, MAX_ENDPOINTS, Q8_ONE, port_slot},
 };
 
 /// What an apply changed, for the log and the audit line.
@@ -24,8 +24,8 @@ use crate::{
 pub enum PolicyError {
     #[error("{0}")]
     Tables(#[from] TableError),
-    #[error("no free identity slot for {0} ({MAX_IDENTITIES} slots)")]
-    NoIdentitySlot(String),
+    #[error("no free identity slot for {0} ({1} slots: raise limits.identities)")]
+    NoIdentitySlot(String, u32),
 }
 
 /// CLOCK_BOOTTIME expiry for a wall-clock expiry, `None` if already past.
@@ -88,11 +88,13 @@ pub fn settle(config: &Config, state: &mut State, now_ms: u64) -> Result<Settled
         .map(|i| i.name.clone())
         .chain(state.token_identities.keys().cloned())
         .collect();
+    // The kernel's tables have these sizes: the pins were migrated to them at start.
+    let slots = config.limits.sizes.identities;
     for name in names {
         let fresh = !state.identity_ids.contains_key(&name);
         let id = state
-            .identity_id(&name, MAX_IDENTITIES)
-            .ok_or_else(|| PolicyError::NoIdentitySlot(name.clone()))?;
+            .identity_id(&name, slots)
+            .ok_or_else(|| PolicyError::NoIdentitySlot(name.clone(), slots))?;
         if fresh {
             out.fresh.push(id);
         }

@@ -26,7 +26,7 @@ use std::{
 
 use serde_json::json;
 use tollgate_common::policy::{
-    Endpoint, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity, MAX_IDENTITIES, Q8_ONE, port_slot,
+    Endpoint, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity, Q8_ONE, port_slot,
 };
 use tracing::warn;
 
@@ -207,12 +207,8 @@ pub fn reconcile(
         holder.insert(*id, name.as_str());
     }
     let records = tables.identity_table()?;
-    for (id, have) in records
-        .iter()
-        .enumerate()
-        .skip(1)
-        .take(MAX_IDENTITIES as usize)
-    {
+    // The whole array: one entry per slot the kernel made.
+    for (id, have) in records.iter().enumerate().skip(1) {
         let id = id as u32;
         let want = match holder.get(&id) {
             Some(name) => match resolver.get(name) {

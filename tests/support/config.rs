@@ -33,6 +33,8 @@ pub struct Config {
     pub metrics: Option<Metrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fleet: Option<Fleet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plans: Vec<Plan>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -454,6 +456,38 @@ pub struct Thresholds {
     pub quarantine_score: Option<f64>,
 }
 
+/// `[limits]`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Limits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identities: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact_bindings: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cidr_bindings: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anon_prefixes: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_memory_mib: Option<u64>,
+}
+
+impl Limits {
+    /// What the suite's agents get: the object's compiled sizes. The node's defaults (a
+    /// million identity slots) cost seconds per agent start and stop (the kernel makes each
+    /// per-CPU counter slot one by one), which a suite of a hundred agents cannot pay; the
+    /// tests of the defaults and of size changes ask for them ([`Config::default_limits`]).
+    pub fn suite() -> Limits {
+        use tollgate_common::policy as p;
+        Limits {
+            identities: Some(p::MAX_IDENTITIES),
+            exact_bindings: Some(p::MAX_EXACT_BINDINGS),
+            cidr_bindings: Some(p::MAX_CIDR_BINDINGS),
+            anon_prefixes: Some(p::MAX_ANON_PREFIXES),
+            kernel_memory_mib: None,
+        }
+    }
+}
+
 /// `[metrics]`.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Metrics {
@@ -659,8 +693,29 @@ impl Config {
                 interfaces: interfaces.iter().map(|i| i.as_ref().to_owned()).collect(),
                 ..Node::default()
             },
+            limits: Some(Limits::suite()),
             ..Config::default()
         }
+    }
+
+    /// `[limits]` identity slots and exact bindings (the other sizes as [`Limits::suite`]).
+    pub fn limits(mut self, identities: u32, exact_bindings: u32) -> Config {
+        let l = self.limits.get_or_insert_with(Limits::suite);
+        l.identities = Some(identities);
+        l.exact_bindings = Some(exact_bindings);
+        self
+    }
+
+    /// `[limits]` as written here, whole.
+    pub fn with_limits(mut self, limits: Limits) -> Config {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// No `[limits]`: the node's defaults.
+    pub fn default_limits(mut self) -> Config {
+        self.limits = None;
+        self
     }
 
     /// `[node] tunnels`.

@@ -55,6 +55,9 @@ fn check(file: Option<PathBuf>) -> Outcome {
                 c.plans.len(),
                 c.identities.len()
             );
+            for line in tollgate::sizes::summary(&c.limits) {
+                println!("{line}");
+            }
             Ok(())
         }
         // The error names file, line and field itself: printed as it is.

@@ -2,7 +2,7 @@
 
 use tollgate::control::{
     protocol::Request,
-    reply::{GpuStatus, ProgramStatus, Status, TokenStatus, TunnelReport},
+    reply::{GpuStatus, ProgramStatus, Status, TablesStatus, TokenStatus, TunnelReport},
 };
 
 use super::{
@@ -64,7 +64,8 @@ fn record(s: &Status) -> Record<'_> {
         .line("packets_passed", s.passed_packets)
         .line("pin_dir", s.pin_dir.display())
         .nested("program", program(&s.program))
-        .line("quarantined", list(&s.quarantined));
+        .line("quarantined", list(&s.quarantined))
+        .nested("tables", tables(&s.tables));
     let r = match &s.tokens {
         Some(t) => r.nested("tokens", tokens(t)),
         None => r.line("tokens", "-"),
@@ -85,6 +86,35 @@ fn gpu(g: &GpuStatus) -> Vec<(&'static str, Vec<String>)> {
 }
 
 /// Decapsulating devices: the covered ones with their program, the uncovered ones with why.
+/// Each `[limits]` group: its size and what its tables take (the kernel's figure).
+fn tables(t: &TablesStatus) -> Vec<(&'static str, Vec<String>)> {
+    use tollgate::sizes::{Group, human};
+    if t.maps.is_empty() {
+        return vec![("kernel_memory", vec!["-".to_owned()])];
+    }
+    let mut out = vec![(
+        "kernel_memory",
+        vec![format!(
+            "{} ({} allowed)",
+            human(t.kernel_memory),
+            human(t.allowance)
+        )],
+    )];
+    for g in Group::ALL {
+        let maps: Vec<_> = t
+            .maps
+            .iter()
+            .filter(|m| g.maps().contains(&m.map.as_str()))
+            .collect();
+        let Some(size) = maps.first().map(|m| m.max_entries) else {
+            continue;
+        };
+        let bytes: u64 = maps.iter().map(|m| m.bytes).sum();
+        out.push((g.key(), vec![format!("{size} ({})", human(bytes))]));
+    }
+    out
+}
+
 fn tunnels(t: &TunnelReport) -> Vec<(&'static str, Vec<String>)> {
     let or_dash = |v: Vec<String>| {
         if v.is_empty() {
@@ -178,6 +208,7 @@ fn issuer_line(i: &tollgate::control::reply::IssuerStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate::control::reply::TableStatus;
 
     fn status() -> Status {
         Status {
@@ -218,6 +249,22 @@ mod tests {
                 last_load_failure: None,
             },
             fleet: None,
+            tables: TablesStatus {
+                kernel_memory: 50_331_960 + 184_550_496,
+                allowance: 3 << 30,
+                maps: vec![
+                    TableStatus {
+                        map: "IDENTITIES".into(),
+                        max_entries: 1 << 20,
+                        bytes: 50_331_960,
+                    },
+                    TableStatus {
+                        map: "BIND_V4".into(),
+                        max_entries: 1 << 21,
+                        bytes: 184_550_496,
+                    },
+                ],
+            },
         }
     }
 
@@ -257,6 +304,10 @@ program
   load_failures      0
   last_load_failure  -
 quarantined      -
+tables
+  kernel_memory   224.0 MiB (3.0 GiB allowed)
+  identities      1048576 (48.0 MiB)
+  exact_bindings  2097152 (176.0 MiB)
 tokens           -
 tunnels
   policy     enforce

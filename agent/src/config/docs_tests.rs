@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
+use crate::sizes::Sizes;
 
 const DOC: &str = include_str!("../../../docs/config.md");
 
@@ -402,6 +403,27 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             "identity_names",
             Some(Metrics::default().identity_names.to_string()),
         ),
+        (
+            "limits",
+            "identities",
+            Some(Sizes::DEFAULT.identities.to_string()),
+        ),
+        (
+            "limits",
+            "exact_bindings",
+            Some(Sizes::DEFAULT.exact_bindings.to_string()),
+        ),
+        (
+            "limits",
+            "cidr_bindings",
+            Some(Sizes::DEFAULT.cidr_bindings.to_string()),
+        ),
+        (
+            "limits",
+            "anon_prefixes",
+            Some(Sizes::DEFAULT.anon_prefixes.to_string()),
+        ),
+        ("limits", "kernel_memory_mib", None),
         ("fleet", "store", None),
         ("fleet", "sentinel", None),
         ("fleet", "ca_file", None),

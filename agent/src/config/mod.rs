@@ -60,9 +60,25 @@ pub struct Config {
     /// `[fleet]`: the pool this node shares bindings, revocations and quarantines with
     /// (`crate::fleet`), and the fleet-wide plans' shares (`fleet::global`).
     pub fleet: Option<Fleet>,
+    /// `[limits]`: the kernel tables' sizes (`crate::sizes`).
+    pub limits: Limits,
     /// Identity name -> index in `identities`: lookups by name stay cheap with thousands
     /// of identities (the controller and /metrics look every one up on every pass).
     pub identity_index: std::collections::HashMap<String, usize>,
+}
+
+/// `[limits]`, checked against the node: the sizes the agent loads the tables with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub sizes: crate::sizes::Sizes,
+    /// What the tables take at these sizes (bytes, `crate::sizes::kernel_memory`).
+    pub kernel_memory: u64,
+    /// What they may take (`kernel_memory_mib`, or an eighth of the node's memory).
+    pub allowance: u64,
+    /// Whether the allowance is the operator's (`kernel_memory_mib`) or the default share.
+    pub allowance_set: bool,
+    /// Possible CPUs the per-CPU tables were costed for.
+    pub cpus: u32,
 }
 
 /// What `/metrics` exposes beyond the fixed families.

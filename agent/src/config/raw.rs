@@ -26,6 +26,18 @@ pub(super) struct RawConfig {
     pub anomaly: Option<RawAnomaly>,
     pub metrics: Option<RawMetrics>,
     pub fleet: Option<S<RawFleet>>,
+    pub limits: Option<S<RawLimits>>,
+}
+
+/// `[limits]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub identities: Option<S<i64>>,
+    pub exact_bindings: Option<S<i64>>,
+    pub cidr_bindings: Option<S<i64>>,
+    pub anon_prefixes: Option<S<i64>>,
+    pub kernel_memory_mib: Option<S<i64>>,
 }
 
 /// `[fleet]`.

@@ -58,6 +58,27 @@ pub struct Status {
     /// older than the field).
     #[serde(default)]
     pub fleet: Option<FleetScope>,
+    /// The kernel tables' sizes and memory (`[limits]`); empty from agents older than it.
+    #[serde(default)]
+    pub tables: TablesStatus,
+}
+
+/// `status.tables`: what each sized table holds at most and what the kernel says it takes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TablesStatus {
+    /// Sum of `maps[].bytes`.
+    pub kernel_memory: u64,
+    /// What `[limits]` allows them (bytes).
+    pub allowance: u64,
+    pub maps: Vec<TableStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableStatus {
+    pub map: String,
+    pub max_entries: u32,
+    /// The kernel's own figure (`memlock` in the map's fdinfo).
+    pub bytes: u64,
 }
 
 /// `status.fleet`: the pool in a line (`tollgate fleet status` has the rest).
@@ -573,6 +594,7 @@ mod tests {
             anomaly_mode: "shadow".into(),
             program: ProgramStatus::default(),
             fleet: None,
+            tables: Default::default(),
             tokens: Some(TokenStatus {
                 keys: vec!["k1".into()],
                 verifications: [("ok".to_owned(), 3), ("expired".to_owned(), 1)].into(),

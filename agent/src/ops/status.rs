@@ -88,7 +88,30 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
         tunnels: node.tunnels.report(),
         program: program_status(node),
         fleet: fleet_scope(node),
+        tables: tables_status(node),
     })
+}
+
+/// `status.tables`.
+fn tables_status(node: &Node) -> crate::control::reply::TablesStatus {
+    let maps: Vec<crate::control::reply::TableStatus> = node
+        .pinned
+        .tables
+        .memory()
+        .into_iter()
+        .map(
+            |(map, max_entries, bytes)| crate::control::reply::TableStatus {
+                map: map.to_owned(),
+                max_entries,
+                bytes,
+            },
+        )
+        .collect();
+    crate::control::reply::TablesStatus {
+        kernel_memory: maps.iter().map(|m| m.bytes).sum(),
+        allowance: node.config.limits.allowance,
+        maps,
+    }
 }
 
 /// "8000" or "8000-8010".

@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use serde_json::json;
-use tollgate_common::{policy::MAX_IDENTITIES, token::Refusal};
+use tollgate_common::token::Refusal;
 use tracing::warn;
 
 use super::{AuditFailed, Change, Done, Failed, OpError, not_recorded};
@@ -181,9 +181,10 @@ fn bind_verified(
     }
     let placed = placement(&node.config, &issuer_cfg, &claims).map_err(BindFailure::Unplaceable)?;
     let fresh = node.identities().slot(&claims.identity).is_none();
+    let slots = node.pinned.tables.identity_slots();
     let id = node
         .state
-        .identity_id(&claims.identity, MAX_IDENTITIES)
+        .identity_id(&claims.identity, slots)
         .ok_or_else(|| {
             BindFailure::Kernel(format!("no free identity slot for {}", claims.identity))
         })?;

@@ -1,7 +1,7 @@
 //! The userspace API to the kernel's policy maps: endpoints, identities, bindings, settings,
 //! counters. The daemon programs enforcement through this, and so do the tests.
 
-mod batch;
+pub(crate) mod batch;
 mod records;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -20,8 +20,7 @@ use tollgate_common::{
     map_names as names,
     policy::{
         AnonKey6, Binding, Bucket, Endpoint, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity,
-        IdentityCounters, MAX_ENDPOINTS, MAX_EXACT_BINDINGS, MAX_IDENTITIES, Settings,
-        hold_back_index, port_slot,
+        IdentityCounters, MAX_ENDPOINTS, Settings, hold_back_index, port_slot,
     },
 };
 
@@ -39,8 +38,8 @@ pub enum TableError {
     },
     #[error("endpoint id {0} is out of range (1..{MAX_ENDPOINTS})")]
     EndpointId(u32),
-    #[error("identity id {0} is out of range (1..{MAX_IDENTITIES})")]
-    IdentityId(u32),
+    #[error("identity id {0} is out of range (1..{1}, limits.identities)")]
+    IdentityId(u32, u32),
     #[error("prefix length {len} is too long for {addr}")]
     PrefixLength { addr: IpAddr, len: u8 },
     #[error("the {0} binding map is full: binding refused (existing bindings are never evicted)")]
@@ -72,6 +71,8 @@ pub struct KernelTables {
     anon_v4: HashMap<MapData, [u8; 4], u64>,
     anon_v6: HashMap<MapData, AnonKey6, u64>,
     hold_back: Array<MapData, u16>,
+    /// The maps' sizes as the kernel made them (`[limits]`, or the pins adopted).
+    sizes: crate::sizes::Sizes,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -92,7 +93,7 @@ impl KernelTables {
 
     /// Builds from any source of maps by name (a loaded object, pins).
     pub fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
-        Ok(KernelTables {
+        let mut t = KernelTables {
             ports: typed!(get(names::PORTS)?, names::PORTS),
             endpoints: typed!(get(names::ENDPOINTS)?, names::ENDPOINTS),
             bind_v4: typed!(get(names::BIND_V4)?, names::BIND_V4),
@@ -107,7 +108,59 @@ impl KernelTables {
             anon_v4: typed!(get(names::ANON_V4)?, names::ANON_V4),
             anon_v6: typed!(get(names::ANON_V6)?, names::ANON_V6),
             hold_back: typed!(get(names::HOLD_BACK)?, names::HOLD_BACK),
-        })
+            sizes: crate::sizes::Sizes::COMPILED,
+        };
+        let size = |m: &MapData, name: &'static str| -> Result<u32> {
+            m.info()
+                .map(|i| i.max_entries())
+                .map_err(|e| map_err(name)(e))
+        };
+        t.sizes = crate::sizes::Sizes {
+            identities: size(t.identities.map(), names::IDENTITIES)?,
+            exact_bindings: size(t.bind_v4.map(), names::BIND_V4)?,
+            cidr_bindings: size(t.cidr_v4.map(), names::BIND_CIDR_V4)?,
+            anon_prefixes: size(t.anon_v4.map(), names::ANON_V4)?,
+        };
+        Ok(t)
+    }
+
+    /// (map, max_entries, kernel memory) of every table here, as the kernel reports them
+    /// (`memlock` in the map's fdinfo; 0 where it cannot be read).
+    pub fn memory(&self) -> Vec<(&'static str, u32, u64)> {
+        use std::os::fd::AsFd as _;
+        let maps: [(&'static str, &MapData); 14] = [
+            (names::PORTS, self.ports.map()),
+            (names::ENDPOINTS, self.endpoints.map()),
+            (names::BIND_V4, self.bind_v4.map()),
+            (names::BIND_V6, self.bind_v6.map()),
+            (names::BIND_CIDR_V4, self.cidr_v4.map()),
+            (names::BIND_CIDR_V6, self.cidr_v6.map()),
+            (names::IDENTITIES, self.identities.map()),
+            (names::BUCKETS, self.buckets.map()),
+            (names::SETTINGS, self.settings.map()),
+            (names::IDENTITY_COUNTERS, self.identity_counters.map()),
+            (names::REASON_COUNTERS, self.reason_counters.map()),
+            (names::ANON_V4, self.anon_v4.map()),
+            (names::ANON_V6, self.anon_v6.map()),
+            (names::HOLD_BACK, self.hold_back.map()),
+        ];
+        maps.into_iter()
+            .map(|(name, m)| {
+                let entries = m.info().map_or(0, |i| i.max_entries());
+                let bytes = crate::sizes::memlock(m.fd().as_fd()).unwrap_or(0);
+                (name, entries, bytes)
+            })
+            .collect()
+    }
+
+    /// The tables' sizes, as the kernel holds them.
+    pub fn sizes(&self) -> crate::sizes::Sizes {
+        self.sizes
+    }
+
+    /// Identity slots (ids run 1..this).
+    pub fn identity_slots(&self) -> u32 {
+        self.sizes.identities
     }
 
     /// Installs endpoint `id` and points its ports at it.
@@ -143,8 +196,8 @@ impl KernelTables {
     /// Writes identity `id`. Its limiter state is left as it is, so re-writing an identity
     /// (a plan change, a reload) never hands out a fresh burst.
     pub fn set_identity(&mut self, id: u32, identity: &Identity) -> Result<()> {
-        if id == 0 || id >= MAX_IDENTITIES {
-            return Err(TableError::IdentityId(id));
+        if id == 0 || id >= self.sizes.identities {
+            return Err(TableError::IdentityId(id, self.sizes.identities));
         }
         self.identities
             .set(id, identity, 0)
@@ -170,8 +223,8 @@ impl KernelTables {
     }
 
     pub fn identity(&self, id: u32) -> Result<Identity> {
-        if id >= MAX_IDENTITIES {
-            return Err(TableError::IdentityId(id));
+        if id >= self.sizes.identities {
+            return Err(TableError::IdentityId(id, self.sizes.identities));
         }
         self.identities
             .get(&id, 0)
@@ -181,8 +234,8 @@ impl KernelTables {
     /// Clears identity `id`, its limiter state and its counters: the slot may be reused, and
     /// its next occupant must not inherit the budget, flags or traffic of this one.
     pub fn clear_identity(&mut self, id: u32) -> Result<()> {
-        if id == 0 || id >= MAX_IDENTITIES {
-            return Err(TableError::IdentityId(id));
+        if id == 0 || id >= self.sizes.identities {
+            return Err(TableError::IdentityId(id, self.sizes.identities));
         }
         self.identities
             .set(id, Identity::default(), 0)
@@ -207,8 +260,8 @@ impl KernelTables {
     /// prefix (/32, /128) goes to the exact map, anything shorter to the LPM trie. A full map
     /// refuses the binding; nothing is evicted.
     pub fn bind(&mut self, addr: IpAddr, len: u8, identity: u32, expires_ns: u64) -> Result<()> {
-        if identity == 0 || identity >= MAX_IDENTITIES {
-            return Err(TableError::IdentityId(identity));
+        if identity == 0 || identity >= self.sizes.identities {
+            return Err(TableError::IdentityId(identity, self.sizes.identities));
         }
         let b = Binding {
             identity,
@@ -306,11 +359,12 @@ impl KernelTables {
     /// batch operation, key by key.
     pub fn bindings(&self) -> Result<Vec<(IpAddr, u8, Binding)>> {
         let mut out = Vec::new();
-        let v4 = batch::read_all::<[u8; 4], Binding>(self.bind_v4.map(), MAX_EXACT_BINDINGS)
+        let v4 = batch::read_all::<[u8; 4], Binding>(self.bind_v4.map(), self.sizes.exact_bindings)
             .map_err(|e| batch_err(names::BIND_V4, e))?;
         out.extend(v4.into_iter().map(|(k, b)| (IpAddr::from(k), 32, b)));
-        let v6 = batch::read_all::<[u8; 16], Binding>(self.bind_v6.map(), MAX_EXACT_BINDINGS)
-            .map_err(|e| batch_err(names::BIND_V6, e))?;
+        let v6 =
+            batch::read_all::<[u8; 16], Binding>(self.bind_v6.map(), self.sizes.exact_bindings)
+                .map_err(|e| batch_err(names::BIND_V6, e))?;
         out.extend(v6.into_iter().map(|(k, b)| (IpAddr::from(k), 128, b)));
         for k in self.cidr_v4.keys() {
             let k = k.map_err(map_err(names::BIND_CIDR_V4))?;
@@ -329,7 +383,11 @@ impl KernelTables {
 
     /// Every identity record, indexed by id (a batch read of the whole array).
     pub fn identity_table(&self) -> Result<Vec<Identity>> {
-        array_table(self.identities.map(), MAX_IDENTITIES, names::IDENTITIES)
+        array_table(
+            self.identities.map(),
+            self.sizes.identities,
+            names::IDENTITIES,
+        )
     }
 
     /// Every endpoint record, indexed by id.

@@ -95,6 +95,7 @@ pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
         anomaly_mode: "observe".into(),
         program: Default::default(),
         fleet: None,
+        tables: Default::default(),
         tokens: Some(TokenStatus {
             keys: vec!["k1".into()],
             verifications: [("ok".to_owned(), 10), ("expired".to_owned(), expired)].into(),

@@ -11,8 +11,7 @@ use crate::config::{
 
 const CONTROLLER_INTERVAL_MS: RangeInclusive<i64> = 10..=60_000;
 /// More automatic quarantines than identity slots could never be in force.
-const MAX_AUTO_QUARANTINES: RangeInclusive<i64> =
-    0..=tollgate_common::policy::MAX_IDENTITIES as i64;
+const MAX_AUTO_QUARANTINES: RangeInclusive<i64> = 0..=crate::sizes::MAX_IDENTITY_SLOTS as i64;
 
 impl Checker<'_> {
     pub(super) fn controller(&self, raw: Option<RawController>) -> Result<Controller> {

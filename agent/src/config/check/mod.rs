@@ -17,6 +17,7 @@ use super::{
 
 mod controller;
 mod fleet;
+mod limits;
 mod node;
 mod policy;
 mod tokens;
@@ -60,13 +61,14 @@ impl<'a> Checker<'a> {
 
     pub(super) fn config(mut self, raw: RawConfig) -> Result<Config> {
         let node = self.node(raw.node)?;
+        let limits = self.limits(raw.limits)?;
         let anonymous = self.anonymous(raw.anonymous)?;
         let drop_events = self.drop_events(raw.drop_events)?;
         let controller = self.controller(raw.controller)?;
         let listen = self.listen(raw.listen)?;
         let plans = self.plans(raw.plans, raw.fleet.is_some())?;
         let endpoints = self.endpoints(raw.endpoints)?;
-        let identities = self.identities(raw.identities, &plans)?;
+        let identities = self.identities(raw.identities, &plans, &limits.sizes)?;
         let identity_index = identities
             .iter()
             .enumerate()
@@ -110,6 +112,7 @@ impl<'a> Checker<'a> {
             anomaly,
             metrics,
             fleet,
+            limits,
             identity_index,
         })
     }

@@ -2,9 +2,7 @@
 
 use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 
-use tollgate_common::policy::{
-    MAX_CIDR_BINDINGS, MAX_ENDPOINTS, MAX_EXACT_BINDINGS, MAX_IDENTITIES,
-};
+use tollgate_common::policy::MAX_ENDPOINTS;
 
 use super::{Checker, Result};
 use crate::config::{
@@ -381,6 +379,7 @@ impl Checker<'_> {
         &mut self,
         raw: Option<List<RawIdentity>>,
         plans: &[Plan],
+        sizes: &crate::sizes::Sizes,
     ) -> Result<Vec<StaticIdentity>> {
         let Some(list) = raw else {
             return Ok(Vec::new());
@@ -391,11 +390,16 @@ impl Checker<'_> {
         let (mut v4, mut v6) = ((0u32, 0u32), (0u32, 0u32));
         for (i, s) in list.into_inner().into_iter().enumerate() {
             let at = |key: &str| format!("identities[{i}].{key}");
-            if i + 1 >= MAX_IDENTITIES as usize {
+            if i + 1 >= sizes.identities as usize {
                 return Err(self.err(
                     s.span(),
                     format!("identities[{i}]"),
-                    format!("at most {} identities", MAX_IDENTITIES - 1),
+                    format!(
+                        "at most {} identities (limits.identities is {}, slot 0 is the \
+                         anonymous one)",
+                        sizes.identities - 1,
+                        sizes.identities
+                    ),
                 ));
             }
             let s: RawIdentity = s.into_inner();
@@ -442,17 +446,25 @@ impl Checker<'_> {
                     ));
                 }
                 let (count, limit, kind) = match (addr, len) {
-                    (IpAddr::V4(_), 32) => (&mut v4.0, MAX_EXACT_BINDINGS, "IPv4 exact"),
-                    (IpAddr::V4(_), _) => (&mut v4.1, MAX_CIDR_BINDINGS, "IPv4 CIDR"),
-                    (IpAddr::V6(_), 128) => (&mut v6.0, MAX_EXACT_BINDINGS, "IPv6 exact"),
-                    (IpAddr::V6(_), _) => (&mut v6.1, MAX_CIDR_BINDINGS, "IPv6 CIDR"),
+                    (IpAddr::V4(_), 32) => (&mut v4.0, sizes.exact_bindings, "IPv4 exact"),
+                    (IpAddr::V4(_), _) => (&mut v4.1, sizes.cidr_bindings, "IPv4 CIDR"),
+                    (IpAddr::V6(_), 128) => (&mut v6.0, sizes.exact_bindings, "IPv6 exact"),
+                    (IpAddr::V6(_), _) => (&mut v6.1, sizes.cidr_bindings, "IPv6 CIDR"),
                 };
                 *count += 1;
                 if *count > limit {
                     return Err(self.err(
                         b.span(),
                         at("bind"),
-                        format!("more than {limit} {kind} bindings: the kernel map holds no more"),
+                        format!(
+                            "more than {limit} {kind} bindings: the kernel map holds no more \
+                             (limits.{})",
+                            if kind.ends_with("exact") {
+                                "exact_bindings"
+                            } else {
+                                "cidr_bindings"
+                            }
+                        ),
                     ));
                 }
                 bound.insert((addr, len), i);

@@ -26,8 +26,12 @@ use crate::{
     link_info,
     loader::{AttachMode, KernelLog},
     object,
+    sizes::Sizes,
     tables::KernelTables,
 };
+
+mod resize;
+pub use resize::{Resize, staging_dir};
 
 /// Maps live here, one file per map name.
 pub fn maps_dir(pin_dir: &Path) -> PathBuf {
@@ -58,6 +62,11 @@ pub enum PinError {
     Attach { iface: String, message: String },
     #[error("{0}")]
     Tables(#[from] crate::tables::TableError),
+    #[error(
+        "changing the table sizes ([limits]): {detail}. Nothing was changed: the pinned maps \
+         and the running program are as they were"
+    )]
+    Resize { detail: String },
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> PinError {
@@ -92,13 +101,24 @@ fn object_shapes() -> Result<BTreeMap<String, Shape>, PinError> {
         .collect())
 }
 
-/// Checks every pinned map against this build's definition, and the layout version.
-/// `Ok(false)`: nothing is pinned yet.
-pub fn check_compatible(pin_dir: &Path) -> Result<bool, PinError> {
+/// What a start finds pinned.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Maps pinned by an earlier run, of this build's layout.
+    pub adopted: bool,
+    /// Pinned maps whose size is not the configured one (`[limits]` changed).
+    pub resizes: Vec<Resize>,
+}
+
+/// Checks every pinned map against this build's definition and the configured `sizes`, and
+/// the layout version. A map sized by `[limits]` may differ in size only: that is a
+/// [`Resize`]. `adopted: false`: nothing is pinned yet.
+pub fn check_compatible(pin_dir: &Path, sizes: &Sizes) -> Result<Found, PinError> {
     let dir = maps_dir(pin_dir);
     if !dir.exists() {
-        return Ok(false);
+        return Ok(Found::default());
     }
+    let mut resizes = Vec::new();
     let incompatible = |detail: String| PinError::Incompatible {
         dir: pin_dir.display().to_string(),
         detail,
@@ -121,17 +141,30 @@ pub fn check_compatible(pin_dir: &Path) -> Result<bool, PinError> {
             info.max_entries(),
             info.map_flags(),
         );
-        // The kernel may add flags of its own to a map; type and sizes must match exactly.
-        if (got.0, got.1, got.2, got.3) != (want.0, want.1, want.2, want.3) {
+        // The kernel may add flags of its own to a map; type and sizes must match exactly,
+        // except the entries of a map `[limits]` sizes.
+        let want_entries = sizes.of_map(name).unwrap_or(want.3);
+        if (got.0, got.1, got.2) == (want.0, want.1, want.2)
+            && got.3 != want_entries
+            && sizes.of_map(name).is_some()
+        {
+            resizes.push(Resize {
+                map: name.clone(),
+                from: got.3,
+                to: want_entries,
+            });
+            continue;
+        }
+        if (got.0, got.1, got.2, got.3) != (want.0, want.1, want.2, want_entries) {
             return Err(incompatible(format!(
                 "map {name} is (type {}, key {} B, value {} B, {} entries), this build needs \
                  (type {}, key {} B, value {} B, {} entries)",
-                got.0, got.1, got.2, got.3, want.0, want.1, want.2, want.3
+                got.0, got.1, got.2, got.3, want.0, want.1, want.2, want_entries
             )));
         }
     }
     if found == 0 {
-        return Ok(false);
+        return Ok(Found::default());
     }
     let layout_path = dir.join(map_names::LAYOUT);
     let version = MapData::from_pin(&layout_path)
@@ -139,7 +172,10 @@ pub fn check_compatible(pin_dir: &Path) -> Result<bool, PinError> {
         .and_then(|d| Array::<MapData, u32>::try_from(aya::maps::Map::Array(d)).ok())
         .and_then(|a| a.get(&0, 0).ok());
     match version {
-        Some(v) if v == LAYOUT_VERSION => Ok(true),
+        Some(v) if v == LAYOUT_VERSION => Ok(Found {
+            adopted: true,
+            resizes,
+        }),
         Some(v) => Err(incompatible(format!(
             "pin layout version {v}, this build uses version {LAYOUT_VERSION}"
         ))),
@@ -168,6 +204,8 @@ pub struct Pinned {
     /// pin keeps the link); holding it until a detach means removing the pin really ends the
     /// link instead of leaving it alive through a forgotten descriptor.
     links: BTreeMap<String, Held>,
+    /// A table size change in progress, finished by [`Pinned::finish_migration`].
+    migration: Option<resize::Migration>,
 }
 
 /// A link handle: one we pinned, or one we adopted from a pin.
@@ -180,14 +218,29 @@ impl Pinned {
     /// Loads this build's program over the pins in `pin_dir`, logging at `kernel_log`. On
     /// adopted pins the program is loaded afresh too (and swapped onto the links by
     /// [`Pinned::attach`]), so the level applies on every start; its log buffer is never pinned.
-    pub fn open(pin_dir: &Path, kernel_log: KernelLog) -> Result<Pinned, PinError> {
-        let adopted = check_compatible(pin_dir)?;
+    pub fn open(pin_dir: &Path, kernel_log: KernelLog, sizes: &Sizes) -> Result<Pinned, PinError> {
+        let Found { adopted, resizes } = check_compatible(pin_dir, sizes)?;
         let dir = maps_dir(pin_dir);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         std::fs::create_dir_all(pin_dir.join("links")).map_err(|e| io(pin_dir, e))?;
-        let paths: Vec<(&str, PathBuf)> =
-            map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+        // Left by an agent that died during a size change: its maps live on only through
+        // the program on the links, which this start replaces; the old pins are whole.
+        let staging = staging_dir(pin_dir);
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;
+        }
+        if !resizes.is_empty() {
+            std::fs::create_dir_all(&staging).map_err(|e| io(&staging, e))?;
+        }
+        let paths: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|n| {
+                let resized = resizes.iter().any(|r| r.map == *n);
+                (*n, if resized { &staging } else { &dir }.join(n))
+            })
+            .collect();
         let mut loader = EbpfLoader::new();
+        sizes.configure(&mut loader);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -199,6 +252,20 @@ impl Pinned {
         let mut ebpf = loader
             .load(object::bytes())
             .map_err(|e| load_err(format!("{e:#}")))?;
+        // The new maps exist (pinned in the staging directory): fill them before the new
+        // program is attached anywhere. A refusal leaves the old pins as they were.
+        let migration = if resizes.is_empty() {
+            None
+        } else {
+            match resize::Migration::prepare(pin_dir, resizes) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    drop(ebpf);
+                    let _ = std::fs::remove_dir_all(&staging);
+                    return Err(e);
+                }
+            }
+        };
         // Both enforcing entries: the layer-3 one is attached to tunnel devices whose
         // packets start at the IP header (`tunnels`).
         for name in [program_names::XDP, program_names::XDP_L3] {
@@ -232,7 +299,23 @@ impl Pinned {
             pin_dir: pin_dir.to_owned(),
             claim: None,
             links: BTreeMap::new(),
+            migration,
         })
+    }
+
+    /// The table size change this start is making, if any.
+    pub fn migrating(&self) -> Option<&[Resize]> {
+        self.migration.as_ref().map(|m| m.resizes())
+    }
+
+    /// Ends a size change once every interface that had a pinned link has the new program:
+    /// the counters are carried over and the new maps' pins replace the old ones. Returns
+    /// what was resized (empty when nothing was).
+    pub fn finish_migration(&mut self) -> Result<Vec<Resize>, PinError> {
+        match self.migration.take() {
+            Some(m) => m.finish(),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Marks the pin directory as served by this process, so that `tollgate uninstall` on it
@@ -304,6 +387,10 @@ impl Pinned {
             let pinned = PinnedLink::from_pin(&path).map_err(|e| attach_err(e.to_string()))?;
             let fd: FdLink = pinned.into();
             let link = XdpLink::try_from(fd).map_err(|e| attach_err(e.to_string()))?;
+            // A size change: the old program's budgets, as late as they can be read.
+            if let Some(m) = self.migration.as_mut() {
+                m.sync_budgets()?;
+            }
             let id = prog.attach_to_link(link).map_err(|e| {
                 attach_err(format!("replacing the program on the pinned link: {e}"))
             })?;
@@ -547,7 +634,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, PinError> {
         }
     }
     let mut removed = Vec::new();
-    for sub in ["links", "maps"] {
+    for sub in ["links", "maps", "maps-new"] {
         let dir = pin_dir.join(sub);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
