@@ -391,7 +391,7 @@ fn fmt_n(n: u32) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(' ');
         }
         out.push(c);
@@ -402,7 +402,7 @@ fn fmt_n(n: u32) -> String {
 fn main() {
     tollgate_tests::require_root();
     let quick = quick();
-    let rounds = if quick { 4 } else { 7 };
+    let rounds = if quick { 4 } else { 5 };
     let sizes: &[u32] = if quick {
         &[1, 10_000]
     } else {

@@ -36,7 +36,7 @@ const BENCHES: &[Bench] = &[
         name: "bench_xdp",
         what: "XDP paths through BPF_PROG_TEST_RUN, one key and spread over up to 1 000 000 identities",
         quick: true,
-        limit: Duration::from_secs(240),
+        limit: Duration::from_secs(360),
     },
     Bench {
         package: "tollgate-tests",
@@ -52,7 +52,7 @@ const BENCHES: &[Bench] = &[
         name: "bench_scale",
         what: "control plane: bindings from cold, bind latency, scrape, memory at scale",
         quick: false,
-        limit: Duration::from_secs(240),
+        limit: Duration::from_secs(300),
     },
     Bench {
         package: "tollgate-tests",
@@ -137,16 +137,25 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         if quick {
             c.env("TOLLGATE_BENCH_QUICK", "1");
         }
-        match run_bounded(&mut c, b.limit) {
-            Ok(table) => {
-                let path = out_dir.join(format!("{}.md", b.name));
-                std::fs::write(&path, table.as_bytes())
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("{table}");
+        let (table, result) = run_bounded(&mut c, b.limit);
+        let path = out_dir.join(format!("{}.md", b.name));
+        std::fs::write(&path, table.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("{table}");
+        match result {
+            Ok(()) => {
                 measured.sections.insert(b.name, table);
             }
             Err(e) => {
                 eprintln!("[bench] {} failed: {e:#}", b.name);
+                // What it printed before it failed still stands (a bench prints each table
+                // as soon as it is measured), marked as cut short.
+                if !table.trim().is_empty() {
+                    measured.sections.insert(
+                        b.name,
+                        format!("{table}\n_This bench was cut short: {e:#}._\n"),
+                    );
+                }
                 measured.failed.push((b.name, format!("{e:#}")));
             }
         }
@@ -219,15 +228,23 @@ fn bench_command(b: &Bench) -> std::process::Command {
 /// Runs `c` in a process group of its own, its stdout captured, its stderr shown; past
 /// `limit` the whole group is ended (SIGTERM, then SIGKILL), so that the bench binary's
 /// guards still remove its namespaces on the first signal where they can.
-fn run_bounded(c: &mut std::process::Command, limit: Duration) -> anyhow::Result<String> {
+fn run_bounded(c: &mut std::process::Command, limit: Duration) -> (String, anyhow::Result<()>) {
     use std::io::Read as _;
-    let mut child = c
+    let mut child = match c
         .process_group(0)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .spawn()
-        .context("running cargo bench")?;
-    let mut stdout = child.stdout.take().context("stdout")?;
+    {
+        Ok(child) => child,
+        Err(e) => {
+            return (
+                String::new(),
+                Err(anyhow::anyhow!("running cargo bench: {e}")),
+            );
+        }
+    };
+    let mut stdout = child.stdout.take().expect("piped stdout");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = stdout.read_to_string(&mut s);
@@ -235,30 +252,32 @@ fn run_bounded(c: &mut std::process::Command, limit: Duration) -> anyhow::Result
     });
     let deadline = Instant::now() + limit;
     let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break Some(st);
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() > deadline => break None,
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => break None,
         }
-        if Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     };
-    let Some(status) = status else {
-        let pgid = child.id() as i32;
-        // SAFETY: signals to the process group this function started (its leader's pid).
-        unsafe { libc::kill(-pgid, libc::SIGTERM) };
-        let grace = Instant::now() + Duration::from_secs(5);
-        while child.try_wait()?.is_none() && Instant::now() < grace {
-            std::thread::sleep(Duration::from_millis(100));
+    let result = match status {
+        Some(st) if st.success() => Ok(()),
+        Some(st) => Err(anyhow::anyhow!("exited with {st}")),
+        None => {
+            let pgid = child.id() as i32;
+            // SAFETY: signals to the process group this function started (its leader's pid).
+            unsafe { libc::kill(-pgid, libc::SIGTERM) };
+            let grace = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < grace {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = child.wait();
+            Err(anyhow::anyhow!(
+                "ran past its limit of {} s",
+                limit.as_secs()
+            ))
         }
-        // SAFETY: as above.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        let _ = child.wait();
-        anyhow::bail!("ran past its limit of {} s", limit.as_secs());
     };
-    let out = reader.join().unwrap_or_default();
-    if !status.success() {
-        anyhow::bail!("exited with {status}");
-    }
-    Ok(out)
+    (reader.join().unwrap_or_default(), result)
 }

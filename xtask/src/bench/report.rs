@@ -125,11 +125,14 @@ fn machine(run: &Run<'_>) -> String {
     )
 }
 
+/// The run's figures by name.
+type Figs = BTreeMap<String, f64>;
+
 /// A target: its statement, how its figure is read from the run, and what would move it.
 struct Target {
     goal: &'static str,
     /// (figure as text, met) or None when this run did not measure it.
-    eval: fn(&BTreeMap<String, f64>) -> Option<(String, bool)>,
+    eval: fn(&Figs) -> Option<(String, bool)>,
     lever: &'static str,
 }
 
