@@ -5,7 +5,7 @@
 //! bindings already there; `GET /metrics` at N identities; the agent's resident memory and the
 //! kernel memory of its maps (`memlock` of each map fd in /proc/<pid>/fdinfo).
 //!
-//! Each size's tables are sized with `[limits]` (N + 2 identity slots: the anonymous one and
+//! Each size's tables are sized with `[limits]` (N + 2 identity slots, at least 16: the anonymous one and
 //! the bind-latency identity's; N + 1 024 exact bindings). A size that does not come up within
 //! its limit is reported as such, and the sizes before it keep their figures (each one is
 //! written to the JSON as soon as it is measured).
@@ -53,17 +53,17 @@ fn measure(n: u32) -> Option<Sized> {
     let config = (0..n)
         .fold(
             Config::new(&[&lab.server_if])
-                .limits(n + 2, n + 1024)
+                .limits((n + 2).max(16), n + 1024)
                 .listen_metrics(metrics)
                 .controller(Controller::no_gpu())
                 .top_k(10)
                 .plan(Plan::new("customer").packets(100, 10))
                 .endpoint(Endpoint::udp("model", 7000, &["customer"]))
-                .identity(Identity::new::<Ipv4Addr>(
+                .identity(Identity::new(
                     "binder",
                     "customer",
                     "customer",
-                    &[],
+                    &[Ipv4Addr::new(198, 19, 201, 1)],
                 )),
             |c, i| {
                 c.identity(Identity::new(
