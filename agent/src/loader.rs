@@ -243,12 +243,10 @@ fn load_configured(
     Ok(ebpf)
 }
 
-/// Loads the benchmark's component programs too (`program_names::BENCH_COMPONENTS` and
-/// `BENCH_COARSE_CLOCK`).
+/// Loads the benchmark's component programs too (`program_names::BENCH_COMPONENTS`).
 pub fn load_with_bench_components() -> Result<Ebpf, LoadError> {
     let mut ebpf = load()?;
-    let names = program_names::BENCH_COMPONENTS.into_iter();
-    for name in names.chain([program_names::BENCH_COARSE_CLOCK]) {
+    for name in program_names::BENCH_COMPONENTS {
         xdp_program(&mut ebpf, name)?
             .load()
             .map_err(|source| LoadError::Program { name, source })?;

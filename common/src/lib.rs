@@ -117,10 +117,20 @@ pub mod program_names {
     pub const XDP_L3: &str = "tollgate_l3";
     /// An XDP program that passes everything: the benchmark's baseline.
     pub const NOOP: &str = "tollgate_noop";
-    /// Benchmark components (parser; parser + precise clock read; parser + binding lookup).
-    pub const BENCH_COMPONENTS: [&str; 3] = ["bench_parse", "bench_clock", "bench_lookup"];
-    /// Benchmark component: parser + coarse clock read (the clock a coarse plan's bound
-    /// packet reads). Apart from [`BENCH_COMPONENTS`] so that code destructuring those three
-    /// keeps building.
-    pub const BENCH_COARSE_CLOCK: &str = "bench_coarse_clock";
+    /// Benchmark components (parser; parser + precise clock read; parser + coarse clock read,
+    /// the one a coarse plan's bound packet reads; parser + binding lookup).
+    pub const BENCH_COMPONENTS: [&str; 4] = [
+        "bench_parse",
+        "bench_clock",
+        "bench_coarse_clock",
+        "bench_lookup",
+    ];
+    /// Benchmark: steps the frame's IPv6 source over N bound addresses, then tail-calls the
+    /// program under test (ebpf/src/bench.rs).
+    pub const BENCH_ROTATE: &str = "bench_rotate";
+    /// Benchmark: drops everything (the live-frames bench's floor).
+    pub const BENCH_DROP: &str = "bench_drop";
+    /// The rotator's program array and its (N, stride) array.
+    pub const BENCH_NEXT: &str = "BENCH_NEXT";
+    pub const BENCH_SPREAD: &str = "BENCH_SPREAD";
 }

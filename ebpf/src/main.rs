@@ -13,6 +13,10 @@
 #[cfg(target_arch = "bpf")]
 mod program;
 
+// Benchmark-only programs (`cargo xtask bench`), never loaded by the agent.
+#[cfg(target_arch = "bpf")]
+mod bench;
+
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
     // Built for the host only by `cargo check --workspace`-style commands; the real program is

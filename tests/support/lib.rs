@@ -15,10 +15,12 @@
 //! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags;
 //! - [`flood`]: floods that rewrite each frame's source, and a server-side tap counting what passed;
 //! - [`scrape`]: `GET /metrics` from inside a namespace;
+//! - [`bench`]: what the benchmark binaries share (figures for BENCHMARKS.md, batch fills);
 //! - [`oidc`]: a real OpenID Provider (npm `oidc-provider`) in its own namespace, a test CA,
 //!   and the independent token minter.
 
 pub mod agent;
+pub mod bench;
 pub mod config;
 pub mod exhaust;
 pub mod fixture;

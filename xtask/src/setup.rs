@@ -9,7 +9,8 @@ use crate::cmd::{self, BPF_LINKER_VERSION, EBPF_RUSTC_VERSION, EBPF_TOOLCHAIN};
 /// Debian packages the tests use: `ip` and network namespaces (iproute2), `nsenter`
 /// (util-linux), `ping` for reachability checks (iputils-ping), a C++ compiler for the
 /// libFuzzer runtime that the token fuzz target links (g++), curl, and Prometheus with
-/// promtool, and Redis for the fleet store.
+/// promtool, Redis for the fleet store, and nftables, iptables and hping3 for the
+/// benchmark's comparisons with the kernel's own filters.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "libfaketime",
@@ -28,6 +29,13 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "redis-sentinel",
+    // The live-frames benchmark's comparisons and the end-to-end flood (tests/bench_live.rs,
+    // issue 15): nft for the nftables allow-list, iptables (Debian's default nft backend,
+    // never iptables-legacy, whose hooks outlive the rules) for the hashlimit rule, and
+    // hping3 for the random-source flood from an attacker namespace.
+    "nftables",
+    "iptables",
+    "hping3",
 ];
 
 /// cargo-fuzz, for the token verifier's fuzz smoke run (`common/fuzz`). Installed with the
