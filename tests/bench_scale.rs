@@ -50,42 +50,23 @@ fn measure(n: u32) -> Option<Sized> {
     let lab = Lab::new();
     let dirs = AgentDirs::new();
     let metrics: SocketAddr = "127.0.0.1:9464".parse().expect("addr");
-    let config = (0..n)
-        .fold(
-            Config::new(&[&lab.server_if])
-                .limits((n + 2).max(16), n + 1024)
-                .listen_metrics(metrics)
-                .controller(Controller::no_gpu())
-                .top_k(10)
-                .plan(Plan::new("customer").packets(100, 10))
-                .endpoint(Endpoint::udp("model", 7000, &["customer"]))
-                .identity(Identity::new(
-                    "binder",
-                    "customer",
-                    "customer",
-                    &[Ipv4Addr::new(198, 19, 201, 1)],
-                )),
-            |c, i| {
-                c.identity(Identity::new(
-                    &format!("id{i}"),
-                    "customer",
-                    "customer",
-                    &[addr(i)],
-                ))
-            },
-        )
+    let config = Config::new(&[&lab.server_if])
+        .limits((n + 2).max(16), n + 1024)
+        .listen_metrics(metrics)
+        .controller(Controller::no_gpu())
+        .top_k(10)
+        .plan(Plan::new("customer").packets(100, 10))
+        .endpoint(Endpoint::udp("model", 7000, &["customer"]))
+        .identity(Identity::new(
+            "binder",
+            "customer",
+            "customer",
+            &[Ipv4Addr::new(198, 19, 201, 1)],
+        ))
+        .numbered_identities(n, "customer", "customer", addr)
         .write(&dirs.state_dir.join("tollgate.toml"));
     let t = Instant::now();
-    let agent = Agent::launch(
-        &lab.server,
-        &dirs,
-        &[
-            "--config",
-            config.to_str().expect("path"),
-            "--mode",
-            "native",
-        ],
-    );
+    let agent = Agent::native(&lab.server, &dirs, &config);
     // Cold: until the kernel holds every binding (status counts the kernel's tables).
     let limit = t + COLD_LIMIT;
     loop {

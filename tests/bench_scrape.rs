@@ -10,7 +10,7 @@ use std::{
 use tollgate_common::packet::PacketBuilder;
 use tollgate_tests::{
     agent::{Agent, AgentDirs},
-    config::{Config, Controller, Endpoint, Identity, Plan},
+    config::{Config, Controller, Endpoint, Plan},
     frames::send_frames,
     lab::Lab,
 };
@@ -23,34 +23,15 @@ fn main() {
     let lab = Lab::new();
     let dirs = AgentDirs::new();
     let addr = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 128, 0)) + i);
-    let config = (0..IDENTITIES)
-        .fold(
-            Config::new(&[&lab.server_if])
-                .listen_metrics("127.0.0.1:9464")
-                .controller(Controller::no_gpu())
-                .top_k(10)
-                .plan(Plan::new("customer").packets(100, 10))
-                .endpoint(Endpoint::udp("model", 7000, &["customer"])),
-            |c, i| {
-                c.identity(Identity::new(
-                    &format!("id{i}"),
-                    "customer",
-                    "customer",
-                    &[addr(i)],
-                ))
-            },
-        )
+    let config = Config::new(&[&lab.server_if])
+        .listen_metrics("127.0.0.1:9464")
+        .controller(Controller::no_gpu())
+        .top_k(10)
+        .plan(Plan::new("customer").packets(100, 10))
+        .endpoint(Endpoint::udp("model", 7000, &["customer"]))
+        .numbered_identities(IDENTITIES, "customer", "customer", addr)
         .write(&dirs.state_dir.join("tollgate.toml"));
-    let _agent = Agent::launch(
-        &lab.server,
-        &dirs,
-        &[
-            "--config",
-            config.to_str().expect("path"),
-            "--mode",
-            "native",
-        ],
-    );
+    let _agent = Agent::native(&lab.server, &dirs, &config);
     let frames: Vec<Vec<u8>> = (0..IDENTITIES)
         .map(|i| {
             PacketBuilder::v4(addr(i).octets(), lab.server_v4.octets())

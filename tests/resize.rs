@@ -14,6 +14,7 @@ use std::{
 };
 
 use tollgate_tests::{
+    agent::Agent,
     config::{Identity, Plan},
     frames::{FrameBlaster, send_frames},
     node::{World, config, frame, host4},
@@ -225,27 +226,25 @@ fn a_shrink_below_what_the_tables_hold_is_refused_and_changes_nothing() {
     let before = tollgate::link_info::pinned_xdp_link(&link).expect("link");
     config(&w.lab).limits(16384, 16).write(&w.config);
     // The start that would shrink exits with the reason (bounded: it never gets to serve).
-    let out = w
-        .lab
-        .server
-        .command("timeout")
-        .arg("30")
-        .arg(tollgate_tests::agent::tollgate_bin())
-        .arg("run")
-        .arg("--pin-dir")
-        .arg(&w.dirs.pin_dir)
-        .arg("--state-dir")
-        .arg(&w.dirs.state_dir)
-        .arg("--control-socket")
-        .arg(&w.dirs.socket)
+    let mut child = Agent::command(&w.lab.server, &w.dirs)
         .args([
             "--config",
             w.config.to_str().expect("path"),
             "--mode",
             "native",
         ])
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("running the agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("polling").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if child.try_wait().expect("polling").is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("the agent's output");
     assert!(!out.status.success(), "the agent started");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(

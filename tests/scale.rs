@@ -17,7 +17,7 @@ use std::{
 use tollgate_common::packet::PacketBuilder;
 use tollgate_tests::{
     agent::{Agent, AgentDirs},
-    config::{Config, Controller, Endpoint, Identity, Plan},
+    config::{Config, Controller, Endpoint, Plan},
     frames::send_frames,
     lab::Lab,
     scrape::scrape_within,
@@ -67,27 +67,11 @@ fn a_scrape_with_many_identities_keeps_its_series_bounded() {
         .top_k(TOP_K as u64)
         .plan(Plan::new("customer").packets(100_000, 1_000))
         .endpoint(Endpoint::udp("model", 7000, &["customer"]));
-    let config = (0..n)
-        .fold(base, |c, i| {
-            c.identity(Identity::new(
-                &format!("id{i}"),
-                "customer",
-                "customer",
-                &[addr(i)],
-            ))
-        })
+    let config = base
+        .numbered_identities(n, "customer", "customer", addr)
         .write(&dirs.state_dir.join("tollgate.toml"));
     let started = Instant::now();
-    let agent = Agent::launch(
-        &lab.server,
-        &dirs,
-        &[
-            "--config",
-            config.to_str().expect("path"),
-            "--mode",
-            "native",
-        ],
-    );
+    let agent = Agent::native(&lab.server, &dirs, &config);
     let target: SocketAddr = METRICS.parse().expect("addr");
     let _ = scrape_within(&lab.server, target, Duration::from_secs(60));
     let start_s = started.elapsed().as_secs_f64();

@@ -55,7 +55,9 @@ pub fn ifname(ifindex: u32) -> Option<String> {
     name.to_str().ok().map(str::to_owned)
 }
 
-fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
+/// One raw `bpf(2)` call (aya 0.14 exposes neither link info by pin nor batch map
+/// operations): the one place the agent makes it.
+pub(crate) fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid bpf_attr for `cmd` (set by the callers), and whatever it
     // points at outlives the call.
     let r = unsafe {

@@ -298,13 +298,20 @@ impl Agent {
         Agent::launch_limited(ns, dirs, "--control-socket", args, Some((soft, hard)))
     }
 
-    fn launch_limited(
-        ns: &NetNs,
-        dirs: &AgentDirs,
-        socket_flag: &str,
-        args: &[&str],
-        nofile: Option<(u64, u64)>,
-    ) -> Agent {
+    /// Starts `tollgate run --config CONFIG --mode native` in `ns` using `dirs`: what most
+    /// namespace tests run.
+    pub fn native(ns: &NetNs, dirs: &AgentDirs, config: &Path) -> Agent {
+        let config = config.to_str().expect("a UTF-8 config path");
+        Agent::launch(ns, dirs, &["--config", config, "--mode", "native"])
+    }
+
+    /// `tollgate run` in `ns` on `dirs` (pins, state, control socket), not started: for a
+    /// start that is expected to fail, or to be run with `output()`.
+    pub fn command(ns: &NetNs, dirs: &AgentDirs) -> Command {
+        Agent::command_with(ns, dirs, "--control-socket")
+    }
+
+    fn command_with(ns: &NetNs, dirs: &AgentDirs, socket_flag: &str) -> Command {
         let mut cmd = ns.command(tollgate_bin());
         cmd.arg("run")
             .arg("--pin-dir")
@@ -312,8 +319,19 @@ impl Agent {
             .arg("--state-dir")
             .arg(&dirs.state_dir)
             .arg(socket_flag)
-            .arg(&dirs.socket)
-            .args(args)
+            .arg(&dirs.socket);
+        cmd
+    }
+
+    fn launch_limited(
+        ns: &NetNs,
+        dirs: &AgentDirs,
+        socket_flag: &str,
+        args: &[&str],
+        nofile: Option<(u64, u64)>,
+    ) -> Agent {
+        let mut cmd = Agent::command_with(ns, dirs, socket_flag);
+        cmd.args(args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

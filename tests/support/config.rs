@@ -790,6 +790,20 @@ impl Config {
         self
     }
 
+    /// `n` identities `id0`, `id1`, … of `class` on `plan`, identity `i` bound to `addr(i)`:
+    /// the scale tests' and benches' populations.
+    pub fn numbered_identities<A: Display>(
+        mut self,
+        n: u32,
+        class: &str,
+        plan: &str,
+        addr: impl Fn(u32) -> A,
+    ) -> Config {
+        self.identities
+            .extend((0..n).map(|i| Identity::new(&format!("id{i}"), class, plan, &[addr(i)])));
+        self
+    }
+
     /// The file's text.
     pub fn render(&self) -> String {
         toml::to_string(self).expect("a builder config renders as TOML")

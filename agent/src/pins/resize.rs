@@ -288,10 +288,11 @@ fn copy_trie<K: aya::Pod, V: aya::Pod>(
     let mut copied = 0;
     for k in old.keys() {
         let k = k.map_err(|e| err(name, e))?;
-        if let Ok(v) = old.get(&k, 0) {
-            new.insert(&k, v, 0).map_err(|e| err(name, e))?;
-            copied += 1;
-        }
+        // A key listed but not readable: a binding would be lost, so the migration stops
+        // (the old pins stay as they are).
+        let v = old.get(&k, 0).map_err(|e| err(name, e))?;
+        new.insert(&k, v, 0).map_err(|e| err(name, e))?;
+        copied += 1;
     }
     Ok(copied)
 }

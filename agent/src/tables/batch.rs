@@ -25,19 +25,10 @@ use aya_obj::generated::{bpf_attr, bpf_cmd};
 /// per-CPU values on a few CPUs.
 const CHUNK: usize = 8192;
 
-/// One `bpf(2)` batch command on `attr`.
+/// One `bpf(2)` batch command on `attr` (whose batch member points at buffers the caller
+/// keeps alive for the call, sized for `count` keys and values).
 fn batch_call(cmd: bpf_cmd, attr: &mut bpf_attr) -> Option<io::Error> {
-    // SAFETY: `attr` is a valid bpf_attr whose batch member points at buffers the caller
-    // keeps alive for the call and sized for `count` keys and values.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut bpf_attr,
-            size_of::<bpf_attr>(),
-        )
-    };
-    (r < 0).then(io::Error::last_os_error)
+    crate::link_info::sys_bpf(cmd, attr).err()
 }
 
 /// How far a walk goes.
