@@ -444,6 +444,9 @@ fn main() {
     );
     println!();
 
+    // Written now too: a run cut short in the end-to-end part keeps the live-frames figures
+    // (the Targets table reads them).
+    figures.write("bench_live");
     end_to_end(&lab, &mut ebpf, quick, &mut figures, &tables);
     figures.write("bench_live");
 }

@@ -67,11 +67,6 @@ impl KernelTables {
         [v4, v6]
     }
 
-    /// Slots an identity array holds (the size it was created with).
-    pub fn identity_capacity(&self) -> Result<u32> {
-        Ok(self.identity_slots())
-    }
-
     /// Counters of identities `0..upto` (0: anonymous), summed over CPUs, indexed by slot:
     /// a batch read of that part of the per-CPU array (one call per 8 192 slots), never one
     /// call per identity. Slots are given out from 1 upward, so `upto` (the highest slot in
@@ -106,7 +101,7 @@ impl KernelTables {
     /// Writes identity records with batch updates; their limiter state is left as it is
     /// (as [`KernelTables::set_identity`]). Every id is checked before anything is written.
     pub fn set_identities(&mut self, records: &[(u32, Identity)]) -> Result<()> {
-        let cap = self.identity_capacity()?;
+        let cap = self.identity_slots();
         if let Some((id, _)) = records.iter().find(|(id, _)| *id == 0 || *id >= cap) {
             return Err(TableError::IdentityId(*id, cap));
         }
@@ -122,7 +117,7 @@ impl KernelTables {
         records: &mut [(u32, Identity)],
     ) -> Result<()> {
         let upto = records.iter().map(|(id, _)| id + 1).max().unwrap_or(0);
-        let upto = upto.min(self.identity_capacity()?);
+        let upto = upto.min(self.identity_slots());
         let old = batch::read_array_prefix::<Identity>(self.identities.map(), upto)
             .map_err(io_err(names::IDENTITIES))?;
         for (id, rec) in records.iter_mut() {
@@ -136,7 +131,7 @@ impl KernelTables {
     /// Clears slots (record, limiter state, counters) as [`KernelTables::clear_identity`]
     /// does, three batch writes for all of them.
     pub fn clear_identities(&mut self, ids: &[u32]) -> Result<()> {
-        let cap = self.identity_capacity()?;
+        let cap = self.identity_slots();
         if let Some(id) = ids.iter().find(|id| **id == 0 || **id >= cap) {
             return Err(TableError::IdentityId(*id, cap));
         }
@@ -160,7 +155,7 @@ impl KernelTables {
     /// stops the write with [`TableError::BindingsFull`] (the entries before it are in,
     /// none is evicted). Returns how many were written.
     pub fn bind_many(&mut self, entries: &[NewBinding]) -> Result<usize> {
-        let cap = self.identity_capacity()?;
+        let cap = self.identity_slots();
         let mut v4: Vec<([u8; 4], Binding)> = Vec::new();
         let mut v6: Vec<([u8; 16], Binding)> = Vec::new();
         let mut cidr: Vec<NewBinding> = Vec::new();
@@ -290,7 +285,7 @@ mod tests {
     fn counters_read_in_one_pass_match_the_per_identity_reads() {
         let (_e, mut t) = tables();
         let cpus = batch::possible_cpus().expect("cpus");
-        let n = t.identity_capacity().expect("capacity").min(16_000);
+        let n = t.identity_slots().min(16_000);
         // Distinct values per identity and per CPU, so a wrong stride or offset shows.
         for id in 0..n {
             let slots: Vec<IdentityCounters> = (0..cpus as u64)
@@ -377,7 +372,7 @@ mod tests {
         t.clear_identities(&[3]).unwrap();
         assert_eq!(t.identity(3).unwrap(), Identity::default());
         assert_eq!(t.bucket(3).unwrap(), Bucket::default());
-        let cap = t.identity_capacity().unwrap();
+        let cap = t.identity_slots();
         assert!(matches!(
             t.set_identities(&[(1, rec(9)), (cap, rec(9))]),
             Err(TableError::IdentityId(c, _)) if c == cap
