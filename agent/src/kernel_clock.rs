@@ -288,13 +288,7 @@ mod tests {
     }
 
     fn plan(pps: u64, burst: u64) -> Limits {
-        PlanLimits {
-            packets_per_s: Some(pps),
-            packet_burst: burst,
-            bytes_per_s: None,
-            byte_burst: 0,
-        }
-        .to_kernel()
+        PlanLimits::packets(pps, burst).to_kernel()
     }
 
     #[test]

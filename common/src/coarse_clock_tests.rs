@@ -43,13 +43,7 @@ fn least_coarse_burst(pps: u64, tick: u64) -> u64 {
 }
 
 fn limits(pps: u64, burst: u64) -> Limits {
-    PlanLimits {
-        packets_per_s: Some(pps),
-        packet_burst: burst,
-        bytes_per_s: None,
-        byte_burst: 0,
-    }
-    .to_kernel()
+    PlanLimits::packets(pps, burst).to_kernel()
 }
 
 /// Plans the agent keeps on the coarse clock (the least such burst and larger ones), ticks of

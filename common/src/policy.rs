@@ -230,6 +230,16 @@ pub struct PlanLimits {
 }
 
 impl PlanLimits {
+    /// A packet rate and burst, bytes unlimited (the shape most limiter cases use).
+    pub const fn packets(per_s: u64, burst: u64) -> PlanLimits {
+        PlanLimits {
+            packets_per_s: Some(per_s),
+            packet_burst: burst,
+            bytes_per_s: None,
+            byte_burst: 0,
+        }
+    }
+
     pub const UNLIMITED: PlanLimits = PlanLimits {
         packets_per_s: None,
         packet_burst: 0,
