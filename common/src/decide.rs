@@ -107,27 +107,13 @@ impl LazyNow {
     /// The coarse clock (`Tables::coarse_ns`).
     #[inline(always)]
     pub fn coarse<T: Tables>(&mut self, t: &T) -> u64 {
-        match self.coarse {
-            Some(n) => n,
-            None => {
-                let n = t.coarse_ns();
-                self.coarse = Some(n);
-                n
-            }
-        }
+        *self.coarse.get_or_insert_with(|| t.coarse_ns())
     }
 
     /// The precise clock (`Tables::now_ns`).
     #[inline(always)]
     pub fn precise<T: Tables>(&mut self, t: &T) -> u64 {
-        match self.precise {
-            Some(n) => n,
-            None => {
-                let n = t.now_ns();
-                self.precise = Some(n);
-                n
-            }
-        }
+        *self.precise.get_or_insert_with(|| t.now_ns())
     }
 
     /// The clock a budget runs on: the precise one if `precise`, else the coarse one.
