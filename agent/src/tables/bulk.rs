@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use aya::maps::{IterableMap as _, MapData, MapError};
+use aya::maps::{IterableMap as _, MapError};
 use tollgate_common::{
     map_names as names,
     policy::{AnonKey6, Binding, Bucket, Identity, IdentityCounters},
@@ -29,40 +29,25 @@ fn io_err(name: &'static str) -> impl Fn(std::io::Error) -> TableError {
 }
 
 /// The map's max_entries (the bound on a walk; the size the loader gave it).
-fn capacity(map: &MapData, name: &'static str) -> Result<u32> {
-    map.info()
-        .map(|i| i.max_entries())
-        .map_err(|source| TableError::Map { name, source })
-}
-
 impl KernelTables {
     /// Entries in the exact IPv4 binding map (a batch walk; get-next-key on failure).
     pub(super) fn count_exact_v4(&self) -> usize {
-        let m = self.bind_v4.map();
-        capacity(m, names::BIND_V4)
-            .and_then(|max| {
-                batch::count::<[u8; 4], Binding>(m, max).map_err(io_err(names::BIND_V4))
-            })
+        // The sizes the kernel made the maps with (read once, `KernelTables::sizes`).
+        batch::count::<[u8; 4], Binding>(self.bind_v4.map(), self.sizes.exact_bindings)
             .unwrap_or_else(|_| self.bind_v4.keys().count())
     }
 
     pub(super) fn count_exact_v6(&self) -> usize {
-        let m = self.bind_v6.map();
-        capacity(m, names::BIND_V6)
-            .and_then(|max| {
-                batch::count::<[u8; 16], Binding>(m, max).map_err(io_err(names::BIND_V6))
-            })
+        batch::count::<[u8; 16], Binding>(self.bind_v6.map(), self.sizes.exact_bindings)
             .unwrap_or_else(|_| self.bind_v6.keys().count())
     }
 
     /// Entries in the anonymous-prefix tables (batch walks).
     pub(super) fn count_anon(&self) -> [usize; 2] {
-        let (m4, m6) = (self.anon_v4.map(), self.anon_v6.map());
-        let v4 = capacity(m4, names::ANON_V4)
-            .and_then(|max| batch::count::<[u8; 4], u64>(m4, max).map_err(io_err(names::ANON_V4)))
+        let max = self.sizes.anon_prefixes;
+        let v4 = batch::count::<[u8; 4], u64>(self.anon_v4.map(), max)
             .unwrap_or_else(|_| self.anon_v4.keys().count());
-        let v6 = capacity(m6, names::ANON_V6)
-            .and_then(|max| batch::count::<AnonKey6, u64>(m6, max).map_err(io_err(names::ANON_V6)))
+        let v6 = batch::count::<AnonKey6, u64>(self.anon_v6.map(), max)
             .unwrap_or_else(|_| self.anon_v6.keys().count());
         [v4, v6]
     }
@@ -73,7 +58,7 @@ impl KernelTables {
     /// use + 1) keeps a node with few identities from reading a million-slot array.
     pub fn identity_counters_upto(&self, upto: u32) -> Result<Vec<IdentityCounters>> {
         let map = self.identity_counters.map();
-        let upto = upto.min(capacity(map, names::IDENTITY_COUNTERS)?);
+        let upto = upto.min(self.sizes.identities);
         let mut out = Vec::with_capacity(upto as usize);
         batch::for_each_per_cpu::<IdentityCounters>(map, upto, |id, slots| {
             // An array hands out every index in order.
@@ -94,7 +79,7 @@ impl KernelTables {
     /// [`KernelTables::identity_counters_upto`]).
     pub fn identities_upto(&self, upto: u32) -> Result<Vec<Identity>> {
         let map = self.identities.map();
-        let upto = upto.min(capacity(map, names::IDENTITIES)?);
+        let upto = upto.min(self.sizes.identities);
         batch::read_array_prefix::<Identity>(map, upto).map_err(io_err(names::IDENTITIES))
     }
 
