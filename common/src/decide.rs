@@ -9,8 +9,8 @@ use crate::{
     parse::{Family, Fragment, IpPacket},
     policy::{
         ANONYMOUS_IDENTITY, AnonKey6, Binding, Bucket, EP_ANON_ALLOWED, Endpoint, ID_ACTIVE,
-        ID_PRECISE_CLOCK, ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity, Q8_ONE,
-        SET_ANON_PRECISE_CLOCK, Settings, port_slot,
+        ID_PRECISE_CLOCK, ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_RESPONSE_CAPPED, ID_THROTTLED,
+        Identity, Q8_ONE, SET_ANON_PRECISE_CLOCK, Settings, port_slot,
     },
 };
 
@@ -217,6 +217,12 @@ fn charge_identity<T: Tables>(
         limiter::multiplier_q8(settings.pressure_q8, throttle),
         t.hold_back(endpoint, ident.plan),
     );
+    // Over a response cap in throttle mode (the drop mode never gets here).
+    let mult = if ident.flags & ID_RESPONSE_CAPPED != 0 {
+        limiter::scale_q8(mult, ident.response_q8)
+    } else {
+        mult
+    };
     let Some(pkt_inc) = limiter::packet_increment_ns(ident.limits.pps, mult) else {
         return Err(Reason::PacketRate);
     };
@@ -254,6 +260,25 @@ fn charge_identity<T: Tables>(
         }
     }
     Ok(units)
+}
+
+/// Over a response cap whose plan says drop (`response_q8` 0).
+#[inline(always)]
+fn response_capped_drop(ident: &Identity) -> bool {
+    ident.flags & ID_RESPONSE_CAPPED != 0 && ident.response_q8 == 0
+}
+
+/// What a budget's refusal is counted as: over a response cap in throttle mode, the refusal is
+/// the cap's doing (its multiplier shrank the budget), so it is counted as `response_cap`;
+/// contention and a missing bucket stay what they are.
+#[inline(always)]
+fn response_cap_reason(ident: &Identity, reason: Reason) -> Reason {
+    let over_budget = matches!(reason, Reason::PacketRate | Reason::ByteRate);
+    if over_budget && ident.flags & ID_RESPONSE_CAPPED != 0 {
+        Reason::ResponseCap
+    } else {
+        reason
+    }
 }
 
 /// The anonymous prefixes of a source: IPv4 /24; IPv6 /64, /56, /48 (all three must conform,
@@ -374,9 +399,12 @@ pub fn decide<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> Decision {
     if ident.flags & ID_QUOTA_EXHAUSTED != 0 {
         return Decision::new(Reason::QuotaExhausted, ep_id, id);
     }
+    if response_capped_drop(ident) {
+        return Decision::new(Reason::ResponseCap, ep_id, id);
+    }
     let now = now.get(t, ident.flags & ID_PRECISE_CLOCK != 0);
     match charge_identity(t, id, ident, ep_id, ep.weight_q8, frame_len, now) {
-        Err(reason) => Decision::new(reason, ep_id, id),
+        Err(reason) => Decision::new(response_cap_reason(ident, reason), ep_id, id),
         Ok(cost) => Decision {
             cost,
             ..Decision::new(Reason::Bound, ep_id, id)
@@ -406,9 +434,12 @@ fn decide_later_fragment<T: Tables>(t: &T, pkt: &IpPacket, frame_len: u64) -> De
     if ident.flags & ID_QUOTA_EXHAUSTED != 0 {
         return Decision::new(Reason::QuotaExhausted, 0, id);
     }
+    if response_capped_drop(ident) {
+        return Decision::new(Reason::ResponseCap, 0, id);
+    }
     let now = now.get(t, ident.flags & ID_PRECISE_CLOCK != 0);
     match charge_identity(t, id, ident, 0, Q8_ONE, frame_len, now) {
-        Err(reason) => Decision::new(reason, 0, id),
+        Err(reason) => Decision::new(response_cap_reason(ident, reason), 0, id),
         Ok(cost) => Decision {
             cost,
             ..Decision::new(Reason::NonFirstFragment, 0, id)

@@ -124,7 +124,7 @@ fn customer(pps: u64, burst: u64, bps: u64, bburst: u64) -> Identity {
         class: Class::Customer as u8,
         throttle_q8: Q8_ONE,
         plan: 0,
-        _pad: 0,
+        response_q8: 0,
         roles: 1,
         limits: Limits {
             pps,

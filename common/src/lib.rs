@@ -10,6 +10,7 @@ pub mod counters;
 pub mod decide;
 #[cfg(any(test, feature = "user"))]
 pub mod decide_cases;
+pub mod flow;
 pub mod limiter;
 pub mod parse;
 pub mod policy;
@@ -24,6 +25,8 @@ pub mod packet;
 mod coarse_clock_tests;
 #[cfg(test)]
 mod decide_tests;
+#[cfg(test)]
+mod flow_tests;
 #[cfg(test)]
 mod parse_tests;
 
@@ -68,8 +71,23 @@ pub mod map_names {
     /// (endpoint, plan) -> Q8 hold-back multiplier set by the controller.
     pub const HOLD_BACK: &str = "HOLD_BACK";
 
-    /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 17] = [
+    /// Flow key -> `flow::Flow` (LRU): both directions of bound identities' TCP flows.
+    pub const FLOWS: &str = "FLOWS";
+    /// Endpoint id -> `flow::FlowPolicy` (tracking on/off, request-size caps).
+    pub const FLOW_POLICY: &str = "FLOW_POLICY";
+    /// Per-CPU flow-tracking counters (`flow::FLOW_*` slots).
+    pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
+    /// Identity id -> per-CPU `flow::EgressCounters` (what the node sent back to it).
+    pub const EGRESS_IDENTITY: &str = "EGRESS_IDENTITY";
+    /// Endpoint id -> per-CPU `flow::EgressCounters`.
+    pub const EGRESS_ENDPOINT: &str = "EGRESS_ENDPOINT";
+    /// `flow::ttfb_index(endpoint, class)` -> per-CPU `flow::TtfbHist`.
+    pub const TTFB: &str = "TTFB";
+
+    /// Every map, in the order they are pinned. Maps added by a later build are created and
+    /// pinned when an agent adopts pins that lack them (`pins::check_compatible` skips
+    /// missing ones).
+    pub const ALL: [&str; 23] = [
         LAYOUT,
         SETTINGS,
         HOLD_BACK,
@@ -87,6 +105,12 @@ pub mod map_names {
         IDENTITY_COUNTERS,
         DROP_EVENTS,
         DROP_EVENT_CLOCK,
+        FLOWS,
+        FLOW_POLICY,
+        FLOW_COUNTERS,
+        EGRESS_IDENTITY,
+        EGRESS_ENDPOINT,
+        TTFB,
     ];
 }
 
@@ -115,6 +139,11 @@ pub mod program_names {
     pub const XDP: &str = "tollgate";
     /// The enforcing program for layer-3 tunnel devices (packets start at the IP header).
     pub const XDP_L3: &str = "tollgate_l3";
+    /// The TC (clsact egress) program: counts what the node sends to bound identities and
+    /// closes their requests (time to first byte, request caps' reset).
+    pub const EGRESS: &str = "tollgate_egress";
+    /// A TC program that passes everything: the egress benchmark's baseline.
+    pub const TC_NOOP: &str = "tollgate_tc_noop";
     /// An XDP program that passes everything: the benchmark's baseline.
     pub const NOOP: &str = "tollgate_noop";
     /// Benchmark components (parser; parser + precise clock read; parser + coarse clock read,

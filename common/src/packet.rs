@@ -45,6 +45,8 @@ pub struct PacketBuilder {
     ipv6_ext: Vec<u8>,
     l4: L4,
     payload: usize,
+    /// TCP flags byte; SYN unless set.
+    tcp_flags: u8,
 }
 
 impl PacketBuilder {
@@ -68,6 +70,7 @@ impl PacketBuilder {
                 dport: 9,
             },
             payload: 0,
+            tcp_flags: 0x02,
         }
     }
 
@@ -116,6 +119,12 @@ impl PacketBuilder {
         self.l4(L4::Icmp { ty, code })
     }
 
+    /// The TCP flags byte (SYN by default): `0x10` ACK, `0x04` RST, ...
+    pub fn tcp_flags(mut self, flags: u8) -> Self {
+        self.tcp_flags = flags;
+        self
+    }
+
     /// Bytes of payload after the transport header.
     pub fn payload(mut self, len: usize) -> Self {
         self.payload = len;
@@ -129,7 +138,7 @@ impl PacketBuilder {
                 b.extend_from_slice(&sport.to_be_bytes());
                 b.extend_from_slice(&dport.to_be_bytes());
                 b.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // seq, ack
-                b.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]); // doff 5, SYN
+                b.extend_from_slice(&[0x50, self.tcp_flags, 0xff, 0xff, 0, 0, 0, 0]); // doff 5
                 IPPROTO_TCP
             }
             L4::Udp { sport, dport } => {

@@ -141,6 +141,9 @@ pub struct IpPacket {
     pub vlan_tags: u8,
     /// Offset of the transport header from the start of the frame.
     pub l4_offset: u16,
+    /// Where the IP datagram ends, from the start of the frame: its own length field, so link
+    /// padding of a small frame never counts as payload (`flow::tcp_payload`).
+    pub ip_end: u32,
 }
 
 pub const TCP_SYN: u8 = 0x02;
@@ -344,6 +347,7 @@ fn parse_ipv4<P: PacketView + ?Sized>(
         fragment: Fragment::None,
         vlan_tags,
         l4_offset: (off + ihl) as u16,
+        ip_end: end as u32,
     };
     if frag_offset != 0 {
         pkt.fragment = Fragment::Later;
@@ -397,6 +401,7 @@ fn parse_ipv6<P: PacketView + ?Sized>(
         fragment: Fragment::None,
         vlan_tags,
         l4_offset: 0,
+        ip_end: end as u32,
     };
 
     let mut cur = off + IPV6_HLEN;

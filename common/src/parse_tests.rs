@@ -355,6 +355,7 @@ fn l3_ipv4_and_ipv6_fields_match_the_ethernet_parse() {
         assert_eq!(
             IpPacket {
                 l4_offset: eth.l4_offset - ETH_HLEN as u16,
+                ip_end: eth.ip_end - ETH_HLEN as u32,
                 ..eth
             },
             p

@@ -22,6 +22,9 @@ pub const MAX_EXACT_BINDINGS: u32 = 131072;
 pub const MAX_CIDR_BINDINGS: u32 = 16384;
 /// Anonymous prefixes tracked per map (LRU: the packet path may insert, the oldest goes).
 pub const MAX_ANON_PREFIXES: u32 = 65536;
+/// Tracked flows (`flow::FlowKey` -> `flow::Flow`, LRU), the compiled default; `[limits]
+/// flows` sizes it at load time.
+pub const MAX_FLOWS: u32 = 65536;
 /// Slots of the port table: one per (TCP|UDP, port).
 pub const PORT_SLOTS: u32 = 2 * 65536;
 /// The identity id of unbound sources in per-identity counters.
@@ -184,6 +187,11 @@ pub const ID_QUOTA_EXHAUSTED: u8 = 1 << 3;
 /// the same on either and a plan moving between them needs no conversion (the coarse clock
 /// only lags the precise one, by less than a tick).
 pub const ID_PRECISE_CLOCK: u8 = 1 << 4;
+/// `Identity::flags`: over a response cap of its plan (bytes sent back to it, counted by the
+/// egress program; the controller sets and clears it). With `response_q8` 0 its packets to
+/// protected endpoints are dropped; otherwise its costs are multiplied by `response_q8` and
+/// what its budgets then refuse is counted as `response_cap`.
+pub const ID_RESPONSE_CAPPED: u8 = 1 << 5;
 
 /// Rate value meaning "no limit".
 pub const UNLIMITED: u64 = u64::MAX;
@@ -199,7 +207,9 @@ pub struct Identity {
     pub throttle_q8: u16,
     /// Plan index (for metrics and quotas; the kernel does not read it).
     pub plan: u16,
-    pub _pad: u16,
+    /// Cost multiplier while [`ID_RESPONSE_CAPPED`], Q8; 0 drops instead. Was padding before
+    /// #16 (always 0), and is only read under the flag, which older builds never set.
+    pub response_q8: u16,
     /// Roles this identity holds (bit set matched against `Endpoint::roles`).
     pub roles: u64,
     pub limits: Limits,

@@ -132,6 +132,15 @@ reasons! {
     /// A quota window of the identity's plan is spent.
     QuotaExhausted = 19, "quota_exhausted", Drop,
         "{who}; a quota window of its plan is spent: its packets to protected endpoints are dropped until the window rolls";
+    /// The flow (one TCP connection) sent more than the endpoint's request-size cap between
+    /// two answers of the server (`max_request_bytes`, `max_unanswered_bytes`): every later
+    /// packet of that flow is dropped too, bar a RST, so the server can let go of it.
+    RequestSize = 20, "request_size", Drop,
+        "{who}; this flow to {ep} sent more than the endpoint's request-size cap before the server answered: the flow is cut";
+    /// The identity is over a response cap of its plan (response bytes per second, minute,
+    /// day or month, counted on egress): the plan says drop, or the throttled budget is spent.
+    ResponseCap = 21, "response_cap", Drop,
+        "{who}; it is over a response cap of its plan (bytes the node sent back to it), so its requests are cut back until the window rolls";
 }
 
 /// Number of reasons.

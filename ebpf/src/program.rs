@@ -1,19 +1,23 @@
 use aya_ebpf::{
     Global,
-    bindings::xdp_action,
+    bindings::{TC_ACT_OK, xdp_action},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use tollgate_common::{
     Counter, REASON_COUNTER_SLOTS, Reason,
     decide::{AnonPrefix, Decision, Tables, decide},
+    flow::{
+        self, EgressCounters, FLOW_COUNTER_SLOTS, Flow, FlowKey, FlowPolicy, FlowTables,
+        TTFB_SLOTS, TtfbHist, tcp_payload, ttfb_bucket, ttfb_index,
+    },
     parse::{Family, Frame, PacketView, parse, parse_l3},
     policy::{
         AnonKey6, Binding, Bucket, DropEvent, Endpoint, HOLD_BACK_SLOTS, Identity,
         IdentityCounters, MAX_ANON_PREFIXES, MAX_CIDR_BINDINGS, MAX_ENDPOINTS, MAX_EXACT_BINDINGS,
-        MAX_IDENTITIES, PORT_SLOTS, SMALL_FRAME, Settings, hold_back_index,
+        MAX_FLOWS, MAX_IDENTITIES, PORT_SLOTS, SMALL_FRAME, Settings, hold_back_index,
     },
     reason_counter_index,
 };
@@ -78,6 +82,23 @@ static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 /// (endpoint, plan) -> Q8 hold-back multiplier, written by the controller.
 #[map]
 static HOLD_BACK: Array<u16> = Array::with_max_entries(HOLD_BACK_SLOTS, 0);
+/// Bound identities' TCP flows, both directions (`tollgate_common::flow`). LRU: the packet
+/// path inserts, so a flood of flows ages out the oldest (counted when one comes back).
+#[map]
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static FLOW_POLICY: Array<FlowPolicy> = Array::with_max_entries(MAX_ENDPOINTS, 0);
+#[map]
+static FLOW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_COUNTER_SLOTS, 0);
+/// What the node sent to each identity and from each endpoint (the egress program).
+#[map]
+static EGRESS_IDENTITY: PerCpuArray<EgressCounters> =
+    PerCpuArray::with_max_entries(MAX_IDENTITIES, 0);
+#[map]
+static EGRESS_ENDPOINT: PerCpuArray<EgressCounters> =
+    PerCpuArray::with_max_entries(MAX_ENDPOINTS, 0);
+#[map]
+static TTFB: PerCpuArray<TtfbHist> = PerCpuArray::with_max_entries(TTFB_SLOTS, 0);
 
 /// The frame between `data` and `data_end`. Every load is bounds-checked against `data_end`
 /// right before the access, in the shape the verifier tracks (packet pointer + constant size
@@ -101,6 +122,33 @@ impl PacketView for XdpFrame {
         }
         // SAFETY: [p, p + N) lies inside the frame (checked above); the read is unaligned
         // because headers after VLAN tags or IP options have no alignment guarantee.
+        Some(unsafe { core::ptr::read_unaligned(p as *const [u8; N]) })
+    }
+}
+
+/// The linear head of an skb: loads are checked against `data_end`, while `len` is the whole
+/// packet (`skb->len`: a GSO super-packet's payload lies past the linear part), so the
+/// parser's length checks see the datagram the IP header describes.
+struct TcFrame {
+    start: usize,
+    end: usize,
+    len: usize,
+}
+
+impl PacketView for TcFrame {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let p = self.start + off;
+        if p + N > self.end {
+            return None;
+        }
+        // SAFETY: [p, p + N) lies inside the linear data (checked above); unaligned, as in
+        // `XdpFrame::load`.
         Some(unsafe { core::ptr::read_unaligned(p as *const [u8; N]) })
     }
 }
@@ -218,13 +266,128 @@ impl Tables for Maps {
     }
 }
 
+impl FlowTables for Maps {
+    #[inline(always)]
+    fn flow(&self, key: &FlowKey) -> Option<*mut Flow> {
+        FLOWS.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn flow_insert(&self, key: &FlowKey, flow: &Flow) -> Option<*mut Flow> {
+        // BPF_ANY: a racing insert of the same flow on another CPU is as fresh as this one.
+        FLOWS.insert(key, flow, 0).ok()?;
+        FLOWS.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn flow_policy(&self, endpoint: u32) -> FlowPolicy {
+        FLOW_POLICY.get(endpoint).copied().unwrap_or_default()
+    }
+
+    #[inline(always)]
+    fn flow_count(&self, slot: u32) {
+        if let Some(c) = FLOW_COUNTERS.get_ptr_mut(slot) {
+            // SAFETY: a per-CPU slot, touched only by this CPU with preemption disabled.
+            unsafe { *c = (*c).wrapping_add(1) };
+        }
+    }
+
+    #[inline(always)]
+    fn record_ttfb(&self, endpoint: u32, class: u8, identity: u32, ns: u64) {
+        if let Some(h) = TTFB.get_ptr_mut(ttfb_index(endpoint, class)) {
+            let b = ttfb_bucket(ns);
+            // SAFETY: per-CPU slot, as above; `b` < TTFB_BUCKETS by construction, checked
+            // again so the verifier sees the bound.
+            unsafe {
+                (*h).count = (*h).count.wrapping_add(1);
+                (*h).sum_ns = (*h).sum_ns.wrapping_add(ns);
+                if let Some(slot) = (*h).buckets.get_mut(b) {
+                    *slot = slot.wrapping_add(1);
+                }
+            }
+        }
+        if let Some(c) = EGRESS_IDENTITY.get_ptr_mut(identity) {
+            // SAFETY: per-CPU slot, as above.
+            unsafe {
+                (*c).ttfb_sum_ns = (*c).ttfb_sum_ns.wrapping_add(ns);
+                (*c).ttfb_count = (*c).ttfb_count.wrapping_add(1);
+            }
+        }
+    }
+}
+
 #[xdp]
 pub fn tollgate(ctx: XdpContext) -> u32 {
     let frame = XdpFrame {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    enforce(&ctx, frame.len() as u64, parse(&frame))
+    enforce(&ctx, &frame, parse(&frame))
+}
+
+/// What the node sends: counted per bound identity and per endpoint, and each answer closes
+/// the request of its flow (time to first byte). Never drops: `TC_ACT_OK` for every packet,
+/// so a bug here can cost a figure, never a response.
+#[classifier]
+pub fn tollgate_egress(ctx: TcContext) -> i32 {
+    let len = ctx.len() as usize;
+    let mut frame = TcFrame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+        len,
+    };
+    // Headers usually sit in the linear part; pull them in when they do not (64 bytes of
+    // Ethernet + IPv6 + TCP without options, more where there is more).
+    if frame.end - frame.start < len && frame.end - frame.start < 128 {
+        let want = if len < 128 { len } else { 128 };
+        if ctx.pull_data(want as u32).is_ok() {
+            frame.start = ctx.data();
+            frame.end = ctx.data_end();
+        }
+    }
+    if let Ok(Frame::Ip(p)) = parse(&frame) {
+        let payload = if p.has_ports() {
+            tcp_or_udp_payload(&frame, &p)
+        } else {
+            0
+        };
+        let e = flow::egress(&Maps, &p, payload);
+        if e.endpoint != 0 {
+            count_egress(&EGRESS_ENDPOINT, e.endpoint, len as u64, payload);
+            if e.identity != 0 {
+                count_egress(&EGRESS_IDENTITY, e.identity, len as u64, payload);
+            }
+        }
+    }
+    TC_ACT_OK
+}
+
+/// Transport payload: TCP from its data offset, UDP after its 8-byte header.
+#[inline(always)]
+fn tcp_or_udp_payload(frame: &TcFrame, p: &tollgate_common::parse::IpPacket) -> u64 {
+    if p.proto == tollgate_common::parse::IPPROTO_UDP {
+        (p.ip_end as u64).saturating_sub(p.l4_offset as u64 + 8)
+    } else {
+        tcp_payload(frame, p)
+    }
+}
+
+#[inline(always)]
+fn count_egress(map: &PerCpuArray<EgressCounters>, slot: u32, bytes: u64, payload: u64) {
+    if let Some(c) = map.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot, touched only by this CPU (TC runs with preemption disabled
+        // for the program's run).
+        unsafe {
+            (*c).sent.add(bytes);
+            (*c).payload = (*c).payload.wrapping_add(payload);
+        }
+    }
+}
+
+/// Passes everything: the egress benchmark's baseline.
+#[classifier]
+pub fn tollgate_tc_noop(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 /// The same enforcement for layer-3 tunnel devices (ipip, sit, gre, ip6tnl, wireguard, xfrm),
@@ -236,16 +399,20 @@ pub fn tollgate_l3(ctx: XdpContext) -> u32 {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    enforce(&ctx, frame.len() as u64, parse_l3(&frame))
+    enforce(&ctx, &frame, parse_l3(&frame))
 }
 
-/// Decides, counts and samples one parsed frame of `len` bytes; returns the XDP action.
+/// Decides, counts and samples one parsed frame; returns the XDP action.
 #[inline(always)]
-fn enforce(ctx: &XdpContext, len: u64, parsed: Result<Frame, Reason>) -> u32 {
+fn enforce(ctx: &XdpContext, frame: &XdpFrame, parsed: Result<Frame, Reason>) -> u32 {
+    let len = frame.len() as u64;
     let mut new_flow = false;
     let decision = match parsed {
         Ok(Frame::Ip(p)) => {
-            let d = decide(&Maps, &p, len);
+            let mut d = decide(&Maps, &p, len);
+            if d.reason == Reason::Bound {
+                d = flow::ingress(&Maps, &p, tcp_payload(frame, &p), d);
+            }
             if d.reason.verdict() == tollgate_common::Verdict::Drop {
                 // The odd decisions' log lines ride on the drop event's sample, so they are
                 // as bounded as the events (and off with them).

@@ -103,7 +103,7 @@ pub fn identity_record(class: Class, roles: u64, plan: u16, limits: &PlanLimits)
         class: class as u8,
         throttle_q8: Q8_ONE,
         plan,
-        _pad: 0,
+        response_q8: 0,
         roles,
         limits: limits.to_kernel(),
     };

@@ -103,7 +103,7 @@ impl IdentityDef {
             class: self.class as u8,
             throttle_q8: self.throttle_q8,
             plan: self.plan,
-            _pad: 0,
+            response_q8: 0,
             roles: self.roles,
             limits: self.limits.to_kernel(),
         })
