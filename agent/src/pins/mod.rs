@@ -337,6 +337,7 @@ impl Pinned {
             .map_err(|e| load_err(e.to_string()))?
             .load()
             .map_err(|e| load_err(format!("verifier ({}): {e}", program_names::EGRESS)))?;
+        crate::flow_programs::install(&mut ebpf).map_err(|e| load_err(format!("{e:#}")))?;
         crate::loader::spawn_kernel_log(&mut ebpf, kernel_log)
             .map_err(|e| load_err(e.to_string()))?;
         {
