@@ -208,7 +208,10 @@ impl Checker<'_> {
         };
         let r = ResponseLimits {
             bytes_per_second: q(&p.response_bytes_per_second, "response_bytes_per_second")?,
-            minute_bytes: q(&p.response_quota_minute_bytes, "response_quota_minute_bytes")?,
+            minute_bytes: q(
+                &p.response_quota_minute_bytes,
+                "response_quota_minute_bytes",
+            )?,
             day_bytes: q(&p.response_quota_day_bytes, "response_quota_day_bytes")?,
             month_bytes: q(&p.response_quota_month_bytes, "response_quota_month_bytes")?,
             over,
