@@ -701,7 +701,9 @@ impl ControlLoop {
                     q8,
                     ..
                 } => {
-                    let mode = config.plan(plan).map_or("drop", |p| p.response.over.label());
+                    let mode = config
+                        .plan(plan)
+                        .map_or("drop", |p| p.response.over.label());
                     audit.record(
                         &Actor::AGENT,
                         "response_capped",
@@ -716,9 +718,10 @@ impl ControlLoop {
                     name, plan, was, ..
                 } => {
                     let why = match was.map(|o| o.cap) {
-                        _ if plan.as_deref().and_then(|p| config.plan(p)).is_none_or(|p| {
-                            p.response.is_unlimited()
-                        }) =>
+                        _ if plan
+                            .as_deref()
+                            .and_then(|p| config.plan(p))
+                            .is_none_or(|p| p.response.is_unlimited()) =>
                         {
                             "the plan caps responses no more"
                         }

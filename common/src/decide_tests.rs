@@ -600,7 +600,10 @@ fn a_response_cap_in_drop_mode_drops_uncharged_until_the_flag_is_cleared() {
     let mut t = lab();
     t.identities.get_mut(&ID).unwrap().flags |= ID_RESPONSE_CAPPED;
     let d = run(&t, &tcp(C4, 8000));
-    assert_eq!((d.reason, d.endpoint, d.identity), (Reason::ResponseCap, EP, ID));
+    assert_eq!(
+        (d.reason, d.endpoint, d.identity),
+        (Reason::ResponseCap, EP, ID)
+    );
     assert_eq!(
         unsafe { (*t.buckets[&ID].get()).pkt_tat },
         0,
@@ -608,7 +611,10 @@ fn a_response_cap_in_drop_mode_drops_uncharged_until_the_flag_is_cleared() {
     );
     let frag = PacketBuilder::v4(C4, S4).fragment(10, false).build();
     let d = run(&t, &frag);
-    assert_eq!((d.reason, d.endpoint, d.identity), (Reason::ResponseCap, 0, ID));
+    assert_eq!(
+        (d.reason, d.endpoint, d.identity),
+        (Reason::ResponseCap, 0, ID)
+    );
     // A quarantine or a spent quota is said first.
     t.identities.get_mut(&ID).unwrap().flags |= ID_QUOTA_EXHAUSTED;
     assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::QuotaExhausted);
@@ -635,7 +641,11 @@ fn a_response_cap_in_throttle_mode_shrinks_the_budgets_and_counts_their_refusals
     };
     let bytes = customer(UNLIMITED, 0, 1000, 1000);
     assert_eq!(outcome(0, 0, bytes), (10, Reason::ByteRate));
-    assert_eq!(outcome(0, 4 * Q8_ONE, bytes), (10, Reason::ByteRate), "q8 unflagged");
+    assert_eq!(
+        outcome(0, 4 * Q8_ONE, bytes),
+        (10, Reason::ByteRate),
+        "q8 unflagged"
+    );
     assert_eq!(
         outcome(ID_RESPONSE_CAPPED, 4 * Q8_ONE, bytes),
         (2, Reason::ResponseCap)

@@ -450,7 +450,13 @@ mod tests {
         );
         assert_eq!(book.spent["alice"].response(Window::Minute), 10_500);
         // The minute rolls: cleared, and the new minute counts from zero.
-        let a = tick(&mut caps, &mut book, (FEB01_2024 + 60) * 1000, [0, 60_600, 300], &limits);
+        let a = tick(
+            &mut caps,
+            &mut book,
+            (FEB01_2024 + 60) * 1000,
+            [0, 60_600, 300],
+            &limits,
+        );
         assert_eq!(cleared(&a), ["alice"]);
         assert_eq!(book.spent["alice"].response(Window::Minute), 100);
         assert_eq!(book.spent["alice"].response(Window::Day), 10_600);
@@ -494,7 +500,10 @@ mod tests {
         let Action::Set { over, .. } = &a[0] else {
             unreachable!()
         };
-        assert_eq!((over.spent, over.limit, over.until_unix), (4004, 4000, None));
+        assert_eq!(
+            (over.spent, over.limit, over.until_unix),
+            (4004, 4000, None)
+        );
         // Still over: held. A longer interval counts as one: 2000 bytes over 500 ms is 4000/s.
         let a = tick(&mut caps, &mut book, T0_MS + 750, [0, 4001, 0], &limits);
         assert!(a.is_empty(), "{a:?}");

@@ -11,9 +11,7 @@ use crate::{
     Reason::*,
     packet::PacketBuilder,
     parse::{IPPROTO_TCP, IPPROTO_UDP},
-    policy::{
-        Class, ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_RESPONSE_CAPPED, ID_THROTTLED, Q8_ONE,
-    },
+    policy::{Class, ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_RESPONSE_CAPPED, ID_THROTTLED, Q8_ONE},
 };
 
 /// The server every case sends to: 198.19.0.1 and 2001:db8:ff::1.
@@ -186,7 +184,12 @@ fn identities() -> Vec<IdentityDef> {
         (INACTIVE, Cu, roomy, Slot::Inactive),
         (HELD, Cu, bytes_1k, on),
         (RESPONSE_DROP, Cu, roomy, Slot::Active(ID_RESPONSE_CAPPED)),
-        (RESPONSE_THROTTLE, Cu, bytes_1k, Slot::Active(ID_RESPONSE_CAPPED)),
+        (
+            RESPONSE_THROTTLE,
+            Cu,
+            bytes_1k,
+            Slot::Active(ID_RESPONSE_CAPPED),
+        ),
     ];
     rows.into_iter()
         .map(|(id, class, limits, slot)| IdentityDef {
@@ -197,7 +200,11 @@ fn identities() -> Vec<IdentityDef> {
             limits,
             // Only THROTTLED has the flag that makes this count.
             throttle_q8: 4 * Q8_ONE,
-            response_q8: if id == RESPONSE_THROTTLE { 4 * Q8_ONE } else { 0 },
+            response_q8: if id == RESPONSE_THROTTLE {
+                4 * Q8_ONE
+            } else {
+                0
+            },
             slot,
         })
         .collect()

@@ -32,6 +32,7 @@ pub(super) fn identity(name: &str, passed: u64, dropped: u64) -> IdentityRow {
         dropped_packets: dropped,
         dropped_bytes: dropped * 100,
         clock: None,
+        response_capped: None,
     })
 }
 
