@@ -12,7 +12,7 @@ use tollgate_common::{
     Counter, REASON_COUNTER_SLOTS, Reason,
     decide::{AnonPrefix, Decision, Tables, decide},
     flow::{
-        self, EgressCounters, FLOW_COUNTER_SLOTS, Flow, FlowKey, FlowPolicy, FlowTables,
+        self, EgressCounters, FLOW_COUNTER_SLOTS, FP_TRACK, Flow, FlowKey, FlowPolicy, FlowTables,
         TTFB_SLOTS, TtfbHist, tcp_payload, ttfb_bucket, ttfb_index,
     },
     parse::{Family, Frame, PacketView, parse, parse_l3},
@@ -494,7 +494,10 @@ fn enforce(ctx: &XdpContext, frame: &XdpFrame, l3: bool, parsed: Result<Frame, R
     let decision = match parsed {
         Ok(Frame::Ip(p)) => {
             let d = decide(&Maps, &p, len);
-            if d.reason == Reason::Bound && p.proto == tollgate_common::parse::IPPROTO_TCP {
+            if d.reason == Reason::Bound
+                && p.proto == tollgate_common::parse::IPPROTO_TCP
+                && Maps.flow_policy(d.endpoint).flags & FP_TRACK != 0
+            {
                 hand_to_flow(ctx, l3, &d);
                 // Back here only if the flow program is not installed: counted untracked.
             }
