@@ -69,6 +69,23 @@ fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
             sin_zero: [0; 8],
         };
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // Linux bounds connect(2) by the send timeout: a dropped SYN fails in a second, not
+        // after the kernel's minute of retries.
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        let tv_len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+        if libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            tv_len,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
         if libc::bind(fd, (&raw const sa).cast(), len) != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -114,9 +131,19 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-#[test]
-#[ignore = "needs the egress program attached and KernelTables::egress_identities_upto (egress)"]
-fn an_identity_over_its_response_minute_cap_is_cut_back_and_passes_when_the_window_rolls() {
+struct World {
+    lab: Lab,
+    dirs: AgentDirs,
+    _agent: Agent,
+    server: SocketAddr,
+    taker: Ipv4Addr,
+    neighbour: Ipv4Addr,
+}
+
+/// Plan `resp` (response minute cap [`CAP`], drop) for `taker`, plan `open` (no caps) for
+/// `neighbour`, both bound at their own address of the lab's client, one TCP endpoint served
+/// by [`serve`]; started early in a minute, so that the cap is crossed and judged in one.
+fn world() -> World {
     tollgate_tests::require_root();
     let lab = Lab::new();
     let dirs = AgentDirs::new();
@@ -173,14 +200,27 @@ fn an_identity_over_its_response_minute_cap_is_cut_back_and_passes_when_the_wind
         .server
         .run(|| TcpListener::bind((lab.server_v4, PORT)).expect("listen"));
     std::thread::spawn(move || serve(listener));
-    let _agent = Agent::native(&lab.server, &dirs, &config_path);
+    let agent = Agent::native(&lab.server, &dirs, &config_path);
     let server = SocketAddr::from((lab.server_v4, PORT));
-
-    // Spend the cap early in a minute, so that it is crossed and judged in one window.
     let into_minute = unix_now() % 60;
     if into_minute > 30 {
         std::thread::sleep(Duration::from_secs(61 - into_minute));
     }
+    World {
+        lab,
+        dirs,
+        _agent: agent,
+        server,
+        taker,
+        neighbour,
+    }
+}
+
+#[test]
+#[ignore = "needs the agent to attach the egress program (TC clsact egress)"]
+fn an_identity_over_its_response_minute_cap_is_cut_back_and_passes_when_the_window_rolls() {
+    let w = world();
+    let (lab, server, taker, neighbour) = (&w.lab, w.server, w.taker, w.neighbour);
     let (taken, cut_at, neighbour_ok) = lab.client.run(|| {
         let mut t = connect_from(taker, server).expect("taker connects");
         let mut n = connect_from(neighbour, server).expect("neighbour connects");
@@ -208,14 +248,24 @@ fn an_identity_over_its_response_minute_cap_is_cut_back_and_passes_when_the_wind
         "taken {taken} bytes: the cap is {CAP}, the bound {bound}"
     );
     assert!(neighbour_ok, "the neighbour lost its answers");
-    let capped = audit(&dirs)
+    capped_then_rolled(&w);
+}
+
+/// What the agent shows of `taker` over its cap, then the roll: the flag lifted and a new
+/// connection passing.
+fn capped_then_rolled(w: &World) {
+    let (lab, dirs, server, taker) = (&w.lab, &w.dirs, w.server, w.taker);
+    let capped = audit(dirs)
         .into_iter()
         .find(|l| l["action"] == "response_capped")
         .expect("a response_capped audit line");
     assert_eq!(capped["detail"]["identity"], "taker");
     assert_eq!(capped["detail"]["cap"], "minute");
     assert_eq!(capped["detail"]["limit"], CAP);
-    assert!(capped["detail"]["spent_bytes"].as_u64() >= Some(CAP), "{capped}");
+    assert!(
+        capped["detail"]["spent_bytes"].as_u64() >= Some(CAP),
+        "{capped}"
+    );
     let until = capped["detail"]["until_unix"].as_u64().expect("until_unix");
     assert!(
         reason_counter(&dirs, Reason::ResponseCap, 1).packets > 0,
@@ -246,14 +296,9 @@ fn an_identity_over_its_response_minute_cap_is_cut_back_and_passes_when_the_wind
         "{quota}"
     );
     assert_eq!(quota[0]["minute"]["response_bytes_limit"], CAP);
-    let shown: serde_json::Value = serde_json::from_str(&dirs.cli_ok(&[
-        "identities",
-        "show",
-        "taker",
-        "--output",
-        "json",
-    ]))
-    .expect("json");
+    let shown: serde_json::Value =
+        serde_json::from_str(&dirs.cli_ok(&["identities", "show", "taker", "--output", "json"]))
+            .expect("json");
     let text = shown["response_capped"].as_str().unwrap_or_default();
     assert!(text.contains("response minute cap"), "{shown}");
     let explained: serde_json::Value = serde_json::from_str(&dirs.cli_ok(&[
@@ -275,9 +320,9 @@ fn an_identity_over_its_response_minute_cap_is_cut_back_and_passes_when_the_wind
     let deadline = Instant::now() + Duration::from_secs(75);
     loop {
         let passed = unix_now() >= until
-            && lab.client.run(|| {
-                connect_from(taker, server).is_ok_and(|mut t| ask(&mut t, CHUNK))
-            });
+            && lab
+                .client
+                .run(|| connect_from(taker, server).is_ok_and(|mut t| ask(&mut t, CHUNK)));
         if passed {
             break;
         }
@@ -287,10 +332,62 @@ fn an_identity_over_its_response_minute_cap_is_cut_back_and_passes_when_the_wind
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let lifted = audit(&dirs)
+    let lifted = audit(dirs)
         .into_iter()
         .find(|l| l["action"] == "response_cap_lifted")
         .expect("a response_cap_lifted audit line");
     assert_eq!(lifted["detail"]["identity"], "taker");
     assert_eq!(lifted["reason"], "window rolled", "{lifted}");
+}
+
+/// The egress counters as the egress program would write them: `payload` for identity `slot`
+/// on the first CPU, nothing on the others.
+fn write_egress_payload(dirs: &AgentDirs, slot: u32, payload: u64) {
+    use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+    use tollgate_common::flow::EgressCounters;
+    let pin =
+        tollgate::pins::maps_dir(&dirs.pin_dir).join(tollgate_common::map_names::EGRESS_IDENTITY);
+    let data = MapData::from_pin(&pin).expect("egress identity pin");
+    let mut map: PerCpuArray<MapData, EgressCounters> =
+        PerCpuArray::try_from(Map::from_map_data(data).expect("map")).expect("per-cpu array");
+    let cpus = aya::util::nr_cpus().expect("cpus");
+    let mut values = vec![EgressCounters::default(); cpus];
+    values[0].payload = payload;
+    map.set(slot, PerCpuValues::try_from(values).expect("values"), 0)
+        .expect("writing the egress counters");
+}
+
+/// The controller half alone, while the agent does not attach the egress program yet: the
+/// test writes what the egress program would count into the pinned per-identity egress
+/// counters; the controller must cap the identity within one interval and lift it when the
+/// window rolls, and the kernel must drop its requests (and only its) meanwhile.
+#[test]
+fn response_bytes_counted_on_egress_cap_the_identity_within_one_interval_until_the_window_rolls() {
+    let w = world();
+    let (lab, dirs, server) = (&w.lab, &w.dirs, w.server);
+    let slot = dirs.identity_slot("taker");
+    // A baseline reading first (the controller counts deltas), then one interval's answers
+    // over the cap.
+    write_egress_payload(dirs, slot, 1_000);
+    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    lab.client.run(|| {
+        let mut t = connect_from(w.taker, server).expect("taker connects");
+        assert!(ask(&mut t, CHUNK), "the taker is cut before its cap");
+    });
+    write_egress_payload(dirs, slot, 1_000 + CAP);
+    let set_at = Instant::now();
+    // Flagged within one interval (plus scheduling): the next request is dropped.
+    std::thread::sleep(Duration::from_millis(INTERVAL_MS + 150));
+    let (taker_ok, neighbour_ok) = lab.client.run(|| {
+        let taker_ok = connect_from(w.taker, server).is_ok_and(|mut t| ask(&mut t, CHUNK));
+        let mut n = connect_from(w.neighbour, server).expect("neighbour connects");
+        (taker_ok, (0..5).all(|_| ask(&mut n, CHUNK)))
+    });
+    assert!(
+        !taker_ok,
+        "the taker still gets answers {:?} after its cap",
+        set_at.elapsed()
+    );
+    assert!(neighbour_ok, "the neighbour lost its answers");
+    capped_then_rolled(&w);
 }

@@ -836,25 +836,6 @@ fn egress_counters(tables: &KernelTables, upto: u32) -> Vec<EgressCounters> {
     }
 }
 
-/// Until `KernelTables::egress_identities_upto` lands (branch `egress`, tables/egress.rs):
-/// nothing read, so nothing counted. An inherent method of the same name wins over this
-/// trait's, so the merge needs only this shim removed.
-trait EgressUntilMerged {
-    fn egress_identities_upto(
-        &self,
-        upto: u32,
-    ) -> Result<Vec<EgressCounters>, crate::tables::TableError>;
-}
-
-impl EgressUntilMerged for KernelTables {
-    fn egress_identities_upto(
-        &self,
-        _upto: u32,
-    ) -> Result<Vec<EgressCounters>, crate::tables::TableError> {
-        Ok(Vec::new())
-    }
-}
-
 /// Sets (with `q8`, 0: drop) or clears `ID_RESPONSE_CAPPED` on identity `slot`, keeping
 /// every other flag: the quota and anomaly flags are the controller's too.
 fn set_response_flag(

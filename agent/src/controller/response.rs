@@ -92,9 +92,8 @@ impl ResponseLimits {
     }
 }
 
-/// Which cap an identity is over.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// Which cap an identity is over; written as its label (`rate`, `minute`, `day`, `month`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cap {
     /// `response_bytes_per_second`, over the last tick.
     Rate,
@@ -107,6 +106,12 @@ impl Cap {
             Cap::Rate => "rate",
             Cap::Window(w) => w.as_str(),
         }
+    }
+}
+
+impl Serialize for Cap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.label())
     }
 }
 
@@ -440,6 +445,8 @@ mod tests {
         assert_eq!(over.spent, 10_000);
         assert_eq!(over.until_unix, Some(FEB01_2024 + 60));
         assert!(over.describe().contains("rolls at unix 1706745660"));
+        assert_eq!(serde_json::to_value(over.cap).unwrap(), "minute");
+        assert_eq!(serde_json::to_value(Cap::Rate).unwrap(), "rate");
         // Held, not set again; bob untouched.
         let a = tick(&mut caps, &mut book, T0_MS + 750, [0, 60_500, 300], &limits);
         assert!(a.is_empty(), "{a:?}");
