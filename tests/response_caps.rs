@@ -268,7 +268,7 @@ fn capped_then_rolled(w: &World) {
     );
     let until = capped["detail"]["until_unix"].as_u64().expect("until_unix");
     assert!(
-        reason_counter(&dirs, Reason::ResponseCap, 1).packets > 0,
+        reason_counter(dirs, Reason::ResponseCap, 1).packets > 0,
         "nothing counted as response_cap on the endpoint"
     );
     // The neighbour on the same endpoint: nothing dropped, not capped.
