@@ -405,6 +405,8 @@ pub struct Plan {
     pub priority: u8,
     pub limits: PlanLimits,
     pub quota: crate::controller::quota::QuotaLimits,
+    /// `response_*`: caps on the bytes the node sends back (node scope whatever `scope` says).
+    pub response: crate::controller::response::ResponseLimits,
     /// `scope`: where the rate and quotas hold: per identity on this node, or per identity
     /// across the pool (`[fleet]`: each node enforces its share, `fleet::global`).
     pub scope: PlanScope,

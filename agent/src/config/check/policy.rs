@@ -9,6 +9,7 @@ use crate::config::{
     Endpoint, Plan, PlanScope, StaticIdentity,
     raw::{List, PortItem, RawEndpoint, RawIdentity, RawPlan, S},
 };
+use crate::controller::response::{ResponseLimits, ResponseOver};
 use crate::tables::{EndpointSpec, PlanLimits, Proto};
 
 /// The smallest byte burst: one full-size Ethernet frame (1500 bytes of payload, 14 of header,
@@ -98,6 +99,7 @@ impl Checker<'_> {
                 day_cost: q(&p.quota_day_cost, "quota_day_cost")?,
                 month_cost: q(&p.quota_month_cost, "quota_month_cost")?,
             };
+            let response = self.response(i, &p)?;
             let scope = match &p.scope {
                 None => Plan::DEFAULT_SCOPE,
                 Some(v) => match v.get_ref().as_str() {
@@ -151,9 +153,100 @@ impl Checker<'_> {
                     byte_burst,
                 },
                 quota,
+                response,
             });
         }
         Ok(plans)
+    }
+
+    /// A plan's response caps (`response_*`). Limits are at least 1 byte like the quotas';
+    /// the mode and factor without a cap are refused: they would silently do nothing.
+    fn response(&self, plan: usize, p: &RawPlan) -> Result<ResponseLimits> {
+        let at = |key: &str| format!("plans[{plan}].{key}");
+        let q = |v: &Option<S<i64>>, key: &str| -> Result<Option<u64>> {
+            match v {
+                None => Ok(None),
+                Some(_) => Ok(Some(self.int(v, &at(key), 1, 1..=i64::MAX)? as u64)),
+            }
+        };
+        let d = ResponseLimits::default();
+        let over = match &p.response_over {
+            None => d.over,
+            Some(v) => match v.get_ref().as_str() {
+                "drop" => ResponseOver::Drop,
+                "throttle" => ResponseOver::Throttle,
+                other => {
+                    return Err(self.err(
+                        v.span(),
+                        at("response_over"),
+                        format!(
+                            "{other:?} is not a response_over: \"drop\" (ingress dropped while \
+                             over a response cap) or \"throttle\" (its costs multiplied by \
+                             response_throttle)"
+                        ),
+                    ));
+                }
+            },
+        };
+        let throttle = match &p.response_throttle {
+            None => d.throttle,
+            Some(v) => {
+                let x = *v.get_ref();
+                // Written so that NaN fails too; 255 keeps the Q8 factor in a u16.
+                if !(x > 1.0 && x <= 255.0) {
+                    return Err(self.err(
+                        v.span(),
+                        at("response_throttle"),
+                        format!(
+                            "{x} is out of range: a throttle multiplies costs, so it must be \
+                             above 1 and at most 255"
+                        ),
+                    ));
+                }
+                x
+            }
+        };
+        let r = ResponseLimits {
+            bytes_per_second: q(&p.response_bytes_per_second, "response_bytes_per_second")?,
+            minute_bytes: q(
+                &p.response_quota_minute_bytes,
+                "response_quota_minute_bytes",
+            )?,
+            day_bytes: q(&p.response_quota_day_bytes, "response_quota_day_bytes")?,
+            month_bytes: q(&p.response_quota_month_bytes, "response_quota_month_bytes")?,
+            over,
+            throttle,
+        };
+        if r.is_unlimited() {
+            let stray = [
+                (p.response_over.as_ref().map(|v| v.span()), "response_over"),
+                (
+                    p.response_throttle.as_ref().map(|v| v.span()),
+                    "response_throttle",
+                ),
+            ];
+            if let Some((Some(span), key)) = stray.into_iter().find(|(s, _)| s.is_some()) {
+                return Err(self.err(
+                    span,
+                    at(key),
+                    format!(
+                        "{key} without a response cap does nothing: set \
+                         response_bytes_per_second or a response_quota_*_bytes, or remove it"
+                    ),
+                ));
+            }
+        }
+        if r.over == ResponseOver::Drop
+            && let Some(v) = &p.response_throttle
+        {
+            return Err(self.err(
+                v.span(),
+                at("response_throttle"),
+                "response_throttle applies only with response_over = \"throttle\": set that, \
+                 or remove response_throttle",
+            ));
+        }
+        Ok(r)
     }
 
     /// A rate and its burst: both or neither. A rate of 0 would silently refuse all traffic of
