@@ -133,14 +133,7 @@ fn main() {
     tollgate_tests::require_root();
     let rounds = if quick() { 4 } else { 9 };
     let mut ebpf = loader::load().expect("loading the program");
-    for name in [program_names::EGRESS, program_names::TC_NOOP] {
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .expect("program")
-            .try_into()
-            .expect("classifier");
-        tc.load().expect("loading a TC program");
-    }
+    // `loader::load` loads the TC programs too (the egress program and the empty one).
     let mut tables = KernelTables::from_ebpf(&mut ebpf).expect("tables");
     setup(&mut tables);
     let paths = vec![

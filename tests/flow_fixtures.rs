@@ -84,13 +84,6 @@ impl Lab {
                 },
             )
             .expect("flow policy");
-        let tc: &mut SchedClassifier = h
-            .ebpf
-            .program_mut(program_names::EGRESS)
-            .expect("egress program")
-            .try_into()
-            .expect("classifier");
-        tc.load().expect("egress program verifies");
         Lab { h }
     }
 
