@@ -102,7 +102,10 @@ fn the_egress_link_is_pinned_adopted_in_place_across_a_kill_and_removed_by_unins
     );
     let after = egress_link(&egress_pin);
     assert_eq!(after.id, first.id, "the same link, adopted");
-    assert_ne!(after.prog_id, first.prog_id, "the successor's program swapped in");
+    assert_ne!(
+        after.prog_id, first.prog_id,
+        "the successor's program swapped in"
+    );
     assert_eq!(programs.len(), 2, "old and new program: {programs:?}");
     assert_eq!(
         program_name(after.prog_id).as_deref(),
@@ -119,7 +122,10 @@ fn the_egress_link_is_pinned_adopted_in_place_across_a_kill_and_removed_by_unins
     assert!(!egress_pin.exists() && !xdp_pin.exists());
     let exit = successor.stop();
     assert!(exit.status.success(), "{}", exit.stderr);
-    assert!(w.lab.server.xdp_attach(iface).is_none(), "XDP still attached");
+    assert!(
+        w.lab.server.xdp_attach(iface).is_none(),
+        "XDP still attached"
+    );
     // The kernel let go of the egress link too (its last reference was the pin and our fd).
     let deadline = Instant::now() + Duration::from_secs(5);
     let gone = loop {
