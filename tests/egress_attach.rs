@@ -53,6 +53,16 @@ fn the_egress_link_is_pinned_adopted_in_place_across_a_kill_and_removed_by_unins
         "program {} on the egress link",
         first.prog_id
     );
+    // `status` shows it per interface, and the flow table's size.
+    let text = w.dirs.cli_ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "attached (TCX link {}, program {})",
+            first.id, first.prog_id
+        )),
+        "{text}"
+    );
+    assert!(text.contains("flows"), "{text}");
     // The egress pin names no interface of its own: only the XDP pins do.
     assert_eq!(
         tollgate::pins::pinned_interfaces(&w.dirs.pin_dir),
