@@ -53,6 +53,39 @@ fn the_egress_link_is_pinned_adopted_in_place_across_a_kill_and_removed_by_unins
         "program {} on the egress link",
         first.prog_id
     );
+    // Every configured endpoint's flow settings are in the kernel (TCP: tracked by default,
+    // UDP: not), and the ids past them are empty.
+    let fp_path =
+        tollgate::pins::maps_dir(&w.dirs.pin_dir).join(tollgate_common::map_names::FLOW_POLICY);
+    let fp: aya::maps::Array<aya::maps::MapData, tollgate_common::flow::FlowPolicy> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(
+            aya::maps::MapData::from_pin(&fp_path).expect("FLOW_POLICY pin"),
+        ))
+        .expect("array");
+    let text = std::fs::read_to_string(&w.config).expect("config");
+    let endpoints = text.matches("[[endpoints]]").count() as u32;
+    assert!(endpoints >= 1, "{text}");
+    let tracked = (1..=endpoints)
+        .filter(|id| {
+            fp.get(id, 0).expect("flow policy").flags & tollgate_common::flow::FP_TRACK != 0
+        })
+        .count();
+    assert!(tracked >= 1, "no endpoint's flows tracked in FLOW_POLICY");
+    assert_eq!(
+        fp.get(&(endpoints + 1), 0).expect("flow policy"),
+        tollgate_common::flow::FlowPolicy::default()
+    );
+
+    // `status` shows it per interface, and the flow table's size.
+    let text = w.dirs.cli_ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "attached (TCX link {}, program {})",
+            first.id, first.prog_id
+        )),
+        "{text}"
+    );
+    assert!(text.contains("flows"), "{text}");
     // The egress pin names no interface of its own: only the XDP pins do.
     assert_eq!(
         tollgate::pins::pinned_interfaces(&w.dirs.pin_dir),

@@ -181,6 +181,16 @@ pub fn reconcile(
             drift.note(1, || format!("endpoint {id}"));
         }
     }
+    for (id, have) in tables.flow_policy_table()?.iter().enumerate().skip(1) {
+        let want = config
+            .endpoints
+            .get(id - 1)
+            .map_or_else(tollgate_common::flow::FlowPolicy::default, |ep| ep.flow);
+        if *have != want {
+            tables.set_flow_policy(id as u32, &want)?;
+            drift.note(1, || format!("flow policy of endpoint {id}"));
+        }
+    }
     let mut want_ports: BTreeMap<u32, u32> = BTreeMap::new();
     for (i, ep) in config.endpoints.iter().enumerate() {
         for range in &ep.port_ranges {

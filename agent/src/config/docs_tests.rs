@@ -213,6 +213,13 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             Some(Endpoint::DEFAULT_ANONYMOUS.to_string()),
         ),
         ("endpoints", "gpus", None),
+        ("endpoints", "max_request_bytes", None),
+        ("endpoints", "max_unanswered_bytes", None),
+        (
+            "endpoints",
+            "track_flows",
+            Some(Endpoint::DEFAULT_TRACK_FLOWS.to_string()),
+        ),
         ("identities", "name", None),
         ("identities", "class", None),
         ("identities", "plan", None),

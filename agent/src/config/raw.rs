@@ -355,6 +355,9 @@ pub(super) struct RawEndpoint {
     pub roles: Option<List<String>>,
     pub anonymous: Option<S<bool>>,
     pub gpus: Option<List<i64>>,
+    pub max_request_bytes: Option<S<i64>>,
+    pub max_unanswered_bytes: Option<S<i64>>,
+    pub track_flows: Option<S<bool>>,
 }
 
 #[derive(Deserialize)]

@@ -2355,3 +2355,94 @@ mod fleet {
         assert!(e.message.contains("is not a scope"), "{e}");
     }
 }
+
+/// An endpoint after BASE (its `[[endpoints]]` line is line 7), with `extra` from line 12.
+fn flow_endpoint(proto: &str, extra: &str) -> String {
+    with(&format!(
+        "\n[[endpoints]]\nname = \"api\"\nprotocol = \"{proto}\"\nports = [8000]\nclasses = \
+         [\"customer\"]\n{extra}"
+    ))
+}
+
+#[test]
+fn flow_keys_default_to_tracking_tcp_without_caps() {
+    use tollgate_common::flow::{FP_TRACK, FlowPolicy};
+    let c = Config::parse(&flow_endpoint("tcp", ""), "t.toml").unwrap();
+    let want = FlowPolicy {
+        flags: FP_TRACK,
+        ..FlowPolicy::default()
+    };
+    assert_eq!(c.endpoints[0].flow, want);
+    let c = Config::parse(&flow_endpoint("udp", ""), "t.toml").unwrap();
+    assert_eq!(c.endpoints[0].flow, FlowPolicy::default());
+    let c = Config::parse(
+        &flow_endpoint(
+            "tcp",
+            "max_request_bytes = 1048576\nmax_unanswered_bytes = 4194304\n",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        c.endpoints[0].flow,
+        FlowPolicy {
+            flags: FP_TRACK,
+            _pad: 0,
+            max_request_bytes: 1 << 20,
+            max_unanswered_bytes: 4 << 20,
+        }
+    );
+    let c = Config::parse(&flow_endpoint("tcp", "track_flows = false\n"), "t.toml").unwrap();
+    assert_eq!(c.endpoints[0].flow, FlowPolicy::default());
+}
+
+#[test]
+fn flow_keys_are_refused_where_they_cannot_hold() {
+    assert_refused(
+        &flow_endpoint("tcp", "track_flows = false\nmax_request_bytes = 65536\n"),
+        12,
+        "endpoints[0].track_flows",
+        "caps are counted per tracked flow",
+    );
+    assert_refused(
+        &flow_endpoint("udp", "max_request_bytes = 65536\n"),
+        12,
+        "endpoints[0].max_request_bytes",
+        "TCP endpoints only",
+    );
+    assert_refused(
+        &flow_endpoint("udp", "track_flows = true\n"),
+        12,
+        "endpoints[0].track_flows",
+        "TCP endpoints only",
+    );
+    assert_refused(
+        &flow_endpoint("tcp", "max_request_bytes = 100\n"),
+        12,
+        "endpoints[0].max_request_bytes",
+        "at least 4096",
+    );
+    assert_refused(
+        &flow_endpoint("tcp", "max_unanswered_bytes = -1\n"),
+        12,
+        "endpoints[0].max_unanswered_bytes",
+        "",
+    );
+    assert_refused(
+        &flow_endpoint(
+            "tcp",
+            "max_request_bytes = 1048576\nmax_unanswered_bytes = 65536\n",
+        ),
+        13,
+        "endpoints[0].max_unanswered_bytes",
+        "at least max_request_bytes",
+    );
+}
+
+#[test]
+fn limits_flows_has_the_floor_of_an_lru() {
+    let text = with("\n[limits]\nflows = 100\n");
+    assert_refused(&text, 8, "limits.flows", "");
+    let c = Config::parse(&with("\n[limits]\nflows = 4096\n"), "t.toml").unwrap();
+    assert_eq!(c.limits.sizes.flows, 4096);
+}

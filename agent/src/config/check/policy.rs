@@ -2,7 +2,10 @@
 
 use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 
-use tollgate_common::policy::MAX_ENDPOINTS;
+use tollgate_common::{
+    flow::{FP_TRACK, FlowPolicy},
+    policy::MAX_ENDPOINTS,
+};
 
 use super::{Checker, Result};
 use crate::config::{
@@ -443,6 +446,7 @@ impl Checker<'_> {
                 }
                 gpus.push(idx as u32);
             }
+            let flow = self.flow_policy(&e, proto, &at)?;
             let first = port_ranges[0].clone();
             endpoints.push(Endpoint {
                 name,
@@ -462,10 +466,96 @@ impl Checker<'_> {
                 port_ranges: port_ranges.clone(),
                 role_names,
                 gpus,
+                flow,
             });
             taken.extend(port_ranges.into_iter().map(|r| (proto, r, i)));
         }
         Ok(endpoints)
+    }
+
+    /// `track_flows`, `max_request_bytes`, `max_unanswered_bytes`: what the kernel's
+    /// `FLOW_POLICY` holds for this endpoint. A cap needs tracking (it is counted per flow),
+    /// and flows are TCP's only.
+    fn flow_policy(
+        &self,
+        e: &RawEndpoint,
+        proto: Proto,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<FlowPolicy> {
+        let cap = |v: &Option<S<i64>>, key: &str| -> Result<u64> {
+            let n = self.int(v, &at(key), 0, 0..=Endpoint::MAX_REQUEST_CAP)?;
+            if n != 0 && n < Endpoint::MIN_REQUEST_CAP {
+                let span = v.as_ref().map_or(0..0, |v| v.span());
+                return Err(self.err(
+                    span,
+                    at(key),
+                    format!(
+                        "{n} bytes would cut a TLS handshake or a request's headers: 0 (no cap) or at least {}",
+                        Endpoint::MIN_REQUEST_CAP
+                    ),
+                ));
+            }
+            Ok(n as u64)
+        };
+        let max_request_bytes = cap(&e.max_request_bytes, "max_request_bytes")?;
+        let max_unanswered_bytes = cap(&e.max_unanswered_bytes, "max_unanswered_bytes")?;
+        let capped = max_request_bytes != 0 || max_unanswered_bytes != 0;
+        let track = match (&e.track_flows, proto) {
+            (Some(t), Proto::Udp) if *t.get_ref() => {
+                return Err(self.err(
+                    t.span(),
+                    at("track_flows"),
+                    "flows are tracked for TCP endpoints only",
+                ));
+            }
+            (Some(t), Proto::Tcp) => {
+                if !*t.get_ref() && capped {
+                    return Err(self.err(
+                        t.span(),
+                        at("track_flows"),
+                        "track_flows = false with max_request_bytes or max_unanswered_bytes set: the caps are counted per tracked flow; drop the cap or the track_flows line",
+                    ));
+                }
+                *t.get_ref()
+            }
+            (_, Proto::Udp) => false,
+            (None, Proto::Tcp) => Endpoint::DEFAULT_TRACK_FLOWS,
+        };
+        if proto == Proto::Udp && capped {
+            let v = e
+                .max_request_bytes
+                .as_ref()
+                .or(e.max_unanswered_bytes.as_ref());
+            let span = v.map_or(0..0, |v| v.span());
+            return Err(self.err(
+                span,
+                at(if e.max_request_bytes.is_some() {
+                    "max_request_bytes"
+                } else {
+                    "max_unanswered_bytes"
+                }),
+                "request caps apply to TCP endpoints only (UDP has no flows)",
+            ));
+        }
+        if max_request_bytes != 0
+            && max_unanswered_bytes != 0
+            && max_unanswered_bytes < max_request_bytes
+        {
+            let span = e.max_unanswered_bytes.as_ref().map_or(0..0, |v| v.span());
+            return Err(self.err(
+                span,
+                at("max_unanswered_bytes"),
+                format!(
+                    "{max_unanswered_bytes} is below max_request_bytes ({max_request_bytes}): what is unanswered only grows faster than a request, so the request cap would never be reached; make it at least max_request_bytes"
+                ),
+            ));
+        }
+        Ok(FlowPolicy {
+            flags: if track { FP_TRACK } else { 0 },
+            _pad: 0,
+            max_request_bytes,
+            max_unanswered_bytes,
+        })
     }
 
     pub(super) fn identities(
