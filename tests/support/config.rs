@@ -468,6 +468,8 @@ pub struct Limits {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anon_prefixes: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_memory_mib: Option<u64>,
 }
 
@@ -483,6 +485,7 @@ impl Limits {
             exact_bindings: Some(p::MAX_EXACT_BINDINGS),
             cidr_bindings: Some(p::MAX_CIDR_BINDINGS),
             anon_prefixes: Some(p::MAX_ANON_PREFIXES),
+            flows: Some(p::MAX_FLOWS),
             kernel_memory_mib: None,
         }
     }

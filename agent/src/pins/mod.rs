@@ -454,9 +454,7 @@ impl Pinned {
             // Taken out of the program, so that unloading the program never detaches it.
             let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
             self.links.insert(iface.to_owned(), Held::Adopted(link));
-            if program == program_names::XDP {
-                self.attach_egress(iface)?;
-            }
+            self.attach_egress(iface, egress_for(program))?;
             return Ok(true);
         }
         let id = prog
@@ -473,9 +471,7 @@ impl Pinned {
             .pin(&path)
             .map_err(|e| attach_err(format!("pinning {}: {e}", path.display())))?;
         self.links.insert(iface.to_owned(), Held::Pinned(pinned));
-        if program == program_names::XDP {
-            self.attach_egress(iface)?;
-        }
+        self.attach_egress(iface, egress_for(program))?;
         Ok(false)
     }
 
@@ -507,14 +503,14 @@ impl Pinned {
     /// counted without a gap), otherwise a new link is made and pinned. The program never
     /// drops, so a device without it loses figures, never traffic. Returns whether an
     /// existing link was adopted.
-    fn attach_egress(&mut self, iface: &str) -> Result<bool, PinError> {
+    fn attach_egress(&mut self, iface: &str, program: &'static str) -> Result<bool, PinError> {
         let attach_err = |message: String| PinError::Attach {
             iface: iface.to_owned(),
             message: format!("TC egress: {message}"),
         };
         self.settle_pin(Hook::Egress, iface)?;
         let path = egress_link_path(&self.pin_dir, iface);
-        let prog = crate::loader::tc_program(&mut self.ebpf, program_names::EGRESS)
+        let prog = crate::loader::tc_program(&mut self.ebpf, program)
             .map_err(|e| attach_err(e.to_string()))?;
         if path.exists() {
             let pinned = PinnedLink::from_pin(&path).map_err(|e| attach_err(e.to_string()))?;
@@ -654,6 +650,17 @@ impl Pinned {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+}
+
+/// The egress program that goes with an enforcing entry: layer-3 tunnel devices (`XDP_L3`)
+/// hand TC a packet that starts at its IP header too. Without it a decapsulated client's
+/// answers would never close its requests, and a capped endpoint would cut its flows.
+fn egress_for(xdp_program: &str) -> &'static str {
+    if xdp_program == program_names::XDP_L3 {
+        program_names::EGRESS_L3
+    } else {
+        program_names::EGRESS
     }
 }
 
