@@ -336,11 +336,14 @@ impl Pinned {
                 .load()
                 .map_err(|e| load_err(format!("verifier ({name}): {e}")))?;
         }
-        // What the node sends back, counted on every Ethernet device the XDP program is on.
-        crate::loader::tc_program(&mut ebpf, program_names::EGRESS)
-            .map_err(|e| load_err(e.to_string()))?
-            .load()
-            .map_err(|e| load_err(format!("verifier ({}): {e}", program_names::EGRESS)))?;
+        // What the node sends back, counted on every device an enforcing program is on (the
+        // layer-3 one beside `tollgate_l3` on tunnel devices).
+        for name in [program_names::EGRESS, program_names::EGRESS_L3] {
+            crate::loader::tc_program(&mut ebpf, name)
+                .map_err(|e| load_err(e.to_string()))?
+                .load()
+                .map_err(|e| load_err(format!("verifier ({name}): {e}")))?;
+        }
         crate::flow_programs::install(&mut ebpf).map_err(|e| load_err(format!("{e:#}")))?;
         crate::loader::spawn_kernel_log(&mut ebpf, kernel_log)
             .map_err(|e| load_err(e.to_string()))?;
