@@ -252,6 +252,22 @@ fn egress_bytes_per_identity_are_what_each_client_received() {
     // Each answer's first byte closed one request.
     assert_eq!(a.ttfb_count, 3, "{a:?}");
     assert_eq!(b.ttfb_count, 5, "{b:?}");
+    // The agent reports the kernel's figure as it is (nothing was sent since it was read).
+    for name in ["alice", "bob"] {
+        let shown: serde_json::Value = serde_json::from_str(&w.dirs.cli_ok(&[
+            "identities",
+            "show",
+            name,
+            "--output",
+            "json",
+        ]))
+        .expect("identities show: json");
+        assert_eq!(
+            shown["egress"]["response_bytes"].as_u64(),
+            Some(w.egress(name).payload),
+            "{name}: {shown}"
+        );
+    }
 }
 
 /// The lab's round trip: the median of a few TCP handshakes from `name`'s host (SYN out,
