@@ -75,6 +75,8 @@ fn verifier_instruction_budget() {
     for (name, ceiling) in [
         (tollgate_common::program_names::XDP, 150_000),
         (tollgate_common::program_names::XDP_L3, 150_000),
+        (tollgate_common::program_names::FLOW, 150_000),
+        (tollgate_common::program_names::FLOW_L3, 150_000),
         (tollgate_common::program_names::NOOP, 10),
     ] {
         let info = tollgate::loader::xdp_program(&mut ebpf, name)
@@ -90,6 +92,21 @@ fn verifier_instruction_budget() {
             "{name}: {processed} > {ceiling}"
         );
     }
+    // The egress classifier is loaded by the agent at attach time; load it here for its count.
+    let name = tollgate_common::program_names::EGRESS;
+    let tc: &mut aya::programs::SchedClassifier = ebpf
+        .program_mut(name)
+        .expect("egress program")
+        .try_into()
+        .expect("a classifier");
+    tc.load().expect("the egress program verifies");
+    let processed = tc
+        .info()
+        .expect("program info")
+        .verified_instruction_count()
+        .expect("verified instructions");
+    eprintln!("{name}: verifier processed {processed} instructions");
+    assert!(processed > 0 && processed <= 150_000, "{name}: {processed}");
 }
 
 /// Drops are sampled into the ring buffer: at most one event per CPU per interval, none when

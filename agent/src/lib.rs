@@ -23,6 +23,7 @@ pub mod daemon;
 pub mod drop_events;
 pub mod explain;
 pub mod fleet;
+pub mod flow_programs;
 pub mod heap;
 pub mod identity;
 pub mod issuers;

@@ -240,6 +240,7 @@ fn load_configured(
             .load()
             .map_err(|source| LoadError::Program { name, source })?;
     }
+    crate::flow_programs::install(&mut ebpf)?;
     Ok(ebpf)
 }
 

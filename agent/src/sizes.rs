@@ -1,10 +1,11 @@
 //! How big the kernel tables are, and what that costs.
 //!
 //! The object carries small compile-time sizes (`tollgate_common::policy::MAX_*`, what the
-//! fixture tests that load it directly get). The agent sizes four groups of maps from
+//! fixture tests that load it directly get). The agent sizes five groups of maps from
 //! `[limits]` when it loads the object (`EbpfLoader::set_max_entries`): identity slots (the
-//! identity, bucket and per-CPU counter arrays), exact bindings (one hash map per family),
-//! CIDR bindings (one LPM trie per family) and anonymous prefixes (one LRU per family). Every
+//! identity, bucket and per-CPU counter arrays, ingress and egress), exact bindings (one hash
+//! map per family), CIDR bindings (one LPM trie per family), anonymous prefixes (one LRU per
+//! family) and tracked flows (one LRU for both families and both directions). Every
 //! map is preallocated except the tries, so memory is taken when the map is made, not when
 //! it fills: [`kernel_memory`] estimates it the way the kernel accounts it (its
 //! `map_mem_usage`, shown as `memlock` in a map's fdinfo), which `status` then reads back.
@@ -27,6 +28,9 @@ pub struct Sizes {
     pub cidr_bindings: u32,
     /// Anonymous prefixes tracked, per address family (an LRU: a flood ages out the oldest).
     pub anon_prefixes: u32,
+    /// Bound identities' TCP flows tracked (an LRU: a flood ages out the oldest flow, which
+    /// then counts as untracked, never wrongly).
+    pub flows: u32,
 }
 
 /// The most identity slots `[limits]` may ask for.
@@ -39,14 +43,16 @@ pub enum Group {
     ExactBindings,
     CidrBindings,
     AnonPrefixes,
+    Flows,
 }
 
 impl Group {
-    pub const ALL: [Group; 4] = [
+    pub const ALL: [Group; 5] = [
         Group::Identities,
         Group::ExactBindings,
         Group::CidrBindings,
         Group::AnonPrefixes,
+        Group::Flows,
     ];
 
     /// The key in `[limits]`.
@@ -56,16 +62,23 @@ impl Group {
             Group::ExactBindings => "exact_bindings",
             Group::CidrBindings => "cidr_bindings",
             Group::AnonPrefixes => "anon_prefixes",
+            Group::Flows => "flows",
         }
     }
 
     /// The maps this group sizes.
     pub fn maps(self) -> &'static [&'static str] {
         match self {
-            Group::Identities => &[names::IDENTITIES, names::BUCKETS, names::IDENTITY_COUNTERS],
+            Group::Identities => &[
+                names::IDENTITIES,
+                names::BUCKETS,
+                names::IDENTITY_COUNTERS,
+                names::EGRESS_IDENTITY,
+            ],
             Group::ExactBindings => &[names::BIND_V4, names::BIND_V6],
             Group::CidrBindings => &[names::BIND_CIDR_V4, names::BIND_CIDR_V6],
             Group::AnonPrefixes => &[names::ANON_V4, names::ANON_V6],
+            Group::Flows => &[names::FLOWS],
         }
     }
 
@@ -83,6 +96,7 @@ impl Group {
             Group::ExactBindings => 16..=(1 << 26),
             Group::CidrBindings => 16..=(1 << 24),
             Group::AnonPrefixes => 1024..=(1 << 24),
+            Group::Flows => 1024..=(1 << 24),
         }
     }
 }
@@ -94,6 +108,7 @@ impl Sizes {
         exact_bindings: policy::MAX_EXACT_BINDINGS,
         cidr_bindings: policy::MAX_CIDR_BINDINGS,
         anon_prefixes: policy::MAX_ANON_PREFIXES,
+        flows: policy::MAX_FLOWS,
     };
 
     /// What a node gets when `[limits]` says nothing, where its memory allows (see
@@ -101,12 +116,14 @@ impl Sizes {
     /// family, enough for a public API's whole customer base on every node of a fleet that
     /// shares its bindings. CIDR bindings are operator-written ranges (a few per partner):
     /// the old size stays. Anonymous prefixes: four times the old size, so a spoofed flood
-    /// needs four times the sources to age out a real client's prefix.
+    /// needs four times the sources to age out a real client's prefix. Flows: 2^18, four
+    /// open connections for each of 65 536 busy clients (~36 MiB).
     pub const DEFAULT: Sizes = Sizes {
         identities: 1 << 20,
         exact_bindings: 1 << 21,
         cidr_bindings: policy::MAX_CIDR_BINDINGS,
         anon_prefixes: 1 << 18,
+        flows: 1 << 18,
     };
 
     pub fn get(&self, g: Group) -> u32 {
@@ -115,6 +132,7 @@ impl Sizes {
             Group::ExactBindings => self.exact_bindings,
             Group::CidrBindings => self.cidr_bindings,
             Group::AnonPrefixes => self.anon_prefixes,
+            Group::Flows => self.flows,
         }
     }
 
@@ -124,6 +142,7 @@ impl Sizes {
             Group::ExactBindings => self.exact_bindings = v,
             Group::CidrBindings => self.cidr_bindings = v,
             Group::AnonPrefixes => self.anon_prefixes = v,
+            Group::Flows => self.flows = v,
         }
     }
 
@@ -148,7 +167,12 @@ impl Sizes {
     pub fn fit_defaults(mut self, defaulted: &[Group], cpus: u32, allowance: u64) -> Sizes {
         while total(&kernel_memory(&self, cpus)) > allowance {
             let mut shrunk = false;
-            for g in [Group::ExactBindings, Group::Identities, Group::AnonPrefixes] {
+            for g in [
+                Group::ExactBindings,
+                Group::Identities,
+                Group::AnonPrefixes,
+                Group::Flows,
+            ] {
                 let v = self.get(g);
                 if defaulted.contains(&g) && v / 2 >= Sizes::COMPILED.get(g) {
                     self.set(g, v / 2);
@@ -293,10 +317,10 @@ pub fn summary(limits: &crate::config::Limits) -> Vec<String> {
             .map(|c| c.bytes)
             .sum();
         grouped += b;
-        let per = if g == Group::Identities {
-            "slots"
-        } else {
-            "per family"
+        let per = match g {
+            Group::Identities => "slots",
+            Group::Flows => "flows",
+            _ => "per family",
         };
         out.push(format!(
             "  {:<15} {:>9} {per:<10} {:>10}",
@@ -382,8 +406,15 @@ mod tests {
             by(names::BIND_V4),
             (1 << 21) * 16 + ((1 << 21) + 2) * 72 + 16
         );
+        // EGRESS_IDENTITY: a pointer + 40 bytes per CPU, sized with the identities.
+        assert_eq!(by(names::EGRESS_IDENTITY), (1 << 20) * (8 + 2 * 40));
+        // FLOWS (LRU, no spare elements): 2^18 buckets, elements of 48 + 40 + 48 bytes.
+        assert_eq!(
+            by(names::FLOWS),
+            (1 << 18) * 16 + (1 << 18) * (48 + 40 + 48)
+        );
         let t = total(&costs);
-        assert!(t > 500 << 20 && t < 700 << 20, "{}", human(t));
+        assert!(t > 650 << 20 && t < 800 << 20, "{}", human(t));
     }
 
     #[test]

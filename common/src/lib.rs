@@ -83,11 +83,16 @@ pub mod map_names {
     pub const EGRESS_ENDPOINT: &str = "EGRESS_ENDPOINT";
     /// `flow::ttfb_index(endpoint, class)` -> per-CPU `flow::TtfbHist`.
     pub const TTFB: &str = "TTFB";
+    /// Program array: the flow programs the enforcing ones tail-call (slot 0 Ethernet, 1
+    /// layer 3).
+    pub const FLOW_PROG: &str = "FLOW_PROG";
+    /// Per-CPU hand-over of a bound packet's decision to the flow program.
+    pub const FLOW_PENDING: &str = "FLOW_PENDING";
 
     /// Every map, in the order they are pinned. Maps added by a later build are created and
     /// pinned when an agent adopts pins that lack them (`pins::check_compatible` skips
     /// missing ones).
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 25] = [
         LAYOUT,
         SETTINGS,
         HOLD_BACK,
@@ -111,6 +116,8 @@ pub mod map_names {
         EGRESS_IDENTITY,
         EGRESS_ENDPOINT,
         TTFB,
+        FLOW_PROG,
+        FLOW_PENDING,
     ];
 }
 
@@ -142,6 +149,10 @@ pub mod program_names {
     /// The TC (clsact egress) program: counts what the node sends to bound identities and
     /// closes their requests (time to first byte, request caps' reset).
     pub const EGRESS: &str = "tollgate_egress";
+    /// The flow programs (`FLOW_PROG` slots 0 and 1) the enforcing programs tail-call with a
+    /// bound TCP packet.
+    pub const FLOW: &str = "tollgate_flow";
+    pub const FLOW_L3: &str = "tollgate_flow_l3";
     /// A TC program that passes everything: the egress benchmark's baseline.
     pub const TC_NOOP: &str = "tollgate_tc_noop";
     /// An XDP program that passes everything: the benchmark's baseline.

@@ -3,7 +3,9 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, lpm_trie::Key,
+    },
     programs::{TcContext, XdpContext},
 };
 use tollgate_common::{
@@ -322,7 +324,7 @@ pub fn tollgate(ctx: XdpContext) -> u32 {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    enforce(&ctx, &frame, parse(&frame))
+    enforce(&ctx, &frame, false, parse(&frame))
 }
 
 /// What the node sends: counted per bound identity and per endpoint, and each answer closes
@@ -340,10 +342,11 @@ pub fn tollgate_egress(ctx: TcContext) -> i32 {
     // Ethernet + IPv6 + TCP without options, more where there is more).
     if frame.end - frame.start < len && frame.end - frame.start < 128 {
         let want = if len < 128 { len } else { 128 };
-        if ctx.pull_data(want as u32).is_ok() {
-            frame.start = ctx.data();
-            frame.end = ctx.data_end();
-        }
+        // Whatever it returns, the helper may have moved the data: every packet pointer is
+        // read afresh (the verifier invalidates the old ones either way).
+        let _ = ctx.pull_data(want as u32);
+        frame.start = ctx.data();
+        frame.end = ctx.data_end();
     }
     if let Ok(Frame::Ip(p)) = parse(&frame) {
         let payload = if p.has_ports() {
@@ -399,19 +402,101 @@ pub fn tollgate_l3(ctx: XdpContext) -> u32 {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    enforce(&ctx, &frame, parse_l3(&frame))
+    enforce(&ctx, &frame, true, parse_l3(&frame))
+}
+
+/// The flow step of a bound TCP packet, in a function of its own: a BPF-to-BPF call, so the
+/// verifier walks the flow logic once per distinct state at the call instead of once per path
+/// through the parser and the decision (inlined, it multiplied the program's verification
+/// work by six).
+/// A bound TCP packet's decision, handed from the enforcing program to the flow program
+/// (one per CPU: XDP runs a packet to completion on its CPU, tail call included).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Pending {
+    endpoint: u32,
+    identity: u32,
+    cost: u64,
+}
+
+/// Slot 0: the flow program for Ethernet frames, 1: for layer-3 tunnel devices. The agent
+/// fills it at load (`flow_programs::install`); pinned, so the slots outlive the agent.
+#[map]
+static FLOW_PROG: ProgramArray = ProgramArray::with_max_entries(2, 0);
+#[map]
+static FLOW_PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
+/// Tail-calls the flow program with the decision. A tail call, not a function: the flow logic
+/// inlined after the decision was verified once per path through parser and decision (six
+/// times the whole program's work), and a BPF-to-BPF call ran out of the 512-byte stack the
+/// two frames share. The flow program re-parses the frame (the parser is the cheap part) and
+/// starts with a stack of its own.
+#[inline(always)]
+fn hand_to_flow(ctx: &XdpContext, l3: bool, d: &Decision) {
+    let Some(slot) = FLOW_PENDING.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU slot, used only by this CPU's run of this packet.
+    unsafe {
+        *slot = Pending {
+            endpoint: d.endpoint,
+            identity: d.identity,
+            cost: d.cost,
+        };
+        let _ = FLOW_PROG.tail_call(ctx, if l3 { 1 } else { 0 });
+    }
+}
+
+/// The flow step of a bound TCP packet (`flow::ingress`): counts the decision as the
+/// enforcing program would have, with `request_size` for a flow over its cap.
+#[inline(always)]
+fn flow_step(ctx: &XdpContext, l3: bool) -> u32 {
+    let frame = XdpFrame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let len = frame.len() as u64;
+    let Some(pending) = FLOW_PENDING.get(0).copied() else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let parsed = if l3 { parse_l3(&frame) } else { parse(&frame) };
+    // The same frame the enforcing program parsed a moment ago: anything else is impossible,
+    // and aborting makes it visible (xdp:xdp_exception) instead of guessing.
+    let Ok(Frame::Ip(p)) = parsed else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let d = Decision {
+        cost: pending.cost,
+        ..Decision::new(Reason::Bound, pending.endpoint, pending.identity)
+    };
+    let d = flow::ingress(&Maps, &p, tcp_payload(&frame, &p), d);
+    count(&d, len, p.is_new_flow());
+    d.reason.verdict() as u32
+}
+
+/// The flow program for Ethernet frames (slot 0 of `FLOW_PROG`).
+#[xdp]
+pub fn tollgate_flow(ctx: XdpContext) -> u32 {
+    flow_step(&ctx, false)
+}
+
+/// The flow program for layer-3 tunnel devices (slot 1 of `FLOW_PROG`).
+#[xdp]
+pub fn tollgate_flow_l3(ctx: XdpContext) -> u32 {
+    flow_step(&ctx, true)
 }
 
 /// Decides, counts and samples one parsed frame; returns the XDP action.
 #[inline(always)]
-fn enforce(ctx: &XdpContext, frame: &XdpFrame, parsed: Result<Frame, Reason>) -> u32 {
+fn enforce(ctx: &XdpContext, frame: &XdpFrame, l3: bool, parsed: Result<Frame, Reason>) -> u32 {
     let len = frame.len() as u64;
     let mut new_flow = false;
     let decision = match parsed {
         Ok(Frame::Ip(p)) => {
-            let mut d = decide(&Maps, &p, len);
-            if d.reason == Reason::Bound {
-                d = flow::ingress(&Maps, &p, tcp_payload(frame, &p), d);
+            let d = decide(&Maps, &p, len);
+            if d.reason == Reason::Bound && p.proto == tollgate_common::parse::IPPROTO_TCP {
+                hand_to_flow(ctx, l3, &d);
+                // Back here only if the flow program is not installed: counted untracked.
             }
             if d.reason.verdict() == tollgate_common::Verdict::Drop {
                 // The odd decisions' log lines ride on the drop event's sample, so they are

@@ -423,6 +423,7 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             "anon_prefixes",
             Some(Sizes::DEFAULT.anon_prefixes.to_string()),
         ),
+        ("limits", "flows", Some(Sizes::DEFAULT.flows.to_string())),
         ("limits", "kernel_memory_mib", None),
         ("fleet", "store", None),
         ("fleet", "sentinel", None),

@@ -37,6 +37,7 @@ pub(super) struct RawLimits {
     pub exact_bindings: Option<S<i64>>,
     pub cidr_bindings: Option<S<i64>>,
     pub anon_prefixes: Option<S<i64>>,
+    pub flows: Option<S<i64>>,
     pub kernel_memory_mib: Option<S<i64>>,
 }
 

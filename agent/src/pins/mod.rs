@@ -274,6 +274,7 @@ impl Pinned {
                 .load()
                 .map_err(|e| load_err(format!("verifier ({name}): {e}")))?;
         }
+        crate::flow_programs::install(&mut ebpf).map_err(|e| load_err(format!("{e:#}")))?;
         crate::loader::spawn_kernel_log(&mut ebpf, kernel_log)
             .map_err(|e| load_err(e.to_string()))?;
         {

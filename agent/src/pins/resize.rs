@@ -8,8 +8,12 @@
 //!   before the new program runs anywhere;
 //! - budgets (GCRA state) are copied once more right before the first swap, so the old
 //!   program's charges until then count;
-//! - per-identity counters are added after the last swap, when the old program no longer
-//!   counts: new = what the new program counted + everything the old one did.
+//! - per-identity counters (ingress and egress) are added after the last swap, when the old
+//!   program no longer counts: new = what the new program counted + everything the old one
+//!   did;
+//! - tracked flows are copied best-effort before the swap (an LRU: what does not fit, or a
+//!   flow that changes in between, is at worst measured from its next request, as after an
+//!   eviction; it is never given a wrong figure).
 //!
 //! A shrink that would drop something (an identity in a slot past the new size, more
 //! bindings than the new map holds) is refused before anything changes; anonymous prefixes
@@ -22,10 +26,11 @@ use aya::maps::{
     Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
 };
 use tollgate_common::{
+    flow::{EgressCounters, Flow, FlowKey},
     map_names as names,
     policy::{AnonKey6, Binding, Bucket, Identity, IdentityCounters},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{PinError, io, maps_dir};
 use crate::{sizes::Group, tables::batch};
@@ -145,7 +150,16 @@ impl Migration {
                 copy_array(&old, &mut new, n, &r.map)?
             }
             // Budgets: in `sync_budgets`; counters: in `finish`.
-            names::BUCKETS | names::IDENTITY_COUNTERS => 0,
+            names::BUCKETS | names::IDENTITY_COUNTERS | names::EGRESS_IDENTITY => 0,
+            names::FLOWS => {
+                let (old, mut new): (HashMap<MapData, FlowKey, Flow>, _) =
+                    pair(d, &r.map, Map::LruHashMap)?;
+                // Best-effort: a flow not carried over is measured from its next request.
+                copy_hash(&old, &mut new, r, &r.map).unwrap_or_else(|e| {
+                    warn!(map = r.map, "tracked flows not carried over: {e}");
+                    0
+                })
+            }
             names::BIND_V4 => {
                 let (old, mut new): (HashMap<MapData, [u8; 4], Binding>, _) =
                     pair(d, &r.map, Map::HashMap)?;
@@ -207,12 +221,25 @@ impl Migration {
     pub fn finish(mut self) -> Result<Vec<Resize>, PinError> {
         // A node with no pinned link swapped nothing: the budgets are copied here.
         self.sync_budgets()?;
-        if let Some(r) = self
-            .resizes
-            .iter()
-            .find(|r| r.map == names::IDENTITY_COUNTERS)
-        {
-            add_counters(&self.pin_dir, r.from.min(r.to))?;
+        for r in &self.resizes {
+            let n = r.from.min(r.to);
+            match r.map.as_str() {
+                names::IDENTITY_COUNTERS => {
+                    add_counters::<IdentityCounters>(&self.pin_dir, &r.map, n, |c, o| {
+                        c.passed.accumulate(&o.passed);
+                        c.dropped.accumulate(&o.dropped);
+                        c.cost = c.cost.wrapping_add(o.cost);
+                        c.syn = c.syn.wrapping_add(o.syn);
+                        c.small = c.small.wrapping_add(o.small);
+                    })?
+                }
+                names::EGRESS_IDENTITY => {
+                    add_counters::<EgressCounters>(&self.pin_dir, &r.map, n, |c, o| {
+                        c.accumulate(o)
+                    })?
+                }
+                _ => {}
+            }
         }
         let (from, to) = (staging_dir(&self.pin_dir), maps_dir(&self.pin_dir));
         for r in &self.resizes {
@@ -297,26 +324,26 @@ fn copy_trie<K: aya::Pod, V: aya::Pod>(
     Ok(copied)
 }
 
-fn add_counters(pin_dir: &Path, n: u32) -> Result<(), PinError> {
-    let name = names::IDENTITY_COUNTERS;
-    let (old, mut new): (PerCpuArray<MapData, IdentityCounters>, _) =
-        pair(pin_dir, name, Map::PerCpuArray)?;
+/// Adds the old per-CPU counters of slots `0..n` into the new map's (`add` sums one CPU's).
+fn add_counters<V: aya::Pod + Default + PartialEq>(
+    pin_dir: &Path,
+    name: &str,
+    n: u32,
+    add: impl Fn(&mut V, &V),
+) -> Result<(), PinError> {
+    let (old, mut new): (PerCpuArray<MapData, V>, _) = pair(pin_dir, name, Map::PerCpuArray)?;
     for id in 0..n {
         let o = old.get(&id, 0).map_err(|e| err(name, e))?;
-        if o.iter().all(|c| *c == IdentityCounters::default()) {
+        if o.iter().all(|c| *c == V::default()) {
             continue;
         }
         let cur = new.get(&id, 0).map_err(|e| err(name, e))?;
-        let sum: Vec<IdentityCounters> = cur
+        let sum: Vec<V> = cur
             .iter()
             .zip(o.iter())
             .map(|(a, b)| {
                 let mut c = *a;
-                c.passed.accumulate(&b.passed);
-                c.dropped.accumulate(&b.dropped);
-                c.cost = c.cost.wrapping_add(b.cost);
-                c.syn = c.syn.wrapping_add(b.syn);
-                c.small = c.small.wrapping_add(b.small);
+                add(&mut c, b);
                 c
             })
             .collect();

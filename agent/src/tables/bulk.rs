@@ -8,6 +8,7 @@ use std::net::IpAddr;
 
 use aya::maps::{IterableMap as _, MapError};
 use tollgate_common::{
+    flow::EgressCounters,
     map_names as names,
     policy::{AnonKey6, Binding, Bucket, Identity, IdentityCounters},
 };
@@ -132,7 +133,15 @@ impl KernelTables {
             &IdentityCounters::default(),
             BPF_ANY,
         )
-        .map_err(io_err(names::IDENTITY_COUNTERS))
+        .map_err(io_err(names::IDENTITY_COUNTERS))?;
+        // What the node sent the slot's last holder is not the new one's either.
+        batch::update_all_per_cpu(
+            self.egress_identity.map(),
+            ids,
+            &EgressCounters::default(),
+            BPF_ANY,
+        )
+        .map_err(io_err(names::EGRESS_IDENTITY))
     }
 
     /// Writes many bindings: the exact ones (/32, /128) with batch updates, CIDR ones key by

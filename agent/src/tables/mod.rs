@@ -19,6 +19,7 @@ pub use records::{EndpointSpec, PlanLimits, Proto, boot_ns, identity_record, to_
 use tollgate_common::{
     Counter,
     decide::AnonPrefix,
+    flow::{EgressCounters, Flow, FlowKey, FlowPolicy, TtfbHist},
     map_names as names,
     policy::{
         AnonKey6, Binding, Bucket, Endpoint, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity,
@@ -73,6 +74,17 @@ pub struct KernelTables {
     anon_v4: HashMap<MapData, [u8; 4], u64>,
     anon_v6: HashMap<MapData, AnonKey6, u64>,
     hold_back: Array<MapData, u16>,
+    /// Both directions of bound identities' TCP flows (`tollgate_common::flow`); an LRU.
+    pub(crate) flows: HashMap<MapData, FlowKey, Flow>,
+    /// Per endpoint id: whether its flows are tracked and its request caps.
+    pub(crate) flow_policy: Array<MapData, FlowPolicy>,
+    /// Per CPU, indexed by `tollgate_common::flow::FLOW_*`.
+    pub(crate) flow_counters: PerCpuArray<MapData, u64>,
+    /// What the node sent, per identity slot (sized with the identities) and per endpoint.
+    pub(crate) egress_identity: PerCpuArray<MapData, EgressCounters>,
+    pub(crate) egress_endpoint: PerCpuArray<MapData, EgressCounters>,
+    /// Time to first byte per (endpoint, class): `tollgate_common::flow::ttfb_index`.
+    pub(crate) ttfb: PerCpuArray<MapData, TtfbHist>,
     /// The maps' sizes as the kernel made them (`[limits]`, or the pins adopted).
     sizes: crate::sizes::Sizes,
 }
@@ -110,6 +122,12 @@ impl KernelTables {
             anon_v4: typed!(get(names::ANON_V4)?, names::ANON_V4),
             anon_v6: typed!(get(names::ANON_V6)?, names::ANON_V6),
             hold_back: typed!(get(names::HOLD_BACK)?, names::HOLD_BACK),
+            flows: typed!(get(names::FLOWS)?, names::FLOWS),
+            flow_policy: typed!(get(names::FLOW_POLICY)?, names::FLOW_POLICY),
+            flow_counters: typed!(get(names::FLOW_COUNTERS)?, names::FLOW_COUNTERS),
+            egress_identity: typed!(get(names::EGRESS_IDENTITY)?, names::EGRESS_IDENTITY),
+            egress_endpoint: typed!(get(names::EGRESS_ENDPOINT)?, names::EGRESS_ENDPOINT),
+            ttfb: typed!(get(names::TTFB)?, names::TTFB),
             sizes: crate::sizes::Sizes::COMPILED,
         };
         let size = |m: &MapData, name: &'static str| -> Result<u32> {
@@ -122,6 +140,7 @@ impl KernelTables {
             exact_bindings: size(t.bind_v4.map(), names::BIND_V4)?,
             cidr_bindings: size(t.cidr_v4.map(), names::BIND_CIDR_V4)?,
             anon_prefixes: size(t.anon_v4.map(), names::ANON_V4)?,
+            flows: size(t.flows.map(), names::FLOWS)?,
         };
         Ok(t)
     }
@@ -130,7 +149,7 @@ impl KernelTables {
     /// (`memlock` in the map's fdinfo; 0 where it cannot be read).
     pub fn memory(&self) -> Vec<(&'static str, u32, u64)> {
         use std::os::fd::AsFd as _;
-        let maps: [(&'static str, &MapData); 14] = [
+        let maps: [(&'static str, &MapData); 20] = [
             (names::PORTS, self.ports.map()),
             (names::ENDPOINTS, self.endpoints.map()),
             (names::BIND_V4, self.bind_v4.map()),
@@ -145,6 +164,12 @@ impl KernelTables {
             (names::ANON_V4, self.anon_v4.map()),
             (names::ANON_V6, self.anon_v6.map()),
             (names::HOLD_BACK, self.hold_back.map()),
+            (names::FLOWS, self.flows.map()),
+            (names::FLOW_POLICY, self.flow_policy.map()),
+            (names::FLOW_COUNTERS, self.flow_counters.map()),
+            (names::EGRESS_IDENTITY, self.egress_identity.map()),
+            (names::EGRESS_ENDPOINT, self.egress_endpoint.map()),
+            (names::TTFB, self.ttfb.map()),
         ];
         maps.into_iter()
             .map(|(name, m)| {
@@ -251,7 +276,12 @@ impl KernelTables {
             .map_err(|e| map_err(names::IDENTITY_COUNTERS)(MapError::IoError(e)))?;
         self.identity_counters
             .set(id, zeros, 0)
-            .map_err(map_err(names::IDENTITY_COUNTERS))
+            .map_err(map_err(names::IDENTITY_COUNTERS))?;
+        let zeros = PerCpuValues::try_from(vec![EgressCounters::default(); cpus])
+            .map_err(|e| map_err(names::EGRESS_IDENTITY)(MapError::IoError(e)))?;
+        self.egress_identity
+            .set(id, zeros, 0)
+            .map_err(map_err(names::EGRESS_IDENTITY))
     }
 
     /// Binds `addr/len` to `identity` until `expires_ns` (CLOCK_MONOTONIC; 0: never). A full
@@ -563,6 +593,32 @@ impl KernelTables {
 
     pub fn bucket(&self, id: u32) -> Result<Bucket> {
         self.buckets.get(&id, 0).map_err(map_err(names::BUCKETS))
+    }
+
+    /// Writes endpoint `id`'s flow settings (`FlowPolicy::default()`: not tracked, no caps,
+    /// what an endpoint that went gets). The kernel reads them on every bound TCP packet.
+    pub fn set_flow_policy(&mut self, endpoint: u32, p: &FlowPolicy) -> Result<()> {
+        if endpoint >= MAX_ENDPOINTS {
+            return Err(TableError::EndpointId(endpoint));
+        }
+        self.flow_policy
+            .set(endpoint, p, 0)
+            .map_err(map_err(names::FLOW_POLICY))
+    }
+
+    /// Endpoint `id`'s flow settings as the kernel has them.
+    pub fn flow_policy(&self, endpoint: u32) -> Result<FlowPolicy> {
+        if endpoint >= MAX_ENDPOINTS {
+            return Err(TableError::EndpointId(endpoint));
+        }
+        self.flow_policy
+            .get(&endpoint, 0)
+            .map_err(map_err(names::FLOW_POLICY))
+    }
+
+    /// Every endpoint's flow settings, indexed by id (one batch read).
+    pub fn flow_policy_table(&self) -> Result<Vec<FlowPolicy>> {
+        array_table(self.flow_policy.map(), MAX_ENDPOINTS, names::FLOW_POLICY)
     }
 }
 

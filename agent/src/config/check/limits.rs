@@ -43,6 +43,7 @@ impl Checker<'_> {
             (Group::ExactBindings, &raw.exact_bindings),
             (Group::CidrBindings, &raw.cidr_bindings),
             (Group::AnonPrefixes, &raw.anon_prefixes),
+            (Group::Flows, &raw.flows),
         ] {
             let range = g.range();
             let field = format!("limits.{}", g.key());
