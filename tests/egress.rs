@@ -254,14 +254,12 @@ fn egress_bytes_per_identity_are_what_each_client_received() {
     assert_eq!(b.ttfb_count, 5, "{b:?}");
     // The agent reports the kernel's figure as it is (nothing was sent since it was read).
     for name in ["alice", "bob"] {
-        let shown: serde_json::Value = serde_json::from_str(&w.dirs.cli_ok(&[
-            "identities",
-            "show",
-            name,
-            "--output",
-            "json",
-        ]))
-        .expect("identities show: json");
+        let shown: serde_json::Value =
+            serde_json::from_str(
+                &w.dirs
+                    .cli_ok(&["identities", "show", name, "--output", "json"]),
+            )
+            .expect("identities show: json");
         assert_eq!(
             shown["egress"]["response_bytes"].as_u64(),
             Some(w.egress(name).payload),
