@@ -92,21 +92,26 @@ fn verifier_instruction_budget() {
             "{name}: {processed} > {ceiling}"
         );
     }
-    // The egress classifier is loaded by the agent at attach time; load it here for its count.
-    let name = tollgate_common::program_names::EGRESS;
-    let tc: &mut aya::programs::SchedClassifier = ebpf
-        .program_mut(name)
-        .expect("egress program")
-        .try_into()
-        .expect("a classifier");
-    tc.load().expect("the egress program verifies");
-    let processed = tc
-        .info()
-        .expect("program info")
-        .verified_instruction_count()
-        .expect("verified instructions");
-    eprintln!("{name}: verifier processed {processed} instructions");
-    assert!(processed > 0 && processed <= 150_000, "{name}: {processed}");
+    // The egress classifiers are loaded by the agent at attach time; load them here for their
+    // counts.
+    for name in [
+        tollgate_common::program_names::EGRESS,
+        tollgate_common::program_names::EGRESS_L3,
+    ] {
+        let tc: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut(name)
+            .expect("egress program")
+            .try_into()
+            .expect("a classifier");
+        tc.load().expect("the egress program verifies");
+        let processed = tc
+            .info()
+            .expect("program info")
+            .verified_instruction_count()
+            .expect("verified instructions");
+        eprintln!("{name}: verifier processed {processed} instructions");
+        assert!(processed > 0 && processed <= 150_000, "{name}: {processed}");
+    }
 }
 
 /// Drops are sampled into the ring buffer: at most one event per CPU per interval, none when

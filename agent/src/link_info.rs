@@ -34,6 +34,46 @@ pub fn pinned_xdp_link(path: &Path) -> io::Result<XdpLinkInfo> {
     xdp_info(&raw_info(&fd)?)
 }
 
+/// What the kernel says of a TCX link (the egress program's): the same fields as an XDP
+/// link's, and which hook it is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcxLinkInfo {
+    pub id: u32,
+    pub prog_id: u32,
+    /// 0 once it is attached to no device.
+    pub ifindex: u32,
+    /// `bpf_attach_type`: `BPF_TCX_EGRESS` (47) for tollgate's.
+    pub attach_type: u32,
+}
+
+/// The link pinned at `path`, which must be a TCX link.
+pub fn pinned_tcx_link(path: &Path) -> io::Result<TcxLinkInfo> {
+    let fd = obj_get(path)?;
+    tcx_info(&raw_info(&fd)?)
+}
+
+/// The TCX fields of `info`; anything but a TCX link is refused, naming its type.
+fn tcx_info(info: &bpf_link_info) -> io::Result<TcxLinkInfo> {
+    let tcx = bpf_link_type::BPF_LINK_TYPE_TCX as u32;
+    if info.type_ != tcx {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "a link of type {}, not TCX (type {tcx}): not one tollgate made",
+                info.type_
+            ),
+        ));
+    }
+    // SAFETY: a TCX link's info fills the union's tcx member.
+    let t = unsafe { info.__bindgen_anon_1.tcx };
+    Ok(TcxLinkInfo {
+        id: info.id,
+        prog_id: info.prog_id,
+        ifindex: t.ifindex,
+        attach_type: t.attach_type,
+    })
+}
+
 /// An interface's index in this network namespace; `None`: no such interface.
 pub fn ifindex(name: &str) -> Option<u32> {
     let name = CString::new(name).ok()?;
@@ -156,6 +196,19 @@ mod tests {
         assert_eq!(xdp_info(&info(6, 0)).unwrap().ifindex, 0);
         let e = xdp_info(&info(2, 9)).unwrap_err().to_string();
         assert!(e.contains("type 2, not XDP (type 6)"), "{e}");
+    }
+
+    #[test]
+    fn tcx_links_give_their_device_and_hook_and_others_are_refused() {
+        // include/uapi/linux/bpf.h: the tcx member is { __u32 ifindex; __u32 attach_type; }.
+        assert_eq!(bpf_link_type::BPF_LINK_TYPE_TCX as u32, 11);
+        let mut i = info(11, 0);
+        i.__bindgen_anon_1.tcx.ifindex = 9;
+        i.__bindgen_anon_1.tcx.attach_type = 47;
+        let t = tcx_info(&i).unwrap();
+        assert_eq!((t.id, t.prog_id, t.ifindex, t.attach_type), (3, 4, 9, 47));
+        let e = tcx_info(&info(6, 9)).unwrap_err().to_string();
+        assert!(e.contains("type 6, not TCX (type 11)"), "{e}");
     }
 
     #[test]

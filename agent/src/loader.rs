@@ -4,7 +4,7 @@
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{ProgramError, SchedClassifier, Xdp, XdpMode},
 };
 use tollgate_common::{Counter, map_names, program_names};
 
@@ -205,7 +205,7 @@ impl log::Log for TracingLog {
 }
 
 /// Parses the embedded object and loads (verifies) the enforcing programs (Ethernet and
-/// layer-3) and the no-op, kernel logging off.
+/// layer-3), the TC egress program and the no-ops, kernel logging off.
 pub fn load() -> Result<Ebpf, LoadError> {
     load_with_kernel_log(KernelLog::Off)
 }
@@ -240,6 +240,11 @@ fn load_configured(
             .load()
             .map_err(|source| LoadError::Program { name, source })?;
     }
+    for name in [program_names::EGRESS, program_names::TC_NOOP] {
+        tc_program(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
     crate::flow_programs::install(&mut ebpf)?;
     Ok(ebpf)
 }
@@ -257,6 +262,17 @@ pub fn load_with_bench_components() -> Result<Ebpf, LoadError> {
 
 /// The XDP program `name` of a loaded object.
 pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
+    ebpf.program_mut(name)
+        .ok_or(LoadError::NoProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+/// The TC classifier `name` of a loaded object (`program_names::EGRESS`, `TC_NOOP`).
+pub fn tc_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
     ebpf.program_mut(name)
         .ok_or(LoadError::NoProgram(name))?
         .try_into()

@@ -149,6 +149,8 @@ pub mod program_names {
     /// The TC (clsact egress) program: counts what the node sends to bound identities and
     /// closes their requests (time to first byte, request caps' reset).
     pub const EGRESS: &str = "tollgate_egress";
+    /// The egress program for layer-3 tunnel devices (packets start at the IP header).
+    pub const EGRESS_L3: &str = "tollgate_egress_l3";
     /// The flow programs (`FLOW_PROG` slots 0 and 1) the enforcing programs tail-call with a
     /// bound TCP packet.
     pub const FLOW: &str = "tollgate_flow";

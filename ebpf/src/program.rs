@@ -12,7 +12,7 @@ use tollgate_common::{
     Counter, REASON_COUNTER_SLOTS, Reason,
     decide::{AnonPrefix, Decision, Tables, decide},
     flow::{
-        self, EgressCounters, FLOW_COUNTER_SLOTS, Flow, FlowKey, FlowPolicy, FlowTables,
+        self, EgressCounters, FLOW_COUNTER_SLOTS, FP_TRACK, Flow, FlowKey, FlowPolicy, FlowTables,
         TTFB_SLOTS, TtfbHist, tcp_payload, ttfb_bucket, ttfb_index,
     },
     parse::{Family, Frame, PacketView, parse, parse_l3},
@@ -332,6 +332,20 @@ pub fn tollgate(ctx: XdpContext) -> u32 {
 /// so a bug here can cost a figure, never a response.
 #[classifier]
 pub fn tollgate_egress(ctx: TcContext) -> i32 {
+    egress(&ctx, false)
+}
+
+/// The same on layer-3 tunnel devices (where the agent attaches `tollgate_l3`): there the
+/// answer to a decapsulated client leaves before encapsulation, starting at its IP header.
+/// Without it a tunnel client's requests would never see an answer, and its flows would
+/// only ever grow towards the request cap.
+#[classifier]
+pub fn tollgate_egress_l3(ctx: TcContext) -> i32 {
+    egress(&ctx, true)
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext, l3: bool) -> i32 {
     let len = ctx.len() as usize;
     let mut frame = TcFrame {
         start: ctx.data(),
@@ -348,7 +362,8 @@ pub fn tollgate_egress(ctx: TcContext) -> i32 {
         frame.start = ctx.data();
         frame.end = ctx.data_end();
     }
-    if let Ok(Frame::Ip(p)) = parse(&frame) {
+    let parsed = if l3 { parse_l3(&frame) } else { parse(&frame) };
+    if let Ok(Frame::Ip(p)) = parsed {
         let payload = if p.has_ports() {
             tcp_or_udp_payload(&frame, &p)
         } else {
@@ -494,7 +509,10 @@ fn enforce(ctx: &XdpContext, frame: &XdpFrame, l3: bool, parsed: Result<Frame, R
     let decision = match parsed {
         Ok(Frame::Ip(p)) => {
             let d = decide(&Maps, &p, len);
-            if d.reason == Reason::Bound && p.proto == tollgate_common::parse::IPPROTO_TCP {
+            if d.reason == Reason::Bound
+                && p.proto == tollgate_common::parse::IPPROTO_TCP
+                && Maps.flow_policy(d.endpoint).flags & FP_TRACK != 0
+            {
                 hand_to_flow(ctx, l3, &d);
                 // Back here only if the flow program is not installed: counted untracked.
             }

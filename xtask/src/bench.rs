@@ -41,6 +41,14 @@ const BENCHES: &[Bench] = &[
     Bench {
         package: "tollgate-tests",
         features: None,
+        name: "bench_egress",
+        what: "the egress program and flow tracking on ingress through BPF_PROG_TEST_RUN, next to the empty TC and XDP programs",
+        quick: true,
+        limit: Duration::from_secs(120),
+    },
+    Bench {
+        package: "tollgate-tests",
+        features: None,
         name: "bench_live",
         what: "live frames: tollgate against an empty drop, nftables and iptables; hping3 end to end",
         // 15 rounds take ~170 s on the development VM, the end-to-end part ~20 s more.

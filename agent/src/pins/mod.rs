@@ -1,5 +1,6 @@
-//! Pinned state: every map and each interface's XDP link live under the pin directory, so
-//! enforcement outlives the agent. A starting agent adopts what it finds there (same maps,
+//! Pinned state: every map and each interface's XDP link (and, on Ethernet devices, its TC
+//! egress link: what the node sends back) live under the pin directory, so enforcement
+//! outlives the agent. A starting agent adopts what it finds there (same maps,
 //! same budgets, the program swapped atomically on the existing link) or refuses pins made by
 //! an incompatible build, naming what differs; it never silently resets them. A link pin is
 //! named for an interface but its link is on a device: it is reused for a name only while that
@@ -14,7 +15,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
     programs::{
+        LinkOrder, TcAttachType,
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
@@ -40,7 +43,56 @@ pub fn maps_dir(pin_dir: &Path) -> PathBuf {
 
 /// Each interface's XDP link.
 pub fn link_path(pin_dir: &Path, iface: &str) -> PathBuf {
-    pin_dir.join("links").join(format!("xdp-{iface}"))
+    Hook::Xdp.path(pin_dir, iface)
+}
+
+/// Each Ethernet interface's TC egress link (TCX). Layer-3 tunnel devices have none: what
+/// the node sends back leaves through the Ethernet device under them.
+pub fn egress_link_path(pin_dir: &Path, iface: &str) -> PathBuf {
+    Hook::Egress.path(pin_dir, iface)
+}
+
+/// Where a link is: the XDP hook (the enforcing program) or TC egress (the counting one).
+/// Both kinds of pin follow the same rules (adopted while on the device of their name,
+/// moved with a renamed device, removed when dead).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Xdp,
+    Egress,
+}
+
+impl Hook {
+    fn prefix(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp-",
+            Hook::Egress => "tc-egress-",
+        }
+    }
+
+    fn path(self, pin_dir: &Path, iface: &str) -> PathBuf {
+        pin_dir.join("links").join(format!("{}{iface}", self.prefix()))
+    }
+
+    /// The device the link pinned at `path` is on (0: none).
+    fn ifindex(self, path: &Path) -> std::io::Result<u32> {
+        match self {
+            Hook::Xdp => link_info::pinned_xdp_link(path).map(|l| l.ifindex),
+            Hook::Egress => link_info::pinned_tcx_link(path).map(|l| l.ifindex),
+        }
+    }
+}
+
+/// The TC egress program is attached as a TCX link, which only Linux 6.6+ has: the only
+/// kind of TC attachment that is a bpf_link, so the only one that can be pinned and have a
+/// program swapped in without a moment unattached.
+fn require_tcx() -> Result<(), String> {
+    use aya::util::KernelVersion;
+    match KernelVersion::current() {
+        Ok(v) if v < KernelVersion::new(6, 6, 0) => Err(format!(
+            "the TC egress program needs TCX links (Linux 6.6 or later); this kernel is {v}"
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +256,11 @@ pub struct Pinned {
     /// pin keeps the link); holding it until a detach means removing the pin really ends the
     /// link instead of leaving it alive through a forgotten descriptor.
     links: BTreeMap<String, Held>,
+    /// The same for each interface's TC egress link.
+    egress_links: BTreeMap<String, Held>,
+    /// Per interface with an egress link: whether it was adopted (the program swapped into
+    /// a pinned link) rather than made.
+    egress_adopted: BTreeMap<String, bool>,
     /// A table size change in progress, finished by [`Pinned::finish_migration`].
     migration: Option<resize::Migration>,
 }
@@ -212,6 +269,7 @@ pub struct Pinned {
 enum Held {
     Pinned(#[expect(dead_code, reason = "held for its file descriptor")] PinnedLink),
     Adopted(#[expect(dead_code, reason = "held for its file descriptor")] XdpLink),
+    AdoptedEgress(#[expect(dead_code, reason = "held for its file descriptor")] SchedClassifierLink),
 }
 
 impl Pinned {
@@ -274,6 +332,11 @@ impl Pinned {
                 .load()
                 .map_err(|e| load_err(format!("verifier ({name}): {e}")))?;
         }
+        // What the node sends back, counted on every Ethernet device the XDP program is on.
+        crate::loader::tc_program(&mut ebpf, program_names::EGRESS)
+            .map_err(|e| load_err(e.to_string()))?
+            .load()
+            .map_err(|e| load_err(format!("verifier ({}): {e}", program_names::EGRESS)))?;
         crate::flow_programs::install(&mut ebpf).map_err(|e| load_err(format!("{e:#}")))?;
         crate::loader::spawn_kernel_log(&mut ebpf, kernel_log)
             .map_err(|e| load_err(e.to_string()))?;
@@ -300,6 +363,8 @@ impl Pinned {
             pin_dir: pin_dir.to_owned(),
             claim: None,
             links: BTreeMap::new(),
+            egress_links: BTreeMap::new(),
+            egress_adopted: BTreeMap::new(),
             migration,
         })
     }
@@ -367,20 +432,7 @@ impl Pinned {
             iface: iface.to_owned(),
             message,
         };
-        let current = link_info::ifindex(iface);
-        if path.exists() {
-            let link = link_info::pinned_xdp_link(&path).map_err(|e| {
-                attach_err(format!("reading the pinned link {}: {e}", path.display()))
-            })?;
-            if let Some(stale) = stale_pin(link.ifindex, current) {
-                self.retire_stale(iface, &path, stale, current)?;
-            }
-        }
-        if !path.exists()
-            && let Some(ifindex) = current
-        {
-            self.claim_renamed(iface, ifindex)?;
-        }
+        self.settle_pin(Hook::Xdp, iface)?;
         let prog = crate::loader::xdp_program(&mut self.ebpf, program)
             .map_err(|e| attach_err(e.to_string()))?;
         // Still there: its link is on this name's device.
@@ -398,6 +450,9 @@ impl Pinned {
             // Taken out of the program, so that unloading the program never detaches it.
             let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
             self.links.insert(iface.to_owned(), Held::Adopted(link));
+            if program == program_names::XDP {
+                self.attach_egress(iface)?;
+            }
             return Ok(true);
         }
         let id = prog
@@ -414,7 +469,96 @@ impl Pinned {
             .pin(&path)
             .map_err(|e| attach_err(format!("pinning {}: {e}", path.display())))?;
         self.links.insert(iface.to_owned(), Held::Pinned(pinned));
+        if program == program_names::XDP {
+            self.attach_egress(iface)?;
+        }
         Ok(false)
+    }
+
+    /// Before a link of `hook` is reused for `iface`: a pin whose link is not on the device
+    /// that has the name now is moved or removed, and one of another name whose link is on
+    /// it is taken over (see [`Pinned::attach`]).
+    fn settle_pin(&mut self, hook: Hook, iface: &str) -> Result<(), PinError> {
+        let path = hook.path(&self.pin_dir, iface);
+        let current = link_info::ifindex(iface);
+        if path.exists() {
+            let ifindex = hook.ifindex(&path).map_err(|e| PinError::Attach {
+                iface: iface.to_owned(),
+                message: format!("reading the pinned link {}: {e}", path.display()),
+            })?;
+            if let Some(stale) = stale_pin(ifindex, current) {
+                self.retire_stale(hook, iface, &path, stale, current)?;
+            }
+        }
+        if !path.exists()
+            && let Some(ifindex) = current
+        {
+            self.claim_renamed(hook, iface, ifindex)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the TC egress program to `iface` as a TCX link, like the XDP program: a
+    /// pinned link gets the new program swapped in (bpf_link_update: what the node sends is
+    /// counted without a gap), otherwise a new link is made and pinned. The program never
+    /// drops, so a device without it loses figures, never traffic. Returns whether an
+    /// existing link was adopted.
+    fn attach_egress(&mut self, iface: &str) -> Result<bool, PinError> {
+        let attach_err = |message: String| PinError::Attach {
+            iface: iface.to_owned(),
+            message: format!("TC egress: {message}"),
+        };
+        self.settle_pin(Hook::Egress, iface)?;
+        let path = egress_link_path(&self.pin_dir, iface);
+        let prog = crate::loader::tc_program(&mut self.ebpf, program_names::EGRESS)
+            .map_err(|e| attach_err(e.to_string()))?;
+        if path.exists() {
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| attach_err(e.to_string()))?;
+            let fd: FdLink = pinned.into();
+            let link = SchedClassifierLink::try_from(fd).map_err(|e| attach_err(e.to_string()))?;
+            let id = prog.attach_to_link(link).map_err(|e| {
+                attach_err(format!("replacing the program on the pinned link: {e}"))
+            })?;
+            let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            self.egress_links
+                .insert(iface.to_owned(), Held::AdoptedEgress(link));
+            self.egress_adopted.insert(iface.to_owned(), true);
+            return Ok(true);
+        }
+        require_tcx().map_err(&attach_err)?;
+        let id = prog
+            .attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| attach_err(format!("attaching a TCX link: {e}")))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+        let fd = FdLink::try_from(link).map_err(|e| {
+            attach_err(format!(
+                "the kernel attached without a bpf_link ({e}); tollgate needs TCX (Linux 6.6+)"
+            ))
+        })?;
+        let pinned = fd
+            .pin(&path)
+            .map_err(|e| attach_err(format!("pinning {}: {e}", path.display())))?;
+        self.egress_links
+            .insert(iface.to_owned(), Held::Pinned(pinned));
+        self.egress_adopted.insert(iface.to_owned(), false);
+        Ok(false)
+    }
+
+    /// Whether `iface` has the egress program from this agent, and if so whether its link
+    /// was adopted (`Some(true)`) or made by this start (`Some(false)`).
+    pub fn egress(&self, iface: &str) -> Option<bool> {
+        self.egress_adopted.get(iface).copied()
+    }
+
+    fn held(&mut self, hook: Hook) -> &mut BTreeMap<String, Held> {
+        match hook {
+            Hook::Xdp => &mut self.links,
+            Hook::Egress => &mut self.egress_links,
+        }
     }
 
     /// Takes the link pinned for `iface` off that name, because it is not on the device that
@@ -423,21 +567,25 @@ impl Pinned {
     /// or let go, under its real name; a dead one (its device deleted) is removed.
     fn retire_stale(
         &mut self,
+        hook: Hook,
         iface: &str,
         path: &Path,
         stale: Stale,
         current: Option<u32>,
     ) -> Result<(), PinError> {
         let now = current.map_or("none: no such device".to_owned(), |i| i.to_string());
-        let held = self.links.remove(iface);
+        let held = self.held(hook).remove(iface);
+        if hook == Hook::Egress {
+            self.egress_adopted.remove(iface);
+        }
         if let Stale::Elsewhere(pinned) = stale
             && let Some(name) = link_info::ifname(pinned).filter(|n| n != iface)
         {
-            let to = link_path(&self.pin_dir, &name);
+            let to = hook.path(&self.pin_dir, &name);
             if !to.exists() {
                 std::fs::rename(path, &to).map_err(|e| io(path, e))?;
                 if let Some(h) = held {
-                    self.links.insert(name.clone(), h);
+                    self.held(hook).insert(name.clone(), h);
                 }
                 warn!(
                     iface,
@@ -468,18 +616,17 @@ impl Pinned {
     /// A device renamed to `iface` took its link along, pinned under its old name: that pin
     /// moves to `iface`'s, so that the link is adopted (a device takes one XDP link: a second
     /// attach would fail, and the old name's pin would be on the wrong device).
-    fn claim_renamed(&mut self, iface: &str, ifindex: u32) -> Result<(), PinError> {
-        for other in pinned_interfaces(&self.pin_dir) {
-            let from = link_path(&self.pin_dir, &other);
-            let on_this = other != iface
-                && link_info::pinned_xdp_link(&from).is_ok_and(|l| l.ifindex == ifindex);
+    fn claim_renamed(&mut self, hook: Hook, iface: &str, ifindex: u32) -> Result<(), PinError> {
+        for other in pinned_names(&self.pin_dir, hook) {
+            let from = hook.path(&self.pin_dir, &other);
+            let on_this = other != iface && hook.ifindex(&from).is_ok_and(|i| i == ifindex);
             if !on_this {
                 continue;
             }
-            let to = link_path(&self.pin_dir, iface);
+            let to = hook.path(&self.pin_dir, iface);
             std::fs::rename(&from, &to).map_err(|e| io(&from, e))?;
-            if let Some(h) = self.links.remove(&other) {
-                self.links.insert(iface.to_owned(), h);
+            if let Some(h) = self.held(hook).remove(&other) {
+                self.held(hook).insert(iface.to_owned(), h);
             }
             warn!(
                 iface,
@@ -496,6 +643,8 @@ impl Pinned {
     pub fn detach(&mut self, iface: &str) -> Result<bool, PinError> {
         let was = detach(&self.pin_dir, iface)?;
         let held = self.links.remove(iface).is_some();
+        self.egress_links.remove(iface);
+        self.egress_adopted.remove(iface);
         Ok(was || held)
     }
 
@@ -525,8 +674,13 @@ fn stale_pin(link_ifindex: u32, current: Option<u32>) -> Option<Stale> {
     }
 }
 
-/// Interfaces with a pinned link.
+/// Interfaces with a pinned XDP link (the enforced ones; an egress pin alone names none).
 pub fn pinned_interfaces(pin_dir: &Path) -> Vec<String> {
+    pinned_names(pin_dir, Hook::Xdp)
+}
+
+/// Names with a pinned link of `hook`.
+fn pinned_names(pin_dir: &Path, hook: Hook) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
         return Vec::new();
     };
@@ -535,7 +689,7 @@ pub fn pinned_interfaces(pin_dir: &Path) -> Vec<String> {
         .filter_map(|e| {
             e.file_name()
                 .to_str()
-                .and_then(|n| n.strip_prefix("xdp-"))
+                .and_then(|n| n.strip_prefix(hook.prefix()))
                 .map(str::to_owned)
         })
         .collect();
@@ -543,15 +697,16 @@ pub fn pinned_interfaces(pin_dir: &Path) -> Vec<String> {
     v
 }
 
-/// Detaches from one interface by removing its link pin (the link dies with its last
-/// reference).
+/// Detaches from one interface by removing its link pins, XDP and TC egress (each link dies
+/// with its last reference). Returns whether the XDP one was there.
 pub fn detach(pin_dir: &Path, iface: &str) -> Result<bool, PinError> {
-    let path = link_path(pin_dir, iface);
-    match std::fs::remove_file(&path) {
+    let remove = |path: PathBuf| match std::fs::remove_file(&path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(io(&path, e)),
-    }
+    };
+    remove(egress_link_path(pin_dir, iface))?;
+    remove(link_path(pin_dir, iface))
 }
 
 /// The agent record in a pin directory: a symbolic link whose target is an [`AgentRecord`]

@@ -22,7 +22,7 @@ const BPF_ANY: u64 = 0;
 /// 0: never).
 pub type NewBinding = (IpAddr, u8, u32, u64);
 
-fn io_err(name: &'static str) -> impl Fn(std::io::Error) -> TableError {
+pub(super) fn io_err(name: &'static str) -> impl Fn(std::io::Error) -> TableError {
     move |e| TableError::Map {
         name,
         source: MapError::IoError(e),

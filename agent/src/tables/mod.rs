@@ -3,6 +3,7 @@
 
 pub(crate) mod batch;
 mod bulk;
+mod egress;
 mod records;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
