@@ -283,6 +283,18 @@ fn promtool_accepts_a_scrape_and_the_alert_rules() {
     );
     let text = scrape(&lab);
     assert!(text.contains("tollgate_packets_total{"), "{text}");
+    // The egress and flow families are in every scrape, the endpoint counters at zero before
+    // anything went out, and promtool reads them (the TTFB histogram's format included).
+    for family in [
+        "tollgate_egress_bytes_total{endpoint=",
+        "tollgate_response_bytes_total{endpoint=",
+        "tollgate_flows_total{event=\"created\"}",
+        "# TYPE tollgate_ttfb_seconds histogram",
+        "tollgate_flows_tracked ",
+        "tollgate_flows_capacity ",
+    ] {
+        assert!(text.contains(family), "no {family} in:\n{text}");
+    }
     let out = promtool(&["check", "metrics"], Some(&text));
     assert!(
         out.status.success(),

@@ -17,6 +17,8 @@ use tollgate_common::{Verdict, policy::Q8_ONE};
 
 use crate::node::Node;
 
+mod egress;
+
 type Labels = Vec<(String, String)>;
 
 fn l(pairs: &[(&str, &str)]) -> Labels {
@@ -41,6 +43,18 @@ impl Counters {
         Counters(Family::default())
     }
     fn add(&self, labels: Labels, v: u64) {
+        self.0.get_or_create(&labels).inc_by(v);
+    }
+}
+
+/// Counters of a float total (seconds summed), as [`Counters`].
+struct FloatCounters(Family<Labels, Counter<f64, AtomicU64>>);
+
+impl FloatCounters {
+    fn new() -> Self {
+        FloatCounters(Family::default())
+    }
+    fn add(&self, labels: Labels, v: f64) {
         self.0.get_or_create(&labels).inc_by(v);
     }
 }
@@ -420,6 +434,16 @@ fn identity_families(reg: &mut Registry, d: &Node) -> Result<(), String> {
     ranked.sort_by(by_packets);
     let top_p = Counters::new();
     let top_b = Counters::new();
+    let top_egress = egress::TopEgress::new();
+    // What the node sent back to the same K (one batch read; none when K is 0).
+    let sent = if ranked.is_empty() {
+        Vec::new()
+    } else {
+        d.pinned
+            .tables
+            .egress_identities_upto(upto)
+            .map_err(|e| e.to_string())?
+    };
     for (_, r, c) in &ranked {
         // Any local user can read /metrics: a token identity (a customer's name, chosen by
         // the issuer) is shown by its slot unless the operator asked for names.
@@ -447,6 +471,8 @@ fn identity_families(reg: &mut Registry, d: &Node) -> Result<(), String> {
             l(&[("identity", &name), ("verdict", "drop")]),
             c.dropped.bytes,
         );
+        let e = r.slot.and_then(|s| sent.get(s as usize)).copied();
+        top_egress.add(&name, &e.unwrap_or_default());
     }
     reg.register(
         "tollgate_top_identity_packets",
@@ -458,6 +484,7 @@ fn identity_families(reg: &mut Registry, d: &Node) -> Result<(), String> {
         "Bytes of the top-K identities by traffic",
         top_b.0,
     );
+    top_egress.register(reg);
     Ok(())
 }
 
@@ -499,6 +526,10 @@ pub fn render(d: &Node) -> Result<String, String> {
 
     // Per identity: class and plan totals, and the top K.
     identity_families(&mut reg, d)?;
+
+    // What the protected endpoints sent back, times to first byte, the flow table.
+    let names: Vec<&str> = config.endpoints.iter().map(|e| e.name.as_str()).collect();
+    egress::register(&mut reg, &names, &egress::Readings::read(tables)?);
 
     // Occupancy.
     let counts = tables.binding_counts();

@@ -154,6 +154,7 @@ mod tests {
             dropped_packets: 18233,
             dropped_bytes: 10563120,
             clock: Some(tollgate::kernel_clock::Clock::Coarse),
+            egress: None,
         }
     }
 

@@ -310,6 +310,38 @@ pub struct IdentityRow {
     /// absent from agents older than the field.
     #[serde(default)]
     pub clock: Option<crate::kernel_clock::Clock>,
+    /// What the node sent back to it (`EGRESS_IDENTITY`); absent from agents older than the
+    /// field.
+    #[serde(default)]
+    pub egress: Option<EgressTotals>,
+}
+
+/// Totals of what the node sent from its protected endpoints to one identity, since the
+/// identity's slot was created (the kernel's `EgressCounters`, summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressTotals {
+    /// Packets and bytes as the egress hook sees them (skb length: L2 included, a GSO
+    /// super-packet once).
+    pub sent_packets: u64,
+    pub sent_bytes: u64,
+    /// TCP/UDP payload bytes: what the client's socket received.
+    pub response_bytes: u64,
+    /// Sum (ns) and number of the times to first byte measured on its flows: the mean over
+    /// an interval is the difference of the sums over the difference of the counts.
+    pub ttfb_sum_ns: u64,
+    pub ttfb_count: u64,
+}
+
+impl From<tollgate_common::flow::EgressCounters> for EgressTotals {
+    fn from(c: tollgate_common::flow::EgressCounters) -> EgressTotals {
+        EgressTotals {
+            sent_packets: c.sent.packets,
+            sent_bytes: c.sent.bytes,
+            response_bytes: c.payload,
+            ttfb_sum_ns: c.ttfb_sum_ns,
+            ttfb_count: c.ttfb_count,
+        }
+    }
 }
 
 /// `identities`.
@@ -580,6 +612,13 @@ mod tests {
             dropped_packets: 2,
             dropped_bytes: 200,
             clock: None,
+            egress: Some(EgressTotals {
+                sent_packets: 4,
+                sent_bytes: 6000,
+                response_bytes: 5800,
+                ttfb_sum_ns: 90_000_000,
+                ttfb_count: 3,
+            }),
         }
     }
 
@@ -727,6 +766,15 @@ mod tests {
         assert_eq!(v[0]["class"], "customer");
         assert_eq!(v[0]["source"], "token");
         assert_eq!(v[1]["quarantined"]["by"], "controller");
+        assert_eq!(v[0]["egress"]["response_bytes"], 5800);
+        assert_eq!(v[0]["egress"]["ttfb_count"], 3);
+        // An agent older than the field: no egress, not zeros.
+        let mut old = v[0].clone();
+        old.as_object_mut().unwrap().remove("egress");
+        assert_eq!(
+            serde_json::from_value::<IdentityRow>(old).unwrap().egress,
+            None
+        );
         let mut one = row("x", QuarantineOwner::Other("someone".into()));
         one.quarantined = None;
         one.source = IdentitySource::Config;

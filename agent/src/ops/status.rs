@@ -285,6 +285,7 @@ fn row(
     bindings: Vec<String>,
     c: IdentityCounters,
     record: &tollgate_common::policy::Identity,
+    egress: Option<tollgate_common::flow::EgressCounters>,
 ) -> IdentityRow {
     IdentityRow {
         id,
@@ -304,6 +305,7 @@ fn row(
         dropped_packets: c.dropped.packets,
         dropped_bytes: c.dropped.bytes,
         clock: Some(Clock::of_identity(record)),
+        egress: egress.map(Into::into),
     }
 }
 
@@ -314,6 +316,8 @@ pub fn identities(node: &Node) -> Result<Identities, OpError> {
     let upto = node.state.identity_ids.values().max().map_or(1, |m| m + 1);
     let counters = node.pinned.tables.identity_counters_upto(upto)?;
     let records = node.pinned.tables.identities_upto(upto)?;
+    // What went back to them; a failed read leaves the field out rather than the list.
+    let sent = node.pinned.tables.egress_identities_upto(upto).ok();
     let mut rows = Vec::new();
     for r in node.identities().all() {
         let Some(id) = r.slot else { continue };
@@ -326,6 +330,8 @@ pub fn identities(node: &Node) -> Result<Identities, OpError> {
             by_id.remove(&id).unwrap_or_default(),
             c,
             &rec,
+            sent.as_ref()
+                .map(|s| s.get(id as usize).copied().unwrap_or_default()),
         ));
     }
     rows.sort_by_key(|r| r.id);
@@ -340,7 +346,13 @@ pub fn identity(node: &Node, name: &str) -> Result<Identity, OpError> {
     let bindings = bindings_by_slot(node)?.remove(&id).unwrap_or_default();
     let c = node.pinned.tables.identity_counters(id)?;
     let rec = node.pinned.tables.identity(id)?;
-    Ok(row(node, &r, id, bindings, c, &rec))
+    let sent = node
+        .pinned
+        .tables
+        .egress_identities_upto(id + 1)
+        .ok()
+        .map(|s| s.get(id as usize).copied().unwrap_or_default());
+    Ok(row(node, &r, id, bindings, c, &rec, sent))
 }
 
 struct Names<'a>(&'a Node);

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Serialize, de::DeserializeOwned};
 use tollgate::{
-    control::reply::{EndpointRow, GpuStatus, IdentityRow, IdentitySource, Status, TokenStatus},
+    control::reply::{
+        EgressTotals, EndpointRow, GpuStatus, IdentityRow, IdentitySource, Status, TokenStatus,
+    },
     controller::gpu::GpuReading,
     tables::Proto,
 };
@@ -32,7 +34,26 @@ pub(super) fn identity(name: &str, passed: u64, dropped: u64) -> IdentityRow {
         dropped_packets: dropped,
         dropped_bytes: dropped * 100,
         clock: None,
+        egress: None,
     })
+}
+
+/// `row` with egress totals: `response` payload bytes sent back, `answers` times to first
+/// byte summing to `ttfb_sum_ms`.
+pub(super) fn sent(
+    mut row: IdentityRow,
+    response: u64,
+    ttfb_sum_ms: u64,
+    answers: u64,
+) -> IdentityRow {
+    row.egress = Some(EgressTotals {
+        sent_packets: response / 1000,
+        sent_bytes: response + response / 20,
+        response_bytes: response,
+        ttfb_sum_ns: ttfb_sum_ms * 1_000_000,
+        ttfb_count: answers,
+    });
+    wire(row)
 }
 
 pub(super) fn endpoint(name: &str, passed: u64, dropped: u64) -> EndpointRow {
@@ -124,16 +145,18 @@ pub(super) fn snap(
     }
 }
 
-/// Two polls 2 s apart: "busy" passed 2000 and dropped 10 in between, "idle" nothing,
-/// "new" appeared between them, "reset" had its counters re-created.
+/// Two polls 2 s apart: "busy" passed 2000 and dropped 10 in between, and was sent 40 000
+/// payload bytes and 4 answers 210 ms in all (52.5 ms each); "idle" nothing (no answer:
+/// no time to first byte); "new" appeared between them, "reset" had its counters
+/// re-created.
 pub(super) fn two_polls() -> (Snapshot, Snapshot) {
     let t0 = Instant::now();
     let a = snap(
         t0,
         status(1000, 100, 1),
         vec![
-            identity("idle", 5, 0),
-            identity("busy", 1000, 0),
+            sent(identity("idle", 5, 0), 700, 30, 1),
+            sent(identity("busy", 1000, 0), 10_000, 300, 3),
             identity("reset", 900, 0),
         ],
         vec![endpoint("model", 1000, 100)],
@@ -142,8 +165,8 @@ pub(super) fn two_polls() -> (Snapshot, Snapshot) {
         t0 + Duration::from_secs(2),
         status(3000, 110, 5),
         vec![
-            identity("idle", 5, 0),
-            identity("busy", 3000, 10),
+            sent(identity("idle", 5, 0), 700, 30, 1),
+            sent(identity("busy", 3000, 10), 50_000, 510, 7),
             identity("reset", 4, 0),
             identity("new", 50, 0),
         ],

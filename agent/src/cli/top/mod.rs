@@ -32,12 +32,18 @@ use super::{Ctx, Failure, Outcome, exit, request};
 
 /// A live view of identities, endpoints, drops and GPU pressure (q quits, s sorts);
 /// `--once` prints one snapshot (with `--output json` for scripts).
+///
+/// Per identity, RESP B/S (`response_bytes_per_s`) is the payload bytes sent back to it per
+/// second, and TTFB MS (`ttfb_ms`) the mean time to first byte of the answers the kernel
+/// measured between the two polls: the growth of its TTFB sum over the growth of its TTFB
+/// count. `-` (null) when no answer was measured in the interval.
 #[derive(clap::Args)]
 pub struct TopArgs {
     /// Seconds between polls (rates are measured over the real time between them).
     #[arg(long, default_value_t = 1.0)]
     interval: f64,
-    /// Print one snapshot (two polls `interval` apart) and exit.
+    /// Print one snapshot (two polls `interval` apart) and exit: rates and `ttfb_ms` cover
+    /// what happened between the two polls.
     #[arg(long)]
     once: bool,
     /// Identities shown at most (0: all).

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, time::Instant};
 
-use tollgate::control::reply::{EndpointRow, IdentityRow, Status};
+use tollgate::control::reply::{EgressTotals, EndpointRow, IdentityRow, Status};
 
 /// The agent's answers at one moment.
 #[derive(Clone, Debug)]
@@ -58,6 +58,11 @@ pub(super) trait Counted {
     fn name(&self) -> &str;
     fn passed(&self) -> u64;
     fn dropped(&self) -> u64;
+    /// What the node sent back to it; `None` for rows without the figures (endpoints, an
+    /// agent older than them).
+    fn egress(&self) -> Option<&EgressTotals> {
+        None
+    }
 }
 
 impl Counted for IdentityRow {
@@ -69,6 +74,9 @@ impl Counted for IdentityRow {
     }
     fn dropped(&self) -> u64 {
         self.dropped_packets
+    }
+    fn egress(&self) -> Option<&EgressTotals> {
+        self.egress.as_ref()
     }
 }
 
@@ -94,6 +102,12 @@ pub(super) struct RateRow<T> {
     pub(super) drop_per_s: Option<f64>,
     pub(super) passed: u64,
     pub(super) dropped: u64,
+    /// Payload bytes per second the node sent back to it (`None` as the packet rates, and
+    /// for rows without egress figures).
+    pub(super) response_per_s: Option<f64>,
+    /// Mean time to first byte (ms) of the answers measured between the two polls; `None`
+    /// when there was none (see [`ttfb_ms`]).
+    pub(super) ttfb_ms: Option<f64>,
     /// The agent's row as it came, for the columns only some views show.
     pub(super) row: T,
 }
@@ -113,6 +127,21 @@ pub(super) fn per_second(prev: Option<u64>, cur: u64, secs: Option<f64>) -> Opti
     Some((cur - prev) as f64 / secs)
 }
 
+/// The mean time to first byte (ms) of the answers the kernel measured between two reads of
+/// an identity's counters: the growth of the sum of the times over the growth of their
+/// count. The interval is exactly the answers counted between the two reads, not a window of
+/// the clock, so nothing is divided by time and the poll's own timing does not enter it.
+/// `None` without an earlier read, when no answer was measured in between ("no answer" is
+/// not "0 ms"), or when the counters went backwards (the slot was re-created).
+pub(super) fn ttfb_ms(prev: Option<&EgressTotals>, cur: &EgressTotals) -> Option<f64> {
+    let prev = prev?;
+    if cur.ttfb_count <= prev.ttfb_count || cur.ttfb_sum_ns < prev.ttfb_sum_ns {
+        return None;
+    }
+    let answers = cur.ttfb_count - prev.ttfb_count;
+    Some((cur.ttfb_sum_ns - prev.ttfb_sum_ns) as f64 / answers as f64 / 1e6)
+}
+
 /// Rows of `cur` with rates against `prev`. Rows are matched by name, not id: endpoint ids
 /// are positions in the configuration and move when a reload inserts one, and a row that
 /// matched the wrong counters would show a made-up rate.
@@ -126,7 +155,17 @@ pub(super) fn rate_rows<T: Counted + Clone>(
         .map(|r| {
             let before = earlier(r.name());
             let (passed, dropped) = (r.passed(), r.dropped());
+            let sent_before = before.and_then(Counted::egress);
+            let sent = r.egress();
             RateRow {
+                response_per_s: sent.and_then(|s| {
+                    per_second(
+                        sent_before.map(|b| b.response_bytes),
+                        s.response_bytes,
+                        secs,
+                    )
+                }),
+                ttfb_ms: sent.and_then(|s| ttfb_ms(sent_before, s)),
                 pass_per_s: per_second(before.map(Counted::passed), passed, secs),
                 drop_per_s: per_second(before.map(Counted::dropped), dropped, secs),
                 passed,
@@ -337,6 +376,43 @@ mod tests {
                 rate("parse_error", 1, None),
             ]
         );
+    }
+
+    /// The mean time to first byte over the interval is the growth of the sum over the growth
+    /// of the count: 4 answers, 210 ms in all, is 52.5 ms, whatever came before (3 answers at
+    /// 100 ms) and however long the interval.
+    #[test]
+    fn ttfb_is_the_mean_of_the_answers_between_the_polls() {
+        let totals = |sum_ms: u64, n: u64| EgressTotals {
+            ttfb_sum_ns: sum_ms * 1_000_000,
+            ttfb_count: n,
+            ..Default::default()
+        };
+        assert_eq!(ttfb_ms(Some(&totals(300, 3)), &totals(510, 7)), Some(52.5));
+        // Sub-millisecond precision survives: 3 answers of 1.5 ms.
+        let ns = |sum_ns: u64, n: u64| EgressTotals {
+            ttfb_sum_ns: sum_ns,
+            ttfb_count: n,
+            ..Default::default()
+        };
+        assert_eq!(ttfb_ms(Some(&ns(0, 0)), &ns(4_500_000, 3)), Some(1.5));
+        // No answer in the interval: unknown, not 0 ms and not the lifetime mean.
+        assert_eq!(ttfb_ms(Some(&totals(300, 3)), &totals(300, 3)), None);
+        assert_eq!(ttfb_ms(None, &totals(300, 3)), None);
+        // A re-created slot counts from scratch: no figure rather than a negative one.
+        assert_eq!(ttfb_ms(Some(&totals(300, 3)), &totals(10, 1)), None);
+
+        let (a, b) = two_polls();
+        let v = view(Some(&a), &b, SortKey::Rate);
+        let row = |name: &str| v.identities.iter().find(|r| r.name == name).unwrap();
+        assert_eq!(row("busy").ttfb_ms, Some(52.5));
+        assert_eq!(row("busy").response_per_s, Some(20_000.0));
+        assert_eq!(row("idle").ttfb_ms, None);
+        assert_eq!(row("idle").response_per_s, Some(0.0));
+        // No egress figures (an older agent): nothing made up.
+        assert_eq!(row("reset").response_per_s, None);
+        assert_eq!(row("new").ttfb_ms, None);
+        assert!(v.endpoints.iter().all(|r| r.ttfb_ms.is_none()));
     }
 
     #[test]

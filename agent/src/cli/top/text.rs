@@ -33,13 +33,34 @@ impl<'a, T> WithRates<'a, T> {
     }
 }
 
+/// An identity row with its rates and what the node sent back to it over the interval:
+/// payload bytes per second, and the mean time to first byte (ms) of the answers measured
+/// between the two polls (`null` when there was none).
+#[derive(Serialize)]
+struct IdentityJson<'a> {
+    #[serde(flatten)]
+    rates: WithRates<'a, IdentityRow>,
+    response_bytes_per_s: Option<f64>,
+    ttfb_ms: Option<f64>,
+}
+
+impl<'a> IdentityJson<'a> {
+    fn of(r: &'a RateRow<IdentityRow>) -> IdentityJson<'a> {
+        IdentityJson {
+            rates: WithRates::of(r),
+            response_bytes_per_s: json_rate(r.response_per_s),
+            ttfb_ms: json_rate(r.ttfb_ms),
+        }
+    }
+}
+
 /// The `--once --output json` object.
 #[derive(Serialize)]
 struct SnapshotJson<'a> {
     time_unix_ms: u64,
     interval_s: Option<f64>,
     status: &'a Status,
-    identities: Vec<WithRates<'a, IdentityRow>>,
+    identities: Vec<IdentityJson<'a>>,
     endpoints: Vec<WithRates<'a, EndpointRow>>,
 }
 
@@ -52,7 +73,7 @@ pub(super) fn snapshot_json(prev: &Snapshot, cur: &Snapshot, limit: usize) -> Va
         status: &cur.status,
         identities: limited(&v.identities, limit)
             .iter()
-            .map(WithRates::of)
+            .map(IdentityJson::of)
             .collect(),
         endpoints: v.endpoints.iter().map(WithRates::of).collect(),
     };
@@ -79,6 +100,15 @@ pub(super) fn fmt_rate(r: Option<f64>) -> String {
         None => "-".into(),
         Some(r) if r < 99_999.95 => format!("{r:.1}"),
         Some(r) => si(r),
+    }
+}
+
+/// A time to first byte in ms: "52.5", "1234", "-" without one (no answer in the interval).
+pub(super) fn fmt_ms(ms: Option<f64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) if ms < 1000.0 => format!("{ms:.1}"),
+        Some(ms) => format!("{ms:.0}"),
     }
 }
 
@@ -217,6 +247,8 @@ pub(super) fn identity_cells(r: &RateRow<IdentityRow>) -> Vec<String> {
         fmt_rate(r.drop_per_s),
         r.passed.to_string(),
         r.dropped.to_string(),
+        fmt_rate(r.response_per_s),
+        fmt_ms(r.ttfb_ms),
         if r.row.quarantined.is_some() {
             "yes".into()
         } else {
@@ -263,6 +295,8 @@ pub(super) fn snapshot_text(prev: &Snapshot, cur: &Snapshot, limit: usize) -> St
             "drop/s",
             "passed",
             "dropped",
+            "resp B/s",
+            "ttfb ms",
             "quarantined",
         ],
         &shown.iter().map(identity_cells).collect::<Vec<_>>(),
@@ -334,8 +368,14 @@ mod tests {
         // The agent's fields are all still there.
         assert_eq!(ids[0]["passed_bytes"], 300_000);
         assert_eq!(ids[0]["bindings"], json!(["198.19.7.0/24"]));
+        assert_eq!(ids[0]["response_bytes_per_s"], 20_000.0);
+        assert_eq!(ids[0]["ttfb_ms"], 52.5);
+        assert_eq!(ids[0]["egress"]["ttfb_count"], 7);
         assert_eq!(ids[1]["name"], "idle");
         assert_eq!(ids[1]["pass_per_s"], 0.0);
+        // No answer between the polls: null, and the key is there for scripts to read.
+        assert_eq!(ids[1]["ttfb_ms"], Value::Null);
+        assert_eq!(ids[1]["response_bytes_per_s"], 0.0);
         let all = snapshot_json(&a, &b, 0);
         assert_eq!(all["identities"].as_array().unwrap().len(), 4);
         assert_eq!(all["identities"][2]["pass_per_s"], Value::Null);
@@ -360,7 +400,7 @@ mod tests {
         assert_eq!(
             cells,
             [
-                "busy", "partner", "partner", "1000.0", "5.0", "3000", "10", "-"
+                "busy", "partner", "partner", "1000.0", "5.0", "3000", "10", "20000.0", "52.5", "-"
             ]
         );
         assert!(t.contains("model     tcp/8000,8001-8003  1000.0  5.0"));
@@ -381,6 +421,9 @@ mod tests {
         assert_eq!(fmt_rate(Some(4567.0)), "4567.0");
         assert_eq!(fmt_rate(Some(99_999.96)), "100.0k");
         assert_eq!(fmt_rate(Some(123_456.0)), "123.5k");
+        assert_eq!(fmt_ms(None), "-");
+        assert_eq!(fmt_ms(Some(52.46)), "52.5");
+        assert_eq!(fmt_ms(Some(2500.4)), "2500");
         assert_eq!(fmt_count(99_999), "99999");
         assert_eq!(fmt_count(1_234_567), "1.2M");
         assert_eq!(fmt_uptime(59), "00:00:59");

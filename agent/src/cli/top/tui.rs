@@ -30,7 +30,7 @@ use super::{
     model::{RateRow, Snapshot, SortKey, limited, view},
     poll,
     text::{
-        clean, fmt_count, fmt_rate, gpu_line, header_lines, proto_ports, reason_rows,
+        clean, fmt_count, fmt_ms, fmt_rate, gpu_line, header_lines, proto_ports, reason_rows,
         refusal_lines, total_lines,
     },
 };
@@ -447,6 +447,8 @@ fn draw_identities(
         col("DROP/S", &[SortKey::Drop, SortKey::Rate], true),
         col("PASSED", &[SortKey::Passed], true),
         col("DROPPED", &[SortKey::Dropped], true),
+        col("RESP B/S", &[], true),
+        col("TTFB MS", &[], true),
         col("Q", &[], false),
     ])
     .style(bold());
@@ -460,6 +462,8 @@ fn draw_identities(
             num(fmt_rate(r.drop_per_s)),
             num(fmt_count(r.passed)),
             num(fmt_count(r.dropped)),
+            num(fmt_rate(r.response_per_s)),
+            num(fmt_ms(r.ttfb_ms)),
             Cell::from(if quarantined { "Q" } else { "" }),
         ]);
         if quarantined {
@@ -487,6 +491,8 @@ fn draw_identities(
                 Constraint::Length(7),
                 Constraint::Length(7),
                 Constraint::Length(7),
+                Constraint::Length(7),
+                Constraint::Length(8),
                 Constraint::Length(7),
                 Constraint::Length(1),
             ],
@@ -581,6 +587,8 @@ mod tests {
             "identities: 4, by rate",
             "busy",
             "1000.0",
+            "RESP B/S TTFB MS",
+            "20000.0    52.5",
             "endpoints",
             "tcp/8000,8001-8003",
             "drops",
