@@ -53,6 +53,39 @@ fn the_egress_link_is_pinned_adopted_in_place_across_a_kill_and_removed_by_unins
         "program {} on the egress link",
         first.prog_id
     );
+    // Every configured endpoint's flow settings are in the kernel (TCP: tracked by default,
+    // UDP: not), and the ids past them are empty.
+    let fp_path =
+        tollgate::pins::maps_dir(&w.dirs.pin_dir).join(tollgate_common::map_names::FLOW_POLICY);
+    let fp: aya::maps::Array<aya::maps::MapData, tollgate_common::flow::FlowPolicy> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(
+            aya::maps::MapData::from_pin(&fp_path).expect("FLOW_POLICY pin"),
+        ))
+        .expect("array");
+    let text = std::fs::read_to_string(&w.config).expect("config");
+    let endpoints = text.matches("[[endpoints]]").count() as u32;
+    assert!(endpoints >= 1, "{text}");
+    let tracked = (1..=endpoints)
+        .filter(|id| {
+            fp.get(id, 0).expect("flow policy").flags & tollgate_common::flow::FP_TRACK != 0
+        })
+        .count();
+    assert!(tracked >= 1, "no endpoint's flows tracked in FLOW_POLICY");
+    assert_eq!(
+        fp.get(&(endpoints + 1), 0).expect("flow policy"),
+        tollgate_common::flow::FlowPolicy::default()
+    );
+
+    // `status` shows it per interface, and the flow table's size.
+    let text = w.dirs.cli_ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "attached (TCX link {}, program {})",
+            first.id, first.prog_id
+        )),
+        "{text}"
+    );
+    assert!(text.contains("flows"), "{text}");
     // The egress pin names no interface of its own: only the XDP pins do.
     assert_eq!(
         tollgate::pins::pinned_interfaces(&w.dirs.pin_dir),
@@ -102,7 +135,10 @@ fn the_egress_link_is_pinned_adopted_in_place_across_a_kill_and_removed_by_unins
     );
     let after = egress_link(&egress_pin);
     assert_eq!(after.id, first.id, "the same link, adopted");
-    assert_ne!(after.prog_id, first.prog_id, "the successor's program swapped in");
+    assert_ne!(
+        after.prog_id, first.prog_id,
+        "the successor's program swapped in"
+    );
     assert_eq!(programs.len(), 2, "old and new program: {programs:?}");
     assert_eq!(
         program_name(after.prog_id).as_deref(),
@@ -119,7 +155,10 @@ fn the_egress_link_is_pinned_adopted_in_place_across_a_kill_and_removed_by_unins
     assert!(!egress_pin.exists() && !xdp_pin.exists());
     let exit = successor.stop();
     assert!(exit.status.success(), "{}", exit.stderr);
-    assert!(w.lab.server.xdp_attach(iface).is_none(), "XDP still attached");
+    assert!(
+        w.lab.server.xdp_attach(iface).is_none(),
+        "XDP still attached"
+    );
     // The kernel let go of the egress link too (its last reference was the pin and our fd).
     let deadline = Instant::now() + Duration::from_secs(5);
     let gone = loop {

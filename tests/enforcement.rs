@@ -92,8 +92,7 @@ fn verifier_instruction_budget() {
             "{name}: {processed} > {ceiling}"
         );
     }
-    // The egress classifiers are loaded by the agent at attach time; load them here for their
-    // counts.
+    // The egress classifiers (`loader::load` loads them with the XDP programs).
     for name in [
         tollgate_common::program_names::EGRESS,
         tollgate_common::program_names::EGRESS_L3,
@@ -103,7 +102,6 @@ fn verifier_instruction_budget() {
             .expect("egress program")
             .try_into()
             .expect("a classifier");
-        tc.load().expect("the egress program verifies");
         let processed = tc
             .info()
             .expect("program info")

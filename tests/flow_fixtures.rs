@@ -37,8 +37,9 @@ const CAP: u64 = 20_000;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 const RST: u8 = 0x04;
-/// TC_ACT_OK: the egress program passes everything.
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1, TCX "next"): the egress program passes everything on to the programs
+/// after it and then the stack.
+const TC_NEXT: u32 = u32::MAX;
 
 struct Lab {
     h: Harness,
@@ -83,13 +84,6 @@ impl Lab {
                 },
             )
             .expect("flow policy");
-        let tc: &mut SchedClassifier = h
-            .ebpf
-            .program_mut(program_names::EGRESS)
-            .expect("egress program")
-            .try_into()
-            .expect("classifier");
-        tc.load().expect("egress program verifies");
         Lab { h }
     }
 
@@ -160,7 +154,7 @@ impl Lab {
 fn egress_counts_what_the_node_sends_to_each_bound_identity_and_endpoint() {
     let mut lab = Lab::new();
     let (act, len) = lab.server(CLIENT, PORT, 40000, 1000);
-    assert_eq!(act, TC_ACT_OK);
+    assert_eq!(act, TC_NEXT);
     let e = lab.egress_identity(ID);
     assert_eq!((e.sent.packets, e.sent.bytes, e.payload), (1, len, 1000));
     // To the other identity: its own slot; to an unbound client: the endpoint's only.
@@ -173,7 +167,7 @@ fn egress_counts_what_the_node_sends_to_each_bound_identity_and_endpoint() {
     assert_eq!(lab.egress_identity(0).sent.packets, 0, "unbound: nobody's");
     // Unprotected traffic (another source port): passed, counted nowhere.
     let (act, _) = lab.server(CLIENT, 9999, 40000, 700);
-    assert_eq!(act, TC_ACT_OK);
+    assert_eq!(act, TC_NEXT);
     assert_eq!(lab.egress_endpoint().sent.packets, 3);
     assert_eq!(lab.egress_identity(ID).sent.packets, 1);
     // A pure ACK counts a packet and no payload.
@@ -346,4 +340,57 @@ fn the_flow_programs_are_installed_by_the_loader() {
         aya::maps::ProgramArray::try_from(map).expect("program array");
     let indices: Vec<u32> = slots.indices().filter_map(Result::ok).collect();
     assert_eq!(indices, vec![0, 1]);
+}
+
+#[test]
+fn fragments_to_a_capped_endpoint_are_refused_and_a_syn_ack_reopens_a_cut_flow() {
+    let mut lab = Lab::new();
+    // A first fragment would hide the rest of its segment from the count.
+    let frag = PacketBuilder::v4(CLIENT, SERVER)
+        .fragment(0, true)
+        .tcp(46000, PORT)
+        .tcp_flags(ACK)
+        .payload(1000)
+        .build();
+    assert_eq!(
+        lab.h.run(&frag),
+        1,
+        "first fragment to a capped endpoint dropped"
+    );
+    assert_eq!(lab.reason(Reason::RequestSize).packets, 1);
+    // Cut a flow, then the server accepts a new connection on the same 4-tuple.
+    lab.client(CLIENT, 46001, SYN, 0);
+    for _ in 0..14 {
+        lab.client(CLIENT, 46001, ACK, 1400);
+    }
+    assert_eq!(lab.client(CLIENT, 46001, ACK, 1400), 1, "cut");
+    assert_eq!(
+        lab.client(CLIENT, 46001, SYN, 0),
+        1,
+        "the client's SYN cannot reopen it"
+    );
+    let syn_ack = PacketBuilder::v4(SERVER, CLIENT)
+        .tcp(PORT, 46001)
+        .tcp_flags(0x12)
+        .build();
+    let tc: &SchedClassifier = lab
+        .h
+        .ebpf
+        .program(program_names::EGRESS)
+        .expect("egress")
+        .try_into()
+        .expect("classifier");
+    let mut out = vec![0u8; syn_ack.len() + 256];
+    tc.test_run(TestRunOptions {
+        data_in: Some(&syn_ack),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    })
+    .expect("tc run");
+    assert_eq!(
+        lab.client(CLIENT, 46001, ACK, 1400),
+        2,
+        "the server's new connection passes"
+    );
 }

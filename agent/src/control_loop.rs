@@ -9,8 +9,12 @@ use std::{
 };
 
 use serde_json::json;
-use tollgate_common::policy::{
-    ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_THROTTLED, IdentityCounters, MAX_PLANS,
+use tollgate_common::{
+    flow::EgressCounters,
+    policy::{
+        ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_RESPONSE_CAPPED, ID_THROTTLED, IdentityCounters,
+        MAX_PLANS,
+    },
 };
 use tracing::{info, warn};
 
@@ -20,6 +24,7 @@ use crate::controller::{
     handshakes::{self, Evidence, Snapshot},
     pressure::{Saturation, hold_back_q8, share},
     quota::{QuotaBook, QuotaLimits, Window},
+    response::{self, Action, ResponseCaps, Seen},
 };
 use crate::{
     audit::{Actor, Audit},
@@ -65,6 +70,10 @@ pub struct ControlLoop {
     exhausted_seeded: bool,
     /// Wall-clock steps against the boot clock, reported (`clock_step`), never followed.
     clock_watch: StepWatch,
+    /// Response caps: the egress readings and the identities held capped.
+    responses: ResponseCaps,
+    /// Whether `responses` has been seeded from the kernel's flags (once, as `exhausted`).
+    responses_seeded: bool,
 }
 
 fn open_source(config: &Config) -> Result<Box<dyn GpuSource>, String> {
@@ -114,6 +123,8 @@ impl ControlLoop {
             last_loop_s: 0.0,
             exhausted_seeded: false,
             clock_watch: StepWatch::default(),
+            responses: ResponseCaps::default(),
+            responses_seeded: false,
         })
     }
 
@@ -305,6 +316,7 @@ impl ControlLoop {
             let detail = over.map(|(w, _)| detail(w));
             self.quota_flag(name, *id, plan_name, over, detail, tables, audit);
         }
+        self.response_caps(config, state, tables, audit, now_ms, upto);
         if self.quota_dirty {
             // At most one interval of spend is lost to a crash.
             match self.quotas.save(&config.node.state_dir) {
@@ -628,6 +640,113 @@ impl ControlLoop {
         }
     }
 
+    /// Response caps, once a tick: the egress counters' payload deltas into the response
+    /// windows, the rate over the tick, and the flag set or cleared where that changed.
+    fn response_caps(
+        &mut self,
+        config: &Config,
+        state: &State,
+        tables: &mut KernelTables,
+        audit: &Audit,
+        now_ms: u64,
+        upto: u32,
+    ) {
+        if !self.responses_seeded {
+            let flagged: Vec<(String, u16)> = state
+                .identity_ids
+                .iter()
+                .filter_map(|(n, id)| {
+                    let r = tables.identity(*id).ok()?;
+                    (r.flags & ID_RESPONSE_CAPPED != 0).then(|| (n.clone(), r.response_q8))
+                })
+                .collect();
+            self.responses.seed(flagged);
+            self.responses_seeded = true;
+        }
+        // No plan caps responses and nobody is held capped: nothing to read.
+        if config.plans.iter().all(|p| p.response.is_unlimited())
+            && self.responses.capped().is_empty()
+        {
+            return;
+        }
+        let counters = egress_counters(tables, upto);
+        let resolver = Resolver::new(config, state);
+        let seen = state.identity_ids.iter().map(|(name, id)| Seen {
+            name,
+            slot: *id,
+            plan: resolver
+                .with_slot(name, Some(*id))
+                .and_then(|r| config.plan(r.plan))
+                .map(|p| (p.name.as_str(), &p.response)),
+        });
+        let (dirty, actions) = self
+            .responses
+            .tick(now_ms, &counters, seen, &mut self.quotas);
+        self.quota_dirty |= dirty;
+        for a in actions {
+            let (slot, set, q8) = match &a {
+                Action::Set { slot, q8, .. } => (*slot, true, *q8),
+                Action::Clear { slot, .. } => (*slot, false, 0),
+            };
+            if let Err(e) = set_response_flag(tables, slot, set, q8) {
+                warn!("response cap flag of identity slot {slot}: {e}");
+                continue;
+            }
+            self.responses.applied(&a);
+            let _ = match &a {
+                Action::Set {
+                    name,
+                    plan,
+                    over,
+                    q8,
+                    ..
+                } => {
+                    let mode = config
+                        .plan(plan)
+                        .map_or("drop", |p| p.response.over.label());
+                    audit.record(
+                        &Actor::AGENT,
+                        "response_capped",
+                        "controller",
+                        json!({"identity": name, "plan": plan, "cap": over.cap,
+                               "spent_bytes": over.spent, "limit": over.limit,
+                               "until_unix": over.until_unix, "mode": mode,
+                               "response_q8": q8, "scope": "node"}),
+                    )
+                }
+                Action::Clear {
+                    name, plan, was, ..
+                } => {
+                    let why = match was.map(|o| o.cap) {
+                        _ if plan
+                            .as_deref()
+                            .and_then(|p| config.plan(p))
+                            .is_none_or(|p| p.response.is_unlimited()) =>
+                        {
+                            "the plan caps responses no more"
+                        }
+                        Some(response::Cap::Rate) => "rate back under",
+                        Some(response::Cap::Window(_)) => "window rolled",
+                        None => "under every cap",
+                    };
+                    audit.record(
+                        &Actor::AGENT,
+                        "response_cap_lifted",
+                        why,
+                        json!({"identity": name, "plan": plan, "cap": was.map(|o| o.cap),
+                               "was": was}),
+                    )
+                }
+            };
+        }
+    }
+
+    /// The response cap `name` is held by, as of the last tick (`None`: not capped; a
+    /// `Capped` with no `over`: found flagged at start, judged at the next tick).
+    pub fn response_cap(&self, name: &str) -> Option<&response::Capped> {
+        self.responses.capped().get(name)
+    }
+
     /// The quota flags of identities on fleet-wide plans, by the pool's totals: called by
     /// the fleet task right after a cycle's answers, so the flag is set in the cycle that
     /// saw the total (the overshoot bound counts on it), not one controller tick later.
@@ -664,7 +783,8 @@ impl ControlLoop {
         }
     }
 
-    /// After `quota reset`: the flags are cleared, so nothing is exhausted any more.
+    /// After `quota reset`: the flags are cleared, so nothing is exhausted any more (the
+    /// response flags are not: the next tick finds the book empty and clears them).
     pub fn forget_exhausted(&mut self, only: Option<&str>) {
         match only {
             Some(n) => {
@@ -702,6 +822,37 @@ impl ControlLoop {
             })
             .collect()
     }
+}
+
+/// The per-identity egress counters `0..upto`, summed over CPUs; empty (nothing counted this
+/// tick, a warning) when they cannot be read.
+fn egress_counters(tables: &KernelTables, upto: u32) -> Vec<EgressCounters> {
+    match tables.egress_identities_upto(upto) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("reading egress counters: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Sets (with `q8`, 0: drop) or clears `ID_RESPONSE_CAPPED` on identity `slot`, keeping
+/// every other flag: the quota and anomaly flags are the controller's too.
+fn set_response_flag(
+    tables: &mut KernelTables,
+    slot: u32,
+    set: bool,
+    q8: u16,
+) -> Result<(), crate::tables::TableError> {
+    let mut rec = tables.identity(slot)?;
+    if set {
+        rec.flags |= ID_RESPONSE_CAPPED;
+        rec.response_q8 = q8;
+    } else {
+        rec.flags &= !ID_RESPONSE_CAPPED;
+        rec.response_q8 = 0;
+    }
+    tables.set_identity(slot, &rec)
 }
 
 /// Whether a connection is one of `name`'s: from an address it is bound at (by the

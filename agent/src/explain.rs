@@ -11,7 +11,7 @@ use tollgate_common::{
     decide::{AnonPrefix, Tables as DecideTables, anon_prefix, decide},
     packet::{L4, PacketBuilder},
     parse::{Family, Frame, parse},
-    policy::{Binding, Bucket, Class, Endpoint, Identity, Settings, port_slot},
+    policy::{Binding, Bucket, Class, Endpoint, ID_RESPONSE_CAPPED, Identity, Settings, port_slot},
 };
 
 use crate::{
@@ -171,6 +171,11 @@ fn frame(p: &Probe) -> Result<Vec<u8>, ExplainError> {
 pub trait Names {
     fn endpoint(&self, id: u32) -> Option<String>;
     fn identity(&self, id: u32) -> Option<String>;
+    /// Which response cap identity `name` is over and when it rolls, as the controller has
+    /// it ("response day cap: ..."); `None` when it is not capped.
+    fn response_cap(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 pub fn explain(
@@ -270,6 +275,13 @@ pub fn explain(
         class,
         binding.as_deref(),
     );
+    // The kernel knows only the flag; which cap and when it rolls are the controller's. Said
+    // whenever the flag is on: in throttle mode a packet that still passes is capped too.
+    let capped = ident.is_some_and(|i| i.flags & ID_RESPONSE_CAPPED != 0);
+    let why = match identity_name.as_deref().filter(|_| capped) {
+        Some(n) => with_response_cap(why, ident, names.response_cap(n)),
+        None => why,
+    };
     Ok(Explanation {
         verdict: match d.reason.verdict() {
             Verdict::Pass => "pass",
@@ -286,6 +298,17 @@ pub fn explain(
         clock: clock.map(Clock::label),
         why,
     })
+}
+
+/// `why` with the response cap the identity is held by, and the plan's mode as the kernel
+/// record has it.
+fn with_response_cap(why: String, ident: Option<Identity>, cap: Option<String>) -> String {
+    let mode = match ident.map(|i| i.response_q8) {
+        Some(0) | None => "dropped".to_owned(),
+        Some(q8) => format!("costs x{}", f64::from(q8) / 256.0),
+    };
+    let cap = cap.unwrap_or_else(|| "response cap".to_owned());
+    format!("{why} ({cap}; {mode} while it holds)")
 }
 
 fn describe_binding(src: IpAddr, len: u8, b: &Binding, now: u64) -> String {
@@ -426,6 +449,26 @@ mod tests {
         assert_eq!(
             why(&Reason::Unprotected, &p, None, None, None, None),
             "tcp/8000 on 198.18.0.1 is not a protected endpoint: tollgate passes it untouched"
+        );
+    }
+
+    #[test]
+    fn a_response_cap_says_which_cap_when_it_rolls_and_the_mode() {
+        let ident = Identity {
+            response_q8: 1024,
+            ..Identity::default()
+        };
+        assert_eq!(
+            with_response_cap(
+                "over".into(),
+                Some(ident),
+                Some("response day cap: 20 of 10 bytes, rolls at unix 86400".into())
+            ),
+            "over (response day cap: 20 of 10 bytes, rolls at unix 86400; costs x4 while it holds)"
+        );
+        assert_eq!(
+            with_response_cap("over".into(), Some(Identity::default()), None),
+            "over (response cap; dropped while it holds)"
         );
     }
 

@@ -240,7 +240,11 @@ fn load_configured(
             .load()
             .map_err(|source| LoadError::Program { name, source })?;
     }
-    for name in [program_names::EGRESS, program_names::TC_NOOP] {
+    for name in [
+        program_names::EGRESS,
+        program_names::EGRESS_L3,
+        program_names::TC_NOOP,
+    ] {
         tc_program(&mut ebpf, name)?
             .load()
             .map_err(|source| LoadError::Program { name, source })?;

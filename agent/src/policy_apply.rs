@@ -6,6 +6,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use tollgate_common::{
+    flow::FlowPolicy,
     limiter,
     policy::{Endpoint, MAX_ENDPOINTS, Q8_ONE, port_slot},
 };
@@ -190,6 +191,18 @@ pub fn enforce(
     for id in config.endpoints.len() as u32 + 1..MAX_ENDPOINTS {
         if tables.endpoint_record(id)? != Endpoint::default() {
             tables.set_endpoint_record(id, &Endpoint::default())?;
+        }
+    }
+    // Flow settings: each endpoint's, and none for the ids no endpoint has (an endpoint
+    // that went must not leave its caps for the next one to get its id).
+    let flow_policies = tables.flow_policy_table()?;
+    for (id, have) in flow_policies.iter().enumerate().skip(1) {
+        let want = config
+            .endpoints
+            .get(id - 1)
+            .map_or_else(FlowPolicy::default, |ep| ep.flow);
+        if *have != want {
+            tables.set_flow_policy(id as u32, &want)?;
         }
     }
 

@@ -26,7 +26,7 @@ use std::{
 
 use serde_json::json;
 use tollgate_common::policy::{
-    Endpoint, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity, Q8_ONE, port_slot,
+    Endpoint, ID_QUOTA_EXHAUSTED, ID_RESPONSE_CAPPED, ID_THROTTLED, Identity, Q8_ONE, port_slot,
 };
 use tracing::warn;
 
@@ -129,8 +129,9 @@ impl Key {
 /// The agent's part of an identity record: without what the controller owns.
 fn agent_part(rec: &Identity) -> Identity {
     let mut r = *rec;
-    r.flags &= !(ID_THROTTLED | ID_QUOTA_EXHAUSTED);
+    r.flags &= !(ID_THROTTLED | ID_QUOTA_EXHAUSTED | ID_RESPONSE_CAPPED);
     r.throttle_q8 = 0;
+    r.response_q8 = 0;
     r
 }
 
@@ -178,6 +179,16 @@ pub fn reconcile(
         if *have != want {
             tables.set_endpoint_record(id as u32, &want)?;
             drift.note(1, || format!("endpoint {id}"));
+        }
+    }
+    for (id, have) in tables.flow_policy_table()?.iter().enumerate().skip(1) {
+        let want = config
+            .endpoints
+            .get(id - 1)
+            .map_or_else(tollgate_common::flow::FlowPolicy::default, |ep| ep.flow);
+        if *have != want {
+            tables.set_flow_policy(id as u32, &want)?;
+            drift.note(1, || format!("flow policy of endpoint {id}"));
         }
     }
     let mut want_ports: BTreeMap<u32, u32> = BTreeMap::new();
@@ -420,8 +431,9 @@ mod tests {
             ..Identity::default()
         };
         let mut b = a;
-        b.flags |= ID_THROTTLED | ID_QUOTA_EXHAUSTED;
+        b.flags |= ID_THROTTLED | ID_QUOTA_EXHAUSTED | ID_RESPONSE_CAPPED;
         b.throttle_q8 = 64;
+        b.response_q8 = 1024;
         assert_eq!(agent_part(&a), agent_part(&b));
         a.flags |= tollgate_common::policy::ID_QUARANTINED;
         assert_ne!(agent_part(&a), agent_part(&b));

@@ -594,3 +594,83 @@ fn a_passed_packet_reports_its_cost() {
     let frame = PacketBuilder::v4(C4, S4).tcp(1, 8000).payload(46).build();
     assert_eq!(run(&t, &frame).cost, 200);
 }
+
+#[test]
+fn a_response_cap_in_drop_mode_drops_uncharged_until_the_flag_is_cleared() {
+    let mut t = lab();
+    t.identities.get_mut(&ID).unwrap().flags |= ID_RESPONSE_CAPPED;
+    let d = run(&t, &tcp(C4, 8000));
+    assert_eq!(
+        (d.reason, d.endpoint, d.identity),
+        (Reason::ResponseCap, EP, ID)
+    );
+    assert_eq!(
+        unsafe { (*t.buckets[&ID].get()).pkt_tat },
+        0,
+        "charged while dropped"
+    );
+    let frag = PacketBuilder::v4(C4, S4).fragment(10, false).build();
+    let d = run(&t, &frag);
+    assert_eq!(
+        (d.reason, d.endpoint, d.identity),
+        (Reason::ResponseCap, 0, ID)
+    );
+    // A quarantine or a spent quota is said first.
+    t.identities.get_mut(&ID).unwrap().flags |= ID_QUOTA_EXHAUSTED;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::QuotaExhausted);
+    // The controller clears the flag (the window rolled): bound again, charged again.
+    t.identities.get_mut(&ID).unwrap().flags &= !(ID_RESPONSE_CAPPED | ID_QUOTA_EXHAUSTED);
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::Bound);
+    assert_eq!(run(&t, &frag).reason, Reason::NonFirstFragment);
+    assert_ne!(unsafe { (*t.buckets[&ID].get()).pkt_tat }, 0);
+}
+
+#[test]
+fn a_response_cap_in_throttle_mode_shrinks_the_budgets_and_counts_their_refusals() {
+    let frame = PacketBuilder::v4(C4, S4).tcp(1, 8000).payload(46).build();
+    // (admitted, what the first refusal is counted as)
+    let outcome = |flags: u8, q8: u16, id: Identity| {
+        let mut t = lab();
+        let mut id = id;
+        id.flags |= flags;
+        id.response_q8 = q8;
+        t.identities.insert(ID, Box::new(id));
+        let got: Vec<Reason> = (0..50).map(|_| run(&t, &frame).reason).collect();
+        let admitted = got.iter().take_while(|r| **r == Reason::Bound).count();
+        (admitted, got[admitted])
+    };
+    let bytes = customer(UNLIMITED, 0, 1000, 1000);
+    assert_eq!(outcome(0, 0, bytes), (10, Reason::ByteRate));
+    assert_eq!(
+        outcome(0, 4 * Q8_ONE, bytes),
+        (10, Reason::ByteRate),
+        "q8 unflagged"
+    );
+    assert_eq!(
+        outcome(ID_RESPONSE_CAPPED, 4 * Q8_ONE, bytes),
+        (2, Reason::ResponseCap)
+    );
+    // Packet budgets too: burst 5 at 4x is one packet.
+    let packets = customer(10, 5, UNLIMITED, 0);
+    assert_eq!(outcome(0, 0, packets), (5, Reason::PacketRate));
+    assert_eq!(
+        outcome(ID_RESPONSE_CAPPED, 4 * Q8_ONE, packets),
+        (1, Reason::ResponseCap)
+    );
+    // On top of an anomaly throttle: 4x and 4x, 16x.
+    let mut both = customer(UNLIMITED, 0, 1000, 1000);
+    both.flags |= ID_THROTTLED;
+    both.throttle_q8 = 4 * Q8_ONE;
+    assert_eq!(
+        outcome(ID_RESPONSE_CAPPED, 4 * Q8_ONE, both).0,
+        0,
+        "100 bytes cost 1600"
+    );
+    // Contention is not the cap's doing.
+    let mut t = lab();
+    t.fail_cas = true;
+    let id = t.identities.get_mut(&ID).unwrap();
+    id.flags |= ID_RESPONSE_CAPPED;
+    id.response_q8 = 4 * Q8_ONE;
+    assert_eq!(run(&t, &tcp(C4, 8000)).reason, Reason::LimiterContended);
+}

@@ -13,7 +13,7 @@
 use crate::{
     Reason,
     decide::{Decision, Tables},
-    parse::{Family, IPPROTO_TCP, IpPacket, PacketView},
+    parse::{Family, Fragment, IPPROTO_TCP, IpPacket, PacketView},
     policy::{ANONYMOUS_IDENTITY, Binding, ID_ACTIVE, port_slot},
 };
 
@@ -45,10 +45,12 @@ pub fn ttfb_bucket(ns: u64) -> usize {
     TTFB_BOUNDS_MS.len()
 }
 
-/// A server answer of at least this many payload bytes in one packet resets a flow's
-/// `unanswered_bytes`; smaller ones (an HTTP/2 PING or SETTINGS acknowledgement, a TLS
-/// session ticket) reset only `request_bytes`. A client can make a server send small frames
-/// at will (PING), so the unanswered cap is the one such frames cannot reset.
+/// Once the server has sent this many payload bytes since the client's last payload, the
+/// client's `unanswered_bytes` start again; any server payload resets `request_bytes`. Small
+/// answers a client can provoke at will (an HTTP/2 PING or SETTINGS acknowledgement, 17 bytes
+/// plus a TLS record's 22) reset only the request count, so the unanswered cap is the one they
+/// cannot undo one frame at a time; a streamed answer of small packets (tokens of a few hundred
+/// bytes each) adds up and resets it, as a real answer should.
 pub const ANSWER_BYTES: u64 = 512;
 
 /// Key of the flow table, from the client's side. Addresses in the layout of `Addr::bytes`.
@@ -113,8 +115,10 @@ pub struct Flow {
     pub flags: u8,
     /// Client payload bytes since the server last sent payload.
     pub request_bytes: u64,
-    /// Client payload bytes since the server last sent an answer of [`ANSWER_BYTES`] or more.
+    /// Client payload bytes since the server last answered with [`ANSWER_BYTES`] or more.
     pub unanswered_bytes: u64,
+    /// Server payload bytes since the client's last payload (the answer so far).
+    pub answer_bytes: u64,
     /// CLOCK_MONOTONIC ns of the client's last payload packet.
     pub last_request_ns: u64,
     /// Server payload bytes on this flow.
@@ -123,7 +127,7 @@ pub struct Flow {
     pub answers: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Flow>() == 48);
+const _: () = assert!(core::mem::size_of::<Flow>() == 56);
 
 /// `FlowPolicy::flags`: track this endpoint's flows (time to first byte, request caps). On
 /// for every TCP endpoint unless the operator turns it off (`track_flows = false`) to save
@@ -268,6 +272,7 @@ pub fn tcp_payload<P: PacketView + ?Sized>(view: &P, pkt: &IpPacket) -> u64 {
 }
 
 const TCP_RST: u8 = 0x04;
+const TCP_SYN_ACK: u8 = 0x12;
 
 /// The ingress half, after the decision passed a bound packet: tracks its flow and applies the
 /// endpoint's request-size caps. Returns the decision to count (the same one, or
@@ -280,6 +285,15 @@ pub fn ingress<T: FlowTables>(t: &T, pkt: &IpPacket, payload: u64, d: Decision) 
     let policy = t.flow_policy(d.endpoint);
     if policy.flags & FP_TRACK == 0 {
         return d;
+    }
+    let capped = policy.max_request_bytes != 0 || policy.max_unanswered_bytes != 0;
+    // A first fragment carries only part of its segment: the later fragments pass without
+    // ports (`non_first_fragment`) and would never be counted, so a segment sent in fragments
+    // would count a fraction of its bytes. TCP sets DF and never needs this; to an endpoint
+    // with a request cap it is refused.
+    if capped && pkt.fragment != Fragment::None {
+        t.flow_count(FLOW_CUTS);
+        return Decision::new(Reason::RequestSize, d.endpoint, d.identity);
     }
     let key = FlowKey::from_client(pkt);
     let flow = match t.flow(&key) {
@@ -322,6 +336,7 @@ pub fn ingress<T: FlowTables>(t: &T, pkt: &IpPacket, payload: u64, d: Decision) 
     }
     flow.request_bytes = flow.request_bytes.wrapping_add(payload);
     flow.unanswered_bytes = flow.unanswered_bytes.wrapping_add(payload);
+    flow.answer_bytes = 0;
     flow.last_request_ns = t.now_ns();
     flow.flags |= FLOW_AWAITING;
     let over_request =
@@ -373,22 +388,44 @@ pub fn egress<T: FlowTables>(t: &T, pkt: &IpPacket, payload: u64) -> Egress {
         return none;
     }
     let identity = bound_identity(t, pkt.family, &pkt.dst.bytes());
-    let out = Egress {
+    let mut out = Egress {
         endpoint: ep_id,
         identity,
     };
-    if identity == ANONYMOUS_IDENTITY || pkt.proto != IPPROTO_TCP || payload == 0 {
+    if pkt.proto != IPPROTO_TCP || t.flow_policy(ep_id).flags & FP_TRACK == 0 {
         return out;
     }
-    if t.flow_policy(ep_id).flags & FP_TRACK == 0 {
+    // The server's SYN-ACK: it accepted a new connection on this 4-tuple (an established one
+    // answers a SYN with a plain ACK), so whatever the entry held belongs to an old one,
+    // a cut included. Only the server can say so; a client's SYN never reopens a cut flow.
+    if pkt.tcp_flags & TCP_SYN_ACK == TCP_SYN_ACK {
+        if let Some(flow) = t.flow(&FlowKey::from_server(pkt)) {
+            // SAFETY: a valid map value pointer for this run.
+            let flow = unsafe { &mut *flow };
+            let (identity, endpoint, class) = (flow.identity, flow.endpoint, flow.class);
+            *flow = Flow {
+                identity,
+                endpoint,
+                class,
+                ..Flow::default()
+            };
+        }
+        return out;
+    }
+    if payload == 0 {
         return out;
     }
     let Some(flow) = t.flow(&FlowKey::from_server(pkt)) else {
-        t.flow_count(FLOW_UNTRACKED);
+        if identity != ANONYMOUS_IDENTITY {
+            t.flow_count(FLOW_UNTRACKED);
+        }
         return out;
     };
     // SAFETY: a valid map value pointer for this run.
     let flow = unsafe { &mut *flow };
+    // The flow's identity, not whoever the address is bound to now: a binding that expires
+    // or moves mid-answer must not make the rest of the answer free of its caps.
+    out.identity = flow.identity;
     if flow.flags & FLOW_AWAITING != 0 {
         let now = t.now_ns();
         let ns = now.saturating_sub(flow.last_request_ns);
@@ -398,7 +435,8 @@ pub fn egress<T: FlowTables>(t: &T, pkt: &IpPacket, payload: u64) -> Egress {
         t.flow_count(FLOW_ANSWERS);
     }
     flow.request_bytes = 0;
-    if payload >= ANSWER_BYTES {
+    flow.answer_bytes = flow.answer_bytes.wrapping_add(payload);
+    if flow.answer_bytes >= ANSWER_BYTES {
         flow.unanswered_bytes = 0;
     }
     flow.response_bytes = flow.response_bytes.wrapping_add(payload);

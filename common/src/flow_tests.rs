@@ -356,3 +356,70 @@ fn link_padding_is_not_payload() {
     let p = parsed(&frame);
     assert_eq!(tcp_payload(frame.as_slice(), &p), 0);
 }
+
+#[test]
+fn a_streamed_answer_of_small_packets_resets_the_unanswered_count() {
+    // Tokens streamed in packets of a few hundred bytes: together they are an answer.
+    let t = lab(0, 10_000);
+    client(&t, CLIENT, 40000, SYN, 0);
+    for _ in 0..20 {
+        assert_eq!(client(&t, CLIENT, 40000, ACK, 4_000).reason, Reason::Bound);
+        for _ in 0..3 {
+            server(&t, CLIENT, 40000, 200);
+        }
+    }
+}
+
+#[test]
+fn fragments_to_a_capped_endpoint_are_refused() {
+    let t = lab(10_000, 0);
+    let frame = PacketBuilder::v4(CLIENT, SERVER)
+        .fragment(0, true)
+        .tcp(40000, PORT)
+        .tcp_flags(ACK)
+        .payload(1000)
+        .build();
+    let d = ingress(
+        &t,
+        &parsed(&frame),
+        1000,
+        Decision::new(Reason::Bound, EP, ID),
+    );
+    assert_eq!(d.reason, Reason::RequestSize);
+    // Without a cap there is nothing to hide from: tracked as usual.
+    let t = lab(0, 0);
+    let d = ingress(
+        &t,
+        &parsed(&frame),
+        1000,
+        Decision::new(Reason::Bound, EP, ID),
+    );
+    assert_eq!(d.reason, Reason::Bound);
+}
+
+#[test]
+fn a_syn_ack_from_the_server_reopens_a_cut_flow_and_egress_charges_the_flows_identity() {
+    let t = lab(1_000, 0);
+    client(&t, CLIENT, 40000, SYN, 0);
+    assert_eq!(
+        client(&t, CLIENT, 40000, ACK, 1_500).reason,
+        Reason::RequestSize
+    );
+    assert_eq!(
+        client(&t, CLIENT, 40000, SYN, 0).reason,
+        Reason::RequestSize
+    );
+    let syn_ack = PacketBuilder::v4(SERVER, CLIENT)
+        .tcp(PORT, 40000)
+        .tcp_flags(0x12)
+        .build();
+    egress(&t, &parsed(&syn_ack), 0);
+    assert_eq!(client(&t, CLIENT, 40000, ACK, 500).reason, Reason::Bound);
+    // The flow names its identity; an answer goes to it even if the address's binding is
+    // gone by then (here: a flow recorded for another slot).
+    t.flows
+        .borrow_mut()
+        .values_mut()
+        .for_each(|f| f.get_mut().identity = 99);
+    assert_eq!(server(&t, CLIENT, 40000, 100).identity, 99);
+}

@@ -1,6 +1,6 @@
 use aya_ebpf::{
     Global,
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{TC_ACT_UNSPEC, xdp_action},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
     maps::{
@@ -328,8 +328,9 @@ pub fn tollgate(ctx: XdpContext) -> u32 {
 }
 
 /// What the node sends: counted per bound identity and per endpoint, and each answer closes
-/// the request of its flow (time to first byte). Never drops: `TC_ACT_OK` for every packet,
-/// so a bug here can cost a figure, never a response.
+/// the request of its flow (time to first byte). Never drops: `TC_ACT_UNSPEC` (TCX "next") for
+/// every packet, so programs after it on the hook still run and a bug here can cost a figure,
+/// never a response.
 #[classifier]
 pub fn tollgate_egress(ctx: TcContext) -> i32 {
     egress(&ctx, false)
@@ -377,7 +378,7 @@ fn egress(ctx: &TcContext, l3: bool) -> i32 {
             }
         }
     }
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// Transport payload: TCP from its data offset, UDP after its 8-byte header.
@@ -405,7 +406,7 @@ fn count_egress(map: &PerCpuArray<EgressCounters>, slot: u32, bytes: u64, payloa
 /// Passes everything: the egress benchmark's baseline.
 #[classifier]
 pub fn tollgate_tc_noop(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// The same enforcement for layer-3 tunnel devices (ipip, sit, gre, ip6tnl, wireguard, xfrm),

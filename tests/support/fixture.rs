@@ -177,6 +177,7 @@ impl Harness {
             };
             let mut rec = identity_record(id.class, id.roles, id.plan, &limits);
             rec.throttle_q8 = id.throttle_q8;
+            rec.response_q8 = id.response_q8;
             match id.slot {
                 Slot::Active(flags) => rec.flags |= flags,
                 Slot::Inactive => rec.flags = 0,

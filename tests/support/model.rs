@@ -13,7 +13,7 @@ use tollgate_common::{
     Reason,
     decide_cases::{Expiry, Slot, World},
     parse::*,
-    policy::{ID_QUARANTINED, ID_QUOTA_EXHAUSTED, PlanLimits},
+    policy::{ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_RESPONSE_CAPPED, PlanLimits},
 };
 
 /// What the model says becomes of a frame: its reason and the endpoint it is counted under.
@@ -277,6 +277,9 @@ pub fn judge(world: &World, frame: &[u8]) -> Judgement {
         if flags & ID_QUOTA_EXHAUSTED != 0 {
             return j(Reason::QuotaExhausted, 0);
         }
+        if let Some(r) = response_cap(flags, ident.response_q8, &ident.limits) {
+            return j(r, 0);
+        }
         return j(budget(&ident.limits).unwrap_or(Reason::NonFirstFragment), 0);
     }
     // Step 2: the endpoint.
@@ -326,8 +329,23 @@ pub fn judge(world: &World, frame: &[u8]) -> Judgement {
     if flags & ID_QUOTA_EXHAUSTED != 0 {
         return j(Reason::QuotaExhausted, ep.id);
     }
+    if let Some(r) = response_cap(flags, ident.response_q8, &ident.limits) {
+        return j(r, ep.id);
+    }
     // Step 5: budgets (zero or unlimited in a stateless world).
     j(budget(&ident.limits).unwrap_or(Reason::Bound), ep.id)
+}
+
+/// Over a response cap: dropped when the plan drops (`response_q8` 0); when it throttles, a
+/// budget's refusal is the cap's (`response_cap`), and passing is passing.
+fn response_cap(flags: u8, response_q8: u16, l: &PlanLimits) -> Option<Reason> {
+    if flags & ID_RESPONSE_CAPPED == 0 {
+        return None;
+    }
+    if response_q8 == 0 {
+        return Some(Reason::ResponseCap);
+    }
+    budget(l).map(|_| Reason::ResponseCap)
 }
 
 /// A zero rate refuses everything; anything else is unlimited here.

@@ -117,8 +117,12 @@ fn record(i: &IdentityRow) -> Record<'_> {
         ),
         None => r.line("quarantined", "-"),
     };
-    r.line("roles", list(&i.roles))
-        .line("source", source(i.source))
+    r.line(
+        "response_capped",
+        i.response_capped.as_deref().unwrap_or("-"),
+    )
+    .line("roles", list(&i.roles))
+    .line("source", source(i.source))
 }
 
 #[cfg(test)]
@@ -155,6 +159,9 @@ mod tests {
             dropped_bytes: 10563120,
             clock: Some(tollgate::kernel_clock::Clock::Coarse),
             egress: None,
+            response_capped: Some(
+                "response day cap: 1200 of 1000 bytes, rolls at unix 1764288000".into(),
+            ),
         }
     }
 
@@ -181,6 +188,7 @@ quarantined
   by             uid 0 (pid 48213) via control
   reason         scraping pattern
   until_unix_ms  1764253600123
+response_capped  response day cap: 1200 of 1000 bytes, rolls at unix 1764288000
 roles            -
 source           config
 "

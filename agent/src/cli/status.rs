@@ -41,6 +41,7 @@ fn record(s: &Status) -> Record<'_> {
     } else {
         r.nested("drops", drops)
     };
+    let r = r.nested("egress", egress(s));
     let r = r.line("endpoints", s.endpoints);
     let r = match &s.fleet {
         Some(f) => r.line(
@@ -130,6 +131,30 @@ fn tables(t: &TablesStatus) -> Vec<(&'static str, Vec<String>)> {
         out.push((g.key(), vec![format!("{size} ({})", human(bytes))]));
     }
     out
+}
+
+/// Per enforced interface, its TC egress link as the kernel has it (read from the pin, so it
+/// needs the same privilege as the agent; the JSON form does not carry it). Layer-3 tunnel
+/// devices have none: what the node sends leaves through the Ethernet device under them.
+fn egress(s: &Status) -> Vec<(&str, Vec<String>)> {
+    s.interfaces
+        .iter()
+        .map(|iface| {
+            let path = tollgate::pins::egress_link_path(&s.pin_dir, iface);
+            let v = if !path.exists() {
+                "not attached".to_owned()
+            } else {
+                match tollgate::link_info::pinned_tcx_link(&path) {
+                    Ok(l) if l.ifindex != 0 => {
+                        format!("attached (TCX link {}, program {})", l.id, l.prog_id)
+                    }
+                    Ok(l) => format!("DETACHED: link {} is on no device", l.id),
+                    Err(e) => format!("unreadable: {e}"),
+                }
+            };
+            (iface.as_str(), vec![v])
+        })
+        .collect()
 }
 
 fn tunnels(t: &TunnelReport) -> Vec<(&'static str, Vec<String>)> {

@@ -213,6 +213,13 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             Some(Endpoint::DEFAULT_ANONYMOUS.to_string()),
         ),
         ("endpoints", "gpus", None),
+        ("endpoints", "max_request_bytes", None),
+        ("endpoints", "max_unanswered_bytes", None),
+        (
+            "endpoints",
+            "track_flows",
+            Some(Endpoint::DEFAULT_TRACK_FLOWS.to_string()),
+        ),
         ("identities", "name", None),
         ("identities", "class", None),
         ("identities", "plan", None),
@@ -474,6 +481,21 @@ const PLAN_QUOTA_KEYS: [&str; 6] = [
     "quota_month_cost",
 ];
 
+/// Keys of `[[plans]]` documented in prose (the response-cap paragraph), with their defaults
+/// (`None`: absent means no cap).
+fn plan_response_keys() -> [(&'static str, Option<String>); 6] {
+    use crate::controller::response::ResponseLimits;
+    let d = ResponseLimits::default();
+    [
+        ("response_bytes_per_second", None),
+        ("response_quota_minute_bytes", None),
+        ("response_quota_day_bytes", None),
+        ("response_quota_month_bytes", None),
+        ("response_over", Some(d.over.label().to_owned())),
+        ("response_throttle", Some(format!("{:.1}", d.throttle))),
+    ]
+}
+
 #[test]
 fn the_default_list_here_covers_every_key_the_parser_knows() {
     let code = code_defaults();
@@ -486,6 +508,12 @@ fn the_default_list_here_covers_every_key_the_parser_knows() {
             .chain(
                 (section == "plans")
                     .then_some(PLAN_QUOTA_KEYS.map(str::to_owned))
+                    .into_iter()
+                    .flatten(),
+            )
+            .chain(
+                (section == "plans")
+                    .then(|| plan_response_keys().map(|(k, _)| k.to_owned()))
                     .into_iter()
                     .flatten(),
             )
@@ -540,6 +568,23 @@ fn config_md_documents_every_key_with_the_codes_default() {
     for key in PLAN_QUOTA_KEYS {
         if !DOC.contains(&format!("`{key}`")) {
             problems.push(format!("plans.{key} is not documented"));
+        }
+    }
+    // The response-cap paragraph names each key, and each default as "`key` ... (default `d`)".
+    for (key, default) in plan_response_keys() {
+        let Some(at) = DOC.find(&format!("`{key}`")) else {
+            problems.push(format!("plans.{key} is not documented"));
+            continue;
+        };
+        if let Some(d) = default {
+            let said = format!("(default `{d}`)");
+            let until_next = &DOC[at..];
+            let end = until_next.find(". ").unwrap_or(until_next.len());
+            if !until_next[..end].contains(&said) {
+                problems.push(format!(
+                    "plans.{key}: docs/config.md does not say {said} where it names the key"
+                ));
+            }
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));

@@ -405,6 +405,8 @@ pub struct Plan {
     pub priority: u8,
     pub limits: PlanLimits,
     pub quota: crate::controller::quota::QuotaLimits,
+    /// `response_*`: caps on the bytes the node sends back (node scope whatever `scope` says).
+    pub response: crate::controller::response::ResponseLimits,
     /// `scope`: where the rate and quotas hold: per identity on this node, or per identity
     /// across the pool (`[fleet]`: each node enforces its share, `fleet::global`).
     pub scope: PlanScope,
@@ -441,6 +443,9 @@ pub struct Endpoint {
     pub role_names: Vec<String>,
     /// GPUs (NVML indices) serving this endpoint: their saturation holds it back.
     pub gpus: Vec<u32>,
+    /// Flow tracking and the request-size caps (`track_flows`, `max_request_bytes`,
+    /// `max_unanswered_bytes`), as the kernel's `FLOW_POLICY` holds them.
+    pub flow: tollgate_common::flow::FlowPolicy,
 }
 
 /// An identity bound by configuration (an internal service, a partner's range), not by token.
@@ -537,6 +542,13 @@ impl Plan {
 impl Endpoint {
     pub const DEFAULT_WEIGHT: f64 = 1.0;
     pub const DEFAULT_ANONYMOUS: bool = false;
+    /// TCP endpoints' flows are tracked unless `track_flows = false` (UDP has no flows).
+    pub const DEFAULT_TRACK_FLOWS: bool = true;
+    /// The smallest request cap (`max_request_bytes`, `max_unanswered_bytes`) other than 0:
+    /// below it a TLS handshake or an HTTP request's headers alone would be cut.
+    pub const MIN_REQUEST_CAP: i64 = 4096;
+    /// The largest: 1 TiB, far beyond any request and well inside the kernel's u64.
+    pub const MAX_REQUEST_CAP: i64 = 1 << 40;
 }
 
 /// A refusal: the file, the line (when there is one) and the field it is about.

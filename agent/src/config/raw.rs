@@ -334,6 +334,12 @@ pub(super) struct RawPlan {
     pub quota_minute_cost: Option<S<i64>>,
     pub quota_day_cost: Option<S<i64>>,
     pub quota_month_cost: Option<S<i64>>,
+    pub response_bytes_per_second: Option<S<i64>>,
+    pub response_quota_minute_bytes: Option<S<i64>>,
+    pub response_quota_day_bytes: Option<S<i64>>,
+    pub response_quota_month_bytes: Option<S<i64>>,
+    pub response_over: Option<S<String>>,
+    pub response_throttle: Option<S<f64>>,
     pub scope: Option<S<String>>,
 }
 
@@ -349,6 +355,9 @@ pub(super) struct RawEndpoint {
     pub roles: Option<List<String>>,
     pub anonymous: Option<S<bool>>,
     pub gpus: Option<List<i64>>,
+    pub max_request_bytes: Option<S<i64>>,
+    pub max_unanswered_bytes: Option<S<i64>>,
+    pub track_flows: Option<S<bool>>,
 }
 
 #[derive(Deserialize)]

@@ -1088,6 +1088,115 @@ fn quotas_and_gpus() {
 }
 
 #[test]
+fn response_caps_parse_and_malformed_ones_are_refused_at_their_line() {
+    use crate::controller::response::{ResponseLimits, ResponseOver};
+    let c = Config::parse(
+        &with("response_bytes_per_second = 50000\nresponse_quota_day_bytes = 1000000\nresponse_over = \"throttle\"\nresponse_throttle = 2.5\n"),
+        "t.toml",
+    )
+    .unwrap();
+    let r = c.plans[0].response;
+    assert_eq!(
+        (
+            r.bytes_per_second,
+            r.minute_bytes,
+            r.day_bytes,
+            r.month_bytes
+        ),
+        (Some(50_000), None, Some(1_000_000), None)
+    );
+    assert_eq!((r.over, r.q8()), (ResponseOver::Throttle, 640));
+    let d = Config::parse(&with("response_quota_month_bytes = 7\n"), "t.toml").unwrap();
+    assert_eq!(
+        d.plans[0].response,
+        ResponseLimits {
+            month_bytes: Some(7),
+            ..ResponseLimits::default()
+        }
+    );
+    assert_eq!(
+        (d.plans[0].response.over, d.plans[0].response.q8()),
+        (ResponseOver::Drop, 0)
+    );
+    assert!(
+        Config::parse(BASE, "t.toml").unwrap().plans[0]
+            .response
+            .is_unlimited()
+    );
+    let cap = "response_quota_minute_bytes = 10\n";
+    for (extra, line, field, fragment) in [
+        (
+            "response_quota_minute_bytes = 0\n",
+            6,
+            "plans[0].response_quota_minute_bytes",
+            "minimum",
+        ),
+        (
+            "response_bytes_per_second = -5\n",
+            6,
+            "plans[0].response_bytes_per_second",
+            "minimum",
+        ),
+        (
+            "response_quota_day_bytes = 0\n",
+            6,
+            "plans[0].response_quota_day_bytes",
+            "minimum",
+        ),
+        (
+            "response_quota_month_bytes = 0\n",
+            6,
+            "plans[0].response_quota_month_bytes",
+            "minimum",
+        ),
+        (
+            "response_over = \"slow\"\n",
+            6,
+            "plans[0].response_over",
+            "not a response_over",
+        ),
+        (
+            "response_over = \"drop\"\n",
+            6,
+            "plans[0].response_over",
+            "without a response cap",
+        ),
+        (
+            "response_throttle = 1.0\n",
+            6,
+            "plans[0].response_throttle",
+            "above 1",
+        ),
+    ] {
+        assert_refused(&with(extra), line, field, fragment);
+    }
+    for (extra, fragment) in [
+        (
+            "response_over = \"throttle\"\nresponse_throttle = 1.0\n",
+            "above 1",
+        ),
+        (
+            "response_over = \"throttle\"\nresponse_throttle = 256.0\n",
+            "at most 255",
+        ),
+        (
+            "response_over = \"throttle\"\nresponse_throttle = nan\n",
+            "out of range",
+        ),
+        ("response_throttle = 2.0\n", "only with response_over"),
+    ] {
+        assert_refused(
+            &with(&format!("{cap}{extra}")),
+            7 + extra.matches('\n').count() - 1,
+            "plans[0].response_throttle",
+            fragment,
+        );
+    }
+    let e = refuse(&with("response_quota_day_bytes = \"lots\"\n"));
+    assert_eq!(e.line, Some(6), "{e}");
+}
+
+#[test]
 fn kernel_log_takes_a_level_and_refuses_others() {
     let c = Config::parse(
         &BASE.replace("[node]\n", "[node]\nkernel_log = \"warn\"\n"),
@@ -2245,4 +2354,95 @@ mod fleet {
         let e = Config::parse(&bad, "t.toml").expect_err("refused");
         assert!(e.message.contains("is not a scope"), "{e}");
     }
+}
+
+/// An endpoint after BASE (its `[[endpoints]]` line is line 7), with `extra` from line 12.
+fn flow_endpoint(proto: &str, extra: &str) -> String {
+    with(&format!(
+        "\n[[endpoints]]\nname = \"api\"\nprotocol = \"{proto}\"\nports = [8000]\nclasses = \
+         [\"customer\"]\n{extra}"
+    ))
+}
+
+#[test]
+fn flow_keys_default_to_tracking_tcp_without_caps() {
+    use tollgate_common::flow::{FP_TRACK, FlowPolicy};
+    let c = Config::parse(&flow_endpoint("tcp", ""), "t.toml").unwrap();
+    let want = FlowPolicy {
+        flags: FP_TRACK,
+        ..FlowPolicy::default()
+    };
+    assert_eq!(c.endpoints[0].flow, want);
+    let c = Config::parse(&flow_endpoint("udp", ""), "t.toml").unwrap();
+    assert_eq!(c.endpoints[0].flow, FlowPolicy::default());
+    let c = Config::parse(
+        &flow_endpoint(
+            "tcp",
+            "max_request_bytes = 1048576\nmax_unanswered_bytes = 4194304\n",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        c.endpoints[0].flow,
+        FlowPolicy {
+            flags: FP_TRACK,
+            _pad: 0,
+            max_request_bytes: 1 << 20,
+            max_unanswered_bytes: 4 << 20,
+        }
+    );
+    let c = Config::parse(&flow_endpoint("tcp", "track_flows = false\n"), "t.toml").unwrap();
+    assert_eq!(c.endpoints[0].flow, FlowPolicy::default());
+}
+
+#[test]
+fn flow_keys_are_refused_where_they_cannot_hold() {
+    assert_refused(
+        &flow_endpoint("tcp", "track_flows = false\nmax_request_bytes = 65536\n"),
+        12,
+        "endpoints[0].track_flows",
+        "caps are counted per tracked flow",
+    );
+    assert_refused(
+        &flow_endpoint("udp", "max_request_bytes = 65536\n"),
+        12,
+        "endpoints[0].max_request_bytes",
+        "TCP endpoints only",
+    );
+    assert_refused(
+        &flow_endpoint("udp", "track_flows = true\n"),
+        12,
+        "endpoints[0].track_flows",
+        "TCP endpoints only",
+    );
+    assert_refused(
+        &flow_endpoint("tcp", "max_request_bytes = 100\n"),
+        12,
+        "endpoints[0].max_request_bytes",
+        "at least 4096",
+    );
+    assert_refused(
+        &flow_endpoint("tcp", "max_unanswered_bytes = -1\n"),
+        12,
+        "endpoints[0].max_unanswered_bytes",
+        "",
+    );
+    assert_refused(
+        &flow_endpoint(
+            "tcp",
+            "max_request_bytes = 1048576\nmax_unanswered_bytes = 65536\n",
+        ),
+        13,
+        "endpoints[0].max_unanswered_bytes",
+        "at least max_request_bytes",
+    );
+}
+
+#[test]
+fn limits_flows_has_the_floor_of_an_lru() {
+    let text = with("\n[limits]\nflows = 100\n");
+    assert_refused(&text, 8, "limits.flows", "");
+    let c = Config::parse(&with("\n[limits]\nflows = 4096\n"), "t.toml").unwrap();
+    assert_eq!(c.limits.sizes.flows, 4096);
 }

@@ -314,6 +314,10 @@ pub struct IdentityRow {
     /// field.
     #[serde(default)]
     pub egress: Option<EgressTotals>,
+    /// The response cap it is held by ("response day cap: 1200 of 1000 bytes, rolls at unix
+    /// ..."); `None` when not capped (and from agents older than response caps).
+    #[serde(default)]
+    pub response_capped: Option<String>,
 }
 
 /// Totals of what the node sent from its protected endpoints to one identity, since the
@@ -444,6 +448,12 @@ pub struct QuotaWindow {
     pub cost_limit: Option<u64>,
     /// When the window ends (unix seconds).
     pub ends_unix: u64,
+    /// Bytes the node sent back to the identity in this window (egress payload), and the
+    /// plan's response cap for it (`None`: none); 0 and `None` from older agents.
+    #[serde(default)]
+    pub response_bytes: u64,
+    #[serde(default)]
+    pub response_bytes_limit: Option<u64>,
 }
 
 /// One row of `quota_show`.
@@ -459,6 +469,12 @@ pub struct QuotaRow {
     /// (`minute`/`day`/`month` → (bytes, cost)); the windows above are this node's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<BTreeMap<String, (u64, u64)>>,
+    /// The plan's `response_bytes_per_second` (`None`: no rate cap).
+    #[serde(default)]
+    pub response_bytes_per_second: Option<u64>,
+    /// The response cap the identity is held by now, as `identities show` says it.
+    #[serde(default)]
+    pub response_capped: Option<String>,
 }
 
 /// `quota_show`.
@@ -619,6 +635,7 @@ mod tests {
                 ttfb_sum_ns: 90_000_000,
                 ttfb_count: 3,
             }),
+            response_capped: Some("response minute cap: 20 of 10 bytes, rolls at unix 60".into()),
         }
     }
 
@@ -907,6 +924,8 @@ mod tests {
             cost: 300,
             cost_limit: None,
             ends_unix: 1_700_000_060,
+            response_bytes: 5_000,
+            response_bytes_limit: Some(4_000),
         };
         let v = round_trip(vec![QuotaRow {
             identity: "acme".into(),
@@ -915,8 +934,11 @@ mod tests {
             day: w,
             month: w,
             fleet: Some([("minute".to_owned(), (30_000, 300))].into()),
+            response_bytes_per_second: Some(1_000),
+            response_capped: Some("response minute cap: 5000 of 4000 bytes".into()),
         }]);
         assert_eq!(v[0]["minute"]["bytes"], 30_000);
+        assert_eq!(v[0]["minute"]["response_bytes_limit"], 4_000);
         round_trip(QuotaReset {
             identity: Some("acme".into()),
             reset: true,

@@ -14,6 +14,7 @@ pub mod gpu;
 pub mod handshakes;
 pub mod pressure;
 pub mod quota;
+pub mod response;
 
 /// The `[controller]` section: the loop's interval, the static pressure and the GPU
 /// hold-back's hysteresis. [`Controller::default`] holds every default.

@@ -16,8 +16,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub const QUOTA_FILE: &str = "quota.json";
-/// Format version of `quota.json`.
-pub const QUOTA_VERSION: u32 = 1;
+/// Format version of `quota.json` this build writes. Version 2 added the response bytes of
+/// each window (`response_bytes`, response caps: `response`); a version 1 file reads as
+/// the same book with no response bytes spent, so an upgrade keeps every quota spent.
+pub const QUOTA_VERSION: u32 = 2;
+/// The oldest format version this build still reads.
+pub const QUOTA_VERSION_MIN: u32 = 1;
 
 const DAY_S: u64 = 86_400;
 
@@ -136,6 +140,10 @@ pub struct WindowSpent {
     pub start_unix_s: u64,
     pub bytes: u64,
     pub cost: u64,
+    /// Bytes the node sent back to the identity (egress payload), for its plan's response
+    /// caps. Absent from version 1 files: nothing was counted then.
+    #[serde(default)]
+    pub response_bytes: u64,
 }
 
 /// What one identity has spent, per window.
@@ -174,8 +182,7 @@ impl Spent {
             if start > cur.start_unix_s {
                 *cur = WindowSpent {
                     start_unix_s: start,
-                    bytes: 0,
-                    cost: 0,
+                    ..WindowSpent::default()
                 };
             }
         }
@@ -189,6 +196,20 @@ impl Spent {
             cur.bytes = cur.bytes.saturating_add(bytes);
             cur.cost = cur.cost.saturating_add(cost);
         }
+    }
+
+    /// Rolls, then counts `bytes` sent back to the identity against every window.
+    pub fn add_response(&mut self, now_unix_s: u64, bytes: u64) {
+        self.roll(now_unix_s);
+        for w in Window::ALL {
+            let cur = self.window_mut(w);
+            cur.response_bytes = cur.response_bytes.saturating_add(bytes);
+        }
+    }
+
+    /// Response bytes spent in the current period of `w`.
+    pub fn response(&self, w: Window) -> u64 {
+        self.window(w).response_bytes
     }
 
     /// The first window (minute, then day, then month; bytes before cost) whose spending has
@@ -234,7 +255,9 @@ impl Spent {
 
     /// Whether nothing is spent in any window (after a roll: nothing this month).
     pub fn is_empty(&self) -> bool {
-        Window::ALL.iter().all(|&w| self.get(w) == (0, 0))
+        Window::ALL
+            .iter()
+            .all(|&w| self.get(w) == (0, 0) && self.response(w) == 0)
     }
 }
 
@@ -296,9 +319,10 @@ impl QuotaBook {
             message,
         };
         let file: QuotaFile = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        if file.version != QUOTA_VERSION {
+        if !(QUOTA_VERSION_MIN..=QUOTA_VERSION).contains(&file.version) {
             return Err(corrupt(format!(
-                "quota format version {}, this build reads version {QUOTA_VERSION}",
+                "quota format version {}, this build reads versions {QUOTA_VERSION_MIN} to \
+                 {QUOTA_VERSION}",
                 file.version
             )));
         }
@@ -545,6 +569,59 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_file_loads_with_no_response_bytes_and_saves_as_version_2() {
+        let dir = tmpdir("v1");
+        std::fs::create_dir_all(&dir).unwrap();
+        // What a build before response caps wrote.
+        let w = |start: u64| format!("{{\"start_unix_s\":{start},\"bytes\":500,\"cost\":5}}");
+        let v1 = format!(
+            "{{\"version\":1,\"spent\":{{\"alice\":{{\"minute\":{},\"day\":{},\"month\":{}}}}}}}",
+            w(FEB01_2024),
+            w(FEB01_2024),
+            w(FEB01_2024)
+        );
+        std::fs::write(QuotaBook::path(&dir), v1).unwrap();
+        let book = QuotaBook::load(&dir).unwrap();
+        let alice = &book.spent["alice"];
+        assert_eq!(alice.get(Window::Day), (500, 5));
+        assert_eq!(alice.response(Window::Day), 0);
+        let mut book = book;
+        book.spent
+            .get_mut("alice")
+            .unwrap()
+            .add_response(FEB01_2024 + 1, 70);
+        book.save(&dir).unwrap();
+        let text = std::fs::read_to_string(QuotaBook::path(&dir)).unwrap();
+        assert!(text.contains("\"version\": 2"), "{text}");
+        let back = QuotaBook::load(&dir).unwrap();
+        assert_eq!(back, book);
+        assert_eq!(back.spent["alice"].response(Window::Month), 70);
+        assert_eq!(back.spent["alice"].get(Window::Month), (500, 5));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn response_bytes_roll_with_their_window_and_keep_an_entry_alive() {
+        let mut s = Spent::default();
+        s.add_response(JAN31_2024_235959, 9);
+        assert!(!s.is_empty());
+        s.add_response(FEB01_2024, 4);
+        for w in Window::ALL {
+            assert_eq!(s.response(w), 4, "{w}");
+            assert_eq!(s.get(w), (0, 0), "{w}");
+        }
+        s.add_response(FEB01_2024 + 60, 1);
+        assert_eq!(s.response(Window::Minute), 1);
+        assert_eq!(s.response(Window::Day), 5);
+        let mut book = QuotaBook::default();
+        book.spent.insert("r".into(), s);
+        book.roll_all(FEB01_2024 + 120);
+        assert!(book.spent.contains_key("r"), "response bytes this month");
+        book.roll_all(MAR01_2024);
+        assert!(book.spent.is_empty());
+    }
+
+    #[test]
     fn corrupt_file_is_refused_and_left_alone() {
         let dir = tmpdir("corrupt");
         std::fs::create_dir_all(&dir).unwrap();
@@ -555,7 +632,7 @@ mod tests {
                 "{\"version\":1,\"spent\":{\"a\":{\"minute\":7}}}",
                 "invalid type",
             ),
-            ("{\"version\":2,\"spent\":{}}", "version 2"),
+            ("{\"version\":3,\"spent\":{}}", "version 3"),
             ("", "EOF"),
         ] {
             std::fs::write(&path, text).unwrap();

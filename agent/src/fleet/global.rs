@@ -467,6 +467,7 @@ mod tests {
                 minute_bytes: Some(1000),
                 ..QuotaLimits::default()
             },
+            response: Default::default(),
             scope: PlanScope::Fleet,
         });
         c

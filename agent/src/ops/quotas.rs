@@ -5,7 +5,10 @@ use tollgate_common::policy::ID_QUOTA_EXHAUSTED;
 use super::{Change, Done, Failed, OpError};
 use crate::{
     control::reply::{QuotaReset, QuotaRow, QuotaWindow, Quotas},
-    controller::quota::{Spent, Window},
+    controller::{
+        quota::{Spent, Window},
+        response::ResponseLimits,
+    },
     node::Node,
 };
 
@@ -16,7 +19,12 @@ fn known(node: &Node, only: Option<&str>) -> Result<(), OpError> {
     }
 }
 
-fn window(spent: &Spent, w: Window, limits: (Option<u64>, Option<u64>)) -> QuotaWindow {
+fn window(
+    spent: &Spent,
+    w: Window,
+    limits: (Option<u64>, Option<u64>),
+    response: &ResponseLimits,
+) -> QuotaWindow {
     let (bytes, cost) = spent.get(w);
     QuotaWindow {
         bytes,
@@ -24,6 +32,8 @@ fn window(spent: &Spent, w: Window, limits: (Option<u64>, Option<u64>)) -> Quota
         cost,
         cost_limit: limits.1,
         ends_unix: spent.window_ends(w),
+        response_bytes: spent.response(w),
+        response_bytes_limit: response.window(w),
     }
 }
 
@@ -39,6 +49,7 @@ pub fn show(node: &Node, only: Option<&str>) -> Result<Quotas, OpError> {
         let plan = ids.get(name).map(|r| r.plan);
         let p = plan.and_then(|p| node.config.plan(p));
         let limits = p.map(|p| p.quota).unwrap_or_default();
+        let response = p.map(|p| p.response).unwrap_or_default();
         let fleet = p.filter(|p| p.fleet_wide()).map(|_| {
             Window::ALL
                 .into_iter()
@@ -51,10 +62,16 @@ pub fn show(node: &Node, only: Option<&str>) -> Result<Quotas, OpError> {
         rows.push(QuotaRow {
             identity: name.clone(),
             plan: plan.map(str::to_owned),
-            minute: window(spent, Window::Minute, limits.get(Window::Minute)),
-            day: window(spent, Window::Day, limits.get(Window::Day)),
-            month: window(spent, Window::Month, limits.get(Window::Month)),
+            minute: window(spent, Window::Minute, limits.get(Window::Minute), &response),
+            day: window(spent, Window::Day, limits.get(Window::Day), &response),
+            month: window(spent, Window::Month, limits.get(Window::Month), &response),
             fleet,
+            response_bytes_per_second: response.bytes_per_second,
+            response_capped: node
+                .control
+                .response_cap(name)
+                .and_then(|c| c.over)
+                .map(|o| o.describe()),
         });
     }
     Ok(rows)

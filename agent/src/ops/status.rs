@@ -306,7 +306,29 @@ fn row(
         dropped_bytes: c.dropped.bytes,
         clock: Some(Clock::of_identity(record)),
         egress: egress.map(Into::into),
+        response_capped: response_capped(node, r.name, record),
     }
+}
+
+/// The response cap `name` is held by: the controller's figures, or (flagged in the kernel,
+/// not judged yet since a start) the flag alone.
+fn response_capped(
+    node: &Node,
+    name: &str,
+    record: &tollgate_common::policy::Identity,
+) -> Option<String> {
+    if record.flags & tollgate_common::policy::ID_RESPONSE_CAPPED == 0 {
+        return None;
+    }
+    Some(
+        node.control
+            .response_cap(name)
+            .and_then(|c| c.over)
+            .map_or_else(
+                || "response cap (judged again at the next interval)".to_owned(),
+                |o| o.describe(),
+            ),
+    )
 }
 
 /// Every identity with a slot, by slot. The counters are read in one batch pass (what
@@ -367,6 +389,16 @@ impl explain::Names for Names<'_> {
     }
     fn identity(&self, id: u32) -> Option<String> {
         self.0.identities().name_of(id).map(str::to_owned)
+    }
+    fn response_cap(&self, name: &str) -> Option<String> {
+        let c = self.0.control.response_cap(name)?;
+        Some(c.over.map_or_else(
+            || {
+                "a response cap set before this agent started (judged again at the next interval)"
+                    .to_owned()
+            },
+            |o| o.describe(),
+        ))
     }
 }
 

@@ -70,7 +70,9 @@ impl Hook {
     }
 
     fn path(self, pin_dir: &Path, iface: &str) -> PathBuf {
-        pin_dir.join("links").join(format!("{}{iface}", self.prefix()))
+        pin_dir
+            .join("links")
+            .join(format!("{}{iface}", self.prefix()))
     }
 
     /// The device the link pinned at `path` is on (0: none).
@@ -269,7 +271,9 @@ pub struct Pinned {
 enum Held {
     Pinned(#[expect(dead_code, reason = "held for its file descriptor")] PinnedLink),
     Adopted(#[expect(dead_code, reason = "held for its file descriptor")] XdpLink),
-    AdoptedEgress(#[expect(dead_code, reason = "held for its file descriptor")] SchedClassifierLink),
+    AdoptedEgress(
+        #[expect(dead_code, reason = "held for its file descriptor")] SchedClassifierLink,
+    ),
 }
 
 impl Pinned {

@@ -23,8 +23,8 @@ use tollgate_common::{
     flow::{EgressCounters, Flow, FlowKey, FlowPolicy, TtfbHist},
     map_names as names,
     policy::{
-        AnonKey6, Binding, Bucket, Endpoint, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Identity,
-        IdentityCounters, MAX_ENDPOINTS, Settings, hold_back_index, port_slot,
+        AnonKey6, Binding, Bucket, Endpoint, ID_QUOTA_EXHAUSTED, ID_RESPONSE_CAPPED, ID_THROTTLED,
+        Identity, IdentityCounters, MAX_ENDPOINTS, Settings, hold_back_index, port_slot,
     },
 };
 
@@ -626,9 +626,13 @@ impl KernelTables {
 /// `rec` with the flags the controller owns (throttle, quota) and a throttle's factor taken
 /// from `old`, the record in force.
 fn keep_controller_flags(rec: &mut Identity, old: &Identity) {
-    rec.flags |= old.flags & (ID_THROTTLED | ID_QUOTA_EXHAUSTED);
+    rec.flags |= old.flags & (ID_THROTTLED | ID_QUOTA_EXHAUSTED | ID_RESPONSE_CAPPED);
     if old.flags & ID_THROTTLED != 0 {
         rec.throttle_q8 = old.throttle_q8;
+    }
+    // A response cap's mode (0: drop) goes with its flag.
+    if old.flags & ID_RESPONSE_CAPPED != 0 {
+        rec.response_q8 = old.response_q8;
     }
 }
 

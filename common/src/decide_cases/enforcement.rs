@@ -1,4 +1,4 @@
-//! The enforcement table: one world with five endpoints and nineteen identities, and the
+//! The enforcement table: one world with five endpoints and twenty-one identities, and the
 //! packets sent into it.
 
 use core::net::IpAddr;
@@ -11,7 +11,7 @@ use crate::{
     Reason::*,
     packet::PacketBuilder,
     parse::{IPPROTO_TCP, IPPROTO_UDP},
-    policy::{Class, ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_THROTTLED, Q8_ONE},
+    policy::{Class, ID_QUARANTINED, ID_QUOTA_EXHAUSTED, ID_RESPONSE_CAPPED, ID_THROTTLED, Q8_ONE},
 };
 
 /// The server every case sends to: 198.19.0.1 and 2001:db8:ff::1.
@@ -76,6 +76,10 @@ pub mod id {
     pub const INACTIVE: u32 = 18;
     /// 1000 B/s, burst 1000, on plan 1, which is held back 5x on INFER.
     pub const HELD: u32 = 19;
+    /// Over a response cap whose plan drops (`response_q8` 0).
+    pub const RESPONSE_DROP: u32 = 20;
+    /// 1000 B/s, burst 1000, over a response cap whose plan throttles 4x.
+    pub const RESPONSE_THROTTLE: u32 = 21;
 }
 
 use ep::*;
@@ -179,6 +183,13 @@ fn identities() -> Vec<IdentityDef> {
         (ZERO_BPS, Cu, zero_bps, on),
         (INACTIVE, Cu, roomy, Slot::Inactive),
         (HELD, Cu, bytes_1k, on),
+        (RESPONSE_DROP, Cu, roomy, Slot::Active(ID_RESPONSE_CAPPED)),
+        (
+            RESPONSE_THROTTLE,
+            Cu,
+            bytes_1k,
+            Slot::Active(ID_RESPONSE_CAPPED),
+        ),
     ];
     rows.into_iter()
         .map(|(id, class, limits, slot)| IdentityDef {
@@ -189,6 +200,11 @@ fn identities() -> Vec<IdentityDef> {
             limits,
             // Only THROTTLED has the flag that makes this count.
             throttle_q8: 4 * Q8_ONE,
+            response_q8: if id == RESPONSE_THROTTLE {
+                4 * Q8_ONE
+            } else {
+                0
+            },
             slot,
         })
         .collect()
@@ -222,7 +238,7 @@ fn bindings() -> Vec<BindingDef> {
         THROTTLED,
     ]
     .into_iter()
-    .chain(QUOTA..=HELD)
+    .chain(QUOTA..=RESPONSE_THROTTLE)
     {
         v.push(b(v4(1, id as u8).into(), 32, id, Expiry::Future));
     }
@@ -396,7 +412,27 @@ fn budgets() -> Vec<Step> {
         row!("held back 2/2", tcp4(v4(1, HELD as u8), 8000, 100) => Bound, INFER, HELD),
         row!("held back over", tcp4(v4(1, HELD as u8), 8000, 100) => ByteRate, INFER, HELD),
     ]);
+    rows.extend(response_caps());
     rows
+}
+
+/// Identities over a response cap: dropped (after isolation, before the limiter, later
+/// fragments too), or throttled with the budgets' refusals counted as `response_cap`; an
+/// identity on the same endpoint without the flag is untouched.
+#[rustfmt::skip]
+fn response_caps() -> Vec<Step> {
+    let (d, t, cu) = (RESPONSE_DROP as u8, RESPONSE_THROTTLE as u8, CUSTOMER as u8);
+    vec![
+        row!("response cap, drop", tcp4(v4(1, d), 8000, 100) => ResponseCap, INFER, RESPONSE_DROP),
+        row!("response cap, drop, udp", udp4(v4(1, d), 8001, 100) => ResponseCap, GRPC, RESPONSE_DROP),
+        row!("response cap, drop, later fragment", frag4(v4(1, d), 10, false).build() => ResponseCap, 0, RESPONSE_DROP),
+        row!("response cap, no access anyway", tcp4(v4(1, d), 9000, 100) => Isolation, ADMIN, RESPONSE_DROP),
+        row!("response cap, same endpoint, another identity", tcp4(v4(1, cu), 8000, 100) => Bound, INFER, CUSTOMER),
+        // Throttled 4x: 200 bytes cost 800 of the 1000 burst, the next 200 are over.
+        row!("response cap, throttle 1/1", tcp4(v4(1, t), 8000, 200) => Bound, INFER, RESPONSE_THROTTLE),
+        row!("response cap, throttle over", tcp4(v4(1, t), 8000, 200) => ResponseCap, INFER, RESPONSE_THROTTLE),
+        row!("response cap, throttle over, later fragment", frag4(v4(1, t), 10, false).payload(100).build() => ResponseCap, 0, RESPONSE_THROTTLE),
+    ]
 }
 
 #[rustfmt::skip]

@@ -87,6 +87,8 @@ pub struct IdentityDef {
     pub plan: u16,
     pub limits: PlanLimits,
     pub throttle_q8: u16,
+    /// `Identity::response_q8`: read only under `ID_RESPONSE_CAPPED` (0: drop).
+    pub response_q8: u16,
     pub slot: Slot,
 }
 
@@ -103,7 +105,7 @@ impl IdentityDef {
             class: self.class as u8,
             throttle_q8: self.throttle_q8,
             plan: self.plan,
-            response_q8: 0,
+            response_q8: self.response_q8,
             roles: self.roles,
             limits: self.limits.to_kernel(),
         })

@@ -35,6 +35,7 @@ pub(super) fn identity(name: &str, passed: u64, dropped: u64) -> IdentityRow {
         dropped_bytes: dropped * 100,
         clock: None,
         egress: None,
+        response_capped: None,
     })
 }
 

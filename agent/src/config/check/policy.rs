@@ -2,13 +2,17 @@
 
 use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 
-use tollgate_common::policy::MAX_ENDPOINTS;
+use tollgate_common::{
+    flow::{FP_TRACK, FlowPolicy},
+    policy::MAX_ENDPOINTS,
+};
 
 use super::{Checker, Result};
 use crate::config::{
     Endpoint, Plan, PlanScope, StaticIdentity,
     raw::{List, PortItem, RawEndpoint, RawIdentity, RawPlan, S},
 };
+use crate::controller::response::{ResponseLimits, ResponseOver};
 use crate::tables::{EndpointSpec, PlanLimits, Proto};
 
 /// The smallest byte burst: one full-size Ethernet frame (1500 bytes of payload, 14 of header,
@@ -98,6 +102,7 @@ impl Checker<'_> {
                 day_cost: q(&p.quota_day_cost, "quota_day_cost")?,
                 month_cost: q(&p.quota_month_cost, "quota_month_cost")?,
             };
+            let response = self.response(i, &p)?;
             let scope = match &p.scope {
                 None => Plan::DEFAULT_SCOPE,
                 Some(v) => match v.get_ref().as_str() {
@@ -151,9 +156,100 @@ impl Checker<'_> {
                     byte_burst,
                 },
                 quota,
+                response,
             });
         }
         Ok(plans)
+    }
+
+    /// A plan's response caps (`response_*`). Limits are at least 1 byte like the quotas';
+    /// the mode and factor without a cap are refused: they would silently do nothing.
+    fn response(&self, plan: usize, p: &RawPlan) -> Result<ResponseLimits> {
+        let at = |key: &str| format!("plans[{plan}].{key}");
+        let q = |v: &Option<S<i64>>, key: &str| -> Result<Option<u64>> {
+            match v {
+                None => Ok(None),
+                Some(_) => Ok(Some(self.int(v, &at(key), 1, 1..=i64::MAX)? as u64)),
+            }
+        };
+        let d = ResponseLimits::default();
+        let over = match &p.response_over {
+            None => d.over,
+            Some(v) => match v.get_ref().as_str() {
+                "drop" => ResponseOver::Drop,
+                "throttle" => ResponseOver::Throttle,
+                other => {
+                    return Err(self.err(
+                        v.span(),
+                        at("response_over"),
+                        format!(
+                            "{other:?} is not a response_over: \"drop\" (ingress dropped while \
+                             over a response cap) or \"throttle\" (its costs multiplied by \
+                             response_throttle)"
+                        ),
+                    ));
+                }
+            },
+        };
+        let throttle = match &p.response_throttle {
+            None => d.throttle,
+            Some(v) => {
+                let x = *v.get_ref();
+                // Written so that NaN fails too; 255 keeps the Q8 factor in a u16.
+                if !(x > 1.0 && x <= 255.0) {
+                    return Err(self.err(
+                        v.span(),
+                        at("response_throttle"),
+                        format!(
+                            "{x} is out of range: a throttle multiplies costs, so it must be \
+                             above 1 and at most 255"
+                        ),
+                    ));
+                }
+                x
+            }
+        };
+        let r = ResponseLimits {
+            bytes_per_second: q(&p.response_bytes_per_second, "response_bytes_per_second")?,
+            minute_bytes: q(
+                &p.response_quota_minute_bytes,
+                "response_quota_minute_bytes",
+            )?,
+            day_bytes: q(&p.response_quota_day_bytes, "response_quota_day_bytes")?,
+            month_bytes: q(&p.response_quota_month_bytes, "response_quota_month_bytes")?,
+            over,
+            throttle,
+        };
+        if r.is_unlimited() {
+            let stray = [
+                (p.response_over.as_ref().map(|v| v.span()), "response_over"),
+                (
+                    p.response_throttle.as_ref().map(|v| v.span()),
+                    "response_throttle",
+                ),
+            ];
+            if let Some((Some(span), key)) = stray.into_iter().find(|(s, _)| s.is_some()) {
+                return Err(self.err(
+                    span,
+                    at(key),
+                    format!(
+                        "{key} without a response cap does nothing: set \
+                         response_bytes_per_second or a response_quota_*_bytes, or remove it"
+                    ),
+                ));
+            }
+        }
+        if r.over == ResponseOver::Drop
+            && let Some(v) = &p.response_throttle
+        {
+            return Err(self.err(
+                v.span(),
+                at("response_throttle"),
+                "response_throttle applies only with response_over = \"throttle\": set that, \
+                 or remove response_throttle",
+            ));
+        }
+        Ok(r)
     }
 
     /// A rate and its burst: both or neither. A rate of 0 would silently refuse all traffic of
@@ -350,6 +446,7 @@ impl Checker<'_> {
                 }
                 gpus.push(idx as u32);
             }
+            let flow = self.flow_policy(&e, proto, &at)?;
             let first = port_ranges[0].clone();
             endpoints.push(Endpoint {
                 name,
@@ -369,10 +466,96 @@ impl Checker<'_> {
                 port_ranges: port_ranges.clone(),
                 role_names,
                 gpus,
+                flow,
             });
             taken.extend(port_ranges.into_iter().map(|r| (proto, r, i)));
         }
         Ok(endpoints)
+    }
+
+    /// `track_flows`, `max_request_bytes`, `max_unanswered_bytes`: what the kernel's
+    /// `FLOW_POLICY` holds for this endpoint. A cap needs tracking (it is counted per flow),
+    /// and flows are TCP's only.
+    fn flow_policy(
+        &self,
+        e: &RawEndpoint,
+        proto: Proto,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<FlowPolicy> {
+        let cap = |v: &Option<S<i64>>, key: &str| -> Result<u64> {
+            let n = self.int(v, &at(key), 0, 0..=Endpoint::MAX_REQUEST_CAP)?;
+            if n != 0 && n < Endpoint::MIN_REQUEST_CAP {
+                let span = v.as_ref().map_or(0..0, |v| v.span());
+                return Err(self.err(
+                    span,
+                    at(key),
+                    format!(
+                        "{n} bytes would cut a TLS handshake or a request's headers: 0 (no cap) or at least {}",
+                        Endpoint::MIN_REQUEST_CAP
+                    ),
+                ));
+            }
+            Ok(n as u64)
+        };
+        let max_request_bytes = cap(&e.max_request_bytes, "max_request_bytes")?;
+        let max_unanswered_bytes = cap(&e.max_unanswered_bytes, "max_unanswered_bytes")?;
+        let capped = max_request_bytes != 0 || max_unanswered_bytes != 0;
+        let track = match (&e.track_flows, proto) {
+            (Some(t), Proto::Udp) if *t.get_ref() => {
+                return Err(self.err(
+                    t.span(),
+                    at("track_flows"),
+                    "flows are tracked for TCP endpoints only",
+                ));
+            }
+            (Some(t), Proto::Tcp) => {
+                if !*t.get_ref() && capped {
+                    return Err(self.err(
+                        t.span(),
+                        at("track_flows"),
+                        "track_flows = false with max_request_bytes or max_unanswered_bytes set: the caps are counted per tracked flow; drop the cap or the track_flows line",
+                    ));
+                }
+                *t.get_ref()
+            }
+            (_, Proto::Udp) => false,
+            (None, Proto::Tcp) => Endpoint::DEFAULT_TRACK_FLOWS,
+        };
+        if proto == Proto::Udp && capped {
+            let v = e
+                .max_request_bytes
+                .as_ref()
+                .or(e.max_unanswered_bytes.as_ref());
+            let span = v.map_or(0..0, |v| v.span());
+            return Err(self.err(
+                span,
+                at(if e.max_request_bytes.is_some() {
+                    "max_request_bytes"
+                } else {
+                    "max_unanswered_bytes"
+                }),
+                "request caps apply to TCP endpoints only (UDP has no flows)",
+            ));
+        }
+        if max_request_bytes != 0
+            && max_unanswered_bytes != 0
+            && max_unanswered_bytes < max_request_bytes
+        {
+            let span = e.max_unanswered_bytes.as_ref().map_or(0..0, |v| v.span());
+            return Err(self.err(
+                span,
+                at("max_unanswered_bytes"),
+                format!(
+                    "{max_unanswered_bytes} is below max_request_bytes ({max_request_bytes}): what is unanswered only grows faster than a request, so the request cap would never be reached; make it at least max_request_bytes"
+                ),
+            ));
+        }
+        Ok(FlowPolicy {
+            flags: if track { FP_TRACK } else { 0 },
+            _pad: 0,
+            max_request_bytes,
+            max_unanswered_bytes,
+        })
     }
 
     pub(super) fn identities(
