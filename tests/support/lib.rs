@@ -15,6 +15,8 @@
 //! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags;
 //! - [`flood`]: floods that rewrite each frame's source, and a server-side tap counting what passed;
 //! - [`scrape`]: `GET /metrics` from inside a namespace;
+//! - [`stream`]: a streaming model-server stand-in (HTTP/1.1, server-sent events, an injected
+//!   time to first byte) and a client that counts what its socket read (#16);
 //! - [`bench`]: what the benchmark binaries share (figures for BENCHMARKS.md, batch fills);
 //! - [`oidc`]: a real OpenID Provider (npm `oidc-provider`) in its own namespace, a test CA,
 //!   and the independent token minter.
@@ -33,6 +35,7 @@ pub mod node;
 pub mod oidc;
 pub mod pty;
 pub mod scrape;
+pub mod stream;
 pub mod tokenlab;
 
 /// Whether this process may load BPF programs; tests need root (CAP_BPF + CAP_NET_ADMIN).
