@@ -747,6 +747,11 @@ impl ControlLoop {
         self.responses.capped().get(name)
     }
 
+    /// The identities a response cap holds back now, by name.
+    pub fn response_capped_names(&self) -> Vec<String> {
+        self.responses.capped().keys().cloned().collect()
+    }
+
     /// The quota flags of identities on fleet-wide plans, by the pool's totals: called by
     /// the fleet task right after a cycle's answers, so the flag is set in the cycle that
     /// saw the total (the overshoot bound counts on it), not one controller tick later.

@@ -459,7 +459,7 @@ fn hand_to_flow(ctx: &XdpContext, l3: bool, d: &Decision) {
             identity: d.identity,
             cost: d.cost,
         };
-        let _ = FLOW_PROG.tail_call(ctx, if l3 { 1 } else { 0 });
+        FLOW_PROG.tail_call(ctx, if l3 { 1 } else { 0 });
     }
 }
 

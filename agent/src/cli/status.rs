@@ -67,6 +67,7 @@ fn record(s: &Status) -> Record<'_> {
         .line("pin_dir", s.pin_dir.display())
         .nested("program", program(&s.program))
         .line("quarantined", list(&s.quarantined))
+        .line("response capped", list(&s.response_capped))
         .nested("tables", tables(&s.tables));
     let r = match &s.tokens {
         Some(t) => r.nested("tokens", tokens(t)),
@@ -258,7 +259,8 @@ mod tests {
             config: "/etc/tollgate/tollgate.toml".into(),
             interfaces: vec!["eth0".into()],
             xdp_mode: "auto".into(),
-            pin_dir: "/sys/fs/bpf/tollgate".into(),
+            // A directory no machine has: the egress section reads the link pins under it.
+            pin_dir: "/nonexistent/tollgate".into(),
             adopted_pins: true,
             layout_version: 1,
             uptime_s: 86,
@@ -266,6 +268,7 @@ mod tests {
             identities: 2,
             bindings: 3,
             quarantined: vec![],
+            response_capped: vec![],
             passed_packets: 11225299,
             dropped_packets: 18244,
             drops: [
@@ -335,6 +338,8 @@ config           /etc/tollgate/tollgate.toml
 drops
   quarantined  244
   unbound      18000
+egress
+  eth0  not attached
 endpoints        2
 fleet            -
 gpu
@@ -347,12 +352,13 @@ interfaces       eth0
 layout_version   1
 packets_dropped  18244
 packets_passed   11225299
-pin_dir          /sys/fs/bpf/tollgate
+pin_dir          /nonexistent/tollgate
 program
   object             embedded
   load_failures      0
   last_load_failure  -
 quarantined      -
+response capped  -
 tables
   kernel_memory   224.0 MiB (3.0 GiB allowed)
   identities      1048576 (48.0 MiB)

@@ -36,6 +36,10 @@ pub struct Status {
     pub bindings: usize,
     /// Names of the quarantined identities.
     pub quarantined: Vec<String>,
+    /// Names of the identities a response cap of their plan holds back now (`quota show` has
+    /// the figures); absent from agents older than response caps.
+    #[serde(default)]
+    pub response_capped: Vec<String>,
     /// Totals over every reason since the maps were created.
     pub passed_packets: u64,
     pub dropped_packets: u64,
@@ -654,6 +658,7 @@ mod tests {
             identities: 3,
             bindings: 4,
             quarantined: vec!["suspect".into()],
+            response_capped: vec![],
             passed_packets: 100,
             dropped_packets: 7,
             drops: [

@@ -77,6 +77,7 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
         identities: node.state.identity_ids.len(),
         bindings: node.pinned.tables.binding_counts().iter().sum(),
         quarantined: node.state.quarantines.keys().cloned().collect(),
+        response_capped: node.control.response_capped_names(),
         passed_packets: passed,
         dropped_packets: dropped,
         drops,

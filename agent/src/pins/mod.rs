@@ -529,11 +529,14 @@ impl Pinned {
             return Ok(true);
         }
         require_tcx().map_err(&attach_err)?;
+        // First on the hook: a program before it that returns PASS or REDIRECT would hide the
+        // answers from it (requests never closed, bytes never counted). It only observes and
+        // returns TC_ACT_UNSPEC ("next"), so everything after it still runs.
         let id = prog
             .attach_with_options(
                 iface,
                 TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
             )
             .map_err(|e| attach_err(format!("attaching a TCX link: {e}")))?;
         let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;

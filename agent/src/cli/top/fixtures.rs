@@ -105,6 +105,7 @@ pub(super) fn status(passed: u64, dropped: u64, expired: u64) -> Status {
         identities: 4,
         bindings: 3,
         quarantined: vec![],
+        response_capped: vec![],
         passed_packets: passed,
         dropped_packets: dropped,
         drops: [

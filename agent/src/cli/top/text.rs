@@ -254,6 +254,11 @@ pub(super) fn identity_cells(r: &RateRow<IdentityRow>) -> Vec<String> {
         } else {
             "-".into()
         },
+        // Which response cap holds it (`quota show` has the figures).
+        match &r.row.response_capped {
+            Some(_) => "yes".into(),
+            None => "-".into(),
+        },
     ]
 }
 
@@ -298,6 +303,7 @@ pub(super) fn snapshot_text(prev: &Snapshot, cur: &Snapshot, limit: usize) -> St
             "resp B/s",
             "ttfb ms",
             "quarantined",
+            "response capped",
         ],
         &shown.iter().map(identity_cells).collect::<Vec<_>>(),
     ));
@@ -400,7 +406,8 @@ mod tests {
         assert_eq!(
             cells,
             [
-                "busy", "partner", "partner", "1000.0", "5.0", "3000", "10", "20000.0", "52.5", "-"
+                "busy", "partner", "partner", "1000.0", "5.0", "3000", "10", "20000.0", "52.5",
+                "-", "-"
             ]
         );
         assert!(t.contains("model     tcp/8000,8001-8003  1000.0  5.0"));

@@ -464,7 +464,14 @@ fn draw_identities(
             num(fmt_count(r.dropped)),
             num(fmt_rate(r.response_per_s)),
             num(fmt_ms(r.ttfb_ms)),
-            Cell::from(if quarantined { "Q" } else { "" }),
+            // Q: quarantined; R: held by a response cap of its plan.
+            Cell::from(if quarantined {
+                "Q"
+            } else if r.row.response_capped.is_some() {
+                "R"
+            } else {
+                ""
+            }),
         ]);
         if quarantined {
             row.style(Style::default().fg(Color::Red))
