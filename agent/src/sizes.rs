@@ -408,10 +408,10 @@ mod tests {
         );
         // EGRESS_IDENTITY: a pointer + 40 bytes per CPU, sized with the identities.
         assert_eq!(by(names::EGRESS_IDENTITY), (1 << 20) * (8 + 2 * 40));
-        // FLOWS (LRU, no spare elements): 2^18 buckets, elements of 48 + 40 + 48 bytes.
+        // FLOWS (LRU, no spare elements): 2^18 buckets, elements of 48 + 40 + 56 bytes.
         assert_eq!(
             by(names::FLOWS),
-            (1 << 18) * 16 + (1 << 18) * (48 + 40 + 48)
+            (1 << 18) * 16 + (1 << 18) * (48 + 40 + 56)
         );
         let t = total(&costs);
         assert!(t > 650 << 20 && t < 800 << 20, "{}", human(t));
