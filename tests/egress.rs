@@ -30,7 +30,7 @@ use tollgate_tests::{
     agent::{Agent, AgentDirs, reason_counter, tollgate_bin},
     config::{Config, Endpoint, Identity, Plan},
     lab::Lab,
-    stream::{Answer, Gate, StreamClient, StreamServer, add_client_host},
+    stream::{Answer, Gate, StreamClient, StreamServer},
 };
 
 const PORT: u16 = 8000;
@@ -68,7 +68,7 @@ impl World {
         let hosts: Vec<(String, IpAddr)> = names
             .iter()
             .zip(11u8..)
-            .map(|(name, n)| ((*name).to_owned(), add_client_host(&lab, n)))
+            .map(|(name, n)| ((*name).to_owned(), IpAddr::V4(lab.add_client_address(n))))
             .collect();
         let mut config = Config::new(&[&lab.server_if])
             .plan(Plan::new("open"))

@@ -147,25 +147,8 @@ fn world() -> World {
     tollgate_tests::require_root();
     let lab = Lab::new();
     let dirs = AgentDirs::new();
-    let o = lab.client_v4.octets();
-    let taker = Ipv4Addr::new(o[0], o[1], o[2], 11);
-    let neighbour = Ipv4Addr::new(o[0], o[1], o[2], 12);
-    for a in [taker, neighbour] {
-        lab.client
-            .ip(&["addr", "add", &format!("{a}/32"), "dev", &lab.client_if]);
-        // The lab runs without ARP: the server is told where the new addresses live.
-        lab.server.ip(&[
-            "neigh",
-            "replace",
-            &a.to_string(),
-            "lladdr",
-            &lab.client_mac,
-            "nud",
-            "permanent",
-            "dev",
-            &lab.server_if,
-        ]);
-    }
+    let taker = lab.add_client_address(11);
+    let neighbour = lab.add_client_address(12);
     let config = Config::new(&[&lab.server_if])
         .controller(Controller {
             interval_ms: Some(INTERVAL_MS),

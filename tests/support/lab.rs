@@ -500,6 +500,30 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Adds host `n` of the lab's client /24 to the client's interface, and a static neighbour
+    /// for it on the server (the lab runs without ARP), so a client socket can bind to it and
+    /// the server's answers reach it.
+    pub fn add_client_address(&self, n: u8) -> Ipv4Addr {
+        let o = self.client_v4.octets();
+        let addr = Ipv4Addr::new(o[0], o[1], o[2], n);
+        self.client
+            .ip(&["addr", "add", &format!("{addr}/24"), "dev", &self.client_if]);
+        self.server.ip(&[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &self.client_mac,
+            "nud",
+            "permanent",
+            "dev",
+            &self.server_if,
+        ]);
+        addr
+    }
+}
+
 /// A veth pair between two namespaces: `a_if` in `a`, `b_if` in `b` (both down, unaddressed).
 pub fn veth_pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
     checked(Command::new("ip").args([

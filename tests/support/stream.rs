@@ -619,27 +619,6 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-/// Adds host `n` of the lab's client /24 to the client's interface, and a static neighbour
-/// for it on the server (the lab runs without ARP), so a client socket can bind to it.
-pub fn add_client_host(lab: &crate::lab::Lab, n: u8) -> IpAddr {
-    let o = lab.client_v4.octets();
-    let addr = std::net::Ipv4Addr::new(o[0], o[1], o[2], n);
-    lab.client
-        .ip(&["addr", "add", &format!("{addr}/24"), "dev", &lab.client_if]);
-    lab.server.ip(&[
-        "neigh",
-        "replace",
-        &addr.to_string(),
-        "lladdr",
-        &lab.client_mac,
-        "nud",
-        "permanent",
-        "dev",
-        &lab.server_if,
-    ]);
-    IpAddr::V4(addr)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
