@@ -102,9 +102,7 @@ static EGRESS_ENDPOINT: PerCpuArray<EgressCounters> =
 #[map]
 static TTFB: PerCpuArray<TtfbHist> = PerCpuArray::with_max_entries(TTFB_SLOTS, 0);
 
-/// The frame between `data` and `data_end`. Every load is bounds-checked against `data_end`
-/// right before the access, in the shape the verifier tracks (packet pointer + constant size
-/// compared with `data_end`).
+/// The frame between `data` and `data_end` (loads: [`load_between`]).
 struct XdpFrame {
     start: usize,
     end: usize,
@@ -118,14 +116,22 @@ impl PacketView for XdpFrame {
 
     #[inline(always)]
     fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-        let p = self.start + off;
-        if p + N > self.end {
-            return None;
-        }
-        // SAFETY: [p, p + N) lies inside the frame (checked above); the read is unaligned
-        // because headers after VLAN tags or IP options have no alignment guarantee.
-        Some(unsafe { core::ptr::read_unaligned(p as *const [u8; N]) })
+        load_between(self.start, self.end, off)
     }
+}
+
+/// `N` bytes at `start + off`, if they lie before `end`: every packet load, bounds-checked
+/// right before the access in the shape the verifier tracks (packet pointer + constant size
+/// compared with `data_end`).
+#[inline(always)]
+fn load_between<const N: usize>(start: usize, end: usize, off: usize) -> Option<[u8; N]> {
+    let p = start + off;
+    if p + N > end {
+        return None;
+    }
+    // SAFETY: [p, p + N) lies inside the packet data (checked above); the read is unaligned
+    // because headers after VLAN tags or IP options have no alignment guarantee.
+    Some(unsafe { core::ptr::read_unaligned(p as *const [u8; N]) })
 }
 
 /// The linear head of an skb: loads are checked against `data_end`, while `len` is the whole
@@ -145,13 +151,7 @@ impl PacketView for TcFrame {
 
     #[inline(always)]
     fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-        let p = self.start + off;
-        if p + N > self.end {
-            return None;
-        }
-        // SAFETY: [p, p + N) lies inside the linear data (checked above); unaligned, as in
-        // `XdpFrame::load`.
-        Some(unsafe { core::ptr::read_unaligned(p as *const [u8; N]) })
+        load_between(self.start, self.end, off)
     }
 }
 
