@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use tollgate::{
-    counter_read, loader,
+    counter_read,
     tables::{EndpointSpec, PlanLimits, Proto, identity_record},
 };
 use tollgate_common::{
@@ -330,7 +330,6 @@ fn the_flow_programs_are_installed_by_the_loader() {
     // Without the tail call the cap would never bite: the request-cap fixture above relies on
     // it; here the slots themselves, so a loader that forgets them fails by name.
     let lab = Lab::new();
-    let _ = loader::load().expect("a second load");
     let map = lab
         .h
         .ebpf

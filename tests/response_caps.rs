@@ -116,14 +116,6 @@ fn ask(s: &mut TcpStream, n: u64) -> bool {
     s.read_exact(&mut buf).is_ok()
 }
 
-fn audit(dirs: &AgentDirs) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dirs.state_dir.join("audit.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -237,7 +229,8 @@ fn an_identity_over_its_response_minute_cap_is_cut_back_and_passes_when_the_wind
 /// connection passing.
 fn capped_then_rolled(w: &World) {
     let (lab, dirs, server, taker) = (&w.lab, &w.dirs, w.server, w.taker);
-    let capped = audit(dirs)
+    let capped = dirs
+        .audit()
         .into_iter()
         .find(|l| l["action"] == "response_capped")
         .expect("a response_capped audit line");
@@ -314,7 +307,8 @@ fn capped_then_rolled(w: &World) {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let lifted = audit(dirs)
+    let lifted = dirs
+        .audit()
         .into_iter()
         .find(|l| l["action"] == "response_cap_lifted")
         .expect("a response_cap_lifted audit line");

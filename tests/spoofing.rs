@@ -290,14 +290,6 @@ fn withheld_metric(ns: &NetNs, reason: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {series} in /metrics: {text}")) as u64
 }
 
-fn audit(dirs: &AgentDirs) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dirs.state_dir.join("audit.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// The anomaly steps audited for `identity`, in order.
 fn steps_of(audit: &[serde_json::Value], identity: &str) -> Vec<String> {
     audit
@@ -311,7 +303,7 @@ fn steps_of(audit: &[serde_json::Value], identity: &str) -> Vec<String> {
 fn wait_for_step(dirs: &AgentDirs, identity: &str, step: &str, limit: Duration) -> bool {
     let end = Instant::now() + limit;
     while Instant::now() < end {
-        if steps_of(&audit(dirs), identity).iter().any(|s| s == step) {
+        if steps_of(&dirs.audit(), identity).iter().any(|s| s == step) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -344,7 +336,7 @@ fn a_spoofed_syn_free_flood_from_a_connected_customer_never_quarantines_it() {
     let throttled = wait_for_step(&dirs, "victim", "throttle", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(6));
     let sent = spoof.stop();
-    let log = audit(&dirs);
+    let log = dirs.audit();
     let steps = steps_of(&log, "victim");
     assert!(
         throttled,
@@ -399,7 +391,7 @@ fn a_flood_over_the_clients_own_connection_is_still_quarantined() {
     talker.set_rate(2000);
     let quarantined = wait_for_step(&dirs, "hostile", "quarantine", Duration::from_secs(8));
     drop(talker);
-    let log = audit(&dirs);
+    let log = dirs.audit();
     assert!(
         quarantined,
         "not quarantined: {:?}",
@@ -473,7 +465,7 @@ fn spoofed_acks_to_the_customers_own_connection_never_quarantine_it() {
     let throttled = wait_for_step(&dirs, "victim", "throttle", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(6));
     let sent = spoof.stop();
-    let log = audit(&dirs);
+    let log = dirs.audit();
     let steps = steps_of(&log, "victim");
     assert!(
         throttled,
@@ -547,13 +539,13 @@ fn past_max_auto_quarantines_the_ladder_throttles_only() {
             .find(|l| l["action"] == "quarantine_capped")
             .cloned()
     };
-    while capped(&audit(&dirs)).is_none() && Instant::now() < end {
+    while capped(&dirs.audit()).is_none() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(200));
     }
     // One more second: a second quarantine, if the cap let one through, would show now.
     std::thread::sleep(Duration::from_secs(1));
     drop((a, b));
-    let log = audit(&dirs);
+    let log = dirs.audit();
     let (sa, sb) = (steps_of(&log, "hostile-a"), steps_of(&log, "hostile-b"));
     let quarantined: Vec<&str> = [("hostile-a", &sa), ("hostile-b", &sb)]
         .iter()

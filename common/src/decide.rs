@@ -142,14 +142,19 @@ fn live<T: Tables>(t: &T, b: &Binding, now: &mut LazyNow) -> bool {
 
 /// A binding lookup: exact first (it beats any CIDR), then the longest CIDR. An expired
 /// binding is skipped; whether one was seen decides `expired` vs `unbound`.
-enum Bound {
+pub(crate) enum Bound {
     Live(u32),
     Expired,
     None,
 }
 
 #[inline(always)]
-fn find_binding<T: Tables>(t: &T, family: Family, src: &[u8; 16], now: &mut LazyNow) -> Bound {
+pub(crate) fn find_binding<T: Tables>(
+    t: &T,
+    family: Family,
+    src: &[u8; 16],
+    now: &mut LazyNow,
+) -> Bound {
     let mut expired = false;
     if let Some(b) = t.exact_binding(family, src) {
         // SAFETY: the pointer came from a map lookup and is valid for this program run.

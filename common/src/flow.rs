@@ -12,9 +12,9 @@
 
 use crate::{
     Reason,
-    decide::{Decision, Tables},
+    decide::{Bound, Decision, LazyNow, Tables, find_binding},
     parse::{Family, Fragment, IPPROTO_TCP, IpPacket, PacketView},
-    policy::{ANONYMOUS_IDENTITY, Binding, ID_ACTIVE, port_slot},
+    policy::{ANONYMOUS_IDENTITY, ID_ACTIVE, port_slot},
 };
 
 /// Upper bounds (ms) of the time-to-first-byte histogram's buckets; the last bucket is
@@ -443,26 +443,12 @@ pub fn egress<T: FlowTables>(t: &T, pkt: &IpPacket, payload: u64) -> Egress {
     out
 }
 
-/// The identity bound to `addr` (live exact binding first, then CIDR), or anonymous. Expiry
-/// is judged on the coarse clock, as ingress does.
+/// The identity bound to `addr`, or anonymous: the decision's own lookup (exact first, then
+/// CIDR; expiry on the coarse clock), and an inactive slot counts as nobody's.
 #[inline(always)]
 fn bound_identity<T: Tables>(t: &T, family: Family, addr: &[u8; 16]) -> u32 {
-    let live = |b: Option<*const Binding>| -> Option<u32> {
-        let b = b?;
-        // SAFETY: a valid map value pointer for this run.
-        let b = unsafe { *b };
-        if b.expires_ns == 0 || b.live_at(t.coarse_ns()) {
-            Some(b.identity)
-        } else {
-            None
-        }
-    };
-    let id = match live(t.exact_binding(family, addr)) {
-        Some(id) => id,
-        None => match live(t.cidr_binding(family, addr)) {
-            Some(id) => id,
-            None => return ANONYMOUS_IDENTITY,
-        },
+    let Bound::Live(id) = find_binding(t, family, addr, &mut LazyNow::new()) else {
+        return ANONYMOUS_IDENTITY;
     };
     match t.identity(id) {
         // SAFETY: a valid map value pointer for this run.

@@ -182,6 +182,15 @@ impl AgentDirs {
     }
 
     /// The pinned (reason, endpoint) counter map.
+    /// The audit log's lines, parsed (a line that is not JSON is skipped).
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.state_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     pub fn counters_pin(&self) -> PathBuf {
         tollgate::pins::maps_dir(&self.pin_dir).join(tollgate_common::map_names::REASON_COUNTERS)
     }

@@ -58,22 +58,12 @@ impl KernelTables {
     /// call per identity. Slots are given out from 1 upward, so `upto` (the highest slot in
     /// use + 1) keeps a node with few identities from reading a million-slot array.
     pub fn identity_counters_upto(&self, upto: u32) -> Result<Vec<IdentityCounters>> {
-        let map = self.identity_counters.map();
-        let upto = upto.min(self.sizes.identities);
-        let mut out = Vec::with_capacity(upto as usize);
-        batch::for_each_per_cpu::<IdentityCounters>(map, upto, |id, slots| {
-            // An array hands out every index in order.
-            if id as usize == out.len() {
-                out.push(IdentityCounters::sum(slots));
-            }
-        })
-        .map_err(io_err(names::IDENTITY_COUNTERS))?;
-        if out.len() < upto as usize {
-            return Err(io_err(names::IDENTITY_COUNTERS)(std::io::Error::other(
-                format!("batch read returned {} of {upto} slots", out.len()),
-            )));
-        }
-        Ok(out)
+        sum_per_cpu(
+            self.identity_counters.map(),
+            upto.min(self.sizes.identities),
+            names::IDENTITY_COUNTERS,
+            |s: &[IdentityCounters]| IdentityCounters::sum(s),
+        )
     }
 
     /// Identity records `0..upto`, indexed by slot, in one batch read (as
@@ -190,6 +180,30 @@ impl KernelTables {
 /// Against the kernel: the maps of the real object (created, no program loaded). Each test
 /// prints the batch path's time next to the per-key path's, measured in the same run (no
 /// timed assertions: `cargo test -p tollgate --lib bulk -- --nocapture` shows the figures).
+/// Keys `0..upto` of a per-CPU array, each summed over its CPUs by `sum`, indexed by key.
+pub(super) fn sum_per_cpu<V: aya::Pod, S>(
+    map: &aya::maps::MapData,
+    upto: u32,
+    name: &'static str,
+    sum: impl Fn(&[V]) -> S,
+) -> Result<Vec<S>> {
+    let mut out = Vec::with_capacity(upto as usize);
+    batch::for_each_per_cpu::<V>(map, upto, |key, slots| {
+        // An array hands out every index in order.
+        if key as usize == out.len() {
+            out.push(sum(slots));
+        }
+    })
+    .map_err(io_err(name))?;
+    if out.len() < upto as usize {
+        return Err(io_err(name)(std::io::Error::other(format!(
+            "batch read returned {} of {upto} slots",
+            out.len()
+        ))));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{

@@ -9,7 +9,10 @@ use tollgate_common::{
     policy::MAX_ENDPOINTS,
 };
 
-use super::{KernelTables, Result, batch, bulk::io_err};
+use super::{
+    KernelTables, Result, batch,
+    bulk::{io_err, sum_per_cpu},
+};
 
 impl KernelTables {
     /// What the node sent to identity slots `0..upto`, summed over CPUs, indexed by slot.
@@ -68,28 +71,4 @@ impl KernelTables {
         batch::read_all::<FlowKey, Flow>(self.flows.map(), self.sizes.flows)
             .map_err(io_err(names::FLOWS))
     }
-}
-
-/// Keys `0..upto` of a per-CPU array, each summed over its CPUs by `sum`, indexed by key.
-fn sum_per_cpu<V: aya::Pod, S>(
-    map: &aya::maps::MapData,
-    upto: u32,
-    name: &'static str,
-    sum: impl Fn(&[V]) -> S,
-) -> Result<Vec<S>> {
-    let mut out = Vec::with_capacity(upto as usize);
-    batch::for_each_per_cpu::<V>(map, upto, |key, slots| {
-        // An array hands out every index in order.
-        if key as usize == out.len() {
-            out.push(sum(slots));
-        }
-    })
-    .map_err(io_err(name))?;
-    if out.len() < upto as usize {
-        return Err(io_err(name)(std::io::Error::other(format!(
-            "batch read returned {} of {upto} slots",
-            out.len()
-        ))));
-    }
-    Ok(out)
 }
