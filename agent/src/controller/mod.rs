@@ -12,9 +12,11 @@ pub const DEFAULT_GPU_SIMULATED_FILE: &str = "/run/tollgate/gpu-simulated.json";
 pub mod anomaly;
 pub mod gpu;
 pub mod handshakes;
+pub mod model_server;
 pub mod pressure;
 pub mod quota;
 pub mod response;
+pub mod scrape;
 
 /// The `[controller]` section: the loop's interval, the static pressure and the GPU
 /// hold-back's hysteresis. [`Controller::default`] holds every default.

@@ -5,6 +5,12 @@
 //! priority: `floor + (1 - floor) * priority / 100`; priority 100 (internal traffic) keeps it
 //! all, the free tier shrinks first. The kernel gets the inverse of that share as a cost
 //! multiplier per (endpoint, plan).
+//!
+//! What "saturated" reads is the endpoint's pressure ([`combine`]): the largest of its
+//! signals (model-server queue depth, KV-cache usage, GPU utilisation), each divided by its
+//! own threshold, so 1.0 is "at a threshold" whichever signal got there. The hysteresis runs
+//! on that number with the thresholds normalised the same way ([`PressureConfig::normalised`]):
+//! with GPU utilisation alone it decides exactly as on the raw utilisation.
 
 use tollgate_common::policy::Q8_ONE;
 
@@ -15,6 +21,47 @@ pub struct PressureConfig {
     pub recover_at: f64,
     pub recover_after: u32,
     pub floor: f64,
+}
+
+impl PressureConfig {
+    /// The same hysteresis over pressures normalised to their thresholds: saturated at 1.0,
+    /// calm at or below `recover_at / saturate_at` (0.75 / 0.9: 83% of every threshold).
+    pub fn normalised(&self) -> PressureConfig {
+        PressureConfig {
+            saturate_at: 1.0,
+            recover_at: self.recover_at / self.saturate_at,
+            ..*self
+        }
+    }
+}
+
+/// One input of an endpoint's pressure.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Signal {
+    /// `queue`, `kv_cache` or `gpu_util`.
+    pub name: &'static str,
+    pub value: f64,
+    /// The value at which this signal alone saturates the endpoint.
+    pub at: f64,
+}
+
+impl Signal {
+    pub fn level(&self) -> f64 {
+        self.value / self.at
+    }
+}
+
+/// The endpoint's pressure and the signal that set it: the largest `value / at`; `None`
+/// without a signal (then the endpoint is never held back, as with no GPU reading).
+pub fn combine(signals: &[Signal]) -> Option<(f64, &'static str)> {
+    signals
+        .iter()
+        .filter(|s| s.at > 0.0 && s.value.is_finite())
+        .map(|s| (s.level(), s.name))
+        .fold(None, |best, (l, n)| match best {
+            Some((b, _)) if b >= l => best,
+            _ => Some((l, n)),
+        })
 }
 
 /// One endpoint's saturation state.
@@ -141,6 +188,38 @@ mod tests {
         s.update(Some(0.99), &CFG);
         assert!(s.update(None, &CFG));
         assert!(!s.saturated());
+    }
+
+    #[test]
+    fn the_largest_signal_over_its_threshold_is_the_pressure() {
+        // The worked example of docs/controller.md: 12 waiting against 16, KV at 0.93
+        // against 0.95, GPU at 0.99 against 0.9: the GPU sets it, at 1.1.
+        let s = |name, value, at| Signal { name, value, at };
+        let (p, by) = combine(&[
+            s("queue", 12.0, 16.0),
+            s("kv_cache", 0.93, 0.95),
+            s("gpu_util", 0.99, 0.9),
+        ])
+        .unwrap();
+        assert!((p - 1.1).abs() < 1e-9 && by == "gpu_util", "{p} {by}");
+        let (p, by) = combine(&[s("queue", 40.0, 16.0), s("gpu_util", 0.99, 0.9)]).unwrap();
+        assert_eq!((p, by), (2.5, "queue"));
+        assert_eq!(combine(&[]), None);
+        assert_eq!(combine(&[s("queue", f64::NAN, 16.0)]), None);
+    }
+
+    #[test]
+    fn normalised_hysteresis_decides_as_the_raw_utilisation_did() {
+        // Every utilisation series decides the same whether fed raw against CFG or divided
+        // by saturate_at against CFG.normalised().
+        let series: Vec<f64> = (0..500).map(|i| ((i * 37) % 101) as f64 / 100.0).collect();
+        let (mut raw, mut norm) = (Saturation::default(), Saturation::default());
+        let n = CFG.normalised();
+        for u in series {
+            raw.update(Some(u), &CFG);
+            norm.update(Some(u / CFG.saturate_at), &n);
+            assert_eq!(raw.saturated(), norm.saturated(), "at {u}");
+        }
     }
 
     #[test]

@@ -1,20 +1,21 @@
-//! One HTTPS GET: resolve, connect, TLS (rustls with ring; the configured CA bundle or the
-//! system's roots), one HTTP/1.1 request with `Connection: close`, the response read up to a
-//! byte limit, the whole within one timeout. Only `200` is a document: a redirect is not
-//! followed (its target would be a key source nobody configured), so any other status is the
-//! outcome `http_status`. Bodies are framed by `Transfer-Encoding: chunked`, by
-//! `Content-Length`, or by the TLS connection's clean close (`close_notify`; an unclean close
-//! could be a truncation, so it is an error).
+//! One HTTP(S) GET: resolve, connect, TLS for `https` (rustls with ring; the configured CA
+//! bundle or the system's roots), one HTTP/1.1 request with `Connection: close`, the response
+//! read up to a byte limit, the whole within one timeout. Only `200` is a document: a
+//! redirect is not followed (its target would be a source nobody configured), so any other
+//! status is the outcome `http_status`. Bodies are framed by `Transfer-Encoding: chunked`, by
+//! `Content-Length`, or by the connection's clean close (TLS `close_notify`; an unclean TLS
+//! close could be a truncation, so it is an error). Keys are fetched over HTTPS only
+//! ([`HttpsUrl::parse`]); a model server's metrics may be plain HTTP on the node
+//! (`controller::scrape`).
 
 use std::{io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
 };
 use tokio_rustls::{
     TlsConnector,
-    client::TlsStream,
     rustls::{
         self, ClientConfig, RootCertStore,
         pki_types::{CertificateDer, ServerName, pem::PemObject as _},
@@ -119,58 +120,89 @@ impl Client {
         })
     }
 
-    /// GET `url`: its body (at most `max_bytes`) and lifetime, all within `timeout`.
+    /// GET `url` (a JSON document): its body (at most `max_bytes`) and lifetime, all within
+    /// `timeout`.
     pub async fn get(
         &self,
         url: &HttpsUrl,
         max_bytes: usize,
         timeout: Duration,
     ) -> Result<Document, FetchError> {
-        tokio::time::timeout(timeout, self.get_within(url, max_bytes))
-            .await
-            .unwrap_or_else(|_| {
-                Err(fail(
-                    Outcome::Timeout,
-                    format!(
-                        "{url}: no complete response within {} ms",
-                        timeout.as_millis()
-                    ),
-                ))
-            })
+        get(Some(self), url, "application/json", max_bytes, timeout).await
     }
+}
 
-    async fn get_within(&self, url: &HttpsUrl, max_bytes: usize) -> Result<Document, FetchError> {
-        let at = |e: FetchError| fail(e.outcome, format!("{url}: {}", e.message));
-        let tcp = connect(url).await.map_err(at)?;
+/// GET `url` asking for `accept`, within `timeout`. `client` makes the TLS connection of an
+/// `https` URL; a plain `http` one needs none (one without a client fails as `tls`).
+pub async fn get(
+    client: Option<&Client>,
+    url: &HttpsUrl,
+    accept: &str,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<Document, FetchError> {
+    tokio::time::timeout(timeout, get_within(client, url, accept, max_bytes))
+        .await
+        .unwrap_or_else(|_| {
+            Err(fail(
+                Outcome::Timeout,
+                format!(
+                    "{url}: no complete response within {} ms",
+                    timeout.as_millis()
+                ),
+            ))
+        })
+}
+
+async fn get_within(
+    client: Option<&Client>,
+    url: &HttpsUrl,
+    accept: &str,
+    max_bytes: usize,
+) -> Result<Document, FetchError> {
+    let at = |e: FetchError| fail(e.outcome, format!("{url}: {}", e.message));
+    let tcp = connect(url).await.map_err(at)?;
+    let mut stream: Box<dyn Stream> = if url.tls {
+        let client =
+            client.ok_or_else(|| at(fail(Outcome::Tls, "no TLS client for an https URL")))?;
         let name = ServerName::try_from(url.host.clone()).map_err(|e| {
             at(fail(
                 Outcome::Tls,
                 format!("{:?} as a TLS name: {e}", url.host),
             ))
         })?;
-        let mut tls = self
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| at(fail(Outcome::Tls, format!("TLS handshake: {e}"))))?;
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n\
-             Accept-Encoding: identity\r\nUser-Agent: tollgate/{}\r\nConnection: close\r\n\r\n",
-            url.target,
-            url.authority,
-            env!("CARGO_PKG_VERSION")
-        );
-        tls.write_all(request.as_bytes())
-            .await
-            .map_err(|e| at(io_fail("sending the request", &e)))?;
-        let mut conn = Conn {
-            tls,
-            buf: Vec::with_capacity(READ),
-            pos: 0,
-        };
-        read_response(&mut conn, max_bytes).await.map_err(at)
-    }
+        Box::new(
+            client
+                .tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| at(fail(Outcome::Tls, format!("TLS handshake: {e}"))))?,
+        )
+    } else {
+        Box::new(tcp)
+    };
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: {accept}\r\n\
+         Accept-Encoding: identity\r\nUser-Agent: tollgate/{}\r\nConnection: close\r\n\r\n",
+        url.target,
+        url.authority,
+        env!("CARGO_PKG_VERSION")
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| at(io_fail("sending the request", &e)))?;
+    let mut conn = Conn {
+        stream,
+        buf: Vec::with_capacity(READ),
+        pos: 0,
+    };
+    read_response(&mut conn, max_bytes).await.map_err(at)
 }
+
+/// The connection under the HTTP: TLS over TCP, or TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 async fn connect(url: &HttpsUrl) -> Result<TcpStream, FetchError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
@@ -206,7 +238,7 @@ fn io_fail(doing: &str, e: &io::Error) -> FetchError {
 
 /// The connection and what has been read from it but not yet consumed (`buf[pos..]`).
 struct Conn {
-    tls: TlsStream<TcpStream>,
+    stream: Box<dyn Stream>,
     buf: Vec<u8>,
     pos: usize,
 }
@@ -216,14 +248,14 @@ impl Conn {
         &self.buf[self.pos..]
     }
 
-    /// Reads more; `Ok(0)` at a clean end (TLS close_notify).
+    /// Reads more; `Ok(0)` at a clean end (TLS close_notify, or TCP's end of stream).
     async fn fill(&mut self) -> Result<usize, FetchError> {
         if self.pos > 0 {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
         self.buf.reserve(READ);
-        self.tls
+        self.stream
             .read_buf(&mut self.buf)
             .await
             .map_err(|e| io_fail("reading the response", &e))
@@ -285,7 +317,7 @@ async fn read_response(conn: &mut Conn, max_bytes: usize) -> Result<Document, Fe
         }
         conn.pending()[..len].to_vec()
     } else {
-        // Close-delimited: the end is the server's clean TLS close.
+        // Close-delimited: the end is the server's clean close.
         loop {
             if conn.pending().len() > max_bytes {
                 return Err(too_large());

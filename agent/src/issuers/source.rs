@@ -67,6 +67,9 @@ impl SourceConfig {
 /// An `https` URL split for a request: where to connect and what to ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpsUrl {
+    /// `https` (always, from [`HttpsUrl::parse`]); `false`: plain `http`, which only
+    /// [`HttpsUrl::parse_http_or_https`] accepts.
+    pub tls: bool,
     /// Host name or IP address (an IPv6 address without its brackets).
     pub host: String,
     pub port: u16,
@@ -94,7 +97,18 @@ pub enum UrlError {
 }
 
 impl HttpsUrl {
+    /// An `https` URL (keys travel over TLS only).
     pub fn parse(url: &str) -> Result<HttpsUrl, UrlError> {
+        Self::parse_with(url, false)
+    }
+
+    /// An `http` or `https` URL: a model server's metrics endpoint on the node is often
+    /// plain HTTP on loopback.
+    pub fn parse_http_or_https(url: &str) -> Result<HttpsUrl, UrlError> {
+        Self::parse_with(url, true)
+    }
+
+    fn parse_with(url: &str, allow_http: bool) -> Result<HttpsUrl, UrlError> {
         let own = || url.to_owned();
         if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(UrlError::BadChar(own()));
@@ -102,12 +116,17 @@ impl HttpsUrl {
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(UrlError::NotHttps(own()));
         };
-        if scheme.eq_ignore_ascii_case("http") {
-            return Err(UrlError::PlainHttp(own()));
-        }
-        if !scheme.eq_ignore_ascii_case("https") {
+        let tls = if scheme.eq_ignore_ascii_case("https") {
+            true
+        } else if scheme.eq_ignore_ascii_case("http") {
+            if !allow_http {
+                return Err(UrlError::PlainHttp(own()));
+            }
+            false
+        } else {
             return Err(UrlError::NotHttps(own()));
-        }
+        };
+        let default_port = if tls { 443 } else { 80 };
         // The fragment is the client's, never sent.
         let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
         let end = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -128,7 +147,7 @@ impl HttpsUrl {
             return Err(UrlError::NoHost(own()));
         }
         let port = match port {
-            None => 443,
+            None => default_port,
             Some(p) => p
                 .parse::<u16>()
                 .ok()
@@ -145,12 +164,13 @@ impl HttpsUrl {
         } else {
             host.to_owned()
         };
-        let authority = if port == 443 {
+        let authority = if port == default_port {
             bracketed
         } else {
             format!("{bracketed}:{port}")
         };
         Ok(HttpsUrl {
+            tls,
             host: host.to_owned(),
             port,
             target,
@@ -161,7 +181,8 @@ impl HttpsUrl {
 
 impl fmt::Display for HttpsUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "https://{}{}", self.authority, self.target)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.target)
     }
 }
 
