@@ -22,9 +22,10 @@ use crate::controller::{
     anomaly::{Decision, Hold, Sample, Step, Tracker},
     gpu::{GpuReading, GpuSource, NvmlSource, SimulatedSource},
     handshakes::{self, Evidence, Snapshot},
-    pressure::{Saturation, hold_back_q8, share},
+    pressure::{Saturation, Signal, combine, hold_back_q8, share},
     quota::{QuotaBook, QuotaLimits, Window},
     response::{self, Action, ResponseCaps, Seen},
+    scrape::{self, Change, Feed},
 };
 use crate::{
     audit::{Actor, Audit},
@@ -36,6 +37,14 @@ use crate::{
     tables::{KernelTables, Proto, to_q8},
 };
 
+/// One endpoint's pressure as of the last tick.
+#[derive(Clone, Debug, Default)]
+struct Load {
+    pressure: Option<(f64, &'static str)>,
+    signals: Vec<Signal>,
+    source: &'static str,
+}
+
 /// What the loop keeps between ticks.
 pub struct ControlLoop {
     source: Option<Box<dyn GpuSource>>,
@@ -43,6 +52,12 @@ pub struct ControlLoop {
     pub gpu_error: Option<String>,
     pub readings: Vec<GpuReading>,
     saturation: BTreeMap<u32, Saturation>,
+    /// Each endpoint's pressure at the last tick, with its signals and their source.
+    pressure: BTreeMap<u32, Load>,
+    /// The model-server feeds, by endpoint name (a reload keeps a feed whose endpoint stays).
+    feeds: BTreeMap<String, Feed>,
+    /// The TLS client of `https` model servers (`None` where none is https).
+    scrape_client: Option<crate::issuers::fetch::Client>,
     hold_back: BTreeMap<(u32, u16), u16>,
     pub quotas: QuotaBook,
     quota_dirty: bool,
@@ -90,6 +105,16 @@ fn open_source(config: &Config) -> Result<Box<dyn GpuSource>, String> {
     }
 }
 
+/// The TLS client for the configured `https` model servers, if any.
+fn scrape_client(config: &Config) -> Option<crate::issuers::fetch::Client> {
+    let servers: Vec<_> = config
+        .endpoints
+        .iter()
+        .filter_map(|e| e.model_server.as_ref())
+        .collect();
+    scrape::client_for(&servers)
+}
+
 impl ControlLoop {
     /// A quota file that cannot be read is an error: starting from zero would hand out every
     /// quota again (and the next save would destroy the record).
@@ -108,6 +133,9 @@ impl ControlLoop {
             gpu_error,
             readings: Vec::new(),
             saturation: BTreeMap::new(),
+            pressure: BTreeMap::new(),
+            feeds: BTreeMap::new(),
+            scrape_client: scrape_client(config),
             hold_back: BTreeMap::new(),
             quotas,
             quota_dirty: false,
@@ -142,6 +170,15 @@ impl ControlLoop {
         }
         // Re-derive every hold-back entry from the new plans and endpoints.
         self.hold_back.clear();
+        // A feed whose endpoint still has a model server keeps its last reading and outage.
+        self.feeds.retain(|name, _| {
+            config
+                .endpoints
+                .iter()
+                .any(|e| &e.name == name && e.model_server.is_some())
+        });
+        self.pressure.clear();
+        self.scrape_client = scrape_client(config);
     }
 
     /// One tick.
@@ -178,6 +215,8 @@ impl ControlLoop {
             None => Vec::new(),
         };
         let cfg = config.controller.pressure_config();
+        let normalised = cfg.normalised();
+        self.model_servers(config, audit);
         for (i, ep) in config.endpoints.iter().enumerate() {
             let id = i as u32 + 1;
             let util = self
@@ -186,15 +225,37 @@ impl ControlLoop {
                 .filter(|r| ep.gpus.contains(&r.index))
                 .map(|r| r.utilization)
                 .fold(None, |m: Option<f64>, u| Some(m.map_or(u, |m| m.max(u))));
+            let server = ep.model_server.as_ref();
+            let reading = server.and_then(|s| {
+                self.feeds
+                    .get(&ep.name)
+                    .and_then(|f| f.current(s.fallback_intervals))
+            });
+            let (signals, source) = scrape::signals(server, reading, util, cfg.saturate_at);
+            let pressure = combine(&signals);
             let sat = self.saturation.entry(id).or_default();
-            if sat.update(util, &cfg) {
+            if sat.update(pressure.map(|p| p.0), &normalised) {
                 let _ = audit.record(
                     &Actor::AGENT,
-                    if sat.saturated() { "gpu_saturated" } else { "gpu_recovered" },
+                    if sat.saturated() {
+                        "gpu_saturated"
+                    } else {
+                        "gpu_recovered"
+                    },
                     "controller",
-                    json!({"endpoint": ep.name, "utilization": util, "gpus": ep.gpus, "readings": self.readings}),
+                    json!({"endpoint": ep.name, "utilization": util, "gpus": ep.gpus,
+                           "pressure": pressure.map(|p| p.0), "driver": pressure.map(|p| p.1),
+                           "source": source, "signals": signals, "readings": self.readings}),
                 );
             }
+            self.pressure.insert(
+                id,
+                Load {
+                    pressure,
+                    signals,
+                    source,
+                },
+            );
             let saturated = sat.saturated();
             for (p, plan) in config.plans.iter().enumerate().take(MAX_PLANS as usize) {
                 let q8 = hold_back_q8(share(plan.priority, saturated, cfg.floor));
@@ -208,6 +269,100 @@ impl ControlLoop {
                 }
             }
         }
+    }
+
+    /// The model servers' answers since the last tick (an outage's start and end reported
+    /// once each), then the next scrapes, which run while the loop goes on.
+    fn model_servers(&mut self, config: &Config, audit: &Audit) {
+        let now_ms = now_unix_ms();
+        for ep in &config.endpoints {
+            let Some(server) = &ep.model_server else {
+                continue;
+            };
+            let feed = self.feeds.entry(ep.name.clone()).or_default();
+            match feed.collect(now_ms) {
+                Some(Change::Down(o)) => {
+                    warn!(
+                        endpoint = %ep.name,
+                        "model server {} failed ({}): {}; its last reading holds for {} intervals, \
+                         then the GPUs' utilisation decides; said once until it answers again",
+                        server.url, o.error.outcome, o.error.message, server.fallback_intervals
+                    );
+                    let _ = audit.record(
+                        &Actor::AGENT,
+                        "model_server_down",
+                        &o.error.outcome,
+                        json!({"endpoint": ep.name, "url": server.url.to_string(),
+                               "error": o.error.message,
+                               "fallback_intervals": server.fallback_intervals}),
+                    );
+                }
+                Some(Change::Up(o)) => {
+                    let down_ms = now_ms.saturating_sub(o.since_unix_ms);
+                    info!(
+                        endpoint = %ep.name,
+                        "model server {} answers again after {down_ms} ms ({} failed scrapes)",
+                        server.url, o.failed_scrapes
+                    );
+                    let _ = audit.record(
+                        &Actor::AGENT,
+                        "model_server_back",
+                        "controller",
+                        json!({"endpoint": ep.name, "url": server.url.to_string(),
+                               "down_ms": down_ms, "failed_scrapes": o.failed_scrapes,
+                               "first_error": o.error.message}),
+                    );
+                }
+                None => {}
+            }
+            feed.launch(
+                self.scrape_client.clone(),
+                server.clone(),
+                server.timeout(config.controller.interval_ms),
+            );
+        }
+    }
+
+    /// Every endpoint's pressure as of the last tick, for `status`.
+    pub fn loads(&self, config: &Config) -> Vec<crate::control::reply::EndpointLoad> {
+        use crate::control::reply::{EndpointLoad, ModelServerView};
+        config
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| {
+                let id = i as u32 + 1;
+                let load = self.pressure.get(&id).cloned().unwrap_or_default();
+                let model_server = ep.model_server.as_ref().map(|s| {
+                    let feed = self.feeds.get(&ep.name);
+                    let current = feed.and_then(|f| f.current(s.fallback_intervals));
+                    ModelServerView {
+                        url: s.url.to_string(),
+                        kind: s.kind,
+                        reading: current.map(|(r, _)| r.clone()),
+                        age_intervals: current.map(|(_, a)| a),
+                        error: feed
+                            .and_then(|f| f.outage.as_ref())
+                            .map(|o| o.error.message.clone()),
+                        scrapes: feed.map(|f| f.scrapes.clone()).unwrap_or_default(),
+                    }
+                });
+                EndpointLoad {
+                    endpoint: ep.name.clone(),
+                    source: load.source.to_owned(),
+                    pressure: load.pressure.map(|p| p.0),
+                    driver: load.pressure.map(|p| p.1.to_owned()),
+                    signals: load.signals.iter().map(Into::into).collect(),
+                    saturated: self.is_saturated(id),
+                    model_server,
+                }
+            })
+            .collect()
+    }
+
+    /// The feed of endpoint `name`'s model server, for metrics.
+    pub fn feed(&self, name: &str) -> Option<&Feed> {
+        self.feeds.get(name)
     }
 
     fn counters(

@@ -83,7 +83,7 @@ fn main() -> ExitCode {
         Command::Token(a) => token::run(a, &ctx),
         Command::Top(a) => top::run(a, &ctx),
         Command::Quota(a) => quota::run(a, &ctx),
-        Command::Gpu(a) => gpu::run(a),
+        Command::Gpu(a) => gpu::run(a, &ctx),
         Command::Keys(a) => keys::run(a),
         Command::Unbind(a) => unbind::run(a, &ctx),
         Command::Quarantine(a) => quarantine::run(a, &ctx),

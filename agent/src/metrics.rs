@@ -262,6 +262,80 @@ fn fleet_families(
 /// configuration only (never from a token: an `iss` no issuer has counts under
 /// `issuer="none"`), and every label value is pre-registered, so a scrape shows zeros and
 /// the series are as many as the configuration makes.
+/// Every endpoint's pressure, and the model servers' readings and scrapes: labelled by
+/// endpoint name (bounded by the configuration) and scrape outcome (a fixed list).
+fn model_server_families(
+    reg: &mut Registry,
+    config: &crate::config::Config,
+    c: &crate::control_loop::ControlLoop,
+) {
+    let pressure = Gauges::new();
+    let up = Gauges::new();
+    let queue = Gauges::new();
+    let running = Gauges::new();
+    let kv = Gauges::new();
+    let scrapes = Counters::new();
+    for load in c.loads(config) {
+        let ep = l(&[("endpoint", &load.endpoint)]);
+        if let Some(p) = load.pressure {
+            pressure.set(ep.clone(), p);
+        }
+        let Some(ms) = &load.model_server else {
+            continue;
+        };
+        let fresh = ms.age_intervals == Some(0) && ms.error.is_none();
+        up.set(ep.clone(), if fresh { 1.0 } else { 0.0 });
+        if let Some(r) = &ms.reading {
+            if let Some(q) = r.queue {
+                queue.set(ep.clone(), q);
+            }
+            if let Some(n) = r.running {
+                running.set(ep.clone(), n);
+            }
+            if let Some(k) = r.kv_cache {
+                kv.set(ep.clone(), k);
+            }
+        }
+        for outcome in crate::controller::scrape::OUTCOMES {
+            let n = c
+                .feed(&load.endpoint)
+                .and_then(|f| f.scrapes.get(outcome).copied())
+                .unwrap_or(0);
+            scrapes.add(l(&[("endpoint", &load.endpoint), ("outcome", outcome)]), n);
+        }
+    }
+    reg.register(
+        "tollgate_endpoint_pressure",
+        "An endpoint's pressure: its largest signal over that signal's threshold (1: saturating)",
+        pressure.0,
+    );
+    reg.register(
+        "tollgate_model_server_up",
+        "1 while the endpoint's model server answered its last scrape with a reading",
+        up.0,
+    );
+    reg.register(
+        "tollgate_model_server_queue_requests",
+        "Requests waiting in the model server's queue (the reading in use)",
+        queue.0,
+    );
+    reg.register(
+        "tollgate_model_server_running_requests",
+        "Requests in the model server's running batch (the reading in use)",
+        running.0,
+    );
+    reg.register(
+        "tollgate_model_server_kv_cache_usage_ratio",
+        "The model server's KV-cache usage, 0 to 1 (the reading in use)",
+        kv.0,
+    );
+    reg.register(
+        "tollgate_model_server_scrapes",
+        "Scrapes of the endpoint's model server, by outcome",
+        scrapes.0,
+    );
+}
+
 fn issuer_families(reg: &mut Registry, tokens: Option<&crate::token_bind::TokenService>) {
     use crate::issuers::{OUTCOMES, TRIGGERS};
     use tollgate_common::token::{REFUSALS, SKIP_REASONS};
@@ -797,6 +871,7 @@ pub fn render(d: &Node) -> Result<String, String> {
         "1 while an endpoint's GPUs are saturated",
         saturated.0,
     );
+    model_server_families(&mut reg, config, c);
     reg.register(
         "tollgate_hold_back_share",
         "Share of its budget a plan keeps on an endpoint (1: not held back)",

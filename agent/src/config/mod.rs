@@ -446,6 +446,9 @@ pub struct Endpoint {
     /// Flow tracking and the request-size caps (`track_flows`, `max_request_bytes`,
     /// `max_unanswered_bytes`), as the kernel's `FLOW_POLICY` holds them.
     pub flow: tollgate_common::flow::FlowPolicy,
+    /// `[endpoints.model_server]`: the model server whose queue and KV cache join this
+    /// endpoint's pressure (`controller::scrape`).
+    pub model_server: Option<crate::controller::scrape::ModelServer>,
 }
 
 /// An identity bound by configuration (an internal service, a partner's range), not by token.

@@ -358,6 +358,23 @@ pub(super) struct RawEndpoint {
     pub max_request_bytes: Option<S<i64>>,
     pub max_unanswered_bytes: Option<S<i64>>,
     pub track_flows: Option<S<bool>>,
+    pub model_server: Option<S<RawModelServer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawModelServer {
+    pub url: S<String>,
+    pub kind: S<String>,
+    pub queue_at: Option<S<f64>>,
+    pub kv_cache_at: Option<S<f64>>,
+    pub signals: Option<List<String>>,
+    pub timeout_ms: Option<S<i64>>,
+    pub fallback_intervals: Option<S<i64>>,
+    pub queue_metric: Option<S<String>>,
+    pub running_metric: Option<S<String>>,
+    pub kv_cache_metric: Option<S<String>>,
+    pub kv_cache_scale: Option<S<f64>>,
 }
 
 #[derive(Deserialize)]

@@ -238,6 +238,64 @@ pub struct GpuStatus {
     pub readings: Vec<GpuReading>,
     /// Names of the endpoints the controller holds back.
     pub saturated_endpoints: Vec<String>,
+    /// Every endpoint's pressure and what it was made of (an older agent sends none).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointLoad>,
+}
+
+/// One endpoint's load as the pressure formula sees it (`status.gpu.endpoints`, and
+/// `tollgate gpu read`'s answer).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointLoad {
+    pub endpoint: String,
+    /// `model_server`, `model_server_held` (its last good reading, through an outage),
+    /// `gpus` (no model server) or `gpus_fallback` (the model server failed for longer than
+    /// `fallback_intervals`).
+    pub source: String,
+    /// The largest signal over its threshold (1.0: at a threshold); `None`: no signal, never
+    /// held back.
+    pub pressure: Option<f64>,
+    /// The signal that set `pressure`.
+    pub driver: Option<String>,
+    pub signals: Vec<LoadSignal>,
+    pub saturated: bool,
+    pub model_server: Option<ModelServerView>,
+}
+
+/// One input of the pressure formula: `value / at` is its level.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadSignal {
+    /// `queue`, `kv_cache` or `gpu_util`.
+    pub name: String,
+    pub value: f64,
+    pub at: f64,
+}
+
+impl From<&crate::controller::pressure::Signal> for LoadSignal {
+    fn from(s: &crate::controller::pressure::Signal) -> Self {
+        LoadSignal {
+            name: s.name.to_owned(),
+            value: s.value,
+            at: s.at,
+        }
+    }
+}
+
+/// An endpoint's model server as the controller last read it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelServerView {
+    pub url: String,
+    pub kind: crate::controller::model_server::ServerKind,
+    /// The reading in use (fresh or held); `None` before the first good scrape or after
+    /// `fallback_intervals` without one.
+    pub reading: Option<crate::controller::model_server::ModelReading>,
+    /// Intervals since that reading came (0: this interval).
+    pub age_intervals: Option<u32>,
+    /// The outage under way: its first error.
+    pub error: Option<String>,
+    /// Scrapes by outcome (`ok`, `timeout`, `connect`, `parse` ...).
+    #[serde(default)]
+    pub scrapes: BTreeMap<String, u64>,
 }
 
 /// `status.tokens`.
@@ -678,6 +736,7 @@ mod tests {
                     power_watts: Some(220.0),
                 }],
                 saturated_endpoints: vec!["inference".into()],
+                endpoints: Vec::new(),
             },
             anomaly_mode: "shadow".into(),
             program: ProgramStatus::default(),

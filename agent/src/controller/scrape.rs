@@ -19,7 +19,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::model_server::{self, MetricNames, ModelReading, ServerKind};
+use super::{
+    model_server::{self, MetricNames, ModelReading, ServerKind},
+    pressure::Signal,
+};
 use crate::issuers::{
     Outcome,
     fetch::{self, Client},
@@ -248,6 +251,63 @@ impl Feed {
             .filter(|_| self.age <= hold)
             .map(|r| (r, self.age))
     }
+}
+
+/// Where an endpoint's pressure came from (`status`, `gpu read`, the audit records).
+pub const SOURCE_MODEL_SERVER: &str = "model_server";
+/// The model server's last good reading, held through an outage.
+pub const SOURCE_HELD: &str = "model_server_held";
+/// The GPUs' utilisation: no model server configured.
+pub const SOURCE_GPUS: &str = "gpus";
+/// The GPUs' utilisation because the model server has failed past `fallback_intervals`.
+pub const SOURCE_FALLBACK: &str = "gpus_fallback";
+
+/// The pressure formula's inputs for one endpoint: its model server's reading (with its age
+/// in intervals; `None`: none to use) and its GPUs' highest utilisation, against their
+/// thresholds (`saturate_at` for utilisation). Returns the signals and where they came from.
+pub fn signals(
+    server: Option<&ModelServer>,
+    reading: Option<(&ModelReading, u32)>,
+    util: Option<f64>,
+    saturate_at: f64,
+) -> (Vec<Signal>, &'static str) {
+    let gpu = util.map(|u| Signal {
+        name: "gpu_util",
+        value: u,
+        at: saturate_at,
+    });
+    let Some(server) = server else {
+        return (gpu.into_iter().collect(), SOURCE_GPUS);
+    };
+    let Some((r, age)) = reading else {
+        return (gpu.into_iter().collect(), SOURCE_FALLBACK);
+    };
+    let mut out = Vec::new();
+    if let (Some(q), Some(at)) = (r.queue, server.queue_at) {
+        out.push(Signal {
+            name: "queue",
+            value: q,
+            at,
+        });
+    }
+    if let (Some(kv), Some(at)) = (r.kv_cache, server.kv_cache_at) {
+        out.push(Signal {
+            name: "kv_cache",
+            value: kv,
+            at,
+        });
+    }
+    if server.gpu_util {
+        out.extend(gpu);
+    }
+    (
+        out,
+        if age == 0 {
+            SOURCE_MODEL_SERVER
+        } else {
+            SOURCE_HELD
+        },
+    )
 }
 
 #[cfg(test)]

@@ -86,6 +86,7 @@ pub fn status(node: &Node) -> Result<Status, OpError> {
             error: node.control.gpu_error.clone(),
             readings: node.control.readings.clone(),
             saturated_endpoints: node.control.saturated(config),
+            endpoints: node.control.loads(config),
         },
         anomaly_mode: label_of(config.anomaly.mode),
         tokens: node.tokens.as_ref().map(token_status),

@@ -86,6 +86,7 @@ pub(in crate::cli) fn saturated_gpu() -> GpuStatus {
             power_watts: Some(550.0),
         }],
         saturated_endpoints: vec!["model".into()],
+        endpoints: Vec::new(),
     }
 }
 

@@ -18,6 +18,7 @@ use super::{
 mod controller;
 mod fleet;
 mod limits;
+mod model_server;
 mod node;
 mod policy;
 mod tokens;

@@ -447,6 +447,7 @@ impl Checker<'_> {
                 gpus.push(idx as u32);
             }
             let flow = self.flow_policy(&e, proto, &at)?;
+            let model_server = self.model_server(&e.model_server, &at)?;
             let first = port_ranges[0].clone();
             endpoints.push(Endpoint {
                 name,
@@ -467,6 +468,7 @@ impl Checker<'_> {
                 role_names,
                 gpus,
                 flow,
+                model_server,
             });
             taken.extend(port_ranges.into_iter().map(|r| (proto, r, i)));
         }
