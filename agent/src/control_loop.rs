@@ -226,11 +226,10 @@ impl ControlLoop {
                 .map(|r| r.utilization)
                 .fold(None, |m: Option<f64>, u| Some(m.map_or(u, |m| m.max(u))));
             let server = ep.model_server.as_ref();
-            let reading = server.and_then(|s| {
-                self.feeds
-                    .get(&ep.name)
-                    .and_then(|f| f.current(s.fallback_intervals))
-            });
+            let reading = match (server, self.feeds.get(&ep.name)) {
+                (Some(s), Some(f)) => f.usable(s.fallback_intervals),
+                _ => scrape::Use::Pending,
+            };
             let (signals, source) = scrape::signals(server, reading, util, cfg.saturate_at);
             let pressure = combine(&signals);
             let sat = self.saturation.entry(id).or_default();

@@ -568,3 +568,15 @@ pub fn reason_counter(
         .expect("counters");
     tollgate_common::Counter::sum(slots.iter())
 }
+
+/// The cost multiplier (Q8: 256 is none) the kernel holds back (endpoint, plan) with, read
+/// from an agent's pins (no agent needed). Endpoints count from 1, plans from 0, in file order.
+pub fn hold_back(dirs: &AgentDirs, endpoint: u32, plan: u16) -> u16 {
+    use aya::maps::{Array, Map, MapData};
+    let path = tollgate::pins::maps_dir(&dirs.pin_dir).join(tollgate_common::map_names::HOLD_BACK);
+    let data = MapData::from_pin(&path).expect("hold-back pin");
+    let map: Array<MapData, u16> =
+        Array::try_from(Map::from_map_data(data).expect("map")).expect("array");
+    map.get(&tollgate_common::policy::hold_back_index(endpoint, plan), 0)
+        .expect("hold-back slot")
+}

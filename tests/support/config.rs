@@ -606,9 +606,45 @@ pub struct Endpoint {
     pub anonymous: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpus: Option<Vec<u32>>,
+    /// `[endpoints.model_server]` (a table: last, after the plain keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_server: Option<ModelServer>,
+}
+
+/// `[endpoints.model_server]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ModelServer {
+    pub url: String,
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_at: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache_at: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signals: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_intervals: Option<u32>,
+}
+
+impl ModelServer {
+    /// A vLLM server's metrics at `url`.
+    pub fn vllm(url: &str) -> ModelServer {
+        ModelServer {
+            url: url.into(),
+            kind: "vllm".into(),
+            ..ModelServer::default()
+        }
+    }
 }
 
 impl Endpoint {
+    pub fn model_server(mut self, m: ModelServer) -> Endpoint {
+        self.model_server = Some(m);
+        self
+    }
+
     /// An endpoint on `protocol` (`"tcp"`, `"udp"`) `ports`, open to `classes`.
     pub fn new(name: &str, protocol: &str, ports: Vec<Port>, classes: &[&str]) -> Endpoint {
         Endpoint {

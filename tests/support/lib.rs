@@ -11,6 +11,8 @@
 //! - [`tokenlab`]: keys, certificates, tokens and HTTPS binds for token tests;
 //! - [`node`]: the agent tests' world: a lab and a policy of six identities;
 //! - [`model`]: a plain reference model of the verdicts, for the differential test;
+//! - [`model_server`]: a model-server stand-in whose vLLM metrics follow its real in-flight
+//!   requests (a hanging, garbage or absent `/metrics` on demand) and closed-loop clients (#17);
 //! - [`pty`]: a pseudo-terminal for `tollgate top`, and taking it away;
 //! - [`exhaust`]: many connections from many sources, HTTPS binds in-process, kernel flags;
 //! - [`flood`]: floods that rewrite each frame's source, and a server-side tap counting what passed;
@@ -31,6 +33,7 @@ pub mod flood;
 pub mod frames;
 pub mod lab;
 pub mod model;
+pub mod model_server;
 pub mod node;
 pub mod oidc;
 pub mod pty;

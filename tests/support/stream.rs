@@ -547,7 +547,7 @@ impl Parse {
 /// A blocking TCP connect from `from` (bound first, so the packets carry the identity's
 /// address) to `to`; `SO_SNDTIMEO` bounds the handshake. Returns the stream and how long the
 /// connect took.
-fn connect_from(
+pub(crate) fn connect_from(
     from: Option<IpAddr>,
     to: SocketAddr,
     timeout: Duration,

@@ -166,7 +166,9 @@ fn read(path: Option<&Path>, ctx: &Ctx) -> Outcome {
         };
         let (signals, source) = scrape::signals(
             ep.model_server.as_ref(),
-            reading.as_ref().map(|r| (r, 0)),
+            reading
+                .as_ref()
+                .map_or(scrape::Use::Lost, |r| scrape::Use::Reading(r, 0)),
             util,
             c.saturate_at,
         );

@@ -249,7 +249,8 @@ pub struct GpuStatus {
 pub struct EndpointLoad {
     pub endpoint: String,
     /// `model_server`, `model_server_held` (its last good reading, through an outage),
-    /// `gpus` (no model server) or `gpus_fallback` (the model server failed for longer than
+    /// `model_server_pending` (its first answer has not come: no signal yet), `gpus` (no
+    /// model server) or `gpus_fallback` (the model server failed for longer than
     /// `fallback_intervals`).
     pub source: String,
     /// The largest signal over its threshold (1.0: at a threshold); `None`: no signal, never

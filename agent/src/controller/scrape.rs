@@ -251,6 +251,31 @@ impl Feed {
             .filter(|_| self.age <= hold)
             .map(|r| (r, self.age))
     }
+
+    /// What the pressure formula gets from this feed (see [`Use`]).
+    pub fn usable(&self, hold: u32) -> Use<'_> {
+        match self.current(hold) {
+            Some((r, age)) => Use::Reading(r, age),
+            // The first answer is on its way (the agent just started, or the endpoint just
+            // got its model server): a GPU busy as LLM serving makes it must not saturate the
+            // endpoint before its queue has been read once.
+            None if self.last_ok.is_none() && self.outage.is_none() && self.age <= hold => {
+                Use::Pending
+            }
+            None => Use::Lost,
+        }
+    }
+}
+
+/// A model server's part in its endpoint's pressure.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Use<'a> {
+    /// A reading, and how many intervals old it is (0: fresh; more: held through an outage).
+    Reading(&'a ModelReading, u32),
+    /// Not answered yet, no failure yet: no signal (the endpoint is not held back).
+    Pending,
+    /// Failed past `fallback_intervals`, or never answered within them: the GPUs decide.
+    Lost,
 }
 
 /// Where an endpoint's pressure came from (`status`, `gpu read`, the audit records).
@@ -261,13 +286,15 @@ pub const SOURCE_HELD: &str = "model_server_held";
 pub const SOURCE_GPUS: &str = "gpus";
 /// The GPUs' utilisation because the model server has failed past `fallback_intervals`.
 pub const SOURCE_FALLBACK: &str = "gpus_fallback";
+/// No signal yet: the model server's first answer has not come.
+pub const SOURCE_PENDING: &str = "model_server_pending";
 
-/// The pressure formula's inputs for one endpoint: its model server's reading (with its age
-/// in intervals; `None`: none to use) and its GPUs' highest utilisation, against their
-/// thresholds (`saturate_at` for utilisation). Returns the signals and where they came from.
+/// The pressure formula's inputs for one endpoint: its model server's part ([`Use`]) and its
+/// GPUs' highest utilisation, against their thresholds (`saturate_at` for utilisation).
+/// Returns the signals and where they came from.
 pub fn signals(
     server: Option<&ModelServer>,
-    reading: Option<(&ModelReading, u32)>,
+    reading: Use<'_>,
     util: Option<f64>,
     saturate_at: f64,
 ) -> (Vec<Signal>, &'static str) {
@@ -279,8 +306,10 @@ pub fn signals(
     let Some(server) = server else {
         return (gpu.into_iter().collect(), SOURCE_GPUS);
     };
-    let Some((r, age)) = reading else {
-        return (gpu.into_iter().collect(), SOURCE_FALLBACK);
+    let (r, age) = match reading {
+        Use::Reading(r, age) => (r, age),
+        Use::Pending => return (Vec::new(), SOURCE_PENDING),
+        Use::Lost => return (gpu.into_iter().collect(), SOURCE_FALLBACK),
     };
     let mut out = Vec::new();
     if let (Some(q), Some(at)) = (r.queue, server.queue_at) {
@@ -384,8 +413,30 @@ mod tests {
     }
 
     #[test]
-    fn the_timeout_stays_below_the_interval() {
-        let s = ModelServer {
+    fn before_the_first_answer_nothing_saturates_and_a_first_failure_falls_back() {
+        let mut f = Feed::default();
+        assert_eq!(f.usable(4), Use::Pending);
+        fn s(u: Use<'_>) -> (Vec<Signal>, &'static str) {
+            signals(Some(&server()), u, Some(0.99), 0.9)
+        }
+        assert_eq!(s(f.usable(4)), (Vec::new(), SOURCE_PENDING));
+        // Silent past the hold (a scrape that never returns): the GPUs decide.
+        for t in 0..5 {
+            f.collect(t);
+        }
+        assert_eq!(f.usable(4), Use::Lost);
+        assert_eq!(s(f.usable(4)).1, SOURCE_FALLBACK);
+        // A failure before any answer: nothing to hold.
+        let mut f = Feed::default();
+        answer(&f, down("connect"));
+        f.collect(0);
+        assert_eq!(f.usable(4), Use::Lost);
+        let (sig, src) = s(f.usable(4));
+        assert_eq!((sig[0].name, src), ("gpu_util", SOURCE_FALLBACK));
+    }
+
+    fn server() -> ModelServer {
+        ModelServer {
             url: HttpsUrl::parse_http_or_https("http://127.0.0.1:8000/metrics").unwrap(),
             kind: ServerKind::Vllm,
             names: ServerKind::Vllm.names().unwrap(),
@@ -394,7 +445,12 @@ mod tests {
             gpu_util: true,
             timeout_ms: 1000,
             fallback_intervals: 8,
-        };
+        }
+    }
+
+    #[test]
+    fn the_timeout_stays_below_the_interval() {
+        let s = server();
         assert_eq!(s.timeout(250), Duration::from_millis(200));
         assert_eq!(s.timeout(5000), Duration::from_millis(1000));
     }
