@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
-use crate::sizes::Sizes;
+use crate::{controller::scrape::ModelServer, sizes::Sizes};
 
 const DOC: &str = include_str!("../../../docs/config.md");
 
@@ -77,6 +77,9 @@ fn parser_keys(section: &str) -> BTreeSet<String> {
         }
         "endpoints" | "identities" | "tokens.issuers" => {
             format!("{base}[[{section}]]\nzz_unknown = 1\n")
+        }
+        "endpoints.model_server" => {
+            format!("{base}[[endpoints]]\n[endpoints.model_server]\nzz_unknown = 1\n")
         }
         "tokens.issuers.claims" => {
             format!("{base}[[tokens.issuers]]\n[tokens.issuers.claims]\nzz_unknown = 1\n")
@@ -220,6 +223,34 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             "track_flows",
             Some(Endpoint::DEFAULT_TRACK_FLOWS.to_string()),
         ),
+        ("endpoints", "model_server", None),
+        ("endpoints.model_server", "url", None),
+        ("endpoints.model_server", "kind", None),
+        (
+            "endpoints.model_server",
+            "queue_at",
+            Some(num(ModelServer::DEFAULT_QUEUE_AT)),
+        ),
+        (
+            "endpoints.model_server",
+            "kv_cache_at",
+            Some(num(ModelServer::DEFAULT_KV_CACHE_AT)),
+        ),
+        ("endpoints.model_server", "signals", None),
+        (
+            "endpoints.model_server",
+            "timeout_ms",
+            Some(ModelServer::DEFAULT_TIMEOUT_MS.to_string()),
+        ),
+        (
+            "endpoints.model_server",
+            "fallback_intervals",
+            Some(ModelServer::DEFAULT_FALLBACK_INTERVALS.to_string()),
+        ),
+        ("endpoints.model_server", "queue_metric", None),
+        ("endpoints.model_server", "running_metric", None),
+        ("endpoints.model_server", "kv_cache_metric", None),
+        ("endpoints.model_server", "kv_cache_scale", Some(num(1.0))),
         ("identities", "name", None),
         ("identities", "class", None),
         ("identities", "plan", None),

@@ -206,3 +206,126 @@ impl Checker<'_> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn with(server: &str) -> Result<Config, String> {
+        let text = format!(
+            "[node]\ninterfaces = [\"eth0\"]\n[[plans]]\nname = \"p\"\n[[endpoints]]\n\
+             name = \"m\"\nprotocol = \"tcp\"\nports = [8000]\nclasses = [\"customer\"]\n\
+             [endpoints.model_server]\n{server}\n"
+        );
+        Config::parse(&text, "t.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_vllm_server_with_defaults() {
+        let c = with("url = \"http://127.0.0.1:8000/metrics\"\nkind = \"vllm\"").unwrap();
+        let s = c.endpoints[0].model_server.as_ref().unwrap();
+        assert_eq!(
+            (s.queue_at, s.kv_cache_at, s.gpu_util),
+            (Some(16.0), Some(0.95), true)
+        );
+        assert_eq!((s.timeout_ms, s.fallback_intervals), (1000, 8));
+        assert!(!s.url.tls && s.url.port == 8000);
+    }
+
+    #[test]
+    fn kinds_without_a_kv_gauge_leave_it_out() {
+        let c = with("url = \"https://tgi.internal/metrics\"\nkind = \"tgi\"").unwrap();
+        let s = c.endpoints[0].model_server.as_ref().unwrap();
+        assert_eq!((s.queue_at, s.kv_cache_at), (Some(16.0), None));
+        assert!(s.url.tls);
+    }
+
+    #[test]
+    fn a_custom_mapping() {
+        let c = with(
+            "url = \"http://127.0.0.1:9000/metrics\"\nkind = \"custom\"\n\
+             queue_metric = \"my:queue\"\nkv_cache_metric = \"kv_percent\"\n\
+             kv_cache_scale = 0.01\nsignals = [\"queue\", \"kv_cache\"]",
+        )
+        .unwrap();
+        let s = c.endpoints[0].model_server.as_ref().unwrap();
+        assert_eq!(s.names.queue, ["my:queue"]);
+        assert_eq!(s.names.kv_cache_scale, 0.01);
+        assert!(!s.gpu_util);
+    }
+
+    #[test]
+    fn refusals_name_the_field_and_say_why() {
+        let url = "url = \"http://127.0.0.1:8000/metrics\"\n";
+        for (server, field, why) in [
+            (
+                "url = \"ftp://x/metrics\"\nkind = \"vllm\"",
+                "url",
+                "not an http:// or https://",
+            ),
+            (
+                "url = \"http://u:p@x/metrics\"\nkind = \"vllm\"",
+                "url",
+                "credentials",
+            ),
+            (
+                &format!("{url}kind = \"ollama\"") as &str,
+                "kind",
+                "vllm, tgi, triton",
+            ),
+            (
+                &format!("{url}kind = \"custom\""),
+                "kind",
+                "needs queue_metric",
+            ),
+            (
+                &format!("{url}kind = \"vllm\"\nqueue_metric = \"q\""),
+                "queue_metric",
+                "only with kind = \"custom\"",
+            ),
+            (
+                &format!("{url}kind = \"custom\"\nqueue_metric = \"9q\""),
+                "queue_metric",
+                "not a Prometheus metric name",
+            ),
+            (
+                &format!("{url}kind = \"vllm\"\nsignals = [\"latency\"]"),
+                "signals",
+                "not a signal",
+            ),
+            (
+                &format!("{url}kind = \"vllm\"\nsignals = []"),
+                "signals",
+                "at least one",
+            ),
+            (
+                &format!("{url}kind = \"tgi\"\nsignals = [\"kv_cache\"]"),
+                "signals",
+                "none of the signals",
+            ),
+            (
+                &format!("{url}kind = \"vllm\"\nqueue_at = 0"),
+                "queue_at",
+                "out of range",
+            ),
+            (
+                &format!("{url}kind = \"vllm\"\nkv_cache_at = 1.5"),
+                "kv_cache_at",
+                "out of range",
+            ),
+            (
+                &format!("{url}kind = \"vllm\"\ntimeout_ms = 0"),
+                "timeout_ms",
+                "",
+            ),
+            (
+                &format!("{url}kind = \"vllm\"\nport = 1"),
+                "",
+                "unknown field",
+            ),
+        ] {
+            let e = with(server).unwrap_err();
+            assert!(e.contains(field) && e.contains(why), "{server:?}: {e}");
+        }
+    }
+}
