@@ -320,8 +320,8 @@ mod tests {
             ),
             (
                 &format!("{url}kind = \"vllm\"\nport = 1"),
-                "",
-                "unknown field",
+                "model_server.port",
+                "unknown key",
             ),
         ] {
             let e = with(server).unwrap_err();
