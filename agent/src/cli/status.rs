@@ -85,7 +85,29 @@ fn gpu(g: &GpuStatus) -> Vec<(&'static str, Vec<String>)> {
         ("error", vec![opt(g.error.as_deref())]),
         ("readings", g.readings.iter().map(gpu_label).collect()),
         ("saturated_endpoints", vec![list(&g.saturated_endpoints)]),
+        ("pressure", pressure_lines(&g.endpoints)),
     ]
+}
+
+/// "llama 1.40 by queue (model_server)" per endpoint with a signal; "-" without any.
+pub fn pressure_lines(loads: &[tollgate::control::reply::EndpointLoad]) -> Vec<String> {
+    let lines: Vec<String> = loads
+        .iter()
+        .filter_map(|l| {
+            let p = l.pressure?;
+            Some(format!(
+                "{} {p:.2} by {} ({})",
+                l.endpoint,
+                l.driver.as_deref().unwrap_or("-"),
+                l.source
+            ))
+        })
+        .collect();
+    if lines.is_empty() {
+        vec!["-".to_owned()]
+    } else {
+        lines
+    }
 }
 
 /// "tick 4 ms (clock_getres); precise: plan-a,plan-b; anonymous coarse", or "-".
@@ -347,6 +369,7 @@ gpu
   error                -
   readings             GPU0 H100  88%  mem 40.0/80.0 GiB  550 W
   saturated_endpoints  model
+  pressure             model 1.10 by gpu_util (gpus)
 identities       2
 interfaces       eth0
 layout_version   1

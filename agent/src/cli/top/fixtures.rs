@@ -86,7 +86,19 @@ pub(in crate::cli) fn saturated_gpu() -> GpuStatus {
             power_watts: Some(550.0),
         }],
         saturated_endpoints: vec!["model".into()],
-        endpoints: Vec::new(),
+        endpoints: vec![tollgate::control::reply::EndpointLoad {
+            endpoint: "model".into(),
+            source: "gpus".into(),
+            pressure: Some(1.1),
+            driver: Some("gpu_util".into()),
+            signals: vec![tollgate::control::reply::LoadSignal {
+                name: "gpu_util".into(),
+                value: 0.99,
+                at: 0.9,
+            }],
+            saturated: true,
+            model_server: None,
+        }],
     }
 }
 

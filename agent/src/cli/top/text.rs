@@ -168,8 +168,9 @@ pub(super) fn header_lines(status: &Status) -> Vec<String> {
         ),
         gpu_line,
         format!(
-            "saturated endpoints {}",
-            clean_list(&gpu.saturated_endpoints)
+            "saturated endpoints {}  pressure {}",
+            clean_list(&gpu.saturated_endpoints),
+            clean_list(&crate::cli::status::pressure_lines(&gpu.endpoints))
         ),
     ]
 }
