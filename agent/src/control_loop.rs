@@ -54,7 +54,7 @@ pub struct ControlLoop {
     saturation: BTreeMap<u32, Saturation>,
     /// Each endpoint's pressure at the last tick, with its signals and their source.
     pressure: BTreeMap<u32, Load>,
-    /// The model-server feeds, by endpoint name (a reload keeps a feed whose endpoint stays).
+    /// The model-server feeds, by endpoint name (a reload keeps a feed whose server stays).
     feeds: BTreeMap<String, Feed>,
     /// The TLS client of `https` model servers (`None` where none is https).
     scrape_client: Option<crate::issuers::fetch::Client>,
@@ -170,12 +170,13 @@ impl ControlLoop {
         }
         // Re-derive every hold-back entry from the new plans and endpoints.
         self.hold_back.clear();
-        // A feed whose endpoint still has a model server keeps its last reading and outage.
-        self.feeds.retain(|name, _| {
+        // A feed whose endpoint still has the same model server keeps its last reading and
+        // outage; one whose server changed (URL, kind, thresholds) starts again.
+        self.feeds.retain(|name, feed| {
             config
                 .endpoints
                 .iter()
-                .any(|e| &e.name == name && e.model_server.is_some())
+                .any(|e| &e.name == name && e.model_server.as_ref().is_some_and(|s| feed.serves(s)))
         });
         self.pressure.clear();
         self.scrape_client = scrape_client(config);
@@ -278,7 +279,10 @@ impl ControlLoop {
             let Some(server) = &ep.model_server else {
                 continue;
             };
-            let feed = self.feeds.entry(ep.name.clone()).or_default();
+            let feed = self
+                .feeds
+                .entry(ep.name.clone())
+                .or_insert_with(|| Feed::new(server));
             match feed.collect(now_ms) {
                 Some(Change::Down(o)) => {
                     warn!(

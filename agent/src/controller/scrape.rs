@@ -164,6 +164,9 @@ struct Slot {
 /// One endpoint's model-server feed, kept by the control loop.
 #[derive(Default)]
 pub struct Feed {
+    /// The configuration it was made for: a reload that changes it starts a new feed (a
+    /// reading of the old URL, or under the old kind's names, is no reading of the new one).
+    made_for: Option<ModelServer>,
     slot: Arc<Mutex<Slot>>,
     last_ok: Option<ModelReading>,
     /// Intervals since `last_ok` arrived (0: this one).
@@ -174,6 +177,18 @@ pub struct Feed {
 }
 
 impl Feed {
+    pub fn new(server: &ModelServer) -> Feed {
+        Feed {
+            made_for: Some(server.clone()),
+            ..Feed::default()
+        }
+    }
+
+    /// Whether this feed was made for `server` as configured now.
+    pub fn serves(&self, server: &ModelServer) -> bool {
+        self.made_for.as_ref() == Some(server)
+    }
+
     fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
         // A panicking scrape task leaves a slot that is still a valid answer.
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
