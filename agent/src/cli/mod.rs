@@ -266,6 +266,7 @@ mod tests {
                 error: Some(ErrorBody {
                     kind: ErrorKind::Config,
                     message: "line 3: unknown key".into(),
+                    label: None,
                 }),
             },
         );
