@@ -570,6 +570,15 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
         info!(%addr, "bind listener: https://{addr}/v1/bind");
         tokio::task::spawn_local(servers::bind::serve(Rc::clone(&node), tcp, tls, bind_max));
     }
+    let usage_listen = node.borrow().config.usage.listen;
+    if let Some(addr) = usage_listen {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| io_err(format!("usage listener on {addr}"), e))?;
+        info!(%addr, "usage feed: http://{addr}/v1/usage");
+        // Capped as the metrics listener: a local sender, one request per connection.
+        tokio::task::spawn_local(servers::usage::serve(Rc::clone(&node), tcp, metrics_max));
+    }
     info!(
         socket = %socket.display(),
         interfaces = ?attached,

@@ -26,6 +26,7 @@ pub mod token;
 pub mod top;
 pub mod unbind;
 pub mod uninstall;
+pub mod usage;
 
 use std::{
     path::{Path, PathBuf},

@@ -112,6 +112,66 @@ where
     parsed.map_err(HeadError::Malformed)
 }
 
+/// Why a request with a body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    /// The head announced more than the body limit: refused before reading it.
+    #[error("body of {0} bytes over the limit")]
+    TooLarge(usize),
+    /// No `content-length` (chunked bodies are not taken: a fixed length is the bound).
+    #[error("a request body needs a content-length")]
+    NoLength,
+}
+
+/// Reads one request head and its `content-length` body of at most `max_body` bytes (the
+/// head within `limits`; the whole read within `limits.timeout`).
+pub async fn read_request<S>(
+    s: &mut S,
+    limits: Limits,
+    max_body: usize,
+) -> Result<(Head, Vec<u8>), BodyError>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(1024);
+    let all = Limits {
+        max_bytes: limits.max_bytes + max_body,
+        timeout: limits.timeout,
+    };
+    let parsed = read_bounded(s, &mut buf, all, |b| {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(b) {
+            Ok(httparse::Status::Partial) => None,
+            Err(e) => Some(Err(BodyError::Head(HeadError::Malformed(e)))),
+            Ok(httparse::Status::Complete(at)) => {
+                let head = Head {
+                    method: req.method.unwrap_or_default().to_owned(),
+                    path: req.path.unwrap_or_default().to_owned(),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+                        .collect(),
+                };
+                let len = match head.header("content-length").map(|v| v.trim().parse::<usize>()) {
+                    Some(Ok(n)) => n,
+                    _ => return Some(Err(BodyError::NoLength)),
+                };
+                if len > max_body {
+                    return Some(Err(BodyError::TooLarge(len)));
+                }
+                (b.len() >= at + len).then(|| Ok((head, b[at..at + len].to_vec())))
+            }
+        }
+    })
+    .await
+    .map_err(HeadError::from)?;
+    parsed
+}
+
 /// Writes one response (`connection: close`) and shuts the stream down.
 pub async fn respond<S>(
     s: &mut S,
