@@ -840,11 +840,19 @@ impl ControlLoop {
 
     /// The reason `name`'s quota flag is set (`quota::reason_of` of the first window spent),
     /// as of the book now; `None` when the controller has not flagged it.
-    pub fn exhausted_reason(&self, config: &crate::config::Config, plan: Option<&str>, name: &str) -> Option<&'static str> {
+    pub fn exhausted_reason(
+        &self,
+        config: &crate::config::Config,
+        plan: Option<&str>,
+        name: &str,
+    ) -> Option<&'static str> {
         if !self.exhausted.contains(name) {
             return None;
         }
-        let limits = plan.and_then(|p| config.plan(p)).map(|p| p.quota).unwrap_or_default();
+        let limits = plan
+            .and_then(|p| config.plan(p))
+            .map(|p| p.quota)
+            .unwrap_or_default();
         let kind = self
             .quotas
             .spent

@@ -920,7 +920,10 @@ fn usage_families(reg: &mut Registry, d: &Node) {
     let f = &d.usage;
     let outcomes = Counters::new();
     for o in std::iter::once("accepted").chain(crate::usage::Refusal::LABELS) {
-        outcomes.add(l(&[("outcome", o)]), f.outcomes.get(o).copied().unwrap_or(0));
+        outcomes.add(
+            l(&[("outcome", o)]),
+            f.outcomes.get(o).copied().unwrap_or(0),
+        );
     }
     reg.register(
         "tollgate_usage_reports",

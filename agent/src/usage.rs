@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 /// Nano-units in one unit of the currency.
 pub const NANO: u64 = 1_000_000_000;
 /// The most tokens one report may carry, per kind: far above any context window, low enough
-/// that a month of maximal reports cannot wrap a `u64`. A report over it is refused.
+/// that one report's price (at most 2e16 nano-units) leaves a `u64` room for hundreds of
+/// them (sums saturate beyond). A report over it is refused.
 pub const MAX_TOKENS_PER_REPORT: u64 = 10_000_000;
 /// The highest price per million tokens accepted (a million units of the currency).
 pub const MAX_PRICE_PER_MILLION: u64 = 1_000_000;
@@ -175,7 +176,8 @@ impl UsageReport {
 /// A report parsed from a body (the HTTP listener's; the control socket's goes through
 /// `Request`): any serde error is `bad_report`.
 pub fn parse(body: &[u8]) -> Result<UsageReport, Refusal> {
-    let r: UsageReport = serde_json::from_slice(body).map_err(|e| Refusal::BadReport(e.to_string()))?;
+    let r: UsageReport =
+        serde_json::from_slice(body).map_err(|e| Refusal::BadReport(e.to_string()))?;
     r.check()?;
     Ok(r)
 }
@@ -434,9 +436,9 @@ mod tests {
             currency: String::new(),
         };
         assert_eq!(no_star.cost("other", 1, 1), None);
-        // The largest report at the largest price fits a u64 with room for a month of them.
+        // The largest report at the largest price fits a u64 with room for hundreds more.
         let max = MAX_TOKENS_PER_REPORT * MAX_PRICE_PER_MILLION * 1000 * 2;
-        assert!(max < u64::MAX / 1000);
+        assert!(max < u64::MAX / 100);
     }
 
     #[test]

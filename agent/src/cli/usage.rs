@@ -10,7 +10,7 @@ use tollgate::{
     usage::{Usage, UsageReport, Who, money_text},
 };
 
-use super::{Ctx, Output, Outcome, print};
+use super::{Ctx, Outcome, Output, print};
 
 /// Report token usage (the usage feed; plans in tokens and money).
 #[derive(clap::Args)]

@@ -140,7 +140,11 @@ pub fn reason_of(kind: &str) -> &'static str {
 }
 
 /// Every reason [`reason_of`] gives, for pre-registered metric labels.
-pub const REASONS: [&str; 3] = ["quota_exhausted", "token_quota_exhausted", "budget_exhausted"];
+pub const REASONS: [&str; 3] = [
+    "quota_exhausted",
+    "token_quota_exhausted",
+    "budget_exhausted",
+];
 
 impl QuotaLimits {
     /// (bytes, cost) limits of one window.
@@ -168,9 +172,7 @@ impl QuotaLimits {
 
     /// Whether any window limits tokens or money (what only the usage feed spends).
     pub fn has_usage(&self) -> bool {
-        Window::ALL
-            .iter()
-            .any(|w| self.usage(*w) != (None, None))
+        Window::ALL.iter().any(|w| self.usage(*w) != (None, None))
     }
 
     pub fn is_unlimited(&self) -> bool {
@@ -731,9 +733,7 @@ mod tests {
         let dir = tmpdir("v2");
         std::fs::create_dir_all(&dir).unwrap();
         let w = |start: u64| {
-            format!(
-                "{{\"start_unix_s\":{start},\"bytes\":5,\"cost\":1,\"response_bytes\":3}}"
-            )
+            format!("{{\"start_unix_s\":{start},\"bytes\":5,\"cost\":1,\"response_bytes\":3}}")
         };
         let v2 = format!(
             "{{\"version\":2,\"spent\":{{\"a\":{{\"minute\":{},\"day\":{},\"month\":{}}}}}}}",
@@ -745,7 +745,10 @@ mod tests {
         let mut book = QuotaBook::load(&dir).unwrap();
         assert_eq!(book.spent["a"].usage(Window::Month), (0, 0));
         assert_eq!(book.spent["a"].response(Window::Month), 3);
-        book.spent.get_mut("a").unwrap().add_usage(FEB01_2024 + 2, 52, 7_800);
+        book.spent
+            .get_mut("a")
+            .unwrap()
+            .add_usage(FEB01_2024 + 2, 52, 7_800);
         book.save(&dir).unwrap();
         let back = QuotaBook::load(&dir).unwrap();
         assert_eq!(back.spent["a"].usage(Window::Day), (52, 7_800));

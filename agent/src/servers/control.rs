@@ -137,9 +137,15 @@ pub async fn serve_connection(node: &RefCell<Node>, life: &dyn Lifecycle, mut st
             Ok(line) => match serde_json::from_slice::<Request>(line.trim_ascii_end()) {
                 // The report's own bound, on the line it came in (the socket's limit is
                 // the larger one for every request).
-                Ok(Request::Usage(_)) if line.len() > node.borrow().config.usage.max_report_bytes => {
+                Ok(Request::Usage(_))
+                    if line.len() > node.borrow().config.usage.max_report_bytes =>
+                {
                     let max = node.borrow().config.usage.max_report_bytes;
-                    ops::usage::refused(&mut node.borrow_mut(), crate::usage::Refusal::TooLarge(max)).into()
+                    ops::usage::refused(
+                        &mut node.borrow_mut(),
+                        crate::usage::Refusal::TooLarge(max),
+                    )
+                    .into()
                 }
                 Ok(req) => {
                     // As on the bind listener: an unknown key of a remote issuer is fetched

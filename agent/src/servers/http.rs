@@ -156,7 +156,10 @@ where
                         .map(|h| (h.name.to_owned(), h.value.to_vec()))
                         .collect(),
                 };
-                let len = match head.header("content-length").map(|v| v.trim().parse::<usize>()) {
+                let len = match head
+                    .header("content-length")
+                    .map(|v| v.trim().parse::<usize>())
+                {
                     Some(Ok(n)) => n,
                     _ => return Some(Err(BodyError::NoLength)),
                 };

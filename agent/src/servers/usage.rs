@@ -62,9 +62,8 @@ async fn handle(node: &RefCell<Node>, stream: &mut tokio::net::TcpStream, permit
             limit::count_refusal("usage", "timed_out");
             return;
         }
-        Err(BodyError::Head(HeadError::Read(ReadError::TooLarge(_)))) | Err(BodyError::TooLarge(_)) => {
-            refusal(node, Refusal::TooLarge(max_body))
-        }
+        Err(BodyError::Head(HeadError::Read(ReadError::TooLarge(_))))
+        | Err(BodyError::TooLarge(_)) => refusal(node, Refusal::TooLarge(max_body)),
         Err(BodyError::Head(HeadError::Read(_))) => return,
         Err(BodyError::Head(e @ HeadError::Malformed(_))) => {
             refusal(node, Refusal::BadReport(e.to_string()))
@@ -104,7 +103,10 @@ fn refusal(node: &RefCell<Node>, r: Refusal) -> (u16, String) {
 fn respond(node: &RefCell<Node>, head: &http::Head, body: &[u8]) -> (u16, String) {
     if head.path != "/v1/usage" {
         limit::count_refusal("usage", "not_found");
-        return (404, error_body("not_found", "the usage listener serves POST /v1/usage"));
+        return (
+            404,
+            error_body("not_found", "the usage listener serves POST /v1/usage"),
+        );
     }
     if head.method != "POST" {
         limit::count_refusal("usage", "method");
@@ -134,10 +136,7 @@ fn respond(node: &RefCell<Node>, head: &http::Head, body: &[u8]) -> (u16, String
     };
     let mut n = node.borrow_mut();
     match ops::usage::report(&mut n, &report, body.len()) {
-        Ok(done) => (
-            200,
-            serde_json::json!({"ok": done.reply}).to_string(),
-        ),
+        Ok(done) => (200, serde_json::json!({"ok": done.reply}).to_string()),
         Err(f) => match f.error {
             OpError::Labelled { label, message, .. } => {
                 let status = match label {

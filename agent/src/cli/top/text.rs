@@ -259,6 +259,8 @@ pub(super) fn identity_cells(r: &RateRow<IdentityRow>) -> Vec<String> {
             Some(_) => "yes".into(),
             None => "-".into(),
         },
+        // Which quota cut it off: bytes, the usage feed's tokens or its budget.
+        r.row.quota_exhausted.clone().unwrap_or_else(|| "-".into()),
     ]
 }
 
@@ -304,6 +306,7 @@ pub(super) fn snapshot_text(prev: &Snapshot, cur: &Snapshot, limit: usize) -> St
             "ttfb ms",
             "quarantined",
             "response capped",
+            "quota",
         ],
         &shown.iter().map(identity_cells).collect::<Vec<_>>(),
     ));

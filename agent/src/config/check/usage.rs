@@ -57,7 +57,12 @@ impl Checker<'_> {
         budget_plan: Option<(String, std::ops::Range<usize>)>,
     ) -> Result<Prices> {
         let mut rows: Vec<Price> = Vec::new();
-        for (i, r) in raw.map(|l| l.into_inner()).unwrap_or_default().into_iter().enumerate() {
+        for (i, r) in raw
+            .map(|l| l.into_inner())
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
             let at = |key: &str| format!("prices[{i}].{key}");
             let r = r.into_inner();
             let model = r.model.get_ref();
@@ -99,8 +104,7 @@ impl Checker<'_> {
             None => "USD".to_owned(),
             Some(c) => {
                 let t = c.get_ref();
-                if t.is_empty() || t.len() > 16 || !t.chars().all(|c| c.is_ascii_alphanumeric())
-                {
+                if t.is_empty() || t.len() > 16 || !t.chars().all(|c| c.is_ascii_alphanumeric()) {
                     return Err(self.err(
                         c.span(),
                         "pricing.currency",
@@ -131,7 +135,11 @@ impl Checker<'_> {
         let raw = raw.into_inner();
         let listen: Option<SocketAddr> = match &raw.listen {
             None => None,
-            Some(_) => Some(self.socket_addr(&raw.listen, "usage.listen", "127.0.0.1:9466".parse().expect("literal"))?),
+            Some(_) => Some(self.socket_addr(
+                &raw.listen,
+                "usage.listen",
+                "127.0.0.1:9466".parse().expect("literal"),
+            )?),
         };
         let allow_remote = raw.allow_remote.as_ref().is_some_and(|b| *b.get_ref());
         if let (Some(addr), Some(v)) = (listen, &raw.listen)
@@ -150,7 +158,9 @@ impl Checker<'_> {
         }
         let secret_file = match &raw.secret_file {
             None => None,
-            Some(_) => Some(self.abs_path(&raw.secret_file, "usage.secret_file", PathBuf::new())?),
+            Some(_) => {
+                Some(self.abs_path(&raw.secret_file, "usage.secret_file", PathBuf::new())?)
+            }
         };
         if listen.is_some() && secret_file.is_none() {
             return Err(self.err(
