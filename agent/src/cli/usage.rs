@@ -75,10 +75,8 @@ pub fn run(a: UsageArgs, ctx: &Ctx) -> Outcome {
                     ("identity", Some(r.identity)),
                     ("plan", Some(r.plan)),
                     ("tokens", Some(r.tokens.to_string())),
-                    (
-                        "cost",
-                        Some(format!("{} {}", money_text(r.money_nano), r.currency)),
-                    ),
+                    ("cost", Some(money_text(r.money_nano))),
+                    ("currency", Some(r.currency)),
                     ("minute_tokens", Some(r.minute_tokens.to_string())),
                     ("exhausted", r.exhausted),
                 ]),

@@ -140,7 +140,7 @@ where
         max_bytes: limits.max_bytes + max_body,
         timeout: limits.timeout,
     };
-    let parsed = read_bounded(s, &mut buf, all, |b| {
+    read_bounded(s, &mut buf, all, |b| {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(b) {
@@ -171,8 +171,7 @@ where
         }
     })
     .await
-    .map_err(HeadError::from)?;
-    parsed
+    .map_err(HeadError::from)?
 }
 
 /// Writes one response (`connection: close`) and shuts the stream down.
