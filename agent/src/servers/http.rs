@@ -262,6 +262,44 @@ mod tests {
     }
 
     #[test]
+    fn a_body_is_read_to_its_length_and_bounded() {
+        rt().block_on(async {
+            let (mut client, mut server) = tokio::io::duplex(1024);
+            let send = async {
+                for part in [
+                    "POST /v1/usage HTTP/1.1\r\ncontent-length: 5\r\n\r\nhe",
+                    "llo",
+                ] {
+                    client.write_all(part.as_bytes()).await.unwrap();
+                }
+            };
+            let (r, ()) = tokio::join!(read_request(&mut server, LIMITS, 16), send);
+            let (head, body) = r.unwrap();
+            assert_eq!(
+                (head.path.as_str(), body.as_slice()),
+                ("/v1/usage", &b"hello"[..])
+            );
+
+            // Announced over the limit: refused before the body is read.
+            let (mut client, mut server) = tokio::io::duplex(1024);
+            client
+                .write_all(b"POST / HTTP/1.1\r\ncontent-length: 17\r\n\r\n")
+                .await
+                .unwrap();
+            let r = read_request(&mut server, LIMITS, 16).await;
+            assert!(matches!(r, Err(BodyError::TooLarge(17))), "{r:?}");
+            // No length: refused (a chunked body has no bound to read it to).
+            let (mut client, mut server) = tokio::io::duplex(1024);
+            client
+                .write_all(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            let r = read_request(&mut server, LIMITS, 16).await;
+            assert!(matches!(r, Err(BodyError::NoLength)), "{r:?}");
+        });
+    }
+
+    #[test]
     fn answers_with_length_and_close() {
         rt().block_on(async {
             let (mut a, mut b) = tokio::io::duplex(1024);
