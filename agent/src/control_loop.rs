@@ -468,7 +468,9 @@ impl ControlLoop {
                 } else {
                     spent.get(window)
                 };
-                json!({"spent_bytes": b, "spent_cost": c, "until_unix": spent.window_ends(window),
+                let (t, m) = spent.usage(window);
+                json!({"spent_bytes": b, "spent_cost": c, "spent_tokens": t, "spent_money_nano": m,
+                       "until_unix": spent.window_ends(window),
                        "scope": if fleet_wide { "fleet" } else { "node" }})
             };
             let detail = over.map(|(w, _)| detail(w));
@@ -768,7 +770,8 @@ impl ControlLoop {
                     .is_ok()
                 {
                     self.exhausted.insert(name.to_owned());
-                    let mut d = json!({"identity": name, "plan": plan_name, "window": window, "kind": kind});
+                    let mut d = json!({"identity": name, "plan": plan_name, "window": window, "kind": kind,
+                                       "reason": crate::controller::quota::reason_of(kind)});
                     if let (Some(d), Some(serde_json::Value::Object(more))) =
                         (d.as_object_mut(), detail)
                     {
@@ -955,6 +958,66 @@ impl ControlLoop {
             }
             None => self.exhausted.clear(),
         }
+    }
+
+    /// Counts one accepted usage report against `name` (slot `id`, on `plan_name` with
+    /// `limits`) and sets its quota flag at once if the report reached a limit: the cut-off
+    /// falls on that report, not at the next tick. The next tick's pass clears the flag when
+    /// the window rolls, as for bytes. The book is saved with the next tick's (`quota_dirty`).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the pieces are the node's, borrowed separately"
+    )]
+    pub fn usage_reported(
+        &mut self,
+        name: &str,
+        id: u32,
+        plan_name: &str,
+        limits: &QuotaLimits,
+        tokens: u64,
+        money_nano: u64,
+        tables: &mut KernelTables,
+        audit: &Audit,
+    ) {
+        let now_s = now_unix_ms() / 1000;
+        let spent = self.quotas.spent.entry(name.to_owned()).or_default();
+        spent.add_usage(now_s, tokens, money_nano);
+        self.quota_dirty = true;
+        let over = spent.exhausted(limits);
+        let detail = over.map(|(w, _)| {
+            let (b, c) = spent.get(w);
+            let (t, m) = spent.usage(w);
+            json!({"spent_bytes": b, "spent_cost": c, "spent_tokens": t, "spent_money_nano": m,
+                   "until_unix": spent.window_ends(w), "scope": "node", "by": "usage_report"})
+        });
+        // A report never lifts a flag: only a window's roll does (the tick's pass).
+        if over.is_some() {
+            self.quota_flag(name, id, plan_name, over, detail, tables, audit);
+        }
+    }
+
+    /// The reason `name`'s quota flag is set (`quota::reason_of` of the first window spent),
+    /// as of the book now; `None` when the controller has not flagged it.
+    pub fn exhausted_reason(
+        &self,
+        config: &crate::config::Config,
+        plan: Option<&str>,
+        name: &str,
+    ) -> Option<&'static str> {
+        if !self.exhausted.contains(name) {
+            return None;
+        }
+        let limits = plan
+            .and_then(|p| config.plan(p))
+            .map(|p| p.quota)
+            .unwrap_or_default();
+        let kind = self
+            .quotas
+            .spent
+            .get(name)
+            .and_then(|s| s.exhausted(&limits))
+            .map_or("bytes", |(_, k)| k);
+        Some(crate::controller::quota::reason_of(kind))
     }
 
     /// The Q8 hold-back multiplier written for (endpoint, plan), if any.

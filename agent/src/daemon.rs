@@ -127,6 +127,9 @@ pub fn start(opts: &Options) -> Result<(Node, Option<crate::fleet::task::Task>),
         return Err(DaemonError::Capabilities(why));
     }
     // Keys before anything is touched: a broken JWKS is a configuration error.
+    // The usage feed's secret, read before anything is touched: a listener with a short or
+    // unreadable secret does not start.
+    let usage_secret = usage_secret(&config).map_err(|e| io_err("usage.secret_file", e))?;
     let tokens = match &config.tokens {
         Some(t) => Some(TokenService::new(t, &config.node.state_dir, None)?),
         None => None,
@@ -250,8 +253,19 @@ pub fn start(opts: &Options) -> Result<(Node, Option<crate::fleet::task::Task>),
         tunnels,
         started_unix_ms: now_unix_ms(),
         uninstalled: false,
+        usage: crate::usage::Feed::with_secret(usage_secret),
     };
     Ok((node, fleet_task))
+}
+
+/// The usage feed's secret, if `[usage] secret_file` names one.
+fn usage_secret(config: &Config) -> Result<Option<Vec<u8>>, String> {
+    config
+        .usage
+        .secret_file
+        .as_deref()
+        .map(crate::usage::read_secret)
+        .transpose()
 }
 
 /// Reloads the configuration `opts` names: a file that fails validation changes nothing.
@@ -277,12 +291,13 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
         || config.node.state_dir != old.node.state_dir
         || config.node.control_socket != old.node.control_socket
         || config.listen.bind != old.listen.bind
+        || config.usage.listen != old.usage.listen
         || tls(&config) != tls(old)
         || config.fleet != old.fleet
     {
         return Err(OpError::Config(
-            "node.pin_dir, node.state_dir, node.control_socket, listen.bind, the TLS \
-             files and [fleet] take effect only on restart"
+            "node.pin_dir, node.state_dir, node.control_socket, listen.bind, usage.listen, \
+             the TLS files and [fleet] take effect only on restart"
                 .into(),
         )
         .into());
@@ -332,6 +347,11 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
         },
         None => None,
     };
+    // A secret file that went short or unreadable refuses the reload: the old one stays.
+    let usage_secret = match usage_secret(&config) {
+        Ok(s) => s,
+        Err(e) => return Err(refused(format!("usage.secret_file: {e}"))),
+    };
     let kernel = |e: &dyn std::fmt::Display| Failed::from(OpError::Kernel(e.to_string()));
     // What the new configuration does to the state (slots, bindings of identities that
     // went) is recorded before the kernel changes: a reload that cannot be recorded changes
@@ -378,6 +398,7 @@ pub fn reload(opts: &Options, node: &mut Node) -> Result<Done<Reloaded>, Failed>
         svc.spawn_refreshers();
     }
     node.control.reconfigure(&node.config);
+    node.usage.secret = usage_secret;
     info!("reloaded {}", node.config.source);
     let reply = Reloaded {
         config: node.config.source.clone(),
@@ -548,6 +569,15 @@ async fn serve(opts: Options) -> Result<(), DaemonError> {
             .map_err(|e| io_err(format!("bind listener on {addr}"), e))?;
         info!(%addr, "bind listener: https://{addr}/v1/bind");
         tokio::task::spawn_local(servers::bind::serve(Rc::clone(&node), tcp, tls, bind_max));
+    }
+    let usage_listen = node.borrow().config.usage.listen;
+    if let Some(addr) = usage_listen {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| io_err(format!("usage listener on {addr}"), e))?;
+        info!(%addr, "usage feed: http://{addr}/v1/usage");
+        // Capped as the metrics listener: a local sender, one request per connection.
+        tokio::task::spawn_local(servers::usage::serve(Rc::clone(&node), tcp, metrics_max));
     }
     info!(
         socket = %socket.display(),

@@ -47,3 +47,4 @@ pub mod tables;
 pub(crate) mod test_dir;
 pub mod token_bind;
 pub mod tunnels;
+pub mod usage;

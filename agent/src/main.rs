@@ -12,7 +12,7 @@ use tollgate::paths;
 use crate::cli::{
     Ctx, Given, Output, bind, completions, config, counters, endpoints, explain, fleet, gpu,
     identities, keys, man, quarantine, quota, release, reload, run, status, token, top, unbind,
-    uninstall,
+    uninstall, usage,
 };
 
 /// Identity-bound, GPU-aware XDP enforcement for inference nodes.
@@ -46,6 +46,7 @@ enum Command {
     Token(token::TokenArgs),
     Top(top::TopArgs),
     Quota(quota::QuotaArgs),
+    Usage(usage::UsageArgs),
     Gpu(gpu::GpuArgs),
     Keys(keys::KeysArgs),
     Unbind(unbind::UnbindArgs),
@@ -83,6 +84,7 @@ fn main() -> ExitCode {
         Command::Token(a) => token::run(a, &ctx),
         Command::Top(a) => top::run(a, &ctx),
         Command::Quota(a) => quota::run(a, &ctx),
+        Command::Usage(a) => usage::run(a, &ctx),
         Command::Gpu(a) => gpu::run(a, &ctx),
         Command::Keys(a) => keys::run(a),
         Command::Unbind(a) => unbind::run(a, &ctx),

@@ -902,16 +902,29 @@ pub fn render(d: &Node) -> Result<String, String> {
         spent_b.set(l(&[("plan", plan), ("window", window)]), *b as f64);
         spent_c.set(l(&[("plan", plan), ("window", window)]), *cost as f64);
     }
-    let mut ex: BTreeMap<String, f64> =
-        config.plans.iter().map(|p| (p.name.clone(), 0.0)).collect();
+    // By plan and reason (`quota::reason_of`: bytes and cost, tokens, money), every pair
+    // pre-registered at 0: both labels are bounded by the configuration.
+    let mut ex: BTreeMap<(String, &'static str), f64> = config
+        .plans
+        .iter()
+        .flat_map(|p| {
+            crate::controller::quota::REASONS
+                .iter()
+                .map(|r| ((p.name.clone(), *r), 0.0))
+        })
+        .collect();
     for name in c.exhausted() {
         if let Some(plan) = ids.get(name).map(|r| r.plan) {
-            *ex.entry(plan.to_owned()).or_default() += 1.0;
+            let reason = c
+                .exhausted_reason(config, Some(plan), name)
+                .unwrap_or("quota_exhausted");
+            *ex.entry((plan.to_owned(), reason)).or_default() += 1.0;
         }
     }
-    for (plan, n) in ex {
-        exhausted.set(l(&[("plan", &plan)]), n);
+    for ((plan, reason), n) in ex {
+        exhausted.set(l(&[("plan", &plan), ("reason", reason)]), n);
     }
+    usage_families(&mut reg, d);
     reg.register(
         "tollgate_quota_spent_bytes",
         "Bytes spent in the current window, summed over a plan's identities",
@@ -924,7 +937,7 @@ pub fn render(d: &Node) -> Result<String, String> {
     );
     reg.register(
         "tollgate_quota_exhausted_identities",
-        "Identities whose quota is spent, by plan",
+        "Identities whose quota is spent, by plan and reason",
         exhausted.0,
     );
     let actions = Counters::new();
@@ -973,6 +986,67 @@ pub fn render(d: &Node) -> Result<String, String> {
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(to_text_format(&out))
+}
+
+/// The usage feed: reports by outcome (every label pre-registered), tokens by kind, money,
+/// and tokens spent in the current window summed over a plan's identities. No identity
+/// label: the feed names identities, the metrics do not.
+fn usage_families(reg: &mut Registry, d: &Node) {
+    let f = &d.usage;
+    let outcomes = Counters::new();
+    for o in std::iter::once("accepted").chain(crate::usage::Refusal::LABELS) {
+        outcomes.add(
+            l(&[("outcome", o)]),
+            f.outcomes.get(o).copied().unwrap_or(0),
+        );
+    }
+    reg.register(
+        "tollgate_usage_reports",
+        "Usage reports by outcome: accepted, or the refusal's label",
+        outcomes.0,
+    );
+    let tokens = Counters::new();
+    tokens.add(l(&[("kind", "prompt")]), f.prompt_tokens);
+    tokens.add(l(&[("kind", "completion")]), f.completion_tokens);
+    reg.register(
+        "tollgate_usage_tokens",
+        "Tokens of accepted usage reports, by kind",
+        tokens.0,
+    );
+    reg.register(
+        "tollgate_usage_money_nano",
+        "What accepted usage reports cost, in nano-units (1e-9) of the price table's currency",
+        counter(f.money_nano),
+    );
+    let spent_t = Gauges::new();
+    let spent_m = Gauges::new();
+    let mut per_plan: BTreeMap<(String, &'static str), (u64, u64)> = BTreeMap::new();
+    let ids = d.identities();
+    for (name, spent) in &d.control.quotas.spent {
+        let Some(plan) = ids.get(name).map(|r| r.plan) else {
+            continue;
+        };
+        for w in crate::controller::quota::Window::ALL {
+            let (t, m) = spent.usage(w);
+            let e = per_plan.entry((plan.to_owned(), w.as_str())).or_default();
+            e.0 += t;
+            e.1 += m;
+        }
+    }
+    for ((plan, window), (t, m)) in &per_plan {
+        spent_t.set(l(&[("plan", plan), ("window", window)]), *t as f64);
+        spent_m.set(l(&[("plan", plan), ("window", window)]), *m as f64);
+    }
+    reg.register(
+        "tollgate_quota_spent_tokens",
+        "Tokens spent in the current window, summed over a plan's identities",
+        spent_t.0,
+    );
+    reg.register(
+        "tollgate_quota_spent_money_nano",
+        "Money spent in the current window (nano-units), summed over a plan's identities",
+        spent_m.0,
+    );
 }
 
 /// OpenMetrics text as the Prometheus text format (0.0.4), which every Prometheus and

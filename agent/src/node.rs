@@ -26,6 +26,8 @@ pub struct Node {
     pub started_unix_ms: u64,
     /// Set once `uninstall` removed the pins: the daemon stops.
     pub uninstalled: bool,
+    /// The usage feed's rate limit, counters and secret (`crate::usage`).
+    pub usage: crate::usage::Feed,
 }
 
 impl Node {

@@ -41,6 +41,33 @@ pub struct Config {
     pub endpoints: Vec<Endpoint>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<Identity>,
+    /// `[[prices]]` (the usage feed's price table).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prices: Vec<Price>,
+    /// `[usage]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// One `[[prices]]` row: money per million tokens, as decimal strings (exact).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Price {
+    pub model: String,
+    pub prompt_per_million: String,
+    pub completion_per_million: String,
+}
+
+/// `[usage]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Usage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_report_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_reports_per_s: Option<u64>,
 }
 
 /// `[node]`.
@@ -526,6 +553,11 @@ pub struct Plan {
     /// `"node"` or `"fleet"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Money, as a decimal string (exact).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_per_minute: Option<String>,
 }
 
 impl Plan {

@@ -74,6 +74,7 @@ mod tests {
             binding: Some("198.18.0.5/32".into()),
             clock: Some("coarse".into()),
             why: "customers may not reach model".into(),
+            quota_reason: None,
         };
         let read: Explained = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
         assert_eq!(

@@ -162,6 +162,7 @@ mod tests {
             response_capped: Some(
                 "response day cap: 1200 of 1000 bytes, rolls at unix 1764288000".into(),
             ),
+            quota_exhausted: None,
         }
     }
 

@@ -26,6 +26,7 @@ pub mod token;
 pub mod top;
 pub mod unbind;
 pub mod uninstall;
+pub mod usage;
 
 use std::{
     path::{Path, PathBuf},
@@ -266,6 +267,7 @@ mod tests {
                 error: Some(ErrorBody {
                     kind: ErrorKind::Config,
                     message: "line 3: unknown key".into(),
+                    label: None,
                 }),
             },
         );

@@ -75,7 +75,7 @@ fn parser_keys(section: &str) -> BTreeSet<String> {
         "plans" => {
             "[node]\ninterfaces = [\"eth0\"]\n[[plans]]\nname = \"p\"\nzz_unknown = 1\n".into()
         }
-        "endpoints" | "identities" | "tokens.issuers" => {
+        "endpoints" | "identities" | "tokens.issuers" | "prices" => {
             format!("{base}[[{section}]]\nzz_unknown = 1\n")
         }
         "endpoints.model_server" => {
@@ -499,11 +499,42 @@ fn code_defaults() -> Vec<(&'static str, &'static str, Option<String>)> {
             "rates",
             Some(Outage::default().rates.label().to_owned()),
         ),
+        ("prices", "model", None),
+        ("prices", "prompt_per_million", None),
+        ("prices", "completion_per_million", None),
+        ("pricing", "currency", Some("USD".to_owned())),
+        ("usage", "listen", None),
+        (
+            "usage",
+            "allow_remote",
+            Some(
+                crate::usage::UsageConfig::default()
+                    .allow_remote
+                    .to_string(),
+            ),
+        ),
+        ("usage", "secret_file", None),
+        (
+            "usage",
+            "max_report_bytes",
+            Some(crate::usage::DEFAULT_MAX_REPORT_BYTES.to_string()),
+        ),
+        (
+            "usage",
+            "max_reports_per_s",
+            Some(crate::usage::DEFAULT_MAX_REPORTS_PER_S.to_string()),
+        ),
     ]
 }
 
-/// Keys of `[[plans]]` documented in prose (the quota paragraph) rather than the table.
-const PLAN_QUOTA_KEYS: [&str; 6] = [
+/// Keys of `[[plans]]` documented in prose (the quota paragraphs) rather than the table.
+const PLAN_QUOTA_KEYS: [&str; 12] = [
+    "tokens_per_minute",
+    "tokens_per_day",
+    "tokens_per_month",
+    "budget_per_minute",
+    "budget_per_day",
+    "budget_per_month",
     "quota_minute_bytes",
     "quota_day_bytes",
     "quota_month_bytes",

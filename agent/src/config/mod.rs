@@ -65,6 +65,10 @@ pub struct Config {
     /// Identity name -> index in `identities`: lookups by name stay cheap with thousands
     /// of identities (the controller and /metrics look every one up on every pass).
     pub identity_index: std::collections::HashMap<String, usize>,
+    /// `[[prices]]` and `[pricing]`: what the usage feed's tokens cost (`crate::usage`).
+    pub prices: crate::usage::Prices,
+    /// `[usage]`: the usage feed's HTTP listener and bounds.
+    pub usage: crate::usage::UsageConfig,
 }
 
 /// `[limits]`, checked against the node: the sizes the agent loads the tables with.

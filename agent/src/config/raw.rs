@@ -27,6 +27,65 @@ pub(super) struct RawConfig {
     pub metrics: Option<RawMetrics>,
     pub fleet: Option<S<RawFleet>>,
     pub limits: Option<S<RawLimits>>,
+    pub prices: Option<List<RawPrice>>,
+    pub pricing: Option<S<RawPricing>>,
+    pub usage: Option<S<RawUsage>>,
+}
+
+/// One `[[prices]]` row.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPrice {
+    pub model: S<String>,
+    pub prompt_per_million: S<RawDecimal>,
+    pub completion_per_million: S<RawDecimal>,
+}
+
+/// `[pricing]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPricing {
+    pub currency: Option<S<String>>,
+}
+
+/// `[usage]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUsage {
+    pub listen: Option<S<String>>,
+    pub allow_remote: Option<S<bool>>,
+    pub secret_file: Option<S<String>>,
+    pub max_report_bytes: Option<S<i64>>,
+    pub max_reports_per_s: Option<S<i64>>,
+}
+
+/// An amount of money: a TOML string (`"0.15"`, exact) or number (`0.15`, read back as the
+/// shortest decimal that is the same float), kept as text for `usage::parse_decimal`.
+pub(super) struct RawDecimal(pub String);
+
+impl<'de> Deserialize<'de> for RawDecimal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = RawDecimal;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an amount: a number or a decimal string such as \"0.15\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawDecimal, E> {
+                Ok(RawDecimal(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawDecimal, E> {
+                Ok(RawDecimal(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawDecimal, E> {
+                Ok(RawDecimal(v.to_string()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDecimal, E> {
+                Ok(RawDecimal(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `[limits]`.
@@ -341,6 +400,12 @@ pub(super) struct RawPlan {
     pub response_over: Option<S<String>>,
     pub response_throttle: Option<S<f64>>,
     pub scope: Option<S<String>>,
+    pub tokens_per_minute: Option<S<i64>>,
+    pub tokens_per_day: Option<S<i64>>,
+    pub tokens_per_month: Option<S<i64>>,
+    pub budget_per_minute: Option<S<RawDecimal>>,
+    pub budget_per_day: Option<S<RawDecimal>>,
+    pub budget_per_month: Option<S<RawDecimal>>,
 }
 
 #[derive(Deserialize)]

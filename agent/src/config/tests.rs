@@ -2446,3 +2446,149 @@ fn limits_flows_has_the_floor_of_an_lru() {
     let c = Config::parse(&with("\n[limits]\nflows = 4096\n"), "t.toml").unwrap();
     assert_eq!(c.limits.sizes.flows, 4096);
 }
+
+#[test]
+fn token_and_money_plans_and_the_price_table_parse_exactly() {
+    let c = Config::parse(
+        &with(
+            "tokens_per_minute = 50000\nbudget_per_day = 0.25\nbudget_per_month = \"12.000000001\"\n\
+             [[prices]]\nmodel = \"llama-3.1-8b\"\nprompt_per_million = 0.15\ncompletion_per_million = \"0.6\"\n\
+             [[prices]]\nmodel = \"*\"\nprompt_per_million = 3\ncompletion_per_million = 15\n\
+             [pricing]\ncurrency = \"EUR\"\n\
+             [usage]\nlisten = \"127.0.0.1:9466\"\nsecret_file = \"/etc/tollgate/usage.secret\"\n",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let q = c.plans[0].quota;
+    assert_eq!(q.minute_tokens, Some(50_000));
+    assert_eq!(q.day_money, Some(250_000_000));
+    assert_eq!(q.month_money, Some(12_000_000_001));
+    assert_eq!(c.prices.currency, "EUR");
+    assert_eq!(
+        c.prices.cost("llama-3.1-8b", 12, 40),
+        Some(12 * 150 + 40 * 600)
+    );
+    assert_eq!(c.prices.cost("mixtral", 1, 1), Some(3_000 + 15_000));
+    assert_eq!(c.usage.listen, Some("127.0.0.1:9466".parse().unwrap()));
+    assert_eq!(c.usage.max_report_bytes, 4096);
+    assert_eq!(c.usage.max_reports_per_s, 2000);
+    let d = Config::parse(BASE, "t.toml").unwrap();
+    assert!(!d.plans[0].quota.has_usage() && d.prices.rows.is_empty());
+    assert_eq!(d.usage, crate::usage::UsageConfig::default());
+}
+
+#[test]
+fn bad_token_money_and_usage_keys_are_refused_at_their_line() {
+    let price = "[[prices]]\nmodel = \"m\"\nprompt_per_million = 1\ncompletion_per_million = 1\n";
+    for (extra, line, field, fragment) in [
+        (
+            "tokens_per_minute = 0\n",
+            6,
+            "plans[0].tokens_per_minute",
+            "between 1 and",
+        ),
+        (
+            &format!("budget_per_minute = -1\n{price}")[..],
+            6,
+            "plans[0].budget_per_minute",
+            "negative",
+        ),
+        (
+            &format!("budget_per_minute = 0\n{price}")[..],
+            6,
+            "plans[0].budget_per_minute",
+            "above 0",
+        ),
+        (
+            &format!("budget_per_day = nan\n{price}")[..],
+            6,
+            "plans[0].budget_per_day",
+            "not a decimal",
+        ),
+        (
+            &format!("budget_per_day = inf\n{price}")[..],
+            6,
+            "plans[0].budget_per_day",
+            "not a decimal",
+        ),
+        (
+            &format!("budget_per_day = \"0.0000000001\"\n{price}")[..],
+            6,
+            "plans[0].budget_per_day",
+            "9 decimal places",
+        ),
+        (
+            &format!("budget_per_day = 2000000000\n{price}")[..],
+            6,
+            "plans[0].budget_per_day",
+            "above the maximum",
+        ),
+        (
+            "budget_per_month = 5\n",
+            4,
+            "plans[0]",
+            "needs a price table",
+        ),
+        (
+            "[[prices]]\nmodel = \"m\"\nprompt_per_million = -0.5\ncompletion_per_million = 1\n",
+            8,
+            "prices[0].prompt_per_million",
+            "negative",
+        ),
+        (
+            "[[prices]]\nmodel = \"m\"\nprompt_per_million = 0.0001\ncompletion_per_million = 1\n",
+            8,
+            "prices[0].prompt_per_million",
+            "3 decimal places",
+        ),
+        (
+            "[[prices]]\nmodel = \"m\"\nprompt_per_million = 1\ncompletion_per_million = 1e7\n",
+            9,
+            "prices[0].completion_per_million",
+            "above the maximum",
+        ),
+        (
+            &format!("{price}{price}")[..],
+            11,
+            "prices[1].model",
+            "priced twice",
+        ),
+        (
+            "[pricing]\ncurrency = \"U$D\"\n",
+            7,
+            "pricing.currency",
+            "not a currency code",
+        ),
+        (
+            "[usage]\nlisten = \"0.0.0.0:9466\"\nsecret_file = \"/s\"\n",
+            7,
+            "usage.listen",
+            "not a loopback address",
+        ),
+        (
+            "[usage]\nlisten = \"127.0.0.1:9466\"\n",
+            6,
+            "usage.secret_file",
+            "needs a secret_file",
+        ),
+        (
+            "[usage]\nsecret_file = \"relative\"\n",
+            7,
+            "usage.secret_file",
+            "absolute path",
+        ),
+        (
+            "[usage]\nmax_report_bytes = 10\n",
+            7,
+            "usage.max_report_bytes",
+            "out of range",
+        ),
+    ] {
+        assert_refused(&with(extra), line, field, fragment);
+    }
+    // Remote only when said so.
+    let remote =
+        with("[usage]\nlisten = \"0.0.0.0:9466\"\nsecret_file = \"/s\"\nallow_remote = true\n");
+    assert!(Config::parse(&remote, "t.toml").unwrap().usage.allow_remote);
+}

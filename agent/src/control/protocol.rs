@@ -65,6 +65,8 @@ pub enum Request {
         #[serde(default)]
         identity: Option<String>,
     },
+    /// A usage report from a trusted component (`crate::usage`).
+    Usage(crate::usage::UsageReport),
 }
 
 impl Request {
@@ -81,6 +83,7 @@ impl Request {
                 | Request::BindToken { .. }
                 | Request::Revoke { .. }
                 | Request::QuotaReset { .. }
+                | Request::Usage(_)
         )
     }
 }
@@ -105,6 +108,10 @@ pub enum ErrorKind {
 pub struct ErrorBody {
     pub kind: ErrorKind,
     pub message: String,
+    /// A refusal's own label where it has one (the usage feed's `unknown_identity`,
+    /// `too_large`, ...); absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -132,6 +139,7 @@ impl Response {
             error: Some(ErrorBody {
                 kind,
                 message: message.into(),
+                label: None,
             }),
         }
     }

@@ -381,6 +381,10 @@ pub struct IdentityRow {
     /// ..."); `None` when not capped (and from agents older than response caps).
     #[serde(default)]
     pub response_capped: Option<String>,
+    /// Why its quota flag is set (`quota_exhausted`, `token_quota_exhausted`,
+    /// `budget_exhausted`); `None` when it is not (and from older agents).
+    #[serde(default)]
+    pub quota_exhausted: Option<String>,
 }
 
 /// Totals of what the node sent from its protected endpoints to one identity, since the
@@ -476,6 +480,11 @@ pub struct Explained {
     pub clock: Option<String>,
     /// The sentence for humans.
     pub why: String,
+    /// For a `quota_exhausted` drop, what was spent: `quota_exhausted` (bytes or cost),
+    /// `token_quota_exhausted` or `budget_exhausted` (the usage feed's); the kernel has one
+    /// flag for all three. Absent otherwise and from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_reason: Option<String>,
 }
 
 /// `reload`.
@@ -517,6 +526,18 @@ pub struct QuotaWindow {
     pub response_bytes: u64,
     #[serde(default)]
     pub response_bytes_limit: Option<u64>,
+    /// Tokens the usage feed reported in this window, and the plan's `tokens_per_*` for
+    /// it; 0 and `None` from older agents.
+    #[serde(default)]
+    pub tokens: u64,
+    #[serde(default)]
+    pub tokens_limit: Option<u64>,
+    /// What they cost, and the plan's `budget_per_*`, in nano-units (1e-9) of the price
+    /// table's currency.
+    #[serde(default)]
+    pub money_nano: u64,
+    #[serde(default)]
+    pub money_limit_nano: Option<u64>,
 }
 
 /// One row of `quota_show`.
@@ -538,6 +559,13 @@ pub struct QuotaRow {
     /// The response cap the identity is held by now, as `identities show` says it.
     #[serde(default)]
     pub response_capped: Option<String>,
+    /// Why its quota flag is set now (`quota_exhausted`, `token_quota_exhausted`,
+    /// `budget_exhausted`); `None` while it is not.
+    #[serde(default)]
+    pub exhausted: Option<String>,
+    /// The price table's currency, for the money figures.
+    #[serde(default)]
+    pub currency: String,
 }
 
 /// `quota_show`.
@@ -699,6 +727,7 @@ mod tests {
                 ttfb_count: 3,
             }),
             response_capped: Some("response minute cap: 20 of 10 bytes, rolls at unix 60".into()),
+            quota_exhausted: Some("token_quota_exhausted".into()),
         }
     }
 
@@ -951,6 +980,7 @@ mod tests {
             binding: Some("198.18.0.5/32".into()),
             clock: Some("coarse".into()),
             why: "because".into(),
+            quota_reason: None,
         });
         let v = round_trip(Explained {
             verdict: "pass".into(),
@@ -963,6 +993,7 @@ mod tests {
             binding: None,
             clock: None,
             why: "not protected".into(),
+            quota_reason: None,
         });
         assert!(v["class"].is_null());
         assert!(v["clock"].is_null());
@@ -991,6 +1022,10 @@ mod tests {
             ends_unix: 1_700_000_060,
             response_bytes: 5_000,
             response_bytes_limit: Some(4_000),
+            tokens: 52_000,
+            tokens_limit: Some(50_000),
+            money_nano: 7_800,
+            money_limit_nano: None,
         };
         let v = round_trip(vec![QuotaRow {
             identity: "acme".into(),
@@ -1001,8 +1036,12 @@ mod tests {
             fleet: Some([("minute".to_owned(), (30_000, 300))].into()),
             response_bytes_per_second: Some(1_000),
             response_capped: Some("response minute cap: 5000 of 4000 bytes".into()),
+            exhausted: Some("token_quota_exhausted".into()),
+            currency: "USD".into(),
         }]);
         assert_eq!(v[0]["minute"]["bytes"], 30_000);
+        assert_eq!(v[0]["minute"]["tokens_limit"], 50_000);
+        assert_eq!(v[0]["exhausted"], "token_quota_exhausted");
         assert_eq!(v[0]["minute"]["response_bytes_limit"], 4_000);
         round_trip(QuotaReset {
             identity: Some("acme".into()),

@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 
 pub const QUOTA_FILE: &str = "quota.json";
 /// Format version of `quota.json` this build writes. Version 2 added the response bytes of
-/// each window (`response_bytes`, response caps: `response`); a version 1 file reads as
-/// the same book with no response bytes spent, so an upgrade keeps every quota spent.
-pub const QUOTA_VERSION: u32 = 2;
+/// each window (`response_bytes`, response caps: `response`); version 3 the tokens and money
+/// the usage feed reported (`tokens`, `money_nano`). An older file reads as the same book with
+/// nothing spent in the newer fields, so an upgrade keeps every quota spent.
+pub const QUOTA_VERSION: u32 = 3;
 /// The oldest format version this build still reads.
 pub const QUOTA_VERSION_MIN: u32 = 1;
 
@@ -116,7 +117,34 @@ pub struct QuotaLimits {
     pub minute_cost: Option<u64>,
     pub day_cost: Option<u64>,
     pub month_cost: Option<u64>,
+    /// Tokens (prompt + completion, as the usage feed reports them).
+    pub minute_tokens: Option<u64>,
+    pub day_tokens: Option<u64>,
+    pub month_tokens: Option<u64>,
+    /// Money in nano-units of the price table's currency (`usage::NANO` per unit): integers,
+    /// so that a month of reports sums exactly.
+    pub minute_money: Option<u64>,
+    pub day_money: Option<u64>,
+    pub month_money: Option<u64>,
 }
+
+/// Why an identity's quota flag is set, by the kind of limit reached (`exhausted`'s second
+/// element): the one place a kind becomes the reason shown in audit, `quota show`, `explain`,
+/// `top` and `/metrics`. The kernel has one flag for all of them (`ID_QUOTA_EXHAUSTED`).
+pub fn reason_of(kind: &str) -> &'static str {
+    match kind {
+        "tokens" => "token_quota_exhausted",
+        "money" => "budget_exhausted",
+        _ => "quota_exhausted",
+    }
+}
+
+/// Every reason [`reason_of`] gives, for pre-registered metric labels.
+pub const REASONS: [&str; 3] = [
+    "quota_exhausted",
+    "token_quota_exhausted",
+    "budget_exhausted",
+];
 
 impl QuotaLimits {
     /// (bytes, cost) limits of one window.
@@ -126,6 +154,25 @@ impl QuotaLimits {
             Window::Day => (self.day_bytes, self.day_cost),
             Window::Month => (self.month_bytes, self.month_cost),
         }
+    }
+
+    /// (tokens, money) limits of one window.
+    pub fn usage(&self, w: Window) -> (Option<u64>, Option<u64>) {
+        match w {
+            Window::Minute => (self.minute_tokens, self.minute_money),
+            Window::Day => (self.day_tokens, self.day_money),
+            Window::Month => (self.month_tokens, self.month_money),
+        }
+    }
+
+    /// Whether any window has a money budget (a usage report then needs a price).
+    pub fn has_money(&self) -> bool {
+        Window::ALL.iter().any(|w| self.usage(*w).1.is_some())
+    }
+
+    /// Whether any window limits tokens or money (what only the usage feed spends).
+    pub fn has_usage(&self) -> bool {
+        Window::ALL.iter().any(|w| self.usage(*w) != (None, None))
     }
 
     pub fn is_unlimited(&self) -> bool {
@@ -144,6 +191,12 @@ pub struct WindowSpent {
     /// caps. Absent from version 1 files: nothing was counted then.
     #[serde(default)]
     pub response_bytes: u64,
+    /// Tokens (prompt + completion) the usage feed reported. Absent before version 3.
+    #[serde(default)]
+    pub tokens: u64,
+    /// Money those tokens cost, in nano-units of the price table's currency.
+    #[serde(default)]
+    pub money_nano: u64,
 }
 
 /// What one identity has spent, per window.
@@ -207,12 +260,28 @@ impl Spent {
         }
     }
 
+    /// Rolls, then counts one usage report's `tokens` and `money_nano` against every window.
+    pub fn add_usage(&mut self, now_unix_s: u64, tokens: u64, money_nano: u64) {
+        self.roll(now_unix_s);
+        for w in Window::ALL {
+            let cur = self.window_mut(w);
+            cur.tokens = cur.tokens.saturating_add(tokens);
+            cur.money_nano = cur.money_nano.saturating_add(money_nano);
+        }
+    }
+
+    /// (tokens, money in nano-units) spent in the current period of `w`.
+    pub fn usage(&self, w: Window) -> (u64, u64) {
+        let cur = self.window(w);
+        (cur.tokens, cur.money_nano)
+    }
+
     /// Response bytes spent in the current period of `w`.
     pub fn response(&self, w: Window) -> u64 {
         self.window(w).response_bytes
     }
 
-    /// The first window (minute, then day, then month; bytes before cost) whose spending has
+    /// The first window (minute, then day, then month; bytes, cost, tokens, money) whose spending has
     /// reached its limit. A limit of 0 is exhausted from the start. This reads the counts as
     /// of the last `add` or `roll`: roll to now first.
     pub fn exhausted(&self, limits: &QuotaLimits) -> Option<(Window, &'static str)> {
@@ -233,10 +302,17 @@ impl Spent {
     fn exhausted_in(&self, w: Window, limits: &QuotaLimits) -> Option<&'static str> {
         let cur = self.window(w);
         let (bytes, cost) = limits.get(w);
+        let (tokens, money) = limits.usage(w);
+        // Reached at the limit (>=), as bytes always were: the report that brings the sum to
+        // the plan's figure is the one that cuts off.
         if bytes.is_some_and(|l| cur.bytes >= l) {
             Some("bytes")
         } else if cost.is_some_and(|l| cur.cost >= l) {
             Some("cost")
+        } else if tokens.is_some_and(|l| cur.tokens >= l) {
+            Some("tokens")
+        } else if money.is_some_and(|l| cur.money_nano >= l) {
+            Some("money")
         } else {
             None
         }
@@ -257,7 +333,7 @@ impl Spent {
     pub fn is_empty(&self) -> bool {
         Window::ALL
             .iter()
-            .all(|&w| self.get(w) == (0, 0) && self.response(w) == 0)
+            .all(|&w| self.get(w) == (0, 0) && self.response(w) == 0 && self.usage(w) == (0, 0))
     }
 }
 
@@ -569,7 +645,7 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_file_loads_with_no_response_bytes_and_saves_as_version_2() {
+    fn a_version_1_file_loads_with_no_response_bytes_and_saves_as_version_3() {
         let dir = tmpdir("v1");
         std::fs::create_dir_all(&dir).unwrap();
         // What a build before response caps wrote.
@@ -592,7 +668,7 @@ mod tests {
             .add_response(FEB01_2024 + 1, 70);
         book.save(&dir).unwrap();
         let text = std::fs::read_to_string(QuotaBook::path(&dir)).unwrap();
-        assert!(text.contains("\"version\": 2"), "{text}");
+        assert!(text.contains("\"version\": 3"), "{text}");
         let back = QuotaBook::load(&dir).unwrap();
         assert_eq!(back, book);
         assert_eq!(back.spent["alice"].response(Window::Month), 70);
@@ -622,6 +698,65 @@ mod tests {
     }
 
     #[test]
+    fn tokens_and_money_are_reached_at_the_limit_and_roll_with_their_window() {
+        let limits = QuotaLimits {
+            minute_tokens: Some(50_000),
+            day_money: Some(1_000),
+            ..QuotaLimits::default()
+        };
+        assert!(limits.has_money() && limits.has_usage());
+        let mut s = Spent::default();
+        s.add_usage(FEB01_2024, 49_999, 999);
+        assert_eq!(s.exhausted(&limits), None, "one token and one nano short");
+        s.add_usage(FEB01_2024 + 1, 1, 0);
+        assert_eq!(s.exhausted(&limits), Some((Window::Minute, "tokens")));
+        assert_eq!(reason_of("tokens"), "token_quota_exhausted");
+        s.roll(FEB01_2024 + 60);
+        assert_eq!(s.exhausted(&limits), None, "the minute rolled");
+        assert_eq!(s.usage(Window::Day), (50_000, 999));
+        s.add_usage(FEB01_2024 + 61, 0, 1);
+        assert_eq!(s.exhausted(&limits), Some((Window::Day, "money")));
+        assert_eq!(reason_of("money"), "budget_exhausted");
+        assert_eq!(reason_of("bytes"), "quota_exhausted");
+        assert_eq!(reason_of("cost"), "quota_exhausted");
+        // Usage alone keeps an entry in the book.
+        let mut book = QuotaBook::default();
+        book.spent.insert("u".into(), s);
+        book.roll_all(FEB01_2024 + DAY_S);
+        assert!(book.spent.contains_key("u"), "money spent this month");
+        book.roll_all(MAR01_2024);
+        assert!(book.spent.is_empty());
+    }
+
+    #[test]
+    fn a_version_2_file_loads_with_no_tokens_spent() {
+        let dir = tmpdir("v2");
+        std::fs::create_dir_all(&dir).unwrap();
+        let w = |start: u64| {
+            format!("{{\"start_unix_s\":{start},\"bytes\":5,\"cost\":1,\"response_bytes\":3}}")
+        };
+        let v2 = format!(
+            "{{\"version\":2,\"spent\":{{\"a\":{{\"minute\":{},\"day\":{},\"month\":{}}}}}}}",
+            w(FEB01_2024),
+            w(FEB01_2024),
+            w(FEB01_2024)
+        );
+        std::fs::write(QuotaBook::path(&dir), v2).unwrap();
+        let mut book = QuotaBook::load(&dir).unwrap();
+        assert_eq!(book.spent["a"].usage(Window::Month), (0, 0));
+        assert_eq!(book.spent["a"].response(Window::Month), 3);
+        book.spent
+            .get_mut("a")
+            .unwrap()
+            .add_usage(FEB01_2024 + 2, 52, 7_800);
+        book.save(&dir).unwrap();
+        let back = QuotaBook::load(&dir).unwrap();
+        assert_eq!(back.spent["a"].usage(Window::Day), (52, 7_800));
+        assert_eq!(back.spent["a"].get(Window::Day), (5, 1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn corrupt_file_is_refused_and_left_alone() {
         let dir = tmpdir("corrupt");
         std::fs::create_dir_all(&dir).unwrap();
@@ -632,7 +767,7 @@ mod tests {
                 "{\"version\":1,\"spent\":{\"a\":{\"minute\":7}}}",
                 "invalid type",
             ),
-            ("{\"version\":3,\"spent\":{}}", "version 3"),
+            ("{\"version\":4,\"spent\":{}}", "version 4"),
             ("", "EOF"),
         ] {
             std::fs::write(&path, text).unwrap();

@@ -160,7 +160,7 @@ fn result<T>(node: &Node, r: Result<Done<T>, Failed>, origin: &str) -> &'static 
     match ops::audited(node, &Actor::FLEET, with_origin(r, origin)) {
         Ok(_) => "installed",
         Err(e) => match e {
-            ops::OpError::BadRequest(_) => "refused",
+            ops::OpError::BadRequest(_) | ops::OpError::Labelled { .. } => "refused",
             ops::OpError::NotFound(_) => "not_found",
             ops::OpError::Config(_) => "config",
             ops::OpError::Kernel(_) => "kernel",

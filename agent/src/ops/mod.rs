@@ -10,6 +10,7 @@ pub mod quarantine;
 pub mod quotas;
 pub mod status;
 pub mod tokens;
+pub mod usage;
 
 use serde::Serialize;
 use tracing::warn;
@@ -34,6 +35,14 @@ pub enum OpError {
     Config(String),
     #[error("{0}")]
     Kernel(String),
+    /// A refusal with its own label for scripts (the usage feed's `unknown_identity`, ...),
+    /// answered as `kind` with the label beside the message.
+    #[error("{label}: {message}")]
+    Labelled {
+        kind: ErrorKind,
+        label: &'static str,
+        message: String,
+    },
 }
 
 impl OpError {
@@ -43,6 +52,7 @@ impl OpError {
             OpError::NotFound(_) => ErrorKind::NotFound,
             OpError::Config(_) => ErrorKind::Config,
             OpError::Kernel(_) => ErrorKind::Kernel,
+            OpError::Labelled { kind, .. } => *kind,
         }
     }
 
@@ -53,7 +63,11 @@ impl OpError {
 
 impl From<OpError> for Response {
     fn from(e: OpError) -> Response {
-        Response::err(e.kind(), e.to_string())
+        let mut r = Response::err(e.kind(), e.to_string());
+        if let (OpError::Labelled { label, .. }, Some(body)) = (&e, r.error.as_mut()) {
+            body.label = Some((*label).to_owned());
+        }
+        r
     }
 }
 
@@ -226,8 +240,9 @@ pub fn dispatch_claimed(
     held_by: Option<std::net::IpAddr>,
 ) -> Response {
     let mutates = req.mutates();
-    // A token rebind that changes nothing writes nothing (#12 finding 7).
-    let may_be_noop = matches!(req, Request::BindToken { .. });
+    // A token rebind that changes nothing writes nothing (#12 finding 7); a usage report
+    // is counted, not audited one by one (thousands a second): the cut-off it causes is.
+    let may_be_noop = matches!(req, Request::BindToken { .. } | Request::Usage(_));
     let r = execute(node, life, req, who, held_by);
     let r = if mutates {
         debug_assert!(
@@ -310,6 +325,12 @@ fn execute(
             &reason,
         )),
         Request::Uninstall {} => json(uninstall(node)),
+        Request::Usage(r) => {
+            // The request's size is the server's to check (it has the line): serialised
+            // again here, it is the same bound for a report sent by `dispatch` directly.
+            let size = serde_json::to_vec(&r).map_or(0, |v| v.len());
+            json(usage::report(node, &r, size))
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use super::{Change, Done, Failed, OpError};
 use crate::{
     control::reply::{QuotaReset, QuotaRow, QuotaWindow, Quotas},
     controller::{
-        quota::{Spent, Window},
+        quota::{QuotaLimits, Spent, Window},
         response::ResponseLimits,
     },
     node::Node,
@@ -19,14 +19,16 @@ fn known(node: &Node, only: Option<&str>) -> Result<(), OpError> {
     }
 }
 
-fn window(
-    spent: &Spent,
-    w: Window,
-    limits: (Option<u64>, Option<u64>),
-    response: &ResponseLimits,
-) -> QuotaWindow {
+fn window(spent: &Spent, w: Window, quota: &QuotaLimits, response: &ResponseLimits) -> QuotaWindow {
+    let limits = quota.get(w);
     let (bytes, cost) = spent.get(w);
+    let (tokens, money_nano) = spent.usage(w);
+    let (tokens_limit, money_limit_nano) = quota.usage(w);
     QuotaWindow {
+        tokens,
+        tokens_limit,
+        money_nano,
+        money_limit_nano,
         bytes,
         bytes_limit: limits.0,
         cost,
@@ -62,9 +64,14 @@ pub fn show(node: &Node, only: Option<&str>) -> Result<Quotas, OpError> {
         rows.push(QuotaRow {
             identity: name.clone(),
             plan: plan.map(str::to_owned),
-            minute: window(spent, Window::Minute, limits.get(Window::Minute), &response),
-            day: window(spent, Window::Day, limits.get(Window::Day), &response),
-            month: window(spent, Window::Month, limits.get(Window::Month), &response),
+            minute: window(spent, Window::Minute, &limits, &response),
+            day: window(spent, Window::Day, &limits, &response),
+            month: window(spent, Window::Month, &limits, &response),
+            exhausted: node
+                .control
+                .exhausted_reason(&node.config, plan, name)
+                .map(str::to_owned),
+            currency: node.config.prices.currency.clone(),
             fleet,
             response_bytes_per_second: response.bytes_per_second,
             response_capped: node

@@ -309,6 +309,10 @@ fn row(
         clock: Some(Clock::of_identity(record)),
         egress: egress.map(Into::into),
         response_capped: response_capped(node, r.name, record),
+        quota_exhausted: node
+            .control
+            .exhausted_reason(&node.config, Some(r.plan), r.name)
+            .map(str::to_owned),
     }
 }
 
@@ -408,7 +412,29 @@ pub fn explain(node: &Node, probe: &Probe) -> Result<Explained, OpError> {
     let e = explain::explain(&node.pinned.tables, &Names(node), probe)
         .map_err(|e| OpError::BadRequest(e.to_string()))?;
     let scope = plan_scope(node, e.identity.as_deref());
+    // Which quota the flag stands for is the controller's to say, not the kernel's.
+    let quota_reason = e
+        .identity
+        .as_deref()
+        .filter(|_| e.reason == "quota_exhausted")
+        .and_then(|n| {
+            let plan = node.identities().get(n).map(|r| r.plan);
+            node.control.exhausted_reason(&node.config, plan, n)
+        });
+    let why = match quota_reason {
+        Some(r @ ("token_quota_exhausted" | "budget_exhausted")) => format!(
+            "{} ({r}: the plan's {} in this window is spent, as the usage feed reported)",
+            e.why,
+            if r == "budget_exhausted" {
+                "budget"
+            } else {
+                "tokens"
+            }
+        ),
+        _ => e.why,
+    };
     Ok(Explained {
+        quota_reason: quota_reason.map(str::to_owned),
         verdict: e.verdict.to_owned(),
         reason: e.reason.to_owned(),
         endpoint_id: e.endpoint_id,
@@ -419,8 +445,8 @@ pub fn explain(node: &Node, probe: &Probe) -> Result<Explained, OpError> {
         binding: e.binding,
         clock: e.clock.map(str::to_owned),
         why: match scope {
-            Some(s) => format!("{} ({s})", e.why),
-            None => e.why,
+            Some(s) => format!("{why} ({s})"),
+            None => why,
         },
     })
 }

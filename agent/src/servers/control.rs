@@ -135,6 +135,18 @@ pub async fn serve_connection(node: &RefCell<Node>, life: &dyn Lifecycle, mut st
         Ok(()) => match line {
             Err(e) => Response::err(ErrorKind::BadRequest, e.to_string()),
             Ok(line) => match serde_json::from_slice::<Request>(line.trim_ascii_end()) {
+                // The report's own bound, on the line it came in (the socket's limit is
+                // the larger one for every request).
+                Ok(Request::Usage(_))
+                    if line.len() > node.borrow().config.usage.max_report_bytes =>
+                {
+                    let max = node.borrow().config.usage.max_report_bytes;
+                    ops::usage::refused(
+                        &mut node.borrow_mut(),
+                        crate::usage::Refusal::TooLarge(max),
+                    )
+                    .into()
+                }
                 Ok(req) => {
                     // As on the bind listener: an unknown key of a remote issuer is fetched
                     // before the node is borrowed, never while.
@@ -146,6 +158,13 @@ pub async fn serve_connection(node: &RefCell<Node>, life: &dyn Lifecycle, mut st
                     };
                     ops::dispatch_claimed(&mut node.borrow_mut(), life, req, &peer.actor(), held_by)
                 }
+                // A usage report that does not parse is the feed's `bad_report` (counted),
+                // any other request a malformed one.
+                Err(e) if is_usage(line) => ops::usage::refused(
+                    &mut node.borrow_mut(),
+                    crate::usage::Refusal::BadReport(e.to_string()),
+                )
+                .into(),
                 Err(e) => Response::err(ErrorKind::BadRequest, format!("malformed request: {e}")),
             },
         },
@@ -153,4 +172,10 @@ pub async fn serve_connection(node: &RefCell<Node>, life: &dyn Lifecycle, mut st
     let mut out = serde_json::to_vec(&answer).unwrap_or_default();
     out.push(b'\n');
     let _ = tokio::time::timeout(LIMITS.timeout, stream.write_all(&out)).await;
+}
+
+/// Whether a request line that did not parse is a usage report (its `verb` says so).
+fn is_usage(line: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(line.trim_ascii_end())
+        .is_ok_and(|v| v.get("verb").and_then(|v| v.as_str()) == Some("usage"))
 }

@@ -112,6 +112,68 @@ where
     parsed.map_err(HeadError::Malformed)
 }
 
+/// Why a request with a body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    /// The head announced more than the body limit: refused before reading it.
+    #[error("body of {0} bytes over the limit")]
+    TooLarge(usize),
+    /// No `content-length` (chunked bodies are not taken: a fixed length is the bound).
+    #[error("a request body needs a content-length")]
+    NoLength,
+}
+
+/// Reads one request head and its `content-length` body of at most `max_body` bytes (the
+/// head within `limits`; the whole read within `limits.timeout`).
+pub async fn read_request<S>(
+    s: &mut S,
+    limits: Limits,
+    max_body: usize,
+) -> Result<(Head, Vec<u8>), BodyError>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(1024);
+    let all = Limits {
+        max_bytes: limits.max_bytes + max_body,
+        timeout: limits.timeout,
+    };
+    read_bounded(s, &mut buf, all, |b| {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(b) {
+            Ok(httparse::Status::Partial) => None,
+            Err(e) => Some(Err(BodyError::Head(HeadError::Malformed(e)))),
+            Ok(httparse::Status::Complete(at)) => {
+                let head = Head {
+                    method: req.method.unwrap_or_default().to_owned(),
+                    path: req.path.unwrap_or_default().to_owned(),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+                        .collect(),
+                };
+                let len = match head
+                    .header("content-length")
+                    .map(|v| v.trim().parse::<usize>())
+                {
+                    Some(Ok(n)) => n,
+                    _ => return Some(Err(BodyError::NoLength)),
+                };
+                if len > max_body {
+                    return Some(Err(BodyError::TooLarge(len)));
+                }
+                (b.len() >= at + len).then(|| Ok((head, b[at..at + len].to_vec())))
+            }
+        }
+    })
+    .await
+    .map_err(HeadError::from)?
+}
+
 /// Writes one response (`connection: close`) and shuts the stream down.
 pub async fn respond<S>(
     s: &mut S,
@@ -196,6 +258,44 @@ mod tests {
                 matches!(r, Err(HeadError::Read(ReadError::TimedOut(_)))),
                 "{r:?}"
             );
+        });
+    }
+
+    #[test]
+    fn a_body_is_read_to_its_length_and_bounded() {
+        rt().block_on(async {
+            let (mut client, mut server) = tokio::io::duplex(1024);
+            let send = async {
+                for part in [
+                    "POST /v1/usage HTTP/1.1\r\ncontent-length: 5\r\n\r\nhe",
+                    "llo",
+                ] {
+                    client.write_all(part.as_bytes()).await.unwrap();
+                }
+            };
+            let (r, ()) = tokio::join!(read_request(&mut server, LIMITS, 16), send);
+            let (head, body) = r.unwrap();
+            assert_eq!(
+                (head.path.as_str(), body.as_slice()),
+                ("/v1/usage", &b"hello"[..])
+            );
+
+            // Announced over the limit: refused before the body is read.
+            let (mut client, mut server) = tokio::io::duplex(1024);
+            client
+                .write_all(b"POST / HTTP/1.1\r\ncontent-length: 17\r\n\r\n")
+                .await
+                .unwrap();
+            let r = read_request(&mut server, LIMITS, 16).await;
+            assert!(matches!(r, Err(BodyError::TooLarge(17))), "{r:?}");
+            // No length: refused (a chunked body has no bound to read it to).
+            let (mut client, mut server) = tokio::io::duplex(1024);
+            client
+                .write_all(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            let r = read_request(&mut server, LIMITS, 16).await;
+            assert!(matches!(r, Err(BodyError::NoLength)), "{r:?}");
         });
     }
 

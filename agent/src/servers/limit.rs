@@ -72,13 +72,16 @@ impl ListenerStats {
 pub static CONTROL: ListenerStats = ListenerStats::new();
 pub static METRICS: ListenerStats = ListenerStats::new();
 pub static BIND: ListenerStats = ListenerStats::new();
+/// The usage feed's HTTP listener (`[usage] listen`): capped like the metrics listener.
+pub static USAGE: ListenerStats = ListenerStats::new();
 
 /// The listeners by their `/metrics` label.
-pub fn listeners() -> [(&'static str, &'static ListenerStats); 3] {
+pub fn listeners() -> [(&'static str, &'static ListenerStats); 4] {
     [
         ("control", &CONTROL),
         ("metrics", &METRICS),
         ("bind", &BIND),
+        ("usage", &USAGE),
     ]
 }
 

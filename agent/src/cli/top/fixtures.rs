@@ -36,6 +36,7 @@ pub(super) fn identity(name: &str, passed: u64, dropped: u64) -> IdentityRow {
         clock: None,
         egress: None,
         response_capped: None,
+        quota_exhausted: None,
     })
 }
 

@@ -260,6 +260,8 @@ pub(super) fn identity_cells(r: &RateRow<IdentityRow>) -> Vec<String> {
             Some(_) => "yes".into(),
             None => "-".into(),
         },
+        // Which quota cut it off: bytes, the usage feed's tokens or its budget.
+        r.row.quota_exhausted.clone().unwrap_or_else(|| "-".into()),
     ]
 }
 
@@ -305,6 +307,7 @@ pub(super) fn snapshot_text(prev: &Snapshot, cur: &Snapshot, limit: usize) -> St
             "ttfb ms",
             "quarantined",
             "response capped",
+            "quota",
         ],
         &shown.iter().map(identity_cells).collect::<Vec<_>>(),
     ));
@@ -408,9 +411,17 @@ mod tests {
             cells,
             [
                 "busy", "partner", "partner", "1000.0", "5.0", "3000", "10", "20000.0", "52.5",
-                "-", "-"
+                "-", "-", "-"
             ]
         );
+        // The quota column names the reason a cut-off identity has.
+        let mut c = b.clone();
+        for r in c.identities.iter_mut().filter(|r| r.name == "busy") {
+            r.quota_exhausted = Some("token_quota_exhausted".into());
+        }
+        let t2 = snapshot_text(&a, &c, 3);
+        let busy2 = t2.lines().find(|l| l.starts_with("busy")).unwrap();
+        assert!(busy2.ends_with("token_quota_exhausted"), "{busy2}");
         assert!(t.contains("model     tcp/8000,8001-8003  1000.0  5.0"));
         assert!(t.contains("dropped/s 5.0  (total 110)"));
         assert!(t.contains("DROP REASON      DROP/S  DROPPED\nquota_exhausted  4.5     98\n"));

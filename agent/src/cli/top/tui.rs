@@ -464,13 +464,19 @@ fn draw_identities(
             num(fmt_count(r.dropped)),
             num(fmt_rate(r.response_per_s)),
             num(fmt_ms(r.ttfb_ms)),
-            // Q: quarantined; R: held by a response cap of its plan.
+            // Q: quarantined; R: held by a response cap of its plan; T, B, X: cut off by
+            // its tokens, its budget, its byte or cost quota.
             Cell::from(if quarantined {
                 "Q"
             } else if r.row.response_capped.is_some() {
                 "R"
             } else {
-                ""
+                match r.row.quota_exhausted.as_deref() {
+                    Some("token_quota_exhausted") => "T",
+                    Some("budget_exhausted") => "B",
+                    Some(_) => "X",
+                    None => "",
+                }
             }),
         ]);
         if quarantined {

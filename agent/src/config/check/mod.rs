@@ -22,6 +22,7 @@ mod model_server;
 mod node;
 mod policy;
 mod tokens;
+mod usage;
 
 type Result<T> = std::result::Result<T, ConfigError>;
 
@@ -67,7 +68,18 @@ impl<'a> Checker<'a> {
         let drop_events = self.drop_events(raw.drop_events)?;
         let controller = self.controller(raw.controller)?;
         let listen = self.listen(raw.listen)?;
+        let plan_spans: Vec<Range<usize>> = raw
+            .plans
+            .as_ref()
+            .map(|l| l.get_ref().iter().map(|p| p.span()).collect())
+            .unwrap_or_default();
         let plans = self.plans(raw.plans, raw.fleet.is_some())?;
+        let budget_plan = plans
+            .iter()
+            .position(|p| p.quota.has_money())
+            .map(|i| (i.to_string(), plan_spans.get(i).cloned().unwrap_or(0..0)));
+        let prices = self.prices(raw.prices, raw.pricing, budget_plan)?;
+        let usage = self.usage(raw.usage)?;
         let endpoints = self.endpoints(raw.endpoints)?;
         let identities = self.identities(raw.identities, &plans, &limits.sizes)?;
         let identity_index = identities
@@ -115,6 +127,8 @@ impl<'a> Checker<'a> {
             fleet,
             limits,
             identity_index,
+            prices,
+            usage,
         })
     }
 

@@ -101,6 +101,7 @@ impl Checker<'_> {
                 minute_cost: q(&p.quota_minute_cost, "quota_minute_cost")?,
                 day_cost: q(&p.quota_day_cost, "quota_day_cost")?,
                 month_cost: q(&p.quota_month_cost, "quota_month_cost")?,
+                ..self.usage_limits(i, &p)?
             };
             let response = self.response(i, &p)?;
             let scope = match &p.scope {
@@ -130,6 +131,21 @@ impl Checker<'_> {
                     "scope = \"fleet\" needs a [fleet] table: without a pool to share it with, \
                      each node would grant the whole rate and quotas; add [fleet] or leave scope \
                      out",
+                ));
+            }
+            // Tokens and money are counted on the node the feed reports to; the pool's spend
+            // carries bytes and cost only, so a fleet-wide token plan would grant each node
+            // the whole budget. Refused rather than half-shared.
+            if scope == PlanScope::Fleet
+                && quota.has_usage()
+                && let Some(v) = &p.scope
+            {
+                return Err(self.err(
+                    v.span(),
+                    at("scope"),
+                    "scope = \"fleet\" with tokens_per_* or budget_per_*: token and money \
+                     plans are counted per node (the pool shares bytes and cost only); leave \
+                     scope out",
                 ));
             }
             if scope == PlanScope::Fleet
