@@ -307,7 +307,7 @@ fn a_model_server_that_hangs_answers_garbage_or_goes_away_is_reported_once_and_f
         queue_at: Some(f64::from(QUEUE_AT)),
         signals: Some(vec!["queue".into(), "kv_cache".into()]),
         timeout_ms: Some(150),
-        fallback_intervals: Some(4),
+        fallback_intervals: Some(8),
         ..ServerConfig::vllm(&format!("http://127.0.0.1:{METRICS_PORT}/metrics"))
     });
     w.gpu(0.97);
@@ -334,7 +334,7 @@ fn a_model_server_that_hangs_answers_garbage_or_goes_away_is_reported_once_and_f
     // Hang: every scrape times out; the loop keeps its interval.
     server.set_mode(MetricsMode::Hang);
     let (l0, t0) = (loops(&w), Instant::now());
-    // The last reading holds for 4 intervals...
+    // The last reading holds for 8 intervals (2 s)...
     let held = within(Duration::from_secs(3), || {
         let s = w.load_status();
         (s["source"] == "model_server_held").then_some(s)

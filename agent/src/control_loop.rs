@@ -231,10 +231,13 @@ impl ControlLoop {
                 (Some(s), Some(f)) => f.usable(s.fallback_intervals),
                 _ => scrape::Use::Pending,
             };
+            let pending = reading == scrape::Use::Pending && server.is_some();
             let (signals, source) = scrape::signals(server, reading, util, cfg.saturate_at);
             let pressure = combine(&signals);
             let sat = self.saturation.entry(id).or_default();
-            if sat.update(pressure.map(|p| p.0), &normalised) {
+            // Waiting for a model server's first answer decides nothing: no reading is not
+            // a calm reading (it would lift a hold-back without `recover_after`).
+            if !pending && sat.update(pressure.map(|p| p.0), &normalised) {
                 let _ = audit.record(
                     &Actor::AGENT,
                     if sat.saturated() {

@@ -258,10 +258,6 @@ fn fleet_families(
     );
 }
 
-/// Per issuer: its keys, their age, its fetches and its refusals. Issuer names come from the
-/// configuration only (never from a token: an `iss` no issuer has counts under
-/// `issuer="none"`), and every label value is pre-registered, so a scrape shows zeros and
-/// the series are as many as the configuration makes.
 /// Every endpoint's pressure, and the model servers' readings and scrapes: labelled by
 /// endpoint name (bounded by the configuration) and scrape outcome (a fixed list).
 fn model_server_families(
@@ -336,6 +332,10 @@ fn model_server_families(
     );
 }
 
+/// Per issuer: its keys, their age, its fetches and its refusals. Issuer names come from the
+/// configuration only (never from a token: an `iss` no issuer has counts under
+/// `issuer="none"`), and every label value is pre-registered, so a scrape shows zeros and
+/// the series are as many as the configuration makes.
 fn issuer_families(reg: &mut Registry, tokens: Option<&crate::token_bind::TokenService>) {
     use crate::issuers::{OUTCOMES, TRIGGERS};
     use tollgate_common::token::{REFUSALS, SKIP_REASONS};

@@ -156,7 +156,8 @@ fn read(path: Option<&Path>, ctx: &Ctx) -> Outcome {
                 let r = rt.block_on(scrape::scrape(
                     client.as_ref(),
                     s,
-                    std::time::Duration::from_millis(s.timeout_ms),
+                    // As the agent would: capped below the controller's interval.
+                    s.timeout(c.interval_ms),
                 ));
                 match r {
                     Ok(r) => (Some(r), None),

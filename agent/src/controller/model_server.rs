@@ -10,6 +10,8 @@
 //! depths are summed (every waiting request is waiting on this endpoint's GPUs), KV-cache
 //! usage is the highest (the fullest cache is the one that starts preempting).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use openmetrics_parser::{PrometheusValue, prometheus::parse_prometheus};
 use serde::{Deserialize, Serialize};
 
@@ -132,6 +134,8 @@ pub enum ParseError {
     NotPrometheus(String),
     #[error("none of {0} is in the exposition (is the kind right?)")]
     NoMetric(String),
+    #[error("{0} has more than {max} series", max = MAX_SERIES)]
+    TooManySeries(String),
     #[error("{metric} = {value}: {why}")]
     BadValue {
         metric: String,
@@ -140,56 +144,133 @@ pub enum ParseError {
     },
 }
 
+/// Series one metric may have: a server exports one per model and engine, a few dozen at
+/// most; more is a server (or an impostor on its port) costing the agent work.
+pub const MAX_SERIES: usize = 1024;
+
+/// The lines of `text` that belong to the families in `wanted` (their `# HELP`, `# TYPE` and
+/// samples), and nothing else. Linear in the text: the parser (whose cost grows with the
+/// square of a family's series) then sees only the few families a signal is read from, and a
+/// family the agent never reads cannot make the exposition unreadable.
+fn keep_families(text: &str, wanted: &BTreeSet<&str>) -> Result<String, ParseError> {
+    let mut kept = String::new();
+    let mut series: BTreeMap<&str, usize> = BTreeMap::new();
+    // Families given a type already: the parser groups untyped samples of different names
+    // into one family (and refuses it), so a family without `# TYPE` gets `untyped` here.
+    let mut typed: BTreeSet<&str> = BTreeSet::new();
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_start();
+        let name = if let Some(comment) = body.strip_prefix('#') {
+            let mut words = comment.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("HELP"), Some(name)) => name,
+                (Some("TYPE"), Some(name)) => {
+                    if wanted.contains(name) && !typed.insert(name) {
+                        continue;
+                    }
+                    name
+                }
+                _ => continue,
+            }
+        } else {
+            let end = body.find(['{', ' ', '\t']).unwrap_or(body.len());
+            let name = body[..end].trim_end();
+            if name.is_empty() {
+                continue;
+            }
+            let n = series.entry(name).or_default();
+            *n += 1;
+            if wanted.contains(name) && *n > MAX_SERIES {
+                return Err(ParseError::TooManySeries(name.to_owned()));
+            }
+            if wanted.contains(name) && typed.insert(name) {
+                kept.push_str(&format!("# TYPE {name} untyped\n"));
+            }
+            name
+        };
+        if wanted.contains(name) {
+            kept.push_str(line);
+        }
+    }
+    Ok(kept)
+}
+
 /// Reads the signals of `names` out of `text`.
 pub fn parse(text: &str, names: &MetricNames) -> Result<ModelReading, ParseError> {
-    // The parser wants every line ended, the last one included; a server that leaves the
-    // final newline off is still speaking the format.
-    let owned;
-    let text = if text.ends_with('\n') {
-        text
-    } else {
-        owned = format!("{text}\n");
-        &owned
-    };
+    // The format ends every line with a newline, the last one included; a body without it
+    // was cut short, and its last number may be cut too ("12" of "1234").
+    if !text.ends_with('\n') {
+        return Err(ParseError::NotPrometheus(
+            "the exposition does not end with a newline (cut short?)".into(),
+        ));
+    }
+    let wanted: BTreeSet<&str> = names
+        .queue
+        .iter()
+        .chain(&names.running)
+        .chain(&names.kv_cache)
+        .map(String::as_str)
+        .chain([TRITON_QUEUE_DURATION])
+        .collect();
+    let kept = keep_families(text, &wanted)?;
+    if kept.is_empty() {
+        return Err(ParseError::NoMetric(list(names)));
+    }
     let exposition =
-        parse_prometheus(text).map_err(|e| ParseError::NotPrometheus(short(&format!("{e:?}"))))?;
+        parse_prometheus(&kept).map_err(|e| ParseError::NotPrometheus(short(&format!("{e:?}"))))?;
     let mut reading = ModelReading::default();
     let mut found = false;
-    let mut pick =
-        |list: &[String], combine: fn(f64, f64) -> f64| -> Result<Option<f64>, ParseError> {
-            for name in list {
-                let Some(family) = exposition.families.get(name) else {
-                    continue;
+    // `strict`: a bad value of a signal fails the scrape; one of a metric only shown
+    // (running, Triton's queue time) is left out.
+    let mut pick = |list: &[String],
+                    combine: fn(f64, f64) -> f64,
+                    strict: bool|
+     -> Result<Option<f64>, ParseError> {
+        for name in list {
+            let Some(family) = exposition.families.get(name) else {
+                continue;
+            };
+            let mut total: Option<f64> = None;
+            for sample in family.iter_samples() {
+                let v = match &sample.value {
+                    PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
+                    PrometheusValue::Counter(c) => c.value.as_f64(),
+                    // A histogram or summary is not a level.
+                    _ => continue,
                 };
-                let mut total: Option<f64> = None;
-                for sample in family.iter_samples() {
-                    let v = match &sample.value {
-                        PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
-                        PrometheusValue::Counter(c) => c.value.as_f64(),
-                        // A histogram or summary is not a level.
-                        _ => continue,
-                    };
-                    if !v.is_finite() || v < 0.0 {
-                        return Err(ParseError::BadValue {
+                total = Some(total.map_or(v, |t| combine(t, v)));
+                let bad = |why| {
+                    if strict {
+                        Err(ParseError::BadValue {
                             metric: name.clone(),
                             value: v.to_string(),
-                            why: "not a finite non-negative number",
-                        });
+                            why,
+                        })
+                    } else {
+                        Ok(None)
                     }
-                    total = Some(total.map_or(v, |t| combine(t, v)));
+                };
+                if !v.is_finite() || v < 0.0 {
+                    return bad("not a finite non-negative number");
                 }
-                if let Some(t) = total {
-                    found = true;
-                    reading.metrics.push(name.clone());
-                    return Ok(Some(t));
+                if total.is_some_and(|t| !t.is_finite()) {
+                    return bad("its series add up past any number");
                 }
             }
-            Ok(None)
-        };
-    reading.queue = pick(&names.queue, |a, b| a + b)?;
-    reading.running = pick(&names.running, |a, b| a + b)?;
-    let kv = pick(&names.kv_cache, f64::max)?;
-    reading.queue_duration_us = pick(&[TRITON_QUEUE_DURATION.to_owned()], |a, b| a + b)?;
+            if let Some(t) = total {
+                if strict {
+                    found = true;
+                }
+                reading.metrics.push(name.clone());
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    };
+    reading.queue = pick(&names.queue, |a, b| a + b, true)?;
+    reading.running = pick(&names.running, |a, b| a + b, false)?;
+    let kv = pick(&names.kv_cache, f64::max, true)?;
+    reading.queue_duration_us = pick(&[TRITON_QUEUE_DURATION.to_owned()], |a, b| a + b, false)?;
     if let Some(kv) = kv {
         let scaled = kv * names.kv_cache_scale;
         if scaled > 1.0 + 1e-9 {
@@ -206,16 +287,21 @@ pub fn parse(text: &str, names: &MetricNames) -> Result<ModelReading, ParseError
         }
         reading.kv_cache = Some(scaled.min(1.0));
     }
-    if !found || (reading.queue.is_none() && reading.kv_cache.is_none()) {
-        let all: Vec<&str> = names
-            .queue
-            .iter()
-            .chain(&names.kv_cache)
-            .map(String::as_str)
-            .collect();
-        return Err(ParseError::NoMetric(all.join(", ")));
+    if !found {
+        return Err(ParseError::NoMetric(list(names)));
     }
     Ok(reading)
+}
+
+/// The signals' metric names, for an error.
+fn list(names: &MetricNames) -> String {
+    let all: Vec<&str> = names
+        .queue
+        .iter()
+        .chain(&names.kv_cache)
+        .map(String::as_str)
+        .collect();
+    all.join(", ")
 }
 
 /// A parser's error can quote a whole line of attacker-sized text: keep the start.

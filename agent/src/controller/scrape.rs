@@ -105,6 +105,7 @@ pub async fn scrape(
     server: &ModelServer,
     timeout: Duration,
 ) -> Result<ModelReading, ScrapeError> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let doc = fetch::get(client, &server.url, ACCEPT, MAX_METRICS_BYTES, timeout)
         .await
         .map_err(|e| ScrapeError {
@@ -117,8 +118,22 @@ pub async fn scrape(
     };
     let text = String::from_utf8(doc.body).map_err(|_| parse_fail("not UTF-8 text".into()))?;
     let names = server.names.clone();
-    tokio::task::spawn_blocking(move || model_server::parse(&text, &names))
-        .await
+    // The parse counts against the same timeout: a reading that comes late is no reading of
+    // now (the parse itself is bounded, `model_server::MAX_SERIES`).
+    let parsed = tokio::time::timeout_at(
+        deadline,
+        tokio::task::spawn_blocking(move || model_server::parse(&text, &names)),
+    )
+    .await
+    .map_err(|_| ScrapeError {
+        outcome: "timeout".to_owned(),
+        message: format!(
+            "{}: not parsed within {} ms",
+            server.url,
+            timeout.as_millis()
+        ),
+    })?;
+    parsed
         .map_err(|e| parse_fail(format!("the parser stopped: {e}")))?
         .map_err(|e| parse_fail(e.to_string()))
 }
@@ -184,9 +199,12 @@ impl Feed {
         }
     }
 
-    /// Whether this feed was made for `server` as configured now.
+    /// Whether this feed reads what `server` names: the same URL, kind and metric names
+    /// (new thresholds or timeouts apply to the same readings).
     pub fn serves(&self, server: &ModelServer) -> bool {
-        self.made_for.as_ref() == Some(server)
+        self.made_for.as_ref().is_some_and(|m| {
+            m.url == server.url && m.kind == server.kind && m.names == server.names
+        })
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
@@ -274,7 +292,9 @@ impl Feed {
             // The first answer is on its way (the agent just started, or the endpoint just
             // got its model server): a GPU busy as LLM serving makes it must not saturate the
             // endpoint before its queue has been read once.
-            None if self.last_ok.is_none() && self.outage.is_none() && self.age <= hold => {
+            // At least two intervals: the first scrape starts at the first tick and is
+            // taken at the second, whatever `fallback_intervals` says.
+            None if self.last_ok.is_none() && self.outage.is_none() && self.age <= hold.max(2) => {
                 Use::Pending
             }
             None => Use::Lost,
@@ -287,7 +307,8 @@ impl Feed {
 pub enum Use<'a> {
     /// A reading, and how many intervals old it is (0: fresh; more: held through an outage).
     Reading(&'a ModelReading, u32),
-    /// Not answered yet, no failure yet: no signal (the endpoint is not held back).
+    /// Not answered yet, no failure yet: no signal; the endpoint's saturation stays as it
+    /// was (not held back at start; a reload that changed the server keeps the hold-back).
     Pending,
     /// Failed past `fallback_intervals`, or never answered within them: the GPUs decide.
     Lost,
@@ -448,6 +469,21 @@ mod tests {
         assert_eq!(f.usable(4), Use::Lost);
         let (sig, src) = s(f.usable(4));
         assert_eq!((sig[0].name, src), ("gpu_util", SOURCE_FALLBACK));
+    }
+
+    #[test]
+    fn a_reload_keeps_the_feed_for_new_thresholds_not_for_a_new_server() {
+        let f = Feed::new(&server());
+        let mut s = server();
+        s.queue_at = Some(4.0);
+        s.timeout_ms = 100;
+        assert!(f.serves(&s));
+        s.kind = ServerKind::Sglang;
+        s.names = ServerKind::Sglang.names().unwrap();
+        assert!(!f.serves(&s));
+        let mut s = server();
+        s.url = HttpsUrl::parse_http_or_https("http://127.0.0.1:8001/metrics").unwrap();
+        assert!(!f.serves(&s));
     }
 
     fn server() -> ModelServer {

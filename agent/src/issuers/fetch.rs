@@ -287,7 +287,11 @@ async fn read_response(conn: &mut Conn, max_bytes: usize) -> Result<Document, Fe
     if head.status != 200 {
         let redirect = head
             .location
-            .map(|l| format!(" (a redirect to {l:?}, not followed)"))
+            // A Location can be as long as the head: what is quoted is its start.
+            .map(|l| {
+                let l: String = l.chars().take(200).collect();
+                format!(" (a redirect to {l:?}, not followed)")
+            })
             .unwrap_or_default();
         return Err(fail(
             Outcome::HttpStatus,

@@ -129,6 +129,11 @@ fn impossible_values_are_refused() {
         ("vllm:num_requests_waiting NaN\n", "finite"),
         ("vllm:num_requests_waiting +Inf\n", "finite"),
         ("vllm:kv_cache_usage_perc 81.25\n", "kv_cache_scale"),
+        (
+            "vllm:num_requests_waiting{e=\"0\"} 1e308\nvllm:num_requests_waiting{e=\"1\"} 1e308\n",
+            "add up past any number",
+        ),
+        ("vllm:num_requests_waiting 1234", "cut short"),
     ] {
         let e = parse(text, &names(ServerKind::Vllm))
             .unwrap_err()
@@ -151,7 +156,8 @@ fn a_custom_mapping_with_a_percentage_scale() {
 my_server_queue_depth{pool=\"a\"} 4
 my_server_queue_depth{pool=\"b\"} 2
 # TYPE my_server_kv_percent gauge
-my_server_kv_percent 81.25";
+my_server_kv_percent 81.25
+";
     let r = parse(text, &names).unwrap();
     assert_eq!((r.queue, r.kv_cache), (Some(6.0), Some(0.8125)));
 }
@@ -171,4 +177,48 @@ fn kinds_round_trip_their_labels() {
         assert_eq!(k.names().is_none(), k == ServerKind::Custom);
     }
     assert_eq!(ServerKind::from_label("VLLM"), None);
+}
+
+#[test]
+fn families_the_agent_does_not_read_cannot_spoil_the_reading() {
+    // A malformed histogram, a duplicate series and an unknown type, all in families no
+    // signal is read from.
+    let text = "\
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{le=\"+Inf\"} 3
+vllm:e2e_request_latency_seconds_bucket{le=\"0.1\"} 9
+# TYPE build_info info
+build_info{version=\"1\"} 1
+dup_total 1
+dup_total 2
+vllm:num_requests_waiting{engine=\"0\"} 5
+vllm:num_requests_running{engine=\"0\"} NaN
+";
+    let r = read(ServerKind::Vllm, text);
+    assert_eq!(r.queue, Some(5.0));
+    assert_eq!(
+        r.running, None,
+        "a NaN in a shown-only metric is left out, not fatal"
+    );
+}
+
+#[test]
+fn an_exposition_with_a_huge_family_is_refused_in_linear_time() {
+    // 4 MiB of one family: the parser's per-family cost is quadratic in its series, so the
+    // series are counted (linearly) and refused before it runs.
+    let mut text = String::with_capacity(4 << 20);
+    let mut i = 0u64;
+    while text.len() < (4 << 20) - 100 {
+        text.push_str(&format!("vllm:num_requests_waiting{{engine=\"{i}\"}} 1\n"));
+        i += 1;
+    }
+    let t = std::time::Instant::now();
+    let e = parse(&text, &names(ServerKind::Vllm)).unwrap_err();
+    assert!(matches!(e, ParseError::TooManySeries(_)), "{e}");
+    assert!(e.to_string().contains("more than 1024 series"), "{e}");
+    eprintln!("refused {i} series in {:?}", t.elapsed());
+    // The same size in families nobody reads costs one pass and no parse.
+    let other = text.replace("vllm:num_requests_waiting", "python_gc_objects_total");
+    let e = parse(&other, &names(ServerKind::Vllm)).unwrap_err();
+    assert!(matches!(e, ParseError::NoMetric(_)), "{e}");
 }
