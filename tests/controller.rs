@@ -82,12 +82,7 @@ impl World {
     }
 
     fn gpu(&self, util: f64) {
-        let out = std::process::Command::new(tollgate_tests::agent::tollgate_bin())
-            .args(["gpu", "simulate", "--util", &util.to_string(), "--file"])
-            .arg(&self.gpu_file)
-            .output()
-            .expect("gpu simulate");
-        assert!(out.status.success(), "{out:?}");
+        tollgate_tests::agent::simulate_gpu(&self.gpu_file, util);
     }
 
     fn id(&self, name: &str) -> u32 {

@@ -580,3 +580,13 @@ pub fn hold_back(dirs: &AgentDirs, endpoint: u32, plan: u16) -> u16 {
     map.get(&tollgate_common::policy::hold_back_index(endpoint, plan), 0)
         .expect("hold-back slot")
 }
+
+/// Writes the simulated GPU source's `file` with `tollgate gpu simulate`: one GPU at `util`.
+pub fn simulate_gpu(file: &Path, util: f64) {
+    let out = Command::new(tollgate_bin())
+        .args(["gpu", "simulate", "--util", &util.to_string(), "--file"])
+        .arg(file)
+        .output()
+        .expect("gpu simulate");
+    assert!(out.status.success(), "{out:?}");
+}

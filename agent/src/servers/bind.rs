@@ -152,27 +152,8 @@ async fn handle(
         }
         Ok(head) => respond(node, &head, peer).await,
     };
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        413 => "Content Too Large",
-        422 => "Unprocessable Content",
-        _ => "Service Unavailable",
-    };
     let body = body.unwrap_or_default();
-    let _ = http::respond(
-        &mut stream,
-        status,
-        reason,
-        "application/json",
-        &[("cache-control", "no-store")],
-        body.as_bytes(),
-    )
-    .await;
+    let _ = http::respond_json(&mut stream, status, &body).await;
 }
 
 async fn respond(

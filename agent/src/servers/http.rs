@@ -97,19 +97,57 @@ where
         match req.parse(b) {
             Ok(httparse::Status::Partial) => None,
             Err(e) => Some(Err(e)),
-            Ok(httparse::Status::Complete(_)) => Some(Ok(Head {
-                method: req.method.unwrap_or_default().to_owned(),
-                path: req.path.unwrap_or_default().to_owned(),
-                headers: req
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_owned(), h.value.to_vec()))
-                    .collect(),
-            })),
+            Ok(httparse::Status::Complete(_)) => Some(Ok(head_of(&req))),
         }
     })
     .await?;
     parsed.map_err(HeadError::Malformed)
+}
+
+/// The owned head of a parsed request.
+fn head_of(req: &httparse::Request<'_, '_>) -> Head {
+    Head {
+        method: req.method.unwrap_or_default().to_owned(),
+        path: req.path.unwrap_or_default().to_owned(),
+        headers: req
+            .headers
+            .iter()
+            .map(|h| (h.name.to_owned(), h.value.to_vec()))
+            .collect(),
+    }
+}
+
+/// The reason phrase of every status the listeners answer with.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Content Too Large",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    }
+}
+
+/// A JSON answer that no cache keeps (the bind and usage listeners' one shape of answer).
+pub async fn respond_json<S>(s: &mut S, status: u16, body: &str) -> std::io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    respond(
+        s,
+        status,
+        reason_phrase(status),
+        "application/json",
+        &[("cache-control", "no-store")],
+        body.as_bytes(),
+    )
+    .await
 }
 
 /// Why a request with a body was not read.
@@ -147,15 +185,7 @@ where
             Ok(httparse::Status::Partial) => None,
             Err(e) => Some(Err(BodyError::Head(HeadError::Malformed(e)))),
             Ok(httparse::Status::Complete(at)) => {
-                let head = Head {
-                    method: req.method.unwrap_or_default().to_owned(),
-                    path: req.path.unwrap_or_default().to_owned(),
-                    headers: req
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_owned(), h.value.to_vec()))
-                        .collect(),
-                };
+                let head = head_of(&req);
                 let len = match head
                     .header("content-length")
                     .map(|v| v.trim().parse::<usize>())

@@ -71,25 +71,7 @@ async fn handle(node: &RefCell<Node>, stream: &mut tokio::net::TcpStream, permit
         Err(e @ BodyError::NoLength) => refusal(node, Refusal::BadReport(e.to_string())),
         Ok((head, body)) => respond(node, &head, &body),
     };
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        413 => "Content Too Large",
-        429 => "Too Many Requests",
-        _ => "Internal Server Error",
-    };
-    let _ = http::respond(
-        stream,
-        status,
-        reason,
-        "application/json",
-        &[("cache-control", "no-store")],
-        body.as_bytes(),
-    )
-    .await;
+    let _ = http::respond_json(stream, status, &body).await;
 }
 
 /// A refusal made here, before the report reached `ops::usage::report`: counted there too.
