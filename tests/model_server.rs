@@ -148,6 +148,15 @@ impl World {
         v["gpu"]["endpoints"][0].clone()
     }
 
+    /// The first `status.gpu.endpoints[0]` within `limit` for which `ok` holds.
+    fn load_status_when(
+        &self,
+        limit: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        within(limit, || Some(self.load_status()).filter(|s| ok(s)))
+    }
+
     fn records(&self, action: &str) -> Vec<serde_json::Value> {
         self.dirs
             .audit()
@@ -308,11 +317,9 @@ fn a_model_server_that_hangs_answers_garbage_or_goes_away_is_reported_once_and_f
     w.gpu(0.97);
     let server = w.stand_in();
     let _agent = w.start();
-    let status = within(Duration::from_secs(10), || {
-        let s = w.load_status();
-        (s["source"] == "model_server").then_some(s)
-    })
-    .expect("never read the model server");
+    let status = w
+        .load_status_when(Duration::from_secs(10), |s| s["source"] == "model_server")
+        .expect("never read the model server");
     assert_eq!(status["saturated"], false, "{status}");
     let loops = |w: &World| -> u64 {
         let body = tollgate_tests::scrape::scrape_within(
@@ -330,18 +337,18 @@ fn a_model_server_that_hangs_answers_garbage_or_goes_away_is_reported_once_and_f
     server.set_mode(MetricsMode::Hang);
     let (l0, t0) = (loops(&w), Instant::now());
     // The last reading holds for 8 intervals (2 s)...
-    let held = within(Duration::from_secs(3), || {
-        let s = w.load_status();
-        (s["source"] == "model_server_held").then_some(s)
-    })
-    .expect("the last reading was not held");
+    let held = w
+        .load_status_when(Duration::from_secs(3), |s| {
+            s["source"] == "model_server_held"
+        })
+        .expect("the last reading was not held");
     assert_eq!(held["saturated"], false, "{held}");
     // ... then the GPUs decide, and the simulated 97% saturates the endpoint.
-    let fallback = within(Duration::from_secs(5), || {
-        let s = w.load_status();
-        (s["source"] == "gpus_fallback" && s["saturated"] == true).then_some(s)
-    })
-    .expect("no fallback to the GPUs");
+    let fallback = w
+        .load_status_when(Duration::from_secs(5), |s| {
+            s["source"] == "gpus_fallback" && s["saturated"] == true
+        })
+        .expect("no fallback to the GPUs");
     assert_eq!(fallback["driver"], "gpu_util", "{fallback}");
     std::thread::sleep(Duration::from_secs(2));
     let (l1, secs) = (loops(&w), t0.elapsed().as_secs_f64());
@@ -372,9 +379,8 @@ fn a_model_server_that_hangs_answers_garbage_or_goes_away_is_reported_once_and_f
 
     // Back: reported once, read again, and the endpoint recovers on its own signals.
     server.set_mode(MetricsMode::Live);
-    let back = within(Duration::from_secs(5), || {
-        let s = w.load_status();
-        (s["source"] == "model_server" && s["saturated"] == false).then_some(s)
+    let back = w.load_status_when(Duration::from_secs(5), |s| {
+        s["source"] == "model_server" && s["saturated"] == false
     });
     assert!(back.is_some(), "not back: {}", w.load_status());
     assert_eq!(w.records("model_server_back").len(), 1);

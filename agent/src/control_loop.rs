@@ -40,7 +40,6 @@ use crate::{
 /// One endpoint's pressure as of the last tick.
 #[derive(Clone, Debug, Default)]
 struct Load {
-    pressure: Option<(f64, &'static str)>,
     signals: Vec<Signal>,
     source: &'static str,
 }
@@ -251,14 +250,7 @@ impl ControlLoop {
                            "source": source, "signals": signals, "readings": self.readings}),
                 );
             }
-            self.pressure.insert(
-                id,
-                Load {
-                    pressure,
-                    signals,
-                    source,
-                },
-            );
+            self.pressure.insert(id, Load { signals, source });
             let saturated = sat.saturated();
             for (p, plan) in config.plans.iter().enumerate().take(MAX_PLANS as usize) {
                 let q8 = hold_back_q8(share(plan.priority, saturated, cfg.floor));
@@ -353,15 +345,13 @@ impl ControlLoop {
                         scrapes: feed.map(|f| f.scrapes.clone()).unwrap_or_default(),
                     }
                 });
-                EndpointLoad {
-                    endpoint: ep.name.clone(),
-                    source: load.source.to_owned(),
-                    pressure: load.pressure.map(|p| p.0),
-                    driver: load.pressure.map(|p| p.1.to_owned()),
-                    signals: load.signals.iter().map(Into::into).collect(),
-                    saturated: self.is_saturated(id),
+                EndpointLoad::new(
+                    &ep.name,
+                    load.source,
+                    &load.signals,
+                    self.is_saturated(id),
                     model_server,
-                }
+                )
             })
             .collect()
     }

@@ -122,13 +122,18 @@ impl Refusal {
 
     /// The HTTP listener's status for it.
     pub fn http_status(&self) -> u16 {
-        match self {
-            Refusal::UnknownIdentity(_) => 404,
-            Refusal::TooLarge(_) => 413,
-            Refusal::BadReport(_) | Refusal::UnpricedModel { .. } => 400,
-            Refusal::NoSecret | Refusal::BadSecret => 401,
-            Refusal::RateLimited => 429,
-        }
+        status_of(self.label())
+    }
+}
+
+/// The HTTP listener's status for a refusal label (`bad_report`, `unpriced_model`: 400).
+pub fn status_of(label: &str) -> u16 {
+    match label {
+        "unknown_identity" => 404,
+        "too_large" => 413,
+        "no_secret" | "bad_secret" => 401,
+        "rate_limited" => 429,
+        _ => 400,
     }
 }
 
@@ -334,9 +339,9 @@ pub struct Feed {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub money_nano: u64,
-    /// The token bucket: tokens left, and when it was last filled (ms of a monotonic clock).
-    bucket: f64,
-    filled_ms: Option<u64>,
+    /// The rate limit's theoretical arrival time (ns of the agent's monotonic clock): the
+    /// kernel's own GCRA (`tollgate_common::limiter`), one report a packet.
+    tat_ns: u64,
 }
 
 impl Feed {
@@ -351,21 +356,22 @@ impl Feed {
         *self.outcomes.entry(outcome).or_default() += 1;
     }
 
-    /// Takes one report from the bucket (`rate` a second, a burst of one second's worth);
-    /// `false`: over the rate.
+    /// Admits one report at `rate` a second with a burst of one second's worth; `false`:
+    /// over the rate.
     pub fn admit(&mut self, rate: u32, now_ms: u64) -> bool {
-        let cap = f64::from(rate.max(1));
-        let tokens = match self.filled_ms {
-            None => cap,
-            Some(t) => (self.bucket + now_ms.saturating_sub(t) as f64 * cap / 1000.0).min(cap),
+        use tollgate_common::{
+            limiter::{Gcra, gcra, packet_increment_ns, packet_tau_ns},
+            policy::Q8_ONE,
         };
-        self.filled_ms = Some(now_ms);
-        if tokens >= 1.0 {
-            self.bucket = tokens - 1.0;
-            true
-        } else {
-            self.bucket = tokens;
-            false
+        let rate = u64::from(rate.max(1));
+        let inc = packet_increment_ns(rate, u64::from(Q8_ONE)).unwrap_or(u64::MAX);
+        let now = now_ms.saturating_mul(1_000_000);
+        match gcra(self.tat_ns, now, inc, packet_tau_ns(rate, rate)) {
+            Gcra::Conform(tat) => {
+                self.tat_ns = tat;
+                true
+            }
+            Gcra::Exceed => false,
         }
     }
 }

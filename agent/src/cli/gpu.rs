@@ -173,16 +173,11 @@ fn read(path: Option<&Path>, ctx: &Ctx) -> Outcome {
             util,
             c.saturate_at,
         );
-        let pressure = combine(&signals);
-        endpoints.push(EndpointLoad {
-            endpoint: ep.name.clone(),
-            source: source.to_owned(),
-            pressure: pressure.map(|p| p.0),
-            driver: pressure.map(|p| p.1.to_owned()),
-            signals: signals.iter().map(Into::into).collect(),
-            saturated: pressure.is_some_and(|p| p.0 >= 1.0),
-            model_server: ep.model_server.as_ref().map(|s| {
-                tollgate::control::reply::ModelServerView {
+        let saturated = combine(&signals).is_some_and(|p| p.0 >= 1.0);
+        let model_server =
+            ep.model_server
+                .as_ref()
+                .map(|s| tollgate::control::reply::ModelServerView {
                     url: s.url.to_string(),
                     kind: s.kind,
                     age_intervals: reading.as_ref().map(|_| 0),
@@ -197,9 +192,14 @@ fn read(path: Option<&Path>, ctx: &Ctx) -> Outcome {
                         1,
                     )]
                     .into(),
-                }
-            }),
-        });
+                });
+        endpoints.push(EndpointLoad::new(
+            &ep.name,
+            source,
+            &signals,
+            saturated,
+            model_server,
+        ));
     }
     let failed: Vec<String> = sources
         .iter()

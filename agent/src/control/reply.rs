@@ -263,6 +263,29 @@ pub struct EndpointLoad {
     pub model_server: Option<ModelServerView>,
 }
 
+impl EndpointLoad {
+    /// An endpoint's row from its signals: the pressure and its driver are the formula's
+    /// (`pressure::combine`), never kept beside them.
+    pub fn new(
+        endpoint: &str,
+        source: &str,
+        signals: &[crate::controller::pressure::Signal],
+        saturated: bool,
+        model_server: Option<ModelServerView>,
+    ) -> EndpointLoad {
+        let pressure = crate::controller::pressure::combine(signals);
+        EndpointLoad {
+            endpoint: endpoint.to_owned(),
+            source: source.to_owned(),
+            pressure: pressure.map(|p| p.0),
+            driver: pressure.map(|p| p.1.to_owned()),
+            signals: signals.iter().map(Into::into).collect(),
+            saturated,
+            model_server,
+        }
+    }
+}
+
 /// One input of the pressure formula: `value / at` is its level.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoadSignal {

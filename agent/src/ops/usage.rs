@@ -49,16 +49,12 @@ impl From<Refusal> for OpError {
 /// The identity (name, slot) a live binding of `addr` names, by the kernel's own lookup: the
 /// exact binding if it is live, else the longest live prefix (what `decide` finds).
 fn bound_at(node: &Node, addr: IpAddr) -> Result<Option<(String, u32)>, OpError> {
-    let addr = addr.to_canonical();
     let now = crate::kernel_clock::coarse_ns();
-    let tables = &node.pinned.tables;
-    let slot = match tables.exact_binding(addr)? {
-        Some(b) if b.live_at(now) => Some(b.identity),
-        _ => tables
-            .cidr_binding(addr)?
-            .filter(|(_, b)| b.live_at(now))
-            .map(|(_, b)| b.identity),
-    };
+    let slot = node
+        .pinned
+        .tables
+        .live_binding(addr.to_canonical(), now)?
+        .map(|b| b.identity);
     Ok(slot.and_then(|s| node.identities().name_of(s).map(|n| (n.to_owned(), s))))
 }
 

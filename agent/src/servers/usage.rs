@@ -121,13 +121,7 @@ fn respond(node: &RefCell<Node>, head: &http::Head, body: &[u8]) -> (u16, String
         Ok(done) => (200, serde_json::json!({"ok": done.reply}).to_string()),
         Err(f) => match f.error {
             OpError::Labelled { label, message, .. } => {
-                let status = match label {
-                    "unknown_identity" => 404,
-                    "too_large" => 413,
-                    "rate_limited" => 429,
-                    _ => 400,
-                };
-                (status, error_body(label, &message))
+                (usage::status_of(label), error_body(label, &message))
             }
             e => (500, error_body("internal", &e.to_string())),
         },

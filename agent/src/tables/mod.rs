@@ -465,22 +465,34 @@ impl KernelTables {
     /// The longest CIDR binding covering `addr` (one LPM lookup, as the kernel does) and its
     /// prefix length (found by walking the trie's keys, only on a hit: for display).
     pub fn cidr_binding(&self, addr: IpAddr) -> Result<Option<(u8, Binding)>> {
+        let Some(b) = self.cidr_lookup(addr)? else {
+            return Ok(None);
+        };
+        let len = match addr {
+            IpAddr::V4(a) => self.matching_prefix_v4(a)?,
+            IpAddr::V6(a) => self.matching_prefix_v6(a)?,
+        };
+        Ok(Some((len, b)))
+    }
+
+    /// The longest CIDR binding covering `addr`: one LPM lookup, no walk.
+    fn cidr_lookup(&self, addr: IpAddr) -> Result<Option<Binding>> {
         match addr {
-            IpAddr::V4(a) => {
-                let key = Key::new(32, a.octets());
-                match found(self.cidr_v4.get(&key, 0)).map_err(map_err(names::BIND_CIDR_V4))? {
-                    Some(b) => Ok(Some((self.matching_prefix_v4(a)?, b))),
-                    None => Ok(None),
-                }
-            }
-            IpAddr::V6(a) => {
-                let key = Key::new(128, a.octets());
-                match found(self.cidr_v6.get(&key, 0)).map_err(map_err(names::BIND_CIDR_V6))? {
-                    Some(b) => Ok(Some((self.matching_prefix_v6(a)?, b))),
-                    None => Ok(None),
-                }
-            }
+            IpAddr::V4(a) => found(self.cidr_v4.get(&Key::new(32, a.octets()), 0))
+                .map_err(map_err(names::BIND_CIDR_V4)),
+            IpAddr::V6(a) => found(self.cidr_v6.get(&Key::new(128, a.octets()), 0))
+                .map_err(map_err(names::BIND_CIDR_V6)),
         }
+    }
+
+    /// The binding the kernel would charge `addr` to at `now_ns` (coarse clock): the exact
+    /// one if live, else the longest live CIDR one; two lookups, no walk (a path taken per
+    /// usage report).
+    pub fn live_binding(&self, addr: IpAddr, now_ns: u64) -> Result<Option<Binding>> {
+        if let Some(b) = self.exact_binding(addr)?.filter(|b| b.live_at(now_ns)) {
+            return Ok(Some(b));
+        }
+        Ok(self.cidr_lookup(addr)?.filter(|b| b.live_at(now_ns)))
     }
 
     fn matching_prefix_v4(&self, a: Ipv4Addr) -> Result<u8> {
